@@ -1,0 +1,60 @@
+//! The protocol crate's one error type. Variants name the failed operation and carry
+//! the role, file or key concerned.
+
+use thiserror::Error;
+
+/// Everything that can go wrong while parsing, verifying or producing metadata.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// Metadata bytes are not valid JSON or do not follow the TUF schema.
+    #[error("invalid {role} metadata: {reason}")]
+    Schema { role: String, reason: String },
+
+    /// The metadata's `_type` is not the expected one.
+    #[error("expected {expected} metadata, got _type {found:?}")]
+    WrongType { expected: String, found: String },
+
+    /// Fewer valid signatures than the role's threshold.
+    #[error("{role} metadata has {valid} valid signature(s) from its trusted keys; threshold is {threshold}")]
+    Threshold { role: String, valid: usize, threshold: u64 },
+
+    /// A version that is not the one the workflow requires (rollback, mix-and-match).
+    #[error("{role} version mismatch: {reason}")]
+    Version { role: String, reason: String },
+
+    /// The new metadata has the same version as the trusted one (not an attack: keep the trusted copy).
+    #[error("{role} version {version} is the version already trusted")]
+    EqualVersion { role: String, version: u64 },
+
+    /// Metadata whose expiry is in the past (freeze attack or stale repository).
+    #[error("{role} metadata expired at {expires}")]
+    Expired { role: String, expires: String },
+
+    /// Length or hashes of downloaded bytes do not match what signed metadata says.
+    #[error("{what}: {reason}")]
+    Integrity { what: String, reason: String },
+
+    /// Something the workflow needs is missing from signed metadata.
+    #[error("{0}")]
+    Missing(String),
+
+    /// A key file or key material that cannot be used.
+    #[error("key error: {0}")]
+    Key(String),
+
+    /// Metadata the caller asked to produce is not valid (editor side).
+    #[error("cannot build metadata: {0}")]
+    Build(String),
+
+    /// Programming-order error in the trusted set (e.g. timestamp before root is final).
+    #[error("TUF workflow order: {0}")]
+    Order(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn schema(role: &str, reason: impl std::fmt::Display) -> Self {
+        Error::Schema { role: role.to_owned(), reason: reason.to_string() }
+    }
+}

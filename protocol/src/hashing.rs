@@ -1,0 +1,106 @@
+//! The hash algorithms TUF metadata may name, computed incrementally so that large
+//! files are hashed while they stream.
+
+use std::collections::BTreeMap;
+
+use sha2::Digest;
+
+use crate::error::{Error, Result};
+
+/// One running hash per algorithm named in signed metadata.
+pub struct MultiHasher {
+    hashers: Vec<(String, Algo)>,
+}
+
+enum Algo {
+    Sha224(sha2::Sha224),
+    Sha256(sha2::Sha256),
+    Sha384(sha2::Sha384),
+    Sha512(sha2::Sha512),
+}
+
+impl MultiHasher {
+    /// Hashers for every algorithm in `expected`. An algorithm we cannot compute is an
+    /// error: silently skipping it would let an attacker pick the hash we check.
+    pub fn for_expected(expected: &BTreeMap<String, String>, what: &str) -> Result<Self> {
+        if expected.is_empty() {
+            return Err(Error::Integrity { what: what.into(), reason: "signed metadata lists no hashes".into() });
+        }
+        let mut hashers = Vec::with_capacity(expected.len());
+        for name in expected.keys() {
+            let algo = match name.as_str() {
+                "sha224" => Algo::Sha224(sha2::Sha224::new()),
+                "sha256" => Algo::Sha256(sha2::Sha256::new()),
+                "sha384" => Algo::Sha384(sha2::Sha384::new()),
+                "sha512" => Algo::Sha512(sha2::Sha512::new()),
+                other => {
+                    return Err(Error::Integrity {
+                        what: what.into(),
+                        reason: format!("unsupported hash algorithm {other:?}"),
+                    })
+                }
+            };
+            hashers.push((name.clone(), algo));
+        }
+        Ok(MultiHasher { hashers })
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        for (_, h) in &mut self.hashers {
+            match h {
+                Algo::Sha224(h) => h.update(data),
+                Algo::Sha256(h) => h.update(data),
+                Algo::Sha384(h) => h.update(data),
+                Algo::Sha512(h) => h.update(data),
+            }
+        }
+    }
+
+    /// Compares every digest with `expected`.
+    pub fn verify(self, expected: &BTreeMap<String, String>, what: &str) -> Result<()> {
+        for (name, h) in self.hashers {
+            let got = match h {
+                Algo::Sha224(h) => hex::encode(h.finalize()),
+                Algo::Sha256(h) => hex::encode(h.finalize()),
+                Algo::Sha384(h) => hex::encode(h.finalize()),
+                Algo::Sha512(h) => hex::encode(h.finalize()),
+            };
+            let want = expected.get(&name).map(|s| s.to_ascii_lowercase()).unwrap_or_default();
+            if got != want {
+                return Err(Error::Integrity {
+                    what: what.into(),
+                    reason: format!("{name} hash mismatch: signed metadata says {want}, got {got}"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Verifies a whole buffer against optional length and hashes (snapshot/timestamp `meta`).
+pub fn verify_bytes(
+    data: &[u8],
+    length: Option<u64>,
+    hashes: Option<&BTreeMap<String, String>>,
+    what: &str,
+) -> Result<()> {
+    if let Some(len) = length {
+        if data.len() as u64 != len {
+            return Err(Error::Integrity {
+                what: what.into(),
+                reason: format!("length {} differs from signed length {len}", data.len()),
+            });
+        }
+    }
+    if let Some(hashes) = hashes {
+        let mut h = MultiHasher::for_expected(hashes, what)?;
+        h.update(data);
+        h.verify(hashes, what)?;
+    }
+    Ok(())
+}
+
+/// Hex SHA-256 of a buffer.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(data))
+}

@@ -1,0 +1,13 @@
+//! Outpost's shared formats and pure logic: TUF metadata (schema, canonical JSON,
+//! signatures, the client's trusted metadata set) and release metadata. No I/O;
+//! the clock is always passed in.
+
+pub mod cjson;
+pub mod error;
+pub mod hashing;
+pub mod keys;
+pub mod pattern;
+pub mod release;
+pub mod tuf;
+
+pub use error::{Error, Result};

@@ -1,0 +1,231 @@
+//! Outpost's release metadata: what a firmware target's signed `custom` field says,
+//! and release versions.
+
+use std::cmp::Ordering;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The key under a target's `custom` object that holds Outpost's fields, so that
+/// other tools' custom metadata can live beside ours.
+pub const CUSTOM_KEY: &str = "outpost";
+
+/// What kind of artifact a target is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactKind {
+    Firmware,
+}
+
+/// The digest the device's TPM will record when it boots the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Measurement {
+    pub sha256: String,
+}
+
+/// Signed custom metadata of a firmware target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirmwareCustom {
+    pub kind: ArtifactKind,
+    pub version: ReleaseVersion,
+    pub hardware_class: HardwareClass,
+    pub expected_measurement: Measurement,
+}
+
+impl FirmwareCustom {
+    /// The `custom` object for a target: `{"outpost": {...}}`.
+    pub fn to_custom(&self) -> Result<Value> {
+        let inner = serde_json::to_value(self).map_err(|e| Error::Build(e.to_string()))?;
+        Ok(serde_json::json!({ CUSTOM_KEY: inner }))
+    }
+
+    /// Reads Outpost's fields from a target's `custom`; `None` when the target is not
+    /// an Outpost firmware target at all.
+    pub fn from_custom(custom: Option<&Value>, target: &str) -> Result<Option<Self>> {
+        let Some(inner) = custom.and_then(|c| c.get(CUSTOM_KEY)) else { return Ok(None) };
+        serde_json::from_value(inner.clone())
+            .map(Some)
+            .map_err(|e| Error::schema(target, format!("custom.{CUSTOM_KEY}: {e}")))
+    }
+}
+
+/// Target path of a firmware image: `firmware/<class>/<version>/<file name>`.
+pub fn firmware_target_path(class: &HardwareClass, version: &ReleaseVersion, file_name: &str) -> String {
+    format!("firmware/{class}/{version}/{file_name}")
+}
+
+/// A hardware class: lower-case letters, digits, `-` and `_`, 1..=64 characters
+/// (it becomes a path segment and a selector).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HardwareClass(String);
+
+impl HardwareClass {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for HardwareClass {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !ok {
+            return Err(Error::Build(format!(
+                "hardware class {s:?} must be 1-64 characters of a-z, 0-9, '-' or '_'"
+            )));
+        }
+        Ok(HardwareClass(s))
+    }
+}
+
+impl std::str::FromStr for HardwareClass {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        HardwareClass::try_from(s.to_owned())
+    }
+}
+
+impl From<HardwareClass> for String {
+    fn from(h: HardwareClass) -> String {
+        h.0
+    }
+}
+
+impl fmt::Display for HardwareClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A release version: dot-separated non-negative integers (`1.4.2`), compared
+/// numerically, optionally followed by `-PRERELEASE` which sorts before the release.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ReleaseVersion {
+    text: String,
+    parts: Vec<u64>,
+    pre: Option<String>,
+}
+
+impl TryFrom<String> for ReleaseVersion {
+    type Error = Error;
+    fn try_from(text: String) -> Result<Self> {
+        let bad = || Error::Build(format!("version {text:?} must look like 1.4.2 or 1.4.2-rc1"));
+        let (main, pre) = match text.split_once('-') {
+            Some((m, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.') => {
+                (m, Some(p.to_owned()))
+            }
+            Some(_) => return Err(bad()),
+            None => (text.as_str(), None),
+        };
+        let parts = main
+            .split('.')
+            .map(|p| if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) { None } else { p.parse().ok() })
+            .collect::<Option<Vec<u64>>>()
+            .ok_or_else(bad)?;
+        if parts.is_empty() || parts.len() > 4 {
+            return Err(bad());
+        }
+        Ok(ReleaseVersion { text, parts, pre })
+    }
+}
+
+impl std::str::FromStr for ReleaseVersion {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        ReleaseVersion::try_from(s.to_owned())
+    }
+}
+
+impl From<ReleaseVersion> for String {
+    fn from(v: ReleaseVersion) -> String {
+        v.text
+    }
+}
+
+impl fmt::Display for ReleaseVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl Ord for ReleaseVersion {
+    fn cmp(&self, other: &Self) -> Ordering {
+        let n = self.parts.len().max(other.parts.len());
+        for i in 0..n {
+            let (a, b) = (self.parts.get(i).copied().unwrap_or(0), other.parts.get(i).copied().unwrap_or(0));
+            match a.cmp(&b) {
+                Ordering::Equal => {}
+                o => return o,
+            }
+        }
+        match (&self.pre, &other.pre) {
+            (None, None) => Ordering::Equal,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(a), Some(b)) => a.cmp(b),
+        }
+    }
+}
+
+impl PartialEq for ReleaseVersion {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for ReleaseVersion {}
+
+impl std::hash::Hash for ReleaseVersion {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut parts = self.parts.as_slice();
+        while let [rest @ .., 0] = parts {
+            parts = rest;
+        }
+        parts.hash(state);
+        self.pre.hash(state);
+    }
+}
+
+impl PartialOrd for ReleaseVersion {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> ReleaseVersion {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn versions_compare_numerically() {
+        assert!(v("1.10.0") > v("1.9.9"));
+        assert!(v("2.0") == v("2.0.0"));
+        assert!(v("1.0.0-rc1") < v("1.0.0"));
+        assert!("1..2".parse::<ReleaseVersion>().is_err());
+        assert!("v1".parse::<ReleaseVersion>().is_err());
+    }
+
+    #[test]
+    fn custom_roundtrip() {
+        let c = FirmwareCustom {
+            kind: ArtifactKind::Firmware,
+            version: v("1.2.3"),
+            hardware_class: "rpi4".parse().unwrap(),
+            expected_measurement: Measurement { sha256: "ab".repeat(32) },
+        };
+        let value = c.to_custom().unwrap();
+        assert_eq!(FirmwareCustom::from_custom(Some(&value), "t").unwrap(), Some(c));
+        assert!("RPi4".parse::<HardwareClass>().is_err());
+    }
+}

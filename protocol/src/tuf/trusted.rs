@@ -1,0 +1,223 @@
+//! The trusted metadata set: the only place where metadata becomes trusted. Each
+//! `update_*` applies one step of the TUF client workflow to bytes the caller fetched
+//! (from disk or the network) and either accepts them or says why not. Pure: no I/O,
+//! the reference time is given.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+
+use super::metadata::{verify_threshold, Envelope, Root, Snapshot, Targets, Timestamp};
+use crate::error::{Error, Result};
+
+pub struct TrustedSet {
+    root: Envelope<Root>,
+    timestamp: Option<Envelope<Timestamp>>,
+    snapshot: Option<Envelope<Snapshot>>,
+    targets: BTreeMap<String, Envelope<Targets>>,
+    now: DateTime<Utc>,
+}
+
+impl TrustedSet {
+    /// Starts from a root the caller already trusts (local copy or pinned file). It
+    /// must be signed by its own threshold; its expiry is checked once the root chain
+    /// has been walked (a stale local root is how clients start after being offline).
+    pub fn new(root_bytes: &[u8], now: DateTime<Utc>) -> Result<Self> {
+        let root: Envelope<Root> = Envelope::parse(root_bytes, "root")?;
+        let r = root.signed.role("root")?;
+        verify_threshold("root", &root.canonical_signed, &root.signatures, &r.keyids, r.threshold, &root.signed.keys)?;
+        Ok(TrustedSet { root, timestamp: None, snapshot: None, targets: BTreeMap::new(), now })
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.now
+    }
+
+    pub fn root(&self) -> &Root {
+        &self.root.signed
+    }
+
+    pub fn timestamp(&self) -> Option<&Timestamp> {
+        self.timestamp.as_ref().map(|t| &t.signed)
+    }
+
+    pub fn snapshot(&self) -> Option<&Snapshot> {
+        self.snapshot.as_ref().map(|s| &s.signed)
+    }
+
+    pub fn targets(&self, role: &str) -> Option<&Targets> {
+        self.targets.get(role).map(|t| &t.signed)
+    }
+
+    /// Client workflow 5.3: the next root must be version N+1, signed by the trusted
+    /// root's threshold and by its own.
+    pub fn update_root(&mut self, bytes: &[u8]) -> Result<()> {
+        if self.timestamp.is_some() {
+            return Err(Error::Order("cannot update root after timestamp".into()));
+        }
+        let new: Envelope<Root> = Envelope::parse(bytes, "root")?;
+        let old = &self.root.signed;
+        let old_role = old.role("root")?;
+        verify_threshold("root", &new.canonical_signed, &new.signatures, &old_role.keyids, old_role.threshold, &old.keys)
+            .map_err(|e| with_context(e, &format!("new root v{} under trusted root v{}", new.signed.version, old.version)))?;
+        if new.signed.version != old.version + 1 {
+            return Err(Error::Version {
+                role: "root".into(),
+                reason: format!("expected version {}, got {}", old.version + 1, new.signed.version),
+            });
+        }
+        let new_role = new.signed.role("root")?;
+        verify_threshold("root", &new.canonical_signed, &new.signatures, &new_role.keyids, new_role.threshold, &new.signed.keys)
+            .map_err(|e| with_context(e, &format!("new root v{} under its own keys", new.signed.version)))?;
+        self.root = new;
+        Ok(())
+    }
+
+    /// Client workflow 5.4. On an equal version this returns [`Error::EqualVersion`]
+    /// and keeps the trusted timestamp. An expired timestamp is kept as trusted (for
+    /// rollback protection of the next one) but reported as [`Error::Expired`].
+    pub fn update_timestamp(&mut self, bytes: &[u8]) -> Result<()> {
+        if self.snapshot.is_some() {
+            return Err(Error::Order("cannot update timestamp after snapshot".into()));
+        }
+        if self.root.is_expired(self.now) {
+            return Err(Error::Expired { role: "root".into(), expires: self.root.signed.expires.clone() });
+        }
+        let new: Envelope<Timestamp> = Envelope::parse(bytes, "timestamp")?;
+        let r = self.root.signed.role("timestamp")?;
+        verify_threshold("timestamp", &new.canonical_signed, &new.signatures, &r.keyids, r.threshold, &self.root.signed.keys)?;
+        if let Some(old) = &self.timestamp {
+            if new.signed.version < old.signed.version {
+                return Err(Error::Version {
+                    role: "timestamp".into(),
+                    reason: format!("rollback from trusted version {} to {}", old.signed.version, new.signed.version),
+                });
+            }
+            if new.signed.version == old.signed.version {
+                return Err(Error::EqualVersion { role: "timestamp".into(), version: new.signed.version });
+            }
+            let (old_snap, new_snap) = (old.signed.snapshot_meta().version, new.signed.snapshot_meta().version);
+            if new_snap < old_snap {
+                return Err(Error::Version {
+                    role: "snapshot".into(),
+                    reason: format!("timestamp rolls snapshot back from version {old_snap} to {new_snap}"),
+                });
+            }
+        }
+        self.timestamp = Some(new);
+        self.check_final_timestamp()
+    }
+
+    fn check_final_timestamp(&self) -> Result<()> {
+        let ts = self.timestamp.as_ref().ok_or_else(|| Error::Order("timestamp not loaded".into()))?;
+        if ts.is_expired(self.now) {
+            return Err(Error::Expired { role: "timestamp".into(), expires: ts.signed.expires.clone() });
+        }
+        Ok(())
+    }
+
+    /// Client workflow 5.5. `trusted` is true for the local copy, whose hashes the
+    /// timestamp need not match (a newer snapshot may exist remotely); it is still
+    /// checked as final, and when it is not final it still guards against rollback.
+    pub fn update_snapshot(&mut self, bytes: &[u8], trusted: bool) -> Result<()> {
+        if self.targets.contains_key("targets") {
+            return Err(Error::Order("cannot update snapshot after targets".into()));
+        }
+        let ts = self.timestamp.as_ref().ok_or_else(|| Error::Order("cannot update snapshot before timestamp".into()))?;
+        self.check_final_timestamp()?;
+        let meta = ts.signed.snapshot_meta();
+        if !trusted {
+            meta.verify(bytes, "snapshot.json (as described by timestamp)")?;
+        }
+        let new: Envelope<Snapshot> = Envelope::parse(bytes, "snapshot")?;
+        let r = self.root.signed.role("snapshot")?;
+        verify_threshold("snapshot", &new.canonical_signed, &new.signatures, &r.keyids, r.threshold, &self.root.signed.keys)?;
+        if let Some(old) = &self.snapshot {
+            for (name, info) in &old.signed.meta {
+                let Some(new_info) = new.signed.meta.get(name) else {
+                    return Err(Error::Version {
+                        role: "snapshot".into(),
+                        reason: format!("new snapshot v{} drops {name}, listed in trusted snapshot v{}", new.signed.version, old.signed.version),
+                    });
+                };
+                if new_info.version < info.version {
+                    return Err(Error::Version {
+                        role: "snapshot".into(),
+                        reason: format!("{name} rolls back from version {} to {}", info.version, new_info.version),
+                    });
+                }
+            }
+        }
+        self.snapshot = Some(new);
+        self.check_final_snapshot()
+    }
+
+    fn check_final_snapshot(&self) -> Result<()> {
+        let snap = self.snapshot.as_ref().ok_or_else(|| Error::Order("snapshot not loaded".into()))?;
+        let ts = self.timestamp.as_ref().ok_or_else(|| Error::Order("timestamp not loaded".into()))?;
+        if snap.is_expired(self.now) {
+            return Err(Error::Expired { role: "snapshot".into(), expires: snap.signed.expires.clone() });
+        }
+        let want = ts.signed.snapshot_meta().version;
+        if snap.signed.version != want {
+            return Err(Error::Version {
+                role: "snapshot".into(),
+                reason: format!("timestamp names snapshot version {want}, got {}", snap.signed.version),
+            });
+        }
+        Ok(())
+    }
+
+    /// Client workflow 5.6/5.7: top-level targets (`delegator` = "root") or a delegated
+    /// role, verified against the snapshot's version and hashes and the delegator's keys.
+    pub fn update_delegated_targets(&mut self, bytes: &[u8], role: &str, delegator: &str) -> Result<()> {
+        if self.snapshot.is_none() {
+            return Err(Error::Order("cannot load targets before snapshot".into()));
+        }
+        self.check_final_snapshot()?;
+        let (keyids, threshold, keys) = if delegator == "root" {
+            let r = self.root.signed.role("targets")?;
+            (r.keyids.clone(), r.threshold, &self.root.signed.keys)
+        } else {
+            let parent = self
+                .targets
+                .get(delegator)
+                .ok_or_else(|| Error::Order(format!("delegator {delegator} of {role} is not loaded")))?;
+            let d = parent
+                .signed
+                .delegations
+                .as_ref()
+                .ok_or_else(|| Error::Missing(format!("{delegator} has no delegations (looking for {role})")))?;
+            let (ids, t) = d
+                .role_keys(role)
+                .ok_or_else(|| Error::Missing(format!("{delegator} does not delegate to {role}")))?;
+            (ids, t, &d.keys)
+        };
+        let snap = self.snapshot.as_ref().map(|s| &s.signed).ok_or_else(|| Error::Order("snapshot".into()))?;
+        let meta = snap
+            .meta
+            .get(&format!("{role}.json"))
+            .ok_or_else(|| Error::Missing(format!("snapshot does not list {role}.json")))?;
+        meta.verify(bytes, &format!("{role}.json (as described by snapshot)"))?;
+        let new: Envelope<Targets> = Envelope::parse(bytes, role)?;
+        verify_threshold(role, &new.canonical_signed, &new.signatures, &keyids, threshold, keys)?;
+        if new.signed.version != meta.version {
+            return Err(Error::Version {
+                role: role.into(),
+                reason: format!("snapshot names version {}, got {}", meta.version, new.signed.version),
+            });
+        }
+        if new.is_expired(self.now) {
+            return Err(Error::Expired { role: role.into(), expires: new.signed.expires.clone() });
+        }
+        self.targets.insert(role.to_owned(), new);
+        Ok(())
+    }
+}
+
+fn with_context(e: Error, ctx: &str) -> Error {
+    match e {
+        Error::Threshold { role, valid, threshold } => Error::Threshold { role: format!("{role} ({ctx})"), valid, threshold },
+        other => other,
+    }
+}
