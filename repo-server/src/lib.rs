@@ -1,1 +1,65 @@
+//! `outpost-server`: serves the TUF image repository, takes offline-signed uploads
+//! from pipelines, and keeps snapshot and timestamp fresh with its online keys.
 
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod repository;
+pub mod store;
+
+use std::sync::Arc;
+
+pub use config::ServerConfig;
+pub use error::{ApiError, ServerError};
+pub use http::{app, AppState};
+
+/// Opens the repository and store, starts the re-signing task and serves until
+/// SIGINT/SIGTERM.
+pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
+    let repo = Arc::new(repository::Repository::open(&config)?);
+    let store = Arc::new(store::Store::open(&config.sqlite_path)?);
+    let state = AppState { repo: repo.clone(), store: store.clone(), max_upload_bytes: config.max_upload_bytes };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| ServerError::io("listen on", config.listen.to_string(), e))?;
+    let addr = listener.local_addr().map_err(|e| ServerError::io("listen on", config.listen.to_string(), e))?;
+    tracing::info!(%addr, "outpost-server listening");
+    let interval = config.resign_interval;
+    let resigner = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tick.tick().await;
+            match repo.resign_if_due(chrono::Utc::now()).await {
+                Ok(Some((snapshot, timestamp))) => {
+                    tracing::info!(snapshot, timestamp, "re-signed online metadata");
+                    let _ = store.log("server", "resign", &serde_json::json!({"snapshot_version": snapshot, "timestamp_version": timestamp}));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "re-signing online metadata failed"),
+            }
+        }
+    });
+    let result = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal()).await;
+    resigner.abort();
+    tracing::info!("outpost-server stopped");
+    result.map_err(|e| ServerError::io("serve", addr.to_string(), e))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}

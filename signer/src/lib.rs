@@ -1,1 +1,13 @@
+//! The `outpost` CLI as a library: offline key management, repository signing and
+//! releases, and upload to `outpost-server`.
 
+pub mod cli;
+pub mod error;
+pub mod keyfile;
+pub mod localrepo;
+pub mod output;
+pub mod release_cmd;
+pub mod repo_cmd;
+pub mod upload;
+
+pub use error::{Result, SignerError};

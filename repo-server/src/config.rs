@@ -1,0 +1,88 @@
+//! Server configuration (TOML), validated into typed values at load time. Relative
+//! paths are relative to the configuration file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::ServerError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    listen: String,
+    data_dir: PathBuf,
+    #[serde(default)]
+    database: RawDb,
+    repository: RawRepo,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDb {
+    sqlite: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepo {
+    trusted_root: PathBuf,
+    snapshot_key: PathBuf,
+    timestamp_key: PathBuf,
+    snapshot_expiry: Option<String>,
+    timestamp_expiry: Option<String>,
+    resign_interval: Option<String>,
+    max_upload_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub sqlite_path: PathBuf,
+    pub trusted_root: PathBuf,
+    pub snapshot_key: PathBuf,
+    pub timestamp_key: PathBuf,
+    pub snapshot_expiry: Duration,
+    pub timestamp_expiry: Duration,
+    pub resign_interval: Duration,
+    pub max_upload_bytes: u64,
+}
+
+impl ServerConfig {
+    pub fn load(path: &Path) -> Result<Self, ServerError> {
+        let err = |reason: String| ServerError::Config { path: path.to_owned(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let raw: Raw = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let listen = raw.listen.parse().map_err(|e| err(format!("listen {:?}: {e} (example: 127.0.0.1:8080)", raw.listen)))?;
+        let dur = |name: &str, v: &Option<String>, default: Duration| -> Result<Duration, ServerError> {
+            match v {
+                None => Ok(default),
+                Some(s) => humantime::parse_duration(s).map_err(|e| err(format!("repository.{name} {s:?}: {e}"))),
+            }
+        };
+        let snapshot_expiry = dur("snapshot_expiry", &raw.repository.snapshot_expiry, Duration::from_secs(7 * 86400))?;
+        let timestamp_expiry = dur("timestamp_expiry", &raw.repository.timestamp_expiry, Duration::from_secs(86400))?;
+        let resign_interval = dur("resign_interval", &raw.repository.resign_interval, Duration::from_secs(60))?;
+        if timestamp_expiry < Duration::from_secs(2) || snapshot_expiry < Duration::from_secs(2) {
+            return Err(err("repository.snapshot_expiry and timestamp_expiry must be at least 2s".into()));
+        }
+        let data_dir = base.join(&raw.data_dir);
+        let sqlite_path = data_dir.join(raw.database.sqlite.unwrap_or_else(|| PathBuf::from("outpost.db")));
+        Ok(ServerConfig {
+            listen,
+            sqlite_path,
+            data_dir,
+            trusted_root: base.join(raw.repository.trusted_root),
+            snapshot_key: base.join(raw.repository.snapshot_key),
+            timestamp_key: base.join(raw.repository.timestamp_key),
+            snapshot_expiry,
+            timestamp_expiry,
+            resign_interval,
+            max_upload_bytes: raw.repository.max_upload_bytes.unwrap_or(64 << 30),
+        })
+    }
+}

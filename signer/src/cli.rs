@@ -1,0 +1,83 @@
+//! Command-line interface of `outpost`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use crate::error::Result;
+use crate::keyfile;
+use crate::output::Output;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outpost",
+    version,
+    about = "Sign and publish Outpost releases with offline keys",
+    long_about = "Sign and publish Outpost releases with offline keys.\n\n\
+A typical pipeline: `outpost keys generate` for each key, `outpost repo init` once, \
+`outpost repo delegate` a firmware role per hardware class, then `outpost release publish` \
+for every build. Everything is signed locally; with --server the signed result is uploaded \
+and the server verifies it against its trusted root."
+)]
+pub struct Cli {
+    /// Machine-readable output on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate and inspect ed25519 signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Create and maintain the TUF repository (root, delegations, push).
+    #[command(subcommand)]
+    Repo(crate::repo_cmd::RepoCommand),
+    /// Publish signed releases.
+    #[command(subcommand)]
+    Release(crate::release_cmd::ReleaseCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Write a new private key to FILE (mode 0600) and its public key to FILE.pub.
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show a key file's TUF key id and public key (never the private part).
+    Show { file: PathBuf },
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let out = Output { json: cli.json };
+    match cli.command {
+        Command::Keys(KeysCommand::Generate { out: path }) => {
+            let key = keyfile::generate(&path)?;
+            out.emit(
+                &json!({"keyid": key.key_id(), "keytype": "ed25519", "public": key.public().keyval.public, "private_key_file": path, "public_key_file": keyfile::pub_path(&path)}),
+                &format!("{}  (private: {}, public: {})", key.key_id(), path.display(), keyfile::pub_path(&path).display()),
+            );
+            Ok(())
+        }
+        Command::Keys(KeysCommand::Show { file }) => {
+            let key = keyfile::load(&file)?;
+            let id = key.key_id().map_err(|e| crate::error::SignerError::proto("key id", e))?;
+            out.emit(
+                &json!({"keyid": id, "keytype": key.public().keytype, "scheme": key.public().scheme, "public": key.public().keyval.public, "has_private": key.signing().is_some()}),
+                &format!(
+                    "keyid:   {id}\ntype:    {}\npublic:  {}\nprivate: {}",
+                    key.public().keytype,
+                    key.public().keyval.public,
+                    if key.signing().is_some() { "present in this file (not shown)" } else { "no" }
+                ),
+            );
+            Ok(())
+        }
+        Command::Repo(cmd) => crate::repo_cmd::run(cmd, &out).await,
+        Command::Release(cmd) => crate::release_cmd::run(cmd, &out).await,
+    }
+}

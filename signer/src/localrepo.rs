@@ -1,0 +1,234 @@
+//! The pipeline's local repository directory: the offline source of truth that
+//! `outpost` signs into. Metadata lives under `metadata/` with versioned and
+//! unversioned names, target files under `targets/` with consistent-snapshot names.
+//! When the online snapshot and timestamp keys are local too, every change re-signs
+//! them, making the directory a complete static TUF repository.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::Utc;
+use outpost_protocol::keys::SigningKey;
+use outpost_protocol::tuf::{self, Envelope, MetaFile, Root, Snapshot, Targets, Timestamp};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, SignerError};
+use crate::keyfile;
+
+/// Expiry periods, persisted with the repository so every command uses the same.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    pub root_expires_secs: u64,
+    pub targets_expires_secs: u64,
+    pub snapshot_expires_secs: u64,
+    pub timestamp_expires_secs: u64,
+    /// Private key files of the online roles, when this directory signs them itself.
+    #[serde(default)]
+    pub online_keys: Option<OnlineKeyFiles>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OnlineKeyFiles {
+    pub snapshot: PathBuf,
+    pub timestamp: PathBuf,
+}
+
+pub struct LocalRepo {
+    pub dir: PathBuf,
+    pub settings: Settings,
+}
+
+const SETTINGS: &str = "outpost-repo.json";
+
+impl LocalRepo {
+    pub fn create(dir: &Path, settings: Settings) -> Result<Self> {
+        if dir.join("metadata/root.json").exists() {
+            return Err(SignerError::Repo { dir: dir.into(), reason: "already initialized (metadata/root.json exists)".into() });
+        }
+        for sub in ["metadata", "targets"] {
+            let p = dir.join(sub);
+            std::fs::create_dir_all(&p).map_err(|e| SignerError::io("create", &p, e))?;
+        }
+        let repo = LocalRepo { dir: dir.to_owned(), settings };
+        repo.save_settings()?;
+        Ok(repo)
+    }
+
+    pub fn open(dir: &Path) -> Result<Self> {
+        let p = dir.join(SETTINGS);
+        let bytes = std::fs::read(&p).map_err(|e| {
+            SignerError::Repo { dir: dir.into(), reason: format!("not an Outpost repository (cannot read {SETTINGS}: {e}); run `outpost repo init` first") }
+        })?;
+        let settings = serde_json::from_slice(&bytes)
+            .map_err(|e| SignerError::Repo { dir: dir.into(), reason: format!("{SETTINGS}: {e}") })?;
+        Ok(LocalRepo { dir: dir.to_owned(), settings })
+    }
+
+    pub fn save_settings(&self) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(&self.settings).map_err(|e| SignerError::Usage(e.to_string()))?;
+        write_atomic(&self.dir.join(SETTINGS), &bytes)
+    }
+
+    pub fn metadata_path(&self, name: &str) -> PathBuf {
+        self.dir.join("metadata").join(name)
+    }
+
+    pub fn expires(&self, secs: u64) -> chrono::DateTime<Utc> {
+        let now = Utc::now();
+        let whole = now - chrono::Duration::nanoseconds(now.timestamp_subsec_nanos() as i64);
+        whole + chrono::Duration::seconds(secs as i64)
+    }
+
+    pub fn root(&self) -> Result<(Envelope<Root>, Vec<u8>)> {
+        let p = self.metadata_path("root.json");
+        let bytes = std::fs::read(&p).map_err(|e| SignerError::io("read", &p, e))?;
+        let env = Envelope::parse(&bytes, "root").map_err(|e| SignerError::proto(format!("read {}", p.display()), e))?;
+        Ok((env, bytes))
+    }
+
+    /// Root metadata file of a given version.
+    pub fn root_version_bytes(&self, version: u64) -> Result<Vec<u8>> {
+        let p = self.metadata_path(&format!("{version}.root.json"));
+        std::fs::read(&p).map_err(|e| SignerError::io("read", &p, e))
+    }
+
+    pub fn role(&self, role: &str) -> Result<Option<(Envelope<Targets>, Vec<u8>)>> {
+        let p = self.metadata_path(&format!("{}.json", tuf::quote_role(role)));
+        match std::fs::read(&p) {
+            Ok(bytes) => {
+                let env = Envelope::parse(&bytes, role).map_err(|e| SignerError::proto(format!("read {}", p.display()), e))?;
+                Ok(Some((env, bytes)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(SignerError::io("read", &p, e)),
+        }
+    }
+
+    /// Names of the targets roles (top-level and delegated) that have metadata here.
+    pub fn role_names(&self) -> Result<Vec<String>> {
+        let dir = self.dir.join("metadata");
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(|e| SignerError::io("list", &dir, e))? {
+            let entry = entry.map_err(|e| SignerError::io("list", &dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(stem) = name.strip_suffix(".json") else { continue };
+            if stem.starts_with(|c: char| c.is_ascii_digit()) || ["root", "timestamp", "snapshot"].contains(&stem) {
+                continue;
+            }
+            let role = percent_encoding::percent_decode_str(stem).decode_utf8_lossy().into_owned();
+            names.push(role);
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    pub fn write_root(&self, version: u64, bytes: &[u8]) -> Result<()> {
+        write_atomic(&self.metadata_path(&format!("{version}.root.json")), bytes)?;
+        write_atomic(&self.metadata_path("root.json"), bytes)
+    }
+
+    pub fn write_role(&self, role: &str, version: u64, bytes: &[u8]) -> Result<()> {
+        let q = tuf::quote_role(role);
+        write_atomic(&self.metadata_path(&format!("{version}.{q}.json")), bytes)?;
+        write_atomic(&self.metadata_path(&format!("{q}.json")), bytes)
+    }
+
+    /// Keys and threshold that sign `role`, and the key set they come from.
+    pub fn role_keys(&self, role: &str) -> Result<(Vec<String>, u64, BTreeMap<String, outpost_protocol::keys::PublicKey>)> {
+        let (root, _) = self.root()?;
+        if role == "targets" {
+            let r = root.signed.role("targets").map_err(|e| SignerError::proto("root", e))?;
+            return Ok((r.keyids.clone(), r.threshold, root.signed.keys.clone()));
+        }
+        for parent in self.role_names()? {
+            if let Some((env, _)) = self.role(&parent)? {
+                if let Some(d) = &env.signed.delegations {
+                    if let Some((ids, t)) = d.role_keys(role) {
+                        return Ok((ids, t, d.keys.clone()));
+                    }
+                }
+            }
+        }
+        Err(SignerError::Repo { dir: self.dir.clone(), reason: format!("no role delegates to {role:?}; add it with `outpost repo delegate`") })
+    }
+
+    /// Signs targets metadata for `role`, checking first that `keys` meet its threshold.
+    pub fn sign_role(&self, role: &str, body: &Targets, keys: &[SigningKey]) -> Result<Vec<u8>> {
+        let (keyids, threshold, _) = self.role_keys(role)?;
+        let usable: Vec<&SigningKey> = keys.iter().filter(|k| keyids.iter().any(|id| id == k.key_id())).collect();
+        let distinct: std::collections::BTreeSet<&str> = usable.iter().map(|k| k.key_id()).collect();
+        if (distinct.len() as u64) < threshold {
+            return Err(SignerError::NotEnoughKeys { role: role.into(), threshold, have: distinct.len(), keyids });
+        }
+        tuf::sign(body, &usable).map_err(|e| SignerError::proto(format!("sign {role}"), e))
+    }
+
+    /// Re-signs snapshot and timestamp when this directory holds the online keys.
+    pub fn resign_online(&self) -> Result<bool> {
+        let Some(files) = &self.settings.online_keys else { return Ok(false) };
+        let snap_key = keyfile::load_signing(&files.snapshot)?;
+        let ts_key = keyfile::load_signing(&files.timestamp)?;
+        let mut meta = BTreeMap::new();
+        for role in self.role_names()? {
+            if let Some((env, _)) = self.role(&role)? {
+                meta.insert(format!("{role}.json"), MetaFile::version_only(env.signed.version));
+            }
+        }
+        let old_snapshot: Option<Envelope<Snapshot>> = std::fs::read(self.metadata_path("snapshot.json"))
+            .ok()
+            .and_then(|b| Envelope::parse(&b, "snapshot").ok());
+        let old_ts: Option<Envelope<Timestamp>> = std::fs::read(self.metadata_path("timestamp.json"))
+            .ok()
+            .and_then(|b| Envelope::parse(&b, "timestamp").ok());
+        let snap_version = old_snapshot.map(|s| s.signed.version + 1).unwrap_or(1);
+        let snapshot = tuf::metadata::new_snapshot(snap_version, self.expires(self.settings.snapshot_expires_secs), meta);
+        let snap_bytes = tuf::sign(&snapshot, &[&snap_key]).map_err(|e| SignerError::proto("sign snapshot", e))?;
+        write_atomic(&self.metadata_path(&format!("{snap_version}.snapshot.json")), &snap_bytes)?;
+        write_atomic(&self.metadata_path("snapshot.json"), &snap_bytes)?;
+        let ts_version = old_ts.map(|t| t.signed.version + 1).unwrap_or(1);
+        let ts = tuf::metadata::new_timestamp(
+            ts_version,
+            self.expires(self.settings.timestamp_expires_secs),
+            MetaFile::describing(snap_version, &snap_bytes),
+        );
+        let ts_bytes = tuf::sign(&ts, &[&ts_key]).map_err(|e| SignerError::proto("sign timestamp", e))?;
+        write_atomic(&self.metadata_path("timestamp.json"), &ts_bytes)?;
+        Ok(true)
+    }
+
+    /// Where a target file lives in a consistent-snapshot layout.
+    pub fn target_file_path(&self, target_path: &str, sha256: &str) -> PathBuf {
+        self.dir.join("targets").join(consistent_name(target_path, sha256))
+    }
+}
+
+/// `dir/name` → `dir/HASH.name`.
+pub fn consistent_name(target_path: &str, hash: &str) -> String {
+    match target_path.rsplit_once('/') {
+        Some((dir, name)) => format!("{dir}/{hash}.{name}"),
+        None => format!("{hash}.{target_path}"),
+    }
+}
+
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| SignerError::io("create", dir, e))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    res.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        SignerError::io("write", path, e)
+    })
+}
+
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (examples: 90d, 12h, 1y)"))
+}

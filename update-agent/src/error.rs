@@ -1,0 +1,78 @@
+//! The agent's one error type. Each variant names the failed operation and carries
+//! the URL, path or role concerned.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    /// Metadata or a target failed a TUF check (signature, version, expiry, hash...).
+    #[error("{step}: {source}")]
+    Tuf {
+        step: String,
+        #[source]
+        source: outpost_protocol::Error,
+    },
+
+    /// The server answered with an HTTP error status.
+    #[error("GET {url}: HTTP {status}")]
+    HttpStatus { url: String, status: u16 },
+
+    /// The connection failed or broke.
+    #[error("GET {url}: {reason}")]
+    Fetch { url: String, reason: String },
+
+    /// No byte arrived within the stall timeout (slow-retrieval attack or dead link).
+    #[error("GET {url}: timed out: no data for {after:?}")]
+    Timeout { url: String, after: Duration },
+
+    /// The server sent more than the signed or configured maximum (endless-data attack).
+    #[error("GET {url}: endless data: more than {limit} bytes")]
+    TooLarge { url: String, limit: u64 },
+
+    /// The server sent fewer bytes than the signed length.
+    #[error("GET {url}: truncated: got {got} of {expected} bytes")]
+    Truncated { url: String, got: u64, expected: u64 },
+
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("target {0:?} is not in the signed repository")]
+    TargetNotFound(String),
+
+    #[error("no firmware for hardware class {class} in the signed repository")]
+    NoFirmware { class: String },
+
+    #[error("target {target} is for hardware class {found}, this device is {expected}")]
+    HardwareClassMismatch { target: String, expected: String, found: String },
+
+    #[error("configuration {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+
+    #[error("{0}")]
+    Usage(String),
+}
+
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+impl AgentError {
+    pub(crate) fn tuf(step: impl Into<String>, source: outpost_protocol::Error) -> Self {
+        AgentError::Tuf { step: step.into(), source }
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        AgentError::Io { op, path: path.into(), source }
+    }
+
+    /// Is this "the file is not there" from the repository (ends the root walk)?
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, AgentError::HttpStatus { status: 403 | 404, .. })
+    }
+}

@@ -1,0 +1,185 @@
+//! HTTP retrieval with the limits TUF needs: one shared connection pool, a cap on
+//! bytes (endless data), a stall timeout between received chunks (slow retrieval),
+//! and streaming into a verified file without holding it in memory.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use outpost_protocol::hashing::MultiHasher;
+
+use crate::error::{AgentError, Result};
+
+/// Shared HTTP client. Cloning is cheap and shares the pool.
+#[derive(Clone)]
+pub struct Fetcher {
+    client: reqwest::Client,
+    stall: Duration,
+}
+
+impl Fetcher {
+    /// `stall` bounds connecting and any wait for the next bytes.
+    pub fn new(stall: Duration) -> Result<Self> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(stall)
+            .user_agent(concat!("outpost-agent/", env!("CARGO_PKG_VERSION")))
+            .no_gzip()
+            .build()
+            .map_err(|e| AgentError::Fetch { url: String::new(), reason: format!("building HTTP client: {e}") })?;
+        Ok(Fetcher { client, stall })
+    }
+
+    async fn start(&self, url: &str) -> Result<reqwest::Response> {
+        let send = self.client.get(url).send();
+        let resp = tokio::time::timeout(self.stall, send)
+            .await
+            .map_err(|_| AgentError::Timeout { url: url.to_owned(), after: self.stall })?
+            .map_err(|e| AgentError::Fetch { url: url.to_owned(), reason: error_chain(&e) })?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(AgentError::HttpStatus { url: url.to_owned(), status: status.as_u16() });
+        }
+        Ok(resp)
+    }
+
+    async fn next_chunk(&self, resp: &mut reqwest::Response, url: &str) -> Result<Option<Bytes>> {
+        tokio::time::timeout(self.stall, resp.chunk())
+            .await
+            .map_err(|_| AgentError::Timeout { url: url.to_owned(), after: self.stall })?
+            .map_err(|e| AgentError::Fetch { url: url.to_owned(), reason: error_chain(&e) })
+    }
+
+    /// Fetches a whole (small) body, refusing more than `limit` bytes.
+    pub async fn fetch_bytes(&self, url: &str, limit: u64) -> Result<Vec<u8>> {
+        let mut resp = self.start(url).await?;
+        if resp.content_length().is_some_and(|l| l > limit) {
+            return Err(AgentError::TooLarge { url: url.to_owned(), limit });
+        }
+        let mut out = Vec::new();
+        while let Some(chunk) = self.next_chunk(&mut resp, url).await? {
+            if out.len() as u64 + chunk.len() as u64 > limit {
+                return Err(AgentError::TooLarge { url: url.to_owned(), limit });
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    /// Streams `url` into `dest`, verifying exact `length` and every hash in `hashes`
+    /// while receiving. Bytes go to a temporary file beside `dest` that is renamed
+    /// into place only after verification; on any failure nothing is left behind.
+    pub async fn download_verified(
+        &self,
+        url: &str,
+        dest: &Path,
+        length: u64,
+        hashes: &BTreeMap<String, String>,
+        what: &str,
+    ) -> Result<()> {
+        let hasher = MultiHasher::for_expected(hashes, what).map_err(|e| AgentError::tuf(format!("download {what}"), e))?;
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        let tmp = temp_path(dest);
+        let result = self.stream_to(url, &tmp, length, hasher, hashes, what).await;
+        match result {
+            Ok(()) => {
+                std::fs::rename(&tmp, dest).map_err(|e| {
+                    let _ = std::fs::remove_file(&tmp);
+                    AgentError::io("rename into", dest, e)
+                })?;
+                sync_dir(dir);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    async fn stream_to(
+        &self,
+        url: &str,
+        tmp: &Path,
+        length: u64,
+        mut hasher: MultiHasher,
+        hashes: &BTreeMap<String, String>,
+        what: &str,
+    ) -> Result<()> {
+        let mut resp = self.start(url).await?;
+        if resp.content_length().is_some_and(|l| l > length) {
+            return Err(AgentError::TooLarge { url: url.to_owned(), limit: length });
+        }
+        let file = std::fs::File::create(tmp).map_err(|e| AgentError::io("create", tmp, e))?;
+        // Hashing and writing run on a blocking thread, fed through a bounded channel,
+        // so receiving and hashing overlap and memory stays bounded.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(32);
+        let tmp_owned: PathBuf = tmp.to_owned();
+        let writer = tokio::task::spawn_blocking(move || -> Result<MultiHasher> {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+            for chunk in rx {
+                hasher.update(&chunk);
+                out.write_all(&chunk).map_err(|e| AgentError::io("write", &tmp_owned, e))?;
+            }
+            let file = out.into_inner().map_err(|e| AgentError::io("write", &tmp_owned, e.into_error()))?;
+            file.sync_all().map_err(|e| AgentError::io("fsync", &tmp_owned, e))?;
+            Ok(hasher)
+        });
+        let mut received: u64 = 0;
+        let mut failure = None;
+        loop {
+            match self.next_chunk(&mut resp, url).await {
+                Ok(Some(chunk)) => {
+                    received += chunk.len() as u64;
+                    if received > length {
+                        failure = Some(AgentError::TooLarge { url: url.to_owned(), limit: length });
+                        break;
+                    }
+                    if tx.send(chunk).is_err() {
+                        break; // writer failed; its error is reported below
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let hasher = writer
+            .await
+            .map_err(|e| AgentError::Fetch { url: url.to_owned(), reason: format!("writer task: {e}") })??;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if received != length {
+            return Err(AgentError::Truncated { url: url.to_owned(), got: received, expected: length });
+        }
+        hasher.verify(hashes, what).map_err(|e| AgentError::tuf(format!("verify {what}"), e))
+    }
+}
+
+fn temp_path(dest: &Path) -> PathBuf {
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    dest.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+}
+
+/// Best-effort fsync of a directory after a rename.
+pub(crate) fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,347 @@
+//! The TUF client workflow over HTTP, step for step as the specification (and its
+//! reference implementation) does it: root chain → timestamp → snapshot → targets,
+//! then a lazy, depth-first, path-matched search of delegations per target. Local
+//! copies are tried first and used when still valid as final metadata, so unchanged
+//! snapshot and targets are never downloaded twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use outpost_protocol::pattern::pattern_may_match_prefix;
+use outpost_protocol::tuf::{quote_file_name, quote_role, quote_target_path, DelegatedRole, TargetFile, Targets, TrustedSet};
+use outpost_protocol::Error as TufError;
+
+use crate::error::{AgentError, Result};
+use crate::fetch::{sync_dir, Fetcher};
+
+/// Limits from the specification's reference client.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_root_rotations: u64,
+    pub max_delegations: usize,
+    pub root_max_length: u64,
+    pub timestamp_max_length: u64,
+    pub snapshot_max_length: u64,
+    pub targets_max_length: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_root_rotations: 256,
+            max_delegations: 32,
+            root_max_length: 512_000,
+            timestamp_max_length: 16_384,
+            snapshot_max_length: 2_000_000,
+            targets_max_length: 5_000_000,
+        }
+    }
+}
+
+/// A target found in signed metadata: its path, its signed description, and the role
+/// that signed it.
+#[derive(Debug, Clone)]
+pub struct TargetInfo {
+    pub path: String,
+    pub file: TargetFile,
+    pub role: String,
+}
+
+pub struct Updater {
+    metadata_dir: PathBuf,
+    metadata_url: String,
+    fetcher: Fetcher,
+    trusted: TrustedSet,
+    limits: Limits,
+    refreshed: bool,
+}
+
+fn with_slash(url: &str) -> String {
+    if url.ends_with('/') {
+        url.to_owned()
+    } else {
+        format!("{url}/")
+    }
+}
+
+impl Updater {
+    /// Loads the trusted root from `metadata_dir/root.json`.
+    pub fn new(metadata_dir: &Path, metadata_url: &str, fetcher: Fetcher, now: DateTime<Utc>) -> Result<Self> {
+        let root_path = metadata_dir.join("root.json");
+        let root = std::fs::read(&root_path).map_err(|e| AgentError::io("read trusted root", &root_path, e))?;
+        let trusted = TrustedSet::new(&root, now).map_err(|e| AgentError::tuf(format!("load trusted root {}", root_path.display()), e))?;
+        Ok(Updater {
+            metadata_dir: metadata_dir.to_owned(),
+            metadata_url: with_slash(metadata_url),
+            fetcher,
+            trusted,
+            limits: Limits::default(),
+            refreshed: false,
+        })
+    }
+
+    pub fn trusted(&self) -> &TrustedSet {
+        &self.trusted
+    }
+
+    /// Top-level refresh: root, timestamp, snapshot, targets. Runs at most once per
+    /// updater (the reference client's contract).
+    pub async fn refresh(&mut self) -> Result<()> {
+        if self.refreshed {
+            return Ok(());
+        }
+        self.load_root().await?;
+        self.load_timestamp().await?;
+        self.load_snapshot().await?;
+        self.load_targets("targets", "root").await?;
+        self.refreshed = true;
+        Ok(())
+    }
+
+    fn local_path(&self, role: &str) -> PathBuf {
+        self.metadata_dir.join(format!("{}.json", quote_role(role)))
+    }
+
+    fn read_local(&self, role: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.local_path(role)).ok()
+    }
+
+    fn persist(&self, role: &str, data: &[u8]) -> Result<()> {
+        write_atomic(&self.local_path(role), data)
+    }
+
+    fn url(&self, role: &str, version: Option<u64>) -> String {
+        match version {
+            Some(v) => format!("{}{v}.{}.json", self.metadata_url, quote_role(role)),
+            None => format!("{}{}.json", self.metadata_url, quote_role(role)),
+        }
+    }
+
+    async fn load_root(&mut self) -> Result<()> {
+        let start = self.trusted.root().version + 1;
+        for version in start..start + self.limits.max_root_rotations {
+            let url = self.url("root", Some(version));
+            let data = match self.fetcher.fetch_bytes(&url, self.limits.root_max_length).await {
+                Ok(d) => d,
+                Err(e) if e.is_not_found() => break,
+                Err(e) => return Err(e),
+            };
+            self.trusted.update_root(&data).map_err(|e| AgentError::tuf(format!("update to root v{version}"), e))?;
+            self.persist("root", &data)?;
+            tracing::info!(version, "trusted new root");
+        }
+        Ok(())
+    }
+
+    async fn load_timestamp(&mut self) -> Result<()> {
+        if let Some(local) = self.read_local("timestamp") {
+            if let Err(e) = self.trusted.update_timestamp(&local) {
+                tracing::debug!(error = %e, "local timestamp not valid as final");
+            }
+        }
+        let url = self.url("timestamp", None);
+        let data = self.fetcher.fetch_bytes(&url, self.limits.timestamp_max_length).await?;
+        match self.trusted.update_timestamp(&data) {
+            Ok(()) => self.persist("timestamp", &data),
+            Err(TufError::EqualVersion { .. }) => Ok(()),
+            Err(e) => Err(AgentError::tuf("verify timestamp", e)),
+        }
+    }
+
+    async fn load_snapshot(&mut self) -> Result<()> {
+        if let Some(local) = self.read_local("snapshot") {
+            match self.trusted.update_snapshot(&local, true) {
+                Ok(()) => return Ok(()),
+                Err(e) => tracing::debug!(error = %e, "local snapshot not valid as final"),
+            }
+        }
+        let ts = self.trusted.timestamp().ok_or_else(|| AgentError::Usage("timestamp not loaded".into()))?;
+        let meta = ts.snapshot_meta();
+        let limit = meta.length.unwrap_or(self.limits.snapshot_max_length);
+        let version = self.trusted.root().consistent_snapshot.then_some(meta.version);
+        let url = self.url("snapshot", version);
+        let data = self.fetcher.fetch_bytes(&url, limit).await?;
+        self.trusted.update_snapshot(&data, false).map_err(|e| AgentError::tuf("verify snapshot", e))?;
+        self.persist("snapshot", &data)
+    }
+
+    async fn load_targets(&mut self, role: &str, delegator: &str) -> Result<&Targets> {
+        if self.trusted.targets(role).is_none() {
+            let local_ok = match self.read_local(role) {
+                Some(local) => match self.trusted.update_delegated_targets(&local, role, delegator) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::debug!(role, error = %e, "local metadata not valid as final");
+                        false
+                    }
+                },
+                None => false,
+            };
+            if !local_ok {
+                let snapshot = self.trusted.snapshot().ok_or_else(|| AgentError::Usage("snapshot not loaded".into()))?;
+                let meta = snapshot.meta.get(&format!("{role}.json")).ok_or_else(|| {
+                    AgentError::tuf(
+                        format!("load {role}"),
+                        TufError::Missing(format!("role {role} is delegated but not listed in snapshot")),
+                    )
+                })?;
+                let limit = meta.length.unwrap_or(self.limits.targets_max_length);
+                let version = self.trusted.root().consistent_snapshot.then_some(meta.version);
+                let url = self.url(role, version);
+                let data = self.fetcher.fetch_bytes(&url, limit).await?;
+                self.trusted
+                    .update_delegated_targets(&data, role, delegator)
+                    .map_err(|e| AgentError::tuf(format!("verify {role}"), e))?;
+                self.persist(role, &data)?;
+            }
+        }
+        self.trusted.targets(role).ok_or_else(|| AgentError::Usage(format!("{role} not loaded")))
+    }
+
+    /// Finds `target_path` by a pre-order depth-first walk of the delegation graph,
+    /// loading only roles whose paths match, honouring `terminating`.
+    pub async fn get_target_info(&mut self, target_path: &str) -> Result<Option<TargetInfo>> {
+        self.refresh().await?;
+        let mut to_visit: Vec<(String, String)> = vec![("targets".into(), "root".into())];
+        let mut visited: BTreeSet<String> = BTreeSet::new();
+        let mut budget = self.limits.max_delegations;
+        while budget > 0 {
+            let Some((role, parent)) = to_visit.pop() else { break };
+            if visited.contains(&role) {
+                continue;
+            }
+            let targets = self.load_targets(&role, &parent).await?;
+            if let Some(file) = targets.targets.get(target_path) {
+                return Ok(Some(TargetInfo { path: target_path.to_owned(), file: file.clone(), role }));
+            }
+            let mut children = Vec::new();
+            if let Some(d) = &targets.delegations {
+                for (child, terminating) in d.roles_for_target(target_path) {
+                    children.push((child, role.clone()));
+                    if terminating {
+                        to_visit.clear();
+                        break;
+                    }
+                }
+            }
+            visited.insert(role);
+            budget -= 1;
+            children.reverse();
+            to_visit.extend(children);
+        }
+        if !to_visit.is_empty() {
+            tracing::warn!("stopped searching for {target_path} after {} delegations", self.limits.max_delegations);
+        }
+        Ok(None)
+    }
+
+    /// Every target whose path starts with the segments in `prefix`, found by the same
+    /// depth-first walk (roles whose patterns cannot match the prefix are not loaded).
+    /// A target counts only where its role is delegated for its path; the first role
+    /// in walk order wins, as for a single lookup.
+    pub async fn targets_under(&mut self, prefix: &[&str]) -> Result<Vec<TargetInfo>> {
+        self.refresh().await?;
+        let prefix_str = format!("{}/", prefix.join("/"));
+        let mut found: BTreeMap<String, TargetInfo> = BTreeMap::new();
+        let mut to_visit: Vec<(String, String, Option<DelegatedRole>)> = vec![("targets".into(), "root".into(), None)];
+        let mut visited: BTreeSet<String> = BTreeSet::new();
+        let mut budget = self.limits.max_delegations;
+        while budget > 0 {
+            let Some((role, parent, delegation)) = to_visit.pop() else { break };
+            if !visited.insert(role.clone()) {
+                continue;
+            }
+            budget -= 1;
+            let targets = self.load_targets(&role, &parent).await?;
+            for (path, file) in &targets.targets {
+                let allowed = delegation.as_ref().is_none_or(|d| d.is_delegated_path(path));
+                if path.starts_with(&prefix_str) && allowed && !found.contains_key(path) {
+                    found.insert(path.clone(), TargetInfo { path: path.clone(), file: file.clone(), role: role.clone() });
+                }
+            }
+            let mut children = Vec::new();
+            if let Some(roles) = targets.delegations.as_ref().and_then(|d| d.roles.as_ref()) {
+                for r in roles {
+                    let may = match (&r.paths, &r.path_hash_prefixes) {
+                        (Some(paths), _) => paths.iter().any(|p| pattern_may_match_prefix(p, prefix)),
+                        (None, Some(_)) => true,
+                        (None, None) => false,
+                    };
+                    if may {
+                        children.push((r.name.clone(), role.clone(), Some(r.clone())));
+                    }
+                }
+            }
+            children.reverse();
+            to_visit.extend(children);
+        }
+        Ok(found.into_values().collect())
+    }
+
+    /// The local file for a target: `dir/<path URL-quoted as one file name>`.
+    pub fn local_target_path(target_dir: &Path, info: &TargetInfo) -> PathBuf {
+        target_dir.join(quote_file_name(&info.path))
+    }
+
+    /// Is the local copy already the signed target (length and all hashes)?
+    pub fn is_cached(target_dir: &Path, info: &TargetInfo) -> bool {
+        let path = Self::local_target_path(target_dir, info);
+        let Ok(meta) = std::fs::metadata(&path) else { return false };
+        if meta.len() != info.file.length {
+            return false;
+        }
+        let Ok(mut hasher) = outpost_protocol::hashing::MultiHasher::for_expected(&info.file.hashes, &info.path) else {
+            return false;
+        };
+        let Ok(mut f) = std::fs::File::open(&path) else { return false };
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match std::io::Read::read(&mut f, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(&buf[..n]),
+                Err(_) => return false,
+            }
+        }
+        hasher.verify(&info.file.hashes, &info.path).is_ok()
+    }
+
+    /// Downloads a target into `target_dir`, verified, replacing any older copy.
+    pub async fn download_target(&self, info: &TargetInfo, target_base_url: &str, target_dir: &Path) -> Result<PathBuf> {
+        let remote = if self.trusted.root().consistent_snapshot {
+            let hash = info.file.naming_hash().ok_or_else(|| AgentError::TargetNotFound(info.path.clone()))?;
+            match info.path.rsplit_once('/') {
+                Some((dir, name)) => format!("{dir}/{hash}.{name}"),
+                None => format!("{hash}.{}", info.path),
+            }
+        } else {
+            info.path.clone()
+        };
+        let url = format!("{}{}", with_slash(target_base_url), quote_target_path(&remote));
+        let dest = Self::local_target_path(target_dir, info);
+        self.fetcher
+            .download_verified(&url, &dest, info.file.length, &info.file.hashes, &format!("target {}", info.path))
+            .await?;
+        Ok(dest)
+    }
+}
+
+/// Write temp, fsync, rename, fsync the directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let res = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(AgentError::io("write", path, e));
+    }
+    sync_dir(dir);
+    Ok(())
+}
