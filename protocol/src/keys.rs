@@ -50,17 +50,62 @@ impl PublicKey {
 
     /// Verifies `sig_hex` over `message`. Returns `false` for a bad signature and for
     /// key types this implementation does not support (such keys never count toward
-    /// a threshold).
+    /// a threshold). Supported: ed25519; ECDSA P-256/P-384 with SHA-256/384 (DER
+    /// signatures, PEM public keys); RSA-PSS and PKCS#1 v1.5 with SHA-256 (PEM).
     pub fn verify(&self, message: &[u8], sig_hex: &str) -> bool {
-        if self.keytype != ED25519 || self.scheme != ED25519 {
-            return false;
+        let Ok(sig) = hex::decode(sig_hex) else { return false };
+        let public = &self.keyval.public;
+        match (self.keytype.as_str(), self.scheme.as_str()) {
+            (ED25519, ED25519) => verify_ed25519(public, message, &sig),
+            ("ecdsa" | "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp256") => verify_p256(public, message, &sig),
+            ("ecdsa" | "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp384") => verify_p384(public, message, &sig),
+            ("rsa", "rsassa-pss-sha256") => verify_rsa(public, message, &sig, RsaPadding::Pss),
+            ("rsa", "rsa-pkcs1v15-sha256") => verify_rsa(public, message, &sig, RsaPadding::Pkcs1v15),
+            _ => false,
         }
-        let Ok(pk_bytes) = hex::decode(&self.keyval.public) else { return false };
-        let Ok(pk_arr) = <[u8; 32]>::try_from(pk_bytes.as_slice()) else { return false };
-        let Ok(vk) = ed25519_dalek::VerifyingKey::from_bytes(&pk_arr) else { return false };
-        let Ok(sig_bytes) = hex::decode(sig_hex) else { return false };
-        let Ok(sig) = ed25519_dalek::Signature::from_slice(&sig_bytes) else { return false };
-        vk.verify(message, &sig).is_ok()
+    }
+}
+
+fn verify_ed25519(public_hex: &str, message: &[u8], sig: &[u8]) -> bool {
+    let Ok(pk_bytes) = hex::decode(public_hex) else { return false };
+    let Ok(pk_arr) = <[u8; 32]>::try_from(pk_bytes.as_slice()) else { return false };
+    let Ok(vk) = ed25519_dalek::VerifyingKey::from_bytes(&pk_arr) else { return false };
+    let Ok(sig) = ed25519_dalek::Signature::from_slice(sig) else { return false };
+    vk.verify(message, &sig).is_ok()
+}
+
+fn verify_p256(pem: &str, message: &[u8], sig: &[u8]) -> bool {
+    use p256::pkcs8::DecodePublicKey;
+    let Ok(vk) = p256::ecdsa::VerifyingKey::from_public_key_pem(pem) else { return false };
+    let Ok(sig) = p256::ecdsa::Signature::from_der(sig) else { return false };
+    p256::ecdsa::signature::Verifier::verify(&vk, message, &sig).is_ok()
+}
+
+fn verify_p384(pem: &str, message: &[u8], sig: &[u8]) -> bool {
+    use p384::pkcs8::DecodePublicKey;
+    let Ok(vk) = p384::ecdsa::VerifyingKey::from_public_key_pem(pem) else { return false };
+    let Ok(sig) = p384::ecdsa::Signature::from_der(sig) else { return false };
+    p384::ecdsa::signature::Verifier::verify(&vk, message, &sig).is_ok()
+}
+
+enum RsaPadding {
+    Pss,
+    Pkcs1v15,
+}
+
+fn verify_rsa(pem: &str, message: &[u8], sig: &[u8], padding: RsaPadding) -> bool {
+    use rsa::pkcs8::DecodePublicKey;
+    use sha2::Digest as _;
+    let Ok(key) = rsa::RsaPublicKey::from_public_key_pem(pem) else { return false };
+    let hashed = Sha256::digest(message);
+    match padding {
+        // Salt length is not fixed by the scheme name; accept the digest length
+        // (what signers use) or the maximum.
+        RsaPadding::Pss => {
+            key.verify(rsa::Pss::new_with_salt::<Sha256>(32), &hashed, sig).is_ok()
+                || key.verify(rsa::Pss::new::<Sha256>(), &hashed, sig).is_ok()
+        }
+        RsaPadding::Pkcs1v15 => key.verify(rsa::Pkcs1v15Sign::new::<Sha256>(), &hashed, sig).is_ok(),
     }
 }
 
