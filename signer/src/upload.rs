@@ -149,7 +149,15 @@ pub async fn push(repo: &LocalRepo, server: &Server, fresh: Option<(&str, &Path)
     for name in repo.role_names()? {
         let Some((env, bytes)) = repo.role(&name)? else { continue };
         let theirs = server_roles.get(&name).and_then(Value::as_u64).unwrap_or(0);
-        if env.signed.version <= theirs {
+        let has_fresh = fresh.is_some_and(|(p, _)| env.signed.targets.contains_key(p));
+        if env.signed.version < theirs || (env.signed.version == theirs && has_fresh) {
+            return Err(SignerError::Usage(format!(
+                "local {name} v{} is not newer than the server's v{theirs}: this repository directory is stale. \
+                 Sync it with the pipeline's current copy before publishing",
+                env.signed.version
+            )));
+        }
+        if env.signed.version == theirs {
             continue;
         }
         for (path, t) in &env.signed.targets {

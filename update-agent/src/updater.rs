@@ -167,7 +167,11 @@ impl Updater {
     }
 
     async fn load_targets(&mut self, role: &str, delegator: &str) -> Result<&Targets> {
-        if self.trusted.targets(role).is_none() {
+        if self.trusted.targets(role).is_some() {
+            self.trusted
+                .check_loaded_for_delegator(role, delegator)
+                .map_err(|e| AgentError::tuf(format!("verify {role}"), e))?;
+        } else {
             let local_ok = match self.read_local(role) {
                 Some(local) => match self.trusted.update_delegated_targets(&local, role, delegator) {
                     Ok(()) => true,

@@ -15,6 +15,8 @@ pub struct TrustedSet {
     timestamp: Option<Envelope<Timestamp>>,
     snapshot: Option<Envelope<Snapshot>>,
     targets: BTreeMap<String, Envelope<Targets>>,
+    /// Delegators each loaded targets role has been verified against.
+    verified_by: BTreeMap<String, std::collections::BTreeSet<String>>,
     now: DateTime<Utc>,
 }
 
@@ -26,7 +28,7 @@ impl TrustedSet {
         let root: Envelope<Root> = Envelope::parse(root_bytes, "root")?;
         let r = root.signed.role("root")?;
         verify_threshold("root", &root.canonical_signed, &root.signatures, &r.keyids, r.threshold, &root.signed.keys)?;
-        Ok(TrustedSet { root, timestamp: None, snapshot: None, targets: BTreeMap::new(), now })
+        Ok(TrustedSet { root, timestamp: None, snapshot: None, targets: BTreeMap::new(), verified_by: BTreeMap::new(), now })
     }
 
     pub fn now(&self) -> DateTime<Utc> {
@@ -175,24 +177,7 @@ impl TrustedSet {
             return Err(Error::Order("cannot load targets before snapshot".into()));
         }
         self.check_final_snapshot()?;
-        let (keyids, threshold, keys) = if delegator == "root" {
-            let r = self.root.signed.role("targets")?;
-            (r.keyids.clone(), r.threshold, &self.root.signed.keys)
-        } else {
-            let parent = self
-                .targets
-                .get(delegator)
-                .ok_or_else(|| Error::Order(format!("delegator {delegator} of {role} is not loaded")))?;
-            let d = parent
-                .signed
-                .delegations
-                .as_ref()
-                .ok_or_else(|| Error::Missing(format!("{delegator} has no delegations (looking for {role})")))?;
-            let (ids, t) = d
-                .role_keys(role)
-                .ok_or_else(|| Error::Missing(format!("{delegator} does not delegate to {role}")))?;
-            (ids, t, &d.keys)
-        };
+        let (keyids, threshold, keys) = self.delegator_keys(role, delegator)?;
         let snap = self.snapshot.as_ref().map(|s| &s.signed).ok_or_else(|| Error::Order("snapshot".into()))?;
         let meta = snap
             .meta
@@ -200,7 +185,7 @@ impl TrustedSet {
             .ok_or_else(|| Error::Missing(format!("snapshot does not list {role}.json")))?;
         meta.verify(bytes, &format!("{role}.json (as described by snapshot)"))?;
         let new: Envelope<Targets> = Envelope::parse(bytes, role)?;
-        verify_threshold(role, &new.canonical_signed, &new.signatures, &keyids, threshold, keys)?;
+        verify_threshold(role, &new.canonical_signed, &new.signatures, &keyids, threshold, &keys)?;
         if new.signed.version != meta.version {
             return Err(Error::Version {
                 role: role.into(),
@@ -211,7 +196,42 @@ impl TrustedSet {
             return Err(Error::Expired { role: role.into(), expires: new.signed.expires.clone() });
         }
         self.targets.insert(role.to_owned(), new);
+        self.verified_by.entry(role.to_owned()).or_default().insert(delegator.to_owned());
         Ok(())
+    }
+
+    /// A role already loaded through one delegator, reached again through another:
+    /// its signatures must also meet this delegator's keys and threshold.
+    pub fn check_loaded_for_delegator(&mut self, role: &str, delegator: &str) -> Result<()> {
+        if self.verified_by.get(role).is_some_and(|d| d.contains(delegator)) {
+            return Ok(());
+        }
+        let (keyids, threshold, keys) = self.delegator_keys(role, delegator)?;
+        let env = self.targets.get(role).ok_or_else(|| Error::Order(format!("{role} is not loaded")))?;
+        verify_threshold(role, &env.canonical_signed, &env.signatures, &keyids, threshold, &keys)
+            .map_err(|e| with_context(e, &format!("as delegated by {delegator}")))?;
+        self.verified_by.entry(role.to_owned()).or_default().insert(delegator.to_owned());
+        Ok(())
+    }
+
+    fn delegator_keys(&self, role: &str, delegator: &str) -> Result<(Vec<String>, u64, BTreeMap<String, crate::keys::PublicKey>)> {
+        if delegator == "root" {
+            let r = self.root.signed.role("targets")?;
+            return Ok((r.keyids.clone(), r.threshold, self.root.signed.keys.clone()));
+        }
+        let parent = self
+            .targets
+            .get(delegator)
+            .ok_or_else(|| Error::Order(format!("delegator {delegator} of {role} is not loaded")))?;
+        let d = parent
+            .signed
+            .delegations
+            .as_ref()
+            .ok_or_else(|| Error::Missing(format!("{delegator} has no delegations (looking for {role})")))?;
+        let (ids, t) = d
+            .role_keys(role)
+            .ok_or_else(|| Error::Missing(format!("{delegator} does not delegate to {role}")))?;
+        Ok((ids, t, d.keys.clone()))
     }
 }
 
