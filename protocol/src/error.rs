@@ -53,6 +53,22 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// An error and its sources on one line (`a: b: c`), skipping a source whose text
+/// its parent already shows.
+pub fn display_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        src = s.source();
+    }
+    msg
+}
+
 impl Error {
     pub(crate) fn schema(role: &str, reason: impl std::fmt::Display) -> Self {
         Error::Schema { role: role.to_owned(), reason: reason.to_string() }

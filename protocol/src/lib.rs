@@ -10,4 +10,4 @@ pub mod pattern;
 pub mod release;
 pub mod tuf;
 
-pub use error::{Error, Result};
+pub use error::{display_chain, Error, Result};

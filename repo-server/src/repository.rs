@@ -91,24 +91,9 @@ fn read(path: &Path) -> Result<Vec<u8>, ServerError> {
     std::fs::read(path).map_err(|e| ServerError::io("read", path, e))
 }
 
-/// Write temp, fsync, rename, fsync the directory.
+/// Durable write (see `outpost_fsio::write_atomic`).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ServerError> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| ServerError::io("create", dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    res.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        ServerError::io("write", path, e)
-    })
+    outpost_fsio::write_atomic(path, data).map_err(|e| ServerError::io("write", path, e))
 }
 
 fn whole_seconds(t: DateTime<Utc>) -> DateTime<Utc> {

@@ -212,21 +212,7 @@ pub fn consistent_name(target_path: &str, hash: &str) -> String {
 }
 
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| SignerError::io("create", dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    res.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        SignerError::io("write", path, e)
-    })
+    outpost_fsio::write_atomic(path, data).map_err(|e| SignerError::io("write", path, e))
 }
 
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {

@@ -15,17 +15,7 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                let s_str = s.to_string();
-                if !msg.contains(&s_str) {
-                    msg.push_str(": ");
-                    msg.push_str(&s_str);
-                }
-                src = s.source();
-            }
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", outpost_protocol::display_chain(&e));
             ExitCode::FAILURE
         }
     }

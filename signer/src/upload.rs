@@ -57,14 +57,7 @@ async fn refused(what: &str, resp: reqwest::Response) -> SignerError {
 }
 
 fn http_err(url: &str, e: reqwest::Error) -> SignerError {
-    let mut reason = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        reason.push_str(": ");
-        reason.push_str(&s.to_string());
-        src = s.source();
-    }
-    SignerError::Http { url: url.into(), reason }
+    SignerError::Http { url: url.into(), reason: outpost_protocol::display_chain(&e) }
 }
 
 impl Server {

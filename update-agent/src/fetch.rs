@@ -36,7 +36,7 @@ impl Fetcher {
         let resp = tokio::time::timeout(self.stall, send)
             .await
             .map_err(|_| AgentError::Timeout { url: url.to_owned(), after: self.stall })?
-            .map_err(|e| AgentError::Fetch { url: url.to_owned(), reason: error_chain(&e) })?;
+            .map_err(|e| AgentError::Fetch { url: url.to_owned(), reason: outpost_protocol::display_chain(&e) })?;
         let status = resp.status();
         if !status.is_success() {
             return Err(AgentError::HttpStatus { url: url.to_owned(), status: status.as_u16() });
@@ -48,7 +48,7 @@ impl Fetcher {
         tokio::time::timeout(self.stall, resp.chunk())
             .await
             .map_err(|_| AgentError::Timeout { url: url.to_owned(), after: self.stall })?
-            .map_err(|e| AgentError::Fetch { url: url.to_owned(), reason: error_chain(&e) })
+            .map_err(|e| AgentError::Fetch { url: url.to_owned(), reason: outpost_protocol::display_chain(&e) })
     }
 
     /// Fetches a whole (small) body, refusing more than `limit` bytes.
@@ -88,7 +88,7 @@ impl Fetcher {
                     let _ = std::fs::remove_file(&tmp);
                     AgentError::io("rename into", dest, e)
                 })?;
-                sync_dir(dir);
+                outpost_fsio::sync_dir(dir).map_err(|e| AgentError::io("fsync", dir, e))?;
                 Ok(())
             }
             Err(e) => {
@@ -164,22 +164,4 @@ impl Fetcher {
 fn temp_path(dest: &Path) -> PathBuf {
     let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     dest.with_file_name(format!(".{name}.partial-{}", std::process::id()))
-}
-
-/// Best-effort fsync of a directory after a rename.
-pub(crate) fn sync_dir(dir: &Path) {
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

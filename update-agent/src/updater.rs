@@ -13,7 +13,7 @@ use outpost_protocol::tuf::{quote_file_name, quote_role, quote_target_path, Dele
 use outpost_protocol::Error as TufError;
 
 use crate::error::{AgentError, Result};
-use crate::fetch::{sync_dir, Fetcher};
+use crate::fetch::Fetcher;
 
 /// Limits from the specification's reference client.
 #[derive(Debug, Clone)]
@@ -330,22 +330,7 @@ impl Updater {
     }
 }
 
-/// Write temp, fsync, rename, fsync the directory.
+/// Durable write of trusted metadata (see `outpost_fsio::write_atomic`).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(AgentError::io("write", path, e));
-    }
-    sync_dir(dir);
-    Ok(())
+    outpost_fsio::write_atomic(path, data).map_err(|e| AgentError::io("write", path, e))
 }
