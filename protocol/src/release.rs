@@ -20,6 +20,43 @@ pub enum ArtifactKind {
     Firmware,
 }
 
+/// How a target's bytes become the firmware image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Encoding {
+    /// The target is the image.
+    #[default]
+    Identity,
+    /// The target is the image compressed with zstd.
+    Zstd,
+    /// The target is a zstd patch (`--patch-from` style) against the image named by
+    /// `delta_base`; applying it yields the image.
+    ZstdPatch,
+}
+
+/// Digest and length of the decoded image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageDigest {
+    pub sha256: String,
+    pub length: u64,
+}
+
+/// A health check the release itself asks for, signed with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum HealthCheck {
+    /// Run a command (through `sh -c`); exit status 0 within `timeout_secs` passes.
+    Command { run: String, #[serde(default = "default_check_timeout")] timeout_secs: u64 },
+    /// HTTP GET answering 2xx within `timeout_secs` passes.
+    Http { url: String, #[serde(default = "default_check_timeout")] timeout_secs: u64 },
+    /// Start a command; it passes if it is still running after `seconds`.
+    StaysUp { run: String, seconds: u64 },
+}
+
+fn default_check_timeout() -> u64 {
+    30
+}
+
 /// The digest the device's TPM will record when it boots the image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Measurement {
@@ -32,7 +69,67 @@ pub struct FirmwareCustom {
     pub kind: ArtifactKind,
     pub version: ReleaseVersion,
     pub hardware_class: HardwareClass,
+    /// SHA-256 of the image as booted (what the TPM will measure).
     pub expected_measurement: Measurement,
+    /// How this target's bytes become the image.
+    #[serde(default, skip_serializing_if = "is_identity")]
+    pub encoding: Encoding,
+    /// The decoded image, for zstd and patch targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageDigest>,
+    /// For patches: the image the patch applies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta_base: Option<Measurement>,
+    /// For patches: the full image target to fall back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_target: Option<String>,
+    /// Health checks the release requires after a trial boot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health: Vec<HealthCheck>,
+    /// How long a trial boot may take to pass its health checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trial_deadline_secs: Option<u64>,
+}
+
+fn is_identity(e: &Encoding) -> bool {
+    *e == Encoding::Identity
+}
+
+impl FirmwareCustom {
+    /// A plain firmware image: the target is the image.
+    pub fn image(version: ReleaseVersion, hardware_class: HardwareClass, sha256: String) -> Self {
+        FirmwareCustom {
+            kind: ArtifactKind::Firmware,
+            version,
+            hardware_class,
+            expected_measurement: Measurement { sha256 },
+            encoding: Encoding::Identity,
+            image: None,
+            delta_base: None,
+            full_target: None,
+            health: Vec::new(),
+            trial_deadline_secs: None,
+        }
+    }
+
+    /// Checks the fields that go together: patches name their base and full target,
+    /// encoded targets name their decoded image, which matches the measurement.
+    pub fn validate(&self, target: &str) -> Result<()> {
+        let bad = |m: &str| Err(Error::schema(target, format!("custom.{CUSTOM_KEY}: {m}")));
+        if self.encoding != Encoding::Identity {
+            match &self.image {
+                None => return bad("an encoded target must name its decoded image (image.sha256, image.length)"),
+                Some(i) if i.sha256 != self.expected_measurement.sha256 => {
+                    return bad("image.sha256 differs from expected_measurement.sha256")
+                }
+                _ => {}
+            }
+        }
+        if self.encoding == Encoding::ZstdPatch && (self.delta_base.is_none() || self.full_target.is_none()) {
+            return bad("a patch must name delta_base and full_target");
+        }
+        Ok(())
+    }
 }
 
 impl FirmwareCustom {
@@ -218,14 +315,13 @@ mod tests {
 
     #[test]
     fn custom_roundtrip() {
-        let c = FirmwareCustom {
-            kind: ArtifactKind::Firmware,
-            version: v("1.2.3"),
-            hardware_class: "rpi4".parse().unwrap(),
-            expected_measurement: Measurement { sha256: "ab".repeat(32) },
-        };
+        let mut c = FirmwareCustom::image(v("1.2.3"), "rpi4".parse().unwrap(), "ab".repeat(32));
+        c.health.push(HealthCheck::Command { run: "true".into(), timeout_secs: 5 });
         let value = c.to_custom().unwrap();
-        assert_eq!(FirmwareCustom::from_custom(Some(&value), "t").unwrap(), Some(c));
+        assert_eq!(FirmwareCustom::from_custom(Some(&value), "t").unwrap(), Some(c.clone()));
         assert!("RPi4".parse::<HardwareClass>().is_err());
+        let mut patch = c.clone();
+        patch.encoding = Encoding::ZstdPatch;
+        assert!(patch.validate("t").is_err(), "a patch without base must be refused");
     }
 }

@@ -31,11 +31,47 @@ pub enum Command {
     Update,
     /// The TUF conformance client contract (init / refresh / download).
     TufClient(TufClientArgs),
+    /// The device daemon: boot (bootloader step), finish or undo any install in
+    /// progress, then check for and install updates into the inactive slot.
+    Run {
+        /// Stop after one update check (and the installs and reboots it leads to).
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::TufClient(args) => crate::tuf_client::run(args).await,
+        Command::Run { once } => {
+            let config = AgentConfig::load(&cli.config)?;
+            for dir in [config.metadata_dir(), config.download_dir()] {
+                std::fs::create_dir_all(&dir).map_err(|e| crate::error::AgentError::io("create", &dir, e))?;
+            }
+            let root_file = config.metadata_dir().join("root.json");
+            if !root_file.exists() {
+                let data = std::fs::read(&config.trusted_root)
+                    .map_err(|e| crate::error::AgentError::io("read trusted root", &config.trusted_root, e))?;
+                crate::updater::write_atomic(&root_file, &data)?;
+            }
+            let mut installer = crate::install::Installer::open(&config)?;
+            if let Some(result) = installer.boot().await? {
+                emit(cli.json, &result);
+            }
+            loop {
+                installer.flush_reports().await;
+                match installer.check_and_install().await {
+                    Ok(result) => emit(cli.json, &result),
+                    Err(e) if once => return Err(e),
+                    Err(e) => tracing::error!(error = %outpost_protocol::display_chain(&e), "update check failed"),
+                }
+                installer.flush_reports().await;
+                if once {
+                    return Ok(());
+                }
+                tokio::time::sleep(config.install.check_interval).await;
+            }
+        }
         Command::Update => {
             let config = AgentConfig::load(&cli.config)?;
             let report = crate::update::run(&config).await?;
@@ -59,5 +95,19 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+fn emit(json: bool, result: &crate::install::PassResult) {
+    use crate::install::PassResult;
+    if json {
+        println!("{}", serde_json::to_string(result).unwrap_or_default());
+        return;
+    }
+    match result {
+        PassResult::UpToDate { version } => println!("up to date ({})", version.as_deref().unwrap_or("no release installed")),
+        PassResult::SkippedFailedRelease { version } => println!("release {version} was rolled back on this device; waiting for a newer one"),
+        PassResult::Committed { version, slot } => println!("committed {version} in slot {slot}"),
+        PassResult::RolledBack { version, reason } => println!("rolled back {version}: {reason}"),
     }
 }

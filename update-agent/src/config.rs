@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use outpost_protocol::release::HardwareClass;
+use outpost_protocol::release::{HardwareClass, HealthCheck};
 use serde::Deserialize;
 
 use crate::error::{AgentError, Result};
@@ -15,8 +15,39 @@ struct RawConfig {
     hardware_class: String,
     state_dir: PathBuf,
     trusted_root: PathBuf,
+    device_id: Option<String>,
     #[serde(default)]
     http: RawHttp,
+    #[serde(default)]
+    install: RawInstall,
+    #[serde(default)]
+    health: Vec<HealthCheck>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInstall {
+    boot_dir: Option<PathBuf>,
+    trial_attempts: Option<u32>,
+    trial_deadline: Option<String>,
+    retries: Option<u32>,
+    bandwidth_limit_bytes_per_sec: Option<u64>,
+    check_interval: Option<String>,
+}
+
+/// Install settings.
+#[derive(Debug, Clone)]
+pub struct InstallConfig {
+    /// The file boot-control backend's directory (slots and boot environment).
+    pub boot_dir: PathBuf,
+    /// Unconfirmed boots of a trial slot before the bootloader falls back.
+    pub trial_attempts: u32,
+    /// How long health checks may take after a trial boot.
+    pub trial_deadline: Duration,
+    pub retries: u32,
+    pub bandwidth_limit: Option<u64>,
+    /// Time between update checks in `run` (without `--once`).
+    pub check_interval: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -33,6 +64,10 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub trusted_root: PathBuf,
     pub http_timeout: Duration,
+    pub device_id: String,
+    pub install: InstallConfig,
+    /// Health checks run after every trial boot (the release may add its own).
+    pub health: Vec<HealthCheck>,
 }
 
 impl AgentConfig {
@@ -49,10 +84,34 @@ impl AgentConfig {
             None => Duration::from_secs(30),
         };
         let base = path.parent().unwrap_or(Path::new("."));
+        let dur = |name: &str, v: &Option<String>, default: Duration| -> Result<Duration> {
+            match v {
+                None => Ok(default),
+                Some(s) => humantime::parse_duration(s).map_err(|e| err(format!("install.{name} {s:?}: {e}"))),
+            }
+        };
+        let state_dir = base.join(&raw.state_dir);
+        let install = InstallConfig {
+            boot_dir: raw.install.boot_dir.map(|p| base.join(p)).unwrap_or_else(|| state_dir.join("boot")),
+            trial_attempts: raw.install.trial_attempts.unwrap_or(2).max(1),
+            trial_deadline: dur("trial_deadline", &raw.install.trial_deadline, Duration::from_secs(300))?,
+            retries: raw.install.retries.unwrap_or(5),
+            bandwidth_limit: raw.install.bandwidth_limit_bytes_per_sec,
+            check_interval: dur("check_interval", &raw.install.check_interval, Duration::from_secs(300))?,
+        };
+        let device_id = raw.device_id.unwrap_or_else(|| {
+            std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "device".into())
+        });
+        if device_id.is_empty() || device_id.len() > 128 {
+            return Err(err("device_id must be 1-128 characters".into()));
+        }
         Ok(AgentConfig {
+            device_id,
+            install,
+            health: raw.health,
             server_url: raw.server_url.trim_end_matches('/').to_owned(),
             hardware_class,
-            state_dir: base.join(raw.state_dir),
+            state_dir,
             trusted_root: base.join(raw.trusted_root),
             http_timeout,
         })
@@ -64,5 +123,9 @@ impl AgentConfig {
 
     pub fn download_dir(&self) -> PathBuf {
         self.state_dir.join("downloads")
+    }
+
+    pub fn boot_dir(&self) -> PathBuf {
+        self.install.boot_dir.clone()
     }
 }

@@ -44,6 +44,18 @@ pub enum AgentError {
         source: std::io::Error,
     },
 
+    /// The received bytes verified but do not decode to the signed image.
+    #[error("GET {url}: {reason}")]
+    ImageMismatch { url: String, reason: String },
+
+    /// Not enough free space for a download or install.
+    #[error("not enough free space in {path}: need {needed} bytes, {available} available")]
+    NoSpace { path: PathBuf, needed: u64, available: u64 },
+
+    /// A health check failed (the trial boot is rolled back).
+    #[error("health check {check} failed: {reason}")]
+    Health { check: String, reason: String },
+
     #[error("target {0:?} is not in the signed repository")]
     TargetNotFound(String),
 
@@ -52,6 +64,10 @@ pub enum AgentError {
 
     #[error("target {target} is for hardware class {found}, this device is {expected}")]
     HardwareClassMismatch { target: String, expected: String, found: String },
+
+    /// A state file (journal, boot environment) that cannot be read as what it should be.
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
 
     #[error("configuration {path}: {reason}")]
     Config { path: PathBuf, reason: String },

@@ -32,7 +32,17 @@ impl Fetcher {
     }
 
     async fn start(&self, url: &str) -> Result<reqwest::Response> {
-        let send = self.client.get(url).send();
+        self.start_at(url, 0).await
+    }
+
+    /// GET from byte `offset` (a Range request when `offset > 0`). The caller checks
+    /// whether the answer is 206 (resumed) or 200 (the server sent everything).
+    pub async fn start_at(&self, url: &str, offset: u64) -> Result<reqwest::Response> {
+        let mut req = self.client.get(url);
+        if offset > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        let send = req.send();
         let resp = tokio::time::timeout(self.stall, send)
             .await
             .map_err(|_| AgentError::Timeout { url: url.to_owned(), after: self.stall })?
@@ -44,7 +54,7 @@ impl Fetcher {
         Ok(resp)
     }
 
-    async fn next_chunk(&self, resp: &mut reqwest::Response, url: &str) -> Result<Option<Bytes>> {
+    pub async fn next_chunk(&self, resp: &mut reqwest::Response, url: &str) -> Result<Option<Bytes>> {
         tokio::time::timeout(self.stall, resp.chunk())
             .await
             .map_err(|_| AgentError::Timeout { url: url.to_owned(), after: self.stall })?

@@ -1,11 +1,15 @@
 //! `outpost-agent`, the device daemon: a TUF client that follows the specification's
-//! workflow exactly, and verified streaming downloads of firmware for its hardware
-//! class. Later: A/B install, TPM attestation, policy enforcement.
+//! workflow exactly; resumable, streaming, delta-capable downloads; A/B installs with
+//! trial boots, health checks and automatic rollback, journaled against power loss.
+//! Later: TPM attestation, policy enforcement.
 
+pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fetch;
+pub mod health;
+pub mod install;
 pub mod tuf_client;
 pub mod update;
 pub mod updater;

@@ -310,8 +310,8 @@ impl Updater {
         hasher.verify(&info.file.hashes, &info.path).is_ok()
     }
 
-    /// Downloads a target into `target_dir`, verified, replacing any older copy.
-    pub async fn download_target(&self, info: &TargetInfo, target_base_url: &str, target_dir: &Path) -> Result<PathBuf> {
+    /// Where a target is fetched from (consistent snapshots: `dir/HASH.name`).
+    pub fn target_url(&self, info: &TargetInfo, target_base_url: &str) -> Result<String> {
         let remote = if self.trusted.root().consistent_snapshot {
             let hash = info.file.naming_hash().ok_or_else(|| AgentError::TargetNotFound(info.path.clone()))?;
             match info.path.rsplit_once('/') {
@@ -321,7 +321,12 @@ impl Updater {
         } else {
             info.path.clone()
         };
-        let url = format!("{}{}", with_slash(target_base_url), quote_target_path(&remote));
+        Ok(format!("{}{}", with_slash(target_base_url), quote_target_path(&remote)))
+    }
+
+    /// Downloads a target into `target_dir`, verified, replacing any older copy.
+    pub async fn download_target(&self, info: &TargetInfo, target_base_url: &str, target_dir: &Path) -> Result<PathBuf> {
+        let url = self.target_url(info, target_base_url)?;
         let dest = Self::local_target_path(target_dir, info);
         self.fetcher
             .download_verified(&url, &dest, info.file.length, &info.file.hashes, &format!("target {}", info.path))

@@ -1,0 +1,93 @@
+//! Boot control: which A/B slot is active, which one is on trial, and what the
+//! bootloader does at the next boot. One trait, several backends: the file backend
+//! here (testbeds and tests: slots are files, "reboot" restarts the agent), and on
+//! hardware U-Boot env, GRUB env or RAUC (see docs/boot-control.md).
+
+pub mod file;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+/// One of the two slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Slot {
+    A,
+    B,
+}
+
+impl Slot {
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::A => Slot::B,
+            Slot::B => Slot::A,
+        }
+    }
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Slot::A => "A",
+            Slot::B => "B",
+        })
+    }
+}
+
+/// A slot staged for a trial boot, with the attempts the bootloader has left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trial {
+    pub slot: Slot,
+    pub attempts_left: u32,
+}
+
+/// What the bootloader chose at the last boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BootOutcome {
+    /// The committed slot booted normally.
+    Normal { slot: Slot },
+    /// The trial slot booted; it must be confirmed (marked good) or it will not boot again.
+    Trial { slot: Slot, attempts_left: u32 },
+    /// The trial slot used up its attempts unconfirmed; the committed slot booted instead.
+    TrialExhausted { failed: Slot, slot: Slot },
+}
+
+impl BootOutcome {
+    pub fn booted(&self) -> Slot {
+        match *self {
+            BootOutcome::Normal { slot } | BootOutcome::Trial { slot, .. } | BootOutcome::TrialExhausted { slot, .. } => slot,
+        }
+    }
+}
+
+/// Boot-control state as the bootloader environment holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootState {
+    /// The committed slot: boots when no trial is pending.
+    pub active: Slot,
+    /// A slot to try at the next boot(s).
+    pub trial: Option<Trial>,
+    /// What the last boot booted.
+    pub last_boot: Option<BootOutcome>,
+}
+
+/// The operations an A/B updater needs from a bootloader. Every mutation is atomic:
+/// after a power cut the state is the old one or the new one.
+pub trait BootControl: Send {
+    /// Current state.
+    fn state(&self) -> Result<BootState>;
+    /// Where the image of `slot` lives (a file, or a block device on hardware).
+    fn slot_path(&self, slot: Slot) -> PathBuf;
+    /// Boot `slot` on trial at the next boot(s), at most `attempts` times unconfirmed.
+    fn set_trial(&mut self, slot: Slot, attempts: u32) -> Result<()>;
+    /// Confirm the booted trial slot: it becomes active, the trial ends.
+    fn mark_good(&mut self, slot: Slot) -> Result<()>;
+    /// Abandon a pending or running trial: the active slot boots next.
+    fn cancel_trial(&mut self) -> Result<()>;
+    /// What the bootloader does at power-on: choose a slot (spending one trial
+    /// attempt) and record the choice.
+    fn boot(&mut self) -> Result<BootOutcome>;
+}

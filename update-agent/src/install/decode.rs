@@ -1,0 +1,191 @@
+//! Turning received bytes into the image while they arrive: as-is, zstd, or a zstd
+//! patch against a reference image (`--patch-from` style). Output goes to a sink
+//! that hashes and writes it.
+
+use std::io::{self, Write};
+
+use sha2::{Digest, Sha256};
+use zstd::stream::raw::{Decoder as RawDecoder, InBuffer, Operation, OutBuffer};
+
+/// The staged image: written sequentially and hashed as written.
+pub struct ImageSink<W: Write> {
+    out: W,
+    hasher: Sha256,
+    written: u64,
+    limit: u64,
+}
+
+impl<W: Write> ImageSink<W> {
+    /// `limit` is the signed image length: a stream that decodes to more is refused
+    /// at once (decompression bomb), not after filling the disk.
+    pub fn new(out: W, limit: u64) -> Self {
+        ImageSink { out, hasher: Sha256::new(), written: 0, limit }
+    }
+
+    fn put(&mut self, data: &[u8]) -> io::Result<()> {
+        self.written += data.len() as u64;
+        if self.written > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("decoded image is larger than its signed length {}", self.limit),
+            ));
+        }
+        self.hasher.update(data);
+        self.out.write_all(data)
+    }
+
+    pub fn finish(mut self) -> io::Result<(W, String, u64)> {
+        self.out.flush()?;
+        Ok((self.out, hex::encode(self.hasher.finalize()), self.written))
+    }
+}
+
+enum Mode<'p> {
+    Identity,
+    Zstd { dec: RawDecoder<'p>, buf: Vec<u8>, frame_done: bool },
+}
+
+/// Feeds received bytes through the decoder into an [`ImageSink`].
+pub struct Decode<'p, W: Write> {
+    mode: Mode<'p>,
+    sink: ImageSink<W>,
+}
+
+impl<'p, W: Write> Decode<'p, W> {
+    pub fn identity(sink: ImageSink<W>) -> Self {
+        Decode { mode: Mode::Identity, sink }
+    }
+
+    /// zstd; with `reference`, a patch against it (the reference must outlive the decode).
+    pub fn zstd(sink: ImageSink<W>, reference: Option<&'p [u8]>) -> io::Result<Self> {
+        let mut dec = match reference {
+            Some(r) => RawDecoder::with_ref_prefix(r)?,
+            None => RawDecoder::new()?,
+        };
+        // Patches use a long window (the whole reference image).
+        dec.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(31))?;
+        Ok(Decode { mode: Mode::Zstd { dec, buf: vec![0u8; 1 << 17], frame_done: false }, sink })
+    }
+
+    pub fn feed(&mut self, input: &[u8]) -> io::Result<()> {
+        match &mut self.mode {
+            Mode::Identity => self.sink.put(input),
+            Mode::Zstd { dec, buf, frame_done } => {
+                let mut inb = InBuffer::around(input);
+                loop {
+                    if *frame_done && inb.pos() < input.len() {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "data after the end of the zstd frame"));
+                    }
+                    let mut outb = OutBuffer::around(&mut buf[..]);
+                    let hint = dec.run(&mut inb, &mut outb)?;
+                    let produced = outb.pos();
+                    if hint == 0 {
+                        *frame_done = true;
+                    }
+                    let full = produced == buf.len();
+                    self.sink.put(&buf[..produced])?;
+                    if inb.pos() >= input.len() && !full {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the stream: a zstd stream must have ended its frame.
+    pub fn finish(self) -> io::Result<(W, String, u64)> {
+        if let Mode::Zstd { frame_done: false, .. } = self.mode {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "zstd stream is truncated (frame not complete)"));
+        }
+        self.sink.finish()
+    }
+}
+
+/// Makes a zstd patch of `new` against `reference` (long window, as
+/// `zstd --patch-from`), for the pipeline side.
+pub fn make_patch(reference: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8>> {
+    use zstd::stream::raw::Encoder as RawEncoder;
+    use zstd::zstd_safe::CParameter;
+    let mut enc = RawEncoder::with_ref_prefix(level, reference)?;
+    let window = window_log_for(reference.len().max(new.len()));
+    enc.set_parameter(CParameter::WindowLog(window))?;
+    enc.set_parameter(CParameter::EnableLongDistanceMatching(true))?;
+    enc.set_pledged_src_size(Some(new.len() as u64))?;
+    let mut out = Vec::with_capacity(new.len() / 8 + 1024);
+    let mut buf = vec![0u8; 1 << 17];
+    let mut inb = InBuffer::around(new);
+    while inb.pos() < new.len() {
+        let mut outb = OutBuffer::around(&mut buf[..]);
+        enc.run(&mut inb, &mut outb)?;
+        let n = outb.pos();
+        out.extend_from_slice(&buf[..n]);
+    }
+    loop {
+        let mut outb = OutBuffer::around(&mut buf[..]);
+        let remaining = enc.finish(&mut outb, true)?;
+        let n = outb.pos();
+        out.extend_from_slice(&buf[..n]);
+        if remaining == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Window log covering `len` bytes (at least 2^20, at most 2^31).
+pub fn window_log_for(len: usize) -> u32 {
+    let mut log = 20u32;
+    while log < 31 && (1usize << log) < len {
+        log += 1;
+    }
+    log
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(d: &mut Decode<'_, Vec<u8>>, data: &[u8], chunk: usize) {
+        for c in data.chunks(chunk) {
+            d.feed(c).unwrap();
+        }
+    }
+
+    #[test]
+    fn zstd_roundtrip_in_small_chunks() {
+        let image: Vec<u8> = (0..300_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let compressed = zstd::encode_all(&image[..], 3).unwrap();
+        let mut d = Decode::zstd(ImageSink::new(Vec::new(), image.len() as u64), None).unwrap();
+        decode_all(&mut d, &compressed, 777);
+        let (out, sha, len) = d.finish().unwrap();
+        assert_eq!(out, image);
+        assert_eq!(len, image.len() as u64);
+        assert_eq!(sha, hex::encode(Sha256::digest(&image)));
+    }
+
+    #[test]
+    fn patch_reconstructs_and_is_small() {
+        let base: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let mut new = base.clone();
+        new[1000..1100].fill(7);
+        new.extend_from_slice(b"appended tail");
+        let patch = make_patch(&base, &new, 19).unwrap();
+        assert!(patch.len() < 10_000, "patch is {} bytes", patch.len());
+        let mut d = Decode::zstd(ImageSink::new(Vec::new(), new.len() as u64), Some(&base)).unwrap();
+        decode_all(&mut d, &patch, 4096);
+        assert_eq!(d.finish().unwrap().0, new);
+    }
+
+    #[test]
+    fn truncated_and_oversized_streams_are_refused() {
+        let image = vec![42u8; 100_000];
+        let compressed = zstd::encode_all(&image[..], 3).unwrap();
+        let mut d = Decode::zstd(ImageSink::new(Vec::new(), image.len() as u64), None).unwrap();
+        d.feed(&compressed[..compressed.len() - 5]).unwrap();
+        assert!(d.finish().is_err(), "truncated stream accepted");
+        let mut small = Decode::zstd(ImageSink::new(Vec::new(), 1000), None).unwrap();
+        assert!(small.feed(&compressed).is_err(), "decoded past the signed length");
+        let mut garbage = Decode::zstd(ImageSink::new(Vec::new(), 1000), None).unwrap();
+        assert!(garbage.feed(b"this is not zstd at all").is_err());
+    }
+}

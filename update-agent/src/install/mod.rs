@@ -1,0 +1,510 @@
+//! The install pipeline on the device: check → refresh TUF → choose the release →
+//! download (resumable, streaming, delta when possible) → verify → write the inactive
+//! slot → trial boot → health checks → commit, or roll back and report.
+//!
+//! Every step is journaled before and after it happens, and every step is safe to
+//! repeat, so a power cut at any instant leaves the active slot verified and the next
+//! start continues or undoes the install.
+
+pub mod decode;
+pub mod journal;
+pub mod transfer;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use outpost_protocol::release::{Encoding as SignedEncoding, FirmwareCustom, HealthCheck, ReleaseVersion};
+use outpost_protocol::tuf::quote_file_name;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::boot::file::FileBootControl;
+use crate::boot::{BootControl, BootOutcome, Slot};
+use crate::config::AgentConfig;
+use crate::error::{AgentError, Result};
+use crate::fetch::Fetcher;
+use crate::health::{self, BootFacts};
+use crate::updater::{TargetInfo, Updater};
+use journal::{Encoding, Journal, JournalFile, Phase, Release, Transfer};
+use transfer::{TransferOptions, TransferSpec, TransferStats};
+
+/// An install outcome reported to the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Report {
+    pub device_id: String,
+    pub hardware_class: String,
+    pub target: String,
+    pub version: String,
+    pub outcome: ReportOutcome,
+    pub reason: Option<String>,
+    pub slot: Slot,
+    pub at: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportOutcome {
+    Committed,
+    RolledBack,
+}
+
+/// What one check-and-install pass ended with (for `--json` and the caller).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum PassResult {
+    UpToDate { version: Option<String> },
+    SkippedFailedRelease { version: String },
+    Committed { version: String, slot: Slot },
+    RolledBack { version: String, reason: String },
+}
+
+pub struct Installer {
+    config: AgentConfig,
+    boot: Box<dyn BootControl>,
+    journal_file: JournalFile,
+    journal: Journal,
+    fetcher: Fetcher,
+}
+
+/// Signed facts about one release version, gathered from its targets.
+struct Candidate {
+    version: ReleaseVersion,
+    full: TargetInfo,
+    custom: FirmwareCustom,
+    deltas: Vec<(TargetInfo, FirmwareCustom)>,
+}
+
+impl Installer {
+    pub fn open(config: &AgentConfig) -> Result<Self> {
+        let boot = Box::new(FileBootControl::open(&config.boot_dir())?);
+        let journal_file = JournalFile::new(&config.state_dir.join("journal.json"));
+        let journal = match journal_file.load() {
+            Ok(j) => j,
+            Err(AgentError::Corrupt { path, reason }) => {
+                // Never guess from a corrupt journal: set it aside, keep the active
+                // slot (verified when it was committed) and start over from idle.
+                let aside = path.with_extension(format!("corrupt-{}", chrono::Utc::now().timestamp()));
+                tracing::error!(path = %path.display(), %reason, aside = %aside.display(), "install journal is corrupt; starting from idle on the active slot");
+                std::fs::rename(&path, &aside).map_err(|e| AgentError::io("set aside corrupt journal", &path, e))?;
+                Journal::default()
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Installer { config: config.clone(), boot, journal_file, journal, fetcher: Fetcher::new(config.http_timeout)? })
+    }
+
+    pub fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    fn set_phase(&mut self, phase: Phase) -> Result<()> {
+        tracing::info!(from = self.journal.phase.name(), to = phase.name(), "install phase");
+        self.journal.phase = phase;
+        self.journal_file.store(&self.journal)?;
+        self.write_metrics(None);
+        Ok(())
+    }
+
+    /// Power-on: the bootloader chooses a slot; reconcile the journal with it.
+    /// Returns the result when the boot concluded an install (commit or rollback).
+    pub async fn boot(&mut self) -> Result<Option<PassResult>> {
+        let outcome = self.boot.boot()?;
+        tracing::info!(?outcome, phase = self.journal.phase.name(), "booted");
+        let phase = self.journal.phase.clone();
+        match (phase, outcome) {
+            (Phase::Installed { release, slot } | Phase::TrialBoot { release, slot }, BootOutcome::Trial { slot: booted, .. })
+                if booted == slot =>
+            {
+                self.set_phase(Phase::TrialBoot { release: release.clone(), slot })?;
+                Ok(Some(self.trial(release, slot).await?))
+            }
+            (Phase::Installed { release, slot } | Phase::TrialBoot { release, slot }, BootOutcome::TrialExhausted { .. }) => {
+                let reason = format!("trial boot of slot {slot} was not confirmed before its boot attempts ran out");
+                Ok(Some(self.roll_back(release, slot, reason, false)?))
+            }
+            (Phase::Installed { slot, .. }, BootOutcome::Normal { .. }) => {
+                // Power cut between journaling Installed and arming the trial.
+                self.boot.set_trial(slot, self.config.install.trial_attempts)?;
+                self.reboot()
+            }
+            (Phase::TrialBoot { release, slot }, BootOutcome::Normal { slot: booted }) if booted == slot => {
+                // Power cut between mark_good and journaling the commit.
+                Ok(Some(self.commit(release, slot)?))
+            }
+            (Phase::TrialBoot { release, slot }, BootOutcome::Normal { .. }) => {
+                let reason = "trial ended without confirmation (interrupted while rolling back)".to_owned();
+                Ok(Some(self.roll_back(release, slot, reason, false)?))
+            }
+            (Phase::RolledBack { .. }, BootOutcome::Trial { .. }) => {
+                // Power cut between journaling the rollback and cancelling the trial.
+                self.boot.cancel_trial()?;
+                self.reboot()
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn trial(&mut self, release: Release, slot: Slot) -> Result<PassResult> {
+        let slot_path = self.boot.slot_path(slot);
+        // What booted must be what was signed, byte for byte.
+        let (sha, len) = hash_file(&slot_path)?;
+        if sha != release.sha256 || len != release.length {
+            let reason = format!("booted slot {slot} holds {len} bytes with sha256 {sha}, not the signed image {}", release.sha256);
+            return self.roll_back(release, slot, reason, true);
+        }
+        let mut checks: Vec<HealthCheck> = self.config.health.clone();
+        checks.extend(self.release_checks(&release).await.unwrap_or_default());
+        let deadline = self.config.install.trial_deadline;
+        let facts = BootFacts {
+            slot: slot.to_string(),
+            slot_path: slot_path.display().to_string(),
+            version: release.version.clone(),
+            target: release.target.clone(),
+        };
+        match health::run_all(&checks, &facts, deadline).await {
+            Ok(()) => {
+                self.boot.mark_good(slot)?;
+                self.commit(release, slot)
+            }
+            Err(e) => self.roll_back(release, slot, e.to_string(), true),
+        }
+    }
+
+    /// Health checks signed into the release, from the locally trusted metadata.
+    async fn release_checks(&self, release: &Release) -> Result<Vec<HealthCheck>> {
+        let mut updater = Updater::new(&self.config.metadata_dir(), &self.metadata_url(), self.fetcher.clone(), chrono::Utc::now())?;
+        if let Err(e) = updater.refresh().await {
+            tracing::warn!(error = %e, "offline during trial boot: using the release's checks from trusted local metadata");
+        }
+        let info = updater.get_target_info(&release.target).await?.ok_or_else(|| AgentError::TargetNotFound(release.target.clone()))?;
+        let custom = FirmwareCustom::from_custom(info.file.custom.as_ref(), &info.path)
+            .map_err(|e| AgentError::tuf("read release metadata", e))?
+            .ok_or_else(|| AgentError::TargetNotFound(release.target.clone()))?;
+        Ok(custom.health)
+    }
+
+    fn commit(&mut self, release: Release, slot: Slot) -> Result<PassResult> {
+        self.journal.running = Some(release.clone());
+        self.queue_report(&release, slot, ReportOutcome::Committed, None);
+        self.set_phase(Phase::Committed { release: release.clone(), slot })?;
+        tracing::info!(version = %release.version, %slot, "committed");
+        Ok(PassResult::Committed { version: release.version, slot })
+    }
+
+    fn roll_back(&mut self, release: Release, slot: Slot, reason: String, reboot: bool) -> Result<PassResult> {
+        tracing::warn!(version = %release.version, %slot, %reason, "rolling back");
+        if !self.journal.failed.contains(&release) {
+            self.journal.failed.push(release.clone());
+        }
+        self.queue_report(&release, slot, ReportOutcome::RolledBack, Some(reason.clone()));
+        self.set_phase(Phase::RolledBack { release: release.clone(), slot, reason: reason.clone() })?;
+        self.boot.cancel_trial()?;
+        if reboot && self.boot.state()?.active != slot {
+            // Running from the trial slot: boot the previous one.
+            return self.reboot();
+        }
+        Ok(PassResult::RolledBack { version: release.version, reason })
+    }
+
+    fn queue_report(&mut self, release: &Release, slot: Slot, outcome: ReportOutcome, reason: Option<String>) {
+        self.journal.pending_reports.push(Report {
+            device_id: self.config.device_id.clone(),
+            hardware_class: self.config.hardware_class.to_string(),
+            target: release.target.clone(),
+            version: release.version.clone(),
+            outcome,
+            reason,
+            slot,
+            at: chrono::Utc::now().to_rfc3339(),
+        });
+    }
+
+    /// Sends queued reports; they stay queued while the server is unreachable.
+    pub async fn flush_reports(&mut self) {
+        if self.journal.pending_reports.is_empty() {
+            return;
+        }
+        let url = format!("{}/api/v1/reports", self.config.server_url);
+        let client = reqwest::Client::new();
+        let mut sent = 0;
+        for report in &self.journal.pending_reports {
+            let res = tokio::time::timeout(self.config.http_timeout, client.post(&url).json(report).send()).await;
+            match res {
+                Ok(Ok(r)) if r.status().is_success() => sent += 1,
+                Ok(Ok(r)) => {
+                    tracing::warn!(status = %r.status(), "server refused install report");
+                    break;
+                }
+                _ => {
+                    tracing::warn!("server unreachable; install reports stay queued");
+                    break;
+                }
+            }
+        }
+        self.journal.pending_reports.drain(..sent);
+        if sent > 0 {
+            if let Err(e) = self.journal_file.store(&self.journal) {
+                tracing::error!(error = %e, "cannot journal sent reports");
+            }
+        }
+    }
+
+    /// "Reboot" for the file backend: the agent restarts itself in place (same PID,
+    /// fresh process image) and the next start runs the bootloader step.
+    fn reboot<T>(&self) -> Result<T> {
+        use std::os::unix::process::CommandExt;
+        tracing::info!("rebooting");
+        let exe = std::env::current_exe().map_err(|e| AgentError::io("find own executable", "/proc/self/exe", e))?;
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        let err = std::process::Command::new(exe).args(args).exec();
+        Err(AgentError::io("re-exec for reboot", "/proc/self/exe", err))
+    }
+
+    fn metadata_url(&self) -> String {
+        format!("{}/metadata/", self.config.server_url)
+    }
+
+    /// One update check: refresh, choose, and install when a newer release exists.
+    pub async fn check_and_install(&mut self) -> Result<PassResult> {
+        let mut updater = Updater::new(&self.config.metadata_dir(), &self.metadata_url(), self.fetcher.clone(), chrono::Utc::now())?;
+        updater.refresh().await?;
+        let class = self.config.hardware_class.to_string();
+        let infos = updater.targets_under(&["firmware", &class]).await?;
+        let Some(cand) = newest(infos, &self.config)? else {
+            return Err(AgentError::NoFirmware { class });
+        };
+        let release = Release {
+            target: cand.full.path.clone(),
+            version: cand.version.to_string(),
+            sha256: cand.custom.expected_measurement.sha256.clone(),
+            length: cand.custom.image.as_ref().map(|i| i.length).unwrap_or(cand.full.file.length),
+        };
+        if let Some(running) = &self.journal.running {
+            let running_version: Option<ReleaseVersion> = running.version.parse().ok();
+            if running_version.is_some_and(|v| v >= cand.version) {
+                self.write_metrics(None);
+                return Ok(PassResult::UpToDate { version: Some(running.version.clone()) });
+            }
+        }
+        if self.journal.failed.contains(&release) {
+            tracing::info!(version = %release.version, "newest release was rolled back on this device; waiting for a newer one");
+            return Ok(PassResult::SkippedFailedRelease { version: release.version });
+        }
+        self.install(&updater, cand, release).await
+    }
+
+    async fn install(&mut self, updater: &Updater, cand: Candidate, release: Release) -> Result<PassResult> {
+        let downloads = self.config.download_dir();
+        std::fs::create_dir_all(&downloads).map_err(|e| AgentError::io("create", &downloads, e))?;
+        let image_path = downloads.join(format!("{}.image", quote_file_name(&release.target)));
+        let resume_verified = matches!(&self.journal.phase, Phase::Verified { release: r } if *r == release) && image_path.exists();
+        let resume_writing = matches!(&self.journal.phase, Phase::Writing { release: r, .. } if *r == release) && image_path.exists();
+        if !resume_verified && !resume_writing {
+            self.download(updater, &cand, &release, &image_path).await?;
+            self.set_phase(Phase::Verified { release: release.clone() })?;
+        }
+        let active = self.boot.state()?.active;
+        let slot = active.other();
+        self.set_phase(Phase::Writing { release: release.clone(), slot })?;
+        let slot_path = self.boot.slot_path(slot);
+        write_slot(&image_path, &slot_path)?;
+        let (sha, len) = hash_file(&slot_path)?;
+        if sha != release.sha256 || len != release.length {
+            return Err(AgentError::ImageMismatch {
+                url: slot_path.display().to_string(),
+                reason: format!("slot {slot} reads back {len} bytes with sha256 {sha} after writing {}", release.sha256),
+            });
+        }
+        self.set_phase(Phase::Installed { release: release.clone(), slot })?;
+        let _ = std::fs::remove_file(&image_path);
+        self.boot.set_trial(slot, self.config.install.trial_attempts)?;
+        self.reboot()
+    }
+
+    /// Fetches the release into `image_path`: by delta when the active slot is the
+    /// patch's base, falling back to the full target.
+    async fn download(&mut self, updater: &Updater, cand: &Candidate, release: &Release, image_path: &Path) -> Result<TransferStats> {
+        let active_slot = self.boot.slot_path(self.boot.state()?.active);
+        for (delta, custom) in &cand.deltas {
+            let Some(base) = &custom.delta_base else { continue };
+            let reference = match read_if_digest(&active_slot, &base.sha256)? {
+                Some(r) => Arc::new(r),
+                None => continue,
+            };
+            let transfer = Transfer { target: delta.path.clone(), encoding: Encoding::ZstdPatch, length: delta.file.length };
+            match self.fetch(updater, release, &transfer, &delta.file.hashes, Some(reference), image_path).await {
+                Ok(stats) => return Ok(stats),
+                Err(e) => tracing::warn!(error = %e, delta = %delta.path, "delta update failed; falling back to the full image"),
+            }
+        }
+        let encoding = match cand.custom.encoding {
+            SignedEncoding::Zstd => Encoding::Zstd,
+            _ => Encoding::Identity,
+        };
+        let transfer = Transfer { target: cand.full.path.clone(), encoding, length: cand.full.file.length };
+        self.fetch(updater, release, &transfer, &cand.full.file.hashes, None, image_path).await
+    }
+
+    async fn fetch(
+        &mut self,
+        updater: &Updater,
+        release: &Release,
+        transfer: &Transfer,
+        hashes: &BTreeMap<String, String>,
+        reference: Option<Arc<Vec<u8>>>,
+        image_path: &Path,
+    ) -> Result<TransferStats> {
+        let downloads = self.config.download_dir();
+        let partial = downloads.join(format!("{}.partial", quote_file_name(&transfer.target)));
+        let durable = match &self.journal.phase {
+            Phase::Downloading { release: r, transfer: t, durable } if r == release && t == transfer => *durable,
+            _ => 0,
+        };
+        let needed = (transfer.length - durable.min(transfer.length)) + release.length;
+        check_space(&downloads, needed)?;
+        self.set_phase(Phase::Downloading { release: release.clone(), transfer: transfer.clone(), durable })?;
+        let info = TargetInfo { path: transfer.target.clone(), file: outpost_protocol::tuf::TargetFile {
+            length: transfer.length, hashes: hashes.clone(), custom: None, extra: Default::default() }, role: String::new() };
+        let url = updater.target_url(&info, &format!("{}/targets/", self.config.server_url))?;
+        let spec = TransferSpec {
+            url,
+            length: transfer.length,
+            hashes: hashes.clone(),
+            encoding: transfer.encoding,
+            reference,
+            image_sha256: release.sha256.clone(),
+            image_length: release.length,
+            partial: partial.clone(),
+            image: image_path.to_owned(),
+            durable,
+        };
+        let opts = TransferOptions { retries: self.config.install.retries, bandwidth: self.config.install.bandwidth_limit, ..Default::default() };
+        let journal_file = JournalFile::new(self.journal_file.path());
+        let mut journal = self.journal.clone();
+        let metrics = self.config.state_dir.join("metrics.prom");
+        let total = transfer.length;
+        let result = transfer::run(&self.fetcher, spec, &opts, |d| {
+            if let Phase::Downloading { durable, .. } = &mut journal.phase {
+                *durable = d;
+            }
+            tracing::info!(received = d, total, "download progress (durable)");
+            write_metrics_file(&metrics, &journal, Some((d, total)));
+            journal_file.store(&journal)
+        })
+        .await;
+        self.journal = journal;
+        match result {
+            Ok(stats) => {
+                tracing::info!(target = %transfer.target, resumed_from = stats.resumed_from, received = stats.received, attempts = stats.attempts, "download verified");
+                let _ = std::fs::remove_file(&partial);
+                Ok(stats)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write_metrics(&self, progress: Option<(u64, u64)>) {
+        write_metrics_file(&self.config.state_dir.join("metrics.prom"), &self.journal, progress);
+    }
+}
+
+/// Prometheus text-format metrics for node_exporter's textfile collector.
+fn write_metrics_file(path: &Path, journal: &Journal, progress: Option<(u64, u64)>) {
+    let mut s = String::new();
+    s.push_str("# HELP outpost_agent_install_phase Current install phase (1 = current).\n# TYPE outpost_agent_install_phase gauge\n");
+    s.push_str(&format!("outpost_agent_install_phase{{phase=\"{}\"}} 1\n", journal.phase.name()));
+    if let Some(r) = &journal.running {
+        s.push_str("# TYPE outpost_agent_running_release_info gauge\n");
+        s.push_str(&format!("outpost_agent_running_release_info{{version=\"{}\",sha256=\"{}\"}} 1\n", r.version, r.sha256));
+    }
+    s.push_str("# TYPE outpost_agent_rolled_back_releases gauge\n");
+    s.push_str(&format!("outpost_agent_rolled_back_releases {}\n", journal.failed.len()));
+    if let Some((done, total)) = progress {
+        s.push_str("# TYPE outpost_agent_download_durable_bytes gauge\n");
+        s.push_str(&format!("outpost_agent_download_durable_bytes {done}\n"));
+        s.push_str("# TYPE outpost_agent_download_total_bytes gauge\n");
+        s.push_str(&format!("outpost_agent_download_total_bytes {total}\n"));
+    }
+    if let Err(e) = outpost_fsio::write_atomic(path, s.as_bytes()) {
+        tracing::warn!(error = %e, "cannot write metrics file");
+    }
+}
+
+/// Groups signed firmware targets for this class by version; the newest with a full
+/// image wins. A target filed under this class but signed for another is refused.
+fn newest(infos: Vec<TargetInfo>, config: &AgentConfig) -> Result<Option<Candidate>> {
+    let mut fulls: BTreeMap<String, (ReleaseVersion, TargetInfo, FirmwareCustom)> = BTreeMap::new();
+    let mut deltas: Vec<(TargetInfo, FirmwareCustom)> = Vec::new();
+    for info in infos {
+        let Some(custom) = FirmwareCustom::from_custom(info.file.custom.as_ref(), &info.path)
+            .map_err(|e| AgentError::tuf(format!("read custom metadata of {}", info.path), e))?
+        else {
+            continue;
+        };
+        custom.validate(&info.path).map_err(|e| AgentError::tuf("release metadata", e))?;
+        if custom.hardware_class != config.hardware_class {
+            return Err(AgentError::HardwareClassMismatch {
+                target: info.path.clone(),
+                expected: config.hardware_class.to_string(),
+                found: custom.hardware_class.to_string(),
+            });
+        }
+        match custom.encoding {
+            SignedEncoding::ZstdPatch => deltas.push((info, custom)),
+            _ => {
+                fulls.insert(info.path.clone(), (custom.version.clone(), info, custom));
+            }
+        }
+    }
+    let Some((version, full, custom)) = fulls.into_values().max_by(|a, b| a.0.cmp(&b.0)) else { return Ok(None) };
+    let deltas = deltas.into_iter().filter(|(_, c)| c.full_target.as_deref() == Some(full.path.as_str())).collect();
+    Ok(Some(Candidate { version, full, custom, deltas }))
+}
+
+fn hash_file(path: &Path) -> Result<(String, u64)> {
+    let mut f = std::fs::File::open(path).map_err(|e| AgentError::io("open", path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| AgentError::io("read", path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        len += n as u64;
+    }
+    Ok((hex::encode(h.finalize()), len))
+}
+
+/// The file's bytes if its sha256 is `want` (the delta reference).
+fn read_if_digest(path: &Path, want: &str) -> Result<Option<Vec<u8>>> {
+    let bytes = std::fs::read(path).map_err(|e| AgentError::io("read", path, e))?;
+    Ok((hex::encode(Sha256::digest(&bytes)) == want).then_some(bytes))
+}
+
+/// Copies the verified image into the (inactive) slot and makes it durable.
+fn write_slot(image: &Path, slot: &Path) -> Result<()> {
+    let mut src = std::fs::File::open(image).map_err(|e| AgentError::io("open", image, e))?;
+    let dst = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(slot).map_err(|e| AgentError::io("open slot", slot, e))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, dst);
+    std::io::copy(&mut src, &mut out).map_err(|e| AgentError::io("write slot", slot, e))?;
+    out.flush().map_err(|e| AgentError::io("write slot", slot, e))?;
+    let dst = out.into_inner().map_err(|e| AgentError::io("write slot", slot, e.into_error()))?;
+    dst.sync_all().map_err(|e| AgentError::io("fsync slot", slot, e))
+}
+
+fn check_space(dir: &Path, needed: u64) -> Result<()> {
+    let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| AgentError::io("statvfs", dir, std::io::Error::from(e)))?;
+    let available = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+    if available < needed {
+        return Err(AgentError::NoSpace { path: dir.to_owned(), needed, available });
+    }
+    Ok(())
+}
+
+pub fn state_paths(config: &AgentConfig) -> Vec<PathBuf> {
+    vec![config.state_dir.join("journal.json"), config.boot_dir()]
+}

@@ -1,0 +1,330 @@
+//! Downloading a release's bytes so that an interruption costs almost nothing: the
+//! received bytes are kept in a partial file, fsynced at checkpoints whose offset is
+//! journaled, and a restart resumes with an HTTP Range request from the last durable
+//! offset. Dropped connections are retried with exponential backoff and jitter; an
+//! optional bandwidth cap paces the transfer. While bytes arrive they are hashed
+//! (the signed TUF hashes of the target) and decoded (as-is, zstd, or zstd patch)
+//! into the staged image, which is hashed too. Nothing is trusted until both digests
+//! match the signed metadata.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use outpost_protocol::hashing::MultiHasher;
+
+use super::decode::{Decode, ImageSink};
+use super::journal::Encoding;
+use crate::error::{AgentError, Result};
+use crate::fetch::Fetcher;
+
+/// What to fetch and what it must turn into.
+pub struct TransferSpec {
+    pub url: String,
+    /// Signed length and hashes of the fetched target.
+    pub length: u64,
+    pub hashes: BTreeMap<String, String>,
+    pub encoding: Encoding,
+    /// For patches: the reference image (the booted slot's content).
+    pub reference: Option<Arc<Vec<u8>>>,
+    /// The image the bytes must decode to.
+    pub image_sha256: String,
+    pub image_length: u64,
+    /// Received bytes (kept for resuming).
+    pub partial: PathBuf,
+    /// The decoded image being staged.
+    pub image: PathBuf,
+    /// Bytes of `partial` known durable (from the journal).
+    pub durable: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TransferOptions {
+    pub retries: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Bytes per second, if capped.
+    pub bandwidth: Option<u64>,
+    /// fsync and journal the partial file every this many bytes.
+    pub checkpoint_every: u64,
+}
+
+impl Default for TransferOptions {
+    fn default() -> Self {
+        TransferOptions {
+            retries: 5,
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            bandwidth: None,
+            checkpoint_every: 4 << 20,
+        }
+    }
+}
+
+/// What a transfer did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TransferStats {
+    /// Bytes already on disk when this run started (not downloaded again).
+    pub resumed_from: u64,
+    /// Bytes received over the network in this run.
+    pub received: u64,
+    /// Network attempts (1 = no retry).
+    pub attempts: u32,
+}
+
+enum Msg {
+    Chunk(Bytes),
+    /// The server ignored the Range request: start over from byte 0.
+    Restart,
+}
+
+enum Ack {
+    Durable(u64),
+}
+
+/// Runs a transfer to completion or error. `checkpoint` is called with each new
+/// durable offset (to journal it).
+pub async fn run(
+    fetcher: &Fetcher,
+    spec: TransferSpec,
+    opts: &TransferOptions,
+    mut checkpoint: impl FnMut(u64) -> Result<()>,
+) -> Result<TransferStats> {
+    let (tx, rx) = mpsc::sync_channel::<Msg>(32);
+    let (ack_tx, ack_rx) = mpsc::channel::<Ack>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<u64>>();
+    let url = spec.url.clone();
+    let length = spec.length;
+    let checkpoint_every = opts.checkpoint_every;
+    let worker = tokio::task::spawn_blocking(move || sink_worker(spec, rx, ack_tx, ready_tx, checkpoint_every));
+    let mut received = match ready_rx.await {
+        Ok(Ok(offset)) => offset,
+        Ok(Err(e)) => {
+            drop(tx);
+            let _ = worker.await;
+            return Err(e);
+        }
+        Err(_) => {
+            return Err(match worker.await {
+                Ok(Err(e)) => e,
+                _ => AgentError::Usage("transfer worker stopped before starting".into()),
+            })
+        }
+    };
+    let mut stats = TransferStats { resumed_from: received, ..Default::default() };
+    let started = Instant::now();
+    let mut failure: Option<AgentError> = None;
+    'attempts: while received < length || stats.attempts == 0 {
+        stats.attempts += 1;
+        if stats.attempts > 1 {
+            let delay = backoff(opts, stats.attempts - 1);
+            tracing::warn!(url = %url, attempt = stats.attempts, offset = received, ?delay, "retrying download");
+            tokio::time::sleep(delay).await;
+        }
+        let mut resp = match fetcher.start_at(&url, received).await {
+            Ok(r) => r,
+            Err(e) if retryable(&e) && stats.attempts <= opts.retries => continue,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        if received > 0 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+            tracing::warn!(url = %url, "server ignored the Range request; starting over");
+            if tx.send(Msg::Restart).is_err() {
+                break;
+            }
+            received = 0;
+        }
+        loop {
+            while let Ok(Ack::Durable(d)) = ack_rx.try_recv() {
+                checkpoint(d)?;
+            }
+            match fetcher.next_chunk(&mut resp, &url).await {
+                Ok(Some(chunk)) => {
+                    received += chunk.len() as u64;
+                    stats.received += chunk.len() as u64;
+                    if received > length {
+                        failure = Some(AgentError::TooLarge { url: url.clone(), limit: length });
+                        break 'attempts;
+                    }
+                    if tx.send(Msg::Chunk(chunk)).is_err() {
+                        break 'attempts; // the worker failed; its error is reported below
+                    }
+                    if let Some(rate) = opts.bandwidth {
+                        let due = Duration::from_secs_f64(stats.received as f64 / rate.max(1) as f64);
+                        let spent = started.elapsed();
+                        if due > spent {
+                            tokio::time::sleep(due - spent).await;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(e) if retryable(&e) && stats.attempts <= opts.retries => {
+                    tracing::warn!(url = %url, error = %e, offset = received, "download interrupted");
+                    continue 'attempts;
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    break 'attempts;
+                }
+            }
+        }
+        if received < length && stats.attempts > opts.retries {
+            failure = Some(AgentError::Truncated { url: url.clone(), got: received, expected: length });
+            break;
+        }
+    }
+    drop(tx);
+    let result = worker.await.map_err(|e| AgentError::Usage(format!("transfer worker: {e}")))?;
+    while let Ok(Ack::Durable(d)) = ack_rx.try_recv() {
+        checkpoint(d)?;
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    result?;
+    Ok(stats)
+}
+
+fn retryable(e: &AgentError) -> bool {
+    match e {
+        AgentError::Fetch { .. } | AgentError::Timeout { .. } => true,
+        AgentError::HttpStatus { status, .. } => *status >= 500 || *status == 408 || *status == 429,
+        _ => false,
+    }
+}
+
+fn backoff(opts: &TransferOptions, retry: u32) -> Duration {
+    let exp = opts.backoff_base.saturating_mul(1u32 << retry.min(16)).min(opts.backoff_max);
+    let mut r = [0u8; 4];
+    let _ = getrandom::getrandom(&mut r);
+    // Full jitter between half and all of the exponential delay.
+    let frac = 0.5 + 0.5 * (u32::from_le_bytes(r) as f64 / u32::MAX as f64);
+    exp.mul_f64(frac)
+}
+
+/// Owns the files: appends received bytes, hashes, decodes into the staged image,
+/// fsyncs checkpoints, verifies at the end. Failure removes the partial file when its
+/// content cannot be right (a hash mismatch), so the next try starts clean.
+fn sink_worker(
+    spec: TransferSpec,
+    rx: mpsc::Receiver<Msg>,
+    acks: mpsc::Sender<Ack>,
+    ready: tokio::sync::oneshot::Sender<Result<u64>>,
+    checkpoint_every: u64,
+) -> Result<()> {
+    let reference = spec.reference.clone();
+    let what = format!("download {}", spec.url);
+    let setup = || -> Result<(std::fs::File, MultiHasher, Decode<'_, std::io::BufWriter<std::fs::File>>, u64)> {
+        let mut partial = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&spec.partial)
+            .map_err(|e| AgentError::io("open", &spec.partial, e))?;
+        let on_disk = partial.metadata().map_err(|e| AgentError::io("stat", &spec.partial, e))?.len();
+        let durable = spec.durable.min(on_disk);
+        partial.set_len(durable).map_err(|e| AgentError::io("truncate", &spec.partial, e))?;
+        let mut hasher = MultiHasher::for_expected(&spec.hashes, &what).map_err(|e| AgentError::tuf(what.clone(), e))?;
+        let image = std::fs::File::create(&spec.image).map_err(|e| AgentError::io("create", &spec.image, e))?;
+        let sink = ImageSink::new(std::io::BufWriter::with_capacity(1 << 20, image), spec.image_length);
+        let mut decode = new_decode(spec.encoding, sink, reference.as_deref().map(|v| v.as_slice()))
+            .map_err(|e| AgentError::io("start decoder for", &spec.image, e))?;
+        // Replay what is already here.
+        partial.seek(SeekFrom::Start(0)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = durable;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = partial.read(&mut buf[..want]).map_err(|e| AgentError::io("read", &spec.partial, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            decode.feed(&buf[..n]).map_err(|e| decode_error(&spec, e))?;
+            left -= n as u64;
+        }
+        partial.seek(SeekFrom::Start(durable)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
+        Ok((partial, hasher, decode, durable))
+    };
+    let (mut partial, mut hasher, mut decode, durable) = match setup() {
+        Ok(v) => v,
+        Err(e) => {
+            let msg = e.to_string();
+            let _ = ready.send(Err(AgentError::Usage(msg)));
+            return Err(e);
+        }
+    };
+    let _ = ready.send(Ok(durable));
+    let mut written = durable;
+    let mut last_sync = durable;
+    for msg in rx {
+        match msg {
+            Msg::Chunk(chunk) => {
+                partial.write_all(&chunk).map_err(|e| AgentError::io("write", &spec.partial, e))?;
+                hasher.update(&chunk);
+                decode.feed(&chunk).map_err(|e| decode_error(&spec, e))?;
+                written += chunk.len() as u64;
+                if written - last_sync >= checkpoint_every {
+                    partial.sync_data().map_err(|e| AgentError::io("fsync", &spec.partial, e))?;
+                    last_sync = written;
+                    let _ = acks.send(Ack::Durable(written));
+                }
+            }
+            Msg::Restart => {
+                partial.set_len(0).map_err(|e| AgentError::io("truncate", &spec.partial, e))?;
+                partial.seek(SeekFrom::Start(0)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
+                hasher = MultiHasher::for_expected(&spec.hashes, &what).map_err(|e| AgentError::tuf(what.clone(), e))?;
+                let image = std::fs::File::create(&spec.image).map_err(|e| AgentError::io("create", &spec.image, e))?;
+                let sink = ImageSink::new(std::io::BufWriter::with_capacity(1 << 20, image), spec.image_length);
+                decode = new_decode(spec.encoding, sink, reference.as_deref().map(|v| v.as_slice()))
+                    .map_err(|e| AgentError::io("start decoder for", &spec.image, e))?;
+                written = 0;
+                last_sync = 0;
+                let _ = acks.send(Ack::Durable(0));
+            }
+        }
+    }
+    partial.sync_data().map_err(|e| AgentError::io("fsync", &spec.partial, e))?;
+    let _ = acks.send(Ack::Durable(written));
+    if written != spec.length {
+        // Incomplete: keep the partial file for the next attempt.
+        return Ok(());
+    }
+    if let Err(e) = hasher.verify(&spec.hashes, &what) {
+        let _ = std::fs::remove_file(&spec.partial);
+        let _ = acks.send(Ack::Durable(0));
+        return Err(AgentError::tuf(format!("verify {}", spec.url), e));
+    }
+    let (out, sha, len) = decode.finish().map_err(|e| decode_error(&spec, e))?;
+    let file = out.into_inner().map_err(|e| AgentError::io("write", &spec.image, e.into_error()))?;
+    file.sync_all().map_err(|e| AgentError::io("fsync", &spec.image, e))?;
+    if len != spec.image_length || sha != spec.image_sha256 {
+        return Err(AgentError::ImageMismatch {
+            url: spec.url.clone(),
+            reason: format!("decoded image is {len} bytes with sha256 {sha}; signed: {} bytes, sha256 {}", spec.image_length, spec.image_sha256),
+        });
+    }
+    Ok(())
+}
+
+fn new_decode<'p, W: Write>(encoding: Encoding, sink: ImageSink<W>, reference: Option<&'p [u8]>) -> std::io::Result<Decode<'p, W>> {
+    match encoding {
+        Encoding::Identity => Ok(Decode::identity(sink)),
+        Encoding::Zstd => Decode::zstd(sink, None),
+        Encoding::ZstdPatch => match reference {
+            Some(r) => Decode::zstd(sink, Some(r)),
+            None => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "a patch needs its reference image")),
+        },
+    }
+}
+
+fn decode_error(spec: &TransferSpec, e: std::io::Error) -> AgentError {
+    AgentError::ImageMismatch { url: spec.url.clone(), reason: format!("cannot decode ({:?}): {e}", spec.encoding) }
+}
