@@ -10,12 +10,18 @@ with the last commands it ran and their output (for handing to the Rust side).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
+import tomllib
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -67,11 +73,11 @@ class Result:
 
 
 def run(argv: list[str], timeout: float = DEFAULT_CMD_TIMEOUT, env: dict | None = None,
-        stdin: bytes | None = None) -> Result:
+        stdin: bytes | None = None, cwd: Path | str | None = None) -> Result:
     argv = [str(a) for a in argv]
     start = time.monotonic()
     try:
-        proc = subprocess.run(argv, capture_output=True, timeout=timeout, env=env,
+        proc = subprocess.run(argv, capture_output=True, timeout=timeout, env=env, cwd=cwd,
                               input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
         res = Result(argv, proc.returncode, proc.stdout.decode(errors="replace"),
                      proc.stderr.decode(errors="replace"), time.monotonic() - start)
@@ -178,6 +184,280 @@ def trusted_version(data: bytes | None) -> int | None:
     return json.loads(data)["signed"]["version"]
 
 
+# ------------------------------------------------- outpost signer / server / agent
+FW_PATH = "firmware/rpi4/1.0.0/fw.img"
+FW_BYTES = b"OUTPOST-FW\x00" + bytes(range(256)) * 40
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 5, token: str | None = None) -> tuple[int, bytes]:
+    status, _, body = http_get_full(url, timeout=timeout, token=token)
+    return status, body
+
+
+def http_get_full(url: str, timeout: float = 5, token: str | None = None,
+                  headers: dict | None = None) -> tuple[int, dict[str, str], bytes]:
+    """GET -> (status, headers with lower-case names, body)."""
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def http_post(url: str, body: bytes, token: str | None, content_type: str,
+              timeout: float = 10) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method="POST")
+    req.add_header("Content-Type", content_type)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def parse_token(stdout: str) -> str:
+    text = stdout.strip()
+    try:
+        doc = json.loads(text)
+        if isinstance(doc, dict) and "token" in doc:
+            return str(doc["token"])
+    except ValueError:
+        pass
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    assert lines, "token create printed nothing"
+    return lines[-1].split()[-1]
+
+
+def toml_str(value) -> str:
+    """A TOML basic string (JSON string escapes are valid TOML)."""
+    return json.dumps(str(value))
+
+
+def tree_files(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (recursively, hidden and temporary files included)."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+class OutpostRepo:
+    """Keys and a local repository made with the `outpost` signer CLI."""
+
+    def __init__(self, base: Path) -> None:
+        self.exe = binary("outpost")
+        self.base = base
+        self.keys = base / "keys"
+        self.keys.mkdir(parents=True)
+        self.dir = base / "repo"
+
+    def cli(self, *args, check: bool = True, **kw):
+        res = run([self.exe, *args], **kw)
+        if check:
+            assert_ok(res)
+        return res
+
+    def key(self, name: str) -> Path:
+        path = self.keys / name
+        if not path.exists():
+            res = self.cli("keys", "generate", "--out", path)
+            assert path.exists() and Path(f"{path}.pub").exists(), res.describe()
+        return path
+
+    def init(self) -> None:
+        self.cli("repo", "init", "--repo", self.dir,
+                 "--root-key", self.key("root1"), "--root-key", self.key("root2"),
+                 "--root-key", self.key("root3"), "--threshold", "2",
+                 "--targets-key", self.key("targets"), "--snapshot-key", self.key("snapshot"),
+                 "--timestamp-key", self.key("timestamp"))
+
+    def delegate_firmware(self, repo: Path | None = None, role: str = "firmware",
+                          paths: str = "firmware/rpi4/*/*") -> None:
+        self.cli("repo", "delegate", "--repo", repo or self.dir, "--role", role,
+                 "--delegate-key", self.key(role), "--threshold", "1", "--paths", paths,
+                 "--sign-key", self.key("targets"))
+
+    def publish(self, data: bytes, version: str, hardware_class: str = "rpi4",
+                name: str = "fw.img", key: str = "firmware", server=None, token: str | None = None,
+                check: bool = True, extra: tuple = ()):
+        """`outpost release publish` of `data` (written to a file called `name`)."""
+        src = self.base / "builds" / version / name
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_bytes(data)
+        args = ["release", "publish", "--repo", self.dir, "--firmware", src,
+                "--hardware-class", hardware_class, "--version", version, "--key", self.key(key),
+                *extra]
+        if server is not None:
+            args += ["--server", server.url, "--token", token]
+        return self.cli(*args, check=check)
+
+    @property
+    def root1(self) -> bytes:
+        return (self.dir / "metadata" / "1.root.json").read_bytes()
+
+
+class OutpostServer:
+    """`outpost-server serve` on 127.0.0.1, config written from the docs' format.
+
+    `repository` adds keys to the [repository] table (e.g. timestamp_expiry="4s").
+    The server can be stopped and started again on the same data_dir and port."""
+
+    def __init__(self, base: Path, repo: OutpostRepo, name: str = "server",
+                 repository: dict[str, str] | None = None) -> None:
+        self.exe = binary("outpost-server")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config = base / f"{name}.toml"
+        self.data_dir = base / f"{name}-data"
+        self.data_dir.mkdir()
+        cfg = (
+            f'listen = "127.0.0.1:{self.port}"\n'
+            f"data_dir = {toml_str(self.data_dir)}\n\n"
+            "[repository]\n"
+            f'trusted_root = {toml_str(repo.dir / "metadata" / "1.root.json")}\n'
+            f'snapshot_key = {toml_str(repo.key("snapshot"))}\n'
+            f'timestamp_key = {toml_str(repo.key("timestamp"))}\n'
+        )
+        for k, v in (repository or {}).items():
+            cfg += f"{k} = {v if isinstance(v, int) else toml_str(v)}\n"
+        tomllib.loads(cfg)
+        self.config.write_text(cfg)
+        self.log = base / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self._logf = None
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.data_dir / "repository" / "staging"
+
+    @property
+    def metadata_dir(self) -> Path:
+        return self.data_dir / "repository" / "metadata"
+
+    def token(self, name: str = "ci") -> str:
+        res = assert_ok(run([self.exe, "--config", self.config, "token", "create",
+                             "--role", "pipeline", "--name", name]))
+        return parse_token(res.stdout)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def start(self, allow_exit: bool = False) -> bool:
+        """Start `serve` and wait for GET /healthz. If the process exits first: fail
+        the test, or with allow_exit return False (its exit code in self.proc)."""
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen([str(self.exe), "--config", str(self.config), "serve"],
+                                     stdout=self._logf, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._logf.close()
+                self._logf = None
+                if allow_exit:
+                    return False
+                pytest.fail(f"outpost-server exited with {self.proc.returncode}:\n"
+                            f"{self.log_text()[-3000:]}", pytrace=False)
+            try:
+                status, _ = http_get(f"{self.url}/healthz", timeout=1)
+                if status == 200:
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.1)
+        pytest.fail("outpost-server did not answer GET /healthz within 20s:\n"
+                    + self.log_text()[-3000:], pytrace=False)
+
+    def terminate(self, timeout: float = 10) -> int | None:
+        """SIGTERM and wait up to `timeout` s; the exit code, or None if it did not exit
+        (then it is killed)."""
+        assert self.proc is not None
+        code = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                code = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        else:
+            code = self.proc.returncode
+        if self._logf is not None:
+            self._logf.close()
+            self._logf = None
+        return code
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.terminate()
+
+    def metadata(self, name: str) -> tuple[int, bytes]:
+        return http_get(f"{self.url}/metadata/{name}")
+
+
+class Agent:
+    """`outpost-agent --config agent.toml update` with a config written next to its
+    state: paths in the config are relative (to the config file), as the docs allow."""
+
+    def __init__(self, workdir: Path, server_url: str, trusted_root: bytes,
+                 hardware_class: str = "rpi4", timeout: str | None = "10s",
+                 extra_toml: str = "") -> None:
+        self.exe = binary("outpost-agent")
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "provisioned-root.json").write_bytes(trusted_root)
+        self.config = workdir / "agent.toml"
+        self.state_dir = workdir / "state"
+        text = (f"server_url = {toml_str(server_url)}\n"
+                f"hardware_class = {toml_str(hardware_class)}\n"
+                'state_dir = "state"\n'
+                'trusted_root = "provisioned-root.json"\n'
+                f"{extra_toml}")
+        if timeout is not None:
+            text += f"\n[http]\ntimeout = {toml_str(timeout)}\n"
+        tomllib.loads(text)
+        self.config.write_text(text)
+
+    @property
+    def downloads(self) -> Path:
+        return self.state_dir / "downloads"
+
+    def update(self, *, as_json: bool = True, **kw) -> Result:
+        argv = [self.exe, "--config", self.config, "update"]
+        if as_json:
+            argv.append("--json")
+        return run(argv, **kw)
+
+    @staticmethod
+    def report(res: Result) -> dict:
+        try:
+            doc = json.loads(res.stdout)
+        except ValueError:
+            pytest.fail("`update --json` stdout is not JSON\n" + res.describe(), pytrace=False)
+        assert isinstance(doc, dict), res.describe()
+        return doc
+
+    def download_files(self) -> dict[str, bytes]:
+        """Every file under state_dir/downloads (partial/hidden files included)."""
+        return tree_files(self.downloads)
+
+    def stored(self, target_path: str) -> bytes | None:
+        p = self.downloads / quote_all(target_path)
+        return p.read_bytes() if p.exists() else None
+
+
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(autouse=True)
 def _reset_command_log():
@@ -225,6 +505,54 @@ def ready_client(client) -> TufClient:
     """`client` after a successful init."""
     assert_ok(client.init())
     return client
+
+
+@pytest.fixture
+def outpost_repo(tmp_path) -> OutpostRepo:
+    """`outpost repo init` (3 root keys, threshold 2, local online keys) plus a
+    `firmware` role delegated firmware/rpi4/*/*."""
+    repo = OutpostRepo(tmp_path / "signer")
+    repo.init()
+    repo.delegate_firmware()
+    return repo
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """Factory: server_factory(repo, name="server", **repository_settings) -> a started
+    OutpostServer and a pipeline token (stopped after the test)."""
+    servers: list[OutpostServer] = []
+
+    def factory(repo: OutpostRepo, name: str = "server", **repository) -> tuple[OutpostServer, str]:
+        server = OutpostServer(tmp_path, repo, name=name, repository=repository)
+        servers.append(server)
+        token = server.token()
+        server.start()
+        return server, token
+
+    yield factory
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def outpost_server(server_factory, outpost_repo):
+    return server_factory(outpost_repo)
+
+
+@pytest.fixture
+def published(tmp_path, outpost_repo, outpost_server):
+    """Server running, repository pushed, firmware 1.0.0 for rpi4 published."""
+    server, token = outpost_server
+    outpost_repo.cli("repo", "push", "--repo", outpost_repo.dir, "--server", server.url,
+                     "--token", token)
+    fw = tmp_path / "fw.img"
+    fw.write_bytes(FW_BYTES)
+    outpost_repo.cli("release", "publish", "--repo", outpost_repo.dir, "--firmware", fw,
+                     "--hardware-class", "rpi4", "--version", "1.0.0",
+                     "--key", outpost_repo.key("firmware"),
+                     "--server", server.url, "--token", token)
+    return outpost_repo, server, token
 
 
 # ---------------------------------------------------------------- findings

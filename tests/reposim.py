@@ -69,6 +69,18 @@ def path_hash_prefix(target_path: str, length: int = 2) -> str:
     return hashlib.sha256(target_path.encode()).hexdigest()[:length]
 
 
+def firmware_custom(version: str, hardware_class: str, measurement: str | None = None,
+                    data: bytes | None = None) -> dict:
+    """A target's `custom` object as `outpost release publish` signs it:
+    {"outpost": {"kind": "firmware", "version", "hardware_class", "expected_measurement"}}.
+    The measurement defaults to the sha256 of `data`."""
+    if measurement is None:
+        assert data is not None, "give the measurement or the data"
+        measurement = hashlib.sha256(data).hexdigest()
+    return {"outpost": {"kind": "firmware", "version": version, "hardware_class": hardware_class,
+                        "expected_measurement": {"sha256": measurement}}}
+
+
 def _dedupe(signers: list[Signer]) -> list[Signer]:
     seen: set[str] = set()
     out = []
@@ -115,6 +127,7 @@ class RepoSim:
         self.stop_event = threading.Event()
         self.metadata_url = ""
         self.targets_url = ""
+        self.base_url = ""  # server root: metadata under base_url/metadata/, targets under /targets/
 
         self.root: Metadata[Root] = Metadata(
             Root(expires=expires_in(days=365), consistent_snapshot=consistent_snapshot)
@@ -403,8 +416,9 @@ class SimServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.sim = sim
         port = self.server_address[1]
-        sim.metadata_url = f"http://127.0.0.1:{port}/metadata/"
-        sim.targets_url = f"http://127.0.0.1:{port}/targets/"
+        sim.base_url = f"http://127.0.0.1:{port}"
+        sim.metadata_url = f"{sim.base_url}/metadata/"
+        sim.targets_url = f"{sim.base_url}/targets/"
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
 

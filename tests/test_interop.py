@@ -15,202 +15,23 @@ import hashlib
 import http.server
 import json
 import shutil
-import socket
-import subprocess
 import threading
-import time
-import tomllib
-import urllib.error
 import urllib.request
 from functools import partial
 from pathlib import Path
 
-import pytest
 from tuf.ngclient import Updater
 
-from conftest import TufClient, assert_ok, binary, run
-
-FW_PATH = "firmware/rpi4/1.0.0/fw.img"
-FW_BYTES = b"OUTPOST-FW\x00" + bytes(range(256)) * 40
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(url: str, timeout: float = 5, token: str | None = None) -> tuple[int, bytes]:
-    req = urllib.request.Request(url)
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def http_post(url: str, body: bytes, token: str | None, content_type: str,
-              timeout: float = 10) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, method="POST")
-    req.add_header("Content-Type", content_type)
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def parse_token(stdout: str) -> str:
-    text = stdout.strip()
-    try:
-        doc = json.loads(text)
-        if isinstance(doc, dict) and "token" in doc:
-            return str(doc["token"])
-    except ValueError:
-        pass
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    assert lines, "token create printed nothing"
-    return lines[-1].split()[-1]
-
-
-class OutpostRepo:
-    """Keys and a local repository made with the `outpost` signer CLI."""
-
-    def __init__(self, base: Path) -> None:
-        self.exe = binary("outpost")
-        self.base = base
-        self.keys = base / "keys"
-        self.keys.mkdir(parents=True)
-        self.dir = base / "repo"
-
-    def cli(self, *args, check: bool = True, **kw):
-        res = run([self.exe, *args], **kw)
-        if check:
-            assert_ok(res)
-        return res
-
-    def key(self, name: str) -> Path:
-        path = self.keys / name
-        if not path.exists():
-            res = self.cli("keys", "generate", "--out", path)
-            assert path.exists() and Path(f"{path}.pub").exists(), res.describe()
-        return path
-
-    def init(self) -> None:
-        self.cli("repo", "init", "--repo", self.dir,
-                 "--root-key", self.key("root1"), "--root-key", self.key("root2"),
-                 "--root-key", self.key("root3"), "--threshold", "2",
-                 "--targets-key", self.key("targets"), "--snapshot-key", self.key("snapshot"),
-                 "--timestamp-key", self.key("timestamp"))
-
-    def delegate_firmware(self, repo: Path | None = None, role: str = "firmware",
-                          paths: str = "firmware/rpi4/*/*") -> None:
-        self.cli("repo", "delegate", "--repo", repo or self.dir, "--role", role,
-                 "--delegate-key", self.key(role), "--threshold", "1", "--paths", paths,
-                 "--sign-key", self.key("targets"))
-
-    @property
-    def root1(self) -> bytes:
-        return (self.dir / "metadata" / "1.root.json").read_bytes()
-
-
-class OutpostServer:
-    """`outpost-server serve` on 127.0.0.1, config written from the docs' format."""
-
-    def __init__(self, base: Path, repo: OutpostRepo) -> None:
-        self.exe = binary("outpost-server")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config = base / "server.toml"
-        data_dir = base / "server-data"
-        data_dir.mkdir()
-        cfg = (
-            f'listen = "127.0.0.1:{self.port}"\n'
-            f'data_dir = "{data_dir}"\n\n'
-            "[repository]\n"
-            f'trusted_root = "{repo.dir / "metadata" / "1.root.json"}"\n'
-            f'snapshot_key = "{repo.key("snapshot")}"\n'
-            f'timestamp_key = "{repo.key("timestamp")}"\n'
-        )
-        tomllib.loads(cfg)
-        self.config.write_text(cfg)
-        self.log = base / "server.log"
-        self.proc: subprocess.Popen | None = None
-
-    def token(self, name: str = "ci") -> str:
-        res = assert_ok(run([self.exe, "--config", self.config, "token", "create",
-                             "--role", "pipeline", "--name", name]))
-        return parse_token(res.stdout)
-
-    def start(self) -> None:
-        self._logf = open(self.log, "wb")
-        self.proc = subprocess.Popen([str(self.exe), "--config", str(self.config), "serve"],
-                                     stdout=self._logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"outpost-server exited with {self.proc.returncode}:\n"
-                            f"{self.log.read_text(errors='replace')[-3000:]}", pytrace=False)
-            try:
-                status, _ = http_get(f"{self.url}/healthz", timeout=1)
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        pytest.fail("outpost-server did not answer GET /healthz within 20s:\n"
-                    + self.log.read_text(errors="replace")[-3000:], pytrace=False)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self.proc is not None:
-            self._logf.close()
-
-    def metadata(self, name: str) -> tuple[int, bytes]:
-        return http_get(f"{self.url}/metadata/{name}")
-
-
-@pytest.fixture
-def outpost_repo(tmp_path) -> OutpostRepo:
-    repo = OutpostRepo(tmp_path / "signer")
-    repo.init()
-    repo.delegate_firmware()
-    return repo
-
-
-@pytest.fixture
-def outpost_server(tmp_path, outpost_repo):
-    server = OutpostServer(tmp_path, outpost_repo)
-    token = server.token()
-    server.start()
-    yield server, token
-    server.stop()
-
-
-@pytest.fixture
-def published(tmp_path, outpost_repo, outpost_server):
-    """Server running, repository pushed, firmware 1.0.0 for rpi4 published."""
-    server, token = outpost_server
-    outpost_repo.cli("repo", "push", "--repo", outpost_repo.dir, "--server", server.url,
-                     "--token", token)
-    fw = tmp_path / "fw.img"
-    fw.write_bytes(FW_BYTES)
-    outpost_repo.cli("release", "publish", "--repo", outpost_repo.dir, "--firmware", fw,
-                     "--hardware-class", "rpi4", "--version", "1.0.0",
-                     "--key", outpost_repo.key("firmware"),
-                     "--server", server.url, "--token", token)
-    return outpost_repo, server, token
+from conftest import (  # noqa: F401 - fixtures outpost_repo/outpost_server/published live in conftest
+    FW_BYTES,
+    FW_PATH,
+    OutpostRepo,
+    OutpostServer,
+    TufClient,
+    assert_ok,
+    http_get,
+    http_post,
+)
 
 
 def _reference_updater(tmp_path: Path, root: bytes, metadata_url: str, targets_url: str,

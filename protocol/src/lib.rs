@@ -3,6 +3,7 @@
 //! the clock is always passed in.
 
 pub mod cjson;
+pub mod codec;
 pub mod error;
 pub mod hashing;
 pub mod keys;

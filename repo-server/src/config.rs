@@ -70,6 +70,13 @@ impl ServerConfig {
         if timestamp_expiry < Duration::from_secs(2) || snapshot_expiry < Duration::from_secs(2) {
             return Err(err("repository.snapshot_expiry and timestamp_expiry must be at least 2s".into()));
         }
+        if resign_interval < Duration::from_millis(100) || resign_interval > timestamp_expiry.min(snapshot_expiry) / 3 {
+            return Err(err(format!(
+                "repository.resign_interval {resign_interval:?} must be at least 100ms and at most a third of the shorter of \
+                 snapshot_expiry and timestamp_expiry ({:?}), or metadata could expire before it is re-signed",
+                timestamp_expiry.min(snapshot_expiry)
+            )));
+        }
         let data_dir = base.join(&raw.data_dir);
         let sqlite_path = data_dir.join(raw.database.sqlite.unwrap_or_else(|| PathBuf::from("outpost.db")));
         Ok(ServerConfig {

@@ -19,6 +19,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let repo = Arc::new(repository::Repository::open(&config)?);
     let store = Arc::new(store::Store::open(&config.sqlite_path)?);
     let state = AppState { repo: repo.clone(), store: store.clone(), max_upload_bytes: config.max_upload_bytes };
+    let resign_repo = repo.clone();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| ServerError::io("listen on", config.listen.to_string(), e))?;
@@ -29,7 +30,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         let mut tick = tokio::time::interval(interval);
         loop {
             tick.tick().await;
-            match repo.resign_if_due(chrono::Utc::now()).await {
+            match resign_repo.resign_if_due(chrono::Utc::now()).await {
                 Ok(Some((snapshot, timestamp))) => {
                     tracing::info!(snapshot, timestamp, "re-signed online metadata");
                     let _ = store.log("server", "resign", &serde_json::json!({"snapshot_version": snapshot, "timestamp_version": timestamp}));
@@ -39,11 +40,31 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             }
         }
     });
-    let result = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal()).await;
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let stop_rx = stop.clone();
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        stop.notify_one();
+    });
+    // In-flight requests get a grace period; a stalled client cannot hold the
+    // server up forever.
+    let result = tokio::select! {
+        r = server => r,
+        _ = async {
+            stop_rx.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight requests did not finish in time; closing them");
+            Ok(())
+        }
+    };
     resigner.abort();
+    repo.remove_partial_uploads();
     tracing::info!("outpost-server stopped");
     result.map_err(|e| ServerError::io("serve", addr.to_string(), e))
 }
+
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn shutdown_signal() {
     let ctrl_c = async {

@@ -133,6 +133,7 @@ impl Repository {
         for d in [&metadata_dir, &targets_dir, &staging_dir] {
             std::fs::create_dir_all(d).map_err(|e| ServerError::io("create", d, e))?;
         }
+        remove_partial_uploads(&staging_dir);
         let snapshot_key = load_signing(&config.snapshot_key)?;
         let timestamp_key = load_signing(&config.timestamp_key)?;
         let root_path = metadata_dir.join("root.json");
@@ -188,6 +189,11 @@ impl Repository {
 
     pub fn staging_dir(&self) -> &Path {
         &self.staging_dir
+    }
+
+    /// Drops uploads that never finished (after a crash, or at shutdown).
+    pub fn remove_partial_uploads(&self) {
+        remove_partial_uploads(&self.staging_dir);
     }
 
     pub async fn status(&self) -> RepositoryStatus {
@@ -412,6 +418,17 @@ impl Repository {
             st.snapshot.as_ref().map(|s| s.signed.version).unwrap_or(0),
             st.timestamp.as_ref().map(|t| t.signed.version).unwrap_or(0),
         )))
+    }
+}
+
+/// Uploads interrupted by a crash or shutdown are never published: drop them.
+fn remove_partial_uploads(staging_dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(staging_dir) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().ends_with(".part") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 }
 

@@ -46,8 +46,18 @@ pub fn generate(path: &Path) -> Result<SigningKey> {
     priv_bytes.push(b'\n');
     let mut pub_bytes = serde_json::to_vec_pretty(&public).map_err(|e| SignerError::Usage(e.to_string()))?;
     pub_bytes.push(b'\n');
+    let public_path = pub_path(path);
+    if public_path.exists() {
+        return Err(SignerError::Usage(format!(
+            "{} already exists; refusing to create a private key beside another key's public file",
+            public_path.display()
+        )));
+    }
     write_new(path, &priv_bytes, 0o600)?;
-    write_new(&pub_path(path), &pub_bytes, 0o644)?;
+    if let Err(e) = write_new(&public_path, &pub_bytes, 0o644) {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
     Ok(key)
 }
 

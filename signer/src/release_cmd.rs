@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use outpost_protocol::release::{firmware_target_path, ArtifactKind, FirmwareCustom, HardwareClass, Measurement, ReleaseVersion};
+use outpost_protocol::release::{firmware_target_path, FirmwareCustom, HardwareClass, ReleaseVersion};
 use outpost_protocol::tuf::TargetFile;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -112,12 +112,7 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
     let (env, _) = repo
         .role(&role)?
         .ok_or_else(|| SignerError::Usage(format!("role {role} has no metadata yet in {}", repo.dir.display())))?;
-    let custom = FirmwareCustom {
-        kind: ArtifactKind::Firmware,
-        version: a.version.clone(),
-        hardware_class: a.hardware_class.clone(),
-        expected_measurement: Measurement { sha256: sha256.clone() },
-    }
+    let custom = FirmwareCustom::image(a.version.clone(), a.hardware_class.clone(), sha256.clone())
     .to_custom()
     .map_err(|e| SignerError::proto("custom metadata", e))?;
     let mut body = env.signed.clone();

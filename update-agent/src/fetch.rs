@@ -173,5 +173,7 @@ impl Fetcher {
 
 fn temp_path(dest: &Path) -> PathBuf {
     let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    dest.with_file_name(format!(".{name}.partial-{}", std::process::id()))
+    // One fixed name per destination, so an interrupted download's leftovers are
+    // replaced by the next attempt instead of piling up.
+    dest.with_file_name(format!(".{name}.partial"))
 }

@@ -257,14 +257,24 @@ impl Updater {
                 continue;
             }
             budget -= 1;
-            let targets = self.load_targets(&role, &parent).await?;
+            let targets = self.load_targets(&role, &parent).await?.clone();
             for (path, file) in &targets.targets {
-                let allowed = delegation.as_ref().is_none_or(|d| d.is_delegated_path(path));
+                let allowed = match &delegation {
+                    Some(d) => d.is_delegated_path(path),
+                    None if role == "targets" => true,
+                    // A hash bin: only paths that hash into it.
+                    None => self
+                        .trusted
+                        .targets(&parent)
+                        .and_then(|p| p.delegations.as_ref())
+                        .is_some_and(|d| d.roles_for_target(path).iter().any(|(n, _)| *n == role)),
+                };
                 if path.starts_with(&prefix_str) && allowed && !found.contains_key(path) {
                     found.insert(path.clone(), TargetInfo { path: path.clone(), file: file.clone(), role: role.clone() });
                 }
             }
             let mut children = Vec::new();
+            let mut terminated = false;
             if let Some(roles) = targets.delegations.as_ref().and_then(|d| d.roles.as_ref()) {
                 for r in roles {
                     let may = match (&r.paths, &r.path_hash_prefixes) {
@@ -274,8 +284,31 @@ impl Updater {
                     };
                     if may {
                         children.push((r.name.clone(), role.clone(), Some(r.clone())));
+                        if r.terminating {
+                            // As in a single lookup: nothing after a matching
+                            // terminating role is consulted, and no backtracking.
+                            terminated = true;
+                            break;
+                        }
                     }
                 }
+            }
+            if let Some(bins) = targets.delegations.as_ref().and_then(|d| d.succinct_roles.as_ref()) {
+                // Hash bins: any bin may hold a path under the prefix.
+                if bins.bit_length <= 8 {
+                    for bin in 0..(1u32 << bins.bit_length) {
+                        let width = (bins.bit_length as usize).div_ceil(4);
+                        let name = format!("{}-{:0width$x}", bins.name_prefix, bin, width = width);
+                        if self.trusted.snapshot().is_some_and(|s| s.meta.contains_key(&format!("{name}.json"))) {
+                            children.push((name, role.clone(), None));
+                        }
+                    }
+                } else {
+                    tracing::warn!(role = %role, bit_length = bins.bit_length, "too many hash bins to list; skipping them");
+                }
+            }
+            if terminated {
+                to_visit.clear();
             }
             children.reverse();
             to_visit.extend(children);

@@ -6,7 +6,6 @@
 //! repeat, so a power cut at any instant leaves the active slot verified and the next
 //! start continues or undoes the install.
 
-pub mod decode;
 pub mod journal;
 pub mod transfer;
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use outpost_protocol::hashing::MultiHasher;
 
-use super::decode::{Decode, ImageSink};
+use outpost_protocol::codec::{Decode, ImageSink};
 use super::journal::Encoding;
 use crate::error::{AgentError, Result};
 use crate::fetch::Fetcher;

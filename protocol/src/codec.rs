@@ -1,6 +1,7 @@
-//! Turning received bytes into the image while they arrive: as-is, zstd, or a zstd
-//! patch against a reference image (`--patch-from` style). Output goes to a sink
-//! that hashes and writes it.
+//! Image encodings: turning received bytes into the image while they arrive (as-is,
+//! zstd, or a zstd patch against a reference image, `--patch-from` style), and making
+//! such patches on the pipeline side. Output goes to a sink that hashes and writes
+//! it; the caller owns any files.
 
 use std::io::{self, Write};
 
