@@ -52,6 +52,7 @@ fn repository_api() -> Router<AppState> {
         .route("/api/v1/targets", post(upload_target).layer(DefaultBodyLimit::disable()))
         .route("/api/v1/publish", post(publish).layer(DefaultBodyLimit::max(256 << 20)))
         .route("/api/v1/log", get(log))
+        .route("/api/v1/reports", post(add_report).get(list_reports).layer(DefaultBodyLimit::max(64 << 10)))
 }
 
 async fn healthz() -> Json<Value> {
@@ -138,6 +139,25 @@ async fn status(State(s): State<AppState>, _auth: Auth) -> Json<Value> {
 
 async fn log(State(s): State<AppState>, _auth: Auth) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({"entries": s.store.recent_log(100)?})))
+}
+
+/// A device's install outcome. Devices have no credentials until TPM enrollment
+/// exists, so this accepts reports without a token; they are validated strictly
+/// and only recorded, never acted on.
+async fn add_report(State(s): State<AppState>, ApiJson(report): ApiJson<crate::store::InstallReport>) -> Result<Json<Value>, ApiError> {
+    report.validate().map_err(|m| ApiError::unprocessable("invalid_report", m))?;
+    s.store.add_report(&report)?;
+    tracing::info!(device = %report.device_id, version = %report.version, outcome = report.outcome.as_str(), reason = report.reason.as_deref().unwrap_or(""), "install report");
+    Ok(Json(json!({"recorded": true})))
+}
+
+#[derive(Debug, Deserialize)]
+struct ReportQuery {
+    device: Option<String>,
+}
+
+async fn list_reports(State(s): State<AppState>, _auth: Auth, Query(q): Query<ReportQuery>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({"reports": s.store.recent_reports(q.device.as_deref(), 200)?})))
 }
 
 #[derive(Debug, Deserialize)]

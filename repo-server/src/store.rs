@@ -65,6 +65,19 @@ CREATE TABLE IF NOT EXISTS api_tokens (
     token_sha256 TEXT NOT NULL UNIQUE,
     created_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS install_reports (
+    id INTEGER PRIMARY KEY,
+    received_at TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    hardware_class TEXT NOT NULL,
+    target TEXT NOT NULL,
+    version TEXT NOT NULL,
+    outcome TEXT NOT NULL CHECK (outcome IN ('committed', 'rolled_back')),
+    reason TEXT,
+    slot TEXT NOT NULL,
+    reported_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS install_reports_device ON install_reports (device_id, id);
 CREATE TABLE IF NOT EXISTS repository_log (
     id INTEGER PRIMARY KEY,
     at TEXT NOT NULL,
@@ -126,6 +139,43 @@ impl Store {
         Ok(())
     }
 
+    pub fn add_report(&self, r: &InstallReport) -> Result<(), ServerError> {
+        self.conn().execute(
+            "INSERT INTO install_reports (received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                chrono::Utc::now().to_rfc3339(),
+                r.device_id,
+                r.hardware_class,
+                r.target,
+                r.version,
+                r.outcome.as_str(),
+                r.reason,
+                r.slot,
+                r.at
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn recent_reports(&self, device: Option<&str>, limit: u32) -> Result<Vec<serde_json::Value>, ServerError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at
+             FROM install_reports WHERE (?1 IS NULL OR device_id = ?1) ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![device, limit], |r| {
+            Ok(serde_json::json!({
+                "received_at": r.get::<_, String>(0)?, "device_id": r.get::<_, String>(1)?,
+                "hardware_class": r.get::<_, String>(2)?, "target": r.get::<_, String>(3)?,
+                "version": r.get::<_, String>(4)?, "outcome": r.get::<_, String>(5)?,
+                "reason": r.get::<_, Option<String>>(6)?, "slot": r.get::<_, String>(7)?,
+                "at": r.get::<_, String>(8)?,
+            }))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     pub fn recent_log(&self, limit: u32) -> Result<Vec<serde_json::Value>, ServerError> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT at, actor, action, detail FROM repository_log ORDER BY id DESC LIMIT ?1")?;
@@ -137,5 +187,60 @@ impl Store {
             }))
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+/// An install outcome a device reports.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstallReport {
+    pub device_id: String,
+    pub hardware_class: String,
+    pub target: String,
+    pub version: String,
+    pub outcome: ReportOutcome,
+    pub reason: Option<String>,
+    pub slot: String,
+    pub at: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportOutcome {
+    Committed,
+    RolledBack,
+}
+
+impl ReportOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportOutcome::Committed => "committed",
+            ReportOutcome::RolledBack => "rolled_back",
+        }
+    }
+}
+
+impl InstallReport {
+    /// Field limits; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, value, max) in [
+            ("device_id", &self.device_id, 128),
+            ("hardware_class", &self.hardware_class, 64),
+            ("target", &self.target, 1024),
+            ("version", &self.version, 64),
+            ("slot", &self.slot, 8),
+            ("at", &self.at, 64),
+        ] {
+            if value.is_empty() || value.len() > max {
+                return Err(format!("{name} must be 1-{max} characters"));
+            }
+        }
+        if self.reason.as_ref().is_some_and(|r| r.len() > 4096) {
+            return Err("reason must be at most 4096 characters".into());
+        }
+        if chrono::DateTime::parse_from_rfc3339(&self.at).is_err() {
+            return Err(format!("at {:?} is not an RFC 3339 time", self.at));
+        }
+        Ok(())
     }
 }

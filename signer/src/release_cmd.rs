@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use outpost_protocol::release::{firmware_target_path, FirmwareCustom, HardwareClass, ReleaseVersion};
+use outpost_protocol::release::{firmware_target_path, Encoding, FirmwareCustom, HardwareClass, HealthCheck, ImageDigest, Measurement, ReleaseVersion};
 use outpost_protocol::tuf::TargetFile;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -43,6 +43,24 @@ pub struct PublishArgs {
     /// How long the role's new metadata stays valid (default: the repository's targets expiry).
     #[arg(long, value_parser = parse_duration)]
     pub expires: Option<Duration>,
+    /// Store the image zstd-compressed (devices decompress while downloading).
+    #[arg(long)]
+    pub zstd: bool,
+    /// Also publish a zstd patch from this earlier release (needs --delta-base).
+    #[arg(long, requires = "delta_base")]
+    pub delta_from: Option<ReleaseVersion>,
+    /// The earlier release's image file; its sha256 must match what was signed for it.
+    #[arg(long, requires = "delta_from")]
+    pub delta_base: Option<PathBuf>,
+    /// Health check command devices run after the trial boot (repeatable; `sh -c`).
+    #[arg(long = "health-command")]
+    pub health_commands: Vec<String>,
+    /// URL devices GET after the trial boot, expecting 2xx (repeatable).
+    #[arg(long = "health-http")]
+    pub health_http: Vec<String>,
+    /// How long devices may take to pass the health checks after a trial boot.
+    #[arg(long, value_parser = parse_duration)]
+    pub trial_deadline: Option<Duration>,
     #[command(flatten)]
     pub server: crate::upload::ServerArgs,
 }
@@ -76,6 +94,34 @@ fn role_for_path(repo: &LocalRepo, path: &str) -> Result<String> {
     Ok(role)
 }
 
+/// SHA-256 and length of a file, streamed.
+fn hash_file(path: &std::path::Path) -> Result<(u64, String)> {
+    let mut f = std::fs::File::open(path).map_err(|e| SignerError::io("open", path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(|e| SignerError::io("read", path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((total, hex::encode(h.finalize())))
+}
+
+/// A target file produced for this release, and where its bytes are.
+struct Artifact {
+    path: String,
+    file: PathBuf,
+    length: u64,
+    sha256: String,
+    custom: FirmwareCustom,
+    /// Made here (compressed or patch), removed after use.
+    temporary: bool,
+}
+
 async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
     let repo = LocalRepo::open(&a.repo)?;
     let server = a.server.optional()?;
@@ -87,70 +133,148 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
         .filter(|n| !n.is_empty() && !n.starts_with('.'))
         .ok_or_else(|| SignerError::Usage(format!("--firmware {}: needs a file name", a.firmware.display())))?;
     let fw = a.firmware.clone();
-    let (length, sha256) = tokio::task::spawn_blocking(move || -> Result<(u64, String)> {
-        let mut f = std::fs::File::open(&fw).map_err(|e| SignerError::io("open", &fw, e))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n_total = 0u64;
-        loop {
-            let n = f.read(&mut buf).map_err(|e| SignerError::io("read", &fw, e))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            n_total += n as u64;
-        }
-        Ok((n_total, hex::encode(h.finalize())))
-    })
-    .await
-    .map_err(|e| SignerError::Usage(format!("hashing task: {e}")))??;
-    let path = firmware_target_path(&a.hardware_class, &a.version, &file_name);
+    let (image_len, image_sha) = tokio::task::spawn_blocking(move || hash_file(&fw))
+        .await
+        .map_err(|e| SignerError::Usage(format!("hashing task: {e}")))??;
+    let image_path = firmware_target_path(&a.hardware_class, &a.version, &file_name);
     let role = match a.role.clone() {
         Some(r) => r,
-        None => role_for_path(&repo, &path)?,
+        None => role_for_path(&repo, &image_path)?,
     };
     let (env, _) = repo
         .role(&role)?
         .ok_or_else(|| SignerError::Usage(format!("role {role} has no metadata yet in {}", repo.dir.display())))?;
-    let custom = FirmwareCustom::image(a.version.clone(), a.hardware_class.clone(), sha256.clone())
-    .to_custom()
-    .map_err(|e| SignerError::proto("custom metadata", e))?;
-    let mut body = env.signed.clone();
-    if let Some(existing) = body.targets.get(&path) {
-        if existing.hashes.get("sha256") != Some(&sha256) || existing.length != length {
+    let mut base = FirmwareCustom::image(a.version.clone(), a.hardware_class.clone(), image_sha.clone());
+    for run in &a.health_commands {
+        base.health.push(HealthCheck::Command { run: run.clone(), timeout_secs: 60 });
+    }
+    for url in &a.health_http {
+        base.health.push(HealthCheck::Http { url: url.clone(), timeout_secs: 30 });
+    }
+    base.trial_deadline_secs = a.trial_deadline.map(|d| d.as_secs().max(1));
+    let staging = repo.dir.join(".staging");
+    std::fs::create_dir_all(&staging).map_err(|e| SignerError::io("create", &staging, e))?;
+
+    let mut artifacts = Vec::new();
+    let full = if a.zstd {
+        let path = format!("{image_path}.zst");
+        let tmp = staging.join(format!("{}.zst", image_sha));
+        let (src, dst) = (a.firmware.clone(), tmp.clone());
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let input = std::fs::File::open(&src).map_err(|e| SignerError::io("open", &src, e))?;
+            let output = std::fs::File::create(&dst).map_err(|e| SignerError::io("create", &dst, e))?;
+            let mut enc = zstd::stream::write::Encoder::new(output, 19).map_err(|e| SignerError::io("compress", &dst, e))?;
+            enc.long_distance_matching(true).map_err(|e| SignerError::io("compress", &dst, e))?;
+            enc.include_checksum(true).map_err(|e| SignerError::io("compress", &dst, e))?;
+            std::io::copy(&mut std::io::BufReader::new(input), &mut enc).map_err(|e| SignerError::io("compress", &src, e))?;
+            enc.finish().map_err(|e| SignerError::io("compress", &dst, e))?.sync_all().map_err(|e| SignerError::io("fsync", &dst, e))
+        })
+        .await
+        .map_err(|e| SignerError::Usage(format!("compression task: {e}")))??;
+        let (length, sha256) = hash_file(&tmp)?;
+        let mut custom = base.clone();
+        custom.encoding = Encoding::Zstd;
+        custom.image = Some(ImageDigest { sha256: image_sha.clone(), length: image_len });
+        Artifact { path, file: tmp, length, sha256, custom, temporary: true }
+    } else {
+        Artifact { path: image_path.clone(), file: a.firmware.clone(), length: image_len, sha256: image_sha.clone(), custom: base.clone(), temporary: false }
+    };
+    let full_path = full.path.clone();
+    artifacts.push(full);
+
+    if let (Some(from), Some(base_file)) = (&a.delta_from, &a.delta_base) {
+        // The base must be exactly what was signed for that release.
+        let signed_base = env
+            .signed
+            .targets
+            .iter()
+            .filter_map(|(p, t)| FirmwareCustom::from_custom(t.custom.as_ref(), p).ok().flatten())
+            .find(|c| c.version == *from && c.hardware_class == a.hardware_class && c.encoding != Encoding::ZstdPatch)
+            .ok_or_else(|| SignerError::Usage(format!("--delta-from {from}: no {} release {from} in role {role}", a.hardware_class)))?;
+        let (_, base_sha) = hash_file(base_file)?;
+        if base_sha != signed_base.expected_measurement.sha256 {
             return Err(SignerError::Usage(format!(
-                "{path} is already published with different content; a release version is immutable, publish a new version"
+                "--delta-base {}: sha256 {base_sha} is not the signed image of release {from} ({})",
+                base_file.display(),
+                signed_base.expected_measurement.sha256
             )));
         }
+        let (old, new) = (base_file.clone(), a.firmware.clone());
+        let patch = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
+            let old = std::fs::read(&old).map_err(|e| SignerError::io("read", &old, e))?;
+            let new = std::fs::read(&new).map_err(|e| SignerError::io("read", &new, e))?;
+            outpost_protocol::codec::make_patch(&old, &new, 19).map_err(|e| SignerError::Usage(format!("making the zstd patch: {e}")))
+        })
+        .await
+        .map_err(|e| SignerError::Usage(format!("patch task: {e}")))??;
+        let path = format!("{image_path}.from-{from}.zst-patch");
+        let tmp = staging.join(format!("{image_sha}.from-{from}.zst-patch"));
+        crate::localrepo::write_atomic(&tmp, &patch)?;
+        let mut custom = base.clone();
+        custom.encoding = Encoding::ZstdPatch;
+        custom.image = Some(ImageDigest { sha256: image_sha.clone(), length: image_len });
+        custom.delta_base = Some(Measurement { sha256: base_sha });
+        custom.full_target = Some(full_path.clone());
+        let sha256 = hex::encode(Sha256::digest(&patch));
+        artifacts.push(Artifact { path, file: tmp, length: patch.len() as u64, sha256, custom, temporary: true });
     }
-    let mut hashes = std::collections::BTreeMap::new();
-    hashes.insert("sha256".to_owned(), sha256.clone());
-    body.targets.insert(path.clone(), TargetFile { length, hashes, custom: Some(custom), extra: Default::default() });
+
+    let mut body = env.signed.clone();
+    for art in &artifacts {
+        art.custom.validate(&art.path).map_err(|e| SignerError::proto("release metadata", e))?;
+        if let Some(existing) = body.targets.get(&art.path) {
+            if existing.hashes.get("sha256") != Some(&art.sha256) || existing.length != art.length {
+                return Err(SignerError::Usage(format!(
+                    "{} is already published with different content; a release version is immutable, publish a new version",
+                    art.path
+                )));
+            }
+        }
+        let mut hashes = std::collections::BTreeMap::new();
+        hashes.insert("sha256".to_owned(), art.sha256.clone());
+        let custom = art.custom.to_custom().map_err(|e| SignerError::proto("custom metadata", e))?;
+        body.targets.insert(art.path.clone(), TargetFile { length: art.length, hashes, custom: Some(custom), extra: Default::default() });
+    }
     body.version += 1;
     let secs = a.expires.map(|d| d.as_secs().max(1)).unwrap_or(repo.settings.targets_expires_secs);
     body.expires = outpost_protocol::tuf::format_expires(repo.expires(secs));
     let bytes = repo.sign_role(&role, &body, &keys)?;
     if server.is_none() {
-        // Offline: the directory keeps the target file too.
-        let dest = repo.target_file_path(&path, &sha256);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| SignerError::io("create", parent, e))?;
+        // Offline: the directory keeps the target files too.
+        for art in &artifacts {
+            let dest = repo.target_file_path(&art.path, &art.sha256);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| SignerError::io("create", parent, e))?;
+            }
+            let tmp = dest.with_extension("partial");
+            std::fs::copy(&art.file, &tmp).map_err(|e| SignerError::io("copy target to", &tmp, e))?;
+            std::fs::rename(&tmp, &dest).map_err(|e| SignerError::io("rename", &dest, e))?;
         }
-        let tmp = dest.with_extension("partial");
-        std::fs::copy(&a.firmware, &tmp).map_err(|e| SignerError::io("copy target to", &tmp, e))?;
-        std::fs::rename(&tmp, &dest).map_err(|e| SignerError::io("rename", &dest, e))?;
     }
     repo.write_role(&role, body.version, &bytes)?;
     repo.resign_online()?;
     let pushed = match &server {
-        Some(s) => Some(crate::upload::push(&repo, s, Some((&path, &a.firmware)), out).await?),
+        Some(s) => {
+            let fresh: Vec<(&str, &std::path::Path)> = artifacts.iter().map(|a| (a.path.as_str(), a.file.as_path())).collect();
+            Some(crate::upload::push(&repo, s, &fresh, out).await?)
+        }
         None => None,
     };
+    for art in &artifacts {
+        if art.temporary {
+            let _ = std::fs::remove_file(&art.file);
+        }
+    }
+    let listed: Vec<serde_json::Value> = artifacts
+        .iter()
+        .map(|a| json!({"target": a.path, "length": a.length, "sha256": a.sha256, "encoding": a.custom.encoding}))
+        .collect();
     out.emit(
-        &json!({"target": path, "role": role, "role_version": body.version, "length": length, "sha256": sha256,
+        &json!({"target": full_path, "targets": listed, "role": role, "role_version": body.version, "length": image_len, "sha256": image_sha,
                 "hardware_class": a.hardware_class, "version": a.version, "pushed": pushed}),
         &format!(
-            "signed {path} ({length} bytes, sha256 {sha256}) into {role} v{}{}",
+            "signed {} ({image_len} byte image, sha256 {image_sha}) into {role} v{}{}",
+            artifacts.iter().map(|a| format!("{} [{} bytes]", a.path, a.length)).collect::<Vec<_>>().join(", "),
             body.version,
             match &pushed {
                 Some(p) => format!("; uploaded: {}", p["summary"].as_str().unwrap_or("")),

@@ -124,7 +124,7 @@ impl Server {
 /// Uploads whatever of the local repository the server lacks: newer roots, newer
 /// targets roles and their target files. `fresh` names a target file just published
 /// from outside the repository directory.
-pub async fn push(repo: &LocalRepo, server: &Server, fresh: Option<(&str, &Path)>, out: &Output) -> Result<Value> {
+pub async fn push(repo: &LocalRepo, server: &Server, fresh: &[(&str, &Path)], out: &Output) -> Result<Value> {
     let status = server.status().await?;
     let server_root = status.get("root_version").and_then(Value::as_u64).unwrap_or(0);
     let server_roles = status.get("roles").cloned().unwrap_or(json!({}));
@@ -142,7 +142,7 @@ pub async fn push(repo: &LocalRepo, server: &Server, fresh: Option<(&str, &Path)
     for name in repo.role_names()? {
         let Some((env, bytes)) = repo.role(&name)? else { continue };
         let theirs = server_roles.get(&name).and_then(Value::as_u64).unwrap_or(0);
-        let has_fresh = fresh.is_some_and(|(p, _)| env.signed.targets.contains_key(p));
+        let has_fresh = fresh.iter().any(|(p, _)| env.signed.targets.contains_key(*p));
         if env.signed.version < theirs || (env.signed.version == theirs && has_fresh) {
             return Err(SignerError::Usage(format!(
                 "local {name} v{} is not newer than the server's v{theirs}: this repository directory is stale. \
@@ -158,12 +158,12 @@ pub async fn push(repo: &LocalRepo, server: &Server, fresh: Option<(&str, &Path)
                 return Err(SignerError::Usage(format!("target {path} has no sha256; Outpost servers name targets by sha256")));
             };
             let served = consistent_name(path, sha);
-            if let Some((fresh_path, file)) = fresh {
-                if fresh_path == path {
+            if let Some((_, file)) = fresh.iter().find(|(p, _)| *p == path) {
+                if !server.has_target(&served).await? {
                     server.upload_target(path, file, !out.json).await?;
                     uploaded.push(path.clone());
-                    continue;
                 }
+                continue;
             }
             if server.has_target(&served).await? {
                 continue;

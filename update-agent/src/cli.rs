@@ -55,6 +55,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                 crate::updater::write_atomic(&root_file, &data)?;
             }
             let mut installer = crate::install::Installer::open(&config)?;
+            let json = cli.json;
+            installer.announce = Some(Box::new(move |r| emit(json, r)));
             if let Some(result) = installer.boot().await? {
                 emit(cli.json, &result);
             }

@@ -65,6 +65,8 @@ pub struct Installer {
     journal_file: JournalFile,
     journal: Journal,
     fetcher: Fetcher,
+    /// Called with results that would otherwise be lost to a reboot.
+    pub announce: Option<Box<dyn Fn(&PassResult) + Send>>,
 }
 
 /// Signed facts about one release version, gathered from its targets.
@@ -91,7 +93,7 @@ impl Installer {
             }
             Err(e) => return Err(e),
         };
-        Ok(Installer { config: config.clone(), boot, journal_file, journal, fetcher: Fetcher::new(config.http_timeout)? })
+        Ok(Installer { config: config.clone(), boot, journal_file, journal, fetcher: Fetcher::new(config.http_timeout)?, announce: None })
     }
 
     pub fn journal(&self) -> &Journal {
@@ -200,11 +202,15 @@ impl Installer {
         self.queue_report(&release, slot, ReportOutcome::RolledBack, Some(reason.clone()));
         self.set_phase(Phase::RolledBack { release: release.clone(), slot, reason: reason.clone() })?;
         self.boot.cancel_trial()?;
+        let result = PassResult::RolledBack { version: release.version, reason };
         if reboot && self.boot.state()?.active != slot {
-            // Running from the trial slot: boot the previous one.
+            // Running from the trial slot: say so, then boot the previous one.
+            if let Some(announce) = &self.announce {
+                announce(&result);
+            }
             return self.reboot();
         }
-        Ok(PassResult::RolledBack { version: release.version, reason })
+        Ok(result)
     }
 
     fn queue_report(&mut self, release: &Release, slot: Slot, outcome: ReportOutcome, reason: Option<String>) {
