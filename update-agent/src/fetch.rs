@@ -12,6 +12,16 @@ use outpost_protocol::hashing::MultiHasher;
 
 use crate::error::{AgentError, Result};
 
+/// Whether a verified download must survive a power cut once it is in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync the file and its directory before returning (device updates).
+    Fsync,
+    /// Atomic rename only; the OS writes the bytes back in its own time (tools and
+    /// tests that re-verify on the next run anyway, such as the conformance client).
+    OsBuffered,
+}
+
 /// Shared HTTP client. Cloning is cheap and shares the pool.
 #[derive(Clone)]
 pub struct Fetcher {
@@ -87,18 +97,21 @@ impl Fetcher {
         length: u64,
         hashes: &BTreeMap<String, String>,
         what: &str,
+        durability: Durability,
     ) -> Result<()> {
         let hasher = MultiHasher::for_expected(hashes, what).map_err(|e| AgentError::tuf(format!("download {what}"), e))?;
         let dir = dest.parent().unwrap_or(Path::new("."));
         let tmp = temp_path(dest);
-        let result = self.stream_to(url, &tmp, length, hasher, hashes, what).await;
+        let result = self.stream_to(url, &tmp, length, hasher, hashes, what, durability).await;
         match result {
             Ok(()) => {
                 std::fs::rename(&tmp, dest).map_err(|e| {
                     let _ = std::fs::remove_file(&tmp);
                     AgentError::io("rename into", dest, e)
                 })?;
-                outpost_fsio::sync_dir(dir).map_err(|e| AgentError::io("fsync", dir, e))?;
+                if durability == Durability::Fsync {
+                    outpost_fsio::sync_dir(dir).map_err(|e| AgentError::io("fsync", dir, e))?;
+                }
                 Ok(())
             }
             Err(e) => {
@@ -116,29 +129,56 @@ impl Fetcher {
         mut hasher: MultiHasher,
         hashes: &BTreeMap<String, String>,
         what: &str,
+        durability: Durability,
     ) -> Result<()> {
         let mut resp = self.start(url).await?;
         if resp.content_length().is_some_and(|l| l > length) {
             return Err(AgentError::TooLarge { url: url.to_owned(), limit: length });
         }
         let file = std::fs::File::create(tmp).map_err(|e| AgentError::io("create", tmp, e))?;
-        // Hashing and writing run on a blocking thread, fed through a bounded channel,
-        // so receiving and hashing overlap and memory stays bounded.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(32);
-        let tmp_owned: PathBuf = tmp.to_owned();
-        let writer = tokio::task::spawn_blocking(move || -> Result<MultiHasher> {
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-            for chunk in rx {
-                hasher.update(&chunk);
-                out.write_all(&chunk).map_err(|e| AgentError::io("write", &tmp_owned, e))?;
+        // A fixed pool of buffers travels network -> hasher -> writer -> back, so
+        // receiving, hashing and writing overlap, memory is bounded by the pool, and
+        // nothing is allocated per chunk.
+        let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(POOL_BUFFERS);
+        for _ in 0..POOL_BUFFERS {
+            let _ = free_tx.send(Vec::with_capacity(POOL_BUFFER_SIZE));
+        }
+        let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(POOL_BUFFERS);
+        let (write_tx, write_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(POOL_BUFFERS);
+        let hasher_task = tokio::task::spawn_blocking(move || {
+            for buf in hash_rx {
+                hasher.update(&buf);
+                if write_tx.send(buf).is_err() {
+                    break;
+                }
             }
-            let file = out.into_inner().map_err(|e| AgentError::io("write", &tmp_owned, e.into_error()))?;
-            file.sync_all().map_err(|e| AgentError::io("fsync", &tmp_owned, e))?;
-            Ok(hasher)
+            hasher
+        });
+        let tmp_owned: PathBuf = tmp.to_owned();
+        let writer = tokio::task::spawn_blocking(move || -> Result<()> {
+            let mut out = file;
+            let mut since_flush: u64 = 0;
+            for mut buf in write_rx {
+                out.write_all(&buf).map_err(|e| AgentError::io("write", &tmp_owned, e))?;
+                since_flush += buf.len() as u64;
+                if durability == Durability::Fsync && since_flush >= WRITEBACK_EVERY {
+                    // Push dirty pages out while the download goes on, so the final
+                    // fsync waits for the tail only.
+                    out.sync_data().map_err(|e| AgentError::io("fsync", &tmp_owned, e))?;
+                    since_flush = 0;
+                }
+                buf.clear();
+                let _ = free_tx.send(buf);
+            }
+            if durability == Durability::Fsync {
+                out.sync_all().map_err(|e| AgentError::io("fsync", &tmp_owned, e))?;
+            }
+            Ok(())
         });
         let mut received: u64 = 0;
         let mut failure = None;
-        loop {
+        let mut cur: Option<Vec<u8>> = None;
+        'receive: loop {
             match self.next_chunk(&mut resp, url).await {
                 Ok(Some(chunk)) => {
                     received += chunk.len() as u64;
@@ -146,8 +186,25 @@ impl Fetcher {
                         failure = Some(AgentError::TooLarge { url: url.to_owned(), limit: length });
                         break;
                     }
-                    if tx.send(chunk).is_err() {
-                        break; // writer failed; its error is reported below
+                    let mut rest: &[u8] = &chunk;
+                    while !rest.is_empty() {
+                        let mut buf = match cur.take() {
+                            Some(b) => b,
+                            None => match recv_free(&free_rx).await {
+                                Some(b) => b,
+                                None => break 'receive, // a worker failed; reported below
+                            },
+                        };
+                        let n = rest.len().min(POOL_BUFFER_SIZE - buf.len());
+                        buf.extend_from_slice(&rest[..n]);
+                        rest = &rest[n..];
+                        if buf.len() == POOL_BUFFER_SIZE {
+                            if hash_tx.send(buf).is_err() {
+                                break 'receive;
+                            }
+                        } else {
+                            cur = Some(buf);
+                        }
                     }
                 }
                 Ok(None) => break,
@@ -157,8 +214,16 @@ impl Fetcher {
                 }
             }
         }
-        drop(tx);
-        let hasher = writer
+        if let Some(buf) = cur.take() {
+            if failure.is_none() && !buf.is_empty() {
+                let _ = hash_tx.send(buf);
+            }
+        }
+        drop(hash_tx);
+        let hasher = hasher_task
+            .await
+            .map_err(|e| AgentError::Fetch { url: url.to_owned(), reason: format!("hasher task: {e}") })?;
+        writer
             .await
             .map_err(|e| AgentError::Fetch { url: url.to_owned(), reason: format!("writer task: {e}") })??;
         if let Some(e) = failure {
@@ -170,6 +235,23 @@ impl Fetcher {
         hasher.verify(hashes, what).map_err(|e| AgentError::tuf(format!("verify {what}"), e))
     }
 }
+
+const POOL_BUFFERS: usize = 8;
+const POOL_BUFFER_SIZE: usize = 1 << 20;
+
+/// Waits for a free pool buffer without blocking the runtime.
+async fn recv_free(rx: &std::sync::mpsc::Receiver<Vec<u8>>) -> Option<Vec<u8>> {
+    loop {
+        match rx.try_recv() {
+            Ok(b) => return Some(b),
+            Err(std::sync::mpsc::TryRecvError::Empty) => tokio::time::sleep(std::time::Duration::from_micros(200)).await,
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
+        }
+    }
+}
+
+/// With [`Durability::Fsync`], how much to write before pushing it to disk.
+const WRITEBACK_EVERY: u64 = 64 << 20;
 
 fn temp_path(dest: &Path) -> PathBuf {
     let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -49,7 +49,7 @@ pub async fn run(config: &AgentConfig) -> Result<UpdateReport> {
     let path = if already_present {
         Updater::local_target_path(&download_dir, &info)
     } else {
-        updater.download_target(&info, &format!("{}/targets/", config.server_url), &download_dir).await?
+        updater.download_target(&info, &format!("{}/targets/", config.server_url), &download_dir, crate::fetch::Durability::Fsync).await?
     };
     let t = updater.trusted();
     Ok(UpdateReport {

@@ -358,11 +358,17 @@ impl Updater {
     }
 
     /// Downloads a target into `target_dir`, verified, replacing any older copy.
-    pub async fn download_target(&self, info: &TargetInfo, target_base_url: &str, target_dir: &Path) -> Result<PathBuf> {
+    pub async fn download_target(
+        &self,
+        info: &TargetInfo,
+        target_base_url: &str,
+        target_dir: &Path,
+        durability: crate::fetch::Durability,
+    ) -> Result<PathBuf> {
         let url = self.target_url(info, target_base_url)?;
         let dest = Self::local_target_path(target_dir, info);
         self.fetcher
-            .download_verified(&url, &dest, info.file.length, &info.file.hashes, &format!("target {}", info.path))
+            .download_verified(&url, &dest, info.file.length, &info.file.hashes, &format!("target {}", info.path), durability)
             .await?;
         Ok(dest)
     }
