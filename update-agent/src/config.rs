@@ -27,6 +27,10 @@ struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawInstall {
+    boot_backend: Option<String>,
+    grub_env: Option<PathBuf>,
+    slot_a: Option<PathBuf>,
+    slot_b: Option<PathBuf>,
     boot_dir: Option<PathBuf>,
     trial_attempts: Option<u32>,
     trial_deadline: Option<String>,
@@ -35,9 +39,19 @@ struct RawInstall {
     check_interval: Option<String>,
 }
 
+/// Which bootloader holds the A/B state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootBackend {
+    /// Slots and environment as files in `boot_dir` (testbeds).
+    File,
+    /// A GRUB environment block and two slot paths (devices or files).
+    Grub { env: PathBuf, slot_a: PathBuf, slot_b: PathBuf },
+}
+
 /// Install settings.
 #[derive(Debug, Clone)]
 pub struct InstallConfig {
+    pub boot_backend: BootBackend,
     /// The file boot-control backend's directory (slots and boot environment).
     pub boot_dir: PathBuf,
     /// Unconfirmed boots of a trial slot before the bootloader falls back.
@@ -91,7 +105,16 @@ impl AgentConfig {
             }
         };
         let state_dir = base.join(&raw.state_dir);
+        let boot_backend = match raw.install.boot_backend.as_deref().unwrap_or("file") {
+            "file" => BootBackend::File,
+            "grub" => match (&raw.install.grub_env, &raw.install.slot_a, &raw.install.slot_b) {
+                (Some(env), Some(a), Some(b)) => BootBackend::Grub { env: base.join(env), slot_a: base.join(a), slot_b: base.join(b) },
+                _ => return Err(err("install.boot_backend = \"grub\" needs install.grub_env, install.slot_a and install.slot_b".into())),
+            },
+            other => return Err(err(format!("install.boot_backend {other:?} is not one of \"file\", \"grub\""))),
+        };
         let install = InstallConfig {
+            boot_backend,
             boot_dir: raw.install.boot_dir.map(|p| base.join(p)).unwrap_or_else(|| state_dir.join("boot")),
             trial_attempts: raw.install.trial_attempts.unwrap_or(2).max(1),
             trial_deadline: dur("trial_deadline", &raw.install.trial_deadline, Duration::from_secs(300))?,

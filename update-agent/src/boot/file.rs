@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{BootControl, BootOutcome, BootState, Slot, Trial};
+use super::{BootControl, BootOutcome, BootState, Slot};
 use crate::error::{AgentError, Result};
 
 pub struct FileBootControl {
@@ -19,7 +19,7 @@ impl FileBootControl {
         std::fs::create_dir_all(dir).map_err(|e| AgentError::io("create", dir, e))?;
         let me = FileBootControl { dir: dir.to_owned() };
         if !dir.join(ENV).exists() {
-            me.save(&BootState { active: Slot::A, trial: None, last_boot: None })?;
+            me.save(&BootState::fresh())?;
         }
         for slot in [Slot::A, Slot::B] {
             let p = me.slot_path(slot);
@@ -52,41 +52,22 @@ impl BootControl for FileBootControl {
     }
 
     fn set_trial(&mut self, slot: Slot, attempts: u32) -> Result<()> {
-        let mut s = self.state()?;
-        if slot == s.active {
-            return Err(AgentError::Usage(format!("slot {slot} is the active slot; only the inactive slot can go on trial")));
-        }
-        s.trial = Some(Trial { slot, attempts_left: attempts.max(1) });
+        let s = self.state()?.with_trial(slot, attempts)?;
         self.save(&s)
     }
 
     fn mark_good(&mut self, slot: Slot) -> Result<()> {
-        let mut s = self.state()?;
-        s.active = slot;
-        s.trial = None;
+        let s = self.state()?.marked_good(slot);
         self.save(&s)
     }
 
     fn cancel_trial(&mut self) -> Result<()> {
-        let mut s = self.state()?;
-        s.trial = None;
+        let s = self.state()?.without_trial();
         self.save(&s)
     }
 
     fn boot(&mut self) -> Result<BootOutcome> {
-        let mut s = self.state()?;
-        let outcome = match s.trial {
-            Some(Trial { slot, attempts_left }) if attempts_left > 0 => {
-                s.trial = Some(Trial { slot, attempts_left: attempts_left - 1 });
-                BootOutcome::Trial { slot, attempts_left: attempts_left - 1 }
-            }
-            Some(Trial { slot, .. }) => {
-                s.trial = None;
-                BootOutcome::TrialExhausted { failed: slot, slot: s.active }
-            }
-            None => BootOutcome::Normal { slot: s.active },
-        };
-        s.last_boot = Some(outcome);
+        let (s, outcome) = self.state()?.booted();
         self.save(&s)?;
         Ok(outcome)
     }

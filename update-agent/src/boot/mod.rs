@@ -4,6 +4,7 @@
 //! hardware U-Boot env, GRUB env or RAUC (see docs/boot-control.md).
 
 pub mod file;
+pub mod grub;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -72,6 +73,54 @@ pub struct BootState {
     pub trial: Option<Trial>,
     /// What the last boot booted.
     pub last_boot: Option<BootOutcome>,
+}
+
+impl BootState {
+    /// A device that has never updated: slot A active, nothing on trial.
+    pub fn fresh() -> Self {
+        BootState { active: Slot::A, trial: None, last_boot: None }
+    }
+
+    /// The state transitions every backend shares (a bootloader script implements
+    /// the same ones; see docs/boot-control.md).
+    pub fn with_trial(mut self, slot: Slot, attempts: u32) -> crate::error::Result<Self> {
+        if slot == self.active {
+            return Err(crate::error::AgentError::Usage(format!(
+                "slot {slot} is the active slot; only the inactive slot can go on trial"
+            )));
+        }
+        self.trial = Some(Trial { slot, attempts_left: attempts.max(1) });
+        Ok(self)
+    }
+
+    pub fn marked_good(mut self, slot: Slot) -> Self {
+        self.active = slot;
+        self.trial = None;
+        self
+    }
+
+    pub fn without_trial(mut self) -> Self {
+        self.trial = None;
+        self
+    }
+
+    /// Power-on: the trial slot while it has attempts (spending one), else the
+    /// active slot.
+    pub fn booted(mut self) -> (Self, BootOutcome) {
+        let outcome = match self.trial {
+            Some(Trial { slot, attempts_left }) if attempts_left > 0 => {
+                self.trial = Some(Trial { slot, attempts_left: attempts_left - 1 });
+                BootOutcome::Trial { slot, attempts_left: attempts_left - 1 }
+            }
+            Some(Trial { slot, .. }) => {
+                self.trial = None;
+                BootOutcome::TrialExhausted { failed: slot, slot: self.active }
+            }
+            None => BootOutcome::Normal { slot: self.active },
+        };
+        self.last_boot = Some(outcome);
+        (self, outcome)
+    }
 }
 
 /// The operations an A/B updater needs from a bootloader. Every mutation is atomic:

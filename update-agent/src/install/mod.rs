@@ -20,6 +20,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::boot::file::FileBootControl;
+use crate::boot::grub::GrubBootControl;
+use crate::config::BootBackend;
 use crate::boot::{BootControl, BootOutcome, Slot};
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
@@ -79,7 +81,10 @@ struct Candidate {
 
 impl Installer {
     pub fn open(config: &AgentConfig) -> Result<Self> {
-        let boot = Box::new(FileBootControl::open(&config.boot_dir())?);
+        let boot: Box<dyn BootControl> = match &config.install.boot_backend {
+            BootBackend::File => Box::new(FileBootControl::open(&config.boot_dir())?),
+            BootBackend::Grub { env, slot_a, slot_b } => Box::new(GrubBootControl::open(env, slot_a, slot_b)?),
+        };
         let journal_file = JournalFile::new(&config.state_dir.join("journal.json"));
         let journal = match journal_file.load() {
             Ok(j) => j,

@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Install what Outpost needs on a Debian 12 machine, as root. Idempotent and quiet:
+# a second run on a ready machine installs nothing and prints one line per step.
+#
+#   bash scripts/setup.sh
+#
+# Steps: Debian packages (only those missing), check the Rust toolchain, create the
+# Python venv at <repo>/.venv with tests/requirements.txt installed.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+
+log() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+export DEBIAN_FRONTEND=noninteractive
+
+# ---------------------------------------------------------------------------
+# 1. Debian packages
+# ---------------------------------------------------------------------------
+APT_PACKAGES=(
+  faketime      # clock control for expiry tests
+  python3-venv  # the test venv (built on Debian's python3)
+  curl          # health checks in scripts
+  openssl       # sha256 reference in the bench
+  jq            # JSON output of the CLIs in scripts
+  procps        # pkill/pgrep/ps for process handling in tests
+  time          # GNU time: /usr/bin/time -v for peak RSS
+  pkg-config    # -sys crates
+  grub-common   # grub-editenv: the GRUB boot-control backend is tested against it
+  xdelta3       # delta benchmark baseline
+)
+
+# --- Later issues: uncomment/add here (do NOT install before they are needed) ---
+# swtpm swtpm-tools libtss2-dev   # TPM 2.0 for device identity (testbeds, CI)
+# llvm-22-dev                     # bpf-linker is built against it (eBPF)
+#   + `cargo install bpf-linker`, nightly toolchain + rust-src for the BPF target
+# postgresql                      # scale-out state backend; CI starts it for its tests
+# APT_PACKAGES+=( ... )
+# ---------------------------------------------------------------------------
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  if ! dpkg -s "$pkg" >/dev/null 2>&1 \
+     || ! dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed'; then
+    missing+=("$pkg")
+  fi
+done
+
+if ((${#missing[@]})); then
+  [[ $(id -u) -eq 0 ]] || die "missing Debian packages (${missing[*]}); run this script as root"
+  command -v apt-get >/dev/null || die "apt-get not found: this script targets Debian 12"
+  log "installing Debian packages: ${missing[*]}"
+  # Update the package lists once (they may be absent or stale on a fresh machine).
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  log "Debian packages: all present"
+fi
+
+# ---------------------------------------------------------------------------
+# 2. Rust toolchain (stable, via rustup; installed with the machine)
+# ---------------------------------------------------------------------------
+if [[ -d "$HOME/.cargo/bin" && ":$PATH:" != *":$HOME/.cargo/bin:"* ]]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! cargo_version="$(cargo --version 2>/dev/null)"; then
+  die "cargo not found. Install the stable Rust toolchain with rustup (https://rustup.rs), then re-run scripts/setup.sh"
+fi
+log "Rust: $cargo_version"
+
+# ---------------------------------------------------------------------------
+# 3. Python venv for the test suite and the bench
+# ---------------------------------------------------------------------------
+REQ_FILE="tests/requirements.txt"
+mkdir -p tests
+touch "$REQ_FILE"
+# Ensure the two base requirements are present (another file may add more lines).
+ensure_req() {
+  local name="$1" line="$2"
+  if ! grep -qiE "^[[:space:]]*${name}([[:space:]]*[<>=!~;\[]|[[:space:]]*$)" "$REQ_FILE"; then
+    # keep the file newline-terminated before appending
+    if [[ -s "$REQ_FILE" && -n "$(tail -c1 "$REQ_FILE")" ]]; then echo >>"$REQ_FILE"; fi
+    echo "$line" >>"$REQ_FILE"
+    log "added '$line' to $REQ_FILE"
+  fi
+}
+ensure_req tuf 'tuf>=7,<8'
+ensure_req pytest 'pytest>=8,<9'
+
+# Debian's python3 (python3-venv is installed above); fall back to whatever python3 is on PATH.
+PYTHON_BASE="/usr/bin/python3"
+[[ -x "$PYTHON_BASE" ]] || PYTHON_BASE="$(command -v python3 || true)"
+[[ -n "$PYTHON_BASE" ]] || die "python3 not found"
+
+VENV="$REPO_ROOT/.venv"
+if [[ -d "$VENV" ]] && ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+  log "existing .venv is broken; recreating it"
+  rm -rf "$VENV"
+fi
+if [[ ! -x "$VENV/bin/python" ]]; then
+  log "creating Python venv at .venv"
+  "$PYTHON_BASE" -m venv "$VENV"
+fi
+
+# Skip pip when every requirement is already satisfied (no network needed then).
+req_satisfied() {
+  "$VENV/bin/python" - "$REQ_FILE" <<'PY' >/dev/null 2>&1
+import sys
+from importlib.metadata import PackageNotFoundError, distribution
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # packaging not yet installed: let pip decide
+    sys.exit(1)
+
+def ok(req):
+    try:
+        dist = distribution(req.name)
+    except PackageNotFoundError:
+        return False
+    if req.specifier and not req.specifier.contains(dist.version, prereleases=True):
+        return False
+    for extra in req.extras:  # check extras' own requirements too
+        for dep in dist.requires or []:
+            r = Requirement(dep)
+            if r.marker and r.marker.evaluate({"extra": extra}) and not ok(r):
+                return False
+    return True
+
+for raw in open(sys.argv[1], encoding="utf-8"):
+    line = raw.split("#", 1)[0].strip()
+    if not line:
+        continue
+    if line.startswith("-"):  # options such as -r/-e: cannot check cheaply
+        sys.exit(1)
+    req = Requirement(line)
+    if req.marker and not req.marker.evaluate():
+        continue
+    if not ok(req):
+        sys.exit(1)
+PY
+}
+
+if req_satisfied; then
+  log "Python venv: requirements already satisfied ($REQ_FILE)"
+else
+  log "installing Python requirements from $REQ_FILE into .venv"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip packaging
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQ_FILE"
+  req_satisfied || die "Python requirements still unsatisfied after pip install ($REQ_FILE)"
+fi
+
+log "done"

@@ -1,0 +1,237 @@
+//! GRUB environment block backend: the boot state lives in a `grubenv` file (the
+//! format `grub-editenv` and GRUB's `load_env`/`save_env` use: exactly 1024 bytes,
+//! the header line, `name=value` lines, `#` padding), so a `grub.cfg` fragment can
+//! choose the slot at boot (docs/boot-control.md). Slots are block devices or files
+//! named in the configuration.
+//!
+//! Variables: `outpost_active`, `outpost_trial`, `outpost_trial_left`,
+//! `outpost_booted`, `outpost_boot` (`normal` | `trial` | `exhausted`),
+//! `outpost_failed`. Other variables in the block are preserved.
+
+use std::path::{Path, PathBuf};
+
+use super::{BootControl, BootOutcome, BootState, Slot, Trial};
+use crate::error::{AgentError, Result};
+
+const SIZE: usize = 1024;
+const HEADER: &str = "# GRUB Environment Block\n";
+
+/// A parsed environment block, in file order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EnvBlock {
+    vars: Vec<(String, String)>,
+}
+
+impl EnvBlock {
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Self> {
+        let corrupt = |reason: String| AgentError::Corrupt { path: path.to_owned(), reason };
+        if bytes.len() != SIZE {
+            return Err(corrupt(format!("a GRUB environment block is {SIZE} bytes, this file has {}", bytes.len())));
+        }
+        let text = std::str::from_utf8(bytes).map_err(|e| corrupt(format!("not text: {e}")))?;
+        let body = text.strip_prefix(HEADER).ok_or_else(|| corrupt("missing '# GRUB Environment Block' header".into()))?;
+        let mut vars = Vec::new();
+        for line in body.split('\n') {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (k, v) = line.split_once('=').ok_or_else(|| corrupt(format!("line {line:?} is not name=value")))?;
+            vars.push((k.to_owned(), v.to_owned()));
+        }
+        Ok(EnvBlock { vars })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        let plain = |s: &str| s.bytes().all(|b| b.is_ascii_graphic() && b != b'\\' && b != b'=' && b != b'#');
+        if !plain(name) || !(value.is_empty() || plain(value)) {
+            return Err(AgentError::Usage(format!("GRUB variable {name}={value:?} needs escaping; only plain ASCII is written")));
+        }
+        match self.vars.iter_mut().find(|(k, _)| k == name) {
+            Some(slot) => slot.1 = value.to_owned(),
+            None => self.vars.push((name.to_owned(), value.to_owned())),
+        }
+        Ok(())
+    }
+
+    pub fn unset(&mut self, name: &str) {
+        self.vars.retain(|(k, _)| k != name);
+    }
+
+    /// The 1024-byte block.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut out = HEADER.as_bytes().to_vec();
+        for (k, v) in &self.vars {
+            out.extend_from_slice(format!("{k}={v}\n").as_bytes());
+        }
+        if out.len() > SIZE {
+            return Err(AgentError::Usage(format!("GRUB environment variables need {} bytes; the block holds {SIZE}", out.len())));
+        }
+        out.resize(SIZE, b'#');
+        Ok(out)
+    }
+}
+
+pub struct GrubBootControl {
+    env: PathBuf,
+    slots: [PathBuf; 2],
+}
+
+fn slot_name(s: Slot) -> &'static str {
+    match s {
+        Slot::A => "A",
+        Slot::B => "B",
+    }
+}
+
+fn parse_slot(v: Option<&str>, name: &str, path: &Path) -> Result<Option<Slot>> {
+    match v {
+        None | Some("") => Ok(None),
+        Some("A") => Ok(Some(Slot::A)),
+        Some("B") => Ok(Some(Slot::B)),
+        Some(other) => Err(AgentError::Corrupt { path: path.to_owned(), reason: format!("{name}={other:?} is not A or B") }),
+    }
+}
+
+impl GrubBootControl {
+    /// Opens (creating with slot A active, if absent) the environment block at `env`.
+    pub fn open(env: &Path, slot_a: &Path, slot_b: &Path) -> Result<Self> {
+        let me = GrubBootControl { env: env.to_owned(), slots: [slot_a.to_owned(), slot_b.to_owned()] };
+        if !env.exists() {
+            me.save(&BootState::fresh(), EnvBlock::default())?;
+        }
+        Ok(me)
+    }
+
+    fn load(&self) -> Result<(BootState, EnvBlock)> {
+        let bytes = std::fs::read(&self.env).map_err(|e| AgentError::io("read GRUB environment", &self.env, e))?;
+        let block = EnvBlock::parse(&bytes, &self.env)?;
+        let p = &self.env;
+        let active = parse_slot(block.get("outpost_active"), "outpost_active", p)?.unwrap_or(Slot::A);
+        let trial = match parse_slot(block.get("outpost_trial"), "outpost_trial", p)? {
+            Some(slot) => {
+                let left = block.get("outpost_trial_left").unwrap_or("0");
+                let attempts_left = left.parse().map_err(|_| AgentError::Corrupt {
+                    path: p.clone(),
+                    reason: format!("outpost_trial_left={left:?} is not a number"),
+                })?;
+                Some(Trial { slot, attempts_left })
+            }
+            None => None,
+        };
+        let booted = parse_slot(block.get("outpost_booted"), "outpost_booted", p)?;
+        let last_boot = match (block.get("outpost_boot"), booted) {
+            (Some("normal"), Some(slot)) => Some(BootOutcome::Normal { slot }),
+            (Some("trial"), Some(slot)) => Some(BootOutcome::Trial { slot, attempts_left: trial.map(|t| t.attempts_left).unwrap_or(0) }),
+            (Some("exhausted"), Some(slot)) => {
+                let failed = parse_slot(block.get("outpost_failed"), "outpost_failed", p)?.unwrap_or(slot.other());
+                Some(BootOutcome::TrialExhausted { failed, slot })
+            }
+            _ => None,
+        };
+        Ok((BootState { active, trial, last_boot }, block))
+    }
+
+    fn save(&self, s: &BootState, mut block: EnvBlock) -> Result<()> {
+        block.set("outpost_active", slot_name(s.active))?;
+        match s.trial {
+            Some(t) => {
+                block.set("outpost_trial", slot_name(t.slot))?;
+                block.set("outpost_trial_left", &t.attempts_left.to_string())?;
+            }
+            None => {
+                block.set("outpost_trial", "")?;
+                block.set("outpost_trial_left", "0")?;
+            }
+        }
+        if let Some(outcome) = s.last_boot {
+            block.set("outpost_booted", slot_name(outcome.booted()))?;
+            let kind = match outcome {
+                BootOutcome::Normal { .. } => "normal",
+                BootOutcome::Trial { .. } => "trial",
+                BootOutcome::TrialExhausted { failed, .. } => {
+                    block.set("outpost_failed", slot_name(failed))?;
+                    "exhausted"
+                }
+            };
+            block.set("outpost_boot", kind)?;
+        }
+        let bytes = block.to_bytes()?;
+        outpost_fsio::write_atomic(&self.env, &bytes).map_err(|e| AgentError::io("write GRUB environment", &self.env, e))
+    }
+}
+
+impl BootControl for GrubBootControl {
+    fn state(&self) -> Result<BootState> {
+        Ok(self.load()?.0)
+    }
+
+    fn slot_path(&self, slot: Slot) -> PathBuf {
+        match slot {
+            Slot::A => self.slots[0].clone(),
+            Slot::B => self.slots[1].clone(),
+        }
+    }
+
+    fn set_trial(&mut self, slot: Slot, attempts: u32) -> Result<()> {
+        let (s, block) = self.load()?;
+        self.save(&s.with_trial(slot, attempts)?, block)
+    }
+
+    fn mark_good(&mut self, slot: Slot) -> Result<()> {
+        let (s, block) = self.load()?;
+        self.save(&s.marked_good(slot), block)
+    }
+
+    fn cancel_trial(&mut self) -> Result<()> {
+        let (s, block) = self.load()?;
+        self.save(&s.without_trial(), block)
+    }
+
+    /// On a GRUB machine the `grub.cfg` fragment has already chosen and recorded
+    /// the slot (`outpost_booted`, `outpost_boot`); in testbeds nothing ran before
+    /// the agent, so the same transition is applied here.
+    fn boot(&mut self) -> Result<BootOutcome> {
+        let (s, block) = self.load()?;
+        let (next, outcome) = s.booted();
+        self.save(&next, block)?;
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_is_1024_bytes_and_preserves_foreign_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = dir.path().join("grubenv");
+        let mut block = EnvBlock::default();
+        block.set("saved_entry", "debian").unwrap();
+        std::fs::write(&env, block.to_bytes().unwrap()).unwrap();
+        let mut b = GrubBootControl::open(&env, &dir.path().join("a"), &dir.path().join("b")).unwrap();
+        b.set_trial(Slot::B, 2).unwrap();
+        let bytes = std::fs::read(&env).unwrap();
+        assert_eq!(bytes.len(), 1024);
+        let parsed = EnvBlock::parse(&bytes, &env).unwrap();
+        assert_eq!(parsed.get("saved_entry"), Some("debian"));
+        assert_eq!(parsed.get("outpost_trial"), Some("B"));
+        assert_eq!(b.boot().unwrap(), BootOutcome::Trial { slot: Slot::B, attempts_left: 1 });
+        b.mark_good(Slot::B).unwrap();
+        assert_eq!(b.boot().unwrap(), BootOutcome::Normal { slot: Slot::B });
+    }
+
+    #[test]
+    fn malformed_blocks_are_named_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = dir.path().join("grubenv");
+        std::fs::write(&env, b"# GRUB Environment Block\noutpost_active=C\n").unwrap();
+        let b = GrubBootControl { env: env.clone(), slots: [dir.path().join("a"), dir.path().join("b")] };
+        let err = b.state().unwrap_err().to_string();
+        assert!(err.contains("grubenv") && err.contains("1024"), "{err}");
+    }
+}
