@@ -36,7 +36,8 @@ pub fn app(state: AppState) -> Router {
         .nest_service("/metadata", ServeDir::new(state.repo.metadata_dir()))
         .layer(middleware::from_fn(metadata_cache_headers));
     let targets = Router::new()
-        .nest_service("/targets", ServeDir::new(state.repo.targets_dir()))
+        // Large reads: fewer trips to the blocking pool when streaming big images.
+        .nest_service("/targets", ServeDir::new(state.repo.targets_dir()).with_buf_chunk_size(1 << 20))
         .layer(middleware::from_fn(target_cache_headers));
     Router::new()
         .route("/healthz", get(healthz))

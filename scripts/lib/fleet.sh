@@ -1,0 +1,158 @@
+# shellcheck shell=bash
+# Helpers shared by scripts/main-job.sh and bench/bench.sh: a one-machine Outpost
+# deployment (offline keys + repository, a running outpost-server, agent configs).
+# Source it after `set -euo pipefail`; it defines functions and a few variables only.
+#
+# Callers set:
+#   OUTPOST_BIN   directory holding outpost, outpost-server, outpost-agent
+# Functions:
+#   fleet_log MSG...                  step banner on stderr
+#   fleet_die MSG...                  error and exit 1
+#   fleet_require_bins                check the three binaries exist
+#   fleet_free_port                   print a free TCP port on 127.0.0.1
+#   fleet_make_keys DIR               ed25519 keys: root1..3, targets, snapshot, timestamp, firmware
+#   fleet_init_repo REPO KEYS         repo init 2-of-3 root (snapshot/timestamp as .pub: server-held)
+#                                     + delegation 'firmware' for firmware/rpi4/*/*
+#   fleet_write_server_config FILE PORT DATA_DIR KEYS REPO
+#   fleet_create_token CONFIG NAME    print a pipeline token
+#   fleet_start_server CONFIG LOG     start `outpost-server serve` in the background; sets
+#                                     FLEET_SERVER_PID. Callers: `trap fleet_stop_server EXIT` first
+#   fleet_stop_server                 stop it (TERM, then KILL after 5 s); safe to call twice
+#   fleet_wait_healthy URL [SECS]     wait for GET URL/healthz
+#   fleet_write_agent_config FILE SERVER_URL STATE_DIR TRUSTED_ROOT HWCLASS
+
+FLEET_SERVER_PID=""
+FLEET_SERVER_LOG=""
+
+fleet_log() { printf '\n==> %s\n' "$*" >&2; }
+fleet_die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
+
+# Run one of the binaries, echoing the command line first (so the demo teaches).
+fleet_run() {
+  printf '  $ %s\n' "$*" >&2
+  "$@"
+}
+
+fleet_require_bins() {
+  local b
+  for b in outpost outpost-server outpost-agent; do
+    [[ -x "$OUTPOST_BIN/$b" ]] || fleet_die "$OUTPOST_BIN/$b not found: build with 'cargo build --release --workspace'"
+  done
+}
+
+fleet_free_port() {
+  python3 - <<'PY'
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()
+PY
+}
+
+fleet_make_keys() {
+  local dir="$1" name id
+  mkdir -p "$dir"
+  chmod 700 "$dir"
+  for name in root1 root2 root3 targets snapshot timestamp firmware; do
+    id="$("$OUTPOST_BIN/outpost" --json keys generate --out "$dir/$name.key" | jq -r '.keyid // empty')" \
+      || fleet_die "outpost keys generate --out $dir/$name.key failed"
+    [[ -n "$id" ]] || fleet_die "outpost keys generate printed no key id"
+    printf '  %-10s key id %s\n' "$name" "$id" >&2
+  done
+}
+
+fleet_init_repo() {
+  local repo="$1" keys="$2"
+  fleet_run "$OUTPOST_BIN/outpost" repo init --repo "$repo" \
+    --root-key "$keys/root1.key" --root-key "$keys/root2.key" --root-key "$keys/root3.key" \
+    --threshold 2 \
+    --targets-key "$keys/targets.key" \
+    --snapshot-key "$keys/snapshot.key.pub" \
+    --timestamp-key "$keys/timestamp.key.pub" >&2
+  fleet_run "$OUTPOST_BIN/outpost" repo delegate --repo "$repo" --role firmware \
+    --delegate-key "$keys/firmware.key" --threshold 1 \
+    --paths 'firmware/rpi4/*/*' \
+    --sign-key "$keys/targets.key" >&2
+}
+
+fleet_write_server_config() {
+  local file="$1" port="$2" data_dir="$3" keys="$4" repo="$5"
+  mkdir -p "$data_dir"
+  cat >"$file" <<EOF
+# outpost-server configuration written by $(basename "$0") (see docs/examples/server.toml)
+listen = "127.0.0.1:$port"
+data_dir = "$data_dir"
+
+[database]
+sqlite = "outpost.db"
+
+[repository]
+trusted_root = "$repo/metadata/1.root.json"
+snapshot_key = "$keys/snapshot.key"
+timestamp_key = "$keys/timestamp.key"
+EOF
+}
+
+fleet_create_token() {
+  local config="$1" name="$2" out token
+  out="$("$OUTPOST_BIN/outpost-server" --config "$config" token create --role pipeline --name "$name")" \
+    || fleet_die "outpost-server token create failed"
+  # The token is printed once; take the last word of the last non-empty line.
+  token="$(printf '%s\n' "$out" | awk 'NF { last = $NF } END { print last }')"
+  [[ -n "$token" ]] || fleet_die "outpost-server token create printed no token"
+  printf '%s\n' "$token"
+}
+
+fleet_stop_server() {
+  if [[ -n "$FLEET_SERVER_PID" ]] && kill -0 "$FLEET_SERVER_PID" 2>/dev/null; then
+    kill "$FLEET_SERVER_PID" 2>/dev/null || true
+    local i
+    for i in $(seq 1 50); do
+      kill -0 "$FLEET_SERVER_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -9 "$FLEET_SERVER_PID" 2>/dev/null || true
+    wait "$FLEET_SERVER_PID" 2>/dev/null || true
+  fi
+  FLEET_SERVER_PID=""
+}
+
+fleet_start_server() {
+  local config="$1" log="$2"
+  FLEET_SERVER_LOG="$log"
+  printf '  $ %s --config %s serve  (background, log: %s)\n' "$OUTPOST_BIN/outpost-server" "$config" "$log" >&2
+  NO_COLOR=1 "$OUTPOST_BIN/outpost-server" --config "$config" serve >"$log" 2>&1 </dev/null &
+  FLEET_SERVER_PID=$!
+}
+
+fleet_wait_healthy() {
+  local url="$1" secs="${2:-30}" i
+  for ((i = 0; i < secs * 10; i++)); do
+    if curl -fsS -o /dev/null --max-time 2 "$url/healthz" 2>/dev/null; then
+      return 0
+    fi
+    if [[ -n "$FLEET_SERVER_PID" ]] && ! kill -0 "$FLEET_SERVER_PID" 2>/dev/null; then
+      [[ -n "$FLEET_SERVER_LOG" ]] && tail -n 30 "$FLEET_SERVER_LOG" >&2
+      fleet_die "outpost-server exited before it became healthy (log above: $FLEET_SERVER_LOG)"
+    fi
+    sleep 0.1
+  done
+  [[ -n "$FLEET_SERVER_LOG" ]] && tail -n 30 "$FLEET_SERVER_LOG" >&2
+  fleet_die "outpost-server not healthy at $url/healthz after ${secs}s"
+}
+
+fleet_write_agent_config() {
+  local file="$1" server_url="$2" state_dir="$3" trusted_root="$4" hw="$5"
+  mkdir -p "$state_dir"
+  cat >"$file" <<EOF
+# outpost-agent configuration written by $(basename "$0") (see docs/examples/agent.toml)
+server_url = "$server_url"
+hardware_class = "$hw"
+state_dir = "$state_dir"
+trusted_root = "$trusted_root"
+
+[http]
+timeout = "30s"
+EOF
+}

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Set up and run the local fleet demo on embedded defaults (SQLite, local files).
+#
+#   bash scripts/main-job.sh
+#
+# Builds the release binaries, then, under <repo>/.fleet (wiped first):
+#   1. generates offline keys (3 root, targets, firmware) and online keys (snapshot, timestamp),
+#   2. creates a TUF repository (root 2-of-3) with a 'firmware' delegation for rpi4,
+#   3. starts outpost-server on a free loopback port with a pipeline token,
+#   4. publishes an 8 MiB firmware image as a signed release,
+#   5. runs `outpost-agent update` for an rpi4 device, which verifies and downloads it,
+#   6. prints what happened and checks the agent's file against the published digest.
+# Exits non-zero if any step fails. Environment:
+#   OUTPOST_SKIP_BUILD=1   use the existing target/release binaries
+#   OUTPOST_FLEET_DIR=DIR  work directory (default <repo>/.fleet)
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+exec </dev/null
+trap 'echo "main-job.sh: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
+
+[[ -d "$HOME/.cargo/bin" ]] && export PATH="$HOME/.cargo/bin:$PATH"
+OUTPOST_BIN="$REPO_ROOT/target/release"
+# shellcheck source=scripts/lib/fleet.sh
+source "$REPO_ROOT/scripts/lib/fleet.sh"
+trap fleet_stop_server EXIT
+
+FLEET="${OUTPOST_FLEET_DIR:-$REPO_ROOT/.fleet}"
+HW_CLASS="rpi4"
+VERSION="1.0.0"
+IMAGE_NAME="outpost-demo-$HW_CLASS.img"
+TARGET_PATH="firmware/$HW_CLASS/$VERSION/$IMAGE_NAME"
+
+# --------------------------------------------------------------------------- build
+if [[ "${OUTPOST_SKIP_BUILD:-0}" != 1 ]]; then
+  fleet_log "building release binaries (cargo build --release --workspace)"
+  command -v cargo >/dev/null || fleet_die "cargo not found: run 'bash scripts/setup.sh' (needs the stable Rust toolchain)"
+  for pkg in curl jq; do
+    command -v "$pkg" >/dev/null || fleet_die "$pkg not found: run 'bash scripts/setup.sh'"
+  done
+  cargo build --release --workspace
+fi
+fleet_require_bins
+
+# --------------------------------------------------------------------------- keys + repo
+fleet_log "fresh demo directory: $FLEET"
+case "$(realpath -m "$FLEET")" in
+  / | "$REPO_ROOT" | "$HOME") fleet_die "OUTPOST_FLEET_DIR=$FLEET would wipe too much; choose a scratch directory" ;;
+esac
+rm -rf "$FLEET"
+mkdir -p "$FLEET"
+KEYS="$FLEET/keys"
+REPO="$FLEET/repo"
+
+fleet_log "generating ed25519 keys (offline: root x3, targets, firmware; online: snapshot, timestamp)"
+fleet_make_keys "$KEYS"
+
+fleet_log "creating the TUF repository (root threshold 2 of 3) and the 'firmware' delegation"
+fleet_init_repo "$REPO" "$KEYS"
+
+# --------------------------------------------------------------------------- server
+PORT="$(fleet_free_port)"
+SERVER_URL="http://127.0.0.1:$PORT"
+fleet_log "starting outpost-server on $SERVER_URL"
+fleet_write_server_config "$FLEET/server.toml" "$PORT" "$FLEET/server-data" "$KEYS" "$REPO"
+# The CLI reads OUTPOST_TOKEN in place of --token (keeps the token out of the command lines shown).
+OUTPOST_TOKEN="$(fleet_create_token "$FLEET/server.toml" demo-pipeline)"
+export OUTPOST_TOKEN
+echo "  pipeline token created (${#OUTPOST_TOKEN} characters, passed as OUTPOST_TOKEN)" >&2
+fleet_start_server "$FLEET/server.toml" "$FLEET/server.log"
+fleet_wait_healthy "$SERVER_URL" 30
+echo "  healthy: $(curl -fsS "$SERVER_URL/healthz")" >&2
+
+fleet_log "pushing the offline-signed repository to the server"
+fleet_run "$OUTPOST_BIN/outpost" repo push --repo "$REPO" --server "$SERVER_URL" >&2
+
+# --------------------------------------------------------------------------- release
+fleet_log "publishing release $VERSION for $HW_CLASS (8 MiB image)"
+IMAGE="$FLEET/$IMAGE_NAME"
+head -c $((8 * 1024 * 1024)) /dev/urandom >"$IMAGE"
+IMAGE_SHA256="$(sha256sum "$IMAGE" | awk '{print $1}')"
+fleet_run "$OUTPOST_BIN/outpost" release publish --repo "$REPO" --firmware "$IMAGE" \
+  --hardware-class "$HW_CLASS" --version "$VERSION" --key "$KEYS/firmware.key" \
+  --server "$SERVER_URL" >&2
+
+# What the offline-signed metadata says (the delegated 'firmware' role signs it).
+SIGNED_SHA256="$(jq -r --arg p "$TARGET_PATH" '.signed.targets[$p].hashes.sha256 // empty' "$REPO/metadata/firmware.json")"
+SIGNED_LENGTH="$(jq -r --arg p "$TARGET_PATH" '.signed.targets[$p].length // empty' "$REPO/metadata/firmware.json")"
+[[ "$SIGNED_SHA256" == "$IMAGE_SHA256" ]] \
+  || fleet_die "firmware.json does not list $TARGET_PATH with sha256 $IMAGE_SHA256 (got '${SIGNED_SHA256}')"
+
+# --------------------------------------------------------------------------- agent
+fleet_log "running the agent for an $HW_CLASS device"
+AGENT_STATE="$FLEET/agent-state"
+fleet_write_agent_config "$FLEET/agent.toml" "$SERVER_URL" "$AGENT_STATE" "$REPO/metadata/1.root.json" "$HW_CLASS"
+AGENT_OUT="$FLEET/agent-update.json"
+fleet_run "$OUTPOST_BIN/outpost-agent" --config "$FLEET/agent.toml" update --json >"$AGENT_OUT"
+echo "  agent report ($AGENT_OUT):" >&2
+sed 's/^/    /' "$AGENT_OUT" >&2
+jq -e . "$AGENT_OUT" >/dev/null || fleet_die "outpost-agent update --json did not print JSON"
+agent() { jq -r "$1" "$AGENT_OUT"; }
+
+AGENT_FILE="$(agent '.path // empty')"
+[[ -n "$AGENT_FILE" && -f "$AGENT_FILE" ]] || fleet_die "the agent reported success but its file '$AGENT_FILE' does not exist"
+[[ "$(agent .target)" == "$TARGET_PATH" ]] || fleet_die "the agent chose $(agent .target), expected $TARGET_PATH"
+[[ "$(agent .version)" == "$VERSION" ]] || fleet_die "the agent chose version $(agent .version), expected $VERSION"
+[[ "$(agent .sha256)" == "$SIGNED_SHA256" ]] || fleet_die "the agent's sha256 $(agent .sha256) differs from the signed $SIGNED_SHA256"
+AGENT_SHA256="$(sha256sum "$AGENT_FILE" | awk '{print $1}')"
+[[ "$AGENT_SHA256" == "$IMAGE_SHA256" ]] || fleet_die "agent file $AGENT_FILE has sha256 $AGENT_SHA256, expected $IMAGE_SHA256"
+
+# --------------------------------------------------------------------------- summary
+cat <<EOF
+
+================================================================== demo summary
+Server      $SERVER_URL  (outpost-server; SQLite + files in $FLEET/server-data)
+Repository  $REPO
+            root: 2 of 3 offline keys; targets delegates firmware/rpi4/*/* to role 'firmware'
+Published   version $VERSION for hardware class $HW_CLASS
+  target    $TARGET_PATH
+  length    $SIGNED_LENGTH bytes
+  sha256    $SIGNED_SHA256
+            signed offline by the 'firmware' key; snapshot + timestamp signed by the server
+Agent       outpost-agent --config $FLEET/agent.toml update
+  trusted   $REPO/metadata/1.root.json
+  verified  root v$(agent .root_version) (2-of-3 signatures), timestamp v$(agent .timestamp_version), snapshot v$(agent .snapshot_version),
+            targets -> '$(agent .signed_by_role)' delegation; picked the newest firmware for $(agent .hardware_class):
+            version $(agent .version), $(agent .length) bytes, sha256 checked while streaming
+            (expected TPM measurement: sha256 $(agent .expected_measurement))
+  wrote     $AGENT_FILE
+sha256sum   (agent's file, then the image the pipeline published)
+  $(sha256sum "$AGENT_FILE")
+  $(sha256sum "$IMAGE")
+Result      OK: the device holds exactly the image the offline keys signed.
+EOF

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Set up the machine and run the whole test suite (what CI runs).
+#
+#   bash scripts/test.sh
+#
+# 1. scripts/setup.sh (Debian packages, Rust check, Python venv)
+# 2. cargo build --workspace --all-targets
+# 3. cargo test --workspace
+# 4. pytest on tests/ (black-box tests against the built binaries)
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+exec </dev/null   # nothing here may wait for input (CI has no stdin)
+
+step() { printf '\n==> %s\n' "$*"; }
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step "setup"
+bash scripts/setup.sh
+[[ -d "$HOME/.cargo/bin" ]] && export PATH="$HOME/.cargo/bin:$PATH"
+
+step "cargo build --workspace --all-targets"
+cargo build --workspace --all-targets
+
+step "cargo test --workspace"
+cargo test --workspace
+
+step "pytest tests/"
+set +e
+.venv/bin/python -m pytest -q tests/
+rc=$?
+set -e
+if [[ $rc -eq 5 ]]; then
+  echo "pytest collected no tests under tests/: treating this as a failure" >&2
+  exit 1
+elif [[ $rc -ne 0 ]]; then
+  echo "pytest failed (exit $rc)" >&2
+  exit "$rc"
+fi
+
+echo
+echo "test.sh: all steps passed (setup, cargo build, cargo test, pytest)"
