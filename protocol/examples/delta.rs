@@ -1,0 +1,45 @@
+//! Make or apply an Outpost delta (zstd patch) from the command line, with timings;
+//! used by bench/delta.sh.
+//!
+//!   delta make  OLD NEW PATCH [LEVEL]
+//!   delta apply OLD PATCH OUT
+
+use std::io::Write;
+use std::time::Instant;
+
+use outpost_protocol::codec::{make_patch, Decode, ImageSink};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("make") if args.len() >= 5 => {
+            let old = std::fs::read(&args[2])?;
+            let new = std::fs::read(&args[3])?;
+            let level = args.get(5).map(|l| l.parse()).transpose()?.unwrap_or(19);
+            let t = Instant::now();
+            let patch = make_patch(&old, &new, level)?;
+            let secs = t.elapsed().as_secs_f64();
+            std::fs::write(&args[4], &patch)?;
+            println!("{{\"op\":\"make\",\"seconds\":{secs:.4},\"patch_bytes\":{},\"level\":{level}}}", patch.len());
+        }
+        Some("apply") if args.len() == 5 => {
+            let old = std::fs::read(&args[2])?;
+            let patch = std::fs::read(&args[3])?;
+            let out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&args[4])?);
+            let t = Instant::now();
+            let mut d = Decode::zstd(ImageSink::new(out, u64::MAX), Some(&old))?;
+            for chunk in patch.chunks(1 << 16) {
+                d.feed(chunk)?;
+            }
+            let (mut w, sha, len) = d.finish()?;
+            w.flush()?;
+            let secs = t.elapsed().as_secs_f64();
+            println!("{{\"op\":\"apply\",\"seconds\":{secs:.4},\"bytes\":{len},\"sha256\":\"{sha}\"}}");
+        }
+        _ => {
+            eprintln!("usage: delta make OLD NEW PATCH [LEVEL] | delta apply OLD PATCH OUT");
+            std::process::exit(2);
+        }
+    }
+    Ok(())
+}
