@@ -109,6 +109,74 @@ AGENT_FILE="$(agent '.path // empty')"
 AGENT_SHA256="$(sha256sum "$AGENT_FILE" | awk '{print $1}')"
 [[ "$AGENT_SHA256" == "$IMAGE_SHA256" ]] || fleet_die "agent file $AGENT_FILE has sha256 $AGENT_SHA256, expected $IMAGE_SHA256"
 
+# --------------------------------------------------------------------------- A/B install
+# A second device installs into A/B slots: 1.1.0 committed, 1.2.0 rolled back by its
+# signed health check, 1.3.0 installed by a zstd delta from 1.1.0.
+AB="$FLEET/device-ab"
+mkdir -p "$AB"
+fleet_log "A/B device rpi4-ab-1: building three firmware images"
+python3 - "$AB" <<'PY'
+import os, sys
+d = sys.argv[1]
+body = os.urandom(12 << 20)
+def img(name, marker, body):
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(marker.ljust(32, b" ") + body)
+img("fw-1.1.0.img", b"OUTPOST-HEALTHY", body)
+img("fw-1.2.0.img", b"BROKEN-BUILD", body[: 6 << 20] + os.urandom(64 << 10) + body[6 << 20 :])
+img("fw-1.3.0.img", b"OUTPOST-HEALTHY", body[: 3 << 20] + os.urandom(16 << 10) + body[3 << 20 :])
+PY
+HEALTH='head -c 32 "$OUTPOST_SLOT_PATH" | grep -q OUTPOST-HEALTHY'
+printf '%s\n' \
+  "server_url = \"$SERVER_URL\"" \
+  "hardware_class = \"$HW_CLASS\"" \
+  'state_dir = "state"' \
+  "trusted_root = \"$REPO/metadata/1.root.json\"" \
+  'device_id = "rpi4-ab-1"' \
+  '[install]' \
+  'trial_attempts = 2' \
+  'trial_deadline = "30s"' >"$AB/agent.toml"
+ab_run() { # run the device agent once; print its JSON results, keep its log
+  "$OUTPOST_BIN/outpost-agent" --config "$AB/agent.toml" --log-level info --json run --once 2>>"$AB/agent.log"
+}
+ab_publish() { # VERSION [extra publish args]
+  local v="$1"; shift
+  fleet_run "$OUTPOST_BIN/outpost" release publish --repo "$REPO" --firmware "$AB/fw-$v.img" \
+    --hardware-class "$HW_CLASS" --version "$v" --key "$KEYS/firmware.key" --server "$SERVER_URL" \
+    --health-command "$HEALTH" --trial-deadline 30s "$@" >&2
+}
+active_slot() { jq -r .active "$AB/state/boot/bootenv.json"; }
+active_sha() { sha256sum "$AB/state/boot/slot-$(active_slot | tr AB ab).img" | awk '{print $1}'; }
+image_sha() { sha256sum "$AB/fw-$1.img" | awk '{print $1}'; }
+
+fleet_log "publishing 1.1.0 (health check: the image starts with OUTPOST-HEALTHY) and installing it"
+ab_publish 1.1.0
+OUT1="$(ab_run)"; echo "$OUT1" | sed 's/^/    /' >&2
+echo "$OUT1" | jq -se 'map(select(.result == "committed" and .version == "1.1.0")) | length == 1' >/dev/null \
+  || fleet_die "1.1.0 was not committed: $OUT1"
+[[ "$(active_sha)" == "$(image_sha 1.1.0)" ]] || fleet_die "the active slot does not hold 1.1.0"
+ACTIVE_11="$(active_slot)"
+
+fleet_log "publishing 1.2.0 (a broken build: its health check fails) - the device must roll back"
+ab_publish 1.2.0
+OUT2="$(ab_run)"; echo "$OUT2" | sed 's/^/    /' >&2
+echo "$OUT2" | jq -se 'map(select(.result == "rolled_back" and .version == "1.2.0")) | length == 1' >/dev/null \
+  || fleet_die "1.2.0 was not rolled back: $OUT2"
+[[ "$(active_slot)" == "$ACTIVE_11" ]] || fleet_die "the rollback did not return to slot $ACTIVE_11"
+[[ "$(active_sha)" == "$(image_sha 1.1.0)" ]] || fleet_die "the active slot does not hold 1.1.0 after the rollback"
+ROLLBACK_REASON="$(echo "$OUT2" | jq -sr 'map(select(.result == "rolled_back"))[0].reason')"
+
+fleet_log "publishing 1.3.0 with a delta from 1.1.0 - the device installs it by delta"
+ab_publish 1.3.0 --delta-from 1.1.0 --delta-base "$AB/fw-1.1.0.img"
+OUT3="$(ab_run)"; echo "$OUT3" | sed 's/^/    /' >&2
+echo "$OUT3" | jq -se 'map(select(.result == "committed" and .version == "1.3.0")) | length == 1' >/dev/null \
+  || fleet_die "1.3.0 was not committed: $OUT3"
+[[ "$(active_sha)" == "$(image_sha 1.3.0)" ]] || fleet_die "the active slot does not hold 1.3.0"
+DELTA_LINE="$(grep 'download verified' "$AB/agent.log" | tail -1)"
+[[ "$DELTA_LINE" == *zst-patch* ]] || fleet_die "1.3.0 was not installed by delta: $DELTA_LINE"
+DELTA_BYTES="$(echo "$DELTA_LINE" | sed -n 's/.*received=\([0-9]*\).*/\1/p')"
+REPORTS="$(curl -fsS -H "Authorization: Bearer $OUTPOST_TOKEN" "$SERVER_URL/api/v1/reports?device=rpi4-ab-1")"
+
 # --------------------------------------------------------------------------- summary
 cat <<EOF
 
@@ -132,4 +200,11 @@ sha256sum   (agent's file, then the image the pipeline published)
   $(sha256sum "$AGENT_FILE")
   $(sha256sum "$IMAGE")
 Result      OK: the device holds exactly the image the offline keys signed.
+
+A/B device  rpi4-ab-1 (file boot backend: $AB/state/boot)
+  1.1.0     installed into the inactive slot, trial boot, health check passed: committed (slot $ACTIVE_11)
+  1.2.0     installed, trial boot, health check failed: rolled back to slot $ACTIVE_11
+            reason: $ROLLBACK_REASON
+  1.3.0     installed by delta from 1.1.0: $DELTA_BYTES bytes downloaded for a $(stat -c %s "$AB/fw-1.3.0.img")-byte image; committed
+  server    install reports: $(echo "$REPORTS" | jq -c '[.reports[] | {version, outcome}]')
 EOF
