@@ -578,3 +578,424 @@ def pytest_runtest_makereport(item, call):
                      f"`{res.stderr.strip()[-400:].replace(chr(10), ' | ')}`\n")
     with open(path, "a") as f:
         f.writelines(lines)
+
+
+# ------------------------------------------ A/B installs (`outpost-agent run --once`)
+def sha256_hex(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str | None:
+    """sha256 of a file's content, None when it does not exist."""
+    import hashlib
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    return toml_str(v)
+
+
+class Device:
+    """A device: `outpost-agent --config agent.toml run --once` with the file A/B boot
+    backend (state_dir/boot/slot-a.img, slot-b.img, bootenv.json) and the install
+    journal (state_dir/journal.json). All paths in the config are relative to it, so
+    a copy of the whole work dir (`clone`) is an independent device in the same state.
+
+    `install` fills the [install] table (trial_attempts, trial_deadline, retries,
+    bandwidth_limit_bytes_per_sec, boot_dir, ...); `health` is a list of [[health]]
+    tables ({"kind": "command", "run": ..., "timeout_secs": N} and so on)."""
+
+    def __init__(self, workdir: Path, server_url: str, trusted_root: bytes, *,
+                 hardware_class: str = "rpi4", device_id: str = "device-1",
+                 timeout: str = "5s", install: dict | None = None,
+                 health: list[dict] | None = None) -> None:
+        self.exe = binary("outpost-agent")
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "provisioned-root.json").write_bytes(trusted_root)
+        self.server_url = server_url
+        self.hardware_class = hardware_class
+        self.device_id = device_id
+        self.timeout = timeout
+        self.install = dict(install or {})
+        self.health = list(health or [])
+        self.write_config()
+
+    def write_config(self, **changes) -> None:
+        """(Re)writes agent.toml; keyword arguments replace server_url, install, health."""
+        for k, v in changes.items():
+            assert k in ("server_url", "install", "health", "device_id", "timeout"), k
+            setattr(self, k, v)
+        text = (f"server_url = {toml_str(self.server_url)}\n"
+                f"hardware_class = {toml_str(self.hardware_class)}\n"
+                'state_dir = "state"\n'
+                'trusted_root = "provisioned-root.json"\n'
+                f"device_id = {toml_str(self.device_id)}\n"
+                f"\n[http]\ntimeout = {toml_str(self.timeout)}\n")
+        if self.install:
+            text += "\n[install]\n" + "".join(f"{k} = {_toml_value(v)}\n"
+                                               for k, v in self.install.items())
+        for check in self.health:
+            text += "\n[[health]]\n" + "".join(f"{k} = {_toml_value(v)}\n"
+                                                for k, v in check.items())
+        tomllib.loads(text)
+        self.config.write_text(text)
+
+    # ---- paths
+    @property
+    def config(self) -> Path:
+        return self.workdir / "agent.toml"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / "state"
+
+    @property
+    def boot_dir(self) -> Path:
+        if "boot_dir" in self.install:
+            return self.workdir / self.install["boot_dir"]
+        return self.state_dir / "boot"
+
+    @property
+    def downloads(self) -> Path:
+        return self.state_dir / "downloads"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / "journal.json"
+
+    @property
+    def bootenv_path(self) -> Path:
+        return self.boot_dir / "bootenv.json"
+
+    def slot_path(self, slot: str) -> Path:
+        return self.boot_dir / f"slot-{slot.lower()}.img"
+
+    # ---- running
+    def argv(self, as_json: bool = True, log_level: str = "info") -> list[str]:
+        argv = [str(self.exe), "--config", str(self.config), "--log-level", log_level]
+        if as_json:
+            argv.append("--json")
+        return [*argv, "run", "--once"]
+
+    def run_once(self, as_json: bool = True, timeout: float = 60, **kw) -> Result:
+        return run(self.argv(as_json), timeout=timeout, **kw)
+
+    def start(self, as_json: bool = True, tag: str = "bg") -> "RunningAgent":
+        """`run --once` in the background, in its own process group (so a SIGKILL
+        "power cut" also takes the health-check commands it started)."""
+        return RunningAgent(self.argv(as_json), self.workdir / f"{tag}.out", self.workdir / f"{tag}.err")
+
+    # ---- state on disk
+    def journal(self) -> dict | None:
+        if not self.journal_path.exists():
+            return None
+        return json.loads(self.journal_path.read_bytes())
+
+    def phase(self) -> str | None:
+        j = self.journal()
+        return None if j is None else j["phase"]["phase"]
+
+    def bootenv(self) -> dict:
+        return json.loads(self.bootenv_path.read_bytes())
+
+    def active(self) -> str:
+        return self.bootenv()["active"]
+
+    def slot_sha(self, slot: str) -> str | None:
+        return file_sha256(self.slot_path(slot))
+
+    def active_sha(self) -> str | None:
+        return self.slot_sha(self.active())
+
+    def state_summary(self) -> str:
+        """Journal, boot environment and slot digests, for failure messages."""
+        parts = []
+        for p in (self.journal_path, self.bootenv_path):
+            try:
+                parts.append(f"{p.name}: {p.read_text(errors='replace')[:1500]}")
+            except OSError as e:
+                parts.append(f"{p.name}: <{e}>")
+        for s in ("A", "B"):
+            parts.append(f"slot {s}: sha256 {self.slot_sha(s)}")
+        return "\n".join(parts)
+
+    def clone(self, dest: Path) -> "Device":
+        """An independent device in exactly this device's state (a copy of its dir)."""
+        shutil.copytree(self.workdir, dest, symlinks=True)
+        twin = Device.__new__(Device)
+        twin.__dict__.update(self.__dict__)
+        twin.workdir = dest
+        twin.install = dict(self.install)
+        twin.health = list(self.health)
+        return twin
+
+    @staticmethod
+    def results(res: Result) -> list[dict]:
+        """The JSON result lines `run --once --json` printed (one per concluded step)."""
+        out = []
+        for line in res.stdout.splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pytest.fail("`run --json` printed a line that is not JSON\n" + res.describe(),
+                                pytrace=False)
+        return out
+
+
+class RunningAgent:
+    """A background `outpost-agent ... run --once` (see Device.start)."""
+
+    def __init__(self, argv: list[str], out: Path, err: Path) -> None:
+        self.argv = argv
+        self.out, self.err = out, err
+        self._fo, self._fe = open(out, "wb"), open(err, "wb")
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(argv, stdout=self._fo, stderr=self._fe,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def power_cut(self) -> bool:
+        """SIGKILL the agent's process group now; True if it was still running."""
+        was_alive = self.proc.poll() is None
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        self._close()
+        return was_alive
+
+    def wait(self, timeout: float = 60) -> Result:
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.power_cut()
+            code = -999
+        else:
+            try:  # reap health-check commands it left behind, if any
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self._close()
+        res = Result(self.argv, code, self.out.read_text(errors="replace"),
+                     self.err.read_text(errors="replace"), time.monotonic() - self.started)
+        _COMMAND_LOG.append(res)
+        return res
+
+    def _close(self) -> None:
+        for f in (self._fo, self._fe):
+            if not f.closed:
+                f.close()
+
+
+def list_reports(server: "OutpostServer", token: str, device: str | None = None) -> list[dict]:
+    """GET /api/v1/reports (newest first)."""
+    url = f"{server.url}/api/v1/reports" + (f"?device={device}" if device else "")
+    status, body = http_get(url, token=token)
+    assert status == 200, f"GET {url} answered {status}: {body[:300]!r}"
+    return json.loads(body)["reports"]
+
+
+# ------------------------------------------------------------ HTTP proxy
+@dataclasses.dataclass
+class ProxyRequest:
+    """One request the proxy forwarded (or answered itself)."""
+    method: str
+    path: str
+    range: str | None
+    nth: int                 # how many earlier requests had the same path
+    status: int = 0
+    body_length: int = 0     # bytes the answer announced
+    sent: int = 0            # body bytes actually written to the client
+
+    @property
+    def is_target(self) -> bool:
+        return self.path.startswith("/targets/")
+
+
+@dataclasses.dataclass
+class ProxyAnswer:
+    """What the proxy sends; a `rule` may change any field. `cut_after`: close the
+    connection after that many body bytes (a dropped connection)."""
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    cut_after: int | None = None
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def set_body(self, body: bytes, status: int | None = None) -> None:
+        self.body = body
+        if status is not None:
+            self.status = status
+        self.headers = [(k, v) for k, v in self.headers if k.lower() != "content-length"]
+        self.headers.append(("Content-Length", str(len(body))))
+
+
+class Proxy:
+    """A threaded HTTP/1.0 proxy on 127.0.0.1 in front of `upstream` (base URL).
+
+    Every request is recorded in `requests`. `rule(req, answer)` (settable any time)
+    may alter the upstream answer before it is sent: other bytes, another status, a
+    connection cut after N bytes. `intercept(req)` (settable any time) may answer a
+    request itself (a ProxyAnswer) without forwarding it. `throttle` (bytes/s) paces
+    target bodies."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.server
+        import threading
+        from urllib.parse import urlsplit
+
+        self.upstream = urlsplit(upstream)
+        self.requests: list[ProxyRequest] = []
+        self.rule = None
+        self.intercept = None
+        self.throttle: int | None = None
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, format, *args):  # noqa: A002
+                pass
+
+            def do_GET(self):  # noqa: N802
+                proxy._handle(self, "GET")
+
+            def do_POST(self):  # noqa: N802
+                proxy._handle(self, "POST")
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def _handle(self, h, method: str) -> None:
+        length = int(h.headers.get("Content-Length") or 0)
+        body = h.rfile.read(length) if length else None
+        with self.lock:
+            nth = sum(1 for r in self.requests if r.path == h.path)
+            req = ProxyRequest(method, h.path, h.headers.get("Range"), nth)
+            self.requests.append(req)
+        intercept = self.intercept
+        answer = intercept(req) if intercept is not None else None
+        if answer is None:
+            answer = self._forward(h, method, body)
+        if answer.header("content-length") is None:
+            answer.set_body(answer.body)
+        rule = self.rule
+        if rule is not None:
+            rule(req, answer)
+        req.status = answer.status
+        req.body_length = len(answer.body)
+        try:
+            h.send_response(answer.status)
+            for k, v in answer.headers:
+                h.send_header(k, v)
+            h.end_headers()
+            limit = len(answer.body) if answer.cut_after is None else min(answer.cut_after,
+                                                                          len(answer.body))
+            step = 16384
+            started = time.monotonic()
+            pos = 0
+            while pos < limit:
+                chunk = answer.body[pos:min(limit, pos + step)]
+                h.wfile.write(chunk)
+                h.wfile.flush()
+                pos += len(chunk)
+                with self.lock:
+                    req.sent = pos
+                if self.throttle and req.is_target:
+                    due = pos / self.throttle - (time.monotonic() - started)
+                    if due > 0:
+                        time.sleep(due)
+            if answer.cut_after is not None:
+                import socket as _socket
+                h.close_connection = True
+                try:
+                    h.connection.shutdown(_socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _forward(self, h, method: str, body: bytes | None) -> ProxyAnswer:
+        import http.client
+        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=30)
+        try:
+            headers = {k: v for k, v in h.headers.items()
+                       if k.lower() in ("range", "authorization", "content-type", "user-agent",
+                                        "accept")}
+            conn.request(method, h.path, body=body, headers=headers)
+            up = conn.getresponse()
+            return ProxyAnswer(up.status, [(k, v) for k, v in up.getheaders()
+                                           if k.lower() not in ("connection", "transfer-encoding",
+                                                                "keep-alive")], up.read())
+        finally:
+            conn.close()
+
+    def target_requests(self, contains: str = "") -> list[ProxyRequest]:
+        with self.lock:
+            return [r for r in self.requests if r.is_target and contains in r.path]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.requests.clear()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def proxy_factory():
+    """Factory: proxy_factory(upstream_url) -> a started Proxy (stopped after the test)."""
+    proxies: list[Proxy] = []
+
+    def factory(upstream: str) -> Proxy:
+        p = Proxy(upstream)
+        proxies.append(p)
+        return p
+
+    yield factory
+    for p in proxies:
+        p.stop()
+
+
+@pytest.fixture
+def fleet(outpost_repo, outpost_server):
+    """Repository pushed to a running server: (repo, server, token). Publish with
+    repo.publish(data, version, server=server, token=token, extra=(...))."""
+    server, token = outpost_server
+    outpost_repo.cli("repo", "push", "--repo", outpost_repo.dir, "--server", server.url,
+                     "--token", token)
+    return outpost_repo, server, token

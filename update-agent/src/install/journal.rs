@@ -18,6 +18,12 @@ pub struct Release {
     /// SHA-256 and length of the image as it must land in the slot.
     pub sha256: String,
     pub length: u64,
+    /// The release's signed health checks and trial deadline, kept from the verified
+    /// metadata so a trial boot without network still runs them.
+    #[serde(default)]
+    pub health: Vec<outpost_protocol::release::HealthCheck>,
+    #[serde(default)]
+    pub trial_deadline_secs: Option<u64>,
 }
 
 /// What is being downloaded: the signed target and how its bytes become the image.
@@ -134,7 +140,14 @@ mod tests {
     use super::*;
 
     fn release() -> Release {
-        Release { target: "firmware/rpi4/1.0.0/fw.img".into(), version: "1.0.0".into(), sha256: "ab".repeat(32), length: 3 }
+        Release {
+            target: "firmware/rpi4/1.0.0/fw.img".into(),
+            version: "1.0.0".into(),
+            sha256: "ab".repeat(32),
+            length: 3,
+            health: Vec::new(),
+            trial_deadline_secs: None,
+        }
     }
 
     #[test]

@@ -91,7 +91,7 @@ impl Installer {
             Err(AgentError::Corrupt { path, reason }) => {
                 // Never guess from a corrupt journal: set it aside, keep the active
                 // slot (verified when it was committed) and start over from idle.
-                let aside = path.with_extension(format!("corrupt-{}", chrono::Utc::now().timestamp()));
+                let aside = PathBuf::from(format!("{}.corrupt-{}", path.display(), chrono::Utc::now().timestamp()));
                 tracing::error!(path = %path.display(), %reason, aside = %aside.display(), "install journal is corrupt; starting from idle on the active slot");
                 std::fs::rename(&path, &aside).map_err(|e| AgentError::io("set aside corrupt journal", &path, e))?;
                 Journal::default()
@@ -161,8 +161,11 @@ impl Installer {
             return self.roll_back(release, slot, reason, true);
         }
         let mut checks: Vec<HealthCheck> = self.config.health.clone();
-        checks.extend(self.release_checks(&release).await.unwrap_or_default());
-        let deadline = self.config.install.trial_deadline;
+        checks.extend(release.health.iter().cloned());
+        let deadline = match release.trial_deadline_secs {
+            Some(secs) => self.config.install.trial_deadline.min(std::time::Duration::from_secs(secs)),
+            None => self.config.install.trial_deadline,
+        };
         let facts = BootFacts {
             slot: slot.to_string(),
             slot_path: slot_path.display().to_string(),
@@ -176,19 +179,6 @@ impl Installer {
             }
             Err(e) => self.roll_back(release, slot, e.to_string(), true),
         }
-    }
-
-    /// Health checks signed into the release, from the locally trusted metadata.
-    async fn release_checks(&self, release: &Release) -> Result<Vec<HealthCheck>> {
-        let mut updater = Updater::new(&self.config.metadata_dir(), &self.metadata_url(), self.fetcher.clone(), chrono::Utc::now())?;
-        if let Err(e) = updater.refresh().await {
-            tracing::warn!(error = %e, "offline during trial boot: using the release's checks from trusted local metadata");
-        }
-        let info = updater.get_target_info(&release.target).await?.ok_or_else(|| AgentError::TargetNotFound(release.target.clone()))?;
-        let custom = FirmwareCustom::from_custom(info.file.custom.as_ref(), &info.path)
-            .map_err(|e| AgentError::tuf("read release metadata", e))?
-            .ok_or_else(|| AgentError::TargetNotFound(release.target.clone()))?;
-        Ok(custom.health)
     }
 
     fn commit(&mut self, release: Release, slot: Slot) -> Result<PassResult> {
@@ -290,12 +280,24 @@ impl Installer {
             version: cand.version.to_string(),
             sha256: cand.custom.expected_measurement.sha256.clone(),
             length: cand.custom.image.as_ref().map(|i| i.length).unwrap_or(cand.full.file.length),
+            health: cand.custom.health.clone(),
+            trial_deadline_secs: cand.custom.trial_deadline_secs,
         };
         if let Some(running) = &self.journal.running {
             let running_version: Option<ReleaseVersion> = running.version.parse().ok();
             if running_version.is_some_and(|v| v >= cand.version) {
                 self.write_metrics(None);
                 return Ok(PassResult::UpToDate { version: Some(running.version.clone()) });
+            }
+        }
+        if self.journal.running.is_none() {
+            // A fresh or recovered journal: what the active slot holds is a fact.
+            let active = self.boot.slot_path(self.boot.state()?.active);
+            if hash_file(&active).is_ok_and(|(sha, len)| sha == release.sha256 && len == release.length) {
+                tracing::info!(version = %release.version, "the active slot already holds the newest release");
+                self.journal.running = Some(release.clone());
+                self.set_phase(Phase::Idle)?;
+                return Ok(PassResult::UpToDate { version: Some(release.version) });
             }
         }
         if self.journal.failed.contains(&release) {
@@ -319,7 +321,18 @@ impl Installer {
         let slot = active.other();
         self.set_phase(Phase::Writing { release: release.clone(), slot })?;
         let slot_path = self.boot.slot_path(slot);
-        write_slot(&image_path, &slot_path)?;
+        let current = std::fs::metadata(&slot_path).map(|m| m.len()).unwrap_or(0);
+        if let Some(dir) = slot_path.parent() {
+            check_space(dir, release.length.saturating_sub(current))?;
+        }
+        if let Err(e) = write_slot(&image_path, &slot_path) {
+            // The inactive slot holds nothing worth keeping now; give its space back so
+            // the boot environment can still be written.
+            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&slot_path) {
+                let _ = f.set_len(0);
+            }
+            return Err(e);
+        }
         let (sha, len) = hash_file(&slot_path)?;
         if sha != release.sha256 || len != release.length {
             return Err(AgentError::ImageMismatch {
@@ -411,7 +424,18 @@ impl Installer {
                 let _ = std::fs::remove_file(&partial);
                 Ok(stats)
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                if matches!(e, AgentError::Tuf { .. } | AgentError::ImageMismatch { .. } | AgentError::TooLarge { .. }) {
+                    // The bytes can never verify: nothing of them is kept.
+                    let _ = std::fs::remove_file(&partial);
+                    let _ = std::fs::remove_file(image_path);
+                    if let Phase::Downloading { durable, .. } = &mut self.journal.phase {
+                        *durable = 0;
+                        self.journal_file.store(&self.journal)?;
+                    }
+                }
+                Err(e)
+            }
         }
     }
 

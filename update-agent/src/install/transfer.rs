@@ -118,7 +118,7 @@ pub async fn run(
     let mut stats = TransferStats { resumed_from: received, ..Default::default() };
     let started = Instant::now();
     let mut failure: Option<AgentError> = None;
-    'attempts: while received < length || stats.attempts == 0 {
+    'attempts: while received < length {
         stats.attempts += 1;
         if stats.attempts > 1 {
             let delay = backoff(opts, stats.attempts - 1);
