@@ -9,6 +9,7 @@ pub mod hashing;
 pub mod keys;
 pub mod pattern;
 pub mod release;
+pub mod report;
 pub mod tuf;
 
 pub use error::{display_chain, Error, Result};

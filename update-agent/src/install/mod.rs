@@ -31,25 +31,7 @@ use crate::updater::{TargetInfo, Updater};
 use journal::{Encoding, Journal, JournalFile, Phase, Release, Transfer};
 use transfer::{TransferOptions, TransferSpec, TransferStats};
 
-/// An install outcome reported to the server.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct Report {
-    pub device_id: String,
-    pub hardware_class: String,
-    pub target: String,
-    pub version: String,
-    pub outcome: ReportOutcome,
-    pub reason: Option<String>,
-    pub slot: Slot,
-    pub at: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReportOutcome {
-    Committed,
-    RolledBack,
-}
+pub use outpost_protocol::report::{InstallReport as Report, ReportOutcome};
 
 /// What one check-and-install pass ended with (for `--json` and the caller).
 #[derive(Debug, Clone, Serialize)]
@@ -216,7 +198,7 @@ impl Installer {
             version: release.version.clone(),
             outcome,
             reason,
-            slot,
+            slot: slot.to_string(),
             at: chrono::Utc::now().to_rfc3339(),
         });
     }
