@@ -139,9 +139,9 @@ impl Fetcher {
         // A fixed pool of buffers travels network -> hasher -> writer -> back, so
         // receiving, hashing and writing overlap, memory is bounded by the pool, and
         // nothing is allocated per chunk.
-        let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(POOL_BUFFERS);
+        let (free_tx, mut free_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(POOL_BUFFERS);
         for _ in 0..POOL_BUFFERS {
-            let _ = free_tx.send(Vec::with_capacity(POOL_BUFFER_SIZE));
+            let _ = free_tx.try_send(Vec::with_capacity(POOL_BUFFER_SIZE));
         }
         let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(POOL_BUFFERS);
         let (write_tx, write_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(POOL_BUFFERS);
@@ -168,7 +168,7 @@ impl Fetcher {
                     since_flush = 0;
                 }
                 buf.clear();
-                let _ = free_tx.send(buf);
+                let _ = free_tx.blocking_send(buf);
             }
             if durability == Durability::Fsync {
                 out.sync_all().map_err(|e| AgentError::io("fsync", &tmp_owned, e))?;
@@ -190,7 +190,7 @@ impl Fetcher {
                     while !rest.is_empty() {
                         let mut buf = match cur.take() {
                             Some(b) => b,
-                            None => match recv_free(&free_rx).await {
+                            None => match free_rx.recv().await {
                                 Some(b) => b,
                                 None => break 'receive, // a worker failed; reported below
                             },
@@ -238,17 +238,6 @@ impl Fetcher {
 
 const POOL_BUFFERS: usize = 8;
 const POOL_BUFFER_SIZE: usize = 1 << 20;
-
-/// Waits for a free pool buffer without blocking the runtime.
-async fn recv_free(rx: &std::sync::mpsc::Receiver<Vec<u8>>) -> Option<Vec<u8>> {
-    loop {
-        match rx.try_recv() {
-            Ok(b) => return Some(b),
-            Err(std::sync::mpsc::TryRecvError::Empty) => tokio::time::sleep(std::time::Duration::from_micros(200)).await,
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
-        }
-    }
-}
 
 /// With [`Durability::Fsync`], how much to write before pushing it to disk.
 const WRITEBACK_EVERY: u64 = 64 << 20;
