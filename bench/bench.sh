@@ -6,7 +6,7 @@
 # (a) publish a 1 GiB random firmware image through a running outpost-server (release
 #     build), then time `outpost-agent tuf-client download` of it over loopback; compare
 #     its throughput with `openssl dgst -sha256` on the same file; agent peak RSS;
-#     `curl -o` + `sync` of the same URL (no verification) as the transport + disk reference.
+#     `curl -o` of the same URL (no verification) as the transport + page-cache-write reference.
 # (b) a TUF repository with 10,000 targets (written with python-tuf's Metadata API,
 #     served by `python3 -m http.server` on loopback): a fresh agent
 #     `tuf-client init` + `refresh` versus python-tuf's `Updater(...).refresh()`.
@@ -121,6 +121,7 @@ for ((i = 1; i <= DOWNLOAD_RUNS; i++)); do
   echo "  download run $i/$DOWNLOAD_RUNS" >&2
   rm -rf "$DL"
   mkdir -p "$DL"
+  sync  # flush earlier runs' writes so write-back does not land inside this timed run
   "${MEASURE[@]}" time --record "$RECORD" --label agent_download --run "$i" --log "$LOG" -- \
     "$OUTPOST_BIN/outpost-agent" tuf-client --metadata-dir "$MD_A" --metadata-url "$SERVER_URL/metadata" \
     --target-name "$TARGET_PATH" --target-base-url "$SERVER_URL/targets" --target-dir "$DL" download
@@ -133,9 +134,11 @@ for ((i = 1; i <= DOWNLOAD_RUNS; i++)); do
   rm -rf "$DL"
   mkdir -p "$DL"
   # shellcheck disable=SC2016  # $1/$2 are expanded by the inner sh
+  sync  # flush earlier runs' writes so write-back does not land inside this timed run
   "${MEASURE[@]}" time --record "$RECORD" --label curl_download --run "$i" --log "$LOG" -- \
-    sh -c 'curl -fsS -o "$1" "$2" && sync "$1"' sh "$DL/curl.img" "$SERVER_URL/targets/$SERVED_PATH"
+    sh -c 'curl -fsS -o "$1" "$2"' sh "$DL/curl.img" "$SERVER_URL/targets/$SERVED_PATH"
   echo "  openssl run $i/$DOWNLOAD_RUNS" >&2
+  sync  # flush earlier runs' writes so write-back does not land inside this timed run
   "${MEASURE[@]}" time --record "$RECORD" --label openssl_sha256 --run "$i" --log "$LOG" -- \
     openssl dgst -sha256 "$IMAGE"
 done
