@@ -30,10 +30,13 @@ APT_PACKAGES=(
   pkg-config    # -sys crates
   grub-common   # grub-editenv: the GRUB boot-control backend is tested against it
   xdelta3       # delta benchmark baseline
+  swtpm         # software TPM 2.0: one per device in tests, testbeds and the main job
+  swtpm-tools   # swtpm_setup: manufactures a TPM's state (EK, EK certificate)
+  libtss2-dev   # TPM2 Software Stack that tss-esapi links (Debian 12: 3.2)
+  tpm2-tools    # tpm2_* commands used by tests to inspect a device's TPM independently
 )
 
 # --- Later issues: uncomment/add here (do NOT install before they are needed) ---
-# swtpm swtpm-tools libtss2-dev   # TPM 2.0 for device identity (testbeds, CI)
 # llvm-22-dev                     # bpf-linker is built against it (eBPF)
 #   + `cargo install bpf-linker`, nightly toolchain + rust-src for the BPF target
 # postgresql                      # scale-out state backend; CI starts it for its tests

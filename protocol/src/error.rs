@@ -46,6 +46,10 @@ pub enum Error {
     #[error("cannot build metadata: {0}")]
     Build(String),
 
+    /// A TPM structure, quote or measurement log that is malformed or does not verify.
+    #[error("TPM {what}: {reason}")]
+    Tpm { what: String, reason: String },
+
     /// Programming-order error in the trusted set (e.g. timestamp before root is final).
     #[error("TUF workflow order: {0}")]
     Order(String),

@@ -17,6 +17,15 @@ struct Raw {
     #[serde(default)]
     database: RawDb,
     repository: RawRepo,
+    #[serde(default)]
+    attestation: RawAttestation,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAttestation {
+    nonce_lifetime: Option<String>,
+    challenge_lifetime: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -49,6 +58,10 @@ pub struct ServerConfig {
     pub timestamp_expiry: Duration,
     pub resign_interval: Duration,
     pub max_upload_bytes: u64,
+    /// How long a check-in nonce may be used (once).
+    pub nonce_lifetime: Duration,
+    /// How long an enrollment challenge (credential) may be answered.
+    pub challenge_lifetime: Duration,
 }
 
 impl ServerConfig {
@@ -77,6 +90,16 @@ impl ServerConfig {
                 timestamp_expiry.min(snapshot_expiry)
             )));
         }
+        let adur = |name: &str, v: &Option<String>, default: Duration| -> Result<Duration, ServerError> {
+            match v {
+                None => Ok(default),
+                Some(s) => humantime::parse_duration(s)
+                    .map_err(|e| err(format!("attestation.{name} {s:?}: {e}")))
+                    .and_then(|d| if d.is_zero() { Err(err(format!("attestation.{name} must be more than 0s"))) } else { Ok(d) }),
+            }
+        };
+        let nonce_lifetime = adur("nonce_lifetime", &raw.attestation.nonce_lifetime, Duration::from_secs(60))?;
+        let challenge_lifetime = adur("challenge_lifetime", &raw.attestation.challenge_lifetime, Duration::from_secs(300))?;
         let data_dir = base.join(&raw.data_dir);
         let sqlite_path = data_dir.join(raw.database.sqlite.unwrap_or_else(|| PathBuf::from("outpost.db")));
         Ok(ServerConfig {
@@ -90,6 +113,8 @@ impl ServerConfig {
             timestamp_expiry,
             resign_interval,
             max_upload_bytes: raw.repository.max_upload_bytes.unwrap_or(64 << 30),
+            nonce_lifetime,
+            challenge_lifetime,
         })
     }
 }

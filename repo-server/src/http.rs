@@ -28,6 +28,8 @@ pub struct AppState {
     pub repo: Arc<Repository>,
     pub store: Arc<Store>,
     pub max_upload_bytes: u64,
+    pub nonce_lifetime: std::time::Duration,
+    pub challenge_lifetime: std::time::Duration,
 }
 
 /// The whole application router.
@@ -42,6 +44,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .merge(repository_api())
+        .merge(crate::devices::api())
         .merge(metadata)
         .merge(targets)
         .with_state(state)
@@ -111,7 +114,7 @@ impl FromRequestParts<AppState> for Auth {
 }
 
 impl Auth {
-    fn require(&self, role: TokenRole) -> Result<(), ApiError> {
+    pub(crate) fn require(&self, role: TokenRole) -> Result<(), ApiError> {
         if self.0.role == role {
             Ok(())
         } else {

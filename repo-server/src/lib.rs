@@ -2,6 +2,7 @@
 //! from pipelines, and keeps snapshot and timestamp fresh with its online keys.
 
 pub mod config;
+pub mod devices;
 pub mod error;
 pub mod http;
 pub mod repository;
@@ -18,7 +19,13 @@ pub use http::{app, AppState};
 pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let repo = Arc::new(repository::Repository::open(&config)?);
     let store = Arc::new(store::Store::open(&config.sqlite_path)?);
-    let state = AppState { repo: repo.clone(), store: store.clone(), max_upload_bytes: config.max_upload_bytes };
+    let state = AppState {
+        repo: repo.clone(),
+        store: store.clone(),
+        max_upload_bytes: config.max_upload_bytes,
+        nonce_lifetime: config.nonce_lifetime,
+        challenge_lifetime: config.challenge_lifetime,
+    };
     let resign_repo = repo.clone();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

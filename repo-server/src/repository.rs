@@ -196,6 +196,24 @@ impl Repository {
         remove_partial_uploads(&self.staging_dir);
     }
 
+    /// Every expected measurement (image SHA-256) the offline-signed release metadata
+    /// names for `hardware_class`, with the target that names it. Roles reach the state
+    /// only after their signatures and delegated paths verified on publish.
+    pub async fn expected_measurements(&self, hardware_class: &str) -> BTreeMap<String, String> {
+        let st = self.state.lock().await;
+        let mut out = BTreeMap::new();
+        for env in st.roles.values() {
+            for (path, file) in &env.signed.targets {
+                if let Ok(Some(custom)) = outpost_protocol::release::FirmwareCustom::from_custom(file.custom.as_ref(), path) {
+                    if custom.hardware_class.as_str() == hardware_class {
+                        out.entry(custom.expected_measurement.sha256.clone()).or_insert_with(|| path.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
     pub async fn status(&self) -> RepositoryStatus {
         let st = self.state.lock().await;
         RepositoryStatus {

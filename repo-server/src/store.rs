@@ -1,5 +1,6 @@
-//! State store (SQLite, embedded): API tokens, stored hashed, and the append-only
-//! log of publishes and online re-signs.
+//! State store (SQLite, embedded): API tokens, stored hashed; the append-only log of
+//! publishes, online re-signs and admin actions; devices, their enrollment and
+//! attestation records.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -78,6 +79,60 @@ CREATE TABLE IF NOT EXISTS install_reports (
     reported_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS install_reports_device ON install_reports (device_id, id);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    token_sha256 TEXT PRIMARY KEY,
+    hardware_class TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_at TEXT,
+    used_by TEXT
+);
+CREATE TABLE IF NOT EXISTS enrollment_challenges (
+    id TEXT PRIMARY KEY,
+    token_sha256 TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    hardware_class TEXT NOT NULL,
+    ek_public BLOB NOT NULL,
+    ek_certificate BLOB,
+    ak_public BLOB NOT NULL,
+    secret_sha256 TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'open' CHECK (state IN ('open', 'completed', 'failed'))
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    hardware_class TEXT NOT NULL,
+    ek_public BLOB NOT NULL,
+    ek_certificate BLOB,
+    ak_public BLOB NOT NULL,
+    enrolled_at TEXT NOT NULL,
+    last_checkin_at TEXT,
+    slot TEXT,
+    version TEXT,
+    image_sha256 TEXT,
+    health TEXT,
+    attestation TEXT NOT NULL DEFAULT 'pending' CHECK (attestation IN ('pending', 'attested', 'failed')),
+    attestation_reason TEXT,
+    attested_at TEXT
+);
+CREATE TABLE IF NOT EXISTS nonces (
+    nonce TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS attestations (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    at TEXT NOT NULL,
+    verdict TEXT NOT NULL CHECK (verdict IN ('attested', 'failed')),
+    reason TEXT,
+    slot TEXT,
+    version TEXT,
+    image_sha256 TEXT
+);
+CREATE INDEX IF NOT EXISTS attestations_device ON attestations (device_id, id);
 CREATE TABLE IF NOT EXISTS repository_log (
     id INTEGER PRIMARY KEY,
     at TEXT NOT NULL,
@@ -86,6 +141,74 @@ CREATE TABLE IF NOT EXISTS repository_log (
     detail TEXT NOT NULL
 );
 ";
+
+/// A new enrollment challenge, before the device proves it.
+pub struct NewChallenge<'a> {
+    pub id: &'a str,
+    pub token: &'a str,
+    pub device_id: &'a str,
+    pub hardware_class: &'a str,
+    pub ek_public: &'a [u8],
+    pub ek_certificate: Option<&'a [u8]>,
+    pub ak_public: &'a [u8],
+    pub secret_sha256: &'a str,
+    pub expires_at: i64,
+}
+
+/// Why an enrollment step is refused (each maps to an API error).
+#[derive(Debug)]
+pub enum EnrollRefusal {
+    UnknownToken,
+    TokenUsed,
+    TokenExpired(i64),
+    WrongClass { token: String },
+    UnknownChallenge,
+    ChallengeClosed(String),
+    ChallengeExpired,
+    WrongSecret,
+}
+
+/// A device's record.
+#[derive(Debug, Clone, Serialize)]
+pub struct Device {
+    pub device_id: String,
+    pub hardware_class: String,
+    #[serde(skip)]
+    pub ak_public: Vec<u8>,
+    pub has_ek_certificate: bool,
+    pub enrolled_at: String,
+    pub last_checkin_at: Option<String>,
+    pub slot: Option<String>,
+    pub version: Option<String>,
+    pub image_sha256: Option<String>,
+    pub health: Option<String>,
+    pub attestation: String,
+    pub attestation_reason: Option<String>,
+    pub attested_at: Option<String>,
+    /// The latest attestation failed: nothing may be assigned to this device.
+    pub quarantined: bool,
+}
+
+/// Why a nonce cannot be used.
+#[derive(Debug)]
+pub enum NonceRefusal {
+    Unknown,
+    OtherDevice,
+    Used,
+    Expired(i64),
+}
+
+/// One check-in's outcome, recorded with the device's state.
+pub struct CheckinRecord<'a> {
+    pub device_id: &'a str,
+    pub verdict: &'a str,
+    pub reason: Option<&'a str>,
+    pub slot: &'a str,
+    pub version: Option<&'a str>,
+    pub image_sha256: Option<&'a str>,
+    pub health: &'a str,
+    pub reports: &'a [InstallReport],
+}
 
 fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -129,6 +252,201 @@ impl Store {
             })
             .optional()?;
         Ok(row.and_then(|(name, role)| TokenRole::parse(&role).map(|role| Principal { name, role })))
+    }
+
+    /// A one-time enrollment token for `hardware_class`, valid until `expires_at` (Unix s).
+    pub fn create_enrollment_token(&self, hardware_class: &str, created_by: &str, expires_at: i64) -> Result<String, ServerError> {
+        let mut raw = [0u8; 32];
+        getrandom::getrandom(&mut raw).map_err(|e| ServerError::State(format!("no randomness: {e}")))?;
+        let token = format!("ote_{}", hex::encode(raw));
+        self.conn().execute(
+            "INSERT INTO enrollment_tokens (token_sha256, hardware_class, created_by, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![hash_token(&token), hardware_class, created_by, chrono::Utc::now().to_rfc3339(), expires_at],
+        )?;
+        Ok(token)
+    }
+
+    /// Checks an enrollment token (unused, unexpired, for this class) and records the
+    /// challenge made for it. The token is consumed only when the device proves itself.
+    pub fn open_challenge(&self, c: &NewChallenge<'_>, now: i64) -> Result<Result<(), EnrollRefusal>, ServerError> {
+        let conn = self.conn();
+        let row: Option<(String, i64, Option<String>)> = conn
+            .query_row(
+                "SELECT hardware_class, expires_at, used_at FROM enrollment_tokens WHERE token_sha256 = ?1",
+                params![hash_token(c.token)],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let refusal = match row {
+            None => Some(EnrollRefusal::UnknownToken),
+            Some((_, _, Some(_))) => Some(EnrollRefusal::TokenUsed),
+            Some((_, exp, None)) if exp <= now => Some(EnrollRefusal::TokenExpired(exp)),
+            Some((class, _, None)) if class != c.hardware_class => Some(EnrollRefusal::WrongClass { token: class }),
+            Some(_) => None,
+        };
+        if let Some(r) = refusal {
+            return Ok(Err(r));
+        }
+        conn.execute(
+            "INSERT INTO enrollment_challenges (id, token_sha256, device_id, hardware_class, ek_public, ek_certificate, ak_public, secret_sha256, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![c.id, hash_token(c.token), c.device_id, c.hardware_class, c.ek_public, c.ek_certificate, c.ak_public, c.secret_sha256, c.expires_at],
+        )?;
+        Ok(Ok(()))
+    }
+
+    /// Completes a challenge with the secret the device's TPM recovered: in one
+    /// transaction the challenge closes, the token is consumed and the device is
+    /// recorded (a re-enrolled device gets its new AK and starts over as pending).
+    /// A wrong secret closes the challenge for good.
+    pub fn complete_challenge(&self, id: &str, secret_sha256: &str, now: i64) -> Result<Result<(String, String), EnrollRefusal>, ServerError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let row: Option<(String, String, String, Vec<u8>, Option<Vec<u8>>, Vec<u8>, String, i64, String)> = tx
+            .query_row(
+                "SELECT token_sha256, device_id, hardware_class, ek_public, ek_certificate, ak_public, secret_sha256, expires_at, state
+                 FROM enrollment_challenges WHERE id = ?1",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)),
+            )
+            .optional()?;
+        let Some((token, device_id, class, ek, ek_cert, ak, want, expires, state)) = row else {
+            return Ok(Err(EnrollRefusal::UnknownChallenge));
+        };
+        if state != "open" {
+            return Ok(Err(EnrollRefusal::ChallengeClosed(state)));
+        }
+        if expires <= now {
+            return Ok(Err(EnrollRefusal::ChallengeExpired));
+        }
+        if want != secret_sha256 {
+            tx.execute("UPDATE enrollment_challenges SET state = 'failed' WHERE id = ?1", params![id])?;
+            tx.commit()?;
+            return Ok(Err(EnrollRefusal::WrongSecret));
+        }
+        let consumed = tx.execute(
+            "UPDATE enrollment_tokens SET used_at = ?1, used_by = ?2 WHERE token_sha256 = ?3 AND used_at IS NULL",
+            params![chrono::Utc::now().to_rfc3339(), device_id, token],
+        )?;
+        if consumed != 1 {
+            return Ok(Err(EnrollRefusal::TokenUsed));
+        }
+        tx.execute("UPDATE enrollment_challenges SET state = 'completed' WHERE id = ?1", params![id])?;
+        tx.execute(
+            "INSERT INTO devices (device_id, hardware_class, ek_public, ek_certificate, ak_public, enrolled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (device_id) DO UPDATE SET hardware_class = excluded.hardware_class, ek_certificate = excluded.ek_certificate,
+               ak_public = excluded.ak_public, enrolled_at = excluded.enrolled_at, attestation = 'pending', attestation_reason = NULL",
+            params![device_id, class, ek, ek_cert, ak, chrono::Utc::now().to_rfc3339()],
+        )?;
+        tx.commit()?;
+        Ok(Ok((device_id, class)))
+    }
+
+    fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
+        let attestation: String = r.get(9)?;
+        Ok(Device {
+            device_id: r.get(0)?,
+            hardware_class: r.get(1)?,
+            ak_public: r.get(2)?,
+            has_ek_certificate: r.get::<_, Option<Vec<u8>>>(3)?.is_some(),
+            enrolled_at: r.get(4)?,
+            last_checkin_at: r.get(5)?,
+            slot: r.get(6)?,
+            version: r.get(7)?,
+            image_sha256: r.get(8)?,
+            quarantined: attestation == "failed",
+            attestation,
+            attestation_reason: r.get(10)?,
+            attested_at: r.get(11)?,
+            health: r.get(12)?,
+        })
+    }
+
+    const DEVICE_COLUMNS: &'static str = "device_id, hardware_class, ak_public, ek_certificate, enrolled_at, last_checkin_at, slot, version, image_sha256, attestation, attestation_reason, attested_at, health";
+
+    pub fn device(&self, id: &str) -> Result<Option<Device>, ServerError> {
+        let sql = format!("SELECT {} FROM devices WHERE device_id = ?1", Self::DEVICE_COLUMNS);
+        Ok(self.conn().query_row(&sql, params![id], Self::device_from_row).optional()?)
+    }
+
+    pub fn devices(&self) -> Result<Vec<Device>, ServerError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {} FROM devices ORDER BY device_id", Self::DEVICE_COLUMNS))?;
+        let rows = stmt.query_map([], Self::device_from_row)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// A single-use nonce for `device_id`, valid until `expires_at`; expired ones go.
+    pub fn issue_nonce(&self, device_id: &str, expires_at: i64, now: i64) -> Result<String, ServerError> {
+        let mut raw = [0u8; 32];
+        getrandom::getrandom(&mut raw).map_err(|e| ServerError::State(format!("no randomness: {e}")))?;
+        let nonce = hex::encode(raw);
+        let conn = self.conn();
+        conn.execute("DELETE FROM nonces WHERE expires_at < ?1", params![now - 3600])?;
+        conn.execute("INSERT INTO nonces (nonce, device_id, expires_at) VALUES (?1, ?2, ?3)", params![nonce, device_id, expires_at])?;
+        Ok(nonce)
+    }
+
+    /// Uses a nonce up: it must have been issued to `device_id`, be unused and unexpired.
+    pub fn consume_nonce(&self, nonce: &str, device_id: &str, now: i64) -> Result<Result<(), NonceRefusal>, ServerError> {
+        let conn = self.conn();
+        let row: Option<(String, i64, i64)> = conn
+            .query_row("SELECT device_id, expires_at, used FROM nonces WHERE nonce = ?1", params![nonce], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        let refusal = match row {
+            None => Some(NonceRefusal::Unknown),
+            Some((d, _, _)) if d != device_id => Some(NonceRefusal::OtherDevice),
+            Some((_, _, used)) if used != 0 => Some(NonceRefusal::Used),
+            Some((_, exp, _)) if exp <= now => Some(NonceRefusal::Expired(exp)),
+            Some(_) => None,
+        };
+        if let Some(r) = refusal {
+            return Ok(Err(r));
+        }
+        // The guarded update makes use-once hold under concurrent check-ins too.
+        let n = conn.execute("UPDATE nonces SET used = 1 WHERE nonce = ?1 AND used = 0", params![nonce])?;
+        Ok(if n == 1 { Ok(()) } else { Err(NonceRefusal::Used) })
+    }
+
+    /// Records a check-in: the verdict (history and latest), the device's reported
+    /// state and the install reports it carried, in one transaction.
+    pub fn record_checkin(&self, c: &CheckinRecord<'_>) -> Result<(), ServerError> {
+        let now = chrono::Utc::now().to_rfc3339();
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO attestations (device_id, at, verdict, reason, slot, version, image_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![c.device_id, now, c.verdict, c.reason, c.slot, c.version, c.image_sha256],
+        )?;
+        tx.execute(
+            "UPDATE devices SET last_checkin_at = ?1, slot = ?2, version = ?3, image_sha256 = ?4, health = ?5,
+               attestation = ?6, attestation_reason = ?7, attested_at = ?1 WHERE device_id = ?8",
+            params![now, c.slot, c.version, c.image_sha256, c.health, c.verdict, c.reason, c.device_id],
+        )?;
+        for r in c.reports {
+            tx.execute(
+                "INSERT INTO install_reports (received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![now, r.device_id, r.hardware_class, r.target, r.version, r.outcome.as_str(), r.reason, r.slot, r.at],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn attestations(&self, device_id: &str, limit: u32) -> Result<Vec<serde_json::Value>, ServerError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT at, verdict, reason, slot, version, image_sha256 FROM attestations WHERE device_id = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![device_id, limit], |r| {
+            Ok(serde_json::json!({
+                "at": r.get::<_, String>(0)?, "verdict": r.get::<_, String>(1)?, "reason": r.get::<_, Option<String>>(2)?,
+                "slot": r.get::<_, Option<String>>(3)?, "version": r.get::<_, Option<String>>(4)?,
+                "image_sha256": r.get::<_, Option<String>>(5)?,
+            }))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
     pub fn log(&self, actor: &str, action: &str, detail: &serde_json::Value) -> Result<(), ServerError> {

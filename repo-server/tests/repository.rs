@@ -232,7 +232,13 @@ async fn http_serves_repository_with_ranges_cache_headers_and_auth() {
     let repo = std::sync::Arc::new(published(&f).await);
     let store = std::sync::Arc::new(Store::open(&f.config.sqlite_path).unwrap());
     let viewer = store.create_token("dash", TokenRole::Viewer).unwrap();
-    let app = app(AppState { repo, store, max_upload_bytes: 1 << 20 });
+    let app = app(AppState {
+        repo,
+        store,
+        max_upload_bytes: 1 << 20,
+        nonce_lifetime: std::time::Duration::from_secs(60),
+        challenge_lifetime: std::time::Duration::from_secs(300),
+    });
 
     let (s, _, body) = call(app.clone(), Request::get("/healthz").body(Body::empty()).unwrap()).await;
     assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&body));

@@ -39,6 +39,9 @@ pub enum Command {
     /// Publish signed releases.
     #[command(subcommand)]
     Release(crate::release_cmd::ReleaseCommand),
+    /// Devices: enrollment tokens, the fleet's attestation state (operator API).
+    #[command(subcommand)]
+    Device(crate::device_cmd::DeviceCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,6 +81,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Repo(cmd) => crate::repo_cmd::run(cmd, &out).await,
+        Command::Device(cmd) => crate::device_cmd::run(cmd, &out).await,
         Command::Release(cmd) => crate::release_cmd::run(cmd, &out).await,
     }
 }

@@ -2,6 +2,7 @@
 //! releases, and upload to `outpost-server`.
 
 pub mod cli;
+pub mod device_cmd;
 pub mod error;
 pub mod keyfile;
 pub mod localrepo;

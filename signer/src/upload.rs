@@ -61,6 +61,26 @@ fn http_err(url: &str, e: reqwest::Error) -> SignerError {
 }
 
 impl Server {
+    /// GET an admin API path (e.g. `/api/v1/devices`) with the bearer token.
+    pub async fn get_json(&self, what: &str, path: &str) -> Result<Value> {
+        let url = format!("{}{path}", self.url);
+        let resp = self.client.get(&url).bearer_auth(&self.token).send().await.map_err(|e| http_err(&url, e))?;
+        if !resp.status().is_success() {
+            return Err(refused(what, resp).await);
+        }
+        resp.json().await.map_err(|e| http_err(&url, e))
+    }
+
+    /// POST a JSON body to an admin API path with the bearer token.
+    pub async fn post_json(&self, what: &str, path: &str, body: &Value) -> Result<Value> {
+        let url = format!("{}{path}", self.url);
+        let resp = self.client.post(&url).bearer_auth(&self.token).json(body).send().await.map_err(|e| http_err(&url, e))?;
+        if !resp.status().is_success() {
+            return Err(refused(what, resp).await);
+        }
+        resp.json().await.map_err(|e| http_err(&url, e))
+    }
+
     async fn status(&self) -> Result<Value> {
         let url = format!("{}/api/v1/repository", self.url);
         let resp = self.client.get(&url).bearer_auth(&self.token).send().await.map_err(|e| http_err(&url, e))?;

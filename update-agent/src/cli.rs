@@ -38,6 +38,16 @@ pub enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Enroll this device with the server: EK and a new attestation key from the TPM,
+    /// proven resident together by credential activation.
+    Enroll {
+        /// One-time enrollment token (`outpost device token create`).
+        #[arg(long, env = "OUTPOST_ENROLL_TOKEN")]
+        token: String,
+    },
+    /// One attested check-in (nonce, quote over the measurement PCR, event log, state)
+    /// and the server's verdict.
+    Checkin,
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
@@ -62,6 +72,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             loop {
                 installer.flush_reports().await;
+                match installer.checkin().await {
+                    Ok(Some(v)) => emit_verdict(cli.json, &v),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %outpost_protocol::display_chain(&e), "attested check-in failed"),
+                }
                 match installer.check_and_install().await {
                     Ok(result) => emit(cli.json, &result),
                     Err(e) if once => return Err(e),
@@ -72,6 +87,28 @@ pub async fn run(cli: Cli) -> Result<()> {
                     return Ok(());
                 }
                 tokio::time::sleep(config.install.check_interval).await;
+            }
+        }
+        Command::Enroll { token } => {
+            let config = AgentConfig::load(&cli.config)?;
+            std::fs::create_dir_all(&config.state_dir).map_err(|e| crate::error::AgentError::io("create", &config.state_dir, e))?;
+            let enrolled = crate::attest::enroll(&config, &token).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string(&enrolled).unwrap_or_default());
+            } else {
+                println!("enrolled as {} (hardware class {})", enrolled.device_id, enrolled.hardware_class);
+            }
+            Ok(())
+        }
+        Command::Checkin => {
+            let config = AgentConfig::load(&cli.config)?;
+            let mut installer = crate::install::Installer::open(&config)?;
+            match installer.checkin().await? {
+                Some(v) => {
+                    emit_verdict(cli.json, &v);
+                    Ok(())
+                }
+                None => Err(crate::error::AgentError::Usage("not enrolled (or no [tpm] section): nothing to check in with".into())),
             }
         }
         Command::Update => {
@@ -111,5 +148,16 @@ fn emit(json: bool, result: &crate::install::PassResult) {
         PassResult::SkippedFailedRelease { version } => println!("release {version} was rolled back on this device; waiting for a newer one"),
         PassResult::Committed { version, slot } => println!("committed {version} in slot {slot}"),
         PassResult::RolledBack { version, reason } => println!("rolled back {version}: {reason}"),
+        PassResult::Quarantined { reason } => println!("quarantined by the server, not installing: {reason}"),
+    }
+}
+
+fn emit_verdict(json: bool, v: &outpost_protocol::attest::CheckinVerdict) {
+    if json {
+        println!("{}", serde_json::to_string(v).unwrap_or_default());
+    } else if v.verdict == "attested" {
+        println!("check-in attested ({})", v.device_id);
+    } else {
+        println!("check-in {}: {}{}", v.verdict, v.reason.as_deref().unwrap_or(""), if v.quarantined { " (quarantined)" } else { "" });
     }
 }

@@ -22,6 +22,23 @@ struct RawConfig {
     install: RawInstall,
     #[serde(default)]
     health: Vec<HealthCheck>,
+    tpm: Option<RawTpm>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTpm {
+    tcti: String,
+    pcr: Option<u32>,
+}
+
+/// The device's TPM: how to reach it and which PCR the boot step measures into.
+#[derive(Debug, Clone)]
+pub struct TpmConfig {
+    /// `device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=2321`, ...
+    pub tcti: String,
+    /// 16 or 23 (resettable from locality 0, as the testbed's boot step needs).
+    pub pcr: u32,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -82,6 +99,8 @@ pub struct AgentConfig {
     pub install: InstallConfig,
     /// Health checks run after every trial boot (the release may add its own).
     pub health: Vec<HealthCheck>,
+    /// TPM-rooted identity, measured boot and attested check-ins (absent: none of them).
+    pub tpm: Option<TpmConfig>,
 }
 
 impl AgentConfig {
@@ -128,7 +147,21 @@ impl AgentConfig {
         if device_id.is_empty() || device_id.len() > 128 {
             return Err(err("device_id must be 1-128 characters".into()));
         }
+        let tpm = match raw.tpm {
+            None => None,
+            Some(t) => {
+                let pcr = t.pcr.unwrap_or(outpost_protocol::attest::DEFAULT_PCR);
+                if pcr != 16 && pcr != 23 {
+                    return Err(err(format!("tpm.pcr {pcr}: the boot step measures into PCR 16 or 23 (the PCRs locality 0 can reset)")));
+                }
+                if !(t.tcti.starts_with("device:") || t.tcti.starts_with("swtpm:") || t.tcti.starts_with("mssim:") || t.tcti.starts_with("tabrmd")) {
+                    return Err(err(format!("tpm.tcti {:?} is not a device:, swtpm:, mssim: or tabrmd TCTI", t.tcti)));
+                }
+                Some(TpmConfig { tcti: t.tcti, pcr })
+            }
+        };
         Ok(AgentConfig {
+            tpm,
             device_id,
             install,
             health: raw.health,

@@ -74,6 +74,18 @@ pub enum AgentError {
 
     #[error("{0}")]
     Usage(String),
+
+    /// The TPM refused or failed an operation (or cannot be reached).
+    #[error("TPM: {op}: {reason}")]
+    Tpm { op: &'static str, reason: String },
+
+    /// The server answered an enrollment or check-in step with an error.
+    #[error("{step}: server answered HTTP {status}: {message}")]
+    Api { step: &'static str, status: u16, message: String },
+
+    /// The device's own measured state does not match its event log or release.
+    #[error("attestation: {0}")]
+    Attestation(String),
 }
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;

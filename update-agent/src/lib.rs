@@ -1,8 +1,9 @@
 //! `outpost-agent`, the device daemon: a TUF client that follows the specification's
 //! workflow exactly; resumable, streaming, delta-capable downloads; A/B installs with
 //! trial boots, health checks and automatic rollback, journaled against power loss.
-//! Later: TPM attestation, policy enforcement.
+//! TPM-rooted identity, measured boot and attested check-ins. Later: policy enforcement.
 
+pub mod attest;
 pub mod boot;
 pub mod cli;
 pub mod config;
@@ -10,6 +11,7 @@ pub mod error;
 pub mod fetch;
 pub mod health;
 pub mod install;
+pub mod tpm;
 pub mod tuf_client;
 pub mod update;
 pub mod updater;

@@ -5,6 +5,12 @@ use outpost_agent::cli::{run, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The TPM stack logs every TPM error response to stderr, including expected ones
+    // (no EK certificate in NV); the agent reports what matters in its own errors.
+    // Set before any thread exists.
+    if std::env::var_os("TSS2_LOG").is_none() {
+        std::env::set_var("TSS2_LOG", "all+none");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)

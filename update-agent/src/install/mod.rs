@@ -41,6 +41,8 @@ pub enum PassResult {
     SkippedFailedRelease { version: String },
     Committed { version: String, slot: Slot },
     RolledBack { version: String, reason: String },
+    /// The server's attestation verdict quarantined this device: nothing is installed.
+    Quarantined { reason: String },
 }
 
 pub struct Installer {
@@ -49,6 +51,10 @@ pub struct Installer {
     journal_file: JournalFile,
     journal: Journal,
     fetcher: Fetcher,
+    /// What the boot step measured into the TPM this boot (with a `[tpm]` config).
+    measured: Option<outpost_protocol::attest::MeasurementEvent>,
+    /// Why the server quarantined this device, from the last check-in.
+    quarantine: Option<String>,
     /// Called with results that would otherwise be lost to a reboot.
     pub announce: Option<Box<dyn Fn(&PassResult) + Send>>,
 }
@@ -80,7 +86,13 @@ impl Installer {
             }
             Err(e) => return Err(e),
         };
-        Ok(Installer { config: config.clone(), boot, journal_file, journal, fetcher: Fetcher::new(config.http_timeout)?, announce: None })
+        let mut config = config.clone();
+        if let Some(identity) = crate::attest::Identity::load(&config)? {
+            // Enrolled: the TPM-derived id names this device everywhere.
+            config.device_id = identity.device_id;
+        }
+        let fetcher = Fetcher::new(config.http_timeout)?;
+        Ok(Installer { config, boot, journal_file, journal, fetcher, measured: None, quarantine: None, announce: None })
     }
 
     pub fn journal(&self) -> &Journal {
@@ -100,6 +112,8 @@ impl Installer {
     pub async fn boot(&mut self) -> Result<Option<PassResult>> {
         let outcome = self.boot.boot()?;
         tracing::info!(?outcome, phase = self.journal.phase.name(), "booted");
+        let booted = outcome.booted();
+        self.measured = crate::attest::measure_boot(&self.config, &booted.to_string(), &self.boot.slot_path(booted)).await?;
         let phase = self.journal.phase.clone();
         match (phase, outcome) {
             (Phase::Installed { release, slot } | Phase::TrialBoot { release, slot }, BootOutcome::Trial { slot: booted, .. })
@@ -136,10 +150,19 @@ impl Installer {
 
     async fn trial(&mut self, release: Release, slot: Slot) -> Result<PassResult> {
         let slot_path = self.boot.slot_path(slot);
-        // What booted must be what was signed, byte for byte.
-        let (sha, len) = hash_file(&slot_path)?;
+        // What booted must be what was signed, byte for byte. With a TPM, the digest
+        // is the one the boot step measured into it.
+        let measured = self.measured.as_ref().filter(|e| e.slot == slot.to_string()).map(|e| (e.sha256.clone(), e.length));
+        let (sha, len) = match &measured {
+            Some(m) => m.clone(),
+            None => hash_file(&slot_path)?,
+        };
         if sha != release.sha256 || len != release.length {
-            let reason = format!("booted slot {slot} holds {len} bytes with sha256 {sha}, not the signed image {}", release.sha256);
+            let reason = if measured.is_some() {
+                format!("measured boot digest {sha} of slot {slot} ({len} bytes) is not the release's expected measurement {}", release.sha256)
+            } else {
+                format!("booted slot {slot} holds {len} bytes with sha256 {sha}, not the signed image {}", release.sha256)
+            };
             return self.roll_back(release, slot, reason, true);
         }
         let mut checks: Vec<HealthCheck> = self.config.health.clone();
@@ -203,9 +226,43 @@ impl Installer {
         });
     }
 
+    /// Is this device enrolled and attesting (reports then travel in check-ins)?
+    pub fn attesting(&self) -> bool {
+        self.config.tpm.is_some() && crate::attest::Identity::path(&self.config).exists()
+    }
+
+    /// An attested check-in with the device's state and queued install reports (which
+    /// the quote then vouches for). Returns None when the device is not enrolled.
+    pub async fn checkin(&mut self) -> Result<Option<outpost_protocol::attest::CheckinVerdict>> {
+        if !self.attesting() {
+            return Ok(None);
+        }
+        use outpost_protocol::attest::DeviceHealth;
+        let health = match &self.journal.phase {
+            Phase::Idle | Phase::Committed { .. } => DeviceHealth::Healthy,
+            Phase::Downloading { .. } | Phase::Verified { .. } | Phase::Writing { .. } | Phase::Installed { .. } => DeviceHealth::Updating,
+            Phase::TrialBoot { .. } => DeviceHealth::Trial,
+            Phase::RolledBack { .. } => DeviceHealth::RolledBack,
+        };
+        let state = crate::attest::DeviceState {
+            slot: self.boot.state()?.active.to_string(),
+            version: self.journal.running.as_ref().map(|r| r.version.clone()),
+            health,
+            reports: self.journal.pending_reports.clone(),
+        };
+        let verdict = crate::attest::checkin(&self.config, &state).await?;
+        if !state.reports.is_empty() {
+            self.journal.pending_reports.drain(..state.reports.len());
+            self.journal_file.store(&self.journal)?;
+        }
+        self.quarantine = verdict.quarantined.then(|| verdict.reason.clone().unwrap_or_else(|| "attestation failed".into()));
+        Ok(Some(verdict))
+    }
+
     /// Sends queued reports; they stay queued while the server is unreachable.
+    /// (Enrolled devices send them in attested check-ins instead.)
     pub async fn flush_reports(&mut self) {
-        if self.journal.pending_reports.is_empty() {
+        if self.journal.pending_reports.is_empty() || self.attesting() {
             return;
         }
         let url = format!("{}/api/v1/reports", self.config.server_url);
@@ -286,6 +343,13 @@ impl Installer {
             tracing::info!(version = %release.version, "newest release was rolled back on this device; waiting for a newer one");
             return Ok(PassResult::SkippedFailedRelease { version: release.version });
         }
+        if let Some(reason) = &self.quarantine {
+            tracing::warn!(%reason, version = %release.version, "quarantined by the server; not installing");
+            return Ok(PassResult::Quarantined { reason: reason.clone() });
+        }
+        // Install only from a state the TPM vouches for: PCR = replayed log, and the
+        // measured boot = the running release's expected measurement.
+        crate::attest::self_check(&self.config, self.journal.running.as_ref().map(|r| r.sha256.as_str())).await?;
         self.install(&updater, cand, release).await
     }
 
@@ -479,7 +543,7 @@ fn newest(infos: Vec<TargetInfo>, config: &AgentConfig) -> Result<Option<Candida
     Ok(Some(Candidate { version, full, custom, deltas }))
 }
 
-fn hash_file(path: &Path) -> Result<(String, u64)> {
+pub(crate) fn hash_file(path: &Path) -> Result<(String, u64)> {
     let mut f = std::fs::File::open(path).map_err(|e| AgentError::io("open", path, e))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

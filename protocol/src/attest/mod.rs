@@ -1,0 +1,318 @@
+//! Device identity and attestation: the messages of enrollment and attested check-ins,
+//! the measurement event log and its replay, and the pure checks the server runs on a
+//! check-in. The TPM itself is only on the device (`outpost-agent`); everything here
+//! works on the bytes it produced.
+//!
+//! Enrollment: the device sends its EK and AK public areas; the server answers with a
+//! credential only a TPM holding both can open (`credential::make_credential`); the
+//! device returns the secret. Check-in: the server issues a single-use nonce; the
+//! device quotes its measurement PCR with qualifying data
+//! `SHA-256("outpost-checkin-v1\0" || canonical JSON of the report)`, so the quote
+//! vouches for every field of the report, the nonce included.
+
+pub mod credential;
+pub mod tpm;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::report::InstallReport;
+pub use tpm::{Quote, TpmPublic};
+
+/// The PCR the testbeds' boot step measures slot images into (resettable from
+/// locality 0, like a platform reset would on real hardware; see docs/attestation.md).
+pub const DEFAULT_PCR: u32 = 23;
+
+/// Domain separation for check-in qualifying data.
+const CHECKIN_DOMAIN: &[u8] = b"outpost-checkin-v1\0";
+
+/// `POST /api/v1/enroll`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The one-time enrollment token an operator made.
+    pub token: String,
+    pub hardware_class: String,
+    /// Marshalled `TPMT_PUBLIC` of the endorsement key, hex.
+    pub ek_public: String,
+    /// DER EK certificate from the TPM's NV index, hex, when the TPM has one.
+    #[serde(default)]
+    pub ek_certificate: Option<String>,
+    /// Marshalled `TPMT_PUBLIC` of the attestation key, hex.
+    pub ak_public: String,
+}
+
+/// The server's answer: a credential for the device's TPM to activate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollChallenge {
+    pub challenge_id: String,
+    pub device_id: String,
+    /// `TPM2B_ID_OBJECT` contents, hex.
+    pub credential_blob: String,
+    /// `TPM2B_ENCRYPTED_SECRET` contents, hex.
+    pub encrypted_secret: String,
+    pub expires_at: String,
+}
+
+/// `POST /api/v1/enroll/{challenge_id}`: the activated secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollProof {
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Enrolled {
+    pub device_id: String,
+    pub hardware_class: String,
+}
+
+/// `POST /api/v1/devices/{id}/nonce`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NonceGrant {
+    pub nonce: String,
+    pub expires_at: String,
+}
+
+/// The device id: derived from the endorsement key, so it names the TPM.
+pub fn device_id(ek_public: &[u8]) -> String {
+    format!("dev-{}", &hex::encode(Sha256::digest(ek_public))[..32])
+}
+
+/// One measurement: `sha256` was extended into `pcr` when `slot` booted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeasurementEvent {
+    pub pcr: u32,
+    /// The digest extended into the PCR: the booted slot image's SHA-256, hex.
+    pub sha256: String,
+    pub event: EventKind,
+    pub slot: String,
+    /// Bytes of the slot image that were hashed.
+    pub length: u64,
+    pub at: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    SlotBoot,
+}
+
+/// The measurement log since the measurement PCR was last reset.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventLog {
+    pub events: Vec<MeasurementEvent>,
+}
+
+impl EventLog {
+    /// The value `pcr` must hold if this log is complete and true: every event's digest
+    /// extended, in order, into a PCR that started at zero.
+    pub fn replay(&self, pcr: u32) -> Result<[u8; 32]> {
+        let mut value = [0u8; 32];
+        for (i, e) in self.events.iter().enumerate().filter(|(_, e)| e.pcr == pcr) {
+            let digest = hex::decode(&e.sha256)
+                .ok()
+                .filter(|d| d.len() == 32)
+                .ok_or_else(|| Error::Tpm { what: "event log".into(), reason: format!("event {i}: sha256 {:?} is not 64 hex digits", e.sha256) })?;
+            let mut h = Sha256::new();
+            h.update(value);
+            h.update(&digest);
+            value.copy_from_slice(&h.finalize());
+        }
+        Ok(value)
+    }
+
+    /// The quote's `pcrDigest` for these PCRs: SHA-256 over their replayed values in
+    /// ascending index order.
+    pub fn pcr_digest(&self, pcrs: &[u32]) -> Result<[u8; 32]> {
+        let mut sorted = pcrs.to_vec();
+        sorted.sort_unstable();
+        let mut h = Sha256::new();
+        for p in sorted {
+            h.update(self.replay(p)?);
+        }
+        Ok(h.finalize().into())
+    }
+
+    /// The digest the last boot measured, if any.
+    pub fn booted(&self) -> Option<&MeasurementEvent> {
+        self.events.iter().rev().find(|e| e.event == EventKind::SlotBoot)
+    }
+}
+
+/// How the device's last install left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceHealth {
+    /// Running a committed release (or the factory image) with no install under way.
+    Healthy,
+    /// An install is downloading, verifying or writing the other slot.
+    Updating,
+    /// Booted into a release on trial, health checks running.
+    Trial,
+    /// The last release failed and the device went back to the previous slot.
+    RolledBack,
+}
+
+/// The report a check-in quote vouches for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckinReport {
+    pub device_id: String,
+    /// The nonce the server issued, hex.
+    pub nonce: String,
+    /// The active slot.
+    pub slot: String,
+    /// The release version the device runs, when it knows one.
+    pub version: Option<String>,
+    /// The image digest of the booted slot, as measured (never anything else).
+    pub image_sha256: Option<String>,
+    pub health: DeviceHealth,
+    pub pcr: u32,
+    pub event_log: EventLog,
+    /// Install outcomes not yet delivered.
+    #[serde(default)]
+    pub reports: Vec<InstallReport>,
+    pub at: String,
+}
+
+/// `POST /api/v1/devices/{id}/checkin`: the report (any JSON layout; its canonical
+/// form is what the quote covers) and the quote over it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkin {
+    pub report: serde_json::Value,
+    /// Marshalled `TPMS_ATTEST`, hex.
+    pub attest: String,
+    /// Marshalled `TPMT_SIGNATURE`, hex.
+    pub signature: String,
+}
+
+/// The server's answer to a check-in.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckinVerdict {
+    pub device_id: String,
+    /// "attested" or "failed".
+    pub verdict: String,
+    pub reason: Option<String>,
+    pub quarantined: bool,
+    pub at: String,
+}
+
+/// The qualifying data a quote over `report` must carry.
+pub fn qualifying_data(report: &serde_json::Value) -> Result<[u8; 32]> {
+    let canonical = crate::cjson::to_canonical(report)?;
+    let mut h = Sha256::new();
+    h.update(CHECKIN_DOMAIN);
+    h.update(&canonical);
+    Ok(h.finalize().into())
+}
+
+/// Authenticity of a check-in: the quote is signed by `ak` and vouches for exactly this
+/// report. An error here means the device did not say this; nothing should be recorded
+/// against it.
+pub fn verify_checkin_quote(ak: &TpmPublic, report: &serde_json::Value, attest: &[u8], signature: &[u8]) -> Result<Quote> {
+    let quote = Quote::verify(ak, attest, signature)?;
+    if quote.extra_data != qualifying_data(report)? {
+        return Err(Error::Tpm {
+            what: "quote".into(),
+            reason: "qualifying data does not match this report and nonce (a quote made for another check-in)".into(),
+        });
+    }
+    Ok(quote)
+}
+
+/// What an authentic check-in says about the device's state: the quoted PCR must be the
+/// replay of the event log, and the reported image digest must be the one measured last.
+/// Returns the measured digests; `Err` is the attestation failure's reason.
+pub fn evaluate_checkin(quote: &Quote, report: &CheckinReport) -> std::result::Result<Vec<String>, String> {
+    let pcrs = quote.sha256_pcrs().map_err(|e| e.to_string())?;
+    if pcrs != [report.pcr] {
+        return Err(format!("quote covers PCRs {pcrs:?}, the report's measurement PCR is {}", report.pcr));
+    }
+    if let Some(e) = report.event_log.events.iter().find(|e| e.pcr != report.pcr) {
+        return Err(format!("event log has an event for PCR {}, not the measurement PCR {}", e.pcr, report.pcr));
+    }
+    let replayed = report.event_log.pcr_digest(pcrs).map_err(|e| e.to_string())?;
+    if quote.pcr_digest != replayed {
+        return Err(format!(
+            "event log does not replay to the quoted PCR {} ({} events; quoted digest {}, replayed {})",
+            report.pcr,
+            report.event_log.events.len(),
+            hex::encode(&quote.pcr_digest),
+            hex::encode(replayed)
+        ));
+    }
+    let booted = report.event_log.booted().map(|e| e.sha256.clone());
+    if report.image_sha256 != booted {
+        return Err(format!("reported image digest {:?} is not the measured boot digest {:?}", report.image_sha256, booted));
+    }
+    if report.event_log.events.is_empty() {
+        return Err("nothing has been measured since the TPM was reset".into());
+    }
+    Ok(report.event_log.events.iter().map(|e| e.sha256.clone()).collect())
+}
+
+/// Hex decoding with the field named in the error.
+pub fn unhex(field: &str, value: &str, max: usize) -> Result<Vec<u8>> {
+    let bytes = hex::decode(value).map_err(|e| Error::Tpm { what: field.into(), reason: format!("not hex: {e}") })?;
+    if bytes.len() > max {
+        return Err(Error::Tpm { what: field.into(), reason: format!("{} bytes, more than {max}", bytes.len()) });
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(sha: &str) -> MeasurementEvent {
+        MeasurementEvent { pcr: 23, sha256: sha.into(), event: EventKind::SlotBoot, slot: "A".into(), length: 1, at: "t".into() }
+    }
+
+    #[test]
+    fn replay_extends_in_order_from_zero() {
+        let a = hex::encode(Sha256::digest(b"a"));
+        let b = hex::encode(Sha256::digest(b"b"));
+        let log = EventLog { events: vec![event(&a), event(&b)] };
+        let mut v = [0u8; 32];
+        for d in [&a, &b] {
+            let mut h = Sha256::new();
+            h.update(v);
+            h.update(hex::decode(d).unwrap_or_default());
+            v.copy_from_slice(&h.finalize());
+        }
+        assert_eq!(log.replay(23).ok(), Some(v));
+        let swapped = EventLog { events: vec![event(&b), event(&a)] };
+        assert_ne!(swapped.replay(23).ok(), Some(v));
+        assert!(EventLog { events: vec![event("zz")] }.replay(23).is_err());
+    }
+
+    #[test]
+    fn kdfa_matches_the_tpm_definition_for_one_block() {
+        // One block: HMAC(key, 00000001 || label || 00 || u || v || bits).
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<Sha256> as Mac>::new_from_slice(b"k").unwrap_or_else(|_| unreachable!());
+        mac.update(&[0, 0, 0, 1]);
+        mac.update(b"STORAGE\0nm");
+        mac.update(&128u32.to_be_bytes());
+        let want = mac.finalize().into_bytes();
+        assert_eq!(credential::kdfa(b"k", "STORAGE", b"nm", b"", 128), want[..16].to_vec());
+    }
+
+    #[test]
+    fn truncated_structures_name_the_field() {
+        let err = TpmPublic::parse(&[0, 0x23, 0, 0x0b, 0, 0], "attestation key").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("attestation key") && err.contains("objectAttributes"), "{err}");
+        let err = Quote::parse(&[0xff, 0x54, 0x43, 0x47, 0x80, 0x18, 0, 5]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("qualifiedSigner"), "{err}");
+        let err = Quote::parse(&[0, 0, 0, 0]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("magic"), "{err}");
+    }
+}

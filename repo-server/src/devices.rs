@@ -1,0 +1,249 @@
+//! Devices: one-time enrollment tokens (operators), enrollment by credential
+//! activation, attested check-ins, and the admin view of devices and verdicts.
+//!
+//! A check-in is refused outright (nothing recorded against the device) when it is
+//! not provably from the device: bad signature, a quote for another report, an unknown,
+//! foreign, used or expired nonce. An authentic check-in whose measurements are wrong
+//! (event log does not replay to the quoted PCR, a measured image no signed release
+//! expects) is recorded as a failed attestation, which quarantines the device.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use outpost_protocol::attest::{
+    self, Checkin, CheckinReport, CheckinVerdict, EnrollChallenge, EnrollProof, EnrollRequest, Enrolled, NonceGrant, TpmPublic,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::error::{ApiError, ServerError};
+use crate::http::{ApiJson, AppState, Auth};
+use crate::store::{CheckinRecord, EnrollRefusal, NewChallenge, NonceRefusal, TokenRole};
+
+pub fn api() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/device-tokens", post(create_token))
+        .route("/api/v1/enroll", post(enroll))
+        .route("/api/v1/enroll/{challenge}", post(prove))
+        .route("/api/v1/devices", get(list))
+        .route("/api/v1/devices/{id}", get(show))
+        .route("/api/v1/devices/{id}/nonce", post(nonce))
+        .route("/api/v1/devices/{id}/checkin", post(checkin))
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn rfc3339(unix: i64) -> String {
+    chrono::DateTime::from_timestamp(unix, 0).map(|t| t.to_rfc3339()).unwrap_or_default()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    hardware_class: String,
+    /// Lifetime, e.g. "24h" (default) or "15m".
+    ttl: Option<String>,
+}
+
+async fn create_token(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<TokenBody>) -> Result<Json<Value>, ApiError> {
+    auth.require(TokenRole::Operator)?;
+    let class: outpost_protocol::release::HardwareClass =
+        body.hardware_class.parse().map_err(|e: outpost_protocol::Error| ApiError::unprocessable("invalid_hardware_class", e.to_string()))?;
+    let ttl = match &body.ttl {
+        None => std::time::Duration::from_secs(86400),
+        Some(t) => humantime::parse_duration(t).map_err(|e| ApiError::unprocessable("invalid_ttl", format!("ttl {t:?}: {e}")))?,
+    };
+    if ttl.is_zero() || ttl > std::time::Duration::from_secs(30 * 86400) {
+        return Err(ApiError::unprocessable("invalid_ttl", "ttl must be more than 0s and at most 30 days"));
+    }
+    let expires = now() + ttl.as_secs().max(1) as i64;
+    let token = s.store.create_enrollment_token(class.as_str(), &auth.0.name, expires)?;
+    s.store.log(&auth.0.name, "device_token_create", &json!({"hardware_class": class.as_str(), "expires_at": rfc3339(expires)}))?;
+    Ok(Json(json!({"token": token, "hardware_class": class.as_str(), "expires_at": rfc3339(expires)})))
+}
+
+fn refusal(r: EnrollRefusal) -> ApiError {
+    match r {
+        EnrollRefusal::UnknownToken => ApiError::unauthorized("unknown enrollment token"),
+        EnrollRefusal::TokenUsed => ApiError::conflict("token_used", "enrollment token was already used"),
+        EnrollRefusal::TokenExpired(at) => ApiError::new(StatusCode::UNAUTHORIZED, "token_expired", format!("enrollment token expired at {}", rfc3339(at))),
+        EnrollRefusal::WrongClass { token } => {
+            ApiError::forbidden(format!("enrollment token is for hardware class {token:?}, not the class this device claims"))
+        }
+        EnrollRefusal::UnknownChallenge => ApiError::new(StatusCode::NOT_FOUND, "unknown_challenge", "no such enrollment challenge"),
+        EnrollRefusal::ChallengeClosed(state) => ApiError::conflict("challenge_closed", format!("enrollment challenge is already {state}")),
+        EnrollRefusal::ChallengeExpired => ApiError::new(StatusCode::GONE, "challenge_expired", "enrollment challenge expired; enroll again"),
+        EnrollRefusal::WrongSecret => ApiError::forbidden(
+            "credential activation failed: the secret does not match, so the attestation key is not resident in the TPM of this endorsement key",
+        ),
+    }
+}
+
+fn tpm_bad(code: &'static str) -> impl FnOnce(outpost_protocol::Error) -> ApiError {
+    move |e| ApiError::unprocessable(code, e.to_string())
+}
+
+async fn enroll(State(s): State<AppState>, ApiJson(req): ApiJson<EnrollRequest>) -> Result<Json<EnrollChallenge>, ApiError> {
+    let class: outpost_protocol::release::HardwareClass =
+        req.hardware_class.parse().map_err(|e: outpost_protocol::Error| ApiError::unprocessable("invalid_hardware_class", e.to_string()))?;
+    let ek_bytes = attest::unhex("ek_public", &req.ek_public, 1024).map_err(tpm_bad("invalid_ek"))?;
+    let ak_bytes = attest::unhex("ak_public", &req.ak_public, 1024).map_err(tpm_bad("invalid_ak"))?;
+    let ek_cert = match &req.ek_certificate {
+        Some(c) => Some(attest::unhex("ek_certificate", c, 8192).map_err(tpm_bad("invalid_ek_certificate"))?),
+        None => None,
+    };
+    let ek = TpmPublic::parse(&ek_bytes, "endorsement key").map_err(tpm_bad("invalid_ek"))?;
+    ek.check_endorsement_key().map_err(tpm_bad("invalid_ek"))?;
+    let ak = TpmPublic::parse(&ak_bytes, "attestation key").map_err(tpm_bad("invalid_ak"))?;
+    ak.check_attestation_key().map_err(tpm_bad("invalid_ak"))?;
+    let secret: [u8; 32] = attest::credential::random_bytes();
+    let made = attest::credential::make_credential(&ek, &ak.name(), &secret).map_err(tpm_bad("invalid_ek"))?;
+    let id = hex::encode(attest::credential::random_bytes::<16>());
+    let device_id = attest::device_id(&ek_bytes);
+    let expires = now() + s.challenge_lifetime.as_secs().max(1) as i64;
+    let secret_sha256 = hex::encode(Sha256::digest(secret));
+    let challenge = NewChallenge {
+        id: &id,
+        token: &req.token,
+        device_id: &device_id,
+        hardware_class: class.as_str(),
+        ek_public: &ek_bytes,
+        ek_certificate: ek_cert.as_deref(),
+        ak_public: &ak_bytes,
+        secret_sha256: &secret_sha256,
+        expires_at: expires,
+    };
+    s.store.open_challenge(&challenge, now())?.map_err(refusal)?;
+    tracing::info!(%device_id, class = class.as_str(), challenge = %id, "enrollment challenge issued");
+    Ok(Json(EnrollChallenge {
+        challenge_id: id,
+        device_id,
+        credential_blob: hex::encode(made.credential_blob),
+        encrypted_secret: hex::encode(made.encrypted_secret),
+        expires_at: rfc3339(expires),
+    }))
+}
+
+async fn prove(State(s): State<AppState>, Path(challenge): Path<String>, ApiJson(proof): ApiJson<EnrollProof>) -> Result<Json<Enrolled>, ApiError> {
+    let secret = attest::unhex("secret", &proof.secret, 64).map_err(tpm_bad("invalid_secret"))?;
+    let digest = hex::encode(Sha256::digest(&secret));
+    match s.store.complete_challenge(&challenge, &digest, now())? {
+        Ok((device_id, hardware_class)) => {
+            s.store.log(&format!("device:{device_id}"), "device_enroll", &json!({"device_id": device_id, "hardware_class": hardware_class}))?;
+            tracing::info!(%device_id, %hardware_class, "device enrolled");
+            Ok(Json(Enrolled { device_id, hardware_class }))
+        }
+        Err(r) => {
+            tracing::warn!(%challenge, refusal = ?r, "enrollment proof refused");
+            Err(refusal(r))
+        }
+    }
+}
+
+async fn list(State(s): State<AppState>, _auth: Auth) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({"devices": s.store.devices()?})))
+}
+
+async fn show(State(s): State<AppState>, _auth: Auth, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let device = s.store.device(&id)?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id:?}")))?;
+    let history = s.store.attestations(&id, 50)?;
+    let reports = s.store.recent_reports(Some(&id), 50)?;
+    Ok(Json(json!({"device": device, "attestations": history, "reports": reports})))
+}
+
+async fn nonce(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<NonceGrant>, ApiError> {
+    if s.store.device(&id)?.is_none() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no enrolled device {id:?}")));
+    }
+    let expires = now() + s.nonce_lifetime.as_secs().max(1) as i64;
+    let nonce = s.store.issue_nonce(&id, expires, now())?;
+    Ok(Json(NonceGrant { nonce, expires_at: rfc3339(expires) }))
+}
+
+/// The pure part of a check-in's verdict given an authentic quote: the log, the
+/// reported digest and the signed releases' expected measurements.
+fn judge(quote: &attest::Quote, report: &CheckinReport, expected: &std::collections::BTreeMap<String, String>, class: &str) -> Result<(), String> {
+    let measured = attest::evaluate_checkin(quote, report)?;
+    for (digest, event) in measured.iter().zip(&report.event_log.events) {
+        if !expected.contains_key(digest) {
+            return Err(format!(
+                "measured image {digest} (slot {}) is not the expected measurement of any signed release for hardware class {class}",
+                event.slot
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body): ApiJson<Checkin>) -> Result<Json<CheckinVerdict>, ApiError> {
+    let device = s.store.device(&id)?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no enrolled device {id:?}")))?;
+    let ak = TpmPublic::parse(&device.ak_public, "attestation key").map_err(|e| ServerError::State(format!("stored AK of {id}: {e}")))?;
+    let attest_bytes = attest::unhex("attest", &body.attest, 4096).map_err(tpm_bad("invalid_quote"))?;
+    let signature = attest::unhex("signature", &body.signature, 1024).map_err(tpm_bad("invalid_quote"))?;
+    // Authenticity first: only this device's AK, over exactly this report.
+    let quote = match attest::verify_checkin_quote(&ak, &body.report, &attest_bytes, &signature) {
+        Ok(q) => q,
+        Err(e) => {
+            tracing::warn!(device = %id, error = %e, "check-in quote refused");
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "quote_refused", format!("{e}")));
+        }
+    };
+    let report: CheckinReport = serde_json::from_value(body.report.clone()).map_err(|e| ApiError::unprocessable("invalid_report", format!("report: {e}")))?;
+    if report.device_id != id {
+        return Err(ApiError::unprocessable("invalid_report", format!("report is for device {:?}, not {id:?}", report.device_id)));
+    }
+    match s.store.consume_nonce(&report.nonce, &id, now())? {
+        Ok(()) => {}
+        Err(r) => {
+            tracing::warn!(device = %id, refusal = ?r, "check-in nonce refused");
+            return Err(match r {
+                NonceRefusal::Unknown => ApiError::new(StatusCode::UNAUTHORIZED, "unknown_nonce", "nonce was not issued by this server"),
+                NonceRefusal::OtherDevice => ApiError::new(StatusCode::UNAUTHORIZED, "foreign_nonce", "nonce was issued to another device"),
+                NonceRefusal::Used => ApiError::conflict("nonce_used", "nonce was already used: a replayed check-in"),
+                NonceRefusal::Expired(at) => ApiError::new(StatusCode::UNAUTHORIZED, "nonce_expired", format!("nonce expired at {}", rfc3339(at))),
+            });
+        }
+    }
+    for r in &report.reports {
+        r.validate().map_err(|m| ApiError::unprocessable("invalid_report", format!("install report: {m}")))?;
+        if r.device_id != id {
+            return Err(ApiError::unprocessable("invalid_report", format!("install report names device {:?}, not {id:?}", r.device_id)));
+        }
+    }
+    let expected = s.repo.expected_measurements(&device.hardware_class).await;
+    let outcome = judge(&quote, &report, &expected, &device.hardware_class);
+    let (verdict, reason) = match &outcome {
+        Ok(()) => ("attested", None),
+        Err(reason) => ("failed", Some(reason.as_str())),
+    };
+    let health = serde_json::to_value(report.health).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+    s.store.record_checkin(&CheckinRecord {
+        device_id: &id,
+        verdict,
+        reason,
+        slot: &report.slot,
+        version: report.version.as_deref(),
+        image_sha256: report.image_sha256.as_deref(),
+        health: &health,
+        reports: &report.reports,
+    })?;
+    if device.attestation != verdict {
+        // Entering or leaving quarantine is an audited event.
+        s.store.log("server", if verdict == "failed" { "device_quarantine" } else { "device_attested" }, &json!({"device_id": id, "reason": reason}))?;
+    }
+    match reason {
+        Some(r) => tracing::warn!(device = %id, reason = r, "attestation failed; device quarantined"),
+        None => tracing::info!(device = %id, version = report.version.as_deref().unwrap_or(""), "attested check-in"),
+    }
+    Ok(Json(CheckinVerdict {
+        device_id: id,
+        verdict: verdict.to_owned(),
+        reason: reason.map(str::to_owned),
+        quarantined: verdict == "failed",
+        at: chrono::Utc::now().to_rfc3339(),
+    }))
+}

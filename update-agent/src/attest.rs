@@ -1,0 +1,282 @@
+//! The device side of identity and attestation: enrollment with credential
+//! activation, the boot step's measurement and its event log, the agent's own check of
+//! its measured state before it installs anything, and attested check-ins.
+//!
+//! Files in the state directory (all written atomically):
+//! - `identity.json`: device id, the AK's public and TPM-wrapped private areas;
+//! - `measurements.json`: the event log since the measurement PCR was last reset.
+
+use std::path::{Path, PathBuf};
+
+use outpost_protocol::attest::{
+    self, Checkin, CheckinReport, CheckinVerdict, DeviceHealth, EnrollChallenge, EnrollProof, EnrollRequest, Enrolled, EventKind,
+    EventLog, MeasurementEvent, NonceGrant, Quote, TpmPublic,
+};
+use outpost_protocol::report::InstallReport;
+use serde::{Deserialize, Serialize};
+
+use crate::config::AgentConfig;
+use crate::error::{AgentError, Result};
+use crate::tpm::{AkBlob, Tpm};
+
+/// What the device keeps after enrolling.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    pub device_id: String,
+    pub hardware_class: String,
+    pub server_url: String,
+    pub ak_public: String,
+    pub ak_private: String,
+    pub enrolled_at: String,
+}
+
+impl Identity {
+    pub fn path(config: &AgentConfig) -> PathBuf {
+        config.state_dir.join("identity.json")
+    }
+
+    /// The stored identity, or None before enrollment.
+    pub fn load(config: &AgentConfig) -> Result<Option<Self>> {
+        let path = Self::path(config);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| AgentError::Corrupt { path, reason: e.to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(AgentError::io("read", &path, e)),
+        }
+    }
+
+    fn ak(&self) -> Result<AkBlob> {
+        let bad = |reason: String| AgentError::Corrupt { path: PathBuf::from("identity.json"), reason };
+        Ok(AkBlob {
+            public: hex::decode(&self.ak_public).map_err(|e| bad(format!("ak_public: {e}")))?,
+            private: hex::decode(&self.ak_private).map_err(|e| bad(format!("ak_private: {e}")))?,
+        })
+    }
+}
+
+fn tpm_of(config: &AgentConfig) -> Result<Tpm> {
+    let conf = config.tpm.as_ref().ok_or_else(|| AgentError::Usage("this needs a [tpm] section with a tcti in the agent config".into()))?;
+    Tpm::new(&conf.tcti)
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| AgentError::Usage(format!("serialize {}: {e}", path.display())))?;
+    crate::updater::write_atomic(path, &bytes)
+}
+
+/// Answers in the API's error format become errors naming the step.
+async fn api<T: serde::de::DeserializeOwned>(step: &'static str, resp: reqwest::Response) -> Result<T> {
+    let status = resp.status();
+    let body = resp.bytes().await.map_err(|e| AgentError::Api { step, status: status.as_u16(), message: format!("reading the answer: {e}") })?;
+    if !status.is_success() {
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(300).collect());
+        return Err(AgentError::Api { step, status: status.as_u16(), message });
+    }
+    serde_json::from_slice(&body).map_err(|e| AgentError::Api { step, status: status.as_u16(), message: format!("unexpected answer: {e}") })
+}
+
+fn client(config: &AgentConfig) -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(config.http_timeout)
+        .build()
+        .map_err(|e| AgentError::Fetch { url: config.server_url.clone(), reason: e.to_string() })
+}
+
+fn send_err(url: &str) -> impl FnOnce(reqwest::Error) -> AgentError + '_ {
+    move |e| AgentError::Fetch { url: url.to_owned(), reason: outpost_protocol::display_chain(&e) }
+}
+
+/// Enrolls this device with a one-time token: a new AK under the EK, the server's
+/// credential activated in the TPM, and the identity stored.
+pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
+    let tpm = tpm_of(config)?;
+    let t = tpm.clone();
+    let (ek_public, ek_cert, ak) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (ek, cert) = t.endorsement()?;
+        Ok((ek, cert, t.create_ak()?))
+    })
+    .await
+    .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+    let http = client(config)?;
+    let url = format!("{}/api/v1/enroll", config.server_url);
+    let req = EnrollRequest {
+        token: token.to_owned(),
+        hardware_class: config.hardware_class.to_string(),
+        ek_public: hex::encode(&ek_public),
+        ek_certificate: ek_cert.as_ref().map(hex::encode),
+        ak_public: hex::encode(&ak.public),
+    };
+    let challenge: EnrollChallenge = api("enroll", http.post(&url).json(&req).send().await.map_err(send_err(&url))?).await?;
+    let blob = attest::unhex("credential_blob", &challenge.credential_blob, 1024).map_err(|e| AgentError::tuf("enrollment challenge", e))?;
+    let secret = attest::unhex("encrypted_secret", &challenge.encrypted_secret, 1024).map_err(|e| AgentError::tuf("enrollment challenge", e))?;
+    let (t, a) = (tpm.clone(), ak.clone());
+    let activated = tokio::task::spawn_blocking(move || t.activate_credential(&a, &blob, &secret))
+        .await
+        .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+    let url = format!("{}/api/v1/enroll/{}", config.server_url, challenge.challenge_id);
+    let enrolled: Enrolled =
+        api("prove credential", http.post(&url).json(&EnrollProof { secret: hex::encode(activated) }).send().await.map_err(send_err(&url))?).await?;
+    if enrolled.device_id != attest::device_id(&ek_public) {
+        return Err(AgentError::Api { step: "enroll", status: 200, message: format!("server named the device {}, not its EK-derived id", enrolled.device_id) });
+    }
+    let identity = Identity {
+        device_id: enrolled.device_id.clone(),
+        hardware_class: enrolled.hardware_class.clone(),
+        server_url: config.server_url.clone(),
+        ak_public: hex::encode(&ak.public),
+        ak_private: hex::encode(&ak.private),
+        enrolled_at: chrono::Utc::now().to_rfc3339(),
+    };
+    write_json(&Identity::path(config), &identity)?;
+    tracing::info!(device_id = %enrolled.device_id, "enrolled");
+    Ok(enrolled)
+}
+
+fn log_path(config: &AgentConfig) -> PathBuf {
+    config.state_dir.join("measurements.json")
+}
+
+/// The measurement log, empty when nothing was measured yet.
+pub fn load_log(config: &AgentConfig) -> Result<EventLog> {
+    let path = log_path(config);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AgentError::Corrupt { path, reason: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EventLog::default()),
+        Err(e) => Err(AgentError::io("read", &path, e)),
+    }
+}
+
+/// The boot step (what the bootloader does on hardware): hashes the booted slot's image,
+/// resets the measurement PCR as a platform reset would, extends the digest into it and
+/// starts a new event log with that one event. Returns the event.
+pub async fn measure_boot(config: &AgentConfig, slot: &str, slot_path: &Path) -> Result<Option<MeasurementEvent>> {
+    let Some(conf) = &config.tpm else { return Ok(None) };
+    let tpm = Tpm::new(&conf.tcti)?;
+    let pcr = conf.pcr;
+    let path = slot_path.to_owned();
+    let (digest, length) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let (hex_digest, length) = crate::install::hash_file(&path)?;
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(&hex_digest, &mut digest).map_err(|e| AgentError::Usage(format!("digest: {e}")))?;
+        tpm.measure_boot(pcr, &digest)?;
+        Ok((digest, length))
+    })
+    .await
+    .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+    let event = MeasurementEvent {
+        pcr,
+        sha256: hex::encode(digest),
+        event: EventKind::SlotBoot,
+        slot: slot.to_owned(),
+        length,
+        at: chrono::Utc::now().to_rfc3339(),
+    };
+    write_json(&log_path(config), &EventLog { events: vec![event.clone()] })?;
+    tracing::info!(%slot, sha256 = %event.sha256, pcr, "measured boot");
+    Ok(Some(event))
+}
+
+/// The agent's own check before it installs: the TPM's measurement PCR (through a quote
+/// with its own AK when enrolled) must equal the replay of the event log, and the last
+/// measured boot must be `expected` (the running release's signed expected
+/// measurement). Without a `[tpm]` section there is nothing to check.
+pub async fn self_check(config: &AgentConfig, expected: Option<&str>) -> Result<()> {
+    let Some(conf) = &config.tpm else { return Ok(()) };
+    let tpm = Tpm::new(&conf.tcti)?;
+    let pcr = conf.pcr;
+    let log = load_log(config)?;
+    let replayed = log.pcr_digest(&[pcr]).map_err(|e| AgentError::Attestation(e.to_string()))?;
+    let identity = Identity::load(config)?;
+    let quoted: Vec<u8> = match identity {
+        Some(id) => {
+            let ak = id.ak()?;
+            let nonce: [u8; 32] = attest::credential::random_bytes();
+            let t = tpm.clone();
+            let a = ak.clone();
+            let q = tokio::task::spawn_blocking(move || t.quote(&a, &nonce, &[pcr]))
+                .await
+                .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+            let ak_pub = TpmPublic::parse(&ak.public, "attestation key").map_err(|e| AgentError::Attestation(e.to_string()))?;
+            let quote = Quote::verify(&ak_pub, &q.attest, &q.signature).map_err(|e| AgentError::Attestation(e.to_string()))?;
+            if quote.extra_data != nonce {
+                return Err(AgentError::Attestation("own quote does not carry the nonce it was asked for".into()));
+            }
+            quote.pcr_digest
+        }
+        None => {
+            let value = tokio::task::spawn_blocking(move || tpm.read_pcr(pcr)).await.map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+            let mut h = <sha2::Sha256 as sha2::Digest>::new();
+            sha2::Digest::update(&mut h, value);
+            sha2::Digest::finalize(h).to_vec()
+        }
+    };
+    if quoted != replayed {
+        return Err(AgentError::Attestation(format!(
+            "TPM PCR {pcr} does not match the measurement log ({} events): refusing to install",
+            log.events.len()
+        )));
+    }
+    if let Some(want) = expected {
+        match log.booted() {
+            Some(e) if e.sha256 == want => {}
+            Some(e) => {
+                return Err(AgentError::Attestation(format!(
+                    "measured boot digest {} of slot {} is not the running release's expected measurement {want}: refusing to install",
+                    e.sha256, e.slot
+                )))
+            }
+            None => return Err(AgentError::Attestation("nothing was measured at boot: refusing to install".into())),
+        }
+    }
+    Ok(())
+}
+
+/// What the device says in a check-in besides its measurements.
+#[derive(Debug, Clone)]
+pub struct DeviceState {
+    pub slot: String,
+    pub version: Option<String>,
+    pub health: DeviceHealth,
+    pub reports: Vec<InstallReport>,
+}
+
+/// One attested check-in: a fresh nonce from the server, a quote over the measurement
+/// PCR bound to the whole report, and the server's verdict.
+pub async fn checkin(config: &AgentConfig, state: &DeviceState) -> Result<CheckinVerdict> {
+    let identity = Identity::load(config)?.ok_or_else(|| AgentError::Usage("not enrolled: run `outpost-agent enroll --token TOKEN` first".into()))?;
+    let conf = config.tpm.as_ref().ok_or_else(|| AgentError::Usage("this needs a [tpm] section with a tcti in the agent config".into()))?;
+    let tpm = Tpm::new(&conf.tcti)?;
+    let http = client(config)?;
+    let base = format!("{}/api/v1/devices/{}", config.server_url, identity.device_id);
+    let url = format!("{base}/nonce");
+    let grant: NonceGrant = api("get check-in nonce", http.post(&url).send().await.map_err(send_err(&url))?).await?;
+    let log = load_log(config)?;
+    let report = CheckinReport {
+        device_id: identity.device_id.clone(),
+        nonce: grant.nonce,
+        slot: state.slot.clone(),
+        version: state.version.clone(),
+        image_sha256: log.booted().map(|e| e.sha256.clone()),
+        health: state.health,
+        pcr: conf.pcr,
+        event_log: log,
+        reports: state.reports.clone(),
+        at: chrono::Utc::now().to_rfc3339(),
+    };
+    let report = serde_json::to_value(&report).map_err(|e| AgentError::Usage(format!("serialize report: {e}")))?;
+    let qualifying = attest::qualifying_data(&report).map_err(|e| AgentError::tuf("check-in report", e))?;
+    let ak = identity.ak()?;
+    let pcr = conf.pcr;
+    let q = tokio::task::spawn_blocking(move || tpm.quote(&ak, &qualifying, &[pcr]))
+        .await
+        .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+    let body = Checkin { report, attest: hex::encode(&q.attest), signature: hex::encode(&q.signature) };
+    let url = format!("{base}/checkin");
+    let verdict: CheckinVerdict = api("check in", http.post(&url).json(&body).send().await.map_err(send_err(&url))?).await?;
+    tracing::info!(verdict = %verdict.verdict, reason = verdict.reason.as_deref().unwrap_or(""), quarantined = verdict.quarantined, "checked in");
+    Ok(verdict)
+}

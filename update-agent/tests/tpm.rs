@@ -1,0 +1,138 @@
+//! The agent's TPM operations against real software TPMs (`swtpm socket --tpm2`, one
+//! process per TPM, started here), checked with the server's pure verification code:
+//! the server-side MakeCredential is opened by TPM2_ActivateCredential only in the TPM
+//! that holds both keys; quotes verify under their own AK only; measured boot replays.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outpost_agent::tpm::Tpm;
+use outpost_protocol::attest::credential::make_credential;
+use outpost_protocol::attest::{EventKind, EventLog, MeasurementEvent, Quote, TpmPublic};
+use sha2::{Digest, Sha256};
+
+struct Swtpm {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two consecutive free loopback ports (swtpm's command and control ports).
+fn free_port_pair() -> u16 {
+    for _ in 0..200 {
+        let a = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let port = a.local_addr().expect("local addr").port();
+        if port < 65535 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no two consecutive free ports on 127.0.0.1");
+}
+
+fn swtpm() -> Swtpm {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port_pair();
+    let child = Command::new("swtpm")
+        .args(["socket", "--tpm2", "--tpmstate"])
+        .arg(format!("dir={}", dir.path().display()))
+        .args(["--server", &format!("type=tcp,port={port},bindaddr=127.0.0.1")])
+        .args(["--ctrl", &format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1)])
+        .args(["--flags", "not-need-init,startup-clear"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start swtpm (apt-get install swtpm; scripts/setup.sh installs it)");
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "swtpm did not listen on {port} within 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Swtpm { child, port, _dir: dir }
+}
+
+fn tpm(s: &Swtpm) -> Tpm {
+    Tpm::new(&format!("swtpm:host=127.0.0.1,port={}", s.port)).expect("TCTI")
+}
+
+#[test]
+fn credential_opens_only_in_the_tpm_holding_both_keys() {
+    let (s1, s2) = (swtpm(), swtpm());
+    let (t1, t2) = (tpm(&s1), tpm(&s2));
+    let (ek1, _) = t1.endorsement().expect("EK 1");
+    let (ek2, _) = t2.endorsement().expect("EK 2");
+    assert_ne!(ek1, ek2, "two TPMs, two endorsement keys");
+    let ek1p = TpmPublic::parse(&ek1, "endorsement key").expect("parse EK");
+    ek1p.check_endorsement_key().expect("default RSA EK accepted");
+    let ak1 = t1.create_ak().expect("AK 1");
+    let ak2 = t2.create_ak().expect("AK 2");
+    let ak1p = TpmPublic::parse(&ak1.public, "attestation key").expect("parse AK");
+    ak1p.check_attestation_key().expect("AK accepted");
+    let ak2p = TpmPublic::parse(&ak2.public, "attestation key").expect("parse AK 2");
+
+    // The honest case: EK 1 and AK 1 in TPM 1.
+    let secret = [7u8; 32];
+    let made = make_credential(&ek1p, &ak1p.name(), &secret).expect("make credential");
+    let got = t1.activate_credential(&ak1, &made.credential_blob, &made.encrypted_secret).expect("activate in TPM 1");
+    assert_eq!(got, secret.to_vec());
+
+    // EK 1 with AK 2: TPM 2 cannot open what was sealed to EK 1 ...
+    let mixed = make_credential(&ek1p, &ak2p.name(), &secret).expect("make credential");
+    let err = t2.activate_credential(&ak2, &mixed.credential_blob, &mixed.encrypted_secret).expect_err("TPM 2 must not open it");
+    assert!(err.to_string().contains("activate credential"), "{err}");
+    // ... and TPM 1 does not hold an object with AK 2's Name: the integrity check fails.
+    let err = t1.activate_credential(&ak1, &mixed.credential_blob, &mixed.encrypted_secret).expect_err("TPM 1 must not open it");
+    assert!(err.to_string().contains("activate credential"), "{err}");
+}
+
+#[test]
+fn quotes_verify_under_their_own_ak_and_replay_the_measured_boot() {
+    let (s1, s2) = (swtpm(), swtpm());
+    let (t1, t2) = (tpm(&s1), tpm(&s2));
+    let ak1 = t1.create_ak().expect("AK 1");
+    let ak2 = t2.create_ak().expect("AK 2");
+    let ak1p = TpmPublic::parse(&ak1.public, "attestation key").expect("parse");
+    let ak2p = TpmPublic::parse(&ak2.public, "attestation key").expect("parse");
+
+    let image: [u8; 32] = Sha256::digest(b"slot image").into();
+    t1.measure_boot(23, &image).expect("measure");
+    let log = EventLog {
+        events: vec![MeasurementEvent {
+            pcr: 23,
+            sha256: hex::encode(image),
+            event: EventKind::SlotBoot,
+            slot: "A".into(),
+            length: 10,
+            at: "2026-11-23T00:00:00Z".into(),
+        }],
+    };
+    assert_eq!(t1.read_pcr(23).expect("read"), log.replay(23).expect("replay"));
+
+    let nonce = [42u8; 32];
+    let q = t1.quote(&ak1, &nonce, &[23]).expect("quote");
+    let quote = Quote::verify(&ak1p, &q.attest, &q.signature).expect("verifies under AK 1");
+    assert_eq!(quote.extra_data, nonce.to_vec());
+    assert_eq!(quote.sha256_pcrs().expect("one bank"), &[23]);
+    assert_eq!(quote.pcr_digest, log.pcr_digest(&[23]).expect("digest").to_vec());
+    let err = Quote::verify(&ak2p, &q.attest, &q.signature).expect_err("another device's AK");
+    assert!(err.to_string().contains("does not verify"), "{err}");
+
+    // A second boot resets and measures again: the log starts over.
+    let other: [u8; 32] = Sha256::digest(b"other image").into();
+    t1.measure_boot(23, &other).expect("measure again");
+    let q2 = t1.quote(&ak1, &nonce, &[23]).expect("quote");
+    let quote2 = Quote::verify(&ak1p, &q2.attest, &q2.signature).expect("verifies");
+    assert_ne!(quote2.pcr_digest, quote.pcr_digest, "the old log no longer replays");
+    // One flipped bit in the attestation breaks the signature.
+    let mut bad = q2.attest.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert!(Quote::verify(&ak1p, &bad, &q2.signature).is_err());
+}
