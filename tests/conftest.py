@@ -315,7 +315,8 @@ class OutpostServer:
     The server can be stopped and started again on the same data_dir and port."""
 
     def __init__(self, base: Path, repo: OutpostRepo, name: str = "server",
-                 repository: dict[str, str] | None = None) -> None:
+                 repository: dict[str, str] | None = None,
+                 attestation: dict[str, str] | None = None) -> None:
         self.exe = binary("outpost-server")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -332,6 +333,8 @@ class OutpostServer:
         )
         for k, v in (repository or {}).items():
             cfg += f"{k} = {v if isinstance(v, int) else toml_str(v)}\n"
+        if attestation:
+            cfg += "\n[attestation]\n" + "".join(f"{k} = {toml_str(v)}\n" for k, v in attestation.items())
         tomllib.loads(cfg)
         self.config.write_text(cfg)
         self.log = base / f"{name}.log"
@@ -346,9 +349,9 @@ class OutpostServer:
     def metadata_dir(self) -> Path:
         return self.data_dir / "repository" / "metadata"
 
-    def token(self, name: str = "ci") -> str:
+    def token(self, name: str = "ci", role: str = "pipeline") -> str:
         res = assert_ok(run([self.exe, "--config", self.config, "token", "create",
-                             "--role", "pipeline", "--name", name]))
+                             "--role", role, "--name", name]))
         return parse_token(res.stdout)
 
     def log_text(self) -> str:
@@ -523,8 +526,10 @@ def server_factory(tmp_path):
     OutpostServer and a pipeline token (stopped after the test)."""
     servers: list[OutpostServer] = []
 
-    def factory(repo: OutpostRepo, name: str = "server", **repository) -> tuple[OutpostServer, str]:
-        server = OutpostServer(tmp_path, repo, name=name, repository=repository)
+    def factory(repo: OutpostRepo, name: str = "server", attestation: dict | None = None,
+                **repository) -> tuple[OutpostServer, str]:
+        server = OutpostServer(tmp_path, repo, name=name, repository=repository,
+                               attestation=attestation)
         servers.append(server)
         token = server.token()
         server.start()
@@ -619,8 +624,9 @@ class Device:
     def __init__(self, workdir: Path, server_url: str, trusted_root: bytes, *,
                  hardware_class: str = "rpi4", device_id: str = "device-1",
                  timeout: str = "5s", install: dict | None = None,
-                 health: list[dict] | None = None) -> None:
+                 health: list[dict] | None = None, tpm: dict | None = None) -> None:
         self.exe = binary("outpost-agent")
+        self.tpm = dict(tpm or {})
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "provisioned-root.json").write_bytes(trusted_root)
@@ -635,7 +641,7 @@ class Device:
     def write_config(self, **changes) -> None:
         """(Re)writes agent.toml; keyword arguments replace server_url, install, health."""
         for k, v in changes.items():
-            assert k in ("server_url", "install", "health", "device_id", "timeout"), k
+            assert k in ("server_url", "install", "health", "device_id", "timeout", "tpm"), k
             setattr(self, k, v)
         text = (f"server_url = {toml_str(self.server_url)}\n"
                 f"hardware_class = {toml_str(self.hardware_class)}\n"
@@ -649,6 +655,8 @@ class Device:
         for check in self.health:
             text += "\n[[health]]\n" + "".join(f"{k} = {_toml_value(v)}\n"
                                                 for k, v in check.items())
+        if self.tpm:
+            text += "\n[tpm]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.tpm.items())
         tomllib.loads(text)
         self.config.write_text(text)
 
@@ -827,6 +835,8 @@ class ProxyRequest:
     status: int = 0
     body_length: int = 0     # bytes the answer announced
     sent: int = 0            # body bytes actually written to the client
+    body: bytes | None = None     # request body as received (API requests only)
+    answer: bytes | None = None   # answer body as sent (API requests only)
 
     @property
     def is_target(self) -> bool:
@@ -874,6 +884,7 @@ class Proxy:
         self.requests: list[ProxyRequest] = []
         self.rule = None
         self.intercept = None
+        self.request_rule = None   # request_rule(req, body) -> body to forward
         self.throttle: int | None = None
         self.lock = threading.Lock()
         proxy = self
@@ -906,6 +917,11 @@ class Proxy:
             nth = sum(1 for r in self.requests if r.path == h.path)
             req = ProxyRequest(method, h.path, h.headers.get("Range"), nth)
             self.requests.append(req)
+        if h.path.startswith("/api/"):
+            req.body = body
+        request_rule = self.request_rule
+        if request_rule is not None and body is not None:
+            body = request_rule(req, body)
         intercept = self.intercept
         answer = intercept(req) if intercept is not None else None
         if answer is None:
@@ -917,6 +933,8 @@ class Proxy:
             rule(req, answer)
         req.status = answer.status
         req.body_length = len(answer.body)
+        if h.path.startswith("/api/"):
+            req.answer = answer.body
         try:
             h.send_response(answer.status)
             for k, v in answer.headers:
@@ -989,6 +1007,94 @@ def proxy_factory():
     yield factory
     for p in proxies:
         p.stop()
+
+
+def free_port_pair() -> int:
+    """A free loopback port whose successor is free too (swtpm's command and control ports)."""
+    for _ in range(200):
+        port = free_port()
+        if port >= 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    pytest.fail("no two consecutive free ports on 127.0.0.1", pytrace=False)
+
+
+class Swtpm:
+    """A software TPM 2.0: `swtpm socket --tpm2` on 127.0.0.1 (command port P, control
+    port P+1), its state in `dir`. With `ek_cert`, `swtpm_setup` manufactures it first
+    with an EK certificate (from swtpm's local CA) in the TPM's NV, like a real TPM."""
+
+    def __init__(self, base: Path, name: str = "tpm", ek_cert: bool = False) -> None:
+        self.dir = base / f"{name}-state"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if ek_cert:
+            assert_ok(run(["swtpm_setup", "--tpm2", "--tpmstate", str(self.dir), "--create-ek-cert",
+                           "--create-platform-cert", "--overwrite"], timeout=120))
+        self.log = base / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.start()
+
+    def start(self) -> None:
+        exe = shutil.which("swtpm")
+        if exe is None:
+            pytest.fail("swtpm is not installed: bash scripts/setup.sh installs it", pytrace=False)
+        self.port = free_port_pair()
+        self.proc = subprocess.Popen(
+            [exe, "socket", "--tpm2", "--tpmstate", f"dir={self.dir}",
+             "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",
+             "--ctrl", f"type=tcp,port={self.port + 1},bindaddr=127.0.0.1",
+             "--flags", "not-need-init,startup-clear", "--log", f"file={self.log}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"swtpm exited with {self.proc.returncode} (log: {self.log})", pytrace=False)
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"swtpm did not listen on port {self.port} within 10 s", pytrace=False)
+                time.sleep(0.02)
+
+    @property
+    def tcti(self) -> str:
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+    def tool(self, *args: str) -> Result:
+        """A tpm2-tools command against this TPM (an independent look at it)."""
+        env = dict(os.environ, TPM2TOOLS_TCTI=self.tcti)
+        return run(list(args), env=env)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def swtpm_factory(tmp_path):
+    """Factory: swtpm_factory(name, ek_cert=False) -> a running Swtpm (stopped after the test)."""
+    tpms: list[Swtpm] = []
+
+    def factory(name: str = "tpm", ek_cert: bool = False) -> Swtpm:
+        t = Swtpm(tmp_path, name, ek_cert)
+        tpms.append(t)
+        return t
+
+    yield factory
+    for t in tpms:
+        t.stop()
 
 
 @pytest.fixture

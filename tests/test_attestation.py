@@ -1,0 +1,413 @@
+"""Device identity and attestation with TPM 2.0 (issue 4), with real swtpm processes.
+
+Each device is `outpost-agent` with the file A/B boot backend and its own
+`swtpm socket --tpm2` on 127.0.0.1; the server is `outpost-server`; releases are
+signed offline with `outpost release publish`. Where a test needs to see or spoil
+the traffic, the conftest Proxy sits between agent and server.
+
+Covered: enrollment (happy path with an EK certificate, token reuse and expiry, a
+wrong credential answer, a server restart between challenge and proof), attested
+check-ins (wrong, foreign, reused and expired nonces; a quote signed by another
+device's AK; an event log that does not replay), measured boot (a tampered slot is
+quarantined; the agent refuses to install from a state its TPM does not vouch for;
+a measured digest differing from the release's expected measurement rolls back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from conftest import (
+    Device,
+    assert_fails,
+    assert_ok,
+    binary,
+    http_get,
+    http_post,
+    run,
+    sha256_hex,
+)
+
+MiB = 1 << 20
+
+
+def image(seed: str, size: int = 64 * 1024) -> bytes:
+    import hashlib
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+def publish(fleet, data: bytes, version: str, *extra) -> dict:
+    repo, server, token = fleet
+    repo.publish(data, version, server=server, token=token, extra=tuple(str(e) for e in extra))
+    return {"version": version, "sha256": sha256_hex(data), "length": len(data)}
+
+
+class Ops:
+    """The operator side: an operator API token and the `outpost device` CLI."""
+
+    def __init__(self, fleet) -> None:
+        self.repo, self.server, _ = fleet
+        self.token = self.server.token("ops", role="operator")
+
+    def enrollment_token(self, ttl: str = "1h", hardware_class: str = "rpi4") -> str:
+        res = self.repo.cli("device", "token", "create", "--hardware-class", hardware_class,
+                            "--ttl", ttl, "--server", self.server.url, "--token", self.token,
+                            "--json")
+        return json.loads(res.stdout)["token"]
+
+    def device(self, device_id: str) -> dict:
+        status, body = http_get(f"{self.server.url}/api/v1/devices/{device_id}", token=self.token)
+        assert status == 200, body
+        return json.loads(body)
+
+    def devices(self) -> list[dict]:
+        status, body = http_get(f"{self.server.url}/api/v1/devices", token=self.token)
+        assert status == 200, body
+        return json.loads(body)["devices"]
+
+
+@pytest.fixture
+def ops(fleet) -> Ops:
+    return Ops(fleet)
+
+
+def tpm_device(fleet, tmp_path: Path, tpm, name: str = "device", server_url: str | None = None,
+               factory_image: bytes | None = None, **kw) -> Device:
+    """A device with its own swtpm; `factory_image` is written to slot A (what it
+    shipped with: for attestation to pass it must be a signed release)."""
+    repo, server, _ = fleet
+    dev = Device(tmp_path / name, server_url or server.url, repo.root1, device_id=name,
+                 tpm={"tcti": tpm.tcti, "pcr": 23}, **kw)
+    if factory_image is not None:
+        dev.slot_path("A").parent.mkdir(parents=True, exist_ok=True)
+        dev.slot_path("A").write_bytes(factory_image)
+    return dev
+
+
+def agent(dev: Device, *args: str, timeout: float = 60, env: dict | None = None):
+    return run([dev.exe, "--config", dev.config, "--log-level", "info", "--json", *args],
+               timeout=timeout, env=env)
+
+
+def enroll(dev: Device, token: str) -> dict:
+    res = assert_ok(agent(dev, "enroll", "--token", token))
+    return json.loads(res.stdout)
+
+
+def checkin(dev: Device) -> dict:
+    res = assert_ok(agent(dev, "checkin"))
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def results(res) -> list[dict]:
+    return Device.results(res)
+
+
+def enrolled_device(fleet, tmp_path, ops, swtpm_factory, name: str = "device",
+                    server_url: str | None = None, v1: dict | None = None,
+                    **kw) -> tuple[Device, str, dict]:
+    """A device shipped with signed release 1.0.0 in slot A, enrolled, booted once."""
+    data = image("v1")
+    if v1 is None:
+        v1 = publish(fleet, data, "1.0.0")
+    tpm = swtpm_factory(f"{name}-tpm", **kw)
+    dev = tpm_device(fleet, tmp_path, tpm, name, server_url=server_url, factory_image=data)
+    device_id = enroll(dev, ops.enrollment_token())["device_id"]
+    res = dev.run_once()
+    assert res.returncode == 0, res.describe()
+    assert {"result": "up_to_date", "version": "1.0.0"} in results(res), res.describe()
+    dev.tpm_proc = tpm
+    return dev, device_id, v1
+
+
+# ============================================================== enrollment
+def test_enrollment_and_attested_checkins_through_an_update(fleet, tmp_path, ops, swtpm_factory):
+    v1_data = image("v1")
+    v1 = publish(fleet, v1_data, "1.0.0")
+    tpm = swtpm_factory("tpm", ek_cert=True)
+    dev = tpm_device(fleet, tmp_path, tpm, factory_image=v1_data)
+
+    enrolled = enroll(dev, ops.enrollment_token())
+    device_id = enrolled["device_id"]
+    assert device_id.startswith("dev-") and enrolled["hardware_class"] == "rpi4"
+    identity = json.loads((dev.state_dir / "identity.json").read_text())
+    assert identity["device_id"] == device_id
+    rec = ops.device(device_id)["device"]
+    assert rec["attestation"] == "pending" and rec["has_ek_certificate"] is True, rec
+    # The EK certificate the server got is the one in the TPM's NV index.
+    nv = tpm.tool("tpm2_nvread", "0x01c00002")
+    assert nv.returncode == 0 and len(nv.stdout.encode("latin-1", "replace")) > 100
+
+    # Boot (measures slot A into PCR 23), attested check-in, nothing to install.
+    res = dev.run_once()
+    assert res.returncode == 0, res.describe()
+    verdicts = [r for r in results(res) if "verdict" in r]
+    assert verdicts and verdicts[0]["verdict"] == "attested", res.describe()
+    log = json.loads((dev.state_dir / "measurements.json").read_text())
+    assert [e["sha256"] for e in log["events"]] == [v1["sha256"]]
+    # PCR 23 as tpm2-tools reads it is the replay of that log.
+    import hashlib
+    pcr = tpm.tool("tpm2_pcrread", "sha256:23")
+    assert hashlib.sha256(bytes(32) + bytes.fromhex(v1["sha256"])).hexdigest() in pcr.stdout.lower().replace("0x", ""), pcr.stdout
+
+    # An update: trial boot measured, committed, the report delivered in a check-in.
+    v2 = publish(fleet, image("v2"), "2.0.0")
+    res = dev.run_once()
+    assert {"result": "committed", "version": "2.0.0", "slot": "B"} in results(res), res.describe()
+    assert checkin(dev)["verdict"] == "attested"
+    shown = ops.device(device_id)
+    assert shown["device"]["version"] == "2.0.0" and shown["device"]["image_sha256"] == v2["sha256"]
+    assert shown["device"]["attestation"] == "attested" and not shown["device"]["quarantined"]
+    assert shown["attestations"][0]["verdict"] == "attested"
+    assert any(r["version"] == "2.0.0" and r["outcome"] == "committed" for r in shown["reports"]), shown
+    # The operator CLI lists it.
+    listing = ops.repo.cli("device", "list", "--server", ops.server.url, "--token", ops.token).stdout
+    assert device_id in listing and "attested" in listing
+
+
+def test_enrollment_token_works_once_and_expires(fleet, tmp_path, ops, swtpm_factory):
+    t1, t2 = swtpm_factory("tpm1"), swtpm_factory("tpm2")
+    d1 = tpm_device(fleet, tmp_path, t1, "d1")
+    d2 = tpm_device(fleet, tmp_path, t2, "d2")
+    token = ops.enrollment_token()
+    enroll(d1, token)
+    assert_fails(agent(d2, "enroll", "--token", token), "already used")
+    assert not (d2.state_dir / "identity.json").exists()
+
+    short = ops.enrollment_token(ttl="1s")
+    import time
+    time.sleep(2.2)
+    assert_fails(agent(d2, "enroll", "--token", short), "expired")
+    assert_fails(agent(d2, "enroll", "--token", "ote_" + "0" * 64), "unknown enrollment token")
+    wrong_class = ops.enrollment_token(hardware_class="jetson")
+    assert_fails(agent(d2, "enroll", "--token", wrong_class), "hardware class")
+    assert [d["device_id"] for d in ops.devices()] == [json.loads((d1.state_dir / "identity.json").read_text())["device_id"]]
+    # Only operators make tokens.
+    res = ops.repo.cli("device", "token", "create", "--hardware-class", "rpi4", "--server",
+                       ops.server.url, "--token", fleet[2], check=False)
+    assert res.returncode != 0 and "operator" in res.stderr
+
+
+def test_ak_not_resident_with_the_ek_is_refused(fleet, tmp_path, ops, swtpm_factory, proxy_factory):
+    """Device 1 enrolls through a proxy that swaps its AK for device 2's: the server's
+    credential names device 2's AK but is sealed to device 1's EK, so neither TPM can
+    open it; a guessed answer is refused and burns the challenge."""
+    repo, server, _ = fleet
+    t1, t2 = swtpm_factory("tpm1"), swtpm_factory("tpm2")
+    d2 = tpm_device(fleet, tmp_path, t2, "d2")
+    enroll(d2, ops.enrollment_token())
+    ak2 = json.loads((d2.state_dir / "identity.json").read_text())["ak_public"]
+
+    proxy = proxy_factory(server.url)
+
+    def swap_ak(req, body):
+        if req.path == "/api/v1/enroll":
+            doc = json.loads(body)
+            doc["ak_public"] = ak2
+            return json.dumps(doc).encode()
+        return body
+
+    proxy.request_rule = swap_ak
+    d1 = tpm_device(fleet, tmp_path, t1, "d1", server_url=proxy.url)
+    token = ops.enrollment_token()
+    res = assert_fails(agent(d1, "enroll", "--token", token), "activate credential")
+    assert not (d1.state_dir / "identity.json").exists()
+    challenge = json.loads(next(r.answer for r in proxy.requests if r.path == "/api/v1/enroll"))
+    # Whoever lacks the TPM can only guess.
+    url = f"{server.url}/api/v1/enroll/{challenge['challenge_id']}"
+    status, body = http_post(url, json.dumps({"secret": secrets.token_hex(32)}).encode(), None, "application/json")
+    assert status == 403 and b"not resident" in body, body
+    status, body = http_post(url, json.dumps({"secret": secrets.token_hex(32)}).encode(), None, "application/json")
+    assert status == 409 and b"failed" in body, body
+    assert challenge["device_id"] not in [d["device_id"] for d in ops.devices()]
+    # The token was not consumed: the honest device 1 enrolls with it.
+    proxy.request_rule = None
+    enroll(d1, token)
+
+
+def test_server_restart_mid_enrollment_loses_nothing_and_accepts_nothing_twice(
+        fleet, tmp_path, ops, swtpm_factory, proxy_factory):
+    repo, server, _ = fleet
+    tpm = swtpm_factory("tpm")
+    proxy = proxy_factory(server.url)
+    restarted = []
+
+    def restart_before_proof(req):
+        if req.method == "POST" and req.path.startswith("/api/v1/enroll/") and not restarted:
+            server.terminate()
+            assert server.start()
+            restarted.append(True)
+        return None
+
+    proxy.intercept = restart_before_proof
+    dev = tpm_device(fleet, tmp_path, tpm, server_url=proxy.url)
+    token = ops.enrollment_token()
+    device_id = enroll(dev, token)["device_id"]
+    assert restarted, "the server was restarted between challenge and proof"
+    proof = next(r for r in proxy.requests if r.path.startswith("/api/v1/enroll/"))
+    # The same proof again: the challenge is closed.
+    status, body = http_post(f"{server.url}{proof.path}", proof.body, None, "application/json")
+    assert status == 409 and b"completed" in body, body
+    # The token is spent.
+    assert_fails(agent(dev, "enroll", "--token", token), "already used")
+    assert [d["device_id"] for d in ops.devices()] == [device_id]
+
+
+# ============================================================== check-ins
+def test_checkin_nonces_are_single_use_fresh_and_this_devices(fleet, tmp_path, ops, swtpm_factory,
+                                                             proxy_factory, server_factory):
+    repo, _, _ = fleet
+    server, token = server_factory(repo, name="short", attestation={"nonce_lifetime": "1s"})
+    repo.cli("repo", "push", "--repo", repo.dir, "--server", server.url, "--token", token)
+    sfleet = (repo, server, token)
+    sops = Ops(sfleet)
+    proxy = proxy_factory(server.url)
+    dev, device_id, v1 = enrolled_device(sfleet, tmp_path, sops, swtpm_factory, "d1", server_url=proxy.url)
+    other, other_id, _ = enrolled_device(sfleet, tmp_path, sops, swtpm_factory, "d2", v1=v1)
+    assert checkin(dev)["verdict"] == "attested"
+
+    # Replayed: the same check-in body again.
+    sent = [r for r in proxy.requests if r.path.endswith("/checkin")][-1]
+    status, body = http_post(f"{server.url}{sent.path}", sent.body, None, "application/json")
+    assert status == 409 and b"replayed" in body, body
+
+    # Signed by another device's AK: device 1's check-in presented as device 2's.
+    status, body = http_post(f"{server.url}/api/v1/devices/{other_id}/checkin", sent.body, None,
+                             "application/json")
+    assert status == 401 and b"attestation key" in body, body
+
+    # A nonce the server never issued.
+    def forge_nonce(req, answer):
+        if req.path.endswith("/nonce"):
+            answer.set_body(json.dumps({"nonce": secrets.token_hex(32),
+                                        "expires_at": "2099-01-01T00:00:00Z"}).encode())
+
+    proxy.rule = forge_nonce
+    assert_fails(agent(dev, "checkin"), "not issued")
+
+    # A nonce issued to device 2.
+    def foreign_nonce(req, answer):
+        if req.path.endswith("/nonce"):
+            status, body = http_post(f"{server.url}/api/v1/devices/{other_id}/nonce", b"", None,
+                                     "application/json")
+            answer.set_body(body)
+
+    proxy.rule = foreign_nonce
+    assert_fails(agent(dev, "checkin"), "another device")
+
+    # An expired nonce: the check-in arrives after the nonce's 1 s lifetime.
+    proxy.rule = None
+
+    def late(req):
+        if req.path.endswith("/checkin"):
+            import time
+            time.sleep(2.2)
+        return None
+
+    proxy.intercept = late
+    assert_fails(agent(dev, "checkin"), "expired")
+    proxy.intercept = None
+    # None of that counted against the device; an honest check-in still attests.
+    assert sops.device(device_id)["device"]["attestation"] == "attested"
+    assert checkin(dev)["verdict"] == "attested"
+
+
+def test_event_log_that_does_not_replay_fails_attestation(fleet, tmp_path, ops, swtpm_factory):
+    dev, device_id, v1 = enrolled_device(fleet, tmp_path, ops, swtpm_factory)
+    log_path = dev.state_dir / "measurements.json"
+    log = json.loads(log_path.read_text())
+    # Claim one more boot than the TPM measured.
+    log["events"].append(dict(log["events"][0], slot="B"))
+    log_path.write_text(json.dumps(log))
+    verdict = checkin(dev)
+    assert verdict["verdict"] == "failed" and verdict["quarantined"], verdict
+    assert "does not replay" in verdict["reason"], verdict
+    shown = ops.device(device_id)["device"]
+    assert shown["quarantined"] and "does not replay" in shown["attestation_reason"]
+
+
+# ============================================================== measured boot and gates
+def test_tampered_slot_is_quarantined_and_gets_nothing(fleet, tmp_path, ops, swtpm_factory):
+    dev, device_id, v1 = enrolled_device(fleet, tmp_path, ops, swtpm_factory)
+    slot = dev.slot_path(dev.active())
+    data = bytearray(slot.read_bytes())
+    data[100] ^= 0xFF
+    slot.write_bytes(bytes(data))
+    tampered = sha256_hex(bytes(data))
+
+    publish(fleet, image("v2"), "2.0.0")
+    res = dev.run_once()       # boot measures the tampered image, checks in
+    kinds = results(res)
+    verdicts = [r for r in kinds if "verdict" in r]
+    assert verdicts and verdicts[0]["verdict"] == "failed" and verdicts[0]["quarantined"], res.describe()
+    assert tampered in verdicts[0]["reason"] and "expected measurement" in verdicts[0]["reason"]
+    assert any(r.get("result") == "quarantined" for r in kinds), res.describe()
+    assert dev.active() == "A" and sha256_hex(dev.slot_path("A").read_bytes()) == tampered
+    assert dev.slot_path("B").read_bytes() == b"", "nothing was installed"
+    shown = ops.device(device_id)["device"]
+    assert shown["quarantined"] and shown["image_sha256"] == tampered
+    listing = ops.repo.cli("device", "list", "--server", ops.server.url, "--token", ops.token).stdout
+    assert "QUARANTINED" in listing
+    audit = json.loads(http_get(f"{ops.server.url}/api/v1/log", token=ops.token)[1])["entries"]
+    assert any(e["action"] == "device_quarantine" and e["detail"]["device_id"] == device_id for e in audit)
+
+
+def test_agent_refuses_to_install_from_a_state_its_tpm_does_not_vouch_for(fleet, tmp_path, swtpm_factory):
+    """Not enrolled (no server verdict to lean on): the agent's own check stops it."""
+    data = image("v1")
+    publish(fleet, data, "1.0.0")
+    tpm = swtpm_factory("tpm")
+    dev = tpm_device(fleet, tmp_path, tpm, factory_image=data)
+    res = dev.run_once()
+    assert {"result": "up_to_date", "version": "1.0.0"} in results(res), res.describe()
+    slot = dev.slot_path("A")
+    slot.write_bytes(slot.read_bytes()[:-1] + b"\x00")
+    publish(fleet, image("v2"), "2.0.0")
+    res = assert_fails(dev.run_once(), "refusing to install")
+    assert "expected measurement" in res.stderr
+    assert dev.slot_path("B").read_bytes() == b"" and dev.active() == "A"
+
+
+def test_measured_digest_differing_from_the_release_rolls_back(fleet, tmp_path, ops, swtpm_factory):
+    """The trial slot changes on disk after its first trial boot (the health check
+    spoils it and cuts the power); the next boot measures something the release does
+    not expect, and the device goes back to the previous slot."""
+    dev, device_id, v1 = enrolled_device(fleet, tmp_path, ops, swtpm_factory,
+                                         )
+    spoil = (f"if [ ! -e {dev.workdir}/spoiled ]; then touch {dev.workdir}/spoiled; "
+             f"printf X | dd of={dev.slot_path('B')} bs=1 seek=10 conv=notrunc 2>/dev/null; "
+             "kill -9 $PPID; fi")
+    dev.write_config(health=[{"kind": "command", "run": spoil, "timeout_secs": 10}],
+                     install={"trial_attempts": 3})
+    publish(fleet, image("v2"), "2.0.0")
+    first = dev.run_once()
+    assert first.returncode != 0, "the power cut ended the first run"
+    res = dev.run_once()
+    rolled = [r for r in results(res) if r.get("result") == "rolled_back"]
+    assert rolled and "measured boot digest" in rolled[0]["reason"] and "expected measurement" in rolled[0]["reason"], res.describe()
+    assert dev.active() == "A" and sha256_hex(dev.slot_path("A").read_bytes()) == v1["sha256"]
+    # Back on the signed image: attested again, and the rollback was reported.
+    assert checkin(dev)["verdict"] == "attested"
+    shown = ops.device(device_id)
+    assert any(r["outcome"] == "rolled_back" and r["version"] == "2.0.0" for r in shown["reports"]), shown
+
+
+def test_enroll_and_checkin_without_a_tpm_say_so(fleet, tmp_path, ops):
+    repo, server, _ = fleet
+    dev = Device(tmp_path / "plain", server.url, repo.root1)
+    assert_fails(agent(dev, "enroll", "--token", ops.enrollment_token()), "[tpm]")
+    assert_fails(agent(dev, "checkin"), "not enrolled")
+    dev.write_config(tpm={"tcti": "swtpm:host=127.0.0.1,port=1", "pcr": 23})
+    assert_fails(agent(dev, "enroll", "--token", ops.enrollment_token()), "TPM")
+    dev.write_config(tpm={"tcti": "swtpm:host=127.0.0.1,port=1", "pcr": 7})
+    assert_fails(agent(dev, "enroll", "--token", "x"), "pcr")
