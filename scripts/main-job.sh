@@ -9,7 +9,11 @@
 #   3. starts outpost-server on a free loopback port with a pipeline token,
 #   4. publishes an 8 MiB firmware image as a signed release,
 #   5. runs `outpost-agent update` for an rpi4 device, which verifies and downloads it,
-#   6. prints what happened and checks the agent's file against the published digest.
+#   6. prints what happened and checks the agent's file against the published digest,
+#   7. an A/B device: 1.1.0 committed, 1.2.0 rolled back by its health check, 1.3.0 by delta,
+#   8. three devices with their own swtpm: enrolled with one-time tokens (credential
+#      activation), attested check-ins (quotes over the measured boot), then one device's
+#      slot image is tampered with and the server quarantines it.
 # Exits non-zero if any step fails. Environment:
 #   OUTPOST_SKIP_BUILD=1   use the existing target/release binaries
 #   OUTPOST_FLEET_DIR=DIR  work directory (default <repo>/.fleet)
@@ -24,7 +28,7 @@ trap 'echo "main-job.sh: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 OUTPOST_BIN="$REPO_ROOT/target/release"
 # shellcheck source=scripts/lib/fleet.sh
 source "$REPO_ROOT/scripts/lib/fleet.sh"
-trap fleet_stop_server EXIT
+trap 'fleet_stop_server; fleet_stop_swtpms' EXIT
 
 FLEET="${OUTPOST_FLEET_DIR:-$REPO_ROOT/.fleet}"
 HW_CLASS="rpi4"
@@ -177,6 +181,63 @@ DELTA_LINE="$(grep 'download verified' "$AB/agent.log" | tail -1)"
 DELTA_BYTES="$(echo "$DELTA_LINE" | sed -n 's/.*received=\([0-9]*\).*/\1/p')"
 REPORTS="$(curl -fsS -H "Authorization: Bearer $OUTPOST_TOKEN" "$SERVER_URL/api/v1/reports?device=rpi4-ab-1")"
 
+# --------------------------------------------------------------------------- attestation
+# Three rpi4 devices, each with its own software TPM, shipped with release 1.3.0 in slot A.
+fleet_log "attestation: an operator token and three devices with their own swtpm"
+for tool in swtpm swtpm_setup; do
+  command -v "$tool" >/dev/null || fleet_die "$tool not found: run 'bash scripts/setup.sh'"
+done
+OPERATOR_TOKEN="$(fleet_create_token "$FLEET/server.toml" demo-operator operator)"
+ATT="$FLEET/attested"
+DEVICES=(rpi4-tpm-1 rpi4-tpm-2 rpi4-tpm-3)
+declare -A DEVICE_ID
+for name in "${DEVICES[@]}"; do
+  d="$ATT/$name"
+  mkdir -p "$d/state/boot"
+  cp "$AB/fw-1.3.0.img" "$d/state/boot/slot-a.img"
+  port="$(fleet_free_port_pair)"
+  fleet_start_swtpm "$d/tpm" "$port"
+  printf '%s\n' \
+    "server_url = \"$SERVER_URL\"" \
+    "hardware_class = \"$HW_CLASS\"" \
+    'state_dir = "state"' \
+    "trusted_root = \"$REPO/metadata/1.root.json\"" \
+    '[tpm]' \
+    "tcti = \"swtpm:host=127.0.0.1,port=$port\"" \
+    'pcr = 23' >"$d/agent.toml"
+  token="$("$OUTPOST_BIN/outpost" device token create --hardware-class "$HW_CLASS" --ttl 15m \
+    --server "$SERVER_URL" --token "$OPERATOR_TOKEN" --json | jq -r .token)"
+  enrolled="$("$OUTPOST_BIN/outpost-agent" --config "$d/agent.toml" --json enroll --token "$token" 2>>"$d/agent.log")" \
+    || fleet_die "$name could not enroll (see $d/agent.log)"
+  DEVICE_ID[$name]="$(echo "$enrolled" | jq -r .device_id)"
+  echo "  $name: swtpm on 127.0.0.1:$port, enrolled as ${DEVICE_ID[$name]} (EK + AK proven by credential activation)" >&2
+done
+att_run() { "$OUTPOST_BIN/outpost-agent" --config "$ATT/$1/agent.toml" --log-level info --json run --once 2>>"$ATT/$1/agent.log"; }
+
+fleet_log "attestation: each device boots (slot measured into PCR 23) and checks in with a quote"
+for name in "${DEVICES[@]}"; do
+  out="$(att_run "$name")" || fleet_die "$name: run failed: $out"
+  verdict="$(echo "$out" | jq -sr 'map(select(.verdict))[0].verdict')"
+  echo "  $name: check-in $verdict" >&2
+  [[ "$verdict" == attested ]] || fleet_die "$name was not attested: $out"
+done
+
+TAMPERED=rpi4-tpm-3
+fleet_log "attestation: someone rewrites one byte of $TAMPERED's slot image; it reboots and checks in"
+printf 'X' | dd of="$ATT/$TAMPERED/state/boot/slot-a.img" bs=1 seek=4096 conv=notrunc status=none
+out="$(att_run "$TAMPERED")" || fleet_die "$TAMPERED: run failed: $out"
+echo "$out" | sed 's/^/    /' >&2
+echo "$out" | jq -se 'map(select(.verdict == "failed" and .quarantined)) | length == 1' >/dev/null \
+  || fleet_die "$TAMPERED was not quarantined: $out"
+QUARANTINE_REASON="$(echo "$out" | jq -sr 'map(select(.verdict))[0].reason')"
+for name in rpi4-tpm-1 rpi4-tpm-2; do
+  out="$(att_run "$name")"
+  [[ "$(echo "$out" | jq -sr 'map(select(.verdict))[0].verdict')" == attested ]] || fleet_die "$name lost its attestation: $out"
+done
+DEVICE_LIST="$("$OUTPOST_BIN/outpost" device list --server "$SERVER_URL" --token "$OPERATOR_TOKEN")"
+echo "$DEVICE_LIST" | sed 's/^/    /' >&2
+[[ "$(echo "$DEVICE_LIST" | grep -c QUARANTINED)" == 1 ]] || fleet_die "expected exactly one quarantined device"
+
 # --------------------------------------------------------------------------- summary
 cat <<EOF
 
@@ -207,4 +268,14 @@ A/B device  rpi4-ab-1 (file boot backend: $AB/state/boot)
             reason: $ROLLBACK_REASON
   1.3.0     installed by delta from 1.1.0: $DELTA_BYTES bytes downloaded for a $(stat -c %s "$AB/fw-1.3.0.img")-byte image; committed
   server    install reports: $(echo "$REPORTS" | jq -c '[.reports[] | {version, outcome}]')
+EOF
+cat <<EOF
+
+Attestation three rpi4 devices, one swtpm each, enrolled with one-time tokens
+  check-ins quotes over PCR 23 (the measured boot) verified by the server against the
+            event log and the offline-signed expected measurements
+  tampered  $TAMPERED: one byte of its slot image changed -> quarantined
+            reason: $QUARANTINE_REASON
+  devices   (outpost device list)
+$(echo "$DEVICE_LIST" | sed 's/^/            /')
 EOF

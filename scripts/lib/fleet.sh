@@ -94,9 +94,9 @@ timestamp_key = "$keys/timestamp.key"
 EOF
 }
 
-fleet_create_token() {
-  local config="$1" name="$2" out token
-  out="$("$OUTPOST_BIN/outpost-server" --config "$config" token create --role pipeline --name "$name")" \
+fleet_create_token() { # CONFIG NAME [ROLE (pipeline)]
+  local config="$1" name="$2" role="${3:-pipeline}" out token
+  out="$("$OUTPOST_BIN/outpost-server" --config "$config" token create --role "$role" --name "$name")" \
     || fleet_die "outpost-server token create failed"
   # The token is printed once; take the last word of the last non-empty line.
   token="$(printf '%s\n' "$out" | awk 'NF { last = $NF } END { print last }')"
@@ -155,4 +155,47 @@ trusted_root = "$trusted_root"
 [http]
 timeout = "30s"
 EOF
+}
+
+# --------------------------------------------------------------------------- swtpm
+FLEET_SWTPM_PIDS=()
+
+fleet_start_swtpm() { # STATE_DIR PORT: a software TPM 2.0 on 127.0.0.1:PORT (control PORT+1)
+  local dir="$1" port="$2" i
+  mkdir -p "$dir"
+  if [[ ! -e "$dir/tpm2-00.permall" ]]; then
+    # Manufacture it like a real TPM: EK and an EK certificate from swtpm's local CA.
+    swtpm_setup --tpm2 --tpmstate "$dir" --create-ek-cert --create-platform-cert --overwrite >"$dir/setup.log" 2>&1 \
+      || fleet_die "swtpm_setup failed (see $dir/setup.log)"
+  fi
+  swtpm socket --tpm2 --tpmstate "dir=$dir" --server "type=tcp,port=$port,bindaddr=127.0.0.1" \
+    --ctrl "type=tcp,port=$((port + 1)),bindaddr=127.0.0.1" --flags not-need-init,startup-clear \
+    --log "file=$dir/swtpm.log" </dev/null >/dev/null 2>&1 &
+  FLEET_SWTPM_PIDS+=("$!")
+  for i in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  fleet_die "swtpm did not listen on 127.0.0.1:$port"
+}
+
+fleet_free_port_pair() { # a free port P with P+1 free too
+  local p i
+  for i in $(seq 1 50); do
+    p="$(fleet_free_port)"
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$((p + 1))") 2>/dev/null; then
+      printf '%s\n' "$p"
+      return 0
+    fi
+  done
+  fleet_die "no two consecutive free ports"
+}
+
+fleet_stop_swtpms() {
+  local pid
+  for pid in "${FLEET_SWTPM_PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  FLEET_SWTPM_PIDS=()
 }

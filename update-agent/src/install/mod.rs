@@ -307,6 +307,11 @@ impl Installer {
 
     /// One update check: refresh, choose, and install when a newer release exists.
     pub async fn check_and_install(&mut self) -> Result<PassResult> {
+        if let Some(reason) = &self.quarantine {
+            // The server assigns nothing to a quarantined device; it installs nothing.
+            tracing::warn!(%reason, "quarantined by the server; not installing");
+            return Ok(PassResult::Quarantined { reason: reason.clone() });
+        }
         let mut updater = Updater::new(&self.config.metadata_dir(), &self.metadata_url(), self.fetcher.clone(), chrono::Utc::now())?;
         updater.refresh().await?;
         let class = self.config.hardware_class.to_string();
@@ -342,10 +347,6 @@ impl Installer {
         if self.journal.failed.contains(&release) {
             tracing::info!(version = %release.version, "newest release was rolled back on this device; waiting for a newer one");
             return Ok(PassResult::SkippedFailedRelease { version: release.version });
-        }
-        if let Some(reason) = &self.quarantine {
-            tracing::warn!(%reason, version = %release.version, "quarantined by the server; not installing");
-            return Ok(PassResult::Quarantined { reason: reason.clone() });
         }
         // Install only from a state the TPM vouches for: PCR = replayed log, and the
         // measured boot = the running release's expected measurement.
