@@ -8,6 +8,7 @@
 //! client (or a crash) sees either the old repository or the new one, never a mix.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -74,7 +75,11 @@ pub struct Repository {
     snapshot_expiry: Duration,
     timestamp_expiry: Duration,
     state: tokio::sync::Mutex<State>,
+    /// Expected measurements by hardware class, for the role versions in the key.
+    measurements: std::sync::Mutex<Option<MeasurementIndex>>,
 }
+
+type MeasurementIndex = (Vec<(String, u64)>, BTreeMap<String, Arc<BTreeMap<String, String>>>);
 
 fn load_signing(path: &Path) -> Result<SigningKey, ServerError> {
     let bytes = std::fs::read(path).map_err(|e| ServerError::io("read key", path, e))?;
@@ -176,6 +181,7 @@ impl Repository {
             snapshot_expiry: config.snapshot_expiry,
             timestamp_expiry: config.timestamp_expiry,
             state: tokio::sync::Mutex::new(state),
+            measurements: std::sync::Mutex::new(None),
         })
     }
 
@@ -199,19 +205,28 @@ impl Repository {
     /// Every expected measurement (image SHA-256) the offline-signed release metadata
     /// names for `hardware_class`, with the target that names it. Roles reach the state
     /// only after their signatures and delegated paths verified on publish.
-    pub async fn expected_measurements(&self, hardware_class: &str) -> BTreeMap<String, String> {
+    /// Indexed once per set of role versions (every check-in asks).
+    pub async fn expected_measurements(&self, hardware_class: &str) -> Arc<BTreeMap<String, String>> {
         let st = self.state.lock().await;
-        let mut out = BTreeMap::new();
-        for env in st.roles.values() {
-            for (path, file) in &env.signed.targets {
-                if let Ok(Some(custom)) = outpost_protocol::release::FirmwareCustom::from_custom(file.custom.as_ref(), path) {
-                    if custom.hardware_class.as_str() == hardware_class {
-                        out.entry(custom.expected_measurement.sha256.clone()).or_insert_with(|| path.clone());
+        let key: Vec<(String, u64)> = st.roles.iter().map(|(k, v)| (k.clone(), v.signed.version)).collect();
+        let mut cache = self.measurements.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.as_ref().is_none_or(|(k, _)| *k != key) {
+            let mut index: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+            for env in st.roles.values() {
+                for (path, file) in &env.signed.targets {
+                    if let Ok(Some(custom)) = outpost_protocol::release::FirmwareCustom::from_custom(file.custom.as_ref(), path) {
+                        index
+                            .entry(custom.hardware_class.as_str().to_owned())
+                            .or_default()
+                            .entry(custom.expected_measurement.sha256.clone())
+                            .or_insert_with(|| path.clone());
                     }
                 }
             }
+            let index = index.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+            *cache = Some((key, index));
         }
-        out
+        cache.as_ref().and_then(|(_, idx)| idx.get(hardware_class).cloned()).unwrap_or_default()
     }
 
     pub async fn status(&self) -> RepositoryStatus {

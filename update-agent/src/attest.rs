@@ -247,6 +247,21 @@ pub struct DeviceState {
 /// One attested check-in: a fresh nonce from the server, a quote over the measurement
 /// PCR bound to the whole report, and the server's verdict.
 pub async fn checkin(config: &AgentConfig, state: &DeviceState) -> Result<CheckinVerdict> {
+    let (url, body) = prepare_checkin(config, state).await?;
+    send_checkin(config, &url, &body).await
+}
+
+/// Sends a prepared check-in and returns the server's verdict.
+pub async fn send_checkin(config: &AgentConfig, url: &str, body: &Checkin) -> Result<CheckinVerdict> {
+    let http = client(config)?;
+    let verdict: CheckinVerdict = api("check in", http.post(url).json(body).send().await.map_err(send_err(url))?).await?;
+    tracing::info!(verdict = %verdict.verdict, reason = verdict.reason.as_deref().unwrap_or(""), quarantined = verdict.quarantined, "checked in");
+    Ok(verdict)
+}
+
+/// The first half of a check-in: a nonce from the server and the TPM's quote over the
+/// report. Returns the check-in URL and body.
+pub async fn prepare_checkin(config: &AgentConfig, state: &DeviceState) -> Result<(String, Checkin)> {
     let identity = Identity::load(config)?.ok_or_else(|| AgentError::Usage("not enrolled: run `outpost-agent enroll --token TOKEN` first".into()))?;
     let conf = config.tpm.as_ref().ok_or_else(|| AgentError::Usage("this needs a [tpm] section with a tcti in the agent config".into()))?;
     let tpm = Tpm::new(&conf.tcti)?;
@@ -275,8 +290,5 @@ pub async fn checkin(config: &AgentConfig, state: &DeviceState) -> Result<Checki
         .await
         .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
     let body = Checkin { report, attest: hex::encode(&q.attest), signature: hex::encode(&q.signature) };
-    let url = format!("{base}/checkin");
-    let verdict: CheckinVerdict = api("check in", http.post(&url).json(&body).send().await.map_err(send_err(&url))?).await?;
-    tracing::info!(verdict = %verdict.verdict, reason = verdict.reason.as_deref().unwrap_or(""), quarantined = verdict.quarantined, "checked in");
-    Ok(verdict)
+    Ok((format!("{base}/checkin"), body))
 }
