@@ -334,7 +334,9 @@ class OutpostServer:
         for k, v in (repository or {}).items():
             cfg += f"{k} = {v if isinstance(v, int) else toml_str(v)}\n"
         if attestation:
-            cfg += "\n[attestation]\n" + "".join(f"{k} = {toml_str(v)}\n" for k, v in attestation.items())
+            cfg += "\n[attestation]\n" + "".join(
+                f"{k} = {'[' + ', '.join(toml_str(x) for x in v) + ']' if isinstance(v, list) else toml_str(v)}\n"
+                for k, v in attestation.items())
         tomllib.loads(cfg)
         self.config.write_text(cfg)
         self.log = base / f"{name}.log"

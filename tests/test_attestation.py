@@ -411,3 +411,46 @@ def test_enroll_and_checkin_without_a_tpm_say_so(fleet, tmp_path, ops):
     assert_fails(agent(dev, "enroll", "--token", ops.enrollment_token()), "TPM")
     dev.write_config(tpm={"tcti": "swtpm:host=127.0.0.1,port=1", "pcr": 7})
     assert_fails(agent(dev, "enroll", "--token", "x"), "pcr")
+
+
+# ============================================================== EK certificates
+def localca_files() -> list[str]:
+    """swtpm's local CA (root and intermediate) that `swtpm_setup --create-ek-cert` uses."""
+    statedir = "/var/lib/swtpm-localca"
+    conf = Path("/etc/swtpm-localca.conf")
+    if conf.exists():
+        for line in conf.read_text().splitlines():
+            if line.strip().startswith("statedir"):
+                statedir = line.split("=", 1)[1].strip()
+    files = [Path(statedir) / "swtpm-localca-rootca-cert.pem", Path(statedir) / "issuercert.pem"]
+    for f in files:
+        assert f.exists(), f"{f} missing: swtpm_setup --create-ek-cert should have made it"
+    return [str(f) for f in files]
+
+
+def test_ek_certificate_must_chain_to_a_configured_manufacturer_ca(fleet, tmp_path, swtpm_factory,
+                                                                   server_factory):
+    repo, _, _ = fleet
+    certified = swtpm_factory("certified", ek_cert=True)
+    plain = swtpm_factory("plain")
+    server, token = server_factory(repo, name="strict", attestation={"ek_ca_certificates": localca_files()})
+    repo.cli("repo", "push", "--repo", repo.dir, "--server", server.url, "--token", token)
+    sops = Ops((repo, server, token))
+    good = tpm_device((repo, server, token), tmp_path, certified, "good")
+    device_id = enroll(good, sops.enrollment_token())["device_id"]
+    assert sops.device(device_id)["device"]["has_ek_certificate"] is True
+    bare = tpm_device((repo, server, token), tmp_path, plain, "bare")
+    assert_fails(agent(bare, "enroll", "--token", sops.enrollment_token()), "requires an EK certificate")
+
+    # A server that trusts only another manufacturer refuses the same certified TPM.
+    ca = tmp_path / "other-ca"
+    ca.mkdir()
+    assert_ok(run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+                   "-subj", "/CN=Other TPM Manufacturer Root", "-keyout", ca / "key.pem",
+                   "-out", ca / "cert.pem", "-addext", "basicConstraints=critical,CA:TRUE"]))
+    other, otoken = server_factory(repo, name="other", attestation={"ek_ca_certificates": [str(ca / "cert.pem")]})
+    repo.cli("repo", "push", "--repo", repo.dir, "--server", other.url, "--token", otoken)
+    oops = Ops((repo, other, otoken))
+    moved = tpm_device((repo, other, otoken), tmp_path, certified, "moved")
+    assert_fails(agent(moved, "enroll", "--token", oops.enrollment_token()), "not signed by a trusted EK CA")
+    assert oops.devices() == []

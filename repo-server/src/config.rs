@@ -26,6 +26,8 @@ struct Raw {
 struct RawAttestation {
     nonce_lifetime: Option<String>,
     challenge_lifetime: Option<String>,
+    #[serde(default)]
+    ek_ca_certificates: Vec<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -62,6 +64,10 @@ pub struct ServerConfig {
     pub nonce_lifetime: Duration,
     /// How long an enrollment challenge (credential) may be answered.
     pub challenge_lifetime: Duration,
+    /// PEM files of the CAs EK certificates must chain to; empty: not checked.
+    pub ek_ca_certificates: Vec<PathBuf>,
+    /// The file this was loaded from (named in errors about its settings).
+    pub config_path: PathBuf,
 }
 
 impl ServerConfig {
@@ -115,6 +121,8 @@ impl ServerConfig {
             max_upload_bytes: raw.repository.max_upload_bytes.unwrap_or(64 << 30),
             nonce_lifetime,
             challenge_lifetime,
+            ek_ca_certificates: raw.attestation.ek_ca_certificates.iter().map(|p| base.join(p)).collect(),
+            config_path: path.to_owned(),
         })
     }
 }

@@ -100,6 +100,15 @@ async fn enroll(State(s): State<AppState>, ApiJson(req): ApiJson<EnrollRequest>)
     ek.check_endorsement_key().map_err(tpm_bad("invalid_ek"))?;
     let ak = TpmPublic::parse(&ak_bytes, "attestation key").map_err(tpm_bad("invalid_ak"))?;
     ak.check_attestation_key().map_err(tpm_bad("invalid_ak"))?;
+    if !s.ek_cas.is_empty() {
+        let cert = ek_cert.as_deref().ok_or_else(|| {
+            ApiError::new(StatusCode::FORBIDDEN, "ek_certificate_required", "this server requires an EK certificate from a trusted TPM manufacturer; the device sent none")
+        })?;
+        s.ek_cas.verify(cert, &ek, x509_parser::time::ASN1Time::now()).map_err(|reason| {
+            tracing::warn!(%reason, "EK certificate refused");
+            ApiError::new(StatusCode::FORBIDDEN, "ek_certificate_refused", format!("EK certificate refused: {reason}"))
+        })?;
+    }
     let secret: [u8; 32] = attest::credential::random_bytes();
     let made = attest::credential::make_credential(&ek, &ak.name(), &secret).map_err(tpm_bad("invalid_ek"))?;
     let id = hex::encode(attest::credential::random_bytes::<16>());

@@ -30,6 +30,8 @@ pub struct AppState {
     pub max_upload_bytes: u64,
     pub nonce_lifetime: std::time::Duration,
     pub challenge_lifetime: std::time::Duration,
+    /// CAs that EK certificates must chain to (empty: certificates are not required).
+    pub ek_cas: Arc<crate::ekcert::EkCaStore>,
 }
 
 /// The whole application router.

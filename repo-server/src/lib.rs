@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod devices;
+pub mod ekcert;
 pub mod error;
 pub mod http;
 pub mod repository;
@@ -18,6 +19,7 @@ pub use http::{app, AppState};
 /// SIGINT/SIGTERM.
 pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let repo = Arc::new(repository::Repository::open(&config)?);
+    let ek_cas = Arc::new(ekcert::EkCaStore::load(&config.ek_ca_certificates, &config.config_path)?);
     let store = Arc::new(store::Store::open(&config.sqlite_path)?);
     let state = AppState {
         repo: repo.clone(),
@@ -25,6 +27,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         max_upload_bytes: config.max_upload_bytes,
         nonce_lifetime: config.nonce_lifetime,
         challenge_lifetime: config.challenge_lifetime,
+        ek_cas,
     };
     let resign_repo = repo.clone();
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -238,6 +238,7 @@ async fn http_serves_repository_with_ranges_cache_headers_and_auth() {
         max_upload_bytes: 1 << 20,
         nonce_lifetime: std::time::Duration::from_secs(60),
         challenge_lifetime: std::time::Duration::from_secs(300),
+        ek_cas: Default::default(),
     });
 
     let (s, _, body) = call(app.clone(), Request::get("/healthz").body(Body::empty()).unwrap()).await;
