@@ -210,9 +210,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         # Keep sections other benchmarks maintain (between their markers).
         with open(args.out, encoding="utf-8") as f:
             old = f.read()
-        begin, end = "<!-- delta:begin -->", "<!-- delta:end -->"
-        if begin in old and end in old:
-            text += "\n" + old[old.index(begin): old.index(end) + len(end)] + "\n"
+        for name in ("delta", "attest"):
+            begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+            if begin in old and end in old:
+                text += "\n" + old[old.index(begin): old.index(end) + len(end)] + "\n"
 
     sys.stdout.write(text)
     if args.out:
