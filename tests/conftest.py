@@ -276,12 +276,12 @@ class OutpostRepo:
             assert path.exists() and Path(f"{path}.pub").exists(), res.describe()
         return path
 
-    def init(self) -> None:
+    def init(self, *extra: str) -> None:
         self.cli("repo", "init", "--repo", self.dir,
                  "--root-key", self.key("root1"), "--root-key", self.key("root2"),
                  "--root-key", self.key("root3"), "--threshold", "2",
                  "--targets-key", self.key("targets"), "--snapshot-key", self.key("snapshot"),
-                 "--timestamp-key", self.key("timestamp"))
+                 "--timestamp-key", self.key("timestamp"), *extra)
 
     def delegate_firmware(self, repo: Path | None = None, role: str = "firmware",
                           paths: str = "firmware/rpi4/*/*") -> None:

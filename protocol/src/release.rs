@@ -89,6 +89,18 @@ pub struct FirmwareCustom {
     /// How long a trial boot may take to pass its health checks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trial_deadline_secs: Option<u64>,
+    /// The release's SBOM: a target beside the image, signed by the same role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sbom: Option<SbomRef>,
+}
+
+/// Where a release's SBOM is and what it must hash to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SbomRef {
+    /// Target path of the CycloneDX JSON document.
+    pub path: String,
+    pub sha256: String,
+    pub length: u64,
 }
 
 fn is_identity(e: &Encoding) -> bool {
@@ -109,6 +121,7 @@ impl FirmwareCustom {
             full_target: None,
             health: Vec::new(),
             trial_deadline_secs: None,
+            sbom: None,
         }
     }
 

@@ -237,6 +237,7 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
         slot: &report.slot,
         version: report.version.as_deref(),
         image_sha256: report.image_sha256.as_deref(),
+        sbom_sha256: report.sbom_sha256.as_deref(),
         health: &health,
         reports: &report.reports,
     })?;

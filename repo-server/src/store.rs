@@ -111,6 +111,7 @@ CREATE TABLE IF NOT EXISTS devices (
     slot TEXT,
     version TEXT,
     image_sha256 TEXT,
+    sbom_sha256 TEXT,
     health TEXT,
     attestation TEXT NOT NULL DEFAULT 'pending' CHECK (attestation IN ('pending', 'attested', 'failed')),
     attestation_reason TEXT,
@@ -181,6 +182,7 @@ pub struct Device {
     pub slot: Option<String>,
     pub version: Option<String>,
     pub image_sha256: Option<String>,
+    pub sbom_sha256: Option<String>,
     pub health: Option<String>,
     pub attestation: String,
     pub attestation_reason: Option<String>,
@@ -206,6 +208,7 @@ pub struct CheckinRecord<'a> {
     pub slot: &'a str,
     pub version: Option<&'a str>,
     pub image_sha256: Option<&'a str>,
+    pub sbom_sha256: Option<&'a str>,
     pub health: &'a str,
     pub reports: &'a [InstallReport],
 }
@@ -359,10 +362,11 @@ impl Store {
             attestation_reason: r.get(10)?,
             attested_at: r.get(11)?,
             health: r.get(12)?,
+            sbom_sha256: r.get(13)?,
         })
     }
 
-    const DEVICE_COLUMNS: &'static str = "device_id, hardware_class, ak_public, ek_certificate, enrolled_at, last_checkin_at, slot, version, image_sha256, attestation, attestation_reason, attested_at, health";
+    const DEVICE_COLUMNS: &'static str = "device_id, hardware_class, ak_public, ek_certificate, enrolled_at, last_checkin_at, slot, version, image_sha256, attestation, attestation_reason, attested_at, health, sbom_sha256";
 
     pub fn device(&self, id: &str) -> Result<Option<Device>, ServerError> {
         let sql = format!("SELECT {} FROM devices WHERE device_id = ?1", Self::DEVICE_COLUMNS);
@@ -420,8 +424,8 @@ impl Store {
         )?;
         tx.execute(
             "UPDATE devices SET last_checkin_at = ?1, slot = ?2, version = ?3, image_sha256 = ?4, health = ?5,
-               attestation = ?6, attestation_reason = ?7, attested_at = ?1 WHERE device_id = ?8",
-            params![now, c.slot, c.version, c.image_sha256, c.health, c.verdict, c.reason, c.device_id],
+               attestation = ?6, attestation_reason = ?7, attested_at = ?1, sbom_sha256 = ?9 WHERE device_id = ?8",
+            params![now, c.slot, c.version, c.image_sha256, c.health, c.verdict, c.reason, c.device_id, c.sbom_sha256],
         )?;
         for r in c.reports {
             tx.execute(

@@ -42,6 +42,9 @@ pub enum Command {
     /// Devices: enrollment tokens, the fleet's attestation state (operator API).
     #[command(subcommand)]
     Device(crate::device_cmd::DeviceCommand),
+    /// SBOMs: generate (root filesystem, Cargo.lock) and validate CycloneDX 1.5.
+    #[command(subcommand)]
+    Sbom(crate::sbom_cmd::SbomCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -82,6 +85,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Repo(cmd) => crate::repo_cmd::run(cmd, &out).await,
         Command::Device(cmd) => crate::device_cmd::run(cmd, &out).await,
+        Command::Sbom(cmd) => crate::sbom_cmd::run(cmd, &out).await,
         Command::Release(cmd) => crate::release_cmd::run(cmd, &out).await,
     }
 }

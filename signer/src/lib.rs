@@ -9,6 +9,7 @@ pub mod localrepo;
 pub mod output;
 pub mod release_cmd;
 pub mod repo_cmd;
+pub mod sbom_cmd;
 pub mod upload;
 
 pub use error::{Result, SignerError};

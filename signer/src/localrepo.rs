@@ -26,6 +26,9 @@ pub struct Settings {
     /// Private key files of the online roles, when this directory signs them itself.
     #[serde(default)]
     pub online_keys: Option<OnlineKeyFiles>,
+    /// Repository policy: every firmware release must come with an SBOM.
+    #[serde(default)]
+    pub require_sbom: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use outpost_protocol::release::{firmware_target_path, Encoding, FirmwareCustom, HardwareClass, HealthCheck, ImageDigest, Measurement, ReleaseVersion};
+use outpost_protocol::release::{firmware_target_path, Encoding, FirmwareCustom, HardwareClass, HealthCheck, ImageDigest, Measurement, ReleaseVersion, SbomRef};
 use outpost_protocol::tuf::TargetFile;
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -61,6 +61,16 @@ pub struct PublishArgs {
     /// How long devices may take to pass the health checks after a trial boot.
     #[arg(long, value_parser = parse_duration)]
     pub trial_deadline: Option<Duration>,
+    /// The pipeline's CycloneDX 1.5 JSON SBOM for this image (validated; its
+    /// metadata.component must carry the image's SHA-256).
+    #[arg(long, conflicts_with_all = ["sbom_rootfs", "sbom_cargo_lock"])]
+    pub sbom: Option<PathBuf>,
+    /// Generate the SBOM from the image's root filesystem tree (dpkg status, os-release, files).
+    #[arg(long, conflicts_with = "sbom_cargo_lock")]
+    pub sbom_rootfs: Option<PathBuf>,
+    /// Generate the SBOM from a Cargo.lock.
+    #[arg(long)]
+    pub sbom_cargo_lock: Option<PathBuf>,
     #[command(flatten)]
     pub server: crate::upload::ServerArgs,
 }
@@ -117,7 +127,8 @@ struct Artifact {
     file: PathBuf,
     length: u64,
     sha256: String,
-    custom: FirmwareCustom,
+    /// Outpost metadata of firmware targets; None for the SBOM document.
+    custom: Option<FirmwareCustom>,
     /// Made here (compressed or patch), removed after use.
     temporary: bool,
 }
@@ -175,12 +186,62 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
         let mut custom = base.clone();
         custom.encoding = Encoding::Zstd;
         custom.image = Some(ImageDigest { sha256: image_sha.clone(), length: image_len });
-        Artifact { path, file: tmp, length, sha256, custom, temporary: true }
+        Artifact { path, file: tmp, length, sha256, custom: Some(custom), temporary: true }
     } else {
-        Artifact { path: image_path.clone(), file: a.firmware.clone(), length: image_len, sha256: image_sha.clone(), custom: base.clone(), temporary: false }
+        Artifact { path: image_path.clone(), file: a.firmware.clone(), length: image_len, sha256: image_sha.clone(), custom: Some(base.clone()), temporary: false }
     };
     let full_path = full.path.clone();
+
+    // The SBOM: a target beside the image, named with its hash in the image's metadata.
+    let mut sbom_artifact: Option<Artifact> = None;
+    let sbom_bytes: Option<Vec<u8>> = {
+        let subject = outpost_sbom::Subject { name: file_name.clone(), version: a.version.to_string(), image_sha256: image_sha.clone() };
+        let sbom_err = |e: outpost_sbom::SbomError| SignerError::Usage(format!("SBOM: {e}"));
+        if let Some(f) = &a.sbom {
+            Some(std::fs::read(f).map_err(|e| SignerError::io("read", f, e))?)
+        } else if let Some(root) = &a.sbom_rootfs {
+            let (root, subject) = (root.clone(), subject.clone());
+            let bom = tokio::task::spawn_blocking(move || outpost_sbom::from_rootfs(&root, &subject, true))
+                .await
+                .map_err(|e| SignerError::Usage(format!("SBOM task: {e}")))?
+                .map_err(sbom_err)?;
+            Some(outpost_sbom::to_json(&bom).map_err(sbom_err)?)
+        } else if let Some(lock) = &a.sbom_cargo_lock {
+            Some(outpost_sbom::to_json(&outpost_sbom::from_cargo_lock(lock, &subject).map_err(sbom_err)?).map_err(sbom_err)?)
+        } else {
+            None
+        }
+    };
+    match &sbom_bytes {
+        None if repo.settings.require_sbom => {
+            return Err(SignerError::Usage(
+                "this repository's policy requires an SBOM for every release: pass --sbom FILE, --sbom-rootfs DIR or --sbom-cargo-lock FILE".into(),
+            ))
+        }
+        None => {}
+        Some(bytes) => {
+            let summary = outpost_sbom::validate(bytes).map_err(|e| SignerError::Usage(format!("{}: {e}", a.sbom.as_deref().unwrap_or(std::path::Path::new("generated SBOM")).display())))?;
+            if summary.subject_sha256.as_deref() != Some(image_sha.as_str()) {
+                return Err(SignerError::Usage(format!(
+                    "the SBOM describes an image with sha256 {:?} (metadata.component.hashes), not this image ({image_sha})",
+                    summary.subject_sha256
+                )));
+            }
+            let sha256 = hex::encode(Sha256::digest(bytes));
+            let path = format!("{image_path}.cdx.json");
+            let tmp = staging.join(format!("{sha256}.cdx.json"));
+            crate::localrepo::write_atomic(&tmp, bytes)?;
+            let sref = SbomRef { path: path.clone(), sha256: sha256.clone(), length: bytes.len() as u64 };
+            base.sbom = Some(sref.clone());
+            sbom_artifact = Some(Artifact { path, file: tmp, length: bytes.len() as u64, sha256, custom: None, temporary: true });
+        }
+    }
+    let mut full = full;
+    if let Some(c) = full.custom.as_mut() {
+        c.sbom = base.sbom.clone();
+    }
     artifacts.push(full);
+    artifacts.extend(sbom_artifact);
 
     if let (Some(from), Some(base_file)) = (&a.delta_from, &a.delta_base) {
         // The base must be exactly what was signed for that release.
@@ -216,12 +277,14 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
         custom.delta_base = Some(Measurement { sha256: base_sha });
         custom.full_target = Some(full_path.clone());
         let sha256 = hex::encode(Sha256::digest(&patch));
-        artifacts.push(Artifact { path, file: tmp, length: patch.len() as u64, sha256, custom, temporary: true });
+        artifacts.push(Artifact { path, file: tmp, length: patch.len() as u64, sha256, custom: Some(custom), temporary: true });
     }
 
     let mut body = env.signed.clone();
     for art in &artifacts {
-        art.custom.validate(&art.path).map_err(|e| SignerError::proto("release metadata", e))?;
+        if let Some(c) = &art.custom {
+            c.validate(&art.path).map_err(|e| SignerError::proto("release metadata", e))?;
+        }
         if let Some(existing) = body.targets.get(&art.path) {
             if existing.hashes.get("sha256") != Some(&art.sha256) || existing.length != art.length {
                 return Err(SignerError::Usage(format!(
@@ -232,8 +295,11 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
         }
         let mut hashes = std::collections::BTreeMap::new();
         hashes.insert("sha256".to_owned(), art.sha256.clone());
-        let custom = art.custom.to_custom().map_err(|e| SignerError::proto("custom metadata", e))?;
-        body.targets.insert(art.path.clone(), TargetFile { length: art.length, hashes, custom: Some(custom), extra: Default::default() });
+        let custom = match &art.custom {
+            Some(c) => Some(c.to_custom().map_err(|e| SignerError::proto("custom metadata", e))?),
+            None => None,
+        };
+        body.targets.insert(art.path.clone(), TargetFile { length: art.length, hashes, custom, extra: Default::default() });
     }
     body.version += 1;
     let secs = a.expires.map(|d| d.as_secs().max(1)).unwrap_or(repo.settings.targets_expires_secs);
@@ -267,7 +333,7 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
     }
     let listed: Vec<serde_json::Value> = artifacts
         .iter()
-        .map(|a| json!({"target": a.path, "length": a.length, "sha256": a.sha256, "encoding": a.custom.encoding}))
+        .map(|a| json!({"target": a.path, "length": a.length, "sha256": a.sha256, "encoding": a.custom.as_ref().map(|c| c.encoding), "sbom": a.custom.is_none()}))
         .collect();
     out.emit(
         &json!({"target": full_path, "targets": listed, "role": role, "role_version": body.version, "length": image_len, "sha256": image_sha,

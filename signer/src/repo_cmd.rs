@@ -54,6 +54,9 @@ pub struct InitArgs {
     pub snapshot_expires: Duration,
     #[arg(long, default_value = "1d", value_parser = parse_duration)]
     pub timestamp_expires: Duration,
+    /// Repository policy: `release publish` refuses firmware without an SBOM.
+    #[arg(long)]
+    pub require_sbom: bool,
 }
 
 #[derive(Debug, Args)]
@@ -170,6 +173,7 @@ fn init(a: InitArgs, out: &Output) -> Result<()> {
         snapshot_expires_secs: secs(a.snapshot_expires),
         timestamp_expires_secs: secs(a.timestamp_expires),
         online_keys,
+        require_sbom: a.require_sbom,
     };
     let repo = LocalRepo::create(&a.repo, settings)?;
     let mut keys = BTreeMap::new();

@@ -240,6 +240,8 @@ pub async fn self_check(config: &AgentConfig, expected: Option<&str>) -> Result<
 pub struct DeviceState {
     pub slot: String,
     pub version: Option<String>,
+    /// SHA-256 of the running release's verified SBOM.
+    pub sbom_sha256: Option<String>,
     pub health: DeviceHealth,
     pub reports: Vec<InstallReport>,
 }
@@ -276,6 +278,7 @@ pub async fn prepare_checkin(config: &AgentConfig, state: &DeviceState) -> Resul
         slot: state.slot.clone(),
         version: state.version.clone(),
         image_sha256: log.booted().map(|e| e.sha256.clone()),
+        sbom_sha256: state.sbom_sha256.clone(),
         health: state.health,
         pcr: conf.pcr,
         event_log: log,

@@ -83,6 +83,11 @@ pub enum AgentError {
     #[error("{step}: server answered HTTP {status}: {message}")]
     Api { step: &'static str, status: u16, message: String },
 
+    /// A release's SBOM is missing, differs from what the release names, or does not
+    /// describe the release's image.
+    #[error("SBOM of {release}: {reason}")]
+    Sbom { release: String, reason: String },
+
     /// The device's own measured state does not match its event log or release.
     #[error("attestation: {0}")]
     Attestation(String),

@@ -173,6 +173,9 @@ pub struct CheckinReport {
     pub version: Option<String>,
     /// The image digest of the booted slot, as measured (never anything else).
     pub image_sha256: Option<String>,
+    /// SHA-256 of the SBOM of the release the device runs, when it has one.
+    #[serde(default)]
+    pub sbom_sha256: Option<String>,
     pub health: DeviceHealth,
     pub pcr: u32,
     pub event_log: EventLog,

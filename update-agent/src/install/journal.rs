@@ -24,6 +24,9 @@ pub struct Release {
     pub health: Vec<outpost_protocol::release::HealthCheck>,
     #[serde(default)]
     pub trial_deadline_secs: Option<u64>,
+    /// SHA-256 of the release's SBOM, verified against the signed metadata.
+    #[serde(default)]
+    pub sbom_sha256: Option<String>,
 }
 
 /// What is being downloaded: the signed target and how its bytes become the image.
@@ -147,6 +150,7 @@ mod tests {
             length: 3,
             health: Vec::new(),
             trial_deadline_secs: None,
+            sbom_sha256: None,
         }
     }
 

@@ -65,6 +65,8 @@ struct Candidate {
     full: TargetInfo,
     custom: FirmwareCustom,
     deltas: Vec<(TargetInfo, FirmwareCustom)>,
+    /// The signed SBOM target the release names.
+    sbom: Option<TargetInfo>,
 }
 
 impl Installer {
@@ -247,6 +249,7 @@ impl Installer {
         let state = crate::attest::DeviceState {
             slot: self.boot.state()?.active.to_string(),
             version: self.journal.running.as_ref().map(|r| r.version.clone()),
+            sbom_sha256: self.journal.running.as_ref().and_then(|r| r.sbom_sha256.clone()),
             health,
             reports: self.journal.pending_reports.clone(),
         };
@@ -326,7 +329,11 @@ impl Installer {
             length: cand.custom.image.as_ref().map(|i| i.length).unwrap_or(cand.full.file.length),
             health: cand.custom.health.clone(),
             trial_deadline_secs: cand.custom.trial_deadline_secs,
+            sbom_sha256: cand.custom.sbom.as_ref().map(|s| s.sha256.clone()),
         };
+        if let Some(info) = &cand.sbom {
+            self.verify_sbom(&updater, info, &release).await?;
+        }
         if let Some(running) = &self.journal.running {
             let running_version: Option<ReleaseVersion> = running.version.parse().ok();
             if running_version.is_some_and(|v| v >= cand.version) {
@@ -486,6 +493,47 @@ impl Installer {
         }
     }
 
+    /// Fetches the release's SBOM (once; kept under state_dir/sbom), checks it against
+    /// its signed hash and that it describes this release's image.
+    async fn verify_sbom(&self, updater: &Updater, info: &TargetInfo, release: &Release) -> Result<()> {
+        let err = |reason: String| AgentError::Sbom { release: release.target.clone(), reason };
+        let dir = self.config.state_dir.join("sbom");
+        let want = info.file.hashes.get("sha256").cloned().unwrap_or_default();
+        let kept = dir.join(format!("{want}.cdx.json"));
+        let bytes = match std::fs::read(&kept) {
+            Ok(b) if hex::encode(Sha256::digest(&b)) == want => b,
+            _ => {
+                let url = updater.target_url(info, &format!("{}/targets/", self.config.server_url))?;
+                let b = self.fetcher.fetch_bytes(&url, info.file.length).await.map_err(|e| err(e.to_string()))?;
+                outpost_protocol::hashing::verify_bytes(&b, Some(info.file.length), Some(&info.file.hashes), &info.path)
+                    .map_err(|e| err(format!("does not match its signed target: {e}")))?;
+                b
+            }
+        };
+        let doc: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| err(format!("{} is not JSON: {e}", info.path)))?;
+        if doc.get("bomFormat").and_then(|v| v.as_str()) != Some("CycloneDX") {
+            return Err(err(format!("{} is not a CycloneDX document", info.path)));
+        }
+        let describes = doc
+            .pointer("/metadata/component/hashes")
+            .and_then(|h| h.as_array())
+            .is_some_and(|hs| {
+                hs.iter().any(|h| {
+                    h.get("alg").and_then(|a| a.as_str()) == Some("SHA-256")
+                        && h.get("content").and_then(|c| c.as_str()).is_some_and(|c| c.eq_ignore_ascii_case(&release.sha256))
+                })
+            });
+        if !describes {
+            return Err(err(format!("{} does not describe the image with sha256 {}", info.path, release.sha256)));
+        }
+        if !kept.exists() {
+            std::fs::create_dir_all(&dir).map_err(|e| AgentError::io("create", &dir, e))?;
+            crate::updater::write_atomic(&kept, &bytes)?;
+        }
+        tracing::info!(sbom = %info.path, sha256 = %want, "SBOM verified");
+        Ok(())
+    }
+
     fn write_metrics(&self, progress: Option<(u64, u64)>) {
         write_metrics_file(&self.config.state_dir.join("metrics.prom"), &self.journal, progress);
     }
@@ -516,6 +564,7 @@ fn write_metrics_file(path: &Path, journal: &Journal, progress: Option<(u64, u64
 /// Groups signed firmware targets for this class by version; the newest with a full
 /// image wins. A target filed under this class but signed for another is refused.
 fn newest(infos: Vec<TargetInfo>, config: &AgentConfig) -> Result<Option<Candidate>> {
+    let by_path: BTreeMap<String, TargetInfo> = infos.iter().map(|i| (i.path.clone(), i.clone())).collect();
     let mut fulls: BTreeMap<String, (ReleaseVersion, TargetInfo, FirmwareCustom)> = BTreeMap::new();
     let mut deltas: Vec<(TargetInfo, FirmwareCustom)> = Vec::new();
     for info in infos {
@@ -541,7 +590,25 @@ fn newest(infos: Vec<TargetInfo>, config: &AgentConfig) -> Result<Option<Candida
     }
     let Some((version, full, custom)) = fulls.into_values().max_by(|a, b| a.0.cmp(&b.0)) else { return Ok(None) };
     let deltas = deltas.into_iter().filter(|(_, c)| c.full_target.as_deref() == Some(full.path.as_str())).collect();
-    Ok(Some(Candidate { version, full, custom, deltas }))
+    let sbom = match &custom.sbom {
+        None => None,
+        Some(sref) => {
+            let err = |reason: String| AgentError::Sbom { release: full.path.clone(), reason };
+            let info = by_path.get(&sref.path).ok_or_else(|| err(format!("names {}, which is not a signed target", sref.path)))?;
+            if info.file.hashes.get("sha256") != Some(&sref.sha256) || info.file.length != sref.length {
+                return Err(err(format!(
+                    "the signed SBOM target {} ({} bytes, sha256 {:?}) is not the SBOM the release names ({} bytes, sha256 {})",
+                    sref.path,
+                    info.file.length,
+                    info.file.hashes.get("sha256"),
+                    sref.length,
+                    sref.sha256
+                )));
+            }
+            Some(info.clone())
+        }
+    };
+    Ok(Some(Candidate { version, full, custom, deltas, sbom }))
 }
 
 pub(crate) fn hash_file(path: &Path) -> Result<(String, u64)> {
