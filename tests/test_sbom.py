@@ -160,3 +160,42 @@ def test_device_verifies_the_sbom_before_installing_and_reports_it(fleet, tmp_pa
     assert "does not match its signed target" in res.stderr and "sha256" in res.stderr, res.describe()
     assert dev.active() == "B" and dev.slot_sha("B") == sha256_hex(v1)
     assert not any("2.0.0" in p.name for p in (dev.state_dir / "downloads").iterdir())
+
+
+def test_fleet_search_finds_releases_and_the_devices_running_them(fleet, tmp_path, swtpm_factory):
+    from test_attestation import Ops, checkin, enroll, tpm_device
+    from conftest import http_get
+    repo, server, token = fleet
+    root = make_rootfs(tmp_path)
+    v1 = image("v1")
+    repo.publish(v1, "1.0.0", server=server, token=token, extra=("--sbom-rootfs", root))
+    ops = Ops(fleet)
+    dev = tpm_device(fleet, tmp_path, swtpm_factory("tpm"))
+    assert {"result": "committed", "version": "1.0.0", "slot": "B"} in Device.results(dev.run_once())
+    device_id = enroll(dev, ops.enrollment_token())["device_id"]
+    assert checkin(dev)["verdict"] == "attested"
+    # 2.0.0 is built from crates, not Debian packages; nobody runs it yet.
+    repo.publish(image("v2"), "2.0.0", server=server, token=token,
+                 extra=("--sbom-cargo-lock", REPO_ROOT / "Cargo.lock"))
+
+    def search(q: str) -> dict:
+        from urllib.parse import quote
+        status, body = http_get(f"{server.url}/api/v1/sbom/search?q={quote(q)}", token=ops.token)
+        assert status == 200, body
+        return json.loads(body)
+
+    libc = host_packages()["libc6"]
+    r = search("libc6")
+    assert {x["version"] for x in r["releases"]} == {"1.0.0"}
+    assert [d["device_id"] for d in r["devices"]] == [device_id]
+    assert r["releases"][0]["component_version"] == libc
+    assert search(f"libc6@>={libc}")["release_count"] == 1
+    assert search(f"libc6@<{libc}")["release_count"] == 0
+    assert search("pkg:deb/debian/libc6")["device_count"] == 1
+    r = search("serde")
+    assert {x["version"] for x in r["releases"]} == {"2.0.0"} and r["devices"] == []
+    assert search("no-such-component-anywhere")["release_count"] == 0
+    status, body = http_get(f"{server.url}/api/v1/sbom/search?q=libc6%40%3E%3D", token=ops.token)
+    assert status == 422 and b"no version" in body, body
+    out = repo.cli("sbom", "search", "libc6", "--server", server.url, "--token", ops.token).stdout
+    assert "1 release(s), 1 device(s)" in out and device_id in out

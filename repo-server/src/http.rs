@@ -47,6 +47,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .merge(repository_api())
         .merge(crate::devices::api())
+        .merge(crate::sbomindex::api())
         .merge(metadata)
         .merge(targets)
         .with_state(state)
@@ -238,6 +239,7 @@ async fn publish(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<P
         Ok(outcome) => {
             let v = serde_json::to_value(&outcome).unwrap_or(Value::Null);
             s.store.log(&auth.0.name, "publish", &v)?;
+            crate::sbomindex::index_release_sboms(&s.repo, &s.store).await;
             tracing::info!(by = %auth.0.name, roles = ?outcome.roles, snapshot = outcome.snapshot_version, "published");
             Ok(Json(v))
         }

@@ -7,6 +7,7 @@ pub mod ekcert;
 pub mod error;
 pub mod http;
 pub mod repository;
+pub mod sbomindex;
 pub mod store;
 
 use std::sync::Arc;
@@ -29,6 +30,10 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         challenge_lifetime: config.challenge_lifetime,
         ek_cas,
     };
+    let indexed = sbomindex::index_release_sboms(&repo, &store).await;
+    if indexed > 0 {
+        tracing::info!(indexed, "indexed SBOMs of published releases");
+    }
     let resign_repo = repo.clone();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

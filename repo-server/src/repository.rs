@@ -205,6 +205,31 @@ impl Repository {
     /// Every expected measurement (image SHA-256) the offline-signed release metadata
     /// names for `hardware_class`, with the target that names it. Roles reach the state
     /// only after their signatures and delegated paths verified on publish.
+    /// Every SBOM the signed firmware targets name: (full image target, class,
+    /// version, image sha256, SBOM reference), one per SBOM.
+    pub async fn sbom_refs(&self) -> Vec<(String, String, String, String, outpost_protocol::release::SbomRef)> {
+        let st = self.state.lock().await;
+        let mut out: BTreeMap<String, (String, String, String, String, outpost_protocol::release::SbomRef)> = BTreeMap::new();
+        for env in st.roles.values() {
+            for (path, file) in &env.signed.targets {
+                if let Ok(Some(c)) = outpost_protocol::release::FirmwareCustom::from_custom(file.custom.as_ref(), path) {
+                    if let Some(sref) = &c.sbom {
+                        let target = c.full_target.clone().unwrap_or_else(|| path.clone());
+                        out.entry(sref.sha256.clone()).or_insert_with(|| {
+                            (target, c.hardware_class.as_str().to_owned(), c.version.to_string(), c.expected_measurement.sha256.clone(), sref.clone())
+                        });
+                    }
+                }
+            }
+        }
+        out.into_values().collect()
+    }
+
+    /// Where a published target's bytes are (consistent-snapshot name).
+    pub fn target_file(&self, path: &str, sha256: &str) -> PathBuf {
+        self.targets_dir.join(consistent_name(path, sha256))
+    }
+
     /// Indexed once per set of role versions (every check-in asks).
     pub async fn expected_measurements(&self, hardware_class: &str) -> Arc<BTreeMap<String, String>> {
         let st = self.state.lock().await;

@@ -134,6 +134,25 @@ CREATE TABLE IF NOT EXISTS attestations (
     image_sha256 TEXT
 );
 CREATE INDEX IF NOT EXISTS attestations_device ON attestations (device_id, id);
+CREATE TABLE IF NOT EXISTS sbom_releases (
+    sbom_sha256 TEXT PRIMARY KEY,
+    target TEXT NOT NULL,
+    hardware_class TEXT NOT NULL,
+    version TEXT NOT NULL,
+    image_sha256 TEXT NOT NULL,
+    components INTEGER NOT NULL,
+    indexed_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sbom_components (
+    sbom_sha256 TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version TEXT,
+    purl TEXT,
+    purl_base TEXT
+);
+CREATE INDEX IF NOT EXISTS sbom_components_name ON sbom_components (name);
+CREATE INDEX IF NOT EXISTS sbom_components_purl_base ON sbom_components (purl_base);
+CREATE INDEX IF NOT EXISTS devices_image ON devices (image_sha256);
 CREATE TABLE IF NOT EXISTS repository_log (
     id INTEGER PRIMARY KEY,
     at TEXT NOT NULL,
@@ -211,6 +230,44 @@ pub struct CheckinRecord<'a> {
     pub sbom_sha256: Option<&'a str>,
     pub health: &'a str,
     pub reports: &'a [InstallReport],
+}
+
+/// A release whose SBOM is indexed.
+pub struct SbomRelease {
+    pub sbom_sha256: String,
+    pub target: String,
+    pub hardware_class: String,
+    pub version: String,
+    pub image_sha256: String,
+}
+
+/// One release containing a matching component.
+#[derive(Debug, Clone, Serialize)]
+pub struct SbomHit {
+    pub component: String,
+    pub component_version: Option<String>,
+    pub purl: Option<String>,
+    pub sbom_sha256: String,
+    pub target: String,
+    pub hardware_class: String,
+    pub version: String,
+    pub image_sha256: String,
+}
+
+/// A device whose attested image is an affected release.
+#[derive(Debug, Clone, Serialize)]
+pub struct SbomDevice {
+    pub device_id: String,
+    pub hardware_class: String,
+    pub version: Option<String>,
+    pub quarantined: bool,
+    pub release: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SbomSearch {
+    pub releases: Vec<SbomHit>,
+    pub devices: Vec<SbomDevice>,
 }
 
 fn hash_token(token: &str) -> String {
@@ -451,6 +508,96 @@ impl Store {
             }))
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    pub fn sbom_indexed(&self, sbom_sha256: &str) -> Result<bool, ServerError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT 1 FROM sbom_releases WHERE sbom_sha256 = ?1", params![sbom_sha256], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Records one release's SBOM components (one transaction; idempotent per SBOM).
+    pub fn index_sbom(&self, r: &SbomRelease, components: &[outpost_sbom::ComponentRef]) -> Result<(), ServerError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let fresh = tx.execute(
+            "INSERT OR IGNORE INTO sbom_releases (sbom_sha256, target, hardware_class, version, image_sha256, components, indexed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![r.sbom_sha256, r.target, r.hardware_class, r.version, r.image_sha256, components.len() as i64, chrono::Utc::now().to_rfc3339()],
+        )?;
+        if fresh == 1 {
+            let mut stmt = tx.prepare("INSERT INTO sbom_components (sbom_sha256, name, version, purl, purl_base) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+            for c in components {
+                let base = c.purl.as_deref().map(outpost_sbom::query::purl_base);
+                stmt.execute(params![r.sbom_sha256, c.name, c.version, c.purl, base])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Releases whose SBOM has a component matching `query`, and the devices whose
+    /// attested image is one of those releases.
+    pub fn sbom_search(&self, query: &outpost_sbom::query::Query) -> Result<SbomSearch, ServerError> {
+        use outpost_sbom::query::Subject;
+        let conn = self.conn();
+        let (sql, key) = match &query.subject {
+            Subject::Name(n) => (
+                "SELECT c.name, c.version, c.purl, r.sbom_sha256, r.target, r.hardware_class, r.version, r.image_sha256
+                 FROM sbom_components c JOIN sbom_releases r ON r.sbom_sha256 = c.sbom_sha256 WHERE c.name = ?1",
+                n.as_str(),
+            ),
+            Subject::Purl(p) => (
+                "SELECT c.name, c.version, c.purl, r.sbom_sha256, r.target, r.hardware_class, r.version, r.image_sha256
+                 FROM sbom_components c JOIN sbom_releases r ON r.sbom_sha256 = c.sbom_sha256 WHERE c.purl_base = ?1",
+                p.as_str(),
+            ),
+        };
+        let mut stmt = conn.prepare_cached(sql)?;
+        let rows = stmt.query_map(params![key], |r| {
+            Ok(SbomHit {
+                component: r.get(0)?,
+                component_version: r.get(1)?,
+                purl: r.get(2)?,
+                sbom_sha256: r.get(3)?,
+                target: r.get(4)?,
+                hardware_class: r.get(5)?,
+                version: r.get(6)?,
+                image_sha256: r.get(7)?,
+            })
+        })?;
+        let mut releases: Vec<SbomHit> = Vec::new();
+        for hit in rows {
+            let hit = hit?;
+            if query.matches_version(hit.component_version.as_deref()) {
+                releases.push(hit);
+            }
+        }
+        let mut devices = Vec::new();
+        let mut dstmt = conn.prepare_cached(
+            "SELECT device_id, hardware_class, version, attestation FROM devices WHERE image_sha256 = ?1 ORDER BY device_id",
+        )?;
+        let mut seen = std::collections::BTreeSet::new();
+        for rel in &releases {
+            if !seen.insert(rel.image_sha256.clone()) {
+                continue;
+            }
+            let rows = dstmt.query_map(params![rel.image_sha256], |r| {
+                Ok(SbomDevice {
+                    device_id: r.get(0)?,
+                    hardware_class: r.get(1)?,
+                    version: r.get(2)?,
+                    quarantined: r.get::<_, String>(3)? == "failed",
+                    release: rel.target.clone(),
+                })
+            })?;
+            for d in rows {
+                devices.push(d?);
+            }
+        }
+        Ok(SbomSearch { releases, devices })
     }
 
     pub fn log(&self, actor: &str, action: &str, detail: &serde_json::Value) -> Result<(), ServerError> {

@@ -7,6 +7,8 @@
 //! name, version and SHA-256), which is how a device checks that an SBOM belongs to the
 //! image it is about to install.
 
+pub mod query;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -32,6 +32,13 @@ pub enum SbomCommand {
     },
     /// Check that FILE is valid CycloneDX 1.5 JSON and show what it describes.
     Validate { file: PathBuf },
+    /// Which releases contain a component, and which devices run them (server API).
+    /// QUERY: NAME, NAME@VERSION, NAME@>=1.2,<2.0, or a purl (pkg:deb/debian/openssl[@...]).
+    Search {
+        query: String,
+        #[command(flatten)]
+        server: crate::upload::ServerArgs,
+    },
 }
 
 fn sbom_err(e: outpost_sbom::SbomError) -> SignerError {
@@ -75,6 +82,35 @@ pub async fn run(cmd: SbomCommand, out: &Output) -> Result<()> {
                     subject.image_sha256
                 ),
             );
+            Ok(())
+        }
+        SbomCommand::Search { query, server } => {
+            let server = server.require()?;
+            let q = percent_encoding::utf8_percent_encode(&query, percent_encoding::NON_ALPHANUMERIC);
+            let v = server.get_json("SBOM search", &format!("/api/v1/sbom/search?q={q}")).await?;
+            let mut lines = vec![format!(
+                "{query}: {} release(s), {} device(s) ({:.1} ms)",
+                v["release_count"], v["device_count"], v["took_ms"].as_f64().unwrap_or(0.0)
+            )];
+            for r in v["releases"].as_array().into_iter().flatten() {
+                lines.push(format!(
+                    "  release {} ({} {}): {} {}",
+                    r["target"].as_str().unwrap_or(""),
+                    r["hardware_class"].as_str().unwrap_or(""),
+                    r["version"].as_str().unwrap_or(""),
+                    r["component"].as_str().unwrap_or(""),
+                    r["component_version"].as_str().unwrap_or("")
+                ));
+            }
+            for d in v["devices"].as_array().into_iter().flatten() {
+                lines.push(format!(
+                    "  device {} runs {}{}",
+                    d["device_id"].as_str().unwrap_or(""),
+                    d["release"].as_str().unwrap_or(""),
+                    if d["quarantined"].as_bool() == Some(true) { " (quarantined)" } else { "" }
+                ));
+            }
+            out.emit(&v, &lines.join("\n"));
             Ok(())
         }
         SbomCommand::Validate { file } => {

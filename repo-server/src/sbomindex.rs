@@ -1,0 +1,78 @@
+//! The fleet's SBOM index: components of every signed release's SBOM, kept in the
+//! store and searched by name or purl with an optional version range, answering which
+//! releases contain a component and which devices (by attested image digest) run them.
+
+use std::time::Instant;
+
+use axum::extract::{Query, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::http::{AppState, Auth};
+use crate::repository::Repository;
+use crate::store::{SbomRelease, Store};
+
+pub fn api() -> Router<AppState> {
+    Router::new().route("/api/v1/sbom/search", get(search))
+}
+
+/// Indexes the SBOMs of signed releases not indexed yet; returns how many were added.
+/// An SBOM that cannot be read or parsed is logged and skipped (it was validated when
+/// published; the release stays installable).
+pub async fn index_release_sboms(repo: &Repository, store: &Store) -> usize {
+    let mut added = 0;
+    for (target, class, version, image_sha256, sref) in repo.sbom_refs().await {
+        match store.sbom_indexed(&sref.sha256) {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "SBOM index lookup failed");
+                continue;
+            }
+        }
+        let file = repo.target_file(&sref.path, &sref.sha256);
+        let summary = match std::fs::read(&file).map_err(|e| e.to_string()).and_then(|b| outpost_sbom::validate(&b).map_err(|e| e.to_string())) {
+            Ok(s) => s,
+            Err(reason) => {
+                tracing::warn!(sbom = %sref.path, %reason, "cannot index SBOM");
+                continue;
+            }
+        };
+        let rel = SbomRelease { sbom_sha256: sref.sha256.clone(), target, hardware_class: class, version, image_sha256 };
+        match store.index_sbom(&rel, &summary.packages) {
+            Ok(()) => {
+                added += 1;
+                tracing::info!(sbom = %sref.path, components = summary.packages.len(), "SBOM indexed");
+            }
+            Err(e) => tracing::error!(sbom = %sref.path, error = %e, "SBOM index write failed"),
+        }
+    }
+    added
+}
+
+#[derive(Debug, Deserialize)]
+struct SearchQuery {
+    q: String,
+}
+
+async fn search(State(s): State<AppState>, _auth: Auth, Query(q): Query<SearchQuery>) -> Result<Json<Value>, ApiError> {
+    let query = outpost_sbom::query::Query::parse(&q.q).map_err(|e| ApiError::unprocessable("invalid_query", e.to_string()))?;
+    let started = Instant::now();
+    let store = s.store.clone();
+    let result = tokio::task::spawn_blocking(move || store.sbom_search(&query))
+        .await
+        .map_err(|e| crate::error::ServerError::State(format!("search task: {e}")))??;
+    let took = started.elapsed();
+    let releases: std::collections::BTreeSet<&str> = result.releases.iter().map(|r| r.target.as_str()).collect();
+    Ok(Json(json!({
+        "query": q.q,
+        "release_count": releases.len(),
+        "device_count": result.devices.len(),
+        "took_ms": took.as_secs_f64() * 1000.0,
+        "releases": result.releases,
+        "devices": result.devices,
+    })))
+}
