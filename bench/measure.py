@@ -210,7 +210,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         # Keep sections other benchmarks maintain (between their markers).
         with open(args.out, encoding="utf-8") as f:
             old = f.read()
-        for name in ("delta", "attest"):
+        for name in ("delta", "attest", "sbom"):
             begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
             if begin in old and end in old:
                 text += "\n" + old[old.index(begin): old.index(end) + len(end)] + "\n"

@@ -199,3 +199,63 @@ def test_fleet_search_finds_releases_and_the_devices_running_them(fleet, tmp_pat
     assert status == 422 and b"no version" in body, body
     out = repo.cli("sbom", "search", "libc6", "--server", server.url, "--token", ops.token).stdout
     assert "1 release(s), 1 device(s)" in out and device_id in out
+
+
+def test_signed_deny_list_blocks_affected_releases_and_flags_devices(fleet, tmp_path, swtpm_factory):
+    from test_attestation import Ops, checkin, enroll, tpm_device
+    from conftest import http_get
+    repo, server, token = fleet
+    repo.delegate_firmware(role="security", paths="security/*")
+    repo.cli("repo", "push", "--repo", repo.dir, "--server", server.url, "--token", token)
+    root = make_rootfs(tmp_path)
+    repo.publish(image("v1"), "1.0.0", server=server, token=token, extra=("--sbom-rootfs", root))
+    ops = Ops(fleet)
+    dev = tpm_device(fleet, tmp_path, swtpm_factory("tpm"))
+    assert {"result": "committed", "version": "1.0.0", "slot": "B"} in Device.results(dev.run_once())
+    device_id = enroll(dev, ops.enrollment_token())["device_id"]
+    assert checkin(dev)["verdict"] == "attested"
+    repo.publish(image("v2"), "2.0.0", server=server, token=token, extra=("--sbom-rootfs", root))
+
+    libc = host_packages()["libc6"]
+    def denylist(status: str) -> Path:
+        p = tmp_path / f"denylist-{status}.json"
+        p.write_text(json.dumps({"outpost_denylist": 1, "entries": [
+            {"id": "CVE-2026-0001", "component": "libc6", "affected": f"<={libc}", "status": status,
+             "detail": "test advisory"},
+            {"id": "CVE-2026-0002", "purl": "pkg:deb/debian/libc6", "affected": "<0.1", "status": "affected"}]}))
+        return p
+
+    # Only the security delegation signs it; malformed lists never leave the pipeline.
+    res = repo.cli("sbom", "denylist", "--repo", repo.dir, "--file", denylist("affected"),
+                   "--key", repo.key("firmware"), "--role", "firmware", check=False)
+    assert_fails(res, "own delegation")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"outpost_denylist": 1, "entries": [{"id": "X", "component": "a", "affected": ">=", "status": "affected"}]}')
+    assert_fails(repo.cli("sbom", "denylist", "--repo", repo.dir, "--file", bad, "--key", repo.key("security"),
+                          check=False), "entry 0")
+    repo.cli("sbom", "denylist", "--repo", repo.dir, "--file", denylist("affected"), "--key", repo.key("security"),
+             "--server", server.url, "--token", token)
+
+    # The device refuses 2.0.0 (defense in depth), stays on 1.0.0.
+    res = dev.run_once()
+    refused = [r for r in Device.results(res) if r.get("result") == "refused_vulnerable"]
+    assert refused and refused[0]["version"] == "2.0.0", res.describe()
+    assert any(a.startswith("CVE-2026-0001: libc6") for a in refused[0]["advisories"])
+    assert not any(a.startswith("CVE-2026-0002") for a in refused[0]["advisories"]), "out of range"
+    assert dev.active() == "B" and dev.journal()["running"]["version"] == "1.0.0"
+
+    # The server shows the affected releases and the device running one of them.
+    status, body = http_get(f"{server.url}/api/v1/sbom/affected", token=ops.token)
+    assert status == 200, body
+    entries = {e["entry"]["id"]: e for e in json.loads(body)["entries"]}
+    assert {r["version"] for r in entries["CVE-2026-0001"]["releases"]} == {"1.0.0", "2.0.0"}
+    assert [d["device_id"] for d in entries["CVE-2026-0001"]["devices"]] == [device_id]
+    assert entries["CVE-2026-0002"]["releases"] == []
+    out = repo.cli("sbom", "affected", "--server", server.url, "--token", ops.token).stdout
+    assert "CVE-2026-0001" in out and device_id in out
+
+    # Marked fixed (VEX status): the gate opens.
+    repo.cli("sbom", "denylist", "--repo", repo.dir, "--file", denylist("fixed"), "--key", repo.key("security"),
+             "--server", server.url, "--token", token)
+    res = dev.run_once()
+    assert {"result": "committed", "version": "2.0.0", "slot": "A"} in Device.results(res), res.describe()

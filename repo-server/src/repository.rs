@@ -225,6 +225,12 @@ impl Repository {
         out.into_values().collect()
     }
 
+    /// The signed sha256 of a target, looked up in every verified role.
+    pub async fn target_sha256(&self, path: &str) -> Option<String> {
+        let st = self.state.lock().await;
+        st.roles.values().find_map(|env| env.signed.targets.get(path).and_then(|t| t.hashes.get("sha256").cloned()))
+    }
+
     /// Where a published target's bytes are (consistent-snapshot name).
     pub fn target_file(&self, path: &str, sha256: &str) -> PathBuf {
         self.targets_dir.join(consistent_name(path, sha256))

@@ -16,7 +16,7 @@ use crate::repository::Repository;
 use crate::store::{SbomRelease, Store};
 
 pub fn api() -> Router<AppState> {
-    Router::new().route("/api/v1/sbom/search", get(search))
+    Router::new().route("/api/v1/sbom/search", get(search)).route("/api/v1/sbom/affected", get(affected))
 }
 
 /// Indexes the SBOMs of signed releases not indexed yet; returns how many were added.
@@ -51,6 +51,27 @@ pub async fn index_release_sboms(repo: &Repository, store: &Store) -> usize {
         }
     }
     added
+}
+
+/// The signed deny-list's `affected` entries, each with the releases that carry the
+/// component and the devices running them.
+async fn affected(State(s): State<AppState>, _auth: Auth) -> Result<Json<Value>, ApiError> {
+    let target = outpost_sbom::denylist::DENYLIST_TARGET;
+    let Some(sha) = s.repo.target_sha256(target).await else {
+        return Ok(Json(json!({"denylist": null, "entries": []})));
+    };
+    let bytes = std::fs::read(s.repo.target_file(target, &sha)).map_err(|e| crate::error::ServerError::io("read", target, e))?;
+    let list = outpost_sbom::denylist::DenyList::parse(&bytes).map_err(|e| ApiError::unprocessable("invalid_denylist", e.to_string()))?;
+    let mut entries = Vec::new();
+    for e in list.entries.iter().filter(|e| e.status == outpost_sbom::denylist::Status::Affected) {
+        let query = e.query().map_err(|err| ApiError::unprocessable("invalid_denylist", err.to_string()))?;
+        let store = s.store.clone();
+        let found = tokio::task::spawn_blocking(move || store.sbom_search(&query))
+            .await
+            .map_err(|err| crate::error::ServerError::State(format!("search task: {err}")))??;
+        entries.push(json!({"entry": e, "releases": found.releases, "devices": found.devices}));
+    }
+    Ok(Json(json!({"denylist": {"target": target, "sha256": sha}, "entries": entries})))
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,6 +7,7 @@
 //! name, version and SHA-256), which is how a device checks that an SBOM belongs to the
 //! image it is about to install.
 
+pub mod denylist;
 pub mod query;
 
 use std::collections::BTreeMap;

@@ -83,7 +83,7 @@ pub async fn run(cmd: ReleaseCommand, out: &Output) -> Result<()> {
 
 /// The deepest role, following delegations depth-first, that is delegated `path`
 /// and whose metadata this repository holds.
-fn role_for_path(repo: &LocalRepo, path: &str) -> Result<String> {
+pub(crate) fn role_for_path(repo: &LocalRepo, path: &str) -> Result<String> {
     let mut role = "targets".to_owned();
     for _ in 0..32 {
         let Some((env, _)) = repo.role(&role)? else { break };

@@ -32,6 +32,28 @@ pub enum SbomCommand {
     },
     /// Check that FILE is valid CycloneDX 1.5 JSON and show what it describes.
     Validate { file: PathBuf },
+    /// Sign and publish the vulnerability deny-list (target security/denylist.json) with
+    /// the security role's keys; devices refuse affected releases, the server flags them.
+    Denylist {
+        #[arg(long)]
+        repo: PathBuf,
+        /// The deny-list (JSON; see docs/sbom.md).
+        #[arg(long)]
+        file: PathBuf,
+        /// Private keys of the signing role (repeat to meet its threshold).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// Role to sign with (default: the delegated role whose paths match, e.g. `security`).
+        #[arg(long)]
+        role: Option<String>,
+        #[command(flatten)]
+        server: crate::upload::ServerArgs,
+    },
+    /// The signed deny-list's affected entries with the releases and devices they hit (server API).
+    Affected {
+        #[command(flatten)]
+        server: crate::upload::ServerArgs,
+    },
     /// Which releases contain a component, and which devices run them (server API).
     /// QUERY: NAME, NAME@VERSION, NAME@>=1.2,<2.0, or a purl (pkg:deb/debian/openssl[@...]).
     Search {
@@ -113,6 +135,34 @@ pub async fn run(cmd: SbomCommand, out: &Output) -> Result<()> {
             out.emit(&v, &lines.join("\n"));
             Ok(())
         }
+        SbomCommand::Denylist { repo, file, keys, role, server } => publish_denylist(&repo, &file, &keys, role, &server, out).await,
+        SbomCommand::Affected { server } => {
+            let server = server.require()?;
+            let v = server.get_json("affected releases", "/api/v1/sbom/affected").await?;
+            let mut lines = Vec::new();
+            if v["denylist"].is_null() {
+                lines.push("no deny-list published".to_owned());
+            }
+            for e in v["entries"].as_array().into_iter().flatten() {
+                let entry = &e["entry"];
+                lines.push(format!(
+                    "{} ({} {}): {} release(s), {} device(s)",
+                    entry["id"].as_str().unwrap_or(""),
+                    entry["component"].as_str().or(entry["purl"].as_str()).unwrap_or(""),
+                    entry["affected"].as_str().unwrap_or(""),
+                    e["releases"].as_array().map(|a| a.len()).unwrap_or(0),
+                    e["devices"].as_array().map(|a| a.len()).unwrap_or(0)
+                ));
+                for r in e["releases"].as_array().into_iter().flatten() {
+                    lines.push(format!("  release {} ({} {})", r["target"].as_str().unwrap_or(""), r["component"].as_str().unwrap_or(""), r["component_version"].as_str().unwrap_or("")));
+                }
+                for d in e["devices"].as_array().into_iter().flatten() {
+                    lines.push(format!("  device {} runs {}", d["device_id"].as_str().unwrap_or(""), d["release"].as_str().unwrap_or("")));
+                }
+            }
+            out.emit(&v, &lines.join("\n"));
+            Ok(())
+        }
         SbomCommand::Validate { file } => {
             let bytes = std::fs::read(&file).map_err(|e| SignerError::io("read", &file, e))?;
             let summary = outpost_sbom::validate(&bytes).map_err(|e| SignerError::Usage(format!("{}: {e}", file.display())))?;
@@ -130,4 +180,67 @@ pub async fn run(cmd: SbomCommand, out: &Output) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Adds (or replaces) the deny-list target, signs the role, uploads when --server is set.
+async fn publish_denylist(
+    repo_dir: &std::path::Path,
+    file: &std::path::Path,
+    keys: &[PathBuf],
+    role: Option<String>,
+    server: &crate::upload::ServerArgs,
+    out: &Output,
+) -> Result<()> {
+    use outpost_sbom::denylist::{DenyList, DENYLIST_TARGET};
+    let repo = crate::localrepo::LocalRepo::open(repo_dir)?;
+    let server = server.optional()?;
+    let keys = crate::keyfile::load_all_signing(keys)?;
+    let bytes = std::fs::read(file).map_err(|e| SignerError::io("read", file, e))?;
+    let list = DenyList::parse(&bytes).map_err(|e| SignerError::Usage(format!("{}: {e}", file.display())))?;
+    let role = match role {
+        Some(r) => r,
+        None => crate::release_cmd::role_for_path(&repo, DENYLIST_TARGET)?,
+    };
+    if role == "targets" || role.starts_with("firmware") {
+        return Err(SignerError::Usage(format!(
+            "the deny-list must be signed by its own delegation (e.g. `repo delegate --role security --paths 'security/*'`), not {role}"
+        )));
+    }
+    let (env, _) = repo.role(&role)?.ok_or_else(|| SignerError::Usage(format!("role {role} has no metadata yet")))?;
+    let sha256 = outpost_protocol::hashing::sha256_hex(&bytes);
+    let mut body = env.signed.clone();
+    let mut hashes = std::collections::BTreeMap::new();
+    hashes.insert("sha256".to_owned(), sha256.clone());
+    body.targets.insert(
+        DENYLIST_TARGET.to_owned(),
+        outpost_protocol::tuf::TargetFile { length: bytes.len() as u64, hashes, custom: None, extra: Default::default() },
+    );
+    body.version += 1;
+    body.expires = outpost_protocol::tuf::format_expires(repo.expires(repo.settings.targets_expires_secs));
+    let signed = repo.sign_role(&role, &body, &keys)?;
+    let staging = repo.dir.join(".staging");
+    std::fs::create_dir_all(&staging).map_err(|e| SignerError::io("create", &staging, e))?;
+    let tmp = staging.join(format!("{sha256}.denylist.json"));
+    crate::localrepo::write_atomic(&tmp, &bytes)?;
+    if server.is_none() {
+        let dest = repo.target_file_path(DENYLIST_TARGET, &sha256);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| SignerError::io("create", parent, e))?;
+        }
+        std::fs::copy(&tmp, &dest).map_err(|e| SignerError::io("copy target to", &dest, e))?;
+    }
+    repo.write_role(&role, body.version, &signed)?;
+    repo.resign_online()?;
+    let pushed = match &server {
+        Some(s) => Some(crate::upload::push(&repo, s, &[(DENYLIST_TARGET, tmp.as_path())], out).await?),
+        None => None,
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let affected = list.entries.iter().filter(|e| e.status == outpost_sbom::denylist::Status::Affected).count();
+    out.emit(
+        &json!({"target": DENYLIST_TARGET, "sha256": sha256, "role": role, "role_version": body.version, "entries": list.entries.len(),
+                "affected_entries": affected, "pushed": pushed}),
+        &format!("signed {DENYLIST_TARGET} ({} entries, {affected} affected) into {role} v{}", list.entries.len(), body.version),
+    );
+    Ok(())
 }

@@ -149,6 +149,9 @@ fn emit(json: bool, result: &crate::install::PassResult) {
         PassResult::Committed { version, slot } => println!("committed {version} in slot {slot}"),
         PassResult::RolledBack { version, reason } => println!("rolled back {version}: {reason}"),
         PassResult::Quarantined { reason } => println!("quarantined by the server, not installing: {reason}"),
+        PassResult::RefusedVulnerable { version, advisories } => {
+            println!("release {version} is affected by the signed deny-list, not installing: {}", advisories.join("; "))
+        }
     }
 }
 

@@ -43,6 +43,8 @@ pub enum PassResult {
     RolledBack { version: String, reason: String },
     /// The server's attestation verdict quarantined this device: nothing is installed.
     Quarantined { reason: String },
+    /// The signed vulnerability deny-list says the newest release is affected.
+    RefusedVulnerable { version: String, advisories: Vec<String> },
 }
 
 pub struct Installer {
@@ -331,9 +333,10 @@ impl Installer {
             trial_deadline_secs: cand.custom.trial_deadline_secs,
             sbom_sha256: cand.custom.sbom.as_ref().map(|s| s.sha256.clone()),
         };
-        if let Some(info) = &cand.sbom {
-            self.verify_sbom(&updater, info, &release).await?;
-        }
+        let components = match &cand.sbom {
+            Some(info) => Some(self.verify_sbom(&updater, info, &release).await?),
+            None => None,
+        };
         if let Some(running) = &self.journal.running {
             let running_version: Option<ReleaseVersion> = running.version.parse().ok();
             if running_version.is_some_and(|v| v >= cand.version) {
@@ -354,6 +357,20 @@ impl Installer {
         if self.journal.failed.contains(&release) {
             tracing::info!(version = %release.version, "newest release was rolled back on this device; waiting for a newer one");
             return Ok(PassResult::SkippedFailedRelease { version: release.version });
+        }
+        // Defense in depth: the signed deny-list, checked against the release's SBOM.
+        if let Some(components) = &components {
+            if let Some(list) = self.denylist(&mut updater).await? {
+                let findings = list.findings(components);
+                if !findings.is_empty() {
+                    let advisories: Vec<String> = findings
+                        .iter()
+                        .map(|f| format!("{}: {} {}", f.id, f.component, f.version.as_deref().unwrap_or("")))
+                        .collect();
+                    tracing::warn!(version = %release.version, ?advisories, "newest release is affected by the signed deny-list; not installing");
+                    return Ok(PassResult::RefusedVulnerable { version: release.version, advisories });
+                }
+            }
         }
         // Install only from a state the TPM vouches for: PCR = replayed log, and the
         // measured boot = the running release's expected measurement.
@@ -493,9 +510,24 @@ impl Installer {
         }
     }
 
+    /// The signed deny-list (`security/denylist.json`, under the `security`
+    /// delegation), or None when the repository has none. A deny-list that does not
+    /// verify or parse is an error: nothing is installed past a broken gate.
+    async fn denylist(&self, updater: &mut Updater) -> Result<Option<outpost_sbom::denylist::DenyList>> {
+        let target = outpost_sbom::denylist::DENYLIST_TARGET;
+        let Some(info) = updater.get_target_info(target).await? else { return Ok(None) };
+        let url = updater.target_url(&info, &format!("{}/targets/", self.config.server_url))?;
+        let bytes = self.fetcher.fetch_bytes(&url, info.file.length).await?;
+        outpost_protocol::hashing::verify_bytes(&bytes, Some(info.file.length), Some(&info.file.hashes), target)
+            .map_err(|e| AgentError::tuf(format!("verify {target}"), e))?;
+        outpost_sbom::denylist::DenyList::parse(&bytes)
+            .map(Some)
+            .map_err(|e| AgentError::Usage(format!("{target} (signed by {}): {e}; not installing past a deny-list that cannot be read", info.role)))
+    }
+
     /// Fetches the release's SBOM (once; kept under state_dir/sbom), checks it against
-    /// its signed hash and that it describes this release's image.
-    async fn verify_sbom(&self, updater: &Updater, info: &TargetInfo, release: &Release) -> Result<()> {
+    /// its signed hash and that it describes this release's image. Returns its components.
+    async fn verify_sbom(&self, updater: &Updater, info: &TargetInfo, release: &Release) -> Result<Vec<outpost_sbom::ComponentRef>> {
         let err = |reason: String| AgentError::Sbom { release: release.target.clone(), reason };
         let dir = self.config.state_dir.join("sbom");
         let want = info.file.hashes.get("sha256").cloned().unwrap_or_default();
@@ -531,7 +563,7 @@ impl Installer {
             crate::updater::write_atomic(&kept, &bytes)?;
         }
         tracing::info!(sbom = %info.path, sha256 = %want, "SBOM verified");
-        Ok(())
+        Ok(outpost_sbom::denylist::components_of(&doc))
     }
 
     fn write_metrics(&self, progress: Option<(u64, u64)>) {
