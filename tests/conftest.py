@@ -332,7 +332,7 @@ class OutpostServer:
             f'timestamp_key = {toml_str(repo.key("timestamp"))}\n'
         )
         for k, v in (repository or {}).items():
-            cfg += f"{k} = {v if isinstance(v, int) else toml_str(v)}\n"
+            cfg += f"{k} = {_toml_value(v)}\n"
         if attestation:
             cfg += "\n[attestation]\n" + "".join(
                 f"{k} = {'[' + ', '.join(toml_str(x) for x in v) + ']' if isinstance(v, list) else toml_str(v)}\n"

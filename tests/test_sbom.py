@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, Device, assert_fails, assert_ok, run, sha256_hex
+from conftest import REPO_ROOT, Device, assert_fails, assert_ok, http_get, run, sha256_hex
 
 from test_attestation import image
 
@@ -259,3 +259,16 @@ def test_signed_deny_list_blocks_affected_releases_and_flags_devices(fleet, tmp_
              "--server", server.url, "--token", token)
     res = dev.run_once()
     assert {"result": "committed", "version": "2.0.0", "slot": "A"} in Device.results(res), res.describe()
+
+
+def test_server_policy_refuses_new_releases_without_an_sbom(outpost_repo, server_factory, tmp_path):
+    repo = outpost_repo
+    server, token = server_factory(repo, name="strict", require_sbom=True)
+    repo.cli("repo", "push", "--repo", repo.dir, "--server", server.url, "--token", token)
+    repo.publish(image("with-sbom"), "1.0.0", server=server, token=token,
+                 extra=("--sbom-rootfs", make_rootfs(tmp_path)))
+    res = repo.publish(image("plain"), "1.0.1", server=server, token=token, check=False)
+    assert_fails(res, "require_sbom")
+    newest = max(server.metadata_dir.glob("*.firmware.json"), key=lambda p: int(p.name.split(".")[0]))
+    served = json.loads(newest.read_bytes())["signed"]["targets"]
+    assert "firmware/rpi4/1.0.0/fw.img" in served and "firmware/rpi4/1.0.1/fw.img" not in served

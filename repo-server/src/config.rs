@@ -46,6 +46,8 @@ struct RawRepo {
     timestamp_expiry: Option<String>,
     resign_interval: Option<String>,
     max_upload_bytes: Option<u64>,
+    #[serde(default)]
+    require_sbom: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +62,8 @@ pub struct ServerConfig {
     pub timestamp_expiry: Duration,
     pub resign_interval: Duration,
     pub max_upload_bytes: u64,
+    /// Policy: every new firmware release must name a signed SBOM.
+    pub require_sbom: bool,
     /// How long a check-in nonce may be used (once).
     pub nonce_lifetime: Duration,
     /// How long an enrollment challenge (credential) may be answered.
@@ -119,6 +123,7 @@ impl ServerConfig {
             timestamp_expiry,
             resign_interval,
             max_upload_bytes: raw.repository.max_upload_bytes.unwrap_or(64 << 30),
+            require_sbom: raw.repository.require_sbom,
             nonce_lifetime,
             challenge_lifetime,
             ek_ca_certificates: raw.attestation.ek_ca_certificates.iter().map(|p| base.join(p)).collect(),

@@ -75,6 +75,8 @@ pub struct Repository {
     snapshot_expiry: Duration,
     timestamp_expiry: Duration,
     state: tokio::sync::Mutex<State>,
+    /// Policy: new firmware releases must name an SBOM.
+    require_sbom: bool,
     /// Expected measurements by hardware class, for the role versions in the key.
     measurements: std::sync::Mutex<Option<MeasurementIndex>>,
 }
@@ -182,6 +184,7 @@ impl Repository {
             timestamp_expiry: config.timestamp_expiry,
             state: tokio::sync::Mutex::new(state),
             measurements: std::sync::Mutex::new(None),
+            require_sbom: config.require_sbom,
         })
     }
 
@@ -391,6 +394,31 @@ impl Repository {
                 }
                 if file == staged {
                     to_link.push((staged, served));
+                }
+                // A release's SBOM reference must point at a target this role signs with
+                // that hash and length; the SBOM policy applies to releases added now.
+                if let Ok(Some(custom)) = outpost_protocol::release::FirmwareCustom::from_custom(tf.custom.as_ref(), path) {
+                    match &custom.sbom {
+                        Some(sref) => {
+                            let signed = all[name].signed.targets.get(&sref.path);
+                            if !signed.is_some_and(|t| t.hashes.get("sha256") == Some(&sref.sha256) && t.length == sref.length) {
+                                return Err(refuse(
+                                    "sbom_mismatch",
+                                    format!(
+                                        "roles.{name}: target {path:?} names SBOM {:?} (sha256 {}, {} bytes), which this role does not sign with that hash and length",
+                                        sref.path, sref.sha256, sref.length
+                                    ),
+                                ));
+                            }
+                        }
+                        None if self.require_sbom && st.roles.get(name).is_none_or(|old| !old.signed.targets.contains_key(path)) => {
+                            return Err(refuse(
+                                "sbom_required",
+                                format!("roles.{name}: release target {path:?} has no SBOM, and this server's policy (repository.require_sbom) requires one"),
+                            ));
+                        }
+                        None => {}
+                    }
                 }
             }
         }
