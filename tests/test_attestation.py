@@ -454,3 +454,34 @@ def test_ek_certificate_must_chain_to_a_configured_manufacturer_ca(fleet, tmp_pa
     moved = tpm_device((repo, other, otoken), tmp_path, certified, "moved")
     assert_fails(agent(moved, "enroll", "--token", oops.enrollment_token()), "not signed by a trusted EK CA")
     assert oops.devices() == []
+
+
+def test_agent_refuses_to_install_when_its_pcr_does_not_match_its_event_log(fleet, tmp_path, swtpm_factory):
+    """The daemon boots (measuring slot A), then something extends the measurement PCR
+    behind its back: at its next update check the PCR no longer equals the replay of the
+    event log, and it refuses to install the new release."""
+    import subprocess
+    import time
+    data = image("v1")
+    publish(fleet, data, "1.0.0")
+    tpm = swtpm_factory("tpm")
+    dev = tpm_device(fleet, tmp_path, tpm, factory_image=data, install={"check_interval": "1s"})
+    log = dev.workdir / "daemon.err"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([str(dev.exe), "--config", str(dev.config), "--log-level", "info", "--json", "run"],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 30
+        while b"the active slot already holds the newest release" not in log.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert_ok(tpm.tool("tpm2_pcrextend", "23:sha256=" + "ab" * 32))
+        publish(fleet, image("v2"), "2.0.0")
+        while b"does not match the measurement log" not in log.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert b"refusing to install" in log.read_bytes()
+    assert dev.slot_path("B").read_bytes() == b"" and dev.active() == "A"
