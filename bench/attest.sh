@@ -9,8 +9,8 @@
 #    swtpm, enrolls a device with a one-time token (credential activation) and boots it
 #    once (`outpost-agent run --once`: slot measured into PCR 23, attested check-in).
 # 3. Runs update-agent/examples/attest_bench.rs: N sequential check-ins timed end to end
-#    (nonce, TPM quote, POST, verdict); K prepared check-ins posted back to back while the
-#    server's CPU time is read from /proc; the server's pure verification work in one
+#    (nonce, TPM quote, POST, verdict); K check-ins prepared in batches of 16 and posted
+#    back to back while the server's CPU time is read from /proc; the server's pure verification work in one
 #    thread for S seconds.
 # 4. Baseline in the same run: `openssl speed ecdsap256` verifications per second on one
 #    core (a check-in's verification is one ECDSA P-256 verify plus parsing and hashing).
@@ -117,7 +117,7 @@ lines = [
     "| measurement | outpost | baseline (same run) | ratio |",
     "|---|---|---|---|",
     f"| server-side verification of one check-in, one thread, no I/O (parse AK, verify the quote's ECDSA P-256 signature and its binding to the report, parse the report, replay the event log, look up expected measurements) | **{verify:,.0f} check-ins/s** ({res['verify']['iterations']:,} in {res['verify']['seconds']:.1f} s) | `openssl speed ecdsap256`: {openssl:,.0f} verify/s | {verify / openssl:.2f} of raw ECDSA verify speed |",
-    f"| whole check-in handled by `outpost-server` over HTTP (the above plus JSON, SQLite: nonce use-once, verdict, history; nonce requests included; {k} check-ins prepared, then posted back to back) | **{server:,.0f} check-ins per server CPU-second** ({res['batch']['nonce_cpu_s']:.2f} s CPU issuing nonces + {res['batch']['server_cpu_s']:.2f} s CPU judging; posting took {res['batch']['post_wall_s']:.2f} s wall) | raw ECDSA verify | {server / openssl:.2f} |",
+    f"| whole check-in handled by `outpost-server` over HTTP (the above plus JSON, SQLite: nonce use-once, verdict, history; nonce requests included; {k} check-ins prepared in batches of 16, each batch then posted back to back) | **{server:,.0f} check-ins per server CPU-second** ({res['batch']['nonce_cpu_s']:.2f} s CPU issuing nonces + {res['batch']['server_cpu_s']:.2f} s CPU judging; posting took {res['batch']['post_wall_s']:.2f} s wall) | raw ECDSA verify | {server / openssl:.2f} |",
     f"| end-to-end check-in latency, device side (nonce request, TPM2_Quote in swtpm incl. loading the AK under the EK, POST, verdict), {n} sequential | p50 **{res['latency_p50_ms']:.1f} ms**, p99 **{res['latency_p99_ms']:.1f} ms** (min {min(lat):.1f}, max {max(lat):.1f}) | | |",
     "",
     f"At a 15-minute check-in interval one server core's CPU suffices for **{server * interval:,.0f} devices** ({server:,.0f} check-ins per CPU-second × 900 s) with the whole HTTP + SQLite path, "

@@ -485,3 +485,17 @@ def test_agent_refuses_to_install_when_its_pcr_does_not_match_its_event_log(flee
         proc.wait(timeout=10)
     assert b"refusing to install" in log.read_bytes()
     assert dev.slot_path("B").read_bytes() == b"" and dev.active() == "A"
+
+
+def test_outstanding_nonces_per_device_are_bounded(fleet, tmp_path, ops, swtpm_factory):
+    """The nonce endpoint takes no credentials; what it makes the server store is bounded."""
+    dev, device_id, _ = enrolled_device(fleet, tmp_path, ops, swtpm_factory)
+    url = f"{ops.server.url}/api/v1/devices/{device_id}/nonce"
+    for _ in range(16):
+        status, body = http_post(url, b"", None, "application/json")
+        assert status == 200, body
+    status, body = http_post(url, b"", None, "application/json")
+    assert status == 429 and b"unused nonces" in body, body
+    assert_fails(agent(dev, "checkin"), "unused nonces")
+    status, body = http_post(f"{ops.server.url}/api/v1/devices/dev-nope/nonce", b"", None, "application/json")
+    assert status == 404, body

@@ -90,6 +90,8 @@ fn tpm_bad(code: &'static str) -> impl FnOnce(outpost_protocol::Error) -> ApiErr
 async fn enroll(State(s): State<AppState>, ApiJson(req): ApiJson<EnrollRequest>) -> Result<Json<EnrollChallenge>, ApiError> {
     let class: outpost_protocol::release::HardwareClass =
         req.hardware_class.parse().map_err(|e: outpost_protocol::Error| ApiError::unprocessable("invalid_hardware_class", e.to_string()))?;
+    // The token first: without a valid one, no certificate checks and no RSA work.
+    s.store.check_enrollment_token(&req.token, class.as_str(), now())?.map_err(refusal)?;
     let ek_bytes = attest::unhex("ek_public", &req.ek_public, 1024).map_err(tpm_bad("invalid_ek"))?;
     let ak_bytes = attest::unhex("ak_public", &req.ak_public, 1024).map_err(tpm_bad("invalid_ak"))?;
     let ek_cert = match &req.ek_certificate {
@@ -169,7 +171,13 @@ async fn nonce(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no enrolled device {id:?}")));
     }
     let expires = now() + s.nonce_lifetime.as_secs().max(1) as i64;
-    let nonce = s.store.issue_nonce(&id, expires, now())?;
+    let nonce = s.store.issue_nonce(&id, expires, now())?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_nonces",
+            format!("device {id:?} already has {} unused nonces; use one or wait for them to expire", crate::store::MAX_OPEN_NONCES),
+        )
+    })?;
     Ok(Json(NonceGrant { nonce, expires_at: rfc3339(expires) }))
 }
 

@@ -270,6 +270,9 @@ pub struct SbomSearch {
     pub devices: Vec<SbomDevice>,
 }
 
+/// Unused, unexpired nonces one device may have at a time.
+pub const MAX_OPEN_NONCES: i64 = 16;
+
 fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
@@ -324,6 +327,26 @@ impl Store {
             params![hash_token(&token), hardware_class, created_by, chrono::Utc::now().to_rfc3339(), expires_at],
         )?;
         Ok(token)
+    }
+
+    /// Whether an enrollment token may be used now for `hardware_class` (checked before
+    /// any expensive work; `open_challenge` checks again).
+    pub fn check_enrollment_token(&self, token: &str, hardware_class: &str, now: i64) -> Result<Result<(), EnrollRefusal>, ServerError> {
+        let row: Option<(String, i64, Option<String>)> = self
+            .conn()
+            .query_row(
+                "SELECT hardware_class, expires_at, used_at FROM enrollment_tokens WHERE token_sha256 = ?1",
+                params![hash_token(token)],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        Ok(match row {
+            None => Err(EnrollRefusal::UnknownToken),
+            Some((_, _, Some(_))) => Err(EnrollRefusal::TokenUsed),
+            Some((_, exp, None)) if exp <= now => Err(EnrollRefusal::TokenExpired(exp)),
+            Some((class, _, None)) if class != hardware_class => Err(EnrollRefusal::WrongClass { token: class }),
+            Some(_) => Ok(()),
+        })
     }
 
     /// Checks an enrollment token (unused, unexpired, for this class) and records the
@@ -438,14 +461,24 @@ impl Store {
     }
 
     /// A single-use nonce for `device_id`, valid until `expires_at`; expired ones go.
-    pub fn issue_nonce(&self, device_id: &str, expires_at: i64, now: i64) -> Result<String, ServerError> {
+    /// None when the device already has `MAX_OPEN_NONCES` unused, unexpired nonces (the
+    /// endpoint is unauthenticated; this bounds what anyone can make the server store).
+    pub fn issue_nonce(&self, device_id: &str, expires_at: i64, now: i64) -> Result<Option<String>, ServerError> {
         let mut raw = [0u8; 32];
         getrandom::getrandom(&mut raw).map_err(|e| ServerError::State(format!("no randomness: {e}")))?;
         let nonce = hex::encode(raw);
         let conn = self.conn();
         conn.execute("DELETE FROM nonces WHERE expires_at < ?1", params![now - 3600])?;
+        let open: i64 = conn.query_row(
+            "SELECT count(*) FROM nonces WHERE device_id = ?1 AND used = 0 AND expires_at > ?2",
+            params![device_id, now],
+            |r| r.get(0),
+        )?;
+        if open >= MAX_OPEN_NONCES {
+            return Ok(None);
+        }
         conn.execute("INSERT INTO nonces (nonce, device_id, expires_at) VALUES (?1, ?2, ?3)", params![nonce, device_id, expires_at])?;
-        Ok(nonce)
+        Ok(Some(nonce))
     }
 
     /// Uses a nonce up: it must have been issued to `device_id`, be unused and unexpired.

@@ -179,16 +179,24 @@ fleet_start_swtpm() { # STATE_DIR PORT: a software TPM 2.0 on 127.0.0.1:PORT (co
   fleet_die "swtpm did not listen on 127.0.0.1:$port"
 }
 
-fleet_free_port_pair() { # a free port P with P+1 free too
-  local p i
-  for i in $(seq 1 50); do
-    p="$(fleet_free_port)"
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$((p + 1))") 2>/dev/null; then
-      printf '%s\n' "$p"
-      return 0
-    fi
-  done
-  fleet_die "no two consecutive free ports"
+fleet_free_port_pair() { # a free loopback port P with P+1 free too (both bind)
+  python3 - <<'PY' || fleet_die "no two consecutive free ports"
+import socket, sys
+for _ in range(200):
+    a = socket.socket()
+    a.bind(("127.0.0.1", 0))
+    p = a.getsockname()[1]
+    b = socket.socket()
+    try:
+        b.bind(("127.0.0.1", p + 1))
+    except OSError:
+        a.close(); b.close()
+        continue
+    a.close(); b.close()
+    print(p)
+    sys.exit(0)
+sys.exit(1)
+PY
 }
 
 fleet_stop_swtpms() {
