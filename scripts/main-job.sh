@@ -15,6 +15,7 @@
 #      activation), attested check-ins (quotes over the measured boot), then one device's
 #      slot image is tampered with and the server quarantines it.
 # Exits non-zero if any step fails. Environment:
+#   OUTPOST_SKIP_SETUP=1   do not run scripts/setup.sh first
 #   OUTPOST_SKIP_BUILD=1   use the existing target/release binaries
 #   OUTPOST_FLEET_DIR=DIR  work directory (default <repo>/.fleet)
 set -euo pipefail
@@ -36,7 +37,14 @@ VERSION="1.0.0"
 IMAGE_NAME="outpost-demo-$HW_CLASS.img"
 TARGET_PATH="firmware/$HW_CLASS/$VERSION/$IMAGE_NAME"
 
-# --------------------------------------------------------------------------- build
+# --------------------------------------------------------------------------- setup + build
+# Installs what the demo needs (Debian packages incl. swtpm and libtss2-dev, the Rust
+# toolchain check, the Python venv); idempotent and quick on a ready machine.
+if [[ "${OUTPOST_SKIP_SETUP:-0}" != 1 ]]; then
+  fleet_log "setting up the machine (scripts/setup.sh)"
+  bash "$REPO_ROOT/scripts/setup.sh" >&2
+  [[ -d "$HOME/.cargo/bin" ]] && export PATH="$HOME/.cargo/bin:$PATH"
+fi
 if [[ "${OUTPOST_SKIP_BUILD:-0}" != 1 ]]; then
   fleet_log "building release binaries (cargo build --release --workspace)"
   command -v cargo >/dev/null || fleet_die "cargo not found: run 'bash scripts/setup.sh' (needs the stable Rust toolchain)"
