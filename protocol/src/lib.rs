@@ -11,6 +11,7 @@ pub mod keys;
 pub mod pattern;
 pub mod release;
 pub mod report;
+pub mod rollout;
 pub mod tuf;
 
 pub use error::{display_chain, Error, Result};
