@@ -270,6 +270,10 @@ pub struct SbomSearch {
     pub devices: Vec<SbomDevice>,
 }
 
+/// An enrollment challenge as stored: token hash, device id, class, EK public, EK
+/// certificate, AK public, secret hash, expiry, state.
+type ChallengeRow = (String, String, String, Vec<u8>, Option<Vec<u8>>, Vec<u8>, String, i64, String);
+
 /// Unused, unexpired nonces one device may have at a time.
 pub const MAX_OPEN_NONCES: i64 = 16;
 
@@ -385,7 +389,7 @@ impl Store {
     pub fn complete_challenge(&self, id: &str, secret_sha256: &str, now: i64) -> Result<Result<(String, String), EnrollRefusal>, ServerError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let row: Option<(String, String, String, Vec<u8>, Option<Vec<u8>>, Vec<u8>, String, i64, String)> = tx
+        let row: Option<ChallengeRow> = tx
             .query_row(
                 "SELECT token_sha256, device_id, hardware_class, ek_public, ek_certificate, ak_public, secret_sha256, expires_at, state
                  FROM enrollment_challenges WHERE id = ?1",
