@@ -253,12 +253,18 @@ def test_signed_deny_list_blocks_affected_releases_and_flags_devices(fleet, tmp_
     assert entries["CVE-2026-0002"]["releases"] == []
     out = repo.cli("sbom", "affected", "--server", server.url, "--token", ops.token).stdout
     assert "CVE-2026-0001" in out and device_id in out
+    # The device is flagged in the fleet view.
+    assert ops.devices()[0]["vulnerable"] == ["CVE-2026-0001"]
+    assert ops.device(device_id)["vulnerable"] == ["CVE-2026-0001"]
+    listing = repo.cli("device", "list", "--server", server.url, "--token", ops.token).stdout
+    assert "VULNERABLE(CVE-2026-0001)" in listing
 
     # Marked fixed (VEX status): the gate opens.
     repo.cli("sbom", "denylist", "--repo", repo.dir, "--file", denylist("fixed"), "--key", repo.key("security"),
              "--server", server.url, "--token", token)
     res = dev.run_once()
     assert {"result": "committed", "version": "2.0.0", "slot": "A"} in Device.results(res), res.describe()
+    assert ops.devices()[0]["vulnerable"] == []
 
 
 def test_server_policy_refuses_new_releases_without_an_sbom(outpost_repo, server_factory, tmp_path):

@@ -155,15 +155,29 @@ async fn prove(State(s): State<AppState>, Path(challenge): Path<String>, ApiJson
     }
 }
 
+/// Devices, each flagged with the deny-list entries affecting the release it runs.
 async fn list(State(s): State<AppState>, _auth: Auth) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({"devices": s.store.devices()?})))
+    let vulnerable = crate::sbomindex::vulnerable_devices(&s).await?;
+    let devices: Vec<Value> = s
+        .store
+        .devices()?
+        .into_iter()
+        .map(|d| {
+            let ids = vulnerable.get(&d.device_id).cloned().unwrap_or_default();
+            let mut v = serde_json::to_value(&d).unwrap_or(Value::Null);
+            v["vulnerable"] = json!(ids);
+            v
+        })
+        .collect();
+    Ok(Json(json!({"devices": devices})))
 }
 
 async fn show(State(s): State<AppState>, _auth: Auth, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     let device = s.store.device(&id)?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id:?}")))?;
     let history = s.store.attestations(&id, 50)?;
     let reports = s.store.recent_reports(Some(&id), 50)?;
-    Ok(Json(json!({"device": device, "attestations": history, "reports": reports})))
+    let vulnerable = crate::sbomindex::vulnerable_devices(&s).await?.remove(&id).unwrap_or_default();
+    Ok(Json(json!({"device": device, "vulnerable": vulnerable, "attestations": history, "reports": reports})))
 }
 
 async fn nonce(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<NonceGrant>, ApiError> {

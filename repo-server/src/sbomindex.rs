@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::error::ApiError;
 use crate::http::{AppState, Auth};
 use crate::repository::Repository;
-use crate::store::{SbomRelease, Store};
+use crate::store::{SbomRelease, SbomSearch, Store};
 
 pub fn api() -> Router<AppState> {
     Router::new().route("/api/v1/sbom/search", get(search)).route("/api/v1/sbom/affected", get(affected))
@@ -53,24 +53,47 @@ pub async fn index_release_sboms(repo: &Repository, store: &Store) -> usize {
     added
 }
 
-/// The signed deny-list's `affected` entries, each with the releases that carry the
-/// component and the devices running them.
-async fn affected(State(s): State<AppState>, _auth: Auth) -> Result<Json<Value>, ApiError> {
+/// The signed deny-list's `affected` entries with what each hits: (sha256 of the
+/// deny-list, [(entry, search result)]), or None when none is published.
+pub async fn affected_entries(s: &AppState) -> Result<Option<(String, Vec<(outpost_sbom::denylist::Entry, SbomSearch)>)>, ApiError> {
     let target = outpost_sbom::denylist::DENYLIST_TARGET;
-    let Some(sha) = s.repo.target_sha256(target).await else {
-        return Ok(Json(json!({"denylist": null, "entries": []})));
-    };
+    let Some(sha) = s.repo.target_sha256(target).await else { return Ok(None) };
     let bytes = std::fs::read(s.repo.target_file(target, &sha)).map_err(|e| crate::error::ServerError::io("read", target, e))?;
     let list = outpost_sbom::denylist::DenyList::parse(&bytes).map_err(|e| ApiError::unprocessable("invalid_denylist", e.to_string()))?;
-    let mut entries = Vec::new();
-    for e in list.entries.iter().filter(|e| e.status == outpost_sbom::denylist::Status::Affected) {
+    let mut out = Vec::new();
+    for e in list.entries.into_iter().filter(|e| e.status == outpost_sbom::denylist::Status::Affected) {
         let query = e.query().map_err(|err| ApiError::unprocessable("invalid_denylist", err.to_string()))?;
         let store = s.store.clone();
         let found = tokio::task::spawn_blocking(move || store.sbom_search(&query))
             .await
             .map_err(|err| crate::error::ServerError::State(format!("search task: {err}")))??;
-        entries.push(json!({"entry": e, "releases": found.releases, "devices": found.devices}));
+        out.push((e, found));
     }
+    Ok(Some((sha, out)))
+}
+
+/// Device id -> the deny-list entries whose affected releases it runs.
+pub async fn vulnerable_devices(s: &AppState) -> Result<std::collections::BTreeMap<String, Vec<String>>, ApiError> {
+    let mut map: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    for (entry, found) in affected_entries(s).await?.map(|(_, e)| e).unwrap_or_default() {
+        for d in found.devices {
+            let ids = map.entry(d.device_id).or_default();
+            if !ids.contains(&entry.id) {
+                ids.push(entry.id.clone());
+            }
+        }
+    }
+    Ok(map)
+}
+
+/// The signed deny-list's `affected` entries, each with the releases that carry the
+/// component and the devices running them.
+async fn affected(State(s): State<AppState>, _auth: Auth) -> Result<Json<Value>, ApiError> {
+    let target = outpost_sbom::denylist::DENYLIST_TARGET;
+    let Some((sha, found)) = affected_entries(&s).await? else {
+        return Ok(Json(json!({"denylist": null, "entries": []})));
+    };
+    let entries: Vec<Value> = found.into_iter().map(|(e, f)| json!({"entry": e, "releases": f.releases, "devices": f.devices})).collect();
     Ok(Json(json!({"denylist": {"target": target, "sha256": sha}, "entries": entries})))
 }
 

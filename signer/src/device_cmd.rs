@@ -59,7 +59,11 @@ pub async fn run(cmd: DeviceCommand, out: &Output) -> Result<()> {
             let v = server.get_json("device list", "/api/v1/devices").await?;
             let mut lines = vec![format!("{:<36} {:<12} {:<10} {:<5} {:<10} {:<9} reason", "device", "class", "version", "slot", "health", "verdict")];
             for d in v.get("devices").and_then(Value::as_array).into_iter().flatten() {
-                let verdict = if d.get("quarantined").and_then(Value::as_bool) == Some(true) { "QUARANTINED".to_owned() } else { s(d, "attestation") };
+                let mut verdict = if d.get("quarantined").and_then(Value::as_bool) == Some(true) { "QUARANTINED".to_owned() } else { s(d, "attestation") };
+                let vulnerable: Vec<&str> = d.get("vulnerable").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+                if !vulnerable.is_empty() {
+                    verdict.push_str(&format!(" VULNERABLE({})", vulnerable.join(",")));
+                }
                 lines.push(format!(
                     "{:<36} {:<12} {:<10} {:<5} {:<10} {:<9} {}",
                     s(d, "device_id"),
