@@ -123,6 +123,8 @@ CREATE TABLE IF NOT EXISTS nonces (
     expires_at INTEGER NOT NULL,
     used INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces (expires_at);
+CREATE INDEX IF NOT EXISTS nonces_device ON nonces (device_id, used, expires_at);
 CREATE TABLE IF NOT EXISTS attestations (
     id INTEGER PRIMARY KEY,
     device_id TEXT NOT NULL,
