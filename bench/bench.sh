@@ -116,12 +116,18 @@ DL_FILE="$DL/$("$PY" -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.
 EXPECTED_SHA="$(openssl dgst -sha256 -r "$IMAGE" | awk '{print $1}')"
 # The server's consistent-snapshot name of the image, for the curl reference.
 SERVED_PATH="${TARGET_PATH%/*}/$EXPECTED_SHA.${TARGET_PATH##*/}"
+SERVED_FILE="$WORK/server-data/repository/targets/$SERVED_PATH"
+[[ -f "$SERVED_FILE" ]] || fleet_die "the server's copy $SERVED_FILE is missing"
+# Every timed run starts with its input in the page cache (the kernel may reclaim cold
+# pages between runs), so all of them measure CPU paths, not the disk.
+warm() { cat "$1" >/dev/null; }
 
 for ((i = 1; i <= DOWNLOAD_RUNS; i++)); do
   echo "  download run $i/$DOWNLOAD_RUNS" >&2
   rm -rf "$DL"
   mkdir -p "$DL"
   sync  # flush earlier runs' writes so write-back does not land inside this timed run
+  warm "$SERVED_FILE"
   "${MEASURE[@]}" time --record "$RECORD" --label agent_download --run "$i" --log "$LOG" -- \
     "$OUTPOST_BIN/outpost-agent" tuf-client --metadata-dir "$MD_A" --metadata-url "$SERVER_URL/metadata" \
     --target-name "$TARGET_PATH" --target-base-url "$SERVER_URL/targets" --target-dir "$DL" download
@@ -135,10 +141,12 @@ for ((i = 1; i <= DOWNLOAD_RUNS; i++)); do
   mkdir -p "$DL"
   # shellcheck disable=SC2016  # $1/$2 are expanded by the inner sh
   sync  # flush earlier runs' writes so write-back does not land inside this timed run
+  warm "$SERVED_FILE"
   "${MEASURE[@]}" time --record "$RECORD" --label curl_download --run "$i" --log "$LOG" -- \
     sh -c 'curl -fsS -o "$1" "$2"' sh "$DL/curl.img" "$SERVER_URL/targets/$SERVED_PATH"
   echo "  openssl run $i/$DOWNLOAD_RUNS" >&2
   sync  # flush earlier runs' writes so write-back does not land inside this timed run
+  warm "$IMAGE"
   "${MEASURE[@]}" time --record "$RECORD" --label openssl_sha256 --run "$i" --log "$LOG" -- \
     openssl dgst -sha256 "$IMAGE"
 done
