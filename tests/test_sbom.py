@@ -278,3 +278,40 @@ def test_server_policy_refuses_new_releases_without_an_sbom(outpost_repo, server
     newest = max(server.metadata_dir.glob("*.firmware.json"), key=lambda p: int(p.name.split(".")[0]))
     served = json.loads(newest.read_bytes())["signed"]["targets"]
     assert "firmware/rpi4/1.0.0/fw.img" in served and "firmware/rpi4/1.0.1/fw.img" not in served
+
+
+def test_sigstore_signatures_beside_firmware_and_sbom_verify_with_standard_crypto(outpost_repo, tmp_path):
+    """`release publish` writes cosign sign-blob signatures and Sigstore bundles for the
+    image and the SBOM. Checked by `outpost verify-blob` and independently with the
+    `cryptography` package the way `cosign verify-blob --key` checks an ed25519 key: the
+    base64 signature over the file's bytes, with the PEM public key."""
+    import base64
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    repo = outpost_repo
+    fw = image("signed")
+    res = repo.publish(fw, "1.0.0", extra=("--sbom-rootfs", make_rootfs(tmp_path), "--json"))
+    out = json.loads(res.stdout)
+    sig_dir = repo.dir / "sigstore"
+    pems = list(sig_dir.glob("*.pub.pem"))
+    assert len(pems) == 1
+    pub = load_pem_public_key(pems[0].read_bytes())
+    fw_file = repo.base / "builds" / "1.0.0" / "fw.img"
+    sbom_path = "firmware/rpi4/1.0.0/fw.img.cdx.json"
+    signed = json.loads((repo.dir / "metadata" / "firmware.json").read_text())["signed"]["targets"]
+    sbom_file = next(repo.dir.joinpath("targets").rglob(f"{signed[sbom_path]['hashes']['sha256']}.fw.img.cdx.json"))
+    for target, blob in (("firmware/rpi4/1.0.0/fw.img", fw_file), (sbom_path, sbom_file)):
+        sig = sig_dir / f"{target}.sig"
+        bundle = sig_dir / f"{target}.sigstore.json"
+        assert {"target": target, "signature": str(sig), "bundle": str(bundle), "public_key": str(pems[0])} in out["sigstore"]
+        pub.verify(base64.b64decode(sig.read_text()), blob.read_bytes())   # raises if wrong
+        doc = json.loads(bundle.read_text())
+        assert doc["mediaType"] == "application/vnd.dev.sigstore.bundle.v0.3+json"
+        assert base64.b64decode(doc["messageSignature"]["messageDigest"]["digest"]) == hashlib.sha256(blob.read_bytes()).digest()
+        pub.verify(base64.b64decode(doc["messageSignature"]["signature"]), blob.read_bytes())
+        assert_ok(repo.cli("verify-blob", "--key", pems[0], "--signature", sig, "--bundle", bundle, blob))
+    tampered = tmp_path / "tampered.img"
+    tampered.write_bytes(fw[:-1] + bytes([fw[-1] ^ 1]))
+    sig = sig_dir / "firmware/rpi4/1.0.0/fw.img.sig"
+    assert_fails(repo.cli("verify-blob", "--key", pems[0], "--signature", sig, tampered, check=False), "does not verify")
+    bundle = sig_dir / "firmware/rpi4/1.0.0/fw.img.sigstore.json"
+    assert_fails(repo.cli("verify-blob", "--key", pems[0], "--bundle", bundle, tampered, check=False), "digest")

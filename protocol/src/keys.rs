@@ -161,6 +161,13 @@ impl SigningKey {
         &self.key_id
     }
 
+    /// The private key as PKCS#8 v1 DER (RFC 8410), for other signing libraries.
+    pub fn pkcs8_der(&self) -> Vec<u8> {
+        let mut der = vec![0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+        der.extend_from_slice(self.inner.as_bytes());
+        der
+    }
+
     /// Hex signature over `message`.
     pub fn sign_hex(&self, message: &[u8]) -> String {
         hex::encode(self.inner.sign(message).to_bytes())

@@ -46,6 +46,20 @@ pub enum Command {
     /// SBOMs: generate (root filesystem, Cargo.lock) and validate CycloneDX 1.5.
     #[command(subcommand)]
     Sbom(crate::sbom_cmd::SbomCommand),
+    /// Check a file against the Sigstore signature and/or bundle `release publish` wrote
+    /// beside it (cosign sign-blob format), with the PEM public key.
+    VerifyBlob {
+        /// PEM public key (REPO/sigstore/<keyid>.pub.pem).
+        #[arg(long)]
+        key: PathBuf,
+        /// cosign sign-blob signature (FILE.sig).
+        #[arg(long)]
+        signature: Option<PathBuf>,
+        /// Sigstore bundle (FILE.sigstore.json).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -87,6 +101,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Repo(cmd) => crate::repo_cmd::run(cmd, &out).await,
         Command::Device(cmd) => crate::device_cmd::run(cmd, &out).await,
         Command::Sbom(cmd) => crate::sbom_cmd::run(cmd, &out).await,
+        Command::VerifyBlob { key, signature, bundle, file } => {
+            let pem = std::fs::read(&key).map_err(|e| crate::error::SignerError::io("read", &key, e))?;
+            crate::sigstore_out::verify_file(&pem, &file, signature.as_deref(), bundle.as_deref())?;
+            out.emit(&json!({"verified": true, "file": file}), &format!("verified {}", file.display()));
+            Ok(())
+        }
         Command::Release(cmd) => crate::release_cmd::run(cmd, &out).await,
     }
 }

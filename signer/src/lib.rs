@@ -10,6 +10,7 @@ pub mod output;
 pub mod release_cmd;
 pub mod repo_cmd;
 pub mod sbom_cmd;
+pub mod sigstore_out;
 pub mod upload;
 
 pub use error::{Result, SignerError};

@@ -71,6 +71,10 @@ pub struct PublishArgs {
     /// Generate the SBOM from a Cargo.lock.
     #[arg(long)]
     pub sbom_cargo_lock: Option<PathBuf>,
+    /// Where to write the Sigstore signatures (cosign sign-blob `.sig`, bundle
+    /// `.sigstore.json`) of the image and the SBOM, and the key's PEM [REPO/sigstore].
+    #[arg(long)]
+    pub sigstore_dir: Option<PathBuf>,
     #[command(flatten)]
     pub server: crate::upload::ServerArgs,
 }
@@ -326,6 +330,20 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
         }
         None => None,
     };
+    // Sigstore signatures for people outside Outpost: the image and the SBOM.
+    let sigstore_dir = a.sigstore_dir.clone().unwrap_or_else(|| repo.dir.join("sigstore"));
+    let mut sigstore = Vec::new();
+    if let Some(key) = keys.first() {
+        let pem_path = sigstore_dir.join(format!("{}.pub.pem", key.key_id()));
+        std::fs::create_dir_all(&sigstore_dir).map_err(|e| SignerError::io("create", &sigstore_dir, e))?;
+        crate::localrepo::write_atomic(&pem_path, crate::sigstore_out::public_pem(key)?.as_bytes())?;
+        let mut to_sign = vec![(image_path.clone(), a.firmware.clone())];
+        to_sign.extend(artifacts.iter().filter(|x| x.custom.is_none()).map(|x| (x.path.clone(), x.file.clone())));
+        for (path, file) in to_sign {
+            let written = crate::sigstore_out::sign_file(key, &file, &sigstore_dir.join(&path))?;
+            sigstore.push(json!({"target": path, "signature": written.signature, "bundle": written.bundle, "public_key": pem_path}));
+        }
+    }
     for art in &artifacts {
         if art.temporary {
             let _ = std::fs::remove_file(&art.file);
@@ -337,7 +355,7 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
         .collect();
     out.emit(
         &json!({"target": full_path, "targets": listed, "role": role, "role_version": body.version, "length": image_len, "sha256": image_sha,
-                "hardware_class": a.hardware_class, "version": a.version, "pushed": pushed}),
+                "hardware_class": a.hardware_class, "version": a.version, "pushed": pushed, "sigstore": sigstore}),
         &format!(
             "signed {} ({image_len} byte image, sha256 {image_sha}) into {role} v{}{}",
             artifacts.iter().map(|a| format!("{} [{} bytes]", a.path, a.length)).collect::<Vec<_>>().join(", "),
