@@ -37,6 +37,16 @@ fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
+/// Nonce lifetimes are short (seconds): they are kept in milliseconds, so rounding
+/// to whole seconds never shortens them.
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn rfc3339_ms(unix_ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(unix_ms).map(|t| t.to_rfc3339()).unwrap_or_default()
+}
+
 fn rfc3339(unix: i64) -> String {
     chrono::DateTime::from_timestamp(unix, 0).map(|t| t.to_rfc3339()).unwrap_or_default()
 }
@@ -184,15 +194,16 @@ async fn nonce(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json
     if s.store.device(&id)?.is_none() {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no enrolled device {id:?}")));
     }
-    let expires = now() + s.nonce_lifetime.as_secs().max(1) as i64;
-    let nonce = s.store.issue_nonce(&id, expires, now())?.ok_or_else(|| {
+    let issued = now_ms();
+    let expires = issued + s.nonce_lifetime.as_millis().max(1) as i64;
+    let nonce = s.store.issue_nonce(&id, expires, issued)?.ok_or_else(|| {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_nonces",
             format!("device {id:?} already has {} unused nonces; use one or wait for them to expire", crate::store::MAX_OPEN_NONCES),
         )
     })?;
-    Ok(Json(NonceGrant { nonce, expires_at: rfc3339(expires) }))
+    Ok(Json(NonceGrant { nonce, expires_at: rfc3339_ms(expires) }))
 }
 
 /// The pure part of a check-in's verdict given an authentic quote: the log, the
@@ -227,7 +238,7 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
     if report.device_id != id {
         return Err(ApiError::unprocessable("invalid_report", format!("report is for device {:?}, not {id:?}", report.device_id)));
     }
-    match s.store.consume_nonce(&report.nonce, &id, now())? {
+    match s.store.consume_nonce(&report.nonce, &id, now_ms())? {
         Ok(()) => {}
         Err(r) => {
             tracing::warn!(device = %id, refusal = ?r, "check-in nonce refused");
@@ -235,7 +246,7 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
                 NonceRefusal::Unknown => ApiError::new(StatusCode::UNAUTHORIZED, "unknown_nonce", "nonce was not issued by this server"),
                 NonceRefusal::OtherDevice => ApiError::new(StatusCode::UNAUTHORIZED, "foreign_nonce", "nonce was issued to another device"),
                 NonceRefusal::Used => ApiError::conflict("nonce_used", "nonce was already used: a replayed check-in"),
-                NonceRefusal::Expired(at) => ApiError::new(StatusCode::UNAUTHORIZED, "nonce_expired", format!("nonce expired at {}", rfc3339(at))),
+                NonceRefusal::Expired(at) => ApiError::new(StatusCode::UNAUTHORIZED, "nonce_expired", format!("nonce expired at {}", rfc3339_ms(at))),
             });
         }
     }

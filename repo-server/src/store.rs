@@ -466,7 +466,8 @@ impl Store {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// A single-use nonce for `device_id`, valid until `expires_at`; expired ones go.
+    /// A single-use nonce for `device_id`, valid until `expires_at` (Unix milliseconds,
+    /// like `now`); nonces expired for an hour go.
     /// None when the device already has `MAX_OPEN_NONCES` unused, unexpired nonces (the
     /// endpoint is unauthenticated; this bounds what anyone can make the server store).
     pub fn issue_nonce(&self, device_id: &str, expires_at: i64, now: i64) -> Result<Option<String>, ServerError> {
@@ -474,7 +475,7 @@ impl Store {
         getrandom::getrandom(&mut raw).map_err(|e| ServerError::State(format!("no randomness: {e}")))?;
         let nonce = hex::encode(raw);
         let conn = self.conn();
-        conn.execute("DELETE FROM nonces WHERE expires_at < ?1", params![now - 3600])?;
+        conn.execute("DELETE FROM nonces WHERE expires_at < ?1", params![now - 3_600_000])?;
         let open: i64 = conn.query_row(
             "SELECT count(*) FROM nonces WHERE device_id = ?1 AND used = 0 AND expires_at > ?2",
             params![device_id, now],
