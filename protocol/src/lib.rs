@@ -5,6 +5,7 @@
 pub mod attest;
 pub mod cjson;
 pub mod codec;
+pub mod director;
 pub mod error;
 pub mod hashing;
 pub mod keys;

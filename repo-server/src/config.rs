@@ -19,6 +19,23 @@ struct Raw {
     repository: RawRepo,
     #[serde(default)]
     attestation: RawAttestation,
+    #[serde(default)]
+    director: RawDirector,
+    #[serde(default)]
+    rollouts: RawRollouts,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDirector {
+    key: Option<PathBuf>,
+    targets_expiry: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollouts {
+    tick: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,6 +87,14 @@ pub struct ServerConfig {
     pub challenge_lifetime: Duration,
     /// PEM files of the CAs EK certificates must chain to; empty: not checked.
     pub ek_ca_certificates: Vec<PathBuf>,
+    /// The director's online signing key (created on first start when missing).
+    pub director_key: PathBuf,
+    /// The director root devices pin (created once from the key).
+    pub director_root: PathBuf,
+    /// How long a device's director targets stay valid.
+    pub director_targets_expiry: Duration,
+    /// How often running rollouts are re-evaluated (soak times pass without check-ins).
+    pub rollout_tick: Duration,
     /// The file this was loaded from (named in errors about its settings).
     pub config_path: PathBuf,
 }
@@ -110,8 +135,20 @@ impl ServerConfig {
         };
         let nonce_lifetime = adur("nonce_lifetime", &raw.attestation.nonce_lifetime, Duration::from_secs(60))?;
         let challenge_lifetime = adur("challenge_lifetime", &raw.attestation.challenge_lifetime, Duration::from_secs(300))?;
+        let positive = |name: &str, v: &Option<String>, default: Duration| -> Result<Duration, ServerError> {
+            match v {
+                None => Ok(default),
+                Some(s) => humantime::parse_duration(s)
+                    .map_err(|e| err(format!("{name} {s:?}: {e}")))
+                    .and_then(|d| if d.is_zero() { Err(err(format!("{name} must be more than 0s"))) } else { Ok(d) }),
+            }
+        };
+        let director_targets_expiry = positive("director.targets_expiry", &raw.director.targets_expiry, Duration::from_secs(86400))?;
+        let rollout_tick = positive("rollouts.tick", &raw.rollouts.tick, Duration::from_secs(5))?;
         let data_dir = base.join(&raw.data_dir);
         let sqlite_path = data_dir.join(raw.database.sqlite.unwrap_or_else(|| PathBuf::from("outpost.db")));
+        let director_key = raw.director.key.map(|k| base.join(k)).unwrap_or_else(|| data_dir.join("director-key.json"));
+        let director_root = data_dir.join("director").join("root.json");
         Ok(ServerConfig {
             listen,
             sqlite_path,
@@ -127,6 +164,10 @@ impl ServerConfig {
             nonce_lifetime,
             challenge_lifetime,
             ek_ca_certificates: raw.attestation.ek_ca_certificates.iter().map(|p| base.join(p)).collect(),
+            director_key,
+            director_root,
+            director_targets_expiry,
+            rollout_tick,
             config_path: path.to_owned(),
         })
     }

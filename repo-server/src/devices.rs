@@ -29,6 +29,7 @@ pub fn api() -> Router<AppState> {
         .route("/api/v1/enroll/{challenge}", post(prove))
         .route("/api/v1/devices", get(list))
         .route("/api/v1/devices/{id}", get(show))
+        .route("/api/v1/devices/{id}/labels", axum::routing::put(set_labels))
         .route("/api/v1/devices/{id}/nonce", post(nonce))
         .route("/api/v1/devices/{id}/checkin", post(checkin))
 }
@@ -57,6 +58,9 @@ struct TokenBody {
     hardware_class: String,
     /// Lifetime, e.g. "24h" (default) or "15m".
     ttl: Option<String>,
+    /// Labels the enrolled device gets (rollout selectors match them).
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 async fn create_token(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<TokenBody>) -> Result<Json<Value>, ApiError> {
@@ -70,10 +74,15 @@ async fn create_token(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJ
     if ttl.is_zero() || ttl > std::time::Duration::from_secs(30 * 86400) {
         return Err(ApiError::unprocessable("invalid_ttl", "ttl must be more than 0s and at most 30 days"));
     }
+    crate::rollouts::check_labels(&body.labels).map_err(|m| ApiError::unprocessable("invalid_labels", m))?;
     let expires = now() + ttl.as_secs().max(1) as i64;
-    let token = s.store.create_enrollment_token(class.as_str(), &auth.0.name, expires)?;
-    s.store.log(&auth.0.name, "device_token_create", &json!({"hardware_class": class.as_str(), "expires_at": rfc3339(expires)}))?;
-    Ok(Json(json!({"token": token, "hardware_class": class.as_str(), "expires_at": rfc3339(expires)})))
+    let token = s.store.create_enrollment_token(class.as_str(), &body.labels, &auth.0.name, expires)?;
+    s.store.log(
+        &auth.0.name,
+        "device_token_create",
+        &json!({"hardware_class": class.as_str(), "labels": body.labels, "expires_at": rfc3339(expires)}),
+    )?;
+    Ok(Json(json!({"token": token, "hardware_class": class.as_str(), "labels": body.labels, "expires_at": rfc3339(expires)})))
 }
 
 fn refusal(r: EnrollRefusal) -> ApiError {
@@ -156,7 +165,8 @@ async fn prove(State(s): State<AppState>, Path(challenge): Path<String>, ApiJson
         Ok((device_id, hardware_class)) => {
             s.store.log(&format!("device:{device_id}"), "device_enroll", &json!({"device_id": device_id, "hardware_class": hardware_class}))?;
             tracing::info!(%device_id, %hardware_class, "device enrolled");
-            Ok(Json(Enrolled { device_id, hardware_class }))
+            let director_root = String::from_utf8_lossy(s.director.root()).into_owned();
+            Ok(Json(Enrolled { device_id, hardware_class, director_root }))
         }
         Err(r) => {
             tracing::warn!(%challenge, refusal = ?r, "enrollment proof refused");
@@ -166,7 +176,8 @@ async fn prove(State(s): State<AppState>, Path(challenge): Path<String>, ApiJson
 }
 
 /// Devices, each flagged with the deny-list entries affecting the release it runs.
-async fn list(State(s): State<AppState>, _auth: Auth) -> Result<Json<Value>, ApiError> {
+async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+    auth.require_reader()?;
     let vulnerable = crate::sbomindex::vulnerable_devices(&s).await?;
     let devices: Vec<Value> = s
         .store
@@ -182,12 +193,30 @@ async fn list(State(s): State<AppState>, _auth: Auth) -> Result<Json<Value>, Api
     Ok(Json(json!({"devices": devices})))
 }
 
-async fn show(State(s): State<AppState>, _auth: Auth, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn show(State(s): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    auth.require_reader()?;
     let device = s.store.device(&id)?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id:?}")))?;
     let history = s.store.attestations(&id, 50)?;
     let reports = s.store.recent_reports(Some(&id), 50)?;
     let vulnerable = crate::sbomindex::vulnerable_devices(&s).await?.remove(&id).unwrap_or_default();
     Ok(Json(json!({"device": device, "vulnerable": vulnerable, "attestations": history, "reports": reports})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LabelsBody {
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Replaces a device's labels (operators).
+async fn set_labels(State(s): State<AppState>, auth: Auth, Path(id): Path<String>, ApiJson(body): ApiJson<LabelsBody>) -> Result<Json<Value>, ApiError> {
+    auth.require(TokenRole::Operator)?;
+    crate::rollouts::check_labels(&body.labels).map_err(|m| ApiError::unprocessable("invalid_labels", m))?;
+    if !s.store.set_device_labels(&id, &body.labels)? {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id:?}")));
+    }
+    s.store.log(&auth.0.name, "device_labels", &json!({"device_id": id, "labels": body.labels}))?;
+    Ok(Json(json!({"device_id": id, "labels": body.labels})))
 }
 
 async fn nonce(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<NonceGrant>, ApiError> {
@@ -274,6 +303,20 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
         health: &health,
         reports: &report.reports,
     })?;
+    // The director: feedback to rollouts, then what this device should run now.
+    let releases = s.repo.firmware_releases(&device.hardware_class).await;
+    let facts = crate::rollout_store::DeviceFacts {
+        device_id: &id,
+        hardware_class: &device.hardware_class,
+        attested: verdict == "attested",
+        image_sha256: report.image_sha256.as_deref(),
+        version: report.version.as_deref(),
+        health: &health,
+        reports: &report.reports,
+    };
+    let decision = s.store.director_checkin(&facts, &releases, now())?;
+    crate::rollouts::log_transitions(&s.store, &decision.transitions);
+    let director_targets = s.director.sign(&id, decision.director_version, decision.assignment.as_ref())?;
     if device.attestation != verdict {
         // Entering or leaving quarantine is an audited event.
         s.store.log("server", if verdict == "failed" { "device_quarantine" } else { "device_attested" }, &json!({"device_id": id, "reason": reason}))?;
@@ -288,5 +331,6 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
         reason: reason.map(str::to_owned),
         quarantined: verdict == "failed",
         at: chrono::Utc::now().to_rfc3339(),
+        director_targets: Some(director_targets),
     }))
 }

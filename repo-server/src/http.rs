@@ -32,6 +32,8 @@ pub struct AppState {
     pub challenge_lifetime: std::time::Duration,
     /// CAs that EK certificates must chain to (empty: certificates are not required).
     pub ek_cas: Arc<crate::ekcert::EkCaStore>,
+    /// The director key and root.
+    pub director: Arc<crate::rollouts::Director>,
 }
 
 /// The whole application router.
@@ -48,6 +50,7 @@ pub fn app(state: AppState) -> Router {
         .merge(repository_api())
         .merge(crate::devices::api())
         .merge(crate::sbomindex::api())
+        .merge(crate::rollouts::api())
         .merge(metadata)
         .merge(targets)
         .with_state(state)
@@ -118,11 +121,22 @@ impl FromRequestParts<AppState> for Auth {
 
 impl Auth {
     pub(crate) fn require(&self, role: TokenRole) -> Result<(), ApiError> {
-        if self.0.role == role {
+        self.require_any(&[role])
+    }
+
+    /// Passes when the token has one of `roles`.
+    pub(crate) fn require_any(&self, roles: &[TokenRole]) -> Result<(), ApiError> {
+        if roles.contains(&self.0.role) {
             Ok(())
         } else {
-            Err(ApiError::forbidden(format!("this needs a {} token; {:?} is a {} token", role.as_str(), self.0.name, self.0.role.as_str())))
+            let want: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+            Err(ApiError::forbidden(format!("this needs a {} token; {:?} is a {} token", want.join(" or "), self.0.name, self.0.role.as_str())))
         }
+    }
+
+    /// Reading fleet state (devices, rollouts, audit, SBOM search): operators and viewers.
+    pub(crate) fn require_reader(&self) -> Result<(), ApiError> {
+        self.require_any(&[TokenRole::Operator, TokenRole::Viewer])
     }
 }
 
@@ -144,7 +158,8 @@ async fn status(State(s): State<AppState>, _auth: Auth) -> Json<Value> {
     Json(serde_json::to_value(s.repo.status().await).unwrap_or(Value::Null))
 }
 
-async fn log(State(s): State<AppState>, _auth: Auth) -> Result<Json<Value>, ApiError> {
+async fn log(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+    auth.require_any(&[TokenRole::Operator, TokenRole::Viewer, TokenRole::Pipeline])?;
     Ok(Json(json!({"entries": s.store.recent_log(100)?})))
 }
 
@@ -163,7 +178,8 @@ struct ReportQuery {
     device: Option<String>,
 }
 
-async fn list_reports(State(s): State<AppState>, _auth: Auth, Query(q): Query<ReportQuery>) -> Result<Json<Value>, ApiError> {
+async fn list_reports(State(s): State<AppState>, auth: Auth, Query(q): Query<ReportQuery>) -> Result<Json<Value>, ApiError> {
+    auth.require_reader()?;
     Ok(Json(json!({"reports": s.store.recent_reports(q.device.as_deref(), 200)?})))
 }
 

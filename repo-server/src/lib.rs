@@ -7,6 +7,8 @@ pub mod ekcert;
 pub mod error;
 pub mod http;
 pub mod repository;
+pub mod rollout_store;
+pub mod rollouts;
 pub mod sbomindex;
 pub mod store;
 
@@ -22,7 +24,9 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let repo = Arc::new(repository::Repository::open(&config)?);
     let ek_cas = Arc::new(ekcert::EkCaStore::load(&config.ek_ca_certificates, &config.config_path)?);
     let store = Arc::new(store::Store::open(&config.sqlite_path)?);
+    let director = Arc::new(rollouts::Director::open(&config.director_key, &config.director_root, config.director_targets_expiry)?);
     let state = AppState {
+        director,
         repo: repo.clone(),
         store: store.clone(),
         max_upload_bytes: config.max_upload_bytes,
@@ -35,6 +39,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         tracing::info!(indexed, "indexed SBOMs of published releases");
     }
     let resign_repo = repo.clone();
+    let state_store = store.clone();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| ServerError::io("listen on", config.listen.to_string(), e))?;
@@ -52,6 +57,20 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
                 }
                 Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "re-signing online metadata failed"),
+            }
+        }
+    });
+    let tick_store = state_store.clone();
+    let tick_every = config.rollout_tick;
+    let ticker = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(tick_every);
+        loop {
+            tick.tick().await;
+            let s = tick_store.clone();
+            match tokio::task::spawn_blocking(move || s.rollout_tick(chrono::Utc::now().timestamp()).map(|t| (s, t))).await {
+                Ok(Ok((s, transitions))) => rollouts::log_transitions(&s, &transitions),
+                Ok(Err(e)) => tracing::error!(error = %e, "re-evaluating rollouts failed"),
+                Err(e) => tracing::error!(error = %e, "rollout task failed"),
             }
         }
     });
@@ -74,6 +93,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         }
     };
     resigner.abort();
+    ticker.abort();
     repo.remove_partial_uploads();
     tracing::info!("outpost-server stopped");
     result.map_err(|e| ServerError::io("serve", addr.to_string(), e))

@@ -66,6 +66,18 @@ struct State {
     timestamp: Option<Envelope<Timestamp>>,
 }
 
+/// A signed full-image firmware release, as the director assigns it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FirmwareRelease {
+    pub path: String,
+    pub length: u64,
+    pub sha256: String,
+    pub version: String,
+    /// The image digest the device's TPM records when it boots this release.
+    pub measurement: String,
+    pub sbom_sha256: Option<String>,
+}
+
 pub struct Repository {
     metadata_dir: PathBuf,
     targets_dir: PathBuf,
@@ -223,6 +235,31 @@ impl Repository {
                         });
                     }
                 }
+            }
+        }
+        out.into_values().collect()
+    }
+
+    /// The full-image firmware targets signed for `hardware_class` (delta patches
+    /// excluded), from every verified role.
+    pub async fn firmware_releases(&self, hardware_class: &str) -> Vec<FirmwareRelease> {
+        let st = self.state.lock().await;
+        let mut out: BTreeMap<String, FirmwareRelease> = BTreeMap::new();
+        for env in st.roles.values() {
+            for (path, file) in &env.signed.targets {
+                let Ok(Some(custom)) = outpost_protocol::release::FirmwareCustom::from_custom(file.custom.as_ref(), path) else { continue };
+                if custom.hardware_class.as_str() != hardware_class || custom.encoding == outpost_protocol::release::Encoding::ZstdPatch {
+                    continue;
+                }
+                let Some(sha256) = file.hashes.get("sha256") else { continue };
+                out.entry(path.clone()).or_insert_with(|| FirmwareRelease {
+                    path: path.clone(),
+                    length: file.length,
+                    sha256: sha256.clone(),
+                    version: custom.version.to_string(),
+                    measurement: custom.expected_measurement.sha256.clone(),
+                    sbom_sha256: custom.sbom.as_ref().map(|s| s.sha256.clone()),
+                });
             }
         }
         out.into_values().collect()

@@ -88,7 +88,8 @@ pub async fn vulnerable_devices(s: &AppState) -> Result<std::collections::BTreeM
 
 /// The signed deny-list's `affected` entries, each with the releases that carry the
 /// component and the devices running them.
-async fn affected(State(s): State<AppState>, _auth: Auth) -> Result<Json<Value>, ApiError> {
+async fn affected(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+    auth.require_reader()?;
     let target = outpost_sbom::denylist::DENYLIST_TARGET;
     let Some((sha, found)) = affected_entries(&s).await? else {
         return Ok(Json(json!({"denylist": null, "entries": []})));
@@ -102,7 +103,8 @@ struct SearchQuery {
     q: String,
 }
 
-async fn search(State(s): State<AppState>, _auth: Auth, Query(q): Query<SearchQuery>) -> Result<Json<Value>, ApiError> {
+async fn search(State(s): State<AppState>, auth: Auth, Query(q): Query<SearchQuery>) -> Result<Json<Value>, ApiError> {
+    auth.require_reader()?;
     let query = outpost_sbom::query::Query::parse(&q.q).map_err(|e| ApiError::unprocessable("invalid_query", e.to_string()))?;
     let started = Instant::now();
     let store = s.store.clone();

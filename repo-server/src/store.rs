@@ -210,6 +210,8 @@ pub struct Device {
     pub attested_at: Option<String>,
     /// The latest attestation failed: nothing may be assigned to this device.
     pub quarantined: bool,
+    /// Labels rollout selectors match.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Why a nonce cannot be used.
@@ -279,6 +281,32 @@ type ChallengeRow = (String, String, String, Vec<u8>, Option<Vec<u8>>, Vec<u8>, 
 /// Unused, unexpired nonces one device may have at a time.
 pub const MAX_OPEN_NONCES: i64 = 16;
 
+/// Schema changes to tables that already exist, by `PRAGMA user_version`.
+const ALTERATIONS: [&str; 1] = [
+    // 1: device labels (rollout selectors) and the per-device director version;
+    // labels given to enrollment tokens.
+    "ALTER TABLE devices ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+     ALTER TABLE devices ADD COLUMN director_version INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE enrollment_tokens ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';",
+];
+
+fn migrate(conn: &Connection) -> Result<(), ServerError> {
+    loop {
+        // Read the version under the write lock: another server may be migrating too.
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let have = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+        let Some(sql) = ALTERATIONS.get(have) else {
+            conn.execute_batch("COMMIT")?;
+            return Ok(());
+        };
+        if let Err(e) = conn.execute_batch(&format!("{sql} PRAGMA user_version = {};", have + 1)) {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e.into());
+        }
+        conn.execute_batch("COMMIT")?;
+    }
+}
+
 fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
@@ -291,11 +319,15 @@ impl Store {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // Two servers may share one database file: wait for the other's write lock.
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(MIGRATIONS)?;
+        conn.execute_batch(crate::rollout_store::MIGRATIONS)?;
+        migrate(&conn)?;
         Ok(Store { conn: Mutex::new(conn) })
     }
 
-    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A poisoned lock only means another thread panicked mid-query; SQLite's own
         // transactions keep the data consistent.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
@@ -324,13 +356,21 @@ impl Store {
     }
 
     /// A one-time enrollment token for `hardware_class`, valid until `expires_at` (Unix s).
-    pub fn create_enrollment_token(&self, hardware_class: &str, created_by: &str, expires_at: i64) -> Result<String, ServerError> {
+    /// The device enrolled with it gets `labels`.
+    pub fn create_enrollment_token(
+        &self,
+        hardware_class: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+        created_by: &str,
+        expires_at: i64,
+    ) -> Result<String, ServerError> {
         let mut raw = [0u8; 32];
         getrandom::getrandom(&mut raw).map_err(|e| ServerError::State(format!("no randomness: {e}")))?;
         let token = format!("ote_{}", hex::encode(raw));
+        let labels = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
         self.conn().execute(
-            "INSERT INTO enrollment_tokens (token_sha256, hardware_class, created_by, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![hash_token(&token), hardware_class, created_by, chrono::Utc::now().to_rfc3339(), expires_at],
+            "INSERT INTO enrollment_tokens (token_sha256, hardware_class, created_by, created_at, expires_at, labels) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![hash_token(&token), hardware_class, created_by, chrono::Utc::now().to_rfc3339(), expires_at, labels],
         )?;
         Ok(token)
     }
@@ -421,11 +461,13 @@ impl Store {
             return Ok(Err(EnrollRefusal::TokenUsed));
         }
         tx.execute("UPDATE enrollment_challenges SET state = 'completed' WHERE id = ?1", params![id])?;
+        let labels: String = tx.query_row("SELECT labels FROM enrollment_tokens WHERE token_sha256 = ?1", params![token], |r| r.get(0))?;
         tx.execute(
-            "INSERT INTO devices (device_id, hardware_class, ek_public, ek_certificate, ak_public, enrolled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO devices (device_id, hardware_class, ek_public, ek_certificate, ak_public, enrolled_at, labels) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (device_id) DO UPDATE SET hardware_class = excluded.hardware_class, ek_certificate = excluded.ek_certificate,
-               ak_public = excluded.ak_public, enrolled_at = excluded.enrolled_at, attestation = 'pending', attestation_reason = NULL",
-            params![device_id, class, ek, ek_cert, ak, chrono::Utc::now().to_rfc3339()],
+               ak_public = excluded.ak_public, enrolled_at = excluded.enrolled_at, attestation = 'pending', attestation_reason = NULL,
+               labels = excluded.labels",
+            params![device_id, class, ek, ek_cert, ak, chrono::Utc::now().to_rfc3339(), labels],
         )?;
         tx.commit()?;
         Ok(Ok((device_id, class)))
@@ -449,10 +491,11 @@ impl Store {
             attested_at: r.get(11)?,
             health: r.get(12)?,
             sbom_sha256: r.get(13)?,
+            labels: serde_json::from_str(&r.get::<_, String>(14)?).unwrap_or_default(),
         })
     }
 
-    const DEVICE_COLUMNS: &'static str = "device_id, hardware_class, ak_public, ek_certificate, enrolled_at, last_checkin_at, slot, version, image_sha256, attestation, attestation_reason, attested_at, health, sbom_sha256";
+    const DEVICE_COLUMNS: &'static str = "device_id, hardware_class, ak_public, ek_certificate, enrolled_at, last_checkin_at, slot, version, image_sha256, attestation, attestation_reason, attested_at, health, sbom_sha256, labels";
 
     pub fn device(&self, id: &str) -> Result<Option<Device>, ServerError> {
         let sql = format!("SELECT {} FROM devices WHERE device_id = ?1", Self::DEVICE_COLUMNS);

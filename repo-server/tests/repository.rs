@@ -239,6 +239,14 @@ async fn http_serves_repository_with_ranges_cache_headers_and_auth() {
         nonce_lifetime: std::time::Duration::from_secs(60),
         challenge_lifetime: std::time::Duration::from_secs(300),
         ek_cas: Default::default(),
+        director: std::sync::Arc::new(
+            outpost_server::rollouts::Director::open(
+                &f.config.director_key,
+                &f.config.director_root,
+                std::time::Duration::from_secs(3600),
+            )
+            .unwrap(),
+        ),
     });
 
     let (s, _, body) = call(app.clone(), Request::get("/healthz").body(Body::empty()).unwrap()).await;

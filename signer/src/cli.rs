@@ -43,6 +43,9 @@ pub enum Command {
     /// Devices: enrollment tokens, the fleet's attestation state (operator API).
     #[command(subcommand)]
     Device(crate::device_cmd::DeviceCommand),
+    /// Canary rollouts: create, start, pause, resume, advance, abort, status (operator API).
+    #[command(subcommand)]
+    Rollout(crate::rollout_cmd::RolloutCommand),
     /// SBOMs: generate (root filesystem, Cargo.lock) and validate CycloneDX 1.5.
     #[command(subcommand)]
     Sbom(crate::sbom_cmd::SbomCommand),
@@ -101,6 +104,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Repo(cmd) => crate::repo_cmd::run(cmd, &out).await,
         Command::Device(cmd) => crate::device_cmd::run(cmd, &out).await,
         Command::Sbom(cmd) => crate::sbom_cmd::run(cmd, &out).await,
+        Command::Rollout(cmd) => crate::rollout_cmd::run(cmd, &out).await,
         Command::VerifyBlob { key, signature, bundle, file } => {
             let pem = std::fs::read(&key).map_err(|e| crate::error::SignerError::io("read", &key, e))?;
             crate::sigstore_out::verify_file(&pem, &file, signature.as_deref(), bundle.as_deref())?;

@@ -24,6 +24,22 @@ pub enum DeviceCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Replace a device's labels (rollout selectors match them): KEY=VALUE ...
+    Label {
+        device_id: String,
+        #[arg(value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// KEY=VALUE.
+pub fn parse_label(s: &str) -> std::result::Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !v.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("label {s:?} must be KEY=VALUE")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -35,6 +51,9 @@ pub enum TokenCommand {
         /// Lifetime (e.g. 15m, 24h; at most 30 days).
         #[arg(long, default_value = "24h")]
         ttl: String,
+        /// A label the enrolled device gets (KEY=VALUE; repeat for more).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -46,10 +65,11 @@ fn s(v: &Value, k: &str) -> String {
 
 pub async fn run(cmd: DeviceCommand, out: &Output) -> Result<()> {
     match cmd {
-        DeviceCommand::Token(TokenCommand::Create { hardware_class, ttl, server }) => {
+        DeviceCommand::Token(TokenCommand::Create { hardware_class, ttl, labels, server }) => {
             let server = server.require()?;
+            let labels: std::collections::BTreeMap<String, String> = labels.into_iter().collect();
             let v = server
-                .post_json("enrollment token", "/api/v1/device-tokens", &json!({"hardware_class": hardware_class, "ttl": ttl}))
+                .post_json("enrollment token", "/api/v1/device-tokens", &json!({"hardware_class": hardware_class, "ttl": ttl, "labels": labels}))
                 .await?;
             out.emit(&v, &format!("{}\n(enrolls one {} device; expires {})", s(&v, "token"), s(&v, "hardware_class"), s(&v, "expires_at")));
             Ok(())
@@ -76,6 +96,14 @@ pub async fn run(cmd: DeviceCommand, out: &Output) -> Result<()> {
                 ));
             }
             out.emit(&v, &lines.join("\n"));
+            Ok(())
+        }
+        DeviceCommand::Label { device_id, labels, server } => {
+            let server = server.require()?;
+            let labels: std::collections::BTreeMap<String, String> = labels.into_iter().collect();
+            let path = format!("/api/v1/devices/{}/labels", percent_encoding::utf8_percent_encode(&device_id, percent_encoding::NON_ALPHANUMERIC));
+            let v = server.send_json(reqwest::Method::PUT, "device labels", &path, &json!({"labels": labels})).await?;
+            out.emit(&v, &format!("{device_id}: {}", v.get("labels").map(Value::to_string).unwrap_or_default()));
             Ok(())
         }
         DeviceCommand::Show { device_id, server } => {

@@ -9,6 +9,7 @@ pub mod localrepo;
 pub mod output;
 pub mod release_cmd;
 pub mod repo_cmd;
+pub mod rollout_cmd;
 pub mod sbom_cmd;
 pub mod sigstore_out;
 pub mod upload;

@@ -73,8 +73,13 @@ impl Server {
 
     /// POST a JSON body to an admin API path with the bearer token.
     pub async fn post_json(&self, what: &str, path: &str, body: &Value) -> Result<Value> {
+        self.send_json(reqwest::Method::POST, what, path, body).await
+    }
+
+    /// Sends a JSON body with `method` to an admin API path with the bearer token.
+    pub async fn send_json(&self, method: reqwest::Method, what: &str, path: &str, body: &Value) -> Result<Value> {
         let url = format!("{}{path}", self.url);
-        let resp = self.client.post(&url).bearer_auth(&self.token).json(body).send().await.map_err(|e| http_err(&url, e))?;
+        let resp = self.client.request(method, &url).bearer_auth(&self.token).json(body).send().await.map_err(|e| http_err(&url, e))?;
         if !resp.status().is_success() {
             return Err(refused(what, resp).await);
         }

@@ -131,6 +131,7 @@ pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
         ak_private: hex::encode(&ak.private),
         enrolled_at: chrono::Utc::now().to_rfc3339(),
     };
+    crate::director::pin_root(config, &enrolled.director_root, chrono::Utc::now())?;
     write_json(&Identity::path(config), &identity)?;
     tracing::info!(device_id = %enrolled.device_id, "enrolled");
     Ok(enrolled)

@@ -148,6 +148,9 @@ fn emit(json: bool, result: &crate::install::PassResult) {
         PassResult::SkippedFailedRelease { version } => println!("release {version} was rolled back on this device; waiting for a newer one"),
         PassResult::Committed { version, slot } => println!("committed {version} in slot {slot}"),
         PassResult::RolledBack { version, reason } => println!("rolled back {version}: {reason}"),
+        PassResult::NoAssignment { version } => {
+            println!("no new assignment from the director; staying on {}", version.as_deref().unwrap_or("the installed image"))
+        }
         PassResult::Quarantined { reason } => println!("quarantined by the server, not installing: {reason}"),
         PassResult::RefusedVulnerable { version, advisories } => {
             println!("release {version} is affected by the signed deny-list, not installing: {}", advisories.join("; "))

@@ -91,6 +91,11 @@ pub enum AgentError {
     /// The device's own measured state does not match its event log or release.
     #[error("attestation: {0}")]
     Attestation(String),
+
+    /// A director assignment that is not verified, or that the image repository's
+    /// signed targets do not agree with.
+    #[error("director assignment refused: {0}")]
+    Director(String),
 }
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;

@@ -7,6 +7,7 @@ pub mod attest;
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod director;
 pub mod error;
 pub mod fetch;
 pub mod health;

@@ -68,6 +68,9 @@ pub struct EnrollProof {
 pub struct Enrolled {
     pub device_id: String,
     pub hardware_class: String,
+    /// The director repository's root (TUF root JSON) the device pins: only targets
+    /// signed by its keys can assign this device an image.
+    pub director_root: String,
 }
 
 /// `POST /api/v1/devices/{id}/nonce`.
@@ -206,6 +209,10 @@ pub struct CheckinVerdict {
     pub reason: Option<String>,
     pub quarantined: bool,
     pub at: String,
+    /// This device's director targets metadata (signed JSON): the image it should run
+    /// now, or none. Absent when the server refused to judge the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub director_targets: Option<String>,
 }
 
 /// The qualifying data a quote over `report` must carry.

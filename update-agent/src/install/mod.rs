@@ -45,6 +45,8 @@ pub enum PassResult {
     Quarantined { reason: String },
     /// The signed vulnerability deny-list says the newest release is affected.
     RefusedVulnerable { version: String, advisories: Vec<String> },
+    /// The director assigns this device nothing new: it stays on what it runs.
+    NoAssignment { version: Option<String> },
 }
 
 pub struct Installer {
@@ -261,6 +263,13 @@ impl Installer {
             self.journal_file.store(&self.journal)?;
         }
         self.quarantine = verdict.quarantined.then(|| verdict.reason.clone().unwrap_or_else(|| "attestation failed".into()));
+        if let (Some(text), Some(root)) = (&verdict.director_targets, crate::director::pinned(&self.config)?) {
+            let view = crate::director::accept(&self.config, &root, &self.config.device_id, text, chrono::Utc::now())?;
+            match &view.assignment {
+                Some(a) => tracing::info!(version = %a.custom.version, rollout = %a.custom.rollout_id, wave = a.custom.wave, rollback = a.custom.rollback, director_version = view.version, "director assignment"),
+                None => tracing::info!(director_version = view.version, "director assigns nothing new"),
+            }
+        }
         Ok(Some(verdict))
     }
 
@@ -317,31 +326,80 @@ impl Installer {
             tracing::warn!(%reason, "quarantined by the server; not installing");
             return Ok(PassResult::Quarantined { reason: reason.clone() });
         }
+        // An enrolled device installs only what the director assigns it (and the image
+        // repository signs); one that follows no director takes the newest release.
+        let directed = match crate::director::pinned(&self.config)? {
+            None => None,
+            Some(root) => Some(crate::director::current(&self.config, &root, &self.config.device_id, chrono::Utc::now())?.and_then(|v| v.assignment)),
+        };
+        if matches!(directed, Some(None)) && self.journal.running.is_some() {
+            let version = self.journal.running.as_ref().map(|r| r.version.clone());
+            self.write_metrics(None);
+            return Ok(PassResult::NoAssignment { version });
+        }
         let mut updater = Updater::new(&self.config.metadata_dir(), &self.metadata_url(), self.fetcher.clone(), chrono::Utc::now())?;
         updater.refresh().await?;
         let class = self.config.hardware_class.to_string();
         let infos = updater.targets_under(&["firmware", &class]).await?;
-        let Some(cand) = newest(infos, &self.config)? else {
+        let assignment = match directed {
+            None => None,
+            Some(Some(a)) => Some(a),
+            Some(None) => {
+                // Nothing assigned: learn which signed release the active slot holds
+                // (a fresh device, or a recovered journal), so check-ins name it.
+                let active = self.boot.slot_path(self.boot.state()?.active);
+                if let Ok((sha, len)) = hash_file(&active) {
+                    if let Some(cand) = choose(infos, &self.config, Pick::Measurement(&sha, len))? {
+                        tracing::info!(version = %cand.version, "the active slot holds a signed release");
+                        self.journal.running = Some(release_of(&cand));
+                        self.set_phase(Phase::Idle)?;
+                    }
+                }
+                let version = self.journal.running.as_ref().map(|r| r.version.clone());
+                self.write_metrics(None);
+                return Ok(PassResult::NoAssignment { version });
+            }
+        };
+        let pick = assignment.as_ref().map(|a| Pick::Path(&a.path)).unwrap_or(Pick::Newest);
+        let Some(cand) = choose(infos, &self.config, pick)? else {
+            if let Some(a) = &assignment {
+                return Err(AgentError::Director(format!(
+                    "the director assigns {}, which the image repository does not sign as a full firmware image for hardware class {class}",
+                    a.path
+                )));
+            }
             return Err(AgentError::NoFirmware { class });
         };
-        let release = Release {
-            target: cand.full.path.clone(),
-            version: cand.version.to_string(),
-            sha256: cand.custom.expected_measurement.sha256.clone(),
-            length: cand.custom.image.as_ref().map(|i| i.length).unwrap_or(cand.full.file.length),
-            health: cand.custom.health.clone(),
-            trial_deadline_secs: cand.custom.trial_deadline_secs,
-            sbom_sha256: cand.custom.sbom.as_ref().map(|s| s.sha256.clone()),
+        let rollback = match &assignment {
+            Some(a) => {
+                agrees(a, &cand, &self.config)?;
+                a.custom.rollback
+            }
+            None => false,
         };
+        let release = release_of(&cand);
         let components = match &cand.sbom {
             Some(info) => Some(self.verify_sbom(&updater, info, &release).await?),
             None => None,
         };
         if let Some(running) = &self.journal.running {
             let running_version: Option<ReleaseVersion> = running.version.parse().ok();
-            if running_version.is_some_and(|v| v >= cand.version) {
+            if running_version.as_ref().is_some_and(|v| *v == cand.version) {
                 self.write_metrics(None);
                 return Ok(PassResult::UpToDate { version: Some(running.version.clone()) });
+            }
+            if running_version.is_some_and(|v| v > cand.version) {
+                if !rollback {
+                    if assignment.is_some() {
+                        return Err(AgentError::Director(format!(
+                            "the director assigns {} but this device runs {}: versions do not go backwards without a signed rollback",
+                            cand.version, running.version
+                        )));
+                    }
+                    self.write_metrics(None);
+                    return Ok(PassResult::UpToDate { version: Some(running.version.clone()) });
+                }
+                tracing::warn!(from = %running.version, to = %cand.version, "the director assigns an explicit rollback");
             }
         }
         if self.journal.running.is_none() {
@@ -593,9 +651,50 @@ fn write_metrics_file(path: &Path, journal: &Journal, progress: Option<(u64, u64
     }
 }
 
+/// The director's assignment and the image repository's signed target must agree on
+/// length, hashes, hardware class and version.
+fn agrees(a: &outpost_protocol::director::Assignment, cand: &Candidate, config: &AgentConfig) -> Result<()> {
+    let signed_sha = cand.full.file.hashes.get("sha256").map(String::as_str).unwrap_or("<none>");
+    if a.length != cand.full.file.length || a.sha256 != signed_sha {
+        return Err(AgentError::Director(format!(
+            "the director's {} ({} bytes, sha256 {}) disagrees with the image repository's signed target ({} bytes, sha256 {signed_sha})",
+            a.path, a.length, a.sha256, cand.full.file.length
+        )));
+    }
+    if a.custom.hardware_class != config.hardware_class.as_str() {
+        return Err(AgentError::Director(format!("the assignment is for hardware class {}, this device is {}", a.custom.hardware_class, config.hardware_class)));
+    }
+    if a.custom.version != cand.version.to_string() {
+        return Err(AgentError::Director(format!("the director says {} is version {}, the image repository signs it as {}", a.path, a.custom.version, cand.version)));
+    }
+    Ok(())
+}
+
 /// Groups signed firmware targets for this class by version; the newest with a full
-/// image wins. A target filed under this class but signed for another is refused.
-fn newest(infos: Vec<TargetInfo>, config: &AgentConfig) -> Result<Option<Candidate>> {
+/// image wins, or the full image at `want`. A target filed under this class but signed
+/// for another is refused.
+/// Which full image `choose` picks.
+enum Pick<'a> {
+    Newest,
+    Path(&'a str),
+    /// The release whose image has this sha256 and length.
+    Measurement(&'a str, u64),
+}
+
+/// What the journal keeps of a release.
+fn release_of(cand: &Candidate) -> Release {
+    Release {
+        target: cand.full.path.clone(),
+        version: cand.version.to_string(),
+        sha256: cand.custom.expected_measurement.sha256.clone(),
+        length: cand.custom.image.as_ref().map(|i| i.length).unwrap_or(cand.full.file.length),
+        health: cand.custom.health.clone(),
+        trial_deadline_secs: cand.custom.trial_deadline_secs,
+        sbom_sha256: cand.custom.sbom.as_ref().map(|s| s.sha256.clone()),
+    }
+}
+
+fn choose(infos: Vec<TargetInfo>, config: &AgentConfig, want: Pick<'_>) -> Result<Option<Candidate>> {
     let by_path: BTreeMap<String, TargetInfo> = infos.iter().map(|i| (i.path.clone(), i.clone())).collect();
     let mut fulls: BTreeMap<String, (ReleaseVersion, TargetInfo, FirmwareCustom)> = BTreeMap::new();
     let mut deltas: Vec<(TargetInfo, FirmwareCustom)> = Vec::new();
@@ -620,7 +719,14 @@ fn newest(infos: Vec<TargetInfo>, config: &AgentConfig) -> Result<Option<Candida
             }
         }
     }
-    let Some((version, full, custom)) = fulls.into_values().max_by(|a, b| a.0.cmp(&b.0)) else { return Ok(None) };
+    let chosen = match want {
+        Pick::Newest => fulls.into_values().max_by(|a, b| a.0.cmp(&b.0)),
+        Pick::Path(path) => fulls.remove(path),
+        Pick::Measurement(sha, len) => fulls.into_values().find(|(_, info, c)| {
+            c.expected_measurement.sha256 == sha && c.image.as_ref().map(|i| i.length).unwrap_or(info.file.length) == len
+        }),
+    };
+    let Some((version, full, custom)) = chosen else { return Ok(None) };
     let deltas = deltas.into_iter().filter(|(_, c)| c.full_target.as_deref() == Some(full.path.as_str())).collect();
     let sbom = match &custom.sbom {
         None => None,

@@ -1,0 +1,669 @@
+//! Rollouts in the state store: definitions and typed state, every transition with its
+//! cause, and per-device assignments whose statuses are the per-wave counters.
+//!
+//! Counters are never incremented: they are counted from the assignments, whose
+//! status only moves forward, so a check-in handled twice (or by two servers on one
+//! database) cannot count twice. Every decision that reads a rollout's state and acts
+//! on it runs in one write transaction, so no device is assigned from a state that a
+//! concurrent check-in has already paused.
+
+use std::collections::BTreeMap;
+
+use outpost_protocol::director::{Assignment, AssignmentCustom};
+use outpost_protocol::release::ReleaseVersion;
+use outpost_protocol::rollout::{self, Counters, Event, Gate, Rollout, State, Transition, WaveSpec};
+use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ServerError;
+use crate::repository::FirmwareRelease;
+use crate::store::Store;
+
+pub const MIGRATIONS: &str = "
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    hardware_class TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    release TEXT NOT NULL,
+    waves TEXT NOT NULL,
+    gate TEXT NOT NULL CHECK (gate IN ('auto', 'manual')),
+    state TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollout_events (
+    id INTEGER PRIMARY KEY,
+    rollout_id TEXT NOT NULL,
+    at TEXT NOT NULL,
+    from_state TEXT NOT NULL,
+    to_state TEXT NOT NULL,
+    cause TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rollout_events_rollout ON rollout_events (rollout_id, id);
+CREATE TABLE IF NOT EXISTS assignments (
+    rollout_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('assigned', 'installing', 'healthy', 'rolled_back', 'attestation_failed')),
+    reason TEXT,
+    from_release TEXT,
+    assigned_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE INDEX IF NOT EXISTS assignments_device ON assignments (device_id);
+CREATE INDEX IF NOT EXISTS assignments_wave ON assignments (rollout_id, wave, status);
+";
+
+/// A rollout as stored: its plan (release, selector, waves, gate) and state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    pub id: String,
+    pub name: String,
+    pub hardware_class: String,
+    /// Devices must carry all of these labels.
+    pub labels: BTreeMap<String, String>,
+    pub release: FirmwareRelease,
+    pub waves: Vec<WaveSpec>,
+    pub gate: Gate,
+    pub state: State,
+    pub created_by: String,
+    pub created_at: String,
+}
+
+impl RolloutRecord {
+    fn machine(&self) -> Rollout {
+        Rollout { id: self.id.clone(), waves: self.waves.clone(), gate: self.gate, state: self.state.clone() }
+    }
+}
+
+/// An assignment's status. The order is the only direction it moves in, except that a
+/// healthy device that later fails attestation counts as failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Assigned,
+    Installing,
+    Healthy,
+    RolledBack,
+    AttestationFailed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Assigned => "assigned",
+            Status::Installing => "installing",
+            Status::Healthy => "healthy",
+            Status::RolledBack => "rolled_back",
+            Status::AttestationFailed => "attestation_failed",
+        }
+    }
+
+    fn parse(s: &str) -> Status {
+        match s {
+            "installing" => Status::Installing,
+            "healthy" => Status::Healthy,
+            "rolled_back" => Status::RolledBack,
+            "attestation_failed" => Status::AttestationFailed,
+            _ => Status::Assigned,
+        }
+    }
+
+    fn terminal(self) -> bool {
+        matches!(self, Status::RolledBack | Status::AttestationFailed)
+    }
+}
+
+/// What a check-in says about a device, for the rollout engine.
+pub struct DeviceFacts<'a> {
+    pub device_id: &'a str,
+    pub hardware_class: &'a str,
+    pub attested: bool,
+    /// The measured image digest of the booted slot.
+    pub image_sha256: Option<&'a str>,
+    pub version: Option<&'a str>,
+    /// "healthy", "updating", "trial" or "rolled_back".
+    pub health: &'a str,
+    pub reports: &'a [crate::store::InstallReport],
+}
+
+/// The director's decision for one check-in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The per-device director targets version to sign.
+    pub director_version: u64,
+    pub assignment: Option<Assignment>,
+    /// Rollout transitions this check-in caused.
+    pub transitions: Vec<(String, Transition)>,
+}
+
+fn now_text() -> String {
+    chrono::Utc::now().to_rfc3339()
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn parse<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> rusqlite::Result<T> {
+    serde_json::from_str(s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, format!("{what}: {e}").into()))
+}
+
+const ROLLOUT_COLUMNS: &str = "id, name, hardware_class, labels, release, waves, gate, state, created_by, created_at";
+
+fn rollout_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRecord> {
+    let gate: String = r.get(6)?;
+    Ok(RolloutRecord {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        hardware_class: r.get(2)?,
+        labels: parse("labels", &r.get::<_, String>(3)?)?,
+        release: parse("release", &r.get::<_, String>(4)?)?,
+        waves: parse("waves", &r.get::<_, String>(5)?)?,
+        gate: if gate == "manual" { Gate::Manual } else { Gate::Auto },
+        state: parse("state", &r.get::<_, String>(7)?)?,
+        created_by: r.get(8)?,
+        created_at: r.get(9)?,
+    })
+}
+
+fn load(tx: &Transaction<'_>, id: &str) -> rusqlite::Result<Option<RolloutRecord>> {
+    tx.query_row(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = ?1"), params![id], rollout_from_row).optional()
+}
+
+/// Cumulative counters of waves 0..=wave.
+fn counters(tx: &Transaction<'_>, id: &str, wave: usize) -> rusqlite::Result<Counters> {
+    let mut stmt = tx.prepare_cached("SELECT status, count(*) FROM assignments WHERE rollout_id = ?1 AND wave <= ?2 GROUP BY status")?;
+    let mut c = Counters::default();
+    let rows = stmt.query_map(params![id, wave as i64], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))?;
+    for row in rows {
+        let (status, n) = row?;
+        c.assigned += n;
+        match Status::parse(&status) {
+            Status::Assigned => {}
+            Status::Installing => c.installing += n,
+            Status::Healthy => c.healthy += n,
+            Status::RolledBack => c.rolled_back += n,
+            Status::AttestationFailed => c.attestation_failed += n,
+        }
+    }
+    Ok(c)
+}
+
+/// Applies `event` to the stored rollout and records the transition it causes; the
+/// inner error is an action that does not fit the state.
+fn apply(tx: &Transaction<'_>, record: &mut RolloutRecord, event: Event, now: i64) -> Result<Result<Option<Transition>, String>, ServerError> {
+    let mut m = record.machine();
+    let t = match m.apply(event, now) {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    if let Some(t) = &t {
+        record.state = m.state;
+        tx.execute("UPDATE rollouts SET state = ?1 WHERE id = ?2", params![json(&record.state), record.id])?;
+        tx.execute(
+            "INSERT INTO rollout_events (rollout_id, at, from_state, to_state, cause) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![record.id, now_text(), t.from, t.to, json(&t.cause)],
+        )?;
+    }
+    Ok(Ok(t))
+}
+
+/// Feeds the current wave's counters to a running rollout.
+fn feedback(tx: &Transaction<'_>, record: &mut RolloutRecord, now: i64) -> Result<Option<Transition>, ServerError> {
+    let State::Running { wave, .. } = record.state else { return Ok(None) };
+    let c = counters(tx, &record.id, wave)?;
+    apply(tx, record, Event::Feedback { counters: c }, now)?.map_err(ServerError::State)
+}
+
+/// What an operator's action on a rollout came to.
+pub enum ActionOutcome {
+    NotFound,
+    /// The action does not fit the rollout's state.
+    Refused(String),
+    Done(Box<RolloutRecord>, Option<Transition>),
+}
+
+fn version_of(s: &str) -> Option<ReleaseVersion> {
+    s.parse().ok()
+}
+
+impl Store {
+    pub fn create_rollout(&self, r: &RolloutRecord) -> Result<(), ServerError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let seq: i64 = tx.query_row("SELECT coalesce(max(seq), 0) + 1 FROM rollouts", [], |r| r.get(0))?;
+        tx.execute(
+            &format!("INSERT INTO rollouts ({ROLLOUT_COLUMNS}, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+            params![
+                r.id,
+                r.name,
+                r.hardware_class,
+                json(&r.labels),
+                json(&r.release),
+                json(&r.waves),
+                if r.gate == Gate::Manual { "manual" } else { "auto" },
+                json(&r.state),
+                r.created_by,
+                r.created_at,
+                seq
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, ServerError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        Ok(load(&tx, id)?)
+    }
+
+    /// Every rollout, newest first.
+    pub fn rollouts(&self) -> Result<Vec<RolloutRecord>, ServerError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY seq DESC"))?;
+        let rows = stmt.query_map([], rollout_from_row)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// An operator's action on a rollout, applied and recorded in one transaction.
+    /// Errors with `Refused` when the action does not fit the state.
+    pub fn rollout_action(&self, id: &str, event: Event, now: i64) -> Result<ActionOutcome, ServerError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let Some(mut record) = load(&tx, id)? else { return Ok(ActionOutcome::NotFound) };
+        let t = match apply(&tx, &mut record, event, now)? {
+            Ok(t) => t,
+            Err(why) => return Ok(ActionOutcome::Refused(why)),
+        };
+        tx.commit()?;
+        Ok(ActionOutcome::Done(Box::new(record), t))
+    }
+
+    /// Re-evaluates every running rollout (soak times pass without check-ins).
+    pub fn rollout_tick(&self, now: i64) -> Result<Vec<(String, Transition)>, ServerError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let ids: Vec<String> = {
+            let mut stmt = tx.prepare("SELECT id FROM rollouts WHERE json_extract(state, '$.state') = 'running'")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(mut record) = load(&tx, &id)? {
+                if let Some(t) = feedback(&tx, &mut record, now)? {
+                    out.push((id, t));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Per-wave counters (cumulative) and the transition history of a rollout.
+    pub fn rollout_progress(&self, id: &str) -> Result<(Vec<Counters>, Vec<serde_json::Value>), ServerError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let Some(record) = load(&tx, id)? else { return Ok((Vec::new(), Vec::new())) };
+        let per_wave = (0..record.waves.len()).map(|w| counters(&tx, id, w)).collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut stmt = tx.prepare("SELECT at, from_state, to_state, cause FROM rollout_events WHERE rollout_id = ?1 ORDER BY id")?;
+        let rows = stmt.query_map(params![id], |r| {
+            Ok(serde_json::json!({
+                "at": r.get::<_, String>(0)?, "from": r.get::<_, String>(1)?, "to": r.get::<_, String>(2)?,
+                "cause": serde_json::from_str::<serde_json::Value>(&r.get::<_, String>(3)?).unwrap_or_default(),
+            }))
+        })?;
+        let events = rows.collect::<Result<Vec<_>, _>>()?;
+        Ok((per_wave, events))
+    }
+
+    /// Assignments of a rollout (device, wave, status, reason).
+    pub fn rollout_assignments(&self, id: &str) -> Result<Vec<serde_json::Value>, ServerError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT device_id, wave, status, reason, assigned_at, updated_at FROM assignments WHERE rollout_id = ?1 ORDER BY wave, device_id",
+        )?;
+        let rows = stmt.query_map(params![id], |r| {
+            Ok(serde_json::json!({
+                "device_id": r.get::<_, String>(0)?, "wave": r.get::<_, i64>(1)?, "status": r.get::<_, String>(2)?,
+                "reason": r.get::<_, Option<String>>(3)?, "assigned_at": r.get::<_, String>(4)?, "updated_at": r.get::<_, String>(5)?,
+            }))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// The director's part of a check-in, in one write transaction: update the
+    /// device's assignment statuses from what it reported, feed the rollouts they
+    /// belong to, then decide what the device should run and bump its director
+    /// version. `releases` are the signed full-image releases of the device's class.
+    pub fn director_checkin(&self, f: &DeviceFacts<'_>, releases: &[FirmwareRelease], now: i64) -> Result<Decision, ServerError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let labels: BTreeMap<String, String> = {
+            let text: String = tx.query_row("SELECT labels FROM devices WHERE device_id = ?1", params![f.device_id], |r| r.get(0))?;
+            parse("labels", &text)?
+        };
+        let mut transitions = Vec::new();
+
+        // 1. Feedback: statuses of this device's assignments.
+        let mine: Vec<(String, String, Option<String>)> = {
+            let mut stmt = tx.prepare_cached("SELECT rollout_id, status, reason FROM assignments WHERE device_id = ?1")?;
+            let rows = stmt.query_map(params![f.device_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for (rollout_id, status, _) in mine {
+            let Some(mut record) = load(&tx, &rollout_id)? else { continue };
+            let old = Status::parse(&status);
+            let (new, reason) = next_status(old, f, &record.release);
+            if new != old {
+                tx.execute(
+                    "UPDATE assignments SET status = ?1, reason = coalesce(?2, reason), updated_at = ?3 WHERE rollout_id = ?4 AND device_id = ?5",
+                    params![new.as_str(), reason, now_text(), rollout_id, f.device_id],
+                )?;
+                if let Some(t) = feedback(&tx, &mut record, now)? {
+                    transitions.push((rollout_id.clone(), t));
+                }
+            }
+        }
+
+        // 2. Decide: the newest started rollout selecting this device.
+        let mut assignment = None;
+        if f.attested {
+            let candidates: Vec<RolloutRecord> = {
+                let mut stmt = tx.prepare_cached(&format!(
+                    "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE hardware_class = ?1 AND json_extract(state, '$.state') != 'draft' ORDER BY seq DESC"
+                ))?;
+                let rows = stmt.query_map(params![f.hardware_class], rollout_from_row)?;
+                rows.collect::<Result<_, _>>()?
+            };
+            if let Some(mut record) = candidates.into_iter().find(|r| r.labels.iter().all(|(k, v)| labels.get(k) == Some(v))) {
+                assignment = decide(&tx, &record, f, releases)?;
+                // A new assignment (perhaps already healthy) changes the counters.
+                if let Some(t) = feedback(&tx, &mut record, now)? {
+                    transitions.push((record.id.clone(), t));
+                }
+            }
+        }
+        tx.execute("UPDATE devices SET director_version = director_version + 1 WHERE device_id = ?1", params![f.device_id])?;
+        let director_version: u64 = tx.query_row("SELECT director_version FROM devices WHERE device_id = ?1", params![f.device_id], |r| r.get(0))?;
+        tx.commit()?;
+        Ok(Decision { director_version, assignment, transitions })
+    }
+
+    /// Sets a device's labels (rollout selectors match them).
+    pub fn set_device_labels(&self, device_id: &str, labels: &BTreeMap<String, String>) -> Result<bool, ServerError> {
+        let n = self.conn().execute("UPDATE devices SET labels = ?1 WHERE device_id = ?2", params![json(labels), device_id])?;
+        Ok(n == 1)
+    }
+}
+
+/// Where a device's assignment stands after a check-in.
+fn next_status(old: Status, f: &DeviceFacts<'_>, release: &FirmwareRelease) -> (Status, Option<String>) {
+    if !f.attested {
+        return if old == Status::AttestationFailed { (old, None) } else { (Status::AttestationFailed, Some("attestation failed".into())) };
+    }
+    if old.terminal() {
+        return (old, None);
+    }
+    if let Some(r) = f.reports.iter().find(|r| r.target == release.path) {
+        return match r.outcome {
+            crate::store::ReportOutcome::RolledBack => (Status::RolledBack, r.reason.clone().or_else(|| Some("rolled back".into()))),
+            crate::store::ReportOutcome::Committed => (Status::Healthy, None),
+        };
+    }
+    if f.image_sha256 == Some(release.measurement.as_str()) && f.health == "healthy" {
+        return (Status::Healthy, None);
+    }
+    if old == Status::Assigned && matches!(f.health, "updating" | "trial") {
+        return (Status::Installing, None);
+    }
+    (old, None)
+}
+
+fn assignment_of(release: &FirmwareRelease, record: &RolloutRecord, device_id: &str, wave: u32, rollback: bool) -> Assignment {
+    Assignment {
+        path: release.path.clone(),
+        length: release.length,
+        sha256: release.sha256.clone(),
+        custom: AssignmentCustom {
+            device_id: device_id.to_owned(),
+            rollout_id: record.id.clone(),
+            wave,
+            hardware_class: record.hardware_class.clone(),
+            version: release.version.clone(),
+            rollback,
+        },
+    }
+}
+
+/// What `record` assigns the device now, inserting its assignment when the device's
+/// wave is open.
+fn decide(tx: &Transaction<'_>, record: &RolloutRecord, f: &DeviceFacts<'_>, releases: &[FirmwareRelease]) -> Result<Option<Assignment>, ServerError> {
+    let existing: Option<(i64, Option<String>)> = tx
+        .query_row(
+            "SELECT wave, from_release FROM assignments WHERE rollout_id = ?1 AND device_id = ?2",
+            params![record.id, f.device_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    if let State::Aborted { roll_back, .. } = record.state {
+        // Abort stops new assignments; with roll back, devices the rollout reached are
+        // sent back to the release they ran before (an explicit, signed rollback).
+        let Some((wave, Some(from))) = existing.filter(|_| roll_back) else { return Ok(None) };
+        let from: FirmwareRelease = parse("from_release", &from)?;
+        return Ok(Some(assignment_of(&from, record, f.device_id, wave as u32, true)));
+    }
+    if let Some((wave, _)) = existing {
+        // Assigned once, assigned for the rollout's life (a device that rolled back
+        // keeps it too: its agent does not retry a release it rolled back).
+        return Ok(Some(assignment_of(&record.release, record, f.device_id, wave as u32, false)));
+    }
+    let Some(open) = record.state.assignable_wave(record.waves.len()) else { return Ok(None) };
+    let Some(wave) = rollout::wave_of(&record.waves, &record.id, f.device_id) else { return Ok(None) };
+    if wave > open {
+        return Ok(None);
+    }
+    // Never downgrade by rollout: a device already ahead stays where it is.
+    if let (Some(running), Some(target)) = (f.version.and_then(version_of), version_of(&record.release.version)) {
+        if running > target {
+            return Ok(None);
+        }
+    }
+    let from = f.image_sha256.and_then(|m| releases.iter().find(|r| r.measurement == m));
+    let status = if f.image_sha256 == Some(record.release.measurement.as_str()) { Status::Healthy } else { Status::Assigned };
+    tx.execute(
+        "INSERT INTO assignments (rollout_id, device_id, wave, status, from_release, assigned_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+        params![record.id, f.device_id, wave as i64, status.as_str(), from.map(json), now_text()],
+    )?;
+    Ok(Some(assignment_of(&record.release, record, f.device_id, wave as u32, false)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{InstallReport, ReportOutcome};
+
+    fn release(version: &str, fill: char) -> FirmwareRelease {
+        FirmwareRelease {
+            path: format!("firmware/rpi4/{version}/image.bin"),
+            length: 1000,
+            sha256: fill.to_string().repeat(64),
+            version: version.into(),
+            measurement: fill.to_string().repeat(64),
+            sbom_sha256: None,
+        }
+    }
+
+    fn store(dir: &std::path::Path, devices: usize) -> Store {
+        let s = Store::open(&dir.join("t.db")).unwrap_or_else(|e| panic!("{e}"));
+        {
+            let mut conn = s.conn();
+            let tx = conn.transaction().unwrap_or_else(|e| panic!("{e}"));
+            for i in 0..devices {
+                tx.execute(
+                    "INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES (?1, 'rpi4', x'00', x'00', 'now')",
+                    params![format!("dev-{i:05}")],
+                )
+                .unwrap_or_else(|e| panic!("{e}"));
+            }
+            tx.commit().unwrap_or_else(|e| panic!("{e}"));
+        }
+        s
+    }
+
+    fn rollout(id: &str, rel: FirmwareRelease, waves: &[f64], failure: f64, min_devices: u32, soak: u64) -> RolloutRecord {
+        RolloutRecord {
+            id: id.into(),
+            name: id.into(),
+            hardware_class: "rpi4".into(),
+            labels: BTreeMap::new(),
+            release: rel,
+            waves: waves
+                .iter()
+                .map(|&p| WaveSpec { percent: p, success_threshold: 0.9, failure_threshold: failure, min_devices, soak_secs: soak })
+                .collect(),
+            gate: Gate::Auto,
+            state: State::Draft,
+            created_by: "ops".into(),
+            created_at: "now".into(),
+        }
+    }
+
+    fn report(device: &str, rel: &FirmwareRelease, outcome: ReportOutcome) -> InstallReport {
+        InstallReport {
+            device_id: device.into(),
+            hardware_class: "rpi4".into(),
+            target: rel.path.clone(),
+            version: rel.version.clone(),
+            outcome,
+            reason: (outcome == ReportOutcome::RolledBack).then(|| "health check failed".into()),
+            slot: "B".into(),
+            at: "2026-11-23T00:00:00Z".into(),
+        }
+    }
+
+    fn facts<'a>(device: &'a str, image: &'a str, version: &'a str, health: &'a str, reports: &'a [InstallReport]) -> DeviceFacts<'a> {
+        DeviceFacts { device_id: device, hardware_class: "rpi4", attested: true, image_sha256: Some(image), version: Some(version), health, reports }
+    }
+
+    fn fails(device: &str) -> bool {
+        // A stable 30 % of devices fail the release.
+        rollout::position("failure-model", device) < 0.3
+    }
+
+    #[test]
+    fn a_release_failing_on_30_percent_pauses_in_the_first_wave_and_goes_no_further() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let n = 10_000;
+        let s = store(dir.path(), n);
+        let (v1, v2) = (release("1.0.0", 'a'), release("2.0.0", 'b'));
+        s.create_rollout(&rollout("r-bad", v2.clone(), &[1.0, 10.0, 50.0, 100.0], 0.1, 5, 0)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(s.rollout_action("r-bad", Event::Start { by: "ops".into() }, 0), Ok(ActionOutcome::Done(..))));
+        let releases = [v1.clone(), v2.clone()];
+        let ids: Vec<String> = (0..n).map(|i| format!("dev-{i:05}")).collect();
+        let mut assigned = std::collections::BTreeSet::new();
+        // Three rounds of check-ins: devices assigned in one round report their outcome
+        // in the next.
+        for round in 0..3 {
+            for id in &ids {
+                let outcome = assigned.contains(id).then(|| report(id, &v2, if fails(id) { ReportOutcome::RolledBack } else { ReportOutcome::Committed }));
+                let reports: Vec<InstallReport> = outcome.into_iter().collect();
+                let (image, version) = match reports.first() {
+                    Some(r) if r.outcome == ReportOutcome::Committed => (v2.measurement.as_str(), "2.0.0"),
+                    _ => (v1.measurement.as_str(), "1.0.0"),
+                };
+                let d = s.director_checkin(&facts(id, image, version, "healthy", &reports), &releases, 10 + round).unwrap_or_else(|e| panic!("{e}"));
+                if let Some(a) = d.assignment {
+                    assert_eq!(a.custom.wave, 0, "{id} assigned outside wave 0 in round {round}");
+                    assigned.insert(id.clone());
+                }
+            }
+        }
+        let r = s.rollout("r-bad").ok().flatten().unwrap_or_else(|| panic!("rollout"));
+        let State::Paused { wave: 0, reason: rollout::PauseReason::FailureThreshold { failed, assigned: total, .. }, .. } = r.state else {
+            panic!("expected a pause in wave 0, got {:?}", r.state)
+        };
+        let in_wave0 = ids.iter().filter(|id| rollout::wave_of(&r.waves, "r-bad", id) == Some(0)).count();
+        assert!(in_wave0 > 50 && in_wave0 < 150, "{in_wave0}");
+        assert!(assigned.len() <= in_wave0 && failed as f64 >= 0.1 * total as f64, "{failed} of {total}");
+        let rows = s.rollout_assignments("r-bad").unwrap_or_default();
+        assert!(rows.iter().all(|a| a["wave"] == 0), "nothing outside wave 0 was ever assigned");
+        let (_, events) = s.rollout_progress("r-bad").unwrap_or_default();
+        assert_eq!(events.last().map(|e| e["cause"]["kind"].clone()), Some(serde_json::json!("failure_threshold")));
+    }
+
+    #[test]
+    fn waves_pass_after_the_soak_and_late_devices_join() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s = store(dir.path(), 400);
+        let (v1, v2) = (release("1.0.0", 'a'), release("2.0.0", 'b'));
+        s.create_rollout(&rollout("r-ok", v2.clone(), &[10.0, 100.0], 0.5, 3, 600)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(s.rollout_action("r-ok", Event::Start { by: "ops".into() }, 1000), Ok(ActionOutcome::Done(..))));
+        let releases = [v1.clone(), v2.clone()];
+        let checkin_all = |now: i64, s: &Store| {
+            for i in 0..400 {
+                let id = format!("dev-{i:05}");
+                let d = s.director_checkin(&facts(&id, &v1.measurement, "1.0.0", "healthy", &[]), &releases, now).unwrap_or_else(|e| panic!("{e}"));
+                if let Some(a) = d.assignment {
+                    // The device installs it at once and reports at its next check-in.
+                    let r = [report(&id, &v2, ReportOutcome::Committed)];
+                    s.director_checkin(&facts(&id, &v2.measurement, "2.0.0", "healthy", &r), &releases, now).unwrap_or_else(|e| panic!("{e}"));
+                    // Delivered twice (a retried check-in): counted once.
+                    s.director_checkin(&facts(&id, &v2.measurement, "2.0.0", "healthy", &r), &releases, now).unwrap_or_else(|e| panic!("{e}"));
+                    let _ = a;
+                }
+            }
+        };
+        checkin_all(1100, &s);
+        let r = s.rollout("r-ok").ok().flatten().unwrap_or_else(|| panic!("rollout"));
+        assert!(matches!(r.state, State::Running { wave: 0, .. }), "still soaking: {:?}", r.state);
+        let (c, _) = s.rollout_progress("r-ok").unwrap_or_default();
+        assert_eq!(c[0].healthy, c[0].assigned, "each device counted once");
+        assert!(c[0].assigned > 10 && c[0].assigned < 80, "{:?}", c[0]);
+        // The soak passes without check-ins: the tick advances it.
+        let t = s.rollout_tick(1599).unwrap_or_default();
+        assert_eq!(t.len(), 0, "soak not over 599 s after the start");
+        let t = s.rollout_tick(1600).unwrap_or_default();
+        assert_eq!(t.len(), 1, "{t:?}");
+        checkin_all(1700, &s);
+        let (c, _) = s.rollout_progress("r-ok").unwrap_or_default();
+        assert_eq!(c[1].assigned, 400, "every device is in the last wave: {:?}", c[1]);
+        s.rollout_tick(2400).unwrap_or_default();
+        let r = s.rollout("r-ok").ok().flatten().unwrap_or_else(|| panic!("rollout"));
+        assert_eq!(r.state.name(), "completed");
+        // A device enrolled later joins the completed rollout.
+        s.conn()
+            .execute("INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES ('dev-late', 'rpi4', x'00', x'00', 'now')", [])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let d = s.director_checkin(&facts("dev-late", &v1.measurement, "1.0.0", "healthy", &[]), &releases, 3000).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d.assignment.map(|a| a.custom.version), Some("2.0.0".into()));
+        // Director versions only grow.
+        let d2 = s.director_checkin(&facts("dev-late", &v1.measurement, "1.0.0", "healthy", &[]), &releases, 3001).unwrap_or_else(|e| panic!("{e}"));
+        assert!(d2.director_version > d.director_version);
+    }
+
+    #[test]
+    fn quarantined_devices_get_nothing_and_abort_can_roll_back() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s = store(dir.path(), 2);
+        let (v1, v2) = (release("1.0.0", 'a'), release("2.0.0", 'b'));
+        s.create_rollout(&rollout("r", v2.clone(), &[100.0], 0.9, 1, 0)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(s.rollout_action("r", Event::Start { by: "ops".into() }, 0), Ok(ActionOutcome::Done(..))));
+        let releases = [v1.clone(), v2.clone()];
+        let mut bad = facts("dev-00000", &v1.measurement, "1.0.0", "healthy", &[]);
+        bad.attested = false;
+        assert_eq!(s.director_checkin(&bad, &releases, 1).map(|d| d.assignment).ok(), Some(None), "quarantined: nothing assigned");
+        let d = s.director_checkin(&facts("dev-00001", &v1.measurement, "1.0.0", "healthy", &[]), &releases, 1).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(d.assignment.as_ref().map(|a| a.custom.rollback), Some(false));
+        assert!(matches!(s.rollout_action("r", Event::Abort { by: "ops".into(), roll_back: true }, 2), Ok(ActionOutcome::Done(..))));
+        let d = s.director_checkin(&facts("dev-00001", &v2.measurement, "2.0.0", "healthy", &[]), &releases, 3).unwrap_or_else(|e| panic!("{e}"));
+        let a = d.assignment.unwrap_or_else(|| panic!("a rollback assignment"));
+        assert_eq!((a.path.as_str(), a.custom.rollback), (v1.path.as_str(), true));
+        assert!(matches!(s.rollout_action("r", Event::Resume { by: "ops".into() }, 4), Ok(ActionOutcome::Refused(_))));
+    }
+}

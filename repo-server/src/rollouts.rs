@@ -1,0 +1,364 @@
+//! The director and the rollout engine's HTTP surface: the director key and root
+//! devices pin at enrollment, per-device director targets signed at each check-in,
+//! and the operator API for rollouts (create, start, pause, resume, advance, abort,
+//! status) with every action in the audit log.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use outpost_protocol::director::{self, Assignment};
+use outpost_protocol::keys::{LoadedKey, SigningKey};
+use outpost_protocol::rollout::{validate_waves, Event, Gate, State as RolloutState, Transition, WaveSpec};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{ApiError, ServerError};
+use crate::http::{ApiJson, AppState, Auth};
+use crate::rollout_store::{ActionOutcome, RolloutRecord};
+use crate::store::TokenRole;
+
+/// The server's online director key and the root devices pin.
+pub struct Director {
+    key: SigningKey,
+    root: Vec<u8>,
+    targets_expiry: Duration,
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), ServerError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| ServerError::io("create", dir, e))?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| ServerError::io("create", &tmp, e))?;
+    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| ServerError::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ServerError::io("rename", path, e))?;
+    outpost_fsio::sync_dir(dir).map_err(|e| ServerError::io("fsync", dir, e))
+}
+
+impl Director {
+    /// Loads the director key (creating it, mode 0600, on first start) and the
+    /// director root signed with it (created once; devices pin it, so it must not
+    /// change while they trust it).
+    pub fn open(key_path: &Path, root_path: &Path, targets_expiry: Duration) -> Result<Self, ServerError> {
+        let key = if key_path.exists() {
+            let bytes = std::fs::read(key_path).map_err(|e| ServerError::io("read director key", key_path, e))?;
+            match LoadedKey::from_bytes(&bytes, &key_path.display().to_string()).map_err(|e| ServerError::proto("load director key", e))? {
+                LoadedKey::Private(k) => k,
+                LoadedKey::Public(_) => {
+                    return Err(ServerError::Config { path: key_path.into(), reason: "the director key must be a private key".into() })
+                }
+            }
+        } else {
+            let k = SigningKey::generate().map_err(|e| ServerError::proto("generate director key", e))?;
+            let file = serde_json::to_vec_pretty(&k.to_key_file()).map_err(|e| ServerError::State(e.to_string()))?;
+            write_private(key_path, &file)?;
+            tracing::info!(path = %key_path.display(), key_id = k.key_id(), "created the director key");
+            k
+        };
+        let now = chrono::Utc::now();
+        let root = if root_path.exists() {
+            let bytes = std::fs::read(root_path).map_err(|e| ServerError::io("read director root", root_path, e))?;
+            let env = director::check_root(&bytes, now).map_err(|e| ServerError::proto(format!("director root {}", root_path.display()), e))?;
+            let trusted = env.signed.role("targets").map(|r| r.keyids.clone()).unwrap_or_default();
+            if !trusted.iter().any(|k| k == key.key_id()) {
+                return Err(ServerError::Config {
+                    path: key_path.into(),
+                    reason: format!("director root {} does not trust this director key {}", root_path.display(), key.key_id()),
+                });
+            }
+            bytes
+        } else {
+            let bytes = director::root(&key, now + chrono::Duration::days(3650)).map_err(|e| ServerError::proto("sign director root", e))?;
+            outpost_fsio::write_atomic(root_path, &bytes).map_err(|e| ServerError::io("write", root_path, e))?;
+            bytes
+        };
+        Ok(Director { key, root, targets_expiry })
+    }
+
+    pub fn root(&self) -> &[u8] {
+        &self.root
+    }
+
+    /// Signs a device's director targets.
+    pub fn sign(&self, device_id: &str, version: u64, assignment: Option<&Assignment>) -> Result<String, ServerError> {
+        let expires = chrono::Utc::now() + chrono::Duration::from_std(self.targets_expiry).unwrap_or(chrono::Duration::days(1));
+        let bytes = director::sign_targets(&self.key, device_id, version, expires, assignment).map_err(|e| ServerError::proto("sign director targets", e))?;
+        String::from_utf8(bytes).map_err(|e| ServerError::State(e.to_string()))
+    }
+}
+
+pub fn api() -> Router<AppState> {
+    Router::new()
+        .route("/director/root.json", get(director_root))
+        .route("/api/v1/rollouts", post(create).get(list))
+        .route("/api/v1/rollouts/{id}", get(show))
+        .route("/api/v1/rollouts/{id}/{action}", post(act))
+        .route("/api/v1/audit", get(audit))
+}
+
+async fn director_root(State(s): State<AppState>) -> ([(axum::http::HeaderName, &'static str); 1], Vec<u8>) {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], s.director.root().to_vec())
+}
+
+/// One wave as the API takes it (signed numbers, so negative values get a message
+/// naming the field rather than a parse error).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaveBody {
+    percent: f64,
+    success_threshold: f64,
+    failure_threshold: f64,
+    #[serde(default)]
+    min_devices: i64,
+    #[serde(default)]
+    soak_secs: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    name: Option<String>,
+    /// The release version to roll out (a signed firmware target of the class).
+    version: String,
+    hardware_class: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    waves: Vec<WaveBody>,
+    #[serde(default = "auto")]
+    gate: Gate,
+}
+
+fn auto() -> Gate {
+    Gate::Auto
+}
+
+fn waves_of(body: &[WaveBody]) -> Result<Vec<WaveSpec>, String> {
+    let mut out = Vec::new();
+    for (i, w) in body.iter().enumerate() {
+        if w.soak_secs < 0 {
+            return Err(format!("waves[{i}].soak_secs {} must be 0 or more", w.soak_secs));
+        }
+        if w.min_devices < 0 || w.min_devices > u32::MAX as i64 {
+            return Err(format!("waves[{i}].min_devices {} must be 0 or more", w.min_devices));
+        }
+        if !w.percent.is_finite() || w.percent <= 0.0 || w.percent > 100.0 {
+            return Err(format!("waves[{i}].percent {} must be above 0 and at most 100", w.percent));
+        }
+        out.push(WaveSpec {
+            percent: w.percent,
+            success_threshold: w.success_threshold,
+            failure_threshold: w.failure_threshold,
+            min_devices: w.min_devices as u32,
+            soak_secs: w.soak_secs as u64,
+        });
+    }
+    validate_waves(&out).map_err(|e| e.to_string().replace("cannot build metadata: ", ""))?;
+    Ok(out)
+}
+
+fn label_ok(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
+}
+
+/// Labels: keys and values of 1-64 characters from [A-Za-z0-9-_.:/]; at most 32.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
+    if labels.len() > 32 {
+        return Err(format!("labels: at most 32, got {}", labels.len()));
+    }
+    for (k, v) in labels {
+        if !label_ok(k) {
+            return Err(format!("labels: key {k:?} must be 1-64 characters of letters, digits and -_.:/"));
+        }
+        if !label_ok(v) {
+            return Err(format!("labels.{k}: value {v:?} must be 1-64 characters of letters, digits and -_.:/"));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to expose a release the signed deny-list affects.
+async fn vulnerability_gate(s: &AppState, release_path: &str) -> Result<(), ApiError> {
+    let Some((_, entries)) = crate::sbomindex::affected_entries(s).await? else { return Ok(()) };
+    let hits: Vec<String> =
+        entries.iter().filter(|(_, found)| found.releases.iter().any(|r| r.target == release_path)).map(|(e, _)| e.id.clone()).collect();
+    if hits.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::conflict(
+            "release_affected",
+            format!("release {release_path} is affected by the signed deny-list ({}); it cannot be rolled out", hits.join(", ")),
+        ))
+    }
+}
+
+async fn create(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<CreateBody>) -> Result<(StatusCode, Json<Value>), ApiError> {
+    auth.require(TokenRole::Operator)?;
+    let class: outpost_protocol::release::HardwareClass =
+        body.hardware_class.parse().map_err(|e: outpost_protocol::Error| ApiError::unprocessable("invalid_hardware_class", format!("hardware_class: {e}")))?;
+    check_labels(&body.labels).map_err(|m| ApiError::unprocessable("invalid_labels", m))?;
+    let waves = waves_of(&body.waves).map_err(|m| ApiError::unprocessable("invalid_waves", m))?;
+    let name = body.name.clone().unwrap_or_else(|| format!("{} {}", class.as_str(), body.version));
+    if name.is_empty() || name.len() > 128 {
+        return Err(ApiError::unprocessable("invalid_name", "name must be 1-128 characters"));
+    }
+    let releases = s.repo.firmware_releases(class.as_str()).await;
+    let release = releases.into_iter().find(|r| r.version == body.version).ok_or_else(|| {
+        ApiError::unprocessable("unknown_release", format!("version: no signed full-image release {} for hardware class {}", body.version, class.as_str()))
+    })?;
+    vulnerability_gate(&s, &release.path).await?;
+    let id = format!("ro_{}", hex::encode(outpost_protocol::attest::credential::random_bytes::<8>()));
+    let record = RolloutRecord {
+        id: id.clone(),
+        name,
+        hardware_class: class.as_str().to_owned(),
+        labels: body.labels,
+        release,
+        waves,
+        gate: body.gate,
+        state: RolloutState::Draft,
+        created_by: auth.0.name.clone(),
+        created_at: chrono::Utc::now().to_rfc3339(),
+    };
+    s.store.create_rollout(&record)?;
+    s.store.log(&auth.0.name, "rollout_create", &json!({"rollout": id, "release": record.release.path, "version": record.release.version, "waves": record.waves, "labels": record.labels}))?;
+    tracing::info!(rollout = %id, release = %record.release.path, by = %auth.0.name, "rollout created");
+    Ok((StatusCode::CREATED, Json(view(&s, &record, false)?)))
+}
+
+/// A rollout with its waves' counters and transition history.
+fn view(s: &AppState, r: &RolloutRecord, with_devices: bool) -> Result<Value, ApiError> {
+    let (counters, events) = s.store.rollout_progress(&r.id)?;
+    let current = match &r.state {
+        RolloutState::Running { wave, .. } | RolloutState::AwaitingApproval { wave, .. } | RolloutState::Paused { wave, .. } => Some(*wave),
+        _ => None,
+    };
+    let waves: Vec<Value> = r
+        .waves
+        .iter()
+        .zip(&counters)
+        .enumerate()
+        .map(|(i, (w, c))| {
+            json!({
+                "wave": i, "percent": w.percent, "success_threshold": w.success_threshold, "failure_threshold": w.failure_threshold,
+                "min_devices": w.min_devices, "soak_secs": w.soak_secs, "current": current == Some(i),
+                "assigned": c.assigned, "installing": c.installing, "healthy": c.healthy,
+                "rolled_back": c.rolled_back, "attestation_failed": c.attestation_failed,
+            })
+        })
+        .collect();
+    let mut v = json!({
+        "id": r.id, "name": r.name, "hardware_class": r.hardware_class, "labels": r.labels,
+        "release": r.release, "gate": r.gate, "state": r.state, "state_name": r.state.name(),
+        "created_by": r.created_by, "created_at": r.created_at, "waves": waves, "events": events,
+    });
+    if with_devices {
+        v["devices"] = json!(s.store.rollout_assignments(&r.id)?);
+    }
+    Ok(v)
+}
+
+async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+    auth.require_reader()?;
+    let all = s.store.rollouts()?;
+    let views = all.iter().map(|r| view(&s, r, false)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({"rollouts": views})))
+}
+
+#[derive(Debug, Deserialize)]
+struct ShowQuery {
+    #[serde(default)]
+    devices: bool,
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "unknown_rollout", format!("no rollout {id:?}"))
+}
+
+async fn show(State(s): State<AppState>, auth: Auth, UrlPath(id): UrlPath<String>, Query(q): Query<ShowQuery>) -> Result<Json<Value>, ApiError> {
+    auth.require_reader()?;
+    let r = s.store.rollout(&id)?.ok_or_else(|| not_found(&id))?;
+    Ok(Json(view(&s, &r, q.devices)?))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActBody {
+    /// With abort: assign devices the rollout reached their previous release back.
+    #[serde(default)]
+    roll_back: bool,
+}
+
+async fn act(
+    State(s): State<AppState>,
+    auth: Auth,
+    UrlPath((id, action)): UrlPath<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    auth.require(TokenRole::Operator)?;
+    let body: ActBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ActBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::unprocessable("invalid_body", format!("body: {e}")))?
+    };
+    let by = auth.0.name.clone();
+    let event = match action.as_str() {
+        "start" => Event::Start { by: by.clone() },
+        "pause" => Event::Pause { by: by.clone() },
+        "resume" => Event::Resume { by: by.clone() },
+        "advance" => Event::Advance { by: by.clone() },
+        "abort" => Event::Abort { by: by.clone(), roll_back: body.roll_back },
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_action",
+                format!("no rollout action {other:?} (start, pause, resume, advance, abort)"),
+            ))
+        }
+    };
+    if matches!(event, Event::Start { .. } | Event::Resume { .. } | Event::Advance { .. }) {
+        let r = s.store.rollout(&id)?.ok_or_else(|| not_found(&id))?;
+        vulnerability_gate(&s, &r.release.path).await?;
+    }
+    let now = chrono::Utc::now().timestamp();
+    match s.store.rollout_action(&id, event, now)? {
+        ActionOutcome::NotFound => Err(not_found(&id)),
+        ActionOutcome::Refused(why) => Err(ApiError::conflict("invalid_transition", why)),
+        ActionOutcome::Done(record, t) => {
+            s.store.log(&by, &format!("rollout_{action}"), &json!({"rollout": id, "roll_back": body.roll_back, "transition": t}))?;
+            tracing::info!(rollout = %id, %action, by = %by, state = record.state.name(), "rollout action");
+            Ok(Json(view(&s, &record, false)?))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    limit: Option<u32>,
+}
+
+async fn audit(State(s): State<AppState>, auth: Auth, Query(q): Query<AuditQuery>) -> Result<Json<Value>, ApiError> {
+    auth.require_reader()?;
+    Ok(Json(json!({"entries": s.store.recent_log(q.limit.unwrap_or(200).min(5000))?})))
+}
+
+/// Records transitions the engine caused (thresholds, soak) in the audit log.
+pub fn log_transitions(s: &crate::store::Store, transitions: &[(String, Transition)]) {
+    for (id, t) in transitions {
+        tracing::warn!(rollout = %id, from = %t.from, to = %t.to, cause = ?t.cause, "rollout transition");
+        if let Err(e) = s.log("server", &format!("rollout_{}", t.to), &json!({"rollout": id, "transition": t})) {
+            tracing::error!(error = %e, "cannot record a rollout transition in the audit log");
+        }
+    }
+}
