@@ -818,10 +818,14 @@ class RunningAgent:
                 f.close()
 
 
-def list_reports(server: "OutpostServer", token: str, device: str | None = None) -> list[dict]:
-    """GET /api/v1/reports (newest first)."""
+def list_reports(server: "OutpostServer", device: str | None = None) -> list[dict]:
+    """GET /api/v1/reports (newest first), with a viewer token (pipeline tokens only
+    publish)."""
     url = f"{server.url}/api/v1/reports" + (f"?device={device}" if device else "")
-    status, body = http_get(url, token=token)
+    viewer = getattr(server, "_viewer_token", None)
+    if viewer is None:
+        viewer = server._viewer_token = server.token("reports-viewer", role="viewer")
+    status, body = http_get(url, token=viewer)
     assert status == 200, f"GET {url} answered {status}: {body[:300]!r}"
     return json.loads(body)["reports"]
 

@@ -59,11 +59,37 @@ class Ops:
         self.repo, self.server, _ = fleet
         self.token = self.server.token("ops", role="operator")
 
-    def enrollment_token(self, ttl: str = "1h", hardware_class: str = "rpi4") -> str:
+    def enrollment_token(self, ttl: str = "1h", hardware_class: str = "rpi4",
+                         labels: dict | None = None) -> str:
+        extra = [a for k, v in (labels or {}).items() for a in ("--label", f"{k}={v}")]
         res = self.repo.cli("device", "token", "create", "--hardware-class", hardware_class,
                             "--ttl", ttl, "--server", self.server.url, "--token", self.token,
-                            "--json")
+                            "--json", *extra)
         return json.loads(res.stdout)["token"]
+
+    def rollout(self, version: str, *, waves=(100,), soak: str = "0s", failure: float = 0.5,
+                success: float = 0.5, min_devices: int = 1, labels: dict | None = None,
+                gate: str = "auto", start: bool = True, hardware_class: str = "rpi4") -> dict:
+        """`outpost rollout create` (and start): by default everyone at once."""
+        extra = [a for k, v in (labels or {}).items() for a in ("--label", f"{k}={v}")]
+        if start:
+            extra.append("--start")
+        res = self.repo.cli("rollout", "create", "--version", version, "--hardware-class", hardware_class,
+                            "--waves", ",".join(str(w) for w in waves), "--soak", soak,
+                            "--failure-threshold", str(failure), "--success-threshold", str(success),
+                            "--min-devices", str(min_devices), "--gate", gate,
+                            "--server", self.server.url, "--token", self.token, "--json", *extra)
+        return json.loads(res.stdout)
+
+    def rollout_cli(self, *args: str, check: bool = True):
+        return self.repo.cli("rollout", *args, "--server", self.server.url, "--token", self.token,
+                             check=check)
+
+    def rollout_status(self, rollout_id: str, devices: bool = False) -> dict:
+        q = "?devices=true" if devices else ""
+        status, body = http_get(f"{self.server.url}/api/v1/rollouts/{rollout_id}{q}", token=self.token)
+        assert status == 200, body
+        return json.loads(body)
 
     def device(self, device_id: str) -> dict:
         status, body = http_get(f"{self.server.url}/api/v1/devices/{device_id}", token=self.token)
@@ -125,7 +151,7 @@ def enrolled_device(fleet, tmp_path, ops, swtpm_factory, name: str = "device",
     device_id = enroll(dev, ops.enrollment_token())["device_id"]
     res = dev.run_once()
     assert res.returncode == 0, res.describe()
-    assert {"result": "up_to_date", "version": "1.0.0"} in results(res), res.describe()
+    assert {"result": "no_assignment", "version": "1.0.0"} in results(res), res.describe()
     dev.tpm_proc = tpm
     return dev, device_id, v1
 
@@ -160,8 +186,10 @@ def test_enrollment_and_attested_checkins_through_an_update(fleet, tmp_path, ops
     pcr = tpm.tool("tpm2_pcrread", "sha256:23")
     assert hashlib.sha256(bytes(32) + bytes.fromhex(v1["sha256"])).hexdigest() in pcr.stdout.lower().replace("0x", ""), pcr.stdout
 
-    # An update: trial boot measured, committed, the report delivered in a check-in.
+    # An update (the director assigns it through a rollout): trial boot measured,
+    # committed, the report delivered in a check-in.
     v2 = publish(fleet, image("v2"), "2.0.0")
+    ops.rollout("2.0.0")
     res = dev.run_once()
     assert {"result": "committed", "version": "2.0.0", "slot": "B"} in results(res), res.describe()
     assert checkin(dev)["verdict"] == "attested"
@@ -346,6 +374,7 @@ def test_tampered_slot_is_quarantined_and_gets_nothing(fleet, tmp_path, ops, swt
     tampered = sha256_hex(bytes(data))
 
     publish(fleet, image("v2"), "2.0.0")
+    rollout = ops.rollout("2.0.0")
     res = dev.run_once()       # boot measures the tampered image, checks in
     kinds = results(res)
     verdicts = [r for r in kinds if "verdict" in r]
@@ -360,6 +389,8 @@ def test_tampered_slot_is_quarantined_and_gets_nothing(fleet, tmp_path, ops, swt
     assert "QUARANTINED" in listing
     audit = json.loads(http_get(f"{ops.server.url}/api/v1/log", token=ops.token)[1])["entries"]
     assert any(e["action"] == "device_quarantine" and e["detail"]["device_id"] == device_id for e in audit)
+    # The rollout never assigned it: a quarantined device is not part of any wave.
+    assert ops.rollout_status(rollout["id"], devices=True)["devices"] == []
 
 
 def test_agent_refuses_to_install_from_a_state_its_tpm_does_not_vouch_for(fleet, tmp_path, swtpm_factory):
@@ -390,6 +421,7 @@ def test_measured_digest_differing_from_the_release_rolls_back(fleet, tmp_path, 
     dev.write_config(health=[{"kind": "command", "run": spoil, "timeout_secs": 10}],
                      install={"trial_attempts": 3})
     publish(fleet, image("v2"), "2.0.0")
+    ops.rollout("2.0.0")
     first = dev.run_once()
     assert first.returncode != 0, "the power cut ended the first run"
     res = dev.run_once()

@@ -198,7 +198,7 @@ def test_v1_installs_into_inactive_slot_and_commits(fleet, tmp_path, proxy_facto
     assert 'outpost_agent_install_phase{phase="committed"} 1' in metrics, metrics
     assert f'sha256="{v1["sha256"]}"' in metrics, metrics
     # The server heard about it.
-    reports = list_reports(server, token, device="device")
+    reports = list_reports(server, device="device")
     assert [(r["version"], r["outcome"], r["slot"], r["target"], r["reason"]) for r in reports] == \
         [("1.0.0", "committed", "B", v1["target"], None)], reports
     assert reports[0]["hardware_class"] == "rpi4"
@@ -211,7 +211,7 @@ def test_v1_installs_into_inactive_slot_and_commits(fleet, tmp_path, proxy_facto
     assert "up to date (1.0.0)" in res.stdout, res.describe()
     assert proxy.target_requests() == [], [r.path for r in proxy.target_requests()]
     assert (dev.bootenv()["active"], dev.slot_sha("A"), dev.slot_sha("B")) == before
-    assert len(list_reports(server, token, device="device")) == 1
+    assert len(list_reports(server, device="device")) == 1
 
 
 def test_failing_signed_health_check_rolls_back_is_not_retried_and_newer_release_installs(
@@ -240,7 +240,7 @@ def test_failing_signed_health_check_rolls_back_is_not_retried_and_newer_release
     assert "v2 self-test failed" in j["phase"]["reason"], ctx
     assert j["running"]["version"] == "1.0.0", ctx
     assert [f["version"] for f in j["failed"]] == ["2.0.0"], ctx
-    reports = list_reports(server, token, device="device")
+    reports = list_reports(server, device="device")
     assert [(r["version"], r["outcome"]) for r in reports] == \
         [("2.0.0", "rolled_back"), ("1.0.0", "committed")], reports
     assert "v2 self-test failed" in reports[0]["reason"], reports[0]
@@ -253,7 +253,7 @@ def test_failing_signed_health_check_rolls_back_is_not_retried_and_newer_release
         res.describe()
     assert proxy.target_requests() == [], [r.path for r in proxy.target_requests()]
     assert dev.bootenv()["active"] == "B" and dev.slot_sha("B") == v1["sha256"]
-    assert len(list_reports(server, token, device="device")) == 2
+    assert len(list_reports(server, device="device")) == 2
 
     # A newer release installs into the inactive slot (A) and commits.
     v3 = publish(fleet, image("v3", 260_000), "3.0.0")
@@ -262,7 +262,7 @@ def test_failing_signed_health_check_rolls_back_is_not_retried_and_newer_release
     assert dev.slot_sha("B") == v1["sha256"], "the previous slot changed"
     j = dev.journal()
     assert [f["version"] for f in j["failed"]] == ["2.0.0"], j
-    reports = list_reports(server, token, device="device")
+    reports = list_reports(server, device="device")
     assert [(r["version"], r["outcome"], r["slot"]) for r in reports] == \
         [("3.0.0", "committed", "A"), ("2.0.0", "rolled_back", "A"), ("1.0.0", "committed", "B")]
 
@@ -298,7 +298,7 @@ def test_trial_boot_not_confirmed_before_boot_counter_runs_out_rolls_back(fleet,
     j = dev.journal()
     assert j["phase"]["phase"] == "rolled_back" and j["running"]["version"] == "1.0.0", ctx
     assert v2["version"] in [f["version"] for f in j["failed"]], ctx
-    report = list_reports(server, token, device="device")[0]
+    report = list_reports(server, device="device")[0]
     assert (report["version"], report["outcome"]) == ("2.0.0", "rolled_back"), report
     assert "not confirmed" in report["reason"], report
 
@@ -346,7 +346,7 @@ def test_config_http_health_check(fleet, tmp_path):
     assert closed in results(res)[0]["reason"], ctx
     assert dev.bootenv() | {"last_boot": None} == {"active": "B", "trial": None, "last_boot": None}
     assert dev.active_sha() == v1["sha256"], ctx
-    report = list_reports(server, token, device="device")[0]
+    report = list_reports(server, device="device")[0]
     assert report["outcome"] == "rolled_back" and closed in report["reason"], report
 
 
@@ -416,12 +416,12 @@ def test_reports_queued_while_server_unreachable_are_delivered_later(fleet, tmp_
     expect_committed(dev, res, v1, "B")
     assert [r["outcome"] for r in dev.journal()["pending_reports"]] == ["committed"], \
         dev.state_summary()
-    assert list_reports(server, token, device="device") == []
+    assert list_reports(server, device="device") == []
 
     proxy.intercept = None
     assert_ok(dev.run_once())
     assert dev.journal()["pending_reports"] == [], dev.state_summary()
-    reports = list_reports(server, token, device="device")
+    reports = list_reports(server, device="device")
     assert [(r["version"], r["outcome"]) for r in reports] == [("1.0.0", "committed")], reports
 
 

@@ -156,6 +156,7 @@ def test_device_verifies_the_sbom_before_installing_and_reports_it(fleet, tmp_pa
     body = served.read_bytes()
     served.write_bytes(body.replace(b'"2.0.0"', b'"6.6.6"', 1))
     assert served.read_bytes() != body
+    ops.rollout("2.0.0")
     res = assert_fails(dev.run_once(), "SBOM")
     assert "does not match its signed target" in res.stderr and "sha256" in res.stderr, res.describe()
     assert dev.active() == "B" and dev.slot_sha("B") == sha256_hex(v1)
@@ -215,6 +216,8 @@ def test_signed_deny_list_blocks_affected_releases_and_flags_devices(fleet, tmp_
     device_id = enroll(dev, ops.enrollment_token())["device_id"]
     assert checkin(dev)["verdict"] == "attested"
     repo.publish(image("v2"), "2.0.0", server=server, token=token, extra=("--sbom-rootfs", root))
+    # Started before the advisory is known.
+    running = ops.rollout("2.0.0")
 
     libc = host_packages()["libc6"]
     def denylist(status: str) -> Path:
@@ -258,10 +261,17 @@ def test_signed_deny_list_blocks_affected_releases_and_flags_devices(fleet, tmp_
     assert ops.device(device_id)["vulnerable"] == ["CVE-2026-0001"]
     listing = repo.cli("device", "list", "--server", server.url, "--token", ops.token).stdout
     assert "VULNERABLE(CVE-2026-0001)" in listing
+    # The server refuses to roll an affected release out, or to resume or advance one.
+    res = assert_fails(ops.rollout_cli("create", "--version", "2.0.0", "--hardware-class", "rpi4", check=False),
+                       "deny-list", "CVE-2026-0001")
+    ops.rollout_cli("pause", running["id"])
+    assert_fails(ops.rollout_cli("resume", running["id"], check=False), "affected by the signed deny-list")
+    assert_fails(ops.rollout_cli("advance", running["id"], check=False), "affected by the signed deny-list")
 
     # Marked fixed (VEX status): the gate opens.
     repo.cli("sbom", "denylist", "--repo", repo.dir, "--file", denylist("fixed"), "--key", repo.key("security"),
              "--server", server.url, "--token", token)
+    ops.rollout_cli("resume", running["id"])
     res = dev.run_once()
     assert {"result": "committed", "version": "2.0.0", "slot": "A"} in Device.results(res), res.describe()
     assert ops.devices()[0]["vulnerable"] == []

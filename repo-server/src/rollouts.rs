@@ -292,12 +292,28 @@ async fn show(State(s): State<AppState>, auth: Auth, UrlPath(id): UrlPath<String
     Ok(Json(view(&s, &r, q.devices)?))
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Default)]
 struct ActBody {
     /// With abort: assign devices the rollout reached their previous release back.
-    #[serde(default)]
     roll_back: bool,
+}
+
+/// An action's optional body: empty, or `{"roll_back": bool}`.
+fn act_body(bytes: &[u8]) -> Result<ActBody, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ActBody::default());
+    }
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("body is not JSON: {e}"))?;
+    let obj = v.as_object().ok_or("body must be a JSON object")?;
+    let mut out = ActBody::default();
+    for (k, v) in obj {
+        match (k.as_str(), v) {
+            ("roll_back", Value::Bool(b)) => out.roll_back = *b,
+            ("roll_back", other) => return Err(format!("roll_back must be true or false, not {other}")),
+            (other, _) => return Err(format!("unknown field {other:?} (expected roll_back)")),
+        }
+    }
+    Ok(out)
 }
 
 async fn act(
@@ -307,11 +323,7 @@ async fn act(
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     auth.require(TokenRole::Operator)?;
-    let body: ActBody = if body.iter().all(u8::is_ascii_whitespace) {
-        ActBody::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::unprocessable("invalid_body", format!("body: {e}")))?
-    };
+    let body = act_body(&body).map_err(|m| ApiError::unprocessable("invalid_body", m))?;
     let by = auth.0.name.clone();
     let event = match action.as_str() {
         "start" => Event::Start { by: by.clone() },
