@@ -11,9 +11,11 @@
 #   5. runs `outpost-agent update` for an rpi4 device, which verifies and downloads it,
 #   6. prints what happened and checks the agent's file against the published digest,
 #   7. an A/B device: 1.1.0 committed, 1.2.0 rolled back by its health check, 1.3.0 by delta,
-#   8. three devices with their own swtpm: enrolled with one-time tokens (credential
+#   8. six devices with their own swtpm: enrolled with one-time tokens (credential
 #      activation), attested check-ins (quotes over the measured boot), then one device's
-#      slot image is tampered with and the server quarantines it.
+#      slot image is tampered with and the server quarantines it,
+#   9. canary rollouts through the director: 1.4.0 to every attested device, then a
+#      broken 1.5.0 in waves of 20/60/100 % that pauses itself in its first wave.
 # Exits non-zero if any step fails. Environment:
 #   OUTPOST_SKIP_SETUP=1   do not run scripts/setup.sh first
 #   OUTPOST_SKIP_BUILD=1   use the existing target/release binaries
@@ -187,17 +189,18 @@ echo "$OUT3" | jq -se 'map(select(.result == "committed" and .version == "1.3.0"
 DELTA_LINE="$(grep 'download verified' "$AB/agent.log" | tail -1)"
 [[ "$DELTA_LINE" == *zst-patch* ]] || fleet_die "1.3.0 was not installed by delta: $DELTA_LINE"
 DELTA_BYTES="$(echo "$DELTA_LINE" | sed -n 's/.*received=\([0-9]*\).*/\1/p')"
-REPORTS="$(curl -fsS -H "Authorization: Bearer $OUTPOST_TOKEN" "$SERVER_URL/api/v1/reports?device=rpi4-ab-1")"
+# Fleet state is read with an operator token (pipeline tokens only publish).
+OPERATOR_TOKEN="$(fleet_create_token "$FLEET/server.toml" demo-operator operator)"
+REPORTS="$(curl -fsS -H "Authorization: Bearer $OPERATOR_TOKEN" "$SERVER_URL/api/v1/reports?device=rpi4-ab-1")"
 
 # --------------------------------------------------------------------------- attestation
 # Three rpi4 devices, each with its own software TPM, shipped with release 1.3.0 in slot A.
-fleet_log "attestation: an operator token and three devices with their own swtpm"
+fleet_log "attestation: six devices with their own swtpm, enrolled with one-time tokens"
 for tool in swtpm swtpm_setup; do
   command -v "$tool" >/dev/null || fleet_die "$tool not found: run 'bash scripts/setup.sh'"
 done
-OPERATOR_TOKEN="$(fleet_create_token "$FLEET/server.toml" demo-operator operator)"
 ATT="$FLEET/attested"
-DEVICES=(rpi4-tpm-1 rpi4-tpm-2 rpi4-tpm-3)
+DEVICES=(rpi4-tpm-1 rpi4-tpm-2 rpi4-tpm-3 rpi4-tpm-4 rpi4-tpm-5 rpi4-tpm-6)
 declare -A DEVICE_ID
 for name in "${DEVICES[@]}"; do
   d="$ATT/$name"
@@ -234,17 +237,82 @@ TAMPERED=rpi4-tpm-3
 fleet_log "attestation: someone rewrites one byte of $TAMPERED's slot image; it reboots and checks in"
 printf 'X' | dd of="$ATT/$TAMPERED/state/boot/slot-a.img" bs=1 seek=4096 conv=notrunc status=none
 out="$(att_run "$TAMPERED")" || fleet_die "$TAMPERED: run failed: $out"
-echo "$out" | sed 's/^/    /' >&2
+echo "$out" | jq -c 'del(.director_targets)' | sed 's/^/    /' >&2
 echo "$out" | jq -se 'map(select(.verdict == "failed" and .quarantined)) | length == 1' >/dev/null \
   || fleet_die "$TAMPERED was not quarantined: $out"
 QUARANTINE_REASON="$(echo "$out" | jq -sr 'map(select(.verdict))[0].reason')"
-for name in rpi4-tpm-1 rpi4-tpm-2; do
+HEALTHY=()
+for name in "${DEVICES[@]}"; do [[ "$name" != "$TAMPERED" ]] && HEALTHY+=("$name"); done
+for name in "${HEALTHY[@]}"; do
   out="$(att_run "$name")"
   [[ "$(echo "$out" | jq -sr 'map(select(.verdict))[0].verdict')" == attested ]] || fleet_die "$name lost its attestation: $out"
 done
 DEVICE_LIST="$("$OUTPOST_BIN/outpost" device list --server "$SERVER_URL" --token "$OPERATOR_TOKEN")"
 echo "$DEVICE_LIST" | sed 's/^/    /' >&2
 [[ "$(echo "$DEVICE_LIST" | grep -c QUARANTINED)" == 1 ]] || fleet_die "expected exactly one quarantined device"
+
+# --------------------------------------------------------------------------- canary rollouts
+# The director assigns releases to enrolled devices through rollouts; each device
+# installs only what its signed assignment and the offline-signed image repository
+# agree on. 1.4.0 goes to everyone; 1.5.0 is a broken build that must stop itself in
+# its first wave.
+ro() { "$OUTPOST_BIN/outpost" rollout "$@" --server "$SERVER_URL" --token "$OPERATOR_TOKEN"; }
+version_of() { "$OUTPOST_BIN/outpost" device list --server "$SERVER_URL" --token "$OPERATOR_TOKEN" --json \
+  | jq -r --arg id "${DEVICE_ID[$1]}" '.devices[] | select(.device_id == $id) | .version'; }
+python3 - "$AB" <<'PY'
+import os, sys
+d = sys.argv[1]
+base = open(os.path.join(d, "fw-1.3.0.img"), "rb").read()[32:]
+for name, marker in (("fw-1.4.0.img", b"OUTPOST-HEALTHY"), ("fw-1.5.0.img", b"BROKEN-BUILD")):
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(marker.ljust(32, b" ") + base[: 5 << 20] + os.urandom(32 << 10) + base[5 << 20 :])
+PY
+ab_publish 1.4.0
+ab_publish 1.5.0
+
+fleet_log "rollouts: 1.4.0 to the ${#HEALTHY[@]} attested devices in one wave; $TAMPERED is quarantined and gets nothing"
+GOOD_ID="$(ro create --version 1.4.0 --hardware-class "$HW_CLASS" --waves 100 --soak 0s --success-threshold 1 \
+  --failure-threshold 0.5 --min-devices "${#HEALTHY[@]}" --start --json | jq -r .id)"
+for name in "${HEALTHY[@]}"; do
+  out="$(att_run "$name")" || fleet_die "$name: run failed: $out"
+  echo "$out" | jq -se 'map(select(.result == "committed" and .version == "1.4.0")) | length == 1' >/dev/null \
+    || fleet_die "$name did not commit 1.4.0: $out"
+  echo "  $name: 1.4.0 assigned by the director, installed, trial boot measured, committed" >&2
+done
+out="$(att_run "$TAMPERED")"
+echo "$out" | jq -se 'map(select(.result == "quarantined")) | length == 1' >/dev/null || fleet_die "$TAMPERED was not kept out: $out"
+GOOD_STATUS="$(ro status "$GOOD_ID")"
+echo "$GOOD_STATUS" | sed 's/^/    /' >&2
+[[ "$(ro status "$GOOD_ID" --json | jq -r .state_name)" == completed ]] || fleet_die "rollout $GOOD_ID did not complete"
+
+fleet_log "rollouts: 1.5.0 (a broken build) in canary waves of 20% / 60% / 100%, pausing at 30% failures"
+BAD_ID="$(ro create --version 1.5.0 --hardware-class "$HW_CLASS" --waves 20,60,100 --soak 10m \
+  --success-threshold 0.95 --failure-threshold 0.3 --min-devices 1 --json | jq -r .id)"
+PLAN="$(ro status "$BAD_ID" --plan --json)"
+echo "  plan: $(echo "$PLAN" | jq -c '[.waves[] | {wave, percent, devices: .planned}]')" >&2
+FIRST="$(echo "$PLAN" | jq '[.waves[].planned] | to_entries | map(select(.value > 0))[0].key')"
+ro start "$BAD_ID" >/dev/null
+for ((w = 0; w < FIRST; w++)); do
+  echo "  wave $w holds none of this small fleet's devices: the operator advances past it" >&2
+  ro advance "$BAD_ID" >/dev/null
+done
+for name in "${HEALTHY[@]}"; do
+  out="$(att_run "$name")" || fleet_die "$name: run failed: $out"
+  result="$(echo "$out" | jq -sr 'map(select(.result)) | (map(select(.result == "rolled_back"))[0] // .[-1])
+    | "\(.result) \(.version // "") \(.reason // "")"')"
+  echo "  $name: $result" >&2
+done
+BAD_STATUS="$(ro status "$BAD_ID" --devices)"
+echo "$BAD_STATUS" | sed 's/^/    /' >&2
+BAD_JSON="$(ro status "$BAD_ID" --devices --json)"
+[[ "$(echo "$BAD_JSON" | jq -r .state_name)" == paused ]] || fleet_die "rollout $BAD_ID did not pause itself"
+[[ "$(echo "$BAD_JSON" | jq -r .state.reason.kind)" == failure_threshold ]] || fleet_die "rollout $BAD_ID paused for another reason"
+[[ "$(echo "$BAD_JSON" | jq "[.devices[] | select(.wave != $FIRST)] | length")" == 0 ]] \
+  || fleet_die "a device outside wave $FIRST was assigned 1.5.0"
+EXPOSED="$(echo "$BAD_JSON" | jq '.devices | length')"
+for name in "${HEALTHY[@]}"; do
+  [[ "$(version_of "$name")" == 1.4.0 ]] || fleet_die "$name does not run 1.4.0 after the paused rollout"
+done
 
 # --------------------------------------------------------------------------- summary
 cat <<EOF
@@ -279,11 +347,21 @@ A/B device  rpi4-ab-1 (file boot backend: $AB/state/boot)
 EOF
 cat <<EOF
 
-Attestation three rpi4 devices, one swtpm each, enrolled with one-time tokens
+Attestation six rpi4 devices, one swtpm each, enrolled with one-time tokens
   check-ins quotes over PCR 23 (the measured boot) verified by the server against the
             event log and the offline-signed expected measurements
   tampered  $TAMPERED: one byte of its slot image changed -> quarantined
             reason: $QUARANTINE_REASON
   devices   (outpost device list)
 $(echo "$DEVICE_LIST" | sed 's/^/            /')
+EOF
+cat <<EOF
+
+Rollouts    the director signs each device's assignment at its attested check-in
+  $GOOD_ID  1.4.0 to every attested device in one wave: committed on ${#HEALTHY[@]}, completed
+            ($TAMPERED stayed quarantined and was never assigned)
+  $BAD_ID  1.5.0 (broken build) in waves 20% / 60% / 100%: the first device of wave $FIRST
+            rolled back, the failure threshold paused the rollout; $EXPOSED device(s) ever assigned,
+            none outside wave $FIRST; the fleet stays on 1.4.0
+$(echo "$BAD_STATUS" | sed 's/^/            /')
 EOF

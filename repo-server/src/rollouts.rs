@@ -239,6 +239,25 @@ async fn create(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<Cr
 
 /// A rollout with its waves' counters and transition history.
 fn view(s: &AppState, r: &RolloutRecord, with_devices: bool) -> Result<Value, ApiError> {
+    view_with(s, r, with_devices, false)
+}
+
+/// How many of the enrolled devices the rollout selects (class, labels, not
+/// quarantined) fall into each wave (not cumulative): what each wave would expose.
+fn plan(s: &AppState, r: &RolloutRecord) -> Result<Vec<u32>, ApiError> {
+    let mut per_wave = vec![0u32; r.waves.len()];
+    for d in s.store.devices()? {
+        if d.hardware_class != r.hardware_class || d.quarantined || !r.labels.iter().all(|(k, v)| d.labels.get(k) == Some(v)) {
+            continue;
+        }
+        if let Some(w) = outpost_protocol::rollout::wave_of(&r.waves, &r.id, &d.device_id) {
+            per_wave[w] += 1;
+        }
+    }
+    Ok(per_wave)
+}
+
+fn view_with(s: &AppState, r: &RolloutRecord, with_devices: bool, with_plan: bool) -> Result<Value, ApiError> {
     let (counters, events) = s.store.rollout_progress(&r.id)?;
     let current = match &r.state {
         RolloutState::Running { wave, .. } | RolloutState::AwaitingApproval { wave, .. } | RolloutState::Paused { wave, .. } => Some(*wave),
@@ -266,6 +285,11 @@ fn view(s: &AppState, r: &RolloutRecord, with_devices: bool) -> Result<Value, Ap
     if with_devices {
         v["devices"] = json!(s.store.rollout_assignments(&r.id)?);
     }
+    if with_plan {
+        for (w, n) in plan(s, r)?.into_iter().enumerate() {
+            v["waves"][w]["planned"] = json!(n);
+        }
+    }
     Ok(v)
 }
 
@@ -278,8 +302,12 @@ async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiE
 
 #[derive(Debug, Deserialize)]
 struct ShowQuery {
+    /// Also list the assigned devices.
     #[serde(default)]
     devices: bool,
+    /// Also count, per wave, the selected devices it would expose.
+    #[serde(default)]
+    plan: bool,
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -289,7 +317,7 @@ fn not_found(id: &str) -> ApiError {
 async fn show(State(s): State<AppState>, auth: Auth, UrlPath(id): UrlPath<String>, Query(q): Query<ShowQuery>) -> Result<Json<Value>, ApiError> {
     auth.require_reader()?;
     let r = s.store.rollout(&id)?.ok_or_else(|| not_found(&id))?;
-    Ok(Json(view(&s, &r, q.devices)?))
+    Ok(Json(view_with(&s, &r, q.devices, q.plan)?))
 }
 
 #[derive(Debug, Default)]

@@ -102,6 +102,9 @@ pub enum RolloutCommand {
         /// Also list each assigned device.
         #[arg(long)]
         devices: bool,
+        /// Also show how many of the selected devices each wave would expose.
+        #[arg(long)]
+        plan: bool,
         #[command(flatten)]
         server: ServerArgs,
     },
@@ -171,6 +174,7 @@ pub fn render(r: &Value) -> String {
         ),
         format!("  {:<5} {:>7} {:>9} {:>11} {:>8} {:>12} {:>12}  gates", "wave", "percent", "assigned", "installing", "healthy", "rolled_back", "attest_fail"),
     ];
+    lines[2].push_str("  (counts are cumulative: wave k includes waves 0..k)");
     for w in r.get("waves").and_then(Value::as_array).into_iter().flatten() {
         lines.push(format!(
             "{} {:<5} {:>6}% {:>9} {:>11} {:>8} {:>12} {:>12}  success>={} fail>={} min {} soak {}s",
@@ -187,6 +191,11 @@ pub fn render(r: &Value) -> String {
             n(w, "min_devices"),
             n(w, "soak_secs"),
         ));
+        if let Some(p) = w.get("planned").and_then(Value::as_u64) {
+            if let Some(last) = lines.last_mut() {
+                last.push_str(&format!("  (would expose {p} selected device(s))"));
+            }
+        }
     }
     let events = r.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
     if !events.is_empty() {
@@ -258,9 +267,9 @@ pub async fn run(cmd: RolloutCommand, out: &Output) -> Result<()> {
         RolloutCommand::Resume { id, server } => act(server, &id, "resume", json!({}), out).await,
         RolloutCommand::Advance { id, server } => act(server, &id, "advance", json!({}), out).await,
         RolloutCommand::Abort { id, roll_back, server } => act(server, &id, "abort", json!({"roll_back": roll_back}), out).await,
-        RolloutCommand::Status { id, watch, interval, devices, server } => {
+        RolloutCommand::Status { id, watch, interval, devices, plan, server } => {
             let server = server.require()?;
-            let path = format!("/api/v1/rollouts/{}{}", enc(&id), if devices { "?devices=true" } else { "" });
+            let path = format!("/api/v1/rollouts/{}?devices={devices}&plan={plan}", enc(&id));
             let tty = std::io::stdout().is_terminal() && !out.json;
             loop {
                 let v = server.get_json("rollout status", &path).await?;
