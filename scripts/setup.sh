@@ -34,6 +34,7 @@ APT_PACKAGES=(
   swtpm-tools   # swtpm_setup: manufactures a TPM's state (EK, EK certificate)
   libtss2-dev   # TPM2 Software Stack that tss-esapi links (Debian 12: 3.2)
   tpm2-tools    # tpm2_* commands used by tests to inspect a device's TPM independently
+  chromium      # headless browser: the dashboard test drives it over the DevTools pipe
 )
 
 # --- Later issues: uncomment/add here (do NOT install before they are needed) ---

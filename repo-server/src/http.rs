@@ -51,6 +51,7 @@ pub fn app(state: AppState) -> Router {
         .merge(crate::devices::api())
         .merge(crate::sbomindex::api())
         .merge(crate::rollouts::api())
+        .merge(crate::dashboard::api())
         .merge(metadata)
         .merge(targets)
         .with_state(state)

@@ -2,6 +2,7 @@
 //! from pipelines, and keeps snapshot and timestamp fresh with its online keys.
 
 pub mod config;
+pub mod dashboard;
 pub mod devices;
 pub mod ekcert;
 pub mod error;
