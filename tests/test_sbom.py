@@ -261,6 +261,18 @@ def test_signed_deny_list_blocks_affected_releases_and_flags_devices(fleet, tmp_
     assert ops.device(device_id)["vulnerable"] == ["CVE-2026-0001"]
     listing = repo.cli("device", "list", "--server", server.url, "--token", ops.token).stdout
     assert "VULNERABLE(CVE-2026-0001)" in listing
+    # The dashboard shows the affected set and flags the device.
+    from cdp import Browser
+    browser = Browser(tmp_path / "chromium-profile")
+    try:
+        browser.open(f"{server.url}/dashboard#token={ops.token}")
+        browser.wait_for("document.body.dataset.loaded === 'true'", what="the dashboard")
+        affected = browser.eval("document.getElementById('affected').innerText")
+        assert all(w in affected for w in ("CVE-2026-0001", device_id, "1.0.0", "2.0.0")), affected
+        row = browser.eval(f"document.querySelector(\"[data-device='{device_id}']\").innerText")
+        assert "VULNERABLE (CVE-2026-0001)" in row, row
+    finally:
+        browser.close()
     # The server refuses to roll an affected release out, or to resume or advance one.
     res = assert_fails(ops.rollout_cli("create", "--version", "2.0.0", "--hardware-class", "rpi4", check=False),
                        "deny-list", "CVE-2026-0001")

@@ -21,7 +21,7 @@ pub struct MadeCredential {
 }
 
 /// The operating system's CSPRNG in the `rand_core` traits the RSA crate wants.
-struct OsRng;
+pub struct OsRng;
 
 impl RngCore for OsRng {
     fn next_u32(&mut self) -> u32 {
