@@ -267,18 +267,6 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
     if report.device_id != id {
         return Err(ApiError::unprocessable("invalid_report", format!("report is for device {:?}, not {id:?}", report.device_id)));
     }
-    match s.store.consume_nonce(&report.nonce, &id, now_ms())? {
-        Ok(()) => {}
-        Err(r) => {
-            tracing::warn!(device = %id, refusal = ?r, "check-in nonce refused");
-            return Err(match r {
-                NonceRefusal::Unknown => ApiError::new(StatusCode::UNAUTHORIZED, "unknown_nonce", "nonce was not issued by this server"),
-                NonceRefusal::OtherDevice => ApiError::new(StatusCode::UNAUTHORIZED, "foreign_nonce", "nonce was issued to another device"),
-                NonceRefusal::Used => ApiError::conflict("nonce_used", "nonce was already used: a replayed check-in"),
-                NonceRefusal::Expired(at) => ApiError::new(StatusCode::UNAUTHORIZED, "nonce_expired", format!("nonce expired at {}", rfc3339_ms(at))),
-            });
-        }
-    }
     for r in &report.reports {
         r.validate().map_err(|m| ApiError::unprocessable("invalid_report", format!("install report: {m}")))?;
         if r.device_id != id {
@@ -292,7 +280,10 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
         Err(reason) => ("failed", Some(reason.as_str())),
     };
     let health = serde_json::to_value(report.health).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-    s.store.record_checkin(&CheckinRecord {
+    // The director: feedback to rollouts, then what this device should run now. The
+    // nonce, the verdict and the director's decision commit together.
+    let releases = s.repo.firmware_releases(&device.hardware_class).await;
+    let record = CheckinRecord {
         device_id: &id,
         verdict,
         reason,
@@ -302,9 +293,7 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
         sbom_sha256: report.sbom_sha256.as_deref(),
         health: &health,
         reports: &report.reports,
-    })?;
-    // The director: feedback to rollouts, then what this device should run now.
-    let releases = s.repo.firmware_releases(&device.hardware_class).await;
+    };
     let facts = crate::rollout_store::DeviceFacts {
         device_id: &id,
         hardware_class: &device.hardware_class,
@@ -314,7 +303,18 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
         health: &health,
         reports: &report.reports,
     };
-    let decision = s.store.director_checkin(&facts, &releases, now())?;
+    let decision = match s.store.checkin(&report.nonce, &record, &facts, &releases, now_ms())? {
+        Ok(d) => d,
+        Err(r) => {
+            tracing::warn!(device = %id, refusal = ?r, "check-in nonce refused");
+            return Err(match r {
+                NonceRefusal::Unknown => ApiError::new(StatusCode::UNAUTHORIZED, "unknown_nonce", "nonce was not issued by this server"),
+                NonceRefusal::OtherDevice => ApiError::new(StatusCode::UNAUTHORIZED, "foreign_nonce", "nonce was issued to another device"),
+                NonceRefusal::Used => ApiError::conflict("nonce_used", "nonce was already used: a replayed check-in"),
+                NonceRefusal::Expired(at) => ApiError::new(StatusCode::UNAUTHORIZED, "nonce_expired", format!("nonce expired at {}", rfc3339_ms(at))),
+            });
+        }
+    };
     crate::rollouts::log_transitions(&s.store, &decision.transitions);
     let director_targets = s.director.sign(&id, decision.director_version, decision.assignment.as_ref())?;
     if device.attestation != verdict {

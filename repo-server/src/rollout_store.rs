@@ -344,55 +344,9 @@ impl Store {
     pub fn director_checkin(&self, f: &DeviceFacts<'_>, releases: &[FirmwareRelease], now: i64) -> Result<Decision, ServerError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let labels: BTreeMap<String, String> = {
-            let text: String = tx.query_row("SELECT labels FROM devices WHERE device_id = ?1", params![f.device_id], |r| r.get(0))?;
-            parse("labels", &text)?
-        };
-        let mut transitions = Vec::new();
-
-        // 1. Feedback: statuses of this device's assignments.
-        let mine: Vec<(String, String, Option<String>)> = {
-            let mut stmt = tx.prepare_cached("SELECT rollout_id, status, reason FROM assignments WHERE device_id = ?1")?;
-            let rows = stmt.query_map(params![f.device_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        for (rollout_id, status, _) in mine {
-            let Some(mut record) = load(&tx, &rollout_id)? else { continue };
-            let old = Status::parse(&status);
-            let (new, reason) = next_status(old, f, &record.release);
-            if new != old {
-                tx.execute(
-                    "UPDATE assignments SET status = ?1, reason = coalesce(?2, reason), updated_at = ?3 WHERE rollout_id = ?4 AND device_id = ?5",
-                    params![new.as_str(), reason, now_text(), rollout_id, f.device_id],
-                )?;
-                if let Some(t) = feedback(&tx, &mut record, now)? {
-                    transitions.push((rollout_id.clone(), t));
-                }
-            }
-        }
-
-        // 2. Decide: the newest started rollout selecting this device.
-        let mut assignment = None;
-        if f.attested {
-            let candidates: Vec<RolloutRecord> = {
-                let mut stmt = tx.prepare_cached(&format!(
-                    "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE hardware_class = ?1 AND json_extract(state, '$.state') != 'draft' ORDER BY seq DESC"
-                ))?;
-                let rows = stmt.query_map(params![f.hardware_class], rollout_from_row)?;
-                rows.collect::<Result<_, _>>()?
-            };
-            if let Some(mut record) = candidates.into_iter().find(|r| r.labels.iter().all(|(k, v)| labels.get(k) == Some(v))) {
-                assignment = decide(&tx, &record, f, releases)?;
-                // A new assignment (perhaps already healthy) changes the counters.
-                if let Some(t) = feedback(&tx, &mut record, now)? {
-                    transitions.push((record.id.clone(), t));
-                }
-            }
-        }
-        tx.execute("UPDATE devices SET director_version = director_version + 1 WHERE device_id = ?1", params![f.device_id])?;
-        let director_version: u64 = tx.query_row("SELECT director_version FROM devices WHERE device_id = ?1", params![f.device_id], |r| r.get(0))?;
+        let d = director_checkin_tx(&tx, f, releases, now)?;
         tx.commit()?;
-        Ok(Decision { director_version, assignment, transitions })
+        Ok(d)
     }
 
     /// Sets a device's labels (rollout selectors match them).
@@ -400,6 +354,58 @@ impl Store {
         let n = self.conn().execute("UPDATE devices SET labels = ?1 WHERE device_id = ?2", params![json(labels), device_id])?;
         Ok(n == 1)
     }
+}
+
+/// The director's part of a check-in inside the caller's write transaction.
+pub(crate) fn director_checkin_tx(tx: &Transaction<'_>, f: &DeviceFacts<'_>, releases: &[FirmwareRelease], now: i64) -> Result<Decision, ServerError> {
+    let labels: BTreeMap<String, String> = {
+        let text: String = tx.query_row("SELECT labels FROM devices WHERE device_id = ?1", params![f.device_id], |r| r.get(0))?;
+        parse("labels", &text)?
+    };
+    let mut transitions = Vec::new();
+
+    // 1. Feedback: statuses of this device's assignments.
+    let mine: Vec<(String, String, Option<String>)> = {
+        let mut stmt = tx.prepare_cached("SELECT rollout_id, status, reason FROM assignments WHERE device_id = ?1")?;
+        let rows = stmt.query_map(params![f.device_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for (rollout_id, status, _) in mine {
+        let Some(mut record) = load(tx, &rollout_id)? else { continue };
+        let old = Status::parse(&status);
+        let (new, reason) = next_status(old, f, &record.release);
+        if new != old {
+            tx.execute(
+                "UPDATE assignments SET status = ?1, reason = coalesce(?2, reason), updated_at = ?3 WHERE rollout_id = ?4 AND device_id = ?5",
+                params![new.as_str(), reason, now_text(), rollout_id, f.device_id],
+            )?;
+            if let Some(t) = feedback(tx, &mut record, now)? {
+                transitions.push((rollout_id.clone(), t));
+            }
+        }
+    }
+
+    // 2. Decide: the newest started rollout selecting this device.
+    let mut assignment = None;
+    if f.attested {
+        let candidates: Vec<RolloutRecord> = {
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE hardware_class = ?1 AND json_extract(state, '$.state') != 'draft' ORDER BY seq DESC"
+            ))?;
+            let rows = stmt.query_map(params![f.hardware_class], rollout_from_row)?;
+            rows.collect::<Result<_, _>>()?
+        };
+        if let Some(mut record) = candidates.into_iter().find(|r| r.labels.iter().all(|(k, v)| labels.get(k) == Some(v))) {
+            assignment = decide(tx, &record, f, releases)?;
+            // A new assignment (perhaps already healthy) changes the counters.
+            if let Some(t) = feedback(tx, &mut record, now)? {
+                transitions.push((record.id.clone(), t));
+            }
+        }
+    }
+    tx.execute("UPDATE devices SET director_version = director_version + 1 WHERE device_id = ?1", params![f.device_id])?;
+    let director_version: u64 = tx.query_row("SELECT director_version FROM devices WHERE device_id = ?1", params![f.device_id], |r| r.get(0))?;
+    Ok(Decision { director_version, assignment, transitions })
 }
 
 /// Where a device's assignment stands after a check-in.

@@ -281,6 +281,47 @@ type ChallengeRow = (String, String, String, Vec<u8>, Option<Vec<u8>>, Vec<u8>, 
 /// Unused, unexpired nonces one device may have at a time.
 pub const MAX_OPEN_NONCES: i64 = 16;
 
+fn consume_nonce_tx(tx: &rusqlite::Transaction<'_>, nonce: &str, device_id: &str, now: i64) -> Result<Result<(), NonceRefusal>, ServerError> {
+    let row: Option<(String, i64, i64)> = tx
+        .prepare_cached("SELECT device_id, expires_at, used FROM nonces WHERE nonce = ?1")?
+        .query_row(params![nonce], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let refusal = match row {
+        None => Some(NonceRefusal::Unknown),
+        Some((d, _, _)) if d != device_id => Some(NonceRefusal::OtherDevice),
+        Some((_, _, used)) if used != 0 => Some(NonceRefusal::Used),
+        Some((_, exp, _)) if exp <= now => Some(NonceRefusal::Expired(exp)),
+        Some(_) => None,
+    };
+    if let Some(r) = refusal {
+        return Ok(Err(r));
+    }
+    // The guarded update makes use-once hold under concurrent check-ins too.
+    let n = tx.prepare_cached("UPDATE nonces SET used = 1 WHERE nonce = ?1 AND used = 0")?.execute(params![nonce])?;
+    Ok(if n == 1 { Ok(()) } else { Err(NonceRefusal::Used) })
+}
+
+fn record_checkin_tx(tx: &rusqlite::Transaction<'_>, c: &CheckinRecord<'_>) -> Result<(), ServerError> {
+    let now = chrono::Utc::now().to_rfc3339();
+    tx.prepare_cached(
+        "INSERT INTO attestations (device_id, at, verdict, reason, slot, version, image_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![c.device_id, now, c.verdict, c.reason, c.slot, c.version, c.image_sha256])?;
+    tx.prepare_cached(
+        "UPDATE devices SET last_checkin_at = ?1, slot = ?2, version = ?3, image_sha256 = ?4, health = ?5,
+           attestation = ?6, attestation_reason = ?7, attested_at = ?1, sbom_sha256 = ?9 WHERE device_id = ?8",
+    )?
+    .execute(params![now, c.slot, c.version, c.image_sha256, c.health, c.verdict, c.reason, c.device_id, c.sbom_sha256])?;
+    for r in c.reports {
+        tx.prepare_cached(
+            "INSERT INTO install_reports (received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?
+        .execute(params![now, r.device_id, r.hardware_class, r.target, r.version, r.outcome.as_str(), r.reason, r.slot, r.at])?;
+    }
+    Ok(())
+}
+
 /// Schema changes to tables that already exist, by `PRAGMA user_version`.
 const ALTERATIONS: [&str; 1] = [
     // 1: device labels (rollout selectors) and the per-device director version;
@@ -527,55 +568,57 @@ impl Store {
         if open >= MAX_OPEN_NONCES {
             return Ok(None);
         }
-        conn.execute("INSERT INTO nonces (nonce, device_id, expires_at) VALUES (?1, ?2, ?3)", params![nonce, device_id, expires_at])?;
+        // An issued nonce lost to a power cut costs the device one retry, so this commit
+        // does not wait for the disk; the check-in that uses it (and every commit after
+        // it) is synced in full, which makes this one durable too.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let inserted = conn.execute("INSERT INTO nonces (nonce, device_id, expires_at) VALUES (?1, ?2, ?3)", params![nonce, device_id, expires_at]);
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        inserted?;
         Ok(Some(nonce))
     }
 
     /// Uses a nonce up: it must have been issued to `device_id`, be unused and unexpired.
     pub fn consume_nonce(&self, nonce: &str, device_id: &str, now: i64) -> Result<Result<(), NonceRefusal>, ServerError> {
-        let conn = self.conn();
-        let row: Option<(String, i64, i64)> = conn
-            .query_row("SELECT device_id, expires_at, used FROM nonces WHERE nonce = ?1", params![nonce], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        let refusal = match row {
-            None => Some(NonceRefusal::Unknown),
-            Some((d, _, _)) if d != device_id => Some(NonceRefusal::OtherDevice),
-            Some((_, _, used)) if used != 0 => Some(NonceRefusal::Used),
-            Some((_, exp, _)) if exp <= now => Some(NonceRefusal::Expired(exp)),
-            Some(_) => None,
-        };
-        if let Some(r) = refusal {
-            return Ok(Err(r));
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let r = consume_nonce_tx(&tx, nonce, device_id, now)?;
+        if r.is_ok() {
+            tx.commit()?;
         }
-        // The guarded update makes use-once hold under concurrent check-ins too.
-        let n = conn.execute("UPDATE nonces SET used = 1 WHERE nonce = ?1 AND used = 0", params![nonce])?;
-        Ok(if n == 1 { Ok(()) } else { Err(NonceRefusal::Used) })
+        Ok(r)
     }
 
     /// Records a check-in: the verdict (history and latest), the device's reported
     /// state and the install reports it carried, in one transaction.
     pub fn record_checkin(&self, c: &CheckinRecord<'_>) -> Result<(), ServerError> {
-        let now = chrono::Utc::now().to_rfc3339();
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO attestations (device_id, at, verdict, reason, slot, version, image_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![c.device_id, now, c.verdict, c.reason, c.slot, c.version, c.image_sha256],
-        )?;
-        tx.execute(
-            "UPDATE devices SET last_checkin_at = ?1, slot = ?2, version = ?3, image_sha256 = ?4, health = ?5,
-               attestation = ?6, attestation_reason = ?7, attested_at = ?1, sbom_sha256 = ?9 WHERE device_id = ?8",
-            params![now, c.slot, c.version, c.image_sha256, c.health, c.verdict, c.reason, c.device_id, c.sbom_sha256],
-        )?;
-        for r in c.reports {
-            tx.execute(
-                "INSERT INTO install_reports (received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![now, r.device_id, r.hardware_class, r.target, r.version, r.outcome.as_str(), r.reason, r.slot, r.at],
-            )?;
-        }
+        record_checkin_tx(&tx, c)?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// A whole check-in in one write transaction (one fsync): the nonce used up, the
+    /// verdict and state recorded, and the director's decision (rollout feedback and
+    /// assignment). A refused nonce changes nothing.
+    pub fn checkin(
+        &self,
+        nonce: &str,
+        c: &CheckinRecord<'_>,
+        f: &crate::rollout_store::DeviceFacts<'_>,
+        releases: &[crate::repository::FirmwareRelease],
+        now_ms: i64,
+    ) -> Result<Result<crate::rollout_store::Decision, NonceRefusal>, ServerError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if let Err(r) = consume_nonce_tx(&tx, nonce, c.device_id, now_ms)? {
+            return Ok(Err(r));
+        }
+        record_checkin_tx(&tx, c)?;
+        let decision = crate::rollout_store::director_checkin_tx(&tx, f, releases, now_ms / 1000)?;
+        tx.commit()?;
+        Ok(Ok(decision))
     }
 
     pub fn attestations(&self, device_id: &str, limit: u32) -> Result<Vec<serde_json::Value>, ServerError> {
