@@ -272,6 +272,21 @@ def test_rollout_definitions_and_roles_are_checked(fleet, ops):
     assert_ok(ops.rollout_cli("start", rid))
     listing = ops.rollout_cli("list").stdout
     assert rid in listing and "running in wave 0 of 1" in listing
+    # `status --watch --json` prints one document per refresh and ends with the rollout.
+    import subprocess
+    watch = subprocess.Popen([str(repo.exe), "rollout", "status", rid, "--watch", "--interval", "200ms", "--json",
+                              "--server", server.url, "--token", ops.token], stdout=subprocess.PIPE, text=True)
+    try:
+        import time
+        time.sleep(1)
+        assert watch.poll() is None, "still watching a running rollout"
+        ops.rollout_cli("abort", rid)
+        out, _ = watch.communicate(timeout=15)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+    docs = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert len(docs) >= 2 and docs[0]["state_name"] == "running" and docs[-1]["state_name"] == "aborted", out
     audit = json.loads(http_get(f"{server.url}/api/v1/audit", token=viewer)[1])["entries"]
-    assert [e["action"] for e in audit[:2]] == ["rollout_start", "rollout_create"]
-    assert all(e["actor"] == "ops" for e in audit[:2])
+    assert [e["action"] for e in audit[:3]] == ["rollout_abort", "rollout_start", "rollout_create"]
+    assert all(e["actor"] == "ops" for e in audit[:3])

@@ -672,4 +672,16 @@ mod tests {
         assert_eq!((a.path.as_str(), a.custom.rollback), (v1.path.as_str(), true));
         assert!(matches!(s.rollout_action("r", Event::Resume { by: "ops".into() }, 4), Ok(ActionOutcome::Refused(_))));
     }
+
+    #[test]
+    fn the_audit_log_is_append_only() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s = store(dir.path(), 0);
+        s.log("ops", "rollout_start", &serde_json::json!({"rollout": "r"})).unwrap_or_else(|e| panic!("{e}"));
+        for sql in ["UPDATE repository_log SET actor = 'someone else'", "DELETE FROM repository_log"] {
+            let err = s.conn().execute(sql, []).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("append-only"), "{sql}: {err}");
+        }
+        assert_eq!(s.recent_log(10).unwrap_or_default().len(), 1);
+    }
 }

@@ -162,6 +162,11 @@ CREATE TABLE IF NOT EXISTS repository_log (
     action TEXT NOT NULL,
     detail TEXT NOT NULL
 );
+-- The audit log is append-only: the database itself refuses to change or drop entries.
+CREATE TRIGGER IF NOT EXISTS repository_log_append_only_update BEFORE UPDATE ON repository_log
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS repository_log_append_only_delete BEFORE DELETE ON repository_log
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 ";
 
 /// A new enrollment challenge, before the device proves it.
