@@ -51,17 +51,7 @@ done
 rm -rf "$WORK"
 mkdir -p "$WORK"
 fleet_log "repository, server, release"
-fleet_make_keys "$WORK/keys"
-fleet_init_repo "$WORK/repo" "$WORK/keys"
-PORT="$(fleet_free_port)"
-SERVER_URL="http://127.0.0.1:$PORT"
-fleet_write_server_config "$WORK/server.toml" "$PORT" "$WORK/server-data" "$WORK/keys" "$WORK/repo"
-OUTPOST_TOKEN="$(fleet_create_token "$WORK/server.toml" bench-pipeline)"
-export OUTPOST_TOKEN
-OPERATOR="$(fleet_create_token "$WORK/server.toml" bench-operator operator)"
-fleet_start_server "$WORK/server.toml" "$WORK/server.log"
-fleet_wait_healthy "$SERVER_URL" 30
-"$OUTPOST_BIN/outpost" repo push --repo "$WORK/repo" --server "$SERVER_URL" >/dev/null
+fleet_bench_server "$WORK"
 head -c $((1 << 20)) /dev/urandom >"$WORK/fw.img"
 "$OUTPOST_BIN/outpost" release publish --repo "$WORK/repo" --firmware "$WORK/fw.img" --hardware-class rpi4 \
   --version 1.0.0 --key "$WORK/keys/firmware.key" --server "$SERVER_URL" >/dev/null

@@ -12,7 +12,8 @@
 #    at a fixed 1,100/s (what 1 M devices at a 15-minute interval need) for the same time.
 # 5. Scenario: a rollout of 2.0.0 (waves 1/10/50/100 %, failure threshold 10 %, min 5
 #    devices) that fails on 30 % of devices: check-ins until every device checked in
-#    three times; the rollout must pause in wave 0 and no device outside it be assigned.
+#    three times; the rollout must pause in wave 0 and no device outside it be assigned
+#    (the 1 % wave needs enough devices to see failures: use at least 2,000).
 # 6. With BENCH_CHECKIN_LARGE=1 (default), enrolls more devices up to 100,000 and runs
 #    the load step again.
 # 7. Writes a section between <!-- checkins:begin --> and <!-- checkins:end --> in
@@ -53,18 +54,7 @@ command -v jq >/dev/null || fleet_die "jq not found: run 'bash scripts/setup.sh'
 rm -rf "$WORK"
 mkdir -p "$WORK"
 fleet_log "repository, server, releases 1.0.0 and 2.0.0"
-fleet_make_keys "$WORK/keys"
-fleet_init_repo "$WORK/repo" "$WORK/keys"
-PORT="$(fleet_free_port)"
-SERVER_URL="http://127.0.0.1:$PORT"
-fleet_write_server_config "$WORK/server.toml" "$PORT" "$WORK/server-data" "$WORK/keys" "$WORK/repo"
-printf '\n[attestation]\nnonce_lifetime = "60s"\n' >>"$WORK/server.toml"
-OUTPOST_TOKEN="$(fleet_create_token "$WORK/server.toml" bench-pipeline)"
-export OUTPOST_TOKEN
-OPERATOR="$(fleet_create_token "$WORK/server.toml" bench-operator operator)"
-fleet_start_server "$WORK/server.toml" "$WORK/server.log"
-fleet_wait_healthy "$SERVER_URL" 30
-"$OUTPOST_BIN/outpost" repo push --repo "$WORK/repo" --server "$SERVER_URL" >/dev/null
+fleet_bench_server "$WORK"
 for v in 1.0.0 2.0.0; do
   head -c $((1 << 16)) /dev/urandom >"$WORK/fw-$v.img"
   "$OUTPOST_BIN/outpost" release publish --repo "$WORK/repo" --firmware "$WORK/fw-$v.img" --hardware-class rpi4 \

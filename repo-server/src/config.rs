@@ -125,16 +125,7 @@ impl ServerConfig {
                 timestamp_expiry.min(snapshot_expiry)
             )));
         }
-        let adur = |name: &str, v: &Option<String>, default: Duration| -> Result<Duration, ServerError> {
-            match v {
-                None => Ok(default),
-                Some(s) => humantime::parse_duration(s)
-                    .map_err(|e| err(format!("attestation.{name} {s:?}: {e}")))
-                    .and_then(|d| if d.is_zero() { Err(err(format!("attestation.{name} must be more than 0s"))) } else { Ok(d) }),
-            }
-        };
-        let nonce_lifetime = adur("nonce_lifetime", &raw.attestation.nonce_lifetime, Duration::from_secs(60))?;
-        let challenge_lifetime = adur("challenge_lifetime", &raw.attestation.challenge_lifetime, Duration::from_secs(300))?;
+        // A duration setting that must be more than zero; `name` is its dotted path.
         let positive = |name: &str, v: &Option<String>, default: Duration| -> Result<Duration, ServerError> {
             match v {
                 None => Ok(default),
@@ -143,6 +134,8 @@ impl ServerConfig {
                     .and_then(|d| if d.is_zero() { Err(err(format!("{name} must be more than 0s"))) } else { Ok(d) }),
             }
         };
+        let nonce_lifetime = positive("attestation.nonce_lifetime", &raw.attestation.nonce_lifetime, Duration::from_secs(60))?;
+        let challenge_lifetime = positive("attestation.challenge_lifetime", &raw.attestation.challenge_lifetime, Duration::from_secs(300))?;
         let director_targets_expiry = positive("director.targets_expiry", &raw.director.targets_expiry, Duration::from_secs(86400))?;
         let rollout_tick = positive("rollouts.tick", &raw.rollouts.tick, Duration::from_secs(5))?;
         let data_dir = base.join(&raw.data_dir);

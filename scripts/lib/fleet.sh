@@ -207,3 +207,19 @@ fleet_stop_swtpms() {
   done
   FLEET_SWTPM_PIDS=()
 }
+
+fleet_bench_server() { # WORK: keys, repository, a running server on loopback with the
+  # repository pushed; sets SERVER_URL, OUTPOST_TOKEN (pipeline, exported) and OPERATOR.
+  local work="$1" port
+  fleet_make_keys "$work/keys"
+  fleet_init_repo "$work/repo" "$work/keys"
+  port="$(fleet_free_port)"
+  SERVER_URL="http://127.0.0.1:$port"
+  fleet_write_server_config "$work/server.toml" "$port" "$work/server-data" "$work/keys" "$work/repo"
+  OUTPOST_TOKEN="$(fleet_create_token "$work/server.toml" bench-pipeline)"
+  export OUTPOST_TOKEN
+  OPERATOR="$(fleet_create_token "$work/server.toml" bench-operator operator)"
+  fleet_start_server "$work/server.toml" "$work/server.log"
+  fleet_wait_healthy "$SERVER_URL" 30
+  "$OUTPOST_BIN/outpost" repo push --repo "$work/repo" --server "$SERVER_URL" >/dev/null
+}
