@@ -91,8 +91,12 @@ pub struct Repository {
     require_sbom: bool,
     /// Expected measurements by hardware class, for the role versions in the key.
     measurements: std::sync::Mutex<Option<MeasurementIndex>>,
+    /// Full-image firmware releases per hardware class, for the same role versions.
+    releases: std::sync::Mutex<Option<ReleaseIndex>>,
 }
 
+/// (role versions, hardware class -> full-image releases).
+type ReleaseIndex = (Vec<(String, u64)>, BTreeMap<String, Arc<Vec<FirmwareRelease>>>);
 type MeasurementIndex = (Vec<(String, u64)>, BTreeMap<String, Arc<BTreeMap<String, String>>>);
 
 fn load_signing(path: &Path) -> Result<SigningKey, ServerError> {
@@ -196,6 +200,7 @@ impl Repository {
             timestamp_expiry: config.timestamp_expiry,
             state: tokio::sync::Mutex::new(state),
             measurements: std::sync::Mutex::new(None),
+            releases: std::sync::Mutex::new(None),
             require_sbom: config.require_sbom,
         })
     }
@@ -242,27 +247,34 @@ impl Repository {
 
     /// The full-image firmware targets signed for `hardware_class` (delta patches
     /// excluded), from every verified role.
-    pub async fn firmware_releases(&self, hardware_class: &str) -> Vec<FirmwareRelease> {
+    /// Indexed once per set of role versions (every check-in asks).
+    pub async fn firmware_releases(&self, hardware_class: &str) -> Arc<Vec<FirmwareRelease>> {
         let st = self.state.lock().await;
-        let mut out: BTreeMap<String, FirmwareRelease> = BTreeMap::new();
-        for env in st.roles.values() {
-            for (path, file) in &env.signed.targets {
-                let Ok(Some(custom)) = outpost_protocol::release::FirmwareCustom::from_custom(file.custom.as_ref(), path) else { continue };
-                if custom.hardware_class.as_str() != hardware_class || custom.encoding == outpost_protocol::release::Encoding::ZstdPatch {
-                    continue;
+        let key: Vec<(String, u64)> = st.roles.iter().map(|(k, v)| (k.clone(), v.signed.version)).collect();
+        let mut cache = self.releases.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.as_ref().is_none_or(|(k, _)| *k != key) {
+            let mut index: BTreeMap<String, BTreeMap<String, FirmwareRelease>> = BTreeMap::new();
+            for env in st.roles.values() {
+                for (path, file) in &env.signed.targets {
+                    let Ok(Some(custom)) = outpost_protocol::release::FirmwareCustom::from_custom(file.custom.as_ref(), path) else { continue };
+                    if custom.encoding == outpost_protocol::release::Encoding::ZstdPatch {
+                        continue;
+                    }
+                    let Some(sha256) = file.hashes.get("sha256") else { continue };
+                    index.entry(custom.hardware_class.as_str().to_owned()).or_default().entry(path.clone()).or_insert_with(|| FirmwareRelease {
+                        path: path.clone(),
+                        length: file.length,
+                        sha256: sha256.clone(),
+                        version: custom.version.to_string(),
+                        measurement: custom.expected_measurement.sha256.clone(),
+                        sbom_sha256: custom.sbom.as_ref().map(|s| s.sha256.clone()),
+                    });
                 }
-                let Some(sha256) = file.hashes.get("sha256") else { continue };
-                out.entry(path.clone()).or_insert_with(|| FirmwareRelease {
-                    path: path.clone(),
-                    length: file.length,
-                    sha256: sha256.clone(),
-                    version: custom.version.to_string(),
-                    measurement: custom.expected_measurement.sha256.clone(),
-                    sbom_sha256: custom.sbom.as_ref().map(|s| s.sha256.clone()),
-                });
             }
+            let index = index.into_iter().map(|(class, m)| (class, Arc::new(m.into_values().collect()))).collect();
+            *cache = Some((key, index));
         }
-        out.into_values().collect()
+        cache.as_ref().and_then(|(_, idx)| idx.get(hardware_class).cloned()).unwrap_or_default()
     }
 
     /// The signed sha256 of a target, looked up in every verified role.

@@ -214,7 +214,7 @@ async fn create(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<Cr
         return Err(ApiError::unprocessable("invalid_name", "name must be 1-128 characters"));
     }
     let releases = s.repo.firmware_releases(class.as_str()).await;
-    let release = releases.into_iter().find(|r| r.version == body.version).ok_or_else(|| {
+    let release = releases.iter().find(|r| r.version == body.version).cloned().ok_or_else(|| {
         ApiError::unprocessable("unknown_release", format!("version: no signed full-image release {} for hardware class {}", body.version, class.as_str()))
     })?;
     vulnerability_gate(&s, &release.path).await?;
