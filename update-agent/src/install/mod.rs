@@ -670,9 +670,6 @@ fn agrees(a: &outpost_protocol::director::Assignment, cand: &Candidate, config: 
     Ok(())
 }
 
-/// Groups signed firmware targets for this class by version; the newest with a full
-/// image wins, or the full image at `want`. A target filed under this class but signed
-/// for another is refused.
 /// Which full image `choose` picks.
 enum Pick<'a> {
     Newest,
@@ -694,6 +691,9 @@ fn release_of(cand: &Candidate) -> Release {
     }
 }
 
+/// Groups signed firmware targets for this class by version and picks one full image
+/// (`want`): the newest, the one at a path, or the one with a measurement. A target
+/// filed under this class but signed for another is refused.
 fn choose(infos: Vec<TargetInfo>, config: &AgentConfig, want: Pick<'_>) -> Result<Option<Candidate>> {
     let by_path: BTreeMap<String, TargetInfo> = infos.iter().map(|i| (i.path.clone(), i.clone())).collect();
     let mut fulls: BTreeMap<String, (ReleaseVersion, TargetInfo, FirmwareCustom)> = BTreeMap::new();
