@@ -50,6 +50,10 @@ pub enum Error {
     #[error("TPM {what}: {reason}")]
     Tpm { what: String, reason: String },
 
+    /// A network-policy bundle that is malformed; the text names the scope, rule and field.
+    #[error("policy {0}")]
+    Policy(String),
+
     /// Programming-order error in the trusted set (e.g. timestamp before root is final).
     #[error("TUF workflow order: {0}")]
     Order(String),

@@ -10,6 +10,7 @@ pub mod error;
 pub mod hashing;
 pub mod keys;
 pub mod pattern;
+pub mod policy;
 pub mod release;
 pub mod report;
 pub mod rollout;
