@@ -35,13 +35,13 @@ APT_PACKAGES=(
   libtss2-dev   # TPM2 Software Stack that tss-esapi links (Debian 12: 3.2)
   tpm2-tools    # tpm2_* commands used by tests to inspect a device's TPM independently
   chromium      # headless browser: the dashboard test drives it over the DevTools pipe
+  bpftool       # tests check that detaching leaves no Outpost programs behind
+  iproute2      # network namespaces and veth pairs for the policy tests
+  nftables      # the policy benchmark's baseline (chains and sets)
+  iperf3        # throughput through the policy programs in the benchmark
 )
 
-# --- Later issues: uncomment/add here (do NOT install before they are needed) ---
-# llvm-22-dev                     # bpf-linker is built against it (eBPF)
-#   + `cargo install bpf-linker`, nightly toolchain + rust-src for the BPF target
-# postgresql                      # scale-out state backend; CI starts it for its tests
-# APT_PACKAGES+=( ... )
+# Later: postgresql (scale-out state backend; CI starts it for its tests).
 # ---------------------------------------------------------------------------
 
 missing=()
@@ -73,6 +73,27 @@ if ! cargo_version="$(cargo --version 2>/dev/null)"; then
   die "cargo not found. Install the stable Rust toolchain with rustup (https://rustup.rs), then re-run scripts/setup.sh"
 fi
 log "Rust: $cargo_version"
+
+# eBPF: the programs in ebpf/programs are built for the BPF target by the nightly
+# toolchain (with rust-src, for -Z build-std=core) and linked by bpf-linker against
+# the nightly's own LLVM (the rust-llvm feature: no system LLVM needed). The
+# nightly is the machine's; it is not updated here, since bpf-linker's LLVM must
+# match it.
+if ! rustup toolchain list | grep -q '^nightly'; then
+  die "the nightly Rust toolchain is missing (rustup toolchain install nightly --component rust-src); it builds the eBPF programs"
+fi
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+  log "adding rust-src to the nightly toolchain"
+  rustup component add rust-src --toolchain nightly >/dev/null
+fi
+nightly_llvm="$(rustc +nightly -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
+BPF_LINKER_VERSION=0.10.4
+if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+  log "building bpf-linker $BPF_LINKER_VERSION against the nightly's LLVM $nightly_llvm (about a minute)"
+  cargo install --quiet --locked bpf-linker --version "$BPF_LINKER_VERSION" \
+    --no-default-features --features "rust-llvm-$nightly_llvm" >/dev/null
+fi
+log "eBPF: $(bpf-linker --version 2>/dev/null | head -1), nightly LLVM $nightly_llvm"
 
 # ---------------------------------------------------------------------------
 # 3. Python venv for the test suite and the bench

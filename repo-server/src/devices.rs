@@ -293,6 +293,7 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
         sbom_sha256: report.sbom_sha256.as_deref(),
         health: &health,
         reports: &report.reports,
+        policy: report.policy.as_ref().and_then(|p| serde_json::to_string(p).ok()),
     };
     let facts = crate::rollout_store::DeviceFacts {
         device_id: &id,

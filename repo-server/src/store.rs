@@ -217,6 +217,8 @@ pub struct Device {
     pub quarantined: bool,
     /// Labels rollout selectors match.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The network policy the device reported at its last attested check-in.
+    pub policy: Option<serde_json::Value>,
 }
 
 /// Why a nonce cannot be used.
@@ -239,6 +241,8 @@ pub struct CheckinRecord<'a> {
     pub sbom_sha256: Option<&'a str>,
     pub health: &'a str,
     pub reports: &'a [InstallReport],
+    /// The policy status (JSON) the device reported.
+    pub policy: Option<String>,
 }
 
 /// A release whose SBOM is indexed.
@@ -314,9 +318,9 @@ fn record_checkin_tx(tx: &rusqlite::Transaction<'_>, c: &CheckinRecord<'_>) -> R
     .execute(params![c.device_id, now, c.verdict, c.reason, c.slot, c.version, c.image_sha256])?;
     tx.prepare_cached(
         "UPDATE devices SET last_checkin_at = ?1, slot = ?2, version = ?3, image_sha256 = ?4, health = ?5,
-           attestation = ?6, attestation_reason = ?7, attested_at = ?1, sbom_sha256 = ?9 WHERE device_id = ?8",
+           attestation = ?6, attestation_reason = ?7, attested_at = ?1, sbom_sha256 = ?9, policy = COALESCE(?10, policy) WHERE device_id = ?8",
     )?
-    .execute(params![now, c.slot, c.version, c.image_sha256, c.health, c.verdict, c.reason, c.device_id, c.sbom_sha256])?;
+    .execute(params![now, c.slot, c.version, c.image_sha256, c.health, c.verdict, c.reason, c.device_id, c.sbom_sha256, c.policy])?;
     for r in c.reports {
         tx.prepare_cached(
             "INSERT INTO install_reports (received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at)
@@ -328,12 +332,14 @@ fn record_checkin_tx(tx: &rusqlite::Transaction<'_>, c: &CheckinRecord<'_>) -> R
 }
 
 /// Schema changes to tables that already exist, by `PRAGMA user_version`.
-const ALTERATIONS: [&str; 1] = [
+const ALTERATIONS: [&str; 2] = [
     // 1: device labels (rollout selectors) and the per-device director version;
     // labels given to enrollment tokens.
     "ALTER TABLE devices ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
      ALTER TABLE devices ADD COLUMN director_version INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE enrollment_tokens ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';",
+    // 2: the network policy status devices report at check-in.
+    "ALTER TABLE devices ADD COLUMN policy TEXT;",
 ];
 
 fn migrate(conn: &Connection) -> Result<(), ServerError> {
@@ -538,10 +544,11 @@ impl Store {
             health: r.get(12)?,
             sbom_sha256: r.get(13)?,
             labels: serde_json::from_str(&r.get::<_, String>(14)?).unwrap_or_default(),
+            policy: r.get::<_, Option<String>>(15)?.and_then(|p| serde_json::from_str(&p).ok()),
         })
     }
 
-    const DEVICE_COLUMNS: &'static str = "device_id, hardware_class, ak_public, ek_certificate, enrolled_at, last_checkin_at, slot, version, image_sha256, attestation, attestation_reason, attested_at, health, sbom_sha256, labels";
+    const DEVICE_COLUMNS: &'static str = "device_id, hardware_class, ak_public, ek_certificate, enrolled_at, last_checkin_at, slot, version, image_sha256, attestation, attestation_reason, attested_at, health, sbom_sha256, labels, policy";
 
     pub fn device(&self, id: &str) -> Result<Option<Device>, ServerError> {
         let sql = format!("SELECT {} FROM devices WHERE device_id = ?1", Self::DEVICE_COLUMNS);

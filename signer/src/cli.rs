@@ -46,6 +46,9 @@ pub enum Command {
     /// Canary rollouts: create, start, pause, resume, advance, abort, status (operator API).
     #[command(subcommand)]
     Rollout(crate::rollout_cmd::RolloutCommand),
+    /// Network-policy bundles: check, and publish under the `policy` delegation.
+    #[command(subcommand)]
+    Policy(crate::policy_cmd::PolicyCommand),
     /// SBOMs: generate (root filesystem, Cargo.lock) and validate CycloneDX 1.5.
     #[command(subcommand)]
     Sbom(crate::sbom_cmd::SbomCommand),
@@ -105,6 +108,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Device(cmd) => crate::device_cmd::run(cmd, &out).await,
         Command::Sbom(cmd) => crate::sbom_cmd::run(cmd, &out).await,
         Command::Rollout(cmd) => crate::rollout_cmd::run(cmd, &out).await,
+        Command::Policy(cmd) => crate::policy_cmd::run(cmd, &out).await,
         Command::VerifyBlob { key, signature, bundle, file } => {
             let pem = std::fs::read(&key).map_err(|e| crate::error::SignerError::io("read", &key, e))?;
             crate::sigstore_out::verify_file(&pem, &file, signature.as_deref(), bundle.as_deref())?;

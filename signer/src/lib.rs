@@ -7,6 +7,7 @@ pub mod error;
 pub mod keyfile;
 pub mod localrepo;
 pub mod output;
+pub mod policy_cmd;
 pub mod release_cmd;
 pub mod repo_cmd;
 pub mod rollout_cmd;

@@ -305,31 +305,8 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
         };
         body.targets.insert(art.path.clone(), TargetFile { length: art.length, hashes, custom, extra: Default::default() });
     }
-    body.version += 1;
-    let secs = a.expires.map(|d| d.as_secs().max(1)).unwrap_or(repo.settings.targets_expires_secs);
-    body.expires = outpost_protocol::tuf::format_expires(repo.expires(secs));
-    let bytes = repo.sign_role(&role, &body, &keys)?;
-    if server.is_none() {
-        // Offline: the directory keeps the target files too.
-        for art in &artifacts {
-            let dest = repo.target_file_path(&art.path, &art.sha256);
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| SignerError::io("create", parent, e))?;
-            }
-            let tmp = dest.with_extension("partial");
-            std::fs::copy(&art.file, &tmp).map_err(|e| SignerError::io("copy target to", &tmp, e))?;
-            std::fs::rename(&tmp, &dest).map_err(|e| SignerError::io("rename", &dest, e))?;
-        }
-    }
-    repo.write_role(&role, body.version, &bytes)?;
-    repo.resign_online()?;
-    let pushed = match &server {
-        Some(s) => {
-            let fresh: Vec<(&str, &std::path::Path)> = artifacts.iter().map(|a| (a.path.as_str(), a.file.as_path())).collect();
-            Some(crate::upload::push(&repo, s, &fresh, out).await?)
-        }
-        None => None,
-    };
+    let fresh: Vec<(&str, &std::path::Path, &str)> = artifacts.iter().map(|a| (a.path.as_str(), a.file.as_path(), a.sha256.as_str())).collect();
+    let pushed = commit_role(&repo, &role, &mut body, &keys, &fresh, a.expires, server.as_ref(), out).await?;
     // Sigstore signatures for people outside Outpost: the image and the SBOM.
     let sigstore_dir = a.sigstore_dir.clone().unwrap_or_else(|| repo.dir.join("sigstore"));
     let mut sigstore = Vec::new();
@@ -367,4 +344,46 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
         ),
     );
     Ok(())
+}
+
+/// Signs `body` as the next version of `role` (expiring after `expires`, default the
+/// repository's targets expiry), stores it with the new target files (offline: copied
+/// into the directory) and re-signs snapshot and timestamp; with a server, uploads the
+/// changed metadata and `fresh` files. Returns the server's answer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn commit_role(
+    repo: &LocalRepo,
+    role: &str,
+    body: &mut outpost_protocol::tuf::Targets,
+    keys: &[outpost_protocol::keys::SigningKey],
+    fresh: &[(&str, &std::path::Path, &str)],
+    expires: Option<Duration>,
+    server: Option<&crate::upload::Server>,
+    out: &Output,
+) -> Result<Option<serde_json::Value>> {
+    body.version += 1;
+    let secs = expires.map(|d| d.as_secs().max(1)).unwrap_or(repo.settings.targets_expires_secs);
+    body.expires = outpost_protocol::tuf::format_expires(repo.expires(secs));
+    let bytes = repo.sign_role(role, body, keys)?;
+    if server.is_none() {
+        // Offline: the directory keeps the target files too.
+        for (path, file, sha256) in fresh {
+            let dest = repo.target_file_path(path, sha256);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| SignerError::io("create", parent, e))?;
+            }
+            let tmp = dest.with_extension("partial");
+            std::fs::copy(file, &tmp).map_err(|e| SignerError::io("copy target to", &tmp, e))?;
+            std::fs::rename(&tmp, &dest).map_err(|e| SignerError::io("rename", &dest, e))?;
+        }
+    }
+    repo.write_role(role, body.version, &bytes)?;
+    repo.resign_online()?;
+    match server {
+        Some(s) => {
+            let fresh: Vec<(&str, &std::path::Path)> = fresh.iter().map(|(p, f, _)| (*p, *f)).collect();
+            Ok(Some(crate::upload::push(repo, s, &fresh, out).await?))
+        }
+        None => Ok(None),
+    }
 }

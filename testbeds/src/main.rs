@@ -218,6 +218,7 @@ async fn checkin(http: &reqwest::Client, server: &str, d: &mut SimDevice, fail: 
         pcr: PCR,
         event_log: log,
         reports: d.pending.clone(),
+        policy: None,
         at: chrono::Utc::now().to_rfc3339(),
     };
     let report = serde_json::to_value(&report).map_err(|e| e.to_string())?;

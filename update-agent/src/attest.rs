@@ -284,6 +284,7 @@ pub async fn prepare_checkin(config: &AgentConfig, state: &DeviceState) -> Resul
         pcr: conf.pcr,
         event_log: log,
         reports: state.reports.clone(),
+        policy: crate::policy::read_status(config),
         at: chrono::Utc::now().to_rfc3339(),
     };
     let report = serde_json::to_value(&report).map_err(|e| AgentError::Usage(format!("serialize report: {e}")))?;

@@ -48,10 +48,58 @@ pub enum Command {
     /// One attested check-in (nonce, quote over the measurement PCR, event log, state)
     /// and the server's verdict.
     Checkin,
+    /// Network policy: check a bundle, show what the daemon enforces, or enforce a
+    /// local bundle in the foreground.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a bundle file; errors name the scope, rule and field.
+    Check { file: PathBuf },
+    /// What the daemon enforces (its last status: version, profile, counters).
+    Status,
+    /// Enforce a local bundle file until SIGINT/SIGTERM (SIGHUP re-reads it), for
+    /// trying a bundle on a device: no signature is checked here, the daemon
+    /// enforces only bundles signed by the `policy` role.
+    Enforce {
+        file: PathBuf,
+        /// Where workload cgroup paths start (default: the cgroup v2 mount).
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+        /// Serve Prometheus `/metrics` here, e.g. 127.0.0.1:9101.
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
+    },
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Policy(PolicyCommand::Check { file }) => {
+            let bytes = std::fs::read(&file).map_err(|e| crate::error::AgentError::io("read", &file, e))?;
+            let b = outpost_protocol::policy::PolicyBundle::parse(&bytes)
+                .map_err(|e| crate::error::AgentError::Policy(format!("{}: {e}", file.display())))?;
+            if cli.json {
+                println!("{}", serde_json::json!({"valid": true, "name": b.name, "version": b.version, "rules": b.profile.rule_count(), "essential_rules": b.essential.rule_count()}));
+            } else {
+                println!("{}: valid; {} v{}, {} rule(s), essential profile {} rule(s)", file.display(), b.name, b.version, b.profile.rule_count(), b.essential.rule_count());
+            }
+            Ok(())
+        }
+        Command::Policy(PolicyCommand::Status) => {
+            let config = AgentConfig::load(&cli.config)?;
+            match crate::policy::read_status(&config) {
+                Some(s) => {
+                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                    Ok(())
+                }
+                None => Err(crate::error::AgentError::Usage("no network policy is enforced (no [policy] section, or no bundle applied yet)".into())),
+            }
+        }
+        Command::Policy(PolicyCommand::Enforce { file, cgroup_root, metrics_listen }) => {
+            crate::policy::enforce_local(&file, cgroup_root, metrics_listen, cli.json).await
+        }
         Command::TufClient(args) => crate::tuf_client::run(args).await,
         Command::Run { once } => {
             let config = AgentConfig::load(&cli.config)?;
@@ -64,6 +112,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                     .map_err(|e| crate::error::AgentError::io("read trusted root", &config.trusted_root, e))?;
                 crate::updater::write_atomic(&root_file, &data)?;
             }
+            let policy = crate::policy::start_for(&config);
+            if let (Some(engine), Some(addr)) = (&policy, config.policy.as_ref().and_then(|p| p.metrics_listen)) {
+                crate::policy::serve_metrics(addr, engine.clone()).await?;
+            }
             let mut installer = crate::install::Installer::open(&config)?;
             let json = cli.json;
             installer.announce = Some(Box::new(move |r| emit(json, r)));
@@ -71,6 +123,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 emit(cli.json, &result);
             }
             loop {
+                if let Some(engine) = &policy {
+                    crate::policy::step(&config, engine).await;
+                }
                 installer.flush_reports().await;
                 match installer.checkin().await {
                     Ok(Some(v)) => emit_verdict(cli.json, &v),
@@ -86,7 +141,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                 if once {
                     return Ok(());
                 }
-                tokio::time::sleep(config.install.check_interval).await;
+                let pause = match &policy {
+                    Some(engine) => crate::policy::sleep_for(engine, config.install.check_interval),
+                    None => config.install.check_interval,
+                };
+                tokio::time::sleep(pause).await;
             }
         }
         Command::Enroll { token } => {

@@ -23,6 +23,29 @@ struct RawConfig {
     #[serde(default)]
     health: Vec<HealthCheck>,
     tpm: Option<RawTpm>,
+    policy: Option<RawPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    enabled: Option<bool>,
+    cgroup_root: Option<PathBuf>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    metrics_listen: Option<String>,
+}
+
+/// Network policy enforcement (`[policy]`): signed bundles of the `policy` delegation,
+/// enforced with eBPF.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// Where workload cgroup paths start (default: the cgroup v2 mount).
+    pub cgroup_root: Option<PathBuf>,
+    /// This device's labels, matched against bundle selectors.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Serve Prometheus `/metrics` (policy counters) here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,6 +124,8 @@ pub struct AgentConfig {
     pub health: Vec<HealthCheck>,
     /// TPM-rooted identity, measured boot and attested check-ins (absent: none of them).
     pub tpm: Option<TpmConfig>,
+    /// Network policy enforcement (absent or `enabled = false`: none).
+    pub policy: Option<PolicyConfig>,
 }
 
 impl AgentConfig {
@@ -160,7 +185,18 @@ impl AgentConfig {
                 Some(TpmConfig { tcti: t.tcti, pcr })
             }
         };
+        let policy = match raw.policy {
+            Some(p) if p.enabled.unwrap_or(true) => {
+                let metrics_listen = match &p.metrics_listen {
+                    None => None,
+                    Some(a) => Some(a.parse().map_err(|e| err(format!("policy.metrics_listen {a:?}: {e}")))?),
+                };
+                Some(PolicyConfig { cgroup_root: p.cgroup_root.map(|c| base.join(c)), labels: p.labels, metrics_listen })
+            }
+            _ => None,
+        };
         Ok(AgentConfig {
+            policy,
             tpm,
             device_id,
             install,
@@ -179,6 +215,10 @@ impl AgentConfig {
 
     pub fn download_dir(&self) -> PathBuf {
         self.state_dir.join("downloads")
+    }
+
+    pub fn policy_dir(&self) -> PathBuf {
+        self.state_dir.join("policy")
     }
 
     pub fn boot_dir(&self) -> PathBuf {

@@ -92,6 +92,10 @@ pub enum AgentError {
     #[error("attestation: {0}")]
     Attestation(String),
 
+    /// A network-policy bundle refused, or enforcement that cannot run.
+    #[error("network policy: {0}")]
+    Policy(String),
+
     /// A director assignment that is not verified, or that the image repository's
     /// signed targets do not agree with.
     #[error("director assignment refused: {0}")]

@@ -329,8 +329,9 @@ impl Enforcer {
                 let mut link = |name: &str, at: CgroupSkbAttachType| -> Result<CgroupSkbLinkId, Error> {
                     let file = std::fs::File::open(&path).map_err(|e| Error::Attach { program: name.into(), target: path.display().to_string(), reason: e.to_string() })?;
                     let p: &mut CgroupSkb = prog(&mut self.ebpf, name)?.try_into().map_err(|e| Error::Load(format!("{name}: {e}")))?;
-                    p.attach(file, at, CgroupAttachMode::AllowMultiple)
-                        .map_err(|e| Error::Attach { program: name.into(), target: path.display().to_string(), reason: e.to_string() })
+                    // Links are always multi-attach; the kernel wants no flags with them.
+                    p.attach(file, at, CgroupAttachMode::Single)
+                        .map_err(|e| Error::Attach { program: name.into(), target: path.display().to_string(), reason: chain(&e) })
                 };
                 let egress = link("outpost_cg_egress", CgroupSkbAttachType::Egress)?;
                 let ingress = match link("outpost_cg_ingress", CgroupSkbAttachType::Ingress) {
@@ -347,7 +348,7 @@ impl Enforcer {
             ScopeKind::Interface => {
                 let mut link = |name: &str, at: TcAttachType| -> Result<SchedClassifierLinkId, Error> {
                     let p: &mut SchedClassifier = prog(&mut self.ebpf, name)?.try_into().map_err(|e| Error::Load(format!("{name}: {e}")))?;
-                    p.attach(target, at).map_err(|e| Error::Attach { program: name.into(), target: target.into(), reason: e.to_string() })
+                    p.attach(target, at).map_err(|e| Error::Attach { program: name.into(), target: target.into(), reason: chain(&e) })
                 };
                 let egress = link("outpost_tc_egress", TcAttachType::Egress)?;
                 let ingress = match link("outpost_tc_ingress", TcAttachType::Ingress) {
@@ -470,12 +471,28 @@ impl Enforcer {
     }
 }
 
+/// An error and its sources, `a: b: c`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program, Error> {
     ebpf.program_mut(name).ok_or_else(|| Error::Load(format!("program {name} missing from the object")))
 }
 
 fn load_error(name: &str, e: aya::programs::ProgramError) -> Error {
-    let text = format!("{e:?}");
+    // The verifier's log can be thousands of lines: keep its end, where the reason is.
+    let full = e.to_string();
+    let lines: Vec<&str> = full.lines().collect();
+    let e = if lines.len() > 12 { format!("{} [...] {}", lines[0], lines[lines.len() - 10..].join("\n")) } else { full };
+    let text = e.clone();
     if text.contains("EPERM") || text.contains("Operation not permitted") {
         Error::Unsupported(format!("{name}: {e} (the agent needs root, or CAP_BPF and CAP_NET_ADMIN)"))
     } else {

@@ -205,7 +205,7 @@ mod tests {
     #[test]
     fn ports_ranges_and_wildcards() {
         let b = bundle(
-            "      - {name: r, direction: egress, cidr: ::/0, protocol: udp, ports: \"1000-1010\"}\n      - {name: big, direction: egress, cidr: ::/0, protocol: tcp, ports: \"2000-9000\"}\n      - {name: all, direction: ingress, cidr: ::/0, protocol: icmp}\n",
+            "      - {name: r, direction: egress, cidr: \"::/0\", protocol: udp, ports: \"1000-1010\"}\n      - {name: big, direction: egress, cidr: \"::/0\", protocol: tcp, ports: \"2000-9000\"}\n      - {name: all, direction: ingress, cidr: \"::/0\", protocol: icmp}\n",
         );
         let p = plan(&b.profile, 0, &[Resolved { kind: SCOPE_CGROUP, id: 1 }]).expect("plan");
         assert_eq!(p.ports.iter().filter(|(k, _)| k.proto == PROTO_UDP).count(), 11);

@@ -67,7 +67,8 @@ struct Packet {
 trait Bytes {
     fn byte(&self, off: usize) -> Option<u8>;
     fn half(&self, off: usize) -> Option<u16>;
-    fn copy(&self, off: usize, dst: &mut [u8]) -> Option<()>;
+    fn addr4(&self, off: usize) -> Option<[u8; 4]>;
+    fn addr16(&self, off: usize) -> Option<[u8; 16]>;
 }
 
 impl Bytes for SkBuffContext {
@@ -80,8 +81,12 @@ impl Bytes for SkBuffContext {
         self.load::<u16>(off).ok()
     }
     #[inline(always)]
-    fn copy(&self, off: usize, dst: &mut [u8]) -> Option<()> {
-        self.load_bytes(off, dst).ok().map(|_| ())
+    fn addr4(&self, off: usize) -> Option<[u8; 4]> {
+        self.load::<[u8; 4]>(off).ok()
+    }
+    #[inline(always)]
+    fn addr16(&self, off: usize) -> Option<[u8; 16]> {
+        self.load::<[u8; 16]>(off).ok()
     }
 }
 
@@ -95,8 +100,12 @@ impl Bytes for TcContext {
         self.load::<u16>(off).ok()
     }
     #[inline(always)]
-    fn copy(&self, off: usize, dst: &mut [u8]) -> Option<()> {
-        self.load_bytes(off, dst).ok().map(|_| ())
+    fn addr4(&self, off: usize) -> Option<[u8; 4]> {
+        self.load::<[u8; 4]>(off).ok()
+    }
+    #[inline(always)]
+    fn addr16(&self, off: usize) -> Option<[u8; 16]> {
+        self.load::<[u8; 16]>(off).ok()
     }
 }
 
@@ -122,8 +131,9 @@ fn parse<B: Bytes>(b: &B, l3: usize, len: u32) -> Option<Packet> {
             return None;
         }
         p.proto = b.byte(l3 + 9)?;
-        b.copy(l3 + 12, &mut p.src[..4])?;
-        b.copy(l3 + 16, &mut p.dst[..4])?;
+        let (src, dst) = (b.addr4(l3 + 12)?, b.addr4(l3 + 16)?);
+        p.src[..4].copy_from_slice(&src);
+        p.dst[..4].copy_from_slice(&dst);
         // A non-first fragment carries no ports: it is matched with port 0.
         let frag = u16::from_be(b.half(l3 + 6)?) & 0x1fff;
         if frag != 0 {
@@ -133,8 +143,8 @@ fn parse<B: Bytes>(b: &B, l3: usize, len: u32) -> Option<Packet> {
     } else if v == 6 {
         p.family = FAMILY_V6;
         p.proto = b.byte(l3 + 6)?;
-        b.copy(l3 + 8, &mut p.src)?;
-        b.copy(l3 + 24, &mut p.dst)?;
+        p.src = b.addr16(l3 + 8)?;
+        p.dst = b.addr16(l3 + 24)?;
         l4 = l3 + 40;
     } else {
         return None;

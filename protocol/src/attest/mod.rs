@@ -185,6 +185,9 @@ pub struct CheckinReport {
     /// Install outcomes not yet delivered.
     #[serde(default)]
     pub reports: Vec<InstallReport>,
+    /// The network policy in force, when the device enforces one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::policy::PolicyStatus>,
     pub at: String,
 }
 

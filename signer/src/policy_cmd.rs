@@ -1,0 +1,138 @@
+//! `outpost policy check|publish`: validate a network-policy bundle and sign it as a
+//! target of the `policy` delegation (its own keys, distinct from firmware keys).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use outpost_protocol::policy::{PolicyBundle, PolicyTargetCustom, Selector, POLICY_ROLE};
+use outpost_protocol::tuf::TargetFile;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Result, SignerError};
+use crate::keyfile;
+use crate::localrepo::{parse_duration, LocalRepo};
+use crate::output::Output;
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a bundle; errors name the scope, rule and field.
+    Check { file: PathBuf },
+    /// Sign a bundle under the `policy` delegation (offline), then upload it when
+    /// --server is given.
+    Publish(PublishArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// Private keys of the policy role (repeat to meet its threshold).
+    #[arg(long = "key", required = true)]
+    pub keys: Vec<PathBuf>,
+    /// Select devices of this hardware class (repeatable; none: every class).
+    #[arg(long = "hardware-class")]
+    pub hardware_classes: Vec<String>,
+    /// Select devices with this label, KEY=VALUE (repeatable; all must match).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// How long the role's new metadata stays valid (default: the repository's targets expiry).
+    #[arg(long, value_parser = parse_duration)]
+    pub expires: Option<Duration>,
+    #[command(flatten)]
+    pub server: crate::upload::ServerArgs,
+    /// The bundle (YAML or JSON).
+    pub file: PathBuf,
+}
+
+fn parse_label(s: &str) -> std::result::Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?}: a label is KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?}: the label key is empty"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+pub async fn run(cmd: PolicyCommand, out: &Output) -> Result<()> {
+    match cmd {
+        PolicyCommand::Check { file } => {
+            let b = read(&file)?.1;
+            out.emit(
+                &json!({"valid": true, "name": b.name, "version": b.version, "mode": b.mode, "not_after": b.not_after,
+                        "rules": b.profile.rule_count(), "essential_rules": b.essential.rule_count()}),
+                &format!("{}: valid; {} v{}, {} rule(s), essential profile {} rule(s), valid until {}", file.display(), b.name, b.version, b.profile.rule_count(), b.essential.rule_count(), b.not_after),
+            );
+            Ok(())
+        }
+        PolicyCommand::Publish(a) => publish(a, out).await,
+    }
+}
+
+fn read(file: &std::path::Path) -> Result<(Vec<u8>, PolicyBundle)> {
+    let bytes = std::fs::read(file).map_err(|e| SignerError::io("read", file, e))?;
+    let bundle = PolicyBundle::parse(&bytes).map_err(|e| SignerError::Usage(format!("{}: {e}", file.display())))?;
+    Ok((bytes, bundle))
+}
+
+async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
+    let repo = LocalRepo::open(&a.repo)?;
+    let server = a.server.optional()?;
+    let keys = keyfile::load_all_signing(&a.keys)?;
+    let (bytes, bundle) = read(&a.file)?;
+    if bundle.not_after <= chrono::Utc::now() {
+        return Err(SignerError::Usage(format!("{}: not_after {} has passed; devices would fall back to its essential profile at once", a.file.display(), bundle.not_after)));
+    }
+    let selector = Selector { hardware_classes: a.hardware_classes.clone(), labels: a.labels.iter().cloned().collect::<BTreeMap<_, _>>() };
+    let custom = PolicyTargetCustom::from_bundle(&bundle, selector);
+    let path = custom.target_path();
+    let role = crate::release_cmd::role_for_path(&repo, &path)?;
+    if role != POLICY_ROLE {
+        return Err(SignerError::Usage(format!(
+            "{path} is not delegated to a `{POLICY_ROLE}` role in this repository (found {role}); create it with `outpost repo delegate --role {POLICY_ROLE} --paths 'policy/*/*' --delegate-key KEY ...` using keys that are not the firmware keys"
+        )));
+    }
+    let (env, _) = repo.role(&role)?.ok_or_else(|| SignerError::Usage(format!("role {role} has no metadata yet")))?;
+    let mut body = env.signed.clone();
+    // A bundle name's versions only go up.
+    for (p, t) in &body.targets {
+        if let Some(c) = t.custom.as_ref().and_then(|c| serde_json::from_value::<PolicyTargetCustom>(c.clone()).ok()) {
+            if c.name == bundle.name && c.version >= bundle.version && *p != path {
+                return Err(SignerError::Usage(format!("policy {} version {} is already published ({p}); bump `version`", c.name, c.version)));
+            }
+        }
+    }
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    if let Some(existing) = body.targets.get(&path) {
+        if existing.hashes.get("sha256") != Some(&sha256) {
+            return Err(SignerError::Usage(format!("{path} is already published with different content; bump `version`")));
+        }
+    }
+    let staging = repo.dir.join(".staging");
+    std::fs::create_dir_all(&staging).map_err(|e| SignerError::io("create", &staging, e))?;
+    let tmp = staging.join(format!("{sha256}.policy.yaml"));
+    crate::localrepo::write_atomic(&tmp, &bytes)?;
+    let mut hashes = BTreeMap::new();
+    hashes.insert("sha256".to_owned(), sha256.clone());
+    let custom_json = serde_json::to_value(&custom).map_err(|e| SignerError::Usage(format!("policy custom metadata: {e}")))?;
+    body.targets.insert(path.clone(), TargetFile { length: bytes.len() as u64, hashes, custom: Some(custom_json), extra: Default::default() });
+    let result = crate::release_cmd::commit_role(&repo, &role, &mut body, &keys, &[(path.as_str(), tmp.as_path(), sha256.as_str())], a.expires, server.as_ref(), out).await;
+    let _ = std::fs::remove_file(&tmp);
+    let pushed = result?;
+    out.emit(
+        &json!({"target": path, "role": role, "role_version": body.version, "sha256": sha256, "length": bytes.len(), "name": bundle.name,
+                "version": bundle.version, "selector": custom.selector, "not_after": bundle.not_after, "pushed": pushed}),
+        &format!(
+            "signed policy {} v{} as {path} into {role} v{}{}",
+            bundle.name,
+            bundle.version,
+            body.version,
+            match &pushed {
+                Some(p) => format!("; uploaded: {}", p["summary"].as_str().unwrap_or("")),
+                None => format!("; offline in {}", repo.dir.display()),
+            }
+        ),
+    );
+    Ok(())
+}

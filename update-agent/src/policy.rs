@@ -1,0 +1,499 @@
+//! Network policy on the device: bundles signed under the `policy` delegation, fetched
+//! and verified by the TUF client, enforced by the eBPF programs of `outpost-ebpf`.
+//!
+//! - A verified bundle replaces the enforced one only when it parses, has not expired,
+//!   is not an older version of the same bundle, and its scopes exist on this device;
+//!   otherwise it is refused and the current policy stays.
+//! - When the enforced bundle's `not_after` passes (typically while the device cannot
+//!   reach the server), the agent switches to the bundle's essential profile and says
+//!   so in its next check-in.
+//! - The enforced bundle is kept in the state directory, so a restarted agent enforces
+//!   again before it reaches any server.
+//! - Counters go to check-ins and to a Prometheus `/metrics` endpoint; sampled deny
+//!   events go to the log (target `outpost::policy::deny`).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use outpost_ebpf::{Enforcer, SwapReport};
+use outpost_protocol::policy::{Applied, Mode, PolicyBundle, PolicyStatus, PolicyTargetCustom, POLICY_ROLE};
+use serde::{Deserialize, Serialize};
+
+use crate::config::AgentConfig;
+use crate::error::{AgentError, Result};
+use crate::updater::{write_atomic, TargetInfo, Updater};
+
+/// The cgroup v2 mount point, from /proc/self/mounts.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Persisted {
+    target: Option<String>,
+    applied: Applied,
+    fell_back_at: Option<DateTime<Utc>>,
+}
+
+struct Active {
+    bundle: PolicyBundle,
+    target: Option<String>,
+    applied: Applied,
+    fell_back_at: Option<DateTime<Utc>>,
+}
+
+pub struct PolicyEngine {
+    enforcer: Enforcer,
+    /// Where the enforced bundle is kept (none: a local `policy enforce`).
+    dir: Option<PathBuf>,
+    active: Option<Active>,
+    refused: Option<String>,
+    deny_events: u64,
+}
+
+pub type SharedEngine = Arc<Mutex<PolicyEngine>>;
+
+fn lock(engine: &SharedEngine) -> std::sync::MutexGuard<'_, PolicyEngine> {
+    engine.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PolicyEngine {
+    /// Loads the programs. With `dir`, the bundle enforced before a restart is enforced
+    /// again at once (its essential profile if it has expired meanwhile).
+    pub fn start(cgroup_root: &Path, dir: Option<PathBuf>) -> Result<Self> {
+        let enforcer = Enforcer::load(cgroup_root).map_err(|e| AgentError::Policy(e.to_string()))?;
+        let mut engine = PolicyEngine { enforcer, dir, active: None, refused: None, deny_events: 0 };
+        if let Some(dir) = engine.dir.clone() {
+            let (bundle_file, meta_file) = (dir.join("active.yaml"), dir.join("active.json"));
+            if let (Ok(bytes), Ok(meta)) = (std::fs::read(&bundle_file), std::fs::read(&meta_file)) {
+                match (PolicyBundle::parse(&bytes), serde_json::from_slice::<Persisted>(&meta)) {
+                    (Ok(bundle), Ok(meta)) => {
+                        let now = Utc::now();
+                        let applied = bundle.applied(now);
+                        let (profile, mode) = match applied {
+                            Applied::Bundle => (&bundle.profile, bundle.mode),
+                            Applied::Essential => (&bundle.essential, Mode::Enforce),
+                        };
+                        match engine.enforcer.apply(profile, mode, bundle.sample_denies) {
+                            Ok(r) => {
+                                tracing::info!(name = %bundle.name, version = bundle.version, ?applied, generation = r.generation, "restored the enforced network policy");
+                                let fell_back_at = match applied {
+                                    Applied::Essential => meta.fell_back_at.or(Some(now)),
+                                    Applied::Bundle => None,
+                                };
+                                engine.active = Some(Active { bundle, target: meta.target, applied, fell_back_at });
+                                engine.persist();
+                            }
+                            Err(e) => tracing::error!(error = %e, "cannot restore the enforced network policy"),
+                        }
+                    }
+                    (Err(e), _) => tracing::error!(error = %e, file = %bundle_file.display(), "stored policy bundle is unreadable"),
+                    (_, Err(e)) => tracing::error!(error = %e, file = %meta_file.display(), "stored policy state is unreadable"),
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    fn persist(&self) {
+        let (Some(dir), Some(a)) = (&self.dir, &self.active) else { return };
+        let meta = Persisted { target: a.target.clone(), applied: a.applied, fell_back_at: a.fell_back_at };
+        let r = std::fs::create_dir_all(dir)
+            .map_err(|e| AgentError::io("create", dir, e))
+            .and_then(|_| write_atomic(&dir.join("active.json"), &serde_json::to_vec_pretty(&meta).unwrap_or_default()));
+        if let Err(e) = r {
+            tracing::error!(error = %e, "saving the policy state");
+        }
+    }
+
+    /// The enforced bundle's name and version.
+    pub fn current(&self) -> Option<(&str, u64, Applied)> {
+        self.active.as_ref().map(|a| (a.bundle.name.as_str(), a.bundle.version, a.applied))
+    }
+
+    /// Offers a bundle (already verified as a signed target when `target` is given).
+    /// `Ok(None)`: it is the one enforced already.
+    pub fn offer(&mut self, bytes: &[u8], target: Option<&str>, now: DateTime<Utc>) -> Result<Option<SwapReport>> {
+        let what = target.map(|t| t.to_string()).unwrap_or_else(|| "bundle".into());
+        let result = self.try_offer(bytes, target, now);
+        match &result {
+            Err(e) => {
+                self.refused = Some(format!("{what}: {e}"));
+                tracing::error!(bundle = %what, error = %e, "network policy bundle refused; the current policy stays");
+            }
+            Ok(Some(_)) => self.refused = None,
+            Ok(None) => {}
+        }
+        result
+    }
+
+    fn try_offer(&mut self, bytes: &[u8], target: Option<&str>, now: DateTime<Utc>) -> Result<Option<SwapReport>> {
+        let bundle = PolicyBundle::parse(bytes).map_err(|e| AgentError::Policy(e.to_string()))?;
+        if let Some(a) = &self.active {
+            if a.bundle.name == bundle.name {
+                if bundle.version < a.bundle.version {
+                    return Err(AgentError::Policy(format!(
+                        "version {} of {} is older than the enforced version {}",
+                        bundle.version, bundle.name, a.bundle.version
+                    )));
+                }
+                if bundle.version == a.bundle.version {
+                    if a.bundle != bundle {
+                        return Err(AgentError::Policy(format!("version {} of {} differs from the enforced copy of that version", bundle.version, bundle.name)));
+                    }
+                    return Ok(None);
+                }
+            }
+        }
+        if bundle.applied(now) == Applied::Essential {
+            return Err(AgentError::Policy(format!("{} version {} expired at {} (not_after)", bundle.name, bundle.version, bundle.not_after)));
+        }
+        let report = self.enforcer.apply(&bundle.profile, bundle.mode, bundle.sample_denies).map_err(|e| AgentError::Policy(e.to_string()))?;
+        tracing::info!(name = %bundle.name, version = bundle.version, mode = ?bundle.mode, rules = report.rules, generation = report.generation,
+            to_flip_ms = report.to_flip.as_secs_f64() * 1e3, "network policy applied");
+        if let Some(dir) = &self.dir {
+            std::fs::create_dir_all(dir).map_err(|e| AgentError::io("create", dir, e))?;
+            write_atomic(&dir.join("active.yaml"), bytes)?;
+        }
+        self.active = Some(Active { bundle, target: target.map(str::to_string), applied: Applied::Bundle, fell_back_at: None });
+        self.persist();
+        Ok(Some(report))
+    }
+
+    /// Falls back to the essential profile once the enforced bundle has expired.
+    pub fn tick(&mut self, now: DateTime<Utc>) -> Option<SwapReport> {
+        let a = self.active.as_mut()?;
+        if a.applied != Applied::Bundle || a.bundle.applied(now) != Applied::Essential {
+            return None;
+        }
+        match self.enforcer.apply(&a.bundle.essential, Mode::Enforce, a.bundle.sample_denies) {
+            Ok(r) => {
+                tracing::warn!(name = %a.bundle.name, version = a.bundle.version, not_after = %a.bundle.not_after,
+                    "network policy expired without a newer one: enforcing its essential profile (fail-secure)");
+                a.applied = Applied::Essential;
+                a.fell_back_at = Some(now);
+                self.persist();
+                Some(r)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot apply the essential profile; the expired policy stays enforced");
+                None
+            }
+        }
+    }
+
+    /// When [`tick`](Self::tick) next has something to do.
+    pub fn next_deadline(&self) -> Option<DateTime<Utc>> {
+        self.active.as_ref().filter(|a| a.applied == Applied::Bundle).map(|a| a.bundle.not_after)
+    }
+
+    pub fn status(&mut self) -> Option<PolicyStatus> {
+        let counters = self.enforcer.counters().ok();
+        let a = self.active.as_ref()?;
+        Some(PolicyStatus {
+            name: a.bundle.name.clone(),
+            version: a.bundle.version,
+            target: a.target.clone(),
+            applied: a.applied,
+            mode: if a.applied == Applied::Essential { Mode::Enforce } else { a.bundle.mode },
+            enforcing: self.enforcer.active_generation().is_some(),
+            not_after: a.bundle.not_after,
+            fell_back_at: a.fell_back_at,
+            refused: self.refused.clone(),
+            verdicts: counters.map(|c| c.verdicts.into_iter().map(|(k, v)| (k.to_string(), v)).collect()).unwrap_or_default(),
+            updated_at: Utc::now(),
+        })
+    }
+
+    /// Prometheus text exposition of the policy counters.
+    pub fn metrics(&mut self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let counters = self.enforcer.counters();
+        let enforcing = self.enforcer.active_generation().is_some();
+        let _ = writeln!(out, "# HELP outpost_policy_enforcing 1 when the eBPF programs enforce a policy.\n# TYPE outpost_policy_enforcing gauge\noutpost_policy_enforcing {}", u8::from(enforcing));
+        if let Some(a) = &self.active {
+            let _ = writeln!(out, "# HELP outpost_policy_info The enforced policy.\n# TYPE outpost_policy_info gauge");
+            let _ = writeln!(
+                out,
+                "outpost_policy_info{{name=\"{}\",version=\"{}\",applied=\"{}\",mode=\"{}\"}} 1",
+                esc(&a.bundle.name),
+                a.bundle.version,
+                if a.applied == Applied::Bundle { "bundle" } else { "essential" },
+                if a.applied == Applied::Essential || a.bundle.mode == Mode::Enforce { "enforce" } else { "audit" }
+            );
+            let _ = writeln!(out, "# HELP outpost_policy_not_after_seconds When the enforced bundle expires.\n# TYPE outpost_policy_not_after_seconds gauge\noutpost_policy_not_after_seconds {}", a.bundle.not_after.timestamp());
+        }
+        let _ = writeln!(out, "# HELP outpost_policy_deny_events_total Deny events sampled to the log.\n# TYPE outpost_policy_deny_events_total counter\noutpost_policy_deny_events_total {}", self.deny_events);
+        match counters {
+            Ok(c) => {
+                let _ = writeln!(out, "# HELP outpost_policy_packets_total Packets by verdict.\n# TYPE outpost_policy_packets_total counter");
+                for (v, n) in &c.verdicts {
+                    let _ = writeln!(out, "outpost_policy_packets_total{{verdict=\"{v}\"}} {n}");
+                }
+                let _ = writeln!(out, "# HELP outpost_policy_rule_packets_total Packets each rule of the enforced profile matched.\n# TYPE outpost_policy_rule_packets_total counter");
+                for (id, p, _) in &c.rules {
+                    let _ = writeln!(out, "outpost_policy_rule_packets_total{{rule=\"{}\"}} {p}", esc(id));
+                }
+                let _ = writeln!(out, "# HELP outpost_policy_rule_bytes_total Bytes each rule of the enforced profile matched.\n# TYPE outpost_policy_rule_bytes_total counter");
+                for (id, _, b) in &c.rules {
+                    let _ = writeln!(out, "outpost_policy_rule_bytes_total{{rule=\"{}\"}} {b}", esc(id));
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(out, "# counters unavailable: {e}");
+            }
+        }
+        out
+    }
+
+    /// Logs the deny events sampled since the last call.
+    pub fn log_denies(&mut self) {
+        for d in self.enforcer.drain_events() {
+            self.deny_events += 1;
+            tracing::info!(target: "outpost::policy::deny", scope = %d.scope, direction = d.direction, protocol = %d.protocol,
+                remote = %d.remote, port = d.port, audit = d.audit, "{}", if d.audit { "would deny (audit mode)" } else { "denied" });
+        }
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Starts the engine for the daemon, or says clearly why there is no enforcement.
+pub fn start_for(config: &AgentConfig) -> Option<SharedEngine> {
+    let p = config.policy.as_ref()?;
+    let Some(root) = p.cgroup_root.clone().or_else(cgroup2_mount) else {
+        tracing::error!("network policy: no cgroup v2 mount found and no policy.cgroup_root set; NOT enforcing network policy");
+        return None;
+    };
+    match PolicyEngine::start(&root, Some(config.policy_dir())) {
+        Ok(e) => Some(Arc::new(Mutex::new(e))),
+        Err(e) => {
+            tracing::error!(error = %e, "NOT enforcing network policy");
+            eprintln!("outpost-agent: {e}; NOT enforcing network policy");
+            None
+        }
+    }
+}
+
+/// The bundle for this device among the signed targets of the `policy` role: the most
+/// specific selector that matches, then the newest version.
+pub fn select(candidates: Vec<TargetInfo>, hardware_class: &str, labels: &std::collections::BTreeMap<String, String>) -> Option<(TargetInfo, PolicyTargetCustom)> {
+    let mut best: Option<(TargetInfo, PolicyTargetCustom)> = None;
+    for info in candidates {
+        if info.role != POLICY_ROLE {
+            tracing::warn!(target = %info.path, role = %info.role, "policy target not signed by the policy role; ignored");
+            continue;
+        }
+        let Some(custom) = info.file.custom.as_ref().and_then(|c| serde_json::from_value::<PolicyTargetCustom>(c.clone()).ok()) else {
+            tracing::warn!(target = %info.path, "policy target without policy metadata; ignored");
+            continue;
+        };
+        if custom.kind != "policy" || !custom.selector.matches(hardware_class, labels) {
+            continue;
+        }
+        let better = match &best {
+            None => true,
+            Some((_, b)) => (custom.selector.specificity(), custom.version) > (b.selector.specificity(), b.version),
+        };
+        if better {
+            best = Some((info, custom));
+        }
+    }
+    best
+}
+
+/// Refreshes the image repository, downloads the selected bundle (verified length and
+/// hashes) and offers it. `Err` when the server cannot be reached or the bundle is
+/// refused.
+pub async fn sync(config: &AgentConfig, engine: &SharedEngine) -> Result<Option<SwapReport>> {
+    let labels = config.policy.as_ref().map(|p| p.labels.clone()).unwrap_or_default();
+    let fetcher = crate::fetch::Fetcher::new(config.http_timeout)?;
+    let mut updater = Updater::new(&config.metadata_dir(), &format!("{}/metadata/", config.server_url), fetcher, Utc::now())?;
+    updater.refresh().await?;
+    let candidates = updater.targets_under(&["policy"]).await?;
+    let Some((info, custom)) = select(candidates, config.hardware_class.as_str(), &labels) else {
+        return Ok(None);
+    };
+    if let Some((name, version, _)) = lock(engine).current() {
+        if name == custom.name && version == custom.version {
+            return Ok(None);
+        }
+    }
+    let dir = config.policy_dir().join("downloads");
+    std::fs::create_dir_all(&dir).map_err(|e| AgentError::io("create", &dir, e))?;
+    let path = updater.download_target(&info, &format!("{}/targets/", config.server_url), &dir, crate::fetch::Durability::Fsync).await?;
+    let bytes = std::fs::read(&path).map_err(|e| AgentError::io("read", &path, e))?;
+    let _ = std::fs::remove_file(&path);
+    let mut engine = lock(engine);
+    // The bundle must be what its signed metadata says it is.
+    let parsed = PolicyBundle::parse(&bytes).map_err(|e| AgentError::Policy(format!("{}: {e}", info.path)));
+    match parsed {
+        Ok(b) if b.name != custom.name || b.version != custom.version => {
+            let e = AgentError::Policy(format!("{}: the bundle is {} v{} but its signed metadata says {} v{}", info.path, b.name, b.version, custom.name, custom.version));
+            engine.refused = Some(e.to_string());
+            Err(e)
+        }
+        _ => engine.offer(&bytes, Some(&info.path), Utc::now()),
+    }
+}
+
+/// Writes the status for check-ins (`STATE/policy/status.json`).
+pub fn write_status(config: &AgentConfig, engine: &SharedEngine) {
+    let status = lock(engine).status();
+    if let Some(s) = status {
+        let dir = config.policy_dir();
+        let r = std::fs::create_dir_all(&dir)
+            .map_err(|e| AgentError::io("create", &dir, e))
+            .and_then(|_| write_atomic(&dir.join("status.json"), &serde_json::to_vec_pretty(&s).unwrap_or_default()));
+        if let Err(e) = r {
+            tracing::error!(error = %e, "writing the policy status");
+        }
+    }
+}
+
+/// The status the daemon last wrote, for a check-in.
+pub fn read_status(config: &AgentConfig) -> Option<PolicyStatus> {
+    config.policy.as_ref()?;
+    let bytes = std::fs::read(config.policy_dir().join("status.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// One daemon step: fetch and offer a newer bundle, fall back if expired, write the
+/// status. Logs what fails; never stops the daemon.
+pub async fn step(config: &AgentConfig, engine: &SharedEngine) {
+    match sync(config, engine).await {
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %outpost_protocol::display_chain(&e), "network policy update check failed"),
+    }
+    let mut e = lock(engine);
+    e.tick(Utc::now());
+    e.log_denies();
+    drop(e);
+    write_status(config, engine);
+}
+
+/// How long until the policy needs attention, capped at `max`.
+pub fn sleep_for(engine: &SharedEngine, max: Duration) -> Duration {
+    match lock(engine).next_deadline() {
+        Some(t) => (t - Utc::now()).to_std().unwrap_or(Duration::ZERO).min(max),
+        None => max,
+    }
+}
+
+/// Serves `GET /metrics` on `addr` until the process ends.
+pub async fn serve_metrics(addr: std::net::SocketAddr, engine: SharedEngine) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| AgentError::Policy(format!("metrics listener on {addr}: {e}")))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut n = 0;
+                while n < buf.len() {
+                    match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf[n..])).await {
+                        Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
+                        Ok(Ok(m)) => n += m,
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let line = req.lines().next().unwrap_or("");
+                let (status, body) = if line.starts_with("GET /metrics ") || line == "GET /metrics" {
+                    ("200 OK", lock(&engine).metrics())
+                } else {
+                    ("404 Not Found", "only GET /metrics is served here\n".to_string())
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(body.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    Ok(())
+}
+
+/// `outpost-agent policy enforce FILE`: enforce a local bundle in the foreground (for
+/// trying a bundle on a device; the daemon enforces only signed bundles). SIGHUP
+/// re-reads FILE; SIGINT/SIGTERM detach everything and exit.
+pub async fn enforce_local(file: &Path, cgroup_root: Option<PathBuf>, metrics: Option<std::net::SocketAddr>, json: bool) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let root = cgroup_root.or_else(cgroup2_mount).ok_or_else(|| AgentError::Policy("no cgroup v2 mount found; pass --cgroup-root".into()))?;
+    let engine = Arc::new(Mutex::new(PolicyEngine::start(&root, None)?));
+    let emit = |event: &str, r: Option<&SwapReport>, e: &mut PolicyEngine| {
+        let (name, version, applied) = match e.current() {
+            Some((n, v, a)) => (n.to_string(), v, Some(a)),
+            None => (String::new(), 0, None),
+        };
+        let line = serde_json::json!({
+            "event": event, "name": name, "version": version, "applied": applied,
+            "generation": r.map(|r| r.generation), "rules": r.map(|r| r.rules), "entries": r.map(|r| r.entries),
+            "to_flip_ms": r.map(|r| r.to_flip.as_secs_f64() * 1e3), "total_ms": r.map(|r| r.total.as_secs_f64() * 1e3),
+            "refused": e.refused,
+        });
+        if json {
+            println!("{line}");
+        } else {
+            println!("{event}: {name} v{version} ({}){}", applied.map(|a| format!("{a:?}").to_lowercase()).unwrap_or_default(), r.map(|r| format!(", {} rules in generation {}, applied in {:.2} ms", r.rules, r.generation, r.to_flip.as_secs_f64() * 1e3)).unwrap_or_default());
+        }
+    };
+    let read = |f: &Path| std::fs::read(f).map_err(|e| AgentError::io("read", f, e));
+    {
+        let bytes = read(file)?;
+        let mut e = lock(&engine);
+        let r = e.offer(&bytes, None, Utc::now())?;
+        emit("applied", r.as_ref(), &mut e);
+    }
+    if let Some(addr) = metrics {
+        serve_metrics(addr, engine.clone()).await?;
+    }
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| AgentError::Policy(format!("SIGHUP handler: {e}")))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Policy(format!("SIGTERM handler: {e}")))?;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let mut e = lock(&engine);
+                match read(file).and_then(|b| e.offer(&b, None, Utc::now())) {
+                    Ok(Some(r)) => emit("applied", Some(&r), &mut e),
+                    Ok(None) => emit("unchanged", None, &mut e),
+                    Err(_) => emit("refused", None, &mut e),
+                }
+            }
+            _ = tick.tick() => {
+                let mut e = lock(&engine);
+                if let Some(r) = e.tick(Utc::now()) {
+                    emit("essential", Some(&r), &mut e);
+                }
+                e.log_denies();
+            }
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    // Dropping the engine detaches the programs and frees the maps.
+    drop(engine);
+    if json {
+        println!("{}", serde_json::json!({"event": "stopped"}));
+    } else {
+        println!("stopped: programs detached");
+    }
+    Ok(())
+}
