@@ -122,7 +122,7 @@ impl Enforcer {
     /// cgroup paths start (the cgroup v2 mount).
     pub fn load(cgroup_root: &Path) -> Result<Self, Error> {
         let mut ebpf = Ebpf::load(PROGRAMS).map_err(|e| {
-            let text = e.to_string();
+            let text = chain(&e);
             let perm = text.contains("Operation not permitted") || text.contains("Permission denied") || text.contains("EPERM");
             if perm {
                 Error::Unsupported(format!("{text} (the agent needs root, or CAP_BPF and CAP_NET_ADMIN)"))
