@@ -638,12 +638,13 @@ class Device:
         self.timeout = timeout
         self.install = dict(install or {})
         self.health = list(health or [])
+        self.extra_toml = ""
         self.write_config()
 
     def write_config(self, **changes) -> None:
         """(Re)writes agent.toml; keyword arguments replace server_url, install, health."""
         for k, v in changes.items():
-            assert k in ("server_url", "install", "health", "device_id", "timeout", "tpm"), k
+            assert k in ("server_url", "install", "health", "device_id", "timeout", "tpm", "extra_toml"), k
             setattr(self, k, v)
         text = (f"server_url = {toml_str(self.server_url)}\n"
                 f"hardware_class = {toml_str(self.hardware_class)}\n"
@@ -659,6 +660,7 @@ class Device:
                                                 for k, v in check.items())
         if self.tpm:
             text += "\n[tpm]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in self.tpm.items())
+        text += self.extra_toml
         tomllib.loads(text)
         self.config.write_text(text)
 

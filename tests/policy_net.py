@@ -252,27 +252,8 @@ class Enforcer:
         assert ev is not None, "no answer to SIGHUP:\n" + self.log_text()[-3000:]
         return ev
 
-    def metrics_text(self) -> str:
-        with socket.create_connection(("127.0.0.1", self.metrics_port), timeout=5) as s:
-            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            data = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        head, _, body = data.decode().partition("\r\n\r\n")
-        assert head.startswith("HTTP/1.1 200"), head
-        return body
-
     def metrics(self) -> dict[str, float]:
-        out = {}
-        for line in self.metrics_text().splitlines():
-            if line.startswith("#") or not line.strip():
-                continue
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-        return out
+        return fetch_metrics(self.metrics_port)
 
     def verdict(self, name: str) -> int:
         return int(self.metrics().get(f'outpost_policy_packets_total{{verdict="{name}"}}', 0))
@@ -293,6 +274,35 @@ class Enforcer:
                 self.proc.wait(5)
         self._logf.close()
         return self.proc.returncode
+
+
+def fetch_metrics(port: int) -> dict[str, float]:
+    """GET /metrics from an agent on 127.0.0.1:port, as {series: value}."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200"), head
+    out = {}
+    for line in body.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, _, value = line.rpartition(" ")
+        out[key] = float(value)
+    return out
+
+
+def policy_info(metrics: dict[str, float]) -> dict[str, str] | None:
+    """The labels of outpost_policy_info, or None."""
+    for k in metrics:
+        if k.startswith("outpost_policy_info{"):
+            return dict(re.findall(r'(\w+)="([^"]*)"', k))
+    return None
 
 
 def outpost_programs() -> list[str]:

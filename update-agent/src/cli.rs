@@ -60,6 +60,14 @@ pub enum PolicyCommand {
     Check { file: PathBuf },
     /// What the daemon enforces (its last status: version, profile, counters).
     Status,
+    /// Only the policy part of the daemon: fetch signed bundles through TUF every
+    /// install.check_interval, enforce them, fall back to the essential profile when
+    /// they expire, serve /metrics. For devices whose images another tool updates.
+    Run {
+        /// One fetch-and-enforce step, then exit (which detaches the programs).
+        #[arg(long)]
+        once: bool,
+    },
     /// Enforce a local bundle file until SIGINT/SIGTERM (SIGHUP re-reads it), for
     /// trying a bundle on a device: no signature is checked here, the daemon
     /// enforces only bundles signed by the `policy` role.
@@ -96,6 +104,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
                 None => Err(crate::error::AgentError::Usage("no network policy is enforced (no [policy] section, or no bundle applied yet)".into())),
             }
+        }
+        Command::Policy(PolicyCommand::Run { once }) => {
+            let config = AgentConfig::load(&cli.config)?;
+            crate::policy::run_daemon(&config, once).await
         }
         Command::Policy(PolicyCommand::Enforce { file, cgroup_root, metrics_listen }) => {
             crate::policy::enforce_local(&file, cgroup_root, metrics_listen, cli.json).await

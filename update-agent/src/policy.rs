@@ -319,8 +319,16 @@ pub async fn sync(config: &AgentConfig, engine: &SharedEngine) -> Result<Option<
     let labels = config.policy.as_ref().map(|p| p.labels.clone()).unwrap_or_default();
     let fetcher = crate::fetch::Fetcher::new(config.http_timeout)?;
     let mut updater = Updater::new(&config.metadata_dir(), &format!("{}/metadata/", config.server_url), fetcher, Utc::now())?;
-    updater.refresh().await?;
-    let candidates = updater.targets_under(&["policy"]).await?;
+    // Metadata that does not verify is a refusal worth reporting; an unreachable
+    // server is not.
+    let refuse = |e: AgentError| -> AgentError {
+        if matches!(e, AgentError::Tuf { .. }) {
+            lock(engine).refused = Some(format!("signed metadata: {}", outpost_protocol::display_chain(&e)));
+        }
+        e
+    };
+    updater.refresh().await.map_err(refuse)?;
+    let candidates = updater.targets_under(&["policy"]).await.map_err(refuse)?;
     let Some((info, custom)) = select(candidates, config.hardware_class.as_str(), &labels) else {
         return Ok(None);
     };
@@ -331,7 +339,13 @@ pub async fn sync(config: &AgentConfig, engine: &SharedEngine) -> Result<Option<
     }
     let dir = config.policy_dir().join("downloads");
     std::fs::create_dir_all(&dir).map_err(|e| AgentError::io("create", &dir, e))?;
-    let path = updater.download_target(&info, &format!("{}/targets/", config.server_url), &dir, crate::fetch::Durability::Fsync).await?;
+    let path = match updater.download_target(&info, &format!("{}/targets/", config.server_url), &dir, crate::fetch::Durability::Fsync).await {
+        Ok(p) => p,
+        Err(e) => {
+            lock(engine).refused = Some(format!("{}: {}", info.path, outpost_protocol::display_chain(&e)));
+            return Err(e);
+        }
+    };
     let bytes = std::fs::read(&path).map_err(|e| AgentError::io("read", &path, e))?;
     let _ = std::fs::remove_file(&path);
     let mut engine = lock(engine);
@@ -380,6 +394,50 @@ pub async fn step(config: &AgentConfig, engine: &SharedEngine) {
     e.log_denies();
     drop(e);
     write_status(config, engine);
+}
+
+/// `outpost-agent policy run`: the policy part of the daemon alone.
+pub async fn run_daemon(config: &AgentConfig, once: bool) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let p = config.policy.as_ref().ok_or_else(|| AgentError::Usage("the agent config has no [policy] section".into()))?;
+    for dir in [config.metadata_dir(), config.policy_dir()] {
+        std::fs::create_dir_all(&dir).map_err(|e| AgentError::io("create", &dir, e))?;
+    }
+    let root_file = config.metadata_dir().join("root.json");
+    if !root_file.exists() {
+        let data = std::fs::read(&config.trusted_root).map_err(|e| AgentError::io("read trusted root", &config.trusted_root, e))?;
+        write_atomic(&root_file, &data)?;
+    }
+    let root = p.cgroup_root.clone().or_else(cgroup2_mount).ok_or_else(|| AgentError::Policy("no cgroup v2 mount found; set policy.cgroup_root".into()))?;
+    let engine: SharedEngine = Arc::new(Mutex::new(PolicyEngine::start(&root, Some(config.policy_dir()))?));
+    if let Some(addr) = p.metrics_listen {
+        serve_metrics(addr, engine.clone()).await?;
+    }
+    let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Policy(format!("SIGTERM handler: {e}")))?;
+    loop {
+        step(config, &engine).await;
+        if once {
+            return Ok(());
+        }
+        // Between fetches: drain deny events and watch the expiry every second.
+        let next_fetch = tokio::time::Instant::now() + config.install.check_interval;
+        while tokio::time::Instant::now() < next_fetch {
+            let pause = (next_fetch - tokio::time::Instant::now()).min(Duration::from_secs(1));
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = term.recv() => return Ok(()),
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+            let fell_back = {
+                let mut e = lock(&engine);
+                e.log_denies();
+                e.tick(Utc::now()).is_some()
+            };
+            if fell_back {
+                write_status(config, &engine);
+            }
+        }
+    }
 }
 
 /// How long until the policy needs attention, capped at `max`.
