@@ -40,7 +40,7 @@ WORK="$REPO_ROOT/target/bench-attest"
 
 if [[ "${OUTPOST_SKIP_BUILD:-0}" != 1 ]]; then
   fleet_log "building release binaries and the attest_bench example"
-  cargo build --release --workspace --bins --examples
+  cargo build --release --bins --examples
 fi
 fleet_require_bins
 [[ -x "$OUTPOST_BIN/examples/attest_bench" ]] || fleet_die "target/release/examples/attest_bench missing: cargo build --release --examples"

@@ -55,8 +55,8 @@ trap cleanup EXIT
 
 # --------------------------------------------------------------------------- prerequisites
 if [[ "${OUTPOST_SKIP_BUILD:-0}" != 1 ]]; then
-  fleet_log "building release binaries (cargo build --release --workspace)"
-  cargo build --release --workspace
+  fleet_log "building release binaries (cargo build --release)"
+  cargo build --release
 fi
 fleet_require_bins
 [[ -x /usr/bin/time ]] || fleet_die "/usr/bin/time missing: run 'bash scripts/setup.sh'"

@@ -45,7 +45,7 @@ SIM="$OUTPOST_BIN/outpost-fleet-sim"
 
 if [[ "${OUTPOST_SKIP_BUILD:-0}" != 1 ]]; then
   fleet_log "building release binaries"
-  cargo build --release --workspace --bins
+  cargo build --release --bins
 fi
 fleet_require_bins
 [[ -x "$SIM" ]] || fleet_die "$SIM missing: cargo build --release --bins"

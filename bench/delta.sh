@@ -21,7 +21,7 @@
 #    <!-- delta:end --> in docs/benchmarks.md (the rest of the file is kept).
 #
 # Does not build anything: needs target/release/examples/delta and the release binaries
-# (cargo build --release --workspace --examples). Installs xdelta3, bsdiff and
+# (cargo build --release --examples). Installs xdelta3, bsdiff and
 # squashfs-tools with apt-get when missing. Environment (defaults in brackets):
 #   BENCH_DELTA_DIR          scratch directory [<repo>/target/bench-delta], wiped first
 #   BENCH_DEB_CACHE          .deb cache, kept between runs [<repo>/target/bench-debs]

@@ -41,9 +41,9 @@ log() { printf '\n==> %s\n' "$*" >&2; }
 
 if [[ "${OUTPOST_SKIP_BUILD:-0}" != 1 ]]; then
   log "building release binaries and the sbom_bench example"
-  cargo build --release --workspace --bins --examples
+  cargo build --release --bins --examples
 fi
-[[ -x "$BIN/outpost" && -x "$BIN/examples/sbom_bench" ]] || { echo "release binaries missing: cargo build --release --workspace --examples" >&2; exit 1; }
+[[ -x "$BIN/outpost" && -x "$BIN/examples/sbom_bench" ]] || { echo "release binaries missing: cargo build --release --examples" >&2; exit 1; }
 
 rm -rf "$WORK"
 mkdir -p "$WORK"

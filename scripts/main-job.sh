@@ -15,7 +15,10 @@
 #      activation), attested check-ins (quotes over the measured boot), then one device's
 #      slot image is tampered with and the server quarantines it,
 #   9. canary rollouts through the director: 1.4.0 to every attested device, then a
-#      broken 1.5.0 in waves of 20/60/100 % that pauses itself in its first wave.
+#      broken 1.5.0 in waves of 20/60/100 % that pauses itself in its first wave,
+#  10. network policy: a bundle signed under the 'policy' delegation, enforced with eBPF
+#      by rpi4-tpm-1 on a workload in a network namespace: an allowed and a blocked
+#      connection, the counters, and the policy status in its attested check-in (root).
 # Exits non-zero if any step fails. Environment:
 #   OUTPOST_SKIP_SETUP=1   do not run scripts/setup.sh first
 #   OUTPOST_SKIP_BUILD=1   use the existing target/release binaries
@@ -48,12 +51,12 @@ if [[ "${OUTPOST_SKIP_SETUP:-0}" != 1 ]]; then
   [[ -d "$HOME/.cargo/bin" ]] && export PATH="$HOME/.cargo/bin:$PATH"
 fi
 if [[ "${OUTPOST_SKIP_BUILD:-0}" != 1 ]]; then
-  fleet_log "building release binaries (cargo build --release --workspace)"
+  fleet_log "building release binaries (cargo build --release)"
   command -v cargo >/dev/null || fleet_die "cargo not found: run 'bash scripts/setup.sh' (needs the stable Rust toolchain)"
   for pkg in curl jq; do
     command -v "$pkg" >/dev/null || fleet_die "$pkg not found: run 'bash scripts/setup.sh'"
   done
-  cargo build --release --workspace
+  cargo build --release
 fi
 fleet_require_bins
 
@@ -314,6 +317,102 @@ for name in "${HEALTHY[@]}"; do
   [[ "$(version_of "$name")" == 1.4.0 ]] || fleet_die "$name does not run 1.4.0 after the paused rollout"
 done
 
+# --------------------------------------------------------------------------- network policy
+# A policy bundle signed under its own 'policy' delegation (a key that is not the
+# firmware key) reaches rpi4-tpm-1 through TUF; the agent enforces it with eBPF on a
+# workload cgroup whose processes live in a network namespace joined by a veth pair.
+fleet_log "network policy: a 'policy' delegation with its own key, and a bundle for the telemetry workload"
+[[ $(id -u) -eq 0 ]] || fleet_die "the network-policy step needs root (eBPF programs, cgroups, network namespaces)"
+CG_ROOT="$(awk '$3 == "cgroup2" { print $2; exit }' /proc/self/mounts)"
+[[ -n "$CG_ROOT" ]] || fleet_die "no cgroup v2 hierarchy mounted"
+PNS="outpost-demo-$$"
+PIF_HOST="opdemo$(( $$ % 10000 ))a"
+PIF_NS="opdemo$(( $$ % 10000 ))b"
+PHOST=10.250.1.1
+PNSIP=10.250.1.2
+PCG="outpost-demo-$$/telemetry"
+POLICY_PIDS=()
+policy_cleanup() {
+  for p in "${POLICY_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${POLICY_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  ip link del "$PIF_HOST" 2>/dev/null || true
+  ip netns del "$PNS" 2>/dev/null || true
+  rmdir "$CG_ROOT/$PCG" "$CG_ROOT/outpost-demo-$$" 2>/dev/null || true
+}
+trap 'policy_cleanup; fleet_stop_server; fleet_stop_swtpms' EXIT
+ip netns add "$PNS"
+ip link add "$PIF_HOST" type veth peer name "$PIF_NS"
+ip link set "$PIF_NS" netns "$PNS"
+ip addr add "$PHOST/24" dev "$PIF_HOST" && ip link set "$PIF_HOST" up
+ip netns exec "$PNS" ip addr add "$PNSIP/24" dev "$PIF_NS"
+ip netns exec "$PNS" ip link set "$PIF_NS" up
+ip netns exec "$PNS" ip link set lo up
+mkdir -p "$CG_ROOT/$PCG"
+mkdir -p "$FLEET/www"
+echo "telemetry endpoint" >"$FLEET/www/index.html"
+for p in 8443 9000; do
+  python3 -m http.server "$p" --bind "$PHOST" --directory "$FLEET/www" >/dev/null 2>&1 &
+  POLICY_PIDS+=($!)
+done
+echo "  namespace $PNS ($PNSIP) <-> host $PHOST over veth; workload cgroup $CG_ROOT/$PCG; HTTP on $PHOST:8443 and :9000" >&2
+
+fleet_run "$OUTPOST_BIN/outpost" keys generate --out "$KEYS/policy.key" >&2
+fleet_run "$OUTPOST_BIN/outpost" repo delegate --repo "$REPO" --role policy --delegate-key "$KEYS/policy.key" \
+  --threshold 1 --paths 'policy/*/*' --sign-key "$KEYS/targets.key" >&2
+fleet_run "$OUTPOST_BIN/outpost" repo push --repo "$REPO" --server "$SERVER_URL" >&2
+cat >"$FLEET/edge-policy.yaml" <<EOF
+schema: outpost.policy/v1
+name: edge-telemetry
+version: 1
+mode: enforce
+not_after: $(date -u -d '+30 days' +%Y-%m-%dT%H:%M:%SZ)
+workloads:
+  - name: telemetry
+    cgroup: $PCG
+    rules:
+      - {name: upload, direction: egress, cidr: $PHOST/32, protocol: tcp, ports: 8443}
+essential:
+  workloads:
+    - name: telemetry
+      cgroup: $PCG
+      rules:
+        - {name: upload, direction: egress, cidr: $PHOST/32, protocol: tcp, ports: 8443}
+EOF
+fleet_run "$OUTPOST_BIN/outpost" policy publish --repo "$REPO" --key "$KEYS/policy.key" \
+  --hardware-class "$HW_CLASS" --server "$SERVER_URL" "$FLEET/edge-policy.yaml" >&2
+
+PDEV="$ATT/rpi4-tpm-1"
+PMETRICS="$(fleet_free_port)"
+printf '%s\n' '' '[install]' 'check_interval = "2s"' '' '[policy]' "cgroup_root = \"$CG_ROOT\"" \
+  "metrics_listen = \"127.0.0.1:$PMETRICS\"" >>"$PDEV/agent.toml"
+fleet_log "network policy: rpi4-tpm-1 fetches the bundle through TUF and enforces it (outpost-agent policy run)"
+"$OUTPOST_BIN/outpost-agent" --config "$PDEV/agent.toml" --log-level info policy run >>"$PDEV/policy.log" 2>&1 &
+POLICY_PIDS+=($!)
+for _ in $(seq 1 100); do
+  curl -fsS "http://127.0.0.1:$PMETRICS/metrics" 2>/dev/null | grep -q 'outpost_policy_info{name="edge-telemetry",version="1"' && break
+  sleep 0.2
+done
+curl -fsS "http://127.0.0.1:$PMETRICS/metrics" | grep -q 'outpost_policy_enforcing 1' \
+  || fleet_die "the agent does not enforce the policy (see $PDEV/policy.log)"
+# Join the cgroup first: `ip netns exec` remounts /sys, which hides the cgroup tree.
+in_workload() { sh -c 'cg="$0"; ns="$1"; shift; echo $$ > "$cg/cgroup.procs" && exec ip netns exec "$ns" "$@"' "$CG_ROOT/$PCG" "$PNS" "$@"; }
+ALLOWED="$(in_workload curl -s -m 3 -o /dev/null -w '%{http_code}' "http://$PHOST:8443/" || true)"
+BLOCKED="$(in_workload curl -s -m 3 -o /dev/null -w '%{http_code}' "http://$PHOST:9000/" || true)"
+echo "  telemetry -> $PHOST:8443 (allowed by rule 'upload'): HTTP $ALLOWED" >&2
+echo "  telemetry -> $PHOST:9000 (no rule: denied by default): ${BLOCKED/000/no answer (dropped; curl timed out after 3 s)}" >&2
+[[ "$ALLOWED" == 200 ]] || fleet_die "the allowed connection failed"
+[[ "$BLOCKED" == 000 ]] || fleet_die "the blocked connection got through (HTTP $BLOCKED)"
+POLICY_METRICS="$(curl -fsS "http://127.0.0.1:$PMETRICS/metrics" | grep -v '^#')"
+echo "$POLICY_METRICS" | sed 's/^/    /' >&2
+out="$("$OUTPOST_BIN/outpost-agent" --config "$PDEV/agent.toml" --json checkin 2>>"$PDEV/agent.log")" || fleet_die "check-in failed: $out"
+POLICY_REPORTED="$(curl -fsS -H "Authorization: Bearer $OPERATOR_TOKEN" "$SERVER_URL/api/v1/devices/${DEVICE_ID[rpi4-tpm-1]}" \
+  | jq -c '.device.policy | {name, version, applied, mode, enforcing, verdicts}')"
+echo "  the server's record of rpi4-tpm-1 after its attested check-in: $POLICY_REPORTED" >&2
+[[ "$(echo "$POLICY_REPORTED" | jq -r .enforcing)" == true ]] || fleet_die "the check-in did not carry the policy status"
+kill "${POLICY_PIDS[-1]}" && wait "${POLICY_PIDS[-1]}" 2>/dev/null || true
+AFTER="$(in_workload curl -s -m 3 -o /dev/null -w '%{http_code}' "http://$PHOST:9000/" || true)"
+echo "  agent stopped: programs detached; telemetry -> :9000 now answers HTTP $AFTER" >&2
+
 # --------------------------------------------------------------------------- summary
 cat <<EOF
 
@@ -364,4 +463,13 @@ Rollouts    the director signs each device's assignment at its attested check-in
             rolled back, the failure threshold paused the rollout; $EXPOSED device(s) ever assigned,
             none outside wave $FIRST; the fleet stays on 1.4.0
 $(echo "$BAD_STATUS" | sed 's/^/            /')
+EOF
+cat <<EOF
+
+Policy      bundle edge-telemetry v1, signed by the 'policy' key (not the firmware key),
+            fetched through TUF and enforced with eBPF (cgroup_skb) by rpi4-tpm-1
+  allowed   telemetry -> $PHOST:8443: HTTP $ALLOWED
+  blocked   telemetry -> $PHOST:9000: no answer (dropped; deny by default)
+  counters  $(echo "$POLICY_METRICS" | grep -E 'packets_total\{verdict="(allowed|denied|reply)"' | tr '\n' ' ')
+  reported  $POLICY_REPORTED
 EOF

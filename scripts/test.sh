@@ -4,8 +4,9 @@
 #   bash scripts/test.sh
 #
 # 1. scripts/setup.sh (Debian packages, Rust check, Python venv)
-# 2. cargo build --workspace --all-targets
-# 3. cargo test --workspace
+# 2. cargo build --all-targets (the default members: every host crate; ebpf/programs
+#    is built for the BPF target by ebpf/loader's build script)
+# 3. cargo test
 # 4. pytest on tests/ (black-box tests against the built binaries)
 set -euo pipefail
 
@@ -20,11 +21,11 @@ step "setup"
 bash scripts/setup.sh
 [[ -d "$HOME/.cargo/bin" ]] && export PATH="$HOME/.cargo/bin:$PATH"
 
-step "cargo build --workspace --all-targets"
-cargo build --workspace --all-targets
+step "cargo build --all-targets"
+cargo build --all-targets
 
-step "cargo test --workspace"
-cargo test --workspace
+step "cargo test"
+cargo test
 
 step "pytest tests/"
 set +e

@@ -36,7 +36,7 @@ fleet_run() {
 fleet_require_bins() {
   local b
   for b in outpost outpost-server outpost-agent; do
-    [[ -x "$OUTPOST_BIN/$b" ]] || fleet_die "$OUTPOST_BIN/$b not found: build with 'cargo build --release --workspace'"
+    [[ -x "$OUTPOST_BIN/$b" ]] || fleet_die "$OUTPOST_BIN/$b not found: build with 'cargo build --release'"
   done
 }
 
