@@ -248,16 +248,8 @@ impl Enforcer {
 
     fn write_generation(&mut self, p: &GenPlan, mode: Mode) -> Result<(), Error> {
         let gen = p.gen;
-        // Fresh counters for the generation's rules.
-        {
-            let cpus = nr_cpus().map_err(|(_, e)| Error::Load(format!("counting CPUs: {e}")))?;
-            let m = self.ebpf.map_mut("RULE_COUNTERS").ok_or_else(|| Error::Load("map RULE_COUNTERS missing".into()))?;
-            let mut counters: PerCpuArray<_, Counter> = PerCpuArray::try_from(m).map_err(map_err("RULE_COUNTERS"))?;
-            for i in 0..p.rule_ids.len() as u32 {
-                let zero = PerCpuValues::try_from(vec![Counter::default(); cpus]).map_err(|e| Error::Map { map: "RULE_COUNTERS".into(), reason: e.to_string() })?;
-                counters.set(gen * MAX_RULES + i, zero, 0).map_err(map_err("RULE_COUNTERS"))?;
-            }
-        }
+        // The generation's rule counters are zero: they were reset when it was last
+        // removed (off the swap's critical path).
         let mode = match mode {
             Mode::Enforce => MODE_ENFORCE,
             Mode::Audit => MODE_AUDIT,
@@ -296,8 +288,18 @@ impl Enforcer {
         BpfHashMap::try_from(m).map_err(map_err(name))
     }
 
-    /// Deletes a generation's entries (missing ones are fine: a failed write).
+    /// Deletes a generation's entries (missing ones are fine: a failed write) and
+    /// zeroes its rule counters for the next time it is used.
     fn remove_generation(&mut self, p: &GenPlan) {
+        if let (Ok(cpus), Some(m)) = (nr_cpus(), self.ebpf.map_mut("RULE_COUNTERS")) {
+            if let Ok(mut counters) = PerCpuArray::<_, Counter>::try_from(m) {
+                for i in 0..p.rule_ids.len() as u32 {
+                    if let Ok(zero) = PerCpuValues::try_from(vec![Counter::default(); cpus]) {
+                        let _ = counters.set(p.gen * MAX_RULES + i, zero, 0);
+                    }
+                }
+            }
+        }
         if let Ok(mut scopes) = self.hash::<ScopeKey, u32>("SCOPES") {
             for (k, _) in &p.scopes {
                 let _ = scopes.remove(k);
