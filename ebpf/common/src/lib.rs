@@ -98,6 +98,12 @@ pub struct PrefixKey {
 /// Bits of [`PrefixKey`] before the address.
 pub const PREFIX_FIXED_BITS: u32 = 64;
 
+/// Flags in a prefix-trie value beside the class id: which port look-ups can hit, so
+/// the programs skip the others.
+pub const CLASS_HAS_WILDCARD: u32 = 1 << 30;
+pub const CLASS_HAS_RANGES: u32 = 1 << 31;
+pub const CLASS_ID_MASK: u32 = CLASS_HAS_WILDCARD - 1;
+
 /// The port table: class (from the trie), protocol and port (network order); port 0
 /// stands for every port of the protocol.
 #[repr(C)]

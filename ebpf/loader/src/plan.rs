@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use outpost_ebpf_common::{
-    PortKey, PortRange, PrefixKey, RangeList, RuleRef, ScopeKey, DIR_EGRESS, DIR_INGRESS, EXPAND_RANGE_MAX, FAMILY_V4,
+    PortKey, PortRange, PrefixKey, RangeList, RuleRef, ScopeKey, CLASS_HAS_RANGES, CLASS_HAS_WILDCARD, DIR_EGRESS, DIR_INGRESS, EXPAND_RANGE_MAX, FAMILY_V4,
     FAMILY_V6, MAX_RANGES, MAX_RULES, PREFIX_FIXED_BITS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, SCOPE_CGROUP,
     SCOPE_INTERFACE,
 };
@@ -42,7 +42,8 @@ impl Resolved {
 pub struct GenPlan {
     pub gen: u32,
     pub scopes: Vec<(ScopeKey, u32)>,
-    /// Key, its full prefix length (fixed bits included), class.
+    /// Key, its full prefix length (fixed bits included), class id with the
+    /// `CLASS_HAS_*` flags.
     pub prefixes: Vec<(PrefixKey, u32, u32)>,
     pub ports: Vec<(PortKey, RuleRef)>,
     pub ranges: Vec<(u32, RangeList)>,
@@ -126,21 +127,24 @@ pub fn plan(profile: &Profile, gen: u32, resolved: &[Resolved]) -> Result<GenPla
                 }
                 let class = class_id(gen, out.prefixes.len() as u32);
                 let key = PrefixKey { gen: gen as u8, dir: *dir, family: *family, _pad: 0, scope: scope_no, addr: addr_bytes(addr) };
-                out.prefixes.push((key, PREFIX_FIXED_BITS + u32::from(len), class));
-                add_ports(&mut out, class, &members)?;
+                let flags = add_ports(&mut out, class, &members)?;
+                out.prefixes.push((key, PREFIX_FIXED_BITS + u32::from(len), class | flags));
             }
         }
     }
     Ok(out)
 }
 
-fn add_ports(out: &mut GenPlan, class: u32, members: &[&FlatRule]) -> Result<(), Error> {
+/// Adds the class's port entries; returns its `CLASS_HAS_*` flags.
+fn add_ports(out: &mut GenPlan, class: u32, members: &[&FlatRule]) -> Result<u32, Error> {
+    let mut flags = 0;
     let mut seen: HashMap<(u8, u16), ()> = HashMap::new();
     let mut ranges = RangeList::default();
     for r in members {
         let span = u32::from(r.hi) - u32::from(r.lo) + 1;
         if r.lo == 0 && r.hi == u16::MAX {
             // Port 0 stands for every port.
+            flags |= CLASS_HAS_WILDCARD;
             if seen.insert((r.proto, 0), ()).is_none() {
                 out.ports.push((PortKey { class, proto: r.proto, _pad: 0, port_be: 0 }, RuleRef { counter: r.counter }));
             }
@@ -163,9 +167,10 @@ fn add_ports(out: &mut GenPlan, class: u32, members: &[&FlatRule]) -> Result<(),
         }
     }
     if ranges.len > 0 {
+        flags |= CLASS_HAS_RANGES;
         out.ranges.push((class, ranges));
     }
-    Ok(())
+    Ok(flags)
 }
 
 #[cfg(test)]
@@ -188,8 +193,8 @@ mod tests {
         let p = plan(&b.profile, 1, &[Resolved { kind: SCOPE_CGROUP, id: 99 }]).expect("plan");
         assert_eq!(p.scopes, vec![(ScopeKey { gen: 1, kind: SCOPE_CGROUP, id: 99 }, 1)]);
         assert_eq!(p.prefixes.len(), 2);
-        let narrow = p.prefixes.iter().find(|(_, l, _)| *l == 64 + 16).expect("narrow").2;
-        let wide = p.prefixes.iter().find(|(_, l, _)| *l == 64 + 8).expect("wide").2;
+        let narrow = p.prefixes.iter().find(|(_, l, _)| *l == 64 + 16).expect("narrow").2 & outpost_ebpf_common::CLASS_ID_MASK;
+        let wide = p.prefixes.iter().find(|(_, l, _)| *l == 64 + 8).expect("wide").2 & outpost_ebpf_common::CLASS_ID_MASK;
         let ports_of = |c: u32| {
             let mut v: Vec<u16> = p.ports.iter().filter(|(k, _)| k.class == c).map(|(k, _)| u16::from_be(k.port_be)).collect();
             v.sort();
@@ -211,6 +216,9 @@ mod tests {
         assert_eq!(p.ports.iter().filter(|(k, _)| k.proto == PROTO_UDP).count(), 11);
         assert_eq!(p.ports.iter().filter(|(k, _)| k.proto == PROTO_ICMPV6 && k.port_be == 0).count(), 1);
         assert_eq!(p.ranges.len(), 1);
+        // Only the class with the wide TCP range asks for range look-ups.
+        assert_eq!(p.prefixes.iter().filter(|(_, _, v)| v & CLASS_HAS_RANGES != 0).count(), 1);
+        assert_eq!(p.prefixes.iter().filter(|(_, _, v)| v & CLASS_HAS_WILDCARD != 0).count(), 1);
         assert_eq!((p.ranges[0].1.ranges[0].lo, p.ranges[0].1.ranges[0].hi), (2000, 9000));
     }
 

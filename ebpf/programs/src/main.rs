@@ -186,16 +186,20 @@ fn lookup(gen: u32, scope: u32, dir: u8, family: u8, proto: u8, remote: &[u8; 16
         PREFIX_FIXED_BITS + bits,
         PrefixKey { gen: gen as u8, dir, family, _pad: 0, scope, addr: *remote },
     );
-    let class = *PREFIXES.get(&key)?;
+    let value = *PREFIXES.get(&key)?;
+    let class = value & CLASS_ID_MASK;
     // SAFETY: the values are plain data; entries are replaced whole by the loader.
     unsafe {
         if let Some(r) = PORTS.get(&PortKey { class, proto, _pad: 0, port_be }) {
             return Some(r.counter);
         }
-        if port_be != 0 {
+        if port_be != 0 && value & CLASS_HAS_WILDCARD != 0 {
             if let Some(r) = PORTS.get(&PortKey { class, proto, _pad: 0, port_be: 0 }) {
                 return Some(r.counter);
             }
+        }
+        if value & CLASS_HAS_RANGES == 0 {
+            return None;
         }
         let list = RANGES.get(&class)?;
         let port = u16::from_be(port_be);
