@@ -226,8 +226,14 @@ def test_shutdown_detaches_everything(net, cg_base, enforcers):
     assert "outpost_cg_egre" in attached and "outpost_cg_ingr" in attached, attached
     assert w.probe("tcp", net.host4, TCP_B, timeout=0.7) == 0
     assert e.stop() == 0
-    assert len(outpost_programs()) == mine_before
     assert sh("bpftool", "cgroup", "show", str(w.path)).stdout.strip() == ""
+    # The kernel frees programs and maps once their last reference is gone, a moment
+    # after the process exits (deferred work), so wait for it.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (len(outpost_programs()) != mine_before
+                                           or (mine_before == 0 and outpost_maps())):
+        time.sleep(0.1)
+    assert len(outpost_programs()) == mine_before
     if mine_before == 0:
         assert outpost_maps() == []
     # Nothing enforced any more: the port that was denied answers.
