@@ -133,6 +133,33 @@ def nft_flush(ns: str) -> None:
     subprocess.run(["ip", "netns", "exec", ns, "nft", "flush", "ruleset"], check=True)
 
 
+CRR_CLIENT = r"""
+import json, socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+lat = []
+for i in range(n):
+    t0 = time.perf_counter_ns()
+    s = socket.create_connection((host, port), timeout=5)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.sendall(b'x' * 64)
+    got = 0
+    while got < 64:
+        got += len(s.recv(64 - got))
+    s.close()
+    lat.append(time.perf_counter_ns() - t0)
+lat.sort()
+print(json.dumps({"p50_us": lat[len(lat) // 2] / 1e3, "p99_us": lat[int(len(lat) * 0.99)] / 1e3}))
+"""
+
+
+def bpf_ns_per_run() -> tuple[int, int]:
+    """Total run time (ns) and runs of Outpost's cgroup programs (kernel.bpf_stats_enabled)."""
+    progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout)
+    ns = sum(p.get("run_time_ns", 0) for p in progs if str(p.get("name", "")).startswith("outpost_cg_"))
+    cnt = sum(p.get("run_cnt", 0) for p in progs if str(p.get("name", "")).startswith("outpost_cg_"))
+    return ns, cnt
+
+
 def measure(w: Workload, host: str, seconds: float, repeat: int, rr_n: int) -> dict:
     tput = []
     for _ in range(repeat):
@@ -149,10 +176,19 @@ def measure(w: Workload, host: str, seconds: float, repeat: int, rr_n: int) -> d
         if p.returncode != 0:
             raise RuntimeError(f"request/response client: {p.stderr}")
         lats.append(json.loads(p.stdout))
+    crr = []
+    for _ in range(repeat):
+        p = subprocess.run(w.argv("python3", "-c", CRR_CLIENT, host, str(RR_PORT), str(max(rr_n // 5, 200))),
+                           capture_output=True, text=True, timeout=120)
+        if p.returncode != 0:
+            raise RuntimeError(f"connect/request/response client: {p.stderr}")
+        crr.append(json.loads(p.stdout))
     return {
         "gbit_s": statistics.median(tput),
         "p50_us": statistics.median(x["p50_us"] for x in lats),
         "p99_us": statistics.median(x["p99_us"] for x in lats),
+        "crr_p50_us": statistics.median(x["p50_us"] for x in crr),
+        "crr_p99_us": statistics.median(x["p99_us"] for x in crr),
     }
 
 
@@ -206,6 +242,9 @@ def main() -> int:
         print("bench/policy.py needs root", file=sys.stderr)
         return 2
     sizes = [int(x) for x in a.rules.split(",")]
+    # Per-program run time, to report what a packet costs in Outpost's programs.
+    stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
+    Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
     net = Net(7)
     w = Workload(net, f"outpost-bench-{os.getpid()}/app")
     stop = threading.Event()
@@ -224,7 +263,11 @@ def main() -> int:
             for _ in range(a.repeat):
                 runs["no filter"].append(measure(w, net.host4, a.seconds, 1, a.rr))
                 agent = Agent(outpost_bundle(w, net.host4, n), work)
-                runs["outpost (eBPF)"].append(measure(w, net.host4, a.seconds, 1, a.rr))
+                ns0, cnt0 = bpf_ns_per_run()
+                r = measure(w, net.host4, a.seconds, 1, a.rr)
+                ns1, cnt1 = bpf_ns_per_run()
+                r["ns_per_packet"] = (ns1 - ns0) / max(cnt1 - cnt0, 1)
+                runs["outpost (eBPF)"].append(r)
                 m = fetch_metrics(agent.port)
                 agent.stop()
                 denied = m.get('outpost_policy_packets_total{verdict="denied"}', 0)
@@ -234,8 +277,8 @@ def main() -> int:
                     runs[f"nftables {kind}"].append(measure(w, net.host4, a.seconds, 1, a.rr))
                     nft_flush(net.ns)
             for config, rs in runs.items():
-                row = {"config": config, "rules": n,
-                       **{k: statistics.median(r[k] for r in rs) for k in ("gbit_s", "p50_us", "p99_us")}}
+                keys = ("gbit_s", "p50_us", "p99_us", "crr_p50_us", "crr_p99_us", "ns_per_packet")
+                row = {"config": config, "rules": n, **{k: statistics.median(r[k] for r in rs) for k in keys if k in rs[0]}}
                 rows.append(row)
                 print(f"{n} {config}: {row}", file=sys.stderr)
         # Swapping in a 10,000-rule bundle (every rule changed), against nft -f.
@@ -257,6 +300,7 @@ def main() -> int:
                 "outpost_first_apply_ms": first_apply, "nft_chain_ms": nft_times["chain"], "nft_set_ms": nft_times["set"]}
         print(f"swap: {swap}", file=sys.stderr)
     finally:
+        Path("/proc/sys/kernel/bpf_stats_enabled").write_text(stats_before)
         stop.set()
         iperf.terminate()
         iperf.wait(10)
@@ -273,12 +317,14 @@ def main() -> int:
     out.write_text(json.dumps({"facts": facts, "rows": rows, "swap": swap}, indent=2) + "\n")
     print(f"\nkernel {facts['kernel']}, {facts['cpus']} CPUs, {facts['when']}; medians of {a.repeat} interleaved rounds "
           f"({a.seconds:g} s iperf3, {a.rr} round trips of 64 bytes); 'vs no filter' against the unfiltered runs of the same rounds\n")
-    print("| filter | rules | throughput Gbit/s | vs no filter | p50 µs | p99 µs | p99 added µs |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| filter | rules | throughput Gbit/s | vs no filter | p50 µs | p99 µs | p99 added µs | new connection p50 / p99 µs | ns per packet in the programs |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         b = next(x for x in rows if x["rules"] == r["rules"] and x["config"] == "no filter")
+        ns = f"{r['ns_per_packet']:.0f}" if "ns_per_packet" in r else ""
         print(f"| {r['config']} | {r['rules']:,} | {r['gbit_s']:.2f} | {r['gbit_s'] / b['gbit_s']:.3f}× | "
-              f"{r['p50_us']:.1f} | {r['p99_us']:.1f} | {r['p99_us'] - b['p99_us']:+.1f} |")
+              f"{r['p50_us']:.1f} | {r['p99_us']:.1f} | {r['p99_us'] - b['p99_us']:+.1f} | "
+              f"{r['crr_p50_us']:.0f} / {r['crr_p99_us']:.0f} | {ns} |")
     print(f"\nswap in {n:,} rules: Outpost {swap['outpost_to_flip_ms']:.1f} ms to the flip "
           f"({swap['outpost_total_ms']:.1f} ms with the old generation removed; first load "
           f"{swap['outpost_first_apply_ms']:.1f} ms); nft -f replacing the same rules: chain "

@@ -215,10 +215,16 @@ impl Enforcer {
             }
         }
         // The switch.
-        let mut config: Array<_, Config> = self.array("CONFIG")?;
-        config
-            .set(0, Config { active_gen: new_gen, sample_every: sample_every.max(1) }, 0)
-            .map_err(map_err("CONFIG"))?;
+        let flip = self
+            .array::<Config>("CONFIG")
+            .and_then(|mut c| c.set(0, Config { active_gen: new_gen, sample_every: sample_every.max(1) }, 0).map_err(map_err("CONFIG")));
+        if let Err(e) = flip {
+            for k in newly {
+                self.detach(&k);
+            }
+            self.remove_generation(&new);
+            return Err(e);
+        }
         let to_flip = start.elapsed();
         let old = self.current.replace(new);
         self.active_gen = new_gen;

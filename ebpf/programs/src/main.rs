@@ -71,43 +71,31 @@ trait Bytes {
     fn addr16(&self, off: usize) -> Option<[u8; 16]>;
 }
 
-impl Bytes for SkBuffContext {
-    #[inline(always)]
-    fn byte(&self, off: usize) -> Option<u8> {
-        self.load::<u8>(off).ok()
-    }
-    #[inline(always)]
-    fn half(&self, off: usize) -> Option<u16> {
-        self.load::<u16>(off).ok()
-    }
-    #[inline(always)]
-    fn addr4(&self, off: usize) -> Option<[u8; 4]> {
-        self.load::<[u8; 4]>(off).ok()
-    }
-    #[inline(always)]
-    fn addr16(&self, off: usize) -> Option<[u8; 16]> {
-        self.load::<[u8; 16]>(off).ok()
-    }
+/// Both contexts read packet bytes with the same typed `load`.
+macro_rules! impl_bytes {
+    ($($ctx:ty),*) => {$(
+        impl Bytes for $ctx {
+            #[inline(always)]
+            fn byte(&self, off: usize) -> Option<u8> {
+                self.load::<u8>(off).ok()
+            }
+            #[inline(always)]
+            fn half(&self, off: usize) -> Option<u16> {
+                self.load::<u16>(off).ok()
+            }
+            #[inline(always)]
+            fn addr4(&self, off: usize) -> Option<[u8; 4]> {
+                self.load::<[u8; 4]>(off).ok()
+            }
+            #[inline(always)]
+            fn addr16(&self, off: usize) -> Option<[u8; 16]> {
+                self.load::<[u8; 16]>(off).ok()
+            }
+        }
+    )*};
 }
 
-impl Bytes for TcContext {
-    #[inline(always)]
-    fn byte(&self, off: usize) -> Option<u8> {
-        self.load::<u8>(off).ok()
-    }
-    #[inline(always)]
-    fn half(&self, off: usize) -> Option<u16> {
-        self.load::<u16>(off).ok()
-    }
-    #[inline(always)]
-    fn addr4(&self, off: usize) -> Option<[u8; 4]> {
-        self.load::<[u8; 4]>(off).ok()
-    }
-    #[inline(always)]
-    fn addr16(&self, off: usize) -> Option<[u8; 16]> {
-        self.load::<[u8; 16]>(off).ok()
-    }
-}
+impl_bytes!(SkBuffContext, TcContext);
 
 /// Parses the IP header at `l3`. `None` for anything that is not IPv4 or IPv6.
 #[inline(always)]
