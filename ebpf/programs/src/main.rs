@@ -63,33 +63,18 @@ struct Packet {
     len: u32,
 }
 
-/// Reading packet bytes, the same way from both program types.
+/// Reading packet bytes, the same way from both program types: whole headers at once
+/// (each read is a helper call).
 trait Bytes {
-    fn byte(&self, off: usize) -> Option<u8>;
-    fn half(&self, off: usize) -> Option<u16>;
-    fn addr4(&self, off: usize) -> Option<[u8; 4]>;
-    fn addr16(&self, off: usize) -> Option<[u8; 16]>;
+    fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]>;
 }
 
-/// Both contexts read packet bytes with the same typed `load`.
 macro_rules! impl_bytes {
     ($($ctx:ty),*) => {$(
         impl Bytes for $ctx {
             #[inline(always)]
-            fn byte(&self, off: usize) -> Option<u8> {
-                self.load::<u8>(off).ok()
-            }
-            #[inline(always)]
-            fn half(&self, off: usize) -> Option<u16> {
-                self.load::<u16>(off).ok()
-            }
-            #[inline(always)]
-            fn addr4(&self, off: usize) -> Option<[u8; 4]> {
-                self.load::<[u8; 4]>(off).ok()
-            }
-            #[inline(always)]
-            fn addr16(&self, off: usize) -> Option<[u8; 16]> {
-                self.load::<[u8; 16]>(off).ok()
+            fn read<const N: usize>(&self, off: usize) -> Option<[u8; N]> {
+                self.load::<[u8; N]>(off).ok()
             }
         }
     )*};
@@ -100,7 +85,8 @@ impl_bytes!(SkBuffContext, TcContext);
 /// Parses the IP header at `l3`. `None` for anything that is not IPv4 or IPv6.
 #[inline(always)]
 fn parse<B: Bytes>(b: &B, l3: usize, len: u32) -> Option<Packet> {
-    let v = b.byte(l3)? >> 4;
+    // 20 bytes: an IPv4 header without options, or the start of an IPv6 header.
+    let h: [u8; 20] = b.read(l3)?;
     let mut p = Packet {
         family: 0,
         proto: 0,
@@ -112,36 +98,40 @@ fn parse<B: Bytes>(b: &B, l3: usize, len: u32) -> Option<Packet> {
         len,
     };
     let l4;
+    let v = h[0] >> 4;
     if v == 4 {
         p.family = FAMILY_V4;
-        let ihl = ((b.byte(l3)? & 0x0f) as usize) * 4;
+        let ihl = ((h[0] & 0x0f) as usize) * 4;
         if ihl < 20 {
             return None;
         }
-        p.proto = b.byte(l3 + 9)?;
-        let (src, dst) = (b.addr4(l3 + 12)?, b.addr4(l3 + 16)?);
-        p.src[..4].copy_from_slice(&src);
-        p.dst[..4].copy_from_slice(&dst);
+        p.proto = h[9];
+        p.src[..4].copy_from_slice(&h[12..16]);
+        p.dst[..4].copy_from_slice(&h[16..20]);
         // A non-first fragment carries no ports: it is matched with port 0.
-        let frag = u16::from_be(b.half(l3 + 6)?) & 0x1fff;
+        let frag = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
         if frag != 0 {
             return Some(p);
         }
         l4 = l3 + ihl;
     } else if v == 6 {
         p.family = FAMILY_V6;
-        p.proto = b.byte(l3 + 6)?;
-        p.src = b.addr16(l3 + 8)?;
-        p.dst = b.addr16(l3 + 24)?;
+        p.proto = h[6];
+        let h6: [u8; 40] = b.read(l3)?;
+        p.src.copy_from_slice(&h6[8..24]);
+        p.dst.copy_from_slice(&h6[24..40]);
         l4 = l3 + 40;
     } else {
         return None;
     }
     if p.proto == PROTO_TCP || p.proto == PROTO_UDP {
-        p.src_port_be = b.half(l4)?;
-        p.dst_port_be = b.half(l4 + 2)?;
+        let ports: [u8; 4] = b.read(l4)?;
+        // Kept in network order, as the maps hold them.
+        p.src_port_be = u16::from_ne_bytes([ports[0], ports[1]]);
+        p.dst_port_be = u16::from_ne_bytes([ports[2], ports[3]]);
     } else if p.proto == PROTO_ICMPV6 {
-        p.icmp6_type = b.byte(l4)?;
+        let t: [u8; 1] = b.read(l4)?;
+        p.icmp6_type = t[0];
     }
     Some(p)
 }
@@ -361,9 +351,9 @@ pub fn outpost_cg_ingress(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn tc_verdict(ctx: &TcContext, dir: u8) -> i32 {
     let Some((cfg, gen)) = active() else { return TC_ACT_SHOT };
-    let proto = match ctx.load::<u16>(12) {
-        Ok(v) => u16::from_be(v),
-        Err(_) => return TC_ACT_SHOT,
+    let proto = match ctx.read::<2>(12) {
+        Some(v) => u16::from_be_bytes(v),
+        None => return TC_ACT_SHOT,
     };
     if proto != ETH_P_IP && proto != ETH_P_IPV6 {
         count_verdict(VERDICT_NON_IP);
