@@ -108,6 +108,9 @@ pub const VERDICT_NAMES: [&str; 6] = ["allowed", "denied", "audit_denied", "repl
 pub struct Enforcer {
     ebpf: Ebpf,
     events: Option<RingBuf<MapData>>,
+    /// The two largest maps, owned so that a swap can fill them from two threads.
+    prefixes: LpmTrie<MapData, PrefixKey, u32>,
+    ports: BpfHashMap<MapData, PortKey, RuleRef>,
     cgroup_root: PathBuf,
     active_gen: u32,
     current: Option<GenPlan>,
@@ -139,9 +142,15 @@ impl Enforcer {
             p.load().map_err(|e| load_error(name, e))?;
         }
         let events = ebpf.take_map("EVENTS").map(RingBuf::try_from).transpose().map_err(map_err("EVENTS"))?;
+        let prefixes = ebpf.take_map("PREFIXES").ok_or_else(|| Error::Load("map PREFIXES missing".into()))?;
+        let prefixes = LpmTrie::try_from(prefixes).map_err(map_err("PREFIXES"))?;
+        let ports = ebpf.take_map("PORTS").ok_or_else(|| Error::Load("map PORTS missing".into()))?;
+        let ports = BpfHashMap::try_from(ports).map_err(map_err("PORTS"))?;
         Ok(Enforcer {
             ebpf,
             events,
+            prefixes,
+            ports,
             cgroup_root: cgroup_root.to_path_buf(),
             active_gen: 0,
             current: None,
@@ -267,19 +276,26 @@ impl Enforcer {
                 scopes.insert(k, v, 0).map_err(map_err("SCOPES"))?;
             }
         }
-        {
-            let m = self.ebpf.map_mut("PREFIXES").ok_or_else(|| Error::Load("map PREFIXES missing".into()))?;
-            let mut trie: LpmTrie<_, PrefixKey, u32> = LpmTrie::try_from(m).map_err(map_err("PREFIXES"))?;
-            for (k, len, class) in &p.prefixes {
-                trie.insert(&Key::new(*len, *k), class, 0).map_err(map_err("PREFIXES"))?;
-            }
-        }
-        {
-            let mut ports: BpfHashMap<_, PortKey, RuleRef> = self.hash("PORTS")?;
+        // The two big tables from two threads: each update is a system call.
+        let (trie, ports) = (&mut self.prefixes, &mut self.ports);
+        let (a, b) = std::thread::scope(|s| {
+            let t = s.spawn(|| -> Result<(), Error> {
+                for (k, len, class) in &p.prefixes {
+                    trie.insert(&Key::new(*len, *k), class, 0).map_err(map_err("PREFIXES"))?;
+                }
+                Ok(())
+            });
+            let mut r = Ok(());
             for (k, v) in &p.ports {
-                ports.insert(k, v, 0).map_err(map_err("PORTS"))?;
+                if let Err(e) = ports.insert(k, v, 0) {
+                    r = Err(map_err("PORTS")(e));
+                    break;
+                }
             }
-        }
+            (t.join().unwrap_or_else(|_| Err(Error::Load("the map writer thread panicked".into()))), r)
+        });
+        a?;
+        b?;
         {
             let mut ranges: BpfHashMap<_, u32, RangeList> = self.hash("RANGES")?;
             for (k, v) in &p.ranges {
@@ -311,18 +327,17 @@ impl Enforcer {
                 let _ = scopes.remove(k);
             }
         }
-        if let Some(m) = self.ebpf.map_mut("PREFIXES") {
-            if let Ok(mut trie) = LpmTrie::<_, PrefixKey, u32>::try_from(m) {
+        let (trie, ports) = (&mut self.prefixes, &mut self.ports);
+        std::thread::scope(|s| {
+            s.spawn(|| {
                 for (k, len, _) in &p.prefixes {
                     let _ = trie.remove(&Key::new(*len, *k));
                 }
-            }
-        }
-        if let Ok(mut ports) = self.hash::<PortKey, RuleRef>("PORTS") {
+            });
             for (k, _) in &p.ports {
                 let _ = ports.remove(k);
             }
-        }
+        });
         if let Ok(mut ranges) = self.hash::<u32, RangeList>("RANGES") {
             for (k, _) in &p.ranges {
                 let _ = ranges.remove(k);

@@ -80,7 +80,8 @@ struct FlatRule {
     proto: u8,
     lo: u16,
     hi: u16,
-    what: String,
+    /// Scope and rule index in the profile, to name the rule in errors.
+    at: (usize, usize),
 }
 
 /// Compiles `profile` into generation `gen`. `resolved[i]` is where `profile.scopes[i]` is.
@@ -99,7 +100,7 @@ pub fn plan(profile: &Profile, gen: u32, resolved: &[Resolved]) -> Result<GenPla
         let scope_no = scope_no as u32 + 1;
         out.scopes.push((ScopeKey { gen, kind: res.kind, id: res.id }, scope_no));
         let mut groups: Group = BTreeMap::new();
-        for r in &scope.rules {
+        for (rule_in_scope, r) in scope.rules.iter().enumerate() {
             let dir = match r.direction {
                 Direction::Ingress => DIR_INGRESS,
                 Direction::Egress => DIR_EGRESS,
@@ -112,22 +113,30 @@ pub fn plan(profile: &Profile, gen: u32, resolved: &[Resolved]) -> Result<GenPla
                 proto: proto_number(r.protocol, v4),
                 lo,
                 hi,
-                what: format!("{:?} {:?} rule {:?}", scope.kind, scope.name, r.name),
+                at: (scope_no as usize - 1, rule_in_scope),
             });
             rule_no += 1;
         }
         for ((dir, family), prefixes) in &groups {
+            // Only prefix lengths that occur can hold a containing prefix.
+            let lengths: std::collections::BTreeSet<u8> = prefixes.keys().map(|k| k.1).collect();
             for (&(addr, len), _) in prefixes.iter() {
                 // This prefix's class: its own rules and those of every prefix containing it.
                 let mut members: Vec<&FlatRule> = Vec::new();
-                for l in 0..=len {
+                for &l in lengths.range(..=len) {
                     if let Some(rs) = prefixes.get(&(mask(addr, l), l)) {
                         members.extend(rs.iter());
                     }
                 }
                 let class = class_id(gen, out.prefixes.len() as u32);
                 let key = PrefixKey { gen: gen as u8, dir: *dir, family: *family, _pad: 0, scope: scope_no, addr: addr_bytes(addr) };
-                let flags = add_ports(&mut out, class, &members)?;
+                let flags = add_ports(&mut out, class, &members).map_err(|(s, r)| {
+                    let scope = &profile.scopes[s];
+                    Error::Plan(format!(
+                        "{:?} {:?} rule {:?}: more than {MAX_RANGES} port ranges wider than {EXPAND_RANGE_MAX} ports apply to the same addresses; merge ranges",
+                        scope.kind, scope.name, scope.rules[r].name
+                    ))
+                })?;
                 out.prefixes.push((key, PREFIX_FIXED_BITS + u32::from(len), class | flags));
             }
         }
@@ -135,8 +144,9 @@ pub fn plan(profile: &Profile, gen: u32, resolved: &[Resolved]) -> Result<GenPla
     Ok(out)
 }
 
-/// Adds the class's port entries; returns its `CLASS_HAS_*` flags.
-fn add_ports(out: &mut GenPlan, class: u32, members: &[&FlatRule]) -> Result<u32, Error> {
+/// Adds the class's port entries; returns its `CLASS_HAS_*` flags, or where the rule is
+/// that does not fit.
+fn add_ports(out: &mut GenPlan, class: u32, members: &[&FlatRule]) -> Result<u32, (usize, usize)> {
     let mut flags = 0;
     let mut seen: HashMap<(u8, u16), ()> = HashMap::new();
     let mut ranges = RangeList::default();
@@ -157,10 +167,7 @@ fn add_ports(out: &mut GenPlan, class: u32, members: &[&FlatRule]) -> Result<u32
         } else {
             let n = ranges.len as usize;
             if n == MAX_RANGES {
-                return Err(Error::Plan(format!(
-                    "{}: more than {MAX_RANGES} port ranges wider than {EXPAND_RANGE_MAX} ports apply to the same addresses; merge ranges",
-                    r.what
-                )));
+                return Err(r.at);
             }
             ranges.ranges[n] = PortRange { lo: r.lo, hi: r.hi, proto: r.proto, _pad: [0; 3], counter: r.counter };
             ranges.len += 1;
