@@ -241,29 +241,7 @@ fn decide(kind: u32, raw_id: u64, scope: Option<u32>, gen: u32, cfg: &Config, di
         sample_deny(kind, raw_id, gen, dir, p, remote, audit, cfg.sample_every);
         return audit;
     };
-    // Rules name the destination port: the remote one on egress, the local one on ingress.
-    if let Some(counter) = lookup(gen, scope, dir, p.family, p.proto, remote, p.dst_port_be) {
-        count_rule(counter, p.len);
-        count_verdict(VERDICT_ALLOWED);
-        let flow = FlowKey {
-            scope_kind: kind,
-            scope_id: scope,
-            proto: p.proto,
-            family: p.family,
-            local_port_be,
-            remote_port_be,
-            _pad: 0,
-            remote: *remote,
-        };
-        // SAFETY: plain data.
-        let known = unsafe { FLOWS.get(&flow) }.map(|d| *d == dir as u32).unwrap_or(false);
-        if !known {
-            let _ = FLOWS.insert(&flow, &(dir as u32), 0);
-        }
-        return true;
-    }
-    // A reply: the connection was opened the other way, and the active rules still
-    // allow it as it was opened.
+    // The connection this packet belongs to, the same key in both directions.
     let flow = FlowKey {
         scope_kind: kind,
         scope_id: scope,
@@ -275,8 +253,19 @@ fn decide(kind: u32, raw_id: u64, scope: Option<u32>, gen: u32, cfg: &Config, di
         remote: *remote,
     };
     // SAFETY: plain data.
-    if let Some(opened) = unsafe { FLOWS.get(&flow) } {
-        let opened = *opened as u8;
+    let opened = unsafe { FLOWS.get(&flow) }.map(|d| *d as u8);
+    // Rules name the destination port: the remote one on egress, the local one on ingress.
+    if let Some(counter) = lookup(gen, scope, dir, p.family, p.proto, remote, p.dst_port_be) {
+        count_rule(counter, p.len);
+        count_verdict(VERDICT_ALLOWED);
+        if opened != Some(dir) {
+            let _ = FLOWS.insert(&flow, &(dir as u32), 0);
+        }
+        return true;
+    }
+    // A reply: the connection was opened the other way, and the active rules still
+    // allow it as it was opened.
+    if let Some(opened) = opened {
         if opened != dir {
             let port_be = if opened == DIR_EGRESS { remote_port_be } else { local_port_be };
             if let Some(counter) = lookup(gen, scope, opened, p.family, p.proto, remote, port_be) {
