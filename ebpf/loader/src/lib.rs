@@ -32,6 +32,7 @@ use outpost_ebpf_common::{
     Config, Counter, DenyEvent, GenConfig, PortKey, PrefixKey, RangeList, RuleRef, ScopeKey, DIR_EGRESS, FAMILY_V4,
     MAX_RULES, MODE_AUDIT, MODE_ENFORCE, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, SCOPE_CGROUP, VERDICTS,
 };
+use outpost_protocol::display_chain;
 use outpost_protocol::policy::{Mode, Profile, ScopeKind};
 
 pub use plan::{plan, GenPlan, Resolved};
@@ -64,6 +65,25 @@ pub enum Error {
 
 fn map_err(map: &str) -> impl Fn(aya::maps::MapError) -> Error + '_ {
     move |e| Error::Map { map: map.to_string(), reason: e.to_string() }
+}
+
+/// Detaches links of programs of type `$ty` (named, with their link ids); every one
+/// is tried, the last error is returned.
+macro_rules! detach_all {
+    ($ebpf:expr, $ty:ty, [$(($name:expr, $id:expr)),*]) => {{
+        let mut r: Result<(), String> = Ok(());
+        $(
+            match prog($ebpf, $name).and_then(|p| <&mut $ty>::try_from(p).map_err(|e| Error::Load(e.to_string()))) {
+                Ok(p) => {
+                    if let Err(e) = p.detach($id) {
+                        r = Err(e.to_string());
+                    }
+                }
+                Err(e) => r = Err(e.to_string()),
+            }
+        )*
+        r
+    }};
 }
 
 /// Where a scope was attached.
@@ -112,7 +132,7 @@ pub struct Enforcer {
     prefixes: LpmTrie<MapData, PrefixKey, u32>,
     ports: BpfHashMap<MapData, PortKey, RuleRef>,
     cgroup_root: PathBuf,
-    active_gen: u32,
+    /// The active generation's entries (its `gen` is the one `CONFIG` names).
     current: Option<GenPlan>,
     /// Scope target (cgroup path or interface name) → links.
     attached: BTreeMap<(ScopeKind, String), Attachment>,
@@ -124,22 +144,14 @@ impl Enforcer {
     /// Loads the programs (nothing attached yet). `cgroup_root` is where workload
     /// cgroup paths start (the cgroup v2 mount).
     pub fn load(cgroup_root: &Path) -> Result<Self, Error> {
-        let mut ebpf = Ebpf::load(PROGRAMS).map_err(|e| {
-            let text = chain(&e);
-            let perm = text.contains("Operation not permitted") || text.contains("Permission denied") || text.contains("EPERM");
-            if perm {
-                Error::Unsupported(format!("{text} (the agent needs root, or CAP_BPF and CAP_NET_ADMIN)"))
-            } else {
-                Error::Load(text)
-            }
-        })?;
+        let mut ebpf = Ebpf::load(PROGRAMS).map_err(|e| load_error(display_chain(&e)))?;
         for name in ["outpost_cg_egress", "outpost_cg_ingress"] {
             let p: &mut CgroupSkb = prog(&mut ebpf, name)?.try_into().map_err(|e| Error::Load(format!("{name}: {e}")))?;
-            p.load().map_err(|e| load_error(name, e))?;
+            p.load().map_err(|e| load_error(format!("{name}: {}", verifier_tail(&e.to_string()))))?;
         }
         for name in ["outpost_tc_egress", "outpost_tc_ingress"] {
             let p: &mut SchedClassifier = prog(&mut ebpf, name)?.try_into().map_err(|e| Error::Load(format!("{name}: {e}")))?;
-            p.load().map_err(|e| load_error(name, e))?;
+            p.load().map_err(|e| load_error(format!("{name}: {}", verifier_tail(&e.to_string()))))?;
         }
         let events = ebpf.take_map("EVENTS").map(RingBuf::try_from).transpose().map_err(map_err("EVENTS"))?;
         let prefixes = ebpf.take_map("PREFIXES").ok_or_else(|| Error::Load("map PREFIXES missing".into()))?;
@@ -152,7 +164,6 @@ impl Enforcer {
             prefixes,
             ports,
             cgroup_root: cgroup_root.to_path_buf(),
-            active_gen: 0,
             current: None,
             attached: BTreeMap::new(),
             scope_names: BTreeMap::new(),
@@ -160,7 +171,7 @@ impl Enforcer {
     }
 
     pub fn active_generation(&self) -> Option<u32> {
-        self.current.as_ref().map(|_| self.active_gen)
+        self.current.as_ref().map(|c| c.gen)
     }
 
     /// Resolves each scope of `profile` on this device.
@@ -197,7 +208,7 @@ impl Enforcer {
     pub fn apply(&mut self, profile: &Profile, mode: Mode, sample_every: u32) -> Result<SwapReport, Error> {
         let start = Instant::now();
         let resolved = self.resolve(profile)?;
-        let new_gen = if self.current.is_some() { 1 - self.active_gen } else { 1 };
+        let new_gen = self.current.as_ref().map_or(1, |c| 1 - c.gen);
         let new = plan(profile, new_gen, &resolved)?;
         if let Err(e) = self.write_generation(&new, mode) {
             self.remove_generation(&new);
@@ -235,9 +246,7 @@ impl Enforcer {
             return Err(e);
         }
         let to_flip = start.elapsed();
-        let old = self.current.replace(new);
-        self.active_gen = new_gen;
-        if let Some(old) = old {
+        if let Some(old) = self.current.replace(new) {
             std::thread::sleep(GRACE);
             self.remove_generation(&old);
         }
@@ -354,15 +363,13 @@ impl Enforcer {
                     let p: &mut CgroupSkb = prog(&mut self.ebpf, name)?.try_into().map_err(|e| Error::Load(format!("{name}: {e}")))?;
                     // Links are always multi-attach; the kernel wants no flags with them.
                     p.attach(file, at, CgroupAttachMode::Single)
-                        .map_err(|e| Error::Attach { program: name.into(), target: path.display().to_string(), reason: chain(&e) })
+                        .map_err(|e| Error::Attach { program: name.into(), target: path.display().to_string(), reason: display_chain(&e) })
                 };
                 let egress = link("outpost_cg_egress", CgroupSkbAttachType::Egress)?;
                 let ingress = match link("outpost_cg_ingress", CgroupSkbAttachType::Ingress) {
                     Ok(l) => l,
                     Err(e) => {
-                        if let Ok(p) = prog(&mut self.ebpf, "outpost_cg_egress").and_then(|p| <&mut CgroupSkb>::try_from(p).map_err(|e| Error::Load(e.to_string()))) {
-                            let _ = p.detach(egress);
-                        }
+                        let _ = detach_all!(&mut self.ebpf, CgroupSkb, [("outpost_cg_egress", egress)]);
                         return Err(e);
                     }
                 };
@@ -371,15 +378,13 @@ impl Enforcer {
             ScopeKind::Interface => {
                 let mut link = |name: &str, at: TcAttachType| -> Result<SchedClassifierLinkId, Error> {
                     let p: &mut SchedClassifier = prog(&mut self.ebpf, name)?.try_into().map_err(|e| Error::Load(format!("{name}: {e}")))?;
-                    p.attach(target, at).map_err(|e| Error::Attach { program: name.into(), target: target.into(), reason: chain(&e) })
+                    p.attach(target, at).map_err(|e| Error::Attach { program: name.into(), target: target.into(), reason: display_chain(&e) })
                 };
                 let egress = link("outpost_tc_egress", TcAttachType::Egress)?;
                 let ingress = match link("outpost_tc_ingress", TcAttachType::Ingress) {
                     Ok(l) => l,
                     Err(e) => {
-                        if let Ok(p) = prog(&mut self.ebpf, "outpost_tc_egress").and_then(|p| <&mut SchedClassifier>::try_from(p).map_err(|e| Error::Load(e.to_string()))) {
-                            let _ = p.detach(egress);
-                        }
+                        let _ = detach_all!(&mut self.ebpf, SchedClassifier, [("outpost_tc_egress", egress)]);
                         return Err(e);
                     }
                 };
@@ -392,30 +397,10 @@ impl Enforcer {
         let Some(a) = self.attached.remove(key) else { return };
         let r = match a {
             Attachment::Cgroup { egress, ingress } => {
-                let mut r = Ok(());
-                for (name, id) in [("outpost_cg_egress", egress), ("outpost_cg_ingress", ingress)] {
-                    if let Ok(p) = prog(&mut self.ebpf, name) {
-                        if let Ok(p) = <&mut CgroupSkb>::try_from(p) {
-                            if let Err(e) = p.detach(id) {
-                                r = Err(e.to_string());
-                            }
-                        }
-                    }
-                }
-                r
+                detach_all!(&mut self.ebpf, CgroupSkb, [("outpost_cg_egress", egress), ("outpost_cg_ingress", ingress)])
             }
             Attachment::Interface { egress, ingress } => {
-                let mut r = Ok(());
-                for (name, id) in [("outpost_tc_egress", egress), ("outpost_tc_ingress", ingress)] {
-                    if let Ok(p) = prog(&mut self.ebpf, name) {
-                        if let Ok(p) = <&mut SchedClassifier>::try_from(p) {
-                            if let Err(e) = p.detach(id) {
-                                r = Err(e.to_string());
-                            }
-                        }
-                    }
-                }
-                r
+                detach_all!(&mut self.ebpf, SchedClassifier, [("outpost_tc_egress", egress), ("outpost_tc_ingress", ingress)])
             }
         };
         if let Err(e) = r {
@@ -424,7 +409,7 @@ impl Enforcer {
     }
 
     /// Per-verdict and per-rule counters of the active generation.
-    pub fn counters(&mut self) -> Result<Counters, Error> {
+    pub fn counters(&self) -> Result<Counters, Error> {
         let mut out = Counters::default();
         {
             let m = self.ebpf.map("VERDICT_COUNTERS").ok_or_else(|| Error::Load("map VERDICT_COUNTERS missing".into()))?;
@@ -455,18 +440,10 @@ impl Enforcer {
             if item.len() < std::mem::size_of::<DenyEvent>() {
                 continue;
             }
-            let mut e = DenyEvent::default();
-            // Copy the bytes into a properly aligned value field by field.
-            let b = &item[..];
-            e.scope_id = u64::from_ne_bytes(b[0..8].try_into().unwrap_or_default());
-            e.scope_kind = u32::from_ne_bytes(b[8..12].try_into().unwrap_or_default());
-            e.gen = u32::from_ne_bytes(b[12..16].try_into().unwrap_or_default());
-            e.dir = b[16];
-            e.family = b[17];
-            e.proto = b[18];
-            e.audit = b[19];
-            e.port_be = u16::from_ne_bytes([b[20], b[21]]);
-            e.remote.copy_from_slice(&b[24..40]);
+            // SAFETY: the record is at least size_of::<DenyEvent>() bytes and DenyEvent
+            // is plain data (aya::Pod): any bytes are a valid value; the ring buffer
+            // does not promise alignment, hence the unaligned read.
+            let e: DenyEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<DenyEvent>()) };
             let remote = if e.family == FAMILY_V4 {
                 std::net::IpAddr::from([e.remote[0], e.remote[1], e.remote[2], e.remote[3]])
             } else {
@@ -494,32 +471,27 @@ impl Enforcer {
     }
 }
 
-/// An error and its sources, `a: b: c`.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn prog<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program, Error> {
     ebpf.program_mut(name).ok_or_else(|| Error::Load(format!("program {name} missing from the object")))
 }
 
-fn load_error(name: &str, e: aya::programs::ProgramError) -> Error {
-    // The verifier's log can be thousands of lines: keep its end, where the reason is.
-    let full = e.to_string();
-    let lines: Vec<&str> = full.lines().collect();
-    let e = if lines.len() > 12 { format!("{} [...] {}", lines[0], lines[lines.len() - 10..].join("\n")) } else { full };
-    let text = e.clone();
-    if text.contains("EPERM") || text.contains("Operation not permitted") {
-        Error::Unsupported(format!("{name}: {e} (the agent needs root, or CAP_BPF and CAP_NET_ADMIN)"))
+/// A load failure; one the kernel refused for lack of privilege says what is needed.
+fn load_error(text: String) -> Error {
+    if text.contains("Operation not permitted") || text.contains("Permission denied") || text.contains("EPERM") {
+        Error::Unsupported(format!("{text} (the agent needs root, or CAP_BPF and CAP_NET_ADMIN)"))
     } else {
-        Error::Load(format!("{name}: {e}"))
+        Error::Load(text)
+    }
+}
+
+/// The verifier's log can be thousands of lines: keep its first line and its end,
+/// where the reason is.
+fn verifier_tail(full: &str) -> String {
+    let lines: Vec<&str> = full.lines().collect();
+    if lines.len() > 12 {
+        format!("{} [...] {}", lines[0], lines[lines.len() - 10..].join("\n"))
+    } else {
+        full.to_string()
     }
 }
 
