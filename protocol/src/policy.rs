@@ -252,6 +252,15 @@ impl PolicyBundle {
         Ok(PolicyBundle { name, version, mode, not_after, sample_denies, profile, essential })
     }
 
+    /// The rules and mode of one of the bundle's profiles (the essential profile is
+    /// always enforced).
+    pub fn profile_for(&self, applied: Applied) -> (&Profile, Mode) {
+        match applied {
+            Applied::Bundle => (&self.profile, self.mode),
+            Applied::Essential => (&self.essential, Mode::Enforce),
+        }
+    }
+
     /// The profile to enforce at `now`: the bundle's until `not_after`, then the
     /// essential profile.
     pub fn applied(&self, now: DateTime<Utc>) -> Applied {

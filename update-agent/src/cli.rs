@@ -115,15 +115,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::TufClient(args) => crate::tuf_client::run(args).await,
         Command::Run { once } => {
             let config = AgentConfig::load(&cli.config)?;
-            for dir in [config.metadata_dir(), config.download_dir()] {
-                std::fs::create_dir_all(&dir).map_err(|e| crate::error::AgentError::io("create", &dir, e))?;
-            }
-            let root_file = config.metadata_dir().join("root.json");
-            if !root_file.exists() {
-                let data = std::fs::read(&config.trusted_root)
-                    .map_err(|e| crate::error::AgentError::io("read trusted root", &config.trusted_root, e))?;
-                crate::updater::write_atomic(&root_file, &data)?;
-            }
+            crate::update::prepare_state(&config)?;
             let policy = crate::policy::start_for(&config);
             if let (Some(engine), Some(addr)) = (&policy, config.policy.as_ref().and_then(|p| p.metrics_listen)) {
                 crate::policy::serve_metrics(addr, engine.clone()).await?;

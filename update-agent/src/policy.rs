@@ -38,7 +38,6 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Persisted {
     target: Option<String>,
-    applied: Applied,
     fell_back_at: Option<DateTime<Utc>>,
 }
 
@@ -77,10 +76,7 @@ impl PolicyEngine {
                     (Ok(bundle), Ok(meta)) => {
                         let now = Utc::now();
                         let applied = bundle.applied(now);
-                        let (profile, mode) = match applied {
-                            Applied::Bundle => (&bundle.profile, bundle.mode),
-                            Applied::Essential => (&bundle.essential, Mode::Enforce),
-                        };
+                        let (profile, mode) = bundle.profile_for(applied);
                         match engine.enforcer.apply(profile, mode, bundle.sample_denies) {
                             Ok(r) => {
                                 tracing::info!(name = %bundle.name, version = bundle.version, ?applied, generation = r.generation, "restored the enforced network policy");
@@ -104,7 +100,7 @@ impl PolicyEngine {
 
     fn persist(&self) {
         let (Some(dir), Some(a)) = (&self.dir, &self.active) else { return };
-        let meta = Persisted { target: a.target.clone(), applied: a.applied, fell_back_at: a.fell_back_at };
+        let meta = Persisted { target: a.target.clone(), fell_back_at: a.fell_back_at };
         let r = std::fs::create_dir_all(dir)
             .map_err(|e| AgentError::io("create", dir, e))
             .and_then(|_| write_atomic(&dir.join("active.json"), &serde_json::to_vec_pretty(&meta).unwrap_or_default()));
@@ -118,10 +114,11 @@ impl PolicyEngine {
         self.active.as_ref().map(|a| (a.bundle.name.as_str(), a.bundle.version, a.applied))
     }
 
-    /// Offers a bundle (already verified as a signed target when `target` is given).
+    /// Offers a bundle: a signed target (`target` and the name and version its signed
+    /// metadata gives, which the content must match), or a local file (both `None`).
     /// `Ok(None)`: it is the one enforced already.
-    pub fn offer(&mut self, bytes: &[u8], target: Option<&str>, now: DateTime<Utc>) -> Result<Option<SwapReport>> {
-        let what = target.map(|t| t.to_string()).unwrap_or_else(|| "bundle".into());
+    pub fn offer(&mut self, bytes: &[u8], target: Option<(&str, &PolicyTargetCustom)>, now: DateTime<Utc>) -> Result<Option<SwapReport>> {
+        let what = target.map(|(t, _)| t.to_string()).unwrap_or_else(|| "bundle".into());
         let result = self.try_offer(bytes, target, now);
         match &result {
             Err(e) => {
@@ -134,8 +131,16 @@ impl PolicyEngine {
         result
     }
 
-    fn try_offer(&mut self, bytes: &[u8], target: Option<&str>, now: DateTime<Utc>) -> Result<Option<SwapReport>> {
+    fn try_offer(&mut self, bytes: &[u8], target: Option<(&str, &PolicyTargetCustom)>, now: DateTime<Utc>) -> Result<Option<SwapReport>> {
         let bundle = PolicyBundle::parse(bytes).map_err(|e| AgentError::Policy(e.to_string()))?;
+        if let Some((_, signed)) = target {
+            if bundle.name != signed.name || bundle.version != signed.version {
+                return Err(AgentError::Policy(format!(
+                    "the bundle is {} v{} but its signed metadata says {} v{}",
+                    bundle.name, bundle.version, signed.name, signed.version
+                )));
+            }
+        }
         if let Some(a) = &self.active {
             if a.bundle.name == bundle.name {
                 if bundle.version < a.bundle.version {
@@ -162,7 +167,7 @@ impl PolicyEngine {
             std::fs::create_dir_all(dir).map_err(|e| AgentError::io("create", dir, e))?;
             write_atomic(&dir.join("active.yaml"), bytes)?;
         }
-        self.active = Some(Active { bundle, target: target.map(str::to_string), applied: Applied::Bundle, fell_back_at: None });
+        self.active = Some(Active { bundle, target: target.map(|(t, _)| t.to_string()), applied: Applied::Bundle, fell_back_at: None });
         self.persist();
         Ok(Some(report))
     }
@@ -173,7 +178,8 @@ impl PolicyEngine {
         if a.applied != Applied::Bundle || a.bundle.applied(now) != Applied::Essential {
             return None;
         }
-        match self.enforcer.apply(&a.bundle.essential, Mode::Enforce, a.bundle.sample_denies) {
+        let (essential, mode) = a.bundle.profile_for(Applied::Essential);
+        match self.enforcer.apply(essential, mode, a.bundle.sample_denies) {
             Ok(r) => {
                 tracing::warn!(name = %a.bundle.name, version = a.bundle.version, not_after = %a.bundle.not_after,
                     "network policy expired without a newer one: enforcing its essential profile (fail-secure)");
@@ -194,7 +200,7 @@ impl PolicyEngine {
         self.active.as_ref().filter(|a| a.applied == Applied::Bundle).map(|a| a.bundle.not_after)
     }
 
-    pub fn status(&mut self) -> Option<PolicyStatus> {
+    pub fn status(&self) -> Option<PolicyStatus> {
         let counters = self.enforcer.counters().ok();
         let a = self.active.as_ref()?;
         Some(PolicyStatus {
@@ -202,7 +208,7 @@ impl PolicyEngine {
             version: a.bundle.version,
             target: a.target.clone(),
             applied: a.applied,
-            mode: if a.applied == Applied::Essential { Mode::Enforce } else { a.bundle.mode },
+            mode: a.bundle.profile_for(a.applied).1,
             enforcing: self.enforcer.active_generation().is_some(),
             not_after: a.bundle.not_after,
             fell_back_at: a.fell_back_at,
@@ -213,7 +219,7 @@ impl PolicyEngine {
     }
 
     /// Prometheus text exposition of the policy counters.
-    pub fn metrics(&mut self) -> String {
+    pub fn metrics(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
         let counters = self.enforcer.counters();
@@ -227,7 +233,7 @@ impl PolicyEngine {
                 esc(&a.bundle.name),
                 a.bundle.version,
                 if a.applied == Applied::Bundle { "bundle" } else { "essential" },
-                if a.applied == Applied::Essential || a.bundle.mode == Mode::Enforce { "enforce" } else { "audit" }
+                if a.bundle.profile_for(a.applied).1 == Mode::Enforce { "enforce" } else { "audit" }
             );
             let _ = writeln!(out, "# HELP outpost_policy_not_after_seconds When the enforced bundle expires.\n# TYPE outpost_policy_not_after_seconds gauge\noutpost_policy_not_after_seconds {}", a.bundle.not_after.timestamp());
         }
@@ -268,15 +274,19 @@ fn esc(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-/// Starts the engine for the daemon, or says clearly why there is no enforcement.
+/// Loads the programs for the agent's `[policy]` and restores the enforced bundle.
+fn start_engine(config: &AgentConfig) -> Result<SharedEngine> {
+    let p = config.policy.as_ref().ok_or_else(|| AgentError::Usage("the agent config has no [policy] section".into()))?;
+    let root = p.cgroup_root.clone().or_else(cgroup2_mount).ok_or_else(|| AgentError::Policy("no cgroup v2 mount found; set policy.cgroup_root".into()))?;
+    Ok(Arc::new(Mutex::new(PolicyEngine::start(&root, Some(config.policy_dir()))?)))
+}
+
+/// Starts the engine for the full daemon when `[policy]` is set, or says clearly why
+/// there is no enforcement (the daemon goes on without it).
 pub fn start_for(config: &AgentConfig) -> Option<SharedEngine> {
-    let p = config.policy.as_ref()?;
-    let Some(root) = p.cgroup_root.clone().or_else(cgroup2_mount) else {
-        tracing::error!("network policy: no cgroup v2 mount found and no policy.cgroup_root set; NOT enforcing network policy");
-        return None;
-    };
-    match PolicyEngine::start(&root, Some(config.policy_dir())) {
-        Ok(e) => Some(Arc::new(Mutex::new(e))),
+    config.policy.as_ref()?;
+    match start_engine(config) {
+        Ok(e) => Some(e),
         Err(e) => {
             tracing::error!(error = %e, "NOT enforcing network policy");
             eprintln!("outpost-agent: {e}; NOT enforcing network policy");
@@ -348,17 +358,7 @@ pub async fn sync(config: &AgentConfig, engine: &SharedEngine) -> Result<Option<
     };
     let bytes = std::fs::read(&path).map_err(|e| AgentError::io("read", &path, e))?;
     let _ = std::fs::remove_file(&path);
-    let mut engine = lock(engine);
-    // The bundle must be what its signed metadata says it is.
-    let parsed = PolicyBundle::parse(&bytes).map_err(|e| AgentError::Policy(format!("{}: {e}", info.path)));
-    match parsed {
-        Ok(b) if b.name != custom.name || b.version != custom.version => {
-            let e = AgentError::Policy(format!("{}: the bundle is {} v{} but its signed metadata says {} v{}", info.path, b.name, b.version, custom.name, custom.version));
-            engine.refused = Some(e.to_string());
-            Err(e)
-        }
-        _ => engine.offer(&bytes, Some(&info.path), Utc::now()),
-    }
+    lock(engine).offer(&bytes, Some((&info.path, &custom)), Utc::now())
 }
 
 /// Writes the status for check-ins (`STATE/policy/status.json`).
@@ -400,16 +400,8 @@ pub async fn step(config: &AgentConfig, engine: &SharedEngine) {
 pub async fn run_daemon(config: &AgentConfig, once: bool) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let p = config.policy.as_ref().ok_or_else(|| AgentError::Usage("the agent config has no [policy] section".into()))?;
-    for dir in [config.metadata_dir(), config.policy_dir()] {
-        std::fs::create_dir_all(&dir).map_err(|e| AgentError::io("create", &dir, e))?;
-    }
-    let root_file = config.metadata_dir().join("root.json");
-    if !root_file.exists() {
-        let data = std::fs::read(&config.trusted_root).map_err(|e| AgentError::io("read trusted root", &config.trusted_root, e))?;
-        write_atomic(&root_file, &data)?;
-    }
-    let root = p.cgroup_root.clone().or_else(cgroup2_mount).ok_or_else(|| AgentError::Policy("no cgroup v2 mount found; set policy.cgroup_root".into()))?;
-    let engine: SharedEngine = Arc::new(Mutex::new(PolicyEngine::start(&root, Some(config.policy_dir()))?));
+    crate::update::prepare_state(config)?;
+    let engine = start_engine(config)?;
     if let Some(addr) = p.metrics_listen {
         serve_metrics(addr, engine.clone()).await?;
     }

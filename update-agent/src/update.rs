@@ -28,10 +28,11 @@ pub struct UpdateReport {
     pub already_present: bool,
 }
 
-pub async fn run(config: &AgentConfig) -> Result<UpdateReport> {
+/// Creates the metadata and download directories and, on first use, trusts the
+/// provisioned root (`trusted_root`) by copying it into the metadata directory.
+pub fn prepare_state(config: &AgentConfig) -> Result<()> {
     let metadata_dir = config.metadata_dir();
-    let download_dir = config.download_dir();
-    for d in [&metadata_dir, &download_dir] {
+    for d in [&metadata_dir, &config.download_dir()] {
         std::fs::create_dir_all(d).map_err(|e| AgentError::io("create", d, e))?;
     }
     let root_file = metadata_dir.join("root.json");
@@ -39,6 +40,12 @@ pub async fn run(config: &AgentConfig) -> Result<UpdateReport> {
         let data = std::fs::read(&config.trusted_root).map_err(|e| AgentError::io("read trusted root", &config.trusted_root, e))?;
         write_atomic(&root_file, &data)?;
     }
+    Ok(())
+}
+
+pub async fn run(config: &AgentConfig) -> Result<UpdateReport> {
+    prepare_state(config)?;
+    let (metadata_dir, download_dir) = (config.metadata_dir(), config.download_dir());
     let fetcher = Fetcher::new(config.http_timeout)?;
     let mut updater = Updater::new(&metadata_dir, &format!("{}/metadata/", config.server_url), fetcher, chrono::Utc::now())?;
     updater.refresh().await?;
