@@ -89,15 +89,51 @@ pub struct Repository {
     state: tokio::sync::Mutex<State>,
     /// Policy: new firmware releases must name an SBOM.
     require_sbom: bool,
-    /// Expected measurements by hardware class, for the role versions in the key.
-    measurements: std::sync::Mutex<Option<MeasurementIndex>>,
-    /// Full-image firmware releases per hardware class, for the same role versions.
-    releases: std::sync::Mutex<Option<ReleaseIndex>>,
+    /// What the signed firmware metadata says per hardware class, built for the role
+    /// versions it names (every check-in asks).
+    firmware: std::sync::Mutex<Option<FirmwareIndex>>,
 }
 
-/// (role versions, hardware class -> full-image releases).
-type ReleaseIndex = (Vec<(String, u64)>, BTreeMap<String, Arc<Vec<FirmwareRelease>>>);
-type MeasurementIndex = (Vec<(String, u64)>, BTreeMap<String, Arc<BTreeMap<String, String>>>);
+/// Signed firmware metadata per hardware class, for one set of role versions.
+struct FirmwareIndex {
+    role_versions: Vec<(String, u64)>,
+    /// Expected measurement (image sha256) -> the target that names it.
+    measurements: BTreeMap<String, Arc<BTreeMap<String, String>>>,
+    /// Full-image releases (delta patches excluded).
+    releases: BTreeMap<String, Arc<Vec<FirmwareRelease>>>,
+}
+
+impl FirmwareIndex {
+    /// One pass over every verified role's targets.
+    fn build(st: &State, role_versions: Vec<(String, u64)>) -> Self {
+        let mut measurements: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut releases: BTreeMap<String, BTreeMap<String, FirmwareRelease>> = BTreeMap::new();
+        for env in st.roles.values() {
+            for (path, file) in &env.signed.targets {
+                let Ok(Some(custom)) = outpost_protocol::release::FirmwareCustom::from_custom(file.custom.as_ref(), path) else { continue };
+                let class = custom.hardware_class.as_str();
+                measurements.entry(class.to_owned()).or_default().entry(custom.expected_measurement.sha256.clone()).or_insert_with(|| path.clone());
+                if custom.encoding == outpost_protocol::release::Encoding::ZstdPatch {
+                    continue;
+                }
+                let Some(sha256) = file.hashes.get("sha256") else { continue };
+                releases.entry(class.to_owned()).or_default().entry(path.clone()).or_insert_with(|| FirmwareRelease {
+                    path: path.clone(),
+                    length: file.length,
+                    sha256: sha256.clone(),
+                    version: custom.version.to_string(),
+                    measurement: custom.expected_measurement.sha256.clone(),
+                    sbom_sha256: custom.sbom.as_ref().map(|s| s.sha256.clone()),
+                });
+            }
+        }
+        FirmwareIndex {
+            role_versions,
+            measurements: measurements.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+            releases: releases.into_iter().map(|(k, v)| (k, Arc::new(v.into_values().collect()))).collect(),
+        }
+    }
+}
 
 fn load_signing(path: &Path) -> Result<SigningKey, ServerError> {
     let bytes = std::fs::read(path).map_err(|e| ServerError::io("read key", path, e))?;
@@ -199,8 +235,7 @@ impl Repository {
             snapshot_expiry: config.snapshot_expiry,
             timestamp_expiry: config.timestamp_expiry,
             state: tokio::sync::Mutex::new(state),
-            measurements: std::sync::Mutex::new(None),
-            releases: std::sync::Mutex::new(None),
+            firmware: std::sync::Mutex::new(None),
             require_sbom: config.require_sbom,
         })
     }
@@ -222,9 +257,6 @@ impl Repository {
         remove_partial_uploads(&self.staging_dir);
     }
 
-    /// Every expected measurement (image SHA-256) the offline-signed release metadata
-    /// names for `hardware_class`, with the target that names it. Roles reach the state
-    /// only after their signatures and delegated paths verified on publish.
     /// Every SBOM the signed firmware targets name: (full image target, class,
     /// version, image sha256, SBOM reference), one per SBOM.
     pub async fn sbom_refs(&self) -> Vec<(String, String, String, String, outpost_protocol::release::SbomRef)> {
@@ -247,34 +279,20 @@ impl Repository {
 
     /// The full-image firmware targets signed for `hardware_class` (delta patches
     /// excluded), from every verified role.
-    /// Indexed once per set of role versions (every check-in asks).
     pub async fn firmware_releases(&self, hardware_class: &str) -> Arc<Vec<FirmwareRelease>> {
+        self.with_firmware_index(|idx| idx.releases.get(hardware_class).cloned()).await.unwrap_or_default()
+    }
+
+    /// Runs `f` on the firmware index, rebuilding it first when a role changed.
+    async fn with_firmware_index<T>(&self, f: impl FnOnce(&FirmwareIndex) -> T) -> T {
         let st = self.state.lock().await;
-        let key: Vec<(String, u64)> = st.roles.iter().map(|(k, v)| (k.clone(), v.signed.version)).collect();
-        let mut cache = self.releases.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.as_ref().is_none_or(|(k, _)| *k != key) {
-            let mut index: BTreeMap<String, BTreeMap<String, FirmwareRelease>> = BTreeMap::new();
-            for env in st.roles.values() {
-                for (path, file) in &env.signed.targets {
-                    let Ok(Some(custom)) = outpost_protocol::release::FirmwareCustom::from_custom(file.custom.as_ref(), path) else { continue };
-                    if custom.encoding == outpost_protocol::release::Encoding::ZstdPatch {
-                        continue;
-                    }
-                    let Some(sha256) = file.hashes.get("sha256") else { continue };
-                    index.entry(custom.hardware_class.as_str().to_owned()).or_default().entry(path.clone()).or_insert_with(|| FirmwareRelease {
-                        path: path.clone(),
-                        length: file.length,
-                        sha256: sha256.clone(),
-                        version: custom.version.to_string(),
-                        measurement: custom.expected_measurement.sha256.clone(),
-                        sbom_sha256: custom.sbom.as_ref().map(|s| s.sha256.clone()),
-                    });
-                }
-            }
-            let index = index.into_iter().map(|(class, m)| (class, Arc::new(m.into_values().collect()))).collect();
-            *cache = Some((key, index));
-        }
-        cache.as_ref().and_then(|(_, idx)| idx.get(hardware_class).cloned()).unwrap_or_default()
+        let versions: Vec<(String, u64)> = st.roles.iter().map(|(k, v)| (k.clone(), v.signed.version)).collect();
+        let mut cache = self.firmware.lock().unwrap_or_else(|p| p.into_inner());
+        let idx = match cache.take() {
+            Some(idx) if idx.role_versions == versions => idx,
+            _ => FirmwareIndex::build(&st, versions),
+        };
+        f(cache.insert(idx))
     }
 
     /// The signed sha256 of a target, looked up in every verified role.
@@ -288,28 +306,11 @@ impl Repository {
         self.targets_dir.join(consistent_name(path, sha256))
     }
 
-    /// Indexed once per set of role versions (every check-in asks).
+    /// Every expected measurement (image SHA-256) the offline-signed release metadata
+    /// names for `hardware_class`, with the target that names it. Roles reach the state
+    /// only after their signatures and delegated paths verified on publish.
     pub async fn expected_measurements(&self, hardware_class: &str) -> Arc<BTreeMap<String, String>> {
-        let st = self.state.lock().await;
-        let key: Vec<(String, u64)> = st.roles.iter().map(|(k, v)| (k.clone(), v.signed.version)).collect();
-        let mut cache = self.measurements.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.as_ref().is_none_or(|(k, _)| *k != key) {
-            let mut index: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-            for env in st.roles.values() {
-                for (path, file) in &env.signed.targets {
-                    if let Ok(Some(custom)) = outpost_protocol::release::FirmwareCustom::from_custom(file.custom.as_ref(), path) {
-                        index
-                            .entry(custom.hardware_class.as_str().to_owned())
-                            .or_default()
-                            .entry(custom.expected_measurement.sha256.clone())
-                            .or_insert_with(|| path.clone());
-                    }
-                }
-            }
-            let index = index.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
-            *cache = Some((key, index));
-        }
-        cache.as_ref().and_then(|(_, idx)| idx.get(hardware_class).cloned()).unwrap_or_default()
+        self.with_firmware_index(|idx| idx.measurements.get(hardware_class).cloned()).await.unwrap_or_default()
     }
 
     pub async fn status(&self) -> RepositoryStatus {
