@@ -36,7 +36,7 @@ pub struct PublishArgs {
     #[arg(long = "hardware-class")]
     pub hardware_classes: Vec<String>,
     /// Select devices with this label, KEY=VALUE (repeatable; all must match).
-    #[arg(long = "label", value_parser = parse_label)]
+    #[arg(long = "label", value_parser = crate::device_cmd::parse_label)]
     pub labels: Vec<(String, String)>,
     /// How long the role's new metadata stays valid (default: the repository's targets expiry).
     #[arg(long, value_parser = parse_duration)]
@@ -45,14 +45,6 @@ pub struct PublishArgs {
     pub server: crate::upload::ServerArgs,
     /// The bundle (YAML or JSON).
     pub file: PathBuf,
-}
-
-fn parse_label(s: &str) -> std::result::Result<(String, String), String> {
-    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?}: a label is KEY=VALUE"))?;
-    if k.is_empty() {
-        return Err(format!("{s:?}: the label key is empty"));
-    }
-    Ok((k.to_string(), v.to_string()))
 }
 
 pub async fn run(cmd: PolicyCommand, out: &Output) -> Result<()> {
@@ -109,17 +101,12 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
             return Err(SignerError::Usage(format!("{path} is already published with different content; bump `version`")));
         }
     }
-    let staging = repo.dir.join(".staging");
-    std::fs::create_dir_all(&staging).map_err(|e| SignerError::io("create", &staging, e))?;
-    let tmp = staging.join(format!("{sha256}.policy.yaml"));
-    crate::localrepo::write_atomic(&tmp, &bytes)?;
     let mut hashes = BTreeMap::new();
     hashes.insert("sha256".to_owned(), sha256.clone());
     let custom_json = serde_json::to_value(&custom).map_err(|e| SignerError::Usage(format!("policy custom metadata: {e}")))?;
     body.targets.insert(path.clone(), TargetFile { length: bytes.len() as u64, hashes, custom: Some(custom_json), extra: Default::default() });
-    let result = crate::release_cmd::commit_role(&repo, &role, &mut body, &keys, &[(path.as_str(), tmp.as_path(), sha256.as_str())], a.expires, server.as_ref(), out).await;
-    let _ = std::fs::remove_file(&tmp);
-    let pushed = result?;
+    let fresh = [(path.as_str(), a.file.as_path(), sha256.as_str())];
+    let pushed = crate::release_cmd::commit_role(&repo, &role, &mut body, &keys, &fresh, a.expires, server.as_ref(), out).await?;
     out.emit(
         &json!({"target": path, "role": role, "role_version": body.version, "sha256": sha256, "length": bytes.len(), "name": bundle.name,
                 "version": bundle.version, "selector": custom.selector, "not_after": bundle.not_after, "pushed": pushed}),
