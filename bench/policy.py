@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import socket
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from policy_net import CGROUP_ROOT, Net, Workload, bundle, fetch_metrics, workload_yaml  # noqa: E402
+from policy_net import CGROUP_ROOT, Enforcer, Net, Workload, bundle, workload_yaml  # noqa: E402
 
 IPERF_PORT = 5201
 RR_PORT = 5300
@@ -192,41 +191,13 @@ def measure(w: Workload, host: str, seconds: float, repeat: int, rr_n: int) -> d
     }
 
 
-class Agent:
-    def __init__(self, text: str, workdir: Path) -> None:
-        self.file = workdir / "bench-bundle.yaml"
-        self.file.write_text(text)
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [str(REPO / "target" / "release" / "outpost-agent"), "--json", "policy", "enforce", str(self.file),
-             "--cgroup-root", str(CGROUP_ROOT), "--metrics-listen", f"127.0.0.1:{self.port}"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        self.first = json.loads(self._line())
-        assert self.first["event"] == "applied", self.first
-
-    def _line(self) -> str:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("outpost-agent policy enforce exited")
-        return line
-
-    def swap(self, text: str) -> dict:
-        self.file.write_text(text)
-        self.proc.send_signal(signal.SIGHUP)
-        ev = json.loads(self._line())
-        assert ev["event"] == "applied", ev
-        return ev
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def enforcer(text: str, work: Path) -> Enforcer:
+    """`outpost-agent policy enforce` (release build) on `text`, in a fresh directory."""
+    d = Path(tempfile.mkdtemp(dir=work))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return Enforcer(REPO / "target" / "release" / "outpost-agent", d, text, port)
 
 
 def main() -> int:
@@ -262,13 +233,13 @@ def main() -> int:
             runs: dict[str, list[dict]] = {"no filter": [], "outpost (eBPF)": [], "nftables chain": [], "nftables set": []}
             for _ in range(a.repeat):
                 runs["no filter"].append(measure(w, net.host4, a.seconds, 1, a.rr))
-                agent = Agent(outpost_bundle(w, net.host4, n), work)
+                agent = enforcer(outpost_bundle(w, net.host4, n), work)
                 ns0, cnt0 = bpf_ns_per_run()
                 r = measure(w, net.host4, a.seconds, 1, a.rr)
                 ns1, cnt1 = bpf_ns_per_run()
                 r["ns_per_packet"] = (ns1 - ns0) / max(cnt1 - cnt0, 1)
                 runs["outpost (eBPF)"].append(r)
-                m = fetch_metrics(agent.port)
+                m = agent.metrics()
                 agent.stop()
                 denied = m.get('outpost_policy_packets_total{verdict="denied"}', 0)
                 assert denied == 0, f"the benchmark's own traffic was denied ({denied} packets)"
@@ -283,13 +254,14 @@ def main() -> int:
                 print(f"{n} {config}: {row}", file=sys.stderr)
         # Swapping in a 10,000-rule bundle (every rule changed), against nft -f.
         n = 10_000
-        agent = Agent(outpost_bundle(w, net.host4, n, version=1), work)
+        agent = enforcer(outpost_bundle(w, net.host4, n, version=1), work)
         flips, totals = [], []
         for i in range(a.swaps):
             ev = agent.swap(outpost_bundle(w, net.host4, n, version=2 + i, shift=(i + 1) * 7))
+            assert ev["event"] == "applied", ev
             flips.append(ev["to_flip_ms"])
             totals.append(ev["total_ms"])
-        first_apply = agent.first["to_flip_ms"]
+        first_apply = agent.lines[0]["to_flip_ms"]
         agent.stop()
         nft_times = {}
         for kind in ("chain", "set"):

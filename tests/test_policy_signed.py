@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import assert_ok, binary, free_port, run, toml_str
+from conftest import binary, free_port, run, toml_str
 from policy_net import (CGROUP_ROOT, Echo, Net, Workload, bundle, fetch_metrics, policy_info, remove_cgroup_tree,
                         require_root, workload_yaml)
 from reposim import RepoSim, SimServer, new_signer
