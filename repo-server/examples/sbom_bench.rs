@@ -43,7 +43,8 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("dir");
     let db = dir.join("bench.db");
     let _ = std::fs::remove_file(&db);
-    let store = Store::open(&db).expect("store");
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let store = rt.block_on(Store::open_sqlite(&db)).expect("store");
     let pool = (components * 5).max(1000) as u64;
     let mut rng = Rng(0x5eed_1234_abcd_0001);
 
@@ -74,7 +75,7 @@ fn main() {
             version: format!("1.{r}.0"),
             image_sha256: image.clone(),
         };
-        store.index_sbom(&rel, &comps).expect("index");
+        rt.block_on(store.index_sbom(&rel, &comps)).expect("index");
         images.push(image);
     }
     let index_s = t0.elapsed().as_secs_f64();
@@ -114,7 +115,7 @@ fn main() {
         };
         let query = Query::parse(&q).expect("query");
         let t = Instant::now();
-        let res = store.sbom_search(&query).expect("search");
+        let res = rt.block_on(store.sbom_search(&query)).expect("search");
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
         found_releases += res.releases.len();
         found_devices += res.devices.len();

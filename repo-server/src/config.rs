@@ -51,6 +51,8 @@ struct RawAttestation {
 #[serde(deny_unknown_fields)]
 struct RawDb {
     sqlite: Option<PathBuf>,
+    postgres: Option<String>,
+    max_connections: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,7 +73,8 @@ struct RawRepo {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    pub sqlite_path: PathBuf,
+    /// The state store: SQLite (default) or PostgreSQL.
+    pub database: crate::store::Backend,
     pub trusted_root: PathBuf,
     pub snapshot_key: PathBuf,
     pub timestamp_key: PathBuf,
@@ -139,12 +142,30 @@ impl ServerConfig {
         let director_targets_expiry = positive("director.targets_expiry", &raw.director.targets_expiry, Duration::from_secs(86400))?;
         let rollout_tick = positive("rollouts.tick", &raw.rollouts.tick, Duration::from_secs(5))?;
         let data_dir = base.join(&raw.data_dir);
-        let sqlite_path = data_dir.join(raw.database.sqlite.unwrap_or_else(|| PathBuf::from("outpost.db")));
+        let database = match (raw.database.sqlite, raw.database.postgres) {
+            (Some(_), Some(_)) => return Err(err("database: set either sqlite or postgres, not both".into())),
+            (_, Some(url)) => {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return Err(err(format!("database.postgres {:?}: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE", crate::db::redact(&url))));
+                }
+                let max_connections = raw.database.max_connections.unwrap_or(16);
+                if max_connections == 0 {
+                    return Err(err("database.max_connections must be at least 1".into()));
+                }
+                crate::store::Backend::Postgres { url, max_connections }
+            }
+            (sqlite, None) => {
+                if raw.database.max_connections.is_some() {
+                    return Err(err("database.max_connections applies to postgres only (SQLite uses one connection)".into()));
+                }
+                crate::store::Backend::Sqlite(data_dir.join(sqlite.unwrap_or_else(|| PathBuf::from("outpost.db"))))
+            }
+        };
         let director_key = raw.director.key.map(|k| base.join(k)).unwrap_or_else(|| data_dir.join("director-key.json"));
         let director_root = data_dir.join("director").join("root.json");
         Ok(ServerConfig {
             listen,
-            sqlite_path,
+            database,
             data_dir,
             trusted_root: base.join(raw.repository.trusted_root),
             snapshot_key: base.join(raw.repository.snapshot_key),

@@ -76,12 +76,12 @@ async fn create_token(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJ
     }
     crate::rollouts::check_labels(&body.labels).map_err(|m| ApiError::unprocessable("invalid_labels", m))?;
     let expires = now() + ttl.as_secs().max(1) as i64;
-    let token = s.store.create_enrollment_token(class.as_str(), &body.labels, &auth.0.name, expires)?;
+    let token = s.store.create_enrollment_token(class.as_str(), &body.labels, &auth.0.name, expires).await?;
     s.store.log(
         &auth.0.name,
         "device_token_create",
         &json!({"hardware_class": class.as_str(), "labels": body.labels, "expires_at": rfc3339(expires)}),
-    )?;
+    ).await?;
     Ok(Json(json!({"token": token, "hardware_class": class.as_str(), "labels": body.labels, "expires_at": rfc3339(expires)})))
 }
 
@@ -110,7 +110,7 @@ async fn enroll(State(s): State<AppState>, ApiJson(req): ApiJson<EnrollRequest>)
     let class: outpost_protocol::release::HardwareClass =
         req.hardware_class.parse().map_err(|e: outpost_protocol::Error| ApiError::unprocessable("invalid_hardware_class", e.to_string()))?;
     // The token first: without a valid one, no certificate checks and no RSA work.
-    s.store.check_enrollment_token(&req.token, class.as_str(), now())?.map_err(refusal)?;
+    s.store.check_enrollment_token(&req.token, class.as_str(), now()).await?.map_err(refusal)?;
     let ek_bytes = attest::unhex("ek_public", &req.ek_public, 1024).map_err(tpm_bad("invalid_ek"))?;
     let ak_bytes = attest::unhex("ak_public", &req.ak_public, 1024).map_err(tpm_bad("invalid_ak"))?;
     let ek_cert = match &req.ek_certificate {
@@ -147,7 +147,7 @@ async fn enroll(State(s): State<AppState>, ApiJson(req): ApiJson<EnrollRequest>)
         secret_sha256: &secret_sha256,
         expires_at: expires,
     };
-    s.store.open_challenge(&challenge, now())?.map_err(refusal)?;
+    s.store.open_challenge(&challenge, now()).await?.map_err(refusal)?;
     tracing::info!(%device_id, class = class.as_str(), challenge = %id, "enrollment challenge issued");
     Ok(Json(EnrollChallenge {
         challenge_id: id,
@@ -161,9 +161,9 @@ async fn enroll(State(s): State<AppState>, ApiJson(req): ApiJson<EnrollRequest>)
 async fn prove(State(s): State<AppState>, Path(challenge): Path<String>, ApiJson(proof): ApiJson<EnrollProof>) -> Result<Json<Enrolled>, ApiError> {
     let secret = attest::unhex("secret", &proof.secret, 64).map_err(tpm_bad("invalid_secret"))?;
     let digest = hex::encode(Sha256::digest(&secret));
-    match s.store.complete_challenge(&challenge, &digest, now())? {
+    match s.store.complete_challenge(&challenge, &digest, now()).await? {
         Ok((device_id, hardware_class)) => {
-            s.store.log(&format!("device:{device_id}"), "device_enroll", &json!({"device_id": device_id, "hardware_class": hardware_class}))?;
+            s.store.log(&format!("device:{device_id}"), "device_enroll", &json!({"device_id": device_id, "hardware_class": hardware_class})).await?;
             tracing::info!(%device_id, %hardware_class, "device enrolled");
             let director_root = String::from_utf8_lossy(s.director.root()).into_owned();
             Ok(Json(Enrolled { device_id, hardware_class, director_root }))
@@ -181,7 +181,7 @@ async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiE
     let vulnerable = crate::sbomindex::vulnerable_devices(&s).await?;
     let devices: Vec<Value> = s
         .store
-        .devices()?
+        .devices().await?
         .into_iter()
         .map(|d| {
             let ids = vulnerable.get(&d.device_id).cloned().unwrap_or_default();
@@ -195,9 +195,9 @@ async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiE
 
 async fn show(State(s): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     auth.require_reader()?;
-    let device = s.store.device(&id)?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id:?}")))?;
-    let history = s.store.attestations(&id, 50)?;
-    let reports = s.store.recent_reports(Some(&id), 50)?;
+    let device = s.store.device(&id).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id:?}")))?;
+    let history = s.store.attestations(&id, 50).await?;
+    let reports = s.store.recent_reports(Some(&id), 50).await?;
     let vulnerable = crate::sbomindex::vulnerable_devices(&s).await?.remove(&id).unwrap_or_default();
     Ok(Json(json!({"device": device, "vulnerable": vulnerable, "attestations": history, "reports": reports})))
 }
@@ -212,20 +212,20 @@ struct LabelsBody {
 async fn set_labels(State(s): State<AppState>, auth: Auth, Path(id): Path<String>, ApiJson(body): ApiJson<LabelsBody>) -> Result<Json<Value>, ApiError> {
     auth.require(TokenRole::Operator)?;
     crate::rollouts::check_labels(&body.labels).map_err(|m| ApiError::unprocessable("invalid_labels", m))?;
-    if !s.store.set_device_labels(&id, &body.labels)? {
+    if !s.store.set_device_labels(&id, &body.labels).await? {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id:?}")));
     }
-    s.store.log(&auth.0.name, "device_labels", &json!({"device_id": id, "labels": body.labels}))?;
+    s.store.log(&auth.0.name, "device_labels", &json!({"device_id": id, "labels": body.labels})).await?;
     Ok(Json(json!({"device_id": id, "labels": body.labels})))
 }
 
 async fn nonce(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<NonceGrant>, ApiError> {
-    if s.store.device(&id)?.is_none() {
+    if s.store.device(&id).await?.is_none() {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no enrolled device {id:?}")));
     }
     let issued = now_ms();
     let expires = issued + s.nonce_lifetime.as_millis().max(1) as i64;
-    let nonce = s.store.issue_nonce(&id, expires, issued)?.ok_or_else(|| {
+    let nonce = s.store.issue_nonce(&id, expires, issued).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_nonces",
@@ -251,7 +251,7 @@ fn judge(quote: &attest::Quote, report: &CheckinReport, expected: &std::collecti
 }
 
 async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body): ApiJson<Checkin>) -> Result<Json<CheckinVerdict>, ApiError> {
-    let device = s.store.device(&id)?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no enrolled device {id:?}")))?;
+    let device = s.store.device(&id).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no enrolled device {id:?}")))?;
     let ak = TpmPublic::parse(&device.ak_public, "attestation key").map_err(|e| ServerError::State(format!("stored AK of {id}: {e}")))?;
     let attest_bytes = attest::unhex("attest", &body.attest, 4096).map_err(tpm_bad("invalid_quote"))?;
     let signature = attest::unhex("signature", &body.signature, 1024).map_err(tpm_bad("invalid_quote"))?;
@@ -304,7 +304,7 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
         health: &health,
         reports: &report.reports,
     };
-    let decision = match s.store.checkin(&report.nonce, &record, &facts, &releases, now_ms())? {
+    let decision = match s.store.checkin(&report.nonce, &record, &facts, &releases, now_ms()).await? {
         Ok(d) => d,
         Err(r) => {
             tracing::warn!(device = %id, refusal = ?r, "check-in nonce refused");
@@ -316,11 +316,11 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
             });
         }
     };
-    crate::rollouts::log_transitions(&s.store, &decision.transitions);
+    crate::rollouts::log_transitions(&s.store, &decision.transitions).await;
     let director_targets = s.director.sign(&id, decision.director_version, decision.assignment.as_ref())?;
     if device.attestation != verdict {
         // Entering or leaving quarantine is an audited event.
-        s.store.log("server", if verdict == "failed" { "device_quarantine" } else { "device_attested" }, &json!({"device_id": id, "reason": reason}))?;
+        s.store.log("server", if verdict == "failed" { "device_quarantine" } else { "device_attested" }, &json!({"device_id": id, "reason": reason})).await?;
     }
     match reason {
         Some(r) => tracing::warn!(device = %id, reason = r, "attestation failed; device quarantined"),

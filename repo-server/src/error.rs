@@ -22,7 +22,7 @@ pub enum ServerError {
     },
 
     #[error("database: {0}")]
-    Db(#[from] rusqlite::Error),
+    Db(Box<dyn std::error::Error + Send + Sync>),
 
     #[error("{context}: {source}")]
     Protocol {
@@ -33,6 +33,18 @@ pub enum ServerError {
 
     #[error("repository state: {0}")]
     State(String),
+}
+
+impl From<rusqlite::Error> for ServerError {
+    fn from(e: rusqlite::Error) -> Self {
+        ServerError::Db(Box::new(e))
+    }
+}
+
+impl From<sqlx::Error> for ServerError {
+    fn from(e: sqlx::Error) -> Self {
+        ServerError::Db(Box::new(e))
+    }
 }
 
 impl ServerError {

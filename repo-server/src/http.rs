@@ -113,7 +113,7 @@ impl FromRequestParts<AppState> for Auth {
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| ApiError::unauthorized("Authorization header must be 'Bearer <token>'"))?;
-        match state.store.authenticate(token.trim())? {
+        match state.store.authenticate(token.trim()).await? {
             Some(p) => Ok(Auth(p)),
             None => Err(ApiError::unauthorized("unknown API token")),
         }
@@ -161,7 +161,7 @@ async fn status(State(s): State<AppState>, _auth: Auth) -> Json<Value> {
 
 async fn log(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
     auth.require_any(&[TokenRole::Operator, TokenRole::Viewer, TokenRole::Pipeline])?;
-    Ok(Json(json!({"entries": s.store.recent_log(100)?})))
+    Ok(Json(json!({"entries": s.store.recent_log(100).await?})))
 }
 
 /// A device's install outcome. Devices have no credentials until TPM enrollment
@@ -169,7 +169,7 @@ async fn log(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiEr
 /// and only recorded, never acted on.
 async fn add_report(State(s): State<AppState>, ApiJson(report): ApiJson<crate::store::InstallReport>) -> Result<Json<Value>, ApiError> {
     report.validate().map_err(|m| ApiError::unprocessable("invalid_report", m))?;
-    s.store.add_report(&report)?;
+    s.store.add_report(&report).await?;
     tracing::info!(device = %report.device_id, version = %report.version, outcome = report.outcome.as_str(), reason = report.reason.as_deref().unwrap_or(""), "install report");
     Ok(Json(json!({"recorded": true})))
 }
@@ -181,7 +181,7 @@ struct ReportQuery {
 
 async fn list_reports(State(s): State<AppState>, auth: Auth, Query(q): Query<ReportQuery>) -> Result<Json<Value>, ApiError> {
     auth.require_reader()?;
-    Ok(Json(json!({"reports": s.store.recent_reports(q.device.as_deref(), 200)?})))
+    Ok(Json(json!({"reports": s.store.recent_reports(q.device.as_deref(), 200).await?})))
 }
 
 #[derive(Debug, Deserialize)]
@@ -255,7 +255,7 @@ async fn publish(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<P
     match s.repo.publish(&body.roots, &body.roles, chrono::Utc::now()).await {
         Ok(outcome) => {
             let v = serde_json::to_value(&outcome).unwrap_or(Value::Null);
-            s.store.log(&auth.0.name, "publish", &v)?;
+            s.store.log(&auth.0.name, "publish", &v).await?;
             crate::sbomindex::index_release_sboms(&s.repo, &s.store).await;
             tracing::info!(by = %auth.0.name, roles = ?outcome.roles, snapshot = outcome.snapshot_version, "published");
             Ok(Json(v))

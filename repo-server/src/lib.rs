@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod dashboard;
+pub mod db;
 pub mod devices;
 pub mod ekcert;
 pub mod error;
@@ -24,7 +25,8 @@ pub use http::{app, AppState};
 pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let repo = Arc::new(repository::Repository::open(&config)?);
     let ek_cas = Arc::new(ekcert::EkCaStore::load(&config.ek_ca_certificates, &config.config_path)?);
-    let store = Arc::new(store::Store::open(&config.sqlite_path)?);
+    let store = Arc::new(store::Store::open(&config.database).await?);
+    tracing::info!(backend = store.backend(), "state store open");
     let director = Arc::new(rollouts::Director::open(&config.director_key, &config.director_root, config.director_targets_expiry)?);
     let state = AppState {
         director,
@@ -54,7 +56,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             match resign_repo.resign_if_due(chrono::Utc::now()).await {
                 Ok(Some((snapshot, timestamp))) => {
                     tracing::info!(snapshot, timestamp, "re-signed online metadata");
-                    let _ = store.log("server", "resign", &serde_json::json!({"snapshot_version": snapshot, "timestamp_version": timestamp}));
+                    let _ = store.log("server", "resign", &serde_json::json!({"snapshot_version": snapshot, "timestamp_version": timestamp})).await;
                 }
                 Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "re-signing online metadata failed"),
@@ -67,11 +69,9 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         let mut tick = tokio::time::interval(tick_every);
         loop {
             tick.tick().await;
-            let s = tick_store.clone();
-            match tokio::task::spawn_blocking(move || s.rollout_tick(chrono::Utc::now().timestamp()).map(|t| (s, t))).await {
-                Ok(Ok((s, transitions))) => rollouts::log_transitions(&s, &transitions),
-                Ok(Err(e)) => tracing::error!(error = %e, "re-evaluating rollouts failed"),
-                Err(e) => tracing::error!(error = %e, "rollout task failed"),
+            match tick_store.rollout_tick(chrono::Utc::now().timestamp()).await {
+                Ok(transitions) => rollouts::log_transitions(&tick_store, &transitions).await,
+                Err(e) => tracing::error!(error = %e, "re-evaluating rollouts failed"),
             }
         }
     });

@@ -53,16 +53,14 @@ fn main() -> ExitCode {
     }
     let result = (|| -> Result<(), outpost_server::ServerError> {
         let config = ServerConfig::load(&cli.config)?;
+        let rt = tokio::runtime::Runtime::new().map_err(|e| outpost_server::ServerError::io("start runtime", "", e))?;
         match cli.command {
-            Command::Serve => {
-                let rt = tokio::runtime::Runtime::new().map_err(|e| outpost_server::ServerError::io("start runtime", "", e))?;
-                rt.block_on(outpost_server::serve(config))
-            }
-            Command::Token(TokenCommand::Create { role, name }) => {
-                let store = Store::open(&config.sqlite_path)?;
-                println!("{}", store.create_token(&name, role)?);
+            Command::Serve => rt.block_on(outpost_server::serve(config)),
+            Command::Token(TokenCommand::Create { role, name }) => rt.block_on(async {
+                let store = Store::open(&config.database).await?;
+                println!("{}", store.create_token(&name, role).await?);
                 Ok(())
-            }
+            }),
         }
     })();
     match result {

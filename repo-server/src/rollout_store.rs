@@ -12,14 +12,15 @@ use std::collections::BTreeMap;
 use outpost_protocol::director::{Assignment, AssignmentCustom};
 use outpost_protocol::release::ReleaseVersion;
 use outpost_protocol::rollout::{self, Counters, Event, Gate, Rollout, State, Transition, WaveSpec};
-use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
+use crate::args;
+use crate::db::{Mode, Row, Tx};
 use crate::error::ServerError;
 use crate::repository::FirmwareRelease;
 use crate::store::Store;
 
-pub const MIGRATIONS: &str = "
+pub const TABLES: &str = "
 CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY,
     seq INTEGER NOT NULL UNIQUE,
@@ -148,39 +149,38 @@ fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
-fn parse<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> rusqlite::Result<T> {
-    serde_json::from_str(s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, format!("{what}: {e}").into()))
+fn parse<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, ServerError> {
+    serde_json::from_str(s).map_err(|e| ServerError::State(format!("stored {what}: {e}")))
 }
 
 const ROLLOUT_COLUMNS: &str = "id, name, hardware_class, labels, release, waves, gate, state, created_by, created_at";
 
-fn rollout_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRecord> {
-    let gate: String = r.get(6)?;
+fn rollout_from_row(r: &Row) -> Result<RolloutRecord, ServerError> {
+    let gate = r.text(6)?;
     Ok(RolloutRecord {
-        id: r.get(0)?,
-        name: r.get(1)?,
-        hardware_class: r.get(2)?,
-        labels: parse("labels", &r.get::<_, String>(3)?)?,
-        release: parse("release", &r.get::<_, String>(4)?)?,
-        waves: parse("waves", &r.get::<_, String>(5)?)?,
+        id: r.text(0)?,
+        name: r.text(1)?,
+        hardware_class: r.text(2)?,
+        labels: parse("labels", &r.text(3)?)?,
+        release: parse("release", &r.text(4)?)?,
+        waves: parse("waves", &r.text(5)?)?,
         gate: if gate == "manual" { Gate::Manual } else { Gate::Auto },
-        state: parse("state", &r.get::<_, String>(7)?)?,
-        created_by: r.get(8)?,
-        created_at: r.get(9)?,
+        state: parse("state", &r.text(7)?)?,
+        created_by: r.text(8)?,
+        created_at: r.text(9)?,
     })
 }
 
-fn load(tx: &Transaction<'_>, id: &str) -> rusqlite::Result<Option<RolloutRecord>> {
-    tx.query_row(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = ?1"), params![id], rollout_from_row).optional()
+async fn load(tx: &mut dyn Tx, id: &str) -> Result<Option<RolloutRecord>, ServerError> {
+    tx.opt(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = ?1"), args![id]).await?.as_ref().map(rollout_from_row).transpose()
 }
 
 /// Cumulative counters of waves 0..=wave.
-fn counters(tx: &Transaction<'_>, id: &str, wave: usize) -> rusqlite::Result<Counters> {
-    let mut stmt = tx.prepare_cached("SELECT status, count(*) FROM assignments WHERE rollout_id = ?1 AND wave <= ?2 GROUP BY status")?;
+async fn counters(tx: &mut dyn Tx, id: &str, wave: usize) -> Result<Counters, ServerError> {
+    let rows = tx.query("SELECT status, count(*) FROM assignments WHERE rollout_id = ?1 AND wave <= ?2 GROUP BY status", args![id, wave as i64]).await?;
     let mut c = Counters::default();
-    let rows = stmt.query_map(params![id, wave as i64], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))?;
     for row in rows {
-        let (status, n) = row?;
+        let (status, n) = (row.text(0)?, u32::try_from(row.int(1)?).unwrap_or(u32::MAX));
         c.assigned += n;
         match Status::parse(&status) {
             Status::Assigned => {}
@@ -195,7 +195,7 @@ fn counters(tx: &Transaction<'_>, id: &str, wave: usize) -> rusqlite::Result<Cou
 
 /// Applies `event` to the stored rollout and records the transition it causes; the
 /// inner error is an action that does not fit the state.
-fn apply(tx: &Transaction<'_>, record: &mut RolloutRecord, event: Event, now: i64) -> Result<Result<Option<Transition>, String>, ServerError> {
+async fn apply(tx: &mut dyn Tx, record: &mut RolloutRecord, event: Event, now: i64) -> Result<Result<Option<Transition>, String>, ServerError> {
     let mut m = record.machine();
     let t = match m.apply(event, now) {
         Ok(t) => t,
@@ -203,20 +203,21 @@ fn apply(tx: &Transaction<'_>, record: &mut RolloutRecord, event: Event, now: i6
     };
     if let Some(t) = &t {
         record.state = m.state;
-        tx.execute("UPDATE rollouts SET state = ?1 WHERE id = ?2", params![json(&record.state), record.id])?;
+        tx.execute("UPDATE rollouts SET state = ?1 WHERE id = ?2", args![json(&record.state), &record.id]).await?;
         tx.execute(
             "INSERT INTO rollout_events (rollout_id, at, from_state, to_state, cause) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![record.id, now_text(), t.from, t.to, json(&t.cause)],
-        )?;
+            args![&record.id, now_text(), &t.from, &t.to, json(&t.cause)],
+        )
+        .await?;
     }
     Ok(Ok(t))
 }
 
 /// Feeds the current wave's counters to a running rollout.
-fn feedback(tx: &Transaction<'_>, record: &mut RolloutRecord, now: i64) -> Result<Option<Transition>, ServerError> {
+async fn feedback(tx: &mut dyn Tx, record: &mut RolloutRecord, now: i64) -> Result<Option<Transition>, ServerError> {
     let State::Running { wave, .. } = record.state else { return Ok(None) };
-    let c = counters(tx, &record.id, wave)?;
-    apply(tx, record, Event::Feedback { counters: c }, now)?.map_err(ServerError::State)
+    let c = counters(tx, &record.id, wave).await?;
+    apply(tx, record, Event::Feedback { counters: c }, now).await?.map_err(ServerError::State)
 }
 
 /// What an operator's action on a rollout came to.
@@ -232,154 +233,145 @@ fn version_of(s: &str) -> Option<ReleaseVersion> {
 }
 
 impl Store {
-    pub fn create_rollout(&self, r: &RolloutRecord) -> Result<(), ServerError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let seq: i64 = tx.query_row("SELECT coalesce(max(seq), 0) + 1 FROM rollouts", [], |r| r.get(0))?;
+    pub async fn create_rollout(&self, r: &RolloutRecord) -> Result<(), ServerError> {
+        let mut tx = self.tx(Mode::Exclusive).await?;
+        let seq = tx.one("SELECT coalesce(max(seq), 0) + 1 FROM rollouts", args![]).await?.int(0)?;
         tx.execute(
             &format!("INSERT INTO rollouts ({ROLLOUT_COLUMNS}, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
-            params![
-                r.id,
-                r.name,
-                r.hardware_class,
+            args![
+                &r.id,
+                &r.name,
+                &r.hardware_class,
                 json(&r.labels),
                 json(&r.release),
                 json(&r.waves),
                 if r.gate == Gate::Manual { "manual" } else { "auto" },
                 json(&r.state),
-                r.created_by,
-                r.created_at,
+                &r.created_by,
+                &r.created_at,
                 seq
             ],
-        )?;
-        tx.commit()?;
-        Ok(())
+        )
+        .await?;
+        tx.commit().await
     }
 
-    pub fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, ServerError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        Ok(load(&tx, id)?)
+    pub async fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, ServerError> {
+        let mut tx = self.tx(Mode::Autocommit).await?;
+        load(tx.as_mut(), id).await
     }
 
     /// Every rollout, newest first.
-    pub fn rollouts(&self) -> Result<Vec<RolloutRecord>, ServerError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY seq DESC"))?;
-        let rows = stmt.query_map([], rollout_from_row)?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    pub async fn rollouts(&self) -> Result<Vec<RolloutRecord>, ServerError> {
+        let mut tx = self.tx(Mode::Autocommit).await?;
+        tx.query(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY seq DESC"), args![]).await?.iter().map(rollout_from_row).collect()
     }
 
     /// An operator's action on a rollout, applied and recorded in one transaction.
     /// Errors with `Refused` when the action does not fit the state.
-    pub fn rollout_action(&self, id: &str, event: Event, now: i64) -> Result<ActionOutcome, ServerError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let Some(mut record) = load(&tx, id)? else { return Ok(ActionOutcome::NotFound) };
-        let t = match apply(&tx, &mut record, event, now)? {
+    pub async fn rollout_action(&self, id: &str, event: Event, now: i64) -> Result<ActionOutcome, ServerError> {
+        let mut tx = self.tx(Mode::Exclusive).await?;
+        let Some(mut record) = load(tx.as_mut(), id).await? else { return Ok(ActionOutcome::NotFound) };
+        let t = match apply(tx.as_mut(), &mut record, event, now).await? {
             Ok(t) => t,
             Err(why) => return Ok(ActionOutcome::Refused(why)),
         };
-        tx.commit()?;
+        tx.commit().await?;
         Ok(ActionOutcome::Done(Box::new(record), t))
     }
 
     /// Re-evaluates every running rollout (soak times pass without check-ins).
-    pub fn rollout_tick(&self, now: i64) -> Result<Vec<(String, Transition)>, ServerError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let ids: Vec<String> = {
-            let mut stmt = tx.prepare("SELECT id FROM rollouts WHERE json_extract(state, '$.state') = 'running'")?;
-            let rows = stmt.query_map([], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
+    pub async fn rollout_tick(&self, now: i64) -> Result<Vec<(String, Transition)>, ServerError> {
+        let mut tx = self.tx(Mode::Exclusive).await?;
+        let all = tx.query(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY seq"), args![]).await?;
         let mut out = Vec::new();
-        for id in ids {
-            if let Some(mut record) = load(&tx, &id)? {
-                if let Some(t) = feedback(&tx, &mut record, now)? {
-                    out.push((id, t));
-                }
+        for row in &all {
+            let mut record = rollout_from_row(row)?;
+            if let Some(t) = feedback(tx.as_mut(), &mut record, now).await? {
+                out.push((record.id, t));
             }
         }
-        tx.commit()?;
+        tx.commit().await?;
         Ok(out)
     }
 
     /// Per-wave counters (cumulative) and the transition history of a rollout.
-    pub fn rollout_progress(&self, id: &str) -> Result<(Vec<Counters>, Vec<serde_json::Value>), ServerError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let Some(record) = load(&tx, id)? else { return Ok((Vec::new(), Vec::new())) };
-        let per_wave = (0..record.waves.len()).map(|w| counters(&tx, id, w)).collect::<rusqlite::Result<Vec<_>>>()?;
-        let mut stmt = tx.prepare("SELECT at, from_state, to_state, cause FROM rollout_events WHERE rollout_id = ?1 ORDER BY id")?;
-        let rows = stmt.query_map(params![id], |r| {
-            Ok(serde_json::json!({
-                "at": r.get::<_, String>(0)?, "from": r.get::<_, String>(1)?, "to": r.get::<_, String>(2)?,
-                "cause": serde_json::from_str::<serde_json::Value>(&r.get::<_, String>(3)?).unwrap_or_default(),
-            }))
-        })?;
-        let events = rows.collect::<Result<Vec<_>, _>>()?;
+    pub async fn rollout_progress(&self, id: &str) -> Result<(Vec<Counters>, Vec<serde_json::Value>), ServerError> {
+        let mut tx = self.tx(Mode::Shared).await?;
+        let Some(record) = load(tx.as_mut(), id).await? else { return Ok((Vec::new(), Vec::new())) };
+        let mut per_wave = Vec::with_capacity(record.waves.len());
+        for w in 0..record.waves.len() {
+            per_wave.push(counters(tx.as_mut(), id, w).await?);
+        }
+        let rows = tx.query("SELECT at, from_state, to_state, cause FROM rollout_events WHERE rollout_id = ?1 ORDER BY id", args![id]).await?;
+        let events = rows
+            .iter()
+            .map(|r| {
+                Ok(serde_json::json!({
+                    "at": r.text(0)?, "from": r.text(1)?, "to": r.text(2)?,
+                    "cause": serde_json::from_str::<serde_json::Value>(&r.text(3)?).unwrap_or_default(),
+                }))
+            })
+            .collect::<Result<Vec<_>, ServerError>>()?;
         Ok((per_wave, events))
     }
 
     /// Assignments of a rollout (device, wave, status, reason).
-    pub fn rollout_assignments(&self, id: &str) -> Result<Vec<serde_json::Value>, ServerError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT device_id, wave, status, reason, assigned_at, updated_at FROM assignments WHERE rollout_id = ?1 ORDER BY wave, device_id",
-        )?;
-        let rows = stmt.query_map(params![id], |r| {
-            Ok(serde_json::json!({
-                "device_id": r.get::<_, String>(0)?, "wave": r.get::<_, i64>(1)?, "status": r.get::<_, String>(2)?,
-                "reason": r.get::<_, Option<String>>(3)?, "assigned_at": r.get::<_, String>(4)?, "updated_at": r.get::<_, String>(5)?,
-            }))
-        })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    pub async fn rollout_assignments(&self, id: &str) -> Result<Vec<serde_json::Value>, ServerError> {
+        let mut tx = self.tx(Mode::Autocommit).await?;
+        let rows = tx
+            .query(
+                "SELECT device_id, wave, status, reason, assigned_at, updated_at FROM assignments WHERE rollout_id = ?1 ORDER BY wave, device_id",
+                args![id],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(serde_json::json!({
+                    "device_id": r.text(0)?, "wave": r.int(1)?, "status": r.text(2)?,
+                    "reason": r.opt_text(3)?, "assigned_at": r.text(4)?, "updated_at": r.text(5)?,
+                }))
+            })
+            .collect()
     }
 
     /// The director's part of a check-in, in one write transaction: update the
     /// device's assignment statuses from what it reported, feed the rollouts they
     /// belong to, then decide what the device should run and bump its director
     /// version. `releases` are the signed full-image releases of the device's class.
-    pub fn director_checkin(&self, f: &DeviceFacts<'_>, releases: &[FirmwareRelease], now: i64) -> Result<Decision, ServerError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let d = director_checkin_tx(&tx, f, releases, now)?;
-        tx.commit()?;
+    pub async fn director_checkin(&self, f: &DeviceFacts<'_>, releases: &[FirmwareRelease], now: i64) -> Result<Decision, ServerError> {
+        let mut tx = self.tx(Mode::Exclusive).await?;
+        let d = director_checkin_tx(tx.as_mut(), f, releases, now).await?;
+        tx.commit().await?;
         Ok(d)
     }
 
     /// Sets a device's labels (rollout selectors match them).
-    pub fn set_device_labels(&self, device_id: &str, labels: &BTreeMap<String, String>) -> Result<bool, ServerError> {
-        let n = self.conn().execute("UPDATE devices SET labels = ?1 WHERE device_id = ?2", params![json(labels), device_id])?;
-        Ok(n == 1)
+    pub async fn set_device_labels(&self, device_id: &str, labels: &BTreeMap<String, String>) -> Result<bool, ServerError> {
+        let mut tx = self.tx(Mode::Autocommit).await?;
+        Ok(tx.execute("UPDATE devices SET labels = ?1 WHERE device_id = ?2", args![json(labels), device_id]).await? == 1)
     }
 }
 
 /// The director's part of a check-in inside the caller's write transaction.
-pub(crate) fn director_checkin_tx(tx: &Transaction<'_>, f: &DeviceFacts<'_>, releases: &[FirmwareRelease], now: i64) -> Result<Decision, ServerError> {
-    let labels: BTreeMap<String, String> = {
-        let text: String = tx.query_row("SELECT labels FROM devices WHERE device_id = ?1", params![f.device_id], |r| r.get(0))?;
-        parse("labels", &text)?
-    };
+pub(crate) async fn director_checkin_tx(tx: &mut dyn Tx, f: &DeviceFacts<'_>, releases: &[FirmwareRelease], now: i64) -> Result<Decision, ServerError> {
+    let labels: BTreeMap<String, String> = parse("labels", &tx.one("SELECT labels FROM devices WHERE device_id = ?1", args![f.device_id]).await?.text(0)?)?;
     let mut transitions = Vec::new();
 
     // 1. Feedback: statuses of this device's assignments.
-    let mine: Vec<(String, String, Option<String>)> = {
-        let mut stmt = tx.prepare_cached("SELECT rollout_id, status, reason FROM assignments WHERE device_id = ?1")?;
-        let rows = stmt.query_map(params![f.device_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        rows.collect::<Result<_, _>>()?
-    };
-    for (rollout_id, status, _) in mine {
-        let Some(mut record) = load(tx, &rollout_id)? else { continue };
+    let mine = tx.query("SELECT rollout_id, status FROM assignments WHERE device_id = ?1", args![f.device_id]).await?;
+    for row in mine {
+        let (rollout_id, status) = (row.text(0)?, row.text(1)?);
+        let Some(mut record) = load(tx, &rollout_id).await? else { continue };
         let old = Status::parse(&status);
         let (new, reason) = next_status(old, f, &record.release);
         if new != old {
             tx.execute(
                 "UPDATE assignments SET status = ?1, reason = coalesce(?2, reason), updated_at = ?3 WHERE rollout_id = ?4 AND device_id = ?5",
-                params![new.as_str(), reason, now_text(), rollout_id, f.device_id],
-            )?;
-            if let Some(t) = feedback(tx, &mut record, now)? {
+                args![new.as_str(), reason, now_text(), &rollout_id, f.device_id],
+            )
+            .await?;
+            if let Some(t) = feedback(tx, &mut record, now).await? {
                 transitions.push((rollout_id.clone(), t));
             }
         }
@@ -388,24 +380,26 @@ pub(crate) fn director_checkin_tx(tx: &Transaction<'_>, f: &DeviceFacts<'_>, rel
     // 2. Decide: the newest started rollout selecting this device.
     let mut assignment = None;
     if f.attested {
-        let candidates: Vec<RolloutRecord> = {
-            let mut stmt = tx.prepare_cached(&format!(
-                "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE hardware_class = ?1 AND json_extract(state, '$.state') != 'draft' ORDER BY seq DESC"
-            ))?;
-            let rows = stmt.query_map(params![f.hardware_class], rollout_from_row)?;
-            rows.collect::<Result<_, _>>()?
-        };
-        if let Some(mut record) = candidates.into_iter().find(|r| r.labels.iter().all(|(k, v)| labels.get(k) == Some(v))) {
-            assignment = decide(tx, &record, f, releases)?;
+        let rows = tx.query(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE hardware_class = ?1 ORDER BY seq DESC"), args![f.hardware_class]).await?;
+        let mut chosen = None;
+        for row in &rows {
+            let r = rollout_from_row(row)?;
+            if r.state != State::Draft && r.labels.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+                chosen = Some(r);
+                break;
+            }
+        }
+        if let Some(mut record) = chosen {
+            assignment = decide(tx, &record, f, releases).await?;
             // A new assignment (perhaps already healthy) changes the counters.
-            if let Some(t) = feedback(tx, &mut record, now)? {
+            if let Some(t) = feedback(tx, &mut record, now).await? {
                 transitions.push((record.id.clone(), t));
             }
         }
     }
-    tx.execute("UPDATE devices SET director_version = director_version + 1 WHERE device_id = ?1", params![f.device_id])?;
-    let director_version: u64 = tx.query_row("SELECT director_version FROM devices WHERE device_id = ?1", params![f.device_id], |r| r.get(0))?;
-    Ok(Decision { director_version, assignment, transitions })
+    tx.execute("UPDATE devices SET director_version = director_version + 1 WHERE device_id = ?1", args![f.device_id]).await?;
+    let director_version = tx.one("SELECT director_version FROM devices WHERE device_id = ?1", args![f.device_id]).await?.int(0)?;
+    Ok(Decision { director_version: u64::try_from(director_version).unwrap_or(0), assignment, transitions })
 }
 
 /// Where a device's assignment stands after a check-in.
@@ -449,14 +443,11 @@ fn assignment_of(release: &FirmwareRelease, record: &RolloutRecord, device_id: &
 
 /// What `record` assigns the device now, inserting its assignment when the device's
 /// wave is open.
-fn decide(tx: &Transaction<'_>, record: &RolloutRecord, f: &DeviceFacts<'_>, releases: &[FirmwareRelease]) -> Result<Option<Assignment>, ServerError> {
-    let existing: Option<(i64, Option<String>)> = tx
-        .query_row(
-            "SELECT wave, from_release FROM assignments WHERE rollout_id = ?1 AND device_id = ?2",
-            params![record.id, f.device_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
+async fn decide(tx: &mut dyn Tx, record: &RolloutRecord, f: &DeviceFacts<'_>, releases: &[FirmwareRelease]) -> Result<Option<Assignment>, ServerError> {
+    let existing = match tx.opt("SELECT wave, from_release FROM assignments WHERE rollout_id = ?1 AND device_id = ?2", args![&record.id, f.device_id]).await? {
+        Some(r) => Some((r.int(0)?, r.opt_text(1)?)),
+        None => None,
+    };
     if let State::Aborted { roll_back, .. } = record.state {
         // Abort stops new assignments; with roll back, devices the rollout reached are
         // sent back to the release they ran before (an explicit, signed rollback).
@@ -484,8 +475,9 @@ fn decide(tx: &Transaction<'_>, record: &RolloutRecord, f: &DeviceFacts<'_>, rel
     let status = if f.image_sha256 == Some(record.release.measurement.as_str()) { Status::Healthy } else { Status::Assigned };
     tx.execute(
         "INSERT INTO assignments (rollout_id, device_id, wave, status, from_release, assigned_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-        params![record.id, f.device_id, wave as i64, status.as_str(), from.map(json), now_text()],
-    )?;
+        args![&record.id, f.device_id, wave as i64, status.as_str(), from.map(json), now_text()],
+    )
+    .await?;
     Ok(Some(assignment_of(&record.release, record, f.device_id, wave as u32, false)))
 }
 
@@ -505,21 +497,46 @@ mod tests {
         }
     }
 
-    fn store(dir: &std::path::Path, devices: usize) -> Store {
-        let s = Store::open(&dir.join("t.db")).unwrap_or_else(|e| panic!("{e}"));
-        {
-            let mut conn = s.conn();
-            let tx = conn.transaction().unwrap_or_else(|e| panic!("{e}"));
-            for i in 0..devices {
-                tx.execute(
-                    "INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES (?1, 'rpi4', x'00', x'00', 'now')",
-                    params![format!("dev-{i:05}")],
-                )
-                .unwrap_or_else(|e| panic!("{e}"));
-            }
-            tx.commit().unwrap_or_else(|e| panic!("{e}"));
+    /// Enrolls `ids` as bare devices of class rpi4.
+    async fn add_devices(s: &Store, ids: impl Iterator<Item = String>) {
+        let mut tx = s.tx(Mode::Shared).await.unwrap_or_else(|e| panic!("{e}"));
+        for id in ids {
+            tx.execute(
+                "INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES (?1, 'rpi4', ?2, ?2, 'now')",
+                args![id, &vec![0u8]],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         }
-        s
+        tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// The store suite runs each scenario on SQLite and on a fresh PostgreSQL database.
+    macro_rules! on_both_backends {
+        ($($scenario:ident($devices:expr);)+) => {$(
+            mod $scenario {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+                    let s = crate::store::testing::sqlite(dir.path()).await;
+                    super::add_devices(&s, (0..$devices).map(|i| format!("dev-{i:05}"))).await;
+                    super::$scenario(s).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    let s = crate::store::testing::postgres().await;
+                    super::add_devices(&s, (0..$devices).map(|i| format!("dev-{i:05}"))).await;
+                    super::$scenario(s).await;
+                }
+            }
+        )+};
+    }
+
+    on_both_backends! {
+        a_release_failing_on_30_percent_pauses_in_the_first_wave_and_goes_no_further(10_000);
+        waves_pass_after_the_soak_and_late_devices_join(400);
+        quarantined_devices_get_nothing_and_abort_can_roll_back(2);
+        the_audit_log_is_append_only(0);
     }
 
     fn rollout(id: &str, rel: FirmwareRelease, waves: &[f64], failure: f64, min_devices: u32, soak: u64) -> RolloutRecord {
@@ -562,14 +579,11 @@ mod tests {
         rollout::position("failure-model", device) < 0.3
     }
 
-    #[test]
-    fn a_release_failing_on_30_percent_pauses_in_the_first_wave_and_goes_no_further() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    async fn a_release_failing_on_30_percent_pauses_in_the_first_wave_and_goes_no_further(s: Store) {
         let n = 10_000;
-        let s = store(dir.path(), n);
         let (v1, v2) = (release("1.0.0", 'a'), release("2.0.0", 'b'));
-        s.create_rollout(&rollout("r-bad", v2.clone(), &[1.0, 10.0, 50.0, 100.0], 0.1, 5, 0)).unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(s.rollout_action("r-bad", Event::Start { by: "ops".into() }, 0), Ok(ActionOutcome::Done(..))));
+        s.create_rollout(&rollout("r-bad", v2.clone(), &[1.0, 10.0, 50.0, 100.0], 0.1, 5, 0)).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(s.rollout_action("r-bad", Event::Start { by: "ops".into() }, 0).await, Ok(ActionOutcome::Done(..))));
         let releases = [v1.clone(), v2.clone()];
         let ids: Vec<String> = (0..n).map(|i| format!("dev-{i:05}")).collect();
         let mut assigned = std::collections::BTreeSet::new();
@@ -583,105 +597,95 @@ mod tests {
                     Some(r) if r.outcome == ReportOutcome::Committed => (v2.measurement.as_str(), "2.0.0"),
                     _ => (v1.measurement.as_str(), "1.0.0"),
                 };
-                let d = s.director_checkin(&facts(id, image, version, "healthy", &reports), &releases, 10 + round).unwrap_or_else(|e| panic!("{e}"));
+                let d = s.director_checkin(&facts(id, image, version, "healthy", &reports), &releases, 10 + round).await.unwrap_or_else(|e| panic!("{e}"));
                 if let Some(a) = d.assignment {
                     assert_eq!(a.custom.wave, 0, "{id} assigned outside wave 0 in round {round}");
                     assigned.insert(id.clone());
                 }
             }
         }
-        let r = s.rollout("r-bad").ok().flatten().unwrap_or_else(|| panic!("rollout"));
+        let r = s.rollout("r-bad").await.ok().flatten().unwrap_or_else(|| panic!("rollout"));
         let State::Paused { wave: 0, reason: rollout::PauseReason::FailureThreshold { failed, assigned: total, .. }, .. } = r.state else {
             panic!("expected a pause in wave 0, got {:?}", r.state)
         };
         let in_wave0 = ids.iter().filter(|id| rollout::wave_of(&r.waves, "r-bad", id) == Some(0)).count();
         assert!(in_wave0 > 50 && in_wave0 < 150, "{in_wave0}");
         assert!(assigned.len() <= in_wave0 && failed as f64 >= 0.1 * total as f64, "{failed} of {total}");
-        let rows = s.rollout_assignments("r-bad").unwrap_or_default();
+        let rows = s.rollout_assignments("r-bad").await.unwrap_or_default();
         assert!(rows.iter().all(|a| a["wave"] == 0), "nothing outside wave 0 was ever assigned");
-        let (_, events) = s.rollout_progress("r-bad").unwrap_or_default();
+        let (_, events) = s.rollout_progress("r-bad").await.unwrap_or_default();
         assert_eq!(events.last().map(|e| e["cause"]["kind"].clone()), Some(serde_json::json!("failure_threshold")));
     }
 
-    #[test]
-    fn waves_pass_after_the_soak_and_late_devices_join() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let s = store(dir.path(), 400);
+    async fn waves_pass_after_the_soak_and_late_devices_join(s: Store) {
         let (v1, v2) = (release("1.0.0", 'a'), release("2.0.0", 'b'));
-        s.create_rollout(&rollout("r-ok", v2.clone(), &[10.0, 100.0], 0.5, 3, 600)).unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(s.rollout_action("r-ok", Event::Start { by: "ops".into() }, 1000), Ok(ActionOutcome::Done(..))));
+        s.create_rollout(&rollout("r-ok", v2.clone(), &[10.0, 100.0], 0.5, 3, 600)).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(s.rollout_action("r-ok", Event::Start { by: "ops".into() }, 1000).await, Ok(ActionOutcome::Done(..))));
         let releases = [v1.clone(), v2.clone()];
-        let checkin_all = |now: i64, s: &Store| {
+        let checkin_all = async |now: i64, s: &Store| {
             for i in 0..400 {
                 let id = format!("dev-{i:05}");
-                let d = s.director_checkin(&facts(&id, &v1.measurement, "1.0.0", "healthy", &[]), &releases, now).unwrap_or_else(|e| panic!("{e}"));
+                let d = s.director_checkin(&facts(&id, &v1.measurement, "1.0.0", "healthy", &[]), &releases, now).await.unwrap_or_else(|e| panic!("{e}"));
                 if let Some(a) = d.assignment {
                     // The device installs it at once and reports at its next check-in.
                     let r = [report(&id, &v2, ReportOutcome::Committed)];
-                    s.director_checkin(&facts(&id, &v2.measurement, "2.0.0", "healthy", &r), &releases, now).unwrap_or_else(|e| panic!("{e}"));
+                    s.director_checkin(&facts(&id, &v2.measurement, "2.0.0", "healthy", &r), &releases, now).await.unwrap_or_else(|e| panic!("{e}"));
                     // Delivered twice (a retried check-in): counted once.
-                    s.director_checkin(&facts(&id, &v2.measurement, "2.0.0", "healthy", &r), &releases, now).unwrap_or_else(|e| panic!("{e}"));
+                    s.director_checkin(&facts(&id, &v2.measurement, "2.0.0", "healthy", &r), &releases, now).await.unwrap_or_else(|e| panic!("{e}"));
                     let _ = a;
                 }
             }
         };
-        checkin_all(1100, &s);
-        let r = s.rollout("r-ok").ok().flatten().unwrap_or_else(|| panic!("rollout"));
+        checkin_all(1100, &s).await;
+        let r = s.rollout("r-ok").await.ok().flatten().unwrap_or_else(|| panic!("rollout"));
         assert!(matches!(r.state, State::Running { wave: 0, .. }), "still soaking: {:?}", r.state);
-        let (c, _) = s.rollout_progress("r-ok").unwrap_or_default();
+        let (c, _) = s.rollout_progress("r-ok").await.unwrap_or_default();
         assert_eq!(c[0].healthy, c[0].assigned, "each device counted once");
         assert!(c[0].assigned > 10 && c[0].assigned < 80, "{:?}", c[0]);
         // The soak passes without check-ins: the tick advances it.
-        let t = s.rollout_tick(1599).unwrap_or_default();
+        let t = s.rollout_tick(1599).await.unwrap_or_default();
         assert_eq!(t.len(), 0, "soak not over 599 s after the start");
-        let t = s.rollout_tick(1600).unwrap_or_default();
+        let t = s.rollout_tick(1600).await.unwrap_or_default();
         assert_eq!(t.len(), 1, "{t:?}");
-        checkin_all(1700, &s);
-        let (c, _) = s.rollout_progress("r-ok").unwrap_or_default();
+        checkin_all(1700, &s).await;
+        let (c, _) = s.rollout_progress("r-ok").await.unwrap_or_default();
         assert_eq!(c[1].assigned, 400, "every device is in the last wave: {:?}", c[1]);
-        s.rollout_tick(2400).unwrap_or_default();
-        let r = s.rollout("r-ok").ok().flatten().unwrap_or_else(|| panic!("rollout"));
+        s.rollout_tick(2400).await.unwrap_or_default();
+        let r = s.rollout("r-ok").await.ok().flatten().unwrap_or_else(|| panic!("rollout"));
         assert_eq!(r.state.name(), "completed");
         // A device enrolled later joins the completed rollout.
-        s.conn()
-            .execute("INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES ('dev-late', 'rpi4', x'00', x'00', 'now')", [])
-            .unwrap_or_else(|e| panic!("{e}"));
-        let d = s.director_checkin(&facts("dev-late", &v1.measurement, "1.0.0", "healthy", &[]), &releases, 3000).unwrap_or_else(|e| panic!("{e}"));
+        add_devices(&s, std::iter::once("dev-late".to_owned())).await;
+        let d = s.director_checkin(&facts("dev-late", &v1.measurement, "1.0.0", "healthy", &[]), &releases, 3000).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(d.assignment.map(|a| a.custom.version), Some("2.0.0".into()));
         // Director versions only grow.
-        let d2 = s.director_checkin(&facts("dev-late", &v1.measurement, "1.0.0", "healthy", &[]), &releases, 3001).unwrap_or_else(|e| panic!("{e}"));
+        let d2 = s.director_checkin(&facts("dev-late", &v1.measurement, "1.0.0", "healthy", &[]), &releases, 3001).await.unwrap_or_else(|e| panic!("{e}"));
         assert!(d2.director_version > d.director_version);
     }
 
-    #[test]
-    fn quarantined_devices_get_nothing_and_abort_can_roll_back() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let s = store(dir.path(), 2);
+    async fn quarantined_devices_get_nothing_and_abort_can_roll_back(s: Store) {
         let (v1, v2) = (release("1.0.0", 'a'), release("2.0.0", 'b'));
-        s.create_rollout(&rollout("r", v2.clone(), &[100.0], 0.9, 1, 0)).unwrap_or_else(|e| panic!("{e}"));
-        assert!(matches!(s.rollout_action("r", Event::Start { by: "ops".into() }, 0), Ok(ActionOutcome::Done(..))));
+        s.create_rollout(&rollout("r", v2.clone(), &[100.0], 0.9, 1, 0)).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(s.rollout_action("r", Event::Start { by: "ops".into() }, 0).await, Ok(ActionOutcome::Done(..))));
         let releases = [v1.clone(), v2.clone()];
         let mut bad = facts("dev-00000", &v1.measurement, "1.0.0", "healthy", &[]);
         bad.attested = false;
-        assert_eq!(s.director_checkin(&bad, &releases, 1).map(|d| d.assignment).ok(), Some(None), "quarantined: nothing assigned");
-        let d = s.director_checkin(&facts("dev-00001", &v1.measurement, "1.0.0", "healthy", &[]), &releases, 1).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.director_checkin(&bad, &releases, 1).await.map(|d| d.assignment).ok(), Some(None), "quarantined: nothing assigned");
+        let d = s.director_checkin(&facts("dev-00001", &v1.measurement, "1.0.0", "healthy", &[]), &releases, 1).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(d.assignment.as_ref().map(|a| a.custom.rollback), Some(false));
-        assert!(matches!(s.rollout_action("r", Event::Abort { by: "ops".into(), roll_back: true }, 2), Ok(ActionOutcome::Done(..))));
-        let d = s.director_checkin(&facts("dev-00001", &v2.measurement, "2.0.0", "healthy", &[]), &releases, 3).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(s.rollout_action("r", Event::Abort { by: "ops".into(), roll_back: true }, 2).await, Ok(ActionOutcome::Done(..))));
+        let d = s.director_checkin(&facts("dev-00001", &v2.measurement, "2.0.0", "healthy", &[]), &releases, 3).await.unwrap_or_else(|e| panic!("{e}"));
         let a = d.assignment.unwrap_or_else(|| panic!("a rollback assignment"));
         assert_eq!((a.path.as_str(), a.custom.rollback), (v1.path.as_str(), true));
-        assert!(matches!(s.rollout_action("r", Event::Resume { by: "ops".into() }, 4), Ok(ActionOutcome::Refused(_))));
+        assert!(matches!(s.rollout_action("r", Event::Resume { by: "ops".into() }, 4).await, Ok(ActionOutcome::Refused(_))));
     }
 
-    #[test]
-    fn the_audit_log_is_append_only() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let s = store(dir.path(), 0);
-        s.log("ops", "rollout_start", &serde_json::json!({"rollout": "r"})).unwrap_or_else(|e| panic!("{e}"));
+    async fn the_audit_log_is_append_only(s: Store) {
+        s.log("ops", "rollout_start", &serde_json::json!({"rollout": "r"})).await.unwrap_or_else(|e| panic!("{e}"));
         for sql in ["UPDATE repository_log SET actor = 'someone else'", "DELETE FROM repository_log"] {
-            let err = s.conn().execute(sql, []).err().map(|e| e.to_string()).unwrap_or_default();
+            let mut tx = s.tx(Mode::Autocommit).await.unwrap_or_else(|e| panic!("{e}"));
+            let err = tx.execute(sql, args![]).await.err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains("append-only"), "{sql}: {err}");
         }
-        assert_eq!(s.recent_log(10).unwrap_or_default().len(), 1);
+        assert_eq!(s.recent_log(10).await.unwrap_or_default().len(), 1);
     }
 }

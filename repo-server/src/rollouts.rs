@@ -231,22 +231,22 @@ async fn create(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<Cr
         created_by: auth.0.name.clone(),
         created_at: chrono::Utc::now().to_rfc3339(),
     };
-    s.store.create_rollout(&record)?;
-    s.store.log(&auth.0.name, "rollout_create", &json!({"rollout": id, "release": record.release.path, "version": record.release.version, "waves": record.waves, "labels": record.labels}))?;
+    s.store.create_rollout(&record).await?;
+    s.store.log(&auth.0.name, "rollout_create", &json!({"rollout": id, "release": record.release.path, "version": record.release.version, "waves": record.waves, "labels": record.labels})).await?;
     tracing::info!(rollout = %id, release = %record.release.path, by = %auth.0.name, "rollout created");
-    Ok((StatusCode::CREATED, Json(view(&s, &record, false)?)))
+    Ok((StatusCode::CREATED, Json(view(&s, &record, false).await?)))
 }
 
 /// A rollout with its waves' counters and transition history.
-fn view(s: &AppState, r: &RolloutRecord, with_devices: bool) -> Result<Value, ApiError> {
-    view_with(s, r, with_devices, false)
+async fn view(s: &AppState, r: &RolloutRecord, with_devices: bool) -> Result<Value, ApiError> {
+    view_with(s, r, with_devices, false).await
 }
 
 /// How many of the enrolled devices the rollout selects (class, labels, not
 /// quarantined) fall into each wave (not cumulative): what each wave would expose.
-fn plan(s: &AppState, r: &RolloutRecord) -> Result<Vec<u32>, ApiError> {
+async fn plan(s: &AppState, r: &RolloutRecord) -> Result<Vec<u32>, ApiError> {
     let mut per_wave = vec![0u32; r.waves.len()];
-    for d in s.store.devices()? {
+    for d in s.store.devices().await? {
         if d.hardware_class != r.hardware_class || d.quarantined || !r.labels.iter().all(|(k, v)| d.labels.get(k) == Some(v)) {
             continue;
         }
@@ -257,8 +257,8 @@ fn plan(s: &AppState, r: &RolloutRecord) -> Result<Vec<u32>, ApiError> {
     Ok(per_wave)
 }
 
-fn view_with(s: &AppState, r: &RolloutRecord, with_devices: bool, with_plan: bool) -> Result<Value, ApiError> {
-    let (counters, events) = s.store.rollout_progress(&r.id)?;
+async fn view_with(s: &AppState, r: &RolloutRecord, with_devices: bool, with_plan: bool) -> Result<Value, ApiError> {
+    let (counters, events) = s.store.rollout_progress(&r.id).await?;
     let current = match &r.state {
         RolloutState::Running { wave, .. } | RolloutState::AwaitingApproval { wave, .. } | RolloutState::Paused { wave, .. } => Some(*wave),
         _ => None,
@@ -283,10 +283,10 @@ fn view_with(s: &AppState, r: &RolloutRecord, with_devices: bool, with_plan: boo
         "created_by": r.created_by, "created_at": r.created_at, "waves": waves, "events": events,
     });
     if with_devices {
-        v["devices"] = json!(s.store.rollout_assignments(&r.id)?);
+        v["devices"] = json!(s.store.rollout_assignments(&r.id).await?);
     }
     if with_plan {
-        for (w, n) in plan(s, r)?.into_iter().enumerate() {
+        for (w, n) in plan(s, r).await?.into_iter().enumerate() {
             v["waves"][w]["planned"] = json!(n);
         }
     }
@@ -295,8 +295,11 @@ fn view_with(s: &AppState, r: &RolloutRecord, with_devices: bool, with_plan: boo
 
 async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
     auth.require_reader()?;
-    let all = s.store.rollouts()?;
-    let views = all.iter().map(|r| view(&s, r, false)).collect::<Result<Vec<_>, _>>()?;
+    let all = s.store.rollouts().await?;
+    let mut views = Vec::with_capacity(all.len());
+    for r in &all {
+        views.push(view(&s, r, false).await?);
+    }
     Ok(Json(json!({"rollouts": views})))
 }
 
@@ -316,8 +319,8 @@ fn not_found(id: &str) -> ApiError {
 
 async fn show(State(s): State<AppState>, auth: Auth, UrlPath(id): UrlPath<String>, Query(q): Query<ShowQuery>) -> Result<Json<Value>, ApiError> {
     auth.require_reader()?;
-    let r = s.store.rollout(&id)?.ok_or_else(|| not_found(&id))?;
-    Ok(Json(view_with(&s, &r, q.devices, q.plan)?))
+    let r = s.store.rollout(&id).await?.ok_or_else(|| not_found(&id))?;
+    Ok(Json(view_with(&s, &r, q.devices, q.plan).await?))
 }
 
 #[derive(Debug, Default)]
@@ -368,17 +371,17 @@ async fn act(
         }
     };
     if matches!(event, Event::Start { .. } | Event::Resume { .. } | Event::Advance { .. }) {
-        let r = s.store.rollout(&id)?.ok_or_else(|| not_found(&id))?;
+        let r = s.store.rollout(&id).await?.ok_or_else(|| not_found(&id))?;
         vulnerability_gate(&s, &r.release.path).await?;
     }
     let now = chrono::Utc::now().timestamp();
-    match s.store.rollout_action(&id, event, now)? {
+    match s.store.rollout_action(&id, event, now).await? {
         ActionOutcome::NotFound => Err(not_found(&id)),
         ActionOutcome::Refused(why) => Err(ApiError::conflict("invalid_transition", why)),
         ActionOutcome::Done(record, t) => {
-            s.store.log(&by, &format!("rollout_{action}"), &json!({"rollout": id, "roll_back": body.roll_back, "transition": t}))?;
+            s.store.log(&by, &format!("rollout_{action}"), &json!({"rollout": id, "roll_back": body.roll_back, "transition": t})).await?;
             tracing::info!(rollout = %id, %action, by = %by, state = record.state.name(), "rollout action");
-            Ok(Json(view(&s, &record, false)?))
+            Ok(Json(view(&s, &record, false).await?))
         }
     }
 }
@@ -390,14 +393,14 @@ struct AuditQuery {
 
 async fn audit(State(s): State<AppState>, auth: Auth, Query(q): Query<AuditQuery>) -> Result<Json<Value>, ApiError> {
     auth.require_reader()?;
-    Ok(Json(json!({"entries": s.store.recent_log(q.limit.unwrap_or(200).min(5000))?})))
+    Ok(Json(json!({"entries": s.store.recent_log(q.limit.unwrap_or(200).min(5000)).await?})))
 }
 
 /// Records transitions the engine caused (thresholds, soak) in the audit log.
-pub fn log_transitions(s: &crate::store::Store, transitions: &[(String, Transition)]) {
+pub async fn log_transitions(s: &crate::store::Store, transitions: &[(String, Transition)]) {
     for (id, t) in transitions {
         tracing::warn!(rollout = %id, from = %t.from, to = %t.to, cause = ?t.cause, "rollout transition");
-        if let Err(e) = s.log("server", &format!("rollout_{}", t.to), &json!({"rollout": id, "transition": t})) {
+        if let Err(e) = s.log("server", &format!("rollout_{}", t.to), &json!({"rollout": id, "transition": t})).await {
             tracing::error!(error = %e, "cannot record a rollout transition in the audit log");
         }
     }

@@ -25,7 +25,7 @@ pub fn api() -> Router<AppState> {
 pub async fn index_release_sboms(repo: &Repository, store: &Store) -> usize {
     let mut added = 0;
     for (target, class, version, image_sha256, sref) in repo.sbom_refs().await {
-        match store.sbom_indexed(&sref.sha256) {
+        match store.sbom_indexed(&sref.sha256).await {
             Ok(true) => continue,
             Ok(false) => {}
             Err(e) => {
@@ -42,7 +42,7 @@ pub async fn index_release_sboms(repo: &Repository, store: &Store) -> usize {
             }
         };
         let rel = SbomRelease { sbom_sha256: sref.sha256.clone(), target, hardware_class: class, version, image_sha256 };
-        match store.index_sbom(&rel, &summary.packages) {
+        match store.index_sbom(&rel, &summary.packages).await {
             Ok(()) => {
                 added += 1;
                 tracing::info!(sbom = %sref.path, components = summary.packages.len(), "SBOM indexed");
@@ -63,10 +63,7 @@ pub async fn affected_entries(s: &AppState) -> Result<Option<(String, Vec<(outpo
     let mut out = Vec::new();
     for e in list.entries.into_iter().filter(|e| e.status == outpost_sbom::denylist::Status::Affected) {
         let query = e.query().map_err(|err| ApiError::unprocessable("invalid_denylist", err.to_string()))?;
-        let store = s.store.clone();
-        let found = tokio::task::spawn_blocking(move || store.sbom_search(&query))
-            .await
-            .map_err(|err| crate::error::ServerError::State(format!("search task: {err}")))??;
+        let found = s.store.sbom_search(&query).await?;
         out.push((e, found));
     }
     Ok(Some((sha, out)))
@@ -107,10 +104,7 @@ async fn search(State(s): State<AppState>, auth: Auth, Query(q): Query<SearchQue
     auth.require_reader()?;
     let query = outpost_sbom::query::Query::parse(&q.q).map_err(|e| ApiError::unprocessable("invalid_query", e.to_string()))?;
     let started = Instant::now();
-    let store = s.store.clone();
-    let result = tokio::task::spawn_blocking(move || store.sbom_search(&query))
-        .await
-        .map_err(|e| crate::error::ServerError::State(format!("search task: {e}")))??;
+    let result = s.store.sbom_search(&query).await?;
     let took = started.elapsed();
     let releases: std::collections::BTreeSet<&str> = result.releases.iter().map(|r| r.target.as_str()).collect();
     Ok(Json(json!({

@@ -1,14 +1,14 @@
-//! State store (SQLite, embedded): API tokens, stored hashed; the append-only log of
+//! State store (SQLite embedded, or PostgreSQL; see `db`): API tokens, stored hashed; the append-only log of
 //! publishes, online re-signs and admin actions; devices, their enrollment and
 //! attestation records.
 
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::args;
+use crate::db::{Database, Dialect, Mode, Postgres, Row, Sqlite, Tx, Value};
 use crate::error::ServerError;
 
 /// What a token may do.
@@ -54,11 +54,12 @@ pub struct Principal {
     pub role: TokenRole,
 }
 
+/// The state store: the same operations on either backend.
 pub struct Store {
-    conn: Mutex<Connection>,
+    db: Box<dyn Database>,
 }
 
-const MIGRATIONS: &str = "
+const TABLES: &str = "
 CREATE TABLE IF NOT EXISTS api_tokens (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
@@ -162,11 +163,22 @@ CREATE TABLE IF NOT EXISTS repository_log (
     action TEXT NOT NULL,
     detail TEXT NOT NULL
 );
--- The audit log is append-only: the database itself refuses to change or drop entries.
+";
+
+// The audit log is append-only: the database itself refuses to change or drop entries.
+const APPEND_ONLY_SQLITE: &str = "
 CREATE TRIGGER IF NOT EXISTS repository_log_append_only_update BEFORE UPDATE ON repository_log
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS repository_log_append_only_delete BEFORE DELETE ON repository_log
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+";
+const APPEND_ONLY_POSTGRES: &str = "
+CREATE OR REPLACE FUNCTION outpost_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+CREATE OR REPLACE TRIGGER repository_log_append_only BEFORE UPDATE OR DELETE ON repository_log
+FOR EACH ROW EXECUTE FUNCTION outpost_append_only();
+CREATE OR REPLACE TRIGGER repository_log_no_truncate BEFORE TRUNCATE ON repository_log
+FOR EACH STATEMENT EXECUTE FUNCTION outpost_append_only();
 ";
 
 /// A new enrollment challenge, before the device proves it.
@@ -283,18 +295,15 @@ pub struct SbomSearch {
     pub devices: Vec<SbomDevice>,
 }
 
-/// An enrollment challenge as stored: token hash, device id, class, EK public, EK
-/// certificate, AK public, secret hash, expiry, state.
-type ChallengeRow = (String, String, String, Vec<u8>, Option<Vec<u8>>, Vec<u8>, String, i64, String);
-
 /// Unused, unexpired nonces one device may have at a time.
 pub const MAX_OPEN_NONCES: i64 = 16;
 
-fn consume_nonce_tx(tx: &rusqlite::Transaction<'_>, nonce: &str, device_id: &str, now: i64) -> Result<Result<(), NonceRefusal>, ServerError> {
-    let row: Option<(String, i64, i64)> = tx
-        .prepare_cached("SELECT device_id, expires_at, used FROM nonces WHERE nonce = ?1")?
-        .query_row(params![nonce], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()?;
+async fn consume_nonce_tx(tx: &mut dyn Tx, nonce: &str, device_id: &str, now: i64) -> Result<Result<(), NonceRefusal>, ServerError> {
+    let row = tx.opt("SELECT device_id, expires_at, used FROM nonces WHERE nonce = ?1", args![nonce]).await?;
+    let row = match row {
+        Some(r) => Some((r.text(0)?, r.int(1)?, r.int(2)?)),
+        None => None,
+    };
     let refusal = match row {
         None => Some(NonceRefusal::Unknown),
         Some((d, _, _)) if d != device_id => Some(NonceRefusal::OtherDevice),
@@ -306,32 +315,47 @@ fn consume_nonce_tx(tx: &rusqlite::Transaction<'_>, nonce: &str, device_id: &str
         return Ok(Err(r));
     }
     // The guarded update makes use-once hold under concurrent check-ins too.
-    let n = tx.prepare_cached("UPDATE nonces SET used = 1 WHERE nonce = ?1 AND used = 0")?.execute(params![nonce])?;
+    let n = tx.execute("UPDATE nonces SET used = 1 WHERE nonce = ?1 AND used = 0", args![nonce]).await?;
     Ok(if n == 1 { Ok(()) } else { Err(NonceRefusal::Used) })
 }
 
-fn record_checkin_tx(tx: &rusqlite::Transaction<'_>, c: &CheckinRecord<'_>) -> Result<(), ServerError> {
+const INSERT_REPORT: &str = "INSERT INTO install_reports (received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+
+fn report_args(received_at: &str, r: &InstallReport) -> Vec<Value> {
+    args![received_at, &r.device_id, &r.hardware_class, &r.target, &r.version, r.outcome.as_str(), r.reason.as_deref(), &r.slot, &r.at]
+}
+
+async fn record_checkin_tx(tx: &mut dyn Tx, c: &CheckinRecord<'_>) -> Result<(), ServerError> {
     let now = chrono::Utc::now().to_rfc3339();
-    tx.prepare_cached(
+    tx.execute(
         "INSERT INTO attestations (device_id, at, verdict, reason, slot, version, image_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )?
-    .execute(params![c.device_id, now, c.verdict, c.reason, c.slot, c.version, c.image_sha256])?;
-    tx.prepare_cached(
+        args![c.device_id, &now, c.verdict, c.reason, c.slot, c.version, c.image_sha256],
+    )
+    .await?;
+    tx.execute(
         "UPDATE devices SET last_checkin_at = ?1, slot = ?2, version = ?3, image_sha256 = ?4, health = ?5,
            attestation = ?6, attestation_reason = ?7, attested_at = ?1, sbom_sha256 = ?9, policy = COALESCE(?10, policy) WHERE device_id = ?8",
-    )?
-    .execute(params![now, c.slot, c.version, c.image_sha256, c.health, c.verdict, c.reason, c.device_id, c.sbom_sha256, c.policy])?;
+        args![&now, c.slot, c.version, c.image_sha256, c.health, c.verdict, c.reason, c.device_id, c.sbom_sha256, c.policy.as_deref()],
+    )
+    .await?;
     for r in c.reports {
-        tx.prepare_cached(
-            "INSERT INTO install_reports (received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )?
-        .execute(params![now, r.device_id, r.hardware_class, r.target, r.version, r.outcome.as_str(), r.reason, r.slot, r.at])?;
+        tx.execute(INSERT_REPORT, report_args(&now, r)).await?;
     }
     Ok(())
 }
 
-/// Schema changes to tables that already exist, by `PRAGMA user_version`.
+/// The tables, created when missing (both backends; see `Dialect::schema`).
+fn base_schema(dialect: Dialect) -> String {
+    let append_only = match dialect {
+        Dialect::Sqlite => APPEND_ONLY_SQLITE,
+        Dialect::Postgres => APPEND_ONLY_POSTGRES,
+    };
+    format!("{TABLES}\n{}\n{append_only}", crate::rollout_store::TABLES)
+}
+
+/// Schema changes to tables that already exist, numbered from 1 (SQLite keeps the
+/// number in `PRAGMA user_version`, PostgreSQL in `outpost_schema`).
 const ALTERATIONS: [&str; 2] = [
     // 1: device labels (rollout selectors) and the per-device director version;
     // labels given to enrollment tokens.
@@ -342,137 +366,140 @@ const ALTERATIONS: [&str; 2] = [
     "ALTER TABLE devices ADD COLUMN policy TEXT;",
 ];
 
-fn migrate(conn: &Connection) -> Result<(), ServerError> {
-    loop {
-        // Read the version under the write lock: another server may be migrating too.
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        let have = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
-        let Some(sql) = ALTERATIONS.get(have) else {
-            conn.execute_batch("COMMIT")?;
-            return Ok(());
-        };
-        if let Err(e) = conn.execute_batch(&format!("{sql} PRAGMA user_version = {};", have + 1)) {
-            let _ = conn.execute_batch("ROLLBACK");
-            return Err(e.into());
-        }
-        conn.execute_batch("COMMIT")?;
-    }
-}
-
 fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+fn random_hex() -> Result<String, ServerError> {
+    let mut raw = [0u8; 32];
+    getrandom::getrandom(&mut raw).map_err(|e| ServerError::State(format!("no randomness: {e}")))?;
+    Ok(hex::encode(raw))
+}
+
+/// The state store's two backends, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded default: one file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL server several `outpost-server`s may share.
+    Postgres { url: String, max_connections: u32 },
+}
+
 impl Store {
-    pub fn open(path: &Path) -> Result<Self, ServerError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| ServerError::io("create", dir, e))?;
-        }
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        // Two servers may share one database file: wait for the other's write lock.
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.execute_batch(MIGRATIONS)?;
-        conn.execute_batch(crate::rollout_store::MIGRATIONS)?;
-        migrate(&conn)?;
-        Ok(Store { conn: Mutex::new(conn) })
+    /// Opens (and migrates) the configured database.
+    pub async fn open(backend: &Backend) -> Result<Self, ServerError> {
+        let db: Box<dyn Database> = match backend {
+            Backend::Sqlite(path) => Box::new(Sqlite::open(path)?),
+            Backend::Postgres { url, max_connections } => Box::new(Postgres::connect(url, *max_connections).await?),
+        };
+        Self::with_database(db).await
     }
 
-    pub(crate) fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A poisoned lock only means another thread panicked mid-query; SQLite's own
-        // transactions keep the data consistent.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    /// Opens (and migrates) the SQLite database at `path`.
+    pub async fn open_sqlite(path: &Path) -> Result<Self, ServerError> {
+        Self::open(&Backend::Sqlite(path.to_owned())).await
+    }
+
+    async fn with_database(db: Box<dyn Database>) -> Result<Self, ServerError> {
+        crate::db::migrate(db.as_ref(), &base_schema(db.dialect()), &ALTERATIONS).await?;
+        Ok(Store { db })
+    }
+
+    /// Which backend this is ("sqlite" or "postgres").
+    pub fn backend(&self) -> &'static str {
+        self.db.dialect().name()
+    }
+
+    pub(crate) async fn tx(&self, mode: Mode) -> Result<Box<dyn Tx>, ServerError> {
+        self.db.begin(mode).await
+    }
+
+    /// One statement on its own.
+    async fn execute(&self, sql: &str, args: Vec<Value>) -> Result<u64, ServerError> {
+        self.tx(Mode::Autocommit).await?.execute(sql, args).await
+    }
+
+    /// One query on its own.
+    async fn query(&self, sql: &str, args: Vec<Value>) -> Result<Vec<Row>, ServerError> {
+        self.tx(Mode::Autocommit).await?.query(sql, args).await
     }
 
     /// Creates a token and returns it; only its hash is stored.
-    pub fn create_token(&self, name: &str, role: TokenRole) -> Result<String, ServerError> {
-        let mut raw = [0u8; 32];
-        getrandom::getrandom(&mut raw).map_err(|e| ServerError::State(format!("no randomness: {e}")))?;
-        let token = format!("opt_{}", hex::encode(raw));
-        self.conn().execute(
+    pub async fn create_token(&self, name: &str, role: TokenRole) -> Result<String, ServerError> {
+        let token = format!("opt_{}", random_hex()?);
+        self.execute(
             "INSERT INTO api_tokens (name, role, token_sha256, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![name, role.as_str(), hash_token(&token), chrono::Utc::now().to_rfc3339()],
-        )?;
+            args![name, role.as_str(), hash_token(&token), chrono::Utc::now().to_rfc3339()],
+        )
+        .await?;
         Ok(token)
     }
 
-    pub fn authenticate(&self, token: &str) -> Result<Option<Principal>, ServerError> {
-        let row: Option<(String, String)> = self
-            .conn()
-            .query_row("SELECT name, role FROM api_tokens WHERE token_sha256 = ?1", params![hash_token(token)], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .optional()?;
-        Ok(row.and_then(|(name, role)| TokenRole::parse(&role).map(|role| Principal { name, role })))
+    pub async fn authenticate(&self, token: &str) -> Result<Option<Principal>, ServerError> {
+        let rows = self.query("SELECT name, role FROM api_tokens WHERE token_sha256 = ?1", args![hash_token(token)]).await?;
+        let Some(r) = rows.first() else { return Ok(None) };
+        Ok(TokenRole::parse(&r.text(1)?).map(|role| Principal { name: r.text(0).unwrap_or_default(), role }))
     }
 
     /// A one-time enrollment token for `hardware_class`, valid until `expires_at` (Unix s).
     /// The device enrolled with it gets `labels`.
-    pub fn create_enrollment_token(
+    pub async fn create_enrollment_token(
         &self,
         hardware_class: &str,
         labels: &std::collections::BTreeMap<String, String>,
         created_by: &str,
         expires_at: i64,
     ) -> Result<String, ServerError> {
-        let mut raw = [0u8; 32];
-        getrandom::getrandom(&mut raw).map_err(|e| ServerError::State(format!("no randomness: {e}")))?;
-        let token = format!("ote_{}", hex::encode(raw));
+        let token = format!("ote_{}", random_hex()?);
         let labels = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
-        self.conn().execute(
+        self.execute(
             "INSERT INTO enrollment_tokens (token_sha256, hardware_class, created_by, created_at, expires_at, labels) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![hash_token(&token), hardware_class, created_by, chrono::Utc::now().to_rfc3339(), expires_at, labels],
-        )?;
+            args![hash_token(&token), hardware_class, created_by, chrono::Utc::now().to_rfc3339(), expires_at, labels],
+        )
+        .await?;
         Ok(token)
+    }
+
+    /// Whether an enrollment token may be used now for `hardware_class`.
+    async fn enrollment_token_refusal(tx: &mut dyn Tx, token: &str, hardware_class: &str, now: i64) -> Result<Option<EnrollRefusal>, ServerError> {
+        let row = tx.opt("SELECT hardware_class, expires_at, used_at FROM enrollment_tokens WHERE token_sha256 = ?1", args![hash_token(token)]).await?;
+        let Some(r) = row else { return Ok(Some(EnrollRefusal::UnknownToken)) };
+        let (class, exp, used) = (r.text(0)?, r.int(1)?, r.opt_text(2)?);
+        Ok(if used.is_some() {
+            Some(EnrollRefusal::TokenUsed)
+        } else if exp <= now {
+            Some(EnrollRefusal::TokenExpired(exp))
+        } else if class != hardware_class {
+            Some(EnrollRefusal::WrongClass { token: class })
+        } else {
+            None
+        })
     }
 
     /// Whether an enrollment token may be used now for `hardware_class` (checked before
     /// any expensive work; `open_challenge` checks again).
-    pub fn check_enrollment_token(&self, token: &str, hardware_class: &str, now: i64) -> Result<Result<(), EnrollRefusal>, ServerError> {
-        let row: Option<(String, i64, Option<String>)> = self
-            .conn()
-            .query_row(
-                "SELECT hardware_class, expires_at, used_at FROM enrollment_tokens WHERE token_sha256 = ?1",
-                params![hash_token(token)],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        Ok(match row {
-            None => Err(EnrollRefusal::UnknownToken),
-            Some((_, _, Some(_))) => Err(EnrollRefusal::TokenUsed),
-            Some((_, exp, None)) if exp <= now => Err(EnrollRefusal::TokenExpired(exp)),
-            Some((class, _, None)) if class != hardware_class => Err(EnrollRefusal::WrongClass { token: class }),
-            Some(_) => Ok(()),
+    pub async fn check_enrollment_token(&self, token: &str, hardware_class: &str, now: i64) -> Result<Result<(), EnrollRefusal>, ServerError> {
+        let mut tx = self.tx(Mode::Autocommit).await?;
+        Ok(match Self::enrollment_token_refusal(tx.as_mut(), token, hardware_class, now).await? {
+            Some(r) => Err(r),
+            None => Ok(()),
         })
     }
 
     /// Checks an enrollment token (unused, unexpired, for this class) and records the
     /// challenge made for it. The token is consumed only when the device proves itself.
-    pub fn open_challenge(&self, c: &NewChallenge<'_>, now: i64) -> Result<Result<(), EnrollRefusal>, ServerError> {
-        let conn = self.conn();
-        let row: Option<(String, i64, Option<String>)> = conn
-            .query_row(
-                "SELECT hardware_class, expires_at, used_at FROM enrollment_tokens WHERE token_sha256 = ?1",
-                params![hash_token(c.token)],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        let refusal = match row {
-            None => Some(EnrollRefusal::UnknownToken),
-            Some((_, _, Some(_))) => Some(EnrollRefusal::TokenUsed),
-            Some((_, exp, None)) if exp <= now => Some(EnrollRefusal::TokenExpired(exp)),
-            Some((class, _, None)) if class != c.hardware_class => Some(EnrollRefusal::WrongClass { token: class }),
-            Some(_) => None,
-        };
-        if let Some(r) = refusal {
+    pub async fn open_challenge(&self, c: &NewChallenge<'_>, now: i64) -> Result<Result<(), EnrollRefusal>, ServerError> {
+        let mut tx = self.tx(Mode::Shared).await?;
+        if let Some(r) = Self::enrollment_token_refusal(tx.as_mut(), c.token, c.hardware_class, now).await? {
             return Ok(Err(r));
         }
-        conn.execute(
+        tx.execute(
             "INSERT INTO enrollment_challenges (id, token_sha256, device_id, hardware_class, ek_public, ek_certificate, ak_public, secret_sha256, expires_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![c.id, hash_token(c.token), c.device_id, c.hardware_class, c.ek_public, c.ek_certificate, c.ak_public, c.secret_sha256, c.expires_at],
-        )?;
+            args![c.id, hash_token(c.token), c.device_id, c.hardware_class, c.ek_public, c.ek_certificate, c.ak_public, c.secret_sha256, c.expires_at],
+        )
+        .await?;
+        tx.commit().await?;
         Ok(Ok(()))
     }
 
@@ -480,20 +507,18 @@ impl Store {
     /// transaction the challenge closes, the token is consumed and the device is
     /// recorded (a re-enrolled device gets its new AK and starts over as pending).
     /// A wrong secret closes the challenge for good.
-    pub fn complete_challenge(&self, id: &str, secret_sha256: &str, now: i64) -> Result<Result<(String, String), EnrollRefusal>, ServerError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let row: Option<ChallengeRow> = tx
-            .query_row(
+    pub async fn complete_challenge(&self, id: &str, secret_sha256: &str, now: i64) -> Result<Result<(String, String), EnrollRefusal>, ServerError> {
+        let mut tx = self.tx(Mode::Shared).await?;
+        let row = tx
+            .opt(
                 "SELECT token_sha256, device_id, hardware_class, ek_public, ek_certificate, ak_public, secret_sha256, expires_at, state
                  FROM enrollment_challenges WHERE id = ?1",
-                params![id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)),
+                args![id],
             )
-            .optional()?;
-        let Some((token, device_id, class, ek, ek_cert, ak, want, expires, state)) = row else {
-            return Ok(Err(EnrollRefusal::UnknownChallenge));
-        };
+            .await?;
+        let Some(r) = row else { return Ok(Err(EnrollRefusal::UnknownChallenge)) };
+        let (token, device_id, class) = (r.text(0)?, r.text(1)?, r.text(2)?);
+        let (ek, ek_cert, ak, want, expires, state) = (r.blob(3)?, r.opt_blob(4)?, r.blob(5)?, r.text(6)?, r.int(7)?, r.text(8)?);
         if state != "open" {
             return Ok(Err(EnrollRefusal::ChallengeClosed(state)));
         }
@@ -501,120 +526,113 @@ impl Store {
             return Ok(Err(EnrollRefusal::ChallengeExpired));
         }
         if want != secret_sha256 {
-            tx.execute("UPDATE enrollment_challenges SET state = 'failed' WHERE id = ?1", params![id])?;
-            tx.commit()?;
+            tx.execute("UPDATE enrollment_challenges SET state = 'failed' WHERE id = ?1", args![id]).await?;
+            tx.commit().await?;
             return Ok(Err(EnrollRefusal::WrongSecret));
         }
-        let consumed = tx.execute(
-            "UPDATE enrollment_tokens SET used_at = ?1, used_by = ?2 WHERE token_sha256 = ?3 AND used_at IS NULL",
-            params![chrono::Utc::now().to_rfc3339(), device_id, token],
-        )?;
+        let consumed = tx
+            .execute(
+                "UPDATE enrollment_tokens SET used_at = ?1, used_by = ?2 WHERE token_sha256 = ?3 AND used_at IS NULL",
+                args![chrono::Utc::now().to_rfc3339(), &device_id, &token],
+            )
+            .await?;
         if consumed != 1 {
             return Ok(Err(EnrollRefusal::TokenUsed));
         }
-        tx.execute("UPDATE enrollment_challenges SET state = 'completed' WHERE id = ?1", params![id])?;
-        let labels: String = tx.query_row("SELECT labels FROM enrollment_tokens WHERE token_sha256 = ?1", params![token], |r| r.get(0))?;
+        tx.execute("UPDATE enrollment_challenges SET state = 'completed' WHERE id = ?1", args![id]).await?;
+        let labels = tx.one("SELECT labels FROM enrollment_tokens WHERE token_sha256 = ?1", args![&token]).await?.text(0)?;
         tx.execute(
             "INSERT INTO devices (device_id, hardware_class, ek_public, ek_certificate, ak_public, enrolled_at, labels) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (device_id) DO UPDATE SET hardware_class = excluded.hardware_class, ek_certificate = excluded.ek_certificate,
                ak_public = excluded.ak_public, enrolled_at = excluded.enrolled_at, attestation = 'pending', attestation_reason = NULL,
                labels = excluded.labels",
-            params![device_id, class, ek, ek_cert, ak, chrono::Utc::now().to_rfc3339(), labels],
-        )?;
-        tx.commit()?;
+            args![&device_id, &class, &ek, ek_cert.as_ref(), &ak, chrono::Utc::now().to_rfc3339(), labels],
+        )
+        .await?;
+        tx.commit().await?;
         Ok(Ok((device_id, class)))
     }
 
-    fn device_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
-        let attestation: String = r.get(9)?;
+    fn device_from_row(r: &Row) -> Result<Device, ServerError> {
+        let attestation = r.text(9)?;
         Ok(Device {
-            device_id: r.get(0)?,
-            hardware_class: r.get(1)?,
-            ak_public: r.get(2)?,
-            has_ek_certificate: r.get::<_, Option<Vec<u8>>>(3)?.is_some(),
-            enrolled_at: r.get(4)?,
-            last_checkin_at: r.get(5)?,
-            slot: r.get(6)?,
-            version: r.get(7)?,
-            image_sha256: r.get(8)?,
+            device_id: r.text(0)?,
+            hardware_class: r.text(1)?,
+            ak_public: r.blob(2)?,
+            has_ek_certificate: r.opt_blob(3)?.is_some(),
+            enrolled_at: r.text(4)?,
+            last_checkin_at: r.opt_text(5)?,
+            slot: r.opt_text(6)?,
+            version: r.opt_text(7)?,
+            image_sha256: r.opt_text(8)?,
             quarantined: attestation == "failed",
             attestation,
-            attestation_reason: r.get(10)?,
-            attested_at: r.get(11)?,
-            health: r.get(12)?,
-            sbom_sha256: r.get(13)?,
-            labels: serde_json::from_str(&r.get::<_, String>(14)?).unwrap_or_default(),
-            policy: r.get::<_, Option<String>>(15)?.and_then(|p| serde_json::from_str(&p).ok()),
+            attestation_reason: r.opt_text(10)?,
+            attested_at: r.opt_text(11)?,
+            health: r.opt_text(12)?,
+            sbom_sha256: r.opt_text(13)?,
+            labels: serde_json::from_str(&r.text(14)?).unwrap_or_default(),
+            policy: r.opt_text(15)?.and_then(|p| serde_json::from_str(&p).ok()),
         })
     }
 
     const DEVICE_COLUMNS: &'static str = "device_id, hardware_class, ak_public, ek_certificate, enrolled_at, last_checkin_at, slot, version, image_sha256, attestation, attestation_reason, attested_at, health, sbom_sha256, labels, policy";
 
-    pub fn device(&self, id: &str) -> Result<Option<Device>, ServerError> {
+    pub async fn device(&self, id: &str) -> Result<Option<Device>, ServerError> {
         let sql = format!("SELECT {} FROM devices WHERE device_id = ?1", Self::DEVICE_COLUMNS);
-        Ok(self.conn().query_row(&sql, params![id], Self::device_from_row).optional()?)
+        self.query(&sql, args![id]).await?.first().map(Self::device_from_row).transpose()
     }
 
-    pub fn devices(&self) -> Result<Vec<Device>, ServerError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {} FROM devices ORDER BY device_id", Self::DEVICE_COLUMNS))?;
-        let rows = stmt.query_map([], Self::device_from_row)?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    pub async fn devices(&self) -> Result<Vec<Device>, ServerError> {
+        let sql = format!("SELECT {} FROM devices ORDER BY device_id", Self::DEVICE_COLUMNS);
+        self.query(&sql, args![]).await?.iter().map(Self::device_from_row).collect()
     }
 
     /// A single-use nonce for `device_id`, valid until `expires_at` (Unix milliseconds,
     /// like `now`); nonces expired for an hour go.
     /// None when the device already has `MAX_OPEN_NONCES` unused, unexpired nonces (the
     /// endpoint is unauthenticated; this bounds what anyone can make the server store).
-    pub fn issue_nonce(&self, device_id: &str, expires_at: i64, now: i64) -> Result<Option<String>, ServerError> {
-        let mut raw = [0u8; 32];
-        getrandom::getrandom(&mut raw).map_err(|e| ServerError::State(format!("no randomness: {e}")))?;
-        let nonce = hex::encode(raw);
-        let conn = self.conn();
-        conn.execute("DELETE FROM nonces WHERE expires_at < ?1", params![now - 3_600_000])?;
-        let open: i64 = conn.query_row(
-            "SELECT count(*) FROM nonces WHERE device_id = ?1 AND used = 0 AND expires_at > ?2",
-            params![device_id, now],
-            |r| r.get(0),
-        )?;
-        if open >= MAX_OPEN_NONCES {
-            return Ok(None);
-        }
+    pub async fn issue_nonce(&self, device_id: &str, expires_at: i64, now: i64) -> Result<Option<String>, ServerError> {
+        let nonce = random_hex()?;
         // An issued nonce lost to a power cut costs the device one retry, so this commit
         // does not wait for the disk; the check-in that uses it (and every commit after
         // it) is synced in full, which makes this one durable too.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let inserted = conn.execute("INSERT INTO nonces (nonce, device_id, expires_at) VALUES (?1, ?2, ?3)", params![nonce, device_id, expires_at]);
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        inserted?;
+        let mut tx = self.tx(Mode::Lazy).await?;
+        tx.execute("DELETE FROM nonces WHERE expires_at < ?1", args![now - 3_600_000]).await?;
+        let open = tx
+            .one("SELECT count(*) FROM nonces WHERE device_id = ?1 AND used = 0 AND expires_at > ?2", args![device_id, now])
+            .await?
+            .int(0)?;
+        if open >= MAX_OPEN_NONCES {
+            return Ok(None);
+        }
+        tx.execute("INSERT INTO nonces (nonce, device_id, expires_at) VALUES (?1, ?2, ?3)", args![&nonce, device_id, expires_at]).await?;
+        tx.commit().await?;
         Ok(Some(nonce))
     }
 
     /// Uses a nonce up: it must have been issued to `device_id`, be unused and unexpired.
-    pub fn consume_nonce(&self, nonce: &str, device_id: &str, now: i64) -> Result<Result<(), NonceRefusal>, ServerError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let r = consume_nonce_tx(&tx, nonce, device_id, now)?;
+    pub async fn consume_nonce(&self, nonce: &str, device_id: &str, now: i64) -> Result<Result<(), NonceRefusal>, ServerError> {
+        let mut tx = self.tx(Mode::Exclusive).await?;
+        let r = consume_nonce_tx(tx.as_mut(), nonce, device_id, now).await?;
         if r.is_ok() {
-            tx.commit()?;
+            tx.commit().await?;
         }
         Ok(r)
     }
 
     /// Records a check-in: the verdict (history and latest), the device's reported
     /// state and the install reports it carried, in one transaction.
-    pub fn record_checkin(&self, c: &CheckinRecord<'_>) -> Result<(), ServerError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        record_checkin_tx(&tx, c)?;
-        tx.commit()?;
-        Ok(())
+    pub async fn record_checkin(&self, c: &CheckinRecord<'_>) -> Result<(), ServerError> {
+        let mut tx = self.tx(Mode::Shared).await?;
+        record_checkin_tx(tx.as_mut(), c).await?;
+        tx.commit().await
     }
 
     /// A whole check-in in one write transaction (one fsync): the nonce used up, the
     /// verdict and state recorded, and the director's decision (rollout feedback and
     /// assignment). A refused nonce changes nothing.
-    pub fn checkin(
+    pub async fn checkin(
         &self,
         nonce: &str,
         c: &CheckinRecord<'_>,
@@ -622,65 +640,65 @@ impl Store {
         releases: &[crate::repository::FirmwareRelease],
         now_ms: i64,
     ) -> Result<Result<crate::rollout_store::Decision, NonceRefusal>, ServerError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        if let Err(r) = consume_nonce_tx(&tx, nonce, c.device_id, now_ms)? {
+        let mut tx = self.tx(Mode::Exclusive).await?;
+        if let Err(r) = consume_nonce_tx(tx.as_mut(), nonce, c.device_id, now_ms).await? {
             return Ok(Err(r));
         }
-        record_checkin_tx(&tx, c)?;
-        let decision = crate::rollout_store::director_checkin_tx(&tx, f, releases, now_ms / 1000)?;
-        tx.commit()?;
+        record_checkin_tx(tx.as_mut(), c).await?;
+        let decision = crate::rollout_store::director_checkin_tx(tx.as_mut(), f, releases, now_ms / 1000).await?;
+        tx.commit().await?;
         Ok(Ok(decision))
     }
 
-    pub fn attestations(&self, device_id: &str, limit: u32) -> Result<Vec<serde_json::Value>, ServerError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT at, verdict, reason, slot, version, image_sha256 FROM attestations WHERE device_id = ?1 ORDER BY id DESC LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![device_id, limit], |r| {
-            Ok(serde_json::json!({
-                "at": r.get::<_, String>(0)?, "verdict": r.get::<_, String>(1)?, "reason": r.get::<_, Option<String>>(2)?,
-                "slot": r.get::<_, Option<String>>(3)?, "version": r.get::<_, Option<String>>(4)?,
-                "image_sha256": r.get::<_, Option<String>>(5)?,
-            }))
-        })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    pub async fn attestations(&self, device_id: &str, limit: u32) -> Result<Vec<serde_json::Value>, ServerError> {
+        let rows = self
+            .query(
+                "SELECT at, verdict, reason, slot, version, image_sha256 FROM attestations WHERE device_id = ?1 ORDER BY id DESC LIMIT ?2",
+                args![device_id, limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(serde_json::json!({
+                    "at": r.text(0)?, "verdict": r.text(1)?, "reason": r.opt_text(2)?,
+                    "slot": r.opt_text(3)?, "version": r.opt_text(4)?, "image_sha256": r.opt_text(5)?,
+                }))
+            })
+            .collect()
     }
 
-    pub fn sbom_indexed(&self, sbom_sha256: &str) -> Result<bool, ServerError> {
-        Ok(self
-            .conn()
-            .query_row("SELECT 1 FROM sbom_releases WHERE sbom_sha256 = ?1", params![sbom_sha256], |_| Ok(()))
-            .optional()?
-            .is_some())
+    pub async fn sbom_indexed(&self, sbom_sha256: &str) -> Result<bool, ServerError> {
+        Ok(!self.query("SELECT 1 FROM sbom_releases WHERE sbom_sha256 = ?1", args![sbom_sha256]).await?.is_empty())
     }
 
     /// Records one release's SBOM components (one transaction; idempotent per SBOM).
-    pub fn index_sbom(&self, r: &SbomRelease, components: &[outpost_sbom::ComponentRef]) -> Result<(), ServerError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        let fresh = tx.execute(
-            "INSERT OR IGNORE INTO sbom_releases (sbom_sha256, target, hardware_class, version, image_sha256, components, indexed_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![r.sbom_sha256, r.target, r.hardware_class, r.version, r.image_sha256, components.len() as i64, chrono::Utc::now().to_rfc3339()],
-        )?;
+    pub async fn index_sbom(&self, r: &SbomRelease, components: &[outpost_sbom::ComponentRef]) -> Result<(), ServerError> {
+        let mut tx = self.tx(Mode::Shared).await?;
+        let fresh = tx
+            .execute(
+                "INSERT INTO sbom_releases (sbom_sha256, target, hardware_class, version, image_sha256, components, indexed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING",
+                args![&r.sbom_sha256, &r.target, &r.hardware_class, &r.version, &r.image_sha256, components.len() as i64, chrono::Utc::now().to_rfc3339()],
+            )
+            .await?;
         if fresh == 1 {
-            let mut stmt = tx.prepare("INSERT INTO sbom_components (sbom_sha256, name, version, purl, purl_base) VALUES (?1, ?2, ?3, ?4, ?5)")?;
             for c in components {
                 let base = c.purl.as_deref().map(outpost_sbom::query::purl_base);
-                stmt.execute(params![r.sbom_sha256, c.name, c.version, c.purl, base])?;
+                tx.execute(
+                    "INSERT INTO sbom_components (sbom_sha256, name, version, purl, purl_base) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    args![&r.sbom_sha256, &c.name, c.version.as_deref(), c.purl.as_deref(), base],
+                )
+                .await?;
             }
         }
-        tx.commit()?;
-        Ok(())
+        tx.commit().await
     }
 
     /// Releases whose SBOM has a component matching `query`, and the devices whose
     /// attested image is one of those releases.
-    pub fn sbom_search(&self, query: &outpost_sbom::query::Query) -> Result<SbomSearch, ServerError> {
+    pub async fn sbom_search(&self, query: &outpost_sbom::query::Query) -> Result<SbomSearch, ServerError> {
         use outpost_sbom::query::Subject;
-        let conn = self.conn();
+        let mut tx = self.tx(Mode::Shared).await?;
         let (sql, key) = match &query.subject {
             Subject::Name(n) => (
                 "SELECT c.name, c.version, c.purl, r.sbom_sha256, r.target, r.hardware_class, r.version, r.image_sha256
@@ -693,108 +711,113 @@ impl Store {
                 p.as_str(),
             ),
         };
-        let mut stmt = conn.prepare_cached(sql)?;
-        let rows = stmt.query_map(params![key], |r| {
-            Ok(SbomHit {
-                component: r.get(0)?,
-                component_version: r.get(1)?,
-                purl: r.get(2)?,
-                sbom_sha256: r.get(3)?,
-                target: r.get(4)?,
-                hardware_class: r.get(5)?,
-                version: r.get(6)?,
-                image_sha256: r.get(7)?,
-            })
-        })?;
         let mut releases: Vec<SbomHit> = Vec::new();
-        for hit in rows {
-            let hit = hit?;
+        for r in tx.query(sql, args![key]).await? {
+            let hit = SbomHit {
+                component: r.text(0)?,
+                component_version: r.opt_text(1)?,
+                purl: r.opt_text(2)?,
+                sbom_sha256: r.text(3)?,
+                target: r.text(4)?,
+                hardware_class: r.text(5)?,
+                version: r.text(6)?,
+                image_sha256: r.text(7)?,
+            };
             if query.matches_version(hit.component_version.as_deref()) {
                 releases.push(hit);
             }
         }
         let mut devices = Vec::new();
-        let mut dstmt = conn.prepare_cached(
-            "SELECT device_id, hardware_class, version, attestation FROM devices WHERE image_sha256 = ?1 ORDER BY device_id",
-        )?;
         let mut seen = std::collections::BTreeSet::new();
         for rel in &releases {
             if !seen.insert(rel.image_sha256.clone()) {
                 continue;
             }
-            let rows = dstmt.query_map(params![rel.image_sha256], |r| {
-                Ok(SbomDevice {
-                    device_id: r.get(0)?,
-                    hardware_class: r.get(1)?,
-                    version: r.get(2)?,
-                    quarantined: r.get::<_, String>(3)? == "failed",
+            let rows = tx
+                .query(
+                    "SELECT device_id, hardware_class, version, attestation FROM devices WHERE image_sha256 = ?1 ORDER BY device_id",
+                    args![&rel.image_sha256],
+                )
+                .await?;
+            for r in rows {
+                devices.push(SbomDevice {
+                    device_id: r.text(0)?,
+                    hardware_class: r.text(1)?,
+                    version: r.opt_text(2)?,
+                    quarantined: r.text(3)? == "failed",
                     release: rel.target.clone(),
-                })
-            })?;
-            for d in rows {
-                devices.push(d?);
+                });
             }
         }
         Ok(SbomSearch { releases, devices })
     }
 
-    pub fn log(&self, actor: &str, action: &str, detail: &serde_json::Value) -> Result<(), ServerError> {
-        self.conn().execute(
+    pub async fn log(&self, actor: &str, action: &str, detail: &serde_json::Value) -> Result<(), ServerError> {
+        self.execute(
             "INSERT INTO repository_log (at, actor, action, detail) VALUES (?1, ?2, ?3, ?4)",
-            params![chrono::Utc::now().to_rfc3339(), actor, action, detail.to_string()],
-        )?;
+            args![chrono::Utc::now().to_rfc3339(), actor, action, detail.to_string()],
+        )
+        .await?;
         Ok(())
     }
 
-    pub fn add_report(&self, r: &InstallReport) -> Result<(), ServerError> {
-        self.conn().execute(
-            "INSERT INTO install_reports (received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                chrono::Utc::now().to_rfc3339(),
-                r.device_id,
-                r.hardware_class,
-                r.target,
-                r.version,
-                r.outcome.as_str(),
-                r.reason,
-                r.slot,
-                r.at
-            ],
-        )?;
+    pub async fn add_report(&self, r: &InstallReport) -> Result<(), ServerError> {
+        self.execute(INSERT_REPORT, report_args(&chrono::Utc::now().to_rfc3339(), r)).await?;
         Ok(())
     }
 
-    pub fn recent_reports(&self, device: Option<&str>, limit: u32) -> Result<Vec<serde_json::Value>, ServerError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at
-             FROM install_reports WHERE (?1 IS NULL OR device_id = ?1) ORDER BY id DESC LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![device, limit], |r| {
-            Ok(serde_json::json!({
-                "received_at": r.get::<_, String>(0)?, "device_id": r.get::<_, String>(1)?,
-                "hardware_class": r.get::<_, String>(2)?, "target": r.get::<_, String>(3)?,
-                "version": r.get::<_, String>(4)?, "outcome": r.get::<_, String>(5)?,
-                "reason": r.get::<_, Option<String>>(6)?, "slot": r.get::<_, String>(7)?,
-                "at": r.get::<_, String>(8)?,
-            }))
-        })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    pub async fn recent_reports(&self, device: Option<&str>, limit: u32) -> Result<Vec<serde_json::Value>, ServerError> {
+        let rows = self
+            .query(
+                "SELECT received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at
+                 FROM install_reports WHERE (?1 IS NULL OR device_id = ?1) ORDER BY id DESC LIMIT ?2",
+                args![device, limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(serde_json::json!({
+                    "received_at": r.text(0)?, "device_id": r.text(1)?, "hardware_class": r.text(2)?, "target": r.text(3)?,
+                    "version": r.text(4)?, "outcome": r.text(5)?, "reason": r.opt_text(6)?, "slot": r.text(7)?, "at": r.text(8)?,
+                }))
+            })
+            .collect()
     }
 
-    pub fn recent_log(&self, limit: u32) -> Result<Vec<serde_json::Value>, ServerError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT at, actor, action, detail FROM repository_log ORDER BY id DESC LIMIT ?1")?;
-        let rows = stmt.query_map(params![limit], |r| {
-            let detail: String = r.get(3)?;
-            Ok(serde_json::json!({
-                "at": r.get::<_, String>(0)?, "actor": r.get::<_, String>(1)?, "action": r.get::<_, String>(2)?,
-                "detail": serde_json::from_str::<serde_json::Value>(&detail).unwrap_or(serde_json::Value::Null),
-            }))
-        })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    pub async fn recent_log(&self, limit: u32) -> Result<Vec<serde_json::Value>, ServerError> {
+        let rows = self.query("SELECT at, actor, action, detail FROM repository_log ORDER BY id DESC LIMIT ?1", args![limit]).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(serde_json::json!({
+                    "at": r.text(0)?, "actor": r.text(1)?, "action": r.text(2)?,
+                    "detail": serde_json::from_str::<serde_json::Value>(&r.text(3)?).unwrap_or(serde_json::Value::Null),
+                }))
+            })
+            .collect()
     }
 }
 
 pub use outpost_protocol::report::{InstallReport, ReportOutcome};
+
+/// Stores for the store suite: SQLite in a directory, or a fresh database on the
+/// PostgreSQL server named by `OUTPOST_TEST_POSTGRES` (`postgres://USER@HOST:PORT`;
+/// `scripts/test.sh` starts one and sets it).
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub(crate) async fn sqlite(dir: &Path) -> Store {
+        Store::open_sqlite(&dir.join("t.db")).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub(crate) async fn postgres() -> Store {
+        use sqlx::Connection as _;
+        let base = std::env::var("OUTPOST_TEST_POSTGRES").unwrap_or_else(|_| {
+            panic!("the PostgreSQL store tests need OUTPOST_TEST_POSTGRES=postgres://USER@HOST:PORT (scripts/test.sh starts a server and sets it)")
+        });
+        let name = format!("outpost_test_{}", &random_hex().unwrap_or_else(|e| panic!("{e}"))[..16]);
+        let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres")).await.unwrap_or_else(|e| panic!("PostgreSQL at {base}: {e}"));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await.unwrap_or_else(|e| panic!("{e}"));
+        Store::open(&Backend::Postgres { url: format!("{base}/{name}"), max_connections: 4 }).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+}

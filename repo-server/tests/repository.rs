@@ -230,8 +230,8 @@ async fn call(app: axum::Router, req: Request<Body>) -> (StatusCode, axum::http:
 async fn http_serves_repository_with_ranges_cache_headers_and_auth() {
     let f = fixture();
     let repo = std::sync::Arc::new(published(&f).await);
-    let store = std::sync::Arc::new(Store::open(&f.config.sqlite_path).unwrap());
-    let viewer = store.create_token("dash", TokenRole::Viewer).unwrap();
+    let store = std::sync::Arc::new(Store::open(&f.config.database).await.unwrap());
+    let viewer = store.create_token("dash", TokenRole::Viewer).await.unwrap();
     let app = app(AppState {
         repo,
         store,
