@@ -39,9 +39,8 @@ APT_PACKAGES=(
   iproute2      # network namespaces and veth pairs for the policy tests
   nftables      # the policy benchmark's baseline (chains and sets)
   iperf3        # throughput through the policy programs in the benchmark
+  postgresql    # the scale-out state store: tests and the benchmark start their own server
 )
-
-# Later: postgresql (scale-out state backend; CI starts it for its tests).
 # ---------------------------------------------------------------------------
 
 missing=()

@@ -6,8 +6,9 @@
 # 1. scripts/setup.sh (Debian packages, Rust check, Python venv)
 # 2. cargo build --all-targets (the default members: every host crate; ebpf/programs
 #    is built for the BPF target by ebpf/loader's build script)
-# 3. cargo test
-# 4. pytest on tests/ (black-box tests against the built binaries)
+# 3. a throwaway PostgreSQL server (scripts/postgres.sh) for the store suite
+# 4. cargo test
+# 5. pytest on tests/ (black-box tests against the built binaries)
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,6 +24,15 @@ bash scripts/setup.sh
 
 step "cargo build --all-targets"
 cargo build --all-targets
+
+# A PostgreSQL server for the store suite (Rust) and the two-servers test (pytest);
+# stopped when this script ends.
+step "PostgreSQL for the store suite"
+PG_DIR="$(mktemp -d /tmp/outpost-test-pg.XXXXXX)"
+trap 'bash scripts/postgres.sh stop "$PG_DIR"; rm -rf "$PG_DIR"' EXIT
+OUTPOST_TEST_POSTGRES="$(bash scripts/postgres.sh start "$PG_DIR" "${OUTPOST_TEST_POSTGRES_PORT:-55433}")"
+export OUTPOST_TEST_POSTGRES
+echo "PostgreSQL at $OUTPOST_TEST_POSTGRES"
 
 step "cargo test"
 cargo test

@@ -312,11 +312,12 @@ class OutpostServer:
     """`outpost-server serve` on 127.0.0.1, config written from the docs' format.
 
     `repository` adds keys to the [repository] table (e.g. timestamp_expiry="4s").
+    `extra_toml` adds whole tables (e.g. [database], [director]).
     The server can be stopped and started again on the same data_dir and port."""
 
     def __init__(self, base: Path, repo: OutpostRepo, name: str = "server",
                  repository: dict[str, str] | None = None,
-                 attestation: dict[str, str] | None = None) -> None:
+                 attestation: dict[str, str] | None = None, extra_toml: str = "") -> None:
         self.exe = binary("outpost-server")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -337,6 +338,7 @@ class OutpostServer:
             cfg += "\n[attestation]\n" + "".join(
                 f"{k} = {'[' + ', '.join(toml_str(x) for x in v) + ']' if isinstance(v, list) else toml_str(v)}\n"
                 for k, v in attestation.items())
+        cfg += extra_toml
         tomllib.loads(cfg)
         self.config.write_text(cfg)
         self.log = base / f"{name}.log"

@@ -401,7 +401,7 @@ impl Database for Sqlite {
 // ---------------------------------------------------------------------------------
 
 /// The advisory lock `Mode::Exclusive` transactions hold ("outpost" in ASCII).
-const EXCLUSIVE_LOCK: i64 = 0x6f75_7470_6f73_74;
+const EXCLUSIVE_LOCK: i64 = 0x006f_7574_706f_7374;
 
 /// PostgreSQL through a sqlx connection pool.
 pub struct Postgres {
@@ -411,12 +411,20 @@ pub struct Postgres {
 impl Postgres {
     /// Connects to `url` (`postgres://user[:password]@host[:port]/database`).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, ServerError> {
+        let failed = |e: &dyn std::fmt::Display| ServerError::Db(format!("connecting to PostgreSQL at {}: {e}", redact(url)).into());
+        // One connection first: the pool would retry a refused or misnamed server until
+        // its timeout, and the operator should see why at once.
+        let probe = tokio::time::timeout(std::time::Duration::from_secs(15), <sqlx::PgConnection as sqlx::Connection>::connect(url))
+            .await
+            .map_err(|_| failed(&"no answer within 15s"))?
+            .map_err(|e| failed(&e))?;
+        sqlx::Connection::close(probe).await.map_err(|e| failed(&e))?;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(30))
             .connect(url)
             .await
-            .map_err(|e| ServerError::Db(format!("connecting to PostgreSQL at {}: {e}", redact(url)).into()))?;
+            .map_err(|e| failed(&e))?;
         Ok(Postgres { pool })
     }
 }

@@ -87,6 +87,11 @@ enum Command {
         /// Stop after this many check-ins (0: no limit).
         #[arg(long, default_value_t = 0)]
         max_checkins: usize,
+        /// Check in through these servers instead of the one the devices enrolled with
+        /// (repeat for servers sharing one database): each check-in takes its nonce from
+        /// one server and reports to the next, round robin.
+        #[arg(long = "server")]
+        servers: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -192,10 +197,12 @@ struct Tally {
 
 /// One check-in of one device: nonce, quote over the report, verdict, and a simulated
 /// install of whatever the director assigns.
-async fn checkin(http: &reqwest::Client, server: &str, d: &mut SimDevice, fail: &BTreeMap<String, f64>, t: &mut Tally) -> Res<()> {
+/// One attested check-in: the nonce from `nonce_server`, the report to `report_server`
+/// (the same server, or two sharing one database).
+async fn checkin(http: &reqwest::Client, nonce_server: &str, report_server: &str, d: &mut SimDevice, fail: &BTreeMap<String, f64>, t: &mut Tally) -> Res<()> {
     let started = Instant::now();
-    let base = format!("{server}/api/v1/devices/{}", d.device_id);
-    let grant: NonceGrant = post(http, &format!("{base}/nonce"), None, &json!({})).await?;
+    let grant: NonceGrant = post(http, &format!("{nonce_server}/api/v1/devices/{}/nonce", d.device_id), None, &json!({})).await?;
+    let base = format!("{report_server}/api/v1/devices/{}", d.device_id);
     let log = EventLog {
         events: vec![MeasurementEvent {
             pcr: PCR,
@@ -349,8 +356,10 @@ async fn run(cli: Cli) -> Res<()> {
             eprintln!("{LABEL}: enrolled {devices} devices in {secs:.1} s ({:.0}/s)", devices as f64 / secs);
             Ok(())
         }
-        Command::Run { state: path, duration, rate, concurrency, fail, max_checkins, json } => {
+        Command::Run { state: path, duration, rate, concurrency, fail, max_checkins, json, servers } => {
             let state = load(&path)?;
+            let servers: Arc<Vec<String>> =
+                Arc::new(if servers.is_empty() { vec![state.server.clone()] } else { servers.iter().map(|s| s.trim_end_matches('/').to_owned()).collect() });
             let fail: BTreeMap<String, f64> = fail
                 .iter()
                 .map(|f| match f.split_once('=').map(|(v, x)| (v.to_owned(), x.parse::<f64>())) {
@@ -369,7 +378,7 @@ async fn run(cli: Cli) -> Res<()> {
             let deadline = started + duration;
             let mut tasks = Vec::new();
             for _ in 0..concurrency.max(1) {
-                let (http, server, devices, fail, next) = (http.clone(), state.server.clone(), devices.clone(), fail.clone(), next.clone());
+                let (http, servers, devices, fail, next) = (http.clone(), servers.clone(), devices.clone(), fail.clone(), next.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut t = Tally::default();
                     loop {
@@ -385,7 +394,8 @@ async fn run(cli: Cli) -> Res<()> {
                             tokio::time::sleep_until(due.into()).await;
                         }
                         let Ok(mut d) = devices[k % devices.len()].try_lock() else { continue };
-                        if let Err(e) = checkin(&http, &server, &mut d, &fail, &mut t).await {
+                        let (nonce_server, report_server) = (&servers[k % servers.len()], &servers[(k + 1) % servers.len()]);
+                        if let Err(e) = checkin(&http, nonce_server, report_server, &mut d, &fail, &mut t).await {
                             t.errors += 1;
                             if t.first_errors.len() < 3 {
                                 t.first_errors.push(e);
@@ -419,6 +429,7 @@ async fn run(cli: Cli) -> Res<()> {
                 "checkins_per_s": done as f64 / secs,
                 "target_rate": rate,
                 "concurrency": concurrency,
+                "servers": *servers,
                 "attested": all.attested,
                 "failed_verdicts": all.failed_verdicts,
                 "errors": all.errors,
