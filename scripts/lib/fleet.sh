@@ -14,6 +14,8 @@
 #   fleet_init_repo REPO KEYS         repo init 2-of-3 root (snapshot/timestamp as .pub: server-held)
 #                                     + delegation 'firmware' for firmware/rpi4/*/*
 #   fleet_write_server_config FILE PORT DATA_DIR KEYS REPO
+#                                     (the state store is SQLite, or PostgreSQL at
+#                                     $FLEET_POSTGRES_URL when that is set)
 #   fleet_create_token CONFIG NAME    print a pipeline token
 #   fleet_start_server CONFIG LOG     start `outpost-server serve` in the background; sets
 #                                     FLEET_SERVER_PID. Callers: `trap fleet_stop_server EXIT` first
@@ -85,7 +87,7 @@ listen = "127.0.0.1:$port"
 data_dir = "$data_dir"
 
 [database]
-sqlite = "outpost.db"
+$(if [[ -n "${FLEET_POSTGRES_URL:-}" ]]; then printf 'postgres = "%s"\n' "$FLEET_POSTGRES_URL"; else printf 'sqlite = "outpost.db"\n'; fi)
 
 [repository]
 trusted_root = "$repo/metadata/1.root.json"
