@@ -185,9 +185,13 @@ pub enum Mode {
     Autocommit,
     /// One transaction; concurrent writers are kept apart by row locks and constraints.
     Shared,
-    /// One transaction, serialised with every other `Exclusive` one on the database,
+    /// One transaction, serialised with every other serialised one on the database,
     /// from any server: for decisions that read state and act on it.
     Exclusive,
+    /// One write transaction that becomes serialised when it calls [`Tx::serialize`]
+    /// (on SQLite it is from the start: the file has one writer). For work that often
+    /// only reads the shared state and must not wait for the lock then.
+    Write,
     /// One transaction whose commit does not wait for the disk (a later synced commit
     /// makes it durable). For data whose loss costs a retry, not correctness.
     Lazy,
@@ -202,6 +206,11 @@ pub trait Tx: Send {
     fn query<'a>(&'a mut self, sql: &'a str, args: Vec<Value>) -> BoxFuture<'a, Result<Vec<Row>, ServerError>>;
     /// Runs several statements without parameters (schema changes).
     fn batch<'a>(&'a mut self, sql: &'a str) -> BoxFuture<'a, Result<(), ServerError>>;
+    /// Whether this transaction is serialised with every other serialised one.
+    fn serialized(&self) -> bool;
+    /// Serialises this transaction from now on (waits for the others). Statements after
+    /// it see everything the transactions before it committed.
+    fn serialize(&mut self) -> BoxFuture<'_, Result<(), ServerError>>;
     fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), ServerError>>;
 }
 
@@ -304,6 +313,8 @@ struct SqliteTx {
     open: bool,
     /// Commits do not wait for the disk until this transaction ends.
     lazy: bool,
+    /// Began with `BEGIN IMMEDIATE`: holds the file's write lock.
+    immediate: bool,
 }
 
 impl SqliteTx {
@@ -365,6 +376,18 @@ impl Tx for SqliteTx {
     fn batch<'a>(&'a mut self, sql: &'a str) -> BoxFuture<'a, Result<(), ServerError>> {
         Box::pin(async move { Ok(self.conn.execute_batch(sql)?) })
     }
+    fn serialized(&self) -> bool {
+        self.open && self.immediate
+    }
+    fn serialize(&mut self) -> BoxFuture<'_, Result<(), ServerError>> {
+        Box::pin(async move {
+            if self.serialized() {
+                Ok(())
+            } else {
+                Err(ServerError::State("a SQLite transaction is serialised only when it begins immediate".into()))
+            }
+        })
+    }
     fn commit(mut self: Box<Self>) -> BoxFuture<'static, Result<(), ServerError>> {
         Box::pin(async move { self.end("COMMIT") })
     }
@@ -377,7 +400,7 @@ impl Database for Sqlite {
     fn begin(&self, mode: Mode) -> BoxFuture<'_, Result<Box<dyn Tx>, ServerError>> {
         Box::pin(async move {
             let conn = self.conn.clone().lock_owned().await;
-            let mut tx = SqliteTx { conn, open: false, lazy: false };
+            let mut tx = SqliteTx { conn, open: false, lazy: false, immediate: false };
             if mode == Mode::Lazy {
                 tx.conn.pragma_update(None, "synchronous", "NORMAL")?;
                 tx.lazy = true;
@@ -385,11 +408,12 @@ impl Database for Sqlite {
             let begin = match mode {
                 Mode::Autocommit => None,
                 Mode::Shared => Some("BEGIN"),
-                Mode::Exclusive | Mode::Lazy => Some("BEGIN IMMEDIATE"),
+                Mode::Exclusive | Mode::Write | Mode::Lazy => Some("BEGIN IMMEDIATE"),
             };
             if let Some(sql) = begin {
                 tx.conn.execute_batch(sql)?;
                 tx.open = true;
+                tx.immediate = sql == "BEGIN IMMEDIATE";
             }
             Ok(Box::new(tx) as Box<dyn Tx>)
         })
@@ -400,7 +424,7 @@ impl Database for Sqlite {
 // PostgreSQL
 // ---------------------------------------------------------------------------------
 
-/// The advisory lock `Mode::Exclusive` transactions hold ("outpost" in ASCII).
+/// The advisory lock serialised transactions hold ("outpost" in ASCII).
 const EXCLUSIVE_LOCK: i64 = 0x006f_7574_706f_7374;
 
 /// PostgreSQL through a sqlx connection pool.
@@ -464,6 +488,8 @@ enum PgConn {
 
 struct PgTx {
     conn: PgConn,
+    /// Holds the advisory lock.
+    locked: bool,
 }
 
 impl PgTx {
@@ -527,6 +553,21 @@ impl Tx for PgTx {
             Ok(())
         })
     }
+    fn serialized(&self) -> bool {
+        self.locked
+    }
+    fn serialize(&mut self) -> BoxFuture<'_, Result<(), ServerError>> {
+        Box::pin(async move {
+            if !self.locked {
+                if matches!(self.conn, PgConn::Single(_)) {
+                    return Err(ServerError::State("statements outside a transaction cannot be serialised".into()));
+                }
+                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(EXCLUSIVE_LOCK).execute(self.conn()).await?;
+                self.locked = true;
+            }
+            Ok(())
+        })
+    }
     fn commit(self: Box<Self>) -> BoxFuture<'static, Result<(), ServerError>> {
         Box::pin(async move {
             if let PgConn::Tx(t) = self.conn {
@@ -544,11 +585,11 @@ impl Database for Postgres {
     fn begin(&self, mode: Mode) -> BoxFuture<'_, Result<Box<dyn Tx>, ServerError>> {
         Box::pin(async move {
             let mut tx = match mode {
-                Mode::Autocommit => PgTx { conn: PgConn::Single(self.pool.acquire().await?) },
-                _ => PgTx { conn: PgConn::Tx(self.pool.begin().await?) },
+                Mode::Autocommit => PgTx { conn: PgConn::Single(self.pool.acquire().await?), locked: false },
+                _ => PgTx { conn: PgConn::Tx(self.pool.begin().await?), locked: false },
             };
             if mode == Mode::Exclusive {
-                sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(EXCLUSIVE_LOCK).execute(tx.conn()).await?;
+                Tx::serialize(&mut tx).await?;
             }
             if mode == Mode::Lazy {
                 sqlx::query("SET LOCAL synchronous_commit = off").execute(tx.conn()).await?;

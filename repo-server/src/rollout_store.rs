@@ -340,7 +340,7 @@ impl Store {
     /// belong to, then decide what the device should run and bump its director
     /// version. `releases` are the signed full-image releases of the device's class.
     pub async fn director_checkin(&self, f: &DeviceFacts<'_>, releases: &[FirmwareRelease], now: i64) -> Result<Decision, ServerError> {
-        let mut tx = self.tx(Mode::Exclusive).await?;
+        let mut tx = self.tx(Mode::Write).await?;
         let d = director_checkin_tx(tx.as_mut(), f, releases, now).await?;
         tx.commit().await?;
         Ok(d)
@@ -353,8 +353,37 @@ impl Store {
     }
 }
 
+/// The decision must be made again, serialised: it would change rollout state.
+struct Restart;
+
+/// Before a decision writes rollout state: a transaction that is not serialised yet
+/// becomes so, and the decision starts over on what is committed now (nothing was
+/// written yet, so nothing is undone).
+async fn before_write(tx: &mut dyn Tx) -> Result<Result<(), Restart>, ServerError> {
+    if tx.serialized() {
+        return Ok(Ok(()));
+    }
+    tx.serialize().await?;
+    Ok(Err(Restart))
+}
+
 /// The director's part of a check-in inside the caller's write transaction.
+///
+/// Most check-ins change no rollout state (the device's assignment is where it was, or
+/// its wave is not open): those decide without waiting for other servers. A decision
+/// that would change state (a status, a new assignment, a transition) is made again
+/// serialised, so every change is decided on the latest committed state. Call it
+/// before the transaction writes anything else (a transaction waiting for the lock must
+/// hold no row another serialised one may need).
 pub(crate) async fn director_checkin_tx(tx: &mut dyn Tx, f: &DeviceFacts<'_>, releases: &[FirmwareRelease], now: i64) -> Result<Decision, ServerError> {
+    loop {
+        if let Ok(d) = director_pass(tx, f, releases, now).await? {
+            return Ok(d);
+        }
+    }
+}
+
+async fn director_pass(tx: &mut dyn Tx, f: &DeviceFacts<'_>, releases: &[FirmwareRelease], now: i64) -> Result<Result<Decision, Restart>, ServerError> {
     let labels: BTreeMap<String, String> = parse("labels", &tx.one("SELECT labels FROM devices WHERE device_id = ?1", args![f.device_id]).await?.text(0)?)?;
     let mut transitions = Vec::new();
 
@@ -366,6 +395,9 @@ pub(crate) async fn director_checkin_tx(tx: &mut dyn Tx, f: &DeviceFacts<'_>, re
         let old = Status::parse(&status);
         let (new, reason) = next_status(old, f, &record.release);
         if new != old {
+            if let Err(r) = before_write(tx).await? {
+                return Ok(Err(r));
+            }
             tx.execute(
                 "UPDATE assignments SET status = ?1, reason = coalesce(?2, reason), updated_at = ?3 WHERE rollout_id = ?4 AND device_id = ?5",
                 args![new.as_str(), reason, now_text(), &rollout_id, f.device_id],
@@ -390,16 +422,32 @@ pub(crate) async fn director_checkin_tx(tx: &mut dyn Tx, f: &DeviceFacts<'_>, re
             }
         }
         if let Some(mut record) = chosen {
-            assignment = decide(tx, &record, f, releases).await?;
-            // A new assignment (perhaps already healthy) changes the counters.
+            assignment = match decide(tx, &record, f, releases).await? {
+                Ok(a) => a,
+                Err(r) => return Ok(Err(r)),
+            };
+            // The counters may call for a transition (a new assignment, perhaps already
+            // healthy, or a soak that has passed).
+            if !tx.serialized() && would_transition(tx, &record, now).await? {
+                if let Err(r) = before_write(tx).await? {
+                    return Ok(Err(r));
+                }
+            }
             if let Some(t) = feedback(tx, &mut record, now).await? {
                 transitions.push((record.id.clone(), t));
             }
         }
     }
-    tx.execute("UPDATE devices SET director_version = director_version + 1 WHERE device_id = ?1", args![f.device_id]).await?;
-    let director_version = tx.one("SELECT director_version FROM devices WHERE device_id = ?1", args![f.device_id]).await?.int(0)?;
-    Ok(Decision { director_version: u64::try_from(director_version).unwrap_or(0), assignment, transitions })
+    let director_version =
+        tx.one("UPDATE devices SET director_version = director_version + 1 WHERE device_id = ?1 RETURNING director_version", args![f.device_id]).await?.int(0)?;
+    Ok(Ok(Decision { director_version: u64::try_from(director_version).unwrap_or(0), assignment, transitions }))
+}
+
+/// Whether feeding the current counters to `record` would change its state.
+async fn would_transition(tx: &mut dyn Tx, record: &RolloutRecord, now: i64) -> Result<bool, ServerError> {
+    let State::Running { wave, .. } = record.state else { return Ok(false) };
+    let c = counters(tx, &record.id, wave).await?;
+    Ok(matches!(record.machine().apply(Event::Feedback { counters: c }, now), Ok(Some(_))))
 }
 
 /// Where a device's assignment stands after a check-in.
@@ -443,7 +491,7 @@ fn assignment_of(release: &FirmwareRelease, record: &RolloutRecord, device_id: &
 
 /// What `record` assigns the device now, inserting its assignment when the device's
 /// wave is open.
-async fn decide(tx: &mut dyn Tx, record: &RolloutRecord, f: &DeviceFacts<'_>, releases: &[FirmwareRelease]) -> Result<Option<Assignment>, ServerError> {
+async fn decide(tx: &mut dyn Tx, record: &RolloutRecord, f: &DeviceFacts<'_>, releases: &[FirmwareRelease]) -> Result<Result<Option<Assignment>, Restart>, ServerError> {
     let existing = match tx.opt("SELECT wave, from_release FROM assignments WHERE rollout_id = ?1 AND device_id = ?2", args![&record.id, f.device_id]).await? {
         Some(r) => Some((r.int(0)?, r.opt_text(1)?)),
         None => None,
@@ -451,25 +499,28 @@ async fn decide(tx: &mut dyn Tx, record: &RolloutRecord, f: &DeviceFacts<'_>, re
     if let State::Aborted { roll_back, .. } = record.state {
         // Abort stops new assignments; with roll back, devices the rollout reached are
         // sent back to the release they ran before (an explicit, signed rollback).
-        let Some((wave, Some(from))) = existing.filter(|_| roll_back) else { return Ok(None) };
+        let Some((wave, Some(from))) = existing.filter(|_| roll_back) else { return Ok(Ok(None)) };
         let from: FirmwareRelease = parse("from_release", &from)?;
-        return Ok(Some(assignment_of(&from, record, f.device_id, wave as u32, true)));
+        return Ok(Ok(Some(assignment_of(&from, record, f.device_id, wave as u32, true))));
     }
     if let Some((wave, _)) = existing {
         // Assigned once, assigned for the rollout's life (a device that rolled back
         // keeps it too: its agent does not retry a release it rolled back).
-        return Ok(Some(assignment_of(&record.release, record, f.device_id, wave as u32, false)));
+        return Ok(Ok(Some(assignment_of(&record.release, record, f.device_id, wave as u32, false))));
     }
-    let Some(open) = record.state.assignable_wave(record.waves.len()) else { return Ok(None) };
-    let Some(wave) = rollout::wave_of(&record.waves, &record.id, f.device_id) else { return Ok(None) };
+    let Some(open) = record.state.assignable_wave(record.waves.len()) else { return Ok(Ok(None)) };
+    let Some(wave) = rollout::wave_of(&record.waves, &record.id, f.device_id) else { return Ok(Ok(None)) };
     if wave > open {
-        return Ok(None);
+        return Ok(Ok(None));
     }
     // Never downgrade by rollout: a device already ahead stays where it is.
     if let (Some(running), Some(target)) = (f.version.and_then(version_of), version_of(&record.release.version)) {
         if running > target {
-            return Ok(None);
+            return Ok(Ok(None));
         }
+    }
+    if let Err(r) = before_write(tx).await? {
+        return Ok(Err(r));
     }
     let from = f.image_sha256.and_then(|m| releases.iter().find(|r| r.measurement == m));
     let status = if f.image_sha256 == Some(record.release.measurement.as_str()) { Status::Healthy } else { Status::Assigned };
@@ -478,7 +529,7 @@ async fn decide(tx: &mut dyn Tx, record: &RolloutRecord, f: &DeviceFacts<'_>, re
         args![&record.id, f.device_id, wave as i64, status.as_str(), from.map(json), now_text()],
     )
     .await?;
-    Ok(Some(assignment_of(&record.release, record, f.device_id, wave as u32, false)))
+    Ok(Ok(Some(assignment_of(&record.release, record, f.device_id, wave as u32, false))))
 }
 
 #[cfg(test)]

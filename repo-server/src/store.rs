@@ -640,12 +640,14 @@ impl Store {
         releases: &[crate::repository::FirmwareRelease],
         now_ms: i64,
     ) -> Result<Result<crate::rollout_store::Decision, NonceRefusal>, ServerError> {
-        let mut tx = self.tx(Mode::Exclusive).await?;
+        let mut tx = self.tx(Mode::Write).await?;
+        // The director first: it may have to wait for other servers' decisions, and a
+        // transaction that waits must hold no rows they may need.
+        let decision = crate::rollout_store::director_checkin_tx(tx.as_mut(), f, releases, now_ms / 1000).await?;
         if let Err(r) = consume_nonce_tx(tx.as_mut(), nonce, c.device_id, now_ms).await? {
             return Ok(Err(r));
         }
         record_checkin_tx(tx.as_mut(), c).await?;
-        let decision = crate::rollout_store::director_checkin_tx(tx.as_mut(), f, releases, now_ms / 1000).await?;
         tx.commit().await?;
         Ok(Ok(decision))
     }
