@@ -426,6 +426,8 @@ impl Database for Sqlite {
 
 /// The advisory lock serialised transactions hold ("outpost" in ASCII).
 const EXCLUSIVE_LOCK: i64 = 0x006f_7574_706f_7374;
+/// BEGIN and take [`EXCLUSIVE_LOCK`] (its decimal value; checked in the tests).
+const BEGIN_SERIALIZED: &str = "BEGIN; SELECT pg_advisory_xact_lock(31372865377891188)";
 
 /// PostgreSQL through a sqlx connection pool.
 pub struct Postgres {
@@ -584,17 +586,14 @@ impl Database for Postgres {
     }
     fn begin(&self, mode: Mode) -> BoxFuture<'_, Result<Box<dyn Tx>, ServerError>> {
         Box::pin(async move {
-            let mut tx = match mode {
-                Mode::Autocommit => PgTx { conn: PgConn::Single(self.pool.acquire().await?), locked: false },
-                _ => PgTx { conn: PgConn::Tx(self.pool.begin().await?), locked: false },
+            // What a transaction needs at its start goes with its BEGIN, in one round trip.
+            let conn = match mode {
+                Mode::Autocommit => PgConn::Single(self.pool.acquire().await?),
+                Mode::Shared | Mode::Write => PgConn::Tx(self.pool.begin().await?),
+                Mode::Exclusive => PgConn::Tx(self.pool.begin_with(BEGIN_SERIALIZED).await?),
+                Mode::Lazy => PgConn::Tx(self.pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?),
             };
-            if mode == Mode::Exclusive {
-                Tx::serialize(&mut tx).await?;
-            }
-            if mode == Mode::Lazy {
-                sqlx::query("SET LOCAL synchronous_commit = off").execute(tx.conn()).await?;
-            }
-            Ok(Box::new(tx) as Box<dyn Tx>)
+            Ok(Box::new(PgTx { conn, locked: mode == Mode::Exclusive }) as Box<dyn Tx>)
         })
     }
 }
@@ -612,5 +611,6 @@ mod tests {
         );
         assert_eq!(redact("postgres://outpost:s3cret@db:5432/outpost"), "postgres://outpost:***@db:5432/outpost");
         assert_eq!(redact("postgres://outpost@db/outpost"), "postgres://outpost@db/outpost");
+        assert!(BEGIN_SERIALIZED.ends_with(&format!("({EXCLUSIVE_LOCK})")));
     }
 }

@@ -220,18 +220,21 @@ async fn set_labels(State(s): State<AppState>, auth: Auth, Path(id): Path<String
 }
 
 async fn nonce(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<NonceGrant>, ApiError> {
-    if s.store.device(&id).await?.is_none() {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no enrolled device {id:?}")));
-    }
     let issued = now_ms();
     let expires = issued + s.nonce_lifetime.as_millis().max(1) as i64;
-    let nonce = s.store.issue_nonce(&id, expires, issued).await?.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_nonces",
-            format!("device {id:?} already has {} unused nonces; use one or wait for them to expire", crate::store::MAX_OPEN_NONCES),
-        )
-    })?;
+    let nonce = match s.store.issue_nonce(&id, expires, issued).await? {
+        crate::store::NonceIssue::Issued(n) => n,
+        crate::store::NonceIssue::UnknownDevice => {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no enrolled device {id:?}")));
+        }
+        crate::store::NonceIssue::TooMany => {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_nonces",
+                format!("device {id:?} already has {} unused nonces; use one or wait for them to expire", crate::store::MAX_OPEN_NONCES),
+            ));
+        }
+    };
     Ok(Json(NonceGrant { nonce, expires_at: rfc3339_ms(expires) }))
 }
 

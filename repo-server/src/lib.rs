@@ -73,6 +73,9 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
                 Ok(transitions) => rollouts::log_transitions(&tick_store, &transitions).await,
                 Err(e) => tracing::error!(error = %e, "re-evaluating rollouts failed"),
             }
+            if let Err(e) = tick_store.purge_nonces(chrono::Utc::now().timestamp_millis()).await {
+                tracing::error!(error = %e, "removing expired nonces failed");
+            }
         }
     });
     let stop = std::sync::Arc::new(tokio::sync::Notify::new());

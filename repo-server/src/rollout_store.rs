@@ -384,13 +384,21 @@ pub(crate) async fn director_checkin_tx(tx: &mut dyn Tx, f: &DeviceFacts<'_>, re
 }
 
 async fn director_pass(tx: &mut dyn Tx, f: &DeviceFacts<'_>, releases: &[FirmwareRelease], now: i64) -> Result<Result<Decision, Restart>, ServerError> {
-    let labels: BTreeMap<String, String> = parse("labels", &tx.one("SELECT labels FROM devices WHERE device_id = ?1", args![f.device_id]).await?.text(0)?)?;
+    // The device's labels and its assignments, in one query.
+    let rows = tx
+        .query(
+            "SELECT d.labels, a.rollout_id, a.status FROM devices d LEFT JOIN assignments a ON a.device_id = d.device_id WHERE d.device_id = ?1",
+            args![f.device_id],
+        )
+        .await?;
+    let Some(first) = rows.first() else { return Err(ServerError::State(format!("no device {:?}", f.device_id))) };
+    let labels: BTreeMap<String, String> = parse("labels", &first.text(0)?)?;
     let mut transitions = Vec::new();
 
     // 1. Feedback: statuses of this device's assignments.
-    let mine = tx.query("SELECT rollout_id, status FROM assignments WHERE device_id = ?1", args![f.device_id]).await?;
-    for row in mine {
-        let (rollout_id, status) = (row.text(0)?, row.text(1)?);
+    for row in &rows {
+        let Some(rollout_id) = row.opt_text(1)? else { continue };
+        let status = row.text(2)?;
         let Some(mut record) = load(tx, &rollout_id).await? else { continue };
         let old = Status::parse(&status);
         let (new, reason) = next_status(old, f, &record.release);

@@ -233,6 +233,15 @@ pub struct Device {
     pub policy: Option<serde_json::Value>,
 }
 
+/// What a nonce request came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NonceIssue {
+    Issued(String),
+    UnknownDevice,
+    /// The device has `MAX_OPEN_NONCES` unused, unexpired nonces already.
+    TooMany,
+}
+
 /// Why a nonce cannot be used.
 #[derive(Debug)]
 pub enum NonceRefusal {
@@ -299,24 +308,26 @@ pub struct SbomSearch {
 pub const MAX_OPEN_NONCES: i64 = 16;
 
 async fn consume_nonce_tx(tx: &mut dyn Tx, nonce: &str, device_id: &str, now: i64) -> Result<Result<(), NonceRefusal>, ServerError> {
-    let row = tx.opt("SELECT device_id, expires_at, used FROM nonces WHERE nonce = ?1", args![nonce]).await?;
-    let row = match row {
-        Some(r) => Some((r.text(0)?, r.int(1)?, r.int(2)?)),
-        None => None,
-    };
-    let refusal = match row {
-        None => Some(NonceRefusal::Unknown),
-        Some((d, _, _)) if d != device_id => Some(NonceRefusal::OtherDevice),
-        Some((_, _, used)) if used != 0 => Some(NonceRefusal::Used),
-        Some((_, exp, _)) if exp <= now => Some(NonceRefusal::Expired(exp)),
-        Some(_) => None,
-    };
-    if let Some(r) = refusal {
-        return Ok(Err(r));
-    }
     // The guarded update makes use-once hold under concurrent check-ins too.
-    let n = tx.execute("UPDATE nonces SET used = 1 WHERE nonce = ?1 AND used = 0", args![nonce]).await?;
-    Ok(if n == 1 { Ok(()) } else { Err(NonceRefusal::Used) })
+    let used = tx
+        .execute("UPDATE nonces SET used = 1 WHERE nonce = ?1 AND device_id = ?2 AND used = 0 AND expires_at > ?3", args![nonce, device_id, now])
+        .await?;
+    if used == 1 {
+        return Ok(Ok(()));
+    }
+    // Refused: say why.
+    let row = tx.opt("SELECT device_id, expires_at, used FROM nonces WHERE nonce = ?1", args![nonce]).await?;
+    let Some(r) = row else { return Ok(Err(NonceRefusal::Unknown)) };
+    let (d, exp, used) = (r.text(0)?, r.int(1)?, r.int(2)?);
+    Ok(Err(if d != device_id {
+        NonceRefusal::OtherDevice
+    } else if used != 0 {
+        NonceRefusal::Used
+    } else if exp <= now {
+        NonceRefusal::Expired(exp)
+    } else {
+        NonceRefusal::Used
+    }))
 }
 
 const INSERT_REPORT: &str = "INSERT INTO install_reports (received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at)
@@ -589,26 +600,37 @@ impl Store {
     }
 
     /// A single-use nonce for `device_id`, valid until `expires_at` (Unix milliseconds,
-    /// like `now`); nonces expired for an hour go.
-    /// None when the device already has `MAX_OPEN_NONCES` unused, unexpired nonces (the
-    /// endpoint is unauthenticated; this bounds what anyone can make the server store).
-    pub async fn issue_nonce(&self, device_id: &str, expires_at: i64, now: i64) -> Result<Option<String>, ServerError> {
+    /// like `now`). Refused for a device that is not enrolled, and for one that already
+    /// has `MAX_OPEN_NONCES` unused, unexpired nonces (the endpoint is unauthenticated;
+    /// this bounds what anyone can make the server store).
+    pub async fn issue_nonce(&self, device_id: &str, expires_at: i64, now: i64) -> Result<NonceIssue, ServerError> {
         let nonce = random_hex()?;
         // An issued nonce lost to a power cut costs the device one retry, so this commit
         // does not wait for the disk; the check-in that uses it (and every commit after
         // it) is synced in full, which makes this one durable too.
         let mut tx = self.tx(Mode::Lazy).await?;
-        tx.execute("DELETE FROM nonces WHERE expires_at < ?1", args![now - 3_600_000]).await?;
-        let open = tx
-            .one("SELECT count(*) FROM nonces WHERE device_id = ?1 AND used = 0 AND expires_at > ?2", args![device_id, now])
-            .await?
-            .int(0)?;
-        if open >= MAX_OPEN_NONCES {
-            return Ok(None);
+        let r = tx
+            .one(
+                "SELECT (SELECT count(*) FROM devices WHERE device_id = ?1),
+                        (SELECT count(*) FROM nonces WHERE device_id = ?1 AND used = 0 AND expires_at > ?2)",
+                args![device_id, now],
+            )
+            .await?;
+        if r.int(0)? == 0 {
+            return Ok(NonceIssue::UnknownDevice);
+        }
+        if r.int(1)? >= MAX_OPEN_NONCES {
+            return Ok(NonceIssue::TooMany);
         }
         tx.execute("INSERT INTO nonces (nonce, device_id, expires_at) VALUES (?1, ?2, ?3)", args![&nonce, device_id, expires_at]).await?;
         tx.commit().await?;
-        Ok(Some(nonce))
+        Ok(NonceIssue::Issued(nonce))
+    }
+
+    /// Removes nonces expired for an hour (the server's ticker calls it); the number
+    /// removed.
+    pub async fn purge_nonces(&self, now: i64) -> Result<u64, ServerError> {
+        self.execute("DELETE FROM nonces WHERE expires_at < ?1", args![now - 3_600_000]).await
     }
 
     /// Uses a nonce up: it must have been issued to `device_id`, be unused and unexpired.
@@ -868,20 +890,36 @@ mod tests {
     async fn nonces_are_single_use_for_their_device_and_bounded(b: Backend) {
         let s = ok(Store::open(&b).await);
         let now = 1_000_000;
-        let n = ok(s.issue_nonce("dev-a", now + 60_000, now).await).unwrap_or_else(|| panic!("a nonce"));
+        let enrolled = |id: &str| format!("INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES ('{id}', 'rpi4', ?1, ?1, 'now')");
+        {
+            let mut tx = ok(s.tx(Mode::Shared).await);
+            for id in ["dev-a", "dev-c"] {
+                ok(tx.execute(&enrolled(id), crate::args![&vec![0u8]]).await);
+            }
+            ok(tx.commit().await);
+        }
+        assert_eq!(ok(s.issue_nonce("dev-x", now + 60_000, now).await), NonceIssue::UnknownDevice);
+        let issue = async |id: &str, until: i64| match ok(s.issue_nonce(id, until, now).await) {
+            NonceIssue::Issued(n) => n,
+            other => panic!("no nonce for {id}: {other:?}"),
+        };
+        let n = issue("dev-a", now + 60_000).await;
         assert!(matches!(ok(s.consume_nonce(&n, "dev-b", now).await), Err(NonceRefusal::OtherDevice)));
         assert!(ok(s.consume_nonce(&n, "dev-a", now).await).is_ok());
         assert!(matches!(ok(s.consume_nonce(&n, "dev-a", now).await), Err(NonceRefusal::Used)));
         assert!(matches!(ok(s.consume_nonce("f00d", "dev-a", now).await), Err(NonceRefusal::Unknown)));
-        let late = ok(s.issue_nonce("dev-a", now + 10, now).await).unwrap_or_else(|| panic!("a nonce"));
+        let late = issue("dev-a", now + 10).await;
         assert!(matches!(ok(s.consume_nonce(&late, "dev-a", now + 10).await), Err(NonceRefusal::Expired(_))));
         // At most MAX_OPEN_NONCES unused ones per device.
         let mut issued = 0;
-        while ok(s.issue_nonce("dev-c", now + 60_000, now).await).is_some() {
+        while let NonceIssue::Issued(_) = ok(s.issue_nonce("dev-c", now + 60_000, now).await) {
             issued += 1;
             assert!(issued <= MAX_OPEN_NONCES);
         }
         assert_eq!(issued, MAX_OPEN_NONCES);
+        // Expired for an hour: purged.
+        assert_eq!(ok(s.purge_nonces(now + 10 + 3_600_001).await), 1);
+        assert!(matches!(ok(s.consume_nonce(&late, "dev-a", now).await), Err(NonceRefusal::Unknown)));
     }
 
     async fn enrollment_uses_a_token_once_and_a_wrong_secret_closes_the_challenge(b: Backend) {
