@@ -69,9 +69,24 @@ enroll() { # DIR COUNT [--append]
     --image-sha256 "$V1_SHA" --version 1.0.0 --state "$1/fleet.json" --concurrency 8 "${@:3}"
   python3 -c "import sys,time; print(f'{int(sys.argv[1]) / (time.time() - float(sys.argv[2])):.0f}')" "$2" "$t0"
 }
-load() { # DIR TAG
-  "$SIM" run --state "$1/fleet.json" --duration "${SECS}s" --concurrency "$C" --json >"$1/$2-max.json"
-  "$SIM" run --state "$1/fleet.json" --duration "${SECS}s" --concurrency "$C" --rate 1100 --json >"$1/$2-1100.json"
+cpu_ticks() { # print "PID TICKS" (user + system clock ticks) for the server and the database server's processes
+  local p
+  for p in $FLEET_SERVER_PID $(ps -u postgres -o pid= 2>/dev/null); do
+    [[ -r /proc/$p/stat ]] && awk -v p="$p" '{ sub(/^.*\) /, ""); print p, $12 + $13 }' "/proc/$p/stat"
+  done
+  return 0
+}
+load() { # DIR TAG; also the CPU seconds the server, the database server and the simulator used
+  local mode
+  for mode in max 1100; do
+    local rate=0
+    [[ "$mode" == 1100 ]] && rate=1100
+    cpu_ticks >"$1/$2-$mode.cpu0"
+    /usr/bin/time -f '%U %S' -o "$1/$2-$mode.simcpu" \
+      "$SIM" run --state "$1/fleet.json" --duration "${SECS}s" --concurrency "$C" --rate "$rate" --json >"$1/$2-$mode.json"
+    cpu_ticks >"$1/$2-$mode.cpu1"
+    echo "$FLEET_SERVER_PID" >"$1/server.pid"
+  done
   jq -c '{devices, checkins_per_s, latency_ms, errors, failed_verdicts}' "$1/$2-max.json" "$1/$2-1100.json" >&2
 }
 
@@ -146,14 +161,33 @@ def j(backend, name):
     return json.load(open(os.path.join(work, backend, name)))
 def text(backend, name):
     return open(os.path.join(work, backend, name)).read().strip()
+TICK = os.sysconf("SC_CLK_TCK")
+def ticks(path):
+    return {int(p): int(t) for p, t in (line.split() for line in open(path) if line.strip())}
+def cpu(backend, stem):
+    """CPU seconds during one load run: the server, the database server's processes,
+    and the simulator."""
+    before, after = ticks(os.path.join(work, backend, stem + ".cpu0")), ticks(os.path.join(work, backend, stem + ".cpu1"))
+    server = int(text(backend, "server.pid"))
+    server_s = (after.get(server, 0) - before.get(server, 0)) / TICK
+    db_s = sum(t - before.get(p, 0) for p, t in after.items() if p != server) / TICK
+    user, system = text(backend, stem + ".simcpu").split()[-2:]
+    return server_s, db_s, float(user) + float(system)
 commit = sh("git rev-parse --short HEAD") + (" (with uncommitted changes)" if sh("git status --porcelain --untracked-files=no") else "")
-rows, notes = [], []
+rows, notes, capacity = [], [], []
 for b in backends:
     for tag, devices in [("small", n)] + ([("large", large_n)] if large else []):
         for mode, label in [("max", f"as fast as {c} clients go"), ("1100", "offered 1,100/s")]:
             r = j(b, f"{tag}-{mode}.json")
+            server_s, db_s, sim_s = cpu(b, f"{tag}-{mode}")
+            per = lambda s: f"{s / r['checkins'] * 1e6:,.0f} µs" if s is not None else "–"
             rows.append(f"| {devices:,} | {names[b]} | {label} | **{r['checkins_per_s']:,.0f}/s** | {r['latency_ms']['p50']:.1f} ms | {r['latency_ms']['p99']:.1f} ms "
-                        f"| {r['checkins_per_s'] / 1100:.2f} | {r['checkins_per_s'] / 5000:.2f} | {r['errors']} errors, {r['failed_verdicts']} failed verdicts |")
+                        f"| {r['checkins_per_s'] / 1100:.2f} | {r['checkins_per_s'] / 5000:.2f} | {per(server_s)} | {per(db_s) if b == 'postgres' else '–'} | {per(sim_s)} "
+                        f"| {r['errors']} errors, {r['failed_verdicts']} failed verdicts |")
+            if mode == "max":
+                server_plus_db = server_s + (db_s if b == "postgres" else 0)
+                capacity.append(f"{names[b]}, {devices:,} devices: {r['checkins'] / server_plus_db:,.0f} check-ins per CPU-second of server"
+                                + (" and database" if b == "postgres" else ""))
     sc, st = j(b, "scenario.json"), j(b, "scenario-status.json")
     w0 = st["waves"][0]
     notes.append(
@@ -176,9 +210,13 @@ lines = [
     "Both stores commit durably (SQLite WAL with `synchronous = FULL`; PostgreSQL's defaults, `fsync` and `synchronous_commit` on, "
     "over loopback TCP from a pool of 16 connections).",
     "",
-    "| registered devices | store | load | check-ins | p50 | p99 | vs 1,100/s | vs 5,000/s goal | notes |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| registered devices | store | load | check-ins | p50 | p99 | vs 1,100/s | vs 5,000/s goal | server CPU per check-in | database server CPU per check-in | simulator CPU per check-in | notes |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
     *rows,
+    "",
+    "CPU per check-in is CPU time (user + system, from /proc and GNU time) over the run divided by the check-ins it completed; "
+    "the three together are what one check-in costs this machine. Capacity of a dedicated core, at full load: "
+    + "; ".join(capacity) + ".",
     "",
     *notes,
     "<!-- checkins:end -->",
