@@ -612,5 +612,7 @@ mod tests {
         assert_eq!(redact("postgres://outpost:s3cret@db:5432/outpost"), "postgres://outpost:***@db:5432/outpost");
         assert_eq!(redact("postgres://outpost@db/outpost"), "postgres://outpost@db/outpost");
         assert!(BEGIN_SERIALIZED.ends_with(&format!("({EXCLUSIVE_LOCK})")));
+        let configured = crate::store::Backend::Postgres { url: "postgres://outpost:s3cret@db/outpost".into(), max_connections: 4 };
+        assert!(!format!("{configured:?}").contains("s3cret"));
     }
 }

@@ -388,12 +388,24 @@ fn random_hex() -> Result<String, ServerError> {
 }
 
 /// The state store's two backends, as configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Backend {
     /// The embedded default: one file.
     Sqlite(PathBuf),
     /// A PostgreSQL server several `outpost-server`s may share.
     Postgres { url: String, max_connections: u32 },
+}
+
+impl std::fmt::Debug for Backend {
+    // The URL may carry a password: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            Backend::Postgres { url, max_connections } => {
+                f.debug_struct("Postgres").field("url", &crate::db::redact(url)).field("max_connections", max_connections).finish()
+            }
+        }
+    }
 }
 
 impl Store {
@@ -403,17 +415,13 @@ impl Store {
             Backend::Sqlite(path) => Box::new(Sqlite::open(path)?),
             Backend::Postgres { url, max_connections } => Box::new(Postgres::connect(url, *max_connections).await?),
         };
-        Self::with_database(db).await
+        crate::db::migrate(db.as_ref(), &base_schema(db.dialect()), &ALTERATIONS).await?;
+        Ok(Store { db })
     }
 
     /// Opens (and migrates) the SQLite database at `path`.
     pub async fn open_sqlite(path: &Path) -> Result<Self, ServerError> {
         Self::open(&Backend::Sqlite(path.to_owned())).await
-    }
-
-    async fn with_database(db: Box<dyn Database>) -> Result<Self, ServerError> {
-        crate::db::migrate(db.as_ref(), &base_schema(db.dialect()), &ALTERATIONS).await?;
-        Ok(Store { db })
     }
 
     /// Which backend this is ("sqlite" or "postgres").
