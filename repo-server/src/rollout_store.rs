@@ -435,13 +435,14 @@ async fn director_pass(tx: &mut dyn Tx, f: &DeviceFacts<'_>, releases: &[Firmwar
                 Err(r) => return Ok(Err(r)),
             };
             // The counters may call for a transition (a new assignment, perhaps already
-            // healthy, or a soak that has passed).
-            if !tx.serialized() && would_transition(tx, &record, now).await? {
-                if let Err(r) = before_write(tx).await? {
-                    return Ok(Err(r));
+            // healthy, or a soak that has passed): made serialised, like every change.
+            if !tx.serialized() {
+                if would_transition(tx, &record, now).await? {
+                    if let Err(r) = before_write(tx).await? {
+                        return Ok(Err(r));
+                    }
                 }
-            }
-            if let Some(t) = feedback(tx, &mut record, now).await? {
+            } else if let Some(t) = feedback(tx, &mut record, now).await? {
                 transitions.push((record.id.clone(), t));
             }
         }

@@ -971,6 +971,16 @@ mod tests {
         };
         let mut tx = ok(second.tx(Mode::Autocommit).await);
         assert_eq!(ok(ok(tx.one(version, crate::args![]).await).int(0)), ALTERATIONS.len() as i64);
+        // A database a newer server migrated is refused, not run with a schema this
+        // server does not know.
+        let newer = ALTERATIONS.len() + 1;
+        match &b {
+            Backend::Sqlite(_) => ok(tx.batch(&format!("PRAGMA user_version = {newer}")).await),
+            Backend::Postgres { .. } => drop(ok(tx.execute("UPDATE outpost_schema SET version = ?1", crate::args![newer as i64]).await)),
+        }
+        drop(tx);
+        let refused = Store::open(&b).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains(&format!("schema is version {newer}, newer than this server's")), "{refused}");
     }
 
     async fn two_stores_on_one_database_assign_each_device_once_and_count_once(b: Backend) {
