@@ -393,14 +393,34 @@ async fn director_pass(tx: &mut dyn Tx, f: &DeviceFacts<'_>, releases: &[Firmwar
         .await?;
     let Some(first) = rows.first() else { return Err(ServerError::State(format!("no device {:?}", f.device_id))) };
     let labels: BTreeMap<String, String> = parse("labels", &first.text(0)?)?;
+    let mut assigned = Vec::new();
+    for row in &rows {
+        if let Some(rollout_id) = row.opt_text(1)? {
+            assigned.push((rollout_id, Status::parse(&row.text(2)?)));
+        }
+    }
+    // The rollouts of the device's class, newest first, read once: step 1 updates them
+    // in place, step 2 chooses among them.
+    let mut rollouts: Vec<RolloutRecord> = if f.attested || !assigned.is_empty() {
+        let sql = format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE hardware_class = ?1 ORDER BY seq DESC");
+        tx.query(&sql, args![f.hardware_class]).await?.iter().map(rollout_from_row).collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
     let mut transitions = Vec::new();
 
     // 1. Feedback: statuses of this device's assignments.
-    for row in &rows {
-        let Some(rollout_id) = row.opt_text(1)? else { continue };
-        let status = row.text(2)?;
-        let Some(mut record) = load(tx, &rollout_id).await? else { continue };
-        let old = Status::parse(&status);
+    for (rollout_id, old) in assigned {
+        // A rollout of another class (the device was re-enrolled as another class) is
+        // read on its own.
+        let mut other = None;
+        let record = match rollouts.iter_mut().find(|r| r.id == rollout_id) {
+            Some(r) => r,
+            None => match load(tx, &rollout_id).await? {
+                Some(r) => other.insert(r),
+                None => continue,
+            },
+        };
         let (new, reason) = next_status(old, f, &record.release);
         if new != old {
             if let Err(r) = before_write(tx).await? {
@@ -411,7 +431,7 @@ async fn director_pass(tx: &mut dyn Tx, f: &DeviceFacts<'_>, releases: &[Firmwar
                 args![new.as_str(), reason, now_text(), &rollout_id, f.device_id],
             )
             .await?;
-            if let Some(t) = feedback(tx, &mut record, now).await? {
+            if let Some(t) = feedback(tx, record, now).await? {
                 transitions.push((rollout_id.clone(), t));
             }
         }
@@ -419,32 +439,22 @@ async fn director_pass(tx: &mut dyn Tx, f: &DeviceFacts<'_>, releases: &[Firmwar
 
     // 2. Decide: the newest started rollout selecting this device.
     let mut assignment = None;
-    if f.attested {
-        let rows = tx.query(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE hardware_class = ?1 ORDER BY seq DESC"), args![f.hardware_class]).await?;
-        let mut chosen = None;
-        for row in &rows {
-            let r = rollout_from_row(row)?;
-            if r.state != State::Draft && r.labels.iter().all(|(k, v)| labels.get(k) == Some(v)) {
-                chosen = Some(r);
-                break;
-            }
-        }
-        if let Some(mut record) = chosen {
-            assignment = match decide(tx, &record, f, releases).await? {
-                Ok(a) => a,
-                Err(r) => return Ok(Err(r)),
-            };
-            // The counters may call for a transition (a new assignment, perhaps already
-            // healthy, or a soak that has passed): made serialised, like every change.
-            if !tx.serialized() {
-                if would_transition(tx, &record, now).await? {
-                    if let Err(r) = before_write(tx).await? {
-                        return Ok(Err(r));
-                    }
+    let chosen = rollouts.into_iter().find(|r| r.state != State::Draft && r.labels.iter().all(|(k, v)| labels.get(k) == Some(v)));
+    if let Some(mut record) = chosen.filter(|_| f.attested) {
+        assignment = match decide(tx, &record, f, releases).await? {
+            Ok(a) => a,
+            Err(r) => return Ok(Err(r)),
+        };
+        // The counters may call for a transition (a new assignment, perhaps already
+        // healthy, or a soak that has passed): made serialised, like every change.
+        if !tx.serialized() {
+            if would_transition(tx, &record, now).await? {
+                if let Err(r) = before_write(tx).await? {
+                    return Ok(Err(r));
                 }
-            } else if let Some(t) = feedback(tx, &mut record, now).await? {
-                transitions.push((record.id.clone(), t));
             }
+        } else if let Some(t) = feedback(tx, &mut record, now).await? {
+            transitions.push((record.id.clone(), t));
         }
     }
     let director_version =
