@@ -457,7 +457,8 @@ impl Store {
     pub async fn authenticate(&self, token: &str) -> Result<Option<Principal>, ServerError> {
         let rows = self.query("SELECT name, role FROM api_tokens WHERE token_sha256 = ?1", args![hash_token(token)]).await?;
         let Some(r) = rows.first() else { return Ok(None) };
-        Ok(TokenRole::parse(&r.text(1)?).map(|role| Principal { name: r.text(0).unwrap_or_default(), role }))
+        let (name, role) = (r.text(0)?, r.text(1)?);
+        Ok(TokenRole::parse(&role).map(|role| Principal { name, role }))
     }
 
     /// A one-time enrollment token for `hardware_class`, valid until `expires_at` (Unix s).
@@ -649,14 +650,6 @@ impl Store {
             tx.commit().await?;
         }
         Ok(r)
-    }
-
-    /// Records a check-in: the verdict (history and latest), the device's reported
-    /// state and the install reports it carried, in one transaction.
-    pub async fn record_checkin(&self, c: &CheckinRecord<'_>) -> Result<(), ServerError> {
-        let mut tx = self.tx(Mode::Shared).await?;
-        record_checkin_tx(tx.as_mut(), c).await?;
-        tx.commit().await
     }
 
     /// A whole check-in in one write transaction (one fsync): the nonce used up, the
