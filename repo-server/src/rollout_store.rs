@@ -567,46 +567,22 @@ mod tests {
         }
     }
 
-    /// Enrolls `ids` as bare devices of class rpi4.
-    async fn add_devices(s: &Store, ids: impl Iterator<Item = String>) {
-        let mut tx = s.tx(Mode::Shared).await.unwrap_or_else(|e| panic!("{e}"));
-        for id in ids {
-            tx.execute(
-                "INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES (?1, 'rpi4', ?2, ?2, 'now')",
-                args![id, &vec![0u8]],
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        }
-        tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
-    }
+    use crate::store::testing::{add_devices, on_both_backends};
+    use crate::store::Backend;
 
-    /// The store suite runs each scenario on SQLite and on a fresh PostgreSQL database.
-    macro_rules! on_both_backends {
-        ($($scenario:ident($devices:expr);)+) => {$(
-            mod $scenario {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-                    let s = crate::store::testing::sqlite(dir.path()).await;
-                    super::add_devices(&s, (0..$devices).map(|i| format!("dev-{i:05}"))).await;
-                    super::$scenario(s).await;
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    let s = crate::store::testing::postgres().await;
-                    super::add_devices(&s, (0..$devices).map(|i| format!("dev-{i:05}"))).await;
-                    super::$scenario(s).await;
-                }
-            }
-        )+};
+    /// A store on `b` with `devices` bare rpi4 devices, dev-00000 onwards.
+    async fn store_with(b: Backend, devices: usize) -> Store {
+        let s = Store::open(&b).await.unwrap_or_else(|e| panic!("{e}"));
+        add_devices(&s, (0..devices).map(|i| format!("dev-{i:05}"))).await;
+        s
     }
 
     on_both_backends! {
-        a_release_failing_on_30_percent_pauses_in_the_first_wave_and_goes_no_further(10_000);
-        waves_pass_after_the_soak_and_late_devices_join(400);
-        quarantined_devices_get_nothing_and_abort_can_roll_back(2);
-        the_audit_log_is_append_only(0);
+        a_release_failing_on_30_percent_pauses_in_the_first_wave_and_goes_no_further;
+        waves_pass_after_the_soak_and_late_devices_join;
+        quarantined_devices_get_nothing_and_abort_can_roll_back;
+        the_audit_log_is_append_only;
+        two_stores_on_one_database_assign_each_device_once_and_count_once;
     }
 
     fn rollout(id: &str, rel: FirmwareRelease, waves: &[f64], failure: f64, min_devices: u32, soak: u64) -> RolloutRecord {
@@ -649,7 +625,8 @@ mod tests {
         rollout::position("failure-model", device) < 0.3
     }
 
-    async fn a_release_failing_on_30_percent_pauses_in_the_first_wave_and_goes_no_further(s: Store) {
+    async fn a_release_failing_on_30_percent_pauses_in_the_first_wave_and_goes_no_further(b: Backend) {
+        let s = store_with(b, 10_000).await;
         let n = 10_000;
         let (v1, v2) = (release("1.0.0", 'a'), release("2.0.0", 'b'));
         s.create_rollout(&rollout("r-bad", v2.clone(), &[1.0, 10.0, 50.0, 100.0], 0.1, 5, 0)).await.unwrap_or_else(|e| panic!("{e}"));
@@ -687,7 +664,8 @@ mod tests {
         assert_eq!(events.last().map(|e| e["cause"]["kind"].clone()), Some(serde_json::json!("failure_threshold")));
     }
 
-    async fn waves_pass_after_the_soak_and_late_devices_join(s: Store) {
+    async fn waves_pass_after_the_soak_and_late_devices_join(b: Backend) {
+        let s = store_with(b, 400).await;
         let (v1, v2) = (release("1.0.0", 'a'), release("2.0.0", 'b'));
         s.create_rollout(&rollout("r-ok", v2.clone(), &[10.0, 100.0], 0.5, 3, 600)).await.unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(s.rollout_action("r-ok", Event::Start { by: "ops".into() }, 1000).await, Ok(ActionOutcome::Done(..))));
@@ -732,7 +710,8 @@ mod tests {
         assert!(d2.director_version > d.director_version);
     }
 
-    async fn quarantined_devices_get_nothing_and_abort_can_roll_back(s: Store) {
+    async fn quarantined_devices_get_nothing_and_abort_can_roll_back(b: Backend) {
+        let s = store_with(b, 2).await;
         let (v1, v2) = (release("1.0.0", 'a'), release("2.0.0", 'b'));
         s.create_rollout(&rollout("r", v2.clone(), &[100.0], 0.9, 1, 0)).await.unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(s.rollout_action("r", Event::Start { by: "ops".into() }, 0).await, Ok(ActionOutcome::Done(..))));
@@ -749,7 +728,8 @@ mod tests {
         assert!(matches!(s.rollout_action("r", Event::Resume { by: "ops".into() }, 4).await, Ok(ActionOutcome::Refused(_))));
     }
 
-    async fn the_audit_log_is_append_only(s: Store) {
+    async fn the_audit_log_is_append_only(b: Backend) {
+        let s = store_with(b, 0).await;
         s.log("ops", "rollout_start", &serde_json::json!({"rollout": "r"})).await.unwrap_or_else(|e| panic!("{e}"));
         for sql in ["UPDATE repository_log SET actor = 'someone else'", "DELETE FROM repository_log"] {
             let mut tx = s.tx(Mode::Autocommit).await.unwrap_or_else(|e| panic!("{e}"));
@@ -757,5 +737,61 @@ mod tests {
             assert!(err.contains("append-only"), "{sql}: {err}");
         }
         assert_eq!(s.recent_log(10).await.unwrap_or_default().len(), 1);
+    }
+
+    async fn two_stores_on_one_database_assign_each_device_once_and_count_once(b: Backend) {
+        use std::sync::Arc;
+        let ok = |e: ServerError| -> ! { panic!("{e}") };
+        let n = 300;
+        let stores = [Arc::new(store_with(b.clone(), n).await), Arc::new(Store::open(&b).await.unwrap_or_else(|e| ok(e)))];
+        let ids: Vec<String> = (0..n).map(|i| format!("dev-{i:05}")).collect();
+        let (v1, v2) = (release("1.0.0", 'a'), release("2.0.0", 'b'));
+        stores[1].create_rollout(&rollout("r", v2.clone(), &[20.0, 100.0], 0.1, 5, 3600)).await.unwrap_or_else(|e| ok(e));
+        assert!(matches!(stores[0].rollout_action("r", Event::Start { by: "ops".into() }, 0).await, Ok(ActionOutcome::Done(..))));
+        // Three rounds; in each, eight tasks check their devices in at once, through
+        // alternating stores. Assigned devices report their outcome in the next round.
+        let assigned = Arc::new(std::sync::Mutex::new(BTreeMap::<String, u32>::new()));
+        for round in 0..3i64 {
+            let mut tasks = Vec::new();
+            for t in 0..8 {
+                let (stores, ids, assigned, v1, v2) = (stores.clone(), ids.clone(), assigned.clone(), v1.clone(), v2.clone());
+                tasks.push(tokio::spawn(async move {
+                    for (i, id) in ids.iter().enumerate().filter(|(i, _)| i % 8 == t) {
+                        let had = assigned.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id);
+                        let reports: Vec<InstallReport> =
+                            if had { vec![report(id, &v2, if fails(id) { ReportOutcome::RolledBack } else { ReportOutcome::Committed })] } else { Vec::new() };
+                        let committed = reports.first().is_some_and(|r| r.outcome == ReportOutcome::Committed);
+                        let (image, version) = if committed { (v2.measurement.as_str(), "2.0.0") } else { (v1.measurement.as_str(), "1.0.0") };
+                        let releases = [v1.clone(), v2.clone()];
+                        let d = stores[(i + round as usize) % 2]
+                            .director_checkin(&facts(id, image, version, "healthy", &reports), &releases, 10 + round)
+                            .await
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        if let Some(a) = d.assignment {
+                            assigned.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), a.custom.wave);
+                        }
+                    }
+                }));
+            }
+            for task in tasks {
+                task.await.unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        let r = stores[0].rollout("r").await.unwrap_or_else(|e| ok(e)).unwrap_or_else(|| panic!("rollout"));
+        assert!(matches!(r.state, State::Paused { wave: 0, .. }), "{:?}", r.state);
+        let rows = stores[1].rollout_assignments("r").await.unwrap_or_else(|e| ok(e));
+        let devices: std::collections::BTreeSet<&str> = rows.iter().filter_map(|a| a["device_id"].as_str()).collect();
+        assert_eq!(devices.len(), rows.len(), "no device assigned twice");
+        let told = assigned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(told.len(), rows.len(), "every device told of an assignment has exactly one");
+        assert!(rows.iter().all(|a| a["wave"] == 0) && told.values().all(|w| *w == 0), "nothing outside wave 0");
+        let (counters, events) = stores[1].rollout_progress("r").await.unwrap_or_else(|e| ok(e));
+        let count = |s: &str| rows.iter().filter(|a| a["status"] == s).count() as u32;
+        assert_eq!(
+            (counters[0].assigned, counters[0].healthy, counters[0].rolled_back),
+            (rows.len() as u32, count("healthy"), count("rolled_back")),
+            "counters are the statuses, each device counted once"
+        );
+        assert_eq!(events.iter().filter(|e| e["to"] == "paused").count(), 1, "{events:?}");
     }
 }

@@ -831,10 +831,6 @@ pub use outpost_protocol::report::{InstallReport, ReportOutcome};
 pub(crate) mod testing {
     use super::*;
 
-    pub(crate) async fn sqlite(dir: &Path) -> Store {
-        Store::open_sqlite(&dir.join("t.db")).await.unwrap_or_else(|e| panic!("{e}"))
-    }
-
     /// A new, empty database on the test PostgreSQL server.
     pub(crate) async fn postgres_backend() -> Backend {
         use sqlx::Connection as _;
@@ -847,31 +843,29 @@ pub(crate) mod testing {
         Backend::Postgres { url: format!("{base}/{name}"), max_connections: 4 }
     }
 
-    pub(crate) async fn postgres() -> Store {
-        Store::open(&postgres_backend().await).await.unwrap_or_else(|e| panic!("{e}"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-    use std::sync::Arc;
-
-    use super::*;
-
-    fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
-        r.unwrap_or_else(|e| panic!("{e}"))
+    /// Enrolls `ids` as bare devices of class rpi4.
+    pub(crate) async fn add_devices(s: &Store, ids: impl Iterator<Item = String>) {
+        let mut tx = s.tx(Mode::Shared).await.unwrap_or_else(|e| panic!("{e}"));
+        for id in ids {
+            tx.execute(
+                "INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES (?1, 'rpi4', ?2, ?2, 'now')",
+                crate::args![id, &vec![0u8]],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
     }
 
-    /// Each scenario gets a fresh database of each backend (SQLite in a temporary
-    /// directory, kept until the scenario ends).
+    /// The store suite: each scenario (an `async fn(Backend)` beside the call) runs on a
+    /// fresh SQLite database in a temporary directory and on a fresh PostgreSQL database.
     macro_rules! on_both_backends {
         ($($scenario:ident;)+) => {$(
             mod $scenario {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn sqlite() {
                     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-                    super::$scenario(super::Backend::Sqlite(dir.path().join("t.db"))).await;
+                    super::$scenario(crate::store::Backend::Sqlite(dir.path().join("t.db"))).await;
                 }
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn postgres() {
@@ -880,25 +874,31 @@ mod tests {
             }
         )+};
     }
+    pub(crate) use on_both_backends;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+        r.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    use crate::store::testing::{add_devices, on_both_backends};
 
     on_both_backends! {
         nonces_are_single_use_for_their_device_and_bounded;
         enrollment_uses_a_token_once_and_a_wrong_secret_closes_the_challenge;
         reopening_migrates_once_and_keeps_everything;
-        two_stores_on_one_database_assign_each_device_once_and_count_once;
     }
 
     async fn nonces_are_single_use_for_their_device_and_bounded(b: Backend) {
         let s = ok(Store::open(&b).await);
         let now = 1_000_000;
-        let enrolled = |id: &str| format!("INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES ('{id}', 'rpi4', ?1, ?1, 'now')");
-        {
-            let mut tx = ok(s.tx(Mode::Shared).await);
-            for id in ["dev-a", "dev-c"] {
-                ok(tx.execute(&enrolled(id), crate::args![&vec![0u8]]).await);
-            }
-            ok(tx.commit().await);
-        }
+        add_devices(&s, ["dev-a", "dev-c"].map(String::from).into_iter()).await;
         assert_eq!(ok(s.issue_nonce("dev-x", now + 60_000, now).await), NonceIssue::UnknownDevice);
         let issue = async |id: &str, until: i64| match ok(s.issue_nonce(id, until, now).await) {
             NonceIssue::Issued(n) => n,
@@ -974,102 +974,5 @@ mod tests {
         drop(tx);
         let refused = Store::open(&b).await.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(refused.contains(&format!("schema is version {newer}, newer than this server's")), "{refused}");
-    }
-
-    async fn two_stores_on_one_database_assign_each_device_once_and_count_once(b: Backend) {
-        use crate::rollout_store::{ActionOutcome, DeviceFacts, RolloutRecord};
-        use outpost_protocol::rollout::{self, Event, Gate, State, WaveSpec};
-        let stores = [Arc::new(ok(Store::open(&b).await)), Arc::new(ok(Store::open(&b).await))];
-        let n = 300;
-        let ids: Vec<String> = (0..n).map(|i| format!("dev-{i:04}")).collect();
-        {
-            let mut tx = ok(stores[0].tx(Mode::Shared).await);
-            for id in &ids {
-                ok(tx
-                    .execute("INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES (?1, 'rpi4', ?2, ?2, 'now')", crate::args![id, &vec![0u8]])
-                    .await);
-            }
-            ok(tx.commit().await);
-        }
-        let release = |v: &str, c: char| crate::repository::FirmwareRelease {
-            path: format!("firmware/rpi4/{v}/fw.img"),
-            length: 10,
-            sha256: c.to_string().repeat(64),
-            version: v.into(),
-            measurement: c.to_string().repeat(64),
-            sbom_sha256: None,
-        };
-        let (v1, v2) = (release("1.0.0", 'a'), release("2.0.0", 'b'));
-        let waves = [20.0, 100.0].map(|percent| WaveSpec { percent, success_threshold: 0.9, failure_threshold: 0.1, min_devices: 5, soak_secs: 3600 });
-        let record = RolloutRecord {
-            id: "r".into(),
-            name: "r".into(),
-            hardware_class: "rpi4".into(),
-            labels: BTreeMap::new(),
-            release: v2.clone(),
-            waves: waves.to_vec(),
-            gate: Gate::Auto,
-            state: State::Draft,
-            created_by: "ops".into(),
-            created_at: "now".into(),
-        };
-        ok(stores[1].create_rollout(&record).await);
-        assert!(matches!(stores[0].rollout_action("r", Event::Start { by: "ops".into() }, 0).await, Ok(ActionOutcome::Done(..))));
-        let fails = |id: &str| rollout::position("failure-model", id) < 0.3;
-        // Three rounds; in each, eight tasks check their devices in at once, through
-        // alternating stores. Assigned devices report their outcome in the next round.
-        let assigned = Arc::new(std::sync::Mutex::new(BTreeMap::<String, u32>::new()));
-        for round in 0..3i64 {
-            let mut tasks = Vec::new();
-            for t in 0..8 {
-                let (stores, ids, assigned, v1, v2) = (stores.clone(), ids.clone(), assigned.clone(), v1.clone(), v2.clone());
-                tasks.push(tokio::spawn(async move {
-                    for (i, id) in ids.iter().enumerate().filter(|(i, _)| i % 8 == t) {
-                        let had = assigned.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id);
-                        let reports: Vec<InstallReport> = if had {
-                            vec![InstallReport {
-                                device_id: id.clone(),
-                                hardware_class: "rpi4".into(),
-                                target: v2.path.clone(),
-                                version: v2.version.clone(),
-                                outcome: if fails(id) { ReportOutcome::RolledBack } else { ReportOutcome::Committed },
-                                reason: None,
-                                slot: "B".into(),
-                                at: "now".into(),
-                            }]
-                        } else {
-                            Vec::new()
-                        };
-                        let committed = reports.first().is_some_and(|r| r.outcome == ReportOutcome::Committed);
-                        let (image, version) = if committed { (v2.measurement.as_str(), "2.0.0") } else { (v1.measurement.as_str(), "1.0.0") };
-                        let facts = DeviceFacts { device_id: id, hardware_class: "rpi4", attested: true, image_sha256: Some(image), version: Some(version), health: "healthy", reports: &reports };
-                        let releases = [v1.clone(), v2.clone()];
-                        let d = ok(stores[(i + round as usize) % 2].director_checkin(&facts, &releases, 10 + round).await);
-                        if let Some(a) = d.assignment {
-                            assigned.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), a.custom.wave);
-                        }
-                    }
-                }));
-            }
-            for task in tasks {
-                ok(task.await);
-            }
-        }
-        let r = ok(stores[0].rollout("r").await).unwrap_or_else(|| panic!("rollout"));
-        assert!(matches!(r.state, State::Paused { wave: 0, .. }), "{:?}", r.state);
-        let rows = ok(stores[1].rollout_assignments("r").await);
-        let devices: std::collections::BTreeSet<&str> = rows.iter().filter_map(|a| a["device_id"].as_str()).collect();
-        assert_eq!(devices.len(), rows.len(), "no device assigned twice");
-        let told = assigned.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        assert_eq!(told.len(), rows.len(), "every device told of an assignment has exactly one");
-        assert!(rows.iter().all(|a| a["wave"] == 0) && told.values().all(|w| *w == 0), "nothing outside wave 0");
-        let (counters, events) = ok(stores[1].rollout_progress("r").await);
-        let count = |s: &str| rows.iter().filter(|a| a["status"] == s).count() as u32;
-        assert_eq!(
-            (counters[0].assigned, counters[0].healthy, counters[0].rolled_back),
-            (rows.len() as u32, count("healthy"), count("rolled_back")),
-            "counters are the statuses, each device counted once"
-        );
-        assert_eq!(events.iter().filter(|e| e["to"] == "paused").count(), 1, "{events:?}");
     }
 }
