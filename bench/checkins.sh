@@ -69,9 +69,14 @@ enroll() { # DIR COUNT [--append]
     --image-sha256 "$V1_SHA" --version 1.0.0 --state "$1/fleet.json" --concurrency 8 "${@:3}"
   python3 -c "import sys,time; print(f'{int(sys.argv[1]) / (time.time() - float(sys.argv[2])):.0f}')" "$2" "$t0"
 }
-cpu_ticks() { # print "PID TICKS" (user + system clock ticks) for the server and the database server's processes
-  local p
-  for p in $FLEET_SERVER_PID $(ps -u postgres -o pid= 2>/dev/null); do
+cpu_ticks() { # print "PID TICKS" (user + system clock ticks) for the server and this run's PostgreSQL cluster
+  local p db=""
+  if [[ -n "${FLEET_POSTGRES_URL:-}" && -r "$PG_DIR/data/postmaster.pid" ]]; then
+    local postmaster
+    postmaster="$(head -n1 "$PG_DIR/data/postmaster.pid")"
+    db="$postmaster $(ps -o pid= --ppid "$postmaster")"
+  fi
+  for p in $FLEET_SERVER_PID $db; do
     [[ -r /proc/$p/stat ]] && awk -v p="$p" '{ sub(/^.*\) /, ""); print p, $12 + $13 }' "/proc/$p/stat"
   done
   return 0
@@ -85,8 +90,8 @@ load() { # DIR TAG; also the CPU seconds the server, the database server and the
     /usr/bin/time -f '%U %S' -o "$1/$2-$mode.simcpu" \
       "$SIM" run --state "$1/fleet.json" --duration "${SECS}s" --concurrency "$C" --rate "$rate" --json >"$1/$2-$mode.json"
     cpu_ticks >"$1/$2-$mode.cpu1"
-    echo "$FLEET_SERVER_PID" >"$1/server.pid"
   done
+  echo "$FLEET_SERVER_PID" >"$1/server.pid"
   jq -c '{devices, checkins_per_s, latency_ms, errors, failed_verdicts}' "$1/$2-max.json" "$1/$2-1100.json" >&2
 }
 
