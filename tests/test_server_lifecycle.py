@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import urllib.request
 import time
 from datetime import datetime, timezone
 
@@ -252,6 +253,58 @@ def test_healthz_content_types_and_cache_headers(published):
 
     assert http_get(f"{server.url}/metadata/99.snapshot.json")[0] == 404
     assert http_get(f"{server.url}/targets/firmware/rpi4/9.9.9/nothing.img")[0] == 404
+
+
+def _raw_get(server: OutpostServer, target: str) -> int:
+    """Status of a GET whose request target is sent exactly as given (no client-side
+    normalisation of dot segments)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+        head = sock.recv(4096).decode("latin-1")
+    return int(head.split(" ", 2)[1])
+
+
+def test_targets_ranges_conditionals_head_and_paths(published):
+    """Resumed downloads (single ranges), caches (Last-Modified), HEAD, and requests
+    that try to leave the targets directory."""
+    _, server, _ = published
+    url = f"{server.url}/{FW_URL_PATH}"
+    size = len(FW_BYTES)
+    status, headers, body = http_get_full(url, headers={"Range": f"bytes={size - 10}-"})
+    assert (status, body) == (206, FW_BYTES[-10:])
+    assert headers.get("content-range") == f"bytes {size - 10}-{size - 1}/{size}", headers
+    assert headers.get("accept-ranges") == "bytes", headers
+    status, _, body = http_get_full(url, headers={"Range": "bytes=-5"})
+    assert (status, body) == (206, FW_BYTES[-5:])
+    status, _, body = http_get_full(url, headers={"Range": f"bytes=3-{size * 2}"})
+    assert (status, body) == (206, FW_BYTES[3:])
+    status, headers, _ = http_get_full(url, headers={"Range": f"bytes={size}-"})
+    assert status == 416 and headers.get("content-range") == f"bytes */{size}", headers
+    # Several ranges, another unit, or a malformed value: the whole file (RFC 9110 allows it).
+    for value in ("bytes=0-1,4-5", "items=0-1", "bytes=x-y"):
+        status, _, body = http_get_full(url, headers={"Range": value})
+        assert (status, body) == (200, FW_BYTES), value
+
+    status, headers, _ = http_get_full(url)
+    last_modified = headers.get("last-modified")
+    assert last_modified, headers
+    assert http_get_full(url, headers={"If-Modified-Since": last_modified})[0] == 304
+    assert http_get_full(url, headers={"If-Modified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"})[0] == 200
+    assert http_get_full(url, headers={"If-Unmodified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"})[0] == 412
+
+    req = urllib.request.Request(url, method="HEAD")
+    with urllib.request.urlopen(req, timeout=5) as r:
+        assert r.status == 200 and r.read() == b""
+        assert r.headers.get("Content-Length") == str(size), dict(r.headers)
+
+    # Metadata sits beside the targets directory: reachable only under /metadata.
+    beside = server.data_dir / "repository" / "metadata" / "timestamp.json"
+    assert beside.is_file(), f"expected the served metadata at {beside}"
+    assert _raw_get(server, "/metadata/timestamp.json") == 200
+    for target in ("/targets/../metadata/timestamp.json", "/targets/%2e%2e/metadata/timestamp.json",
+                   "/targets/firmware/../../metadata/timestamp.json", "/targets//etc/passwd",
+                   "/targets/firmware/rpi4/1.0.0/"):
+        assert _raw_get(server, target) == 404, target
 
 
 # ------------------------------------------------------------------ uploads

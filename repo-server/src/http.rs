@@ -41,10 +41,7 @@ pub fn app(state: AppState) -> Router {
     let metadata = Router::new()
         .nest_service("/metadata", ServeDir::new(state.repo.metadata_dir()))
         .layer(middleware::from_fn(metadata_cache_headers));
-    let targets = Router::new()
-        // Large reads: fewer trips to the blocking pool when streaming big images.
-        .nest_service("/targets", ServeDir::new(state.repo.targets_dir()).with_buf_chunk_size(1 << 20))
-        .layer(middleware::from_fn(target_cache_headers));
+    let targets = Router::new().route("/targets/{*path}", get(target_file));
     Router::new()
         .route("/healthz", get(healthz))
         .merge(repository_api())
@@ -87,14 +84,14 @@ async fn metadata_cache_headers(req: Request, next: Next) -> Response {
     resp
 }
 
-/// Targets are named by their hash (consistent snapshots): immutable.
-async fn target_cache_headers(req: Request, next: Next) -> Response {
-    let mut resp = next.run(req).await;
-    if resp.status().is_success() || resp.status() == axum::http::StatusCode::PARTIAL_CONTENT {
-        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable"));
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-    }
-    resp
+/// Target files (see [`crate::targetfiles`]); `get` answers `HEAD` too.
+async fn target_file(
+    State(s): State<AppState>,
+    method: axum::http::Method,
+    headers: axum::http::HeaderMap,
+    axum::extract::Path(path): axum::extract::Path<String>,
+) -> Response {
+    crate::targetfiles::serve(s.repo.targets_dir().to_owned(), path, method, headers).await
 }
 
 /// A bearer token's principal.

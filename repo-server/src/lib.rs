@@ -13,6 +13,7 @@ pub mod rollout_store;
 pub mod rollouts;
 pub mod sbomindex;
 pub mod store;
+pub mod targetfiles;
 
 use std::sync::Arc;
 
