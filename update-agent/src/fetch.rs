@@ -254,7 +254,7 @@ struct PoolBuffer {
 impl PoolBuffer {
     fn new() -> Self {
         let bytes = vec![0u8; POOL_BUFFER_SIZE + DIRECT_ALIGN];
-        let start = bytes.as_ptr().align_offset(DIRECT_ALIGN);
+        let start = (DIRECT_ALIGN - bytes.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
         PoolBuffer { bytes, start, len: 0 }
     }
 
@@ -286,8 +286,8 @@ impl PoolBuffer {
 /// it: straight from the pool to the disk, without copying every byte into newly
 /// allocated page-cache pages first (on a device that copy costs more CPU than the
 /// receive itself, and the image would push everything else out of the cache). The
-/// unaligned tail, and file systems that refuse direct I/O (tmpfs, some FUSE), use
-/// ordinary buffered writes on the same descriptor.
+/// unaligned tail, and file systems that refuse direct I/O (tmpfs before Linux 6.6,
+/// some FUSE), use ordinary buffered writes on the same descriptor.
 struct TargetFile {
     file: std::fs::File,
     path: PathBuf,
@@ -309,7 +309,7 @@ impl TargetFile {
 
     /// Writes all of `data` at the current offset.
     fn write(&mut self, data: &[u8]) -> Result<()> {
-        if self.direct && (data.len() % DIRECT_ALIGN != 0 || data.as_ptr().align_offset(DIRECT_ALIGN) != 0) {
+        if self.direct && !(data.len().is_multiple_of(DIRECT_ALIGN) && (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)) {
             self.buffered()?;
         }
         let mut rest = data;
@@ -369,7 +369,7 @@ mod tests {
     #[test]
     fn pool_buffers_are_aligned_and_fill_to_their_size() {
         let mut buf = PoolBuffer::new();
-        assert_eq!(buf.filled().as_ptr().align_offset(DIRECT_ALIGN), 0);
+        assert_eq!(buf.filled().as_ptr() as usize % DIRECT_ALIGN, 0);
         let data = pattern(POOL_BUFFER_SIZE + 100, 1);
         assert_eq!(buf.fill_from(&data[..10]), 10);
         assert!(!buf.is_full());
