@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import urllib.request
 import time
@@ -305,6 +306,48 @@ def test_targets_ranges_conditionals_head_and_paths(published):
                    "/targets/firmware/../../metadata/timestamp.json", "/targets//etc/passwd",
                    "/targets/firmware/rpi4/1.0.0/"):
         assert _raw_get(server, target) == 404, target
+
+
+def _threads(pid: int) -> int:
+    status = open(f"/proc/{pid}/status", encoding="ascii").read()
+    return int(status.split("Threads:", 1)[1].split()[0])
+
+
+def test_stalled_downloads_hold_no_server_threads(published):
+    """Devices that stop reading in the middle of a download must not each pin a
+    server thread: the blocking pool is shared with the rest of the server and capped
+    (512), so a fleet of slow devices would starve it. Idle blocking-pool threads exit
+    after 10 s; a thread waiting on a stalled client would not."""
+    _, server, _ = published
+    size = 32 << 20
+    big = server.data_dir / "repository" / "targets" / "stall" / "big.img"
+    big.parent.mkdir(parents=True, exist_ok=True)
+    big.write_bytes(os.urandom(size))
+    pid = server.proc.pid
+    before = _threads(pid)
+    stalled = 40
+    socks = []
+    try:
+        for _ in range(stalled):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            sock.sendall(b"GET /targets/stall/big.img HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            socks.append(sock)
+        for sock in socks:
+            assert sock.recv(64).startswith(b"HTTP/1.1 200"), "a stalled download did not start"
+        deadline = time.time() + 25
+        while time.time() < deadline and _threads(pid) >= before + stalled // 2:
+            time.sleep(0.5)
+        threads = _threads(pid)
+        assert threads < before + stalled // 2, \
+            f"{threads} server threads with {stalled} stalled downloads ({before} before them)"
+        # Everything else still works, downloads included.
+        assert http_get(f"{server.url}/healthz")[0] == 200
+        status, body = http_get(f"{server.url}/targets/stall/big.img", timeout=60)
+        assert status == 200 and len(body) == size
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 # ------------------------------------------------------------------ uploads

@@ -1,16 +1,15 @@
 //! Serving target files (`GET`/`HEAD /targets/...`): firmware images of a gigabyte and
 //! more, to many devices, with single-range requests for resumed downloads.
 //!
-//! One blocking reader per response reads the file in large chunks straight into the
-//! buffers that go to the socket, so every byte is copied once on its way out (page
-//! cache -> buffer) and once more by the kernel (buffer -> socket). The buffers are
-//! recycled and the reader runs at most `READ_AHEAD` chunks ahead of the connection,
-//! which bounds memory per download.
+//! Each response reads the file in large chunks straight into the buffers that go to
+//! the socket, so every byte is copied once on its way out (page cache -> buffer) and
+//! once more by the kernel (buffer -> socket). The buffers are recycled, and reading
+//! runs at most `READ_AHEAD` chunks ahead of the connection, which bounds memory per
+//! download.
 //!
 //! Targets are named by their hash (consistent snapshots), so they never change under a
 //! path: they are served as immutable, with `Last-Modified` for conditional requests.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Component, Path, PathBuf};
 use std::time::SystemTime;
 
@@ -24,7 +23,7 @@ use chrono::{DateTime, Utc};
 /// Bytes per read and per body chunk.
 const CHUNK: usize = 1 << 20;
 /// Chunks read ahead of the socket, per response.
-const READ_AHEAD: usize = 4;
+const READ_AHEAD: usize = 2;
 
 /// The answer to `method` for `rel` (the URL path below `/targets/`, percent-decoded)
 /// under `root`.
@@ -198,52 +197,65 @@ fn parse_range(value: &str, len: u64) -> RangeRequest {
     }
 }
 
-/// `count` bytes of `file` from `start`, read on a blocking thread at most
-/// `READ_AHEAD` chunks ahead of the client. A read error, or a file that ends early,
-/// ends the body with an error, so the client sees a broken transfer, never a short
-/// one that looks complete.
+/// `count` bytes of `file` from `start`, at most `READ_AHEAD` chunks ahead of the
+/// client. A read error, or a file that ends early, ends the body with an error, so the
+/// client sees a broken transfer, never a short one that looks complete.
 ///
-/// The chunks are a small pool of buffers per response that come back to the reader
-/// when the connection has written them (`Bytes::from_owner`), so a gigabyte costs no
-/// allocations, page faults or zeroing after the first few chunks.
-fn stream_file(mut file: std::fs::File, start: u64, count: u64, what: String) -> Body {
+/// A task per response drives the reads; each chunk is one positioned read on the
+/// blocking pool, so a slow client holds no thread while the server waits for it (a
+/// thousand devices downloading at once must not use up the blocking pool that the
+/// rest of the server shares). The chunks are a small pool of buffers per response
+/// that come back when the connection has written them (`Bytes::from_owner`), so a
+/// gigabyte costs no allocations, page faults or zeroing after the first few chunks.
+fn stream_file(file: std::fs::File, start: u64, count: u64, what: String) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(READ_AHEAD);
-    let (home, free) = std::sync::mpsc::channel::<Vec<u8>>();
-    tokio::task::spawn_blocking(move || {
+    let (home, mut free) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let file = std::sync::Arc::new(file);
+    tokio::spawn(async move {
         let mut made = 0;
-        let result = (|| -> std::io::Result<()> {
-            file.seek(SeekFrom::Start(start))?;
-            let mut left = count;
+        let mut offset = start;
+        let mut left = count;
+        let result = async {
             while left > 0 {
                 let want = left.min(CHUNK as u64) as usize;
-                let mut buf = match free.try_recv() {
+                let buf = match free.try_recv() {
                     Ok(b) => b,
                     Err(_) if made < POOL => {
                         made += 1;
                         vec![0u8; CHUNK]
                     }
                     // Wait for the connection to finish with a chunk. (The pool
-                    // cannot close while this thread holds `home`.)
-                    Err(_) => free.recv().map_err(|_| std::io::Error::other("target buffer pool closed"))?,
+                    // cannot close while this task holds `home`.)
+                    Err(_) => free.recv().await.ok_or_else(|| std::io::Error::other("target buffer pool closed"))?,
                 };
-                let got = read_full(&mut file, &mut buf[..want])?;
+                let f = std::sync::Arc::clone(&file);
+                let (buf, got) = tokio::task::spawn_blocking(move || {
+                    let mut buf = buf;
+                    let got = read_full_at(&f, &mut buf[..want], offset);
+                    (buf, got)
+                })
+                .await
+                .map_err(|e| std::io::Error::other(format!("target read task: {e}")))?;
+                let got = got?;
                 if got == 0 {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
                         format!("target file ended {left} bytes early"),
                     ));
                 }
+                offset += got as u64;
                 left -= got as u64;
                 let chunk = Bytes::from_owner(PooledChunk { buf, len: got, home: home.clone() });
-                if tx.blocking_send(Ok(chunk)).is_err() {
+                if tx.send(Ok(chunk)).await.is_err() {
                     return Ok(()); // the client went away
                 }
             }
             Ok(())
-        })();
+        }
+        .await;
         if let Err(e) = result {
             tracing::error!(target = %what, error = %e, "reading target file failed mid-response");
-            let _ = tx.blocking_send(Err(e));
+            let _ = tx.send(Err(e)).await;
         }
     });
     Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }))
@@ -252,11 +264,12 @@ fn stream_file(mut file: std::fs::File, start: u64, count: u64, what: String) ->
 /// Buffers per response: the chunks queued, one being read, one being written.
 const POOL: usize = READ_AHEAD + 2;
 
-/// Reads until `buf` is full or the file ends; returns how much was read.
-fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+/// Reads at `offset` until `buf` is full or the file ends; returns how much was read.
+fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
     let mut got = 0;
     while got < buf.len() {
-        match file.read(&mut buf[got..]) {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -270,7 +283,7 @@ fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize>
 struct PooledChunk {
     buf: Vec<u8>,
     len: usize,
-    home: std::sync::mpsc::Sender<Vec<u8>>,
+    home: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
 }
 
 impl AsRef<[u8]> for PooledChunk {
