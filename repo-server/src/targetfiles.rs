@@ -201,64 +201,111 @@ fn parse_range(value: &str, len: u64) -> RangeRequest {
 /// client. A read error, or a file that ends early, ends the body with an error, so the
 /// client sees a broken transfer, never a short one that looks complete.
 ///
-/// A task per response drives the reads; each chunk is one positioned read on the
-/// blocking pool, so a slow client holds no thread while the server waits for it (a
+/// Reading happens on the blocking pool in stretches that never wait: a stretch reads
+/// and queues chunks while there is room in the queue and a free buffer, then hands
+/// the reader back to a task that waits (without a thread) for the client. A fast
+/// client is served by long stretches; a client that stops reading holds no thread (a
 /// thousand devices downloading at once must not use up the blocking pool that the
 /// rest of the server shares). The chunks are a small pool of buffers per response
 /// that come back when the connection has written them (`Bytes::from_owner`), so a
 /// gigabyte costs no allocations, page faults or zeroing after the first few chunks.
 fn stream_file(file: std::fs::File, start: u64, count: u64, what: String) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(READ_AHEAD);
-    let (home, mut free) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-    let file = std::sync::Arc::new(file);
+    let (home, free) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let mut reader = Reader { file, offset: start, left: count, made: 0, spare: None, free, home, tx };
     tokio::spawn(async move {
-        let mut made = 0;
-        let mut offset = start;
-        let mut left = count;
-        let result = async {
-            while left > 0 {
-                let want = left.min(CHUNK as u64) as usize;
-                let buf = match free.try_recv() {
-                    Ok(b) => b,
-                    Err(_) if made < POOL => {
-                        made += 1;
-                        vec![0u8; CHUNK]
-                    }
-                    // Wait for the connection to finish with a chunk. (The pool
-                    // cannot close while this task holds `home`.)
-                    Err(_) => free.recv().await.ok_or_else(|| std::io::Error::other("target buffer pool closed"))?,
-                };
-                let f = std::sync::Arc::clone(&file);
-                let (buf, got) = tokio::task::spawn_blocking(move || {
-                    let mut buf = buf;
-                    let got = read_full_at(&f, &mut buf[..want], offset);
-                    (buf, got)
-                })
-                .await
-                .map_err(|e| std::io::Error::other(format!("target read task: {e}")))?;
-                let got = got?;
-                if got == 0 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("target file ended {left} bytes early"),
-                    ));
+        loop {
+            let stretch = tokio::task::spawn_blocking(move || {
+                let stop = reader.stretch();
+                (reader, stop)
+            })
+            .await;
+            let (back, stop) = match stretch {
+                Ok(v) => v,
+                Err(e) => {
+                    // The body ends short of its Content-Length: the client sees a
+                    // broken transfer.
+                    tracing::error!(target = %what, error = %e, "target read task failed mid-response");
+                    return;
                 }
-                offset += got as u64;
-                left -= got as u64;
-                let chunk = Bytes::from_owner(PooledChunk { buf, len: got, home: home.clone() });
-                if tx.send(Ok(chunk)).await.is_err() {
-                    return Ok(()); // the client went away
+            };
+            reader = back;
+            match stop {
+                Ok(Stop::Done) | Ok(Stop::ClientGone) => return,
+                Ok(Stop::NeedRoom) => {
+                    if reader.tx.reserve().await.is_err() {
+                        return; // the client went away
+                    }
+                }
+                // The pool cannot close while the reader holds `home`.
+                Ok(Stop::NeedBuffer) => reader.spare = reader.free.recv().await,
+                Err(e) => {
+                    tracing::error!(target = %what, error = %e, "reading target file failed mid-response");
+                    let _ = reader.tx.send(Err(e)).await;
+                    return;
                 }
             }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::error!(target = %what, error = %e, "reading target file failed mid-response");
-            let _ = tx.send(Err(e)).await;
         }
     });
     Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }))
+}
+
+/// The state of one response's reading, moved between the blocking pool and its task.
+struct Reader {
+    file: std::fs::File,
+    offset: u64,
+    left: u64,
+    /// Buffers allocated so far (at most `POOL`).
+    made: usize,
+    /// A free buffer the task waited for.
+    spare: Option<Vec<u8>>,
+    free: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    home: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+}
+
+/// Why a stretch of reading ended.
+enum Stop {
+    Done,
+    ClientGone,
+    /// The queue to the connection is full.
+    NeedRoom,
+    /// Every buffer is queued or being written.
+    NeedBuffer,
+}
+
+impl Reader {
+    /// Reads and queues chunks for as long as that needs no waiting.
+    fn stretch(&mut self) -> std::io::Result<Stop> {
+        use tokio::sync::mpsc::error::TrySendError;
+        while self.left > 0 {
+            let permit = match self.tx.try_reserve() {
+                Ok(p) => p,
+                Err(TrySendError::Full(())) => return Ok(Stop::NeedRoom),
+                Err(TrySendError::Closed(())) => return Ok(Stop::ClientGone),
+            };
+            let mut buf = match self.spare.take().map(Ok).unwrap_or_else(|| self.free.try_recv()) {
+                Ok(b) => b,
+                Err(_) if self.made < POOL => {
+                    self.made += 1;
+                    vec![0u8; CHUNK]
+                }
+                Err(_) => return Ok(Stop::NeedBuffer),
+            };
+            let want = self.left.min(CHUNK as u64) as usize;
+            let got = read_full_at(&self.file, &mut buf[..want], self.offset)?;
+            if got == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("target file ended {} bytes early", self.left),
+                ));
+            }
+            self.offset += got as u64;
+            self.left -= got as u64;
+            permit.send(Ok(Bytes::from_owner(PooledChunk { buf, len: got, home: self.home.clone() })));
+        }
+        Ok(Stop::Done)
+    }
 }
 
 /// Buffers per response: the chunks queued, one being read, one being written.
