@@ -77,7 +77,7 @@ async fn metadata_cache_headers(req: Request, next: Next) -> Response {
         .next()
         .is_some_and(|name| name.split('.').next().is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())));
     let mut resp = next.run(req).await;
-    let value = if versioned { "public, max-age=31536000, immutable" } else { "no-cache" };
+    let value = if versioned { crate::targetfiles::IMMUTABLE } else { "no-cache" };
     if resp.status().is_success() {
         resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(value));
     }

@@ -25,6 +25,10 @@ const CHUNK: usize = 1 << 20;
 /// Chunks read ahead of the socket, per response.
 const READ_AHEAD: usize = 2;
 
+/// `Cache-Control` of files that never change under their name (hash-named targets,
+/// versioned metadata).
+pub const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+
 /// The answer to `method` for `rel` (the URL path below `/targets/`, percent-decoded)
 /// under `root`.
 pub async fn serve(root: PathBuf, rel: String, method: Method, headers: HeaderMap) -> Response {
@@ -56,8 +60,9 @@ pub async fn serve(root: PathBuf, rel: String, method: Method, headers: HeaderMa
             return plain(StatusCode::INTERNAL_SERVER_ERROR, "target file unreadable\n");
         }
     };
-    let last_modified = modified.map(|m| DateTime::<Utc>::from(m).format("%a, %d %b %Y %H:%M:%S GMT").to_string());
-    let modified_secs = modified.map(|m| DateTime::<Utc>::from(m).timestamp());
+    let modified = modified.map(DateTime::<Utc>::from);
+    let last_modified = modified.map(|m| m.format("%a, %d %b %Y %H:%M:%S GMT").to_string());
+    let modified_secs = modified.map(|m| m.timestamp());
 
     // Conditional requests (RFC 9110 section 13), at one-second resolution.
     if let (Some(since), Some(mtime)) = (header_date(&headers, &header::IF_UNMODIFIED_SINCE), modified_secs) {
@@ -104,7 +109,7 @@ pub async fn serve(root: PathBuf, rel: String, method: Method, headers: HeaderMa
 
 fn set_common(h: &mut HeaderMap, last_modified: Option<&str>) {
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(IMMUTABLE));
     if let Some(lm) = last_modified {
         h.insert(header::LAST_MODIFIED, value_of(lm));
     }
