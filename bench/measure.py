@@ -148,8 +148,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     pub = data.get("publish_image")
     if pub and image_bytes:
         details.append(
-            f"`outpost release publish --server` of the image (upload + server re-signing): {fmt_s(med(pub))}"
+            f"`outpost release publish --server` of the image (hash, Sigstore signature, upload + server re-signing): {fmt_s(med(pub))}"
             f" ({image_bytes / MIB / med(pub):.0f} MiB/s)"
+            + (f", peak RSS {rss:.1f} MiB" if (rss := peak_mib(pub)) is not None else "")
         )
 
     ag, py, py_in = data.get("agent_init_refresh"), data.get("python_tuf_refresh"), data.get("python_tuf_refresh_inprocess")

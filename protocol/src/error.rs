@@ -57,6 +57,14 @@ pub enum Error {
     /// Programming-order error in the trusted set (e.g. timestamp before root is final).
     #[error("TUF workflow order: {0}")]
     Order(String),
+
+    /// Reading the bytes to sign or check failed.
+    #[error("read {what}: {source}")]
+    Read {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

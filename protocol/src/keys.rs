@@ -123,6 +123,15 @@ impl std::fmt::Debug for SigningKey {
     }
 }
 
+/// What [`SigningKey::sign_reader`] gives: the signature and the SHA-256 and length of
+/// the bytes it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReaderSignature {
+    pub signature: [u8; 64],
+    pub sha256: [u8; 32],
+    pub length: u64,
+}
+
 /// The on-disk key file: the public key object plus, for private key files, the seed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyFile {
@@ -171,6 +180,72 @@ impl SigningKey {
     /// Hex signature over `message`.
     pub fn sign_hex(&self, message: &[u8]) -> String {
         hex::encode(self.inner.sign(message).to_bytes())
+    }
+
+    /// Pure Ed25519 (RFC 8032: the signature [`Self::sign_hex`] gives over the whole
+    /// message) over a message too large to hold in memory. Ed25519 hashes the message
+    /// twice, once for the nonce and once for the challenge, so `open` is called twice
+    /// and each reader is read to its end in 1 MiB chunks; `what` names the message in
+    /// errors.
+    ///
+    /// If the two passes read different bytes (the file changed while it was signed), no
+    /// signature comes out: a nonce taken from one message with a challenge over
+    /// another is not a valid signature, and two such signatures sharing a nonce would
+    /// give the private key away.
+    pub fn sign_reader<R: std::io::Read>(&self, what: &str, open: impl Fn() -> std::io::Result<R>) -> Result<ReaderSignature> {
+        use std::cell::RefCell;
+        let passes: RefCell<Vec<([u8; 32], u64)>> = RefCell::new(Vec::with_capacity(2));
+        let failure: RefCell<Option<Error>> = RefCell::new(None);
+        let read_pass = |h: &mut sha2::Sha512| -> Result<([u8; 32], u64)> {
+            let read_err = |source| Error::Read { what: what.to_owned(), source };
+            let mut reader = open().map_err(read_err)?;
+            let mut buf = vec![0u8; 1 << 20];
+            let (mut sha256, mut length) = (Sha256::new(), 0u64);
+            loop {
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(read_err(e)),
+                };
+                h.update(&buf[..n]);
+                sha256.update(&buf[..n]);
+                length += n as u64;
+            }
+            Ok((sha256.finalize().into(), length))
+        };
+        let feed = |h: &mut sha2::Sha512| -> std::result::Result<(), ed25519_dalek::SignatureError> {
+            let pass = read_pass(h).and_then(|pass| match passes.borrow().first() {
+                Some(first) if *first != pass => Err(Error::Integrity {
+                    what: what.to_owned(),
+                    reason: format!(
+                        "changed while it was being signed ({} bytes, sha256 {} in the first pass; {} bytes, sha256 {} in the second); nothing was signed",
+                        first.1,
+                        hex::encode(first.0),
+                        pass.1,
+                        hex::encode(pass.0)
+                    ),
+                }),
+                _ => Ok(pass),
+            });
+            match pass {
+                Ok(pass) => {
+                    passes.borrow_mut().push(pass);
+                    Ok(())
+                }
+                Err(e) => {
+                    *failure.borrow_mut() = Some(e);
+                    Err(ed25519_dalek::SignatureError::new())
+                }
+            }
+        };
+        let expanded = ed25519_dalek::hazmat::ExpandedSecretKey::from(self.inner.as_bytes());
+        let signed = ed25519_dalek::hazmat::raw_sign_byupdate::<sha2::Sha512, _>(&expanded, feed, &self.inner.verifying_key());
+        match (signed, passes.into_inner().as_slice()) {
+            (Ok(signature), [(sha256, length), _]) => Ok(ReaderSignature { signature: signature.to_bytes(), sha256: *sha256, length: *length }),
+            (Ok(_), _) => Err(Error::Key(format!("{what}: signing did not read the message twice"))),
+            (Err(e), _) => Err(failure.into_inner().unwrap_or_else(|| Error::Key(format!("{what}: ed25519 signing failed: {e}")))),
+        }
     }
 
     pub fn to_key_file(&self) -> KeyFile {
@@ -250,6 +325,61 @@ impl LoadedKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reader_signature_is_the_ed25519_signature_of_the_whole_message() {
+        let k = SigningKey::generate().unwrap();
+        for len in [0usize, 1, 4096, 1 << 20, (1 << 20) + 1, 3 * (1 << 20) + 7] {
+            let msg: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+            let got = k.sign_reader("msg", || Ok(std::io::Cursor::new(msg.clone()))).unwrap();
+            assert_eq!(hex::encode(got.signature), k.sign_hex(&msg), "length {len}");
+            assert!(k.public().verify(&msg, &hex::encode(got.signature)));
+            assert_eq!(got.sha256.as_slice(), Sha256::digest(&msg).as_slice());
+            assert_eq!(got.length, len as u64);
+        }
+    }
+
+    #[test]
+    fn reader_that_changes_between_passes_gets_no_signature() {
+        let k = SigningKey::generate().unwrap();
+        let calls = std::cell::Cell::new(0);
+        let err = k
+            .sign_reader("fw.img", || {
+                calls.set(calls.get() + 1);
+                let mut msg = vec![5u8; 3 << 20];
+                if calls.get() == 2 {
+                    msg[2 << 20] = 6;
+                }
+                Ok(std::io::Cursor::new(msg))
+            })
+            .unwrap_err();
+        assert_eq!(calls.get(), 2);
+        let text = err.to_string();
+        assert!(matches!(err, Error::Integrity { .. }), "{text}");
+        assert!(text.starts_with("fw.img: changed while it was being signed") && text.contains("nothing was signed"), "{text}");
+    }
+
+    #[test]
+    fn reader_errors_name_the_message_and_sign_nothing() {
+        struct Broken(usize);
+        impl std::io::Read for Broken {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(std::io::Error::other("disk on fire"));
+                }
+                let n = self.0.min(buf.len());
+                self.0 -= n;
+                buf[..n].fill(1);
+                Ok(n)
+            }
+        }
+        let k = SigningKey::generate().unwrap();
+        let err = k.sign_reader("fw.img", || Ok(Broken(5000))).unwrap_err();
+        assert!(matches!(err, Error::Read { .. }));
+        assert_eq!(err.to_string(), "read fw.img: disk on fire");
+        let err = k.sign_reader("gone.img", || Err::<Broken, _>(std::io::Error::from(std::io::ErrorKind::NotFound))).unwrap_err();
+        assert!(err.to_string().starts_with("read gone.img: "), "{err}");
+    }
 
     #[test]
     fn sign_verify_roundtrip_and_key_file() {

@@ -305,19 +305,32 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
         };
         body.targets.insert(art.path.clone(), TargetFile { length: art.length, hashes, custom, extra: Default::default() });
     }
+    // Sigstore signatures for people outside Outpost (the image and the SBOM), made
+    // before anything is stored or uploaded, so a file that changed since it was hashed
+    // stops the release here.
+    let sigstore_key = keys.first();
+    let mut signed = Vec::new();
+    if let Some(key) = sigstore_key {
+        let mut to_sign = vec![(image_path.clone(), a.firmware.clone(), image_sha.clone())];
+        to_sign.extend(artifacts.iter().filter(|x| x.custom.is_none()).map(|x| (x.path.clone(), x.file.clone(), x.sha256.clone())));
+        for (path, file, sha256) in to_sign {
+            let (key, file) = (key.clone(), file.clone());
+            let signature = tokio::task::spawn_blocking(move || crate::sigstore_out::sign_file(&key, &file, &sha256))
+                .await
+                .map_err(|e| SignerError::Usage(format!("signing task: {e}")))??;
+            signed.push((path, signature));
+        }
+    }
     let fresh: Vec<(&str, &std::path::Path, &str)> = artifacts.iter().map(|a| (a.path.as_str(), a.file.as_path(), a.sha256.as_str())).collect();
     let pushed = commit_role(&repo, &role, &mut body, &keys, &fresh, a.expires, server.as_ref(), out).await?;
-    // Sigstore signatures for people outside Outpost: the image and the SBOM.
     let sigstore_dir = a.sigstore_dir.clone().unwrap_or_else(|| repo.dir.join("sigstore"));
     let mut sigstore = Vec::new();
-    if let Some(key) = keys.first() {
+    if let Some(key) = sigstore_key {
         let pem_path = sigstore_dir.join(format!("{}.pub.pem", key.key_id()));
         std::fs::create_dir_all(&sigstore_dir).map_err(|e| SignerError::io("create", &sigstore_dir, e))?;
         crate::localrepo::write_atomic(&pem_path, crate::sigstore_out::public_pem(key)?.as_bytes())?;
-        let mut to_sign = vec![(image_path.clone(), a.firmware.clone())];
-        to_sign.extend(artifacts.iter().filter(|x| x.custom.is_none()).map(|x| (x.path.clone(), x.file.clone())));
-        for (path, file) in to_sign {
-            let written = crate::sigstore_out::sign_file(key, &file, &sigstore_dir.join(&path))?;
+        for (path, signature) in &signed {
+            let written = crate::sigstore_out::write_signature(key, signature, &sigstore_dir.join(path))?;
             sigstore.push(json!({"target": path, "signature": written.signature, "bundle": written.bundle, "public_key": pem_path}));
         }
     }

@@ -19,7 +19,6 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use sigstore::crypto::signing_key::ed25519::Ed25519Keys;
 use sigstore::crypto::signing_key::KeyPair;
-use sigstore::crypto::{CosignVerificationKey, Signature, SigningScheme};
 
 use crate::error::{Result, SignerError};
 
@@ -45,20 +44,43 @@ pub struct Written {
     pub bundle: PathBuf,
 }
 
-/// Signs `file` and writes `<out>.sig` and `<out>.sigstore.json` (`out` without extension).
-pub fn sign_file(key: &SigningKey, file: &Path, out: &Path) -> Result<Written> {
-    let bytes = std::fs::read(file).map_err(|e| SignerError::io("read", file, e))?;
-    let signer = keys_of(key)?.to_sigstore_signer().map_err(sig_err("make a signer"))?;
-    let signature = signer.sign(&bytes).map_err(sig_err("sign"))?;
+/// A Sigstore signature made by [`sign_file`], not yet written.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    signature: [u8; 64],
+    sha256: [u8; 32],
+}
+
+/// Signs `file` with pure Ed25519 (what `cosign sign-blob` makes with an ed25519 key).
+/// The file is read twice in chunks, never held in memory (Ed25519 hashes the message
+/// twice), and what was signed must hash to `expected_sha256` (hex), the hash the TUF
+/// metadata lists for it: the Sigstore signature covers exactly the bytes the release's
+/// metadata names, or there is none.
+pub fn sign_file(key: &SigningKey, file: &Path, expected_sha256: &str) -> Result<Signed> {
+    let what = file.display().to_string();
+    let signed = key
+        .sign_reader(&what, || std::fs::File::open(file))
+        .map_err(|e| SignerError::proto("sigstore signature", e))?;
+    if hex::encode(signed.sha256) != expected_sha256 {
+        return Err(SignerError::Usage(format!(
+            "{what}: changed since it was hashed for the release metadata (sha256 {expected_sha256} then, {} now); nothing signed",
+            hex::encode(signed.sha256)
+        )));
+    }
+    Ok(Signed { signature: signed.signature, sha256: signed.sha256 })
+}
+
+/// Writes `<out>.sig` (cosign's `sign-blob` format: the base64 signature) and
+/// `<out>.sigstore.json` (the bundle) for a signature of `key` (`out` without extension).
+pub fn write_signature(key: &SigningKey, signed: &Signed, out: &Path) -> Result<Written> {
     let b64 = base64::engine::general_purpose::STANDARD;
-    let sig_b64 = b64.encode(&signature);
-    let digest = Sha256::digest(&bytes);
+    let sig_b64 = b64.encode(signed.signature);
     let public_der = keys_of(key)?.public_key_to_der().map_err(sig_err("export the public key"))?;
     let bundle = json!({
         "mediaType": BUNDLE_MEDIA_TYPE,
         "verificationMaterial": {"publicKey": {"hint": b64.encode(Sha256::digest(&public_der))}},
         "messageSignature": {
-            "messageDigest": {"algorithm": "SHA2_256", "digest": b64.encode(digest)},
+            "messageDigest": {"algorithm": "SHA2_256", "digest": b64.encode(signed.sha256)},
             "signature": sig_b64,
         },
     });
@@ -74,35 +96,151 @@ pub fn sign_file(key: &SigningKey, file: &Path, out: &Path) -> Result<Written> {
 }
 
 /// Checks `file` against a cosign `sign-blob` signature and/or a Sigstore bundle with
-/// the PEM public key. Errors say which check failed.
+/// the PEM public key, reading the file once in chunks (never whole into memory).
+/// Errors say which check failed.
 pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bundle: Option<&Path>) -> Result<()> {
+    use ed25519_dalek::pkcs8::DecodePublicKey;
+    use std::io::Read;
     if signature.is_none() && bundle.is_none() {
         return Err(SignerError::Usage("pass --signature FILE.sig and/or --bundle FILE.sigstore.json".into()));
     }
-    let key = CosignVerificationKey::from_pem(public_pem, &SigningScheme::ED25519).map_err(sig_err("read the public key"))?;
-    let bytes = std::fs::read(file).map_err(|e| SignerError::io("read", file, e))?;
-    if let Some(sig) = signature {
-        let text = std::fs::read(sig).map_err(|e| SignerError::io("read", sig, e))?;
+    let key = std::str::from_utf8(public_pem)
+        .ok()
+        .and_then(|pem| ed25519_dalek::VerifyingKey::from_public_key_pem(pem).ok())
+        .ok_or_else(|| SignerError::Usage("the public key is not an ed25519 PEM public key (SubjectPublicKeyInfo)".into()))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let decode_signature = |text: &[u8], origin: &Path| -> Result<ed25519_dalek::StreamVerifier> {
         let trimmed: Vec<u8> = text.iter().copied().filter(|c| !c.is_ascii_whitespace()).collect();
-        key.verify_signature(Signature::Base64Encoded(&trimmed), &bytes)
-            .map_err(|e| SignerError::Usage(format!("{}: signature does not verify for {}: {e}", sig.display(), file.display())))?;
-    }
-    if let Some(b) = bundle {
-        let text = std::fs::read(b).map_err(|e| SignerError::io("read", b, e))?;
-        let doc: serde_json::Value = serde_json::from_slice(&text).map_err(|e| SignerError::Usage(format!("{}: not JSON: {e}", b.display())))?;
-        if doc["mediaType"].as_str() != Some(BUNDLE_MEDIA_TYPE) {
-            return Err(SignerError::Usage(format!("{}: mediaType is not {BUNDLE_MEDIA_TYPE}", b.display())));
+        let raw = b64
+            .decode(&trimmed)
+            .map_err(|e| SignerError::Usage(format!("{}: the signature is not base64: {e}", origin.display())))?;
+        let sig = ed25519_dalek::Signature::from_slice(&raw).map_err(|_| {
+            SignerError::Usage(format!("{}: the signature is {} bytes, an ed25519 signature is 64", origin.display(), raw.len()))
+        })?;
+        key.verify_stream(&sig)
+            .map_err(|e| SignerError::Usage(format!("{}: signature does not verify for {}: {e}", origin.display(), file.display())))
+    };
+    let mut sig_check = match signature {
+        Some(sig) => Some((sig, decode_signature(&std::fs::read(sig).map_err(|e| SignerError::io("read", sig, e))?, sig)?)),
+        None => None,
+    };
+    let mut bundle_check = match bundle {
+        Some(b) => {
+            let text = std::fs::read(b).map_err(|e| SignerError::io("read", b, e))?;
+            let doc: serde_json::Value =
+                serde_json::from_slice(&text).map_err(|e| SignerError::Usage(format!("{}: not JSON: {e}", b.display())))?;
+            if doc["mediaType"].as_str() != Some(BUNDLE_MEDIA_TYPE) {
+                return Err(SignerError::Usage(format!("{}: mediaType is not {BUNDLE_MEDIA_TYPE}", b.display())));
+            }
+            let digest = doc["messageSignature"]["messageDigest"]["digest"]
+                .as_str()
+                .ok_or_else(|| SignerError::Usage(format!("{}: no messageSignature.messageDigest.digest", b.display())))?
+                .to_owned();
+            let sig = doc["messageSignature"]["signature"]
+                .as_str()
+                .ok_or_else(|| SignerError::Usage(format!("{}: no messageSignature.signature", b.display())))?;
+            Some((b, digest, decode_signature(sig.as_bytes(), b)?))
         }
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let want = b64.encode(Sha256::digest(&bytes));
-        if doc["messageSignature"]["messageDigest"]["digest"].as_str() != Some(want.as_str()) {
+        None => None,
+    };
+    let mut input = std::fs::File::open(file).map_err(|e| SignerError::io("open", file, e))?;
+    let mut sha256 = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(SignerError::io("read", file, e)),
+        };
+        sha256.update(&buf[..n]);
+        if let Some((_, v)) = sig_check.as_mut() {
+            v.update(&buf[..n]);
+        }
+        if let Some((_, _, v)) = bundle_check.as_mut() {
+            v.update(&buf[..n]);
+        }
+    }
+    let not_verified =
+        |origin: &Path, e: ed25519_dalek::SignatureError| SignerError::Usage(format!("{}: signature does not verify for {}: {e}", origin.display(), file.display()));
+    if let Some((sig, v)) = sig_check {
+        v.finalize_and_verify().map_err(|e| not_verified(sig, e))?;
+    }
+    if let Some((b, digest, v)) = bundle_check {
+        if digest != b64.encode(sha256.finalize()) {
             return Err(SignerError::Usage(format!("{}: the bundle's digest is not the SHA-256 of {}", b.display(), file.display())));
         }
-        let sig = doc["messageSignature"]["signature"]
-            .as_str()
-            .ok_or_else(|| SignerError::Usage(format!("{}: no messageSignature.signature", b.display())))?;
-        key.verify_signature(Signature::Base64Encoded(sig.as_bytes()), &bytes)
-            .map_err(|e| SignerError::Usage(format!("{}: bundle signature does not verify for {}: {e}", b.display(), file.display())))?;
+        v.finalize_and_verify().map_err(|e| not_verified(b, e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha_hex(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    #[test]
+    fn signs_a_large_file_in_chunks_and_verifies_it_the_same_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::generate().unwrap();
+        let image: Vec<u8> = (0..(3usize << 20) + 5).map(|i| (i % 251) as u8).collect();
+        let file = dir.path().join("fw.img");
+        std::fs::write(&file, &image).unwrap();
+        let signed = sign_file(&key, &file, &sha_hex(&image)).unwrap();
+        let written = write_signature(&key, &signed, &dir.path().join("sig/fw.img")).unwrap();
+        // cosign's sign-blob format: the base64 pure-Ed25519 signature over the whole file.
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let sig_text = std::fs::read_to_string(&written.signature).unwrap();
+        assert_eq!(hex::encode(b64.decode(&sig_text).unwrap()), key.sign_hex(&image));
+        let pem = public_pem(&key).unwrap();
+        verify_file(pem.as_bytes(), &file, Some(&written.signature), Some(&written.bundle)).unwrap();
+
+        let mut tampered = image.clone();
+        tampered[2 << 20] ^= 1;
+        let bad = dir.path().join("tampered.img");
+        std::fs::write(&bad, &tampered).unwrap();
+        let err = verify_file(pem.as_bytes(), &bad, Some(&written.signature), None).unwrap_err().to_string();
+        assert!(err.contains("signature does not verify for"), "{err}");
+        let err = verify_file(pem.as_bytes(), &bad, None, Some(&written.bundle)).unwrap_err().to_string();
+        assert!(err.contains("the bundle's digest is not the SHA-256 of"), "{err}");
+        let other = SigningKey::generate().unwrap();
+        let err = verify_file(public_pem(&other).unwrap().as_bytes(), &file, Some(&written.signature), None).unwrap_err().to_string();
+        assert!(err.contains("signature does not verify for"), "{err}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_what_the_metadata_lists_gets_no_signature() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::generate().unwrap();
+        let file = dir.path().join("fw.img");
+        std::fs::write(&file, b"new bytes").unwrap();
+        let err = sign_file(&key, &file, &sha_hex(b"old bytes")).unwrap_err().to_string();
+        assert!(err.contains("changed since it was hashed for the release metadata") && err.ends_with("nothing signed"), "{err}");
+        let err = sign_file(&key, &dir.path().join("missing.img"), &sha_hex(b"")).unwrap_err().to_string();
+        assert!(err.contains("missing.img"), "{err}");
+    }
+
+    #[test]
+    fn malformed_signatures_and_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::generate().unwrap();
+        let pem = public_pem(&key).unwrap();
+        let file = dir.path().join("fw.img");
+        std::fs::write(&file, b"image").unwrap();
+        let sig = dir.path().join("fw.img.sig");
+        std::fs::write(&sig, "not base64!").unwrap();
+        let err = verify_file(pem.as_bytes(), &file, Some(&sig), None).unwrap_err().to_string();
+        assert!(err.contains("the signature is not base64"), "{err}");
+        std::fs::write(&sig, base64::engine::general_purpose::STANDARD.encode([7u8; 10])).unwrap();
+        let err = verify_file(pem.as_bytes(), &file, Some(&sig), None).unwrap_err().to_string();
+        assert!(err.contains("the signature is 10 bytes, an ed25519 signature is 64"), "{err}");
+        let err = verify_file(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", &file, Some(&sig), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not an ed25519 PEM public key"), "{err}");
+    }
 }
