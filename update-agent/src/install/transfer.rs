@@ -3,9 +3,10 @@
 //! journaled, and a restart resumes with an HTTP Range request from the last durable
 //! offset. Dropped connections are retried with exponential backoff and jitter; an
 //! optional bandwidth cap paces the transfer. While bytes arrive they are hashed
-//! (the signed TUF hashes of the target) and decoded (as-is, zstd, or zstd patch)
-//! into the staged image, which is hashed too. Nothing is trusted until both digests
-//! match the signed metadata.
+//! (the signed TUF hashes of the target) and decoded (zstd, or zstd patch) into the
+//! staged image, which is hashed too. Nothing is trusted until both digests match the
+//! signed metadata. A target sent as-is, whose signed SHA-256 is the image's, is
+//! written and hashed once: once verified, the partial file becomes the staged image.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -211,6 +212,10 @@ fn backoff(opts: &TransferOptions, retry: u32) -> Duration {
 /// Owns the files: appends received bytes, hashes, decodes into the staged image,
 /// fsyncs checkpoints, verifies at the end. Failure removes the partial file when its
 /// content cannot be right (a hash mismatch), so the next try starts clean.
+///
+/// A target sent as-is whose signed SHA-256 is the image's is its own staged image:
+/// nothing is decoded or hashed a second time, and once verified the partial file is
+/// renamed to the image (half the disk writes and hashing of a decoded transfer).
 fn sink_worker(
     spec: TransferSpec,
     rx: mpsc::Receiver<Msg>,
@@ -220,7 +225,21 @@ fn sink_worker(
 ) -> Result<()> {
     let reference = spec.reference.clone();
     let what = format!("download {}", spec.url);
-    let setup = || -> Result<(std::fs::File, MultiHasher, Decode<'_, std::io::BufWriter<std::fs::File>>, u64)> {
+    let as_is = spec.encoding == Encoding::Identity
+        && spec.length == spec.image_length
+        && spec.hashes.get("sha256").is_some_and(|h| h.eq_ignore_ascii_case(&spec.image_sha256));
+    // The decoder into a separate staged image, for targets that are not the image as-is.
+    let start_decode = || -> Result<Option<Decode<'_, std::io::BufWriter<std::fs::File>>>> {
+        if as_is {
+            return Ok(None);
+        }
+        let image = std::fs::File::create(&spec.image).map_err(|e| AgentError::io("create", &spec.image, e))?;
+        let sink = ImageSink::new(std::io::BufWriter::with_capacity(1 << 20, image), spec.image_length);
+        new_decode(spec.encoding, sink, reference.as_deref().map(|v| v.as_slice()))
+            .map(Some)
+            .map_err(|e| AgentError::io("start decoder for", &spec.image, e))
+    };
+    let setup = || -> Result<(std::fs::File, MultiHasher, Option<Decode<'_, std::io::BufWriter<std::fs::File>>>, u64)> {
         let mut partial = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -232,10 +251,7 @@ fn sink_worker(
         let durable = spec.durable.min(on_disk);
         partial.set_len(durable).map_err(|e| AgentError::io("truncate", &spec.partial, e))?;
         let mut hasher = MultiHasher::for_expected(&spec.hashes, &what).map_err(|e| AgentError::tuf(what.clone(), e))?;
-        let image = std::fs::File::create(&spec.image).map_err(|e| AgentError::io("create", &spec.image, e))?;
-        let sink = ImageSink::new(std::io::BufWriter::with_capacity(1 << 20, image), spec.image_length);
-        let mut decode = new_decode(spec.encoding, sink, reference.as_deref().map(|v| v.as_slice()))
-            .map_err(|e| AgentError::io("start decoder for", &spec.image, e))?;
+        let mut decode = start_decode()?;
         // Replay what is already here.
         partial.seek(SeekFrom::Start(0)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
         let mut buf = vec![0u8; 1 << 20];
@@ -247,7 +263,9 @@ fn sink_worker(
                 break;
             }
             hasher.update(&buf[..n]);
-            decode.feed(&buf[..n]).map_err(|e| decode_error(&spec, e))?;
+            if let Some(d) = decode.as_mut() {
+                d.feed(&buf[..n]).map_err(|e| decode_error(&spec, e))?;
+            }
             left -= n as u64;
         }
         partial.seek(SeekFrom::Start(durable)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
@@ -269,7 +287,9 @@ fn sink_worker(
             Msg::Chunk(chunk) => {
                 partial.write_all(&chunk).map_err(|e| AgentError::io("write", &spec.partial, e))?;
                 hasher.update(&chunk);
-                decode.feed(&chunk).map_err(|e| decode_error(&spec, e))?;
+                if let Some(d) = decode.as_mut() {
+                    d.feed(&chunk).map_err(|e| decode_error(&spec, e))?;
+                }
                 written += chunk.len() as u64;
                 if written - last_sync >= checkpoint_every {
                     partial.sync_data().map_err(|e| AgentError::io("fsync", &spec.partial, e))?;
@@ -281,10 +301,7 @@ fn sink_worker(
                 partial.set_len(0).map_err(|e| AgentError::io("truncate", &spec.partial, e))?;
                 partial.seek(SeekFrom::Start(0)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
                 hasher = MultiHasher::for_expected(&spec.hashes, &what).map_err(|e| AgentError::tuf(what.clone(), e))?;
-                let image = std::fs::File::create(&spec.image).map_err(|e| AgentError::io("create", &spec.image, e))?;
-                let sink = ImageSink::new(std::io::BufWriter::with_capacity(1 << 20, image), spec.image_length);
-                decode = new_decode(spec.encoding, sink, reference.as_deref().map(|v| v.as_slice()))
-                    .map_err(|e| AgentError::io("start decoder for", &spec.image, e))?;
+                decode = start_decode()?;
                 written = 0;
                 last_sync = 0;
                 let _ = acks.send(Ack::Durable(0));
@@ -302,6 +319,17 @@ fn sink_worker(
         let _ = acks.send(Ack::Durable(0));
         return Err(AgentError::tuf(format!("verify {}", spec.url), e));
     }
+    let Some(decode) = decode else {
+        // Verified against the signed sha256, which is the image's: the bytes are the image.
+        drop(partial);
+        std::fs::rename(&spec.partial, &spec.image).map_err(|e| AgentError::io("rename to the staged image", &spec.partial, e))?;
+        if let Some(dir) = spec.image.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| AgentError::io("fsync", dir, e))?;
+        }
+        return Ok(());
+    };
     let (out, sha, len) = decode.finish().map_err(|e| decode_error(&spec, e))?;
     let file = out.into_inner().map_err(|e| AgentError::io("write", &spec.image, e.into_error()))?;
     file.sync_all().map_err(|e| AgentError::io("fsync", &spec.image, e))?;
