@@ -356,3 +356,71 @@ fn new_decode<'p, W: Write>(encoding: Encoding, sink: ImageSink<W>, reference: O
 fn decode_error(spec: &TransferSpec, e: std::io::Error) -> AgentError {
     AgentError::ImageMismatch { url: spec.url.clone(), reason: format!("cannot decode ({:?}): {e}", spec.encoding) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_protocol::hashing::sha256_hex;
+
+    /// Runs the sink worker over `chunks` (the bytes on the wire) as a transfer signed as
+    /// `sent` that must become an image with `image_sha256`; returns its result, the
+    /// directory and the spec.
+    fn sink(sent: &[u8], image_sha256: &str, chunks: &[&[u8]]) -> (Result<()>, tempfile::TempDir, TransferSpec) {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = || TransferSpec {
+            url: "http://127.0.0.1/targets/fw.img".into(),
+            length: sent.len() as u64,
+            hashes: BTreeMap::from([("sha256".to_owned(), sha256_hex(sent))]),
+            encoding: Encoding::Identity,
+            reference: None,
+            image_sha256: image_sha256.to_owned(),
+            image_length: sent.len() as u64,
+            partial: dir.path().join("fw.img.partial"),
+            image: dir.path().join("fw.img.image"),
+            durable: 0,
+        };
+        let (tx, rx) = mpsc::sync_channel(chunks.len() + 1);
+        for c in chunks {
+            tx.send(Msg::Chunk(Bytes::copy_from_slice(c))).unwrap();
+        }
+        drop(tx);
+        let (acks, _acks_rx) = mpsc::channel();
+        let (ready, _ready_rx) = tokio::sync::oneshot::channel();
+        let result = sink_worker(spec(), rx, acks, ready, 1 << 20);
+        let kept = spec();
+        (result, dir, kept)
+    }
+
+    #[test]
+    fn an_as_is_target_becomes_the_staged_image_by_rename() {
+        let image: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        let (result, _dir, spec) = sink(&image, &sha256_hex(&image), &[&image[..1_000_000], &image[1_000_000..]]);
+        result.unwrap();
+        assert!(!spec.partial.exists(), "the verified partial file is the staged image now");
+        assert_eq!(std::fs::read(&spec.image).unwrap(), image);
+    }
+
+    #[test]
+    fn as_is_bytes_that_do_not_verify_leave_nothing() {
+        let image = vec![7u8; 100_000];
+        let mut wrong = image.clone();
+        wrong[50_000] = 8;
+        // Signed hashes of `image`, bytes of `wrong` on the wire.
+        let (result, _dir, spec) = sink(&image, &sha256_hex(&image), &[&wrong]);
+        let err = result.unwrap_err();
+        assert!(matches!(err, AgentError::Tuf { .. }), "{err}");
+        assert!(!spec.partial.exists() && !spec.image.exists());
+    }
+
+    #[test]
+    fn a_target_whose_hash_is_not_the_image_measurement_is_refused() {
+        // Signed as-is, but the release says the image is something else: decoded and
+        // checked as before, and refused.
+        let image = vec![1u8; 10_000];
+        let (result, _dir, spec) = sink(&image, &sha256_hex(b"another image"), &[&image]);
+        let err = result.unwrap_err();
+        assert!(matches!(err, AgentError::ImageMismatch { .. }), "{err}");
+        assert!(err.to_string().contains(&sha256_hex(b"another image")), "{err}");
+        assert!(spec.partial.exists(), "the partial file is removed by the caller, not the worker");
+    }
+}
