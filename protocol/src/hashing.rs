@@ -101,9 +101,41 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
+/// Reads `reader` to its end in 1 MiB chunks, handing each to `each` (for hashing or
+/// signing files too large to hold in memory); returns the number of bytes read.
+pub fn for_each_chunk(mut reader: impl std::io::Read, mut each: impl FnMut(&[u8])) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        each(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+/// Hex SHA-256 and length of what `reader` yields, read in chunks.
+pub fn sha256_reader(reader: impl std::io::Read) -> std::io::Result<(String, u64)> {
+    let mut h = sha2::Sha256::new();
+    let len = for_each_chunk(reader, |chunk| h.update(chunk))?;
+    Ok((hex::encode(h.finalize()), len))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reader_hash_matches_the_buffer_hash_across_chunks() {
+        for len in [0usize, 1, (1 << 20) - 1, 1 << 20, (3 << 20) + 5] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            assert_eq!(sha256_reader(data.as_slice()).unwrap(), (sha256_hex(&data), len as u64), "length {len}");
+        }
+    }
 
     #[test]
     fn every_algorithm_matches_known_digests_across_chunks() {

@@ -198,20 +198,12 @@ impl SigningKey {
         let failure: RefCell<Option<Error>> = RefCell::new(None);
         let read_pass = |h: &mut sha2::Sha512| -> Result<([u8; 32], u64)> {
             let read_err = |source| Error::Read { what: what.to_owned(), source };
-            let mut reader = open().map_err(read_err)?;
-            let mut buf = vec![0u8; 1 << 20];
-            let (mut sha256, mut length) = (Sha256::new(), 0u64);
-            loop {
-                let n = match reader.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(read_err(e)),
-                };
-                h.update(&buf[..n]);
-                sha256.update(&buf[..n]);
-                length += n as u64;
-            }
+            let mut sha256 = Sha256::new();
+            let length = crate::hashing::for_each_chunk(open().map_err(read_err)?, |chunk| {
+                h.update(chunk);
+                sha256.update(chunk);
+            })
+            .map_err(read_err)?;
             Ok((sha256.finalize().into(), length))
         };
         let feed = |h: &mut sha2::Sha512| -> std::result::Result<(), ed25519_dalek::SignatureError> {

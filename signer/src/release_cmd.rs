@@ -1,6 +1,5 @@
 //! `outpost release publish`: sign a firmware release offline and optionally upload it.
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -108,21 +107,19 @@ pub(crate) fn role_for_path(repo: &LocalRepo, path: &str) -> Result<String> {
     Ok(role)
 }
 
+/// [`crate::sigstore_out::sign_file`] on the blocking pool.
+async fn sign_file(key: &outpost_protocol::keys::SigningKey, file: &std::path::Path, expected_sha256: Option<&str>) -> Result<crate::sigstore_out::Signed> {
+    let (key, file, expected) = (key.clone(), file.to_owned(), expected_sha256.map(str::to_owned));
+    tokio::task::spawn_blocking(move || crate::sigstore_out::sign_file(&key, &file, expected.as_deref()))
+        .await
+        .map_err(|e| SignerError::Usage(format!("signing task: {e}")))?
+}
+
 /// SHA-256 and length of a file, streamed.
 fn hash_file(path: &std::path::Path) -> Result<(u64, String)> {
-    let mut f = std::fs::File::open(path).map_err(|e| SignerError::io("open", path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(|e| SignerError::io("read", path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        total += n as u64;
-    }
-    Ok((total, hex::encode(h.finalize())))
+    let f = std::fs::File::open(path).map_err(|e| SignerError::io("open", path, e))?;
+    let (sha, len) = outpost_protocol::hashing::sha256_reader(f).map_err(|e| SignerError::io("read", path, e))?;
+    Ok((len, sha))
 }
 
 /// A target file produced for this release, and where its bytes are.
@@ -147,10 +144,11 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .filter(|n| !n.is_empty() && !n.starts_with('.'))
         .ok_or_else(|| SignerError::Usage(format!("--firmware {}: needs a file name", a.firmware.display())))?;
-    let fw = a.firmware.clone();
-    let (image_len, image_sha) = tokio::task::spawn_blocking(move || hash_file(&fw))
-        .await
-        .map_err(|e| SignerError::Usage(format!("hashing task: {e}")))??;
+    // The image's Sigstore signature (for people outside Outpost) reads the image twice
+    // anyway; its SHA-256 and length are the ones the release metadata lists.
+    let sigstore_key = keys.first().ok_or_else(|| SignerError::Usage("release publish needs a signing --key".into()))?;
+    let image_signed = sign_file(sigstore_key, &a.firmware, None).await?;
+    let (image_len, image_sha) = (image_signed.length, image_signed.sha256_hex());
     let image_path = firmware_target_path(&a.hardware_class, &a.version, &file_name);
     let role = match a.role.clone() {
         Some(r) => r,
@@ -305,34 +303,22 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
         };
         body.targets.insert(art.path.clone(), TargetFile { length: art.length, hashes, custom, extra: Default::default() });
     }
-    // Sigstore signatures for people outside Outpost (the image and the SBOM), made
-    // before anything is stored or uploaded, so a file that changed since it was hashed
-    // stops the release here.
-    let sigstore_key = keys.first();
-    let mut signed = Vec::new();
-    if let Some(key) = sigstore_key {
-        let mut to_sign = vec![(image_path.clone(), a.firmware.clone(), image_sha.clone())];
-        to_sign.extend(artifacts.iter().filter(|x| x.custom.is_none()).map(|x| (x.path.clone(), x.file.clone(), x.sha256.clone())));
-        for (path, file, sha256) in to_sign {
-            let (key, file) = (key.clone(), file.clone());
-            let signature = tokio::task::spawn_blocking(move || crate::sigstore_out::sign_file(&key, &file, &sha256))
-                .await
-                .map_err(|e| SignerError::Usage(format!("signing task: {e}")))??;
-            signed.push((path, signature));
-        }
+    // The SBOM's Sigstore signature, made before anything is stored or uploaded, so a
+    // file that changed since it was hashed stops the release here.
+    let mut signed = vec![(image_path.clone(), image_signed)];
+    for sbom in artifacts.iter().filter(|x| x.custom.is_none()) {
+        signed.push((sbom.path.clone(), sign_file(sigstore_key, &sbom.file, Some(&sbom.sha256)).await?));
     }
     let fresh: Vec<(&str, &std::path::Path, &str)> = artifacts.iter().map(|a| (a.path.as_str(), a.file.as_path(), a.sha256.as_str())).collect();
     let pushed = commit_role(&repo, &role, &mut body, &keys, &fresh, a.expires, server.as_ref(), out).await?;
     let sigstore_dir = a.sigstore_dir.clone().unwrap_or_else(|| repo.dir.join("sigstore"));
     let mut sigstore = Vec::new();
-    if let Some(key) = sigstore_key {
-        let pem_path = sigstore_dir.join(format!("{}.pub.pem", key.key_id()));
-        std::fs::create_dir_all(&sigstore_dir).map_err(|e| SignerError::io("create", &sigstore_dir, e))?;
-        crate::localrepo::write_atomic(&pem_path, crate::sigstore_out::public_pem(key)?.as_bytes())?;
-        for (path, signature) in &signed {
-            let written = crate::sigstore_out::write_signature(key, signature, &sigstore_dir.join(path))?;
-            sigstore.push(json!({"target": path, "signature": written.signature, "bundle": written.bundle, "public_key": pem_path}));
-        }
+    let pem_path = sigstore_dir.join(format!("{}.pub.pem", sigstore_key.key_id()));
+    std::fs::create_dir_all(&sigstore_dir).map_err(|e| SignerError::io("create", &sigstore_dir, e))?;
+    crate::localrepo::write_atomic(&pem_path, crate::sigstore_out::public_pem(sigstore_key)?.as_bytes())?;
+    for (path, signature) in &signed {
+        let written = crate::sigstore_out::write_signature(sigstore_key, signature, &sigstore_dir.join(path))?;
+        sigstore.push(json!({"target": path, "signature": written.signature, "bundle": written.bundle, "public_key": pem_path}));
     }
     for art in &artifacts {
         if art.temporary {

@@ -44,30 +44,41 @@ pub struct Written {
     pub bundle: PathBuf,
 }
 
-/// A Sigstore signature made by [`sign_file`], not yet written.
+/// A Sigstore signature made by [`sign_file`], not yet written, with the SHA-256 and
+/// length of the bytes it covers.
 #[derive(Debug, Clone)]
 pub struct Signed {
     signature: [u8; 64],
     sha256: [u8; 32],
+    pub length: u64,
+}
+
+impl Signed {
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
 }
 
 /// Signs `file` with pure Ed25519 (what `cosign sign-blob` makes with an ed25519 key).
 /// The file is read twice in chunks, never held in memory (Ed25519 hashes the message
-/// twice), and what was signed must hash to `expected_sha256` (hex), the hash the TUF
-/// metadata lists for it: the Sigstore signature covers exactly the bytes the release's
-/// metadata names, or there is none.
-pub fn sign_file(key: &SigningKey, file: &Path, expected_sha256: &str) -> Result<Signed> {
+/// twice). With `expected_sha256` (hex, the hash the TUF metadata lists for a file
+/// hashed earlier), what was signed must hash to it: the Sigstore signature covers
+/// exactly the bytes the release's metadata names, or there is none. Without it, the
+/// signature's own SHA-256 and length are the ones to put in the metadata.
+pub fn sign_file(key: &SigningKey, file: &Path, expected_sha256: Option<&str>) -> Result<Signed> {
     let what = file.display().to_string();
-    let signed = key
-        .sign_reader(&what, || std::fs::File::open(file))
-        .map_err(|e| SignerError::proto("sigstore signature", e))?;
-    if hex::encode(signed.sha256) != expected_sha256 {
+    let signed = key.sign_reader(&what, || std::fs::File::open(file)).map_err(|e| match e {
+        outpost_protocol::Error::Read { source, .. } => SignerError::io("read", file, source),
+        e => SignerError::proto("sigstore signature", e),
+    })?;
+    let signed = Signed { signature: signed.signature, sha256: signed.sha256, length: signed.length };
+    if let Some(expected) = expected_sha256.filter(|e| *e != signed.sha256_hex()) {
         return Err(SignerError::Usage(format!(
-            "{what}: changed since it was hashed for the release metadata (sha256 {expected_sha256} then, {} now); nothing signed",
-            hex::encode(signed.sha256)
+            "{what}: changed since it was hashed for the release metadata (sha256 {expected} then, {} now); nothing signed",
+            signed.sha256_hex()
         )));
     }
-    Ok(Signed { signature: signed.signature, sha256: signed.sha256 })
+    Ok(signed)
 }
 
 /// Writes `<out>.sig` (cosign's `sign-blob` format: the base64 signature) and
@@ -100,7 +111,6 @@ pub fn write_signature(key: &SigningKey, signed: &Signed, out: &Path) -> Result<
 /// Errors say which check failed.
 pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bundle: Option<&Path>) -> Result<()> {
     use ed25519_dalek::pkcs8::DecodePublicKey;
-    use std::io::Read;
     if signature.is_none() && bundle.is_none() {
         return Err(SignerError::Usage("pass --signature FILE.sig and/or --bundle FILE.sigstore.json".into()));
     }
@@ -143,31 +153,28 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
         }
         None => None,
     };
-    let mut input = std::fs::File::open(file).map_err(|e| SignerError::io("open", file, e))?;
-    let mut sha256 = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(SignerError::io("read", file, e)),
-        };
-        sha256.update(&buf[..n]);
+    let input = std::fs::File::open(file).map_err(|e| SignerError::io("open", file, e))?;
+    // The SHA-256 is only needed for the bundle's digest.
+    let mut sha256 = bundle_check.as_ref().map(|_| Sha256::new());
+    outpost_protocol::hashing::for_each_chunk(input, |chunk| {
+        if let Some(h) = sha256.as_mut() {
+            h.update(chunk);
+        }
         if let Some((_, v)) = sig_check.as_mut() {
-            v.update(&buf[..n]);
+            v.update(chunk);
         }
         if let Some((_, _, v)) = bundle_check.as_mut() {
-            v.update(&buf[..n]);
+            v.update(chunk);
         }
-    }
+    })
+    .map_err(|e| SignerError::io("read", file, e))?;
     let not_verified =
         |origin: &Path, e: ed25519_dalek::SignatureError| SignerError::Usage(format!("{}: signature does not verify for {}: {e}", origin.display(), file.display()));
     if let Some((sig, v)) = sig_check {
         v.finalize_and_verify().map_err(|e| not_verified(sig, e))?;
     }
     if let Some((b, digest, v)) = bundle_check {
-        if digest != b64.encode(sha256.finalize()) {
+        if Some(digest) != sha256.map(|h| b64.encode(h.finalize())) {
             return Err(SignerError::Usage(format!("{}: the bundle's digest is not the SHA-256 of {}", b.display(), file.display())));
         }
         v.finalize_and_verify().map_err(|e| not_verified(b, e))?;
@@ -190,7 +197,8 @@ mod tests {
         let image: Vec<u8> = (0..(3usize << 20) + 5).map(|i| (i % 251) as u8).collect();
         let file = dir.path().join("fw.img");
         std::fs::write(&file, &image).unwrap();
-        let signed = sign_file(&key, &file, &sha_hex(&image)).unwrap();
+        let signed = sign_file(&key, &file, Some(&sha_hex(&image))).unwrap();
+        assert_eq!((signed.sha256_hex(), signed.length), (sha_hex(&image), image.len() as u64));
         let written = write_signature(&key, &signed, &dir.path().join("sig/fw.img")).unwrap();
         // cosign's sign-blob format: the base64 pure-Ed25519 signature over the whole file.
         let b64 = base64::engine::general_purpose::STANDARD;
@@ -218,9 +226,9 @@ mod tests {
         let key = SigningKey::generate().unwrap();
         let file = dir.path().join("fw.img");
         std::fs::write(&file, b"new bytes").unwrap();
-        let err = sign_file(&key, &file, &sha_hex(b"old bytes")).unwrap_err().to_string();
+        let err = sign_file(&key, &file, Some(&sha_hex(b"old bytes"))).unwrap_err().to_string();
         assert!(err.contains("changed since it was hashed for the release metadata") && err.ends_with("nothing signed"), "{err}");
-        let err = sign_file(&key, &dir.path().join("missing.img"), &sha_hex(b"")).unwrap_err().to_string();
+        let err = sign_file(&key, &dir.path().join("missing.img"), None).unwrap_err().to_string();
         assert!(err.contains("missing.img"), "{err}");
     }
 

@@ -10,7 +10,7 @@ pub mod journal;
 pub mod transfer;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -750,19 +750,8 @@ fn choose(infos: Vec<TargetInfo>, config: &AgentConfig, want: Pick<'_>) -> Resul
 }
 
 pub(crate) fn hash_file(path: &Path) -> Result<(String, u64)> {
-    let mut f = std::fs::File::open(path).map_err(|e| AgentError::io("open", path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f.read(&mut buf).map_err(|e| AgentError::io("read", path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        len += n as u64;
-    }
-    Ok((hex::encode(h.finalize()), len))
+    let f = std::fs::File::open(path).map_err(|e| AgentError::io("open", path, e))?;
+    outpost_protocol::hashing::sha256_reader(f).map_err(|e| AgentError::io("read", path, e))
 }
 
 /// The file's bytes if its sha256 is `want` (the delta reference).
