@@ -17,8 +17,11 @@ exec </dev/null   # nothing here may wait for input (CI has no stdin)
 
 step() { printf '\n==> %s\n' "$*"; }
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# A one-shot build gains nothing from incremental state (over 1 GB under target/).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 step "setup"
+df -h "$REPO_ROOT" /tmp 2>/dev/null || true
 bash scripts/setup.sh
 [[ -d "$HOME/.cargo/bin" ]] && export PATH="$HOME/.cargo/bin:$PATH"
 
