@@ -916,7 +916,7 @@ def test_disk_full_is_refused_before_downloading(fleet, tmp_path, tmpfs):
     expect_committed(dev, res, v1, "B")
     journal_before = dev.journal_path.read_bytes()
 
-    publish(fleet, image("v2", 2 * MiB), "2.0.0")
+    publish(fleet, image("v2", 4 * MiB), "2.0.0")
     res = dev.run_once()
     assert_fails(res, "free space", "no space")
     ctx = res.describe() + "\n" + dev.state_summary()
@@ -932,6 +932,30 @@ def test_disk_full_is_refused_before_downloading(fleet, tmp_path, tmpfs):
     # Still refused the same way next time (nothing was left filling the disk).
     res = dev.run_once()
     assert_fails(res, "free space", "no space")
+
+
+def test_as_is_release_needs_room_for_one_copy(fleet, tmp_path, tmpfs):
+    """A release sent as-is becomes the staged image by rename, so the download
+    directory needs room for one copy of it. The same size sent zstd-compressed is
+    decoded beside its compressed file and needs room for both: refused up front."""
+    repo, server, token = fleet
+    v1 = publish(fleet, image("v1", 256 * 1024), "1.0.0")
+    dev = new_device(fleet, tmp_path, install={"boot_dir": "bootpart"})
+    tmpfs(dev.state_dir, "3m")
+    res = dev.run_once()
+    expect_committed(dev, res, v1, "B")
+
+    # Random bytes: zstd cannot shrink them, so this needs about 2 x 2 MiB.
+    publish(fleet, image("v2", 2 * MiB), "2.0.0", "--zstd")
+    res = dev.run_once()
+    assert_fails(res, "free space", "no space")
+    ctx = res.describe() + "\n" + dev.state_summary()
+    assert journal_parses(dev)["phase"]["phase"] == "committed", ctx
+    assert tree_files(dev.downloads) == {}, ctx
+
+    v3 = publish(fleet, image("v3", 2 * MiB), "3.0.0")
+    res = dev.run_once()
+    expect_committed(dev, res, v3, "A")
 
 
 def test_disk_full_while_writing_the_slot(fleet, tmp_path, tmpfs):

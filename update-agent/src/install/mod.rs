@@ -514,9 +514,6 @@ impl Installer {
             Phase::Downloading { release: r, transfer: t, durable } if r == release && t == transfer => *durable,
             _ => 0,
         };
-        let needed = (transfer.length - durable.min(transfer.length)) + release.length;
-        check_space(&downloads, needed)?;
-        self.set_phase(Phase::Downloading { release: release.clone(), transfer: transfer.clone(), durable })?;
         let info = TargetInfo { path: transfer.target.clone(), file: outpost_protocol::tuf::TargetFile {
             length: transfer.length, hashes: hashes.clone(), custom: None, extra: Default::default() }, role: String::new() };
         let url = updater.target_url(&info, &format!("{}/targets/", self.config.server_url))?;
@@ -532,6 +529,11 @@ impl Installer {
             image: image_path.to_owned(),
             durable,
         };
+        // What is still to come, plus the decoded image beside it unless the target
+        // is the image as-is (then the received file is renamed into place).
+        let to_receive = transfer.length - durable.min(transfer.length);
+        check_space(&downloads, if spec.is_as_is() { to_receive } else { to_receive + release.length })?;
+        self.set_phase(Phase::Downloading { release: release.clone(), transfer: transfer.clone(), durable })?;
         let opts = TransferOptions { retries: self.config.install.retries, bandwidth: self.config.install.bandwidth_limit, ..Default::default() };
         let journal_file = JournalFile::new(self.journal_file.path());
         let mut journal = self.journal.clone();

@@ -43,6 +43,17 @@ pub struct TransferSpec {
     pub durable: u64,
 }
 
+impl TransferSpec {
+    /// Whether the target is the image itself (sent as-is, with the image's length and
+    /// SHA-256): then the received file becomes the staged image by rename, and no
+    /// second copy is ever on disk.
+    pub fn is_as_is(&self) -> bool {
+        self.encoding == Encoding::Identity
+            && self.length == self.image_length
+            && self.hashes.get("sha256").is_some_and(|h| h.eq_ignore_ascii_case(&self.image_sha256))
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TransferOptions {
     pub retries: u32,
@@ -225,9 +236,7 @@ fn sink_worker(
 ) -> Result<()> {
     let reference = spec.reference.clone();
     let what = format!("download {}", spec.url);
-    let as_is = spec.encoding == Encoding::Identity
-        && spec.length == spec.image_length
-        && spec.hashes.get("sha256").is_some_and(|h| h.eq_ignore_ascii_case(&spec.image_sha256));
+    let as_is = spec.is_as_is();
     // The decoder into a separate staged image, for targets that are not the image as-is.
     let start_decode = || -> Result<Option<Decode<'_, std::io::BufWriter<std::fs::File>>>> {
         if as_is {
