@@ -337,3 +337,12 @@ def test_sigstore_signatures_beside_firmware_and_sbom_verify_with_standard_crypt
     assert_fails(repo.cli("verify-blob", "--key", pems[0], "--signature", sig, tampered, check=False), "does not verify")
     bundle = sig_dir / "firmware/rpi4/1.0.0/fw.img.sigstore.json"
     assert_fails(repo.cli("verify-blob", "--key", pems[0], "--bundle", bundle, tampered, check=False), "digest")
+    # A good .sig beside a bundle whose signature is a different one (the SBOM's,
+    # under the firmware's digest): the bundle is checked on its own and refused.
+    mixed = tmp_path / "mixed.sigstore.json"
+    doc = json.loads(bundle.read_text())
+    doc["messageSignature"]["signature"] = (sig_dir / f"{sbom_path}.sig").read_text().strip()
+    mixed.write_text(json.dumps(doc))
+    res = repo.cli("verify-blob", "--key", pems[0], "--signature", sig, "--bundle", mixed, fw_file, check=False)
+    assert_fails(res, "does not verify")
+    assert "mixed.sigstore.json" in res.stderr, res.describe()

@@ -119,22 +119,24 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
         .and_then(|pem| ed25519_dalek::VerifyingKey::from_public_key_pem(pem).ok())
         .ok_or_else(|| SignerError::Usage("the public key is not an ed25519 PEM public key (SubjectPublicKeyInfo)".into()))?;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let decode_signature = |text: &[u8], origin: &Path| -> Result<ed25519_dalek::StreamVerifier> {
+    let decode_signature = |text: &[u8], origin: &Path| -> Result<ed25519_dalek::Signature> {
         let trimmed: Vec<u8> = text.iter().copied().filter(|c| !c.is_ascii_whitespace()).collect();
         let raw = b64
             .decode(&trimmed)
             .map_err(|e| SignerError::Usage(format!("{}: the signature is not base64: {e}", origin.display())))?;
-        let sig = ed25519_dalek::Signature::from_slice(&raw).map_err(|_| {
+        ed25519_dalek::Signature::from_slice(&raw).map_err(|_| {
             SignerError::Usage(format!("{}: the signature is {} bytes, an ed25519 signature is 64", origin.display(), raw.len()))
-        })?;
-        key.verify_stream(&sig)
+        })
+    };
+    let verifier = |sig: &ed25519_dalek::Signature, origin: &Path| -> Result<ed25519_dalek::StreamVerifier> {
+        key.verify_stream(sig)
             .map_err(|e| SignerError::Usage(format!("{}: signature does not verify for {}: {e}", origin.display(), file.display())))
     };
-    let mut sig_check = match signature {
+    let sig_signature = match signature {
         Some(sig) => Some((sig, decode_signature(&std::fs::read(sig).map_err(|e| SignerError::io("read", sig, e))?, sig)?)),
         None => None,
     };
-    let mut bundle_check = match bundle {
+    let bundle_signature = match bundle {
         Some(b) => {
             let text = std::fs::read(b).map_err(|e| SignerError::io("read", b, e))?;
             let doc: serde_json::Value =
@@ -153,9 +155,19 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
         }
         None => None,
     };
+    let mut sig_check = match &sig_signature {
+        Some((sig, s)) => Some((*sig, verifier(s, sig)?)),
+        None => None,
+    };
+    // A bundle made with the .sig (as `release publish` writes them) carries the same
+    // signature: verifying it once covers both.
+    let mut bundle_check = match &bundle_signature {
+        Some((b, _, s)) if sig_signature.as_ref().is_none_or(|(_, other)| other != s) => Some((*b, verifier(s, b)?)),
+        _ => None,
+    };
     let input = std::fs::File::open(file).map_err(|e| SignerError::io("open", file, e))?;
     // The SHA-256 is only needed for the bundle's digest.
-    let mut sha256 = bundle_check.as_ref().map(|_| Sha256::new());
+    let mut sha256 = bundle_signature.as_ref().map(|_| Sha256::new());
     outpost_protocol::hashing::for_each_chunk(input, |chunk| {
         if let Some(h) = sha256.as_mut() {
             h.update(chunk);
@@ -163,7 +175,7 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
         if let Some((_, v)) = sig_check.as_mut() {
             v.update(chunk);
         }
-        if let Some((_, _, v)) = bundle_check.as_mut() {
+        if let Some((_, v)) = bundle_check.as_mut() {
             v.update(chunk);
         }
     })
@@ -173,10 +185,12 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
     if let Some((sig, v)) = sig_check {
         v.finalize_and_verify().map_err(|e| not_verified(sig, e))?;
     }
-    if let Some((b, digest, v)) = bundle_check {
+    if let Some((b, digest, _)) = bundle_signature {
         if Some(digest) != sha256.map(|h| b64.encode(h.finalize())) {
             return Err(SignerError::Usage(format!("{}: the bundle's digest is not the SHA-256 of {}", b.display(), file.display())));
         }
+    }
+    if let Some((b, v)) = bundle_check {
         v.finalize_and_verify().map_err(|e| not_verified(b, e))?;
     }
     Ok(())
