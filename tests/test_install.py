@@ -633,6 +633,58 @@ def test_power_cut_after_last_checkpoint_before_download_is_closed(fleet, tmp_pa
     assert all(st in (200, 206) for _, st in gets), ctx
 
 
+def power_cut_after_transfer(dev, v2, staged: bytes) -> None:
+    """The state a power cut leaves between the end of v2's transfer (partial file
+    renamed to the staged image) and the journal's `verified`: the journal still says
+    `downloading` from its last checkpoint, no partial file, `staged` as the image."""
+    release = {"target": v2["target"], "version": "2.0.0", "sha256": v2["sha256"],
+               "length": v2["length"]}
+    j = dev.journal()
+    j["phase"] = {"phase": "downloading", "release": release,
+                  "transfer": {"target": v2["target"], "encoding": "identity",
+                               "length": v2["length"]},
+                  "durable": v2["length"] // 2}
+    dev.journal_path.write_text(json.dumps(j, indent=2))
+    (dev.downloads / f"{quote_all(v2['target'])}.image").write_bytes(staged)
+
+
+def test_power_cut_after_the_staged_image_replaced_the_partial(fleet, tmp_path, proxy_factory):
+    """The restart finds the staged image, checks its length and hash, and installs it
+    without fetching the image again."""
+    repo, server, token = fleet
+    proxy = proxy_factory(server.url)
+    dev, v1 = installed_v1(fleet, tmp_path, server_url=proxy.url)
+    v2 = publish(fleet, image("v2", 300_000), "2.0.0")
+    power_cut_after_transfer(dev, v2, v2["file"].read_bytes())
+    proxy.clear()
+
+    res = dev.run_once()
+    expect_committed(dev, res, v2, "A")
+    gets = full_image_gets(proxy, "2.0.0")
+    assert gets == [], res.describe() + f"\nthe verified staged image was fetched again: {gets}"
+    assert "not downloading it again" in res.stderr, res.describe()
+
+
+def test_power_cut_leaves_a_wrong_staged_image_that_is_fetched_again(fleet, tmp_path,
+                                                                      proxy_factory):
+    """A staged image that does not match the release (here: one byte changed) is never
+    installed: the restart fetches the image whole and installs the right bytes."""
+    repo, server, token = fleet
+    proxy = proxy_factory(server.url)
+    dev, v1 = installed_v1(fleet, tmp_path, server_url=proxy.url)
+    v2 = publish(fleet, image("v2", 300_000), "2.0.0")
+    staged = bytearray(v2["file"].read_bytes())
+    staged[1234] ^= 0x01
+    power_cut_after_transfer(dev, v2, bytes(staged))
+    proxy.clear()
+
+    res = dev.run_once()
+    expect_committed(dev, res, v2, "A")
+    gets = full_image_gets(proxy, "2.0.0")
+    ctx = res.describe() + f"\ntarget requests: {gets}"
+    assert len(gets) == 1 and gets[0].range is None and gets[0].sent == v2["length"], ctx
+
+
 # ================================================================ 3. resume
 def test_dropped_connection_resumes_from_received_offset(fleet, tmp_path, proxy_factory):
     repo, server, token = fleet

@@ -443,7 +443,11 @@ impl Installer {
         let resume_verified = matches!(&self.journal.phase, Phase::Verified { release: r } if *r == release) && image_path.exists();
         let resume_writing = matches!(&self.journal.phase, Phase::Writing { release: r, .. } if *r == release) && image_path.exists();
         if !resume_verified && !resume_writing {
-            self.download(updater, &cand, &release, &image_path).await?;
+            if self.staged_before_power_cut(&release, &image_path)? {
+                tracing::info!(target = %release.target, "the staged image from before the restart verifies: not downloading it again");
+            } else {
+                self.download(updater, &cand, &release, &image_path).await?;
+            }
             self.set_phase(Phase::Verified { release: release.clone() })?;
         }
         let active = self.boot.state()?.active;
@@ -473,6 +477,21 @@ impl Installer {
         let _ = std::fs::remove_file(&image_path);
         self.boot.set_trial(slot, self.config.install.trial_attempts)?;
         self.reboot()
+    }
+
+    /// Whether a power cut fell after the transfer of `release` finished (its partial
+    /// file renamed to, or decoded into, the staged image and then removed) and before
+    /// the journal said `Verified`: the journal still says `Downloading`, the partial
+    /// file is gone and the staged image is there. The image's own length and SHA-256
+    /// decide; anything else is downloaded again.
+    fn staged_before_power_cut(&self, release: &Release, image_path: &Path) -> Result<bool> {
+        let Phase::Downloading { release: r, transfer, .. } = &self.journal.phase else { return Ok(false) };
+        let partial = self.config.download_dir().join(format!("{}.partial", quote_file_name(&transfer.target)));
+        if r != release || partial.exists() || !image_path.exists() {
+            return Ok(false);
+        }
+        let (sha256, length) = hash_file(image_path)?;
+        Ok(length == release.length && sha256.eq_ignore_ascii_case(&release.sha256))
     }
 
     /// Fetches the release into `image_path`: by delta when the active slot is the
