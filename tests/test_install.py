@@ -603,6 +603,19 @@ def test_several_power_cuts_within_one_install(fleet, tmp_path):
         "\n\n".join(failures[:3])
 
 
+def journal_downloading(dev, v2, durable: int) -> None:
+    """Journals that the device is downloading v2 (sent as-is) with `durable` bytes
+    checkpointed, as a power cut during that phase leaves it."""
+    release = {"target": v2["target"], "version": "2.0.0", "sha256": v2["sha256"],
+               "length": v2["length"]}
+    j = dev.journal()
+    j["phase"] = {"phase": "downloading", "release": release,
+                  "transfer": {"target": v2["target"], "encoding": "identity",
+                               "length": v2["length"]},
+                  "durable": durable}
+    dev.journal_path.write_text(json.dumps(j, indent=2))
+
+
 def test_power_cut_after_last_checkpoint_before_download_is_closed(fleet, tmp_path,
                                                                    proxy_factory):
     """The instant after the final checkpoint journaled `durable == length` and
@@ -612,14 +625,7 @@ def test_power_cut_after_last_checkpoint_before_download_is_closed(fleet, tmp_pa
     proxy = proxy_factory(server.url)
     dev, v1 = installed_v1(fleet, tmp_path, server_url=proxy.url)
     v2 = publish(fleet, image("v2", 300_000), "2.0.0")
-    release = {"target": v2["target"], "version": "2.0.0", "sha256": v2["sha256"],
-               "length": v2["length"]}
-    j = dev.journal()
-    j["phase"] = {"phase": "downloading", "release": release,
-                  "transfer": {"target": v2["target"], "encoding": "identity",
-                               "length": v2["length"]},
-                  "durable": v2["length"]}
-    dev.journal_path.write_text(json.dumps(j, indent=2))
+    journal_downloading(dev, v2, durable=v2["length"])
     (dev.downloads / f"{quote_all(v2['target'])}.partial").write_bytes(v2["file"].read_bytes())
 
     res = dev.run_once()
@@ -637,14 +643,7 @@ def power_cut_after_transfer(dev, v2, staged: bytes) -> None:
     """The state a power cut leaves between the end of v2's transfer (partial file
     renamed to the staged image) and the journal's `verified`: the journal still says
     `downloading` from its last checkpoint, no partial file, `staged` as the image."""
-    release = {"target": v2["target"], "version": "2.0.0", "sha256": v2["sha256"],
-               "length": v2["length"]}
-    j = dev.journal()
-    j["phase"] = {"phase": "downloading", "release": release,
-                  "transfer": {"target": v2["target"], "encoding": "identity",
-                               "length": v2["length"]},
-                  "durable": v2["length"] // 2}
-    dev.journal_path.write_text(json.dumps(j, indent=2))
+    journal_downloading(dev, v2, durable=v2["length"] // 2)
     (dev.downloads / f"{quote_all(v2['target'])}.image").write_bytes(staged)
 
 

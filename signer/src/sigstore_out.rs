@@ -128,9 +128,10 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
             SignerError::Usage(format!("{}: the signature is {} bytes, an ed25519 signature is 64", origin.display(), raw.len()))
         })
     };
+    let not_verified =
+        |origin: &Path, e: ed25519_dalek::SignatureError| SignerError::Usage(format!("{}: signature does not verify for {}: {e}", origin.display(), file.display()));
     let verifier = |sig: &ed25519_dalek::Signature, origin: &Path| -> Result<ed25519_dalek::StreamVerifier> {
-        key.verify_stream(sig)
-            .map_err(|e| SignerError::Usage(format!("{}: signature does not verify for {}: {e}", origin.display(), file.display())))
+        key.verify_stream(sig).map_err(|e| not_verified(origin, e))
     };
     let sig_signature = match signature {
         Some(sig) => Some((sig, decode_signature(&std::fs::read(sig).map_err(|e| SignerError::io("read", sig, e))?, sig)?)),
@@ -180,8 +181,6 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
         }
     })
     .map_err(|e| SignerError::io("read", file, e))?;
-    let not_verified =
-        |origin: &Path, e: ed25519_dalek::SignatureError| SignerError::Usage(format!("{}: signature does not verify for {}: {e}", origin.display(), file.display()));
     if let Some((sig, v)) = sig_check {
         v.finalize_and_verify().map_err(|e| not_verified(sig, e))?;
     }

@@ -479,6 +479,11 @@ impl Installer {
         self.reboot()
     }
 
+    /// Where the received bytes of `transfer` are kept (for resuming).
+    fn partial_path(&self, transfer: &Transfer) -> PathBuf {
+        self.config.download_dir().join(format!("{}.partial", quote_file_name(&transfer.target)))
+    }
+
     /// Whether a power cut fell after the transfer of `release` finished (its partial
     /// file renamed to, or decoded into, the staged image and then removed) and before
     /// the journal said `Verified`: the journal still says `Downloading`, the partial
@@ -486,7 +491,7 @@ impl Installer {
     /// decide; anything else is downloaded again.
     fn staged_before_power_cut(&self, release: &Release, image_path: &Path) -> Result<bool> {
         let Phase::Downloading { release: r, transfer, .. } = &self.journal.phase else { return Ok(false) };
-        let partial = self.config.download_dir().join(format!("{}.partial", quote_file_name(&transfer.target)));
+        let partial = self.partial_path(transfer);
         if r != release || partial.exists() || !image_path.exists() {
             return Ok(false);
         }
@@ -528,7 +533,7 @@ impl Installer {
         image_path: &Path,
     ) -> Result<TransferStats> {
         let downloads = self.config.download_dir();
-        let partial = downloads.join(format!("{}.partial", quote_file_name(&transfer.target)));
+        let partial = self.partial_path(transfer);
         let durable = match &self.journal.phase {
             Phase::Downloading { release: r, transfer: t, durable } if r == release && t == transfer => *durable,
             _ => 0,

@@ -333,9 +333,7 @@ fn sink_worker(
         drop(partial);
         std::fs::rename(&spec.partial, &spec.image).map_err(|e| AgentError::io("rename to the staged image", &spec.partial, e))?;
         if let Some(dir) = spec.image.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| AgentError::io("fsync", dir, e))?;
+            outpost_fsio::sync_dir(dir).map_err(|e| AgentError::io("fsync", dir, e))?;
         }
         return Ok(());
     };
