@@ -277,3 +277,52 @@ def test_stalled_target_download_times_out(fw_client, sim):
     res = _attack(fw_client, "timeout", "timed out", "time out", "slow", timeout_flag=2, timeout=40)
     elapsed = time.monotonic() - start
     assert elapsed < 20, f"took {elapsed:.1f}s with --timeout 2\n" + res.describe()
+
+
+# ------------------------------------------- one key listed under two key ids
+def _alias(sim, md, signer, alias_id: str):
+    """List `signer`'s public key a second time under `alias_id` and copy its
+    signature under that id: one key holder posing as two."""
+    from tuf.api.metadata import Signature
+    k = signer.public_key
+    return type(k)(alias_id, k.keytype, k.scheme, dict(k.keyval)), \
+        lambda: md.signatures.__setitem__(alias_id, Signature(alias_id, md.signatures[k.keyid].signature))
+
+
+def test_threshold_counts_keys_not_key_ids_root(ready_client, sim):
+    """Root v2 demands 2 root signatures and lists the one root key twice, under its
+    real id and an alias, with the one signature copied under both ids. A threshold
+    counts key holders: v2 must be refused and v1 kept."""
+    (signer,) = sim.signers["root"]
+    alias_id = "ab" * 32
+    key, copy_sig = _alias(sim, sim.root, signer, alias_id)
+    sim.root.signed.add_key(key, "root")
+    sim.set_threshold("root", 2)
+    sim.root.signed.version += 1
+    sim.sign(sim.root, [signer])
+    copy_sig()
+    data = sim.root.to_bytes(sim.serializer)
+    assert len(json.loads(data)["signatures"]) == 2
+    sim.files["metadata/2.root.json"] = data
+    sim.files["metadata/root.json"] = data
+    res = _attack(ready_client, "threshold", role="root")
+    assert ready_client.trusted("root") == sim.root_history[1], res.describe()
+
+
+def test_threshold_counts_keys_not_key_ids_delegation(ready_client, sim):
+    """`targets` delegates `fw` with threshold 2 over two key ids that are one key;
+    fw's single signature, copied under both ids, must not make fw trusted, so the
+    target fw lists does not exist."""
+    sim.add_delegation("targets", "fw", paths=["firmware/*/*/*"], threshold=2)
+    (signer,) = sim.signers["fw"]
+    alias_id = "cd" * 32
+    key, copy_sig = _alias(sim, sim.roles["fw"], signer, alias_id)
+    sim.roles["targets"].signed.add_key(key, "fw")
+    sim.add_target("fw", FW, IMAGE)
+    sim.publish("targets", "fw")
+    copy_sig()
+    sim.files[sim.role_path("fw")] = sim.roles["fw"].to_bytes(sim.serializer)
+    assert len(json.loads(sim.files[sim.role_path("fw")])["signatures"]) == 2
+    res = assert_fails(ready_client.download(FW), "threshold")
+    assert ready_client.target_files() == {}, res.describe()
+    assert ready_client.trusted("fw") is None, res.describe()

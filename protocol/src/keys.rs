@@ -48,6 +48,36 @@ impl PublicKey {
         Ok(hex::encode(Sha256::digest(to_canonical(&value)?)))
     }
 
+    /// The key itself, independent of how it is written down: the raw Ed25519 point,
+    /// the SEC1 compressed point of an ECDSA key, the modulus and exponent of an RSA
+    /// key. Two key ids whose entries decode to the same material are one key, and
+    /// count once toward a threshold. `None` for a key this implementation cannot
+    /// read (such a key never verifies a signature either).
+    pub fn material(&self) -> Option<Vec<u8>> {
+        let public = &self.keyval.public;
+        match self.keytype.as_str() {
+            ED25519 => {
+                let bytes = hex::decode(public).ok()?;
+                (bytes.len() == 32).then(|| [b"ed25519:".as_slice(), &bytes].concat())
+            }
+            "ecdsa" | "ecdsa-sha2-nistp256" | "ecdsa-sha2-nistp384" => {
+                use p256::pkcs8::DecodePublicKey as _;
+                if let Ok(k) = p256::ecdsa::VerifyingKey::from_public_key_pem(public) {
+                    return Some([b"p256:".as_slice(), k.to_encoded_point(true).as_bytes()].concat());
+                }
+                let k = p384::ecdsa::VerifyingKey::from_public_key_pem(public).ok()?;
+                Some([b"p384:".as_slice(), k.to_encoded_point(true).as_bytes()].concat())
+            }
+            "rsa" => {
+                use rsa::pkcs8::DecodePublicKey as _;
+                use rsa::traits::PublicKeyParts as _;
+                let k = rsa::RsaPublicKey::from_public_key_pem(public).ok()?;
+                Some([b"rsa:".as_slice(), &k.n().to_bytes_be(), b":", &k.e().to_bytes_be()].concat())
+            }
+            _ => None,
+        }
+    }
+
     /// Verifies `sig_hex` over `message`. Returns `false` for a bad signature and for
     /// key types this implementation does not support (such keys never count toward
     /// a threshold). Supported: ed25519; ECDSA P-256/P-384 with SHA-256/384 (DER

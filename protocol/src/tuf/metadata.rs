@@ -476,9 +476,11 @@ fn check_spec_version(v: &str, role: &str) -> Result<()> {
     Ok(())
 }
 
-/// Counts distinct `keyids` whose signature over `canonical` verifies; errors below
+/// Counts distinct keys whose signature over `canonical` verifies; errors below
 /// `threshold`. Keys not listed for the role, unknown key types and duplicate
-/// signatures never count.
+/// signatures never count, and neither does one key listed under several key ids
+/// (keys are compared by their material, not by id: the same public key written
+/// twice is still one holder).
 pub fn verify_threshold(
     role: &str,
     canonical: &[u8],
@@ -487,11 +489,15 @@ pub fn verify_threshold(
     threshold: u64,
     keys: &BTreeMap<String, PublicKey>,
 ) -> Result<()> {
-    let mut valid = BTreeSet::new();
+    let mut valid: BTreeSet<Vec<u8>> = BTreeSet::new();
     for keyid in keyids {
         let Some(key) = keys.get(keyid) else { continue };
+        let Some(material) = key.material() else { continue };
+        if valid.contains(&material) {
+            continue;
+        }
         if signatures.iter().any(|s| &s.keyid == keyid && key.verify(canonical, &s.sig)) {
-            valid.insert(keyid.as_str());
+            valid.insert(material);
         }
     }
     if (valid.len() as u64) < threshold {
