@@ -225,6 +225,65 @@ def test_update_ignores_target_outside_signing_roles_delegation(sim, tmp_path, r
     assert sim.target_path(rogue_path, "rogue") not in sim.target_requests(), res.describe()
 
 
+def _reference_target(sim: RepoSim, tmp_path: Path, path: str):
+    """What python-tuf's ngclient (the specification's reference client) resolves."""
+    ref_md = tmp_path / "ref-md"
+    ref_md.mkdir(exist_ok=True)
+    (ref_md / "root.json").write_bytes(sim.root_history[1])
+    ref = Updater(str(ref_md), sim.metadata_url, str(tmp_path), sim.targets_url, bootstrap=None)
+    ref.refresh()
+    return ref.get_targetinfo(path)
+
+
+@pytest.mark.parametrize("with_good_release", [True, False], ids=["beside-good", "alone"])
+def test_update_refuses_target_whose_chain_escapes_a_parents_paths(sim, tmp_path,
+                                                                   with_good_release):
+    """`targets` gives `fw-beta` only firmware/rpi4/*-beta/*; fw-beta delegates `X`
+    firmware/rpi4/*/* (wider than its own grant) and X signs 9.9.9. The search for
+    that path never enters fw-beta (its pattern does not match), so 9.9.9 is not a
+    target of this repository: every hop of a chain must match, not only the last."""
+    sim.add_delegation("targets", "fw-beta", paths=["firmware/rpi4/*-beta/*"])
+    sim.add_delegation("fw-beta", "X", paths=["firmware/rpi4/*/*"])
+    rogue_path, _ = add_fw(sim, "X", "9.9.9", name="image.bin")
+    beta_path, beta = add_fw(sim, "X", "2.0.0-beta", name="image.bin")
+    roles = ["targets", "fw-beta", "X"]
+    if with_good_release:
+        sim.add_delegation("targets", "firmware", paths=["firmware/rpi4/*/*"])
+        good_path, good = add_fw(sim, "firmware", "1.0.0")
+        roles.append("firmware")
+    sim.publish(*roles)
+    assert _reference_target(sim, tmp_path, rogue_path) is None, "simulator/reference disagree"
+    assert _reference_target(sim, tmp_path, beta_path) is not None
+
+    agent = device(sim, tmp_path)
+    res = assert_ok(agent.update())
+    report = Agent.report(res)
+    # 2.0.0-beta is reached through fw-beta -> X for its own path, and is newer than
+    # 1.0.0; 9.9.9, newer still, is not reachable at all.
+    assert (report.get("target"), report.get("signed_by_role")) == (beta_path, "X"), \
+        "update chose a target that TUF's delegation search does not reach\n" + res.describe()
+    assert agent.download_files() == {quote_all(beta_path): beta}
+    assert sim.target_path(rogue_path, "X") not in sim.target_requests(), res.describe()
+
+
+def test_update_takes_each_paths_target_from_the_role_the_search_reaches_first(sim, tmp_path):
+    """Two roles list the same path with different bytes; the search for that path
+    reaches `first` before `second`, so first's file is the target (not the one a
+    walk happened to read first)."""
+    sim.add_delegation("targets", "first", paths=["firmware/rpi4/1.*/*"])
+    sim.add_delegation("targets", "second", paths=["firmware/rpi4/*/*"])
+    # `second` is walked too (its pattern matches): it lists 1.5.0 with other bytes.
+    path, genuine = add_fw(sim, "first", "1.5.0")
+    add_fw(sim, "second", "1.5.0", data=b"other bytes for the same path " * 50)
+    sim.publish("targets", "first", "second")
+    assert _reference_target(sim, tmp_path, path).length == len(genuine)
+
+    agent = device(sim, tmp_path)
+    report = Agent.report(assert_ok(agent.update()))
+    assert (report.get("target"), report.get("signed_by_role")) == (path, "first")
+    assert agent.stored(path) == genuine
+
+
 def test_update_honours_terminating_delegation(sim, tmp_path):
     """`stable` is a terminating delegation for firmware/rpi4/*/*: for those paths
     the search ends there, so 2.0.0 listed by the later role `beta` is not a target

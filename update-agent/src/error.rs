@@ -59,6 +59,11 @@ pub enum AgentError {
     #[error("target {0:?} is not in the signed repository")]
     TargetNotFound(String),
 
+    /// The delegation search for a target needs more roles than the limit allows: the
+    /// answer is unknown, so nothing is chosen rather than a wrong "absent".
+    #[error("searching the delegations for {target}: more than {limit} roles would be visited (next: {next_role}); refusing to guess")]
+    DelegationLimit { target: String, limit: usize, next_role: String },
+
     #[error("no firmware for hardware class {class} in the signed repository")]
     NoFirmware { class: String },
 

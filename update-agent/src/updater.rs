@@ -4,12 +4,12 @@
 //! copies are tried first and used when still valid as final metadata, so unchanged
 //! snapshot and targets are never downloaded twice.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use outpost_protocol::pattern::pattern_may_match_prefix;
-use outpost_protocol::tuf::{quote_file_name, quote_role, quote_target_path, DelegatedRole, TargetFile, Targets, TrustedSet};
+use outpost_protocol::tuf::{quote_file_name, quote_role, quote_target_path, TargetFile, Targets, TrustedSet};
 use outpost_protocol::Error as TufError;
 
 use crate::error::{AgentError, Result};
@@ -204,16 +204,26 @@ impl Updater {
     }
 
     /// Finds `target_path` by a pre-order depth-first walk of the delegation graph,
-    /// loading only roles whose paths match, honouring `terminating`.
+    /// loading only roles whose paths match, honouring `terminating` (client workflow
+    /// 5.6.7): a role is reached only through a chain in which every hop is delegated
+    /// that path. This is the one delegation search of the agent: the installer's and
+    /// the policy step's candidates are resolved through it too. A search that would
+    /// need more than `max_delegations` roles is an error, never a silent "absent".
     pub async fn get_target_info(&mut self, target_path: &str) -> Result<Option<TargetInfo>> {
         self.refresh().await?;
         let mut to_visit: Vec<(String, String)> = vec![("targets".into(), "root".into())];
         let mut visited: BTreeSet<String> = BTreeSet::new();
         let mut budget = self.limits.max_delegations;
-        while budget > 0 {
-            let Some((role, parent)) = to_visit.pop() else { break };
+        while let Some((role, parent)) = to_visit.pop() {
             if visited.contains(&role) {
                 continue;
+            }
+            if budget == 0 {
+                return Err(AgentError::DelegationLimit {
+                    target: target_path.to_owned(),
+                    limit: self.limits.max_delegations,
+                    next_role: role,
+                });
             }
             let targets = self.load_targets(&role, &parent).await?;
             if let Some(file) = targets.targets.get(target_path) {
@@ -234,86 +244,65 @@ impl Updater {
             children.reverse();
             to_visit.extend(children);
         }
-        if !to_visit.is_empty() {
-            tracing::warn!("stopped searching for {target_path} after {} delegations", self.limits.max_delegations);
-        }
         Ok(None)
     }
 
-    /// Every target whose path starts with the segments in `prefix`, found by the same
-    /// depth-first walk (roles whose patterns cannot match the prefix are not loaded).
-    /// A target counts only where its role is delegated for its path; the first role
-    /// in walk order wins, as for a single lookup.
+    /// Every target under the path segments in `prefix` that the delegation search
+    /// resolves, exactly as [`Self::get_target_info`] resolves each path: which role
+    /// answers, in which order, with `terminating` and `path_hash_prefixes` honoured.
+    ///
+    /// Two steps. First the candidate paths: every role that could hold a path under
+    /// the prefix is read (roles whose patterns cannot match the prefix are not
+    /// loaded); what these roles list is only a guess, never the answer. Then each
+    /// candidate is looked up on its own with the conformant search, and only what it
+    /// returns counts, so a role that lists a path its chain of delegations does not
+    /// give it — at any hop, not only the last — contributes nothing.
     pub async fn targets_under(&mut self, prefix: &[&str]) -> Result<Vec<TargetInfo>> {
         self.refresh().await?;
         let prefix_str = format!("{}/", prefix.join("/"));
-        let mut found: BTreeMap<String, TargetInfo> = BTreeMap::new();
-        let mut to_visit: Vec<(String, String, Option<DelegatedRole>)> = vec![("targets".into(), "root".into(), None)];
+        let mut candidates: BTreeSet<String> = BTreeSet::new();
+        let mut to_visit: Vec<(String, String)> = vec![("targets".into(), "root".into())];
         let mut visited: BTreeSet<String> = BTreeSet::new();
-        let mut budget = self.limits.max_delegations;
-        while budget > 0 {
-            let Some((role, parent, delegation)) = to_visit.pop() else { break };
+        while let Some((role, parent)) = to_visit.pop() {
             if !visited.insert(role.clone()) {
                 continue;
             }
-            budget -= 1;
+            // Every role read is listed in the trusted snapshot (load_targets refuses
+            // one that is not), so this walk is bounded by the snapshot's size.
             let targets = self.load_targets(&role, &parent).await?.clone();
-            for (path, file) in &targets.targets {
-                let allowed = match &delegation {
-                    Some(d) => d.is_delegated_path(path),
-                    None if role == "targets" => true,
-                    // A hash bin: only paths that hash into it.
-                    None => self
-                        .trusted
-                        .targets(&parent)
-                        .and_then(|p| p.delegations.as_ref())
-                        .is_some_and(|d| d.roles_for_target(path).iter().any(|(n, _)| *n == role)),
-                };
-                if path.starts_with(&prefix_str) && allowed && !found.contains_key(path) {
-                    found.insert(path.clone(), TargetInfo { path: path.clone(), file: file.clone(), role: role.clone() });
-                }
-            }
+            candidates.extend(targets.targets.keys().filter(|p| p.starts_with(&prefix_str)).cloned());
+            let Some(delegations) = &targets.delegations else { continue };
             let mut children = Vec::new();
-            let mut terminated = false;
-            if let Some(roles) = targets.delegations.as_ref().and_then(|d| d.roles.as_ref()) {
-                for r in roles {
-                    let may = match (&r.paths, &r.path_hash_prefixes) {
-                        (Some(paths), _) => paths.iter().any(|p| pattern_may_match_prefix(p, prefix)),
-                        (None, Some(_)) => true,
-                        (None, None) => false,
-                    };
-                    if may {
-                        children.push((r.name.clone(), role.clone(), Some(r.clone())));
-                        if r.terminating {
-                            // As in a single lookup: nothing after a matching
-                            // terminating role is consulted, and no backtracking.
-                            terminated = true;
-                            break;
-                        }
-                    }
+            for r in delegations.roles.iter().flatten() {
+                let may = match (&r.paths, &r.path_hash_prefixes) {
+                    (Some(paths), _) => paths.iter().any(|p| pattern_may_match_prefix(p, prefix)),
+                    (None, Some(_)) => true,
+                    (None, None) => false,
+                };
+                if may {
+                    children.push((r.name.clone(), role.clone()));
                 }
             }
-            if let Some(bins) = targets.delegations.as_ref().and_then(|d| d.succinct_roles.as_ref()) {
-                // Hash bins: any bin may hold a path under the prefix.
-                if bins.bit_length <= 8 {
-                    for bin in 0..(1u32 << bins.bit_length) {
-                        let width = (bins.bit_length as usize).div_ceil(4);
-                        let name = format!("{}-{:0width$x}", bins.name_prefix, bin, width = width);
-                        if self.trusted.snapshot().is_some_and(|s| s.meta.contains_key(&format!("{name}.json"))) {
-                            children.push((name, role.clone(), None));
-                        }
+            if let Some(bins) = &delegations.succinct_roles {
+                // Hash bins: any bin may hold a path under the prefix; the snapshot
+                // lists the bins that exist.
+                let snapshot = self.trusted.snapshot().ok_or_else(|| AgentError::Usage("snapshot not loaded".into()))?;
+                for name in snapshot.meta.keys().filter_map(|f| f.strip_suffix(".json")) {
+                    if bins.is_delegated_role(name) {
+                        children.push((name.to_owned(), role.clone()));
                     }
-                } else {
-                    tracing::warn!(role = %role, bit_length = bins.bit_length, "too many hash bins to list; skipping them");
                 }
-            }
-            if terminated {
-                to_visit.clear();
             }
             children.reverse();
             to_visit.extend(children);
         }
-        Ok(found.into_values().collect())
+        let mut found = Vec::new();
+        for path in candidates {
+            if let Some(info) = self.get_target_info(&path).await? {
+                found.push(info);
+            }
+        }
+        Ok(found)
     }
 
     /// The local file for a target: `dir/<path URL-quoted as one file name>`.
