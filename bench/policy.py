@@ -241,6 +241,7 @@ def main() -> int:
                 runs["outpost (eBPF)"].append(r)
                 m = agent.metrics()
                 agent.stop()
+                agent.detach()  # enforcement is pinned: it outlives the agent until detached
                 denied = m.get('outpost_policy_packets_total{verdict="denied"}', 0)
                 assert denied == 0, f"the benchmark's own traffic was denied ({denied} packets)"
                 for kind in ("chain", "set"):
@@ -263,6 +264,7 @@ def main() -> int:
             totals.append(ev["total_ms"])
         first_apply = agent.lines[0]["to_flip_ms"]
         agent.stop()
+        agent.detach()  # enforcement is pinned: it outlives the agent until detached
         nft_times = {}
         for kind in ("chain", "set"):
             ts = [nft_load(net.ns, nft_ruleset(net.host4, n, kind, shift=(i + 1) * 7)) * 1e3 for i in range(a.swaps)]

@@ -331,10 +331,12 @@ PIF_NS="opdemo$(( $$ % 10000 ))b"
 PHOST=10.250.1.1
 PNSIP=10.250.1.2
 PCG="outpost-demo-$$/telemetry"
+PPIN="/sys/fs/bpf/outpost-demo-$$"
 POLICY_PIDS=()
 policy_cleanup() {
   for p in "${POLICY_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${POLICY_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  "$OUTPOST_BIN/outpost-agent" policy detach --pin-dir "$PPIN" >/dev/null 2>&1 || true
   ip link del "$PIF_HOST" 2>/dev/null || true
   ip netns del "$PNS" 2>/dev/null || true
   rmdir "$CG_ROOT/$PCG" "$CG_ROOT/outpost-demo-$$" 2>/dev/null || true
@@ -384,7 +386,7 @@ fleet_run "$OUTPOST_BIN/outpost" policy publish --repo "$REPO" --key "$KEYS/poli
 PDEV="$ATT/rpi4-tpm-1"
 PMETRICS="$(fleet_free_port)"
 printf '%s\n' '' '[install]' 'check_interval = "2s"' '' '[policy]' "cgroup_root = \"$CG_ROOT\"" \
-  "metrics_listen = \"127.0.0.1:$PMETRICS\"" >>"$PDEV/agent.toml"
+  "metrics_listen = \"127.0.0.1:$PMETRICS\"" "pin_dir = \"$PPIN\"" >>"$PDEV/agent.toml"
 fleet_log "network policy: rpi4-tpm-1 fetches the bundle through TUF and enforces it (outpost-agent policy run)"
 "$OUTPOST_BIN/outpost-agent" --config "$PDEV/agent.toml" --log-level info policy run >>"$PDEV/policy.log" 2>&1 &
 POLICY_PIDS+=($!)
@@ -409,9 +411,13 @@ POLICY_REPORTED="$(curl -fsS -H "Authorization: Bearer $OPERATOR_TOKEN" "$SERVER
   | jq -c '.device.policy | {name, version, applied, mode, enforcing, verdicts}')"
 echo "  the server's record of rpi4-tpm-1 after its attested check-in: $POLICY_REPORTED" >&2
 [[ "$(echo "$POLICY_REPORTED" | jq -r .enforcing)" == true ]] || fleet_die "the check-in did not carry the policy status"
-kill "${POLICY_PIDS[-1]}" && wait "${POLICY_PIDS[-1]}" 2>/dev/null || true
+kill -KILL "${POLICY_PIDS[-1]}" && wait "${POLICY_PIDS[-1]}" 2>/dev/null || true
+STILL="$(in_workload curl -s -m 3 -o /dev/null -w '%{http_code}' "http://$PHOST:9000/" || true)"
+echo "  agent killed (SIGKILL): the programs and maps are pinned in $PPIN; telemetry -> :9000: ${STILL/000/still dropped}" >&2
+[[ "$STILL" == 000 ]] || fleet_die "the policy stopped with the agent (HTTP $STILL)"
+"$OUTPOST_BIN/outpost-agent" policy detach --pin-dir "$PPIN" >&2
 AFTER="$(in_workload curl -s -m 3 -o /dev/null -w '%{http_code}' "http://$PHOST:9000/" || true)"
-echo "  agent stopped: programs detached; telemetry -> :9000 now answers HTTP $AFTER" >&2
+echo "  outpost-agent policy detach: enforcement removed explicitly; telemetry -> :9000 now answers HTTP $AFTER" >&2
 
 # --------------------------------------------------------------------------- summary
 cat <<EOF

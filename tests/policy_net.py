@@ -1,6 +1,7 @@
 """Test hosts for the network-policy tests: a network namespace joined to the host by
 a veth pair, workload cgroups (v2), echo servers on the host side, probes run inside
-a workload, and `outpost-agent policy enforce` driven through SIGHUP.
+a workload, and `outpost-agent policy enforce` driven through SIGHUP, pinned in a bpffs
+directory of its own and detached by `policy detach` when the test ends.
 
 Everything is created with names unique to this process and removed afterwards;
 traffic goes only between the host end and the namespace end of the veth pair.
@@ -193,16 +194,19 @@ class Enforcer:
     """`outpost-agent policy enforce FILE` in the background; `swap` rewrites FILE and
     sends SIGHUP, then waits for the agent's answer line."""
 
-    def __init__(self, exe: Path, workdir: Path, bundle: str, metrics_port: int, extra_env: dict | None = None) -> None:
+    def __init__(self, exe: Path, workdir: Path, bundle: str, metrics_port: int, extra_env: dict | None = None,
+                 pin_dir: Path | None = None) -> None:
+        self.exe = exe
         self.file = workdir / "bundle.yaml"
         self.file.write_text(bundle)
         self.metrics_port = metrics_port
+        self.pin_dir = pin_dir or new_pin_dir()
         self.log = workdir / "enforce.log"
         env = dict(os.environ, OUTPOST_LOG="info", **(extra_env or {}))
-        self._logf = open(self.log, "wb")
+        self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [str(exe), "--json", "policy", "enforce", str(self.file), "--cgroup-root", str(CGROUP_ROOT),
-             "--metrics-listen", f"127.0.0.1:{metrics_port}"],
+             "--metrics-listen", f"127.0.0.1:{metrics_port}", "--pin-dir", str(self.pin_dir)],
             stdout=subprocess.PIPE, stderr=self._logf, env=env, text=True)
         self.lines: list[dict] = []
         self._cv = threading.Condition()
@@ -264,7 +268,20 @@ class Enforcer:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def kill(self) -> None:
+        """SIGKILL: the crash an agent does not see coming."""
+        self.proc.kill()
+        self.proc.wait(5)
+        self._logf.close()
+
+    def detach(self) -> subprocess.CompletedProcess:
+        """`outpost-agent policy detach`: the explicit end of enforcement."""
+        return subprocess.run([str(self.exe), "--json", "policy", "detach", "--pin-dir", str(self.pin_dir)],
+                              capture_output=True, text=True, timeout=30)
+
     def stop(self) -> int | None:
+        if self._logf.closed:
+            return self.proc.returncode
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -274,6 +291,18 @@ class Enforcer:
                 self.proc.wait(5)
         self._logf.close()
         return self.proc.returncode
+
+
+BPFFS = Path("/sys/fs/bpf")
+_pin_dirs = 0
+
+
+def new_pin_dir() -> Path:
+    """A pin directory of its own for one enforcer of this test process (the agent
+    mounts bpffs at /sys/fs/bpf when nothing is mounted there)."""
+    global _pin_dirs
+    _pin_dirs += 1
+    return BPFFS / f"outpost-test-{os.getpid()}-{_pin_dirs}"
 
 
 def fetch_metrics(port: int) -> dict[str, float]:

@@ -13,6 +13,7 @@ import os
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +57,8 @@ def enforcers(tmp_path):
     yield start
     for e in started:
         e.stop()
+        res = e.detach()
+        assert res.returncode == 0, res.stderr
 
 
 def test_allowed_pass_denied_drop_and_counters_match(net, cg_base, enforcers):
@@ -216,9 +219,21 @@ def test_malformed_and_expired_bundles_are_refused_and_the_policy_stays(net, cg_
     assert res.returncode != 0 and "\"ports\"" in res.stderr, res.describe()
 
 
-def test_shutdown_detaches_everything(net, cg_base, enforcers):
+def _wait_programs(count: int, timeout: float = 10) -> int:
+    """The kernel frees programs a moment after their last reference goes (deferred
+    work): wait until `count` Outpost programs are loaded, return how many are."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(outpost_programs()) != count:
+        time.sleep(0.1)
+    return len(outpost_programs())
+
+
+def test_enforcement_outlives_the_agent_until_policy_detach(net, cg_base, enforcers):
+    """SIGTERM ends the agent, not the policy: the links and maps are pinned, so the
+    denied port stays denied. Only `policy detach` ends enforcement, and then
+    nothing of Outpost's stays loaded."""
     w = Workload(net, f"{cg_base}/app")
-    mine_before = len(outpost_programs())
+    mine_before, maps_before = len(outpost_programs()), len(outpost_maps())
     e = enforcers(bundle(workloads=workload_yaml("app", w.rel, [
         f"{{name: api, direction: egress, cidr: {net.host4}/32, protocol: tcp, ports: {TCP_A}}}"])))
     assert len(outpost_programs()) == mine_before + 4
@@ -226,18 +241,92 @@ def test_shutdown_detaches_everything(net, cg_base, enforcers):
     assert "outpost_cg_egre" in attached and "outpost_cg_ingr" in attached, attached
     assert w.probe("tcp", net.host4, TCP_B, timeout=0.7) == 0
     assert e.stop() == 0
-    assert sh("bpftool", "cgroup", "show", str(w.path)).stdout.strip() == ""
-    # The kernel frees programs and maps once their last reference is gone, a moment
-    # after the process exits (deferred work), so wait for it.
+    assert e.lines[-1].get("event") == "stopped", e.lines
+    # The agent is gone; its two cgroup programs stay attached and enforcing.
+    assert _wait_programs(mine_before + 2) == mine_before + 2
+    attached = sh("bpftool", "cgroup", "show", str(w.path)).stdout
+    assert "outpost_cg_egre" in attached and "outpost_cg_ingr" in attached, attached
+    assert (w.probe("tcp", net.host4, TCP_A), w.probe("tcp", net.host4, TCP_B, timeout=0.7)) == (1, 0)
+    res = e.detach()
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["event"] == "detached" and len(out["links"]) == 2 and out["maps"] == 11, out
+    assert "removed by policy detach" in res.stderr, res.stderr
+    # Links are released by deferred work in the kernel: give it a moment.
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (len(outpost_programs()) != mine_before
-                                           or (mine_before == 0 and outpost_maps())):
+    while time.monotonic() < deadline and sh("bpftool", "cgroup", "show", str(w.path)).stdout.strip():
         time.sleep(0.1)
-    assert len(outpost_programs()) == mine_before
-    if mine_before == 0:
-        assert outpost_maps() == []
+    assert sh("bpftool", "cgroup", "show", str(w.path)).stdout.strip() == ""
+    assert _wait_programs(mine_before) == mine_before
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(outpost_maps()) != maps_before:
+        time.sleep(0.1)
+    assert len(outpost_maps()) == maps_before
+    assert not e.pin_dir.exists()
     # Nothing enforced any more: the port that was denied answers.
     assert w.probe("tcp", net.host4, TCP_B) == 1
+
+
+def test_sigkilled_agent_leaves_the_device_filtered_and_a_restart_adopts_without_a_gap(net, cg_base, enforcers):
+    """The crash loop that used to be a fail-open loop: two workloads, the agent
+    SIGKILLed. Both stay filtered. A restarted agent on the same pins adopts the maps
+    and links: while it starts, a stream to the allowed port loses nothing and a probe
+    of the denied port gets nothing through."""
+    a, b = Workload(net, f"{cg_base}/a"), Workload(net, f"{cg_base}/b")
+    text = bundle(workloads=workload_yaml("a", a.rel, [
+        f"{{name: api, direction: egress, cidr: {net.host4}/32, protocol: udp, ports: {UDP_A}}}"])
+        + workload_yaml("b", b.rel, [
+            f"{{name: api, direction: egress, cidr: {net.host4}/32, protocol: tcp, ports: {TCP_A}}}"]))
+    e = enforcers(text)
+    assert (a.probe("tcp", net.host4, TCP_B, timeout=0.7), b.probe("tcp", net.host4, TCP_B, timeout=0.7)) == (0, 0)
+    e.kill()
+    for w in (a, b):
+        assert w.probe("tcp", net.host4, TCP_B, timeout=0.7) == 0, f"{w.rel} unfiltered after the agent was killed"
+    assert b.probe("tcp", net.host4, TCP_A) == 1, "the allowed port must stay allowed"
+
+    results: dict[str, int] = {}
+
+    def stream() -> None:
+        results["allowed"] = a.probe("udp", net.host4, UDP_A, count=400, timeout=1.0)
+
+    def denied() -> None:
+        results["denied"] = b.probe("tcp", net.host4, TCP_B, count=10, timeout=0.5)
+
+    threads = [threading.Thread(target=stream), threading.Thread(target=denied)]
+    for t in threads:
+        t.start()
+    e2 = enforcers(text, pin_dir=e.pin_dir)
+    for t in threads:
+        t.join(120)
+    assert results == {"allowed": 400, "denied": 0}, results
+    assert "adopted the pinned network-policy maps" in e2.log_text(), e2.log_text()[-2000:]
+    assert (a.probe("udp", net.host4, UDP_A), a.probe("tcp", net.host4, TCP_B, timeout=0.7)) == (1, 0)
+
+
+@pytest.mark.parametrize("essential", ["named-one", "empty"])
+def test_fallback_to_essential_keeps_every_scope_of_the_bundle_filtered(net, cg_base, enforcers, essential):
+    """At not_after the essential profile applies. A workload the bundle names and the
+    essential profile does not is not released: it is denied everything (`essential:
+    {}` denies everything to every scope the bundle named)."""
+    a, b = Workload(net, f"{cg_base}/a"), Workload(net, f"{cg_base}/b")
+    soon = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=4)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    rule_a = f"{{name: api, direction: egress, cidr: {net.host4}/32, protocol: tcp, ports: {TCP_A}}}"
+    if essential == "named-one":
+        ess = "\n  workloads:\n" + "\n".join("  " + line for line in workload_yaml("a", a.rel, [rule_a]).splitlines()) + "\n"
+    else:
+        ess = "{}"
+    e = enforcers(bundle(not_after=soon, essential=ess, workloads=workload_yaml("a", a.rel, [rule_a])
+                         + workload_yaml("b", b.rel, [
+                             f"{{name: api, direction: egress, cidr: {net.host4}/32, protocol: tcp, ports: {TCP_A}}}"])))
+    assert (a.probe("tcp", net.host4, TCP_A), b.probe("tcp", net.host4, TCP_A)) == (1, 1)
+    ev = e.wait_event(1, timeout=15)
+    assert ev is not None and ev["event"] == "essential", ev
+    # b: no rule of the essential profile, so nothing at all; never a port no rule allows.
+    assert b.probe("tcp", net.host4, TCP_A, timeout=0.7) == 0
+    assert b.probe("tcp", net.host4, TCP_B, timeout=0.7) == 0
+    assert b.probe("udp", net.host4, UDP_B, timeout=0.7) == 0
+    assert a.probe("tcp", net.host4, TCP_B, timeout=0.7) == 0
+    assert a.probe("tcp", net.host4, TCP_A, timeout=0.7) == (1 if essential == "named-one" else 0)
 
 
 def test_interface_rules_with_tc(net, enforcers):
@@ -261,7 +350,9 @@ def test_interface_rules_with_tc(net, enforcers):
     assert from_ns("udp", net.host6, UDP_B, timeout=0.7) == 0
     assert e.rule("interface/lab/echo") > 0 and e.verdict("denied") > 0
     assert e.stop() == 0
-    assert from_ns("tcp", net.host4, TCP_B) == 1, "after shutdown nothing is filtered on the interface"
+    assert from_ns("tcp", net.host4, TCP_B, timeout=0.7) == 0, "the interface stays filtered after the agent exits"
+    assert e.detach().returncode == 0
+    assert from_ns("tcp", net.host4, TCP_B) == 1, "after policy detach nothing is filtered on the interface"
 
 
 def test_without_root_the_agent_refuses_to_claim_enforcement(tmp_path, net, cg_base):
@@ -277,3 +368,28 @@ def test_without_root_the_agent_refuses_to_claim_enforcement(tmp_path, net, cg_b
     assert res.returncode != 0, res.describe()
     assert "eBPF enforcement is not available" in res.stderr and "root" in res.stderr, res.describe()
     assert "applied" not in res.stdout
+    assert not Path("/sys/fs/bpf/outpost").exists() or Path("/sys/fs/bpf/outpost").stat().st_uid == 0, \
+        "an unprivileged agent must not create the pin directory"
+
+
+def test_a_pin_directory_another_user_made_is_refused(tmp_path, net, cg_base):
+    """bpffs's root is world-writable: an unprivileged user can make the pin directory
+    before the agent does, and would own (and could unlink) the pins inside, ending
+    enforcement. The agent refuses to pin there and says why."""
+    from policy_net import new_pin_dir
+    w = Workload(net, f"{cg_base}/app")
+    f = tmp_path / "b.yaml"
+    f.write_text(bundle(workloads=workload_yaml("app", w.rel, [
+        f"{{name: api, direction: egress, cidr: {net.host4}/32, protocol: tcp, ports: {TCP_A}}}"])))
+    squat = new_pin_dir()
+    sh("sh", "-c", "mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf")
+    made = run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "mkdir", "-m", "0755", squat], timeout=30)
+    try:
+        assert made.returncode == 0, made.describe()
+        res = run([binary("outpost-agent"), "policy", "enforce", f, "--cgroup-root", CGROUP_ROOT, "--pin-dir", squat],
+                  timeout=30)
+        assert res.returncode != 0, res.describe()
+        assert "refusing to pin there" in res.stderr and "uid 65534" in res.stderr, res.describe()
+        assert w.probe("tcp", net.host4, TCP_B) == 1, "nothing may have been attached"
+    finally:
+        subprocess.run(["rm", "-rf", str(squat)], capture_output=True)

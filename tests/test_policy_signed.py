@@ -18,8 +18,8 @@ import time
 import pytest
 
 from conftest import binary, free_port, run, toml_str
-from policy_net import (CGROUP_ROOT, Echo, Net, Workload, bundle, fetch_metrics, policy_info, remove_cgroup_tree,
-                        require_root, workload_yaml)
+from policy_net import (CGROUP_ROOT, Echo, Net, Workload, bundle, fetch_metrics, new_pin_dir, policy_info,
+                        remove_cgroup_tree, require_root, workload_yaml)
 from reposim import RepoSim, SimServer, new_signer
 
 TCP_A, TCP_B, TCP_C = 7201, 7202, 7203
@@ -53,6 +53,15 @@ def custom(name: str, version: int, not_after: str, classes=("rpi4",)) -> dict:
             "selector": {"hardware_classes": list(classes), "labels": {}}}
 
 
+@pytest.fixture
+def pin_dir():
+    """A bpffs pin directory of the test's own; enforcement pinned there is detached
+    when the test ends (the agent's exit does not end it)."""
+    d = new_pin_dir()
+    yield d
+    subprocess.run([str(binary("outpost-agent")), "policy", "detach", "--pin-dir", str(d)], capture_output=True, timeout=30)
+
+
 def wait_for(cond, timeout: float = 20, what: str = "condition"):
     deadline = time.monotonic() + timeout
     last = None
@@ -67,7 +76,7 @@ def wait_for(cond, timeout: float = 20, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what} (last: {last})")
 
 
-def test_signed_bundles_wrong_key_tampering_and_offline_expiry(net, workload, tmp_path):
+def test_signed_bundles_wrong_key_tampering_and_offline_expiry(net, workload, tmp_path, pin_dir):
     sim = RepoSim()
     sim.add_delegation("targets", "policy", paths=["policy/*/*"])
     sim.publish("targets")
@@ -92,7 +101,8 @@ def test_signed_bundles_wrong_key_tampering_and_offline_expiry(net, workload, tm
     (workdir / "agent.toml").write_text(
         f"server_url = {toml_str(sim.base_url)}\nhardware_class = \"rpi4\"\nstate_dir = \"state\"\n"
         f"trusted_root = \"root.json\"\n\n[http]\ntimeout = \"3s\"\n\n[install]\ncheck_interval = \"1s\"\n\n"
-        f"[policy]\ncgroup_root = {toml_str(str(CGROUP_ROOT))}\nmetrics_listen = \"127.0.0.1:{port}\"\n")
+        f"[policy]\ncgroup_root = {toml_str(str(CGROUP_ROOT))}\nmetrics_listen = \"127.0.0.1:{port}\"\n"
+        f"pin_dir = {toml_str(str(pin_dir))}\n")
     log = open(tmp_path / "agent.log", "wb")
     proc = subprocess.Popen([str(binary("outpost-agent")), "--config", str(workdir / "agent.toml"),
                              "--log-level", "info", "policy", "run"], stdout=log, stderr=subprocess.STDOUT)
@@ -151,7 +161,8 @@ def test_signed_bundles_wrong_key_tampering_and_offline_expiry(net, workload, tm
     assert "restored the enforced network policy" in res.stderr or res.returncode == 0, res.describe()
 
 
-def test_publish_under_the_policy_role_and_report_in_attested_checkins(fleet, tmp_path, swtpm_factory, net, workload):
+def test_publish_under_the_policy_role_and_report_in_attested_checkins(fleet, tmp_path, swtpm_factory, net, workload,
+                                                                      pin_dir):
     from test_attestation import Ops, enrolled_device
     repo, server, token = fleet
     ops = Ops(fleet)
@@ -170,7 +181,7 @@ def test_publish_under_the_policy_role_and_report_in_attested_checkins(fleet, tm
                               "--hardware-class", "rpi4", "--server", server.url, "--token", token, bundle_file).stdout)
     assert out["target"] == "policy/edge/v1.yaml" and out["role"] == "policy", out
     dev, device_id, _ = enrolled_device(fleet, tmp_path, ops, swtpm_factory)
-    dev.write_config(extra_toml=f"\n[policy]\ncgroup_root = {toml_str(str(CGROUP_ROOT))}\n")
+    dev.write_config(extra_toml=f"\n[policy]\ncgroup_root = {toml_str(str(CGROUP_ROOT))}\npin_dir = {toml_str(str(pin_dir))}\n")
     res = dev.run_once()
     assert res.returncode == 0, res.describe()
     record = ops.device(device_id)["device"]
@@ -179,3 +190,18 @@ def test_publish_under_the_policy_role_and_report_in_attested_checkins(fleet, tm
     assert pol["name"] == "edge" and pol["version"] == 1 and pol["applied"] == "bundle", pol
     assert pol["enforcing"] is True and pol["target"] == "policy/edge/v1.yaml", pol
     assert "allowed" in pol["verdicts"], pol
+
+    # The engine cannot start (its pin directory is not on bpffs): the device must not
+    # go on reporting the enforcement it had. Its status and its next attested check-in
+    # say enforcement is not running and why, and the server stores that instead of
+    # keeping the old status.
+    not_bpffs = tmp_path / "not-bpffs"
+    dev.write_config(extra_toml=f"\n[policy]\ncgroup_root = {toml_str(str(CGROUP_ROOT))}\npin_dir = {toml_str(str(not_bpffs))}\n")
+    res = dev.run_once()
+    assert "NOT enforcing network policy" in res.stderr, res.describe()
+    status = json.loads(run([binary("outpost-agent"), "--config", dev.config, "policy", "status"]).stdout)
+    assert status["enforcing"] is False and "cannot start" in status["error"] and "BPF file system" in status["error"], status
+    assert status["name"] == "edge" and status["version"] == 1, status
+    record = ops.device(device_id)["device"]
+    pol = record["policy"]
+    assert pol["enforcing"] is False and "cannot start" in (pol.get("error") or ""), pol

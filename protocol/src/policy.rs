@@ -157,6 +157,17 @@ pub struct Profile {
 }
 
 impl Profile {
+    /// This profile, plus every scope of `other` it does not name (by kind and
+    /// target) with no rules: those scopes stay under enforcement and allow nothing.
+    pub fn enclosing(mut self, other: &Profile) -> Profile {
+        for s in &other.scopes {
+            if !self.scopes.iter().any(|m| m.kind == s.kind && m.target == s.target) {
+                self.scopes.push(Scope { kind: s.kind, name: s.name.clone(), target: s.target.clone(), rules: Vec::new() });
+            }
+        }
+        self
+    }
+
     pub fn rule_count(&self) -> usize {
         self.scopes.iter().map(|s| s.rules.len()).sum()
     }
@@ -188,7 +199,11 @@ pub struct PolicyBundle {
     /// One deny event out of this many is reported.
     pub sample_denies: u32,
     pub profile: Profile,
-    /// Enforced (always in enforce mode) once `not_after` has passed.
+    /// Enforced (always in enforce mode) once `not_after` has passed: the bundle's
+    /// `essential` section, plus every other scope the bundle names, with no rules.
+    /// Fail-secure: a workload or interface the bundle put under enforcement never
+    /// leaves it because the bundle expired; absent from `essential` means denied
+    /// everything, not unfiltered.
     pub essential: Profile,
 }
 
@@ -244,6 +259,7 @@ impl PolicyBundle {
             }
             Some(_) => return Err(bad("bundle", "essential", "must be a mapping with workloads and interfaces")),
         };
+        let essential = essential.enclosing(&profile);
         for (p, what) in [(&profile, "bundle"), (&essential, "essential")] {
             if p.rule_count() > MAX_RULES {
                 return Err(bad(what, "rules", &format!("{} rules; at most {MAX_RULES}", p.rule_count())));
@@ -452,6 +468,11 @@ pub struct PolicyStatus {
     /// The last bundle refused, and why.
     #[serde(default)]
     pub refused: Option<String>,
+    /// Why enforcement is not what this status names: the engine cannot start (no
+    /// eBPF, no bpffs), or the stored bundle cannot be restored. `enforcing` says
+    /// whether programs still filter (rules pinned by an earlier agent do).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// Packets per verdict since the agent started (allowed, denied, audit_denied, ...).
     #[serde(default)]
     pub verdicts: BTreeMap<String, u64>,
@@ -550,6 +571,24 @@ essential:
         let t = DateTime::parse_from_rfc3339("2030-01-01T00:00:00Z").expect("time").with_timezone(&Utc);
         assert_eq!(b.applied(t - chrono::Duration::seconds(1)), Applied::Bundle);
         assert_eq!(b.applied(t), Applied::Essential);
+    }
+
+    #[test]
+    fn the_essential_profile_keeps_every_scope_of_the_bundle_enforced() {
+        // GOOD's essential section names only the telemetry workload: the uplink
+        // interface must stay under enforcement with nothing allowed, not fall open.
+        let b = PolicyBundle::parse(GOOD.as_bytes()).expect("valid");
+        let (essential, mode) = b.profile_for(Applied::Essential);
+        assert_eq!(mode, Mode::Enforce);
+        let uplink = essential.scopes.iter().find(|s| s.kind == ScopeKind::Interface && s.target == "eth0").expect("uplink kept");
+        assert!(uplink.rules.is_empty());
+        let telemetry = essential.scopes.iter().find(|s| s.target == "outpost/telemetry").expect("telemetry");
+        assert_eq!(telemetry.rules.len(), 1, "essential's own rules, not the bundle's");
+        // `essential: {}` keeps both scopes, both denied everything.
+        let empty = GOOD.split("essential:").next().expect("head").to_owned() + "essential: {}\n";
+        let b = PolicyBundle::parse(empty.as_bytes()).expect("valid");
+        assert_eq!(b.essential.scopes.len(), 2);
+        assert_eq!(b.essential.rule_count(), 0);
     }
 
     #[test]

@@ -346,7 +346,7 @@ async fn record_checkin_tx(tx: &mut dyn Tx, c: &CheckinRecord<'_>) -> Result<(),
     .await?;
     tx.execute(
         "UPDATE devices SET last_checkin_at = ?1, slot = ?2, version = ?3, image_sha256 = ?4, health = ?5,
-           attestation = ?6, attestation_reason = ?7, attested_at = ?1, sbom_sha256 = ?9, policy = COALESCE(?10, policy) WHERE device_id = ?8",
+           attestation = ?6, attestation_reason = ?7, attested_at = ?1, sbom_sha256 = ?9, policy = ?10 WHERE device_id = ?8",
         args![&now, c.slot, c.version, c.image_sha256, c.health, c.verdict, c.reason, c.device_id, c.sbom_sha256, c.policy.as_deref()],
     )
     .await?;

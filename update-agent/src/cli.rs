@@ -80,13 +80,15 @@ pub enum PolicyCommand {
     /// install.check_interval, enforce them, fall back to the essential profile when
     /// they expire, serve /metrics. For devices whose images another tool updates.
     Run {
-        /// One fetch-and-enforce step, then exit (which detaches the programs).
+        /// One fetch-and-enforce step, then exit (enforcement stays pinned).
         #[arg(long)]
         once: bool,
     },
     /// Enforce a local bundle file until SIGINT/SIGTERM (SIGHUP re-reads it), for
     /// trying a bundle on a device: no signature is checked here, the daemon
-    /// enforces only bundles signed by the `policy` role.
+    /// enforces only bundles signed by the `policy` role. Enforcement is pinned in
+    /// bpffs and stays after the command ends, as the daemon's does; `policy detach`
+    /// removes it.
     Enforce {
         file: PathBuf,
         /// Where workload cgroup paths start (default: the cgroup v2 mount).
@@ -95,6 +97,19 @@ pub enum PolicyCommand {
         /// Serve Prometheus `/metrics` here, e.g. 127.0.0.1:9101.
         #[arg(long)]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Where programs, maps and links are pinned (default /sys/fs/bpf/outpost).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
+    /// End network-policy enforcement: unpin every program link and map under the pin
+    /// directory, so nothing filters any more. The only way enforcement ends (agent
+    /// exits, crashes and upgrades keep it); stop the agent first, or it keeps its
+    /// links until it exits. Logged.
+    Detach {
+        /// The pin directory (default: the config's policy.pin_dir, else
+        /// /sys/fs/bpf/outpost).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
     },
 }
 
@@ -125,8 +140,21 @@ pub async fn run(cli: Cli) -> Result<()> {
             let config = AgentConfig::load(&cli.config)?;
             crate::policy::run_daemon(&config, once).await
         }
-        Command::Policy(PolicyCommand::Enforce { file, cgroup_root, metrics_listen }) => {
-            crate::policy::enforce_local(&file, cgroup_root, metrics_listen, cli.json).await
+        Command::Policy(PolicyCommand::Enforce { file, cgroup_root, metrics_listen, pin_dir }) => {
+            let pin_dir = pin_dir.unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PIN_DIR));
+            crate::policy::enforce_local(&file, cgroup_root, metrics_listen, &pin_dir, cli.json).await
+        }
+        Command::Policy(PolicyCommand::Detach { pin_dir }) => {
+            let pin_dir = match pin_dir {
+                Some(d) => d,
+                // A config that exists must load: detaching the default directory
+                // instead of the configured one would leave enforcement in place.
+                None if cli.config.exists() => {
+                    AgentConfig::load(&cli.config)?.policy.map(|p| p.pin_dir).unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PIN_DIR))
+                }
+                None => PathBuf::from(crate::config::DEFAULT_PIN_DIR),
+            };
+            crate::policy::detach(&pin_dir, cli.json)
         }
         Command::TufClient(args) => crate::tuf_client::run(args).await,
         Command::Run { once } => {

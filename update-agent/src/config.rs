@@ -34,6 +34,7 @@ struct RawPolicy {
     #[serde(default)]
     labels: std::collections::BTreeMap<String, String>,
     metrics_listen: Option<String>,
+    pin_dir: Option<PathBuf>,
 }
 
 /// Network policy enforcement (`[policy]`): signed bundles of the `policy` delegation,
@@ -46,7 +47,13 @@ pub struct PolicyConfig {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Serve Prometheus `/metrics` (policy counters) here.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where programs, maps and links are pinned in bpffs, so enforcement outlives the
+    /// agent process (default [`DEFAULT_PIN_DIR`]).
+    pub pin_dir: PathBuf,
 }
+
+/// The default pin directory of the network-policy programs.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/outpost";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -191,7 +198,11 @@ impl AgentConfig {
                     None => None,
                     Some(a) => Some(a.parse().map_err(|e| err(format!("policy.metrics_listen {a:?}: {e}")))?),
                 };
-                Some(PolicyConfig { cgroup_root: p.cgroup_root.map(|c| base.join(c)), labels: p.labels, metrics_listen })
+                let pin_dir = p.pin_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
+                if !pin_dir.is_absolute() {
+                    return Err(err(format!("policy.pin_dir {:?} must be an absolute path on a BPF file system", pin_dir.display())));
+                }
+                Some(PolicyConfig { cgroup_root: p.cgroup_root.map(|c| base.join(c)), labels: p.labels, metrics_listen, pin_dir })
             }
             _ => None,
         };

@@ -7,8 +7,14 @@
 //! - When the enforced bundle's `not_after` passes (typically while the device cannot
 //!   reach the server), the agent switches to the bundle's essential profile and says
 //!   so in its next check-in.
+//! - The essential profile keeps every scope the bundle named under enforcement: a
+//!   scope it does not list allows nothing (fail-secure, never unfiltered).
+//! - Programs, maps and links are pinned in bpffs (`[policy] pin_dir`): enforcement
+//!   survives the agent's exits, crashes and upgrades, and a restarted agent adopts
+//!   what is pinned without a gap. Only `outpost-agent policy detach` removes it.
 //! - The enforced bundle is kept in the state directory, so a restarted agent enforces
-//!   again before it reaches any server.
+//!   it again before it reaches any server; when the engine cannot start or the bundle
+//!   cannot be restored, the status (and so the next check-in) says so.
 //! - Counters go to check-ins and to a Prometheus `/metrics` endpoint; sampled deny
 //!   events go to the log (target `outpost::policy::deny`).
 
@@ -54,6 +60,9 @@ pub struct PolicyEngine {
     dir: Option<PathBuf>,
     active: Option<Active>,
     refused: Option<String>,
+    /// Why the enforced policy is not the one the agent means to enforce (the stored
+    /// bundle could not be restored).
+    error: Option<String>,
     deny_events: u64,
 }
 
@@ -64,38 +73,43 @@ fn lock(engine: &SharedEngine) -> std::sync::MutexGuard<'_, PolicyEngine> {
 }
 
 impl PolicyEngine {
-    /// Loads the programs. With `dir`, the bundle enforced before a restart is enforced
+    /// Loads the programs, pinned under `pin_root` (adopting what an earlier agent
+    /// pinned there). With `dir`, the bundle enforced before a restart is enforced
     /// again at once (its essential profile if it has expired meanwhile).
-    pub fn start(cgroup_root: &Path, dir: Option<PathBuf>) -> Result<Self> {
-        let enforcer = Enforcer::load(cgroup_root).map_err(|e| AgentError::Policy(e.to_string()))?;
-        let mut engine = PolicyEngine { enforcer, dir, active: None, refused: None, deny_events: 0 };
+    pub fn start(cgroup_root: &Path, dir: Option<PathBuf>, pin_root: &Path) -> Result<Self> {
+        let enforcer = Enforcer::load(cgroup_root, Some(pin_root)).map_err(|e| AgentError::Policy(e.to_string()))?;
+        let mut engine = PolicyEngine { enforcer, dir, active: None, refused: None, error: None, deny_events: 0 };
         if let Some(dir) = engine.dir.clone() {
-            let (bundle_file, meta_file) = (dir.join("active.yaml"), dir.join("active.json"));
-            if let (Ok(bytes), Ok(meta)) = (std::fs::read(&bundle_file), std::fs::read(&meta_file)) {
-                match (PolicyBundle::parse(&bytes), serde_json::from_slice::<Persisted>(&meta)) {
-                    (Ok(bundle), Ok(meta)) => {
-                        let now = Utc::now();
-                        let applied = bundle.applied(now);
-                        let (profile, mode) = bundle.profile_for(applied);
-                        match engine.enforcer.apply(profile, mode, bundle.sample_denies) {
-                            Ok(r) => {
-                                tracing::info!(name = %bundle.name, version = bundle.version, ?applied, generation = r.generation, "restored the enforced network policy");
-                                let fell_back_at = match applied {
-                                    Applied::Essential => meta.fell_back_at.or(Some(now)),
-                                    Applied::Bundle => None,
-                                };
-                                engine.active = Some(Active { bundle, target: meta.target, applied, fell_back_at });
-                                engine.persist();
-                            }
-                            Err(e) => tracing::error!(error = %e, "cannot restore the enforced network policy"),
-                        }
-                    }
-                    (Err(e), _) => tracing::error!(error = %e, file = %bundle_file.display(), "stored policy bundle is unreadable"),
-                    (_, Err(e)) => tracing::error!(error = %e, file = %meta_file.display(), "stored policy state is unreadable"),
-                }
+            if let Err(e) = engine.restore(&dir) {
+                let kept = if engine.enforcer.adopted() { "the rules pinned before the restart stay enforced" } else { "nothing is enforced" };
+                tracing::error!(error = %e, "cannot restore the enforced network policy; {kept}");
+                engine.error = Some(format!("cannot restore the stored bundle: {e}; {kept}"));
             }
         }
         Ok(engine)
+    }
+
+    /// Enforces the stored bundle again, if there is one.
+    fn restore(&mut self, dir: &Path) -> Result<()> {
+        let (bundle_file, meta_file) = (dir.join("active.yaml"), dir.join("active.json"));
+        let Some(bytes) = read_if_exists(&bundle_file)? else { return Ok(()) };
+        let bundle = PolicyBundle::parse(&bytes).map_err(|e| AgentError::Policy(format!("{}: {e}", bundle_file.display())))?;
+        let meta = match read_if_exists(&meta_file)? {
+            Some(m) => serde_json::from_slice::<Persisted>(&m).map_err(|e| AgentError::Corrupt { path: meta_file.clone(), reason: e.to_string() })?,
+            None => Persisted { target: None, fell_back_at: None },
+        };
+        let now = Utc::now();
+        let applied = bundle.applied(now);
+        let (profile, mode) = bundle.profile_for(applied);
+        let r = self.enforcer.apply(profile, mode, bundle.sample_denies).map_err(|e| AgentError::Policy(format!("{} v{}: {e}", bundle.name, bundle.version)))?;
+        tracing::info!(name = %bundle.name, version = bundle.version, ?applied, generation = r.generation, "restored the enforced network policy");
+        let fell_back_at = match applied {
+            Applied::Essential => meta.fell_back_at.or(Some(now)),
+            Applied::Bundle => None,
+        };
+        self.active = Some(Active { bundle, target: meta.target, applied, fell_back_at });
+        self.persist();
+        Ok(())
     }
 
     fn persist(&self) {
@@ -125,7 +139,10 @@ impl PolicyEngine {
                 self.refused = Some(format!("{what}: {e}"));
                 tracing::error!(bundle = %what, error = %e, "network policy bundle refused; the current policy stays");
             }
-            Ok(Some(_)) => self.refused = None,
+            Ok(Some(_)) => {
+                self.refused = None;
+                self.error = None;
+            }
             Ok(None) => {}
         }
         result
@@ -200,22 +217,39 @@ impl PolicyEngine {
         self.active.as_ref().filter(|a| a.applied == Applied::Bundle).map(|a| a.bundle.not_after)
     }
 
+    /// What the engine enforces; `None` only when it has nothing and nothing is wrong.
     pub fn status(&self) -> Option<PolicyStatus> {
         let counters = self.enforcer.counters().ok();
-        let a = self.active.as_ref()?;
-        Some(PolicyStatus {
-            name: a.bundle.name.clone(),
-            version: a.bundle.version,
-            target: a.target.clone(),
-            applied: a.applied,
-            mode: a.bundle.profile_for(a.applied).1,
-            enforcing: self.enforcer.active_generation().is_some(),
-            not_after: a.bundle.not_after,
-            fell_back_at: a.fell_back_at,
-            refused: self.refused.clone(),
-            verdicts: counters.map(|c| c.verdicts.into_iter().map(|(k, v)| (k.to_string(), v)).collect()).unwrap_or_default(),
-            updated_at: Utc::now(),
-        })
+        let verdicts = counters.map(|c| c.verdicts.into_iter().map(|(k, v)| (k.to_string(), v)).collect()).unwrap_or_default();
+        let enforcing = self.enforcer.active_generation().is_some();
+        let mut status = match &self.active {
+            Some(a) => PolicyStatus {
+                name: a.bundle.name.clone(),
+                version: a.bundle.version,
+                target: a.target.clone(),
+                applied: a.applied,
+                mode: a.bundle.profile_for(a.applied).1,
+                enforcing,
+                not_after: a.bundle.not_after,
+                fell_back_at: a.fell_back_at,
+                refused: self.refused.clone(),
+                error: None,
+                verdicts,
+                updated_at: Utc::now(),
+            },
+            None => {
+                let error = self.error.clone()?;
+                let mut s = failed_status(self.dir.as_deref(), error);
+                s.enforcing = enforcing;
+                s.verdicts = verdicts;
+                s.refused = self.refused.clone();
+                s
+            }
+        };
+        if status.error.is_none() {
+            status.error = self.error.clone();
+        }
+        Some(status)
     }
 
     /// Prometheus text exposition of the policy counters.
@@ -270,19 +304,66 @@ impl PolicyEngine {
     }
 }
 
+/// A status for a device whose policy engine is not running as it should: named after
+/// the stored bundle when there is one (name empty otherwise), `enforcing` false.
+fn failed_status(dir: Option<&Path>, error: String) -> PolicyStatus {
+    let now = Utc::now();
+    let stored = dir.and_then(|d| std::fs::read(d.join("active.yaml")).ok()).and_then(|b| PolicyBundle::parse(&b).ok());
+    let target = dir
+        .and_then(|d| std::fs::read(d.join("active.json")).ok())
+        .and_then(|m| serde_json::from_slice::<Persisted>(&m).ok())
+        .and_then(|p| p.target);
+    PolicyStatus {
+        name: stored.as_ref().map(|b| b.name.clone()).unwrap_or_default(),
+        version: stored.as_ref().map_or(0, |b| b.version),
+        target,
+        applied: stored.as_ref().map_or(Applied::Bundle, |b| b.applied(now)),
+        mode: stored.as_ref().map_or(Mode::Enforce, |b| b.profile_for(b.applied(now)).1),
+        enforcing: false,
+        not_after: stored.as_ref().map_or(now, |b| b.not_after),
+        fell_back_at: None,
+        refused: None,
+        error: Some(error),
+        verdicts: Default::default(),
+        updated_at: now,
+    }
+}
+
+fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AgentError::io("read", path, e)),
+    }
+}
+
 fn esc(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-/// Loads the programs for the agent's `[policy]` and restores the enforced bundle.
+/// Loads the programs for the agent's `[policy]` and restores the enforced bundle. When
+/// the engine cannot start, the status file says so (check-ins carry it), so a device
+/// never goes on reporting the enforcement it had before.
 fn start_engine(config: &AgentConfig) -> Result<SharedEngine> {
     let p = config.policy.as_ref().ok_or_else(|| AgentError::Usage("the agent config has no [policy] section".into()))?;
-    let root = p.cgroup_root.clone().or_else(cgroup2_mount).ok_or_else(|| AgentError::Policy("no cgroup v2 mount found; set policy.cgroup_root".into()))?;
-    Ok(Arc::new(Mutex::new(PolicyEngine::start(&root, Some(config.policy_dir()))?)))
+    let started = p
+        .cgroup_root
+        .clone()
+        .or_else(cgroup2_mount)
+        .ok_or_else(|| AgentError::Policy("no cgroup v2 mount found; set policy.cgroup_root".into()))
+        .and_then(|root| PolicyEngine::start(&root, Some(config.policy_dir()), &p.pin_dir));
+    match started {
+        Ok(engine) => Ok(Arc::new(Mutex::new(engine))),
+        Err(e) => {
+            let status = failed_status(Some(&config.policy_dir()), format!("the policy engine cannot start: {e}"));
+            store_status(config, Some(&status));
+            Err(e)
+        }
+    }
 }
 
 /// Starts the engine for the full daemon when `[policy]` is set, or says clearly why
-/// there is no enforcement (the daemon goes on without it).
+/// there is no enforcement (the daemon goes on without it; its status says so).
 pub fn start_for(config: &AgentConfig) -> Option<SharedEngine> {
     config.policy.as_ref()?;
     match start_engine(config) {
@@ -293,6 +374,21 @@ pub fn start_for(config: &AgentConfig) -> Option<SharedEngine> {
             None
         }
     }
+}
+
+/// `outpost-agent policy detach`: the explicit end of enforcement.
+pub fn detach(pin_dir: &Path, json: bool) -> Result<()> {
+    let d = outpost_ebpf::detach_pinned(pin_dir).map_err(|e| AgentError::Policy(e.to_string()))?;
+    tracing::warn!(pin_dir = %pin_dir.display(), links = d.links.len(), maps = d.maps, "network policy enforcement removed by policy detach");
+    if json {
+        let links: Vec<String> = d.links.iter().map(|l| l.display().to_string()).collect();
+        println!("{}", serde_json::json!({"event": "detached", "pin_dir": pin_dir.display().to_string(), "links": links, "maps": d.maps}));
+    } else if d.links.is_empty() && d.maps == 0 {
+        println!("nothing pinned under {}: no network policy was enforced from there", pin_dir.display());
+    } else {
+        println!("detached: {} program link(s) and {} map(s) unpinned from {}; nothing filters any more", d.links.len(), d.maps, pin_dir.display());
+    }
+    Ok(())
 }
 
 /// The bundle for this device among the signed targets of the `policy` role: the most
@@ -364,14 +460,25 @@ pub async fn sync(config: &AgentConfig, engine: &SharedEngine) -> Result<Option<
 /// Writes the status for check-ins (`STATE/policy/status.json`).
 pub fn write_status(config: &AgentConfig, engine: &SharedEngine) {
     let status = lock(engine).status();
-    if let Some(s) = status {
-        let dir = config.policy_dir();
-        let r = std::fs::create_dir_all(&dir)
+    store_status(config, status.as_ref());
+}
+
+/// Stores `status`, or removes a stored one when there is none: a status file never
+/// outlives what it describes.
+fn store_status(config: &AgentConfig, status: Option<&PolicyStatus>) {
+    let dir = config.policy_dir();
+    let file = dir.join("status.json");
+    let r = match status {
+        Some(s) => std::fs::create_dir_all(&dir)
             .map_err(|e| AgentError::io("create", &dir, e))
-            .and_then(|_| write_atomic(&dir.join("status.json"), &serde_json::to_vec_pretty(&s).unwrap_or_default()));
-        if let Err(e) = r {
-            tracing::error!(error = %e, "writing the policy status");
-        }
+            .and_then(|_| write_atomic(&file, &serde_json::to_vec_pretty(s).unwrap_or_default())),
+        None => match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(AgentError::io("remove", &file, e)),
+            _ => Ok(()),
+        },
+    };
+    if let Err(e) = r {
+        tracing::error!(error = %e, "writing the policy status");
     }
 }
 
@@ -402,6 +509,7 @@ pub async fn run_daemon(config: &AgentConfig, once: bool) -> Result<()> {
     let p = config.policy.as_ref().ok_or_else(|| AgentError::Usage("the agent config has no [policy] section".into()))?;
     crate::update::prepare_state(config)?;
     let engine = start_engine(config)?;
+    write_status(config, &engine);
     if let Some(addr) = p.metrics_listen {
         serve_metrics(addr, engine.clone()).await?;
     }
@@ -483,10 +591,14 @@ pub async fn serve_metrics(addr: std::net::SocketAddr, engine: SharedEngine) -> 
 /// `outpost-agent policy enforce FILE`: enforce a local bundle in the foreground (for
 /// trying a bundle on a device; the daemon enforces only signed bundles). SIGHUP
 /// re-reads FILE; SIGINT/SIGTERM detach everything and exit.
-pub async fn enforce_local(file: &Path, cgroup_root: Option<PathBuf>, metrics: Option<std::net::SocketAddr>, json: bool) -> Result<()> {
+pub async fn enforce_local(file: &Path, cgroup_root: Option<PathBuf>, metrics: Option<std::net::SocketAddr>, pin_dir: &Path, json: bool) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let root = cgroup_root.or_else(cgroup2_mount).ok_or_else(|| AgentError::Policy("no cgroup v2 mount found; pass --cgroup-root".into()))?;
-    let engine = Arc::new(Mutex::new(PolicyEngine::start(&root, None)?));
+    // Handlers first: a SIGHUP sent as soon as the bundle is announced is a re-read,
+    // never the default action (exit).
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| AgentError::Policy(format!("SIGHUP handler: {e}")))?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Policy(format!("SIGTERM handler: {e}")))?;
+    let engine = Arc::new(Mutex::new(PolicyEngine::start(&root, None, pin_dir)?));
     let emit = |event: &str, r: Option<&SwapReport>, e: &mut PolicyEngine| {
         let (name, version, applied) = match e.current() {
             Some((n, v, a)) => (n.to_string(), v, Some(a)),
@@ -514,8 +626,6 @@ pub async fn enforce_local(file: &Path, cgroup_root: Option<PathBuf>, metrics: O
     if let Some(addr) = metrics {
         serve_metrics(addr, engine.clone()).await?;
     }
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| AgentError::Policy(format!("SIGHUP handler: {e}")))?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Policy(format!("SIGTERM handler: {e}")))?;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
@@ -538,12 +648,12 @@ pub async fn enforce_local(file: &Path, cgroup_root: Option<PathBuf>, metrics: O
             _ = tokio::signal::ctrl_c() => break,
         }
     }
-    // Dropping the engine detaches the programs and frees the maps.
+    // The links and maps are pinned: the policy stays enforced after this process.
     drop(engine);
     if json {
-        println!("{}", serde_json::json!({"event": "stopped"}));
+        println!("{}", serde_json::json!({"event": "stopped", "pin_dir": pin_dir.display().to_string()}));
     } else {
-        println!("stopped: programs detached");
+        println!("stopped: the policy stays enforced (pinned in {}); `outpost-agent policy detach` removes it", pin_dir.display());
     }
     Ok(())
 }
