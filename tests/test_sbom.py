@@ -289,6 +289,52 @@ def test_signed_deny_list_blocks_affected_releases_and_flags_devices(fleet, tmp_
     assert ops.devices()[0]["vulnerable"] == []
 
 
+def test_a_cargo_pre_release_under_a_less_than_rule_is_refused_and_flagged(fleet, tmp_path, swtpm_factory):
+    """Versions compare by the component's ecosystem: for a crate, 1.0.0-alpha is
+    before 1.0.0 (semver), so `<1.0.0` covers it. (Ordered the dpkg way, the `-alpha`
+    is a Debian revision, after 1.0.0, and the release got through.)"""
+    from test_attestation import Ops, tpm_device
+    repo, server, token = fleet
+    repo.delegate_firmware(role="security", paths="security/*")
+    repo.cli("repo", "push", "--repo", repo.dir, "--server", server.url, "--token", token)
+    lock = tmp_path / "Cargo.lock"
+    lock.write_text('version = 3\n\n[[package]]\nname = "foo"\nversion = "1.0.0-alpha"\n\n'
+                    '[[package]]\nname = "bar"\nversion = "1.0.0"\n')
+    fw = image("pre")
+    repo.publish(fw, "1.0.0", server=server, token=token, extra=("--sbom-cargo-lock", lock))
+    denylist = tmp_path / "denylist.json"
+    denylist.write_text(json.dumps({"outpost_denylist": 1, "entries": [
+        {"id": "RUSTSEC-2026-0001", "purl": "pkg:cargo/foo", "affected": "<1.0.0", "status": "affected"},
+        {"id": "RUSTSEC-2026-0002", "purl": "pkg:cargo/bar", "affected": "<1.0.0", "status": "affected"}]}))
+    repo.cli("sbom", "denylist", "--repo", repo.dir, "--file", denylist, "--key", repo.key("security"),
+             "--server", server.url, "--token", token)
+
+    dev = tpm_device(fleet, tmp_path, swtpm_factory("tpm"))
+    res = dev.run_once()
+    refused = [r for r in Device.results(res) if r.get("result") == "refused_vulnerable"]
+    assert refused and refused[0]["version"] == "1.0.0", res.describe()
+    assert refused[0]["advisories"] == ["RUSTSEC-2026-0001: foo 1.0.0-alpha"], refused
+    assert sha256_hex(fw) not in (dev.slot_sha("A"), dev.slot_sha("B"))
+
+    # The server decides the same way: the release is affected, and cannot be rolled out.
+    ops = Ops(fleet)
+    status, body = http_get(f"{server.url}/api/v1/sbom/affected", token=ops.token)
+    assert status == 200, body
+    entries = {e["entry"]["id"]: e for e in json.loads(body)["entries"]}
+    assert [r["component_version"] for r in entries["RUSTSEC-2026-0001"]["releases"]] == ["1.0.0-alpha"]
+    assert entries["RUSTSEC-2026-0002"]["releases"] == []
+    assert_fails(ops.rollout_cli("create", "--version", "1.0.0", "--hardware-class", "rpi4", check=False),
+                 "deny-list", "RUSTSEC-2026-0001")
+    out = repo.cli("sbom", "search", "pkg:cargo/foo@<1.0.0", "--server", server.url, "--token", ops.token).stdout
+    assert "1 release(s)" in out and "foo 1.0.0-alpha" in out, out
+    # A range on a purl type without a known ordering is refused before it is signed.
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"outpost_denylist": 1, "entries": [
+        {"id": "GO-1", "purl": "pkg:golang/github.com/x/net", "affected": "<0.23.0", "status": "affected"}]}))
+    assert_fails(repo.cli("sbom", "denylist", "--repo", repo.dir, "--file", bad, "--key", repo.key("security"),
+                          check=False), "GO-1", "golang")
+
+
 def test_server_policy_refuses_new_releases_without_an_sbom(outpost_repo, server_factory, tmp_path):
     repo = outpost_repo
     server, token = server_factory(repo, name="strict", require_sbom=True)

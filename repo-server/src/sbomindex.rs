@@ -54,7 +54,10 @@ pub async fn index_release_sboms(repo: &Repository, store: &Store) -> usize {
 }
 
 /// The signed deny-list's `affected` entries with what each hits: (sha256 of the
-/// deny-list, [(entry, search result)]), or None when none is published.
+/// deny-list, [(entry, search result)]), or None when none is published. A component
+/// whose version cannot be placed against an entry's range is among the hits (with
+/// `undecided` saying why), as the device counts it: the views and the rollout gate
+/// fail closed like the device does.
 pub async fn affected_entries(s: &AppState) -> Result<Option<(String, Vec<(outpost_sbom::denylist::Entry, SbomSearch)>)>, ApiError> {
     let target = outpost_sbom::denylist::DENYLIST_TARGET;
     let Some(sha) = s.repo.target_sha256(target).await else { return Ok(None) };

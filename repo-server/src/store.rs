@@ -286,6 +286,11 @@ pub struct SbomHit {
     pub hardware_class: String,
     pub version: String,
     pub image_sha256: String,
+    /// Set when the component may match but its version cannot be placed against the
+    /// query's range (the reason); it is listed, and counted as affected by the
+    /// deny-list views, rather than left out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub undecided: Option<String>,
 }
 
 /// A device whose attested image is an affected release.
@@ -367,7 +372,7 @@ fn base_schema(dialect: Dialect) -> String {
 
 /// Schema changes to tables that already exist, numbered from 1 (SQLite keeps the
 /// number in `PRAGMA user_version`, PostgreSQL in `outpost_schema`).
-const ALTERATIONS: [&str; 2] = [
+const ALTERATIONS: [&str; 3] = [
     // 1: device labels (rollout selectors) and the per-device director version;
     // labels given to enrollment tokens.
     "ALTER TABLE devices ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
@@ -375,7 +380,17 @@ const ALTERATIONS: [&str; 2] = [
      ALTER TABLE enrollment_tokens ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';",
     // 2: the network policy status devices report at check-in.
     "ALTER TABLE devices ADD COLUMN policy TEXT;",
+    // 3: purl_base is the canonical purl read with the packageurl crate (or
+    // UNREADABLE_PURL); rows written before were split by hand. The index is emptied
+    // and rebuilt from the signed releases when the server starts.
+    "DELETE FROM sbom_components;
+     DELETE FROM sbom_releases;",
 ];
+
+/// `sbom_components.purl_base` of a component whose purl cannot be read (no canonical
+/// purl starts with `-`): every purl search considers these, since any of them may be
+/// the package searched for. NULL is a component without a purl.
+const UNREADABLE_PURL: &str = "-";
 
 fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -708,7 +723,7 @@ impl Store {
             .await?;
         if fresh == 1 {
             for c in components {
-                let base = c.purl.as_deref().map(outpost_sbom::query::purl_base);
+                let base = c.purl.as_deref().map(|p| outpost_sbom::query::purl_base(p).unwrap_or_else(|_| UNREADABLE_PURL.to_owned()));
                 tx.execute(
                     "INSERT INTO sbom_components (sbom_sha256, name, version, purl, purl_base) VALUES (?1, ?2, ?3, ?4, ?5)",
                     args![&r.sbom_sha256, &c.name, c.version.as_deref(), c.purl.as_deref(), base],
@@ -720,37 +735,45 @@ impl Store {
     }
 
     /// Releases whose SBOM has a component matching `query`, and the devices whose
-    /// attested image is one of those releases.
+    /// attested image is one of those releases. The rows SQL finds are decided by
+    /// [`outpost_sbom::query::Query::check`], as on devices; a component that cannot be
+    /// decided is kept, with the reason in [`SbomHit::undecided`].
     pub async fn sbom_search(&self, query: &outpost_sbom::query::Query) -> Result<SbomSearch, ServerError> {
-        use outpost_sbom::query::Subject;
+        use outpost_sbom::query::{Match, Subject};
         let mut tx = self.tx(Mode::Shared).await?;
-        let (sql, key) = match &query.subject {
+        let (sql, args) = match &query.subject {
             Subject::Name(n) => (
                 "SELECT c.name, c.version, c.purl, r.sbom_sha256, r.target, r.hardware_class, r.version, r.image_sha256
                  FROM sbom_components c JOIN sbom_releases r ON r.sbom_sha256 = c.sbom_sha256 WHERE c.name = ?1",
-                n.as_str(),
+                args![n.as_str()],
             ),
-            Subject::Purl(p) => (
+            // A purl that cannot be read may be this one.
+            Subject::Purl { base, .. } => (
                 "SELECT c.name, c.version, c.purl, r.sbom_sha256, r.target, r.hardware_class, r.version, r.image_sha256
-                 FROM sbom_components c JOIN sbom_releases r ON r.sbom_sha256 = c.sbom_sha256 WHERE c.purl_base = ?1",
-                p.as_str(),
+                 FROM sbom_components c JOIN sbom_releases r ON r.sbom_sha256 = c.sbom_sha256 WHERE c.purl_base IN (?1, ?2)",
+                args![base.as_str(), UNREADABLE_PURL],
             ),
         };
+        let rows = tx.query(sql, args).await?;
         let mut releases: Vec<SbomHit> = Vec::new();
-        for r in tx.query(sql, args![key]).await? {
-            let hit = SbomHit {
-                component: r.text(0)?,
-                component_version: r.opt_text(1)?,
-                purl: r.opt_text(2)?,
+        for r in rows {
+            let component = outpost_sbom::ComponentRef { name: r.text(0)?, version: r.opt_text(1)?, purl: r.opt_text(2)? };
+            let undecided = match query.check(&component) {
+                Match::No => continue,
+                Match::Yes => None,
+                Match::Undecided(why) => Some(why),
+            };
+            releases.push(SbomHit {
+                component: component.name,
+                component_version: component.version,
+                purl: component.purl,
                 sbom_sha256: r.text(3)?,
                 target: r.text(4)?,
                 hardware_class: r.text(5)?,
                 version: r.text(6)?,
                 image_sha256: r.text(7)?,
-            };
-            if query.matches_version(hit.component_version.as_deref()) {
-                releases.push(hit);
-            }
+                undecided,
+            });
         }
         let mut devices = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
@@ -893,6 +916,57 @@ mod tests {
         nonces_are_single_use_for_their_device_and_bounded;
         enrollment_uses_a_token_once_and_a_wrong_secret_closes_the_challenge;
         reopening_migrates_once_and_keeps_everything;
+        sbom_search_orders_versions_by_each_ecosystem_and_keeps_the_undecided;
+    }
+
+    async fn sbom_search_orders_versions_by_each_ecosystem_and_keeps_the_undecided(b: Backend) {
+        use outpost_sbom::query::Query;
+        use outpost_sbom::ComponentRef;
+        let s = ok(Store::open(&b).await);
+        let c = |name: &str, version: Option<&str>, purl: Option<&str>| ComponentRef {
+            name: name.into(),
+            version: version.map(str::to_owned),
+            purl: purl.map(str::to_owned),
+        };
+        let rel = SbomRelease {
+            sbom_sha256: "ab".repeat(32),
+            target: "firmware/rpi4/1.0.0/fw.img".into(),
+            hardware_class: "rpi4".into(),
+            version: "1.0.0".into(),
+            image_sha256: "cd".repeat(32),
+        };
+        let components = [
+            c("foo", Some("1.0.0-alpha"), Some("pkg:cargo/foo@1.0.0-alpha")),
+            c("bar", Some("2.0.0-rc.1"), Some("pkg:npm/bar@2.0.0-rc.1")),
+            c("django", Some("1.0.0rc1"), Some("pkg:pypi/Django@1.0.0rc1")),
+            c("libc6", Some("2.36-9+deb12u14"), Some("pkg:deb/debian/libc6@2.36-9%2Bdeb12u14?arch=amd64")),
+            c("busybox", Some("1.36.1"), None),
+            // packageurl refuses a namespace on a cargo purl: it cannot be read.
+            c("baz", Some("0.1.0"), Some("pkg:cargo/ns/baz@0.1.0")),
+        ];
+        ok(s.index_sbom(&rel, &components).await);
+        let search = async |q: &str| {
+            let found = ok(s.sbom_search(&ok(Query::parse(q))).await);
+            let mut hits = found.releases.into_iter().map(|h| (h.component, h.undecided.is_some())).collect::<Vec<_>>();
+            hits.sort();
+            hits
+        };
+        let hit = |n: &str| (n.to_owned(), false);
+        let undecided = |n: &str| (n.to_owned(), true);
+        // Pre-releases are before the release (dpkg's order put 1.0.0-alpha after 1.0.0).
+        assert_eq!(search("foo@<1.0.0").await, [hit("foo")]);
+        assert_eq!(search("bar@<2.0.0").await, [hit("bar")]);
+        assert_eq!(search("pkg:pypi/django@<1.0.0").await, [undecided("baz"), hit("django")]);
+        assert_eq!(search("pkg:cargo/foo@>=1.0.0").await, [undecided("baz")], "a purl that cannot be read may be this one");
+        assert_eq!(search("pkg:deb/debian/libc6@<2.36-9+deb12u10").await, [undecided("baz")]);
+        assert_eq!(search("pkg:deb/debian/libc6@>=2.36-9+deb12u10").await, [undecided("baz"), hit("libc6")]);
+        // No purl: no ecosystem, so a range is undecided and an exact version is text.
+        assert_eq!(search("busybox@<1.37.0").await, [undecided("busybox")]);
+        assert_eq!(search("busybox@1.36.1").await, [hit("busybox")]);
+        assert_eq!(search("busybox@1.36.2").await, []);
+        assert_eq!(search("baz@<1.0.0").await, [undecided("baz")]);
+        let found = ok(s.sbom_search(&ok(Query::parse("busybox@<1.37.0"))).await);
+        assert!(found.releases[0].undecided.as_deref().is_some_and(|w| w.contains("has no purl")), "{:?}", found.releases);
     }
 
     async fn nonces_are_single_use_for_their_device_and_bounded(b: Backend) {

@@ -9,6 +9,7 @@
 
 pub mod denylist;
 pub mod query;
+pub mod version;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -42,6 +43,15 @@ pub enum SbomError {
     /// An SBOM that is not valid CycloneDX 1.5 JSON, or not one Outpost can use.
     #[error("SBOM: {0}")]
     Invalid(String),
+    /// A version that its ecosystem's rules cannot read.
+    #[error("version {version:?} is not a valid {ecosystem} version: {reason}")]
+    Version { version: String, ecosystem: version::Ecosystem, reason: String },
+    /// A purl that cannot be read as a Package URL.
+    #[error("purl {purl:?} cannot be read: {reason}")]
+    Purl { purl: String, reason: String },
+    /// A version range on a purl type whose version ordering Outpost does not know.
+    #[error("purl type {purl_type:?} has no version ordering here (deb, cargo, npm and pypi have); only an exact version (=) can be matched")]
+    NoVersionOrdering { purl_type: String },
 }
 
 pub type Result<T, E = SbomError> = std::result::Result<T, E>;

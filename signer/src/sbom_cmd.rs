@@ -116,12 +116,13 @@ pub async fn run(cmd: SbomCommand, out: &Output) -> Result<()> {
             )];
             for r in v["releases"].as_array().into_iter().flatten() {
                 lines.push(format!(
-                    "  release {} ({} {}): {} {}",
+                    "  release {} ({} {}): {} {}{}",
                     r["target"].as_str().unwrap_or(""),
                     r["hardware_class"].as_str().unwrap_or(""),
                     r["version"].as_str().unwrap_or(""),
                     r["component"].as_str().unwrap_or(""),
-                    r["component_version"].as_str().unwrap_or("")
+                    r["component_version"].as_str().unwrap_or(""),
+                    undecided_note(r)
                 ));
             }
             for d in v["devices"].as_array().into_iter().flatten() {
@@ -154,7 +155,13 @@ pub async fn run(cmd: SbomCommand, out: &Output) -> Result<()> {
                     e["devices"].as_array().map(|a| a.len()).unwrap_or(0)
                 ));
                 for r in e["releases"].as_array().into_iter().flatten() {
-                    lines.push(format!("  release {} ({} {})", r["target"].as_str().unwrap_or(""), r["component"].as_str().unwrap_or(""), r["component_version"].as_str().unwrap_or("")));
+                    lines.push(format!(
+                        "  release {} ({} {}){}",
+                        r["target"].as_str().unwrap_or(""),
+                        r["component"].as_str().unwrap_or(""),
+                        r["component_version"].as_str().unwrap_or(""),
+                        undecided_note(r)
+                    ));
                 }
                 for d in e["devices"].as_array().into_iter().flatten() {
                     lines.push(format!("  device {} runs {}", d["device_id"].as_str().unwrap_or(""), d["release"].as_str().unwrap_or("")));
@@ -180,6 +187,12 @@ pub async fn run(cmd: SbomCommand, out: &Output) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// For a hit whose version could not be placed against the range (listed rather than
+/// left out; the deny-list counts it as affected): why.
+fn undecided_note(hit: &serde_json::Value) -> String {
+    hit["undecided"].as_str().map(|why| format!(" [version not comparable: {why}]")).unwrap_or_default()
 }
 
 /// Adds (or replaces) the deny-list target, signs the role, uploads when --server is set.

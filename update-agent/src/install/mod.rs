@@ -419,12 +419,13 @@ impl Installer {
         // Defense in depth: the signed deny-list, checked against the release's SBOM.
         if let Some(components) = &components {
             if let Some(list) = self.denylist(&mut updater).await? {
-                let findings = list.findings(components);
+                // A component whose version cannot be placed against an entry's range is
+                // a finding too (fail closed); its advisory says why.
+                let findings = list.findings(components).map_err(|e| {
+                    AgentError::Usage(format!("{}: {e}; not installing past a deny-list that cannot be read", outpost_sbom::denylist::DENYLIST_TARGET))
+                })?;
                 if !findings.is_empty() {
-                    let advisories: Vec<String> = findings
-                        .iter()
-                        .map(|f| format!("{}: {} {}", f.id, f.component, f.version.as_deref().unwrap_or("")))
-                        .collect();
+                    let advisories: Vec<String> = findings.iter().map(ToString::to_string).collect();
                     tracing::warn!(version = %release.version, ?advisories, "newest release is affected by the signed deny-list; not installing");
                     return Ok(PassResult::RefusedVulnerable { version: release.version, advisories });
                 }
