@@ -43,6 +43,8 @@ SECS="${BENCH_CHECKIN_SECS:-20}"
 OUT="${BENCH_OUT:-$REPO_ROOT/docs/benchmarks.md}"
 WORK="$REPO_ROOT/target/bench-checkins"
 SIM="$OUTPOST_BIN/outpost-fleet-sim"
+# Simulated devices carry no EK certificate: their server opts in explicitly.
+export FLEET_EK_TRUST=uncertified
 
 if [[ "${OUTPOST_SKIP_BUILD:-0}" != 1 ]]; then
   fleet_log "building release binaries"

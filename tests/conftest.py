@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.error
@@ -308,6 +309,28 @@ class OutpostRepo:
         return (self.dir / "metadata" / "1.root.json").read_bytes()
 
 
+TESTBED_MEASUREMENT = '\n[attestation.classes."*"]\npcrs = [16, 23]\nevent_types = ["slot_boot"]\ntestbed = true\n'
+
+
+def swtpm_localca_files() -> list[str]:
+    """swtpm's local CA (root and intermediate) that `swtpm_setup --create-ek-cert`
+    signs EK certificates with; made on this machine by the first such run, so one is
+    run here if there has been none."""
+    statedir = "/var/lib/swtpm-localca"
+    conf = Path("/etc/swtpm-localca.conf")
+    if conf.exists():
+        for line in conf.read_text().splitlines():
+            if line.strip().startswith("statedir"):
+                statedir = line.split("=", 1)[1].strip()
+    files = [Path(statedir) / "swtpm-localca-rootca-cert.pem", Path(statedir) / "issuercert.pem"]
+    if not all(f.exists() for f in files):
+        with tempfile.TemporaryDirectory() as d:
+            assert_ok(run(["swtpm_setup", "--tpm2", "--tpmstate", d, "--create-ek-cert", "--overwrite"], timeout=120))
+    for f in files:
+        assert f.exists(), f"{f} missing: swtpm_setup --create-ek-cert should have made it (bash scripts/setup.sh installs swtpm-tools)"
+    return [str(f) for f in files]
+
+
 class OutpostServer:
     """`outpost-server serve` on 127.0.0.1, config written from the docs' format.
 
@@ -317,7 +340,8 @@ class OutpostServer:
 
     def __init__(self, base: Path, repo: OutpostRepo, name: str = "server",
                  repository: dict[str, str] | None = None,
-                 attestation: dict[str, str] | None = None, extra_toml: str = "") -> None:
+                 attestation: dict[str, str] | None = None, extra_toml: str = "",
+                 measurement: str | None = None) -> None:
         self.exe = binary("outpost-server")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -334,10 +358,15 @@ class OutpostServer:
         )
         for k, v in (repository or {}).items():
             cfg += f"{k} = {_toml_value(v)}\n"
-        if attestation:
-            cfg += "\n[attestation]\n" + "".join(
-                f"{k} = {'[' + ', '.join(toml_str(x) for x in v) + ']' if isinstance(v, list) else toml_str(v)}\n"
-                for k, v in attestation.items())
+        # Devices enroll with EK certificates from swtpm's local CA (what
+        # `swtpm_setup --create-ek-cert` signs with), unless a test says otherwise.
+        attestation = dict(attestation or {})
+        if "ek_ca_certificates" not in attestation and not attestation.get("accept_uncertified_eks"):
+            attestation["ek_ca_certificates"] = swtpm_localca_files()
+        cfg += "\n[attestation]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in attestation.items())
+        # The agent measures the booted slot into PCR 23 (or 16): a testbed's PCR,
+        # which software can reset, so every class here is declared a testbed.
+        cfg += TESTBED_MEASUREMENT if measurement is None else measurement
         cfg += extra_toml
         tomllib.loads(cfg)
         self.config.write_text(cfg)
@@ -612,6 +641,8 @@ def _toml_value(v) -> str:
         return "true" if v else "false"
     if isinstance(v, int):
         return str(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return toml_str(v)
 
 
@@ -1094,10 +1125,11 @@ class Swtpm:
 
 @pytest.fixture
 def swtpm_factory(tmp_path):
-    """Factory: swtpm_factory(name, ek_cert=False) -> a running Swtpm (stopped after the test)."""
+    """Factory: swtpm_factory(name, ek_cert=True) -> a running Swtpm (stopped after the test),
+    manufactured with an EK certificate from swtpm's local CA, as the servers here require."""
     tpms: list[Swtpm] = []
 
-    def factory(name: str = "tpm", ek_cert: bool = False) -> Swtpm:
+    def factory(name: str = "tpm", ek_cert: bool = True) -> Swtpm:
         t = Swtpm(tmp_path, name, ek_cert)
         tpms.append(t)
         return t

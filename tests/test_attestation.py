@@ -31,6 +31,7 @@ from conftest import (
     http_post,
     run,
     sha256_hex,
+    swtpm_localca_files,
 )
 
 MiB = 1 << 20
@@ -447,24 +448,14 @@ def test_enroll_and_checkin_without_a_tpm_say_so(fleet, tmp_path, ops):
 
 # ============================================================== EK certificates
 def localca_files() -> list[str]:
-    """swtpm's local CA (root and intermediate) that `swtpm_setup --create-ek-cert` uses."""
-    statedir = "/var/lib/swtpm-localca"
-    conf = Path("/etc/swtpm-localca.conf")
-    if conf.exists():
-        for line in conf.read_text().splitlines():
-            if line.strip().startswith("statedir"):
-                statedir = line.split("=", 1)[1].strip()
-    files = [Path(statedir) / "swtpm-localca-rootca-cert.pem", Path(statedir) / "issuercert.pem"]
-    for f in files:
-        assert f.exists(), f"{f} missing: swtpm_setup --create-ek-cert should have made it"
-    return [str(f) for f in files]
+    return swtpm_localca_files()
 
 
 def test_ek_certificate_must_chain_to_a_configured_manufacturer_ca(fleet, tmp_path, swtpm_factory,
                                                                    server_factory):
     repo, _, _ = fleet
     certified = swtpm_factory("certified", ek_cert=True)
-    plain = swtpm_factory("plain")
+    plain = swtpm_factory("plain", ek_cert=False)
     server, token = server_factory(repo, name="strict", attestation={"ek_ca_certificates": localca_files()})
     repo.cli("repo", "push", "--repo", repo.dir, "--server", server.url, "--token", token)
     sops = Ops((repo, server, token))
@@ -531,3 +522,93 @@ def test_outstanding_nonces_per_device_are_bounded(fleet, tmp_path, ops, swtpm_f
     assert_fails(agent(dev, "checkin"), "unused nonces")
     status, body = http_post(f"{ops.server.url}/api/v1/devices/dev-nope/nonce", b"", None, "application/json")
     assert status == 404, body
+
+
+# ======================================================= forgeable measurements
+PRODUCTION_RPI4 = '\n[attestation.classes.rpi4]\npcrs = [4, 8, 9]\nevent_types = ["slot_boot"]\n'
+
+
+def _forge_pcr23(dev: Device, tpm, claimed_sha256: str) -> None:
+    """Root on the device: tamper with slot A, then reset PCR 23 (locality 0 may) and
+    extend the digest of the genuine release, so quote and event log agree on a boot
+    that did not happen."""
+    slot = dev.slot_path("A")
+    data = bytearray(slot.read_bytes())
+    data[100] ^= 0xFF
+    slot.write_bytes(bytes(data))
+    assert_ok(tpm.tool("tpm2_pcrreset", "23"))
+    assert_ok(tpm.tool("tpm2_pcrextend", f"23:sha256={claimed_sha256}"))
+
+
+@pytest.mark.parametrize("policy", ["testbed", "production"])
+def test_a_forged_resettable_pcr_is_accepted_only_for_a_testbed_class(tmp_path, outpost_repo, swtpm_factory,
+                                                                      server_factory, policy):
+    """The agent proves its slot with PCR 23, which root on the device can reset and
+    extend at will. A class marked as a testbed accepts that (the server warns at
+    start); a class whose policy trusts only the boot chain's PCRs refuses the
+    measurement, so the forgery quarantines the device instead of attesting it."""
+    from conftest import OutpostServer
+    server = OutpostServer(tmp_path, outpost_repo, name=policy, measurement=None if policy == "testbed" else PRODUCTION_RPI4)
+    token = server.token()
+    server.start()
+    try:
+        outpost_repo.cli("repo", "push", "--repo", outpost_repo.dir, "--server", server.url, "--token", token)
+        fleet = (outpost_repo, server, token)
+        ops = Ops(fleet)
+        data = image("v1")
+        v1 = publish(fleet, data, "1.0.0")
+        tpm = swtpm_factory("tpm")
+        dev = tpm_device(fleet, tmp_path, tpm, factory_image=data)
+        device_id = enroll(dev, ops.enrollment_token())["device_id"]
+        res = dev.run_once()
+        assert res.returncode == 0, res.describe()
+        _forge_pcr23(dev, tpm, v1["sha256"])
+        verdict = json.loads(agent(dev, "checkin").stdout.strip().splitlines()[-1])
+        record = ops.device(device_id)["device"]
+        if policy == "testbed":
+            assert verdict["verdict"] == "attested", verdict
+            assert "testbed" in server.log_text() and "forge" in server.log_text()
+        else:
+            assert verdict["verdict"] == "failed" and verdict["quarantined"], verdict
+            assert "PCR 23" in verdict["reason"] and "software can reset it" in verdict["reason"], verdict
+            assert record["attestation"] == "failed", record
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("pcr", [16, 23, 17])
+def test_a_class_policy_on_a_resettable_pcr_without_testbed_stops_the_server(tmp_path, outpost_repo, pcr):
+    from conftest import OutpostServer
+    server = OutpostServer(tmp_path, outpost_repo, measurement=f'\n[attestation.classes.rpi4]\npcrs = [{pcr}]\n')
+    assert server.start(allow_exit=True) is False
+    log = server.log_text()
+    assert f"PCR {pcr} can be reset by software" in log and "rpi4" in log and "testbed" in log, log
+
+
+def test_enrollment_needs_an_ek_ca_or_an_explicit_opt_in(tmp_path, outpost_repo, swtpm_factory, server_factory):
+    """Without EK CAs, anyone holding a token could enroll a software TPM: that is now
+    an opt-in (warned about at start); a server with neither enrolls nobody."""
+    from conftest import OutpostServer
+    plain = swtpm_factory("plain", ek_cert=False)
+    for name, attestation in (("none", {"ek_ca_certificates": []}), ("optin", {"accept_uncertified_eks": True})):
+        server = OutpostServer(tmp_path, outpost_repo, name=name, attestation=attestation)
+        token = server.token()
+        server.start()
+        try:
+            outpost_repo.cli("repo", "push", "--repo", outpost_repo.dir, "--server", server.url, "--token", token)
+            fleet = (outpost_repo, server, token)
+            dev = tpm_device(fleet, tmp_path, plain, f"dev-{name}")
+            res = agent(dev, "enroll", "--token", Ops(fleet).enrollment_token())
+            if name == "none":
+                assert res.returncode != 0 and "trusts no TPM maker" in res.stderr, res.describe()
+                assert "no device can enroll" in server.log_text()
+            else:
+                assert_ok(res)
+                assert "accept_uncertified_eks = true" in server.log_text() and "software TPM" in server.log_text()
+        finally:
+            server.stop()
+    # Both at once is a contradiction, refused at start.
+    both = OutpostServer(tmp_path, outpost_repo, name="both",
+                         attestation={"accept_uncertified_eks": True, "ek_ca_certificates": swtpm_localca_files()})
+    assert both.start(allow_exit=True) is False
+    assert "contradict" in both.log_text()

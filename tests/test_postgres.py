@@ -42,8 +42,10 @@ def two_servers(tmp_path, outpost_repo):
     url = postgres_database()
     extra = (f"\n[database]\npostgres = {toml_str(url)}\nmax_connections = 8\n"
              f"\n[director]\nkey = {toml_str(tmp_path / 'director-key.json')}\n")
-    a = OutpostServer(tmp_path, outpost_repo, name="a", extra_toml=extra)
-    b = OutpostServer(tmp_path, outpost_repo, name="b", extra_toml=extra)
+    # The simulated devices have software keys and no EK certificate: an explicit opt-in.
+    opt_in = {"accept_uncertified_eks": True}
+    a = OutpostServer(tmp_path, outpost_repo, name="a", extra_toml=extra, attestation=opt_in)
+    b = OutpostServer(tmp_path, outpost_repo, name="b", extra_toml=extra, attestation=opt_in)
     try:
         token = a.token()
         a.start()  # a creates the director key; b reads it

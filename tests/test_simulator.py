@@ -8,8 +8,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import assert_ok, binary, run, sha256_hex
 from test_attestation import Ops, image, publish
+
+
+@pytest.fixture
+def fleet(outpost_repo, server_factory):
+    """The simulated devices have software keys and no EK certificate: their server
+    opts in to uncertified EKs explicitly."""
+    server, token = server_factory(outpost_repo, attestation={"accept_uncertified_eks": True})
+    outpost_repo.cli("repo", "push", "--repo", outpost_repo.dir, "--server", server.url, "--token", token)
+    return outpost_repo, server, token
 
 
 def sim(*args: str, timeout: float = 300):

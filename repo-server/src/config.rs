@@ -45,6 +45,26 @@ struct RawAttestation {
     challenge_lifetime: Option<String>,
     #[serde(default)]
     ek_ca_certificates: Vec<PathBuf>,
+    #[serde(default)]
+    accept_uncertified_eks: bool,
+    /// Hardware class (or "*" for every class without its own entry) → measurement
+    /// policy.
+    #[serde(default)]
+    classes: std::collections::BTreeMap<String, RawMeasurement>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeasurement {
+    pcrs: Vec<u32>,
+    #[serde(default = "default_event_types")]
+    event_types: Vec<String>,
+    #[serde(default)]
+    testbed: bool,
+}
+
+fn default_event_types() -> Vec<String> {
+    vec!["slot_boot".into()]
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,8 +108,14 @@ pub struct ServerConfig {
     pub nonce_lifetime: Duration,
     /// How long an enrollment challenge (credential) may be answered.
     pub challenge_lifetime: Duration,
-    /// PEM files of the CAs EK certificates must chain to; empty: not checked.
+    /// PEM files of the CAs EK certificates must chain to.
     pub ek_ca_certificates: Vec<PathBuf>,
+    /// Enrollment without an EK certificate chain (software TPMs, anyone holding a
+    /// token): an explicit opt-in, warned about at start.
+    pub accept_uncertified_eks: bool,
+    /// Per hardware class ("*": every other class): which PCRs and event types prove
+    /// the booted image. A class with no policy cannot attest.
+    pub measurement: std::collections::BTreeMap<String, outpost_protocol::attest::MeasurementPolicy>,
     /// The director's online signing key (created on first start when missing).
     pub director_key: PathBuf,
     /// The director root devices pin (created once from the key).
@@ -161,6 +187,28 @@ impl ServerConfig {
                 crate::store::Backend::Sqlite(data_dir.join(sqlite.unwrap_or_else(|| PathBuf::from("outpost.db"))))
             }
         };
+        if raw.attestation.accept_uncertified_eks && !raw.attestation.ek_ca_certificates.is_empty() {
+            return Err(err(
+                "attestation: ek_ca_certificates and accept_uncertified_eks = true contradict each other; \
+                 keep the CAs (devices must prove their TPM's maker) or the opt-in, not both"
+                    .into(),
+            ));
+        }
+        let mut measurement = std::collections::BTreeMap::new();
+        for (class, m) in raw.attestation.classes {
+            if class != "*" {
+                class.parse::<outpost_protocol::release::HardwareClass>().map_err(|e| err(format!("attestation.classes.{class}: {e}")))?;
+            }
+            let kinds = m
+                .event_types
+                .iter()
+                .map(|t| t.parse::<outpost_protocol::attest::EventKind>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| err(format!("attestation.classes.{class:?}.event_types: {e}")))?;
+            let policy = outpost_protocol::attest::MeasurementPolicy::new(m.pcrs, kinds, m.testbed)
+                .map_err(|e| err(format!("attestation.classes.{class:?}: {e}")))?;
+            measurement.insert(class, policy);
+        }
         let director_key = raw.director.key.map(|k| base.join(k)).unwrap_or_else(|| data_dir.join("director-key.json"));
         let director_root = data_dir.join("director").join("root.json");
         Ok(ServerConfig {
@@ -178,6 +226,8 @@ impl ServerConfig {
             nonce_lifetime,
             challenge_lifetime,
             ek_ca_certificates: raw.attestation.ek_ca_certificates.iter().map(|p| base.join(p)).collect(),
+            accept_uncertified_eks: raw.attestation.accept_uncertified_eks,
+            measurement,
             director_key,
             director_root,
             director_targets_expiry,

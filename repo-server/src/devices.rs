@@ -121,6 +121,14 @@ async fn enroll(State(s): State<AppState>, ApiJson(req): ApiJson<EnrollRequest>)
     ek.check_endorsement_key().map_err(tpm_bad("invalid_ek"))?;
     let ak = TpmPublic::parse(&ak_bytes, "attestation key").map_err(tpm_bad("invalid_ak"))?;
     ak.check_attestation_key().map_err(tpm_bad("invalid_ak"))?;
+    if s.ek_cas.is_empty() && !s.accept_uncertified_eks {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "no_ek_ca",
+            "this server trusts no TPM maker yet: the operator must configure attestation.ek_ca_certificates \
+             (or, for software TPMs, attestation.accept_uncertified_eks = true)",
+        ));
+    }
     if !s.ek_cas.is_empty() {
         let cert = ek_cert.as_deref().ok_or_else(|| {
             ApiError::new(StatusCode::FORBIDDEN, "ek_certificate_required", "this server requires an EK certificate from a trusted TPM manufacturer; the device sent none")
@@ -238,9 +246,20 @@ async fn nonce(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json
     Ok(Json(NonceGrant { nonce, expires_at: rfc3339_ms(expires) }))
 }
 
-/// The pure part of a check-in's verdict given an authentic quote: the log, the
-/// reported digest and the signed releases' expected measurements.
-fn judge(quote: &attest::Quote, report: &CheckinReport, expected: &std::collections::BTreeMap<String, String>, class: &str) -> Result<(), String> {
+/// The pure part of a check-in's verdict given an authentic quote: the class's
+/// measurement policy (which PCRs and events prove the slot), the log, the reported
+/// digest and the signed releases' expected measurements.
+fn judge(
+    quote: &attest::Quote,
+    report: &CheckinReport,
+    policy: Option<&attest::MeasurementPolicy>,
+    expected: &std::collections::BTreeMap<String, String>,
+    class: &str,
+) -> Result<(), String> {
+    let policy = policy.ok_or_else(|| {
+        format!("hardware class {class} has no measurement policy (attestation.classes): nothing this device measures proves which image booted")
+    })?;
+    policy.check(report).map_err(|e| format!("hardware class {class}: {e}"))?;
     let measured = attest::evaluate_checkin(quote, report)?;
     for (digest, event) in measured.iter().zip(&report.event_log.events) {
         if !expected.contains_key(digest) {
@@ -277,7 +296,8 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
         }
     }
     let expected = s.repo.expected_measurements(&device.hardware_class).await;
-    let outcome = judge(&quote, &report, &expected, &device.hardware_class);
+    let policy = s.measurement.get(&device.hardware_class).or_else(|| s.measurement.get("*"));
+    let outcome = judge(&quote, &report, policy, &expected, &device.hardware_class);
     let (verdict, reason) = match &outcome {
         Ok(()) => ("attested", None),
         Err(reason) => ("failed", Some(reason.as_str())),

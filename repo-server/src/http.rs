@@ -30,8 +30,12 @@ pub struct AppState {
     pub max_upload_bytes: u64,
     pub nonce_lifetime: std::time::Duration,
     pub challenge_lifetime: std::time::Duration,
-    /// CAs that EK certificates must chain to (empty: certificates are not required).
+    /// CAs that EK certificates must chain to.
     pub ek_cas: Arc<crate::ekcert::EkCaStore>,
+    /// Enrollment without an EK certificate chain (an explicit opt-in).
+    pub accept_uncertified_eks: bool,
+    /// Measurement policy per hardware class ("*": every other class).
+    pub measurement: Arc<std::collections::BTreeMap<String, outpost_protocol::attest::MeasurementPolicy>>,
     /// The director key and root.
     pub director: Arc<crate::rollouts::Director>,
 }

@@ -37,7 +37,10 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         nonce_lifetime: config.nonce_lifetime,
         challenge_lifetime: config.challenge_lifetime,
         ek_cas,
+        accept_uncertified_eks: config.accept_uncertified_eks,
+        measurement: Arc::new(config.measurement.clone()),
     };
+    warn_about_trust(&config);
     let indexed = sbomindex::index_release_sboms(&repo, &store).await;
     if indexed > 0 {
         tracing::info!(indexed, "indexed SBOMs of published releases");
@@ -102,6 +105,31 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     repo.remove_partial_uploads();
     tracing::info!("outpost-server stopped");
     result.map_err(|e| ServerError::io("serve", addr.to_string(), e))
+}
+
+/// Says at start what this server accepts that proves less than it seems.
+fn warn_about_trust(config: &ServerConfig) {
+    if config.accept_uncertified_eks {
+        tracing::warn!(
+            "attestation.accept_uncertified_eks = true: devices enroll without an EK certificate chain, so anyone holding an \
+             enrollment token can enroll a software TPM; configure attestation.ek_ca_certificates for real fleets"
+        );
+    } else if config.ek_ca_certificates.is_empty() {
+        tracing::warn!(
+            "no attestation.ek_ca_certificates: no device can enroll until the TPM makers' CAs are configured \
+             (or attestation.accept_uncertified_eks = true for software TPMs)"
+        );
+    }
+    for (class, policy) in config.measurement.iter().filter(|(_, p)| p.testbed()) {
+        let pcrs: Vec<u32> = policy.pcrs().collect();
+        tracing::warn!(
+            class = %class, ?pcrs,
+            "hardware class is a testbed: its measurements may come from PCRs software can reset, so root on such a device can forge its attestation"
+        );
+    }
+    if config.measurement.is_empty() {
+        tracing::warn!("no attestation.classes: no hardware class has a measurement policy, so no device can attest");
+    }
 }
 
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);

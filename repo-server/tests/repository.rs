@@ -239,6 +239,8 @@ async fn http_serves_repository_with_ranges_cache_headers_and_auth() {
         nonce_lifetime: std::time::Duration::from_secs(60),
         challenge_lifetime: std::time::Duration::from_secs(300),
         ek_cas: Default::default(),
+        accept_uncertified_eks: false,
+        measurement: Default::default(),
         director: std::sync::Arc::new(
             outpost_server::rollouts::Director::open(
                 &f.config.director_key,

@@ -93,7 +93,38 @@ $(if [[ -n "${FLEET_POSTGRES_URL:-}" ]]; then printf 'postgres = "%s"\n' "$FLEET
 trusted_root = "$repo/metadata/1.root.json"
 snapshot_key = "$keys/snapshot.key"
 timestamp_key = "$keys/timestamp.key"
+
+[attestation]
+$(if [[ "${FLEET_EK_TRUST:-localca}" == uncertified ]]; then
+    echo '# Simulated devices (software keys, no EK certificate): an explicit opt-in.'
+    echo 'accept_uncertified_eks = true'
+  else
+    echo "# The swtpms' EK certificates come from swtpm's local CA (swtpm_setup --create-ek-cert)."
+    echo "ek_ca_certificates = [$(fleet_swtpm_localca)]"
+  fi)
+
+# The agent measures its slot into PCR 23, which software can reset: a testbed.
+[attestation.classes."*"]
+pcrs = [23]
+event_types = ["slot_boot"]
+testbed = true
 EOF
+}
+
+fleet_swtpm_localca() { # the CA files swtpm_setup --create-ek-cert signs with, as a TOML list body
+  local statedir=/var/lib/swtpm-localca tmp
+  if [[ -r /etc/swtpm-localca.conf ]]; then
+    statedir="$(awk -F= '$1 ~ /^[[:space:]]*statedir[[:space:]]*$/ { gsub(/[[:space:]]/, "", $2); print $2 }' /etc/swtpm-localca.conf)"
+    statedir="${statedir:-/var/lib/swtpm-localca}"
+  fi
+  if [[ ! -e "$statedir/issuercert.pem" ]]; then
+    # The local CA is made by the first swtpm_setup --create-ek-cert on this machine.
+    tmp="$(mktemp -d)"
+    swtpm_setup --tpm2 --tpmstate "$tmp" --create-ek-cert --overwrite >/dev/null 2>&1 \
+      || fleet_die "swtpm_setup --create-ek-cert failed: cannot make swtpm's local CA"
+    rm -rf "$tmp"
+  fi
+  printf '"%s", "%s"' "$statedir/swtpm-localca-rootca-cert.pem" "$statedir/issuercert.pem"
 }
 
 fleet_create_token() { # CONFIG NAME [ROLE (pipeline)]

@@ -100,10 +100,79 @@ pub struct MeasurementEvent {
     pub at: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     SlotBoot,
+}
+
+impl std::str::FromStr for EventKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| format!("{s:?} is not an event type (known: slot_boot)"))
+    }
+}
+
+/// PCRs that software can reset without a platform reset: 16 (debug) and 23
+/// (application) from locality 0, 17-22 from the dynamic-launch localities. A value in
+/// one of them proves nothing against root on the device, which can reset it and
+/// extend whatever the server expects.
+pub const RESETTABLE_PCRS: std::ops::RangeInclusive<u32> = 16..=23;
+
+/// Which PCRs and event types prove the booted slot for one hardware class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeasurementPolicy {
+    pcrs: std::collections::BTreeSet<u32>,
+    event_types: std::collections::BTreeSet<EventKind>,
+    testbed: bool,
+}
+
+impl MeasurementPolicy {
+    /// Refuses an empty policy, PCRs past 23, and resettable PCRs unless the class is
+    /// a testbed (where a forgeable measurement is accepted knowingly).
+    pub fn new(pcrs: impl IntoIterator<Item = u32>, event_types: impl IntoIterator<Item = EventKind>, testbed: bool) -> std::result::Result<Self, String> {
+        let pcrs: std::collections::BTreeSet<u32> = pcrs.into_iter().collect();
+        let event_types: std::collections::BTreeSet<EventKind> = event_types.into_iter().collect();
+        if pcrs.is_empty() {
+            return Err("pcrs is empty: name the PCRs that prove which image booted".into());
+        }
+        if event_types.is_empty() {
+            return Err("event_types is empty: name the event types that prove which image booted".into());
+        }
+        if let Some(p) = pcrs.iter().find(|p| **p > 23) {
+            return Err(format!("PCR {p} does not exist (a TPM 2.0 PC Client has PCRs 0-23)"));
+        }
+        if !testbed {
+            if let Some(p) = pcrs.iter().find(|p| RESETTABLE_PCRS.contains(p)) {
+                return Err(format!(
+                    "PCR {p} can be reset by software on the device (PCRs 16-23), so root there could forge it; \
+                     use PCRs the boot chain extends, or mark the class as a testbed (testbed = true)"
+                ));
+            }
+        }
+        Ok(MeasurementPolicy { pcrs, event_types, testbed })
+    }
+
+    pub fn testbed(&self) -> bool {
+        self.testbed
+    }
+
+    pub fn pcrs(&self) -> impl Iterator<Item = u32> + '_ {
+        self.pcrs.iter().copied()
+    }
+
+    /// Does the report's measurement come from PCRs and events this policy trusts?
+    pub fn check(&self, report: &CheckinReport) -> std::result::Result<(), String> {
+        if !self.pcrs.contains(&report.pcr) {
+            let why = if RESETTABLE_PCRS.contains(&report.pcr) { " (software can reset it)" } else { "" };
+            return Err(format!("the measurement is in PCR {}{why}, which does not prove the booted image for this hardware class (accepted: {:?})", report.pcr, self.pcrs));
+        }
+        if let Some(e) = report.event_log.events.iter().find(|e| !self.event_types.contains(&e.event)) {
+            return Err(format!("event type {:?} does not prove the booted image for this hardware class", e.event));
+        }
+        Ok(())
+    }
 }
 
 /// The measurement log since the measurement PCR was last reset.
@@ -287,6 +356,36 @@ mod tests {
 
     fn event(sha: &str) -> MeasurementEvent {
         MeasurementEvent { pcr: 23, sha256: sha.into(), event: EventKind::SlotBoot, slot: "A".into(), length: 1, at: "t".into() }
+    }
+
+    #[test]
+    fn resettable_pcrs_prove_nothing_outside_testbeds() {
+        let e = MeasurementPolicy::new([23], [EventKind::SlotBoot], false).expect_err("PCR 23 is resettable");
+        assert!(e.contains("PCR 23") && e.contains("testbed"), "{e}");
+        assert!(MeasurementPolicy::new([16], [EventKind::SlotBoot], false).is_err());
+        assert!(MeasurementPolicy::new([24], [EventKind::SlotBoot], true).is_err());
+        assert!(MeasurementPolicy::new([], [EventKind::SlotBoot], true).is_err());
+        let testbed = MeasurementPolicy::new([23], [EventKind::SlotBoot], true).expect("a testbed may");
+        let mut report = CheckinReport {
+            device_id: "d".into(),
+            nonce: "n".into(),
+            slot: "A".into(),
+            version: None,
+            image_sha256: None,
+            sbom_sha256: None,
+            health: DeviceHealth::Healthy,
+            pcr: 16,
+            event_log: EventLog { events: vec![event("aa")] },
+            reports: vec![],
+            policy: None,
+            at: "t".into(),
+        };
+        // The device names PCR 16, the class trusts 23 only.
+        assert!(testbed.check(&report).expect_err("other pcr").contains("PCR 16"));
+        report.pcr = 23;
+        assert!(testbed.check(&report).is_ok());
+        let boot_chain = MeasurementPolicy::new([4, 8, 9], [EventKind::SlotBoot], false).expect("static PCRs");
+        assert!(boot_chain.check(&report).expect_err("23 not trusted").contains("software can reset it"));
     }
 
     #[test]
