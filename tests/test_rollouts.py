@@ -135,7 +135,17 @@ def test_abort_with_roll_back_sends_devices_to_their_previous_release(fleet, tmp
     assert {"result": "committed", "version": "2.0.0", "slot": "B"} in results(dev.run_once())
     out = ops.rollout_cli("abort", r["id"], "--roll-back").stdout
     assert "aborted by ops (rolling back)" in out
-    # The signed assignment is an explicit rollback: the version may go backwards.
+    # The director's rollback assignment alone does not move the device back: a
+    # downgrade needs the offline keys' word.
+    res = dev.run_once()
+    assert "no rollback allowance signed by the image repository's offline keys" in res.stderr, res.describe()
+    assert dev.active() == "B" and dev.journal()["running"]["version"] == "2.0.0"
+    repo, server, token = fleet
+    out = json.loads(repo.cli("--json", "release", "allow-rollback", "--repo", repo.dir, "--hardware-class", "rpi4",
+                              "--version", "1.0.0", "--key", repo.key("firmware"), "--server", server.url,
+                              "--token", token).stdout)
+    assert out["rollback_allowed"] is True and out["targets"] == ["firmware/rpi4/1.0.0/fw.img"], out
+    # The signed assignment is an explicit rollback the image repository allows.
     res = dev.run_once()
     assert {"result": "committed", "version": "1.0.0", "slot": "A"} in results(res), res.describe()
     assert dev.slot_sha("A") == v1["sha256"]
@@ -214,6 +224,27 @@ def test_agent_refuses_forged_director_assignments(fleet, tmp_path, ops, swtpm_f
     forge(downgrade)
     res = dev.run_once()
     assert "do not go backwards" in res.stderr, res.describe()
+
+    # The online key alone orders an explicit rollback: refused, the offline keys
+    # allowed no rollback to 1.0.0.
+    def ordered_rollback(s):
+        downgrade(s)
+        assigned(s)["custom"]["rollback"] = True
+    forge(ordered_rollback)
+    res = dev.run_once()
+    assert "no rollback allowance signed by the image repository's offline keys" in res.stderr, res.describe()
+    assert dev.active() == "B" and dev.slot_sha("B") == v2["sha256"]
+
+    # A device that lost its journal still has a floor: the release its active slot
+    # holds (2.0.0, measured), not "anything goes".
+    journal = dev.journal_path.read_bytes()
+    dev.journal_path.unlink()
+    forge(downgrade)
+    res = dev.run_once()
+    assert "do not go backwards" in res.stderr, res.describe()
+    assert dev.active() == "B" and dev.slot_sha("B") == v2["sha256"]
+    assert dev.journal()["running"]["version"] == "2.0.0", "the measured slot's release became the floor"
+    del journal
     forge(lambda s: s.update({"version": 1}))
     res = dev.run_once()
     assert "replayed" in res.stderr, res.describe()

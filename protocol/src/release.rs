@@ -92,6 +92,11 @@ pub struct FirmwareCustom {
     /// The release's SBOM: a target beside the image, signed by the same role.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sbom: Option<SbomRef>,
+    /// Devices running a newer release may be sent back to this one. Only the offline
+    /// role that signs the release can say so (`outpost release allow-rollback`); the
+    /// director's online key alone can never order a downgrade.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rollback_allowed: bool,
 }
 
 /// Where a release's SBOM is and what it must hash to.
@@ -122,6 +127,7 @@ impl FirmwareCustom {
             health: Vec::new(),
             trial_deadline_secs: None,
             sbom: None,
+            rollback_allowed: false,
         }
     }
 

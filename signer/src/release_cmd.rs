@@ -18,6 +18,30 @@ use crate::output::Output;
 pub enum ReleaseCommand {
     /// Add a firmware image as a signed target (offline), then upload it when --server is given.
     Publish(PublishArgs),
+    /// Allow devices on newer releases to be sent back to this one: re-signs the
+    /// release's targets (image and deltas) with `rollback_allowed`, offline, with the
+    /// keys of the role that signs it. Without this, the director cannot order a
+    /// downgrade to the release, whatever its online key signs.
+    AllowRollback(AllowRollbackArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AllowRollbackArgs {
+    #[arg(long)]
+    pub repo: PathBuf,
+    #[arg(long)]
+    pub hardware_class: HardwareClass,
+    /// The release devices may go back to.
+    #[arg(long)]
+    pub version: ReleaseVersion,
+    /// Private keys of the role that signs the release (repeat to meet its threshold).
+    #[arg(long = "key", required = true)]
+    pub keys: Vec<PathBuf>,
+    /// How long the role's new metadata stays valid (default: the repository's targets expiry).
+    #[arg(long, value_parser = parse_duration)]
+    pub expires: Option<Duration>,
+    #[command(flatten)]
+    pub server: crate::upload::ServerArgs,
 }
 
 #[derive(Debug, Args)]
@@ -81,7 +105,48 @@ pub struct PublishArgs {
 pub async fn run(cmd: ReleaseCommand, out: &Output) -> Result<()> {
     match cmd {
         ReleaseCommand::Publish(a) => publish(a, out).await,
+        ReleaseCommand::AllowRollback(a) => allow_rollback(a, out).await,
     }
+}
+
+async fn allow_rollback(a: AllowRollbackArgs, out: &Output) -> Result<()> {
+    let repo = LocalRepo::open(&a.repo)?;
+    let server = a.server.optional()?;
+    let keys = keyfile::load_all_signing(&a.keys)?;
+    let prefix = format!("firmware/{}/{}/", a.hardware_class, a.version);
+    let role = role_for_path(&repo, &format!("{prefix}image"))?;
+    let (env, _) = repo
+        .role(&role)?
+        .ok_or_else(|| SignerError::Usage(format!("role {role} has no metadata yet in {}", repo.dir.display())))?;
+    let mut body = env.signed;
+    let mut changed = Vec::new();
+    for (path, file) in body.targets.iter_mut().filter(|(p, _)| p.starts_with(&prefix)) {
+        let Some(mut custom) = FirmwareCustom::from_custom(file.custom.as_ref(), path).map_err(|e| SignerError::proto("custom metadata", e))? else {
+            continue;
+        };
+        if custom.version != a.version || custom.hardware_class != a.hardware_class {
+            continue;
+        }
+        if !custom.rollback_allowed {
+            custom.rollback_allowed = true;
+            file.custom = Some(custom.to_custom().map_err(|e| SignerError::proto("custom metadata", e))?);
+            changed.push(path.clone());
+        }
+    }
+    if changed.is_empty() {
+        let listed = body.targets.keys().any(|p| p.starts_with(&prefix));
+        return Err(SignerError::Usage(if listed {
+            format!("release {} for {} already allows rollback (role {role})", a.version, a.hardware_class)
+        } else {
+            format!("no release {} for hardware class {} is signed by role {role}", a.version, a.hardware_class)
+        }));
+    }
+    let pushed = commit_role(&repo, &role, &mut body, &keys, &[], a.expires, server.as_ref(), out).await?;
+    out.emit(
+        &json!({"role": role, "role_version": body.version, "targets": changed, "rollback_allowed": true, "pushed": pushed}),
+        &format!("devices may now be sent back to {} {} ({} re-signed into {role} v{})", a.hardware_class, a.version, changed.join(", "), body.version),
+    );
+    Ok(())
 }
 
 /// The deepest role, following delegations depth-first, that is delegated `path`

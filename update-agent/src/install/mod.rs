@@ -341,6 +341,7 @@ impl Installer {
         updater.refresh().await?;
         let class = self.config.hardware_class.to_string();
         let infos = updater.targets_under(&["firmware", &class]).await?;
+        let infos_all = infos.clone();
         let assignment = match directed {
             None => None,
             Some(Some(a)) => Some(a),
@@ -382,6 +383,18 @@ impl Installer {
             Some(info) => Some(self.verify_sbom(&updater, info, &release).await?),
             None => None,
         };
+        if self.journal.running.is_none() && assignment.is_some() {
+            // A device without a journal (fresh, or its state lost) still has a floor:
+            // the signed release its active slot holds, proven by measuring it.
+            let active = self.boot.slot_path(self.boot.state()?.active);
+            if let Ok((sha, len)) = hash_file(&active) {
+                if let Some(held) = choose(infos_all.clone(), &self.config, Pick::Measurement(&sha, len))? {
+                    tracing::info!(version = %held.version, "the active slot holds a signed release: it is this device's version floor");
+                    self.journal.running = Some(release_of(&held));
+                    self.set_phase(Phase::Idle)?;
+                }
+            }
+        }
         if let Some(running) = &self.journal.running {
             let running_version: Option<ReleaseVersion> = running.version.parse().ok();
             if running_version.as_ref().is_some_and(|v| *v == cand.version) {
@@ -399,7 +412,14 @@ impl Installer {
                     self.write_metrics(None);
                     return Ok(PassResult::UpToDate { version: Some(running.version.clone()) });
                 }
-                tracing::warn!(from = %running.version, to = %cand.version, "the director assigns an explicit rollback");
+                if !cand.custom.rollback_allowed {
+                    return Err(AgentError::Director(format!(
+                        "the director orders a rollback from {} to {}, but no rollback allowance signed by the image repository's offline keys covers {} \
+                         (outpost release allow-rollback): the online director key alone cannot downgrade a device",
+                        running.version, cand.version, cand.version
+                    )));
+                }
+                tracing::warn!(from = %running.version, to = %cand.version, "the director assigns a rollback the image repository allows");
             }
         }
         if self.journal.running.is_none() {
