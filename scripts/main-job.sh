@@ -70,10 +70,10 @@ mkdir -p "$FLEET"
 KEYS="$FLEET/keys"
 REPO="$FLEET/repo"
 
-fleet_log "generating ed25519 keys (offline: root x3, targets, firmware; online: snapshot, timestamp)"
+fleet_log "generating ed25519 keys (offline: root x3, targets, firmware, director root; online: snapshot, timestamp, director)"
 fleet_make_keys "$KEYS"
 
-fleet_log "creating the TUF repository (root threshold 2 of 3) and the 'firmware' delegation"
+fleet_log "creating the TUF repository (root threshold 2 of 3), the 'firmware' delegation and director root v1"
 fleet_init_repo "$REPO" "$KEYS"
 
 # --------------------------------------------------------------------------- server

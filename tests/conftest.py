@@ -284,6 +284,11 @@ class OutpostRepo:
                  "--targets-key", self.key("targets"), "--snapshot-key", self.key("snapshot"),
                  "--timestamp-key", self.key("timestamp"), *extra)
 
+    def director_init(self) -> None:
+        """`outpost director init`: devices learn the director from the targets role."""
+        self.cli("director", "init", "--repo", self.dir, "--root-key", self.key("director-root"),
+                 "--director-key", self.key("director"), "--sign-key", self.key("targets"))
+
     def delegate_firmware(self, repo: Path | None = None, role: str = "firmware",
                           paths: str = "firmware/rpi4/*/*") -> None:
         self.cli("repo", "delegate", "--repo", repo or self.dir, "--role", role,
@@ -367,6 +372,10 @@ class OutpostServer:
         # The agent measures the booted slot into PCR 23 (or 16): a testbed's PCR,
         # which software can reset, so every class here is declared a testbed.
         cfg += TESTBED_MEASUREMENT if measurement is None else measurement
+        # The online director key `outpost director init` named (made offline).
+        self.director_key = repo.keys / "director"
+        if "[director]" not in extra_toml:
+            cfg += f"\n[director]\nkey = {toml_str(self.director_key)}\n"
         cfg += extra_toml
         tomllib.loads(cfg)
         self.config.write_text(cfg)
@@ -545,11 +554,13 @@ def ready_client(client) -> TufClient:
 
 @pytest.fixture
 def outpost_repo(tmp_path) -> OutpostRepo:
-    """`outpost repo init` (3 root keys, threshold 2, local online keys) plus a
-    `firmware` role delegated firmware/rpi4/*/*."""
+    """`outpost repo init` (3 root keys, threshold 2, local online keys), a
+    `firmware` role delegated firmware/rpi4/*/*, and director root v1 (offline key
+    `director-root`, online key `director`) signed into the targets role."""
     repo = OutpostRepo(tmp_path / "signer")
     repo.init()
     repo.delegate_firmware()
+    repo.director_init()
     return repo
 
 

@@ -40,15 +40,14 @@ def two_servers(tmp_path, outpost_repo):
     """Servers a and b on one PostgreSQL database and one director key, both holding
     the pushed repository: (repo, a, b, pipeline token)."""
     url = postgres_database()
-    extra = (f"\n[database]\npostgres = {toml_str(url)}\nmax_connections = 8\n"
-             f"\n[director]\nkey = {toml_str(tmp_path / 'director-key.json')}\n")
+    extra = f"\n[database]\npostgres = {toml_str(url)}\nmax_connections = 8\n"
     # The simulated devices have software keys and no EK certificate: an explicit opt-in.
     opt_in = {"accept_uncertified_eks": True}
     a = OutpostServer(tmp_path, outpost_repo, name="a", extra_toml=extra, attestation=opt_in)
     b = OutpostServer(tmp_path, outpost_repo, name="b", extra_toml=extra, attestation=opt_in)
     try:
         token = a.token()
-        a.start()  # a creates the director key; b reads it
+        a.start()  # both sign with the director key `outpost director init` named
         b.start()
         for s in (a, b):
             outpost_repo.cli("repo", "push", "--repo", outpost_repo.dir, "--server", s.url, "--token", token)

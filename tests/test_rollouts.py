@@ -159,7 +159,7 @@ def test_abort_with_roll_back_sends_devices_to_their_previous_release(fleet, tmp
 
 def _key(server):
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    k = json.loads((server.data_dir / "director-key.json").read_text())
+    k = json.loads(server.director_key.read_text())
     return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(k["keyval"]["private"]))
 
 
@@ -237,20 +237,88 @@ def test_agent_refuses_forged_director_assignments(fleet, tmp_path, ops, swtpm_f
 
     # A device that lost its journal still has a floor: the release its active slot
     # holds (2.0.0, measured), not "anything goes".
-    journal = dev.journal_path.read_bytes()
     dev.journal_path.unlink()
     forge(downgrade)
     res = dev.run_once()
     assert "do not go backwards" in res.stderr, res.describe()
     assert dev.active() == "B" and dev.slot_sha("B") == v2["sha256"]
     assert dev.journal()["running"]["version"] == "2.0.0", "the measured slot's release became the floor"
-    del journal
     forge(lambda s: s.update({"version": 1}))
     res = dev.run_once()
     assert "replayed" in res.stderr, res.describe()
     assert dev.active() == "B" and dev.journal()["running"]["version"] == "2.0.0"
     proxy.rule = None
     assert results(dev.run_once())[-1]["result"] in ("up_to_date", "no_assignment")
+
+
+# ------------------------------------------------------------ director trust
+
+def test_a_director_key_no_director_root_names_cannot_assign_anything(tmp_path, outpost_repo, swtpm_factory):
+    """Whoever answers a device's enrollment (a lost data directory that minted a key,
+    or an attacker on the path once) does not become its director: devices learn the
+    director from the image repository's offline-signed director root, so assignments
+    signed by any other key are refused, however they were delivered."""
+    from conftest import OutpostServer
+    rogue_key = outpost_repo.key("rogue-director")
+    server = OutpostServer(tmp_path, outpost_repo, name="rogue",
+                           extra_toml=f"\n[director]\nkey = {json.dumps(str(rogue_key))}\n")
+    token = server.token()
+    server.start()
+    try:
+        outpost_repo.cli("repo", "push", "--repo", outpost_repo.dir, "--server", server.url, "--token", token)
+        fleet = (outpost_repo, server, token)
+        ops = Ops(fleet)
+        data = image("v1")
+        publish(fleet, data, "1.0.0")
+        dev = tpm_device(fleet, tmp_path, swtpm_factory("tpm"), factory_image=data)
+        enroll(dev, ops.enrollment_token())
+        # The device trusts director root v1 from the image repository, whose director
+        # key is not the one this server signs with.
+        pinned = json.loads((dev.state_dir / "director-root.json").read_text())
+        assert pinned["signed"]["version"] == 1, pinned
+        publish(fleet, image("v2"), "2.0.0")
+        ops.rollout("2.0.0")
+        res = dev.run_once()
+        assert "director assignment refused" in res.stderr and "threshold" in res.stderr, res.describe()
+        assert dev.active() == "A", "nothing signed by an unknown director key may be installed"
+    finally:
+        server.stop()
+
+
+def test_a_server_without_its_director_key_refuses_to_start_and_says_what_to_do(tmp_path, outpost_repo):
+    from conftest import OutpostServer
+    server = OutpostServer(tmp_path, outpost_repo, name="lost",
+                           extra_toml=f"\n[director]\nkey = {json.dumps(str(tmp_path / 'gone.key'))}\n")
+    assert server.start(allow_exit=True) is False
+    log = server.log_text()
+    assert "director key is missing" in log and "Restore the key" in log and "outpost director rotate" in log, log
+
+
+def test_director_key_rotation_follows_the_offline_chain(fleet, tmp_path, ops, swtpm_factory):
+    """The director key is replaced by director root v2 (signed by the offline director
+    root key, listed by the offline targets role); devices follow the chain and accept
+    the new key's assignments, and the old key's no longer count."""
+    repo, server, token = fleet
+    dev, device_id, v1 = enrolled_device(fleet, tmp_path, ops, swtpm_factory)
+    new_key = repo.key("director-2")
+    out = json.loads(repo.cli("--json", "director", "rotate", "--repo", repo.dir, "--root-key", repo.key("director-root"),
+                              "--director-key", f"{new_key}.pub", "--sign-key", repo.key("targets"),
+                              "--server", server.url, "--token", token).stdout)
+    assert out["version"] == 2 and out["target"] == "director/2.root.json", out
+    # The server still signs with the old key: the device, now on root v2, refuses it.
+    publish(fleet, image("v2"), "2.0.0")
+    ops.rollout("2.0.0")
+    res = dev.run_once()
+    assert "director assignment refused" in res.stderr, res.describe()
+    assert json.loads((dev.state_dir / "director-root.json").read_text())["signed"]["version"] == 2
+    # The operator gives the server the new key: assignments flow again.
+    server.stop()
+    text = server.config.read_text().replace(str(server.director_key), str(new_key))
+    server.config.write_text(text)
+    server.director_key = new_key
+    server.start()
+    res = dev.run_once()
+    assert {"result": "committed", "version": "2.0.0", "slot": "B"} in results(res), res.describe()
 
 
 # ------------------------------------------------------------ the operator API

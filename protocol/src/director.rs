@@ -3,8 +3,10 @@
 //! (or none). The director only chooses: a device installs an assignment only when
 //! the image repository's offline-signed target agrees with it (checked by the agent).
 //!
-//! The director root is a TUF root whose roles all name the director key; a device
-//! pins it at enrollment. Each device's targets metadata binds the device id (top
+//! The director root is a TUF root whose `root` role holds offline director root keys
+//! and whose other roles name the online director key. Devices learn it from the image
+//! repository (`director/N.root.json`, signed by the offline targets role) and follow
+//! its versions as a chain, like the image root. Each device's targets metadata binds the device id (top
 //! level and in the target's custom metadata) and carries a per-device version that
 //! only grows, so neither another device's assignment nor an older one of its own is
 //! accepted.
@@ -54,26 +56,52 @@ pub struct DirectorView {
     pub assignment: Option<Assignment>,
 }
 
-/// The director root: every role names the director key, threshold 1.
-pub fn root(key: &SigningKey, expires: DateTime<Utc>) -> Result<Vec<u8>> {
-    let id = key.key_id().to_owned();
+/// Where the image repository lists director root version `version`. Only its
+/// top-level `targets` role (offline keys) may sign these targets: that is how a
+/// device comes to trust the director, exactly as far as it trusts the image
+/// repository, and never because a server said so once.
+pub fn root_target_path(version: u64) -> String {
+    format!("director/{version}.root.json")
+}
+
+/// The image repository role that signs director roots.
+pub const ROOT_SIGNER_ROLE: &str = "targets";
+
+/// A director root, version `version`: its `root` role is the director root keys
+/// (offline, `threshold` of them), every other role the online director key. Signed by
+/// `signers`: for version 1 the root keys; for a rotation also enough of the previous
+/// version's root keys (the TUF root chain rule).
+pub fn root(root_keys: &[crate::keys::PublicKey], threshold: u64, director: &crate::keys::PublicKey, version: u64, expires: DateTime<Utc>, signers: &[&SigningKey]) -> Result<Vec<u8>> {
+    if root_keys.is_empty() || threshold == 0 || threshold > root_keys.len() as u64 {
+        return Err(Error::Build(format!("a director root needs 1 to {} of its {} root keys as threshold, not {threshold}", root_keys.len(), root_keys.len())));
+    }
     let mut keys = BTreeMap::new();
-    keys.insert(id.clone(), key.public().clone());
+    let mut root_ids = Vec::new();
+    for k in root_keys {
+        let id = k.key_id()?;
+        keys.insert(id.clone(), k.clone());
+        root_ids.push(id);
+    }
+    let director_id = director.key_id()?;
+    keys.insert(director_id.clone(), director.clone());
     let roles = metadata::TOP_LEVEL_ROLES
         .iter()
-        .map(|r| ((*r).to_owned(), RoleKeys { keyids: vec![id.clone()], threshold: 1, extra: BTreeMap::new() }))
+        .map(|r| {
+            let (keyids, threshold) = if *r == "root" { (root_ids.clone(), threshold) } else { (vec![director_id.clone()], 1) };
+            ((*r).to_owned(), RoleKeys { keyids, threshold, extra: BTreeMap::new() })
+        })
         .collect();
     let root = Root {
         typ: "root".into(),
         spec_version: metadata::SPEC_VERSION.into(),
-        version: 1,
+        version,
         expires: metadata::format_expires(expires),
         consistent_snapshot: false,
         keys,
         roles,
         extra: BTreeMap::new(),
     };
-    metadata::sign(&root, &[key])
+    metadata::sign(&root, signers)
 }
 
 /// Signs device `device_id`'s director targets, version `version`, with `assignment`
@@ -93,16 +121,25 @@ pub fn sign_targets(key: &SigningKey, device_id: &str, version: u64, expires: Da
     metadata::sign(&t, &[key])
 }
 
-/// Parses and checks a director root (what the agent pins): a valid, self-signed,
-/// unexpired TUF root.
-pub fn check_root(bytes: &[u8], now: DateTime<Utc>) -> Result<Envelope<Root>> {
+/// Parses and checks the first director root a device trusts (vouched for by the
+/// image repository's offline targets role): a valid TUF root of version 1, signed by
+/// its own root threshold.
+pub fn check_first_root(bytes: &[u8]) -> Result<Envelope<Root>> {
     let env = Envelope::<Root>::parse(bytes, "director root")?;
+    if env.signed.version != 1 {
+        return Err(Error::Version { role: "director root".into(), reason: format!("the first director root must be version 1, not {}", env.signed.version) });
+    }
     let r = env.signed.role("root")?;
     metadata::verify_threshold("director root", &env.canonical_signed, &env.signatures, &r.keyids, r.threshold, &env.signed.keys)?;
-    if env.is_expired(now) {
-        return Err(Error::Expired { role: "director root".into(), expires: env.signed.expires.clone() });
-    }
     Ok(env)
+}
+
+/// The next director root after `trusted` (the TUF root chain rule): version N+1,
+/// signed by the trusted root's root threshold and by its own.
+pub fn check_next_root(trusted: &[u8], next: &[u8]) -> Result<Envelope<Root>> {
+    let mut set = crate::tuf::TrustedSet::new(trusted, DateTime::<Utc>::MIN_UTC)?;
+    set.update_root(next)?;
+    Envelope::<Root>::parse(next, "director root")
 }
 
 /// Verifies `bytes` as device `device_id`'s director targets under the pinned director
@@ -177,7 +214,9 @@ mod tests {
         let now = Utc::now();
         let later = now + chrono::Duration::hours(1);
         let k = key();
-        let root = check_root(&root(&k, now + chrono::Duration::days(365)).unwrap_or_default(), now).unwrap_or_else(|e| panic!("{e}"));
+        let offline = key();
+        let root = check_first_root(&root(&[offline.public().clone()], 1, k.public(), 1, now + chrono::Duration::days(365), &[&offline]).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}"));
         let signed = sign_targets(&k, "dev-a", 3, later, Some(&assignment("dev-a"))).unwrap_or_default();
         let view = verify_targets(&root, &signed, "dev-a", 3, now).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(view.version, 3);
@@ -203,10 +242,35 @@ mod tests {
     }
 
     #[test]
+    fn director_roots_rotate_only_by_a_chain_signed_by_the_offline_root_keys() {
+        let now = Utc::now();
+        let expires = now + chrono::Duration::days(365);
+        let (offline, online) = (key(), key());
+        let v1 = root(&[offline.public().clone()], 1, online.public(), 1, expires, &[&offline]).unwrap_or_default();
+        assert!(check_first_root(&v1).is_ok());
+        // The online key cannot make itself a root: it signs no root role.
+        let (new_online, new_offline) = (key(), key());
+        let by_online = root(&[new_offline.public().clone()], 1, new_online.public(), 2, expires, &[&online, &new_offline]).unwrap_or_default();
+        let err = check_next_root(&v1, &by_online).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("threshold"), "{err}");
+        // Old and new root keys together: accepted.
+        let v2 = root(&[new_offline.public().clone()], 1, new_online.public(), 2, expires, &[&offline, &new_offline]).unwrap_or_default();
+        assert!(check_next_root(&v1, &v2).is_ok());
+        // Skipping a version is not a chain.
+        let v3 = root(&[new_offline.public().clone()], 1, new_online.public(), 3, expires, &[&new_offline]).unwrap_or_default();
+        assert!(check_next_root(&v1, &v3).is_err());
+        assert!(check_next_root(&v2, &v3).is_ok());
+        // A first root must be version 1.
+        assert!(check_first_root(&v2).is_err());
+    }
+
+    #[test]
     fn a_tampered_assignment_fails_its_signature() {
         let now = Utc::now();
         let k = key();
-        let root = check_root(&root(&k, now + chrono::Duration::days(1)).unwrap_or_default(), now).unwrap_or_else(|e| panic!("{e}"));
+        let offline = key();
+        let root = check_first_root(&root(&[offline.public().clone()], 1, k.public(), 1, now + chrono::Duration::days(1), &[&offline]).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}"));
         let signed = sign_targets(&k, "dev-a", 1, now + chrono::Duration::hours(1), Some(&assignment("dev-a"))).unwrap_or_default();
         let text = String::from_utf8(signed).unwrap_or_default().replace("4096", "4097");
         let err = verify_targets(&root, text.as_bytes(), "dev-a", 0, now).err().map(|e| e.to_string()).unwrap_or_default();

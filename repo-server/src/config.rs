@@ -116,10 +116,9 @@ pub struct ServerConfig {
     /// Per hardware class ("*": every other class): which PCRs and event types prove
     /// the booted image. A class with no policy cannot attest.
     pub measurement: std::collections::BTreeMap<String, outpost_protocol::attest::MeasurementPolicy>,
-    /// The director's online signing key (created on first start when missing).
+    /// The director's online signing key (made offline by `outpost director init`; the
+    /// server never makes one).
     pub director_key: PathBuf,
-    /// The director root devices pin (created once from the key).
-    pub director_root: PathBuf,
     /// How long a device's director targets stay valid.
     pub director_targets_expiry: Duration,
     /// How often running rollouts are re-evaluated (soak times pass without check-ins).
@@ -210,7 +209,6 @@ impl ServerConfig {
             measurement.insert(class, policy);
         }
         let director_key = raw.director.key.map(|k| base.join(k)).unwrap_or_else(|| data_dir.join("director-key.json"));
-        let director_root = data_dir.join("director").join("root.json");
         Ok(ServerConfig {
             listen,
             database,
@@ -229,7 +227,6 @@ impl ServerConfig {
             accept_uncertified_eks: raw.attestation.accept_uncertified_eks,
             measurement,
             director_key,
-            director_root,
             director_targets_expiry,
             rollout_tick,
             config_path: path.to_owned(),

@@ -173,8 +173,7 @@ async fn prove(State(s): State<AppState>, Path(challenge): Path<String>, ApiJson
         Ok((device_id, hardware_class)) => {
             s.store.log(&format!("device:{device_id}"), "device_enroll", &json!({"device_id": device_id, "hardware_class": hardware_class})).await?;
             tracing::info!(%device_id, %hardware_class, "device enrolled");
-            let director_root = String::from_utf8_lossy(s.director.root()).into_owned();
-            Ok(Json(Enrolled { device_id, hardware_class, director_root }))
+            Ok(Json(Enrolled { device_id, hardware_class }))
         }
         Err(r) => {
             tracing::warn!(%challenge, refusal = ?r, "enrollment proof refused");

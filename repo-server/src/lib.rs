@@ -28,7 +28,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let ek_cas = Arc::new(ekcert::EkCaStore::load(&config.ek_ca_certificates, &config.config_path)?);
     let store = Arc::new(store::Store::open(&config.database).await?);
     tracing::info!(backend = store.backend(), "state store open");
-    let director = Arc::new(rollouts::Director::open(&config.director_key, &config.director_root, config.director_targets_expiry)?);
+    let director = Arc::new(rollouts::Director::open(&config.director_key, config.director_targets_expiry)?);
     let state = AppState {
         director,
         repo: repo.clone(),

@@ -4,8 +4,6 @@
 //! status) with every action in the audit log.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -27,68 +25,35 @@ use crate::store::TokenRole;
 /// The server's online director key and the root devices pin.
 pub struct Director {
     key: SigningKey,
-    root: Vec<u8>,
     targets_expiry: Duration,
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<(), ServerError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| ServerError::io("create", dir, e))?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| ServerError::io("create", &tmp, e))?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| ServerError::io("write", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ServerError::io("rename", path, e))?;
-    outpost_fsio::sync_dir(dir).map_err(|e| ServerError::io("fsync", dir, e))
-}
-
 impl Director {
-    /// Loads the director key (creating it, mode 0600, on first start) and the
-    /// director root signed with it (created once; devices pin it, so it must not
-    /// change while they trust it).
-    pub fn open(key_path: &Path, root_path: &Path, targets_expiry: Duration) -> Result<Self, ServerError> {
-        let key = if key_path.exists() {
-            let bytes = std::fs::read(key_path).map_err(|e| ServerError::io("read director key", key_path, e))?;
-            match LoadedKey::from_bytes(&bytes, &key_path.display().to_string()).map_err(|e| ServerError::proto("load director key", e))? {
-                LoadedKey::Private(k) => k,
-                LoadedKey::Public(_) => {
-                    return Err(ServerError::Config { path: key_path.into(), reason: "the director key must be a private key".into() })
-                }
-            }
-        } else {
-            let k = SigningKey::generate().map_err(|e| ServerError::proto("generate director key", e))?;
-            let file = serde_json::to_vec_pretty(&k.to_key_file()).map_err(|e| ServerError::State(e.to_string()))?;
-            write_private(key_path, &file)?;
-            tracing::info!(path = %key_path.display(), key_id = k.key_id(), "created the director key");
-            k
-        };
-        let now = chrono::Utc::now();
-        let root = if root_path.exists() {
-            let bytes = std::fs::read(root_path).map_err(|e| ServerError::io("read director root", root_path, e))?;
-            let env = director::check_root(&bytes, now).map_err(|e| ServerError::proto(format!("director root {}", root_path.display()), e))?;
-            let trusted = env.signed.role("targets").map(|r| r.keyids.clone()).unwrap_or_default();
-            if !trusted.iter().any(|k| k == key.key_id()) {
+    /// Loads the director's online key. It is never made here: a server that lost it
+    /// must not mint another (devices trust only the key their director root names),
+    /// so a missing key stops the server with what to do.
+    pub fn open(key_path: &Path, targets_expiry: Duration) -> Result<Self, ServerError> {
+        let bytes = match std::fs::read(key_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ServerError::Config {
                     path: key_path.into(),
-                    reason: format!("director root {} does not trust this director key {}", root_path.display(), key.key_id()),
-                });
+                    reason: "the director key is missing. Devices trust only the key their director root names, so the server \
+                             will not make a new one. Restore the key from your backup; or, if it is lost, rotate: \
+                             `outpost director rotate --repo REPO --root-key <director root keys> --director-key <new key>.pub \
+                             --sign-key <targets key>` signs director root N+1 naming a new key (`outpost keys generate`), \
+                             push it, and set [director] key to the new private key"
+                        .into(),
+                })
             }
-            bytes
-        } else {
-            let bytes = director::root(&key, now + chrono::Duration::days(3650)).map_err(|e| ServerError::proto("sign director root", e))?;
-            outpost_fsio::write_atomic(root_path, &bytes).map_err(|e| ServerError::io("write", root_path, e))?;
-            bytes
+            Err(e) => return Err(ServerError::io("read director key", key_path, e)),
         };
-        Ok(Director { key, root, targets_expiry })
-    }
-
-    pub fn root(&self) -> &[u8] {
-        &self.root
+        let key = match LoadedKey::from_bytes(&bytes, &key_path.display().to_string()).map_err(|e| ServerError::proto("load director key", e))? {
+            LoadedKey::Private(k) => k,
+            LoadedKey::Public(_) => return Err(ServerError::Config { path: key_path.into(), reason: "the director key must be a private key".into() }),
+        };
+        tracing::info!(key_id = key.key_id(), "director key loaded");
+        Ok(Director { key, targets_expiry })
     }
 
     /// Signs a device's director targets.
@@ -101,15 +66,10 @@ impl Director {
 
 pub fn api() -> Router<AppState> {
     Router::new()
-        .route("/director/root.json", get(director_root))
         .route("/api/v1/rollouts", post(create).get(list))
         .route("/api/v1/rollouts/{id}", get(show))
         .route("/api/v1/rollouts/{id}/{action}", post(act))
         .route("/api/v1/audit", get(audit))
-}
-
-async fn director_root(State(s): State<AppState>) -> ([(axum::http::HeaderName, &'static str); 1], Vec<u8>) {
-    ([(axum::http::header::CONTENT_TYPE, "application/json")], s.director.root().to_vec())
 }
 
 /// One wave as the API takes it (signed numbers, so negative values get a message

@@ -226,6 +226,15 @@ async fn call(app: axum::Router, req: Request<Body>) -> (StatusCode, axum::http:
     (status, headers, body)
 }
 
+/// A director key made offline, as `outpost director init` does (the server never
+/// makes one).
+fn director_key(path: &std::path::Path) -> std::path::PathBuf {
+    let k = outpost_protocol::keys::SigningKey::generate().unwrap();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, serde_json::to_vec(&k.to_key_file()).unwrap()).unwrap();
+    path.to_path_buf()
+}
+
 #[tokio::test]
 async fn http_serves_repository_with_ranges_cache_headers_and_auth() {
     let f = fixture();
@@ -242,12 +251,7 @@ async fn http_serves_repository_with_ranges_cache_headers_and_auth() {
         accept_uncertified_eks: false,
         measurement: Default::default(),
         director: std::sync::Arc::new(
-            outpost_server::rollouts::Director::open(
-                &f.config.director_key,
-                &f.config.director_root,
-                std::time::Duration::from_secs(3600),
-            )
-            .unwrap(),
+            outpost_server::rollouts::Director::open(&director_key(&f.config.director_key), std::time::Duration::from_secs(3600)).unwrap(),
         ),
     });
 

@@ -56,7 +56,7 @@ fleet_make_keys() {
   local dir="$1" name id
   mkdir -p "$dir"
   chmod 700 "$dir"
-  for name in root1 root2 root3 targets snapshot timestamp firmware; do
+  for name in root1 root2 root3 targets snapshot timestamp firmware director-root director; do
     id="$("$OUTPOST_BIN/outpost" --json keys generate --out "$dir/$name.key" | jq -r '.keyid // empty')" \
       || fleet_die "outpost keys generate --out $dir/$name.key failed"
     [[ -n "$id" ]] || fleet_die "outpost keys generate printed no key id"
@@ -75,6 +75,10 @@ fleet_init_repo() {
   fleet_run "$OUTPOST_BIN/outpost" repo delegate --repo "$repo" --role firmware \
     --delegate-key "$keys/firmware.key" --threshold 1 \
     --paths 'firmware/rpi4/*/*' \
+    --sign-key "$keys/targets.key" >&2
+  # The director's trust anchor, offline: devices learn the director from it.
+  fleet_run "$OUTPOST_BIN/outpost" director init --repo "$repo" \
+    --root-key "$keys/director-root.key" --director-key "$keys/director.key.pub" \
     --sign-key "$keys/targets.key" >&2
 }
 
@@ -102,6 +106,10 @@ $(if [[ "${FLEET_EK_TRUST:-localca}" == uncertified ]]; then
     echo "# The swtpms' EK certificates come from swtpm's local CA (swtpm_setup --create-ek-cert)."
     echo "ek_ca_certificates = [$(fleet_swtpm_localca)]"
   fi)
+
+[director]
+# The online director key director root v1 names (made offline by fleet_make_keys).
+key = "$keys/director.key"
 
 # The agent measures its slot into PCR 23, which software can reset: a testbed.
 [attestation.classes."*"]

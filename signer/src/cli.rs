@@ -40,6 +40,10 @@ pub enum Command {
     /// Publish signed releases.
     #[command(subcommand)]
     Release(crate::release_cmd::ReleaseCommand),
+    /// The director's trust anchor (offline): director root versions, signed into the
+    /// image repository's targets so devices learn whom the director is from offline keys.
+    #[command(subcommand)]
+    Director(crate::director_cmd::DirectorCommand),
     /// Devices: enrollment tokens, the fleet's attestation state (operator API).
     #[command(subcommand)]
     Device(crate::device_cmd::DeviceCommand),
@@ -106,6 +110,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Repo(cmd) => crate::repo_cmd::run(cmd, &out).await,
         Command::Device(cmd) => crate::device_cmd::run(cmd, &out).await,
+        Command::Director(cmd) => crate::director_cmd::run(cmd, &out).await,
         Command::Sbom(cmd) => crate::sbom_cmd::run(cmd, &out).await,
         Command::Rollout(cmd) => crate::rollout_cmd::run(cmd, &out).await,
         Command::Policy(cmd) => crate::policy_cmd::run(cmd, &out).await,

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod device_cmd;
+pub mod director_cmd;
 pub mod error;
 pub mod keyfile;
 pub mod localrepo;

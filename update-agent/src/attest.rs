@@ -131,7 +131,14 @@ pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
         ak_private: hex::encode(&ak.private),
         enrolled_at: chrono::Utc::now().to_rfc3339(),
     };
-    crate::director::pin_root(config, &enrolled.director_root, chrono::Utc::now())?;
+    // Whom the director is comes from the image repository's offline keys, not from
+    // this (possibly intercepted) answer.
+    crate::update::prepare_state(config)?;
+    let fetcher = crate::fetch::Fetcher::new(config.http_timeout)?;
+    let mut updater = crate::updater::Updater::new(&config.metadata_dir(), &format!("{}/metadata/", config.server_url), fetcher, chrono::Utc::now())?;
+    let root = crate::director::sync_root(config, &mut updater).await?;
+    let _ = std::fs::remove_file(crate::director::targets_path(config));
+    tracing::info!(director_root_version = root.signed.version, "director trusted through the image repository");
     write_json(&Identity::path(config), &identity)?;
     tracing::info!(device_id = %enrolled.device_id, "enrolled");
     Ok(enrolled)

@@ -1,5 +1,6 @@
-//! The device's side of the director repository: the director root pinned at
-//! enrollment, and the latest verified director targets (this device's assignment),
+//! The device's side of the director repository: the director root, learned from the
+//! offline-signed image repository and followed as a chain of versions, and the latest
+//! verified director targets (this device's assignment),
 //! kept across restarts so an offline device still knows what it was told, until the
 //! assignment expires.
 
@@ -11,6 +12,7 @@ use outpost_protocol::tuf::metadata::{Envelope, Root};
 
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
+use crate::updater::Updater;
 
 pub fn root_path(config: &AgentConfig) -> PathBuf {
     config.state_dir.join("director-root.json")
@@ -24,16 +26,58 @@ fn refused(e: outpost_protocol::Error) -> AgentError {
     AgentError::Director(outpost_protocol::display_chain(&e))
 }
 
-/// Pins the director root the server gave at enrollment (checked first). A device
-/// re-enrolling starts over with the new root and no assignment.
-pub fn pin_root(config: &AgentConfig, root: &str, now: DateTime<Utc>) -> Result<()> {
-    director::check_root(root.as_bytes(), now).map_err(refused)?;
-    crate::updater::write_atomic(&root_path(config), root.as_bytes())?;
-    match std::fs::remove_file(targets_path(config)) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(AgentError::io("remove", targets_path(config), e)),
+/// The largest director root the agent reads.
+const ROOT_MAX_LENGTH: u64 = 512_000;
+
+/// Learns whom the director is from the image repository, never from a server's word:
+/// `director/1.root.json` signed by the repository's top-level targets role (offline
+/// keys) is the first director root, and each `director/N+1.root.json` must also be
+/// signed by version N's root keys and its own (the TUF root chain). Starts from the
+/// pinned root, pins the newest, and returns it. A device that re-enrolls keeps its
+/// chain.
+pub async fn sync_root(config: &AgentConfig, updater: &mut Updater) -> Result<Envelope<Root>> {
+    let base = format!("{}/targets/", config.server_url);
+    let path = root_path(config);
+    let mut current: Option<Vec<u8>> = match std::fs::read(&path) {
+        Ok(b) => Some(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(AgentError::io("read", &path, e)),
+    };
+    let pinned_version = match &current {
+        Some(b) => Some(Envelope::<Root>::parse(b, "director root").map_err(|e| AgentError::Corrupt { path: path.clone(), reason: e.to_string() })?.signed.version),
+        None => None,
+    };
+    let mut version = pinned_version.map_or(1, |v| v + 1);
+    loop {
+        let target = director::root_target_path(version);
+        let Some(info) = updater.get_target_info(&target).await? else { break };
+        if info.role != director::ROOT_SIGNER_ROLE {
+            return Err(AgentError::Director(format!(
+                "{target} is signed by role {}; only the image repository's top-level {} role (offline keys) may vouch for a director root",
+                info.role,
+                director::ROOT_SIGNER_ROLE
+            )));
+        }
+        let bytes = updater.fetch_target_bytes(&info, &base, ROOT_MAX_LENGTH).await?;
+        match &current {
+            None => director::check_first_root(&bytes),
+            Some(prev) => director::check_next_root(prev, &bytes),
+        }
+        .map_err(|e| AgentError::Director(format!("{target}: {}", outpost_protocol::display_chain(&e))))?;
+        current = Some(bytes);
+        version += 1;
     }
+    let bytes = current.ok_or_else(|| {
+        AgentError::Director(
+            "the image repository vouches for no director (director/1.root.json signed by its targets role): `outpost director init` makes one".into(),
+        )
+    })?;
+    let env = Envelope::<Root>::parse(&bytes, "director root").map_err(refused)?;
+    if pinned_version != Some(env.signed.version) {
+        crate::updater::write_atomic(&path, &bytes)?;
+        tracing::info!(version = env.signed.version, "trusting director root from the image repository");
+    }
+    Ok(env)
 }
 
 /// The pinned director root, or None when the device follows no director (not

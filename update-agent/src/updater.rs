@@ -346,6 +346,19 @@ impl Updater {
         Ok(format!("{}{}", with_slash(target_base_url), quote_target_path(&remote)))
     }
 
+    /// A small target read into memory (at most `limit` bytes), verified against its
+    /// signed length and hashes.
+    pub async fn fetch_target_bytes(&self, info: &TargetInfo, target_base_url: &str, limit: u64) -> Result<Vec<u8>> {
+        if info.file.length > limit {
+            return Err(AgentError::TooLarge { url: info.path.clone(), limit });
+        }
+        let url = self.target_url(info, target_base_url)?;
+        let data = self.fetcher.fetch_bytes(&url, info.file.length).await?;
+        outpost_protocol::hashing::verify_bytes(&data, Some(info.file.length), Some(&info.file.hashes), &format!("target {}", info.path))
+            .map_err(|e| AgentError::tuf(format!("verify target {}", info.path), e))?;
+        Ok(data)
+    }
+
     /// Downloads a target into `target_dir`, verified, replacing any older copy.
     pub async fn download_target(
         &self,

@@ -68,9 +68,6 @@ pub struct EnrollProof {
 pub struct Enrolled {
     pub device_id: String,
     pub hardware_class: String,
-    /// The director repository's root (TUF root JSON) the device pins: only targets
-    /// signed by its keys can assign this device an image.
-    pub director_root: String,
 }
 
 /// `POST /api/v1/devices/{id}/nonce`.

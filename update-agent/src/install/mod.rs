@@ -328,17 +328,21 @@ impl Installer {
         }
         // An enrolled device installs only what the director assigns it (and the image
         // repository signs); one that follows no director takes the newest release.
+        let mut updater = Updater::new(&self.config.metadata_dir(), &self.metadata_url(), self.fetcher.clone(), chrono::Utc::now())?;
+        updater.refresh().await?;
         let directed = match crate::director::pinned(&self.config)? {
             None => None,
-            Some(root) => Some(crate::director::current(&self.config, &root, &self.config.device_id, chrono::Utc::now())?.and_then(|v| v.assignment)),
+            Some(_) => {
+                // A newer director root (a rotated director key) is learned here.
+                let root = crate::director::sync_root(&self.config, &mut updater).await?;
+                Some(crate::director::current(&self.config, &root, &self.config.device_id, chrono::Utc::now())?.and_then(|v| v.assignment))
+            }
         };
         if matches!(directed, Some(None)) && self.journal.running.is_some() {
             let version = self.journal.running.as_ref().map(|r| r.version.clone());
             self.write_metrics(None);
             return Ok(PassResult::NoAssignment { version });
         }
-        let mut updater = Updater::new(&self.config.metadata_dir(), &self.metadata_url(), self.fetcher.clone(), chrono::Utc::now())?;
-        updater.refresh().await?;
         let class = self.config.hardware_class.to_string();
         let infos = updater.targets_under(&["firmware", &class]).await?;
         let infos_all = infos.clone();
