@@ -302,7 +302,8 @@ def test_checkin_nonces_are_single_use_fresh_and_this_devices(fleet, tmp_path, o
     sops = Ops(sfleet)
     proxy = proxy_factory(server.url)
     dev, device_id, v1 = enrolled_device(sfleet, tmp_path, sops, swtpm_factory, "d1", server_url=proxy.url)
-    other, other_id, _ = enrolled_device(sfleet, tmp_path, sops, swtpm_factory, "d2", v1=v1)
+    proxy2 = proxy_factory(server.url)
+    other, other_id, _ = enrolled_device(sfleet, tmp_path, sops, swtpm_factory, "d2", v1=v1, server_url=proxy2.url)
     assert checkin(dev)["verdict"] == "attested"
 
     # Replayed: the same check-in body again.
@@ -324,12 +325,17 @@ def test_checkin_nonces_are_single_use_fresh_and_this_devices(fleet, tmp_path, o
     proxy.rule = forge_nonce
     assert_fails(agent(dev, "checkin"), "not issued")
 
-    # A nonce issued to device 2.
+    # A nonce issued to device 2 (taken from device 2's own signed request, whose
+    # check-in never reaches the server, so the nonce stays open).
+    from conftest import ProxyAnswer
+    proxy2.intercept = lambda req: ProxyAnswer(503, [], b"held back") if req.path.endswith("/checkin") else None
+    assert_fails(agent(other, "checkin"), "503")
+    proxy2.intercept = None
+    foreign = [r.answer for r in proxy2.requests if r.path.endswith("/nonce")][-1]
+
     def foreign_nonce(req, answer):
         if req.path.endswith("/nonce"):
-            status, body = http_post(f"{server.url}/api/v1/devices/{other_id}/nonce", b"", None,
-                                     "application/json")
-            answer.set_body(body)
+            answer.set_body(foreign)
 
     proxy.rule = foreign_nonce
     assert_fails(agent(dev, "checkin"), "another device")
@@ -510,17 +516,21 @@ def test_agent_refuses_to_install_when_its_pcr_does_not_match_its_event_log(flee
     assert dev.slot_path("B").read_bytes() == b"" and dev.active() == "A"
 
 
-def test_outstanding_nonces_per_device_are_bounded(fleet, tmp_path, ops, swtpm_factory):
-    """The nonce endpoint takes no credentials; what it makes the server store is bounded."""
-    dev, device_id, _ = enrolled_device(fleet, tmp_path, ops, swtpm_factory)
+def test_outstanding_nonces_per_device_are_bounded(fleet, tmp_path, ops, swtpm_factory, proxy_factory):
+    """Only the device's AK-quoted requests get nonces, and even those are bounded: a
+    genuine request replayed within its few minutes of validity (what an attacker on
+    the path could do) makes the server store at most 16 open nonces."""
+    proxy = proxy_factory(ops.server.url)
+    dev, device_id, _ = enrolled_device(fleet, tmp_path, ops, swtpm_factory, server_url=proxy.url)
+    signed = [r.body for r in proxy.requests if r.path.endswith("/nonce")][-1]
     url = f"{ops.server.url}/api/v1/devices/{device_id}/nonce"
     for _ in range(16):
-        status, body = http_post(url, b"", None, "application/json")
+        status, body = http_post(url, signed, None, "application/json")
         assert status == 200, body
-    status, body = http_post(url, b"", None, "application/json")
+    status, body = http_post(url, signed, None, "application/json")
     assert status == 429 and b"unused nonces" in body, body
     assert_fails(agent(dev, "checkin"), "unused nonces")
-    status, body = http_post(f"{ops.server.url}/api/v1/devices/dev-nope/nonce", b"", None, "application/json")
+    status, body = http_post(f"{ops.server.url}/api/v1/devices/dev-nope/nonce", signed, None, "application/json")
     assert status == 404, body
 
 
@@ -612,3 +622,64 @@ def test_enrollment_needs_an_ek_ca_or_an_explicit_opt_in(tmp_path, outpost_repo,
                          attestation={"accept_uncertified_eks": True, "ek_ca_certificates": swtpm_localca_files()})
     assert both.start(allow_exit=True) is False
     assert "contradict" in both.log_text()
+
+
+# ================================================== endpoints only the device may use
+def test_nobody_but_the_device_can_take_its_nonces(fleet, tmp_path, ops, swtpm_factory):
+    """Knowing a device id used to be enough to take all its open nonces every minute
+    and lock it out. Nonce requests are now quoted by the device's AK: unsigned,
+    forged, replayed-stale or foreign ones get nothing, and the device checks in."""
+    repo, server, _ = fleet
+    dev, device_id, v1 = enrolled_device(fleet, tmp_path, ops, swtpm_factory)
+    other, other_id, _ = enrolled_device(fleet, tmp_path, ops, swtpm_factory, "other", v1=v1)
+    url = f"{server.url}/api/v1/devices/{device_id}/nonce"
+    for _ in range(20):
+        status, body = http_post(url, b"{}", None, "application/json")
+        assert status in (400, 401, 422), (status, body)
+    status, body = http_post(url, b"", None, "application/json")
+    assert status in (400, 401, 415, 422), (status, body)
+    # Another device's genuine request, presented for this device.
+    proxy_seen = {}
+
+    def grab(req, answer):
+        if req.path.endswith("/nonce"):
+            proxy_seen["body"] = req.body
+    from conftest import Proxy
+    p = Proxy(server.url)
+    try:
+        other.write_config(server_url=p.url)
+        p.rule = grab
+        checkin(other)
+    finally:
+        p.stop()
+    status, body = http_post(url, proxy_seen["body"], None, "application/json")
+    assert status == 401 and b"not" in body, (status, body)
+    # A request from device's own past, signed but stale, is refused too.
+    doc = json.loads(proxy_seen["body"])
+    doc["request"]["at"] = "2020-01-01T00:00:00Z"
+    status, body = http_post(f"{server.url}/api/v1/devices/{other_id}/nonce", json.dumps(doc).encode(), None,
+                             "application/json")
+    assert status == 401, (status, body)
+    assert checkin(dev)["verdict"] == "attested"
+
+
+def test_install_reports_of_an_enrolled_device_come_only_from_its_checkins(fleet, tmp_path, ops, swtpm_factory):
+    """POST /api/v1/reports took any outcome for any device id from anyone, and those
+    rows sat beside attested ones. Now: refused for enrolled ids; for ids nobody
+    enrolled they are recorded as unattested, bounded, and kept out of device views."""
+    repo, server, token = fleet
+    dev, device_id, v1 = enrolled_device(fleet, tmp_path, ops, swtpm_factory)
+    report = {"device_id": device_id, "hardware_class": "rpi4", "target": "firmware/rpi4/1.0.0/fw.img",
+              "version": "1.0.0", "outcome": "rolled_back", "reason": "forged", "slot": "B",
+              "at": "2026-01-01T00:00:00Z"}
+    status, body = http_post(f"{server.url}/api/v1/reports", json.dumps(report).encode(), None, "application/json")
+    assert status == 403 and b"attested check-ins" in body, (status, body)
+    assert all(r["reason"] != "forged" for r in ops.device(device_id)["reports"])
+    # An unenrolled id: recorded as unattested, at most 100 kept for it.
+    for i in range(110):
+        r = dict(report, device_id="testbed-1", reason=f"n{i}")
+        status, body = http_post(f"{server.url}/api/v1/reports", json.dumps(r).encode(), None, "application/json")
+        assert status == 200, body
+    status, body = http_get(f"{server.url}/api/v1/reports?device=testbed-1", token=ops.token)
+    kept = json.loads(body)["reports"]
+    assert len(kept) == 100 and kept[0]["reason"] == "n109" and not any(r["attested"] for r in kept), kept[:2]

@@ -204,7 +204,8 @@ async fn show(State(s): State<AppState>, auth: Auth, Path(id): Path<String>) -> 
     auth.require_reader()?;
     let device = s.store.device(&id).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id:?}")))?;
     let history = s.store.attestations(&id, 50).await?;
-    let reports = s.store.recent_reports(Some(&id), 50).await?;
+    // Only what the device itself said, in attested check-ins.
+    let reports = s.store.recent_reports(Some(&id), 50, true).await?;
     let vulnerable = crate::sbomindex::vulnerable_devices(&s).await?.remove(&id).unwrap_or_default();
     Ok(Json(json!({"device": device, "vulnerable": vulnerable, "attestations": history, "reports": reports})))
 }
@@ -226,7 +227,31 @@ async fn set_labels(State(s): State<AppState>, auth: Auth, Path(id): Path<String
     Ok(Json(json!({"device_id": id, "labels": body.labels})))
 }
 
-async fn nonce(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<NonceGrant>, ApiError> {
+/// How far a nonce request's `at` may be from the server's clock.
+const NONCE_REQUEST_SKEW: chrono::Duration = chrono::Duration::minutes(5);
+
+async fn nonce(State(s): State<AppState>, Path(id): Path<String>, ApiJson(req): ApiJson<attest::NonceRequest>) -> Result<Json<NonceGrant>, ApiError> {
+    let unknown = || ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no enrolled device {id:?}"));
+    let device = s.store.device(&id).await?.ok_or_else(unknown)?;
+    let ak = TpmPublic::parse(&device.ak_public, "attestation key").map_err(|e| ServerError::State(format!("stored AK of {id}: {e}")))?;
+    // Only the device may take its nonces: the request is quoted by its AK.
+    let ask = attest::verify_nonce_request(&ak, &req).map_err(|e| {
+        tracing::warn!(device = %id, error = %e, "nonce request refused");
+        ApiError::new(StatusCode::UNAUTHORIZED, "nonce_request_refused", format!("nonce request not signed by this device's attestation key: {e}"))
+    })?;
+    if ask.device_id != id {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "nonce_request_refused", format!("nonce request is for device {:?}, not {id:?}", ask.device_id)));
+    }
+    let at = chrono::DateTime::parse_from_rfc3339(&ask.at)
+        .map_err(|e| ApiError::unprocessable("invalid_request", format!("at {:?}: {e}", ask.at)))?
+        .with_timezone(&chrono::Utc);
+    if (chrono::Utc::now() - at).abs() > NONCE_REQUEST_SKEW {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "nonce_request_stale",
+            format!("nonce request made at {} is more than {} minutes from the server's clock (a replay, or a clock to fix)", ask.at, NONCE_REQUEST_SKEW.num_minutes()),
+        ));
+    }
     let issued = now_ms();
     let expires = issued + s.nonce_lifetime.as_millis().max(1) as i64;
     let nonce = match s.store.issue_nonce(&id, expires, issued).await? {

@@ -168,9 +168,18 @@ async fn log(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiEr
 /// A device's install outcome. Devices have no credentials until TPM enrollment
 /// exists, so this accepts reports without a token; they are validated strictly
 /// and only recorded, never acted on.
+/// Install outcomes of devices that follow no director (no identity, so nobody can
+/// tell who sent them): recorded as unattested and bounded. An enrolled device's
+/// outcomes come only inside its attested check-ins.
 async fn add_report(State(s): State<AppState>, ApiJson(report): ApiJson<crate::store::InstallReport>) -> Result<Json<Value>, ApiError> {
     report.validate().map_err(|m| ApiError::unprocessable("invalid_report", m))?;
-    s.store.add_report(&report).await?;
+    if !s.store.add_unattested_report(&report).await? {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "device_enrolled",
+            format!("device {} is enrolled: its install outcomes count only inside its attested check-ins", report.device_id),
+        ));
+    }
     tracing::info!(device = %report.device_id, version = %report.version, outcome = report.outcome.as_str(), reason = report.reason.as_deref().unwrap_or(""), "install report");
     Ok(Json(json!({"recorded": true})))
 }
@@ -182,7 +191,7 @@ struct ReportQuery {
 
 async fn list_reports(State(s): State<AppState>, auth: Auth, Query(q): Query<ReportQuery>) -> Result<Json<Value>, ApiError> {
     auth.require_reader()?;
-    Ok(Json(json!({"reports": s.store.recent_reports(q.device.as_deref(), 200).await?})))
+    Ok(Json(json!({"reports": s.store.recent_reports(q.device.as_deref(), 200, false).await?})))
 }
 
 #[derive(Debug, Deserialize)]

@@ -335,11 +335,17 @@ async fn consume_nonce_tx(tx: &mut dyn Tx, nonce: &str, device_id: &str, now: i6
     }))
 }
 
-const INSERT_REPORT: &str = "INSERT INTO install_reports (received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+const INSERT_REPORT: &str = "INSERT INTO install_reports (received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at, attested)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
-fn report_args(received_at: &str, r: &InstallReport) -> Vec<Value> {
-    args![received_at, &r.device_id, &r.hardware_class, &r.target, &r.version, r.outcome.as_str(), r.reason.as_deref(), &r.slot, &r.at]
+/// Unattested reports (devices that follow no director and have no identity) kept at
+/// most, in all and per device id: anyone can send them, so they must not grow without
+/// bound, and they never sit beside an enrolled device's attested ones.
+pub const MAX_UNATTESTED_REPORTS: i64 = 10_000;
+pub const MAX_UNATTESTED_REPORTS_PER_DEVICE: i64 = 100;
+
+fn report_args(received_at: &str, r: &InstallReport, attested: bool) -> Vec<Value> {
+    args![received_at, &r.device_id, &r.hardware_class, &r.target, &r.version, r.outcome.as_str(), r.reason.as_deref(), &r.slot, &r.at, i64::from(attested)]
 }
 
 async fn record_checkin_tx(tx: &mut dyn Tx, c: &CheckinRecord<'_>) -> Result<(), ServerError> {
@@ -356,7 +362,7 @@ async fn record_checkin_tx(tx: &mut dyn Tx, c: &CheckinRecord<'_>) -> Result<(),
     )
     .await?;
     for r in c.reports {
-        tx.execute(INSERT_REPORT, report_args(&now, r)).await?;
+        tx.execute(INSERT_REPORT, report_args(&now, r, true)).await?;
     }
     Ok(())
 }
@@ -372,7 +378,7 @@ fn base_schema(dialect: Dialect) -> String {
 
 /// Schema changes to tables that already exist, numbered from 1 (SQLite keeps the
 /// number in `PRAGMA user_version`, PostgreSQL in `outpost_schema`).
-const ALTERATIONS: [&str; 3] = [
+const ALTERATIONS: [&str; 4] = [
     // 1: device labels (rollout selectors) and the per-device director version;
     // labels given to enrollment tokens.
     "ALTER TABLE devices ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
@@ -385,6 +391,9 @@ const ALTERATIONS: [&str; 3] = [
     // and rebuilt from the signed releases when the server starts.
     "DELETE FROM sbom_components;
      DELETE FROM sbom_releases;",
+    // 4: whether a device signed the report (inside an attested check-in). Rows from
+    // before cannot tell, so they count as unattested.
+    "ALTER TABLE install_reports ADD COLUMN attested INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// `sbom_components.purl_base` of a component whose purl cannot be read (no canonical
@@ -809,17 +818,38 @@ impl Store {
         Ok(())
     }
 
-    pub async fn add_report(&self, r: &InstallReport) -> Result<(), ServerError> {
-        self.execute(INSERT_REPORT, report_args(&chrono::Utc::now().to_rfc3339(), r)).await?;
-        Ok(())
+    /// Records a report no device signed, for a device id that is not enrolled
+    /// (`false`: the id is enrolled, whose reports come only in attested check-ins),
+    /// and drops the oldest unattested reports beyond the bounds.
+    pub async fn add_unattested_report(&self, r: &InstallReport) -> Result<bool, ServerError> {
+        let mut tx = self.tx(Mode::Shared).await?;
+        if tx.opt("SELECT 1 FROM devices WHERE device_id = ?1", args![&r.device_id]).await?.is_some() {
+            return Ok(false);
+        }
+        tx.execute(INSERT_REPORT, report_args(&chrono::Utc::now().to_rfc3339(), r, false)).await?;
+        tx.execute(
+            "DELETE FROM install_reports WHERE attested = 0 AND device_id = ?1 AND id <=
+               (SELECT id FROM install_reports WHERE attested = 0 AND device_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            args![&r.device_id, MAX_UNATTESTED_REPORTS_PER_DEVICE],
+        )
+        .await?;
+        tx.execute(
+            "DELETE FROM install_reports WHERE attested = 0 AND id <=
+               (SELECT id FROM install_reports WHERE attested = 0 ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+            args![MAX_UNATTESTED_REPORTS],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
-    pub async fn recent_reports(&self, device: Option<&str>, limit: u32) -> Result<Vec<serde_json::Value>, ServerError> {
+    /// Install reports, newest first; `attested_only` leaves out the ones no device signed.
+    pub async fn recent_reports(&self, device: Option<&str>, limit: u32, attested_only: bool) -> Result<Vec<serde_json::Value>, ServerError> {
         let rows = self
             .query(
-                "SELECT received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at
-                 FROM install_reports WHERE (?1 IS NULL OR device_id = ?1) ORDER BY id DESC LIMIT ?2",
-                args![device, limit],
+                "SELECT received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at, attested
+                 FROM install_reports WHERE (?1 IS NULL OR device_id = ?1) AND (?3 = 0 OR attested = 1) ORDER BY id DESC LIMIT ?2",
+                args![device, limit, i64::from(attested_only)],
             )
             .await?;
         rows.iter()
@@ -827,6 +857,7 @@ impl Store {
                 Ok(serde_json::json!({
                     "received_at": r.text(0)?, "device_id": r.text(1)?, "hardware_class": r.text(2)?, "target": r.text(3)?,
                     "version": r.text(4)?, "outcome": r.text(5)?, "reason": r.opt_text(6)?, "slot": r.text(7)?, "at": r.text(8)?,
+                    "attested": r.int(9)? == 1,
                 }))
             })
             .collect()

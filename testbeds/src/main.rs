@@ -201,7 +201,15 @@ struct Tally {
 /// (the same server, or two sharing one database).
 async fn checkin(http: &reqwest::Client, nonce_server: &str, report_server: &str, d: &mut SimDevice, fail: &BTreeMap<String, f64>, t: &mut Tally) -> Res<()> {
     let started = Instant::now();
-    let grant: NonceGrant = post(http, &format!("{nonce_server}/api/v1/devices/{}/nonce", d.device_id), None, &json!({})).await?;
+    let ak = ak_key(&d.ak)?;
+    let ak_public = softkeys::ak_public(ak.verifying_key());
+    let ak_name = softkeys::name(&ak_public);
+    // The nonce request is quoted by the (software) AK, as a TPM's would be.
+    let ask = serde_json::to_value(attest::NonceAsk { device_id: d.device_id.clone(), at: chrono::Utc::now().to_rfc3339() }).map_err(|e| e.to_string())?;
+    let ask_q = attest::nonce_request_qualifying_data(&ask).map_err(|e| e.to_string())?;
+    let (a, s) = softkeys::quote(&ak, &ak_name, &ask_q, PCR, &[0u8; 32], started.elapsed().as_millis() as u64);
+    let nonce_req = attest::NonceRequest { request: ask, attest: hex::encode(a), signature: hex::encode(s) };
+    let grant: NonceGrant = post(http, &format!("{nonce_server}/api/v1/devices/{}/nonce", d.device_id), None, &nonce_req).await?;
     let base = format!("{report_server}/api/v1/devices/{}", d.device_id);
     let log = EventLog {
         events: vec![MeasurementEvent {
@@ -230,9 +238,7 @@ async fn checkin(http: &reqwest::Client, nonce_server: &str, report_server: &str
     };
     let report = serde_json::to_value(&report).map_err(|e| e.to_string())?;
     let qualifying = attest::qualifying_data(&report).map_err(|e| e.to_string())?;
-    let ak = ak_key(&d.ak)?;
-    let ak_public = softkeys::ak_public(ak.verifying_key());
-    let (a, s) = softkeys::quote(&ak, &softkeys::name(&ak_public), &qualifying, PCR, &pcr_digest, started.elapsed().as_millis() as u64);
+    let (a, s) = softkeys::quote(&ak, &ak_name, &qualifying, PCR, &pcr_digest, started.elapsed().as_millis() as u64);
     let body = Checkin { report, attest: hex::encode(a), signature: hex::encode(s) };
     let sent = Instant::now();
     let verdict: CheckinVerdict = post(http, &format!("{base}/checkin"), None, &body).await?;

@@ -278,7 +278,16 @@ pub async fn prepare_checkin(config: &AgentConfig, state: &DeviceState) -> Resul
     let http = client(config)?;
     let base = format!("{}/api/v1/devices/{}", config.server_url, identity.device_id);
     let url = format!("{base}/nonce");
-    let grant: NonceGrant = api("get check-in nonce", http.post(&url).send().await.map_err(send_err(&url))?).await?;
+    // Only this device may ask for its nonces: the request is quoted by its AK.
+    let ask = serde_json::to_value(attest::NonceAsk { device_id: identity.device_id.clone(), at: chrono::Utc::now().to_rfc3339() })
+        .map_err(|e| AgentError::Usage(format!("serialize nonce request: {e}")))?;
+    let qualifying = attest::nonce_request_qualifying_data(&ask).map_err(|e| AgentError::tuf("nonce request", e))?;
+    let (t, ak, pcr) = (tpm.clone(), identity.ak()?, conf.pcr);
+    let q = tokio::task::spawn_blocking(move || t.quote(&ak, &qualifying, &[pcr]))
+        .await
+        .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+    let req = attest::NonceRequest { request: ask, attest: hex::encode(&q.attest), signature: hex::encode(&q.signature) };
+    let grant: NonceGrant = api("get check-in nonce", http.post(&url).json(&req).send().await.map_err(send_err(&url))?).await?;
     let log = load_log(config)?;
     let report = CheckinReport {
         device_id: identity.device_id.clone(),

@@ -71,6 +71,52 @@ pub struct Enrolled {
 }
 
 /// `POST /api/v1/devices/{id}/nonce`.
+/// `POST /api/v1/devices/{id}/nonce`: only the device may ask for its nonces, so the
+/// request is a TPM quote by its AK over `{device_id, at}` (domain-separated from
+/// check-in quotes). Without it anyone knowing a device id could take every open
+/// nonce and lock the device out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NonceRequest {
+    pub request: serde_json::Value,
+    /// Marshalled `TPMS_ATTEST`, hex.
+    pub attest: String,
+    /// Marshalled `TPMT_SIGNATURE`, hex.
+    pub signature: String,
+}
+
+/// What a nonce request says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NonceAsk {
+    pub device_id: String,
+    /// When the device asked (RFC 3339); the server accepts requests a few minutes old
+    /// at most.
+    pub at: String,
+}
+
+const NONCE_REQUEST_DOMAIN: &[u8] = b"outpost nonce request v1\0";
+
+/// The quote's qualifying data for a nonce request.
+pub fn nonce_request_qualifying_data(request: &serde_json::Value) -> Result<[u8; 32]> {
+    let canonical = crate::cjson::to_canonical(request)?;
+    let mut h = Sha256::new();
+    h.update(NONCE_REQUEST_DOMAIN);
+    h.update(&canonical);
+    Ok(h.finalize().into())
+}
+
+/// A nonce request signed by `ak` for exactly this request.
+pub fn verify_nonce_request(ak: &TpmPublic, req: &NonceRequest) -> Result<NonceAsk> {
+    let attest = unhex("attest", &req.attest, 4096)?;
+    let signature = unhex("signature", &req.signature, 1024)?;
+    let quote = Quote::verify(ak, &attest, &signature)?;
+    if quote.extra_data != nonce_request_qualifying_data(&req.request)? {
+        return Err(Error::Tpm { what: "nonce request".into(), reason: "the quote was made for another request".into() });
+    }
+    serde_json::from_value(req.request.clone()).map_err(|e| Error::Tpm { what: "nonce request".into(), reason: e.to_string() })
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NonceGrant {
