@@ -684,6 +684,82 @@ def test_power_cut_leaves_a_wrong_staged_image_that_is_fetched_again(fleet, tmp_
     assert len(gets) == 1 and gets[0].range is None and gets[0].sent == v2["length"], ctx
 
 
+@pytest.mark.parametrize("phase", ["verified", "writing"])
+def test_a_staged_image_corrupted_after_verified_is_discarded_and_fetched_again(fleet, tmp_path,
+                                                                                  proxy_factory, phase):
+    """The journal says `verified` (or `writing`) and the staged image has rotted since:
+    it is not written again and again into the slot; it is thrown away and the release
+    fetched once more."""
+    repo, server, token = fleet
+    proxy = proxy_factory(server.url)
+    dev, v1 = installed_v1(fleet, tmp_path, server_url=proxy.url)
+    v2 = publish(fleet, image("v2", 300_000), "2.0.0")
+    release = {"target": v2["target"], "version": "2.0.0", "sha256": v2["sha256"], "length": v2["length"]}
+    j = dev.journal()
+    j["phase"] = {"phase": "verified", "release": release} if phase == "verified" else \
+        {"phase": "writing", "release": release, "slot": "A"}
+    dev.journal_path.write_text(json.dumps(j, indent=2))
+    staged = bytearray(v2["file"].read_bytes())
+    staged[4321] ^= 0x01
+    (dev.downloads / f"{quote_all(v2['target'])}.image").write_bytes(bytes(staged))
+    proxy.clear()
+    res = dev.run_once()
+    expect_committed(dev, res, v2, "A")
+    assert "no longer verifies" in res.stderr, res.describe()
+    assert len(full_image_gets(proxy, "2.0.0")) == 1, res.describe()
+
+
+def test_downloads_no_journal_entry_owns_are_cleaned(fleet, tmp_path):
+    """Staged images and partial transfers of releases given up on stay forever
+    otherwise: the next install removes what no journal entry owns (and nothing else)."""
+    dev, v1 = installed_v1(fleet, tmp_path)
+    stale = [dev.downloads / "firmware%2Frpi4%2F0.9.0%2Ffw.img.image",
+             dev.downloads / "firmware%2Frpi4%2F0.9.1%2Ffw.img.partial"]
+    for f in stale:
+        f.write_bytes(b"x" * 4096)
+    unrelated = dev.downloads / "notes.txt"
+    unrelated.write_text("not the installer's")
+    v2 = publish(fleet, image("v2", 200_000), "2.0.0")
+    res = dev.run_once()
+    expect_committed(dev, res, v2, "A")
+    assert not any(f.exists() for f in stale), list(dev.downloads.iterdir())
+    assert unrelated.exists()
+
+
+@pytest.fixture
+def loop_slot(tmp_path):
+    """A 4 MiB loop block device (root), like a partition: larger than the image."""
+    backing = tmp_path / "partition.img"
+    backing.write_bytes(b"\xee" * (4 * MiB))
+    p = run(["losetup", "--find", "--show", str(backing)])
+    assert p.returncode == 0, p.describe()
+    dev_path = Path(p.stdout.strip())
+    yield dev_path
+    run(["losetup", "--detach", str(dev_path)])
+
+
+def test_a_partition_slot_is_verified_over_exactly_the_signed_length(fleet, tmp_path, loop_slot):
+    """A block-device slot is larger than the image: hashing it to its end never equals
+    the release, so every pass rewrote the whole slot (flash wear). The image's signed
+    length is what is hashed; the install commits and the next pass writes nothing."""
+    v1 = publish(fleet, image("v1", 300_000), "1.0.0")
+    dev = new_device(fleet, tmp_path)
+    dev.slot_path("B").parent.mkdir(parents=True, exist_ok=True)
+    if dev.slot_path("B").exists():
+        dev.slot_path("B").unlink()
+    dev.slot_path("B").symlink_to(loop_slot)
+    res = dev.run_once()
+    ctx = res.describe() + "\n" + dev.state_summary()
+    assert {"result": "committed", "version": "1.0.0", "slot": "B"} in results(res), ctx
+    with open(loop_slot, "rb") as f:
+        head = f.read(v1["length"])
+        tail = f.read(16)
+    assert sha256_hex(head) == v1["sha256"] and tail == b"\xee" * 16, "the image, then the partition's old bytes"
+    res = dev.run_once()
+    assert result_kinds(res)[-1] == "up_to_date", res.describe()
+    assert dev.journal()["running"]["version"] == "1.0.0"
+
+
 # ================================================================ 3. resume
 def test_dropped_connection_resumes_from_received_offset(fleet, tmp_path, proxy_factory):
     repo, server, token = fleet

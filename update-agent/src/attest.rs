@@ -161,13 +161,13 @@ pub fn load_log(config: &AgentConfig) -> Result<EventLog> {
 /// The boot step (what the bootloader does on hardware): hashes the booted slot's image,
 /// resets the measurement PCR as a platform reset would, extends the digest into it and
 /// starts a new event log with that one event. Returns the event.
-pub async fn measure_boot(config: &AgentConfig, slot: &str, slot_path: &Path) -> Result<Option<MeasurementEvent>> {
+pub async fn measure_boot(config: &AgentConfig, slot: &str, slot_path: &Path, length: Option<u64>) -> Result<Option<MeasurementEvent>> {
     let Some(conf) = &config.tpm else { return Ok(None) };
     let tpm = Tpm::new(&conf.tcti)?;
     let pcr = conf.pcr;
     let path = slot_path.to_owned();
     let (digest, length) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let (hex_digest, length) = crate::install::hash_file(&path)?;
+        let (hex_digest, length) = crate::install::hash_slot(&path, length)?;
         let mut digest = [0u8; 32];
         hex::decode_to_slice(&hex_digest, &mut digest).map_err(|e| AgentError::Usage(format!("digest: {e}")))?;
         tpm.measure_boot(pcr, &digest)?;

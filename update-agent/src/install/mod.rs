@@ -119,7 +119,13 @@ impl Installer {
         let outcome = self.boot.boot()?;
         tracing::info!(?outcome, phase = self.journal.phase.name(), "booted");
         let booted = outcome.booted();
-        self.measured = crate::attest::measure_boot(&self.config, &booted.to_string(), &self.boot.slot_path(booted)).await?;
+        // How much of the slot the image is: the release on trial there, else the one
+        // running (a partition is larger than its image); unknown: the whole slot.
+        let expected_length = match &self.journal.phase {
+            Phase::Installed { release, slot } | Phase::TrialBoot { release, slot } if *slot == booted => Some(release.length),
+            _ => self.journal.running.as_ref().map(|r| r.length),
+        };
+        self.measured = crate::attest::measure_boot(&self.config, &booted.to_string(), &self.boot.slot_path(booted), expected_length).await?;
         let phase = self.journal.phase.clone();
         match (phase, outcome) {
             (Phase::Installed { release, slot } | Phase::TrialBoot { release, slot }, BootOutcome::Trial { slot: booted, .. })
@@ -161,7 +167,7 @@ impl Installer {
         let measured = self.measured.as_ref().filter(|e| e.slot == slot.to_string()).map(|e| (e.sha256.clone(), e.length));
         let (sha, len) = match &measured {
             Some(m) => m.clone(),
-            None => hash_file(&slot_path)?,
+            None => hash_slot(&slot_path, Some(release.length))?,
         };
         if sha != release.sha256 || len != release.length {
             let reason = if measured.is_some() {
@@ -352,13 +358,10 @@ impl Installer {
             Some(None) => {
                 // Nothing assigned: learn which signed release the active slot holds
                 // (a fresh device, or a recovered journal), so check-ins name it.
-                let active = self.boot.slot_path(self.boot.state()?.active);
-                if let Ok((sha, len)) = hash_file(&active) {
-                    if let Some(cand) = choose(infos, &self.config, Pick::Measurement(&sha, len))? {
-                        tracing::info!(version = %cand.version, "the active slot holds a signed release");
-                        self.journal.running = Some(release_of(&cand));
-                        self.set_phase(Phase::Idle)?;
-                    }
+                if let Some(cand) = self.held_release(infos)? {
+                    tracing::info!(version = %cand.version, "the active slot holds a signed release");
+                    self.journal.running = Some(release_of(&cand));
+                    self.set_phase(Phase::Idle)?;
                 }
                 let version = self.journal.running.as_ref().map(|r| r.version.clone());
                 self.write_metrics(None);
@@ -390,13 +393,10 @@ impl Installer {
         if self.journal.running.is_none() && assignment.is_some() {
             // A device without a journal (fresh, or its state lost) still has a floor:
             // the signed release its active slot holds, proven by measuring it.
-            let active = self.boot.slot_path(self.boot.state()?.active);
-            if let Ok((sha, len)) = hash_file(&active) {
-                if let Some(held) = choose(infos_all.clone(), &self.config, Pick::Measurement(&sha, len))? {
-                    tracing::info!(version = %held.version, "the active slot holds a signed release: it is this device's version floor");
-                    self.journal.running = Some(release_of(&held));
-                    self.set_phase(Phase::Idle)?;
-                }
+            if let Some(held) = self.held_release(infos_all.clone())? {
+                tracing::info!(version = %held.version, "the active slot holds a signed release: it is this device's version floor");
+                self.journal.running = Some(release_of(&held));
+                self.set_phase(Phase::Idle)?;
             }
         }
         if let Some(running) = &self.journal.running {
@@ -429,7 +429,7 @@ impl Installer {
         if self.journal.running.is_none() {
             // A fresh or recovered journal: what the active slot holds is a fact.
             let active = self.boot.slot_path(self.boot.state()?.active);
-            if hash_file(&active).is_ok_and(|(sha, len)| sha == release.sha256 && len == release.length) {
+            if hash_slot(&active, Some(release.length)).is_ok_and(|(sha, len)| sha == release.sha256 && len == release.length) {
                 tracing::info!(version = %release.version, "the active slot already holds the newest release");
                 self.journal.running = Some(release.clone());
                 self.set_phase(Phase::Idle)?;
@@ -465,9 +465,21 @@ impl Installer {
         let downloads = self.config.download_dir();
         std::fs::create_dir_all(&downloads).map_err(|e| AgentError::io("create", &downloads, e))?;
         let image_path = downloads.join(format!("{}.image", quote_file_name(&release.target)));
-        let resume_verified = matches!(&self.journal.phase, Phase::Verified { release: r } if *r == release) && image_path.exists();
-        let resume_writing = matches!(&self.journal.phase, Phase::Writing { release: r, .. } if *r == release) && image_path.exists();
-        if !resume_verified && !resume_writing {
+        self.clean_downloads(&image_path);
+        let resumed = matches!(&self.journal.phase, Phase::Verified { release: r } | Phase::Writing { release: r, .. } if *r == release) && image_path.exists();
+        // A staged image verified before a restart is checked again before it is
+        // written: bytes that rotted (or were changed) since are discarded and fetched
+        // again, never written over and over.
+        let resumed = resumed && {
+            let (sha, len) = hash_file(&image_path)?;
+            let intact = len == release.length && sha.eq_ignore_ascii_case(&release.sha256);
+            if !intact {
+                tracing::warn!(target = %release.target, "the staged image no longer verifies: discarding it and fetching it again");
+                std::fs::remove_file(&image_path).map_err(|e| AgentError::io("remove", &image_path, e))?;
+            }
+            intact
+        };
+        if !resumed {
             if self.staged_before_power_cut(&release, &image_path)? {
                 tracing::info!(target = %release.target, "the staged image from before the restart verifies: not downloading it again");
             } else {
@@ -491,8 +503,11 @@ impl Installer {
             }
             return Err(e);
         }
-        let (sha, len) = hash_file(&slot_path)?;
+        let (sha, len) = hash_slot(&slot_path, Some(release.length))?;
         if sha != release.sha256 || len != release.length {
+            // Not the staged image's fault (it verified just now): the slot did not keep
+            // what was written. The next pass starts again from a fresh download.
+            let _ = std::fs::remove_file(&image_path);
             return Err(AgentError::ImageMismatch {
                 url: slot_path.display().to_string(),
                 reason: format!("slot {slot} reads back {len} bytes with sha256 {sha} after writing {}", release.sha256),
@@ -502,6 +517,41 @@ impl Installer {
         let _ = std::fs::remove_file(&image_path);
         self.boot.set_trial(slot, self.config.install.trial_attempts)?;
         self.reboot()
+    }
+
+    /// The signed release the active slot holds, found by hashing the slot's first
+    /// bytes for each length a release of this class has (one pass over the slot).
+    fn held_release(&self, infos: Vec<TargetInfo>) -> Result<Option<Candidate>> {
+        let active = self.boot.slot_path(self.boot.state()?.active);
+        let lengths: std::collections::BTreeSet<u64> = infos
+            .iter()
+            .filter_map(|i| FirmwareCustom::from_custom(i.file.custom.as_ref(), &i.path).ok().flatten().map(|c| (i, c)))
+            .filter(|(_, c)| c.encoding != SignedEncoding::ZstdPatch)
+            .map(|(i, c)| c.image.as_ref().map(|x| x.length).unwrap_or(i.file.length))
+            .collect();
+        let Ok(held) = hash_prefixes(&active, &lengths) else { return Ok(None) };
+        choose(infos, &self.config, Pick::Measurement(&held))
+    }
+
+    /// Removes what no journal entry owns from the download directory: staged images and
+    /// partial transfers of releases given up on (a crash, a newer assignment) would
+    /// otherwise stay forever. `keep` is the staged image of the release at hand.
+    fn clean_downloads(&self, keep: &Path) {
+        let dir = self.config.download_dir();
+        let mut owned: Vec<PathBuf> = vec![keep.to_owned()];
+        if let Phase::Downloading { transfer, .. } = &self.journal.phase {
+            owned.push(self.partial_path(transfer));
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else { return };
+        for path in entries.flatten().map(|e| e.path()) {
+            let ours = path.extension().is_some_and(|x| x == "image" || x == "partial");
+            if ours && !owned.contains(&path) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::info!(file = %path.display(), "removed a download no install needs any more"),
+                    Err(e) => tracing::warn!(file = %path.display(), error = %e, "cannot remove a stale download"),
+                }
+            }
+        }
     }
 
     /// Where the received bytes of `transfer` are kept (for resuming).
@@ -725,8 +775,9 @@ fn agrees(a: &outpost_protocol::director::Assignment, cand: &Candidate, config: 
 enum Pick<'a> {
     Newest,
     Path(&'a str),
-    /// The release whose image has this sha256 and length.
-    Measurement(&'a str, u64),
+    /// The release whose image length maps to its sha256 here (the slot's first
+    /// `length` bytes hashed, for each length a release has).
+    Measurement(&'a BTreeMap<u64, String>),
 }
 
 /// What the journal keeps of a release.
@@ -773,8 +824,8 @@ fn choose(infos: Vec<TargetInfo>, config: &AgentConfig, want: Pick<'_>) -> Resul
     let chosen = match want {
         Pick::Newest => fulls.into_values().max_by(|a, b| a.0.cmp(&b.0)),
         Pick::Path(path) => fulls.remove(path),
-        Pick::Measurement(sha, len) => fulls.into_values().find(|(_, info, c)| {
-            c.expected_measurement.sha256 == sha && c.image.as_ref().map(|i| i.length).unwrap_or(info.file.length) == len
+        Pick::Measurement(held) => fulls.into_values().find(|(_, info, c)| {
+            held.get(&c.image.as_ref().map(|i| i.length).unwrap_or(info.file.length)).is_some_and(|sha| *sha == c.expected_measurement.sha256)
         }),
     };
     let Some((version, full, custom)) = chosen else { return Ok(None) };
@@ -798,6 +849,43 @@ fn choose(infos: Vec<TargetInfo>, config: &AgentConfig, want: Pick<'_>) -> Resul
         }
     };
     Ok(Some(Candidate { version, full, custom, deltas, sbom }))
+}
+
+/// SHA-256 and length of a slot's first `length` bytes (the whole file when `None`): a
+/// partition is larger than the image in it, and what counts is exactly the signed
+/// length (a slot shorter than that reads back short).
+pub(crate) fn hash_slot(path: &Path, length: Option<u64>) -> Result<(String, u64)> {
+    use std::io::Read as _;
+    let f = std::fs::File::open(path).map_err(|e| AgentError::io("open", path, e))?;
+    match length {
+        Some(n) => outpost_protocol::hashing::sha256_reader(f.take(n)),
+        None => outpost_protocol::hashing::sha256_reader(f),
+    }
+    .map_err(|e| AgentError::io("read", path, e))
+}
+
+/// SHA-256 of the first `n` bytes of `path` for every `n` in `lengths`, in one pass
+/// (lengths past the end are left out).
+fn hash_prefixes(path: &Path, lengths: &std::collections::BTreeSet<u64>) -> Result<BTreeMap<u64, String>> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path).map_err(|e| AgentError::io("open", path, e))?;
+    let mut out = BTreeMap::new();
+    let mut h = Sha256::new();
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for &len in lengths {
+        while pos < len {
+            let want = usize::try_from((len - pos).min(buf.len() as u64)).unwrap_or(buf.len());
+            let n = f.read(&mut buf[..want]).map_err(|e| AgentError::io("read", path, e))?;
+            if n == 0 {
+                return Ok(out);
+            }
+            h.update(&buf[..n]);
+            pos += n as u64;
+        }
+        out.insert(len, hex::encode(h.clone().finalize()));
+    }
+    Ok(out)
 }
 
 pub(crate) fn hash_file(path: &Path) -> Result<(String, u64)> {
