@@ -341,6 +341,22 @@ def outpost_programs() -> list[str]:
     return [x.get("name", "") for x in progs if str(x.get("name", "")).startswith("outpost_")]
 
 
+def outpost_program_ids() -> set[int]:
+    """Ids of loaded BPF programs that are Outpost's (bpftool)."""
+    p = sh("bpftool", "-j", "prog", "show")
+    return {int(x["id"]) for x in json.loads(p.stdout or "[]") if str(x.get("name", "")).startswith("outpost_")}
+
+
+def outpost_map_ids() -> set[int]:
+    """Ids of loaded BPF maps with Outpost's map names (bpftool)."""
+    p = sh("bpftool", "-j", "map", "show")
+    names = {"CONFIG", "GENERATIONS", "SCOPES", "PREFIXES", "PORTS", "RANGES", "RULE_COUNTERS",
+             "VERDICT_COUNTERS", "FLOWS", "EVENTS", "DENY_SEQ"}
+    # The kernel keeps 15 characters of a name (VERDICT_COUNTERS shows as VERDICT_COUNTER).
+    names = {n[:15] for n in names}
+    return {int(x["id"]) for x in json.loads(p.stdout or "[]") if x.get("name", "") in names}
+
+
 def outpost_maps() -> list[str]:
     p = sh("bpftool", "-j", "map", "show")
     names = {"CONFIG", "GENERATIONS", "SCOPES", "PREFIXES", "PORTS", "RANGES", "RULE_COUNTERS",

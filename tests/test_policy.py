@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import binary, free_port, run
-from policy_net import (CGROUP_ROOT, Echo, Enforcer, Net, Workload, bundle, outpost_maps, outpost_programs,
+from policy_net import (CGROUP_ROOT, Echo, Enforcer, Net, Workload, bundle, outpost_map_ids, outpost_program_ids,
                         remove_cgroup_tree, require_root, sh, workload_yaml)
 
 TCP_A, TCP_B, TCP_C = 7001, 7002, 7003
@@ -93,15 +93,15 @@ def test_runtime_update_switches_verdicts_without_reloading(net, cg_base, enforc
         f"{{name: a, direction: egress, cidr: {net.host4}/32, protocol: tcp, ports: {TCP_A}}}"]))
     b = bundle(version=2, workloads=workload_yaml("app", w.rel, [
         f"{{name: b, direction: egress, cidr: {net.host4}/32, protocol: tcp, ports: {TCP_B}}}"]))
+    before_start = outpost_program_ids()
     e = enforcers(a)
-    progs_before = sh("bpftool", "-j", "prog", "show").stdout
-    ids_before = sorted(p["id"] for p in json.loads(progs_before) if p.get("name", "").startswith("outpost_"))
+    # This enforcer's programs (others' may still be being freed by the kernel).
+    ids_before = sorted(outpost_program_ids() - before_start)
     assert (w.probe("tcp", net.host4, TCP_A), w.probe("tcp", net.host4, TCP_B, timeout=0.7)) == (1, 0)
     ev = e.swap(b)
     assert ev["event"] == "applied" and ev["version"] == 2, ev
     assert (w.probe("tcp", net.host4, TCP_A, timeout=0.7), w.probe("tcp", net.host4, TCP_B)) == (0, 1)
-    ids_after = sorted(p["id"] for p in json.loads(sh("bpftool", "-j", "prog", "show").stdout)
-                       if p.get("name", "").startswith("outpost_"))
+    ids_after = sorted(outpost_program_ids() - before_start)
     assert ids_before == ids_after and len(ids_after) == 4, "the same four programs, not reloaded"
     assert ev["to_flip_ms"] < 1000
 
@@ -219,13 +219,13 @@ def test_malformed_and_expired_bundles_are_refused_and_the_policy_stays(net, cg_
     assert res.returncode != 0 and "\"ports\"" in res.stderr, res.describe()
 
 
-def _wait_programs(count: int, timeout: float = 10) -> int:
-    """The kernel frees programs a moment after their last reference goes (deferred
-    work): wait until `count` Outpost programs are loaded, return how many are."""
+def _wait_for(cond, what: str, timeout: float = 10) -> None:
+    """The kernel frees programs and maps a moment after their last reference goes
+    (deferred work): poll."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and len(outpost_programs()) != count:
+    while time.monotonic() < deadline and not cond():
         time.sleep(0.1)
-    return len(outpost_programs())
+    assert cond(), what
 
 
 def test_enforcement_outlives_the_agent_until_policy_detach(net, cg_base, enforcers):
@@ -233,17 +233,19 @@ def test_enforcement_outlives_the_agent_until_policy_detach(net, cg_base, enforc
     denied port stays denied. Only `policy detach` ends enforcement, and then
     nothing of Outpost's stays loaded."""
     w = Workload(net, f"{cg_base}/app")
-    mine_before, maps_before = len(outpost_programs()), len(outpost_maps())
+    progs_before, maps_before = outpost_program_ids(), outpost_map_ids()
     e = enforcers(bundle(workloads=workload_yaml("app", w.rel, [
         f"{{name: api, direction: egress, cidr: {net.host4}/32, protocol: tcp, ports: {TCP_A}}}"])))
-    assert len(outpost_programs()) == mine_before + 4
+    mine_progs, mine_maps = outpost_program_ids() - progs_before, outpost_map_ids() - maps_before
+    assert (len(mine_progs), len(mine_maps)) == (4, 11), (mine_progs, mine_maps)
     attached = sh("bpftool", "cgroup", "show", str(w.path)).stdout
     assert "outpost_cg_egre" in attached and "outpost_cg_ingr" in attached, attached
     assert w.probe("tcp", net.host4, TCP_B, timeout=0.7) == 0
     assert e.stop() == 0
     assert e.lines[-1].get("event") == "stopped", e.lines
-    # The agent is gone; its two cgroup programs stay attached and enforcing.
-    assert _wait_programs(mine_before + 2) == mine_before + 2
+    # The agent is gone; its two cgroup programs stay attached and enforcing (the tc
+    # ones, attached nowhere, are freed with the process).
+    _wait_for(lambda: len(outpost_program_ids() & mine_progs) == 2, "the attached programs outlive the agent")
     attached = sh("bpftool", "cgroup", "show", str(w.path)).stdout
     assert "outpost_cg_egre" in attached and "outpost_cg_ingr" in attached, attached
     assert (w.probe("tcp", net.host4, TCP_A), w.probe("tcp", net.host4, TCP_B, timeout=0.7)) == (1, 0)
@@ -252,16 +254,9 @@ def test_enforcement_outlives_the_agent_until_policy_detach(net, cg_base, enforc
     out = json.loads(res.stdout)
     assert out["event"] == "detached" and len(out["links"]) == 2 and out["maps"] == 11, out
     assert "removed by policy detach" in res.stderr, res.stderr
-    # Links are released by deferred work in the kernel: give it a moment.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and sh("bpftool", "cgroup", "show", str(w.path)).stdout.strip():
-        time.sleep(0.1)
-    assert sh("bpftool", "cgroup", "show", str(w.path)).stdout.strip() == ""
-    assert _wait_programs(mine_before) == mine_before
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and len(outpost_maps()) != maps_before:
-        time.sleep(0.1)
-    assert len(outpost_maps()) == maps_before
+    _wait_for(lambda: not sh("bpftool", "cgroup", "show", str(w.path)).stdout.strip(), "the cgroup is left bare")
+    _wait_for(lambda: not (outpost_program_ids() & mine_progs), "no program of the enforcer stays loaded")
+    _wait_for(lambda: not (outpost_map_ids() & mine_maps), "no map of the enforcer stays loaded")
     assert not e.pin_dir.exists()
     # Nothing enforced any more: the port that was denied answers.
     assert w.probe("tcp", net.host4, TCP_B) == 1
