@@ -115,6 +115,7 @@ pub struct InstallConfig {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     timeout: Option<String>,
+    min_bytes_per_sec: Option<u64>,
 }
 
 /// A loaded, validated agent configuration.
@@ -124,7 +125,11 @@ pub struct AgentConfig {
     pub hardware_class: HardwareClass,
     pub state_dir: PathBuf,
     pub trusted_root: PathBuf,
+    /// `[http] timeout`: connecting, an answer's headers, any wait for the next bytes.
     pub http_timeout: Duration,
+    /// `[http] min_bytes_per_sec`: the average rate every answer must keep once
+    /// `http_timeout` has passed (see [`crate::fetch::HttpLimits`]).
+    pub http_min_rate: u64,
     pub device_id: String,
     pub install: InstallConfig,
     /// Health checks run after every trial boot (the release may add its own).
@@ -148,6 +153,20 @@ impl AgentConfig {
             Some(t) => humantime::parse_duration(&t).map_err(|e| err(format!("http.timeout {t:?}: {e}")))?,
             None => Duration::from_secs(30),
         };
+        if http_timeout.is_zero() {
+            return Err(err("http.timeout must be more than 0s".into()));
+        }
+        let http_min_rate = raw.http.min_bytes_per_sec.unwrap_or(crate::fetch::DEFAULT_MIN_RATE);
+        if http_min_rate == 0 {
+            return Err(err("http.min_bytes_per_sec must be at least 1: it is the slow-retrieval defence, and 0 would let one byte a day hold a fetch for ever".into()));
+        }
+        if let Some(cap) = raw.install.bandwidth_limit_bytes_per_sec {
+            if cap < http_min_rate {
+                return Err(err(format!(
+                    "install.bandwidth_limit_bytes_per_sec ({cap}) is below http.min_bytes_per_sec ({http_min_rate}): every download would be cut off as a slow retrieval; lower http.min_bytes_per_sec or raise the cap"
+                )));
+            }
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let dur = |name: &str, v: &Option<String>, default: Duration| -> Result<Duration> {
             match v {
@@ -217,7 +236,13 @@ impl AgentConfig {
             state_dir,
             trusted_root: base.join(raw.trusted_root),
             http_timeout,
+            http_min_rate,
         })
+    }
+
+    /// The retrieval limits of `[http]`.
+    pub fn http_limits(&self) -> crate::fetch::HttpLimits {
+        crate::fetch::HttpLimits::new(self.http_timeout, self.http_min_rate)
     }
 
     pub fn metadata_dir(&self) -> PathBuf {
@@ -234,5 +259,30 @@ impl AgentConfig {
 
     pub fn boot_dir(&self) -> PathBuf {
         self.install.boot_dir.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(extra: &str) -> Result<AgentConfig> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        let text = format!("server_url = \"http://127.0.0.1:1\"\nhardware_class = \"rpi4\"\nstate_dir = \"s\"\ntrusted_root = \"r.json\"\ndevice_id = \"d\"\n{extra}");
+        std::fs::write(&path, text).expect("write");
+        AgentConfig::load(&path)
+    }
+
+    #[test]
+    fn http_limits_default_and_validate() {
+        let c = load("").expect("defaults");
+        assert_eq!(c.http_limits(), crate::fetch::HttpLimits::new(Duration::from_secs(30), crate::fetch::DEFAULT_MIN_RATE));
+        let c = load("[http]\ntimeout = \"5s\"\nmin_bytes_per_sec = 4096\n").expect("set");
+        assert_eq!((c.http_timeout, c.http_min_rate), (Duration::from_secs(5), 4096));
+        let e = load("[http]\nmin_bytes_per_sec = 0\n").expect_err("a floor of 0");
+        assert!(e.to_string().contains("http.min_bytes_per_sec must be at least 1"), "{e}");
+        let e = load("[http]\nmin_bytes_per_sec = 2048\n[install]\nbandwidth_limit_bytes_per_sec = 1000\n").expect_err("cap below floor");
+        assert!(e.to_string().contains("bandwidth_limit_bytes_per_sec (1000) is below http.min_bytes_per_sec (2048)"), "{e}");
     }
 }

@@ -423,7 +423,7 @@ pub fn select(candidates: Vec<TargetInfo>, hardware_class: &str, labels: &std::c
 /// refused.
 pub async fn sync(config: &AgentConfig, engine: &SharedEngine) -> Result<Option<SwapReport>> {
     let labels = config.policy.as_ref().map(|p| p.labels.clone()).unwrap_or_default();
-    let fetcher = crate::fetch::Fetcher::new(config.http_timeout)?;
+    let fetcher = crate::fetch::Fetcher::new(config.http_limits())?;
     let mut updater = Updater::new(&config.metadata_dir(), &format!("{}/metadata/", config.server_url), fetcher, Utc::now())?;
     // Metadata that does not verify is a refusal worth reporting; an unreachable
     // server is not.
@@ -514,37 +514,59 @@ pub async fn run_daemon(config: &AgentConfig, once: bool) -> Result<()> {
         serve_metrics(addr, engine.clone()).await?;
     }
     let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Policy(format!("SIGTERM handler: {e}")))?;
-    loop {
+    if once {
         step(config, &engine).await;
-        if once {
-            return Ok(());
+        return Ok(());
+    }
+    let _watch = spawn_expiry_watch(config, engine.clone());
+    loop {
+        // A step may wait on a slow server for as long as the retrieval limits allow;
+        // SIGTERM ends it there too.
+        tokio::select! {
+            _ = step(config, &engine) => {}
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
         }
-        // Between fetches: drain deny events and watch the expiry every second.
-        let next_fetch = tokio::time::Instant::now() + config.install.check_interval;
-        while tokio::time::Instant::now() < next_fetch {
-            let pause = (next_fetch - tokio::time::Instant::now()).min(Duration::from_secs(1));
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = term.recv() => return Ok(()),
-                _ = tokio::signal::ctrl_c() => return Ok(()),
-            }
+        tokio::select! {
+            _ = tokio::time::sleep(config.install.check_interval) => {}
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// Watches the enforced bundle's expiry on its own task: every second it falls back to
+/// the essential profile once `not_after` has passed (writing the status then, for
+/// check-ins) and drains sampled deny events. It shares nothing with the network
+/// work of the daemon but the engine's lock, which no fetch holds, so a fetch that
+/// hangs or an install that takes hours never delays the fail-secure fallback. The
+/// status is not rewritten every second (flash wear); each daemon step writes it.
+pub fn spawn_expiry_watch(config: &AgentConfig, engine: SharedEngine) -> WatchGuard {
+    let config = config.clone();
+    let task = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
             let fell_back = {
                 let mut e = lock(&engine);
                 e.log_denies();
                 e.tick(Utc::now()).is_some()
             };
             if fell_back {
-                write_status(config, &engine);
+                write_status(&config, &engine);
             }
         }
-    }
+    });
+    WatchGuard(task)
 }
 
-/// How long until the policy needs attention, capped at `max`.
-pub fn sleep_for(engine: &SharedEngine, max: Duration) -> Duration {
-    match lock(engine).next_deadline() {
-        Some(t) => (t - Utc::now()).to_std().unwrap_or(Duration::ZERO).min(max),
-        None => max,
+/// Stops the expiry watch when dropped.
+pub struct WatchGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

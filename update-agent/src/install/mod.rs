@@ -97,7 +97,7 @@ impl Installer {
             // Enrolled: the TPM-derived id names this device everywhere.
             config.device_id = identity.device_id;
         }
-        let fetcher = Fetcher::new(config.http_timeout)?;
+        let fetcher = Fetcher::new(config.http_limits())?;
         Ok(Installer { config, boot, journal_file, journal, fetcher, measured: None, quarantine: None, announce: None })
     }
 

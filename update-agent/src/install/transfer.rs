@@ -156,7 +156,7 @@ pub async fn run(
             while let Ok(Ack::Durable(d)) = ack_rx.try_recv() {
                 checkpoint(d)?;
             }
-            match fetcher.next_chunk(&mut resp, &url).await {
+            match resp.chunk().await {
                 Ok(Some(chunk)) => {
                     received += chunk.len() as u64;
                     stats.received += chunk.len() as u64;
@@ -205,7 +205,7 @@ pub async fn run(
 
 fn retryable(e: &AgentError) -> bool {
     match e {
-        AgentError::Fetch { .. } | AgentError::Timeout { .. } => true,
+        AgentError::Fetch { .. } | AgentError::Timeout { .. } | AgentError::SlowRetrieval { .. } => true,
         AgentError::HttpStatus { status, .. } => *status >= 500 || *status == 408 || *status == 429,
         _ => false,
     }
