@@ -161,8 +161,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             let config = AgentConfig::load(&cli.config)?;
             crate::update::prepare_state(&config)?;
             let policy = crate::policy::start_for(&config);
-            if let (Some(engine), Some(addr)) = (&policy, config.policy.as_ref().and_then(|p| p.metrics_listen)) {
-                crate::policy::serve_metrics(addr, engine.clone()).await?;
+            if let (Some(engine), Some(p)) = (&policy, config.policy.as_ref()) {
+                if let Some(addr) = p.metrics_listen {
+                    crate::policy::serve_metrics(addr, p.metrics_limits, engine.clone()).await?;
+                }
             }
             // The policy's expiry fallback runs on its own task: a check-in, policy
             // fetch or download that hangs never delays it.
