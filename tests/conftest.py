@@ -898,11 +898,15 @@ class ProxyRequest:
 @dataclasses.dataclass
 class ProxyAnswer:
     """What the proxy sends; a `rule` may change any field. `cut_after`: close the
-    connection after that many body bytes (a dropped connection)."""
+    connection after that many body bytes (a dropped connection). `endless`: after
+    `body`, keep sending filler with no Content-Length (endless data) until the client
+    goes away, for at most `endless_limit` bytes or 30 s."""
     status: int
     headers: list[tuple[str, str]]
     body: bytes
     cut_after: int | None = None
+    endless: bool = False
+    endless_limit: int = 256 << 20
 
     def header(self, name: str) -> str | None:
         for k, v in self.headers:
@@ -923,7 +927,7 @@ class Proxy:
 
     Every request is recorded in `requests`. `rule(req, answer)` (settable any time)
     may alter the upstream answer before it is sent: other bytes, another status, a
-    connection cut after N bytes. `intercept(req)` (settable any time) may answer a
+    connection cut after N bytes, an endless body. `intercept(req)` (settable any time) may answer a
     request itself (a ProxyAnswer) without forwarding it. `throttle` (bytes/s) paces
     target bodies."""
 
@@ -978,7 +982,9 @@ class Proxy:
         answer = intercept(req) if intercept is not None else None
         if answer is None:
             answer = self._forward(h, method, body)
-        if answer.header("content-length") is None:
+        if answer.endless:
+            answer.headers = [(k, v) for k, v in answer.headers if k.lower() != "content-length"]
+        elif answer.header("content-length") is None:
             answer.set_body(answer.body)
         rule = self.rule
         if rule is not None:
@@ -1008,6 +1014,15 @@ class Proxy:
                     due = pos / self.throttle - (time.monotonic() - started)
                     if due > 0:
                         time.sleep(due)
+            if answer.endless:
+                filler = b" " * 65536
+                deadline = time.monotonic() + 30
+                while pos < answer.endless_limit and time.monotonic() < deadline:
+                    h.wfile.write(filler)
+                    pos += len(filler)
+                    with self.lock:
+                        req.sent = pos
+                h.close_connection = True
             if answer.cut_after is not None:
                 import socket as _socket
                 h.close_connection = True

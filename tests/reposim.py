@@ -6,7 +6,7 @@ and `SimServer` serves it over HTTP on 127.0.0.1 with an ephemeral port.
 
 The server records every request path, in order, and can be told to misbehave
 for a given path: serve other bytes, answer with a status code, stall after the
-headers, or send an endless body.
+headers, trickle the body a byte at a time, or send an endless body.
 
 Paths used throughout this module are *logical* paths relative to the server
 root, unquoted: ``metadata/2.root.json``, ``metadata/1.my role.json``,
@@ -95,12 +95,13 @@ def _dedupe(signers: list[Signer]) -> list[Signer]:
 class Misbehaviour:
     """What the server does for one path instead of serving its file."""
 
-    kind: str  # "bytes" | "status" | "stall" | "endless"
+    kind: str  # "bytes" | "status" | "stall" | "trickle" | "endless"
     data: bytes = b""
     status: int = 200
-    seconds: float = 0.0
+    seconds: float = 0.0  # stall: how long to go quiet; trickle: pause between bytes
     limit: int = 64 * 1024 * 1024  # endless: stop after this many bytes
-    sent: int = 0  # endless/stall: bytes actually written to the client
+    sent: int = 0  # endless/stall/trickle: bytes actually written to the client
+    closed_at: float | None = None  # trickle: time.monotonic() when the client went away
 
 
 class RepoSim:
@@ -368,6 +369,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_error(bad.status)
             elif bad.kind == "stall":
                 self._stall(bad, data if data is not None else bad.data)
+            elif bad.kind == "trickle":
+                self._trickle(bad, data if data is not None else bad.data)
             elif bad.kind == "endless":
                 self._endless(bad, sim)
             else:
@@ -397,6 +400,24 @@ class _Handler(BaseHTTPRequestHandler):
             bad.sent += 1
         self.server.sim.stop_event.wait(bad.seconds)
         self.wfile.write(data[1:])
+
+    def _trickle(self, bad: Misbehaviour, data: bytes) -> None:
+        """The whole file, announced with its true length, one byte every
+        `bad.seconds`: never quiet for long, but slower than any real link."""
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.flush()
+        try:
+            for i in range(len(data)):
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                bad.sent += 1
+                if self.server.sim.stop_event.wait(bad.seconds):
+                    return
+        except (BrokenPipeError, ConnectionResetError):
+            bad.closed_at = time.monotonic()
+            raise
 
     def _endless(self, bad: Misbehaviour, sim: RepoSim) -> None:
         self.send_response(200)

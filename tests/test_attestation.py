@@ -24,6 +24,7 @@ import pytest
 
 from conftest import (
     Device,
+    ProxyAnswer,
     assert_fails,
     assert_ok,
     binary,
@@ -683,3 +684,45 @@ def test_install_reports_of_an_enrolled_device_come_only_from_its_checkins(fleet
     status, body = http_get(f"{server.url}/api/v1/reports?device=testbed-1", token=ops.token)
     kept = json.loads(body)["reports"]
     assert len(kept) == 100 and kept[0]["reason"] == "n109" and not any(r["attested"] for r in kept), kept[:2]
+
+
+# ======================================================= endless answers
+API_ANSWER_BOUND = 1 << 20  # the agent's MAX_API_ANSWER
+
+
+def endless_answer(req) -> ProxyAnswer:
+    """An answer that starts like JSON and never ends."""
+    return ProxyAnswer(200, [("Content-Type", "application/json")], b'{"nonce": "', endless=True)
+
+
+def assert_cut_off(res, proxy, path_end: str, step: str) -> None:
+    assert_fails(res, str(API_ANSWER_BOUND))
+    assert "endless" in res.stderr and step in res.stderr, res.describe()
+    sent = [r.sent for r in proxy.requests if r.path.endswith(path_end)]
+    # The agent stops reading at the bound; what the socket buffers took is a few MiB.
+    assert sent and max(sent) < 32 * MiB, f"the agent read {sent} bytes of an endless answer\n" + res.describe()
+
+
+def test_an_endless_enrollment_answer_is_cut_off_at_the_bound(fleet, tmp_path, ops, swtpm_factory, proxy_factory):
+    repo, server, _ = fleet
+    proxy = proxy_factory(server.url)
+    proxy.intercept = lambda req: endless_answer(req) if req.path == "/api/v1/enroll" else None
+    dev = tpm_device(fleet, tmp_path, swtpm_factory("tpm"), server_url=proxy.url, factory_image=image("v1"))
+    res = agent(dev, "enroll", "--token", ops.enrollment_token())
+    assert_cut_off(res, proxy, "/api/v1/enroll", "enroll")
+    assert not (dev.state_dir / "identity.json").exists(), res.describe()
+
+
+@pytest.mark.parametrize("endpoint,step", [("/nonce", "get check-in nonce"), ("/checkin", "check in")])
+def test_an_endless_nonce_or_checkin_answer_is_cut_off_at_the_bound(fleet, tmp_path, ops, swtpm_factory,
+                                                                    proxy_factory, endpoint, step):
+    repo, server, _ = fleet
+    proxy = proxy_factory(server.url)
+    dev, device_id, _ = enrolled_device(fleet, tmp_path, ops, swtpm_factory, server_url=proxy.url)
+    proxy.intercept = lambda req: endless_answer(req) if req.path.endswith(endpoint) else None
+    res = agent(dev, "checkin")
+    assert_cut_off(res, proxy, endpoint, step)
+    # The device is fine otherwise: with an honest answer it checks in.
+    proxy.intercept = None
+    assert checkin(dev)["verdict"] == "attested"
+

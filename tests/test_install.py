@@ -1010,6 +1010,81 @@ def test_truncated_zstd_target_is_refused(fleet, tmp_path, proxy_factory):
     assert_stays_on_v1(dev, res, v1, slot_a)
 
 
+def test_zstd_frame_asking_for_a_2_gib_window_is_refused_at_its_header(fleet, tmp_path, proxy_factory):
+    """The server rewrites the window descriptor of the (signed) zstd frame to ask for
+    2^31 bytes. The bytes are not verified until the end; the decoder must refuse the
+    frame at its header, naming the limit (2^27 for an image this small), instead of
+    allocating a 2 GiB window for it (2d9746a accepted up to 2^31)."""
+    repo, server, token = fleet
+    proxy = proxy_factory(server.url)
+    dev, v1, v2 = zstd_v2(fleet, tmp_path, proxy)
+    slot_a = dev.slot_sha("A")
+
+    def big_window(req, answer):
+        if req.is_target and req.path.endswith(".zst") and "/2.0.0/" in req.path:
+            body = bytearray(answer.body)
+            assert body[:4] == bytes.fromhex("28b52ffd") and not body[4] & 0x20, "expected a windowed zstd frame"
+            body[5] = (31 - 10) << 3
+            answer.body = bytes(body)
+    proxy.rule = big_window
+    res = dev.run_once()
+    assert_fails(res, "window")
+    assert "2147483648" in res.stderr and "window log 27" in res.stderr, res.describe()
+    assert "2.0.0" in res.stderr, res.describe()
+    assert_stays_on_v1(dev, res, v1, slot_a)
+    staged = {k: len(v) for k, v in tree_files(dev.downloads).items()}
+    assert not any(k.endswith(".image") for k in staged), staged
+
+    proxy.rule = None
+    res = dev.run_once()
+    expect_committed(dev, res, v2, "A")
+
+
+def test_a_resumed_start_does_not_decode_the_kept_bytes_again(fleet, tmp_path, proxy_factory):
+    """A zstd download cut short at 90 %: the next start resumes with a Range request.
+    The kept bytes are not verified yet; 2d9746a decoded all of them again (rewriting
+    the staged image) at every start before asking for the rest, so a server that cuts
+    every attempt short near its end cost a full decode and image rewrite per check
+    interval. Measured from outside: the bytes the agent has written (/proc/PID/io
+    wchar) when its Range request arrives."""
+    repo, server, token = fleet
+    proxy = proxy_factory(server.url)
+    dev, v1 = installed_v1(fleet, tmp_path, server_url=proxy.url, install={"retries": 0})
+    data = compressible("resume", 24 * MiB)
+    v2 = publish(fleet, data, "2.0.0", "--zstd")
+
+    def cut(req, answer):
+        if req.is_target and req.path.endswith(".zst") and "/2.0.0/" in req.path and req.range is None:
+            answer.cut_after = len(answer.body) * 9 // 10
+    proxy.rule = cut
+    res = dev.run_once()
+    assert res.returncode != 0, res.describe()
+    j = journal_parses(dev)
+    assert j["phase"]["phase"] == "downloading" and j["phase"]["durable"] > 0, dev.state_summary()
+
+    asked, release = threading.Event(), threading.Event()
+
+    def hold(req):
+        if req.is_target and "/2.0.0/" in req.path and req.range:
+            asked.set()
+            release.wait(30)
+        return None
+    proxy.rule = None
+    proxy.intercept = hold
+    agent = dev.start()
+    try:
+        wait_for(lambda: asked.is_set() or not agent.alive(), 60, "the Range request")
+        assert asked.is_set(), "the agent ended without resuming"
+        io = dict(line.split(": ") for line in Path(f"/proc/{agent.pid}/io").read_text().splitlines())
+    finally:
+        release.set()
+    res = agent.wait(120)
+    expect_committed(dev, res, v2, "A")
+    written = int(io["wchar"])
+    assert written < 4 * MiB, (f"the agent wrote {written} bytes before asking for the rest: the kept, unverified "
+                               f"bytes were decoded again ({len(data) * 9 // 10} bytes of image)")
+
+
 # ============================================================= 6. bad input
 @pytest.fixture
 def tmpfs():

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import binary, free_port, run
-from policy_net import (CGROUP_ROOT, Echo, Enforcer, Net, Workload, bundle, outpost_map_ids, outpost_program_ids,
-                        remove_cgroup_tree, require_root, sh, workload_yaml)
+from policy_net import (CGROUP_ROOT, Echo, Enforcer, Net, Workload, bundle, fetch_metrics, outpost_map_ids,
+                        outpost_program_ids, remove_cgroup_tree, require_root, sh, workload_yaml)
 
 TCP_A, TCP_B, TCP_C = 7001, 7002, 7003
 UDP_A, UDP_B, UDP_C = 7101, 7102, 7103
@@ -388,3 +388,140 @@ def test_a_pin_directory_another_user_made_is_refused(tmp_path, net, cg_base):
         assert w.probe("tcp", net.host4, TCP_B) == 1, "nothing may have been attached"
     finally:
         subprocess.run(["rm", "-rf", str(squat)], capture_output=True)
+
+
+# ------------------------------------------------------------ the /metrics listener
+class SlowLoris:
+    """`count` connections to 127.0.0.1:port from each of `sources`, each sending a
+    request head one byte every `every` seconds and never finishing it. Records when
+    the server closed each one."""
+
+    def __init__(self, port: int, sources: list[str], count: int, every: float = 2.0, send: bool = True) -> None:
+        import socket
+        self.socks = []
+        for src in sources:
+            for _ in range(count):
+                s = socket.socket()
+                s.bind((src, 0))
+                s.setblocking(False)
+                try:
+                    s.connect(("127.0.0.1", port))
+                except BlockingIOError:
+                    pass
+                self.socks.append(s)
+        self.opened = time.monotonic()
+        self.closed: dict[int, float] = {}
+        self.every, self.send = every, send
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        head = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100000
+        pos = 0
+        while True:
+            for i, s in enumerate(self.socks):
+                if i in self.closed:
+                    continue
+                try:
+                    if s.recv(4096) == b"":
+                        self.closed[i] = time.monotonic()
+                        continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    self.closed[i] = time.monotonic()
+                    continue
+                if self.send:
+                    try:
+                        s.send(head[pos:pos + 1])
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        self.closed[i] = time.monotonic()
+            pos += 1
+            if self.stop_event.wait(self.every):
+                return
+
+    def open_count(self) -> int:
+        return len(self.socks) - len(self.closed)
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.thread.join(10)
+        for s in self.socks:
+            s.close()
+
+
+def _simple_bundle(net, w) -> str:
+    return bundle(workloads=workload_yaml("app", w.rel, [
+        f"{{name: api, direction: egress, cidr: {net.host4}/32, protocol: tcp, ports: {TCP_A}}}"]))
+
+
+def test_slow_loris_connections_are_closed_and_scrapes_still_answer(net, cg_base, enforcers):
+    """100 connections from one address each send their request head a byte every 2 s.
+    A scrape from another address answers meanwhile, and every slow connection is closed
+    by the header timeout (5 s by default; 2d9746a's listener waited up to 5 s per byte,
+    so one byte every 2 s held each descriptor for hours)."""
+    w = Workload(net, f"{cg_base}/app")
+    e = enforcers(_simple_bundle(net, w))
+    loris = SlowLoris(e.metrics_port, ["127.0.0.2"], 100)
+    try:
+        time.sleep(1)
+        m = fetch_metrics(e.metrics_port)
+        assert m.get("outpost_policy_enforcing") == 1, m
+        assert 'outpost_policy_info{name="test",version="1",applied="bundle",mode="enforce"}' in m, m
+        deadline = time.monotonic() + 25
+        while loris.open_count() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert loris.open_count() == 0, (
+            f"{loris.open_count()} of 100 slow connections still open "
+            f"{time.monotonic() - loris.opened:.0f} s after they were opened")
+        m = fetch_metrics(e.metrics_port)
+        assert m.get("outpost_policy_enforcing") == 1, m
+    finally:
+        loris.close()
+
+
+def test_accept_failing_with_no_descriptors_left_does_not_spin(net, cg_base, enforcers):
+    """The agent's descriptor limit is lowered to what it has open plus three, and 40
+    clients from 10 addresses connect: accept() fails with EMFILE. The listener must back
+    off (2d9746a retried at once, in a busy loop burning a core), and serve again once
+    descriptors are free."""
+    import resource
+    w = Workload(net, f"{cg_base}/app")
+    e = enforcers(_simple_bundle(net, w))
+    pid = e.proc.pid
+    fetch_metrics(e.metrics_port)
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir(f"/proc/{pid}/fd"))
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 3, hard))
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu_seconds() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    loris = SlowLoris(e.metrics_port, [f"127.0.0.{i}" for i in range(2, 12)], 4, every=1.0, send=False)
+    try:
+        time.sleep(1)
+        before = cpu_seconds()
+        time.sleep(3)
+        used = cpu_seconds() - before
+        assert used < 1.0, f"the agent used {used:.2f} s of CPU in 3 s while accept() failed: a busy loop"
+    finally:
+        loris.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            m = fetch_metrics(e.metrics_port)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert m.get("outpost_policy_enforcing") == 1, m
+    assert "EMFILE" in e.log_text() or "Too many open files" in e.log_text() or "backing off" in e.log_text(), \
+        e.log_text()[-2000:]
+

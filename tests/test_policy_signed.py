@@ -205,3 +205,67 @@ def test_publish_under_the_policy_role_and_report_in_attested_checkins(fleet, tm
     record = ops.device(device_id)["device"]
     pol = record["policy"]
     assert pol["enforcing"] is False and "cannot start" in (pol.get("error") or ""), pol
+
+
+def test_expiry_fallback_is_on_time_while_a_fetch_hangs(net, workload, tmp_path, pin_dir):
+    """The server trickles timestamp.json at 2 bytes/s, above this device's configured
+    floor (`min_bytes_per_sec = 1`, a link that is slow by configuration), so the
+    policy step's fetch legitimately hangs for minutes. The bundle's not_after passes
+    meanwhile: the device must fall back to the essential profile on time, not when
+    the fetch ends (2d9746a checks the expiry only between network steps)."""
+    sim = RepoSim()
+    sim.add_delegation("targets", "policy", paths=["policy/*/*"])
+    sim.publish("targets")
+    server = SimServer(sim).start()
+    w = workload
+    allow = lambda port, name: workload_yaml("app", w.rel, [  # noqa: E731
+        f"{{name: {name}, direction: egress, cidr: {net.host4}/32, protocol: tcp, ports: {port}}}"])
+    essential = "\n  workloads:\n" + "".join("  " + line + "\n" for line in allow(TCP_C, "mgmt").splitlines())
+    not_after = iso(15)
+    text = bundle(name="edge", version=1, not_after=not_after, workloads=allow(TCP_B, "api"),
+                  essential=essential).encode()
+    sim.add_target("policy", "policy/edge/v1.yaml", text, custom("edge", 1, not_after))
+    sim.publish("policy")
+    port = free_port()
+    workdir = tmp_path / "device"
+    workdir.mkdir()
+    (workdir / "root.json").write_bytes(sim.root_history[1])
+    (workdir / "agent.toml").write_text(
+        f"server_url = {toml_str(sim.base_url)}\nhardware_class = \"rpi4\"\nstate_dir = \"state\"\n"
+        f"trusted_root = \"root.json\"\n\n[http]\ntimeout = \"3s\"\nmin_bytes_per_sec = 1\n\n"
+        f"[install]\ncheck_interval = \"1s\"\n\n"
+        f"[policy]\ncgroup_root = {toml_str(str(CGROUP_ROOT))}\nmetrics_listen = \"127.0.0.1:{port}\"\n"
+        f"pin_dir = {toml_str(str(pin_dir))}\n")
+    log = open(tmp_path / "agent.log", "wb")
+    proc = subprocess.Popen([str(binary("outpost-agent")), "--config", str(workdir / "agent.toml"),
+                             "--log-level", "info", "policy", "run"], stdout=log, stderr=subprocess.STDOUT)
+    info = lambda: policy_info(fetch_metrics(port)) or {}  # noqa: E731
+    status_file = workdir / "state" / "policy" / "status.json"
+    try:
+        wait_for(lambda: info().get("version") == "1", what="bundle v1 enforced")
+        assert (w.probe("tcp", net.host4, TCP_B), w.probe("tcp", net.host4, TCP_C, timeout=0.7)) == (1, 0)
+        timestamp = sim.files["metadata/timestamp.json"]
+        trickle = sim.misbehave("metadata/timestamp.json", "trickle", seconds=0.5)
+        wait_for(lambda: trickle.sent > 0, what="a policy fetch caught in the trickle")
+        expires = dt.datetime.strptime(not_after, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+        left = (expires - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        assert left > 0, "the bundle expired before the fetch started to hang; the test proves nothing"
+        wait_for(lambda: info().get("applied") == "essential", timeout=left + 8,
+                 what="the essential profile while the fetch hangs")
+        assert trickle.sent < len(timestamp) and trickle.closed_at is None, \
+            "the fetch was not hanging any more when the fallback came"
+        assert (w.probe("tcp", net.host4, TCP_B, timeout=0.7), w.probe("tcp", net.host4, TCP_C)) == (0, 1)
+        status = wait_for(lambda: json.loads(status_file.read_text()) if status_file.exists() and
+                          "essential" in status_file.read_text() else None, what="status written")
+        assert status["applied"] == "essential" and status["enforcing"], status
+    finally:
+        proc.terminate()
+        try:
+            code = proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(5)
+        log.close()
+        server.stop()
+    assert code == 0, "SIGTERM did not end `policy run` while its fetch hung\n" + \
+        (tmp_path / "agent.log").read_text(errors="replace")[-3000:]

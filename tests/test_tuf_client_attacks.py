@@ -279,6 +279,34 @@ def test_stalled_target_download_times_out(fw_client, sim):
     assert elapsed < 20, f"took {elapsed:.1f}s with --timeout 2\n" + res.describe()
 
 
+def test_trickled_metadata_is_cut_off_as_slow_retrieval(ready_client, sim):
+    """One byte of timestamp.json per second: never quiet for the 3 s stall timeout,
+    but far below the minimum average rate (1 KiB/s by default). The refresh must
+    end as a slow retrieval soon after the grace, not hold for the ~700 s the file
+    takes at that pace."""
+    before = ready_client.trusted("timestamp")
+    sim.publish(snapshot=False)
+    m = sim.misbehave("metadata/timestamp.json", "trickle", seconds=1.0)
+    start = time.monotonic()
+    res = assert_fails(ready_client.refresh(timeout_flag=3, timeout=120), "slow retrieval")
+    elapsed = time.monotonic() - start
+    assert elapsed < 30, f"took {elapsed:.1f}s with --timeout 3\n" + res.describe()
+    assert "bytes/s" in res.stderr and "timestamp.json" in res.stderr, res.describe()
+    assert m.sent < len(sim.files["metadata/timestamp.json"]), "the whole file was waited for"
+    assert ready_client.trusted("timestamp") == before, res.describe()
+
+
+def test_trickled_target_is_cut_off_as_slow_retrieval(fw_client, sim):
+    """The same against a 2.3 KB target: a file of L bytes may take at most
+    timeout + L / rate seconds, and falls behind long before."""
+    sim.misbehave(sim.target_path(FW), "trickle", seconds=0.5)
+    start = time.monotonic()
+    res = _attack(fw_client, "slow retrieval", timeout_flag=3, timeout=120)
+    elapsed = time.monotonic() - start
+    assert elapsed < 30, f"took {elapsed:.1f}s with --timeout 3\n" + res.describe()
+    assert "fw.img" in res.stderr, res.describe()
+
+
 # ------------------------------------------- one key listed under two key ids
 def _alias(sim, md, signer, alias_id: str):
     """List `signer`'s public key a second time under `alias_id` and copy its

@@ -2,6 +2,12 @@
 //! zstd, or a zstd patch against a reference image, `--patch-from` style), and making
 //! such patches on the pipeline side. Output goes to a sink that hashes and writes
 //! it; the caller owns any files.
+//!
+//! The bytes decoded are not verified yet while they arrive, so the decoder takes
+//! nothing from them on trust: the frame header is read first, and a frame that asks
+//! for a larger window than the signed sizes justify ([`window_log_limit`]), or says it
+//! decodes to more than the signed image length, is refused before the decoder
+//! allocates anything for it.
 
 use std::io::{self, Write};
 
@@ -43,7 +49,89 @@ impl<W: Write> ImageSink<W> {
 
 enum Mode<'p> {
     Identity,
-    Zstd { dec: RawDecoder<'p>, buf: Vec<u8>, frame_done: bool },
+    Zstd {
+        dec: RawDecoder<'p>,
+        buf: Vec<u8>,
+        frame_done: bool,
+        /// The first bytes, kept until the frame header in them is read and checked.
+        header: Option<Vec<u8>>,
+        window_log_limit: u32,
+    },
+}
+
+/// The smallest window-log limit: 2^27 bytes (128 MiB), the window zstd's
+/// long-distance mode uses by default, and so what `outpost release publish --zstd`
+/// writes into its frames.
+pub const MIN_WINDOW_LOG_LIMIT: u32 = 27;
+
+/// The largest window (as a power of two) a frame may ask for when it decodes to the
+/// signed `image_len` bytes, for a patch against a reference of `reference_len` bytes:
+/// 2^27, and more only when the signed image (or the reference) is larger, since a
+/// window never needs to exceed what it can refer to. So the memory a device gives
+/// the decoder follows signed metadata, never the unverified bytes.
+pub fn window_log_limit(image_len: u64, reference_len: Option<u64>) -> u32 {
+    let covers = image_len.max(reference_len.unwrap_or(0));
+    window_log_for(usize::try_from(covers).unwrap_or(usize::MAX)).max(MIN_WINDOW_LOG_LIMIT)
+}
+
+const ZSTD_MAGIC: u32 = 0xFD2F_B528;
+/// The longest zstd frame header: magic, descriptor, window, 4-byte dictionary id,
+/// 8-byte content size.
+const MAX_FRAME_HEADER: usize = 4 + 1 + 1 + 4 + 8;
+
+/// What a zstd frame header declares (RFC 8878, section 3.1.1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// The window the decoder must keep, in bytes.
+    pub window_size: u64,
+    /// The decoded size, when the frame says it.
+    pub content_size: Option<u64>,
+}
+
+/// Reads the frame header at the start of `data`: `Ok(None)` while more bytes are
+/// needed, an error when `data` does not start a zstd frame.
+pub fn parse_frame_header(data: &[u8]) -> io::Result<Option<FrameHeader>> {
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    if data.len() >= 4 {
+        let magic = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        if magic != ZSTD_MAGIC {
+            return Err(bad(format!("not a zstd frame (magic number {magic:#010x})")));
+        }
+    }
+    let Some(&descriptor) = data.get(4) else { return Ok(None) };
+    if descriptor & 0x08 != 0 {
+        return Err(bad("zstd frame header has its reserved bit set".into()));
+    }
+    let single_segment = descriptor & 0x20 != 0;
+    let dict_len = [0usize, 1, 2, 4][usize::from(descriptor & 0x03)];
+    let size_len = match descriptor >> 6 {
+        0 => usize::from(single_segment),
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    let window_len = usize::from(!single_segment);
+    let len = 5 + window_len + dict_len + size_len;
+    if data.len() < len {
+        return Ok(None);
+    }
+    let window = (!single_segment).then(|| {
+        let w = data[5];
+        let base = 1u64 << (10 + u32::from(w >> 3));
+        base + (base / 8) * u64::from(w & 0x07)
+    });
+    let at = 5 + window_len + dict_len;
+    let field = &data[at..at + size_len];
+    let content_size = match size_len {
+        0 => None,
+        1 => Some(u64::from(field[0])),
+        2 => Some(u64::from(u16::from_le_bytes([field[0], field[1]])) + 256),
+        4 => Some(u64::from(u32::from_le_bytes([field[0], field[1], field[2], field[3]]))),
+        _ => Some(u64::from_le_bytes([field[0], field[1], field[2], field[3], field[4], field[5], field[6], field[7]])),
+    };
+    // A single-segment frame's window is its content (which it then always states).
+    let window_size = window.or(content_size).unwrap_or(0);
+    Ok(Some(FrameHeader { window_size, content_size }))
 }
 
 /// Feeds received bytes through the decoder into an [`ImageSink`].
@@ -57,38 +145,54 @@ impl<'p, W: Write> Decode<'p, W> {
         Decode { mode: Mode::Identity, sink }
     }
 
-    /// zstd; with `reference`, a patch against it (the reference must outlive the decode).
+    /// zstd; with `reference`, a patch against it (the reference must outlive the
+    /// decode). The window a frame may ask for is [`window_log_limit`] of the sink's
+    /// signed length and the reference's length.
     pub fn zstd(sink: ImageSink<W>, reference: Option<&'p [u8]>) -> io::Result<Self> {
+        let window_log_limit = window_log_limit(sink.limit, reference.map(|r| r.len() as u64));
         let mut dec = match reference {
             Some(r) => RawDecoder::with_ref_prefix(r)?,
             None => RawDecoder::new()?,
         };
-        // Patches use a long window (the whole reference image).
-        dec.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(31))?;
-        Ok(Decode { mode: Mode::Zstd { dec, buf: vec![0u8; 1 << 17], frame_done: false }, sink })
+        // Patches use a long window (the whole reference image); the decoder itself
+        // refuses more than the limit too, should a frame get past the header check.
+        dec.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(window_log_limit))?;
+        Ok(Decode {
+            mode: Mode::Zstd { dec, buf: vec![0u8; 1 << 17], frame_done: false, header: Some(Vec::new()), window_log_limit },
+            sink,
+        })
     }
 
     pub fn feed(&mut self, input: &[u8]) -> io::Result<()> {
         match &mut self.mode {
             Mode::Identity => self.sink.put(input),
-            Mode::Zstd { dec, buf, frame_done } => {
-                let mut inb = InBuffer::around(input);
-                loop {
-                    if *frame_done && inb.pos() < input.len() {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, "data after the end of the zstd frame"));
-                    }
-                    let mut outb = OutBuffer::around(&mut buf[..]);
-                    let hint = dec.run(&mut inb, &mut outb)?;
-                    let produced = outb.pos();
-                    if hint == 0 {
-                        *frame_done = true;
-                    }
-                    let full = produced == buf.len();
-                    self.sink.put(&buf[..produced])?;
-                    if inb.pos() >= input.len() && !full {
-                        return Ok(());
-                    }
+            Mode::Zstd { dec, buf, frame_done, header, window_log_limit } => {
+                let Some(pending) = header else {
+                    return run_zstd(dec, buf, frame_done, &mut self.sink, input);
+                };
+                let take = input.len().min(MAX_FRAME_HEADER - pending.len());
+                pending.extend_from_slice(&input[..take]);
+                let Some(h) = parse_frame_header(pending)? else { return Ok(()) };
+                let allowed = 1u64 << *window_log_limit;
+                if h.window_size > allowed {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "the zstd frame asks for a window of {} bytes; the limit for this image is {allowed} bytes (window log {}): refused before allocating it",
+                            h.window_size, *window_log_limit
+                        ),
+                    ));
                 }
+                if let Some(size) = h.content_size.filter(|&n| n > self.sink.limit) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("the zstd frame says it decodes to {size} bytes, more than the signed image length {}", self.sink.limit),
+                    ));
+                }
+                let first = std::mem::take(pending);
+                *header = None;
+                run_zstd(dec, buf, frame_done, &mut self.sink, &first)?;
+                run_zstd(dec, buf, frame_done, &mut self.sink, &input[take..])
             }
         }
     }
@@ -99,6 +203,30 @@ impl<'p, W: Write> Decode<'p, W> {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "zstd stream is truncated (frame not complete)"));
         }
         self.sink.finish()
+    }
+}
+
+/// Runs `input` through the decoder into the sink.
+fn run_zstd<W: Write>(dec: &mut RawDecoder<'_>, buf: &mut [u8], frame_done: &mut bool, sink: &mut ImageSink<W>, input: &[u8]) -> io::Result<()> {
+    if input.is_empty() {
+        return Ok(());
+    }
+    let mut inb = InBuffer::around(input);
+    loop {
+        if *frame_done && inb.pos() < input.len() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "data after the end of the zstd frame"));
+        }
+        let mut outb = OutBuffer::around(&mut buf[..]);
+        let hint = dec.run(&mut inb, &mut outb)?;
+        let produced = outb.pos();
+        if hint == 0 {
+            *frame_done = true;
+        }
+        let full = produced == buf.len();
+        sink.put(&buf[..produced])?;
+        if inb.pos() >= input.len() && !full {
+            return Ok(());
+        }
     }
 }
 
@@ -196,5 +324,82 @@ mod tests {
         assert!(small.feed(&compressed).is_err(), "decoded past the signed length");
         let mut garbage = Decode::zstd(ImageSink::new(Vec::new(), 1000), None).unwrap();
         assert!(garbage.feed(b"this is not zstd at all").is_err());
+    }
+
+    /// A frame header (no content size) asking for a window of 2^31 bytes.
+    fn two_gib_window_frame() -> Vec<u8> {
+        let mut f = ZSTD_MAGIC.to_le_bytes().to_vec();
+        f.push(0x00); // descriptor: no content size, not single segment, no dictionary
+        f.push((31 - 10) << 3); // window descriptor: 2^31
+        // A raw, last block of 4 bytes: what a decoder would start to fill its window with.
+        f.extend_from_slice(&[0x21, 0x00, 0x00]);
+        f.extend_from_slice(b"data");
+        f
+    }
+
+    #[test]
+    fn window_limits_follow_the_signed_sizes() {
+        assert_eq!(window_log_limit(1 << 20, None), 27);
+        assert_eq!(window_log_limit((1 << 30) - 5, None), 30);
+        assert_eq!(window_log_limit(10 << 20, Some(600 << 20)), 30);
+        assert_eq!(window_log_limit(u64::MAX, None), 31);
+    }
+
+    #[test]
+    fn frame_headers_are_read_as_written() {
+        let image = vec![9u8; 300_000];
+        // The stream encoder of `release publish --zstd` (level 19, long distance
+        // matching, no pledged size): a 2^27 window, no content size.
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 19).unwrap();
+        enc.long_distance_matching(true).unwrap();
+        std::io::Write::write_all(&mut enc, &image).unwrap();
+        let published = enc.finish().unwrap();
+        let h = parse_frame_header(&published).unwrap().unwrap();
+        assert_eq!(h, FrameHeader { window_size: 1 << 27, content_size: None });
+        // One-shot compression states the size; a small frame is single-segment.
+        let h = parse_frame_header(&zstd::bulk::compress(&image, 3).unwrap()).unwrap().unwrap();
+        assert_eq!(h.content_size, Some(image.len() as u64));
+        assert!(h.window_size >= image.len() as u64);
+        // Too short to tell yet; not zstd at all.
+        assert_eq!(parse_frame_header(&published[..5]).unwrap(), None);
+        assert!(parse_frame_header(b"PK\x03\x04 zip").unwrap_err().to_string().contains("not a zstd frame"));
+        assert_eq!(parse_frame_header(&two_gib_window_frame()).unwrap().unwrap().window_size, 1 << 31);
+    }
+
+    #[test]
+    fn a_frame_asking_for_a_two_gib_window_is_refused_at_its_header() {
+        let frame = two_gib_window_frame();
+        let mut d = Decode::zstd(ImageSink::new(Vec::new(), 1 << 20), None).unwrap();
+        // Byte by byte: nothing is refused before the header is complete, and the
+        // header's last byte is refused, before the decoder saw any of it.
+        for b in &frame[..5] {
+            d.feed(std::slice::from_ref(b)).unwrap();
+        }
+        let err = d.feed(&frame[5..]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("window of 2147483648 bytes") && msg.contains("134217728 bytes (window log 27)"), "{msg}");
+        // A patch against a 600 MiB reference may use a 1 GiB window, not 2 GiB.
+        let reference = vec![0u8; 1];
+        let mut d = Decode::zstd(ImageSink::new(Vec::new(), 600 << 20), Some(&reference)).unwrap();
+        assert!(d.feed(&frame).unwrap_err().to_string().contains("window log 30"));
+    }
+
+    #[test]
+    fn a_frame_announcing_more_than_the_signed_length_is_refused_at_its_header() {
+        let image = vec![1u8; 5000];
+        let compressed = zstd::bulk::compress(&image, 3).unwrap();
+        let mut d = Decode::zstd(ImageSink::new(Vec::new(), 4999), None).unwrap();
+        let msg = d.feed(&compressed).unwrap_err().to_string();
+        assert!(msg.contains("decodes to 5000 bytes, more than the signed image length 4999"), "{msg}");
+    }
+
+    #[test]
+    fn a_header_split_over_many_feeds_decodes() {
+        let image: Vec<u8> = (0..50_000u32).map(|i| (i % 97) as u8).collect();
+        let compressed = zstd::encode_all(&image[..], 3).unwrap();
+        let mut d = Decode::zstd(ImageSink::new(Vec::new(), image.len() as u64), None).unwrap();
+        decode_all(&mut d, &compressed[..40], 1);
+        decode_all(&mut d, &compressed[40..], 4096);
+        assert_eq!(d.finish().unwrap().0, image);
     }
 }

@@ -65,10 +65,32 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     crate::updater::write_atomic(path, &bytes)
 }
 
-/// Answers in the API's error format become errors naming the step.
-async fn api<T: serde::de::DeserializeOwned>(step: &'static str, resp: reqwest::Response) -> Result<T> {
+/// The most the agent reads of an enrollment, nonce or check-in answer. They are a few
+/// KiB (a check-in answer carries this device's director targets metadata); a server
+/// that sends more is cut off there instead of filling the device's memory.
+pub const MAX_API_ANSWER: u64 = 1 << 20;
+
+/// Answers in the API's error format become errors naming the step. At most
+/// [`MAX_API_ANSWER`] bytes are read.
+async fn api<T: serde::de::DeserializeOwned>(step: &'static str, mut resp: reqwest::Response) -> Result<T> {
     let status = resp.status();
-    let body = resp.bytes().await.map_err(|e| AgentError::Api { step, status: status.as_u16(), message: format!("reading the answer: {e}") })?;
+    let too_large = || AgentError::Api {
+        step,
+        status: status.as_u16(),
+        message: format!("the answer is longer than {MAX_API_ANSWER} bytes (endless data); stopped reading it"),
+    };
+    if resp.content_length().is_some_and(|l| l > MAX_API_ANSWER) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) =
+        resp.chunk().await.map_err(|e| AgentError::Api { step, status: status.as_u16(), message: format!("reading the answer: {e}") })?
+    {
+        if (body.len() + chunk.len()) as u64 > MAX_API_ANSWER {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
     if !status.is_success() {
         let message = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
@@ -134,7 +156,7 @@ pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
     // Whom the director is comes from the image repository's offline keys, not from
     // this (possibly intercepted) answer.
     crate::update::prepare_state(config)?;
-    let fetcher = crate::fetch::Fetcher::new(config.http_timeout)?;
+    let fetcher = crate::fetch::Fetcher::new(config.http_limits())?;
     let mut updater = crate::updater::Updater::new(&config.metadata_dir(), &format!("{}/metadata/", config.server_url), fetcher, chrono::Utc::now())?;
     let root = crate::director::sync_root(config, &mut updater).await?;
     let _ = std::fs::remove_file(crate::director::targets_path(config));

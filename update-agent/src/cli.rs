@@ -161,9 +161,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             let config = AgentConfig::load(&cli.config)?;
             crate::update::prepare_state(&config)?;
             let policy = crate::policy::start_for(&config);
-            if let (Some(engine), Some(addr)) = (&policy, config.policy.as_ref().and_then(|p| p.metrics_listen)) {
-                crate::policy::serve_metrics(addr, engine.clone()).await?;
+            if let (Some(engine), Some(p)) = (&policy, config.policy.as_ref()) {
+                if let Some(addr) = p.metrics_listen {
+                    crate::policy::serve_metrics(addr, p.metrics_limits, engine.clone()).await?;
+                }
             }
+            // The policy's expiry fallback runs on its own task: a check-in, policy
+            // fetch or download that hangs never delays it.
+            let _watch = policy.as_ref().map(|engine| crate::policy::spawn_expiry_watch(&config, engine.clone()));
             let mut installer = crate::install::Installer::open(&config)?;
             let json = cli.json;
             installer.announce = Some(Box::new(move |r| emit(json, r)));
@@ -189,11 +194,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 if once {
                     return Ok(());
                 }
-                let pause = match &policy {
-                    Some(engine) => crate::policy::sleep_for(engine, config.install.check_interval),
-                    None => config.install.check_interval,
-                };
-                tokio::time::sleep(pause).await;
+                tokio::time::sleep(config.install.check_interval).await;
             }
         }
         Command::Enroll { token } => {

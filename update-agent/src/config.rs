@@ -34,6 +34,10 @@ struct RawPolicy {
     #[serde(default)]
     labels: std::collections::BTreeMap<String, String>,
     metrics_listen: Option<String>,
+    metrics_max_connections: Option<usize>,
+    metrics_max_connections_per_peer: Option<usize>,
+    metrics_header_timeout: Option<String>,
+    metrics_request_timeout: Option<String>,
     pin_dir: Option<PathBuf>,
 }
 
@@ -47,6 +51,8 @@ pub struct PolicyConfig {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Serve Prometheus `/metrics` (policy counters) here.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Limits of that listener (connections, per-peer connections, timeouts).
+    pub metrics_limits: crate::metrics::ListenerLimits,
     /// Where programs, maps and links are pinned in bpffs, so enforcement outlives the
     /// agent process (default [`DEFAULT_PIN_DIR`]).
     pub pin_dir: PathBuf,
@@ -115,6 +121,7 @@ pub struct InstallConfig {
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     timeout: Option<String>,
+    min_bytes_per_sec: Option<u64>,
 }
 
 /// A loaded, validated agent configuration.
@@ -124,7 +131,11 @@ pub struct AgentConfig {
     pub hardware_class: HardwareClass,
     pub state_dir: PathBuf,
     pub trusted_root: PathBuf,
+    /// `[http] timeout`: connecting, an answer's headers, any wait for the next bytes.
     pub http_timeout: Duration,
+    /// `[http] min_bytes_per_sec`: the average rate every answer must keep once
+    /// `http_timeout` has passed (see [`crate::fetch::HttpLimits`]).
+    pub http_min_rate: u64,
     pub device_id: String,
     pub install: InstallConfig,
     /// Health checks run after every trial boot (the release may add its own).
@@ -148,6 +159,20 @@ impl AgentConfig {
             Some(t) => humantime::parse_duration(&t).map_err(|e| err(format!("http.timeout {t:?}: {e}")))?,
             None => Duration::from_secs(30),
         };
+        if http_timeout.is_zero() {
+            return Err(err("http.timeout must be more than 0s".into()));
+        }
+        let http_min_rate = raw.http.min_bytes_per_sec.unwrap_or(crate::fetch::DEFAULT_MIN_RATE);
+        if http_min_rate == 0 {
+            return Err(err("http.min_bytes_per_sec must be at least 1: it is the slow-retrieval defence, and 0 would let one byte a day hold a fetch for ever".into()));
+        }
+        if let Some(cap) = raw.install.bandwidth_limit_bytes_per_sec {
+            if cap < http_min_rate {
+                return Err(err(format!(
+                    "install.bandwidth_limit_bytes_per_sec ({cap}) is below http.min_bytes_per_sec ({http_min_rate}): every download would be cut off as a slow retrieval; lower http.min_bytes_per_sec or raise the cap"
+                )));
+            }
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let dur = |name: &str, v: &Option<String>, default: Duration| -> Result<Duration> {
             match v {
@@ -198,11 +223,35 @@ impl AgentConfig {
                     None => None,
                     Some(a) => Some(a.parse().map_err(|e| err(format!("policy.metrics_listen {a:?}: {e}")))?),
                 };
+                let defaults = crate::metrics::ListenerLimits::default();
+                let positive = |name: &str, v: Option<usize>, default: usize| -> Result<usize> {
+                    match v {
+                        Some(0) => Err(err(format!("policy.{name} must be at least 1"))),
+                        Some(n) => Ok(n),
+                        None => Ok(default),
+                    }
+                };
+                let timeout = |name: &str, v: &Option<String>, default: Duration| -> Result<Duration> {
+                    let d = match v {
+                        None => return Ok(default),
+                        Some(s) => humantime::parse_duration(s).map_err(|e| err(format!("policy.{name} {s:?}: {e}")))?,
+                    };
+                    if d.is_zero() {
+                        return Err(err(format!("policy.{name} must be more than 0s")));
+                    }
+                    Ok(d)
+                };
+                let metrics_limits = crate::metrics::ListenerLimits {
+                    max_connections: positive("metrics_max_connections", p.metrics_max_connections, defaults.max_connections)?,
+                    max_connections_per_peer: positive("metrics_max_connections_per_peer", p.metrics_max_connections_per_peer, defaults.max_connections_per_peer)?,
+                    header_timeout: timeout("metrics_header_timeout", &p.metrics_header_timeout, defaults.header_timeout)?,
+                    request_timeout: timeout("metrics_request_timeout", &p.metrics_request_timeout, defaults.request_timeout)?,
+                };
                 let pin_dir = p.pin_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
                 if !pin_dir.is_absolute() {
                     return Err(err(format!("policy.pin_dir {:?} must be an absolute path on a BPF file system", pin_dir.display())));
                 }
-                Some(PolicyConfig { cgroup_root: p.cgroup_root.map(|c| base.join(c)), labels: p.labels, metrics_listen, pin_dir })
+                Some(PolicyConfig { cgroup_root: p.cgroup_root.map(|c| base.join(c)), labels: p.labels, metrics_listen, metrics_limits, pin_dir })
             }
             _ => None,
         };
@@ -217,7 +266,13 @@ impl AgentConfig {
             state_dir,
             trusted_root: base.join(raw.trusted_root),
             http_timeout,
+            http_min_rate,
         })
+    }
+
+    /// The retrieval limits of `[http]`.
+    pub fn http_limits(&self) -> crate::fetch::HttpLimits {
+        crate::fetch::HttpLimits::new(self.http_timeout, self.http_min_rate)
     }
 
     pub fn metadata_dir(&self) -> PathBuf {
@@ -234,5 +289,43 @@ impl AgentConfig {
 
     pub fn boot_dir(&self) -> PathBuf {
         self.install.boot_dir.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(extra: &str) -> Result<AgentConfig> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.toml");
+        let text = format!("server_url = \"http://127.0.0.1:1\"\nhardware_class = \"rpi4\"\nstate_dir = \"s\"\ntrusted_root = \"r.json\"\ndevice_id = \"d\"\n{extra}");
+        std::fs::write(&path, text).expect("write");
+        AgentConfig::load(&path)
+    }
+
+    #[test]
+    fn http_limits_default_and_validate() {
+        let c = load("").expect("defaults");
+        assert_eq!(c.http_limits(), crate::fetch::HttpLimits::new(Duration::from_secs(30), crate::fetch::DEFAULT_MIN_RATE));
+        let c = load("[http]\ntimeout = \"5s\"\nmin_bytes_per_sec = 4096\n").expect("set");
+        assert_eq!((c.http_timeout, c.http_min_rate), (Duration::from_secs(5), 4096));
+        let e = load("[http]\nmin_bytes_per_sec = 0\n").expect_err("a floor of 0");
+        assert!(e.to_string().contains("http.min_bytes_per_sec must be at least 1"), "{e}");
+        let e = load("[http]\nmin_bytes_per_sec = 2048\n[install]\nbandwidth_limit_bytes_per_sec = 1000\n").expect_err("cap below floor");
+        assert!(e.to_string().contains("bandwidth_limit_bytes_per_sec (1000) is below http.min_bytes_per_sec (2048)"), "{e}");
+    }
+
+    #[test]
+    fn metrics_listener_limits_default_and_validate() {
+        let c = load("[policy]\nmetrics_listen = \"127.0.0.1:9101\"\n").expect("defaults");
+        assert_eq!(c.policy.expect("policy").metrics_limits, crate::metrics::ListenerLimits::default());
+        let c = load("[policy]\nmetrics_max_connections = 4\nmetrics_header_timeout = \"2s\"\n").expect("set");
+        let l = c.policy.expect("policy").metrics_limits;
+        assert_eq!((l.max_connections, l.header_timeout), (4, Duration::from_secs(2)));
+        let e = load("[policy]\nmetrics_max_connections_per_peer = 0\n").expect_err("0 per peer");
+        assert!(e.to_string().contains("policy.metrics_max_connections_per_peer must be at least 1"), "{e}");
+        let e = load("[policy]\nmetrics_request_timeout = \"0s\"\n").expect_err("no deadline");
+        assert!(e.to_string().contains("policy.metrics_request_timeout must be more than 0s"), "{e}");
     }
 }

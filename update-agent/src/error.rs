@@ -28,6 +28,11 @@ pub enum AgentError {
     #[error("GET {url}: timed out: no data for {after:?}")]
     Timeout { url: String, after: Duration },
 
+    /// The answer fell behind the minimum average rate (`[http] min_bytes_per_sec`):
+    /// a slow-retrieval attack, or a link slower than the configured floor.
+    #[error("GET {url}: slow retrieval: {received} bytes in {elapsed:.1?}, below the minimum average rate of {min_rate} bytes/s (counted after {grace:?})")]
+    SlowRetrieval { url: String, received: u64, elapsed: Duration, min_rate: u64, grace: Duration },
+
     /// The server sent more than the signed or configured maximum (endless-data attack).
     #[error("GET {url}: endless data: more than {limit} bytes")]
     TooLarge { url: String, limit: u64 },

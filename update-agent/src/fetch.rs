@@ -1,6 +1,8 @@
 //! HTTP retrieval with the limits TUF needs: one shared connection pool, a cap on
-//! bytes (endless data), a stall timeout between received chunks (slow retrieval),
-//! and streaming into a verified file without holding it in memory.
+//! bytes (endless data), and the slow-retrieval defence of the specification (a stall
+//! timeout between received chunks, and a minimum average rate that every answer must
+//! keep, which gives each file a deadline scaled to its signed or maximum length), and
+//! streaming into a verified file without holding it in memory.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -22,53 +24,127 @@ pub enum Durability {
     OsBuffered,
 }
 
+/// How slowly an answer may arrive (`[http]` in agent.toml).
+///
+/// Every request must show its headers within `stall`, may wait at most `stall` for
+/// its next bytes, and must keep an average of `min_rate` bytes per second measured
+/// from the moment it was sent, once `stall` has passed: at any instant `t` after the
+/// request, at least `min_rate * (t - stall)` bytes must have arrived. So a file of
+/// `L` bytes has the deadline `stall + L / min_rate` (L is its signed length, or the
+/// maximum the client accepts when metadata gives none), and a server that trickles
+/// is cut off as soon as it falls behind, not when the file would be complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connecting, the answer's headers, any wait for the next bytes, and the grace
+    /// before the average rate counts.
+    pub stall: Duration,
+    /// Minimum average rate in bytes per second (at least 1).
+    pub min_rate: u64,
+}
+
+/// The default `[http] min_bytes_per_sec`: 1 KiB/s, below any working cellular link,
+/// far above what a slow-retrieval attacker who wants to hold a fetch for days sends.
+pub const DEFAULT_MIN_RATE: u64 = 1024;
+
+impl HttpLimits {
+    pub fn new(stall: Duration, min_rate: u64) -> Self {
+        HttpLimits { stall, min_rate: min_rate.max(1) }
+    }
+
+    /// How long after its request an answer of `bytes` bytes may take in all; also
+    /// the instant (counted from the request) at which an answer that has received
+    /// `bytes` bytes falls behind the minimum rate if nothing more arrives.
+    pub fn deadline_for(&self, bytes: u64) -> Duration {
+        self.stall.saturating_add(Duration::from_secs_f64(bytes as f64 / self.min_rate as f64))
+    }
+}
+
 /// Shared HTTP client. Cloning is cheap and shares the pool.
 #[derive(Clone)]
 pub struct Fetcher {
     client: reqwest::Client,
-    stall: Duration,
+    limits: HttpLimits,
+}
+
+/// An answer being received under the [`HttpLimits`]: [`Body::chunk`] fails with
+/// [`AgentError::Timeout`] after a stall and with [`AgentError::SlowRetrieval`] as soon
+/// as the answer falls behind the minimum average rate.
+pub struct Body {
+    resp: reqwest::Response,
+    url: String,
+    limits: HttpLimits,
+    sent_at: tokio::time::Instant,
+    received: u64,
+}
+
+impl Body {
+    pub fn status(&self) -> reqwest::StatusCode {
+        self.resp.status()
+    }
+
+    pub fn content_length(&self) -> Option<u64> {
+        self.resp.content_length()
+    }
+
+    /// The next bytes of the answer, or `None` at its end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>> {
+        let stall_at = tokio::time::Instant::now() + self.limits.stall;
+        let behind_at = self.sent_at + self.limits.deadline_for(self.received);
+        match tokio::time::timeout_at(stall_at.min(behind_at), self.resp.chunk()).await {
+            Ok(Ok(chunk)) => {
+                self.received += chunk.as_ref().map_or(0, |c| c.len() as u64);
+                Ok(chunk)
+            }
+            Ok(Err(e)) => Err(AgentError::Fetch { url: self.url.clone(), reason: outpost_protocol::display_chain(&e) }),
+            Err(_) if behind_at <= stall_at => Err(AgentError::SlowRetrieval {
+                url: self.url.clone(),
+                received: self.received,
+                elapsed: self.sent_at.elapsed(),
+                min_rate: self.limits.min_rate,
+                grace: self.limits.stall,
+            }),
+            Err(_) => Err(AgentError::Timeout { url: self.url.clone(), after: self.limits.stall }),
+        }
+    }
 }
 
 impl Fetcher {
-    /// `stall` bounds connecting and any wait for the next bytes.
-    pub fn new(stall: Duration) -> Result<Self> {
+    pub fn new(limits: HttpLimits) -> Result<Self> {
         let client = reqwest::Client::builder()
-            .connect_timeout(stall)
+            .connect_timeout(limits.stall)
             .user_agent(concat!("outpost-agent/", env!("CARGO_PKG_VERSION")))
             .no_gzip()
             .build()
             .map_err(|e| AgentError::Fetch { url: String::new(), reason: format!("building HTTP client: {e}") })?;
-        Ok(Fetcher { client, stall })
+        Ok(Fetcher { client, limits })
     }
 
-    async fn start(&self, url: &str) -> Result<reqwest::Response> {
+    pub fn limits(&self) -> HttpLimits {
+        self.limits
+    }
+
+    async fn start(&self, url: &str) -> Result<Body> {
         self.start_at(url, 0).await
     }
 
     /// GET from byte `offset` (a Range request when `offset > 0`). The caller checks
     /// whether the answer is 206 (resumed) or 200 (the server sent everything).
-    pub async fn start_at(&self, url: &str, offset: u64) -> Result<reqwest::Response> {
+    pub async fn start_at(&self, url: &str, offset: u64) -> Result<Body> {
         let mut req = self.client.get(url);
         if offset > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
         }
+        let sent_at = tokio::time::Instant::now();
         let send = req.send();
-        let resp = tokio::time::timeout(self.stall, send)
+        let resp = tokio::time::timeout(self.limits.stall, send)
             .await
-            .map_err(|_| AgentError::Timeout { url: url.to_owned(), after: self.stall })?
+            .map_err(|_| AgentError::Timeout { url: url.to_owned(), after: self.limits.stall })?
             .map_err(|e| AgentError::Fetch { url: url.to_owned(), reason: outpost_protocol::display_chain(&e) })?;
         let status = resp.status();
         if !status.is_success() {
             return Err(AgentError::HttpStatus { url: url.to_owned(), status: status.as_u16() });
         }
-        Ok(resp)
-    }
-
-    pub async fn next_chunk(&self, resp: &mut reqwest::Response, url: &str) -> Result<Option<Bytes>> {
-        tokio::time::timeout(self.stall, resp.chunk())
-            .await
-            .map_err(|_| AgentError::Timeout { url: url.to_owned(), after: self.stall })?
-            .map_err(|e| AgentError::Fetch { url: url.to_owned(), reason: outpost_protocol::display_chain(&e) })
+        Ok(Body { resp, url: url.to_owned(), limits: self.limits, sent_at, received: 0 })
     }
 
     /// Fetches a whole (small) body, refusing more than `limit` bytes.
@@ -78,7 +154,7 @@ impl Fetcher {
             return Err(AgentError::TooLarge { url: url.to_owned(), limit });
         }
         let mut out = Vec::new();
-        while let Some(chunk) = self.next_chunk(&mut resp, url).await? {
+        while let Some(chunk) = resp.chunk().await? {
             if out.len() as u64 + chunk.len() as u64 > limit {
                 return Err(AgentError::TooLarge { url: url.to_owned(), limit });
             }
@@ -178,7 +254,7 @@ impl Fetcher {
         let mut failure = None;
         let mut cur: Option<PoolBuffer> = None;
         'receive: loop {
-            match self.next_chunk(&mut resp, url).await {
+            match resp.chunk().await {
                 Ok(Some(chunk)) => {
                     received += chunk.len() as u64;
                     if received > length {
@@ -361,6 +437,64 @@ fn temp_path(dest: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An HTTP server on 127.0.0.1 that answers one request with `length` bytes,
+    /// `per_write` bytes every `every`.
+    async fn trickler(length: usize, per_write: usize, every: Duration) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let mut buf = [0u8; 4096];
+            let _ = sock.read(&mut buf).await;
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {length}\r\n\r\n");
+            if sock.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut sent = 0;
+            while sent < length {
+                let n = per_write.min(length - sent);
+                if sock.write_all(&vec![b'x'; n]).await.is_err() {
+                    return;
+                }
+                sent += n;
+                tokio::time::sleep(every).await;
+            }
+        });
+        format!("http://{addr}/file")
+    }
+
+    #[test]
+    fn deadlines_scale_with_length() {
+        let l = HttpLimits::new(Duration::from_secs(30), 1024);
+        assert_eq!(l.deadline_for(0), Duration::from_secs(30));
+        assert_eq!(l.deadline_for(16 * 1024), Duration::from_secs(46));
+        assert_eq!(HttpLimits::new(Duration::from_secs(1), 0).min_rate, 1, "a rate of 0 would disable the defence");
+    }
+
+    /// One byte every 200 ms never trips a 1 s stall timeout, but is far below 1 KiB/s:
+    /// the fetch ends as a slow retrieval soon after the grace, not when the file is done.
+    #[tokio::test]
+    async fn a_trickle_below_the_minimum_rate_is_cut_off() {
+        let url = trickler(4096, 1, Duration::from_millis(200)).await;
+        let fetcher = Fetcher::new(HttpLimits::new(Duration::from_secs(1), 1024)).expect("fetcher");
+        let started = std::time::Instant::now();
+        let err = fetcher.fetch_bytes(&url, 4096).await.expect_err("a trickle must fail");
+        assert!(matches!(err, AgentError::SlowRetrieval { .. }), "{err}");
+        assert!(err.to_string().contains("slow retrieval") && err.to_string().contains("1024 bytes/s"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    }
+
+    /// A steady answer above the floor arrives whole, even though it takes longer than
+    /// the stall timeout in all.
+    #[tokio::test]
+    async fn a_steady_answer_above_the_floor_completes() {
+        let url = trickler(3000, 300, Duration::from_millis(100)).await;
+        let fetcher = Fetcher::new(HttpLimits::new(Duration::from_millis(500), 1024)).expect("fetcher");
+        let body = fetcher.fetch_bytes(&url, 3000).await.expect("steady answer");
+        assert_eq!(body.len(), 3000);
+    }
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
         (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()

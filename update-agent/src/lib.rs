@@ -12,6 +12,7 @@ pub mod error;
 pub mod fetch;
 pub mod health;
 pub mod install;
+pub mod metrics;
 pub mod policy;
 pub mod tpm;
 pub mod tuf_client;

@@ -252,46 +252,37 @@ impl PolicyEngine {
         Some(status)
     }
 
-    /// Prometheus text exposition of the policy counters.
-    pub fn metrics(&self) -> String {
-        use std::fmt::Write;
-        let mut out = String::new();
-        let counters = self.enforcer.counters();
+    /// The policy counters for `/metrics`.
+    pub fn metrics(&self) -> crate::metrics::Exposition {
+        let mut m = crate::metrics::Exposition::default();
         let enforcing = self.enforcer.active_generation().is_some();
-        let _ = writeln!(out, "# HELP outpost_policy_enforcing 1 when the eBPF programs enforce a policy.\n# TYPE outpost_policy_enforcing gauge\noutpost_policy_enforcing {}", u8::from(enforcing));
+        m.gauge("outpost_policy_enforcing", "1 when the eBPF programs enforce a policy.", vec![], i64::from(enforcing));
         if let Some(a) = &self.active {
-            let _ = writeln!(out, "# HELP outpost_policy_info The enforced policy.\n# TYPE outpost_policy_info gauge");
-            let _ = writeln!(
-                out,
-                "outpost_policy_info{{name=\"{}\",version=\"{}\",applied=\"{}\",mode=\"{}\"}} 1",
-                esc(&a.bundle.name),
-                a.bundle.version,
-                if a.applied == Applied::Bundle { "bundle" } else { "essential" },
-                if a.bundle.profile_for(a.applied).1 == Mode::Enforce { "enforce" } else { "audit" }
-            );
-            let _ = writeln!(out, "# HELP outpost_policy_not_after_seconds When the enforced bundle expires.\n# TYPE outpost_policy_not_after_seconds gauge\noutpost_policy_not_after_seconds {}", a.bundle.not_after.timestamp());
+            let labels = vec![
+                ("name", a.bundle.name.clone()),
+                ("version", a.bundle.version.to_string()),
+                ("applied", if a.applied == Applied::Bundle { "bundle" } else { "essential" }.to_owned()),
+                ("mode", if a.bundle.profile_for(a.applied).1 == Mode::Enforce { "enforce" } else { "audit" }.to_owned()),
+            ];
+            m.gauge("outpost_policy_info", "The enforced policy.", labels, 1);
+            m.gauge("outpost_policy_not_after_seconds", "When the enforced bundle expires.", vec![], a.bundle.not_after.timestamp());
         }
-        let _ = writeln!(out, "# HELP outpost_policy_deny_events_total Deny events sampled to the log.\n# TYPE outpost_policy_deny_events_total counter\noutpost_policy_deny_events_total {}", self.deny_events);
-        match counters {
+        m.counter("outpost_policy_deny_events", "Deny events sampled to the log.", vec![], self.deny_events);
+        match self.enforcer.counters() {
             Ok(c) => {
-                let _ = writeln!(out, "# HELP outpost_policy_packets_total Packets by verdict.\n# TYPE outpost_policy_packets_total counter");
                 for (v, n) in &c.verdicts {
-                    let _ = writeln!(out, "outpost_policy_packets_total{{verdict=\"{v}\"}} {n}");
+                    m.counter("outpost_policy_packets", "Packets by verdict.", vec![("verdict", v.to_string())], *n);
                 }
-                let _ = writeln!(out, "# HELP outpost_policy_rule_packets_total Packets each rule of the enforced profile matched.\n# TYPE outpost_policy_rule_packets_total counter");
                 for (id, p, _) in &c.rules {
-                    let _ = writeln!(out, "outpost_policy_rule_packets_total{{rule=\"{}\"}} {p}", esc(id));
+                    m.counter("outpost_policy_rule_packets", "Packets each rule of the enforced profile matched.", vec![("rule", id.clone())], *p);
                 }
-                let _ = writeln!(out, "# HELP outpost_policy_rule_bytes_total Bytes each rule of the enforced profile matched.\n# TYPE outpost_policy_rule_bytes_total counter");
                 for (id, _, b) in &c.rules {
-                    let _ = writeln!(out, "outpost_policy_rule_bytes_total{{rule=\"{}\"}} {b}", esc(id));
+                    m.counter("outpost_policy_rule_bytes", "Bytes each rule of the enforced profile matched.", vec![("rule", id.clone())], *b);
                 }
             }
-            Err(e) => {
-                let _ = writeln!(out, "# counters unavailable: {e}");
-            }
+            Err(e) => tracing::warn!(error = %e, "policy counters unavailable for /metrics"),
         }
-        out
+        m
     }
 
     /// Logs the deny events sampled since the last call.
@@ -335,10 +326,6 @@ fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(AgentError::io("read", path, e)),
     }
-}
-
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Loads the programs for the agent's `[policy]` and restores the enforced bundle. When
@@ -423,7 +410,7 @@ pub fn select(candidates: Vec<TargetInfo>, hardware_class: &str, labels: &std::c
 /// refused.
 pub async fn sync(config: &AgentConfig, engine: &SharedEngine) -> Result<Option<SwapReport>> {
     let labels = config.policy.as_ref().map(|p| p.labels.clone()).unwrap_or_default();
-    let fetcher = crate::fetch::Fetcher::new(config.http_timeout)?;
+    let fetcher = crate::fetch::Fetcher::new(config.http_limits())?;
     let mut updater = Updater::new(&config.metadata_dir(), &format!("{}/metadata/", config.server_url), fetcher, Utc::now())?;
     // Metadata that does not verify is a refusal worth reporting; an unreachable
     // server is not.
@@ -511,81 +498,68 @@ pub async fn run_daemon(config: &AgentConfig, once: bool) -> Result<()> {
     let engine = start_engine(config)?;
     write_status(config, &engine);
     if let Some(addr) = p.metrics_listen {
-        serve_metrics(addr, engine.clone()).await?;
+        serve_metrics(addr, p.metrics_limits, engine.clone()).await?;
     }
     let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Policy(format!("SIGTERM handler: {e}")))?;
-    loop {
+    if once {
         step(config, &engine).await;
-        if once {
-            return Ok(());
+        return Ok(());
+    }
+    let _watch = spawn_expiry_watch(config, engine.clone());
+    loop {
+        // A step may wait on a slow server for as long as the retrieval limits allow;
+        // SIGTERM ends it there too.
+        tokio::select! {
+            _ = step(config, &engine) => {}
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
         }
-        // Between fetches: drain deny events and watch the expiry every second.
-        let next_fetch = tokio::time::Instant::now() + config.install.check_interval;
-        while tokio::time::Instant::now() < next_fetch {
-            let pause = (next_fetch - tokio::time::Instant::now()).min(Duration::from_secs(1));
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = term.recv() => return Ok(()),
-                _ = tokio::signal::ctrl_c() => return Ok(()),
-            }
+        tokio::select! {
+            _ = tokio::time::sleep(config.install.check_interval) => {}
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// Watches the enforced bundle's expiry on its own task: every second it falls back to
+/// the essential profile once `not_after` has passed (writing the status then, for
+/// check-ins) and drains sampled deny events. It shares nothing with the network
+/// work of the daemon but the engine's lock, which no fetch holds, so a fetch that
+/// hangs or an install that takes hours never delays the fail-secure fallback. The
+/// status is not rewritten every second (flash wear); each daemon step writes it.
+pub fn spawn_expiry_watch(config: &AgentConfig, engine: SharedEngine) -> WatchGuard {
+    let config = config.clone();
+    let task = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
             let fell_back = {
                 let mut e = lock(&engine);
                 e.log_denies();
                 e.tick(Utc::now()).is_some()
             };
             if fell_back {
-                write_status(config, &engine);
+                write_status(&config, &engine);
             }
         }
-    }
-}
-
-/// How long until the policy needs attention, capped at `max`.
-pub fn sleep_for(engine: &SharedEngine, max: Duration) -> Duration {
-    match lock(engine).next_deadline() {
-        Some(t) => (t - Utc::now()).to_std().unwrap_or(Duration::ZERO).min(max),
-        None => max,
-    }
-}
-
-/// Serves `GET /metrics` on `addr` until the process ends.
-pub async fn serve_metrics(addr: std::net::SocketAddr, engine: SharedEngine) -> Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| AgentError::Policy(format!("metrics listener on {addr}: {e}")))?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else { continue };
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut n = 0;
-                while n < buf.len() {
-                    match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf[n..])).await {
-                        Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
-                        Ok(Ok(m)) => n += m,
-                    }
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                let req = String::from_utf8_lossy(&buf[..n]);
-                let line = req.lines().next().unwrap_or("");
-                let (status, body) = if line.starts_with("GET /metrics ") || line == "GET /metrics" {
-                    ("200 OK", lock(&engine).metrics())
-                } else {
-                    ("404 Not Found", "only GET /metrics is served here\n".to_string())
-                };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = sock.write_all(head.as_bytes()).await;
-                let _ = sock.write_all(body.as_bytes()).await;
-                let _ = sock.shutdown().await;
-            });
-        }
     });
-    Ok(())
+    WatchGuard(task)
+}
+
+/// Stops the expiry watch when dropped.
+pub struct WatchGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves `GET /metrics` (the engine's counters) on `addr` until the process ends.
+pub async fn serve_metrics(addr: std::net::SocketAddr, limits: crate::metrics::ListenerLimits, engine: SharedEngine) -> Result<()> {
+    crate::metrics::serve(addr, limits, Arc::new(move || lock(&engine).metrics().encode())).await
 }
 
 /// `outpost-agent policy enforce FILE`: enforce a local bundle in the foreground (for
@@ -624,7 +598,7 @@ pub async fn enforce_local(file: &Path, cgroup_root: Option<PathBuf>, metrics: O
         emit("applied", r.as_ref(), &mut e);
     }
     if let Some(addr) = metrics {
-        serve_metrics(addr, engine.clone()).await?;
+        serve_metrics(addr, crate::metrics::ListenerLimits::default(), engine.clone()).await?;
     }
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {

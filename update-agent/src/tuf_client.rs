@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use crate::error::{AgentError, Result};
-use crate::fetch::Fetcher;
+use crate::fetch::{Fetcher, HttpLimits};
 use crate::updater::{write_atomic, Updater};
 
 #[derive(Debug, Args)]
@@ -30,6 +30,11 @@ pub struct TufClientArgs {
     /// Seconds to wait for a connection or for the next bytes before giving up.
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
+    /// Slow-retrieval floor: every answer must keep this average rate (bytes per
+    /// second) once --timeout seconds have passed, so a file of L bytes must arrive
+    /// within timeout + L / rate seconds.
+    #[arg(long, default_value_t = crate::fetch::DEFAULT_MIN_RATE, value_parser = clap::value_parser!(u64).range(1..))]
+    pub min_bytes_per_sec: u64,
     #[command(subcommand)]
     pub op: TufOp,
 }
@@ -79,6 +84,6 @@ pub async fn run(args: TufClientArgs) -> Result<()> {
 
 fn updater(args: &TufClientArgs) -> Result<Updater> {
     let url = args.metadata_url.as_deref().ok_or_else(|| AgentError::Usage("--metadata-url is required".into()))?;
-    let fetcher = Fetcher::new(Duration::from_secs(args.timeout))?;
+    let fetcher = Fetcher::new(HttpLimits::new(Duration::from_secs(args.timeout), args.min_bytes_per_sec))?;
     Updater::new(&args.metadata_dir, url, fetcher, chrono::Utc::now())
 }

@@ -46,7 +46,7 @@ pub fn prepare_state(config: &AgentConfig) -> Result<()> {
 pub async fn run(config: &AgentConfig) -> Result<UpdateReport> {
     prepare_state(config)?;
     let (metadata_dir, download_dir) = (config.metadata_dir(), config.download_dir());
-    let fetcher = Fetcher::new(config.http_timeout)?;
+    let fetcher = Fetcher::new(config.http_limits())?;
     let mut updater = Updater::new(&metadata_dir, &format!("{}/metadata/", config.server_url), fetcher, chrono::Utc::now())?;
     updater.refresh().await?;
     let class = config.hardware_class.as_str();

@@ -97,7 +97,7 @@ impl Installer {
             // Enrolled: the TPM-derived id names this device everywhere.
             config.device_id = identity.device_id;
         }
-        let fetcher = Fetcher::new(config.http_timeout)?;
+        let fetcher = Fetcher::new(config.http_limits())?;
         Ok(Installer { config, boot, journal_file, journal, fetcher, measured: None, quarantine: None, announce: None })
     }
 
@@ -730,24 +730,21 @@ impl Installer {
     }
 }
 
-/// Prometheus text-format metrics for node_exporter's textfile collector.
+/// The installer's state for node_exporter's textfile collector, written with the
+/// same encoder as the agent's `/metrics` (values from signed metadata escaped).
 fn write_metrics_file(path: &Path, journal: &Journal, progress: Option<(u64, u64)>) {
-    let mut s = String::new();
-    s.push_str("# HELP outpost_agent_install_phase Current install phase (1 = current).\n# TYPE outpost_agent_install_phase gauge\n");
-    s.push_str(&format!("outpost_agent_install_phase{{phase=\"{}\"}} 1\n", journal.phase.name()));
+    let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let mut m = crate::metrics::Exposition::default();
+    m.gauge("outpost_agent_install_phase", "Current install phase (1 = current).", vec![("phase", journal.phase.name().to_owned())], 1);
     if let Some(r) = &journal.running {
-        s.push_str("# TYPE outpost_agent_running_release_info gauge\n");
-        s.push_str(&format!("outpost_agent_running_release_info{{version=\"{}\",sha256=\"{}\"}} 1\n", r.version, r.sha256));
+        m.gauge("outpost_agent_running_release_info", "The release the device runs.", vec![("version", r.version.clone()), ("sha256", r.sha256.clone())], 1);
     }
-    s.push_str("# TYPE outpost_agent_rolled_back_releases gauge\n");
-    s.push_str(&format!("outpost_agent_rolled_back_releases {}\n", journal.failed.len()));
+    m.gauge("outpost_agent_rolled_back_releases", "Releases rolled back on this device.", vec![], gauge(journal.failed.len() as u64));
     if let Some((done, total)) = progress {
-        s.push_str("# TYPE outpost_agent_download_durable_bytes gauge\n");
-        s.push_str(&format!("outpost_agent_download_durable_bytes {done}\n"));
-        s.push_str("# TYPE outpost_agent_download_total_bytes gauge\n");
-        s.push_str(&format!("outpost_agent_download_total_bytes {total}\n"));
+        m.gauge("outpost_agent_download_durable_bytes", "Bytes of the current download kept durably.", vec![], gauge(done));
+        m.gauge("outpost_agent_download_total_bytes", "Length of the current download.", vec![], gauge(total));
     }
-    if let Err(e) = outpost_fsio::write_atomic(path, s.as_bytes()) {
+    if let Err(e) = outpost_fsio::write_atomic(path, m.encode().as_bytes()) {
         tracing::warn!(error = %e, "cannot write metrics file");
     }
 }

@@ -5,7 +5,8 @@
 //! optional bandwidth cap paces the transfer. While bytes arrive they are hashed
 //! (the signed TUF hashes of the target) and decoded (zstd, or zstd patch) into the
 //! staged image, which is hashed too. Nothing is trusted until both digests match the
-//! signed metadata. A target sent as-is, whose signed SHA-256 is the image's, is
+//! signed metadata. A resumed transfer does not replay what an earlier run kept: it
+//! hashes and decodes the whole file once, when it is complete (see [`sink_worker`]). A target sent as-is, whose signed SHA-256 is the image's, is
 //! written and hashed once: once verified, the partial file becomes the staged image.
 
 use std::collections::BTreeMap;
@@ -156,7 +157,7 @@ pub async fn run(
             while let Ok(Ack::Durable(d)) = ack_rx.try_recv() {
                 checkpoint(d)?;
             }
-            match fetcher.next_chunk(&mut resp, &url).await {
+            match resp.chunk().await {
                 Ok(Some(chunk)) => {
                     received += chunk.len() as u64;
                     stats.received += chunk.len() as u64;
@@ -205,7 +206,7 @@ pub async fn run(
 
 fn retryable(e: &AgentError) -> bool {
     match e {
-        AgentError::Fetch { .. } | AgentError::Timeout { .. } => true,
+        AgentError::Fetch { .. } | AgentError::Timeout { .. } | AgentError::SlowRetrieval { .. } => true,
         AgentError::HttpStatus { status, .. } => *status >= 500 || *status == 408 || *status == 429,
         _ => false,
     }
@@ -224,6 +225,14 @@ fn backoff(opts: &TransferOptions, retry: u32) -> Duration {
 /// fsyncs checkpoints, verifies at the end. Failure removes the partial file when its
 /// content cannot be right (a hash mismatch), so the next try starts clean.
 ///
+/// A transfer that starts from byte 0 hashes and decodes its bytes as they arrive. One
+/// that resumes what an earlier run left in the partial file does neither until the
+/// file is complete: it appends, then reads the file once, hashing and decoding it.
+/// (Replaying the kept, still unverified bytes at every start made a server that cut
+/// each attempt short of its end cost a full decode, and a rewrite of the staged image,
+/// per check interval: CPU and flash wear without bound. Now a start costs a seek, and
+/// each byte is decoded once per completed download.)
+///
 /// A target sent as-is whose signed SHA-256 is the image's is its own staged image:
 /// nothing is decoded or hashed a second time, and once verified the partial file is
 /// renamed to the image (half the disk writes and hashing of a decoded transfer).
@@ -237,6 +246,7 @@ fn sink_worker(
     let reference = spec.reference.clone();
     let what = format!("download {}", spec.url);
     let as_is = spec.is_as_is();
+    let new_hasher = || MultiHasher::for_expected(&spec.hashes, &what).map_err(|e| AgentError::tuf(what.clone(), e));
     // The decoder into a separate staged image, for targets that are not the image as-is.
     let start_decode = || -> Result<Option<Decode<'_, std::io::BufWriter<std::fs::File>>>> {
         if as_is {
@@ -248,7 +258,9 @@ fn sink_worker(
             .map(Some)
             .map_err(|e| AgentError::io("start decoder for", &spec.image, e))
     };
-    let setup = || -> Result<(std::fs::File, MultiHasher, Option<Decode<'_, std::io::BufWriter<std::fs::File>>>, u64)> {
+    // Hashing and decoding while the bytes arrive: from byte 0 only.
+    type Streaming<'a> = (MultiHasher, Option<Decode<'a, std::io::BufWriter<std::fs::File>>>);
+    let setup = || -> Result<(std::fs::File, Option<Streaming<'_>>, u64)> {
         let mut partial = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -259,28 +271,11 @@ fn sink_worker(
         let on_disk = partial.metadata().map_err(|e| AgentError::io("stat", &spec.partial, e))?.len();
         let durable = spec.durable.min(on_disk);
         partial.set_len(durable).map_err(|e| AgentError::io("truncate", &spec.partial, e))?;
-        let mut hasher = MultiHasher::for_expected(&spec.hashes, &what).map_err(|e| AgentError::tuf(what.clone(), e))?;
-        let mut decode = start_decode()?;
-        // Replay what is already here.
-        partial.seek(SeekFrom::Start(0)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut left = durable;
-        while left > 0 {
-            let want = left.min(buf.len() as u64) as usize;
-            let n = partial.read(&mut buf[..want]).map_err(|e| AgentError::io("read", &spec.partial, e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            if let Some(d) = decode.as_mut() {
-                d.feed(&buf[..n]).map_err(|e| decode_error(&spec, e))?;
-            }
-            left -= n as u64;
-        }
         partial.seek(SeekFrom::Start(durable)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
-        Ok((partial, hasher, decode, durable))
+        let streaming = if durable == 0 { Some((new_hasher()?, start_decode()?)) } else { None };
+        Ok((partial, streaming, durable))
     };
-    let (mut partial, mut hasher, mut decode, durable) = match setup() {
+    let (mut partial, mut streaming, durable) = match setup() {
         Ok(v) => v,
         Err(e) => {
             let msg = e.to_string();
@@ -295,9 +290,11 @@ fn sink_worker(
         match msg {
             Msg::Chunk(chunk) => {
                 partial.write_all(&chunk).map_err(|e| AgentError::io("write", &spec.partial, e))?;
-                hasher.update(&chunk);
-                if let Some(d) = decode.as_mut() {
-                    d.feed(&chunk).map_err(|e| decode_error(&spec, e))?;
+                if let Some((hasher, decode)) = streaming.as_mut() {
+                    hasher.update(&chunk);
+                    if let Some(d) = decode.as_mut() {
+                        d.feed(&chunk).map_err(|e| decode_error(&spec, e))?;
+                    }
                 }
                 written += chunk.len() as u64;
                 if written - last_sync >= checkpoint_every {
@@ -309,8 +306,7 @@ fn sink_worker(
             Msg::Restart => {
                 partial.set_len(0).map_err(|e| AgentError::io("truncate", &spec.partial, e))?;
                 partial.seek(SeekFrom::Start(0)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
-                hasher = MultiHasher::for_expected(&spec.hashes, &what).map_err(|e| AgentError::tuf(what.clone(), e))?;
-                decode = start_decode()?;
+                streaming = Some((new_hasher()?, start_decode()?));
                 written = 0;
                 last_sync = 0;
                 let _ = acks.send(Ack::Durable(0));
@@ -323,6 +319,26 @@ fn sink_worker(
         // Incomplete: keep the partial file for the next attempt.
         return Ok(());
     }
+    let (hasher, decode) = match streaming {
+        Some(s) => s,
+        None => {
+            // Resumed: the one pass over the complete file.
+            let (mut hasher, mut decode) = (new_hasher()?, start_decode()?);
+            partial.seek(SeekFrom::Start(0)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = partial.read(&mut buf).map_err(|e| AgentError::io("read", &spec.partial, e))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                if let Some(d) = decode.as_mut() {
+                    d.feed(&buf[..n]).map_err(|e| decode_error(&spec, e))?;
+                }
+            }
+            (hasher, decode)
+        }
+    };
     if let Err(e) = hasher.verify(&spec.hashes, &what) {
         let _ = std::fs::remove_file(&spec.partial);
         let _ = acks.send(Ack::Durable(0));
@@ -429,5 +445,68 @@ mod tests {
         assert!(matches!(err, AgentError::ImageMismatch { .. }), "{err}");
         assert!(err.to_string().contains(&sha256_hex(b"another image")), "{err}");
         assert!(spec.partial.exists(), "the partial file is removed by the caller, not the worker");
+    }
+
+    /// A zstd target of which `kept` bytes are in the partial file from an earlier run;
+    /// this run receives `chunks`. Returns the result and the spec.
+    fn resumed_zstd(image: &[u8], kept: usize, chunks: &[&[u8]], dir: &std::path::Path) -> (Result<()>, TransferSpec) {
+        let sent = zstd::encode_all(image, 3).unwrap();
+        let spec = || TransferSpec {
+            url: "http://127.0.0.1/targets/fw.img.zst".into(),
+            length: sent.len() as u64,
+            hashes: BTreeMap::from([("sha256".to_owned(), sha256_hex(&sent))]),
+            encoding: Encoding::Zstd,
+            reference: None,
+            image_sha256: sha256_hex(image),
+            image_length: image.len() as u64,
+            partial: dir.join("fw.img.zst.partial"),
+            image: dir.join("fw.img.image"),
+            durable: kept as u64,
+        };
+        std::fs::write(&spec().partial, &sent[..kept]).unwrap();
+        let (tx, rx) = mpsc::sync_channel(chunks.len() + 1);
+        for c in chunks {
+            tx.send(Msg::Chunk(Bytes::copy_from_slice(c))).unwrap();
+        }
+        drop(tx);
+        let (acks, _acks_rx) = mpsc::channel();
+        let (ready, _ready_rx) = tokio::sync::oneshot::channel();
+        (sink_worker(spec(), rx, acks, ready, 1 << 20), spec())
+    }
+
+    fn text(len: usize) -> Vec<u8> {
+        (0..len).map(|i| b"outpost firmware "[i % 17]).collect()
+    }
+
+    /// A start that resumes kept bytes and is cut short again decodes nothing and
+    /// writes no staged image: the kept bytes wait for the rest.
+    #[test]
+    fn a_resumed_start_does_not_decode_the_kept_bytes_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = text(2_000_000);
+        let sent_len = zstd::encode_all(&image[..], 3).unwrap().len();
+        let (result, spec) = resumed_zstd(&image, sent_len / 2, &[], dir.path());
+        result.unwrap();
+        assert!(!spec.image.exists(), "a resumed, incomplete transfer must not decode into the staged image");
+        assert_eq!(std::fs::metadata(&spec.partial).unwrap().len(), (sent_len / 2) as u64);
+    }
+
+    /// Completed after a resume: one pass over the whole file verifies and decodes it.
+    #[test]
+    fn a_resumed_transfer_is_verified_and_decoded_once_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = text(2_000_000);
+        let sent = zstd::encode_all(&image[..], 3).unwrap();
+        let half = sent.len() / 2;
+        let (result, spec) = resumed_zstd(&image, half, &[&sent[half..half + 10], &sent[half + 10..]], dir.path());
+        result.unwrap();
+        assert_eq!(std::fs::read(&spec.image).unwrap(), image);
+        // Kept bytes that are not what the server signs are caught at the end.
+        let dir = tempfile::tempdir().unwrap();
+        let mut wrong = sent.clone();
+        wrong[half + 100] ^= 0xff;
+        let (result, _) = resumed_zstd(&image, half, &[&wrong[half..]], dir.path());
+        let err = result.unwrap_err();
+        assert!(matches!(err, AgentError::Tuf { .. } | AgentError::ImageMismatch { .. }), "{err}");
     }
 }
