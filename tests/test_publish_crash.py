@@ -188,19 +188,24 @@ class Cut:
              str(server.exe), "--config", str(server.config), "serve"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.proc.poll() is None, "outpost-server under strace exited:\n" + server.log_text()[-3000:]
-            try:
-                if http_get(f"{server.url}/healthz", timeout=1)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "outpost-server under strace did not start"
-            time.sleep(0.05)
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        assert children, "strace has no child process"
-        self.pid = int(children[0])
+        self.pid: int | None = None
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert self.proc.poll() is None, "outpost-server under strace exited:\n" + server.log_text()[-3000:]
+                try:
+                    if http_get(f"{server.url}/healthz", timeout=1)[0] == 200:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, "outpost-server under strace did not start"
+                time.sleep(0.05)
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            assert children, "strace has no child process"
+            self.pid = int(children[0])
+        except BaseException:
+            self.stop()
+            raise
 
     def entries(self) -> list[str]:
         try:
@@ -226,7 +231,7 @@ class Cut:
                 break
             time.sleep(0.002)
         lost = self.proc.poll() is not None
-        if held and not lost:
+        if held and not lost and self.pid is not None:
             os.kill(self.pid, signal.SIGKILL)  # first the server: its held syscall never runs
         self.stop()
         t.join(10)
@@ -248,7 +253,7 @@ class Cut:
             pass
         self.proc.wait(10)
         deadline = time.monotonic() + 10
-        while not _gone(self.pid):
+        while self.pid is not None and not _gone(self.pid):
             assert time.monotonic() < deadline, f"outpost-server (pid {self.pid}) did not end after SIGKILL"
             time.sleep(0.005)
 
@@ -298,12 +303,14 @@ def cut_every_step(tmp_path: Path, server: OutpostServer, token: str, clients: C
             shutil.rmtree(server.data_dir)
             shutil.copytree(baseline, server.data_dir)
             cut = Cut(server, tmp_path / f"{label}-trace-{k}-{attempt}.txt")
-            upload(server, token, uploads_a)
             try:
+                upload(server, token, uploads_a)
                 killed, held, answer = cut.publish(token, body_a, k)
                 break
             except StraceLost as e:
                 print(f"{label}, step {k}: strace ended by itself, again: {e}")
+            finally:
+                cut.stop()
         else:
             pytest.fail(f"{label}, step {k}: strace ended by itself 5 times", pytrace=False)
         what = f"{label}, crash before step {k} ({held.strip()})"
@@ -358,15 +365,17 @@ def crash_setup(tmp_path):
     server = OutpostServer(tmp_path, repo)
     token = server.token()
     server.start()
-    repo.cli("repo", "push", "--repo", repo.dir, "--server", server.url, "--token", token)
-    fw = tmp_path / "builds" / "fw.img"
-    fw.parent.mkdir(parents=True)
-    fw.write_bytes(b"release 1.0.0")
-    repo.cli("release", "publish", "--repo", repo.dir, "--firmware", fw, "--hardware-class", "rpi4",
-             "--version", "1.0.0", "--key", repo.key("firmware"), "--server", server.url, "--token", token)
-    clients = Clients(tmp_path / "clients", server, repo.root1)
-    yield repo, server, token, clients
-    server.stop()
+    try:
+        repo.cli("repo", "push", "--repo", repo.dir, "--server", server.url, "--token", token)
+        fw = tmp_path / "builds" / "fw.img"
+        fw.parent.mkdir(parents=True)
+        fw.write_bytes(b"release 1.0.0")
+        repo.cli("release", "publish", "--repo", repo.dir, "--firmware", fw, "--hardware-class", "rpi4",
+                 "--version", "1.0.0", "--key", repo.key("firmware"), "--server", server.url, "--token", token)
+        clients = Clients(tmp_path / "clients", server, repo.root1)
+        yield repo, server, token, clients
+    finally:
+        server.stop()
 
 
 def _release(repo: OutpostRepo, repo_dir: Path, tmp_path: Path, version: str, data: bytes) -> tuple[str, str]:
