@@ -40,6 +40,7 @@ APT_PACKAGES=(
   nftables      # the policy benchmark's baseline (chains and sets)
   iperf3        # throughput through the policy programs in the benchmark
   postgresql    # the scale-out state store: tests and the benchmark start their own server
+  strace        # the publish crash test holds and counts the server's file-system steps
 )
 # ---------------------------------------------------------------------------
 

@@ -54,6 +54,12 @@ pub enum Error {
     #[error("policy {0}")]
     Policy(String),
 
+    /// The delegation search for a target path cannot finish: a role it reaches has no
+    /// metadata or does not verify under its delegator's keys, or it needs more roles
+    /// than the limit. A client stops there too, so nothing is decided for the path.
+    #[error("delegation search for {target:?}: {reason}")]
+    Search { target: String, reason: String },
+
     /// Programming-order error in the trusted set (e.g. timestamp before root is final).
     #[error("TUF workflow order: {0}")]
     Order(String),

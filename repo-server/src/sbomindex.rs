@@ -53,6 +53,15 @@ pub async fn index_release_sboms(repo: &Repository, store: &Store) -> usize {
     added
 }
 
+/// Keeps the releases the signed metadata offers now: the index remembers every SBOM
+/// it read, and a release whose role was revoked (or whose path the delegations no
+/// longer give it) is no longer a signed release. Devices found by image digest stay:
+/// a device may still run it.
+async fn only_signed(repo: &Repository, found: &mut SbomSearch) {
+    let signed: std::collections::BTreeSet<String> = repo.sbom_refs().await.into_iter().map(|(.., sref)| sref.sha256).collect();
+    found.releases.retain(|r| signed.contains(&r.sbom_sha256));
+}
+
 /// The signed deny-list's `affected` entries with what each hits: (sha256 of the
 /// deny-list, [(entry, search result)]), or None when none is published. A component
 /// whose version cannot be placed against an entry's range is among the hits (with
@@ -66,7 +75,8 @@ pub async fn affected_entries(s: &AppState) -> Result<Option<(String, Vec<(outpo
     let mut out = Vec::new();
     for e in list.entries.into_iter().filter(|e| e.status == outpost_sbom::denylist::Status::Affected) {
         let query = e.query().map_err(|err| ApiError::unprocessable("invalid_denylist", err.to_string()))?;
-        let found = s.store.sbom_search(&query).await?;
+        let mut found = s.store.sbom_search(&query).await?;
+        only_signed(&s.repo, &mut found).await;
         out.push((e, found));
     }
     Ok(Some((sha, out)))
@@ -107,7 +117,8 @@ async fn search(State(s): State<AppState>, auth: Auth, Query(q): Query<SearchQue
     auth.require_reader()?;
     let query = outpost_sbom::query::Query::parse(&q.q).map_err(|e| ApiError::unprocessable("invalid_query", e.to_string()))?;
     let started = Instant::now();
-    let result = s.store.sbom_search(&query).await?;
+    let mut result = s.store.sbom_search(&query).await?;
+    only_signed(&s.repo, &mut result).await;
     let took = started.elapsed();
     let releases: std::collections::BTreeSet<&str> = result.releases.iter().map(|r| r.target.as_str()).collect();
     Ok(Json(json!({

@@ -283,3 +283,93 @@ async fn http_serves_repository_with_ranges_cache_headers_and_auth() {
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["roles"]["firmware"], 1);
 }
+
+fn ok(r: Result<outpost_server::repository::PublishOutcome, PublishError>) -> outpost_server::repository::PublishOutcome {
+    match r {
+        Ok(o) => o,
+        Err(PublishError::Refused { code, message }) => panic!("refused: {code}: {message}"),
+        Err(PublishError::Internal(e)) => panic!("internal error: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn a_retry_of_a_publish_that_landed_changes_nothing() {
+    let f = fixture();
+    let repo = published(&f).await;
+    let md = f.data.join("repository/metadata");
+    let fw2 = b"firmware image v2".to_vec();
+    stage(&f, &fw2);
+    let mut roles = BTreeMap::new();
+    roles.insert("firmware".to_owned(), value(tuf::sign(&firmware_role(2, "firmware/rpi4/2.0.0/fw.img", &fw2), &[&f.fw_key]).unwrap()));
+    let first = ok(repo.publish(&[], &roles, Utc::now()).await);
+    assert_eq!((first.snapshot_version, first.unchanged), (2, false));
+    let before = listing(&md);
+    let ts = std::fs::read(md.join("timestamp.json")).unwrap();
+    // The answer was lost: the pipeline sends the same request again.
+    let again = ok(repo.publish(&[], &roles, Utc::now()).await);
+    assert!(again.unchanged && again.roles.is_empty(), "{again:?}");
+    assert_eq!((again.snapshot_version, again.timestamp_version), (2, 2));
+    assert_eq!(listing(&md), before);
+    assert_eq!(std::fs::read(md.join("timestamp.json")).unwrap(), ts);
+    // The same version with other bytes is not a retry.
+    let mut other = firmware_role(2, "firmware/rpi4/2.0.0/fw.img", &fw2);
+    other.expires = tuf::format_expires(Utc::now() + Duration::days(30));
+    roles.insert("firmware".to_owned(), value(tuf::sign(&other, &[&f.fw_key]).unwrap()));
+    assert_eq!(refused_code(repo.publish(&[], &roles, Utc::now()).await), "stale_version");
+}
+
+#[tokio::test]
+async fn versioned_names_left_by_an_interrupted_publish_are_never_reused() {
+    let f = fixture();
+    let repo = published(&f).await;
+    let md = f.data.join("repository/metadata");
+    // What a crash of an older server left (and perhaps served): a role version and a
+    // snapshot that no timestamp names.
+    std::fs::write(md.join("2.firmware.json"), b"{\"served\": \"before the crash\"}\n").unwrap();
+    std::fs::write(md.join("2.snapshot.json"), b"{\"served\": \"before the crash\"}\n").unwrap();
+    drop(repo);
+    let repo = Repository::open(&f.config).unwrap();
+    let fw2 = b"firmware image v2".to_vec();
+    stage(&f, &fw2);
+    let mut roles = BTreeMap::new();
+    roles.insert("firmware".to_owned(), value(tuf::sign(&firmware_role(2, "firmware/rpi4/2.0.0/fw.img", &fw2), &[&f.fw_key]).unwrap()));
+    let r = repo.publish(&[], &roles, Utc::now()).await;
+    assert!(matches!(&r, Err(PublishError::Refused { code: "version_reused", message }) if message.contains("version 3")), "{r:?}");
+    roles.insert("firmware".to_owned(), value(tuf::sign(&firmware_role(3, "firmware/rpi4/2.0.0/fw.img", &fw2), &[&f.fw_key]).unwrap()));
+    let out = ok(repo.publish(&[], &roles, Utc::now()).await);
+    assert_eq!(out.snapshot_version, 3, "the snapshot number a crash left behind was reused");
+    assert_eq!(std::fs::read(md.join("2.snapshot.json")).unwrap(), b"{\"served\": \"before the crash\"}\n");
+    assert_eq!(std::fs::read(md.join("2.firmware.json")).unwrap(), b"{\"served\": \"before the crash\"}\n");
+}
+
+#[tokio::test]
+async fn a_revoked_delegation_drops_the_role_and_what_it_signed() {
+    let f = fixture();
+    let repo = published(&f).await;
+    assert_eq!(repo.firmware_releases("rpi4").await.len(), 0, "custom-less targets are not releases");
+    let mut t = tuf::metadata::new_targets(2, Utc::now() + Duration::days(90));
+    t.delegations = None;
+    let mut roles = BTreeMap::new();
+    roles.insert("targets".to_owned(), value(tuf::sign(&t, &[&f.targets_key]).unwrap()));
+    let out = ok(repo.publish(&[], &roles, Utc::now()).await);
+    assert_eq!(out.removed_roles, vec!["firmware".to_owned()]);
+    let md = f.data.join("repository/metadata");
+    let snap: Value = serde_json::from_slice(&std::fs::read(md.join(format!("{}.snapshot.json", out.snapshot_version))).unwrap()).unwrap();
+    assert_eq!(snap["signed"]["meta"].as_object().unwrap().keys().collect::<Vec<_>>(), vec!["targets.json"]);
+    assert!(!md.join("firmware.json").exists() && md.join("1.firmware.json").exists(), "{:?}", listing(&md));
+    assert_eq!(repo.target_sha256("firmware/rpi4/1.0.0/fw.img").await, None);
+    // A restart reads the same.
+    drop(repo);
+    let repo = Repository::open(&f.config).unwrap();
+    assert_eq!(repo.status().await.roles.keys().collect::<Vec<_>>(), vec!["targets"]);
+}
+
+#[tokio::test]
+async fn one_server_per_repository_directory() {
+    let f = fixture();
+    let repo = published(&f).await;
+    let err = Repository::open(&f.config).err().expect("a second open of the same repository succeeded").to_string();
+    assert!(err.contains("another outpost-server process uses this repository directory"), "{err}");
+    drop(repo);
+    Repository::open(&f.config).unwrap();
+}

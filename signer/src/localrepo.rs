@@ -126,6 +126,47 @@ impl LocalRepo {
         Ok(names)
     }
 
+    /// The highest version of `role` under `metadata/` (0 when there is none),
+    /// current or historical.
+    pub fn highest_version(&self, role: &str) -> Result<u64> {
+        let dir = self.dir.join("metadata");
+        let suffix = format!(".{}.json", tuf::quote_role(role));
+        let mut highest = 0;
+        for entry in std::fs::read_dir(&dir).map_err(|e| SignerError::io("list", &dir, e))? {
+            let entry = entry.map_err(|e| SignerError::io("list", &dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(v) = name.strip_suffix(&suffix).and_then(|v| v.parse::<u64>().ok()) {
+                highest = highest.max(v);
+            }
+        }
+        Ok(highest)
+    }
+
+    /// Removes the current (unversioned) metadata of every role no delegation chain
+    /// from `targets` names any more, so it leaves the snapshot and `repo push`.
+    /// Returns their names.
+    pub fn drop_unreachable_roles(&self) -> Result<Vec<String>> {
+        let mut loaded = BTreeMap::new();
+        for name in self.role_names()? {
+            if let Some((env, _)) = self.role(&name)? {
+                loaded.insert(name, env);
+            }
+        }
+        let reachable: std::collections::BTreeSet<String> =
+            tuf::RoleGraph::new(loaded.iter().map(|(k, v)| (k.as_str(), v))).reachable().into_iter().map(str::to_owned).collect();
+        let mut removed = Vec::new();
+        for name in loaded.keys().filter(|n| !reachable.contains(*n)) {
+            let p = self.metadata_path(&format!("{}.json", tuf::quote_role(name)));
+            std::fs::remove_file(&p).map_err(|e| SignerError::io("remove", &p, e))?;
+            removed.push(name.clone());
+        }
+        if !removed.is_empty() {
+            let dir = self.dir.join("metadata");
+            outpost_fsio::sync_dir(&dir).map_err(|e| SignerError::io("fsync", &dir, e))?;
+        }
+        Ok(removed)
+    }
+
     pub fn write_root(&self, version: u64, bytes: &[u8]) -> Result<()> {
         write_atomic(&self.metadata_path(&format!("{version}.root.json")), bytes)?;
         write_atomic(&self.metadata_path("root.json"), bytes)

@@ -1,4 +1,4 @@
-//! `outpost repo init | rotate-root | delegate | push`.
+//! `outpost repo init | rotate-root | delegate | undelegate | push`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -22,6 +22,11 @@ pub enum RepoCommand {
     RotateRoot(RotateArgs),
     /// Delegate target paths (e.g. firmware/<class>/*/*) to a role with its own keys.
     Delegate(DelegateArgs),
+    /// Revoke a delegation: the parent stops delegating to the role. Needs only the
+    /// parent's keys (not the role's, which may be compromised); after `repo push` the
+    /// role, and the roles only it delegated, leave the snapshot and clients no longer
+    /// trust anything they sign.
+    Undelegate(UndelegateArgs),
     /// Upload the repository's offline-signed metadata and targets to a server.
     Push(PushArgs),
 }
@@ -112,6 +117,21 @@ pub struct DelegateArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct UndelegateArgs {
+    #[arg(long)]
+    pub repo: PathBuf,
+    /// The delegated role to remove.
+    #[arg(long)]
+    pub role: String,
+    /// Private keys of the delegating (parent) role.
+    #[arg(long = "sign-key", required = true)]
+    pub sign_keys: Vec<PathBuf>,
+    /// The delegating role.
+    #[arg(long, default_value = "targets")]
+    pub parent: String,
+}
+
+#[derive(Debug, Args)]
 pub struct PushArgs {
     #[arg(long)]
     pub repo: PathBuf,
@@ -128,6 +148,7 @@ pub async fn run(cmd: RepoCommand, out: &Output) -> Result<()> {
         RepoCommand::Init(a) => init(a, out),
         RepoCommand::RotateRoot(a) => rotate(a, out),
         RepoCommand::Delegate(a) => delegate(a, out),
+        RepoCommand::Undelegate(a) => undelegate(a, out),
         RepoCommand::Push(a) => {
             let repo = LocalRepo::open(&a.repo)?;
             let server = a.server.require()?;
@@ -355,9 +376,12 @@ fn delegate(a: DelegateArgs, out: &Output) -> Result<()> {
     if repo.role(&a.role)?.is_none() {
         let privs: Vec<SigningKey> = delegate_keys.iter().filter_map(|k| k.signing().cloned()).collect();
         if privs.len() as u64 >= a.threshold {
-            let body = tuf::metadata::new_targets(1, repo.expires(repo.settings.targets_expires_secs));
+            // A role revoked and delegated again continues its numbering: its old
+            // versions may still be served, and a versioned name never changes content.
+            let version = repo.highest_version(&a.role)? + 1;
+            let body = tuf::metadata::new_targets(version, repo.expires(repo.settings.targets_expires_secs));
             let b = repo.sign_role(&a.role, &body, &privs)?;
-            repo.write_role(&a.role, 1, &b)?;
+            repo.write_role(&a.role, version, &b)?;
             created = true;
         }
     }
@@ -373,6 +397,53 @@ fn delegate(a: DelegateArgs, out: &Output) -> Result<()> {
             a.threshold,
             ids.len(),
             if a.terminating { ", terminating" } else { "" }
+        ),
+    );
+    Ok(())
+}
+
+fn undelegate(a: UndelegateArgs, out: &Output) -> Result<()> {
+    let repo = LocalRepo::open(&a.repo)?;
+    let (parent_env, _) = repo
+        .role(&a.parent)?
+        .ok_or_else(|| SignerError::Usage(format!("--parent {}: no metadata for that role in this repository", a.parent)))?;
+    let sign_keys = keyfile::load_all_signing(&a.sign_keys)?;
+    let mut parent = parent_env.signed.clone();
+    let not_delegated = || SignerError::Usage(format!("--role {}: {} does not delegate to it (see metadata/{}.json)", a.role, a.parent, tuf::quote_role(&a.parent)));
+    let delegations = parent.delegations.as_mut().ok_or_else(not_delegated)?;
+    if delegations.succinct_roles.is_some() {
+        return Err(SignerError::Usage(format!(
+            "{} delegates to hash bins (succinct_roles); one bin cannot be removed, re-sign the bin instead",
+            a.parent
+        )));
+    }
+    let roles = delegations.roles.get_or_insert_with(Vec::new);
+    let before = roles.len();
+    roles.retain(|r| r.name != a.role);
+    if roles.len() == before {
+        return Err(not_delegated());
+    }
+    let used: BTreeSet<String> = roles.iter().flat_map(|r| r.keyids.iter().cloned()).collect();
+    delegations.keys.retain(|id, _| used.contains(id));
+    if roles.is_empty() {
+        parent.delegations = None;
+    }
+    parent.version += 1;
+    parent.expires = tuf::format_expires(repo.expires(repo.settings.targets_expires_secs));
+    let bytes = repo.sign_role(&a.parent, &parent, &sign_keys)?;
+    repo.write_role(&a.parent, parent.version, &bytes)?;
+    // The roles no delegation reaches now leave the repository (their versioned files
+    // stay as history: those names were published).
+    let removed = repo.drop_unreachable_roles()?;
+    repo.resign_online()?;
+    out.emit(
+        &json!({"role": a.role, "parent": a.parent, "parent_version": parent.version, "removed_roles": removed}),
+        &format!(
+            "{} v{} no longer delegates to {}; removed from this repository: {} (push to publish)",
+            a.parent,
+            parent.version,
+            a.role,
+            if removed.is_empty() { "nothing else".to_owned() } else { removed.join(", ") }
         ),
     );
     Ok(())

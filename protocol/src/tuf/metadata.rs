@@ -226,7 +226,9 @@ pub struct Delegations {
 
 impl Delegations {
     /// The delegated roles responsible for `target_path`, in order, with their
-    /// `terminating` flags.
+    /// `terminating` flags. A succinct hash-bin delegation names one bin, and is
+    /// terminating (TAP 15; python-tuf treats it so): a path's bin is the only place
+    /// it can be, so the search does not go on to the delegator's later siblings.
     pub fn roles_for_target(&self, target_path: &str) -> Vec<(String, bool)> {
         if let Some(roles) = &self.roles {
             roles
@@ -235,7 +237,7 @@ impl Delegations {
                 .map(|r| (r.name.clone(), r.terminating))
                 .collect()
         } else if let Some(s) = &self.succinct_roles {
-            vec![(s.role_for_target(target_path), false)]
+            vec![(s.role_for_target(target_path), true)]
         } else {
             Vec::new()
         }

@@ -1,12 +1,14 @@
 //! TUF 1.0: metadata schema, signatures and the client's trusted metadata set.
 
 pub mod metadata;
+pub mod search;
 pub mod trusted;
 
 pub use metadata::{
     format_expires, parse_expires, sign, verify_threshold, DelegatedRole, Delegations, Envelope, MetaFile, Role,
     RoleKeys, Root, Signature, Snapshot, SuccinctRoles, TargetFile, Targets, Timestamp, SPEC_VERSION, TOP_LEVEL_ROLES,
 };
+pub use search::{Resolved, RoleGraph, MAX_DELEGATIONS};
 pub use trusted::TrustedSet;
 
 /// Percent-encodes a role name for a metadata URL or file name (nothing is safe).
