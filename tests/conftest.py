@@ -372,8 +372,9 @@ class OutpostServer:
         # The agent measures the booted slot into PCR 23 (or 16): a testbed's PCR,
         # which software can reset, so every class here is declared a testbed.
         cfg += TESTBED_MEASUREMENT if measurement is None else measurement
-        # The online director key `outpost director init` named (made offline).
-        self.director_key = repo.keys / "director"
+        # The online director key `outpost director init` named (made offline; made
+        # here for repositories that never ran it, which then have no director).
+        self.director_key = repo.key("director")
         if "[director]" not in extra_toml:
             cfg += f"\n[director]\nkey = {toml_str(self.director_key)}\n"
         cfg += extra_toml
