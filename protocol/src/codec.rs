@@ -63,8 +63,10 @@ impl<'p, W: Write> Decode<'p, W> {
             Some(r) => RawDecoder::with_ref_prefix(r)?,
             None => RawDecoder::new()?,
         };
-        // Patches use a long window (the whole reference image).
-        dec.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(31))?;
+        // Patches use a long window (the whole reference image), but never longer than
+        // the signed length and the reference justify (see `max_window_log`).
+        let window_log = max_window_log(sink.limit, reference.map_or(0, <[u8]>::len));
+        dec.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(window_log))?;
         Ok(Decode { mode: Mode::Zstd { dec, buf: vec![0u8; 1 << 17], frame_done: false }, sink })
     }
 
@@ -141,6 +143,23 @@ pub fn make_patch(reference: &[u8], new: &[u8], level: i32) -> io::Result<Vec<u8
     Ok(out)
 }
 
+/// Windows up to 2^27 bytes (128 MiB) are always accepted: `zstd --long` and
+/// `outpost release publish --zstd` (level 19 with long-distance matching, size not
+/// pledged) declare 2^27 whatever the image size.
+pub const MIN_WINDOW_LOG_MAX: u32 = 27;
+
+/// The largest window (as a log2) a frame decoding to at most `limit` bytes against a
+/// reference of `reference_len` bytes may declare. zstd allocates the window when it
+/// reads the frame header, before one byte of the image can be verified: with a fixed
+/// limit of 2^31, ten bytes declaring a 2 GiB window made the device allocate 2 GiB
+/// for an image signed as 64 bytes (found by fuzz/fuzz_targets/codec.rs). A frame
+/// never needs to reach further back than its whole output and the reference before
+/// it, so that bounds the window, above [`MIN_WINDOW_LOG_MAX`].
+pub fn max_window_log(limit: u64, reference_len: usize) -> u32 {
+    let need = usize::try_from(limit.saturating_add(reference_len as u64)).unwrap_or(usize::MAX);
+    window_log_for(need).max(MIN_WINDOW_LOG_MAX)
+}
+
 /// Window log covering `len` bytes (at least 2^20, at most 2^31).
 pub fn window_log_for(len: usize) -> u32 {
     let mut log = 20u32;
@@ -183,6 +202,29 @@ mod tests {
         let mut d = Decode::zstd(ImageSink::new(Vec::new(), new.len() as u64), Some(&base)).unwrap();
         decode_all(&mut d, &patch, 4096);
         assert_eq!(d.finish().unwrap().0, new);
+    }
+
+    /// A zstd frame header declaring a window of 2^`log` bytes (no content size), then
+    /// one raw block of one byte.
+    fn frame_with_window(log: u8) -> Vec<u8> {
+        vec![0x28, 0xB5, 0x2F, 0xFD, 0x00, (log - 10) << 3, 0x09, 0x00, 0x00, b'A']
+    }
+
+    /// Found by fuzz/fuzz_targets/codec.rs: ten bytes declaring a 2 GiB window made
+    /// the decoder allocate 2 GiB for an image signed as 64 bytes, before any byte
+    /// could be verified.
+    #[test]
+    fn a_window_larger_than_the_signed_length_justifies_is_refused() {
+        let mut d = Decode::zstd(ImageSink::new(Vec::new(), 64), None).unwrap();
+        let err = d.feed(&frame_with_window(31)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.to_lowercase().contains("memory") || err.to_lowercase().contains("window"), "2 GiB window accepted: {err:?}");
+        // A large signed image (or a large reference) may use a window that large.
+        assert_eq!(max_window_log(1 << 31, 0), 31);
+        assert_eq!(max_window_log(1 << 29, 1 << 29), 30);
+        // The window `zstd --long` and `release publish --zstd` declare still decodes.
+        let mut d = Decode::zstd(ImageSink::new(Vec::new(), 64), None).unwrap();
+        d.feed(&frame_with_window(27)).unwrap();
+        assert_eq!(d.finish().unwrap().0, b"A");
     }
 
     #[test]
