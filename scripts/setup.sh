@@ -4,8 +4,9 @@
 #
 #   bash scripts/setup.sh
 #
-# Steps: Debian packages (only those missing), check the Rust toolchain, create the
-# Python venv at <repo>/.venv with tests/requirements.txt installed.
+# Steps: Debian packages (only those missing), check the Rust toolchain (and install
+# bpf-linker and cargo-fuzz), create the Python venv at <repo>/.venv with
+# tests/requirements.txt installed.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,6 +42,7 @@ APT_PACKAGES=(
   iperf3        # throughput through the policy programs in the benchmark
   postgresql    # the scale-out state store: tests and the benchmark start their own server
   strace        # the publish crash test holds and counts the server's file-system steps
+  g++           # libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets
 )
 # ---------------------------------------------------------------------------
 
@@ -94,6 +96,16 @@ if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
     --no-default-features --features "rust-llvm-$nightly_llvm" >/dev/null
 fi
 log "eBPF: $(bpf-linker --version 2>/dev/null | head -1), nightly LLVM $nightly_llvm"
+
+# Fuzzing: cargo-fuzz (built with the stable toolchain) drives the nightly one with
+# sanitizers (scripts/fuzz.sh, docs/fuzzing.md). Pinned: 0.13.2 builds with the
+# machine's toolchains.
+CARGO_FUZZ_VERSION=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+  log "installing cargo-fuzz $CARGO_FUZZ_VERSION (about a minute)"
+  cargo install --quiet --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION" >/dev/null
+fi
+log "fuzzing: $(cargo fuzz --version 2>/dev/null)"
 
 # ---------------------------------------------------------------------------
 # 3. Python venv for the test suite and the bench

@@ -8,7 +8,8 @@
 #    is built for the BPF target by ebpf/loader's build script)
 # 3. a throwaway PostgreSQL server (scripts/postgres.sh) for the store suite
 # 4. cargo test
-# 5. pytest on tests/ (black-box tests against the built binaries)
+# 5. scripts/fuzz.sh: every cargo-fuzz target for OUTPOST_FUZZ_SECONDS (default 20) each
+# 6. pytest on tests/ (black-box tests against the built binaries)
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,6 +41,9 @@ echo "PostgreSQL at $OUTPOST_TEST_POSTGRES"
 step "cargo test"
 cargo test
 
+step "fuzz (scripts/fuzz.sh, ${OUTPOST_FUZZ_SECONDS:-20} s per target)"
+bash scripts/fuzz.sh "${OUTPOST_FUZZ_SECONDS:-20}"
+
 step "pytest tests/"
 set +e
 .venv/bin/python -m pytest -q tests/
@@ -54,4 +58,4 @@ elif [[ $rc -ne 0 ]]; then
 fi
 
 echo
-echo "test.sh: all steps passed (setup, cargo build, cargo test, pytest)"
+echo "test.sh: all steps passed (setup, cargo build, cargo test, fuzz, pytest)"

@@ -83,6 +83,28 @@ def test_agent_downloads_firmware_published_through_server(tmp_path, published):
     assert (client.metadata_dir / "firmware.json").exists()
 
 
+def test_reference_client_reads_role_whose_name_needs_quoting(tmp_path, outpost_repo, outpost_server):
+    """A delegated role named "rpi4 boards": clients ask for `N.rpi4%20boards.json`
+    (URL-quoted role name) and the server must serve that file (it answered 404, so no
+    client could reach anything such a role signed)."""
+    server, token = outpost_server
+    outpost_repo.cli("repo", "delegate", "--repo", outpost_repo.dir, "--parent", "firmware",
+                     "--role", "rpi4 boards", "--delegate-key", outpost_repo.key("rpi4"),
+                     "--paths", "firmware/rpi4/*/*", "--sign-key", outpost_repo.key("firmware"))
+    outpost_repo.cli("repo", "push", "--repo", outpost_repo.dir, "--server", server.url,
+                     "--token", token)
+    outpost_repo.publish(FW_BYTES, "1.0.0", key="rpi4", server=server, token=token,
+                         extra=("--role", "rpi4 boards"))
+    status, _ = server.metadata("1.rpi4%20boards.json")
+    assert status == 200, f"GET /metadata/1.rpi4%20boards.json answered {status}"
+    up = _reference_updater(tmp_path, outpost_repo.root1, f"{server.url}/metadata/",
+                            f"{server.url}/targets/")
+    up.refresh()
+    info = up.get_targetinfo(FW_PATH)
+    assert info is not None, "python-tuf cannot find the firmware signed by 'rpi4 boards'"
+    assert Path(up.download_target(info)).read_bytes() == FW_BYTES
+
+
 def test_server_serves_range_requests_for_targets(tmp_path, published):
     repo, server, _ = published
     up = _reference_updater(tmp_path, repo.root1, f"{server.url}/metadata/",

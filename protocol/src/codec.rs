@@ -313,6 +313,29 @@ mod tests {
         assert_eq!(d.finish().unwrap().0, new);
     }
 
+    /// A zstd frame header declaring a window of 2^`log` bytes (no content size), then
+    /// one raw block of one byte.
+    fn frame_with_window(log: u8) -> Vec<u8> {
+        vec![0x28, 0xB5, 0x2F, 0xFD, 0x00, (log - 10) << 3, 0x09, 0x00, 0x00, b'A']
+    }
+
+    /// Found by fuzz/fuzz_targets/codec.rs: ten bytes declaring a 2 GiB window made
+    /// the decoder allocate 2 GiB for an image signed as 64 bytes, before any byte
+    /// could be verified.
+    #[test]
+    fn a_window_larger_than_the_signed_length_justifies_is_refused() {
+        let mut d = Decode::zstd(ImageSink::new(Vec::new(), 64), None).unwrap();
+        let err = d.feed(&frame_with_window(31)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.to_lowercase().contains("memory") || err.to_lowercase().contains("window"), "2 GiB window accepted: {err:?}");
+        // A large signed image (or a large reference) may use a window that large.
+        assert_eq!(window_log_limit(1 << 31, None), 31);
+        assert_eq!(window_log_limit(1 << 29, Some(1 << 29)), 29);
+        // The window `zstd --long` and `release publish --zstd` declare still decodes.
+        let mut d = Decode::zstd(ImageSink::new(Vec::new(), 64), None).unwrap();
+        d.feed(&frame_with_window(27)).unwrap();
+        assert_eq!(d.finish().unwrap().0, b"A");
+    }
+
     #[test]
     fn truncated_and_oversized_streams_are_refused() {
         let image = vec![42u8; 100_000];

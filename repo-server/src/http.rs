@@ -17,7 +17,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
-use tower_http::services::ServeDir;
+use tower::ServiceExt;
+use tower_http::services::ServeFile;
 
 use crate::error::{ApiError, ServerError};
 use crate::repository::{PublishError, Repository};
@@ -43,7 +44,7 @@ pub struct AppState {
 /// The whole application router.
 pub fn app(state: AppState) -> Router {
     let metadata = Router::new()
-        .nest_service("/metadata", ServeDir::new(state.repo.metadata_dir()))
+        .route("/metadata/{*name}", get(metadata_file))
         .layer(middleware::from_fn(metadata_cache_headers));
     let targets = Router::new().route("/targets/{*path}", get(target_file));
     Router::new()
@@ -86,6 +87,23 @@ async fn metadata_cache_headers(req: Request, next: Next) -> Response {
         resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(value));
     }
     resp
+}
+
+/// A metadata file. Clients URL-quote role names (`3.rpi4%20boards.json`, TUF 5.6.7.2),
+/// and the repository stores each file under its quoted name (a role name may hold `/`
+/// or anything else a file name cannot), so the path is decoded (by `Path`) and quoted
+/// again into the one flat file name it stands for. Serving the directory as it is
+/// would decode the URL and look for `3.rpi4 boards.json`: every role whose name needs
+/// quoting was a 404 to every client (tests/tough_interop.rs found it).
+async fn metadata_file(State(s): State<AppState>, axum::extract::Path(name): axum::extract::Path<String>, req: Request) -> Response {
+    let file = outpost_protocol::tuf::quote_role(&name);
+    if file.is_empty() || file == "." || file == ".." {
+        return axum::response::IntoResponse::into_response(axum::http::StatusCode::NOT_FOUND);
+    }
+    match ServeFile::new(s.repo.metadata_dir().join(file)).oneshot(req).await {
+        Ok(resp) => resp.map(Body::new),
+        Err(never) => match never {},
+    }
 }
 
 /// Target files (see [`crate::targetfiles`]); `get` answers `HEAD` too.

@@ -211,7 +211,14 @@ impl TpmPublic {
             return Err(bad(W, format!("name algorithm 0x{:04x} is not SHA-256", self.name_alg)));
         }
         match &self.key {
-            PublicKey::Rsa { key_bits: 2048, exponent: 0 | 65537, modulus } if modulus.len() == 256 => {}
+            // A TPM's RSA-2048 modulus has its top bit set (2048 bits, not 256 bytes
+            // with leading zeros: a smaller key) and is odd.
+            PublicKey::Rsa { key_bits: 2048, exponent: 0 | 65537, modulus }
+                if modulus.len() == 256 && modulus[0] & 0x80 != 0 && modulus[255] & 1 == 1 => {}
+            PublicKey::Rsa { key_bits: 2048, exponent: 0 | 65537, modulus } => {
+                return Err(bad(W, format!("modulus is not a 2048-bit odd number ({} bytes, first byte 0x{:02x})", modulus.len(), modulus.first().copied().unwrap_or(0))))
+            }
+            PublicKey::Rsa { key_bits: 2048, exponent, .. } => return Err(bad(W, format!("RSA exponent {exponent} is not 65537"))),
             PublicKey::Rsa { key_bits, .. } => return Err(bad(W, format!("RSA key of {key_bits} bits; Outpost needs the RSA-2048 EK"))),
             PublicKey::Ecc { .. } => return Err(bad(W, "is an ECC key; Outpost makes credentials for the RSA-2048 EK")),
         }
@@ -335,6 +342,40 @@ impl Quote {
         match self.selection.as_slice() {
             [PcrBank { hash: ALG_SHA256, pcrs }] if !pcrs.is_empty() => Ok(pcrs),
             other => Err(bad("quote", format!("PCR selection {other:?} is not one SHA-256 bank"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real EK public area (swtpm, `tpm2_createek -G rsa`).
+    const SWTPM_EK: &[u8] = include_bytes!("testdata/swtpm-ek-rsa2048.bin");
+
+    #[test]
+    fn a_real_rsa_2048_ek_is_accepted() {
+        let ek = TpmPublic::parse(SWTPM_EK, "endorsement key").unwrap_or_else(|e| panic!("{e}"));
+        assert!(ek.check_endorsement_key().is_ok(), "{:?}", ek.check_endorsement_key());
+    }
+
+    /// Found by `fuzz/fuzz_targets/tpm_public.rs`: a 256-byte modulus that starts with
+    /// zero bytes is a key of fewer than 2048 bits, and the credential made for it was
+    /// 254 bytes, not the TPM2B_ENCRYPTED_SECRET of an RSA-2048 EK. An EK whose
+    /// modulus is small enough to factor would let anyone open the credential.
+    #[test]
+    fn an_ek_modulus_with_leading_zero_bytes_is_not_rsa_2048() {
+        let bytes = include_bytes!("testdata/fuzz-ek-modulus-leading-zeros.bin");
+        let ek = TpmPublic::parse(bytes, "endorsement key").unwrap_or_else(|e| panic!("{e}"));
+        let err = ek.check_endorsement_key().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("modulus is not a 2048-bit odd number"), "accepted, or another reason: {err:?}");
+        // Shrinking the real EK's modulus the same way is refused too, and so is an even one.
+        for (index, value) in [(0usize, 0x00u8), (255, 0x00)] {
+            let mut ek = TpmPublic::parse(SWTPM_EK, "endorsement key").unwrap_or_else(|e| panic!("{e}"));
+            if let PublicKey::Rsa { modulus, .. } = &mut ek.key {
+                modulus[index] = value;
+            }
+            assert!(ek.check_endorsement_key().is_err(), "modulus byte {index} = {value:#04x} accepted");
         }
     }
 }

@@ -1,0 +1,40 @@
+//! Director metadata (protocol/src/director.rs): the root a device pins at enrollment
+//! and the per-device targets it verifies at every check-in, both from the server's
+//! answers. Mode byte bit 0 set: the fuzzed targets body is signed by the director
+//! key of a root the harness made, so verification reaches the device binding,
+//! version floor, expiry and assignment checks. Clear: the input is a director root
+//! followed (after `\n---\n`) by targets, both as they are.
+#![no_main]
+
+use chrono::Duration;
+use libfuzzer_sys::fuzz_target;
+use outpost_fuzz::{key, mode, now, parts, sign_body, trace};
+use outpost_protocol::director::{check_root, root, verify_targets};
+
+fuzz_target!(|data: &[u8]| {
+    let (m, rest) = mode(data);
+    let min_version = u64::from(m >> 1);
+    if m & 1 == 1 {
+        let Ok(root_bytes) = root(key(), now() + Duration::days(365)) else { return };
+        let Ok(pinned) = check_root(&root_bytes, now()) else { panic!("the harness's own director root is refused") };
+        let targets = sign_body(rest).unwrap_or_else(|| rest.to_vec());
+        let verified = verify_targets(&pinned, &targets, "dev-fuzz", min_version, now());
+        trace("director targets", &verified);
+        if let Ok(view) = verified {
+            assert!(view.version >= min_version, "accepted version {} below the floor {min_version}", view.version);
+            assert!(view.expires > now(), "accepted expired director targets");
+            if let Some(a) = view.assignment {
+                assert_eq!(a.custom.device_id, "dev-fuzz", "accepted another device's assignment");
+            }
+        }
+    } else {
+        let docs = parts(rest, 2);
+        let pinned = match check_root(docs[0], now()) {
+            Ok(p) => p,
+            Err(e) => return trace("director root", &e),
+        };
+        if let Some(targets) = docs.get(1) {
+            trace("director targets", &verify_targets(&pinned, targets, "dev-fuzz", min_version, now()));
+        }
+    }
+});
