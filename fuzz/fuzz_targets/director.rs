@@ -1,22 +1,24 @@
-//! Director metadata (protocol/src/director.rs): the root a device pins at enrollment
-//! and the per-device targets it verifies at every check-in, both from the server's
-//! answers. Mode byte bit 0 set: the fuzzed targets body is signed by the director
-//! key of a root the harness made, so verification reaches the device binding,
-//! version floor, expiry and assignment checks. Clear: the input is a director root
-//! followed (after `\n---\n`) by targets, both as they are.
+//! Director metadata (protocol/src/director.rs): the director roots a device takes from
+//! the image repository (the first, then the chain of newer versions) and the
+//! per-device targets it verifies at every check-in, from the server's answers. Mode
+//! byte bit 0 set: the fuzzed targets body is signed by the director key of a root the
+//! harness made, so verification reaches the device binding, version floor, expiry and
+//! assignment checks. Clear: the input is a first director root, a next version and
+//! targets (separated by `\n---\n`), all as they are.
 #![no_main]
 
 use chrono::Duration;
 use libfuzzer_sys::fuzz_target;
 use outpost_fuzz::{key, mode, now, parts, sign_body, trace};
-use outpost_protocol::director::{check_root, root, verify_targets};
+use outpost_protocol::director::{check_first_root, check_next_root, root, verify_targets};
 
 fuzz_target!(|data: &[u8]| {
     let (m, rest) = mode(data);
     let min_version = u64::from(m >> 1);
     if m & 1 == 1 {
-        let Ok(root_bytes) = root(key(), now() + Duration::days(365)) else { return };
-        let Ok(pinned) = check_root(&root_bytes, now()) else { panic!("the harness's own director root is refused") };
+        let k = key();
+        let Ok(root_bytes) = root(&[k.public().clone()], 1, k.public(), 1, now() + Duration::days(365), &[k]) else { return };
+        let Ok(pinned) = check_first_root(&root_bytes) else { panic!("the harness's own director root is refused") };
         let targets = sign_body(rest).unwrap_or_else(|| rest.to_vec());
         let verified = verify_targets(&pinned, &targets, "dev-fuzz", min_version, now());
         trace("director targets", &verified);
@@ -28,12 +30,21 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     } else {
-        let docs = parts(rest, 2);
-        let pinned = match check_root(docs[0], now()) {
+        let docs = parts(rest, 3);
+        let mut pinned = match check_first_root(docs[0]) {
             Ok(p) => p,
             Err(e) => return trace("director root", &e),
         };
-        if let Some(targets) = docs.get(1) {
+        if let Some(next) = docs.get(1) {
+            match check_next_root(docs[0], next) {
+                Ok(p) => {
+                    assert_eq!(p.signed.version, pinned.signed.version + 1, "a root chain skipped a version");
+                    pinned = p;
+                }
+                Err(e) => trace("next director root", &e),
+            }
+        }
+        if let Some(targets) = docs.get(2) {
             trace("director targets", &verify_targets(&pinned, targets, "dev-fuzz", min_version, now()));
         }
     }

@@ -7,9 +7,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use outpost_fuzz::now;
 use outpost_protocol::attest::credential::make_credential;
-use outpost_protocol::attest::{unhex, EnrollChallenge, EnrollProof, EnrollRequest, Enrolled, NonceGrant, TpmPublic};
+use outpost_protocol::attest::{unhex, EnrollChallenge, EnrollProof, EnrollRequest, Enrolled, NonceAsk, NonceGrant, NonceRequest, TpmPublic};
 use outpost_protocol::release::HardwareClass;
 
 fuzz_target!(|data: &[u8]| {
@@ -33,8 +32,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(p) = serde_json::from_slice::<EnrollProof>(data) {
         let _ = unhex("secret", &p.secret, 64);
     }
-    if let Ok(e) = serde_json::from_slice::<Enrolled>(data) {
-        let _ = outpost_protocol::director::check_root(e.director_root.as_bytes(), now());
+    let _ = serde_json::from_slice::<Enrolled>(data);
+    if let Ok(r) = serde_json::from_slice::<NonceRequest>(data) {
+        let _ = outpost_protocol::attest::nonce_request_qualifying_data(&r.request);
+        let _ = serde_json::from_value::<NonceAsk>(r.request);
     }
     let _ = serde_json::from_slice::<NonceGrant>(data);
 });

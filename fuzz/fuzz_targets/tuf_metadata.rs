@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = root.is_expired(now());
     }
     let _ = TrustedSet::new(data, now());
-    let _ = outpost_protocol::director::check_root(data, now());
+    let _ = outpost_protocol::director::check_first_root(data);
     if let Ok(ts) = Envelope::<Timestamp>::parse(data, "timestamp") {
         let meta = ts.signed.snapshot_meta();
         let _ = meta.verify(data, "snapshot.json");
