@@ -75,15 +75,22 @@ fn free_port() -> u16 {
 async fn start_server(base: &Path, keys: &Path, repo: &Path) -> (ServerProcess, String) {
     let port = free_port();
     let config = base.join("server.toml");
+    // The server never makes its director key: one is made offline, as the operator's
+    // `outpost keys generate` would (this repository has no director root; tough does
+    // not read director metadata).
+    let director_key = keys.join("director");
+    let key = outpost_protocol::keys::SigningKey::generate().expect("director key");
+    std::fs::write(&director_key, serde_json::to_vec(&key.to_key_file()).expect("key file")).expect("write director key");
     std::fs::write(
         &config,
         format!(
             "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n\n[repository]\ntrusted_root = {:?}\n\
-             snapshot_key = {:?}\ntimestamp_key = {:?}\n",
+             snapshot_key = {:?}\ntimestamp_key = {:?}\n\n[director]\nkey = {:?}\n",
             base.join("server-data"),
             repo.join("metadata/1.root.json"),
             keys.join("snapshot"),
             keys.join("timestamp"),
+            director_key,
         ),
     )
     .expect("write server.toml");
