@@ -471,7 +471,7 @@ impl Installer {
         // written: bytes that rotted (or were changed) since are discarded and fetched
         // again, never written over and over.
         let resumed = resumed && {
-            let (sha, len) = hash_file(&image_path)?;
+            let (sha, len) = hash_slot(&image_path, None)?;
             let intact = len == release.length && sha.eq_ignore_ascii_case(&release.sha256);
             if !intact {
                 tracing::warn!(target = %release.target, "the staged image no longer verifies: discarding it and fetching it again");
@@ -570,7 +570,7 @@ impl Installer {
         if r != release || partial.exists() || !image_path.exists() {
             return Ok(false);
         }
-        let (sha256, length) = hash_file(image_path)?;
+        let (sha256, length) = hash_slot(image_path, None)?;
         Ok(length == release.length && sha256.eq_ignore_ascii_case(&release.sha256))
     }
 
@@ -883,11 +883,6 @@ fn hash_prefixes(path: &Path, lengths: &std::collections::BTreeSet<u64>) -> Resu
         out.insert(len, hex::encode(h.clone().finalize()));
     }
     Ok(out)
-}
-
-pub(crate) fn hash_file(path: &Path) -> Result<(String, u64)> {
-    let f = std::fs::File::open(path).map_err(|e| AgentError::io("open", path, e))?;
-    outpost_protocol::hashing::sha256_reader(f).map_err(|e| AgentError::io("read", path, e))
 }
 
 /// The file's bytes if its sha256 is `want` (the delta reference).
