@@ -20,6 +20,8 @@
 #    the load step again.
 # Then writes a section between <!-- checkins:begin --> and <!-- checkins:end --> in
 # docs/benchmarks.md (the rest of the file is kept).
+# OUTPOST_BIN (binaries [target/release]) and BENCH_DIR (scratch [target/bench-checkins],
+# wiped first) let bench/compare.sh run it against two builds.
 #
 # The machine has 2 cores: the simulator and the server share them, so the figures are
 # a floor for a server with its own cores.
@@ -31,7 +33,7 @@ exec </dev/null
 trap 'echo "checkins.sh: FAILED at line $LINENO: $BASH_COMMAND" >&2' ERR
 [[ -d "$HOME/.cargo/bin" ]] && export PATH="$HOME/.cargo/bin:$PATH"
 
-OUTPOST_BIN="$REPO_ROOT/target/release"
+OUTPOST_BIN="${OUTPOST_BIN:-$REPO_ROOT/target/release}"
 # shellcheck source=scripts/lib/fleet.sh
 source "$REPO_ROOT/scripts/lib/fleet.sh"
 
@@ -41,8 +43,8 @@ LARGE_N="${BENCH_CHECKIN_LARGE_DEVICES:-100000}"
 C="${BENCH_CHECKIN_CONCURRENCY:-32}"
 SECS="${BENCH_CHECKIN_SECS:-20}"
 OUT="${BENCH_OUT:-$REPO_ROOT/docs/benchmarks.md}"
-WORK="$REPO_ROOT/target/bench-checkins"
-SIM="$OUTPOST_BIN/outpost-fleet-sim"
+WORK="${BENCH_DIR:-$REPO_ROOT/target/bench-checkins}"
+SIM="${BENCH_SIM:-$OUTPOST_BIN/outpost-fleet-sim}"
 # Simulated devices carry no EK certificate: their server opts in explicitly.
 export FLEET_EK_TRUST=uncertified
 
