@@ -204,7 +204,8 @@ impl ServerConfig {
                 .map(|t| t.parse::<outpost_protocol::attest::EventKind>())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| err(format!("attestation.classes.{class:?}.event_types: {e}")))?;
-            let policy = outpost_protocol::attest::MeasurementPolicy::new(m.pcrs, kinds, m.testbed)
+            let platform = if m.testbed { outpost_protocol::attest::Platform::Testbed } else { outpost_protocol::attest::Platform::BootChain };
+            let policy = outpost_protocol::attest::MeasurementPolicy::new(m.pcrs, kinds, platform)
                 .map_err(|e| err(format!("attestation.classes.{class:?}: {e}")))?;
             measurement.insert(class, policy);
         }

@@ -205,10 +205,19 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()>
     Ok(())
 }
 
+/// Whether [`from_rootfs`] lists every regular file of the tree too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Files {
+    /// Every regular file, with its SHA-256.
+    Include,
+    /// Packages and the operating system only.
+    Exclude,
+}
+
 /// An SBOM for a root filesystem tree: the operating system (os-release), every
 /// installed Debian package (purl `pkg:deb/<distro>/<name>@<version>?arch=..`), and,
-/// with `files`, every regular file with its SHA-256.
-pub fn from_rootfs(root: &Path, subject: &Subject, files: bool) -> Result<Bom> {
+/// with [`Files::Include`], every regular file with its SHA-256.
+pub fn from_rootfs(root: &Path, subject: &Subject, files: Files) -> Result<Bom> {
     let os = os_release(root);
     let distro_id = os.as_ref().and_then(|o| o.get("ID").cloned()).unwrap_or_else(|| "debian".into());
     let distro_version = os.as_ref().and_then(|o| o.get("VERSION_ID").cloned());
@@ -234,7 +243,7 @@ pub fn from_rootfs(root: &Path, subject: &Subject, files: bool) -> Result<Bom> {
             components.push(c);
         }
     }
-    if files {
+    if files == Files::Include {
         let mut list = Vec::new();
         walk(root, root, &mut list)?;
         for (rel, path) in list {
@@ -377,7 +386,7 @@ mod tests {
         std::fs::create_dir_all(root.join("etc")).unwrap_or_default();
         std::fs::write(root.join("var/lib/dpkg/status"), STATUS).unwrap_or_default();
         std::fs::write(root.join("etc/os-release"), "ID=debian\nVERSION_ID=\"12\"\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n").unwrap_or_default();
-        let bom = from_rootfs(root, &subject(), true).unwrap_or_else(|e| panic!("{e}"));
+        let bom = from_rootfs(root, &subject(), Files::Include).unwrap_or_else(|e| panic!("{e}"));
         let json = to_json(&bom).unwrap_or_else(|e| panic!("{e}"));
         let s = validate(&json).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(s.subject_sha256.as_deref(), Some("ab".repeat(32).as_str()));

@@ -268,7 +268,7 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
             Some(std::fs::read(f).map_err(|e| SignerError::io("read", f, e))?)
         } else if let Some(root) = &a.sbom_rootfs {
             let (root, subject) = (root.clone(), subject.clone());
-            let bom = tokio::task::spawn_blocking(move || outpost_sbom::from_rootfs(&root, &subject, true))
+            let bom = tokio::task::spawn_blocking(move || outpost_sbom::from_rootfs(&root, &subject, outpost_sbom::Files::Include))
                 .await
                 .map_err(|e| SignerError::Usage(format!("SBOM task: {e}")))?
                 .map_err(sbom_err)?;

@@ -79,8 +79,8 @@ pub async fn run(cmd: SbomCommand, out: &Output) -> Result<()> {
             let started = std::time::Instant::now();
             let bom = match (&rootfs, &cargo_lock) {
                 (Some(root), _) => {
-                    let (root, subject) = (root.clone(), subject.clone());
-                    tokio::task::spawn_blocking(move || outpost_sbom::from_rootfs(&root, &subject, !no_files))
+                    let (root, subject, files) = (root.clone(), subject.clone(), if no_files { outpost_sbom::Files::Exclude } else { outpost_sbom::Files::Include });
+                    tokio::task::spawn_blocking(move || outpost_sbom::from_rootfs(&root, &subject, files))
                         .await
                         .map_err(|e| SignerError::Usage(format!("SBOM task: {e}")))?
                         .map_err(sbom_err)?

@@ -163,18 +163,27 @@ impl std::str::FromStr for EventKind {
 /// extend whatever the server expects.
 pub const RESETTABLE_PCRS: std::ops::RangeInclusive<u32> = 16..=23;
 
+/// What measures a hardware class's boots, and so which PCRs may prove one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Platform {
+    /// A boot chain that extends static PCRs: resettable PCRs prove nothing.
+    BootChain,
+    /// A testbed, where a forgeable measurement (resettable PCRs) is accepted knowingly.
+    Testbed,
+}
+
 /// Which PCRs and event types prove the booted slot for one hardware class.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeasurementPolicy {
     pcrs: std::collections::BTreeSet<u32>,
     event_types: std::collections::BTreeSet<EventKind>,
-    testbed: bool,
+    platform: Platform,
 }
 
 impl MeasurementPolicy {
     /// Refuses an empty policy, PCRs past 23, and resettable PCRs unless the class is
-    /// a testbed (where a forgeable measurement is accepted knowingly).
-    pub fn new(pcrs: impl IntoIterator<Item = u32>, event_types: impl IntoIterator<Item = EventKind>, testbed: bool) -> std::result::Result<Self, String> {
+    /// a [`Platform::Testbed`].
+    pub fn new(pcrs: impl IntoIterator<Item = u32>, event_types: impl IntoIterator<Item = EventKind>, platform: Platform) -> std::result::Result<Self, String> {
         let pcrs: std::collections::BTreeSet<u32> = pcrs.into_iter().collect();
         let event_types: std::collections::BTreeSet<EventKind> = event_types.into_iter().collect();
         if pcrs.is_empty() {
@@ -186,7 +195,7 @@ impl MeasurementPolicy {
         if let Some(p) = pcrs.iter().find(|p| **p > 23) {
             return Err(format!("PCR {p} does not exist (a TPM 2.0 PC Client has PCRs 0-23)"));
         }
-        if !testbed {
+        if platform == Platform::BootChain {
             if let Some(p) = pcrs.iter().find(|p| RESETTABLE_PCRS.contains(p)) {
                 return Err(format!(
                     "PCR {p} can be reset by software on the device (PCRs 16-23), so root there could forge it; \
@@ -194,11 +203,11 @@ impl MeasurementPolicy {
                 ));
             }
         }
-        Ok(MeasurementPolicy { pcrs, event_types, testbed })
+        Ok(MeasurementPolicy { pcrs, event_types, platform })
     }
 
     pub fn testbed(&self) -> bool {
-        self.testbed
+        self.platform == Platform::Testbed
     }
 
     pub fn pcrs(&self) -> impl Iterator<Item = u32> + '_ {
@@ -403,12 +412,12 @@ mod tests {
 
     #[test]
     fn resettable_pcrs_prove_nothing_outside_testbeds() {
-        let e = MeasurementPolicy::new([23], [EventKind::SlotBoot], false).expect_err("PCR 23 is resettable");
+        let e = MeasurementPolicy::new([23], [EventKind::SlotBoot], Platform::BootChain).expect_err("PCR 23 is resettable");
         assert!(e.contains("PCR 23") && e.contains("testbed"), "{e}");
-        assert!(MeasurementPolicy::new([16], [EventKind::SlotBoot], false).is_err());
-        assert!(MeasurementPolicy::new([24], [EventKind::SlotBoot], true).is_err());
-        assert!(MeasurementPolicy::new([], [EventKind::SlotBoot], true).is_err());
-        let testbed = MeasurementPolicy::new([23], [EventKind::SlotBoot], true).expect("a testbed may");
+        assert!(MeasurementPolicy::new([16], [EventKind::SlotBoot], Platform::BootChain).is_err());
+        assert!(MeasurementPolicy::new([24], [EventKind::SlotBoot], Platform::Testbed).is_err());
+        assert!(MeasurementPolicy::new([], [EventKind::SlotBoot], Platform::Testbed).is_err());
+        let testbed = MeasurementPolicy::new([23], [EventKind::SlotBoot], Platform::Testbed).expect("a testbed may");
         let mut report = CheckinReport {
             device_id: "d".into(),
             nonce: "n".into(),
@@ -427,7 +436,7 @@ mod tests {
         assert!(testbed.check(&report).expect_err("other pcr").contains("PCR 16"));
         report.pcr = 23;
         assert!(testbed.check(&report).is_ok());
-        let boot_chain = MeasurementPolicy::new([4, 8, 9], [EventKind::SlotBoot], false).expect("static PCRs");
+        let boot_chain = MeasurementPolicy::new([4, 8, 9], [EventKind::SlotBoot], Platform::BootChain).expect("static PCRs");
         assert!(boot_chain.check(&report).expect_err("23 not trusted").contains("software can reset it"));
     }
 
