@@ -34,7 +34,6 @@ use outpost_protocol::tuf::{quote_role, verify_threshold, Envelope, Root, Snapsh
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::ServerConfig;
 use crate::error::ServerError;
 pub use index::FirmwareRelease;
 use journal::{Journal, MetadataFile, Transaction};
@@ -115,6 +114,24 @@ impl State {
     }
 }
 
+/// What the repository needs to open: its own settings, nothing else of the
+/// server's configuration.
+#[derive(Debug, Clone)]
+pub struct RepositorySettings {
+    /// The repository directory (`repository/` under the server's data directory).
+    pub dir: PathBuf,
+    /// The root to start from when the directory has none yet.
+    pub trusted_root: PathBuf,
+    /// Private key files of the online roles.
+    pub snapshot_key: PathBuf,
+    pub timestamp_key: PathBuf,
+    /// How long a signed snapshot and timestamp stay valid.
+    pub snapshot_expiry: Duration,
+    pub timestamp_expiry: Duration,
+    /// Policy: new firmware releases must name an SBOM.
+    pub require_sbom: bool,
+}
+
 pub struct Repository {
     metadata_dir: PathBuf,
     targets_dir: PathBuf,
@@ -179,8 +196,8 @@ fn lock_repository(base: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Serv
 impl Repository {
     /// Opens (or on first start creates from `trusted_root`) the repository, after
     /// applying a publish a crash left half done.
-    pub fn open(config: &ServerConfig) -> Result<Self, ServerError> {
-        let base = config.data_dir.join("repository");
+    pub fn open(settings: &RepositorySettings) -> Result<Self, ServerError> {
+        let base = settings.dir.clone();
         let metadata_dir = base.join("metadata");
         let targets_dir = base.join("targets");
         let staging_dir = base.join("staging");
@@ -195,19 +212,19 @@ impl Repository {
         if let Some(files) = journal.recover()? {
             tracing::warn!(files, "completed a publish that a crash interrupted after it was committed");
         }
-        let snapshot_key = online::load_signing(&config.snapshot_key)?;
-        let timestamp_key = online::load_signing(&config.timestamp_key)?;
+        let snapshot_key = online::load_signing(&settings.snapshot_key)?;
+        let timestamp_key = online::load_signing(&settings.timestamp_key)?;
         if !metadata_dir.join("root.json").exists() {
-            let bytes = read(&config.trusted_root)?;
+            let bytes = read(&settings.trusted_root)?;
             let root: Envelope<Root> = Envelope::parse(&bytes, "root")
-                .map_err(|e| ServerError::proto(format!("trusted root {}", config.trusted_root.display()), e))?;
+                .map_err(|e| ServerError::proto(format!("trusted root {}", settings.trusted_root.display()), e))?;
             let r = root.signed.role("root").map_err(|e| ServerError::proto("trusted root", e))?;
             verify_threshold("root", &root.canonical_signed, &root.signatures, &r.keyids, r.threshold, &root.signed.keys)
-                .map_err(|e| ServerError::proto(format!("trusted root {}", config.trusted_root.display()), e))?;
+                .map_err(|e| ServerError::proto(format!("trusted root {}", settings.trusted_root.display()), e))?;
             let versioned = format!("{}.root.json", root.signed.version);
             if read_if_exists(&metadata_dir.join(&versioned))?.is_some_and(|served| served != bytes) {
                 return Err(ServerError::Config {
-                    path: config.trusted_root.clone(),
+                    path: settings.trusted_root.clone(),
                     reason: format!("metadata/{versioned} is already served with other content; configure that root as trusted_root"),
                 });
             }
@@ -219,7 +236,7 @@ impl Repository {
         }
         let state = State::load(&metadata_dir)?;
         online::check_online_keys(&state.root.signed, &snapshot_key, &timestamp_key)
-            .map_err(|reason| ServerError::Config { path: config.snapshot_key.clone(), reason })?;
+            .map_err(|reason| ServerError::Config { path: settings.snapshot_key.clone(), reason })?;
         Ok(Repository {
             metadata_dir,
             targets_dir,
@@ -227,11 +244,11 @@ impl Repository {
             journal,
             snapshot_key,
             timestamp_key,
-            snapshot_expiry: config.snapshot_expiry,
-            timestamp_expiry: config.timestamp_expiry,
+            snapshot_expiry: settings.snapshot_expiry,
+            timestamp_expiry: settings.timestamp_expiry,
             state: tokio::sync::Mutex::new(state),
             index: std::sync::Mutex::new(None),
-            require_sbom: config.require_sbom,
+            require_sbom: settings.require_sbom,
             _lock: lock,
         })
     }
