@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use outpost_protocol::keys::SigningKey;
-use outpost_protocol::tuf::{quote_role, verify_threshold, Envelope, Root, Snapshot, Targets, Timestamp};
+use outpost_protocol::tuf::{consistent_name, quote_role, verify_threshold, Envelope, Root, Snapshot, Targets, Timestamp};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -167,13 +167,6 @@ fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>, ServerError> {
 /// Durable write (see `outpost_fsio::write_atomic`).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ServerError> {
     outpost_fsio::write_atomic(path, data).map_err(|e| ServerError::io("write", path, e))
-}
-
-fn consistent_name(target_path: &str, hash: &str) -> String {
-    match target_path.rsplit_once('/') {
-        Some((dir, name)) => format!("{dir}/{hash}.{name}"),
-        None => format!("{hash}.{target_path}"),
-    }
 }
 
 /// Takes the repository directory for this process, or says who has it.

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use outpost_protocol::keys::{LoadedKey, SigningKey};
-use outpost_protocol::tuf::{self, quote_role, Envelope, MetaFile, Root, Snapshot, Timestamp};
+use outpost_protocol::tuf::online::{expires_after, sign_snapshot, sign_timestamp};
+use outpost_protocol::tuf::{quote_role, Envelope, MetaFile, Root, Snapshot, Timestamp};
 
 use super::journal::{MetadataFile, Transaction};
 use super::{read, Repository, State};
@@ -34,8 +35,9 @@ pub(super) fn load_signing(path: &Path) -> Result<SigningKey, ServerError> {
     }
 }
 
-fn whole_seconds(t: DateTime<Utc>) -> DateTime<Utc> {
-    t - chrono::Duration::nanoseconds(t.timestamp_subsec_nanos() as i64)
+/// A configured lifetime as chrono counts it (`fallback` for one too long to count).
+fn lifetime(d: Duration, fallback: chrono::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(fallback)
 }
 
 /// The online keys must be the ones `root` trusts for snapshot and timestamp.
@@ -58,7 +60,6 @@ impl Repository {
     /// Signs a snapshot (when `meta` is given; its version is the next one no file
     /// under `metadata/` has) and a timestamp for `st`.
     pub(super) fn sign_online(&self, st: &State, meta: Option<BTreeMap<String, MetaFile>>, now: DateTime<Utc>) -> Result<Online, ServerError> {
-        let now = whole_seconds(now);
         let (snapshot, snapshot_env, snap_bytes) = match meta {
             Some(meta) => {
                 let mut version = st.snapshot.as_ref().map(|s| s.signed.version + 1).unwrap_or(1);
@@ -67,11 +68,9 @@ impl Repository {
                 while self.metadata_dir.join(format!("{version}.snapshot.json")).exists() {
                     version += 1;
                 }
-                let expires = now + chrono::Duration::from_std(self.snapshot_expiry).unwrap_or(chrono::Duration::days(7));
-                let body = tuf::metadata::new_snapshot(version, expires, meta);
-                let bytes = tuf::sign(&body, &[&self.snapshot_key]).map_err(|e| ServerError::proto("sign snapshot", e))?;
-                let env = Envelope::parse(&bytes, "snapshot").map_err(|e| ServerError::proto("snapshot", e))?;
-                (Some((version, bytes.clone())), env, bytes)
+                let expires = expires_after(now, lifetime(self.snapshot_expiry, chrono::Duration::days(7)));
+                let signed = sign_snapshot(version, expires, meta, &self.snapshot_key).map_err(|e| ServerError::proto("sign snapshot", e))?;
+                (Some((version, signed.bytes.clone())), signed.envelope, signed.bytes)
             }
             None => {
                 let env = st.snapshot.clone().ok_or_else(|| ServerError::State("no snapshot to re-time".into()))?;
@@ -80,11 +79,10 @@ impl Repository {
             }
         };
         let version = st.timestamp.as_ref().map(|t| t.signed.version + 1).unwrap_or(1);
-        let expires = now + chrono::Duration::from_std(self.timestamp_expiry).unwrap_or(chrono::Duration::days(1));
-        let body = tuf::metadata::new_timestamp(version, expires, MetaFile::describing(snapshot_env.signed.version, &snap_bytes));
-        let timestamp = tuf::sign(&body, &[&self.timestamp_key]).map_err(|e| ServerError::proto("sign timestamp", e))?;
-        let timestamp_env = Envelope::parse(&timestamp, "timestamp").map_err(|e| ServerError::proto("timestamp", e))?;
-        Ok(Online { snapshot, snapshot_env, timestamp, timestamp_env })
+        let expires = expires_after(now, lifetime(self.timestamp_expiry, chrono::Duration::days(1)));
+        let signed = sign_timestamp(version, expires, snapshot_env.signed.version, &snap_bytes, &self.timestamp_key)
+            .map_err(|e| ServerError::proto("sign timestamp", e))?;
+        Ok(Online { snapshot, snapshot_env, timestamp: signed.bytes, timestamp_env: signed.envelope })
     }
 
     /// Re-signs timestamp (and snapshot) when less than half their lifetime is left.

@@ -8,7 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use outpost_protocol::release::FirmwareCustom;
-use outpost_protocol::tuf::{quote_role, verify_threshold, Envelope, MetaFile, RoleGraph, Root, TargetFile, Targets, TOP_LEVEL_ROLES};
+use outpost_protocol::tuf::{
+    consistent_name, quote_role, verify_next_root, verify_threshold, Envelope, MetaFile, RoleGraph, Root, RootRotationError, TargetFile, Targets,
+    TOP_LEVEL_ROLES,
+};
 use serde_json::Value;
 
 use super::journal::{PlacedTarget, Transaction};
@@ -200,7 +203,7 @@ impl Repository {
         if path.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
             return Err(refuse("invalid_target_path", format!("roles.{name}: target path {path:?} has empty, '.' or '..' segments")));
         }
-        let served_name = super::consistent_name(path, sha);
+        let served_name = consistent_name(path, sha);
         let served = self.targets_dir.join(&served_name);
         let staged_name = sha.to_ascii_lowercase();
         let staged = self.staging_dir.join(&staged_name);
@@ -275,20 +278,17 @@ impl Repository {
     }
 }
 
-/// `new` must be the next version of `root`, signed by `root`'s threshold and by its
-/// own, and not expired.
+/// `env` must follow `root` (the rotation rule clients apply, [`verify_next_root`])
+/// and not be expired.
 fn check_next_root(i: usize, root: &Envelope<Root>, env: &Envelope<Root>, now: DateTime<Utc>) -> Result<(), PublishError> {
     let v = env.signed.version;
-    let old = &root.signed;
-    let old_role = &old.roles["root"];
-    verify_threshold("root", &env.canonical_signed, &env.signatures, &old_role.keyids, old_role.threshold, &old.keys)
-        .map_err(|e| refuse("bad_signature", format!("roots[{i}] (v{v}) under trusted root v{}: {e}", old.version)))?;
-    if v != old.version + 1 {
-        return Err(refuse("bad_version", format!("roots[{i}] is version {v}, expected {}", old.version + 1)));
-    }
-    let own = &env.signed.roles["root"];
-    verify_threshold("root", &env.canonical_signed, &env.signatures, &own.keyids, own.threshold, &env.signed.keys)
-        .map_err(|e| refuse("bad_signature", format!("roots[{i}] (v{v}) under its own keys: {e}")))?;
+    verify_next_root(&root.signed, env).map_err(|e| match e {
+        RootRotationError::NotSignedByTrusted { trusted_version, source } => {
+            refuse("bad_signature", format!("roots[{i}] (v{v}) under trusted root v{trusted_version}: {source}"))
+        }
+        RootRotationError::NotNextVersion { expected, .. } => refuse("bad_version", format!("roots[{i}] is version {v}, expected {expected}")),
+        RootRotationError::NotSignedByItself { source } => refuse("bad_signature", format!("roots[{i}] (v{v}) under its own keys: {source}")),
+    })?;
     if env.is_expired(now) {
         return Err(refuse("expired", format!("roots[{i}] (v{v}) expired at {}", env.signed.expires)));
     }
