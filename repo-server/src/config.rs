@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::ServerError;
-use crate::repository::RepositorySettings;
+use crate::repository::{RepositorySettings, SbomPolicy};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -212,7 +212,7 @@ impl RawRepo {
             timestamp_key: cx.base.join(self.timestamp_key),
             snapshot_expiry,
             timestamp_expiry,
-            require_sbom: self.require_sbom,
+            sbom_policy: if self.require_sbom { SbomPolicy::Required } else { SbomPolicy::Optional },
         };
         Ok((settings, resign_interval, self.max_upload_bytes.unwrap_or(64 << 30)))
     }

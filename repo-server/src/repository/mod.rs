@@ -71,6 +71,25 @@ pub struct PublishOutcome {
     pub unchanged: bool,
 }
 
+impl PublishOutcome {
+    /// A publish that changed `roles` (to these versions) and dropped `removed_roles`.
+    fn applied(st: &State, roles: BTreeMap<String, u64>, removed_roles: Vec<String>) -> Self {
+        PublishOutcome { roles, removed_roles, unchanged: false, ..Self::already_published(st) }
+    }
+
+    /// A retry: everything uploaded was already published; the state as it is.
+    fn already_published(st: &State) -> Self {
+        PublishOutcome {
+            root_version: st.root.signed.version,
+            roles: BTreeMap::new(),
+            removed_roles: Vec::new(),
+            snapshot_version: st.snapshot.as_ref().map(|s| s.signed.version).unwrap_or(0),
+            timestamp_version: st.timestamp.as_ref().map(|t| t.signed.version).unwrap_or(0),
+            unchanged: true,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct RepositoryStatus {
     pub root_version: u64,
@@ -128,8 +147,17 @@ pub struct RepositorySettings {
     /// How long a signed snapshot and timestamp stay valid.
     pub snapshot_expiry: Duration,
     pub timestamp_expiry: Duration,
-    /// Policy: new firmware releases must name an SBOM.
-    pub require_sbom: bool,
+    /// Whether new firmware releases must name an SBOM.
+    pub sbom_policy: SbomPolicy,
+}
+
+/// The repository's SBOM policy for firmware releases added by a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SbomPolicy {
+    /// A release without a signed SBOM reference is refused (`repository.require_sbom`).
+    Required,
+    /// A release may come without one.
+    Optional,
 }
 
 pub struct Repository {
@@ -142,8 +170,7 @@ pub struct Repository {
     snapshot_expiry: Duration,
     timestamp_expiry: Duration,
     state: tokio::sync::Mutex<State>,
-    /// Policy: new firmware releases must name an SBOM.
-    require_sbom: bool,
+    sbom_policy: SbomPolicy,
     /// What the signed metadata offers, as the delegation search resolves it, built
     /// for the role versions it names (every check-in asks).
     index: std::sync::Mutex<Option<index::Index>>,
@@ -241,7 +268,7 @@ impl Repository {
             timestamp_expiry: settings.timestamp_expiry,
             state: tokio::sync::Mutex::new(state),
             index: std::sync::Mutex::new(None),
-            require_sbom: settings.require_sbom,
+            sbom_policy: settings.sbom_policy,
             _lock: lock,
         })
     }
@@ -290,16 +317,6 @@ impl Repository {
         }
     }
 
-    fn outcome(st: &State, roles: BTreeMap<String, u64>, removed_roles: Vec<String>, unchanged: bool) -> PublishOutcome {
-        PublishOutcome {
-            root_version: st.root.signed.version,
-            roles,
-            removed_roles,
-            snapshot_version: st.snapshot.as_ref().map(|s| s.signed.version).unwrap_or(0),
-            timestamp_version: st.timestamp.as_ref().map(|t| t.signed.version).unwrap_or(0),
-            unchanged,
-        }
-    }
 
 }
 

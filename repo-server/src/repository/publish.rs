@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::journal::{PlacedTarget, Transaction};
 use super::online::{check_online_keys, transaction_files};
-use super::{index, pretty, read_if_exists, refuse, PublishError, PublishOutcome, Repository, State};
+use super::{index, pretty, read_if_exists, refuse, PublishError, PublishOutcome, Repository, SbomPolicy, State};
 use crate::error::ServerError;
 
 /// Every targets role after the upload, and the uploaded bytes of those it changes.
@@ -55,7 +55,7 @@ impl Repository {
         verify_top_targets(&root, &uploaded)?;
         let removed = verify_delegations(&mut uploaded)?;
         if new_roots.is_empty() && uploaded.changed.is_empty() && removed.is_empty() {
-            return Ok(Self::outcome(&st, BTreeMap::new(), Vec::new(), true));
+            return Ok(PublishOutcome::already_published(&st));
         }
         let placed = self.check_targets(&st, &uploaded)?;
         self.commit(&mut st, Verified { root, new_roots, roles: uploaded, removed, placed }, now)
@@ -245,7 +245,7 @@ impl Repository {
                     ));
                 }
             }
-            None if self.require_sbom && st.roles.get(name).is_none_or(|old| !old.signed.targets.contains_key(path)) => {
+            None if self.sbom_policy == SbomPolicy::Required && st.roles.get(name).is_none_or(|old| !old.signed.targets.contains_key(path)) => {
                 return Err(refuse(
                     "sbom_required",
                     format!("roles.{name}: release target {path:?} has no SBOM, and this server's policy (repository.require_sbom) requires one"),
@@ -274,7 +274,7 @@ impl Repository {
             tracing::warn!(roles = ?removed, "roles no delegation reaches any more were dropped from the snapshot");
         }
         let versions = changed.keys().map(|k| (k.clone(), st.roles[k].signed.version)).collect();
-        Ok(Self::outcome(st, versions, removed, false))
+        Ok(PublishOutcome::applied(st, versions, removed))
     }
 }
 
