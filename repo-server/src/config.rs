@@ -281,3 +281,41 @@ impl RawAttestation {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo(extra: &str) -> RawRepo {
+        toml::from_str(&format!("trusted_root = \"1.root.json\"\nsnapshot_key = \"s.key\"\ntimestamp_key = \"t.key\"\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn repository_settings_are_typed_and_relative_to_the_config_file() {
+        let cx = Load { path: Path::new("/etc/outpost/server.toml"), base: Path::new("/etc/outpost") };
+        let (settings, resign, max_upload) = repo("require_sbom = true\ntimestamp_expiry = \"1h\"").validate(&cx, Path::new("/var/lib/outpost")).unwrap();
+        assert_eq!(settings.dir, Path::new("/var/lib/outpost/repository"));
+        assert_eq!(settings.trusted_root, Path::new("/etc/outpost/1.root.json"));
+        assert_eq!(settings.timestamp_expiry, Duration::from_secs(3600));
+        assert_eq!(settings.sbom_policy, SbomPolicy::Required);
+        assert_eq!((resign, max_upload), (Duration::from_secs(60), 64 << 30));
+    }
+
+    #[test]
+    fn a_resign_interval_that_lets_metadata_expire_is_refused() {
+        let cx = Load { path: Path::new("server.toml"), base: Path::new(".") };
+        let err = repo("timestamp_expiry = \"60s\"\nresign_interval = \"30s\"").validate(&cx, Path::new("data")).unwrap_err().to_string();
+        assert!(err.contains("repository.resign_interval") && err.contains("a third"), "{err}");
+        let err = repo("snapshot_expiry = \"soon\"").validate(&cx, Path::new("data")).unwrap_err().to_string();
+        assert!(err.contains("repository.snapshot_expiry \"soon\""), "{err}");
+    }
+
+    #[test]
+    fn database_settings_name_the_conflict() {
+        let cx = Load { path: Path::new("server.toml"), base: Path::new(".") };
+        let both: RawDb = toml::from_str("sqlite = \"a.db\"\npostgres = \"postgres://u@h/d\"").unwrap();
+        assert!(both.backend(&cx, Path::new("data")).unwrap_err().to_string().contains("either sqlite or postgres"));
+        let pool: RawDb = toml::from_str("max_connections = 4").unwrap();
+        assert!(pool.backend(&cx, Path::new("data")).unwrap_err().to_string().contains("postgres only"));
+    }
+}
