@@ -14,7 +14,7 @@
 use libfuzzer_sys::fuzz_target;
 use outpost_fuzz::{mode, now, parts, sign_body, trace};
 use outpost_protocol::release::FirmwareCustom;
-use outpost_protocol::tuf::TrustedSet;
+use outpost_protocol::tuf::{SnapshotSource, TrustedSet};
 
 fuzz_target!(|data: &[u8]| {
     let (m, rest) = mode(data);
@@ -37,8 +37,8 @@ fuzz_target!(|data: &[u8]| {
         let outcome = match words.as_slice() {
             ["root"] => set.update_root(&bytes),
             ["timestamp"] => set.update_timestamp(&bytes),
-            ["snapshot"] => set.update_snapshot(&bytes, false),
-            ["local-snapshot"] => set.update_snapshot(&bytes, true),
+            ["snapshot"] => set.update_snapshot(&bytes, SnapshotSource::Fetched),
+            ["local-snapshot"] => set.update_snapshot(&bytes, SnapshotSource::LocalCopy),
             ["targets"] => set.update_delegated_targets(&bytes, "targets", "root"),
             ["targets", role, delegator] => set.update_delegated_targets(&bytes, role, delegator),
             ["again", role, delegator] => set.check_loaded_for_delegator(role, delegator),

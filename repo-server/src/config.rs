@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::ServerError;
+use crate::repository::{RepositorySettings, SbomPolicy};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,15 +96,11 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// The state store: SQLite (default) or PostgreSQL.
     pub database: crate::store::Backend,
-    pub trusted_root: PathBuf,
-    pub snapshot_key: PathBuf,
-    pub timestamp_key: PathBuf,
-    pub snapshot_expiry: Duration,
-    pub timestamp_expiry: Duration,
+    /// What the TUF repository needs (its directory, trusted root, online keys,
+    /// expiries, SBOM policy): all `Repository::open` is given.
+    pub repository: RepositorySettings,
     pub resign_interval: Duration,
     pub max_upload_bytes: u64,
-    /// Policy: every new firmware release must name a signed SBOM.
-    pub require_sbom: bool,
     /// How long a check-in nonce may be used (once).
     pub nonce_lifetime: Duration,
     /// How long an enrollment challenge (credential) may be answered.
@@ -129,108 +126,197 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     pub fn load(path: &Path) -> Result<Self, ServerError> {
-        let err = |reason: String| ServerError::Config { path: path.to_owned(), reason };
-        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let raw: Raw = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let listen = raw.listen.parse().map_err(|e| err(format!("listen {:?}: {e} (example: 127.0.0.1:8080)", raw.listen)))?;
-        let dur = |name: &str, v: &Option<String>, default: Duration| -> Result<Duration, ServerError> {
-            match v {
-                None => Ok(default),
-                Some(s) => humantime::parse_duration(s).map_err(|e| err(format!("repository.{name} {s:?}: {e}"))),
-            }
-        };
-        let snapshot_expiry = dur("snapshot_expiry", &raw.repository.snapshot_expiry, Duration::from_secs(7 * 86400))?;
-        let timestamp_expiry = dur("timestamp_expiry", &raw.repository.timestamp_expiry, Duration::from_secs(86400))?;
-        let resign_interval = dur("resign_interval", &raw.repository.resign_interval, Duration::from_secs(60))?;
+        let cx = Load { path, base: path.parent().unwrap_or(Path::new(".")) };
+        let text = std::fs::read_to_string(path).map_err(|e| cx.err(format!("cannot read: {e}")))?;
+        let raw: Raw = toml::from_str(&text).map_err(|e| cx.err(e.to_string()))?;
+        let listen = raw.listen.parse().map_err(|e| cx.err(format!("listen {:?}: {e} (example: 127.0.0.1:8080)", raw.listen)))?;
+        let data_dir = cx.base.join(&raw.data_dir);
+        let (repository, resign_interval, max_upload_bytes) = raw.repository.validate(&cx, &data_dir)?;
+        let nonce_lifetime = cx.positive("attestation.nonce_lifetime", &raw.attestation.nonce_lifetime, Duration::from_secs(60))?;
+        let challenge_lifetime = cx.positive("attestation.challenge_lifetime", &raw.attestation.challenge_lifetime, Duration::from_secs(300))?;
+        let director_targets_expiry = cx.positive("director.targets_expiry", &raw.director.targets_expiry, Duration::from_secs(86400))?;
+        let rollout_tick = cx.positive("rollouts.tick", &raw.rollouts.tick, Duration::from_secs(5))?;
+        let database = raw.database.backend(&cx, &data_dir)?;
+        let attestation = raw.attestation.validate(&cx)?;
+        let director_key = raw.director.key.map(|k| cx.base.join(k)).unwrap_or_else(|| data_dir.join("director-key.json"));
+        Ok(ServerConfig {
+            listen,
+            database,
+            data_dir,
+            repository,
+            resign_interval,
+            max_upload_bytes,
+            nonce_lifetime,
+            challenge_lifetime,
+            ek_ca_certificates: attestation.ek_ca_certificates,
+            accept_uncertified_eks: attestation.accept_uncertified_eks,
+            measurement: attestation.measurement,
+            director_key,
+            director_targets_expiry,
+            rollout_tick,
+            config_path: path.to_owned(),
+        })
+    }
+}
+
+/// The file being loaded: where its relative paths start, and how its errors name it.
+struct Load<'a> {
+    path: &'a Path,
+    base: &'a Path,
+}
+
+impl Load<'_> {
+    fn err(&self, reason: String) -> ServerError {
+        ServerError::Config { path: self.path.to_owned(), reason }
+    }
+
+    /// A duration setting under `[repository]`.
+    fn repository_duration(&self, name: &str, v: &Option<String>, default: Duration) -> Result<Duration, ServerError> {
+        match v {
+            None => Ok(default),
+            Some(s) => humantime::parse_duration(s).map_err(|e| self.err(format!("repository.{name} {s:?}: {e}"))),
+        }
+    }
+
+    /// A duration setting that must be more than zero; `name` is its dotted path.
+    fn positive(&self, name: &str, v: &Option<String>, default: Duration) -> Result<Duration, ServerError> {
+        match v {
+            None => Ok(default),
+            Some(s) => humantime::parse_duration(s)
+                .map_err(|e| self.err(format!("{name} {s:?}: {e}")))
+                .and_then(|d| if d.is_zero() { Err(self.err(format!("{name} must be more than 0s"))) } else { Ok(d) }),
+        }
+    }
+}
+
+impl RawRepo {
+    /// The repository's settings, the re-signing interval and the upload limit.
+    fn validate(self, cx: &Load, data_dir: &Path) -> Result<(RepositorySettings, Duration, u64), ServerError> {
+        let snapshot_expiry = cx.repository_duration("snapshot_expiry", &self.snapshot_expiry, Duration::from_secs(7 * 86400))?;
+        let timestamp_expiry = cx.repository_duration("timestamp_expiry", &self.timestamp_expiry, Duration::from_secs(86400))?;
+        let resign_interval = cx.repository_duration("resign_interval", &self.resign_interval, Duration::from_secs(60))?;
         if timestamp_expiry < Duration::from_secs(2) || snapshot_expiry < Duration::from_secs(2) {
-            return Err(err("repository.snapshot_expiry and timestamp_expiry must be at least 2s".into()));
+            return Err(cx.err("repository.snapshot_expiry and timestamp_expiry must be at least 2s".into()));
         }
         if resign_interval < Duration::from_millis(100) || resign_interval > timestamp_expiry.min(snapshot_expiry) / 3 {
-            return Err(err(format!(
+            return Err(cx.err(format!(
                 "repository.resign_interval {resign_interval:?} must be at least 100ms and at most a third of the shorter of \
                  snapshot_expiry and timestamp_expiry ({:?}), or metadata could expire before it is re-signed",
                 timestamp_expiry.min(snapshot_expiry)
             )));
         }
-        // A duration setting that must be more than zero; `name` is its dotted path.
-        let positive = |name: &str, v: &Option<String>, default: Duration| -> Result<Duration, ServerError> {
-            match v {
-                None => Ok(default),
-                Some(s) => humantime::parse_duration(s)
-                    .map_err(|e| err(format!("{name} {s:?}: {e}")))
-                    .and_then(|d| if d.is_zero() { Err(err(format!("{name} must be more than 0s"))) } else { Ok(d) }),
-            }
+        let settings = RepositorySettings {
+            dir: data_dir.join("repository"),
+            trusted_root: cx.base.join(self.trusted_root),
+            snapshot_key: cx.base.join(self.snapshot_key),
+            timestamp_key: cx.base.join(self.timestamp_key),
+            snapshot_expiry,
+            timestamp_expiry,
+            sbom_policy: if self.require_sbom { SbomPolicy::Required } else { SbomPolicy::Optional },
         };
-        let nonce_lifetime = positive("attestation.nonce_lifetime", &raw.attestation.nonce_lifetime, Duration::from_secs(60))?;
-        let challenge_lifetime = positive("attestation.challenge_lifetime", &raw.attestation.challenge_lifetime, Duration::from_secs(300))?;
-        let director_targets_expiry = positive("director.targets_expiry", &raw.director.targets_expiry, Duration::from_secs(86400))?;
-        let rollout_tick = positive("rollouts.tick", &raw.rollouts.tick, Duration::from_secs(5))?;
-        let data_dir = base.join(&raw.data_dir);
-        let database = match (raw.database.sqlite, raw.database.postgres) {
-            (Some(_), Some(_)) => return Err(err("database: set either sqlite or postgres, not both".into())),
+        Ok((settings, resign_interval, self.max_upload_bytes.unwrap_or(64 << 30)))
+    }
+}
+
+impl RawDb {
+    fn backend(self, cx: &Load, data_dir: &Path) -> Result<crate::store::Backend, ServerError> {
+        match (self.sqlite, self.postgres) {
+            (Some(_), Some(_)) => Err(cx.err("database: set either sqlite or postgres, not both".into())),
             (_, Some(url)) => {
                 if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                    return Err(err(format!("database.postgres {:?}: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE", crate::db::redact(&url))));
+                    return Err(cx.err(format!("database.postgres {:?}: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE", crate::db::redact(&url))));
                 }
-                let max_connections = raw.database.max_connections.unwrap_or(16);
+                let max_connections = self.max_connections.unwrap_or(16);
                 if max_connections == 0 {
-                    return Err(err("database.max_connections must be at least 1".into()));
+                    return Err(cx.err("database.max_connections must be at least 1".into()));
                 }
-                crate::store::Backend::Postgres { url, max_connections }
+                Ok(crate::store::Backend::Postgres { url, max_connections })
             }
             (sqlite, None) => {
-                if raw.database.max_connections.is_some() {
-                    return Err(err("database.max_connections applies to postgres only (SQLite uses one connection)".into()));
+                if self.max_connections.is_some() {
+                    return Err(cx.err("database.max_connections applies to postgres only (SQLite uses one connection)".into()));
                 }
-                crate::store::Backend::Sqlite(data_dir.join(sqlite.unwrap_or_else(|| PathBuf::from("outpost.db"))))
+                Ok(crate::store::Backend::Sqlite(data_dir.join(sqlite.unwrap_or_else(|| PathBuf::from("outpost.db")))))
             }
-        };
-        if raw.attestation.accept_uncertified_eks && !raw.attestation.ek_ca_certificates.is_empty() {
-            return Err(err(
+        }
+    }
+}
+
+/// `[attestation]`, validated: the EK CAs (or the opt-in without them) and the
+/// measurement policy per hardware class.
+struct Attestation {
+    ek_ca_certificates: Vec<PathBuf>,
+    accept_uncertified_eks: bool,
+    measurement: std::collections::BTreeMap<String, outpost_protocol::attest::MeasurementPolicy>,
+}
+
+impl RawAttestation {
+    fn validate(self, cx: &Load) -> Result<Attestation, ServerError> {
+        if self.accept_uncertified_eks && !self.ek_ca_certificates.is_empty() {
+            return Err(cx.err(
                 "attestation: ek_ca_certificates and accept_uncertified_eks = true contradict each other; \
                  keep the CAs (devices must prove their TPM's maker) or the opt-in, not both"
                     .into(),
             ));
         }
         let mut measurement = std::collections::BTreeMap::new();
-        for (class, m) in raw.attestation.classes {
+        for (class, m) in self.classes {
             if class != "*" {
-                class.parse::<outpost_protocol::release::HardwareClass>().map_err(|e| err(format!("attestation.classes.{class}: {e}")))?;
+                class.parse::<outpost_protocol::release::HardwareClass>().map_err(|e| cx.err(format!("attestation.classes.{class}: {e}")))?;
             }
             let kinds = m
                 .event_types
                 .iter()
                 .map(|t| t.parse::<outpost_protocol::attest::EventKind>())
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| err(format!("attestation.classes.{class:?}.event_types: {e}")))?;
+                .map_err(|e| cx.err(format!("attestation.classes.{class:?}.event_types: {e}")))?;
             let platform = if m.testbed { outpost_protocol::attest::Platform::Testbed } else { outpost_protocol::attest::Platform::BootChain };
             let policy = outpost_protocol::attest::MeasurementPolicy::new(m.pcrs, kinds, platform)
-                .map_err(|e| err(format!("attestation.classes.{class:?}: {e}")))?;
+                .map_err(|e| cx.err(format!("attestation.classes.{class:?}: {e}")))?;
             measurement.insert(class, policy);
         }
-        let director_key = raw.director.key.map(|k| base.join(k)).unwrap_or_else(|| data_dir.join("director-key.json"));
-        Ok(ServerConfig {
-            listen,
-            database,
-            data_dir,
-            trusted_root: base.join(raw.repository.trusted_root),
-            snapshot_key: base.join(raw.repository.snapshot_key),
-            timestamp_key: base.join(raw.repository.timestamp_key),
-            snapshot_expiry,
-            timestamp_expiry,
-            resign_interval,
-            max_upload_bytes: raw.repository.max_upload_bytes.unwrap_or(64 << 30),
-            require_sbom: raw.repository.require_sbom,
-            nonce_lifetime,
-            challenge_lifetime,
-            ek_ca_certificates: raw.attestation.ek_ca_certificates.iter().map(|p| base.join(p)).collect(),
-            accept_uncertified_eks: raw.attestation.accept_uncertified_eks,
+        Ok(Attestation {
+            ek_ca_certificates: self.ek_ca_certificates.iter().map(|p| cx.base.join(p)).collect(),
+            accept_uncertified_eks: self.accept_uncertified_eks,
             measurement,
-            director_key,
-            director_targets_expiry,
-            rollout_tick,
-            config_path: path.to_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo(extra: &str) -> RawRepo {
+        toml::from_str(&format!("trusted_root = \"1.root.json\"\nsnapshot_key = \"s.key\"\ntimestamp_key = \"t.key\"\n{extra}")).unwrap()
+    }
+
+    #[test]
+    fn repository_settings_are_typed_and_relative_to_the_config_file() {
+        let cx = Load { path: Path::new("/etc/outpost/server.toml"), base: Path::new("/etc/outpost") };
+        let (settings, resign, max_upload) = repo("require_sbom = true\ntimestamp_expiry = \"1h\"").validate(&cx, Path::new("/var/lib/outpost")).unwrap();
+        assert_eq!(settings.dir, Path::new("/var/lib/outpost/repository"));
+        assert_eq!(settings.trusted_root, Path::new("/etc/outpost/1.root.json"));
+        assert_eq!(settings.timestamp_expiry, Duration::from_secs(3600));
+        assert_eq!(settings.sbom_policy, SbomPolicy::Required);
+        assert_eq!((resign, max_upload), (Duration::from_secs(60), 64 << 30));
+    }
+
+    #[test]
+    fn a_resign_interval_that_lets_metadata_expire_is_refused() {
+        let cx = Load { path: Path::new("server.toml"), base: Path::new(".") };
+        let err = repo("timestamp_expiry = \"60s\"\nresign_interval = \"30s\"").validate(&cx, Path::new("data")).unwrap_err().to_string();
+        assert!(err.contains("repository.resign_interval") && err.contains("a third"), "{err}");
+        let err = repo("snapshot_expiry = \"soon\"").validate(&cx, Path::new("data")).unwrap_err().to_string();
+        assert!(err.contains("repository.snapshot_expiry \"soon\""), "{err}");
+    }
+
+    #[test]
+    fn database_settings_name_the_conflict() {
+        let cx = Load { path: Path::new("server.toml"), base: Path::new(".") };
+        let both: RawDb = toml::from_str("sqlite = \"a.db\"\npostgres = \"postgres://u@h/d\"").unwrap();
+        assert!(both.backend(&cx, Path::new("data")).unwrap_err().to_string().contains("either sqlite or postgres"));
+        let pool: RawDb = toml::from_str("max_connections = 4").unwrap();
+        assert!(pool.backend(&cx, Path::new("data")).unwrap_err().to_string().contains("postgres only"));
     }
 }

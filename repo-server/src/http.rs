@@ -75,14 +75,12 @@ async fn healthz() -> Json<Value> {
 /// Unversioned metadata (timestamp.json, root.json...) must be revalidated; versioned
 /// files never change.
 async fn metadata_cache_headers(req: Request, next: Next) -> Response {
-    let versioned = req
-        .uri()
-        .path()
-        .rsplit('/')
-        .next()
-        .is_some_and(|name| name.split('.').next().is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())));
+    let name = req.uri().path().rsplit('/').next().unwrap_or_default();
+    let value = match crate::repository::journal::MetadataName::of(name) {
+        crate::repository::journal::MetadataName::Versioned => crate::targetfiles::IMMUTABLE,
+        crate::repository::journal::MetadataName::Current => "no-cache",
+    };
     let mut resp = next.run(req).await;
-    let value = if versioned { crate::targetfiles::IMMUTABLE } else { "no-cache" };
     if resp.status().is_success() {
         resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(value));
     }

@@ -24,7 +24,7 @@ pub use http::{app, AppState};
 /// Opens the repository and store, starts the re-signing task and serves until
 /// SIGINT/SIGTERM.
 pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
-    let repo = Arc::new(repository::Repository::open(&config)?);
+    let repo = Arc::new(repository::Repository::open(&config.repository)?);
     let ek_cas = Arc::new(ekcert::EkCaStore::load(&config.ek_ca_certificates, &config.config_path)?);
     let store = Arc::new(store::Store::open(&config.database).await?);
     tracing::info!(backend = store.backend(), "state store open");

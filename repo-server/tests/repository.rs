@@ -124,7 +124,7 @@ fn refused_code(r: Result<outpost_server::repository::PublishOutcome, PublishErr
 }
 
 async fn published(f: &Fixture) -> Repository {
-    let repo = Repository::open(&f.config).unwrap();
+    let repo = Repository::open(&f.config.repository).unwrap();
     let fw = b"firmware image v1".to_vec();
     stage(f, &fw);
     let mut roles = BTreeMap::new();
@@ -213,7 +213,7 @@ async fn online_metadata_is_resigned_before_it_expires() {
     assert!(expires > later + Duration::hours(23), "timestamp expiry {expires} not renewed relative to {later}");
     // The re-signed metadata is what a reopened server (restart) loads.
     drop(repo);
-    let reopened = Repository::open(&f.config).unwrap();
+    let reopened = Repository::open(&f.config.repository).unwrap();
     assert_eq!(reopened.status().await.timestamp_version, Some(3));
     assert_eq!(reopened.status().await.roles.get("firmware"), Some(&1));
 }
@@ -328,7 +328,7 @@ async fn versioned_names_left_by_an_interrupted_publish_are_never_reused() {
     std::fs::write(md.join("2.firmware.json"), b"{\"served\": \"before the crash\"}\n").unwrap();
     std::fs::write(md.join("2.snapshot.json"), b"{\"served\": \"before the crash\"}\n").unwrap();
     drop(repo);
-    let repo = Repository::open(&f.config).unwrap();
+    let repo = Repository::open(&f.config.repository).unwrap();
     let fw2 = b"firmware image v2".to_vec();
     stage(&f, &fw2);
     let mut roles = BTreeMap::new();
@@ -360,7 +360,7 @@ async fn a_revoked_delegation_drops_the_role_and_what_it_signed() {
     assert_eq!(repo.target_sha256("firmware/rpi4/1.0.0/fw.img").await, None);
     // A restart reads the same.
     drop(repo);
-    let repo = Repository::open(&f.config).unwrap();
+    let repo = Repository::open(&f.config.repository).unwrap();
     assert_eq!(repo.status().await.roles.keys().collect::<Vec<_>>(), vec!["targets"]);
 }
 
@@ -368,8 +368,8 @@ async fn a_revoked_delegation_drops_the_role_and_what_it_signed() {
 async fn one_server_per_repository_directory() {
     let f = fixture();
     let repo = published(&f).await;
-    let err = Repository::open(&f.config).err().expect("a second open of the same repository succeeded").to_string();
+    let err = Repository::open(&f.config.repository).err().expect("a second open of the same repository succeeded").to_string();
     assert!(err.contains("another outpost-server process uses this repository directory"), "{err}");
     drop(repo);
-    Repository::open(&f.config).unwrap();
+    Repository::open(&f.config.repository).unwrap();
 }

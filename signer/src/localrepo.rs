@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use outpost_protocol::keys::SigningKey;
-use outpost_protocol::tuf::{self, Envelope, MetaFile, Root, Snapshot, Targets, Timestamp};
+use outpost_protocol::tuf::{self, consistent_name, online, Envelope, MetaFile, Root, Snapshot, Targets, Timestamp};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, SignerError};
@@ -78,9 +78,7 @@ impl LocalRepo {
     }
 
     pub fn expires(&self, secs: u64) -> chrono::DateTime<Utc> {
-        let now = Utc::now();
-        let whole = now - chrono::Duration::nanoseconds(now.timestamp_subsec_nanos() as i64);
-        whole + chrono::Duration::seconds(secs as i64)
+        online::expires_after(Utc::now(), chrono::Duration::seconds(secs as i64))
     }
 
     pub fn root(&self) -> Result<(Envelope<Root>, Vec<u8>)> {
@@ -226,32 +224,20 @@ impl LocalRepo {
             .ok()
             .and_then(|b| Envelope::parse(&b, "timestamp").ok());
         let snap_version = old_snapshot.map(|s| s.signed.version + 1).unwrap_or(1);
-        let snapshot = tuf::metadata::new_snapshot(snap_version, self.expires(self.settings.snapshot_expires_secs), meta);
-        let snap_bytes = tuf::sign(&snapshot, &[&snap_key]).map_err(|e| SignerError::proto("sign snapshot", e))?;
-        write_atomic(&self.metadata_path(&format!("{snap_version}.snapshot.json")), &snap_bytes)?;
-        write_atomic(&self.metadata_path("snapshot.json"), &snap_bytes)?;
+        let snapshot = online::sign_snapshot(snap_version, self.expires(self.settings.snapshot_expires_secs), meta, &snap_key)
+            .map_err(|e| SignerError::proto("sign snapshot", e))?;
+        write_atomic(&self.metadata_path(&format!("{snap_version}.snapshot.json")), &snapshot.bytes)?;
+        write_atomic(&self.metadata_path("snapshot.json"), &snapshot.bytes)?;
         let ts_version = old_ts.map(|t| t.signed.version + 1).unwrap_or(1);
-        let ts = tuf::metadata::new_timestamp(
-            ts_version,
-            self.expires(self.settings.timestamp_expires_secs),
-            MetaFile::describing(snap_version, &snap_bytes),
-        );
-        let ts_bytes = tuf::sign(&ts, &[&ts_key]).map_err(|e| SignerError::proto("sign timestamp", e))?;
-        write_atomic(&self.metadata_path("timestamp.json"), &ts_bytes)?;
+        let ts = online::sign_timestamp(ts_version, self.expires(self.settings.timestamp_expires_secs), snap_version, &snapshot.bytes, &ts_key)
+            .map_err(|e| SignerError::proto("sign timestamp", e))?;
+        write_atomic(&self.metadata_path("timestamp.json"), &ts.bytes)?;
         Ok(true)
     }
 
     /// Where a target file lives in a consistent-snapshot layout.
     pub fn target_file_path(&self, target_path: &str, sha256: &str) -> PathBuf {
         self.dir.join("targets").join(consistent_name(target_path, sha256))
-    }
-}
-
-/// `dir/name` → `dir/HASH.name`.
-pub fn consistent_name(target_path: &str, hash: &str) -> String {
-    match target_path.rsplit_once('/') {
-        Some((dir, name)) => format!("{dir}/{hash}.{name}"),
-        None => format!("{hash}.{target_path}"),
     }
 }
 

@@ -5,11 +5,11 @@ use std::path::Path;
 
 use clap::Args;
 use futures_util::StreamExt;
-use outpost_protocol::tuf::quote_target_path;
+use outpost_protocol::tuf::{consistent_name, quote_target_path};
 use serde_json::{json, Value};
 
 use crate::error::{Result, SignerError};
-use crate::localrepo::{consistent_name, LocalRepo};
+use crate::localrepo::LocalRepo;
 use crate::output::Output;
 
 #[derive(Debug, Args, Clone)]

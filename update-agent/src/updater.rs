@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use outpost_protocol::pattern::pattern_may_match_prefix;
-use outpost_protocol::tuf::{quote_file_name, quote_role, quote_target_path, TargetFile, Targets, TrustedSet};
+use outpost_protocol::tuf::{consistent_name, quote_file_name, quote_role, quote_target_path, SnapshotSource, TargetFile, Targets, TrustedSet};
 use outpost_protocol::Error as TufError;
 
 use crate::error::{AgentError, Result};
@@ -151,7 +151,7 @@ impl Updater {
 
     async fn load_snapshot(&mut self) -> Result<()> {
         if let Some(local) = self.read_local("snapshot") {
-            match self.trusted.update_snapshot(&local, true) {
+            match self.trusted.update_snapshot(&local, SnapshotSource::LocalCopy) {
                 Ok(()) => return Ok(()),
                 Err(e) => tracing::debug!(error = %e, "local snapshot not valid as final"),
             }
@@ -162,7 +162,7 @@ impl Updater {
         let version = self.trusted.root().consistent_snapshot.then_some(meta.version);
         let url = self.url("snapshot", version);
         let data = self.fetcher.fetch_bytes(&url, limit).await?;
-        self.trusted.update_snapshot(&data, false).map_err(|e| AgentError::tuf("verify snapshot", e))?;
+        self.trusted.update_snapshot(&data, SnapshotSource::Fetched).map_err(|e| AgentError::tuf("verify snapshot", e))?;
         self.persist("snapshot", &data)
     }
 
@@ -336,10 +336,7 @@ impl Updater {
     pub fn target_url(&self, info: &TargetInfo, target_base_url: &str) -> Result<String> {
         let remote = if self.trusted.root().consistent_snapshot {
             let hash = info.file.naming_hash().ok_or_else(|| AgentError::TargetNotFound(info.path.clone()))?;
-            match info.path.rsplit_once('/') {
-                Some((dir, name)) => format!("{dir}/{hash}.{name}"),
-                None => format!("{hash}.{}", info.path),
-            }
+            consistent_name(&info.path, hash)
         } else {
             info.path.clone()
         };

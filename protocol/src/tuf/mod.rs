@@ -1,6 +1,10 @@
-//! TUF 1.0: metadata schema, signatures and the client's trusted metadata set.
+//! TUF 1.0: metadata schema, signatures, the client's trusted metadata set, and the
+//! rules every side shares (root rotation, online signing, file naming).
 
+pub mod layout;
 pub mod metadata;
+pub mod online;
+pub mod rotation;
 pub mod search;
 pub mod trusted;
 
@@ -8,8 +12,10 @@ pub use metadata::{
     format_expires, parse_expires, sign, verify_threshold, DelegatedRole, Delegations, Envelope, MetaFile, Role,
     RoleKeys, Root, Signature, Snapshot, SuccinctRoles, TargetFile, Targets, Timestamp, SPEC_VERSION, TOP_LEVEL_ROLES,
 };
+pub use layout::consistent_name;
+pub use rotation::{verify_next_root, RootRotationError};
 pub use search::{Resolved, RoleGraph, MAX_DELEGATIONS};
-pub use trusted::TrustedSet;
+pub use trusted::{SnapshotSource, TrustedSet};
 
 /// Percent-encodes a role name for a metadata URL or file name (nothing is safe).
 pub fn quote_role(name: &str) -> String {

@@ -8,7 +8,21 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 
 use super::metadata::{verify_threshold, Envelope, Root, Snapshot, Targets, Timestamp};
+use super::rotation::{verify_next_root, RootRotationError};
 use crate::error::{Error, Result};
+
+/// Where snapshot bytes come from, which decides whether they must match the
+/// timestamp's description of `snapshot.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotSource {
+    /// Fetched from the repository: the bytes must have the length and hashes the
+    /// trusted timestamp gives for `snapshot.json`.
+    Fetched,
+    /// The client's own copy, trusted on an earlier run: its hashes need not match
+    /// the new timestamp (a newer snapshot may exist remotely); it still guards
+    /// against rollback and is used only when it is final.
+    LocalCopy,
+}
 
 pub struct TrustedSet {
     root: Envelope<Root>,
@@ -58,19 +72,16 @@ impl TrustedSet {
             return Err(Error::Order("cannot update root after timestamp".into()));
         }
         let new: Envelope<Root> = Envelope::parse(bytes, "root")?;
-        let old = &self.root.signed;
-        let old_role = old.role("root")?;
-        verify_threshold("root", &new.canonical_signed, &new.signatures, &old_role.keyids, old_role.threshold, &old.keys)
-            .map_err(|e| with_context(e, &format!("new root v{} under trusted root v{}", new.signed.version, old.version)))?;
-        if new.signed.version != old.version + 1 {
-            return Err(Error::Version {
-                role: "root".into(),
-                reason: format!("expected version {}, got {}", old.version + 1, new.signed.version),
-            });
-        }
-        let new_role = new.signed.role("root")?;
-        verify_threshold("root", &new.canonical_signed, &new.signatures, &new_role.keyids, new_role.threshold, &new.signed.keys)
-            .map_err(|e| with_context(e, &format!("new root v{} under its own keys", new.signed.version)))?;
+        let (old_version, new_version) = (self.root.signed.version, new.signed.version);
+        verify_next_root(&self.root.signed, &new).map_err(|e| match e {
+            RootRotationError::NotSignedByTrusted { source, .. } => {
+                with_context(source, &format!("new root v{new_version} under trusted root v{old_version}"))
+            }
+            RootRotationError::NotNextVersion { expected, got } => {
+                Error::Version { role: "root".into(), reason: format!("expected version {expected}, got {got}") }
+            }
+            RootRotationError::NotSignedByItself { source } => with_context(source, &format!("new root v{new_version} under its own keys")),
+        })?;
         self.root = new;
         Ok(())
     }
@@ -118,18 +129,19 @@ impl TrustedSet {
         Ok(())
     }
 
-    /// Client workflow 5.5. `trusted` is true for the local copy, whose hashes the
-    /// timestamp need not match (a newer snapshot may exist remotely); it is still
-    /// checked as final, and when it is not final it still guards against rollback.
-    pub fn update_snapshot(&mut self, bytes: &[u8], trusted: bool) -> Result<()> {
+    /// Client workflow 5.5. A [`SnapshotSource::LocalCopy`] need not match the
+    /// timestamp's hashes (a newer snapshot may exist remotely); it is still checked
+    /// as final, and when it is not final it still guards against rollback.
+    pub fn update_snapshot(&mut self, bytes: &[u8], source: SnapshotSource) -> Result<()> {
         if self.targets.contains_key("targets") {
             return Err(Error::Order("cannot update snapshot after targets".into()));
         }
         let ts = self.timestamp.as_ref().ok_or_else(|| Error::Order("cannot update snapshot before timestamp".into()))?;
         self.check_final_timestamp()?;
         let meta = ts.signed.snapshot_meta();
-        if !trusted {
-            meta.verify(bytes, "snapshot.json (as described by timestamp)")?;
+        match source {
+            SnapshotSource::Fetched => meta.verify(bytes, "snapshot.json (as described by timestamp)")?,
+            SnapshotSource::LocalCopy => {}
         }
         let new: Envelope<Snapshot> = Envelope::parse(bytes, "snapshot")?;
         let r = self.root.signed.role("snapshot")?;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use outpost_protocol::release::{Encoding, FirmwareCustom, SbomRef};
 use outpost_protocol::tuf::{Envelope, RoleGraph, TargetFile, Targets};
 
-use super::FirmwareRelease;
+use super::Repository;
 
 /// An SBOM a resolved firmware target names: (full image target, class, version,
 /// image sha256, SBOM reference).
@@ -39,6 +39,18 @@ pub fn class_mismatch(path: &str, custom: &FirmwareCustom) -> Option<String> {
         Some(class) => Some(format!("target {path:?} is under firmware/{class}/ but its custom hardware_class is {signed:?}")),
         None => Some(format!("firmware target {path:?} (hardware_class {signed:?}) is not under firmware/{signed}/")),
     }
+}
+
+/// A signed full-image firmware release, as the director assigns it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FirmwareRelease {
+    pub path: String,
+    pub length: u64,
+    pub sha256: String,
+    pub version: String,
+    /// The image digest the device's TPM records when it boots this release.
+    pub measurement: String,
+    pub sbom_sha256: Option<String>,
 }
 
 /// Built for one set of role versions (every check-in reads it).
@@ -144,6 +156,45 @@ impl Index {
     /// The target a client resolves for `path`.
     pub fn target(&self, path: &str) -> Option<&TargetFile> {
         self.resolved.get(path).map(|(_, t)| t)
+    }
+}
+
+impl Repository {
+    /// Every SBOM the signed firmware targets name, as the delegation search resolves
+    /// them: (full image target, class, version, image sha256, SBOM reference).
+    pub async fn sbom_refs(&self) -> Vec<SbomEntry> {
+        self.with_index(|idx| idx.sboms()).await
+    }
+
+    /// The full-image firmware targets signed for `hardware_class` (delta patches
+    /// excluded), as the delegation search resolves their paths.
+    pub async fn firmware_releases(&self, hardware_class: &str) -> Arc<Vec<FirmwareRelease>> {
+        self.with_index(|idx| idx.releases(hardware_class)).await.unwrap_or_default()
+    }
+
+    /// Runs `f` on the index, rebuilding it first when a role changed.
+    async fn with_index<T>(&self, f: impl FnOnce(&Index) -> T) -> T {
+        let st = self.state.lock().await;
+        let versions: Vec<(String, u64)> = st.roles.iter().map(|(k, v)| (k.clone(), v.signed.version)).collect();
+        let mut cache = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let idx = match cache.take() {
+            Some(idx) if idx.role_versions == versions => idx,
+            _ => Index::build(&st.roles, versions),
+        };
+        f(cache.insert(idx))
+    }
+
+    /// The signed sha256 of a target, as the delegation search resolves its path.
+    pub async fn target_sha256(&self, path: &str) -> Option<String> {
+        self.with_index(|idx| idx.target(path).and_then(|t| t.hashes.get("sha256").cloned())).await
+    }
+
+    /// Every expected measurement (image SHA-256) the offline-signed release metadata
+    /// names for `hardware_class`, with the target that names it: only targets under
+    /// `firmware/<hardware_class>/` that the delegation search resolves to a role
+    /// whose chain delegates their path.
+    pub async fn expected_measurements(&self, hardware_class: &str) -> Arc<BTreeMap<String, String>> {
+        self.with_index(|idx| idx.measurements(hardware_class)).await.unwrap_or_default()
     }
 }
 

@@ -72,9 +72,28 @@ impl MetadataFile {
     }
 }
 
+/// What a metadata file's name promises the clients that fetch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetadataName {
+    /// `N.something.json`: once served, one content forever (cacheable for good).
+    Versioned,
+    /// `timestamp.json`, `root.json`, `ROLE.json`: replaced by each change.
+    Current,
+}
+
+impl MetadataName {
+    pub fn of(name: &str) -> Self {
+        if name.split('.').next().is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())) {
+            MetadataName::Versioned
+        } else {
+            MetadataName::Current
+        }
+    }
+}
+
 /// `N.something.json`: a name that, once served, means one content forever.
 pub fn is_versioned(name: &str) -> bool {
-    name.split('.').next().is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+    MetadataName::of(name) == MetadataName::Versioned
 }
 
 /// The served directories and the journal beside them.

@@ -1,9 +1,10 @@
 //! The image repository on the local filesystem: TUF metadata under `metadata/`,
 //! targets under `targets/` (consistent-snapshot names), uploads under `staging/`.
 //!
-//! The server holds only the online keys (snapshot, timestamp). Offline-signed root
-//! and targets metadata arrive through [`Repository::publish`], which verifies the
-//! whole upload against the trusted root, in memory, before anything changes. Every
+//! The server holds only the online keys (snapshot, timestamp; [`online`]).
+//! Offline-signed root and targets metadata arrive through [`Repository::publish`]
+//! ([`publish`]), which verifies the whole upload against the trusted root, in
+//! memory, before anything changes. Every
 //! change is then one transaction ([`journal`]): committed by one atomic rename,
 //! applied (versioned files first, `timestamp.json` last), rolled forward at start
 //! after a crash. A versioned name (`N.root.json`, `N.snapshot.json`, `N.<role>.json`)
@@ -21,24 +22,21 @@
 
 pub mod index;
 pub mod journal;
+mod online;
+mod publish;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use outpost_protocol::keys::{LoadedKey, SigningKey};
-use outpost_protocol::release::FirmwareCustom;
-use outpost_protocol::tuf::{
-    self, quote_role, verify_threshold, Envelope, MetaFile, RoleGraph, Root, Snapshot, Targets, Timestamp, TOP_LEVEL_ROLES,
-};
+use outpost_protocol::keys::SigningKey;
+use outpost_protocol::tuf::{consistent_name, quote_role, verify_threshold, Envelope, Root, Snapshot, Targets, Timestamp};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::ServerConfig;
 use crate::error::ServerError;
-use journal::{Journal, MetadataFile, PlacedTarget, Transaction};
+pub use index::FirmwareRelease;
+use journal::{Journal, MetadataFile, Transaction};
 
 /// Why a publish was refused (a client error) or failed (ours).
 #[derive(Debug)]
@@ -71,6 +69,25 @@ pub struct PublishOutcome {
     /// nothing changed.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub unchanged: bool,
+}
+
+impl PublishOutcome {
+    /// A publish that changed `roles` (to these versions) and dropped `removed_roles`.
+    fn applied(st: &State, roles: BTreeMap<String, u64>, removed_roles: Vec<String>) -> Self {
+        PublishOutcome { roles, removed_roles, unchanged: false, ..Self::already_published(st) }
+    }
+
+    /// A retry: everything uploaded was already published; the state as it is.
+    fn already_published(st: &State) -> Self {
+        PublishOutcome {
+            root_version: st.root.signed.version,
+            roles: BTreeMap::new(),
+            removed_roles: Vec::new(),
+            snapshot_version: st.snapshot.as_ref().map(|s| s.signed.version).unwrap_or(0),
+            timestamp_version: st.timestamp.as_ref().map(|t| t.signed.version).unwrap_or(0),
+            unchanged: true,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -116,16 +133,31 @@ impl State {
     }
 }
 
-/// A signed full-image firmware release, as the director assigns it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct FirmwareRelease {
-    pub path: String,
-    pub length: u64,
-    pub sha256: String,
-    pub version: String,
-    /// The image digest the device's TPM records when it boots this release.
-    pub measurement: String,
-    pub sbom_sha256: Option<String>,
+/// What the repository needs to open: its own settings, nothing else of the
+/// server's configuration.
+#[derive(Debug, Clone)]
+pub struct RepositorySettings {
+    /// The repository directory (`repository/` under the server's data directory).
+    pub dir: PathBuf,
+    /// The root to start from when the directory has none yet.
+    pub trusted_root: PathBuf,
+    /// Private key files of the online roles.
+    pub snapshot_key: PathBuf,
+    pub timestamp_key: PathBuf,
+    /// How long a signed snapshot and timestamp stay valid.
+    pub snapshot_expiry: Duration,
+    pub timestamp_expiry: Duration,
+    /// Whether new firmware releases must name an SBOM.
+    pub sbom_policy: SbomPolicy,
+}
+
+/// The repository's SBOM policy for firmware releases added by a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SbomPolicy {
+    /// A release without a signed SBOM reference is refused (`repository.require_sbom`).
+    Required,
+    /// A release may come without one.
+    Optional,
 }
 
 pub struct Repository {
@@ -138,24 +170,12 @@ pub struct Repository {
     snapshot_expiry: Duration,
     timestamp_expiry: Duration,
     state: tokio::sync::Mutex<State>,
-    /// Policy: new firmware releases must name an SBOM.
-    require_sbom: bool,
+    sbom_policy: SbomPolicy,
     /// What the signed metadata offers, as the delegation search resolves it, built
     /// for the role versions it names (every check-in asks).
     index: std::sync::Mutex<Option<index::Index>>,
     /// Held while this server owns the repository directory.
     _lock: nix::fcntl::Flock<std::fs::File>,
-}
-
-fn load_signing(path: &Path) -> Result<SigningKey, ServerError> {
-    let bytes = std::fs::read(path).map_err(|e| ServerError::io("read key", path, e))?;
-    match LoadedKey::from_bytes(&bytes, &path.display().to_string()).map_err(|e| ServerError::proto("load key", e))? {
-        LoadedKey::Private(k) => Ok(k),
-        LoadedKey::Public(_) => Err(ServerError::Config {
-            path: path.into(),
-            reason: "the server needs the private online key, this is a public key file".into(),
-        }),
-    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, ServerError> {
@@ -176,33 +196,6 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), ServerError> {
     outpost_fsio::write_atomic(path, data).map_err(|e| ServerError::io("write", path, e))
 }
 
-fn whole_seconds(t: DateTime<Utc>) -> DateTime<Utc> {
-    t - chrono::Duration::nanoseconds(t.timestamp_subsec_nanos() as i64)
-}
-
-fn consistent_name(target_path: &str, hash: &str) -> String {
-    match target_path.rsplit_once('/') {
-        Some((dir, name)) => format!("{dir}/{hash}.{name}"),
-        None => format!("{hash}.{target_path}"),
-    }
-}
-
-/// The online keys must be the ones `root` trusts for snapshot and timestamp.
-fn check_online_keys(root: &Root, snapshot: &SigningKey, timestamp: &SigningKey) -> Result<(), String> {
-    for (role, key) in [("snapshot", snapshot), ("timestamp", timestamp)] {
-        let ids = root.roles.get(role).map(|r| r.keyids.clone()).unwrap_or_default();
-        if !ids.iter().any(|id| id == key.key_id()) {
-            return Err(format!(
-                "root v{} does not list the server's online {role} key {} (it trusts {:?})",
-                root.version,
-                key.key_id(),
-                ids
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// Takes the repository directory for this process, or says who has it.
 fn lock_repository(base: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ServerError> {
     let path = base.join(".lock");
@@ -220,20 +213,11 @@ fn lock_repository(base: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Serv
     })
 }
 
-/// New snapshot and timestamp (the snapshot only when `meta` is given), signed and
-/// not yet written anywhere.
-struct Online {
-    snapshot: Option<(u64, Vec<u8>)>,
-    snapshot_env: Envelope<Snapshot>,
-    timestamp: Vec<u8>,
-    timestamp_env: Envelope<Timestamp>,
-}
-
 impl Repository {
     /// Opens (or on first start creates from `trusted_root`) the repository, after
     /// applying a publish a crash left half done.
-    pub fn open(config: &ServerConfig) -> Result<Self, ServerError> {
-        let base = config.data_dir.join("repository");
+    pub fn open(settings: &RepositorySettings) -> Result<Self, ServerError> {
+        let base = settings.dir.clone();
         let metadata_dir = base.join("metadata");
         let targets_dir = base.join("targets");
         let staging_dir = base.join("staging");
@@ -248,19 +232,19 @@ impl Repository {
         if let Some(files) = journal.recover()? {
             tracing::warn!(files, "completed a publish that a crash interrupted after it was committed");
         }
-        let snapshot_key = load_signing(&config.snapshot_key)?;
-        let timestamp_key = load_signing(&config.timestamp_key)?;
+        let snapshot_key = online::load_signing(&settings.snapshot_key)?;
+        let timestamp_key = online::load_signing(&settings.timestamp_key)?;
         if !metadata_dir.join("root.json").exists() {
-            let bytes = read(&config.trusted_root)?;
+            let bytes = read(&settings.trusted_root)?;
             let root: Envelope<Root> = Envelope::parse(&bytes, "root")
-                .map_err(|e| ServerError::proto(format!("trusted root {}", config.trusted_root.display()), e))?;
+                .map_err(|e| ServerError::proto(format!("trusted root {}", settings.trusted_root.display()), e))?;
             let r = root.signed.role("root").map_err(|e| ServerError::proto("trusted root", e))?;
             verify_threshold("root", &root.canonical_signed, &root.signatures, &r.keyids, r.threshold, &root.signed.keys)
-                .map_err(|e| ServerError::proto(format!("trusted root {}", config.trusted_root.display()), e))?;
+                .map_err(|e| ServerError::proto(format!("trusted root {}", settings.trusted_root.display()), e))?;
             let versioned = format!("{}.root.json", root.signed.version);
             if read_if_exists(&metadata_dir.join(&versioned))?.is_some_and(|served| served != bytes) {
                 return Err(ServerError::Config {
-                    path: config.trusted_root.clone(),
+                    path: settings.trusted_root.clone(),
                     reason: format!("metadata/{versioned} is already served with other content; configure that root as trusted_root"),
                 });
             }
@@ -271,8 +255,8 @@ impl Repository {
             tracing::info!(version = root.signed.version, "initialized repository from trusted root");
         }
         let state = State::load(&metadata_dir)?;
-        check_online_keys(&state.root.signed, &snapshot_key, &timestamp_key)
-            .map_err(|reason| ServerError::Config { path: config.snapshot_key.clone(), reason })?;
+        online::check_online_keys(&state.root.signed, &snapshot_key, &timestamp_key)
+            .map_err(|reason| ServerError::Config { path: settings.snapshot_key.clone(), reason })?;
         Ok(Repository {
             metadata_dir,
             targets_dir,
@@ -280,11 +264,11 @@ impl Repository {
             journal,
             snapshot_key,
             timestamp_key,
-            snapshot_expiry: config.snapshot_expiry,
-            timestamp_expiry: config.timestamp_expiry,
+            snapshot_expiry: settings.snapshot_expiry,
+            timestamp_expiry: settings.timestamp_expiry,
             state: tokio::sync::Mutex::new(state),
             index: std::sync::Mutex::new(None),
-            require_sbom: config.require_sbom,
+            sbom_policy: settings.sbom_policy,
             _lock: lock,
         })
     }
@@ -316,46 +300,9 @@ impl Repository {
         Ok(())
     }
 
-    /// Every SBOM the signed firmware targets name, as the delegation search resolves
-    /// them: (full image target, class, version, image sha256, SBOM reference).
-    pub async fn sbom_refs(&self) -> Vec<index::SbomEntry> {
-        self.with_index(|idx| idx.sboms()).await
-    }
-
-    /// The full-image firmware targets signed for `hardware_class` (delta patches
-    /// excluded), as the delegation search resolves their paths.
-    pub async fn firmware_releases(&self, hardware_class: &str) -> Arc<Vec<FirmwareRelease>> {
-        self.with_index(|idx| idx.releases(hardware_class)).await.unwrap_or_default()
-    }
-
-    /// Runs `f` on the index, rebuilding it first when a role changed.
-    async fn with_index<T>(&self, f: impl FnOnce(&index::Index) -> T) -> T {
-        let st = self.state.lock().await;
-        let versions: Vec<(String, u64)> = st.roles.iter().map(|(k, v)| (k.clone(), v.signed.version)).collect();
-        let mut cache = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        let idx = match cache.take() {
-            Some(idx) if idx.role_versions == versions => idx,
-            _ => index::Index::build(&st.roles, versions),
-        };
-        f(cache.insert(idx))
-    }
-
-    /// The signed sha256 of a target, as the delegation search resolves its path.
-    pub async fn target_sha256(&self, path: &str) -> Option<String> {
-        self.with_index(|idx| idx.target(path).and_then(|t| t.hashes.get("sha256").cloned())).await
-    }
-
     /// Where a published target's bytes are (consistent-snapshot name).
     pub fn target_file(&self, path: &str, sha256: &str) -> PathBuf {
         self.targets_dir.join(consistent_name(path, sha256))
-    }
-
-    /// Every expected measurement (image SHA-256) the offline-signed release metadata
-    /// names for `hardware_class`, with the target that names it: only targets under
-    /// `firmware/<hardware_class>/` that the delegation search resolves to a role
-    /// whose chain delegates their path.
-    pub async fn expected_measurements(&self, hardware_class: &str) -> Arc<BTreeMap<String, String>> {
-        self.with_index(|idx| idx.measurements(hardware_class)).await.unwrap_or_default()
     }
 
     pub async fn status(&self) -> RepositoryStatus {
@@ -370,360 +317,7 @@ impl Repository {
         }
     }
 
-    fn outcome(st: &State, roles: BTreeMap<String, u64>, removed_roles: Vec<String>, unchanged: bool) -> PublishOutcome {
-        PublishOutcome {
-            root_version: st.root.signed.version,
-            roles,
-            removed_roles,
-            snapshot_version: st.snapshot.as_ref().map(|s| s.signed.version).unwrap_or(0),
-            timestamp_version: st.timestamp.as_ref().map(|t| t.signed.version).unwrap_or(0),
-            unchanged,
-        }
-    }
 
-    /// Verifies and applies an upload of offline-signed metadata: zero or more new
-    /// root versions (in order) and new versions of targets roles. Every target they
-    /// list must already be served or uploaded to staging with the signed length and
-    /// sha256. Roles no delegation reaches any more are dropped. Then signs a new
-    /// snapshot and timestamp, and makes it all visible as one transaction.
-    ///
-    /// Uploading what is already published (the same bytes under the same versions)
-    /// is not an error: a pipeline that retries after a lost answer or a crash gets
-    /// the current state back.
-    pub async fn publish(&self, roots: &[Value], roles: &BTreeMap<String, Value>, now: DateTime<Utc>) -> Result<PublishOutcome, PublishError> {
-        let mut st = self.state.lock().await;
-        self.settle(&mut st)?;
-        if roots.is_empty() && roles.is_empty() {
-            return Err(refuse("empty_upload", "nothing to publish: no roots and no roles"));
-        }
-        let mut root = st.root.clone();
-        let mut new_roots: Vec<(u64, Vec<u8>)> = Vec::new();
-        for (i, value) in roots.iter().enumerate() {
-            let bytes = pretty(value);
-            let env: Envelope<Root> = Envelope::parse(&bytes, "root").map_err(|e| refuse("invalid_metadata", format!("roots[{i}]: {e}")))?;
-            let v = env.signed.version;
-            let served = read_if_exists(&self.metadata_dir.join(format!("{v}.root.json")))?;
-            if v <= root.signed.version && new_roots.is_empty() {
-                // Published before: a retry is the same bytes under the same name.
-                match served {
-                    Some(served) if served == bytes => continue,
-                    Some(_) => {
-                        return Err(refuse(
-                            "version_reused",
-                            format!("roots[{i}]: root v{v} is already published with other content; sign v{} instead", st.root.signed.version + 1),
-                        ))
-                    }
-                    None => return Err(refuse("bad_version", format!("roots[{i}] is version {v}, older than the trusted root v{}", root.signed.version))),
-                }
-            }
-            let old = &root.signed;
-            let old_role = &old.roles["root"];
-            verify_threshold("root", &env.canonical_signed, &env.signatures, &old_role.keyids, old_role.threshold, &old.keys)
-                .map_err(|e| refuse("bad_signature", format!("roots[{i}] (v{v}) under trusted root v{}: {e}", old.version)))?;
-            if v != old.version + 1 {
-                return Err(refuse("bad_version", format!("roots[{i}] is version {v}, expected {}", old.version + 1)));
-            }
-            let own = &env.signed.roles["root"];
-            verify_threshold("root", &env.canonical_signed, &env.signatures, &own.keyids, own.threshold, &env.signed.keys)
-                .map_err(|e| refuse("bad_signature", format!("roots[{i}] (v{v}) under its own keys: {e}")))?;
-            if env.is_expired(now) {
-                return Err(refuse("expired", format!("roots[{i}] (v{v}) expired at {}", env.signed.expires)));
-            }
-            if served.is_some_and(|served| served != bytes) {
-                return Err(refuse(
-                    "version_reused",
-                    format!("roots[{i}]: metadata/{v}.root.json was served before with other content (an interrupted publish); sign v{} instead", v + 1),
-                ));
-            }
-            new_roots.push((v, bytes));
-            root = env;
-        }
-        if !new_roots.is_empty() {
-            check_online_keys(&root.signed, &self.snapshot_key, &self.timestamp_key)
-                .map_err(|m| refuse("online_key_not_trusted", format!("{m}; configure the new online keys on the server first")))?;
-        }
-
-        // Targets roles: versions first (what is new, what is a retry).
-        let mut all = st.roles.clone();
-        let mut changed: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-        for (name, value) in roles {
-            if name != "targets" && (TOP_LEVEL_ROLES.contains(&name.as_str()) || name.is_empty()) {
-                return Err(refuse("invalid_metadata", format!("roles.{name}: a delegated role cannot be named like a top-level role")));
-            }
-            let bytes = pretty(value);
-            let env: Envelope<Targets> = Envelope::parse(&bytes, name).map_err(|e| refuse("invalid_metadata", format!("roles.{name}: {e}")))?;
-            let v = env.signed.version;
-            let file = format!("{v}.{}.json", quote_role(name));
-            let served = read_if_exists(&self.metadata_dir.join(&file))?;
-            if let Some(cur) = all.get(name) {
-                if v == cur.signed.version && served.as_deref() == Some(bytes.as_slice()) {
-                    continue; // already published: a retry
-                }
-                if v <= cur.signed.version {
-                    return Err(refuse(
-                        "stale_version",
-                        format!("roles.{name}: version {v} is not newer than the served version {}", cur.signed.version),
-                    ));
-                }
-            }
-            if served.is_some_and(|served| served != bytes) {
-                let highest = self.highest_served_version(name)?;
-                return Err(refuse(
-                    "version_reused",
-                    format!(
-                        "roles.{name}: metadata/{file} was served before with other content (an interrupted publish, or a role revoked \
-                         and delegated again); sign version {} or later",
-                        highest + 1
-                    ),
-                ));
-            }
-            if env.is_expired(now) {
-                return Err(refuse("expired", format!("roles.{name}: expired at {}", env.signed.expires)));
-            }
-            all.insert(name.clone(), env);
-            changed.insert(name.clone(), bytes);
-        }
-        let Some(top) = all.get("targets") else {
-            return Err(refuse("missing_targets", "the repository has no targets metadata yet; include roles.targets"));
-        };
-        {
-            let r = &root.signed.roles["targets"];
-            if let Err(e) = verify_threshold("targets", &top.canonical_signed, &top.signatures, &r.keyids, r.threshold, &root.signed.keys) {
-                return Err(if changed.contains_key("targets") {
-                    refuse("bad_signature", format!("roles.targets: {e}"))
-                } else {
-                    refuse("needs_resign", format!("served targets v{} does not verify under root v{} ({e}); re-sign it and include it", top.signed.version, root.signed.version))
-                });
-            }
-        }
-
-        // Delegated roles, as clients reach them: each through every delegator that
-        // names it, each target along a chain that delegates its path at every hop.
-        let graph = RoleGraph::new(all.iter().map(|(k, v)| (k.as_str(), v)));
-        let reachable: BTreeSet<String> = graph.reachable().into_iter().map(str::to_owned).collect();
-        for name in changed.keys() {
-            if !reachable.contains(name) {
-                return Err(refuse(
-                    "not_delegated",
-                    format!("roles.{name}: no delegation from targets (as served, with this upload) reaches role {name}"),
-                ));
-            }
-        }
-        for (parent, child, why) in graph.unverified_edges() {
-            if !reachable.contains(parent) {
-                continue;
-            }
-            return Err(if changed.contains_key(child) {
-                refuse("bad_signature", format!("roles.{child}: does not verify under the keys {parent} delegates to it: {why}"))
-            } else {
-                refuse(
-                    "needs_resign",
-                    format!(
-                        "served {child} v{} does not verify under the keys {parent} delegates to it after this upload ({why}); re-sign it and include it",
-                        all[child].signed.version
-                    ),
-                )
-            });
-        }
-        for name in changed.keys().filter(|n| n.as_str() != "targets") {
-            if let Some(bad) = all[name].signed.targets.keys().find(|p| !graph.may_delegate(name, p)) {
-                return Err(refuse(
-                    "target_outside_delegation",
-                    format!("roles.{name}: target {bad:?} is outside what the delegations give {name}: no chain from targets to {name} delegates that path at every hop"),
-                ));
-            }
-        }
-        drop(graph);
-        let removed: Vec<String> = all.keys().filter(|k| !reachable.contains(*k)).cloned().collect();
-        all.retain(|k, _| reachable.contains(k));
-
-        if new_roots.is_empty() && changed.is_empty() && removed.is_empty() {
-            return Ok(Self::outcome(&st, BTreeMap::new(), Vec::new(), true));
-        }
-
-        // Every target of a changed role must be present with its signed length and hash.
-        let mut placed: Vec<PlacedTarget> = Vec::new();
-        for name in changed.keys() {
-            for (path, tf) in &all[name].signed.targets {
-                let sha = tf.hashes.get("sha256").ok_or_else(|| {
-                    refuse("missing_sha256", format!("roles.{name}: target {path:?} has no sha256 hash (this server names targets by sha256)"))
-                })?;
-                if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(refuse("invalid_metadata", format!("roles.{name}: target {path:?} sha256 is not 64 hex digits")));
-                }
-                if path.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") {
-                    return Err(refuse("invalid_target_path", format!("roles.{name}: target path {path:?} has empty, '.' or '..' segments")));
-                }
-                let served_name = consistent_name(path, sha);
-                let served = self.targets_dir.join(&served_name);
-                let staged_name = sha.to_ascii_lowercase();
-                let staged = self.staging_dir.join(&staged_name);
-                let have = if served.exists() { Some(served.clone()) } else if staged.exists() { Some(staged.clone()) } else { None };
-                let Some(file) = have else {
-                    return Err(refuse(
-                        "target_not_uploaded",
-                        format!("roles.{name}: target {path:?} (sha256 {sha}) has not been uploaded; POST it to /api/v1/targets first"),
-                    ));
-                };
-                let len = std::fs::metadata(&file).map_err(|e| ServerError::io("stat", &file, e))?.len();
-                if len != tf.length {
-                    return Err(refuse(
-                        "length_mismatch",
-                        format!("roles.{name}: target {path:?} is signed as {} bytes, the uploaded file has {len}", tf.length),
-                    ));
-                }
-                if file == staged && !placed.iter().any(|p| p.served == served_name) {
-                    placed.push(PlacedTarget { staged: staged_name, served: served_name });
-                }
-                // A release's SBOM reference must point at a target this role signs with
-                // that hash and length; its class is the one its path names; the SBOM
-                // policy applies to releases added now.
-                if let Ok(Some(custom)) = FirmwareCustom::from_custom(tf.custom.as_ref(), path) {
-                    if let Some(why) = index::class_mismatch(path, &custom) {
-                        return Err(refuse("hardware_class_mismatch", format!("roles.{name}: {why}")));
-                    }
-                    match &custom.sbom {
-                        Some(sref) => {
-                            let signed = all[name].signed.targets.get(&sref.path);
-                            if !signed.is_some_and(|t| t.hashes.get("sha256") == Some(&sref.sha256) && t.length == sref.length) {
-                                return Err(refuse(
-                                    "sbom_mismatch",
-                                    format!(
-                                        "roles.{name}: target {path:?} names SBOM {:?} (sha256 {}, {} bytes), which this role does not sign with that hash and length",
-                                        sref.path, sref.sha256, sref.length
-                                    ),
-                                ));
-                            }
-                        }
-                        None if self.require_sbom && st.roles.get(name).is_none_or(|old| !old.signed.targets.contains_key(path)) => {
-                            return Err(refuse(
-                                "sbom_required",
-                                format!("roles.{name}: release target {path:?} has no SBOM, and this server's policy (repository.require_sbom) requires one"),
-                            ));
-                        }
-                        None => {}
-                    }
-                }
-            }
-        }
-
-        // Verified: one transaction. Versioned role files and the snapshot first, the
-        // unversioned copies, the new roots, timestamp.json, root.json.
-        let meta = all.iter().map(|(k, v)| (format!("{k}.json"), MetaFile::version_only(v.signed.version))).collect();
-        let mut next = State { root, roles: all, snapshot: st.snapshot.clone(), timestamp: st.timestamp.clone() };
-        let online = self.sign_online(&next, Some(meta), now)?;
-        let roles: Vec<(&str, u64, &[u8])> = changed.iter().map(|(k, b)| (k.as_str(), next.roles[k].signed.version, b.as_slice())).collect();
-        let mut tx = Transaction { targets: placed, files: transaction_files(&roles, &online, &new_roots)?, ..Transaction::default() };
-        tx.remove = removed.iter().map(|r| format!("{}.json", quote_role(r))).collect();
-        self.journal.run(&tx)?;
-        next.snapshot = Some(online.snapshot_env);
-        next.timestamp = Some(online.timestamp_env);
-        *st = next;
-        if !removed.is_empty() {
-            tracing::warn!(roles = ?removed, "roles no delegation reaches any more were dropped from the snapshot");
-        }
-        let versions = changed.keys().map(|k| (k.clone(), st.roles[k].signed.version)).collect();
-        Ok(Self::outcome(&st, versions, removed, false))
-    }
-
-    /// The highest version of `role` under `metadata/` (0 when none).
-    fn highest_served_version(&self, role: &str) -> Result<u64, ServerError> {
-        let suffix = format!(".{}.json", quote_role(role));
-        let mut highest = 0;
-        let entries = std::fs::read_dir(&self.metadata_dir).map_err(|e| ServerError::io("list", &self.metadata_dir, e))?;
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(v) = name.strip_suffix(&suffix).and_then(|v| v.parse::<u64>().ok()) {
-                highest = highest.max(v);
-            }
-        }
-        Ok(highest)
-    }
-
-    /// Signs a snapshot (when `meta` is given; its version is the next one no file
-    /// under `metadata/` has) and a timestamp for `st`.
-    fn sign_online(&self, st: &State, meta: Option<BTreeMap<String, MetaFile>>, now: DateTime<Utc>) -> Result<Online, ServerError> {
-        let now = whole_seconds(now);
-        let (snapshot, snapshot_env, snap_bytes) = match meta {
-            Some(meta) => {
-                let mut version = st.snapshot.as_ref().map(|s| s.signed.version + 1).unwrap_or(1);
-                // A number an interrupted publish of an older server left behind was
-                // perhaps served: never reuse it.
-                while self.metadata_dir.join(format!("{version}.snapshot.json")).exists() {
-                    version += 1;
-                }
-                let expires = now + chrono::Duration::from_std(self.snapshot_expiry).unwrap_or(chrono::Duration::days(7));
-                let body = tuf::metadata::new_snapshot(version, expires, meta);
-                let bytes = tuf::sign(&body, &[&self.snapshot_key]).map_err(|e| ServerError::proto("sign snapshot", e))?;
-                let env = Envelope::parse(&bytes, "snapshot").map_err(|e| ServerError::proto("snapshot", e))?;
-                (Some((version, bytes.clone())), env, bytes)
-            }
-            None => {
-                let env = st.snapshot.clone().ok_or_else(|| ServerError::State("no snapshot to re-time".into()))?;
-                let bytes = read(&self.metadata_dir.join(format!("{}.snapshot.json", env.signed.version)))?;
-                (None, env, bytes)
-            }
-        };
-        let version = st.timestamp.as_ref().map(|t| t.signed.version + 1).unwrap_or(1);
-        let expires = now + chrono::Duration::from_std(self.timestamp_expiry).unwrap_or(chrono::Duration::days(1));
-        let body = tuf::metadata::new_timestamp(version, expires, MetaFile::describing(snapshot_env.signed.version, &snap_bytes));
-        let timestamp = tuf::sign(&body, &[&self.timestamp_key]).map_err(|e| ServerError::proto("sign timestamp", e))?;
-        let timestamp_env = Envelope::parse(&timestamp, "timestamp").map_err(|e| ServerError::proto("timestamp", e))?;
-        Ok(Online { snapshot, snapshot_env, timestamp, timestamp_env })
-    }
-
-    /// Re-signs timestamp (and snapshot) when less than half their lifetime is left.
-    /// Returns what was re-signed.
-    pub async fn resign_if_due(&self, now: DateTime<Utc>) -> Result<Option<(u64, u64)>, ServerError> {
-        let mut st = self.state.lock().await;
-        self.settle(&mut st)?;
-        let (Some(ts), Some(snap)) = (st.timestamp.clone(), st.snapshot.clone()) else { return Ok(None) };
-        let left = |expires: Result<DateTime<Utc>, outpost_protocol::Error>| expires.map(|e| e - now).unwrap_or(chrono::Duration::zero());
-        let half = |d: Duration| chrono::Duration::from_std(d / 2).unwrap_or(chrono::Duration::zero());
-        let snapshot_due = left(snap.expires_at()) < half(self.snapshot_expiry);
-        let timestamp_due = left(ts.expires_at()) < half(self.timestamp_expiry);
-        if !snapshot_due && !timestamp_due {
-            return Ok(None);
-        }
-        let meta = snapshot_due.then(|| snap.signed.meta.clone());
-        let online = self.sign_online(&st, meta, now)?;
-        self.journal.run(&Transaction { files: transaction_files(&[], &online, &[])?, ..Transaction::default() })?;
-        st.snapshot = Some(online.snapshot_env);
-        st.timestamp = Some(online.timestamp_env);
-        Ok(Some((
-            st.snapshot.as_ref().map(|s| s.signed.version).unwrap_or(0),
-            st.timestamp.as_ref().map(|t| t.signed.version).unwrap_or(0),
-        )))
-    }
-}
-
-/// The metadata files of a transaction, in the order they become visible: versioned
-/// role files and snapshot (new names no client looks for yet), their unversioned
-/// copies, the new roots, `timestamp.json` (what clients start from), `root.json`.
-/// The roots come right before the timestamp so that a client sees a new root and the
-/// metadata it signs as close together as static files allow.
-fn transaction_files(roles: &[(&str, u64, &[u8])], online: &Online, roots: &[(u64, Vec<u8>)]) -> Result<Vec<MetadataFile>, ServerError> {
-    let mut files = Vec::new();
-    for (name, version, bytes) in roles {
-        files.push(MetadataFile::new(format!("{version}.{}.json", quote_role(name)), bytes)?);
-    }
-    if let Some((version, bytes)) = &online.snapshot {
-        files.push(MetadataFile::new(format!("{version}.snapshot.json"), bytes)?);
-    }
-    for (name, _, bytes) in roles {
-        files.push(MetadataFile::new(format!("{}.json", quote_role(name)), bytes)?);
-    }
-    if let Some((_, bytes)) = &online.snapshot {
-        files.push(MetadataFile::new("snapshot.json", bytes)?);
-    }
-    for (version, bytes) in roots {
-        files.push(MetadataFile::new(format!("{version}.root.json"), bytes)?);
-    }
-    files.push(MetadataFile::new("timestamp.json", &online.timestamp)?);
-    if let Some((_, bytes)) = roots.last() {
-        files.push(MetadataFile::new("root.json", bytes)?);
-    }
-    Ok(files)
 }
 
 /// Uploads interrupted by a crash or shutdown are never published: drop them.
