@@ -116,7 +116,7 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
             bundle.version,
             body.version,
             match &pushed {
-                Some(p) => format!("; uploaded: {}", p["summary"].as_str().unwrap_or("")),
+                Some(p) => format!("; uploaded: {}", p.summary),
                 None => format!("; offline in {}", repo.dir.display()),
             }
         ),

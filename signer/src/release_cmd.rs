@@ -402,7 +402,7 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
             artifacts.iter().map(|a| format!("{} [{} bytes]", a.path, a.length)).collect::<Vec<_>>().join(", "),
             body.version,
             match &pushed {
-                Some(p) => format!("; uploaded: {}", p["summary"].as_str().unwrap_or("")),
+                Some(p) => format!("; uploaded: {}", p.summary),
                 None => format!("; offline in {}", repo.dir.display()),
             }
         ),
@@ -424,7 +424,7 @@ pub(crate) async fn commit_role(
     expires: Option<Duration>,
     server: Option<&crate::upload::Server>,
     out: &Output,
-) -> Result<Option<serde_json::Value>> {
+) -> Result<Option<crate::upload::PushReport>> {
     body.version += 1;
     let secs = expires.map(|d| d.as_secs().max(1)).unwrap_or(repo.settings.targets_expires_secs);
     body.expires = outpost_protocol::tuf::format_expires(repo.expires(secs));
