@@ -228,50 +228,31 @@ async fn publish_denylist(
     out: &Output,
 ) -> Result<()> {
     use outpost_sbom::denylist::{DenyList, DENYLIST_TARGET};
-    let repo = crate::localrepo::LocalRepo::open(repo_dir)?;
-    let server = server.optional()?;
-    let keys = crate::keyfile::load_all_signing(keys)?;
+    let s = crate::role_edit::Signing {
+        repo: crate::localrepo::LocalRepo::open(repo_dir)?,
+        server: server.optional()?,
+        keys: crate::keyfile::load_all_signing(keys)?,
+        expires: None,
+    };
     let bytes = std::fs::read(file).map_err(|e| SignerError::io("read", file, e))?;
     let list = DenyList::parse(&bytes).map_err(|e| SignerError::Usage(format!("{}: {e}", file.display())))?;
     let role = match role {
         Some(r) => r,
-        None => crate::release_cmd::role_for_path(&repo, DENYLIST_TARGET)?,
+        None => crate::role_edit::role_for_path(&s.repo, DENYLIST_TARGET)?,
     };
     if role == "targets" || role.starts_with("firmware") {
         return Err(SignerError::Usage(format!(
             "the deny-list must be signed by its own delegation (e.g. `repo delegate --role security --paths 'security/*'`), not {role}"
         )));
     }
-    let (env, _) = repo.role(&role)?.ok_or_else(|| SignerError::Usage(format!("role {role} has no metadata yet")))?;
+    let mut body = s.role_body(&role)?;
     let sha256 = outpost_protocol::hashing::sha256_hex(&bytes);
-    let mut body = env.signed.clone();
-    let mut hashes = std::collections::BTreeMap::new();
-    hashes.insert("sha256".to_owned(), sha256.clone());
-    body.targets.insert(
-        DENYLIST_TARGET.to_owned(),
-        outpost_protocol::tuf::TargetFile { length: bytes.len() as u64, hashes, custom: None, extra: Default::default() },
-    );
-    body.version += 1;
-    body.expires = outpost_protocol::tuf::format_expires(repo.expires(repo.settings.targets_expires_secs));
-    let signed = repo.sign_role(&role, &body, &keys)?;
-    let staging = repo.dir.join(".staging");
-    std::fs::create_dir_all(&staging).map_err(|e| SignerError::io("create", &staging, e))?;
-    let tmp = staging.join(format!("{sha256}.denylist.json"));
+    body.targets.insert(DENYLIST_TARGET.to_owned(), crate::role_edit::target_file(bytes.len() as u64, &sha256, None));
+    let tmp = crate::role_edit::staging_dir(&s.repo)?.join(format!("{sha256}.denylist.json"));
     crate::localrepo::write_atomic(&tmp, &bytes)?;
-    if server.is_none() {
-        let dest = repo.target_file_path(DENYLIST_TARGET, &sha256);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| SignerError::io("create", parent, e))?;
-        }
-        std::fs::copy(&tmp, &dest).map_err(|e| SignerError::io("copy target to", &dest, e))?;
-    }
-    repo.write_role(&role, body.version, &signed)?;
-    repo.resign_online()?;
-    let pushed = match &server {
-        Some(s) => Some(crate::upload::push(&repo, s, &[(DENYLIST_TARGET, tmp.as_path())], out).await?),
-        None => None,
-    };
+    let pushed = s.commit(&role, &mut body, &[(DENYLIST_TARGET, tmp.as_path(), sha256.as_str())], out).await;
     let _ = std::fs::remove_file(&tmp);
+    let pushed = pushed?;
     let affected = list.entries.iter().filter(|e| e.status == outpost_sbom::denylist::Status::Affected).count();
     out.emit(
         &json!({"target": DENYLIST_TARGET, "sha256": sha256, "role": role, "role_version": body.version, "entries": list.entries.len(),
