@@ -1,13 +1,10 @@
 //! `outpost device ...`: one-time enrollment tokens and the fleet's attestation state,
 //! through the server's operator API.
 
-use std::collections::BTreeMap;
-
 use clap::Subcommand;
-use outpost_protocol::api::devices::{DeviceDetail, DeviceLabels, DeviceList, ListedDevice};
-use outpost_protocol::api::tokens::EnrollmentToken;
+use outpost_protocol::api::devices::{DeviceDetail, DeviceLabels, DeviceList, LabelsRequest, ListedDevice};
+use outpost_protocol::api::tokens::{EnrollmentToken, TokenRequest};
 use outpost_protocol::attest::DeviceHealth;
-use serde_json::json;
 
 use crate::error::Result;
 use crate::output::Output;
@@ -107,8 +104,7 @@ fn device_table(list: &DeviceList) -> String {
 pub async fn run(cmd: DeviceCommand, out: &Output) -> Result<()> {
     match cmd {
         DeviceCommand::Token(TokenCommand::Create { hardware_class, ttl, labels, server }) => {
-            let labels: BTreeMap<String, String> = labels.into_iter().collect();
-            let body = json!({"hardware_class": hardware_class, "ttl": ttl, "labels": labels});
+            let body = TokenRequest { hardware_class, ttl: Some(ttl), labels: labels.into_iter().collect() };
             let t: EnrollmentToken = server.require()?.post_json("enrollment token", "/api/v1/device-tokens", &body).await?;
             out.emit(&t, &format!("{}\n(enrolls one {} device; expires {})", t.token, t.hardware_class, t.expires_at));
         }
@@ -117,9 +113,9 @@ pub async fn run(cmd: DeviceCommand, out: &Output) -> Result<()> {
             out.emit(&list, &device_table(&list));
         }
         DeviceCommand::Label { device_id, labels, server } => {
-            let labels: BTreeMap<String, String> = labels.into_iter().collect();
+            let body = LabelsRequest { labels: labels.into_iter().collect() };
             let path = format!("/api/v1/devices/{}/labels", enc(&device_id));
-            let v: DeviceLabels = server.require()?.send_json(reqwest::Method::PUT, "device labels", &path, &json!({"labels": labels})).await?;
+            let v: DeviceLabels = server.require()?.send_json(reqwest::Method::PUT, "device labels", &path, &body).await?;
             out.emit(&v, &format!("{device_id}: {}", serde_json::to_string(&v.labels).unwrap_or_default()));
         }
         DeviceCommand::Show { device_id, server } => {
@@ -128,4 +124,24 @@ pub async fn run(cmd: DeviceCommand, out: &Output) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_device_table_flags_quarantine_and_vulnerable_releases() -> Result<(), serde_json::Error> {
+        let list: DeviceList = serde_json::from_value(json!({"devices": [{
+            "device_id": "d1", "hardware_class": "gw", "has_ek_certificate": false, "enrolled_at": "t", "last_checkin_at": null,
+            "slot": null, "version": null, "image_sha256": null, "sbom_sha256": null, "health": "rolled_back", "attestation": "failed",
+            "attestation_reason": "unknown image", "attested_at": null, "quarantined": true, "labels": {}, "policy": null, "vulnerable": ["CVE-1"]
+        }]}))?;
+        let table = device_table(&list);
+        let row = table.lines().nth(1).unwrap_or_default();
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells, ["d1", "gw", "-", "-", "rolled_back", "QUARANTINED", "VULNERABLE(CVE-1)", "unknown", "image"]);
+        Ok(())
+    }
 }

@@ -32,3 +32,18 @@ impl Output {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[derive(serde::Serialize)]
+    struct Unordered {
+        zeta: u8,
+        alpha: u8,
+    }
+
+    #[test]
+    fn json_output_sorts_keys_whatever_the_field_order() {
+        assert_eq!(super::compact(&Unordered { zeta: 1, alpha: 2 }), r#"{"alpha":2,"zeta":1}"#);
+        assert_eq!(super::pretty(&Unordered { zeta: 1, alpha: 2 }), "{\n  \"alpha\": 2,\n  \"zeta\": 1\n}");
+    }
+}

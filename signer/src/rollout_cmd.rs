@@ -5,9 +5,8 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
-use outpost_protocol::api::rollouts::{RolloutList, RolloutView, WaveView};
+use outpost_protocol::api::rollouts::{ActionRequest, CreateRollout, RolloutList, RolloutView, WaveRequest, WaveView};
 use outpost_protocol::rollout::{Cause, Gate, PauseReason, State};
-use serde_json::{json, Value};
 
 use crate::device_cmd::{enc, parse_label};
 use crate::error::{Result, SignerError};
@@ -227,11 +226,11 @@ pub fn render(r: &RolloutView) -> String {
 pub async fn run(cmd: RolloutCommand, out: &Output) -> Result<()> {
     match cmd {
         RolloutCommand::Create(a) => create(a, out).await,
-        RolloutCommand::Start { id, server } => act(server, &id, "start", json!({}), out).await,
-        RolloutCommand::Pause { id, server } => act(server, &id, "pause", json!({}), out).await,
-        RolloutCommand::Resume { id, server } => act(server, &id, "resume", json!({}), out).await,
-        RolloutCommand::Advance { id, server } => act(server, &id, "advance", json!({}), out).await,
-        RolloutCommand::Abort { id, roll_back, server } => act(server, &id, "abort", json!({"roll_back": roll_back}), out).await,
+        RolloutCommand::Start { id, server } => act(server, &id, "start", ActionRequest::default(), out).await,
+        RolloutCommand::Pause { id, server } => act(server, &id, "pause", ActionRequest::default(), out).await,
+        RolloutCommand::Resume { id, server } => act(server, &id, "resume", ActionRequest::default(), out).await,
+        RolloutCommand::Advance { id, server } => act(server, &id, "advance", ActionRequest::default(), out).await,
+        RolloutCommand::Abort { id, roll_back, server } => act(server, &id, "abort", ActionRequest { roll_back: Some(roll_back) }, out).await,
         RolloutCommand::Status(a) => status(a, out).await,
         RolloutCommand::List { server } => {
             let list: RolloutList = server.require()?.get_json("rollout list", "/api/v1/rollouts").await?;
@@ -247,23 +246,24 @@ pub async fn run(cmd: RolloutCommand, out: &Output) -> Result<()> {
 
 async fn create(a: CreateArgs, out: &Output) -> Result<()> {
     let server = a.server.require()?;
-    let plan: Vec<Value> = a
-        .waves
-        .iter()
-        .map(|p| {
-            json!({"percent": p, "success_threshold": a.success_threshold, "failure_threshold": a.failure_threshold,
-                   "min_devices": a.min_devices, "soak_secs": a.soak.as_secs()})
-        })
-        .collect();
-    let labels: std::collections::BTreeMap<String, String> = a.labels.into_iter().collect();
-    let mut body = json!({"version": a.version, "hardware_class": a.hardware_class, "labels": labels, "waves": plan,
-                          "gate": Gate::from(a.gate)});
-    if let Some(name) = a.name {
-        body["name"] = json!(name);
-    }
+    let wave = |percent: f64| WaveRequest {
+        percent,
+        success_threshold: a.success_threshold,
+        failure_threshold: a.failure_threshold,
+        min_devices: i64::from(a.min_devices),
+        soak_secs: i64::try_from(a.soak.as_secs()).unwrap_or(i64::MAX),
+    };
+    let body = CreateRollout {
+        name: a.name.clone(),
+        version: a.version.clone(),
+        hardware_class: a.hardware_class.clone(),
+        labels: a.labels.iter().cloned().collect(),
+        waves: a.waves.iter().map(|p| wave(*p)).collect(),
+        gate: a.gate.into(),
+    };
     let mut v: RolloutView = server.post_json("create rollout", "/api/v1/rollouts", &body).await?;
     if a.start {
-        v = server.post_json("start rollout", &format!("/api/v1/rollouts/{}/start", enc(&v.id)), &json!({})).await?;
+        v = server.post_json("start rollout", &format!("/api/v1/rollouts/{}/start", enc(&v.id)), &ActionRequest::default()).await?;
     }
     out.emit(&v, &render(&v));
     Ok(())
@@ -296,7 +296,7 @@ async fn status(a: StatusArgs, out: &Output) -> Result<()> {
     }
 }
 
-async fn act(server: ServerArgs, id: &str, action: &str, body: Value, out: &Output) -> Result<()> {
+async fn act(server: ServerArgs, id: &str, action: &str, body: ActionRequest, out: &Output) -> Result<()> {
     let server = server.require()?;
     if id.is_empty() {
         return Err(SignerError::Usage("a rollout id is needed (see `outpost rollout list`)".into()));
@@ -304,4 +304,48 @@ async fn act(server: ServerArgs, id: &str, action: &str, body: Value, out: &Outp
     let v: RolloutView = server.post_json(&format!("{action} rollout"), &format!("/api/v1/rollouts/{}/{action}", enc(id)), &body).await?;
     out.emit(&v, &render(&v));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn view(state: serde_json::Value, state_name: &str) -> Result<RolloutView, serde_json::Error> {
+        serde_json::from_value(json!({
+            "id": "ro_1", "name": "gw 1.2.0", "hardware_class": "gw", "labels": {"ring": "canary"},
+            "release": {"path": "firmware/gw/1.2.0/fw.img", "length": 1, "sha256": "ab", "version": "1.2.0", "measurement": "ab", "sbom_sha256": null},
+            "gate": "manual", "state": state, "state_name": state_name, "created_by": "ops", "created_at": "t",
+            "waves": [{"wave": 0, "percent": 50.0, "success_threshold": 0.95, "failure_threshold": 0.05, "min_devices": 1, "soak_secs": 0,
+                       "current": true, "assigned": 2, "installing": 0, "healthy": 1, "rolled_back": 1, "attestation_failed": 0, "planned": 4}],
+            "events": [{"at": "t1", "from": "running", "to": "paused", "cause": {"kind": "failure_threshold", "wave": 0, "failed": 1, "assigned": 2}}],
+            "devices": [{"device_id": "d1", "wave": 0, "status": "rolled_back", "reason": "health", "assigned_at": "t0", "updated_at": "t1"}]
+        }))
+    }
+
+    #[test]
+    fn a_paused_rollout_reads_with_its_reason_counters_and_devices() -> Result<(), serde_json::Error> {
+        let paused = json!({"state": "paused", "wave": 0, "wave_started_at": 1,
+                            "reason": {"kind": "failure_threshold", "wave": 0, "failed": 1, "assigned": 2, "threshold": 0.05}});
+        let text = render(&view(paused, "paused")?);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "rollout ro_1 \"gw 1.2.0\": paused in wave 0 of 1: 1 of 2 devices failed in waves 0-0 (failure threshold 0.05)");
+        assert_eq!(lines[1], "release 1.2.0 (firmware/gw/1.2.0/fw.img)  class gw  labels {\"ring\":\"canary\"}  gate manual");
+        assert!(lines[3].starts_with("> 0         50%         2           0        1            1            0  success>=0.95 fail>=0.05 min 1 soak 0s"), "{}", lines[3]);
+        assert!(lines[3].ends_with("(would expose 4 selected device(s))"), "{}", lines[3]);
+        assert_eq!(lines[5], "  t1  running -> paused  failure threshold: 1 of 2 failed (wave 0)");
+        assert!(lines[7].contains("d1") && lines[7].contains("rolled_back") && lines[7].ends_with("health"), "{}", lines[7]);
+        Ok(())
+    }
+
+    #[test]
+    fn other_states_read_in_words() -> Result<(), serde_json::Error> {
+        let aborted = view(json!({"state": "aborted", "at": 2, "by": "ops", "roll_back": true}), "aborted")?;
+        assert_eq!(state_line(&aborted), "aborted by ops (rolling back)");
+        assert!(aborted.ended());
+        let waiting = view(json!({"state": "awaiting_approval", "wave": 0, "wave_started_at": 1}), "awaiting_approval")?;
+        assert_eq!(state_line(&waiting), "awaiting_approval in wave 0 of 1 (passed; `outpost rollout advance` opens the next wave)");
+        assert_eq!(state_line(&view(json!({"state": "draft"}), "draft")?), "draft");
+        Ok(())
+    }
 }

@@ -95,6 +95,13 @@ pub struct DeviceDetail {
     pub reports: Vec<ReportRow>,
 }
 
+/// `PUT /api/v1/devices/{id}/labels` body: the device's new labels (replacing all).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelsRequest {
+    pub labels: BTreeMap<String, String>,
+}
+
 /// `PUT /api/v1/devices/{id}/labels`: the device's labels now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceLabels {
@@ -146,6 +153,7 @@ mod tests {
         assert_eq!(detail.attestations[0].verdict, Verdict::Attested);
         let labels: DeviceLabels = round_trip(json!({"device_id": "d1", "labels": {"ring": "canary"}}));
         assert_eq!(labels.labels.len(), 1);
+        let _: LabelsRequest = round_trip(json!({"labels": {"ring": "canary"}}));
     }
 
     #[test]

@@ -7,6 +7,49 @@ use serde::{Deserialize, Serialize};
 
 use crate::rollout::{Cause, Gate, State};
 
+/// One wave of `POST /api/v1/rollouts` (signed numbers, so the server can name a
+/// negative value rather than fail to parse it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaveRequest {
+    pub percent: f64,
+    pub success_threshold: f64,
+    pub failure_threshold: f64,
+    #[serde(default)]
+    pub min_devices: i64,
+    #[serde(default)]
+    pub soak_secs: i64,
+}
+
+/// `POST /api/v1/rollouts` body: a draft rollout of release `version` of a class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRollout {
+    /// Default: "<class> <version>".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub version: String,
+    pub hardware_class: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub waves: Vec<WaveRequest>,
+    #[serde(default = "auto_gate")]
+    pub gate: Gate,
+}
+
+fn auto_gate() -> Gate {
+    Gate::Auto
+}
+
+/// `POST /api/v1/rollouts/{id}/{action}` body: empty for every action but `abort`,
+/// which may roll back the devices the rollout reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roll_back: Option<bool>,
+}
+
 /// The signed full-image release a rollout assigns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutRelease {
@@ -167,6 +210,13 @@ mod tests {
         assert_eq!(v.waves[1].planned, None);
         assert_eq!(v.devices.as_ref().map(|d| d[0].status), Some(AssignmentStatus::RolledBack));
         assert!(v.ended());
+        let create: CreateRollout = round_trip(json!({
+            "version": "1.2.0", "hardware_class": "gw", "labels": {}, "gate": "auto",
+            "waves": [{"percent": 10.0, "success_threshold": 0.95, "failure_threshold": 0.05, "min_devices": 1, "soak_secs": 1800}]
+        }));
+        assert_eq!(create.name, None);
+        assert_eq!(serde_json::to_value(ActionRequest::default()).ok(), Some(json!({})));
+        let _: ActionRequest = round_trip(json!({"roll_back": true}));
         let list: RolloutList = round_trip(json!({"rollouts": [rollout(json!({"state": "draft"}), "draft")]}));
         assert_eq!(list.rollouts[0].devices, None);
     }
