@@ -2,6 +2,7 @@
 //! signatures, the client's trusted metadata set) and release metadata. No I/O;
 //! the clock is always passed in.
 
+pub mod api;
 pub mod attest;
 pub mod cjson;
 pub mod codec;

@@ -1,12 +1,8 @@
 //! Command-line interface of `outpost`.
 
-use std::path::PathBuf;
-
 use clap::{Parser, Subcommand};
-use serde_json::json;
 
 use crate::error::Result;
-use crate::keyfile;
 use crate::output::Output;
 
 #[derive(Debug, Parser)]
@@ -33,7 +29,7 @@ pub struct Cli {
 pub enum Command {
     /// Generate and inspect ed25519 signing keys.
     #[command(subcommand)]
-    Keys(KeysCommand),
+    Keys(crate::keys_cmd::KeysCommand),
     /// Create and maintain the TUF repository (root, delegations, push).
     #[command(subcommand)]
     Repo(crate::repo_cmd::RepoCommand),
@@ -58,68 +54,20 @@ pub enum Command {
     Sbom(crate::sbom_cmd::SbomCommand),
     /// Check a file against the Sigstore signature and/or bundle `release publish` wrote
     /// beside it (cosign sign-blob format), with the PEM public key.
-    VerifyBlob {
-        /// PEM public key (REPO/sigstore/<keyid>.pub.pem).
-        #[arg(long)]
-        key: PathBuf,
-        /// cosign sign-blob signature (FILE.sig).
-        #[arg(long)]
-        signature: Option<PathBuf>,
-        /// Sigstore bundle (FILE.sigstore.json).
-        #[arg(long)]
-        bundle: Option<PathBuf>,
-        file: PathBuf,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum KeysCommand {
-    /// Write a new private key to FILE (mode 0600) and its public key to FILE.pub.
-    Generate {
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Show a key file's TUF key id and public key (never the private part).
-    Show { file: PathBuf },
+    VerifyBlob(crate::sigstore_out::VerifyBlobArgs),
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
     let out = Output { json: cli.json };
     match cli.command {
-        Command::Keys(KeysCommand::Generate { out: path }) => {
-            let key = keyfile::generate(&path)?;
-            out.emit(
-                &json!({"keyid": key.key_id(), "keytype": "ed25519", "public": key.public().keyval.public, "private_key_file": path, "public_key_file": keyfile::pub_path(&path)}),
-                &format!("{}  (private: {}, public: {})", key.key_id(), path.display(), keyfile::pub_path(&path).display()),
-            );
-            Ok(())
-        }
-        Command::Keys(KeysCommand::Show { file }) => {
-            let key = keyfile::load(&file)?;
-            let id = key.key_id().map_err(|e| crate::error::SignerError::proto("key id", e))?;
-            out.emit(
-                &json!({"keyid": id, "keytype": key.public().keytype, "scheme": key.public().scheme, "public": key.public().keyval.public, "has_private": key.signing().is_some()}),
-                &format!(
-                    "keyid:   {id}\ntype:    {}\npublic:  {}\nprivate: {}",
-                    key.public().keytype,
-                    key.public().keyval.public,
-                    if key.signing().is_some() { "present in this file (not shown)" } else { "no" }
-                ),
-            );
-            Ok(())
-        }
+        Command::Keys(cmd) => crate::keys_cmd::run(cmd, &out),
         Command::Repo(cmd) => crate::repo_cmd::run(cmd, &out).await,
         Command::Device(cmd) => crate::device_cmd::run(cmd, &out).await,
         Command::Director(cmd) => crate::director_cmd::run(cmd, &out).await,
         Command::Sbom(cmd) => crate::sbom_cmd::run(cmd, &out).await,
         Command::Rollout(cmd) => crate::rollout_cmd::run(cmd, &out).await,
         Command::Policy(cmd) => crate::policy_cmd::run(cmd, &out).await,
-        Command::VerifyBlob { key, signature, bundle, file } => {
-            let pem = std::fs::read(&key).map_err(|e| crate::error::SignerError::io("read", &key, e))?;
-            crate::sigstore_out::verify_file(&pem, &file, signature.as_deref(), bundle.as_deref())?;
-            out.emit(&json!({"verified": true, "file": file}), &format!("verified {}", file.display()));
-            Ok(())
-        }
+        Command::VerifyBlob(a) => crate::sigstore_out::run(a, &out),
         Command::Release(cmd) => crate::release_cmd::run(cmd, &out).await,
     }
 }

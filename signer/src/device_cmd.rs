@@ -2,7 +2,9 @@
 //! through the server's operator API.
 
 use clap::Subcommand;
-use serde_json::{json, Value};
+use outpost_protocol::api::devices::{DeviceDetail, DeviceLabels, DeviceList, LabelsRequest, ListedDevice};
+use outpost_protocol::api::tokens::{EnrollmentToken, TokenRequest};
+use outpost_protocol::attest::DeviceHealth;
 
 use crate::error::Result;
 use crate::output::Output;
@@ -59,60 +61,87 @@ pub enum TokenCommand {
     },
 }
 
-fn s(v: &Value, k: &str) -> String {
-    v.get(k).and_then(Value::as_str).unwrap_or("-").to_owned()
+/// A device id as one URL path segment.
+pub(crate) fn enc(id: &str) -> String {
+    percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+fn or_dash(v: Option<&str>) -> &str {
+    v.unwrap_or("-")
+}
+
+fn health_name(h: DeviceHealth) -> &'static str {
+    match h {
+        DeviceHealth::Healthy => "healthy",
+        DeviceHealth::Updating => "updating",
+        DeviceHealth::Trial => "trial",
+        DeviceHealth::RolledBack => "rolled_back",
+    }
+}
+
+/// The device table of `device list`.
+fn device_table(list: &DeviceList) -> String {
+    let mut lines = vec![format!("{:<36} {:<12} {:<10} {:<5} {:<10} {:<9} reason", "device", "class", "version", "slot", "health", "verdict")];
+    for ListedDevice { device: d, vulnerable } in &list.devices {
+        let mut verdict = if d.quarantined { "QUARANTINED".to_owned() } else { d.attestation.as_str().to_owned() };
+        if !vulnerable.is_empty() {
+            verdict.push_str(&format!(" VULNERABLE({})", vulnerable.join(",")));
+        }
+        lines.push(format!(
+            "{:<36} {:<12} {:<10} {:<5} {:<10} {:<9} {}",
+            d.device_id,
+            d.hardware_class,
+            or_dash(d.version.as_deref()),
+            or_dash(d.slot.as_deref()),
+            or_dash(d.health.map(health_name)),
+            verdict,
+            d.attestation_reason.as_deref().unwrap_or("")
+        ));
+    }
+    lines.join("\n")
 }
 
 pub async fn run(cmd: DeviceCommand, out: &Output) -> Result<()> {
     match cmd {
         DeviceCommand::Token(TokenCommand::Create { hardware_class, ttl, labels, server }) => {
-            let server = server.require()?;
-            let labels: std::collections::BTreeMap<String, String> = labels.into_iter().collect();
-            let v = server
-                .post_json("enrollment token", "/api/v1/device-tokens", &json!({"hardware_class": hardware_class, "ttl": ttl, "labels": labels}))
-                .await?;
-            out.emit(&v, &format!("{}\n(enrolls one {} device; expires {})", s(&v, "token"), s(&v, "hardware_class"), s(&v, "expires_at")));
-            Ok(())
+            let body = TokenRequest { hardware_class, ttl: Some(ttl), labels: labels.into_iter().collect() };
+            let t: EnrollmentToken = server.require()?.post_json("enrollment token", "/api/v1/device-tokens", &body).await?;
+            out.emit(&t, &format!("{}\n(enrolls one {} device; expires {})", t.token, t.hardware_class, t.expires_at));
         }
         DeviceCommand::List { server } => {
-            let server = server.require()?;
-            let v = server.get_json("device list", "/api/v1/devices").await?;
-            let mut lines = vec![format!("{:<36} {:<12} {:<10} {:<5} {:<10} {:<9} reason", "device", "class", "version", "slot", "health", "verdict")];
-            for d in v.get("devices").and_then(Value::as_array).into_iter().flatten() {
-                let mut verdict = if d.get("quarantined").and_then(Value::as_bool) == Some(true) { "QUARANTINED".to_owned() } else { s(d, "attestation") };
-                let vulnerable: Vec<&str> = d.get("vulnerable").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
-                if !vulnerable.is_empty() {
-                    verdict.push_str(&format!(" VULNERABLE({})", vulnerable.join(",")));
-                }
-                lines.push(format!(
-                    "{:<36} {:<12} {:<10} {:<5} {:<10} {:<9} {}",
-                    s(d, "device_id"),
-                    s(d, "hardware_class"),
-                    s(d, "version"),
-                    s(d, "slot"),
-                    s(d, "health"),
-                    verdict,
-                    d.get("attestation_reason").and_then(Value::as_str).unwrap_or("")
-                ));
-            }
-            out.emit(&v, &lines.join("\n"));
-            Ok(())
+            let list: DeviceList = server.require()?.get_json("device list", "/api/v1/devices").await?;
+            out.emit(&list, &device_table(&list));
         }
         DeviceCommand::Label { device_id, labels, server } => {
-            let server = server.require()?;
-            let labels: std::collections::BTreeMap<String, String> = labels.into_iter().collect();
-            let path = format!("/api/v1/devices/{}/labels", percent_encoding::utf8_percent_encode(&device_id, percent_encoding::NON_ALPHANUMERIC));
-            let v = server.send_json(reqwest::Method::PUT, "device labels", &path, &json!({"labels": labels})).await?;
-            out.emit(&v, &format!("{device_id}: {}", v.get("labels").map(Value::to_string).unwrap_or_default()));
-            Ok(())
+            let body = LabelsRequest { labels: labels.into_iter().collect() };
+            let path = format!("/api/v1/devices/{}/labels", enc(&device_id));
+            let v: DeviceLabels = server.require()?.send_json(reqwest::Method::PUT, "device labels", &path, &body).await?;
+            out.emit(&v, &format!("{device_id}: {}", serde_json::to_string(&v.labels).unwrap_or_default()));
         }
         DeviceCommand::Show { device_id, server } => {
-            let server = server.require()?;
-            let path = format!("/api/v1/devices/{}", percent_encoding::utf8_percent_encode(&device_id, percent_encoding::NON_ALPHANUMERIC));
-            let v = server.get_json("device", &path).await?;
-            let human = serde_json::to_string_pretty(&v).unwrap_or_default();
-            out.emit(&v, &human);
-            Ok(())
+            let v: DeviceDetail = server.require()?.get_json("device", &format!("/api/v1/devices/{}", enc(&device_id))).await?;
+            out.emit(&v, &crate::output::pretty(&v));
         }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_device_table_flags_quarantine_and_vulnerable_releases() -> Result<(), serde_json::Error> {
+        let list: DeviceList = serde_json::from_value(json!({"devices": [{
+            "device_id": "d1", "hardware_class": "gw", "has_ek_certificate": false, "enrolled_at": "t", "last_checkin_at": null,
+            "slot": null, "version": null, "image_sha256": null, "sbom_sha256": null, "health": "rolled_back", "attestation": "failed",
+            "attestation_reason": "unknown image", "attested_at": null, "quarantined": true, "labels": {}, "policy": null, "vulnerable": ["CVE-1"]
+        }]}))?;
+        let table = device_table(&list);
+        let row = table.lines().nth(1).unwrap_or_default();
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cells, ["d1", "gw", "-", "-", "rolled_back", "QUARANTINED", "VULNERABLE(CVE-1)", "unknown", "image"]);
+        Ok(())
     }
 }

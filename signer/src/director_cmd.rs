@@ -12,7 +12,6 @@ use clap::{Args, Subcommand};
 use outpost_protocol::director;
 use outpost_protocol::keys::{LoadedKey, PublicKey};
 use outpost_protocol::tuf::metadata::{Envelope, Root};
-use outpost_protocol::tuf::TargetFile;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -20,7 +19,7 @@ use crate::error::{Result, SignerError};
 use crate::keyfile;
 use crate::localrepo::{parse_duration, LocalRepo};
 use crate::output::Output;
-use crate::release_cmd::commit_role;
+use crate::role_edit::{commit_role, target_file};
 
 #[derive(Debug, Subcommand)]
 pub enum DirectorCommand {
@@ -31,10 +30,24 @@ pub enum DirectorCommand {
     Rotate(RotateArgs),
 }
 
+/// Where a director root version is signed into: the image repository, its top-level
+/// targets role's keys, and the server to upload to.
 #[derive(Debug, Args)]
-pub struct InitArgs {
+pub struct TargetsSignArgs {
     #[arg(long)]
     pub repo: PathBuf,
+    /// Private keys of the image repository's top-level targets role.
+    #[arg(long = "sign-key", required = true)]
+    pub sign_keys: Vec<PathBuf>,
+    /// How long the director root version stays valid.
+    #[arg(long, default_value = "3650d", value_parser = parse_duration)]
+    pub expires: Duration,
+    #[command(flatten)]
+    pub server: crate::upload::ServerArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
     /// Director root keys (offline; private, repeat for each). They sign director roots.
     #[arg(long = "root-key", required = true)]
     pub root_keys: Vec<PathBuf>,
@@ -44,19 +57,12 @@ pub struct InitArgs {
     /// The online director key the server will sign assignments with (public or private).
     #[arg(long)]
     pub director_key: PathBuf,
-    /// Private keys of the image repository's top-level targets role.
-    #[arg(long = "sign-key", required = true)]
-    pub sign_keys: Vec<PathBuf>,
-    #[arg(long, default_value = "3650d", value_parser = parse_duration)]
-    pub expires: Duration,
     #[command(flatten)]
-    pub server: crate::upload::ServerArgs,
+    pub target: TargetsSignArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct RotateArgs {
-    #[arg(long)]
-    pub repo: PathBuf,
     /// Private keys to sign with: enough of the current director root keys, and of the
     /// new ones when they change.
     #[arg(long = "root-key", required = true)]
@@ -70,13 +76,8 @@ pub struct RotateArgs {
     /// The new online director key (default: unchanged).
     #[arg(long)]
     pub director_key: Option<PathBuf>,
-    /// Private keys of the image repository's top-level targets role.
-    #[arg(long = "sign-key", required = true)]
-    pub sign_keys: Vec<PathBuf>,
-    #[arg(long, default_value = "3650d", value_parser = parse_duration)]
-    pub expires: Duration,
     #[command(flatten)]
-    pub server: crate::upload::ServerArgs,
+    pub target: TargetsSignArgs,
 }
 
 pub async fn run(cmd: DirectorCommand, out: &Output) -> Result<()> {
@@ -108,7 +109,7 @@ fn published(repo: &LocalRepo) -> Result<Vec<(u64, PathBuf)>> {
 }
 
 async fn init(a: InitArgs, out: &Output) -> Result<()> {
-    let repo = LocalRepo::open(&a.repo)?;
+    let repo = LocalRepo::open(&a.target.repo)?;
     if !published(&repo)?.is_empty() {
         return Err(SignerError::Usage("this repository already has a director root; `outpost director rotate` makes the next version".into()));
     }
@@ -116,14 +117,14 @@ async fn init(a: InitArgs, out: &Output) -> Result<()> {
     let root_public: Vec<PublicKey> = root_signers.iter().map(|k| k.public().clone()).collect();
     let director_key = public_of(&a.director_key)?;
     let signers: Vec<&_> = root_signers.iter().collect();
-    let bytes = director::root(&root_public, a.threshold, &director_key, 1, repo.expires(a.expires.as_secs()), &signers)
+    let bytes = director::root(&root_public, a.threshold, &director_key, 1, repo.expires(a.target.expires.as_secs()), &signers)
         .map_err(|e| SignerError::proto("sign director root", e))?;
     director::check_first_root(&bytes).map_err(|e| SignerError::proto("director root v1", e))?;
-    commit(&repo, 1, &bytes, &a.sign_keys, &a.server, out).await
+    commit(&repo, 1, &bytes, &a.target, out).await
 }
 
 async fn rotate(a: RotateArgs, out: &Output) -> Result<()> {
-    let repo = LocalRepo::open(&a.repo)?;
+    let repo = LocalRepo::open(&a.target.repo)?;
     let (version, file) = published(&repo)?
         .pop()
         .ok_or_else(|| SignerError::Usage("this repository has no director root yet: `outpost director init` makes version 1".into()))?;
@@ -150,24 +151,22 @@ async fn rotate(a: RotateArgs, out: &Output) -> Result<()> {
         }
     }
     let signers: Vec<&_> = signer_keys.iter().collect();
-    let bytes = director::root(&root_public, threshold, &director_key, version + 1, repo.expires(a.expires.as_secs()), &signers)
+    let bytes = director::root(&root_public, threshold, &director_key, version + 1, repo.expires(a.target.expires.as_secs()), &signers)
         .map_err(|e| SignerError::proto("sign director root", e))?;
     // What devices will check: signed by the current root keys' threshold and its own.
     director::check_next_root(&prev_bytes, &bytes).map_err(|e| SignerError::proto(format!("director root v{}", version + 1), e))?;
-    commit(&repo, version + 1, &bytes, &a.sign_keys, &a.server, out).await
+    commit(&repo, version + 1, &bytes, &a.target, out).await
 }
 
 /// Lists director root `version` as a target of the top-level targets role.
-async fn commit(repo: &LocalRepo, version: u64, bytes: &[u8], sign_keys: &[PathBuf], server: &crate::upload::ServerArgs, out: &Output) -> Result<()> {
-    let server = server.optional()?;
-    let keys = keyfile::load_all_signing(sign_keys)?;
+async fn commit(repo: &LocalRepo, version: u64, bytes: &[u8], target: &TargetsSignArgs, out: &Output) -> Result<()> {
+    let server = target.server.optional()?;
+    let keys = keyfile::load_all_signing(&target.sign_keys)?;
     let (env, _) = repo.role("targets")?.ok_or_else(|| SignerError::Usage("the repository has no targets metadata".into()))?;
     let mut body = env.signed;
     let path = director::root_target_path(version);
     let sha = hex::encode(Sha256::digest(bytes));
-    let mut hashes = std::collections::BTreeMap::new();
-    hashes.insert("sha256".to_owned(), sha.clone());
-    body.targets.insert(path.clone(), TargetFile { length: bytes.len() as u64, hashes, custom: None, extra: Default::default() });
+    body.targets.insert(path.clone(), target_file(bytes.len() as u64, &sha, None));
     let staged = repo.dir.join(format!(".director-{version}.root.json"));
     crate::localrepo::write_atomic(&staged, bytes)?;
     let fresh = [(path.as_str(), staged.as_path(), sha.as_str())];

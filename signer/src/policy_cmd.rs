@@ -3,18 +3,16 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use outpost_protocol::policy::{PolicyBundle, PolicyTargetCustom, Selector, POLICY_ROLE};
-use outpost_protocol::tuf::TargetFile;
+use outpost_protocol::tuf::Targets;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, SignerError};
-use crate::keyfile;
-use crate::localrepo::{parse_duration, LocalRepo};
 use crate::output::Output;
+use crate::role_edit::{pushed_note, role_for_path, target_file, RoleSignArgs};
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
@@ -27,22 +25,14 @@ pub enum PolicyCommand {
 
 #[derive(Debug, Args)]
 pub struct PublishArgs {
-    #[arg(long)]
-    pub repo: PathBuf,
-    /// Private keys of the policy role (repeat to meet its threshold).
-    #[arg(long = "key", required = true)]
-    pub keys: Vec<PathBuf>,
+    #[command(flatten)]
+    pub sign: RoleSignArgs,
     /// Select devices of this hardware class (repeatable; none: every class).
     #[arg(long = "hardware-class")]
     pub hardware_classes: Vec<String>,
     /// Select devices with this label, KEY=VALUE (repeatable; all must match).
     #[arg(long = "label", value_parser = crate::device_cmd::parse_label)]
     pub labels: Vec<(String, String)>,
-    /// How long the role's new metadata stays valid (default: the repository's targets expiry).
-    #[arg(long, value_parser = parse_duration)]
-    pub expires: Option<Duration>,
-    #[command(flatten)]
-    pub server: crate::upload::ServerArgs,
     /// The bundle (YAML or JSON).
     pub file: PathBuf,
 }
@@ -69,9 +59,7 @@ fn read(file: &std::path::Path) -> Result<(Vec<u8>, PolicyBundle)> {
 }
 
 async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
-    let repo = LocalRepo::open(&a.repo)?;
-    let server = a.server.optional()?;
-    let keys = keyfile::load_all_signing(&a.keys)?;
+    let s = a.sign.open()?;
     let (bytes, bundle) = read(&a.file)?;
     if bundle.not_after <= chrono::Utc::now() {
         return Err(SignerError::Usage(format!("{}: not_after {} has passed; devices would fall back to its essential profile at once", a.file.display(), bundle.not_after)));
@@ -79,47 +67,40 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
     let selector = Selector { hardware_classes: a.hardware_classes.clone(), labels: a.labels.iter().cloned().collect::<BTreeMap<_, _>>() };
     let custom = PolicyTargetCustom::from_bundle(&bundle, selector);
     let path = custom.target_path();
-    let role = crate::release_cmd::role_for_path(&repo, &path)?;
+    let role = role_for_path(&s.repo, &path)?;
     if role != POLICY_ROLE {
         return Err(SignerError::Usage(format!(
             "{path} is not delegated to a `{POLICY_ROLE}` role in this repository (found {role}); create it with `outpost repo delegate --role {POLICY_ROLE} --paths 'policy/*/*' --delegate-key KEY ...` using keys that are not the firmware keys"
         )));
     }
-    let (env, _) = repo.role(&role)?.ok_or_else(|| SignerError::Usage(format!("role {role} has no metadata yet")))?;
-    let mut body = env.signed.clone();
-    // A bundle name's versions only go up.
+    let mut body = s.role_body(&role)?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    check_new_version(&body, &bundle, &path, &sha256)?;
+    let custom_json = serde_json::to_value(&custom).map_err(|e| SignerError::Usage(format!("policy custom metadata: {e}")))?;
+    body.targets.insert(path.clone(), target_file(bytes.len() as u64, &sha256, Some(custom_json)));
+    let fresh = [(path.as_str(), a.file.as_path(), sha256.as_str())];
+    let pushed = s.commit(&role, &mut body, &fresh, out).await?;
+    out.emit(
+        &json!({"target": path, "role": role, "role_version": body.version, "sha256": sha256, "length": bytes.len(), "name": bundle.name,
+                "version": bundle.version, "selector": custom.selector, "not_after": bundle.not_after, "pushed": pushed}),
+        &format!("signed policy {} v{} as {path} into {role} v{}{}", bundle.name, bundle.version, body.version, pushed_note(pushed.as_ref(), &s.repo)),
+    );
+    Ok(())
+}
+
+/// A bundle name's versions only go up, and a published path never changes content.
+fn check_new_version(body: &Targets, bundle: &PolicyBundle, path: &str, sha256: &str) -> Result<()> {
     for (p, t) in &body.targets {
         if let Some(c) = t.custom.as_ref().and_then(|c| serde_json::from_value::<PolicyTargetCustom>(c.clone()).ok()) {
-            if c.name == bundle.name && c.version >= bundle.version && *p != path {
+            if c.name == bundle.name && c.version >= bundle.version && p != path {
                 return Err(SignerError::Usage(format!("policy {} version {} is already published ({p}); bump `version`", c.name, c.version)));
             }
         }
     }
-    let sha256 = hex::encode(Sha256::digest(&bytes));
-    if let Some(existing) = body.targets.get(&path) {
-        if existing.hashes.get("sha256") != Some(&sha256) {
+    if let Some(existing) = body.targets.get(path) {
+        if existing.hashes.get("sha256").map(String::as_str) != Some(sha256) {
             return Err(SignerError::Usage(format!("{path} is already published with different content; bump `version`")));
         }
     }
-    let mut hashes = BTreeMap::new();
-    hashes.insert("sha256".to_owned(), sha256.clone());
-    let custom_json = serde_json::to_value(&custom).map_err(|e| SignerError::Usage(format!("policy custom metadata: {e}")))?;
-    body.targets.insert(path.clone(), TargetFile { length: bytes.len() as u64, hashes, custom: Some(custom_json), extra: Default::default() });
-    let fresh = [(path.as_str(), a.file.as_path(), sha256.as_str())];
-    let pushed = crate::release_cmd::commit_role(&repo, &role, &mut body, &keys, &fresh, a.expires, server.as_ref(), out).await?;
-    out.emit(
-        &json!({"target": path, "role": role, "role_version": body.version, "sha256": sha256, "length": bytes.len(), "name": bundle.name,
-                "version": bundle.version, "selector": custom.selector, "not_after": bundle.not_after, "pushed": pushed}),
-        &format!(
-            "signed policy {} v{} as {path} into {role} v{}{}",
-            bundle.name,
-            bundle.version,
-            body.version,
-            match &pushed {
-                Some(p) => format!("; uploaded: {}", p["summary"].as_str().unwrap_or("")),
-                None => format!("; offline in {}", repo.dir.display()),
-            }
-        ),
-    );
     Ok(())
 }

@@ -153,7 +153,7 @@ pub async fn run(cmd: RepoCommand, out: &Output) -> Result<()> {
             let repo = LocalRepo::open(&a.repo)?;
             let server = a.server.require()?;
             let report = crate::upload::push(&repo, &server, &[], out).await?;
-            out.emit(&report, &format!("pushed to {}: {}", server.url, report["summary"].as_str().unwrap_or("")));
+            out.emit(&report, &format!("pushed to {}: {}", server.url, report.summary));
             Ok(())
         }
     }

@@ -4,10 +4,11 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use clap::{Subcommand, ValueEnum};
-use serde_json::{json, Value};
+use clap::{Args, Subcommand, ValueEnum};
+use outpost_protocol::api::rollouts::{ActionRequest, CreateRollout, RolloutList, RolloutView, WaveRequest, WaveView};
+use outpost_protocol::rollout::{Cause, Gate, PauseReason, State};
 
-use crate::device_cmd::parse_label;
+use crate::device_cmd::{enc, parse_label};
 use crate::error::{Result, SignerError};
 use crate::output::Output;
 use crate::upload::ServerArgs;
@@ -20,44 +21,19 @@ pub enum GateArg {
     Manual,
 }
 
+impl From<GateArg> for Gate {
+    fn from(g: GateArg) -> Gate {
+        match g {
+            GateArg::Auto => Gate::Auto,
+            GateArg::Manual => Gate::Manual,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum RolloutCommand {
     /// Define a rollout of a signed release (a draft until `start`, or pass --start).
-    Create {
-        /// Release version (a signed full-image firmware target of the class).
-        #[arg(long)]
-        version: String,
-        #[arg(long)]
-        hardware_class: String,
-        /// Only devices with this label (KEY=VALUE; repeat: all must match).
-        #[arg(long = "label", value_parser = parse_label)]
-        labels: Vec<(String, String)>,
-        /// Cumulative percentages of the selected fleet, increasing, the last at most 100.
-        #[arg(long, value_delimiter = ',', default_values_t = vec![1.0, 10.0, 50.0, 100.0])]
-        waves: Vec<f64>,
-        /// Fraction of a wave's devices that must be healthy for it to pass.
-        #[arg(long, default_value_t = 0.95)]
-        success_threshold: f64,
-        /// Fraction of a wave's devices failing (rolled back, failed attestation) that
-        /// pauses the rollout.
-        #[arg(long, default_value_t = 0.05)]
-        failure_threshold: f64,
-        /// Healthy devices a wave needs before it may pass.
-        #[arg(long, default_value_t = 1)]
-        min_devices: u32,
-        /// How long each wave runs before it may pass (e.g. 30m, 1h, 0s).
-        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
-        soak: Duration,
-        #[arg(long, value_enum, default_value = "auto")]
-        gate: GateArg,
-        #[arg(long)]
-        name: Option<String>,
-        /// Start it right away.
-        #[arg(long)]
-        start: bool,
-        #[command(flatten)]
-        server: ServerArgs,
-    },
+    Create(CreateArgs),
     /// Start a draft rollout: wave 0's devices get the release at their next check-in.
     Start {
         id: String,
@@ -92,22 +68,7 @@ pub enum RolloutCommand {
         server: ServerArgs,
     },
     /// Waves, counters and recent transitions; --watch refreshes until the rollout ends.
-    Status {
-        id: String,
-        #[arg(long)]
-        watch: bool,
-        /// Refresh interval for --watch.
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-        interval: Duration,
-        /// Also list each assigned device.
-        #[arg(long)]
-        devices: bool,
-        /// Also show how many of the selected devices each wave would expose.
-        #[arg(long)]
-        plan: bool,
-        #[command(flatten)]
-        server: ServerArgs,
-    },
+    Status(StatusArgs),
     /// All rollouts, newest first.
     List {
         #[command(flatten)]
@@ -115,203 +76,276 @@ pub enum RolloutCommand {
     },
 }
 
-fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v.get(k).and_then(Value::as_str).unwrap_or("-")
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Release version (a signed full-image firmware target of the class).
+    #[arg(long)]
+    pub version: String,
+    #[arg(long)]
+    pub hardware_class: String,
+    /// Only devices with this label (KEY=VALUE; repeat: all must match).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Cumulative percentages of the selected fleet, increasing, the last at most 100.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1.0, 10.0, 50.0, 100.0])]
+    pub waves: Vec<f64>,
+    /// Fraction of a wave's devices that must be healthy for it to pass.
+    #[arg(long, default_value_t = 0.95)]
+    pub success_threshold: f64,
+    /// Fraction of a wave's devices failing (rolled back, failed attestation) that
+    /// pauses the rollout.
+    #[arg(long, default_value_t = 0.05)]
+    pub failure_threshold: f64,
+    /// Healthy devices a wave needs before it may pass.
+    #[arg(long, default_value_t = 1)]
+    pub min_devices: u32,
+    /// How long each wave runs before it may pass (e.g. 30m, 1h, 0s).
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    pub soak: Duration,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub gate: GateArg,
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Start it right away.
+    #[arg(long)]
+    pub start: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
-fn n(v: &Value, k: &str) -> u64 {
-    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    pub id: String,
+    #[arg(long)]
+    pub watch: bool,
+    /// Refresh interval for --watch.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Also list each assigned device.
+    #[arg(long)]
+    pub devices: bool,
+    /// Also show how many of the selected devices each wave would expose.
+    #[arg(long)]
+    pub plan: bool,
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
-fn enc(id: &str) -> String {
-    percent_encoding::utf8_percent_encode(id, percent_encoding::NON_ALPHANUMERIC).to_string()
+fn gate_name(g: Gate) -> &'static str {
+    match g {
+        Gate::Auto => "auto",
+        Gate::Manual => "manual",
+    }
 }
 
 /// The state in words, with the reason for a pause.
-fn state_line(r: &Value) -> String {
-    let st = &r["state"];
-    let name = s(r, "state_name");
-    let waves = r.get("waves").and_then(Value::as_array).map(Vec::len).unwrap_or(0);
-    match name {
-        "running" | "awaiting_approval" | "paused" => {
-            let wave = n(st, "wave");
-            let mut line = format!("{name} in wave {wave} of {waves}");
-            if name == "awaiting_approval" {
+fn state_line(r: &RolloutView) -> String {
+    let name = r.state.name();
+    match &r.state {
+        State::Running { wave, .. } | State::AwaitingApproval { wave, .. } | State::Paused { wave, .. } => {
+            let mut line = format!("{name} in wave {wave} of {}", r.waves.len());
+            if let State::AwaitingApproval { .. } = r.state {
                 line.push_str(" (passed; `outpost rollout advance` opens the next wave)");
             }
-            if let Some(reason) = st.get("reason") {
-                match s(reason, "kind") {
-                    "failure_threshold" => line.push_str(&format!(
-                        ": {} of {} devices failed in waves 0-{} (failure threshold {})",
-                        n(reason, "failed"),
-                        n(reason, "assigned"),
-                        n(reason, "wave"),
-                        reason.get("threshold").and_then(Value::as_f64).unwrap_or(0.0)
-                    )),
-                    "operator" => line.push_str(&format!(": paused by {}", s(reason, "by"))),
-                    _ => {}
-                }
+            match &r.state {
+                State::Paused { reason: PauseReason::FailureThreshold { wave, failed, assigned, threshold }, .. } => line.push_str(&format!(
+                    ": {failed} of {assigned} devices failed in waves 0-{wave} (failure threshold {threshold})"
+                )),
+                State::Paused { reason: PauseReason::Operator { by }, .. } => line.push_str(&format!(": paused by {by}")),
+                _ => {}
             }
             line
         }
-        "aborted" => format!("aborted by {}{}", s(st, "by"), if st.get("roll_back").and_then(Value::as_bool) == Some(true) { " (rolling back)" } else { "" }),
-        other => other.to_owned(),
+        State::Aborted { by, roll_back, .. } => format!("aborted by {by}{}", if *roll_back { " (rolling back)" } else { "" }),
+        State::Draft | State::Completed { .. } => name.to_owned(),
+    }
+}
+
+fn wave_line(w: &WaveView) -> String {
+    let mut line = format!(
+        "{} {:<5} {:>6}% {:>9} {:>11} {:>8} {:>12} {:>12}  success>={} fail>={} min {} soak {}s",
+        if w.current { ">" } else { " " },
+        w.wave,
+        w.percent,
+        w.assigned,
+        w.installing,
+        w.healthy,
+        w.rolled_back,
+        w.attestation_failed,
+        w.success_threshold,
+        w.failure_threshold,
+        w.min_devices,
+        w.soak_secs,
+    );
+    if let Some(p) = w.planned {
+        line.push_str(&format!("  (would expose {p} selected device(s))"));
+    }
+    line
+}
+
+fn cause_text(cause: &Cause) -> String {
+    match cause {
+        Cause::Operator { by, action } => format!("{action} by {by}"),
+        Cause::FailureThreshold { wave, failed, assigned } => format!("failure threshold: {failed} of {assigned} failed (wave {wave})"),
+        Cause::PassedAfterSoak { wave, healthy, assigned } => format!("wave {wave} passed after its soak: {healthy} of {assigned} healthy"),
     }
 }
 
 /// The human view of a rollout.
-pub fn render(r: &Value) -> String {
-    let rel = &r["release"];
+pub fn render(r: &RolloutView) -> String {
+    let rel = &r.release;
     let mut lines = vec![
-        format!("rollout {} \"{}\": {}", s(r, "id"), s(r, "name"), state_line(r)),
+        format!("rollout {} \"{}\": {}", r.id, r.name, state_line(r)),
         format!(
             "release {} ({})  class {}  labels {}  gate {}",
-            s(rel, "version"),
-            s(rel, "path"),
-            s(r, "hardware_class"),
-            r.get("labels").map(Value::to_string).unwrap_or_default(),
-            s(r, "gate")
+            rel.version,
+            rel.path,
+            r.hardware_class,
+            serde_json::to_string(&r.labels).unwrap_or_default(),
+            gate_name(r.gate)
         ),
         format!("  {:<5} {:>7} {:>9} {:>11} {:>8} {:>12} {:>12}  gates", "wave", "percent", "assigned", "installing", "healthy", "rolled_back", "attest_fail"),
     ];
     lines[2].push_str("  (counts are cumulative: wave k includes waves 0..k)");
-    for w in r.get("waves").and_then(Value::as_array).into_iter().flatten() {
-        lines.push(format!(
-            "{} {:<5} {:>6}% {:>9} {:>11} {:>8} {:>12} {:>12}  success>={} fail>={} min {} soak {}s",
-            if w.get("current").and_then(Value::as_bool) == Some(true) { ">" } else { " " },
-            n(w, "wave"),
-            w.get("percent").and_then(Value::as_f64).unwrap_or(0.0),
-            n(w, "assigned"),
-            n(w, "installing"),
-            n(w, "healthy"),
-            n(w, "rolled_back"),
-            n(w, "attestation_failed"),
-            w.get("success_threshold").and_then(Value::as_f64).unwrap_or(0.0),
-            w.get("failure_threshold").and_then(Value::as_f64).unwrap_or(0.0),
-            n(w, "min_devices"),
-            n(w, "soak_secs"),
-        ));
-        if let Some(p) = w.get("planned").and_then(Value::as_u64) {
-            if let Some(last) = lines.last_mut() {
-                last.push_str(&format!("  (would expose {p} selected device(s))"));
-            }
-        }
-    }
-    let events = r.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
-    if !events.is_empty() {
+    lines.extend(r.waves.iter().map(wave_line));
+    if !r.events.is_empty() {
         lines.push("transitions:".into());
-        for e in events.iter().rev().take(8).rev() {
-            let cause = &e["cause"];
-            let why = match s(cause, "kind") {
-                "operator" => format!("{} by {}", s(cause, "action"), s(cause, "by")),
-                "failure_threshold" => format!("failure threshold: {} of {} failed (wave {})", n(cause, "failed"), n(cause, "assigned"), n(cause, "wave")),
-                "passed_after_soak" => format!("wave {} passed after its soak: {} of {} healthy", n(cause, "wave"), n(cause, "healthy"), n(cause, "assigned")),
-                other => other.to_owned(),
-            };
-            lines.push(format!("  {}  {} -> {}  {}", s(e, "at"), s(e, "from"), s(e, "to"), why));
+        for e in r.events.iter().rev().take(8).rev() {
+            lines.push(format!("  {}  {} -> {}  {}", e.at, e.from, e.to, cause_text(&e.cause)));
         }
     }
-    if let Some(devices) = r.get("devices").and_then(Value::as_array) {
+    if let Some(devices) = &r.devices {
         lines.push(format!("devices ({}):", devices.len()));
         for d in devices {
-            lines.push(format!("  {:<66} wave {:<2} {:<18} {}", s(d, "device_id"), n(d, "wave"), s(d, "status"), d.get("reason").and_then(Value::as_str).unwrap_or("")));
+            lines.push(format!("  {:<66} wave {:<2} {:<18} {}", d.device_id, d.wave, d.status.as_str(), d.reason.as_deref().unwrap_or("")));
         }
     }
     lines.join("\n")
 }
 
-fn ended(r: &Value) -> bool {
-    matches!(s(r, "state_name"), "completed" | "aborted")
-}
-
 pub async fn run(cmd: RolloutCommand, out: &Output) -> Result<()> {
     match cmd {
-        RolloutCommand::Create {
-            version,
-            hardware_class,
-            labels,
-            waves,
-            success_threshold,
-            failure_threshold,
-            min_devices,
-            soak,
-            gate,
-            name,
-            start,
-            server,
-        } => {
-            let server = server.require()?;
-            let plan: Vec<Value> = waves
-                .iter()
-                .map(|p| {
-                    json!({"percent": p, "success_threshold": success_threshold, "failure_threshold": failure_threshold,
-                           "min_devices": min_devices, "soak_secs": soak.as_secs()})
-                })
-                .collect();
-            let labels: std::collections::BTreeMap<String, String> = labels.into_iter().collect();
-            let mut body = json!({"version": version, "hardware_class": hardware_class, "labels": labels, "waves": plan,
-                                  "gate": match gate { GateArg::Auto => "auto", GateArg::Manual => "manual" }});
-            if let Some(name) = name {
-                body["name"] = json!(name);
-            }
-            let mut v = server.post_json("create rollout", "/api/v1/rollouts", &body).await?;
-            if start {
-                let id = s(&v, "id").to_owned();
-                v = server.post_json("start rollout", &format!("/api/v1/rollouts/{}/start", enc(&id)), &json!({})).await?;
-            }
-            out.emit(&v, &render(&v));
-            Ok(())
-        }
-        RolloutCommand::Start { id, server } => act(server, &id, "start", json!({}), out).await,
-        RolloutCommand::Pause { id, server } => act(server, &id, "pause", json!({}), out).await,
-        RolloutCommand::Resume { id, server } => act(server, &id, "resume", json!({}), out).await,
-        RolloutCommand::Advance { id, server } => act(server, &id, "advance", json!({}), out).await,
-        RolloutCommand::Abort { id, roll_back, server } => act(server, &id, "abort", json!({"roll_back": roll_back}), out).await,
-        RolloutCommand::Status { id, watch, interval, devices, plan, server } => {
-            let server = server.require()?;
-            let path = format!("/api/v1/rollouts/{}?devices={devices}&plan={plan}", enc(&id));
-            let tty = std::io::stdout().is_terminal() && !out.json;
-            loop {
-                let v = server.get_json("rollout status", &path).await?;
-                if watch && out.json {
-                    // One JSON document per refresh, one per line.
-                    println!("{}", serde_json::to_string(&v).unwrap_or_default());
-                } else if watch && tty {
-                    print!("\x1b[2J\x1b[H{}\n\n(refreshing every {}; Ctrl-C to stop)\n", render(&v), humantime::format_duration(interval));
-                } else {
-                    out.emit(&v, &render(&v));
-                }
-                if !watch || ended(&v) {
-                    return Ok(());
-                }
-                if !tty && !out.json {
-                    println!();
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = tokio::signal::ctrl_c() => return Ok(()),
-                }
-            }
-        }
+        RolloutCommand::Create(a) => create(a, out).await,
+        RolloutCommand::Start { id, server } => act(server, &id, "start", ActionRequest::default(), out).await,
+        RolloutCommand::Pause { id, server } => act(server, &id, "pause", ActionRequest::default(), out).await,
+        RolloutCommand::Resume { id, server } => act(server, &id, "resume", ActionRequest::default(), out).await,
+        RolloutCommand::Advance { id, server } => act(server, &id, "advance", ActionRequest::default(), out).await,
+        RolloutCommand::Abort { id, roll_back, server } => act(server, &id, "abort", ActionRequest { roll_back: Some(roll_back) }, out).await,
+        RolloutCommand::Status(a) => status(a, out).await,
         RolloutCommand::List { server } => {
-            let server = server.require()?;
-            let v = server.get_json("rollout list", "/api/v1/rollouts").await?;
+            let list: RolloutList = server.require()?.get_json("rollout list", "/api/v1/rollouts").await?;
             let mut lines = vec![format!("{:<20} {:<10} {:<12} {:<40} name", "id", "version", "class", "state")];
-            for r in v.get("rollouts").and_then(Value::as_array).into_iter().flatten() {
-                lines.push(format!("{:<20} {:<10} {:<12} {:<40} {}", s(r, "id"), s(&r["release"], "version"), s(r, "hardware_class"), state_line(r), s(r, "name")));
+            for r in &list.rollouts {
+                lines.push(format!("{:<20} {:<10} {:<12} {:<40} {}", r.id, r.release.version, r.hardware_class, state_line(r), r.name));
             }
-            out.emit(&v, &lines.join("\n"));
+            out.emit(&list, &lines.join("\n"));
             Ok(())
         }
     }
 }
 
-async fn act(server: ServerArgs, id: &str, action: &str, body: Value, out: &Output) -> Result<()> {
+async fn create(a: CreateArgs, out: &Output) -> Result<()> {
+    let server = a.server.require()?;
+    let wave = |percent: f64| WaveRequest {
+        percent,
+        success_threshold: a.success_threshold,
+        failure_threshold: a.failure_threshold,
+        min_devices: i64::from(a.min_devices),
+        soak_secs: i64::try_from(a.soak.as_secs()).unwrap_or(i64::MAX),
+    };
+    let body = CreateRollout {
+        name: a.name.clone(),
+        version: a.version.clone(),
+        hardware_class: a.hardware_class.clone(),
+        labels: a.labels.iter().cloned().collect(),
+        waves: a.waves.iter().map(|p| wave(*p)).collect(),
+        gate: a.gate.into(),
+    };
+    let mut v: RolloutView = server.post_json("create rollout", "/api/v1/rollouts", &body).await?;
+    if a.start {
+        v = server.post_json("start rollout", &format!("/api/v1/rollouts/{}/start", enc(&v.id)), &ActionRequest::default()).await?;
+    }
+    out.emit(&v, &render(&v));
+    Ok(())
+}
+
+async fn status(a: StatusArgs, out: &Output) -> Result<()> {
+    let server = a.server.require()?;
+    let path = format!("/api/v1/rollouts/{}?devices={}&plan={}", enc(&a.id), a.devices, a.plan);
+    let tty = std::io::stdout().is_terminal() && !out.json;
+    loop {
+        let v: RolloutView = server.get_json("rollout status", &path).await?;
+        if a.watch && out.json {
+            // One JSON document per refresh, one per line.
+            println!("{}", crate::output::compact(&v));
+        } else if a.watch && tty {
+            print!("\x1b[2J\x1b[H{}\n\n(refreshing every {}; Ctrl-C to stop)\n", render(&v), humantime::format_duration(a.interval));
+        } else {
+            out.emit(&v, &render(&v));
+        }
+        if !a.watch || v.ended() {
+            return Ok(());
+        }
+        if !tty && !out.json {
+            println!();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(a.interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+async fn act(server: ServerArgs, id: &str, action: &str, body: ActionRequest, out: &Output) -> Result<()> {
     let server = server.require()?;
     if id.is_empty() {
         return Err(SignerError::Usage("a rollout id is needed (see `outpost rollout list`)".into()));
     }
-    let v = server.post_json(&format!("{action} rollout"), &format!("/api/v1/rollouts/{}/{action}", enc(id)), &body).await?;
+    let v: RolloutView = server.post_json(&format!("{action} rollout"), &format!("/api/v1/rollouts/{}/{action}", enc(id)), &body).await?;
     out.emit(&v, &render(&v));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn view(state: serde_json::Value, state_name: &str) -> Result<RolloutView, serde_json::Error> {
+        serde_json::from_value(json!({
+            "id": "ro_1", "name": "gw 1.2.0", "hardware_class": "gw", "labels": {"ring": "canary"},
+            "release": {"path": "firmware/gw/1.2.0/fw.img", "length": 1, "sha256": "ab", "version": "1.2.0", "measurement": "ab", "sbom_sha256": null},
+            "gate": "manual", "state": state, "state_name": state_name, "created_by": "ops", "created_at": "t",
+            "waves": [{"wave": 0, "percent": 50.0, "success_threshold": 0.95, "failure_threshold": 0.05, "min_devices": 1, "soak_secs": 0,
+                       "current": true, "assigned": 2, "installing": 0, "healthy": 1, "rolled_back": 1, "attestation_failed": 0, "planned": 4}],
+            "events": [{"at": "t1", "from": "running", "to": "paused", "cause": {"kind": "failure_threshold", "wave": 0, "failed": 1, "assigned": 2}}],
+            "devices": [{"device_id": "d1", "wave": 0, "status": "rolled_back", "reason": "health", "assigned_at": "t0", "updated_at": "t1"}]
+        }))
+    }
+
+    #[test]
+    fn a_paused_rollout_reads_with_its_reason_counters_and_devices() -> Result<(), serde_json::Error> {
+        let paused = json!({"state": "paused", "wave": 0, "wave_started_at": 1,
+                            "reason": {"kind": "failure_threshold", "wave": 0, "failed": 1, "assigned": 2, "threshold": 0.05}});
+        let text = render(&view(paused, "paused")?);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "rollout ro_1 \"gw 1.2.0\": paused in wave 0 of 1: 1 of 2 devices failed in waves 0-0 (failure threshold 0.05)");
+        assert_eq!(lines[1], "release 1.2.0 (firmware/gw/1.2.0/fw.img)  class gw  labels {\"ring\":\"canary\"}  gate manual");
+        assert!(lines[3].starts_with("> 0         50%         2           0        1            1            0  success>=0.95 fail>=0.05 min 1 soak 0s"), "{}", lines[3]);
+        assert!(lines[3].ends_with("(would expose 4 selected device(s))"), "{}", lines[3]);
+        assert_eq!(lines[5], "  t1  running -> paused  failure threshold: 1 of 2 failed (wave 0)");
+        assert!(lines[7].contains("d1") && lines[7].contains("rolled_back") && lines[7].ends_with("health"), "{}", lines[7]);
+        Ok(())
+    }
+
+    #[test]
+    fn other_states_read_in_words() -> Result<(), serde_json::Error> {
+        let aborted = view(json!({"state": "aborted", "at": 2, "by": "ops", "roll_back": true}), "aborted")?;
+        assert_eq!(state_line(&aborted), "aborted by ops (rolling back)");
+        assert!(aborted.ended());
+        let waiting = view(json!({"state": "awaiting_approval", "wave": 0, "wave_started_at": 1}), "awaiting_approval")?;
+        assert_eq!(state_line(&waiting), "awaiting_approval in wave 0 of 1 (passed; `outpost rollout advance` opens the next wave)");
+        assert_eq!(state_line(&view(json!({"state": "draft"}), "draft")?), "draft");
+        Ok(())
+    }
 }

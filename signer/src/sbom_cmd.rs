@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
+use outpost_protocol::api::sbom::{AffectedAnswer, SbomHit, SearchAnswer};
 use serde_json::json;
 
 use crate::error::{Result, SignerError};
@@ -70,104 +71,23 @@ fn sbom_err(e: outpost_sbom::SbomError) -> SignerError {
 pub async fn run(cmd: SbomCommand, out: &Output) -> Result<()> {
     match cmd {
         SbomCommand::Generate { image, version, rootfs, cargo_lock, no_files, out: dest } => {
-            let name = image
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .ok_or_else(|| SignerError::Usage(format!("--image {}: needs a file name", image.display())))?;
-            let bytes = std::fs::read(&image).map_err(|e| SignerError::io("read", &image, e))?;
-            let subject = outpost_sbom::Subject { name, version, image_sha256: outpost_protocol::hashing::sha256_hex(&bytes) };
-            let started = std::time::Instant::now();
-            let bom = match (&rootfs, &cargo_lock) {
-                (Some(root), _) => {
-                    let (root, subject, files) = (root.clone(), subject.clone(), if no_files { outpost_sbom::Files::Exclude } else { outpost_sbom::Files::Include });
-                    tokio::task::spawn_blocking(move || outpost_sbom::from_rootfs(&root, &subject, files))
-                        .await
-                        .map_err(|e| SignerError::Usage(format!("SBOM task: {e}")))?
-                        .map_err(sbom_err)?
-                }
-                (None, Some(lock)) => outpost_sbom::from_cargo_lock(lock, &subject).map_err(sbom_err)?,
+            let source = match (rootfs, cargo_lock) {
+                (Some(root), _) => SbomSource::Rootfs { root, files: if no_files { outpost_sbom::Files::Exclude } else { outpost_sbom::Files::Include } },
+                (None, Some(lock)) => SbomSource::CargoLock(lock),
                 (None, None) => return Err(SignerError::Usage("pass --rootfs DIR or --cargo-lock FILE".into())),
             };
-            let json_bytes = outpost_sbom::to_json(&bom).map_err(sbom_err)?;
-            let summary = outpost_sbom::validate(&json_bytes).map_err(sbom_err)?;
-            crate::localrepo::write_atomic(&dest, &json_bytes)?;
-            out.emit(
-                &json!({"out": dest, "components": summary.components, "packages": summary.packages.len(), "bytes": json_bytes.len(),
-                        "image_sha256": subject.image_sha256, "seconds": started.elapsed().as_secs_f64()}),
-                &format!(
-                    "wrote {} ({} components, {} packages, {} bytes) for {} sha256 {}",
-                    dest.display(),
-                    summary.components,
-                    summary.packages.len(),
-                    json_bytes.len(),
-                    subject.name,
-                    subject.image_sha256
-                ),
-            );
-            Ok(())
+            generate(&image, version, source, &dest, out).await
         }
         SbomCommand::Search { query, server } => {
-            let server = server.require()?;
             let q = percent_encoding::utf8_percent_encode(&query, percent_encoding::NON_ALPHANUMERIC);
-            let v = server.get_json("SBOM search", &format!("/api/v1/sbom/search?q={q}")).await?;
-            let mut lines = vec![format!(
-                "{query}: {} release(s), {} device(s) ({:.1} ms)",
-                v["release_count"], v["device_count"], v["took_ms"].as_f64().unwrap_or(0.0)
-            )];
-            for r in v["releases"].as_array().into_iter().flatten() {
-                lines.push(format!(
-                    "  release {} ({} {}): {} {}{}",
-                    r["target"].as_str().unwrap_or(""),
-                    r["hardware_class"].as_str().unwrap_or(""),
-                    r["version"].as_str().unwrap_or(""),
-                    r["component"].as_str().unwrap_or(""),
-                    r["component_version"].as_str().unwrap_or(""),
-                    undecided_note(r)
-                ));
-            }
-            for d in v["devices"].as_array().into_iter().flatten() {
-                lines.push(format!(
-                    "  device {} runs {}{}",
-                    d["device_id"].as_str().unwrap_or(""),
-                    d["release"].as_str().unwrap_or(""),
-                    if d["quarantined"].as_bool() == Some(true) { " (quarantined)" } else { "" }
-                ));
-            }
-            out.emit(&v, &lines.join("\n"));
+            let v: SearchAnswer = server.require()?.get_json("SBOM search", &format!("/api/v1/sbom/search?q={q}")).await?;
+            out.emit(&v, &search_lines(&query, &v));
             Ok(())
         }
         SbomCommand::Denylist { repo, file, keys, role, server } => publish_denylist(&repo, &file, &keys, role, &server, out).await,
         SbomCommand::Affected { server } => {
-            let server = server.require()?;
-            let v = server.get_json("affected releases", "/api/v1/sbom/affected").await?;
-            let mut lines = Vec::new();
-            if v["denylist"].is_null() {
-                lines.push("no deny-list published".to_owned());
-            }
-            for e in v["entries"].as_array().into_iter().flatten() {
-                let entry = &e["entry"];
-                lines.push(format!(
-                    "{} ({} {}): {} release(s), {} device(s)",
-                    entry["id"].as_str().unwrap_or(""),
-                    entry["component"].as_str().or(entry["purl"].as_str()).unwrap_or(""),
-                    entry["affected"].as_str().unwrap_or(""),
-                    e["releases"].as_array().map(|a| a.len()).unwrap_or(0),
-                    e["devices"].as_array().map(|a| a.len()).unwrap_or(0)
-                ));
-                for r in e["releases"].as_array().into_iter().flatten() {
-                    lines.push(format!(
-                        "  release {} ({} {}){}",
-                        r["target"].as_str().unwrap_or(""),
-                        r["component"].as_str().unwrap_or(""),
-                        r["component_version"].as_str().unwrap_or(""),
-                        undecided_note(r)
-                    ));
-                }
-                for d in e["devices"].as_array().into_iter().flatten() {
-                    lines.push(format!("  device {} runs {}", d["device_id"].as_str().unwrap_or(""), d["release"].as_str().unwrap_or("")));
-                }
-            }
-            out.emit(&v, &lines.join("\n"));
+            let v: AffectedAnswer = server.require()?.get_json("affected releases", "/api/v1/sbom/affected").await?;
+            out.emit(&v, &affected_lines(&v));
             Ok(())
         }
         SbomCommand::Validate { file } => {
@@ -189,10 +109,105 @@ pub async fn run(cmd: SbomCommand, out: &Output) -> Result<()> {
     }
 }
 
+/// What an SBOM is made from.
+#[derive(Debug, Clone)]
+pub enum SbomSource {
+    /// An image's root filesystem tree (dpkg status, os-release, files).
+    Rootfs { root: PathBuf, files: outpost_sbom::Files },
+    /// A Cargo.lock (crates as components).
+    CargoLock(PathBuf),
+}
+
+/// Makes the CycloneDX 1.5 JSON of `subject` from `source` (a root filesystem is
+/// walked on the blocking pool). `sbom_err` names what failed.
+pub(crate) async fn make_sbom(source: &SbomSource, subject: &outpost_sbom::Subject, sbom_err: fn(outpost_sbom::SbomError) -> SignerError) -> Result<Vec<u8>> {
+    let bom = match source {
+        SbomSource::Rootfs { root, files } => {
+            let (root, subject, files) = (root.clone(), subject.clone(), *files);
+            tokio::task::spawn_blocking(move || outpost_sbom::from_rootfs(&root, &subject, files))
+                .await
+                .map_err(|e| SignerError::Usage(format!("SBOM task: {e}")))?
+                .map_err(sbom_err)?
+        }
+        SbomSource::CargoLock(lock) => outpost_sbom::from_cargo_lock(lock, subject).map_err(sbom_err)?,
+    };
+    outpost_sbom::to_json(&bom).map_err(sbom_err)
+}
+
+async fn generate(image: &std::path::Path, version: String, source: SbomSource, dest: &std::path::Path, out: &Output) -> Result<()> {
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| SignerError::Usage(format!("--image {}: needs a file name", image.display())))?;
+    let bytes = std::fs::read(image).map_err(|e| SignerError::io("read", image, e))?;
+    let subject = outpost_sbom::Subject { name, version, image_sha256: outpost_protocol::hashing::sha256_hex(&bytes) };
+    let started = std::time::Instant::now();
+    let json_bytes = make_sbom(&source, &subject, sbom_err).await?;
+    let summary = outpost_sbom::validate(&json_bytes).map_err(sbom_err)?;
+    crate::localrepo::write_atomic(dest, &json_bytes)?;
+    out.emit(
+        &json!({"out": dest, "components": summary.components, "packages": summary.packages.len(), "bytes": json_bytes.len(),
+                "image_sha256": subject.image_sha256, "seconds": started.elapsed().as_secs_f64()}),
+        &format!(
+            "wrote {} ({} components, {} packages, {} bytes) for {} sha256 {}",
+            dest.display(),
+            summary.components,
+            summary.packages.len(),
+            json_bytes.len(),
+            subject.name,
+            subject.image_sha256
+        ),
+    );
+    Ok(())
+}
+
+fn search_lines(query: &str, v: &SearchAnswer) -> String {
+    let mut lines = vec![format!("{query}: {} release(s), {} device(s) ({:.1} ms)", v.release_count, v.device_count, v.took_ms)];
+    for r in &v.releases {
+        lines.push(format!(
+            "  release {} ({} {}): {} {}{}",
+            r.target,
+            r.hardware_class,
+            r.version,
+            r.component,
+            r.component_version.as_deref().unwrap_or(""),
+            undecided_note(r)
+        ));
+    }
+    for d in &v.devices {
+        lines.push(format!("  device {} runs {}{}", d.device_id, d.release, if d.quarantined { " (quarantined)" } else { "" }));
+    }
+    lines.join("\n")
+}
+
+fn affected_lines(v: &AffectedAnswer) -> String {
+    let mut lines = Vec::new();
+    if v.denylist.is_none() {
+        lines.push("no deny-list published".to_owned());
+    }
+    for e in &v.entries {
+        lines.push(format!(
+            "{} ({} {}): {} release(s), {} device(s)",
+            e.entry.id,
+            e.entry.component.as_deref().or(e.entry.purl.as_deref()).unwrap_or(""),
+            e.entry.affected,
+            e.releases.len(),
+            e.devices.len()
+        ));
+        for r in &e.releases {
+            lines.push(format!("  release {} ({} {}){}", r.target, r.component, r.component_version.as_deref().unwrap_or(""), undecided_note(r)));
+        }
+        for d in &e.devices {
+            lines.push(format!("  device {} runs {}", d.device_id, d.release));
+        }
+    }
+    lines.join("\n")
+}
+
 /// For a hit whose version could not be placed against the range (listed rather than
 /// left out; the deny-list counts it as affected): why.
-fn undecided_note(hit: &serde_json::Value) -> String {
-    hit["undecided"].as_str().map(|why| format!(" [version not comparable: {why}]")).unwrap_or_default()
+fn undecided_note(hit: &SbomHit) -> String {
+    hit.undecided.as_deref().map(|why| format!(" [version not comparable: {why}]")).unwrap_or_default()
 }
 
 /// Adds (or replaces) the deny-list target, signs the role, uploads when --server is set.
@@ -205,50 +220,31 @@ async fn publish_denylist(
     out: &Output,
 ) -> Result<()> {
     use outpost_sbom::denylist::{DenyList, DENYLIST_TARGET};
-    let repo = crate::localrepo::LocalRepo::open(repo_dir)?;
-    let server = server.optional()?;
-    let keys = crate::keyfile::load_all_signing(keys)?;
+    let s = crate::role_edit::Signing {
+        repo: crate::localrepo::LocalRepo::open(repo_dir)?,
+        server: server.optional()?,
+        keys: crate::keyfile::load_all_signing(keys)?,
+        expires: None,
+    };
     let bytes = std::fs::read(file).map_err(|e| SignerError::io("read", file, e))?;
     let list = DenyList::parse(&bytes).map_err(|e| SignerError::Usage(format!("{}: {e}", file.display())))?;
     let role = match role {
         Some(r) => r,
-        None => crate::release_cmd::role_for_path(&repo, DENYLIST_TARGET)?,
+        None => crate::role_edit::role_for_path(&s.repo, DENYLIST_TARGET)?,
     };
     if role == "targets" || role.starts_with("firmware") {
         return Err(SignerError::Usage(format!(
             "the deny-list must be signed by its own delegation (e.g. `repo delegate --role security --paths 'security/*'`), not {role}"
         )));
     }
-    let (env, _) = repo.role(&role)?.ok_or_else(|| SignerError::Usage(format!("role {role} has no metadata yet")))?;
+    let mut body = s.role_body(&role)?;
     let sha256 = outpost_protocol::hashing::sha256_hex(&bytes);
-    let mut body = env.signed.clone();
-    let mut hashes = std::collections::BTreeMap::new();
-    hashes.insert("sha256".to_owned(), sha256.clone());
-    body.targets.insert(
-        DENYLIST_TARGET.to_owned(),
-        outpost_protocol::tuf::TargetFile { length: bytes.len() as u64, hashes, custom: None, extra: Default::default() },
-    );
-    body.version += 1;
-    body.expires = outpost_protocol::tuf::format_expires(repo.expires(repo.settings.targets_expires_secs));
-    let signed = repo.sign_role(&role, &body, &keys)?;
-    let staging = repo.dir.join(".staging");
-    std::fs::create_dir_all(&staging).map_err(|e| SignerError::io("create", &staging, e))?;
-    let tmp = staging.join(format!("{sha256}.denylist.json"));
+    body.targets.insert(DENYLIST_TARGET.to_owned(), crate::role_edit::target_file(bytes.len() as u64, &sha256, None));
+    let tmp = crate::role_edit::staging_dir(&s.repo)?.join(format!("{sha256}.denylist.json"));
     crate::localrepo::write_atomic(&tmp, &bytes)?;
-    if server.is_none() {
-        let dest = repo.target_file_path(DENYLIST_TARGET, &sha256);
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| SignerError::io("create", parent, e))?;
-        }
-        std::fs::copy(&tmp, &dest).map_err(|e| SignerError::io("copy target to", &dest, e))?;
-    }
-    repo.write_role(&role, body.version, &signed)?;
-    repo.resign_online()?;
-    let pushed = match &server {
-        Some(s) => Some(crate::upload::push(&repo, s, &[(DENYLIST_TARGET, tmp.as_path())], out).await?),
-        None => None,
-    };
+    let pushed = s.commit(&role, &mut body, &[(DENYLIST_TARGET, tmp.as_path(), sha256.as_str())], out).await;
     let _ = std::fs::remove_file(&tmp);
+    let pushed = pushed?;
     let affected = list.entries.iter().filter(|e| e.status == outpost_sbom::denylist::Status::Affected).count();
     out.emit(
         &json!({"target": DENYLIST_TARGET, "sha256": sha256, "role": role, "role_version": body.version, "entries": list.entries.len(),

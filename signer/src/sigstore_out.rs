@@ -106,6 +106,33 @@ pub fn write_signature(key: &SigningKey, signed: &Signed, out: &Path) -> Result<
     Ok(Written { signature: sig_path, bundle: bundle_path })
 }
 
+/// An ed25519 signature from base64 text (whitespace ignored); errors name `origin`.
+fn decode_signature(text: &[u8], origin: &Path) -> Result<ed25519_dalek::Signature> {
+    let trimmed: Vec<u8> = text.iter().copied().filter(|c| !c.is_ascii_whitespace()).collect();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(&trimmed)
+        .map_err(|e| SignerError::Usage(format!("{}: the signature is not base64: {e}", origin.display())))?;
+    ed25519_dalek::Signature::from_slice(&raw)
+        .map_err(|_| SignerError::Usage(format!("{}: the signature is {} bytes, an ed25519 signature is 64", origin.display(), raw.len())))
+}
+
+/// A Sigstore bundle's message digest (base64 SHA-256) and signature.
+fn read_bundle(b: &Path) -> Result<(String, ed25519_dalek::Signature)> {
+    let text = std::fs::read(b).map_err(|e| SignerError::io("read", b, e))?;
+    let doc: serde_json::Value = serde_json::from_slice(&text).map_err(|e| SignerError::Usage(format!("{}: not JSON: {e}", b.display())))?;
+    if doc["mediaType"].as_str() != Some(BUNDLE_MEDIA_TYPE) {
+        return Err(SignerError::Usage(format!("{}: mediaType is not {BUNDLE_MEDIA_TYPE}", b.display())));
+    }
+    let digest = doc["messageSignature"]["messageDigest"]["digest"]
+        .as_str()
+        .ok_or_else(|| SignerError::Usage(format!("{}: no messageSignature.messageDigest.digest", b.display())))?
+        .to_owned();
+    let sig = doc["messageSignature"]["signature"]
+        .as_str()
+        .ok_or_else(|| SignerError::Usage(format!("{}: no messageSignature.signature", b.display())))?;
+    Ok((digest, decode_signature(sig.as_bytes(), b)?))
+}
+
 /// Checks `file` against a cosign `sign-blob` signature and/or a Sigstore bundle with
 /// the PEM public key, reading the file once in chunks (never whole into memory).
 /// Errors say which check failed.
@@ -118,16 +145,6 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
         .ok()
         .and_then(|pem| ed25519_dalek::VerifyingKey::from_public_key_pem(pem).ok())
         .ok_or_else(|| SignerError::Usage("the public key is not an ed25519 PEM public key (SubjectPublicKeyInfo)".into()))?;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let decode_signature = |text: &[u8], origin: &Path| -> Result<ed25519_dalek::Signature> {
-        let trimmed: Vec<u8> = text.iter().copied().filter(|c| !c.is_ascii_whitespace()).collect();
-        let raw = b64
-            .decode(&trimmed)
-            .map_err(|e| SignerError::Usage(format!("{}: the signature is not base64: {e}", origin.display())))?;
-        ed25519_dalek::Signature::from_slice(&raw).map_err(|_| {
-            SignerError::Usage(format!("{}: the signature is {} bytes, an ed25519 signature is 64", origin.display(), raw.len()))
-        })
-    };
     let not_verified =
         |origin: &Path, e: ed25519_dalek::SignatureError| SignerError::Usage(format!("{}: signature does not verify for {}: {e}", origin.display(), file.display()));
     let verifier = |sig: &ed25519_dalek::Signature, origin: &Path| -> Result<ed25519_dalek::StreamVerifier> {
@@ -139,20 +156,8 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
     };
     let bundle_signature = match bundle {
         Some(b) => {
-            let text = std::fs::read(b).map_err(|e| SignerError::io("read", b, e))?;
-            let doc: serde_json::Value =
-                serde_json::from_slice(&text).map_err(|e| SignerError::Usage(format!("{}: not JSON: {e}", b.display())))?;
-            if doc["mediaType"].as_str() != Some(BUNDLE_MEDIA_TYPE) {
-                return Err(SignerError::Usage(format!("{}: mediaType is not {BUNDLE_MEDIA_TYPE}", b.display())));
-            }
-            let digest = doc["messageSignature"]["messageDigest"]["digest"]
-                .as_str()
-                .ok_or_else(|| SignerError::Usage(format!("{}: no messageSignature.messageDigest.digest", b.display())))?
-                .to_owned();
-            let sig = doc["messageSignature"]["signature"]
-                .as_str()
-                .ok_or_else(|| SignerError::Usage(format!("{}: no messageSignature.signature", b.display())))?;
-            Some((b, digest, decode_signature(sig.as_bytes(), b)?))
+            let (digest, s) = read_bundle(b)?;
+            Some((b, digest, s))
         }
         None => None,
     };
@@ -173,10 +178,7 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
         if let Some(h) = sha256.as_mut() {
             h.update(chunk);
         }
-        if let Some((_, v)) = sig_check.as_mut() {
-            v.update(chunk);
-        }
-        if let Some((_, v)) = bundle_check.as_mut() {
+        for (_, v) in sig_check.iter_mut().chain(bundle_check.iter_mut()) {
             v.update(chunk);
         }
     })
@@ -185,13 +187,36 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
         v.finalize_and_verify().map_err(|e| not_verified(sig, e))?;
     }
     if let Some((b, digest, _)) = bundle_signature {
-        if Some(digest) != sha256.map(|h| b64.encode(h.finalize())) {
+        if Some(digest) != sha256.map(|h| base64::engine::general_purpose::STANDARD.encode(h.finalize())) {
             return Err(SignerError::Usage(format!("{}: the bundle's digest is not the SHA-256 of {}", b.display(), file.display())));
         }
     }
     if let Some((b, v)) = bundle_check {
         v.finalize_and_verify().map_err(|e| not_verified(b, e))?;
     }
+    Ok(())
+}
+
+/// `outpost verify-blob`: check a file against the Sigstore signature and/or bundle
+/// `release publish` wrote beside it.
+#[derive(Debug, clap::Args)]
+pub struct VerifyBlobArgs {
+    /// PEM public key (REPO/sigstore/<keyid>.pub.pem).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// cosign sign-blob signature (FILE.sig).
+    #[arg(long)]
+    pub signature: Option<PathBuf>,
+    /// Sigstore bundle (FILE.sigstore.json).
+    #[arg(long)]
+    pub bundle: Option<PathBuf>,
+    pub file: PathBuf,
+}
+
+pub fn run(a: VerifyBlobArgs, out: &crate::output::Output) -> Result<()> {
+    let pem = std::fs::read(&a.key).map_err(|e| SignerError::io("read", &a.key, e))?;
+    verify_file(&pem, &a.file, a.signature.as_deref(), a.bundle.as_deref())?;
+    out.emit(&json!({"verified": true, "file": a.file}), &format!("verified {}", a.file.display()));
     Ok(())
 }
 

@@ -6,7 +6,11 @@ use std::path::Path;
 use clap::Args;
 use futures_util::StreamExt;
 use outpost_protocol::tuf::{consistent_name, quote_target_path};
-use serde_json::{json, Value};
+use outpost_protocol::api::repository::{PublishOutcome, PublishRequest, RepositoryStatus, StagedTarget};
+use outpost_protocol::api::ErrorBody;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::error::{Result, SignerError};
 use crate::localrepo::LocalRepo;
@@ -48,11 +52,8 @@ impl ServerArgs {
 
 async fn refused(what: &str, resp: reqwest::Response) -> SignerError {
     let status = resp.status().as_u16();
-    let body = resp.text().await.unwrap_or_default();
-    let message = serde_json::from_str::<Value>(&body)
-        .ok()
-        .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_owned))
-        .unwrap_or(body);
+    let body = resp.bytes().await.unwrap_or_default();
+    let message = ErrorBody::message_or(&body, |raw| String::from_utf8_lossy(raw).into_owned());
     SignerError::Server { what: what.into(), status, message }
 }
 
@@ -60,39 +61,62 @@ fn http_err(url: &str, e: reqwest::Error) -> SignerError {
     SignerError::Http { url: url.into(), reason: outpost_protocol::display_chain(&e) }
 }
 
+/// Whether an upload draws a progress bar (on a terminal, for people) or stays quiet
+/// (with --json, for pipelines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    Bar,
+    Hidden,
+}
+
+impl Progress {
+    /// A bar unless the output is machine-readable.
+    pub fn for_output(out: &Output) -> Progress {
+        if out.json {
+            Progress::Hidden
+        } else {
+            Progress::Bar
+        }
+    }
+
+    fn bar(self, len: u64) -> indicatif::ProgressBar {
+        match self {
+            Progress::Bar => indicatif::ProgressBar::new(len),
+            Progress::Hidden => indicatif::ProgressBar::hidden(),
+        }
+    }
+}
+
 impl Server {
-    /// GET an admin API path (e.g. `/api/v1/devices`) with the bearer token.
-    pub async fn get_json(&self, what: &str, path: &str) -> Result<Value> {
-        let url = format!("{}{path}", self.url);
-        let resp = self.client.get(&url).bearer_auth(&self.token).send().await.map_err(|e| http_err(&url, e))?;
+    /// Sends `req` (to `url`) with the bearer token; a refusal becomes an error naming
+    /// `what`, a success is read as `T`.
+    async fn answer<T: DeserializeOwned>(&self, what: &str, url: &str, req: reqwest::RequestBuilder) -> Result<T> {
+        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| http_err(url, e))?;
         if !resp.status().is_success() {
             return Err(refused(what, resp).await);
         }
-        resp.json().await.map_err(|e| http_err(&url, e))
+        resp.json().await.map_err(|e| http_err(url, e))
+    }
+
+    /// GET an admin API path (e.g. `/api/v1/devices`) with the bearer token.
+    pub async fn get_json<T: DeserializeOwned>(&self, what: &str, path: &str) -> Result<T> {
+        let url = format!("{}{path}", self.url);
+        self.answer(what, &url, self.client.get(&url)).await
     }
 
     /// POST a JSON body to an admin API path with the bearer token.
-    pub async fn post_json(&self, what: &str, path: &str, body: &Value) -> Result<Value> {
+    pub async fn post_json<B: Serialize + ?Sized, T: DeserializeOwned>(&self, what: &str, path: &str, body: &B) -> Result<T> {
         self.send_json(reqwest::Method::POST, what, path, body).await
     }
 
     /// Sends a JSON body with `method` to an admin API path with the bearer token.
-    pub async fn send_json(&self, method: reqwest::Method, what: &str, path: &str, body: &Value) -> Result<Value> {
+    pub async fn send_json<B: Serialize + ?Sized, T: DeserializeOwned>(&self, method: reqwest::Method, what: &str, path: &str, body: &B) -> Result<T> {
         let url = format!("{}{path}", self.url);
-        let resp = self.client.request(method, &url).bearer_auth(&self.token).json(body).send().await.map_err(|e| http_err(&url, e))?;
-        if !resp.status().is_success() {
-            return Err(refused(what, resp).await);
-        }
-        resp.json().await.map_err(|e| http_err(&url, e))
+        self.answer(what, &url, self.client.request(method, &url).json(body)).await
     }
 
-    async fn status(&self) -> Result<Value> {
-        let url = format!("{}/api/v1/repository", self.url);
-        let resp = self.client.get(&url).bearer_auth(&self.token).send().await.map_err(|e| http_err(&url, e))?;
-        if !resp.status().is_success() {
-            return Err(refused("repository status", resp).await);
-        }
-        resp.json().await.map_err(|e| http_err(&url, e))
+    async fn status(&self) -> Result<RepositoryStatus> {
+        self.get_json("repository status", "/api/v1/repository").await
     }
 
     async fn has_target(&self, name: &str) -> Result<bool> {
@@ -101,12 +125,12 @@ impl Server {
         Ok(resp.status().is_success())
     }
 
-    /// Streams a file to the server's staging area, with a progress bar on a terminal.
-    pub async fn upload_target(&self, target_path: &str, file: &Path, show_progress: bool) -> Result<Value> {
+    /// Streams a file to the server's staging area, with a progress bar as `progress` says.
+    pub async fn upload_target(&self, target_path: &str, file: &Path, progress: Progress) -> Result<StagedTarget> {
         let url = format!("{}/api/v1/targets?path={}", self.url, quote_target_path(target_path));
         let f = tokio::fs::File::open(file).await.map_err(|e| SignerError::io("open", file, e))?;
         let len = f.metadata().await.map_err(|e| SignerError::io("stat", file, e))?.len();
-        let bar = if show_progress { indicatif::ProgressBar::new(len) } else { indicatif::ProgressBar::hidden() };
+        let bar = progress.bar(len);
         bar.set_style(
             indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
@@ -119,54 +143,55 @@ impl Server {
                 b2.inc(c.len() as u64);
             }
         });
-        let resp = self
+        let req = self
             .client
             .post(&url)
-            .bearer_auth(&self.token)
             .header(reqwest::header::CONTENT_LENGTH, len)
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(reqwest::Body::wrap_stream(stream))
-            .send()
-            .await
-            .map_err(|e| http_err(&url, e))?;
+            .body(reqwest::Body::wrap_stream(stream));
+        let staged = self.answer(&format!("upload of {target_path}"), &url, req).await;
         bar.finish_and_clear();
-        if !resp.status().is_success() {
-            return Err(refused(&format!("upload of {target_path}"), resp).await);
-        }
-        resp.json().await.map_err(|e| http_err(&url, e))
+        staged
     }
 
-    async fn publish(&self, body: &Value) -> Result<Value> {
-        let url = format!("{}/api/v1/publish", self.url);
-        let resp = self.client.post(&url).bearer_auth(&self.token).json(body).send().await.map_err(|e| http_err(&url, e))?;
-        if !resp.status().is_success() {
-            return Err(refused("publish", resp).await);
-        }
-        resp.json().await.map_err(|e| http_err(&url, e))
+    async fn publish(&self, body: &PublishRequest) -> Result<PublishOutcome> {
+        self.post_json("publish", "/api/v1/publish", body).await
     }
+}
+
+/// What `push` did, as `outpost` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PushReport {
+    pub summary: String,
+    /// Root versions uploaded.
+    pub roots: usize,
+    /// Targets roles uploaded.
+    pub roles: Vec<String>,
+    pub uploaded_targets: Vec<String>,
+    /// The server's answer to the publish (none when it was up to date).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<PublishOutcome>,
 }
 
 /// Uploads whatever of the local repository the server lacks: newer roots, newer
 /// targets roles and their target files. `fresh` names a target file just published
 /// from outside the repository directory.
-pub async fn push(repo: &LocalRepo, server: &Server, fresh: &[(&str, &Path)], out: &Output) -> Result<Value> {
+pub async fn push(repo: &LocalRepo, server: &Server, fresh: &[(&str, &Path)], out: &Output) -> Result<PushReport> {
     let status = server.status().await?;
-    let server_root = status.get("root_version").and_then(Value::as_u64).unwrap_or(0);
-    let server_roles = status.get("roles").cloned().unwrap_or(json!({}));
     let (root, _) = repo.root()?;
     let mut roots = Vec::new();
-    if server_root == 0 {
+    if status.root_version == 0 {
         return Err(SignerError::Usage(format!("{} has no trusted root; configure [repository].trusted_root on the server", server.url)));
     }
-    for v in server_root + 1..=root.signed.version {
+    for v in status.root_version + 1..=root.signed.version {
         let bytes = repo.root_version_bytes(v)?;
         roots.push(serde_json::from_slice::<Value>(&bytes).map_err(|e| SignerError::Usage(format!("{v}.root.json: {e}")))?);
     }
-    let mut roles = serde_json::Map::new();
+    let mut roles = std::collections::BTreeMap::new();
     let mut uploaded = Vec::new();
     for name in repo.role_names()? {
         let Some((env, bytes)) = repo.role(&name)? else { continue };
-        let theirs = server_roles.get(&name).and_then(Value::as_u64).unwrap_or(0);
+        let theirs = status.roles.get(&name).copied().unwrap_or(0);
         let has_fresh = fresh.iter().any(|(p, _)| env.signed.targets.contains_key(*p));
         if env.signed.version < theirs || (env.signed.version == theirs && has_fresh) {
             return Err(SignerError::Usage(format!(
@@ -178,46 +203,60 @@ pub async fn push(repo: &LocalRepo, server: &Server, fresh: &[(&str, &Path)], ou
         if env.signed.version == theirs {
             continue;
         }
-        for (path, t) in &env.signed.targets {
-            let Some(sha) = t.hashes.get("sha256") else {
-                return Err(SignerError::Usage(format!("target {path} has no sha256; Outpost servers name targets by sha256")));
-            };
-            let served = consistent_name(path, sha);
-            if let Some((_, file)) = fresh.iter().find(|(p, _)| *p == path) {
-                if !server.has_target(&served).await? {
-                    server.upload_target(path, file, !out.json).await?;
-                    uploaded.push(path.clone());
-                }
-                continue;
-            }
-            if server.has_target(&served).await? {
-                continue;
-            }
-            let local = repo.target_file_path(path, sha);
-            if !local.exists() {
-                return Err(SignerError::Usage(format!(
-                    "target {path} is neither on the server nor in {}",
-                    local.display()
-                )));
-            }
-            server.upload_target(path, &local, !out.json).await?;
-            uploaded.push(path.clone());
-        }
+        upload_targets(repo, server, &env.signed, fresh, Progress::for_output(out), &mut uploaded).await?;
         roles.insert(name, serde_json::from_slice(&bytes).map_err(|e| SignerError::Usage(e.to_string()))?);
     }
-    if roots.is_empty() && roles.is_empty() {
-        return Ok(json!({"summary": "server is up to date", "roots": 0, "roles": [], "uploaded_targets": uploaded}));
-    }
     let role_names: Vec<String> = roles.keys().cloned().collect();
-    let result = server.publish(&json!({"roots": roots, "roles": roles})).await?;
-    Ok(json!({
-        "summary": format!("{} root(s), roles {:?}, {} target file(s); server now at snapshot v{} timestamp v{}",
-            roots.len(), role_names, uploaded.len(),
-            result.get("snapshot_version").and_then(Value::as_u64).unwrap_or(0),
-            result.get("timestamp_version").and_then(Value::as_u64).unwrap_or(0)),
-        "roots": roots.len(),
-        "roles": role_names,
-        "uploaded_targets": uploaded,
-        "server": result,
-    }))
+    let root_count = roots.len();
+    if roots.is_empty() && roles.is_empty() {
+        return Ok(PushReport { summary: "server is up to date".into(), roots: 0, roles: role_names, uploaded_targets: uploaded, server: None });
+    }
+    let result = server.publish(&PublishRequest { roots, roles }).await?;
+    Ok(PushReport {
+        summary: format!(
+            "{root_count} root(s), roles {role_names:?}, {} target file(s); server now at snapshot v{} timestamp v{}",
+            uploaded.len(),
+            result.snapshot_version,
+            result.timestamp_version
+        ),
+        roots: root_count,
+        roles: role_names,
+        uploaded_targets: uploaded,
+        server: Some(result),
+    })
+}
+
+/// Uploads the target files of `role` the server does not serve yet: a `fresh` file
+/// from where it was made, the others from the repository directory. Their paths go
+/// into `uploaded`.
+async fn upload_targets(
+    repo: &LocalRepo,
+    server: &Server,
+    role: &outpost_protocol::tuf::Targets,
+    fresh: &[(&str, &Path)],
+    progress: Progress,
+    uploaded: &mut Vec<String>,
+) -> Result<()> {
+    for (path, t) in &role.targets {
+        let Some(sha) = t.hashes.get("sha256") else {
+            return Err(SignerError::Usage(format!("target {path} has no sha256; Outpost servers name targets by sha256")));
+        };
+        let served = consistent_name(path, sha);
+        if server.has_target(&served).await? {
+            continue;
+        }
+        let file = match fresh.iter().find(|(p, _)| *p == path) {
+            Some((_, file)) => file.to_path_buf(),
+            None => {
+                let local = repo.target_file_path(path, sha);
+                if !local.exists() {
+                    return Err(SignerError::Usage(format!("target {path} is neither on the server nor in {}", local.display())));
+                }
+                local
+            }
+        };
+        server.upload_target(path, &file, progress).await?;
+        uploaded.push(path.clone());
+    }
+    Ok(())
 }
