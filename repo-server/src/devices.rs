@@ -12,7 +12,8 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use outpost_protocol::attest::{
-    self, Checkin, CheckinReport, CheckinVerdict, EnrollChallenge, EnrollProof, EnrollRequest, Enrolled, NonceGrant, TpmPublic,
+    self, AttestationState, Checkin, CheckinReport, CheckinVerdict, EnrollChallenge, EnrollProof, EnrollRequest, Enrolled, NonceGrant, TpmPublic,
+    Verdict,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -94,7 +95,7 @@ fn refusal(r: EnrollRefusal) -> ApiError {
             ApiError::forbidden(format!("enrollment token is for hardware class {token:?}, not the class this device claims"))
         }
         EnrollRefusal::UnknownChallenge => ApiError::new(StatusCode::NOT_FOUND, "unknown_challenge", "no such enrollment challenge"),
-        EnrollRefusal::ChallengeClosed(state) => ApiError::conflict("challenge_closed", format!("enrollment challenge is already {state}")),
+        EnrollRefusal::ChallengeClosed(state) => ApiError::conflict("challenge_closed", format!("enrollment challenge is already {}", state.as_str())),
         EnrollRefusal::ChallengeExpired => ApiError::new(StatusCode::GONE, "challenge_expired", "enrollment challenge expired; enroll again"),
         EnrollRefusal::WrongSecret => ApiError::forbidden(
             "credential activation failed: the secret does not match, so the attestation key is not resident in the TPM of this endorsement key",
@@ -323,10 +324,9 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
     let policy = s.measurement.get(&device.hardware_class).or_else(|| s.measurement.get("*"));
     let outcome = judge(&quote, &report, policy, &expected, &device.hardware_class);
     let (verdict, reason) = match &outcome {
-        Ok(()) => ("attested", None),
-        Err(reason) => ("failed", Some(reason.as_str())),
+        Ok(()) => (Verdict::Attested, None),
+        Err(reason) => (Verdict::Failed, Some(reason.as_str())),
     };
-    let health = serde_json::to_value(report.health).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
     // The director: feedback to rollouts, then what this device should run now. The
     // nonce, the verdict and the director's decision commit together.
     let releases = s.repo.firmware_releases(&device.hardware_class).await;
@@ -338,17 +338,17 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
         version: report.version.as_deref(),
         image_sha256: report.image_sha256.as_deref(),
         sbom_sha256: report.sbom_sha256.as_deref(),
-        health: &health,
+        health: report.health,
         reports: &report.reports,
         policy: report.policy.as_ref().and_then(|p| serde_json::to_string(p).ok()),
     };
     let facts = crate::rollout_store::DeviceFacts {
         device_id: &id,
         hardware_class: &device.hardware_class,
-        attested: verdict == "attested",
+        attested: verdict == Verdict::Attested,
         image_sha256: report.image_sha256.as_deref(),
         version: report.version.as_deref(),
-        health: &health,
+        health: report.health,
         reports: &report.reports,
     };
     let decision = match s.store.checkin(&report.nonce, &record, &facts, &releases, now_ms()).await? {
@@ -365,9 +365,9 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
     };
     crate::rollouts::log_transitions(&s.store, &decision.transitions).await;
     let director_targets = s.director.sign(&id, decision.director_version, decision.assignment.as_ref())?;
-    if device.attestation != verdict {
+    if device.attestation != AttestationState::from(verdict) {
         // Entering or leaving quarantine is an audited event.
-        s.store.log("server", if verdict == "failed" { "device_quarantine" } else { "device_attested" }, &json!({"device_id": id, "reason": reason})).await?;
+        s.store.log("server", if verdict == Verdict::Failed { "device_quarantine" } else { "device_attested" }, &json!({"device_id": id, "reason": reason})).await?;
     }
     match reason {
         Some(r) => tracing::warn!(device = %id, reason = r, "attestation failed; device quarantined"),
@@ -375,9 +375,9 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
     }
     Ok(Json(CheckinVerdict {
         device_id: id,
-        verdict: verdict.to_owned(),
+        verdict,
         reason: reason.map(str::to_owned),
-        quarantined: verdict == "failed",
+        quarantined: verdict == Verdict::Failed,
         at: chrono::Utc::now().to_rfc3339(),
         director_targets: Some(director_targets),
     }))

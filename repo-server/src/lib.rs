@@ -12,6 +12,7 @@ pub mod repository;
 pub mod rollout_store;
 pub mod rollouts;
 pub mod sbomindex;
+pub mod storage;
 pub mod store;
 pub mod targetfiles;
 

@@ -11,12 +11,14 @@ use std::collections::BTreeMap;
 
 use outpost_protocol::director::{Assignment, AssignmentCustom};
 use outpost_protocol::release::ReleaseVersion;
-use outpost_protocol::rollout::{self, Counters, Event, Gate, Rollout, State, Transition, WaveSpec};
+use outpost_protocol::attest::DeviceHealth;
+use outpost_protocol::rollout::{self, AssignmentStatus as Status, Counters, Event, Gate, Rollout, State, Transition, WaveSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::args;
 use crate::db::{Mode, Row, Tx};
 use crate::error::ServerError;
+use crate::storage::SqlEnum;
 use crate::repository::FirmwareRelease;
 use crate::store::Store;
 
@@ -80,44 +82,6 @@ impl RolloutRecord {
     }
 }
 
-/// An assignment's status. The order is the only direction it moves in, except that a
-/// healthy device that later fails attestation counts as failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Assigned,
-    Installing,
-    Healthy,
-    RolledBack,
-    AttestationFailed,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Assigned => "assigned",
-            Status::Installing => "installing",
-            Status::Healthy => "healthy",
-            Status::RolledBack => "rolled_back",
-            Status::AttestationFailed => "attestation_failed",
-        }
-    }
-
-    fn parse(s: &str) -> Status {
-        match s {
-            "installing" => Status::Installing,
-            "healthy" => Status::Healthy,
-            "rolled_back" => Status::RolledBack,
-            "attestation_failed" => Status::AttestationFailed,
-            _ => Status::Assigned,
-        }
-    }
-
-    fn terminal(self) -> bool {
-        matches!(self, Status::RolledBack | Status::AttestationFailed)
-    }
-}
-
 /// What a check-in says about a device, for the rollout engine.
 pub struct DeviceFacts<'a> {
     pub device_id: &'a str,
@@ -126,8 +90,7 @@ pub struct DeviceFacts<'a> {
     /// The measured image digest of the booted slot.
     pub image_sha256: Option<&'a str>,
     pub version: Option<&'a str>,
-    /// "healthy", "updating", "trial" or "rolled_back".
-    pub health: &'a str,
+    pub health: DeviceHealth,
     pub reports: &'a [crate::store::InstallReport],
 }
 
@@ -156,7 +119,6 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, Serve
 const ROLLOUT_COLUMNS: &str = "id, name, hardware_class, labels, release, waves, gate, state, created_by, created_at";
 
 fn rollout_from_row(r: &Row) -> Result<RolloutRecord, ServerError> {
-    let gate = r.text(6)?;
     Ok(RolloutRecord {
         id: r.text(0)?,
         name: r.text(1)?,
@@ -164,7 +126,7 @@ fn rollout_from_row(r: &Row) -> Result<RolloutRecord, ServerError> {
         labels: parse("labels", &r.text(3)?)?,
         release: parse("release", &r.text(4)?)?,
         waves: parse("waves", &r.text(5)?)?,
-        gate: if gate == "manual" { Gate::Manual } else { Gate::Auto },
+        gate: Gate::from_sql("rollouts.gate", &r.text(6)?)?,
         state: parse("state", &r.text(7)?)?,
         created_by: r.text(8)?,
         created_at: r.text(9)?,
@@ -182,7 +144,7 @@ async fn counters(tx: &mut dyn Tx, id: &str, wave: usize) -> Result<Counters, Se
     for row in rows {
         let (status, n) = (row.text(0)?, u32::try_from(row.int(1)?).unwrap_or(u32::MAX));
         c.assigned += n;
-        match Status::parse(&status) {
+        match Status::from_sql("assignments.status", &status)? {
             Status::Assigned => {}
             Status::Installing => c.installing += n,
             Status::Healthy => c.healthy += n,
@@ -245,7 +207,7 @@ impl Store {
                 json(&r.labels),
                 json(&r.release),
                 json(&r.waves),
-                if r.gate == Gate::Manual { "manual" } else { "auto" },
+                r.gate.as_sql(),
                 json(&r.state),
                 &r.created_by,
                 &r.created_at,
@@ -396,7 +358,7 @@ async fn director_pass(tx: &mut dyn Tx, f: &DeviceFacts<'_>, releases: &[Firmwar
     let mut assigned = Vec::new();
     for row in &rows {
         if let Some(rollout_id) = row.opt_text(1)? {
-            assigned.push((rollout_id, Status::parse(&row.text(2)?)));
+            assigned.push((rollout_id, Status::from_sql("assignments.status", &row.text(2)?)?));
         }
     }
     // The rollouts of the device's class, newest first, read once: step 1 updates them
@@ -428,7 +390,7 @@ async fn director_pass(tx: &mut dyn Tx, f: &DeviceFacts<'_>, releases: &[Firmwar
             }
             tx.execute(
                 "UPDATE assignments SET status = ?1, reason = coalesce(?2, reason), updated_at = ?3 WHERE rollout_id = ?4 AND device_id = ?5",
-                args![new.as_str(), reason, now_text(), &rollout_id, f.device_id],
+                args![new.as_sql(), reason, now_text(), &rollout_id, f.device_id],
             )
             .await?;
             if let Some(t) = feedback(tx, record, now).await? {
@@ -483,10 +445,10 @@ fn next_status(old: Status, f: &DeviceFacts<'_>, release: &FirmwareRelease) -> (
             crate::store::ReportOutcome::Committed => (Status::Healthy, None),
         };
     }
-    if f.image_sha256 == Some(release.measurement.as_str()) && f.health == "healthy" {
+    if f.image_sha256 == Some(release.measurement.as_str()) && f.health == DeviceHealth::Healthy {
         return (Status::Healthy, None);
     }
-    if old == Status::Assigned && matches!(f.health, "updating" | "trial") {
+    if old == Status::Assigned && matches!(f.health, DeviceHealth::Updating | DeviceHealth::Trial) {
         return (Status::Installing, None);
     }
     (old, None)
@@ -545,7 +507,7 @@ async fn decide(tx: &mut dyn Tx, record: &RolloutRecord, f: &DeviceFacts<'_>, re
     let status = if f.image_sha256 == Some(record.release.measurement.as_str()) { Status::Healthy } else { Status::Assigned };
     tx.execute(
         "INSERT INTO assignments (rollout_id, device_id, wave, status, from_release, assigned_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-        args![&record.id, f.device_id, wave as i64, status.as_str(), from.map(json), now_text()],
+        args![&record.id, f.device_id, wave as i64, status.as_sql(), from.map(json), now_text()],
     )
     .await?;
     Ok(Ok(Some(assignment_of(&record.release, record, f.device_id, wave as u32, false))))
@@ -616,7 +578,7 @@ mod tests {
         }
     }
 
-    fn facts<'a>(device: &'a str, image: &'a str, version: &'a str, health: &'a str, reports: &'a [InstallReport]) -> DeviceFacts<'a> {
+    fn facts<'a>(device: &'a str, image: &'a str, version: &'a str, health: DeviceHealth, reports: &'a [InstallReport]) -> DeviceFacts<'a> {
         DeviceFacts { device_id: device, hardware_class: "rpi4", attested: true, image_sha256: Some(image), version: Some(version), health, reports }
     }
 
@@ -644,7 +606,7 @@ mod tests {
                     Some(r) if r.outcome == ReportOutcome::Committed => (v2.measurement.as_str(), "2.0.0"),
                     _ => (v1.measurement.as_str(), "1.0.0"),
                 };
-                let d = s.director_checkin(&facts(id, image, version, "healthy", &reports), &releases, 10 + round).await.unwrap_or_else(|e| panic!("{e}"));
+                let d = s.director_checkin(&facts(id, image, version, DeviceHealth::Healthy, &reports), &releases, 10 + round).await.unwrap_or_else(|e| panic!("{e}"));
                 if let Some(a) = d.assignment {
                     assert_eq!(a.custom.wave, 0, "{id} assigned outside wave 0 in round {round}");
                     assigned.insert(id.clone());
@@ -673,13 +635,13 @@ mod tests {
         let checkin_all = async |now: i64, s: &Store| {
             for i in 0..400 {
                 let id = format!("dev-{i:05}");
-                let d = s.director_checkin(&facts(&id, &v1.measurement, "1.0.0", "healthy", &[]), &releases, now).await.unwrap_or_else(|e| panic!("{e}"));
+                let d = s.director_checkin(&facts(&id, &v1.measurement, "1.0.0", DeviceHealth::Healthy, &[]), &releases, now).await.unwrap_or_else(|e| panic!("{e}"));
                 if let Some(a) = d.assignment {
                     // The device installs it at once and reports at its next check-in.
                     let r = [report(&id, &v2, ReportOutcome::Committed)];
-                    s.director_checkin(&facts(&id, &v2.measurement, "2.0.0", "healthy", &r), &releases, now).await.unwrap_or_else(|e| panic!("{e}"));
+                    s.director_checkin(&facts(&id, &v2.measurement, "2.0.0", DeviceHealth::Healthy, &r), &releases, now).await.unwrap_or_else(|e| panic!("{e}"));
                     // Delivered twice (a retried check-in): counted once.
-                    s.director_checkin(&facts(&id, &v2.measurement, "2.0.0", "healthy", &r), &releases, now).await.unwrap_or_else(|e| panic!("{e}"));
+                    s.director_checkin(&facts(&id, &v2.measurement, "2.0.0", DeviceHealth::Healthy, &r), &releases, now).await.unwrap_or_else(|e| panic!("{e}"));
                     let _ = a;
                 }
             }
@@ -703,10 +665,10 @@ mod tests {
         assert_eq!(r.state.name(), "completed");
         // A device enrolled later joins the completed rollout.
         add_devices(&s, std::iter::once("dev-late".to_owned())).await;
-        let d = s.director_checkin(&facts("dev-late", &v1.measurement, "1.0.0", "healthy", &[]), &releases, 3000).await.unwrap_or_else(|e| panic!("{e}"));
+        let d = s.director_checkin(&facts("dev-late", &v1.measurement, "1.0.0", DeviceHealth::Healthy, &[]), &releases, 3000).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(d.assignment.map(|a| a.custom.version), Some("2.0.0".into()));
         // Director versions only grow.
-        let d2 = s.director_checkin(&facts("dev-late", &v1.measurement, "1.0.0", "healthy", &[]), &releases, 3001).await.unwrap_or_else(|e| panic!("{e}"));
+        let d2 = s.director_checkin(&facts("dev-late", &v1.measurement, "1.0.0", DeviceHealth::Healthy, &[]), &releases, 3001).await.unwrap_or_else(|e| panic!("{e}"));
         assert!(d2.director_version > d.director_version);
     }
 
@@ -716,13 +678,13 @@ mod tests {
         s.create_rollout(&rollout("r", v2.clone(), &[100.0], 0.9, 1, 0)).await.unwrap_or_else(|e| panic!("{e}"));
         assert!(matches!(s.rollout_action("r", Event::Start { by: "ops".into() }, 0).await, Ok(ActionOutcome::Done(..))));
         let releases = [v1.clone(), v2.clone()];
-        let mut bad = facts("dev-00000", &v1.measurement, "1.0.0", "healthy", &[]);
+        let mut bad = facts("dev-00000", &v1.measurement, "1.0.0", DeviceHealth::Healthy, &[]);
         bad.attested = false;
         assert_eq!(s.director_checkin(&bad, &releases, 1).await.map(|d| d.assignment).ok(), Some(None), "quarantined: nothing assigned");
-        let d = s.director_checkin(&facts("dev-00001", &v1.measurement, "1.0.0", "healthy", &[]), &releases, 1).await.unwrap_or_else(|e| panic!("{e}"));
+        let d = s.director_checkin(&facts("dev-00001", &v1.measurement, "1.0.0", DeviceHealth::Healthy, &[]), &releases, 1).await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(d.assignment.as_ref().map(|a| a.custom.rollback), Some(false));
         assert!(matches!(s.rollout_action("r", Event::Abort { by: "ops".into(), roll_back: true }, 2).await, Ok(ActionOutcome::Done(..))));
-        let d = s.director_checkin(&facts("dev-00001", &v2.measurement, "2.0.0", "healthy", &[]), &releases, 3).await.unwrap_or_else(|e| panic!("{e}"));
+        let d = s.director_checkin(&facts("dev-00001", &v2.measurement, "2.0.0", DeviceHealth::Healthy, &[]), &releases, 3).await.unwrap_or_else(|e| panic!("{e}"));
         let a = d.assignment.unwrap_or_else(|| panic!("a rollback assignment"));
         assert_eq!((a.path.as_str(), a.custom.rollback), (v1.path.as_str(), true));
         assert!(matches!(s.rollout_action("r", Event::Resume { by: "ops".into() }, 4).await, Ok(ActionOutcome::Refused(_))));
@@ -764,7 +726,7 @@ mod tests {
                         let (image, version) = if committed { (v2.measurement.as_str(), "2.0.0") } else { (v1.measurement.as_str(), "1.0.0") };
                         let releases = [v1.clone(), v2.clone()];
                         let d = stores[(i + round as usize) % 2]
-                            .director_checkin(&facts(id, image, version, "healthy", &reports), &releases, 10 + round)
+                            .director_checkin(&facts(id, image, version, DeviceHealth::Healthy, &reports), &releases, 10 + round)
                             .await
                             .unwrap_or_else(|e| panic!("{e}"));
                         if let Some(a) = d.assignment {

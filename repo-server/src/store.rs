@@ -10,6 +10,8 @@ use sha2::{Digest, Sha256};
 use crate::args;
 use crate::db::{Database, Dialect, Mode, Postgres, Row, Sqlite, Tx, Value};
 use crate::error::ServerError;
+use crate::storage::{ChallengeState, SqlEnum};
+use outpost_protocol::attest::{AttestationState, DeviceHealth, Verdict};
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,7 +204,7 @@ pub enum EnrollRefusal {
     TokenExpired(i64),
     WrongClass { token: String },
     UnknownChallenge,
-    ChallengeClosed(String),
+    ChallengeClosed(ChallengeState),
     ChallengeExpired,
     WrongSecret,
 }
@@ -221,8 +223,8 @@ pub struct Device {
     pub version: Option<String>,
     pub image_sha256: Option<String>,
     pub sbom_sha256: Option<String>,
-    pub health: Option<String>,
-    pub attestation: String,
+    pub health: Option<DeviceHealth>,
+    pub attestation: AttestationState,
     pub attestation_reason: Option<String>,
     pub attested_at: Option<String>,
     /// The latest attestation failed: nothing may be assigned to this device.
@@ -254,13 +256,13 @@ pub enum NonceRefusal {
 /// One check-in's outcome, recorded with the device's state.
 pub struct CheckinRecord<'a> {
     pub device_id: &'a str,
-    pub verdict: &'a str,
+    pub verdict: Verdict,
     pub reason: Option<&'a str>,
     pub slot: &'a str,
     pub version: Option<&'a str>,
     pub image_sha256: Option<&'a str>,
     pub sbom_sha256: Option<&'a str>,
-    pub health: &'a str,
+    pub health: DeviceHealth,
     pub reports: &'a [InstallReport],
     /// The policy status (JSON) the device reported.
     pub policy: Option<String>,
@@ -352,13 +354,13 @@ async fn record_checkin_tx(tx: &mut dyn Tx, c: &CheckinRecord<'_>) -> Result<(),
     let now = chrono::Utc::now().to_rfc3339();
     tx.execute(
         "INSERT INTO attestations (device_id, at, verdict, reason, slot, version, image_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        args![c.device_id, &now, c.verdict, c.reason, c.slot, c.version, c.image_sha256],
+        args![c.device_id, &now, c.verdict.as_sql(), c.reason, c.slot, c.version, c.image_sha256],
     )
     .await?;
     tx.execute(
         "UPDATE devices SET last_checkin_at = ?1, slot = ?2, version = ?3, image_sha256 = ?4, health = ?5,
            attestation = ?6, attestation_reason = ?7, attested_at = ?1, sbom_sha256 = ?9, policy = ?10 WHERE device_id = ?8",
-        args![&now, c.slot, c.version, c.image_sha256, c.health, c.verdict, c.reason, c.device_id, c.sbom_sha256, c.policy.as_deref()],
+        args![&now, c.slot, c.version, c.image_sha256, c.health.as_sql(), AttestationState::from(c.verdict).as_sql(), c.reason, c.device_id, c.sbom_sha256, c.policy.as_deref()],
     )
     .await?;
     for r in c.reports {
@@ -562,8 +564,9 @@ impl Store {
             .await?;
         let Some(r) = row else { return Ok(Err(EnrollRefusal::UnknownChallenge)) };
         let (token, device_id, class) = (r.text(0)?, r.text(1)?, r.text(2)?);
-        let (ek, ek_cert, ak, want, expires, state) = (r.blob(3)?, r.opt_blob(4)?, r.blob(5)?, r.text(6)?, r.int(7)?, r.text(8)?);
-        if state != "open" {
+        let (ek, ek_cert, ak, want, expires) = (r.blob(3)?, r.opt_blob(4)?, r.blob(5)?, r.text(6)?, r.int(7)?);
+        let state = ChallengeState::from_sql("enrollment_challenges.state", &r.text(8)?)?;
+        if state != ChallengeState::Open {
             return Ok(Err(EnrollRefusal::ChallengeClosed(state)));
         }
         if expires <= now {
@@ -598,7 +601,7 @@ impl Store {
     }
 
     fn device_from_row(r: &Row) -> Result<Device, ServerError> {
-        let attestation = r.text(9)?;
+        let attestation = AttestationState::from_sql("devices.attestation", &r.text(9)?)?;
         Ok(Device {
             device_id: r.text(0)?,
             hardware_class: r.text(1)?,
@@ -609,11 +612,11 @@ impl Store {
             slot: r.opt_text(6)?,
             version: r.opt_text(7)?,
             image_sha256: r.opt_text(8)?,
-            quarantined: attestation == "failed",
+            quarantined: attestation == AttestationState::Failed,
             attestation,
             attestation_reason: r.opt_text(10)?,
             attested_at: r.opt_text(11)?,
-            health: r.opt_text(12)?,
+            health: r.opt_text(12)?.map(|h| DeviceHealth::from_sql("devices.health", &h)).transpose()?,
             sbom_sha256: r.opt_text(13)?,
             labels: serde_json::from_str(&r.text(14)?).unwrap_or_default(),
             policy: r.opt_text(15)?.and_then(|p| serde_json::from_str(&p).ok()),
@@ -801,7 +804,7 @@ impl Store {
                     device_id: r.text(0)?,
                     hardware_class: r.text(1)?,
                     version: r.opt_text(2)?,
-                    quarantined: r.text(3)? == "failed",
+                    quarantined: AttestationState::from_sql("devices.attestation", &r.text(3)?)? == AttestationState::Failed,
                     release: rel.target.clone(),
                 });
             }

@@ -245,7 +245,7 @@ async fn checkin(http: &reqwest::Client, nonce_server: &str, report_server: &str
     t.checkin_ms.push(sent.elapsed().as_secs_f64() * 1000.0);
     t.latency_ms.push(started.elapsed().as_secs_f64() * 1000.0);
     d.pending.clear();
-    if verdict.verdict == "attested" {
+    if verdict.verdict == outpost_protocol::attest::Verdict::Attested {
         t.attested += 1;
     } else {
         t.failed_verdicts += 1;
