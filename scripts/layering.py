@@ -45,6 +45,14 @@ LAYERS = {
     },
 }
 
+# crate dir -> {module prefix: the only crate modules it may import (itself included)}
+ONLY = {
+    "repo-server": {
+        # The bottom layer: protocol and fsio (other crates), its own db, the error type.
+        "storage": {"storage", "error"},
+    },
+}
+
 
 def strip_code(text):
     """Blanks out comments, strings and char literals, keeping line breaks, so that
@@ -260,9 +268,12 @@ def check(root):
                 if sm and "//" not in l[: sm.start()]:
                     breaches.append(f"string-state {rel}:{i + 1}: {sm.group(0)}")
             rules = LAYERS.get(name, {})
+            only = ONLY.get(name, {})
             for target in edges_of(mod, live_code, mods):
                 if mod and target and mod[0] in rules and target[0] in rules[mod[0]]:
                     breaches.append(f"layer {name}: {'::'.join(mod)} imports {'::'.join(target)}")
+                elif mod and target and mod[0] in only and target[0] not in only[mod[0]]:
+                    breaches.append(f"layer {name}: {'::'.join(mod)} imports {'::'.join(target)} (may import only {', '.join(sorted(only[mod[0]]))})")
                 pair = sibling_edge(mod, target)
                 if pair:
                     graph[pair[0]].add(pair[1])

@@ -94,7 +94,7 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     /// The state store: SQLite (default) or PostgreSQL.
-    pub database: crate::store::Backend,
+    pub database: crate::storage::Backend,
     pub trusted_root: PathBuf,
     pub snapshot_key: PathBuf,
     pub timestamp_key: PathBuf,
@@ -171,19 +171,19 @@ impl ServerConfig {
             (Some(_), Some(_)) => return Err(err("database: set either sqlite or postgres, not both".into())),
             (_, Some(url)) => {
                 if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                    return Err(err(format!("database.postgres {:?}: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE", crate::db::redact(&url))));
+                    return Err(err(format!("database.postgres {:?}: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE", crate::storage::db::redact(&url))));
                 }
                 let max_connections = raw.database.max_connections.unwrap_or(16);
                 if max_connections == 0 {
                     return Err(err("database.max_connections must be at least 1".into()));
                 }
-                crate::store::Backend::Postgres { url, max_connections }
+                crate::storage::Backend::Postgres { url, max_connections }
             }
             (sqlite, None) => {
                 if raw.database.max_connections.is_some() {
                     return Err(err("database.max_connections applies to postgres only (SQLite uses one connection)".into()));
                 }
-                crate::store::Backend::Sqlite(data_dir.join(sqlite.unwrap_or_else(|| PathBuf::from("outpost.db"))))
+                crate::storage::Backend::Sqlite(data_dir.join(sqlite.unwrap_or_else(|| PathBuf::from("outpost.db"))))
             }
         };
         if raw.attestation.accept_uncertified_eks && !raw.attestation.ek_ca_certificates.is_empty() {

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{ApiError, ServerError};
 use crate::http::{ApiJson, AppState, Auth};
-use crate::store::{CheckinRecord, EnrollRefusal, NewChallenge, NonceRefusal, TokenRole};
+use crate::storage::{CheckinRecord, EnrollRefusal, NewChallenge, NonceRefusal, TokenRole};
 
 pub fn api() -> Router<AppState> {
     Router::new()
@@ -256,15 +256,15 @@ async fn nonce(State(s): State<AppState>, Path(id): Path<String>, ApiJson(req): 
     let issued = now_ms();
     let expires = issued + s.nonce_lifetime.as_millis().max(1) as i64;
     let nonce = match s.store.issue_nonce(&id, expires, issued).await? {
-        crate::store::NonceIssue::Issued(n) => n,
-        crate::store::NonceIssue::UnknownDevice => {
+        crate::storage::NonceIssue::Issued(n) => n,
+        crate::storage::NonceIssue::UnknownDevice => {
             return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no enrolled device {id:?}")));
         }
-        crate::store::NonceIssue::TooMany => {
+        crate::storage::NonceIssue::TooMany => {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_nonces",
-                format!("device {id:?} already has {} unused nonces; use one or wait for them to expire", crate::store::MAX_OPEN_NONCES),
+                format!("device {id:?} already has {} unused nonces; use one or wait for them to expire", crate::storage::MAX_OPEN_NONCES),
             ));
         }
     };
@@ -342,7 +342,7 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
         reports: &report.reports,
         policy: report.policy.as_ref().and_then(|p| serde_json::to_string(p).ok()),
     };
-    let facts = crate::rollout_store::DeviceFacts {
+    let facts = crate::director::DeviceFacts {
         device_id: &id,
         hardware_class: &device.hardware_class,
         attested: verdict == Verdict::Attested,
@@ -351,8 +351,10 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
         health: report.health,
         reports: &report.reports,
     };
-    let decision = match s.store.checkin(&report.nonce, &record, &facts, &releases, now_ms()).await? {
-        Ok(d) => d,
+    let now_ms = now_ms();
+    let decide = crate::director::decider(&facts, &releases, now_ms.div_euclid(1000));
+    let decision = match s.store.checkin(&report.nonce, &record, &device.hardware_class, decide, now_ms).await? {
+        Ok(d) => crate::director::Outcome::new(d),
         Err(r) => {
             tracing::warn!(device = %id, refusal = ?r, "check-in nonce refused");
             return Err(match r {
@@ -363,8 +365,8 @@ async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body
             });
         }
     };
-    crate::rollouts::log_transitions(&s.store, &decision.transitions).await;
-    let director_targets = s.director.sign(&id, decision.director_version, decision.assignment.as_ref())?;
+    crate::director::log_transitions(&s.store, &decision.transitions).await;
+    let director_targets = s.director.sign(&id, decision.director_version, decision.assignment.as_ref(), chrono::Utc::now())?;
     if device.attestation != AttestationState::from(verdict) {
         // Entering or leaving quarantine is an audited event.
         s.store.log("server", if verdict == Verdict::Failed { "device_quarantine" } else { "device_attested" }, &json!({"device_id": id, "reason": reason})).await?;

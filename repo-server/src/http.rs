@@ -22,7 +22,7 @@ use tower_http::services::ServeFile;
 
 use crate::error::{ApiError, ServerError};
 use crate::repository::{PublishError, Repository};
-use crate::store::{Principal, Store, TokenRole};
+use crate::storage::{Principal, Store, TokenRole};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -38,7 +38,7 @@ pub struct AppState {
     /// Measurement policy per hardware class ("*": every other class).
     pub measurement: Arc<std::collections::BTreeMap<String, outpost_protocol::attest::MeasurementPolicy>>,
     /// The director key and root.
-    pub director: Arc<crate::rollouts::Director>,
+    pub director: Arc<crate::director::Director>,
 }
 
 /// The whole application router.
@@ -189,7 +189,7 @@ async fn log(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiEr
 /// Install outcomes of devices that follow no director (no identity, so nobody can
 /// tell who sent them): recorded as unattested and bounded. An enrolled device's
 /// outcomes come only inside its attested check-ins.
-async fn add_report(State(s): State<AppState>, ApiJson(report): ApiJson<crate::store::InstallReport>) -> Result<Json<Value>, ApiError> {
+async fn add_report(State(s): State<AppState>, ApiJson(report): ApiJson<crate::storage::InstallReport>) -> Result<Json<Value>, ApiError> {
     report.validate().map_err(|m| ApiError::unprocessable("invalid_report", m))?;
     if !s.store.add_unattested_report(&report).await? {
         return Err(ApiError::new(

@@ -3,17 +3,15 @@
 
 pub mod config;
 pub mod dashboard;
-pub mod db;
 pub mod devices;
+pub mod director;
 pub mod ekcert;
 pub mod error;
 pub mod http;
 pub mod repository;
-pub mod rollout_store;
 pub mod rollouts;
 pub mod sbomindex;
 pub mod storage;
-pub mod store;
 pub mod targetfiles;
 
 use std::sync::Arc;
@@ -27,9 +25,9 @@ pub use http::{app, AppState};
 pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let repo = Arc::new(repository::Repository::open(&config)?);
     let ek_cas = Arc::new(ekcert::EkCaStore::load(&config.ek_ca_certificates, &config.config_path)?);
-    let store = Arc::new(store::Store::open(&config.database).await?);
+    let store = Arc::new(storage::Store::open(&config.database).await?);
     tracing::info!(backend = store.backend(), "state store open");
-    let director = Arc::new(rollouts::Director::open(&config.director_key, config.director_targets_expiry)?);
+    let director = Arc::new(director::Director::open(&config.director_key, config.director_targets_expiry)?);
     let state = AppState {
         director,
         repo: repo.clone(),
@@ -75,7 +73,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         loop {
             tick.tick().await;
             match tick_store.rollout_tick(chrono::Utc::now().timestamp()).await {
-                Ok(transitions) => rollouts::log_transitions(&tick_store, &transitions).await,
+                Ok(transitions) => director::log_transitions(&tick_store, &transitions).await,
                 Err(e) => tracing::error!(error = %e, "re-evaluating rollouts failed"),
             }
             if let Err(e) = tick_store.purge_nonces(chrono::Utc::now().timestamp_millis()).await {

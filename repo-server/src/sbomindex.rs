@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::error::ApiError;
 use crate::http::{AppState, Auth};
 use crate::repository::Repository;
-use crate::store::{SbomRelease, SbomSearch, Store};
+use crate::storage::{SbomRelease, SbomSearch, Store};
 
 pub fn api() -> Router<AppState> {
     Router::new().route("/api/v1/sbom/search", get(search)).route("/api/v1/sbom/affected", get(affected))
