@@ -36,6 +36,12 @@ LAYERS = {
         "fleet": {"api"},
         "repository": {"api"},
         "db": {"api", "storage", "director", "fleet", "repository"},
+        # Nothing imports the API layer.
+        "http": {"api"},
+        "config": {"api"},
+        "error": {"api"},
+        "ekcert": {"api"},
+        "targetfiles": {"api"},
     },
     "update-agent": {
         "install": {"agent", "cli"},

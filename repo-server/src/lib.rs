@@ -1,24 +1,22 @@
 //! `outpost-server`: serves the TUF image repository, takes offline-signed uploads
 //! from pipelines, and keeps snapshot and timestamp fresh with its online keys.
 
+pub mod api;
 pub mod config;
-pub mod dashboard;
-pub mod devices;
 pub mod director;
 pub mod ekcert;
 pub mod error;
+pub mod fleet;
 pub mod http;
 pub mod repository;
-pub mod rollouts;
-pub mod sbomindex;
 pub mod storage;
 pub mod targetfiles;
 
 use std::sync::Arc;
 
 pub use config::ServerConfig;
-pub use error::{ApiError, ServerError};
-pub use http::{app, AppState};
+pub use api::{app, ApiError, AppState};
+pub use error::ServerError;
 
 /// Opens the repository and store, starts the re-signing task and serves until
 /// SIGINT/SIGTERM.
@@ -40,7 +38,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         measurement: Arc::new(config.measurement.clone()),
     };
     warn_about_trust(&config);
-    let indexed = sbomindex::index_release_sboms(&repo, &store).await;
+    let indexed = fleet::sbom::index_release_sboms(&repo, &store).await;
     if indexed > 0 {
         tracing::info!(indexed, "indexed SBOMs of published releases");
     }

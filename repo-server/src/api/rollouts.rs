@@ -1,6 +1,4 @@
-//! The director and the rollout engine's HTTP surface: the director key and root
-//! devices pin at enrollment, per-device director targets signed at each check-in,
-//! and the operator API for rollouts (create, start, pause, resume, advance, abort,
+//! The operator API for rollouts (create, start, pause, resume, advance, abort,
 //! status) with every action in the audit log.
 
 use std::collections::BTreeMap;
@@ -13,17 +11,16 @@ use outpost_protocol::rollout::{validate_waves, Event, Gate, State as RolloutSta
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::error::ApiError;
-use crate::http::{ApiJson, AppState, Auth};
+use super::ApiError;
+use super::{ApiJson, AppState, Auth};
 use crate::storage::{ActionOutcome, RolloutRecord};
 use crate::storage::TokenRole;
 
-pub fn api() -> Router<AppState> {
+pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/rollouts", post(create).get(list))
         .route("/api/v1/rollouts/{id}", get(show))
         .route("/api/v1/rollouts/{id}/{action}", post(act))
-        .route("/api/v1/audit", get(audit))
 }
 
 /// One wave as the API takes it (signed numbers, so negative values get a message
@@ -82,31 +79,11 @@ fn waves_of(body: &[WaveBody]) -> Result<Vec<WaveSpec>, String> {
     Ok(out)
 }
 
-fn label_ok(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
-}
 
-/// Labels: keys and values of 1-64 characters from [A-Za-z0-9-_.:/]; at most 32.
-pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
-    if labels.len() > 32 {
-        return Err(format!("labels: at most 32, got {}", labels.len()));
-    }
-    for (k, v) in labels {
-        if !label_ok(k) {
-            return Err(format!("labels: key {k:?} must be 1-64 characters of letters, digits and -_.:/"));
-        }
-        if !label_ok(v) {
-            return Err(format!("labels.{k}: value {v:?} must be 1-64 characters of letters, digits and -_.:/"));
-        }
-    }
-    Ok(())
-}
 
 /// Refuses to expose a release the signed deny-list affects.
 async fn vulnerability_gate(s: &AppState, release_path: &str) -> Result<(), ApiError> {
-    let Some((_, entries)) = crate::sbomindex::affected_entries(s).await? else { return Ok(()) };
-    let hits: Vec<String> =
-        entries.iter().filter(|(_, found)| found.releases.iter().any(|r| r.target == release_path)).map(|(e, _)| e.id.clone()).collect();
+    let hits = crate::fleet::sbom::denied(&s.repo, &s.store, release_path).await?;
     if hits.is_empty() {
         Ok(())
     } else {
@@ -121,7 +98,7 @@ async fn create(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<Cr
     auth.require(TokenRole::Operator)?;
     let class: outpost_protocol::release::HardwareClass =
         body.hardware_class.parse().map_err(|e: outpost_protocol::Error| ApiError::unprocessable("invalid_hardware_class", format!("hardware_class: {e}")))?;
-    check_labels(&body.labels).map_err(|m| ApiError::unprocessable("invalid_labels", m))?;
+    crate::fleet::check_labels(&body.labels).map_err(|m| ApiError::unprocessable("invalid_labels", m))?;
     let waves = waves_of(&body.waves).map_err(|m| ApiError::unprocessable("invalid_waves", m))?;
     let name = body.name.clone().unwrap_or_else(|| format!("{} {}", class.as_str(), body.version));
     if name.is_empty() || name.len() > 128 {
@@ -300,13 +277,5 @@ async fn act(
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct AuditQuery {
-    limit: Option<u32>,
-}
 
-async fn audit(State(s): State<AppState>, auth: Auth, Query(q): Query<AuditQuery>) -> Result<Json<Value>, ApiError> {
-    auth.require_reader()?;
-    Ok(Json(json!({"entries": s.store.recent_log(q.limit.unwrap_or(200).min(5000)).await?})))
-}
 
