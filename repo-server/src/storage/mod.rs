@@ -101,7 +101,11 @@ impl Store {
     /// Opens (and migrates) the configured database.
     pub async fn open(backend: &Backend) -> Result<Self, ServerError> {
         let db: Box<dyn Database> = match backend {
-            Backend::Sqlite(path) => Box::new(Sqlite::open(path)?),
+            Backend::Sqlite(path) => {
+                let path = path.clone();
+                let opened = tokio::task::spawn_blocking(move || Sqlite::open(&path)).await;
+                Box::new(opened.map_err(|e| ServerError::Db(format!("opening the SQLite database: {e}").into()))??)
+            }
             Backend::Postgres { url, max_connections } => Box::new(Postgres::connect(url, *max_connections).await?),
         };
         db::migrate(db.as_ref(), &schema::base_schema(db.dialect()), &schema::ALTERATIONS).await?;

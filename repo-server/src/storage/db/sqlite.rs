@@ -1,4 +1,7 @@
-//! SQLite embedded.
+//! SQLite embedded. Every statement (and each BEGIN, COMMIT and ROLLBACK, which may
+//! wait for another process's lock or for the disk) runs on tokio's blocking pool,
+//! never on an async worker: the transaction's connection guard is moved to the
+//! blocking thread for the statement and back.
 
 use std::sync::Arc;
 
@@ -40,17 +43,17 @@ impl rusqlite::ToSql for Value {
     }
 }
 
-struct SqliteTx {
+/// The connection, held for one transaction; dropped anywhere (after a commit, or in a
+/// task whose future was cancelled mid-statement), it ends what it began first.
+struct Held {
     conn: tokio::sync::OwnedMutexGuard<rusqlite::Connection>,
     /// In a transaction that has not ended yet.
     open: bool,
     /// Commits do not wait for the disk until this transaction ends.
     lazy: bool,
-    /// Began with `BEGIN IMMEDIATE`: holds the file's write lock.
-    immediate: bool,
 }
 
-impl SqliteTx {
+impl Held {
     fn execute(&mut self, sql: &str, args: &[Value]) -> Result<u64, ServerError> {
         let mut stmt = self.conn.prepare_cached(sql)?;
         Ok(stmt.execute(rusqlite::params_from_iter(args.iter()))? as u64)
@@ -91,7 +94,7 @@ impl SqliteTx {
     }
 }
 
-impl Drop for SqliteTx {
+impl Drop for Held {
     fn drop(&mut self) {
         if let Err(e) = self.end("ROLLBACK") {
             tracing::error!(error = %e, "rolling back a SQLite transaction failed");
@@ -99,18 +102,60 @@ impl Drop for SqliteTx {
     }
 }
 
+/// Runs `f` on the connection on the blocking pool and hands the connection back
+/// with what `f` came to (a failed statement leaves the transaction to its owner).
+async fn blocking<T: Send + 'static>(
+    mut held: Held,
+    f: impl FnOnce(&mut Held) -> Result<T, ServerError> + Send + 'static,
+) -> Result<(Held, Result<T, ServerError>), ServerError> {
+    tokio::task::spawn_blocking(move || {
+        let r = f(&mut held);
+        (held, r)
+    })
+    .await
+    .map_err(|e| ServerError::Db(format!("a SQLite statement's task failed: {e}").into()))
+}
+
+struct SqliteTx {
+    /// None only while a statement runs, or after one failed to come back.
+    held: Option<Held>,
+    /// Began with `BEGIN IMMEDIATE`: holds the file's write lock.
+    immediate: bool,
+}
+
+impl SqliteTx {
+    async fn run<T: Send + 'static>(&mut self, f: impl FnOnce(&mut Held) -> Result<T, ServerError> + Send + 'static) -> Result<T, ServerError> {
+        let held = self.held.take().ok_or_else(|| ServerError::Db("a SQLite transaction used after its connection was lost".into()))?;
+        let (held, out) = blocking(held, f).await?;
+        self.held = Some(held);
+        out
+    }
+}
+
+impl Drop for SqliteTx {
+    fn drop(&mut self) {
+        // The rollback may wait for the disk: off the async workers when there are any.
+        if let (Some(held), Ok(rt)) = (self.held.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn_blocking(move || drop(held));
+        }
+    }
+}
+
 impl Tx for SqliteTx {
     fn execute<'a>(&'a mut self, sql: &'a str, args: Vec<Value>) -> BoxFuture<'a, Result<u64, ServerError>> {
-        Box::pin(async move { SqliteTx::execute(self, sql, &args) })
+        let sql = sql.to_owned();
+        Box::pin(async move { self.run(move |h| h.execute(&sql, &args)).await })
     }
     fn query<'a>(&'a mut self, sql: &'a str, args: Vec<Value>) -> BoxFuture<'a, Result<Vec<Row>, ServerError>> {
-        Box::pin(async move { SqliteTx::query(self, sql, &args) })
+        let sql = sql.to_owned();
+        Box::pin(async move { self.run(move |h| h.query(&sql, &args)).await })
     }
     fn batch<'a>(&'a mut self, sql: &'a str) -> BoxFuture<'a, Result<(), ServerError>> {
-        Box::pin(async move { Ok(self.conn.execute_batch(sql)?) })
+        let sql = sql.to_owned();
+        Box::pin(async move { self.run(move |h| Ok(h.conn.execute_batch(&sql)?)).await })
     }
     fn serialized(&self) -> bool {
-        self.open && self.immediate
+        self.immediate && self.held.as_ref().is_some_and(|h| h.open)
     }
     fn serialize(&mut self) -> BoxFuture<'_, Result<(), ServerError>> {
         Box::pin(async move {
@@ -122,7 +167,7 @@ impl Tx for SqliteTx {
         })
     }
     fn commit(mut self: Box<Self>) -> BoxFuture<'static, Result<(), ServerError>> {
-        Box::pin(async move { self.end("COMMIT") })
+        Box::pin(async move { self.run(|h| h.end("COMMIT")).await })
     }
 }
 
@@ -133,23 +178,27 @@ impl Database for Sqlite {
     fn begin(&self, mode: Mode) -> BoxFuture<'_, Result<Box<dyn Tx>, ServerError>> {
         Box::pin(async move {
             let conn = self.conn.clone().lock_owned().await;
-            let mut tx = SqliteTx { conn, open: false, lazy: false, immediate: false };
-            if mode == Mode::Lazy {
-                tx.conn.pragma_update(None, "synchronous", "NORMAL")?;
-                tx.lazy = true;
-            }
             let begin = match mode {
                 Mode::Autocommit => None,
                 Mode::Shared => Some("BEGIN"),
                 Mode::Exclusive | Mode::Write | Mode::Lazy => Some("BEGIN IMMEDIATE"),
             };
-            if let Some(sql) = begin {
-                tx.conn.execute_batch(sql)?;
-                tx.open = true;
-                tx.immediate = sql == "BEGIN IMMEDIATE";
-            }
+            let held = Held { conn, open: false, lazy: false };
+            let (held, began) = blocking(held, move |h| {
+                if mode == Mode::Lazy {
+                    h.conn.pragma_update(None, "synchronous", "NORMAL")?;
+                    h.lazy = true;
+                }
+                if let Some(sql) = begin {
+                    h.conn.execute_batch(sql)?;
+                    h.open = true;
+                }
+                Ok(())
+            })
+            .await?;
+            let tx = SqliteTx { held: Some(held), immediate: begin == Some("BEGIN IMMEDIATE") };
+            began?;
             Ok(Box::new(tx) as Box<dyn Tx>)
         })
     }
 }
-
