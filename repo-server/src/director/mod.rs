@@ -190,13 +190,13 @@ mod tests {
         let checkin_all = async |now: i64, s: &Store| {
             for i in 0..400 {
                 let id = format!("dev-{i:05}");
-                let d = director_checkin(&s, &facts(&id, &v1.measurement, "1.0.0", DeviceHealth::Healthy, &[]), &releases, now).await.unwrap_or_else(|e| panic!("{e}"));
+                let d = director_checkin(s, &facts(&id, &v1.measurement, "1.0.0", DeviceHealth::Healthy, &[]), &releases, now).await.unwrap_or_else(|e| panic!("{e}"));
                 if let Some(a) = d.assignment {
                     // The device installs it at once and reports at its next check-in.
                     let r = [report(&id, &v2, ReportOutcome::Committed)];
-                    director_checkin(&s, &facts(&id, &v2.measurement, "2.0.0", DeviceHealth::Healthy, &r), &releases, now).await.unwrap_or_else(|e| panic!("{e}"));
+                    director_checkin(s, &facts(&id, &v2.measurement, "2.0.0", DeviceHealth::Healthy, &r), &releases, now).await.unwrap_or_else(|e| panic!("{e}"));
                     // Delivered twice (a retried check-in): counted once.
-                    director_checkin(&s, &facts(&id, &v2.measurement, "2.0.0", DeviceHealth::Healthy, &r), &releases, now).await.unwrap_or_else(|e| panic!("{e}"));
+                    director_checkin(s, &facts(&id, &v2.measurement, "2.0.0", DeviceHealth::Healthy, &r), &releases, now).await.unwrap_or_else(|e| panic!("{e}"));
                     let _ = a;
                 }
             }
