@@ -183,14 +183,15 @@ fn assign(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::BTreeMap;
 
     use outpost_protocol::rollout::{Cause, Gate, PauseReason, Transition, WaveSpec};
 
     use super::*;
 
-    fn release(version: &str, fill: char) -> FirmwareRelease {
+    /// A release of class rpi4 whose digests are `fill` repeated.
+    pub(in crate::director) fn release(version: &str, fill: char) -> FirmwareRelease {
         FirmwareRelease {
             path: format!("firmware/rpi4/{version}/image.bin"),
             length: 1000,

@@ -73,17 +73,8 @@ mod tests {
     use super::*;
     use crate::error::ServerError;
     use crate::storage::{ActionOutcome, InstallReport, ReportOutcome, RolloutRecord, Store};
+    use super::decide::tests::release;
 
-    fn release(version: &str, fill: char) -> FirmwareRelease {
-        FirmwareRelease {
-            path: format!("firmware/rpi4/{version}/image.bin"),
-            length: 1000,
-            sha256: fill.to_string().repeat(64),
-            version: version.into(),
-            measurement: fill.to_string().repeat(64),
-            sbom_sha256: None,
-        }
-    }
 
     use crate::storage::testing::{add_devices, on_both_backends};
     use crate::storage::Backend;
