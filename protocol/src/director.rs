@@ -185,6 +185,18 @@ pub fn verify_targets(root: &Envelope<Root>, bytes: &[u8], device_id: &str, min_
     Ok(DirectorView { version: env.signed.version, expires, assignment })
 }
 
+/// A signed full-image firmware release, as the director assigns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FirmwareRelease {
+    pub path: String,
+    pub length: u64,
+    pub sha256: String,
+    pub version: String,
+    /// The image digest the device's TPM records when it boots this release.
+    pub measurement: String,
+    pub sbom_sha256: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

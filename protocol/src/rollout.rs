@@ -33,6 +33,54 @@ pub enum Gate {
     Manual,
 }
 
+impl Gate {
+    pub const ALL: [Gate; 2] = [Gate::Auto, Gate::Manual];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Gate::Auto => "auto",
+            Gate::Manual => "manual",
+        }
+    }
+}
+
+/// A device's assignment in a rollout. The order is the only direction it moves in,
+/// except that a healthy device that later fails attestation counts as failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AssignmentStatus {
+    Assigned,
+    Installing,
+    Healthy,
+    RolledBack,
+    AttestationFailed,
+}
+
+impl AssignmentStatus {
+    pub const ALL: [AssignmentStatus; 5] = [
+        AssignmentStatus::Assigned,
+        AssignmentStatus::Installing,
+        AssignmentStatus::Healthy,
+        AssignmentStatus::RolledBack,
+        AssignmentStatus::AttestationFailed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AssignmentStatus::Assigned => "assigned",
+            AssignmentStatus::Installing => "installing",
+            AssignmentStatus::Healthy => "healthy",
+            AssignmentStatus::RolledBack => "rolled_back",
+            AssignmentStatus::AttestationFailed => "attestation_failed",
+        }
+    }
+
+    /// Rolled back or failed attestation: it moves no further.
+    pub fn terminal(self) -> bool {
+        matches!(self, AssignmentStatus::RolledBack | AssignmentStatus::AttestationFailed)
+    }
+}
+
 /// Checks a wave plan: at least one wave, percentages increasing up to at most 100,
 /// thresholds within 0..=1. Errors name the wave and field.
 pub fn validate_waves(waves: &[WaveSpec]) -> Result<()> {
@@ -264,6 +312,16 @@ impl Rollout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gate_and_status_names_are_their_wire_names() {
+        for g in Gate::ALL {
+            assert_eq!(serde_json::to_value(g).ok(), Some(serde_json::Value::from(g.as_str())));
+        }
+        for s in AssignmentStatus::ALL {
+            assert_eq!(serde_json::to_value(s).ok(), Some(serde_json::Value::from(s.as_str())));
+        }
+    }
 
     fn waves() -> Vec<WaveSpec> {
         [1.0, 10.0, 50.0, 100.0]

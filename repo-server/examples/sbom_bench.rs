@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use outpost_sbom::query::Query;
 use outpost_sbom::ComponentRef;
-use outpost_server::store::{SbomRelease, Store};
+use outpost_server::storage::{SbomRelease, Store};
 
 /// A small deterministic generator (xorshift), so runs are comparable.
 struct Rng(u64);

@@ -95,7 +95,7 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     /// The state store: SQLite (default) or PostgreSQL.
-    pub database: crate::store::Backend,
+    pub database: crate::storage::Backend,
     /// What the TUF repository needs (its directory, trusted root, online keys,
     /// expiries, SBOM policy): all `Repository::open` is given.
     pub repository: RepositorySettings,
@@ -219,24 +219,24 @@ impl RawRepo {
 }
 
 impl RawDb {
-    fn backend(self, cx: &Load, data_dir: &Path) -> Result<crate::store::Backend, ServerError> {
+    fn backend(self, cx: &Load, data_dir: &Path) -> Result<crate::storage::Backend, ServerError> {
         match (self.sqlite, self.postgres) {
             (Some(_), Some(_)) => Err(cx.err("database: set either sqlite or postgres, not both".into())),
             (_, Some(url)) => {
                 if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                    return Err(cx.err(format!("database.postgres {:?}: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE", crate::db::redact(&url))));
+                    return Err(cx.err(format!("database.postgres {:?}: expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE", crate::storage::db::redact(&url))));
                 }
                 let max_connections = self.max_connections.unwrap_or(16);
                 if max_connections == 0 {
                     return Err(cx.err("database.max_connections must be at least 1".into()));
                 }
-                Ok(crate::store::Backend::Postgres { url, max_connections })
+                Ok(crate::storage::Backend::Postgres { url, max_connections })
             }
             (sqlite, None) => {
                 if self.max_connections.is_some() {
                     return Err(cx.err("database.max_connections applies to postgres only (SQLite uses one connection)".into()));
                 }
-                Ok(crate::store::Backend::Sqlite(data_dir.join(sqlite.unwrap_or_else(|| PathBuf::from("outpost.db")))))
+                Ok(crate::storage::Backend::Sqlite(data_dir.join(sqlite.unwrap_or_else(|| PathBuf::from("outpost.db")))))
             }
         }
     }

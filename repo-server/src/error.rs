@@ -1,11 +1,8 @@
-//! Server errors: `ServerError` for the library's operations, `ApiError` for HTTP
-//! answers (a status, a stable code, and a message naming what is wrong).
+//! Server errors: `ServerError` for the library's operations (HTTP answers are
+//! `api::ApiError`).
 
 use std::path::PathBuf;
 
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -53,48 +50,5 @@ impl ServerError {
     }
     pub(crate) fn proto(context: impl Into<String>, source: outpost_protocol::Error) -> Self {
         ServerError::Protocol { context: context.into(), source }
-    }
-}
-
-/// An HTTP error answer: `{"code": "...", "message": "..."}`.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
-    }
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
-    }
-    pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
-    }
-    pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
-    }
-    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, code, message)
-    }
-}
-
-impl From<ServerError> for ApiError {
-    fn from(e: ServerError) -> Self {
-        // Internal details are logged once here and shown to clients generically.
-        tracing::error!(error = %e, "internal error");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal server error; see server logs")
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(serde_json::json!({"code": self.code, "message": self.message}))).into_response()
     }
 }

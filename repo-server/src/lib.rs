@@ -1,34 +1,31 @@
 //! `outpost-server`: serves the TUF image repository, takes offline-signed uploads
 //! from pipelines, and keeps snapshot and timestamp fresh with its online keys.
 
+pub mod api;
 pub mod config;
-pub mod dashboard;
-pub mod db;
-pub mod devices;
+pub mod director;
 pub mod ekcert;
 pub mod error;
+pub mod fleet;
 pub mod http;
 pub mod repository;
-pub mod rollout_store;
-pub mod rollouts;
-pub mod sbomindex;
-pub mod store;
+pub mod storage;
 pub mod targetfiles;
 
 use std::sync::Arc;
 
 pub use config::ServerConfig;
-pub use error::{ApiError, ServerError};
-pub use http::{app, AppState};
+pub use api::{app, ApiError, AppState};
+pub use error::ServerError;
 
 /// Opens the repository and store, starts the re-signing task and serves until
 /// SIGINT/SIGTERM.
 pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let repo = Arc::new(repository::Repository::open(&config.repository)?);
     let ek_cas = Arc::new(ekcert::EkCaStore::load(&config.ek_ca_certificates, &config.config_path)?);
-    let store = Arc::new(store::Store::open(&config.database).await?);
+    let store = Arc::new(storage::Store::open(&config.database).await?);
     tracing::info!(backend = store.backend(), "state store open");
-    let director = Arc::new(rollouts::Director::open(&config.director_key, config.director_targets_expiry)?);
+    let director = Arc::new(director::Director::open(&config.director_key, config.director_targets_expiry)?);
     let state = AppState {
         director,
         repo: repo.clone(),
@@ -41,7 +38,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         measurement: Arc::new(config.measurement.clone()),
     };
     warn_about_trust(&config);
-    let indexed = sbomindex::index_release_sboms(&repo, &store).await;
+    let indexed = fleet::sbom::index_release_sboms(&repo, &store).await;
     if indexed > 0 {
         tracing::info!(indexed, "indexed SBOMs of published releases");
     }
@@ -74,7 +71,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         loop {
             tick.tick().await;
             match tick_store.rollout_tick(chrono::Utc::now().timestamp()).await {
-                Ok(transitions) => rollouts::log_transitions(&tick_store, &transitions).await,
+                Ok(transitions) => director::log_transitions(&tick_store, &transitions).await,
                 Err(e) => tracing::error!(error = %e, "re-evaluating rollouts failed"),
             }
             if let Err(e) = tick_store.purge_nonces(chrono::Utc::now().timestamp_millis()).await {

@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use outpost_server::store::{Store, TokenRole};
+use outpost_server::storage::{Store, TokenRole};
 use outpost_server::ServerConfig;
 
 #[derive(Debug, Parser)]

@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use outpost_protocol::keys::SigningKey;
 use outpost_protocol::tuf::{self, DelegatedRole, Delegations, RoleKeys, Root, TargetFile, Targets};
 use outpost_server::repository::{PublishError, Repository};
-use outpost_server::store::{Store, TokenRole};
+use outpost_server::storage::{Store, TokenRole};
 use outpost_server::{app, AppState, ServerConfig};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -251,7 +251,7 @@ async fn http_serves_repository_with_ranges_cache_headers_and_auth() {
         accept_uncertified_eks: false,
         measurement: Default::default(),
         director: std::sync::Arc::new(
-            outpost_server::rollouts::Director::open(&director_key(&f.config.director_key), std::time::Duration::from_secs(3600)).unwrap(),
+            outpost_server::director::Director::open(&director_key(&f.config.director_key), std::time::Duration::from_secs(3600)).unwrap(),
         ),
     });
 

@@ -62,7 +62,7 @@ pub async fn checkin(http: &reqwest::Client, nonce_server: &str, report_server: 
     let started = Instant::now();
     let verdict = attested_checkin(http, nonce_server, report_server, d, started, t).await?;
     d.pending.clear();
-    if verdict.verdict == "attested" {
+    if verdict.verdict == outpost_protocol::attest::Verdict::Attested {
         t.attested += 1;
     } else {
         t.failed_verdicts += 1;

@@ -52,7 +52,7 @@ fn main() {
         let t0 = Instant::now();
         let v = rt.block_on(attest::checkin(&config, &state)).expect("check-in");
         lat.push(t0.elapsed().as_secs_f64() * 1000.0);
-        *verdicts.entry(v.verdict).or_default() += 1;
+        *verdicts.entry(v.verdict.to_string()).or_default() += 1;
     }
     let mut sorted = lat.clone();
     sorted.sort_by(f64::total_cmp);
@@ -75,7 +75,7 @@ fn main() {
         let t = Instant::now();
         for (url, body) in &batch {
             let v = rt.block_on(attest::send_checkin(&config, url, body)).expect("send check-in");
-            *verdicts.entry(v.verdict).or_default() += 1;
+            *verdicts.entry(v.verdict.to_string()).or_default() += 1;
         }
         wall += t.elapsed().as_secs_f64();
         prepared.extend(batch);

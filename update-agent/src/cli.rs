@@ -269,7 +269,7 @@ fn emit(json: bool, result: &crate::install::PassResult) {
 fn emit_verdict(json: bool, v: &outpost_protocol::attest::CheckinVerdict) {
     if json {
         println!("{}", serde_json::to_string(v).unwrap_or_default());
-    } else if v.verdict == "attested" {
+    } else if v.verdict == outpost_protocol::attest::Verdict::Attested {
         println!("check-in attested ({})", v.device_id);
     } else {
         println!("check-in {}: {}{}", v.verdict, v.reason.as_deref().unwrap_or(""), if v.quarantined { " (quarantined)" } else { "" });

@@ -284,6 +284,78 @@ pub enum DeviceHealth {
     RolledBack,
 }
 
+impl DeviceHealth {
+    pub const ALL: [DeviceHealth; 4] = [DeviceHealth::Healthy, DeviceHealth::Updating, DeviceHealth::Trial, DeviceHealth::RolledBack];
+
+    /// The wire (and stored) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceHealth::Healthy => "healthy",
+            DeviceHealth::Updating => "updating",
+            DeviceHealth::Trial => "trial",
+            DeviceHealth::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// The server's verdict on one check-in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// The quote, the event log and the measured images all check out.
+    Attested,
+    /// Authentic, but the measurements are wrong: the device is quarantined.
+    Failed,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 2] = [Verdict::Attested, Verdict::Failed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Attested => "attested",
+            Verdict::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A device's attestation state: pending until its first check-in, then the verdict
+/// of the latest one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttestationState {
+    Pending,
+    Attested,
+    Failed,
+}
+
+impl AttestationState {
+    pub const ALL: [AttestationState; 3] = [AttestationState::Pending, AttestationState::Attested, AttestationState::Failed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttestationState::Pending => "pending",
+            AttestationState::Attested => "attested",
+            AttestationState::Failed => "failed",
+        }
+    }
+}
+
+impl From<Verdict> for AttestationState {
+    fn from(v: Verdict) -> Self {
+        match v {
+            Verdict::Attested => AttestationState::Attested,
+            Verdict::Failed => AttestationState::Failed,
+        }
+    }
+}
+
 /// The report a check-in quote vouches for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -328,8 +400,7 @@ pub struct Checkin {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckinVerdict {
     pub device_id: String,
-    /// "attested" or "failed".
-    pub verdict: String,
+    pub verdict: Verdict,
     pub reason: Option<String>,
     pub quarantined: bool,
     pub at: String,
@@ -405,6 +476,21 @@ pub fn unhex(field: &str, value: &str, max: usize) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_names_are_their_wire_names() {
+        let wire = |v: serde_json::Result<serde_json::Value>| v.ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        for h in DeviceHealth::ALL {
+            assert_eq!(wire(serde_json::to_value(h)), h.as_str());
+        }
+        for v in Verdict::ALL {
+            assert_eq!(wire(serde_json::to_value(v)), v.as_str());
+            assert_eq!(AttestationState::from(v).as_str(), v.as_str());
+        }
+        for a in AttestationState::ALL {
+            assert_eq!(wire(serde_json::to_value(a)), a.as_str());
+        }
+    }
 
     fn event(sha: &str) -> MeasurementEvent {
         MeasurementEvent { pcr: 23, sha256: sha.into(), event: EventKind::SlotBoot, slot: "A".into(), length: 1, at: "t".into() }

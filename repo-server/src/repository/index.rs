@@ -41,17 +41,7 @@ pub fn class_mismatch(path: &str, custom: &FirmwareCustom) -> Option<String> {
     }
 }
 
-/// A signed full-image firmware release, as the director assigns it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct FirmwareRelease {
-    pub path: String,
-    pub length: u64,
-    pub sha256: String,
-    pub version: String,
-    /// The image digest the device's TPM records when it boots this release.
-    pub measurement: String,
-    pub sbom_sha256: Option<String>,
-}
+pub use outpost_protocol::director::FirmwareRelease;
 
 /// Built for one set of role versions (every check-in reads it).
 pub struct Index {

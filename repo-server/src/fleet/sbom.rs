@@ -1,23 +1,12 @@
 //! The fleet's SBOM index: components of every signed release's SBOM, kept in the
 //! store and searched by name or purl with an optional version range, answering which
-//! releases contain a component and which devices (by attested image digest) run them.
+//! releases contain a component and which devices (by attested image digest) run them;
+//! and the signed deny-list's view of the fleet.
 
-use std::time::Instant;
-
-use axum::extract::{Query, State};
-use axum::routing::get;
-use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
-
-use crate::error::ApiError;
-use crate::http::{AppState, Auth};
+use super::Refusal;
+use crate::error::ServerError;
 use crate::repository::Repository;
-use crate::store::{SbomRelease, SbomSearch, Store};
-
-pub fn api() -> Router<AppState> {
-    Router::new().route("/api/v1/sbom/search", get(search)).route("/api/v1/sbom/affected", get(affected))
-}
+use crate::storage::{SbomRelease, SbomSearch, Store};
 
 /// Indexes the SBOMs of signed releases not indexed yet; returns how many were added.
 /// An SBOM that cannot be read or parsed is logged and skipped (it was validated when
@@ -57,7 +46,7 @@ pub async fn index_release_sboms(repo: &Repository, store: &Store) -> usize {
 /// it read, and a release whose role was revoked (or whose path the delegations no
 /// longer give it) is no longer a signed release. Devices found by image digest stay:
 /// a device may still run it.
-async fn only_signed(repo: &Repository, found: &mut SbomSearch) {
+pub async fn only_signed(repo: &Repository, found: &mut SbomSearch) {
     let signed: std::collections::BTreeSet<String> = repo.sbom_refs().await.into_iter().map(|(.., sref)| sref.sha256).collect();
     found.releases.retain(|r| signed.contains(&r.sbom_sha256));
 }
@@ -67,25 +56,25 @@ async fn only_signed(repo: &Repository, found: &mut SbomSearch) {
 /// whose version cannot be placed against an entry's range is among the hits (with
 /// `undecided` saying why), as the device counts it: the views and the rollout gate
 /// fail closed like the device does.
-pub async fn affected_entries(s: &AppState) -> Result<Option<(String, Vec<(outpost_sbom::denylist::Entry, SbomSearch)>)>, ApiError> {
+pub async fn affected_entries(repo: &Repository, store: &Store) -> Result<Option<(String, Vec<(outpost_sbom::denylist::Entry, SbomSearch)>)>, Refusal> {
     let target = outpost_sbom::denylist::DENYLIST_TARGET;
-    let Some(sha) = s.repo.target_sha256(target).await else { return Ok(None) };
-    let bytes = std::fs::read(s.repo.target_file(target, &sha)).map_err(|e| crate::error::ServerError::io("read", target, e))?;
-    let list = outpost_sbom::denylist::DenyList::parse(&bytes).map_err(|e| ApiError::unprocessable("invalid_denylist", e.to_string()))?;
+    let Some(sha) = repo.target_sha256(target).await else { return Ok(None) };
+    let bytes = std::fs::read(repo.target_file(target, &sha)).map_err(|e| ServerError::io("read", target, e))?;
+    let list = outpost_sbom::denylist::DenyList::parse(&bytes).map_err(|e| Refusal::invalid("invalid_denylist", e.to_string()))?;
     let mut out = Vec::new();
     for e in list.entries.into_iter().filter(|e| e.status == outpost_sbom::denylist::Status::Affected) {
-        let query = e.query().map_err(|err| ApiError::unprocessable("invalid_denylist", err.to_string()))?;
-        let mut found = s.store.sbom_search(&query).await?;
-        only_signed(&s.repo, &mut found).await;
+        let query = e.query().map_err(|err| Refusal::invalid("invalid_denylist", err.to_string()))?;
+        let mut found = store.sbom_search(&query).await?;
+        only_signed(repo, &mut found).await;
         out.push((e, found));
     }
     Ok(Some((sha, out)))
 }
 
 /// Device id -> the deny-list entries whose affected releases it runs.
-pub async fn vulnerable_devices(s: &AppState) -> Result<std::collections::BTreeMap<String, Vec<String>>, ApiError> {
+pub async fn vulnerable_devices(repo: &Repository, store: &Store) -> Result<std::collections::BTreeMap<String, Vec<String>>, Refusal> {
     let mut map: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
-    for (entry, found) in affected_entries(s).await?.map(|(_, e)| e).unwrap_or_default() {
+    for (entry, found) in affected_entries(repo, store).await?.map(|(_, e)| e).unwrap_or_default() {
         for d in found.devices {
             let ids = map.entry(d.device_id).or_default();
             if !ids.contains(&entry.id) {
@@ -96,37 +85,15 @@ pub async fn vulnerable_devices(s: &AppState) -> Result<std::collections::BTreeM
     Ok(map)
 }
 
-/// The signed deny-list's `affected` entries, each with the releases that carry the
-/// component and the devices running them.
-async fn affected(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
-    auth.require_reader()?;
-    let target = outpost_sbom::denylist::DENYLIST_TARGET;
-    let Some((sha, found)) = affected_entries(&s).await? else {
-        return Ok(Json(json!({"denylist": null, "entries": []})));
-    };
-    let entries: Vec<Value> = found.into_iter().map(|(e, f)| json!({"entry": e, "releases": f.releases, "devices": f.devices})).collect();
-    Ok(Json(json!({"denylist": {"target": target, "sha256": sha}, "entries": entries})))
+/// Releases (signed now) with a component matching `query`, and the devices running them.
+pub async fn search(repo: &Repository, store: &Store, query: &outpost_sbom::query::Query) -> Result<SbomSearch, ServerError> {
+    let mut result = store.sbom_search(query).await?;
+    only_signed(repo, &mut result).await;
+    Ok(result)
 }
 
-#[derive(Debug, Deserialize)]
-struct SearchQuery {
-    q: String,
-}
-
-async fn search(State(s): State<AppState>, auth: Auth, Query(q): Query<SearchQuery>) -> Result<Json<Value>, ApiError> {
-    auth.require_reader()?;
-    let query = outpost_sbom::query::Query::parse(&q.q).map_err(|e| ApiError::unprocessable("invalid_query", e.to_string()))?;
-    let started = Instant::now();
-    let mut result = s.store.sbom_search(&query).await?;
-    only_signed(&s.repo, &mut result).await;
-    let took = started.elapsed();
-    let releases: std::collections::BTreeSet<&str> = result.releases.iter().map(|r| r.target.as_str()).collect();
-    Ok(Json(json!({
-        "query": q.q,
-        "release_count": releases.len(),
-        "device_count": result.devices.len(),
-        "took_ms": took.as_secs_f64() * 1000.0,
-        "releases": result.releases,
-        "devices": result.devices,
-    })))
+/// The deny-list entries affecting `release_path`, by id.
+pub async fn denied(repo: &Repository, store: &Store, release_path: &str) -> Result<Vec<String>, Refusal> {
+    let Some((_, entries)) = affected_entries(repo, store).await? else { return Ok(Vec::new()) };
+    Ok(entries.iter().filter(|(_, found)| found.releases.iter().any(|r| r.target == release_path)).map(|(e, _)| e.id.clone()).collect())
 }

@@ -8,14 +8,14 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use crate::error::ApiError;
-use crate::http::{AppState, Auth};
+use super::ApiError;
+use super::{AppState, Auth};
 
-const INDEX: &str = include_str!("dashboard/index.html");
-const APP_JS: &str = include_str!("dashboard/app.js");
-const STYLE: &str = include_str!("dashboard/style.css");
+const INDEX: &str = include_str!("../dashboard/index.html");
+const APP_JS: &str = include_str!("../dashboard/app.js");
+const STYLE: &str = include_str!("../dashboard/style.css");
 
-pub fn api() -> Router<AppState> {
+pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/", get(|| async { Redirect::to("/dashboard") }))
         .route("/dashboard", get(|| async { page("text/html; charset=utf-8", INDEX) }))

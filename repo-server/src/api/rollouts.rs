@@ -1,75 +1,26 @@
-//! The director and the rollout engine's HTTP surface: the director key and root
-//! devices pin at enrollment, per-device director targets signed at each check-in,
-//! and the operator API for rollouts (create, start, pause, resume, advance, abort,
+//! The operator API for rollouts (create, start, pause, resume, advance, abort,
 //! status) with every action in the audit log.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::time::Duration;
 
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use outpost_protocol::director::{self, Assignment};
-use outpost_protocol::keys::{LoadedKey, SigningKey};
-use outpost_protocol::rollout::{validate_waves, Event, Gate, State as RolloutState, Transition, WaveSpec};
+use outpost_protocol::rollout::{validate_waves, Event, Gate, State as RolloutState, WaveSpec};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::error::{ApiError, ServerError};
-use crate::http::{ApiJson, AppState, Auth};
-use crate::rollout_store::{ActionOutcome, RolloutRecord};
-use crate::store::TokenRole;
+use super::ApiError;
+use super::{ApiJson, AppState, Auth};
+use crate::storage::{ActionOutcome, RolloutRecord};
+use crate::storage::TokenRole;
 
-/// The server's online director key and the root devices pin.
-pub struct Director {
-    key: SigningKey,
-    targets_expiry: Duration,
-}
-
-impl Director {
-    /// Loads the director's online key. It is never made here: a server that lost it
-    /// must not mint another (devices trust only the key their director root names),
-    /// so a missing key stops the server with what to do.
-    pub fn open(key_path: &Path, targets_expiry: Duration) -> Result<Self, ServerError> {
-        let bytes = match std::fs::read(key_path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ServerError::Config {
-                    path: key_path.into(),
-                    reason: "the director key is missing. Devices trust only the key their director root names, so the server \
-                             will not make a new one. Restore the key from your backup; or, if it is lost, rotate: \
-                             `outpost director rotate --repo REPO --root-key <director root keys> --director-key <new key>.pub \
-                             --sign-key <targets key>` signs director root N+1 naming a new key (`outpost keys generate`), \
-                             push it, and set [director] key to the new private key"
-                        .into(),
-                })
-            }
-            Err(e) => return Err(ServerError::io("read director key", key_path, e)),
-        };
-        let key = match LoadedKey::from_bytes(&bytes, &key_path.display().to_string()).map_err(|e| ServerError::proto("load director key", e))? {
-            LoadedKey::Private(k) => k,
-            LoadedKey::Public(_) => return Err(ServerError::Config { path: key_path.into(), reason: "the director key must be a private key".into() }),
-        };
-        tracing::info!(key_id = key.key_id(), "director key loaded");
-        Ok(Director { key, targets_expiry })
-    }
-
-    /// Signs a device's director targets.
-    pub fn sign(&self, device_id: &str, version: u64, assignment: Option<&Assignment>) -> Result<String, ServerError> {
-        let expires = chrono::Utc::now() + chrono::Duration::from_std(self.targets_expiry).unwrap_or(chrono::Duration::days(1));
-        let bytes = director::sign_targets(&self.key, device_id, version, expires, assignment).map_err(|e| ServerError::proto("sign director targets", e))?;
-        String::from_utf8(bytes).map_err(|e| ServerError::State(e.to_string()))
-    }
-}
-
-pub fn api() -> Router<AppState> {
+pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/rollouts", post(create).get(list))
         .route("/api/v1/rollouts/{id}", get(show))
         .route("/api/v1/rollouts/{id}/{action}", post(act))
-        .route("/api/v1/audit", get(audit))
 }
 
 /// One wave as the API takes it (signed numbers, so negative values get a message
@@ -128,31 +79,11 @@ fn waves_of(body: &[WaveBody]) -> Result<Vec<WaveSpec>, String> {
     Ok(out)
 }
 
-fn label_ok(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
-}
 
-/// Labels: keys and values of 1-64 characters from [A-Za-z0-9-_.:/]; at most 32.
-pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
-    if labels.len() > 32 {
-        return Err(format!("labels: at most 32, got {}", labels.len()));
-    }
-    for (k, v) in labels {
-        if !label_ok(k) {
-            return Err(format!("labels: key {k:?} must be 1-64 characters of letters, digits and -_.:/"));
-        }
-        if !label_ok(v) {
-            return Err(format!("labels.{k}: value {v:?} must be 1-64 characters of letters, digits and -_.:/"));
-        }
-    }
-    Ok(())
-}
 
 /// Refuses to expose a release the signed deny-list affects.
 async fn vulnerability_gate(s: &AppState, release_path: &str) -> Result<(), ApiError> {
-    let Some((_, entries)) = crate::sbomindex::affected_entries(s).await? else { return Ok(()) };
-    let hits: Vec<String> =
-        entries.iter().filter(|(_, found)| found.releases.iter().any(|r| r.target == release_path)).map(|(e, _)| e.id.clone()).collect();
+    let hits = crate::fleet::sbom::denied(&s.repo, &s.store, release_path).await?;
     if hits.is_empty() {
         Ok(())
     } else {
@@ -167,7 +98,7 @@ async fn create(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<Cr
     auth.require(TokenRole::Operator)?;
     let class: outpost_protocol::release::HardwareClass =
         body.hardware_class.parse().map_err(|e: outpost_protocol::Error| ApiError::unprocessable("invalid_hardware_class", format!("hardware_class: {e}")))?;
-    check_labels(&body.labels).map_err(|m| ApiError::unprocessable("invalid_labels", m))?;
+    crate::fleet::check_labels(&body.labels).map_err(|m| ApiError::unprocessable("invalid_labels", m))?;
     let waves = waves_of(&body.waves).map_err(|m| ApiError::unprocessable("invalid_waves", m))?;
     let name = body.name.clone().unwrap_or_else(|| format!("{} {}", class.as_str(), body.version));
     if name.is_empty() || name.len() > 128 {
@@ -346,22 +277,5 @@ async fn act(
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct AuditQuery {
-    limit: Option<u32>,
-}
 
-async fn audit(State(s): State<AppState>, auth: Auth, Query(q): Query<AuditQuery>) -> Result<Json<Value>, ApiError> {
-    auth.require_reader()?;
-    Ok(Json(json!({"entries": s.store.recent_log(q.limit.unwrap_or(200).min(5000)).await?})))
-}
 
-/// Records transitions the engine caused (thresholds, soak) in the audit log.
-pub async fn log_transitions(s: &crate::store::Store, transitions: &[(String, Transition)]) {
-    for (id, t) in transitions {
-        tracing::warn!(rollout = %id, from = %t.from, to = %t.to, cause = ?t.cause, "rollout transition");
-        if let Err(e) = s.log("server", &format!("rollout_{}", t.to), &json!({"rollout": id, "transition": t})).await {
-            tracing::error!(error = %e, "cannot record a rollout transition in the audit log");
-        }
-    }
-}

@@ -1,0 +1,137 @@
+//! Attested check-ins.
+//!
+//! A check-in is refused outright (nothing recorded against the device) when it is
+//! not provably from the device: bad signature, a quote for another report, an unknown,
+//! foreign, used or expired nonce. An authentic check-in whose measurements are wrong
+//! (event log does not replay to the quoted PCR, a measured image no signed release
+//! expects) is recorded as a failed attestation, which quarantines the device. The
+//! nonce, the verdict and the director's decision commit together.
+
+use std::collections::BTreeMap;
+
+use outpost_protocol::attest::{self, AttestationState, Checkin, CheckinReport, CheckinVerdict, MeasurementPolicy, TpmPublic, Verdict};
+use serde_json::json;
+
+use super::Refusal;
+use crate::director::{self, DeviceFacts, Director, Outcome};
+use crate::error::ServerError;
+use crate::repository::Repository;
+use crate::storage::{CheckinRecord, Store};
+
+/// What a check-in is judged and answered with.
+pub struct CheckinContext<'a> {
+    pub store: &'a Store,
+    pub repo: &'a Repository,
+    pub director: &'a Director,
+    /// Measurement policy per hardware class ("*": every other class).
+    pub measurement: &'a BTreeMap<String, MeasurementPolicy>,
+}
+
+/// The pure part of a check-in's verdict given an authentic quote: the class's
+/// measurement policy (which PCRs and events prove the slot), the log, the reported
+/// digest and the signed releases' expected measurements.
+fn judge(quote: &attest::Quote, report: &CheckinReport, policy: Option<&MeasurementPolicy>, expected: &BTreeMap<String, String>, class: &str) -> Result<(), String> {
+    let policy = policy.ok_or_else(|| {
+        format!("hardware class {class} has no measurement policy (attestation.classes): nothing this device measures proves which image booted")
+    })?;
+    policy.check(report).map_err(|e| format!("hardware class {class}: {e}"))?;
+    let measured = attest::evaluate_checkin(quote, report)?;
+    for (digest, event) in measured.iter().zip(&report.event_log.events) {
+        if !expected.contains_key(digest) {
+            return Err(format!(
+                "measured image {digest} (slot {}) is not the expected measurement of any signed release for hardware class {class}",
+                event.slot
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the quote is this device's, over exactly this report, and reads the
+/// report.
+fn authentic(ak: &TpmPublic, id: &str, body: &Checkin) -> Result<(attest::Quote, CheckinReport), Refusal> {
+    let bad_quote = |e: outpost_protocol::Error| Refusal::invalid("invalid_quote", e.to_string());
+    let attest_bytes = attest::unhex("attest", &body.attest, 4096).map_err(bad_quote)?;
+    let signature = attest::unhex("signature", &body.signature, 1024).map_err(bad_quote)?;
+    let quote = attest::verify_checkin_quote(ak, &body.report, &attest_bytes, &signature).map_err(|e| {
+        tracing::warn!(device = %id, error = %e, "check-in quote refused");
+        Refusal::unauthenticated("quote_refused", format!("{e}"))
+    })?;
+    let report: CheckinReport = serde_json::from_value(body.report.clone()).map_err(|e| Refusal::invalid("invalid_report", format!("report: {e}")))?;
+    if report.device_id != id {
+        return Err(Refusal::invalid("invalid_report", format!("report is for device {:?}, not {id:?}", report.device_id)));
+    }
+    for r in &report.reports {
+        r.validate().map_err(|m| Refusal::invalid("invalid_report", format!("install report: {m}")))?;
+        if r.device_id != id {
+            return Err(Refusal::invalid("invalid_report", format!("install report names device {:?}, not {id:?}", r.device_id)));
+        }
+    }
+    Ok((quote, report))
+}
+
+/// One check-in of device `id` at `now`: authenticity, the verdict, the director's
+/// decision and the signed director targets.
+pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chrono::DateTime<chrono::Utc>) -> Result<CheckinVerdict, Refusal> {
+    let device = cx.store.device(id).await?.ok_or_else(|| Refusal::unknown_device(id))?;
+    let ak = TpmPublic::parse(&device.ak_public, "attestation key").map_err(|e| ServerError::State(format!("stored AK of {id}: {e}")))?;
+    let (quote, report) = authentic(&ak, id, body)?;
+    let class = device.hardware_class.as_str();
+    let expected = cx.repo.expected_measurements(class).await;
+    let policy = cx.measurement.get(class).or_else(|| cx.measurement.get("*"));
+    let outcome = judge(&quote, &report, policy, &expected, class);
+    let (verdict, reason) = match &outcome {
+        Ok(()) => (Verdict::Attested, None),
+        Err(reason) => (Verdict::Failed, Some(reason.as_str())),
+    };
+    let releases = cx.repo.firmware_releases(class).await;
+    let record = CheckinRecord {
+        device_id: id,
+        verdict,
+        reason,
+        slot: &report.slot,
+        version: report.version.as_deref(),
+        image_sha256: report.image_sha256.as_deref(),
+        sbom_sha256: report.sbom_sha256.as_deref(),
+        health: report.health,
+        reports: &report.reports,
+        policy: report.policy.as_ref().and_then(|p| serde_json::to_string(p).ok()),
+    };
+    let facts = DeviceFacts {
+        device_id: id,
+        hardware_class: class,
+        attested: verdict == Verdict::Attested,
+        image_sha256: report.image_sha256.as_deref(),
+        version: report.version.as_deref(),
+        health: report.health,
+        reports: &report.reports,
+    };
+    let now_ms = now.timestamp_millis();
+    let decide = director::decider(&facts, &releases, now_ms.div_euclid(1000));
+    let decision = match cx.store.checkin(&report.nonce, &record, class, decide, now_ms).await? {
+        Ok(d) => Outcome::new(d),
+        Err(r) => {
+            tracing::warn!(device = %id, refusal = ?r, "check-in nonce refused");
+            return Err(Refusal::Nonce(r));
+        }
+    };
+    director::log_transitions(cx.store, &decision.transitions).await;
+    let director_targets = cx.director.sign(id, decision.director_version, decision.assignment.as_ref(), now)?;
+    if device.attestation != AttestationState::from(verdict) {
+        // Entering or leaving quarantine is an audited event.
+        let action = if verdict == Verdict::Failed { "device_quarantine" } else { "device_attested" };
+        cx.store.log("server", action, &json!({"device_id": id, "reason": reason})).await?;
+    }
+    match reason {
+        Some(r) => tracing::warn!(device = %id, reason = r, "attestation failed; device quarantined"),
+        None => tracing::info!(device = %id, version = report.version.as_deref().unwrap_or(""), "attested check-in"),
+    }
+    Ok(CheckinVerdict {
+        device_id: id.to_owned(),
+        verdict,
+        reason: reason.map(str::to_owned),
+        quarantined: verdict == Verdict::Failed,
+        at: chrono::Utc::now().to_rfc3339(),
+        director_targets: Some(director_targets),
+    })
+}

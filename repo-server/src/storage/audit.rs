@@ -1,0 +1,56 @@
+//! The append-only audit log of publishes, re-signs and admin actions.
+
+use super::Store;
+use crate::args;
+use crate::error::ServerError;
+
+impl Store {
+    pub async fn log(&self, actor: &str, action: &str, detail: &serde_json::Value) -> Result<(), ServerError> {
+        self.execute(
+            "INSERT INTO repository_log (at, actor, action, detail) VALUES (?1, ?2, ?3, ?4)",
+            args![chrono::Utc::now().to_rfc3339(), actor, action, detail.to_string()],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn recent_log(&self, limit: u32) -> Result<Vec<serde_json::Value>, ServerError> {
+        let rows = self.query("SELECT at, actor, action, detail FROM repository_log ORDER BY id DESC LIMIT ?1", args![limit]).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(serde_json::json!({
+                    "at": r.text(0)?, "actor": r.text(1)?, "action": r.text(2)?,
+                    "detail": serde_json::from_str::<serde_json::Value>(&r.text(3)?).unwrap_or(serde_json::Value::Null),
+                }))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::db::Mode;
+    use crate::storage::testing::on_both_backends;
+    use crate::storage::Backend;
+
+    on_both_backends! {
+        the_audit_log_is_append_only;
+    }
+
+    async fn store_with(b: Backend, _devices: usize) -> Store {
+        Store::open(&b).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    async fn the_audit_log_is_append_only(b: Backend) {
+        let s = store_with(b, 0).await;
+        s.log("ops", "rollout_start", &serde_json::json!({"rollout": "r"})).await.unwrap_or_else(|e| panic!("{e}"));
+        for sql in ["UPDATE repository_log SET actor = 'someone else'", "DELETE FROM repository_log"] {
+            let mut tx = s.tx(Mode::Autocommit).await.unwrap_or_else(|e| panic!("{e}"));
+            let err = tx.execute(sql, args![]).await.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("append-only"), "{sql}: {err}");
+        }
+        assert_eq!(s.recent_log(10).await.unwrap_or_default().len(), 1);
+    }
+
+}

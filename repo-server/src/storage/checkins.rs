@@ -1,0 +1,95 @@
+//! Check-ins: the nonce used up, the verdict and device state recorded, the install
+//! reports the device signed, and the director's decision, in one transaction.
+
+use outpost_protocol::attest::{AttestationState, DeviceHealth, Verdict};
+
+use super::assignments::{director_tx, Decided, DirectorView};
+use super::nonces::{consume_nonce_tx, NonceRefusal};
+use super::reports::{report_args, INSERT_REPORT};
+use super::{rfc3339_ms, InstallReport, SqlEnum, Store};
+use crate::args;
+use crate::error::ServerError;
+use crate::storage::db::{Mode, Tx};
+
+/// One check-in's outcome, recorded with the device's state.
+pub struct CheckinRecord<'a> {
+    pub device_id: &'a str,
+    pub verdict: Verdict,
+    pub reason: Option<&'a str>,
+    pub slot: &'a str,
+    pub version: Option<&'a str>,
+    pub image_sha256: Option<&'a str>,
+    pub sbom_sha256: Option<&'a str>,
+    pub health: DeviceHealth,
+    pub reports: &'a [InstallReport],
+    /// The policy status (JSON) the device reported.
+    pub policy: Option<String>,
+}
+
+async fn record_checkin_tx(tx: &mut dyn Tx, c: &CheckinRecord<'_>, now_ms: i64) -> Result<(), ServerError> {
+    let now = rfc3339_ms(now_ms);
+    tx.execute(
+        "INSERT INTO attestations (device_id, at, verdict, reason, slot, version, image_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        args![c.device_id, &now, c.verdict.as_sql(), c.reason, c.slot, c.version, c.image_sha256],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE devices SET last_checkin_at = ?1, slot = ?2, version = ?3, image_sha256 = ?4, health = ?5,
+           attestation = ?6, attestation_reason = ?7, attested_at = ?1, sbom_sha256 = ?9, policy = ?10 WHERE device_id = ?8",
+        args![&now, c.slot, c.version, c.image_sha256, c.health.as_sql(), AttestationState::from(c.verdict).as_sql(), c.reason, c.device_id, c.sbom_sha256, c.policy.as_deref()],
+    )
+    .await?;
+    for r in c.reports {
+        tx.execute(INSERT_REPORT, report_args(&now, r, true)).await?;
+    }
+    Ok(())
+}
+
+
+impl Store {
+    /// A whole check-in in one write transaction (one fsync): the director's decision
+    /// (see [`super::assignments::director_tx`]; `decide` is the director's, run on what
+    /// this transaction reads), the nonce used up, the verdict and state recorded. A
+    /// refused nonce changes nothing.
+    pub async fn checkin<T, F>(
+        &self,
+        nonce: &str,
+        c: &CheckinRecord<'_>,
+        hardware_class: &str,
+        mut decide: F,
+        now_ms: i64,
+    ) -> Result<Result<(T, u64), NonceRefusal>, ServerError>
+    where
+        F: FnMut(&DirectorView) -> Decided<T> + Send,
+        T: Send,
+    {
+        let mut tx = self.tx(Mode::Write).await?;
+        // The director first: it may have to wait for other servers' decisions, and a
+        // transaction that waits must hold no rows they may need.
+        let attested = c.verdict == Verdict::Attested;
+        let decision = director_tx(tx.as_mut(), c.device_id, hardware_class, attested, &mut decide, now_ms.div_euclid(1000)).await?;
+        if let Err(r) = consume_nonce_tx(tx.as_mut(), nonce, c.device_id, now_ms).await? {
+            return Ok(Err(r));
+        }
+        record_checkin_tx(tx.as_mut(), c, now_ms).await?;
+        tx.commit().await?;
+        Ok(Ok(decision))
+    }
+
+    pub async fn attestations(&self, device_id: &str, limit: u32) -> Result<Vec<serde_json::Value>, ServerError> {
+        let rows = self
+            .query(
+                "SELECT at, verdict, reason, slot, version, image_sha256 FROM attestations WHERE device_id = ?1 ORDER BY id DESC LIMIT ?2",
+                args![device_id, limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(serde_json::json!({
+                    "at": r.text(0)?, "verdict": r.text(1)?, "reason": r.opt_text(2)?,
+                    "slot": r.opt_text(3)?, "version": r.opt_text(4)?, "image_sha256": r.opt_text(5)?,
+                }))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,292 @@
+//! The state store, the server's bottom layer and the only place with SQL: API
+//! tokens (stored hashed), enrollment, devices, nonces, check-ins, rollouts and their
+//! assignments, the SBOM index, install reports and the append-only audit log, on
+//! SQLite (embedded) or PostgreSQL (see [`db`]). One schema ([`schema`]), one file per
+//! table group; states are typed enums that refuse unknown text ([`enums`]).
+//!
+//! It imports only `protocol`, `fsio`, its own `db` and the crate's error type: the
+//! domain modules (director, fleet, repository) call it, never the other way round.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::error::ServerError;
+use db::{Database, Mode, Postgres, Row, Sqlite, Tx, Value};
+
+pub mod assignments;
+pub mod audit;
+pub mod checkins;
+pub mod db;
+pub mod devices;
+pub mod enrollment;
+pub mod enums;
+pub mod nonces;
+pub mod reports;
+pub mod rollouts;
+pub mod sbom;
+mod schema;
+#[cfg(test)]
+pub(crate) mod testing;
+pub mod tokens;
+
+pub use assignments::{AssignmentView, Decided, DirectorChanges, DirectorView, NewAssignment, StatusChange, WaveCounts};
+pub use checkins::CheckinRecord;
+pub use devices::Device;
+pub use enrollment::{EnrollRefusal, NewChallenge};
+pub use enums::{ChallengeState, SqlEnum};
+pub use nonces::{NonceIssue, NonceRefusal, MAX_OPEN_NONCES};
+pub use outpost_protocol::report::{InstallReport, ReportOutcome};
+pub use reports::{MAX_UNATTESTED_REPORTS, MAX_UNATTESTED_REPORTS_PER_DEVICE};
+pub use rollouts::{ActionOutcome, RolloutRecord};
+pub use sbom::{SbomDevice, SbomHit, SbomRelease, SbomSearch};
+pub use tokens::{Principal, TokenRole};
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn parse<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, ServerError> {
+    serde_json::from_str(s).map_err(|e| ServerError::State(format!("stored {what}: {e}")))
+}
+
+/// A Unix time (seconds) as the RFC 3339 text the store keeps.
+fn rfc3339(unix: i64) -> String {
+    chrono::DateTime::from_timestamp(unix, 0).unwrap_or_default().to_rfc3339()
+}
+
+/// A Unix time in milliseconds as RFC 3339 text.
+fn rfc3339_ms(unix_ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(unix_ms).unwrap_or_default().to_rfc3339()
+}
+
+/// The state store: the same operations on either backend.
+pub struct Store {
+    db: Box<dyn Database>,
+}
+
+fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn random_hex() -> Result<String, ServerError> {
+    let mut raw = [0u8; 32];
+    getrandom::getrandom(&mut raw).map_err(|e| ServerError::State(format!("no randomness: {e}")))?;
+    Ok(hex::encode(raw))
+}
+
+/// The state store's two backends, as configured.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded default: one file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL server several `outpost-server`s may share.
+    Postgres { url: String, max_connections: u32 },
+}
+
+impl std::fmt::Debug for Backend {
+    // The URL may carry a password: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            Backend::Postgres { url, max_connections } => {
+                f.debug_struct("Postgres").field("url", &db::redact(url)).field("max_connections", max_connections).finish()
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Opens (and migrates) the configured database.
+    pub async fn open(backend: &Backend) -> Result<Self, ServerError> {
+        let db: Box<dyn Database> = match backend {
+            Backend::Sqlite(path) => {
+                let path = path.clone();
+                let opened = tokio::task::spawn_blocking(move || Sqlite::open(&path)).await;
+                Box::new(opened.map_err(|e| ServerError::Db(format!("opening the SQLite database: {e}").into()))??)
+            }
+            Backend::Postgres { url, max_connections } => Box::new(Postgres::connect(url, *max_connections).await?),
+        };
+        db::migrate(db.as_ref(), &schema::base_schema(db.dialect()), &schema::ALTERATIONS).await?;
+        Ok(Store { db })
+    }
+
+    /// Opens (and migrates) the SQLite database at `path`.
+    pub async fn open_sqlite(path: &Path) -> Result<Self, ServerError> {
+        Self::open(&Backend::Sqlite(path.to_owned())).await
+    }
+
+    /// Which backend this is ("sqlite" or "postgres").
+    pub fn backend(&self) -> &'static str {
+        self.db.dialect().name()
+    }
+
+    pub(crate) async fn tx(&self, mode: Mode) -> Result<Box<dyn Tx>, ServerError> {
+        self.db.begin(mode).await
+    }
+
+    /// One statement on its own.
+    pub(super) async fn execute(&self, sql: &str, args: Vec<Value>) -> Result<u64, ServerError> {
+        self.tx(Mode::Autocommit).await?.execute(sql, args).await
+    }
+
+    /// One query on its own.
+    pub(super) async fn query(&self, sql: &str, args: Vec<Value>) -> Result<Vec<Row>, ServerError> {
+        self.tx(Mode::Autocommit).await?.query(sql, args).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::args;
+    use crate::storage::db::Mode;
+    use crate::storage::schema::ALTERATIONS;
+
+    fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+        r.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    use crate::storage::testing::{add_devices, on_both_backends};
+
+    on_both_backends! {
+        nonces_are_single_use_for_their_device_and_bounded;
+        enrollment_uses_a_token_once_and_a_wrong_secret_closes_the_challenge;
+        reopening_migrates_once_and_keeps_everything;
+        sbom_search_orders_versions_by_each_ecosystem_and_keeps_the_undecided;
+    }
+
+    async fn sbom_search_orders_versions_by_each_ecosystem_and_keeps_the_undecided(b: Backend) {
+        use outpost_sbom::query::Query;
+        use outpost_sbom::ComponentRef;
+        let s = ok(Store::open(&b).await);
+        let c = |name: &str, version: Option<&str>, purl: Option<&str>| ComponentRef {
+            name: name.into(),
+            version: version.map(str::to_owned),
+            purl: purl.map(str::to_owned),
+        };
+        let rel = SbomRelease {
+            sbom_sha256: "ab".repeat(32),
+            target: "firmware/rpi4/1.0.0/fw.img".into(),
+            hardware_class: "rpi4".into(),
+            version: "1.0.0".into(),
+            image_sha256: "cd".repeat(32),
+        };
+        let components = [
+            c("foo", Some("1.0.0-alpha"), Some("pkg:cargo/foo@1.0.0-alpha")),
+            c("bar", Some("2.0.0-rc.1"), Some("pkg:npm/bar@2.0.0-rc.1")),
+            c("django", Some("1.0.0rc1"), Some("pkg:pypi/Django@1.0.0rc1")),
+            c("libc6", Some("2.36-9+deb12u14"), Some("pkg:deb/debian/libc6@2.36-9%2Bdeb12u14?arch=amd64")),
+            c("busybox", Some("1.36.1"), None),
+            // packageurl refuses a namespace on a cargo purl: it cannot be read.
+            c("baz", Some("0.1.0"), Some("pkg:cargo/ns/baz@0.1.0")),
+        ];
+        ok(s.index_sbom(&rel, &components).await);
+        let search = async |q: &str| {
+            let found = ok(s.sbom_search(&ok(Query::parse(q))).await);
+            let mut hits = found.releases.into_iter().map(|h| (h.component, h.undecided.is_some())).collect::<Vec<_>>();
+            hits.sort();
+            hits
+        };
+        let hit = |n: &str| (n.to_owned(), false);
+        let undecided = |n: &str| (n.to_owned(), true);
+        // Pre-releases are before the release (dpkg's order put 1.0.0-alpha after 1.0.0).
+        assert_eq!(search("foo@<1.0.0").await, [hit("foo")]);
+        assert_eq!(search("bar@<2.0.0").await, [hit("bar")]);
+        assert_eq!(search("pkg:pypi/django@<1.0.0").await, [undecided("baz"), hit("django")]);
+        assert_eq!(search("pkg:cargo/foo@>=1.0.0").await, [undecided("baz")], "a purl that cannot be read may be this one");
+        assert_eq!(search("pkg:deb/debian/libc6@<2.36-9+deb12u10").await, [undecided("baz")]);
+        assert_eq!(search("pkg:deb/debian/libc6@>=2.36-9+deb12u10").await, [undecided("baz"), hit("libc6")]);
+        // No purl: no ecosystem, so a range is undecided and an exact version is text.
+        assert_eq!(search("busybox@<1.37.0").await, [undecided("busybox")]);
+        assert_eq!(search("busybox@1.36.1").await, [hit("busybox")]);
+        assert_eq!(search("busybox@1.36.2").await, []);
+        assert_eq!(search("baz@<1.0.0").await, [undecided("baz")]);
+        let found = ok(s.sbom_search(&ok(Query::parse("busybox@<1.37.0"))).await);
+        assert!(found.releases[0].undecided.as_deref().is_some_and(|w| w.contains("has no purl")), "{:?}", found.releases);
+    }
+
+    async fn nonces_are_single_use_for_their_device_and_bounded(b: Backend) {
+        let s = ok(Store::open(&b).await);
+        let now = 1_000_000;
+        add_devices(&s, ["dev-a", "dev-c"].map(String::from).into_iter()).await;
+        assert_eq!(ok(s.issue_nonce("dev-x", now + 60_000, now).await), NonceIssue::UnknownDevice);
+        let issue = async |id: &str, until: i64| match ok(s.issue_nonce(id, until, now).await) {
+            NonceIssue::Issued(n) => n,
+            other => panic!("no nonce for {id}: {other:?}"),
+        };
+        let n = issue("dev-a", now + 60_000).await;
+        assert!(matches!(ok(s.consume_nonce(&n, "dev-b", now).await), Err(NonceRefusal::OtherDevice)));
+        assert!(ok(s.consume_nonce(&n, "dev-a", now).await).is_ok());
+        assert!(matches!(ok(s.consume_nonce(&n, "dev-a", now).await), Err(NonceRefusal::Used)));
+        assert!(matches!(ok(s.consume_nonce("f00d", "dev-a", now).await), Err(NonceRefusal::Unknown)));
+        let late = issue("dev-a", now + 10).await;
+        assert!(matches!(ok(s.consume_nonce(&late, "dev-a", now + 10).await), Err(NonceRefusal::Expired(_))));
+        // At most MAX_OPEN_NONCES unused ones per device.
+        let mut issued = 0;
+        while let NonceIssue::Issued(_) = ok(s.issue_nonce("dev-c", now + 60_000, now).await) {
+            issued += 1;
+            assert!(issued <= MAX_OPEN_NONCES);
+        }
+        assert_eq!(issued, MAX_OPEN_NONCES);
+        // Expired for an hour: purged.
+        assert_eq!(ok(s.purge_nonces(now + 10 + 3_600_001).await), 1);
+        assert!(matches!(ok(s.consume_nonce(&late, "dev-a", now).await), Err(NonceRefusal::Unknown)));
+    }
+
+    async fn enrollment_uses_a_token_once_and_a_wrong_secret_closes_the_challenge(b: Backend) {
+        let s = ok(Store::open(&b).await);
+        let now = chrono::Utc::now().timestamp();
+        let labels = BTreeMap::from([("site".to_owned(), "lab".to_owned())]);
+        let token = ok(s.create_enrollment_token("rpi4", &labels, "ops", now + 3600).await);
+        assert!(matches!(ok(s.check_enrollment_token(&token, "x86", now).await), Err(EnrollRefusal::WrongClass { .. })));
+        let challenge = |id: &'static str| NewChallenge {
+            id,
+            token: &token,
+            device_id: "dev-1",
+            hardware_class: "rpi4",
+            ek_public: b"ek",
+            ek_certificate: None,
+            ak_public: b"ak",
+            secret_sha256: "good",
+            expires_at: now + 300,
+        };
+        assert!(ok(s.open_challenge(&challenge("c1"), now).await).is_ok());
+        assert!(matches!(ok(s.complete_challenge("c1", "bad", now).await), Err(EnrollRefusal::WrongSecret)));
+        assert!(matches!(ok(s.complete_challenge("c1", "good", now).await), Err(EnrollRefusal::ChallengeClosed(_))));
+        assert!(ok(s.open_challenge(&challenge("c2"), now).await).is_ok());
+        assert_eq!(ok(s.complete_challenge("c2", "good", now).await).ok(), Some(("dev-1".to_owned(), "rpi4".to_owned())));
+        assert!(matches!(ok(s.check_enrollment_token(&token, "rpi4", now).await), Err(EnrollRefusal::TokenUsed)));
+        let d = ok(s.device("dev-1").await).unwrap_or_else(|| panic!("enrolled"));
+        assert_eq!((d.attestation.as_str(), d.labels, d.ak_public, d.has_ek_certificate), ("pending", labels, b"ak".to_vec(), false));
+    }
+
+    async fn reopening_migrates_once_and_keeps_everything(b: Backend) {
+        let first = ok(Store::open(&b).await);
+        let token = ok(first.create_token("ci", TokenRole::Pipeline).await);
+        ok(first.log("ci", "publish", &serde_json::json!({"n": 1})).await);
+        // A second server (or a restart) on the same database: nothing re-applied.
+        let second = ok(Store::open(&b).await);
+        assert_eq!(ok(second.authenticate(&token).await).map(|p| p.role), Some(TokenRole::Pipeline));
+        assert_eq!(ok(second.recent_log(10).await).len(), 1);
+        let version = match &b {
+            Backend::Sqlite(_) => "PRAGMA user_version",
+            Backend::Postgres { .. } => "SELECT version FROM outpost_schema",
+        };
+        let mut tx = ok(second.tx(Mode::Autocommit).await);
+        assert_eq!(ok(ok(tx.one(version, args![]).await).int(0)), ALTERATIONS.len() as i64);
+        // A database a newer server migrated is refused, not run with a schema this
+        // server does not know.
+        let newer = ALTERATIONS.len() + 1;
+        match &b {
+            Backend::Sqlite(_) => ok(tx.batch(&format!("PRAGMA user_version = {newer}")).await),
+            Backend::Postgres { .. } => drop(ok(tx.execute("UPDATE outpost_schema SET version = ?1", args![newer as i64]).await)),
+        }
+        drop(tx);
+        let refused = Store::open(&b).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains(&format!("schema is version {newer}, newer than this server's")), "{refused}");
+    }
+}
