@@ -62,7 +62,7 @@ fn tpm_of(config: &AgentConfig) -> Result<Tpm> {
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| AgentError::Usage(format!("serialize {}: {e}", path.display())))?;
-    crate::updater::write_atomic(path, &bytes)
+    outpost_fsio::write_atomic(path, &bytes).map_err(|e| AgentError::io("write", path, e))
 }
 
 /// The most the agent reads of an enrollment, nonce or check-in answer. They are a few
@@ -189,7 +189,7 @@ pub async fn measure_boot(config: &AgentConfig, slot: &str, slot_path: &Path, le
     let pcr = conf.pcr;
     let path = slot_path.to_owned();
     let (digest, length) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let (hex_digest, length) = crate::install::hash_slot(&path, length)?;
+        let (hex_digest, length) = outpost_fsio::hash_file(&path, length).map_err(|e| AgentError::io("hash", &path, e))?;
         let mut digest = [0u8; 32];
         hex::decode_to_slice(&hex_digest, &mut digest).map_err(|e| AgentError::Usage(format!("digest: {e}")))?;
         tpm.measure_boot(pcr, &digest)?;

@@ -74,7 +74,7 @@ pub async fn sync_root(config: &AgentConfig, updater: &mut Updater) -> Result<En
     })?;
     let env = Envelope::<Root>::parse(&bytes, "director root").map_err(refused)?;
     if pinned_version != Some(env.signed.version) {
-        crate::updater::write_atomic(&path, &bytes)?;
+        outpost_fsio::write_atomic(&path, &bytes).map_err(|e| AgentError::io("write", &path, e))?;
         tracing::info!(version = env.signed.version, "trusting director root from the image repository");
     }
     Ok(env)
@@ -115,7 +115,8 @@ pub fn accept(config: &AgentConfig, root: &Envelope<Root>, device_id: &str, text
         }
     }
     let view = director::verify_targets(root, text.as_bytes(), device_id, min_version, now).map_err(refused)?;
-    crate::updater::write_atomic(&targets_path(config), text.as_bytes())?;
+    let path = targets_path(config);
+    outpost_fsio::write_atomic(&path, text.as_bytes()).map_err(|e| AgentError::io("write", &path, e))?;
     Ok(view)
 }
 

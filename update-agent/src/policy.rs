@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
-use crate::updater::{write_atomic, TargetInfo, Updater};
+use crate::updater::{TargetInfo, Updater};
 
 /// The cgroup v2 mount point, from /proc/self/mounts.
 pub fn cgroup2_mount() -> Option<PathBuf> {
@@ -117,7 +117,10 @@ impl PolicyEngine {
         let meta = Persisted { target: a.target.clone(), fell_back_at: a.fell_back_at };
         let r = std::fs::create_dir_all(dir)
             .map_err(|e| AgentError::io("create", dir, e))
-            .and_then(|_| write_atomic(&dir.join("active.json"), &serde_json::to_vec_pretty(&meta).unwrap_or_default()));
+            .and_then(|_| {
+                let path = dir.join("active.json");
+                outpost_fsio::write_atomic(&path, &serde_json::to_vec_pretty(&meta).unwrap_or_default()).map_err(|e| AgentError::io("write", &path, e))
+            });
         if let Err(e) = r {
             tracing::error!(error = %e, "saving the policy state");
         }
@@ -182,7 +185,8 @@ impl PolicyEngine {
             to_flip_ms = report.to_flip.as_secs_f64() * 1e3, "network policy applied");
         if let Some(dir) = &self.dir {
             std::fs::create_dir_all(dir).map_err(|e| AgentError::io("create", dir, e))?;
-            write_atomic(&dir.join("active.yaml"), bytes)?;
+            let path = dir.join("active.yaml");
+            outpost_fsio::write_atomic(&path, bytes).map_err(|e| AgentError::io("write", &path, e))?;
         }
         self.active = Some(Active { bundle, target: target.map(|(t, _)| t.to_string()), applied: Applied::Bundle, fell_back_at: None });
         self.persist();
@@ -458,7 +462,7 @@ fn store_status(config: &AgentConfig, status: Option<&PolicyStatus>) {
     let r = match status {
         Some(s) => std::fs::create_dir_all(&dir)
             .map_err(|e| AgentError::io("create", &dir, e))
-            .and_then(|_| write_atomic(&file, &serde_json::to_vec_pretty(s).unwrap_or_default())),
+            .and_then(|_| outpost_fsio::write_atomic(&file, &serde_json::to_vec_pretty(s).unwrap_or_default()).map_err(|e| AgentError::io("write", &file, e))),
         None => match std::fs::remove_file(&file) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(AgentError::io("remove", &file, e)),
             _ => Ok(()),

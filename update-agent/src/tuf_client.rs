@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 
 use crate::error::{AgentError, Result};
 use crate::fetch::{Fetcher, HttpLimits};
-use crate::updater::{write_atomic, Updater};
+use crate::updater::Updater;
 
 #[derive(Debug, Args)]
 pub struct TufClientArgs {
@@ -54,7 +54,8 @@ pub async fn run(args: TufClientArgs) -> Result<()> {
         TufOp::Init { trusted_root } => {
             let data = std::fs::read(trusted_root).map_err(|e| AgentError::io("read", trusted_root, e))?;
             std::fs::create_dir_all(&args.metadata_dir).map_err(|e| AgentError::io("create", &args.metadata_dir, e))?;
-            write_atomic(&args.metadata_dir.join("root.json"), &data)
+            let root = args.metadata_dir.join("root.json");
+            outpost_fsio::write_atomic(&root, &data).map_err(|e| AgentError::io("write", &root, e))
         }
         TufOp::Refresh => {
             let mut updater = updater(&args)?;

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
 use crate::fetch::Fetcher;
-use crate::updater::{write_atomic, TargetInfo, Updater};
+use crate::updater::{TargetInfo, Updater};
 
 /// What an update check did, for people and for `--json`.
 #[derive(Debug, Serialize)]
@@ -38,7 +38,7 @@ pub fn prepare_state(config: &AgentConfig) -> Result<()> {
     let root_file = metadata_dir.join("root.json");
     if !root_file.exists() {
         let data = std::fs::read(&config.trusted_root).map_err(|e| AgentError::io("read trusted root", &config.trusted_root, e))?;
-        write_atomic(&root_file, &data)?;
+        outpost_fsio::write_atomic(&root_file, &data).map_err(|e| AgentError::io("write", &root_file, e))?;
     }
     Ok(())
 }

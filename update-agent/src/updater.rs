@@ -108,7 +108,8 @@ impl Updater {
     }
 
     fn persist(&self, role: &str, data: &[u8]) -> Result<()> {
-        write_atomic(&self.local_path(role), data)
+        let path = self.local_path(role);
+        outpost_fsio::write_atomic(&path, data).map_err(|e| AgentError::io("write", &path, e))
     }
 
     fn url(&self, role: &str, version: Option<u64>) -> String {
@@ -376,7 +377,3 @@ impl Updater {
     }
 }
 
-/// Durable write of trusted metadata (see `outpost_fsio::write_atomic`).
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    outpost_fsio::write_atomic(path, data).map_err(|e| AgentError::io("write", path, e))
-}

@@ -167,7 +167,7 @@ impl Installer {
         let measured = self.measured.as_ref().filter(|e| e.slot == slot.to_string()).map(|e| (e.sha256.clone(), e.length));
         let (sha, len) = match &measured {
             Some(m) => m.clone(),
-            None => hash_slot(&slot_path, Some(release.length))?,
+            None => hash_file(&slot_path, Some(release.length))?,
         };
         if sha != release.sha256 || len != release.length {
             let reason = if measured.is_some() {
@@ -429,7 +429,7 @@ impl Installer {
         if self.journal.running.is_none() {
             // A fresh or recovered journal: what the active slot holds is a fact.
             let active = self.boot.slot_path(self.boot.state()?.active);
-            if hash_slot(&active, Some(release.length)).is_ok_and(|(sha, len)| sha == release.sha256 && len == release.length) {
+            if hash_file(&active, Some(release.length)).is_ok_and(|(sha, len)| sha == release.sha256 && len == release.length) {
                 tracing::info!(version = %release.version, "the active slot already holds the newest release");
                 self.journal.running = Some(release.clone());
                 self.set_phase(Phase::Idle)?;
@@ -471,7 +471,7 @@ impl Installer {
         // written: bytes that rotted (or were changed) since are discarded and fetched
         // again, never written over and over.
         let resumed = resumed && {
-            let (sha, len) = hash_slot(&image_path, None)?;
+            let (sha, len) = hash_file(&image_path, None)?;
             let intact = len == release.length && sha.eq_ignore_ascii_case(&release.sha256);
             if !intact {
                 tracing::warn!(target = %release.target, "the staged image no longer verifies: discarding it and fetching it again");
@@ -503,7 +503,7 @@ impl Installer {
             }
             return Err(e);
         }
-        let (sha, len) = hash_slot(&slot_path, Some(release.length))?;
+        let (sha, len) = hash_file(&slot_path, Some(release.length))?;
         if sha != release.sha256 || len != release.length {
             // Not the staged image's fault (it verified just now): the slot did not keep
             // what was written. The next pass starts again from a fresh download.
@@ -570,7 +570,7 @@ impl Installer {
         if r != release || partial.exists() || !image_path.exists() {
             return Ok(false);
         }
-        let (sha256, length) = hash_slot(image_path, None)?;
+        let (sha256, length) = hash_file(image_path, None)?;
         Ok(length == release.length && sha256.eq_ignore_ascii_case(&release.sha256))
     }
 
@@ -719,7 +719,7 @@ impl Installer {
         }
         if !kept.exists() {
             std::fs::create_dir_all(&dir).map_err(|e| AgentError::io("create", &dir, e))?;
-            crate::updater::write_atomic(&kept, &bytes)?;
+            outpost_fsio::write_atomic(&kept, &bytes).map_err(|e| AgentError::io("write", &kept, e))?;
         }
         tracing::info!(sbom = %info.path, sha256 = %want, "SBOM verified");
         Ok(outpost_sbom::denylist::components_of(&doc))
@@ -848,17 +848,9 @@ fn choose(infos: Vec<TargetInfo>, config: &AgentConfig, want: Pick<'_>) -> Resul
     Ok(Some(Candidate { version, full, custom, deltas, sbom }))
 }
 
-/// SHA-256 and length of a slot's first `length` bytes (the whole file when `None`): a
-/// partition is larger than the image in it, and what counts is exactly the signed
-/// length (a slot shorter than that reads back short).
-pub(crate) fn hash_slot(path: &Path, length: Option<u64>) -> Result<(String, u64)> {
-    use std::io::Read as _;
-    let f = std::fs::File::open(path).map_err(|e| AgentError::io("open", path, e))?;
-    match length {
-        Some(n) => outpost_protocol::hashing::sha256_reader(f.take(n)),
-        None => outpost_protocol::hashing::sha256_reader(f),
-    }
-    .map_err(|e| AgentError::io("read", path, e))
+/// SHA-256 and length of a slot's (or file's) first `length` bytes: see [`outpost_fsio::hash_file`].
+fn hash_file(path: &Path, length: Option<u64>) -> Result<(String, u64)> {
+    outpost_fsio::hash_file(path, length).map_err(|e| AgentError::io("hash", path, e))
 }
 
 /// SHA-256 of the first `n` bytes of `path` for every `n` in `lengths`, in one pass
