@@ -155,7 +155,7 @@ pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
     };
     // Whom the director is comes from the image repository's offline keys, not from
     // this (possibly intercepted) answer.
-    crate::update::prepare_state(config)?;
+    config.prepare_state()?;
     let fetcher = crate::fetch::Fetcher::new(config.http_limits())?;
     let mut updater = crate::updater::Updater::new(&config.metadata_dir(), &format!("{}/metadata/", config.server_url), fetcher, chrono::Utc::now())?;
     let root = crate::director::sync_root(config, &mut updater).await?;

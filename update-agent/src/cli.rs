@@ -159,7 +159,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::TufClient(args) => crate::tuf_client::run(args).await,
         Command::Run { once } => {
             let config = AgentConfig::load(&cli.config)?;
-            crate::update::prepare_state(&config)?;
+            config.prepare_state()?;
             let policy = crate::policy::start_for(&config);
             if let (Some(engine), Some(p)) = (&policy, config.policy.as_ref()) {
                 if let Some(addr) = p.metrics_listen {

@@ -292,6 +292,23 @@ impl AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// Creates the metadata and download directories and, on first use, trusts the
+    /// provisioned root (`trusted_root`) by copying it into the metadata directory.
+    pub fn prepare_state(&self) -> Result<()> {
+        let metadata_dir = self.metadata_dir();
+        for d in [&metadata_dir, &self.download_dir()] {
+            std::fs::create_dir_all(d).map_err(|e| AgentError::io("create", d, e))?;
+        }
+        let root_file = metadata_dir.join("root.json");
+        if !root_file.exists() {
+            let data = std::fs::read(&self.trusted_root).map_err(|e| AgentError::io("read trusted root", &self.trusted_root, e))?;
+            outpost_fsio::write_atomic(&root_file, &data).map_err(|e| AgentError::io("write", &root_file, e))?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,7 @@ pub mod health;
 pub mod install;
 pub mod metrics;
 pub mod policy;
+pub mod report;
 pub mod tpm;
 pub mod tuf_client;
 pub mod update;

@@ -498,7 +498,7 @@ pub async fn step(config: &AgentConfig, engine: &SharedEngine) {
 pub async fn run_daemon(config: &AgentConfig, once: bool) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let p = config.policy.as_ref().ok_or_else(|| AgentError::Usage("the agent config has no [policy] section".into()))?;
-    crate::update::prepare_state(config)?;
+    config.prepare_state()?;
     let engine = start_engine(config)?;
     write_status(config, &engine);
     if let Some(addr) = p.metrics_listen {
