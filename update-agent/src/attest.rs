@@ -101,13 +101,6 @@ async fn api<T: serde::de::DeserializeOwned>(step: &'static str, mut resp: reqwe
     serde_json::from_slice(&body).map_err(|e| AgentError::Api { step, status: status.as_u16(), message: format!("unexpected answer: {e}") })
 }
 
-fn client(config: &AgentConfig) -> Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .timeout(config.http_timeout)
-        .build()
-        .map_err(|e| AgentError::Fetch { url: config.server_url.clone(), reason: e.to_string() })
-}
-
 fn send_err(url: &str) -> impl FnOnce(reqwest::Error) -> AgentError + '_ {
     move |e| AgentError::Fetch { url: url.to_owned(), reason: outpost_protocol::display_chain(&e) }
 }
@@ -123,7 +116,9 @@ pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
     })
     .await
     .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
-    let http = client(config)?;
+    // One client for the enrollment calls and the director root fetched after them.
+    let fetcher = crate::fetch::Fetcher::new(config.http_limits())?;
+    let http = fetcher.client();
     let url = format!("{}/api/v1/enroll", config.server_url);
     let req = EnrollRequest {
         token: token.to_owned(),
@@ -132,7 +127,7 @@ pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
         ek_certificate: ek_cert.as_ref().map(hex::encode),
         ak_public: hex::encode(&ak.public),
     };
-    let challenge: EnrollChallenge = api("enroll", http.post(&url).json(&req).send().await.map_err(send_err(&url))?).await?;
+    let challenge: EnrollChallenge = api("enroll", http.post(&url).timeout(config.http_timeout).json(&req).send().await.map_err(send_err(&url))?).await?;
     let blob = attest::unhex("credential_blob", &challenge.credential_blob, 1024).map_err(|e| AgentError::tuf("enrollment challenge", e))?;
     let secret = attest::unhex("encrypted_secret", &challenge.encrypted_secret, 1024).map_err(|e| AgentError::tuf("enrollment challenge", e))?;
     let (t, a) = (tpm.clone(), ak.clone());
@@ -141,7 +136,7 @@ pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
         .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
     let url = format!("{}/api/v1/enroll/{}", config.server_url, challenge.challenge_id);
     let enrolled: Enrolled =
-        api("prove credential", http.post(&url).json(&EnrollProof { secret: hex::encode(activated) }).send().await.map_err(send_err(&url))?).await?;
+        api("prove credential", http.post(&url).timeout(config.http_timeout).json(&EnrollProof { secret: hex::encode(activated) }).send().await.map_err(send_err(&url))?).await?;
     if enrolled.device_id != attest::device_id(&ek_public) {
         return Err(AgentError::Api { step: "enroll", status: 200, message: format!("server named the device {}, not its EK-derived id", enrolled.device_id) });
     }
@@ -156,8 +151,7 @@ pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
     // Whom the director is comes from the image repository's offline keys, not from
     // this (possibly intercepted) answer.
     config.prepare_state()?;
-    let fetcher = crate::fetch::Fetcher::new(config.http_limits())?;
-    let mut updater = crate::updater::Updater::new(&config.metadata_dir(), &format!("{}/metadata/", config.server_url), fetcher, chrono::Utc::now())?;
+    let mut updater = crate::updater::Updater::for_agent(config, fetcher)?;
     let root = crate::director::sync_root(config, &mut updater).await?;
     let _ = std::fs::remove_file(crate::director::targets_path(config));
     tracing::info!(director_root_version = root.signed.version, "director trusted through the image repository");
@@ -278,26 +272,24 @@ pub struct DeviceState {
 
 /// One attested check-in: a fresh nonce from the server, a quote over the measurement
 /// PCR bound to the whole report, and the server's verdict.
-pub async fn checkin(config: &AgentConfig, state: &DeviceState) -> Result<CheckinVerdict> {
-    let (url, body) = prepare_checkin(config, state).await?;
-    send_checkin(config, &url, &body).await
+pub async fn checkin(config: &AgentConfig, http: &reqwest::Client, state: &DeviceState) -> Result<CheckinVerdict> {
+    let (url, body) = prepare_checkin(config, http, state).await?;
+    send_checkin(config, http, &url, &body).await
 }
 
 /// Sends a prepared check-in and returns the server's verdict.
-pub async fn send_checkin(config: &AgentConfig, url: &str, body: &Checkin) -> Result<CheckinVerdict> {
-    let http = client(config)?;
-    let verdict: CheckinVerdict = api("check in", http.post(url).json(body).send().await.map_err(send_err(url))?).await?;
+pub async fn send_checkin(config: &AgentConfig, http: &reqwest::Client, url: &str, body: &Checkin) -> Result<CheckinVerdict> {
+    let verdict: CheckinVerdict = api("check in", http.post(url).timeout(config.http_timeout).json(body).send().await.map_err(send_err(url))?).await?;
     tracing::info!(verdict = %verdict.verdict, reason = verdict.reason.as_deref().unwrap_or(""), quarantined = verdict.quarantined, "checked in");
     Ok(verdict)
 }
 
 /// The first half of a check-in: a nonce from the server and the TPM's quote over the
 /// report. Returns the check-in URL and body.
-pub async fn prepare_checkin(config: &AgentConfig, state: &DeviceState) -> Result<(String, Checkin)> {
+pub async fn prepare_checkin(config: &AgentConfig, http: &reqwest::Client, state: &DeviceState) -> Result<(String, Checkin)> {
     let identity = Identity::load(config)?.ok_or_else(|| AgentError::Usage("not enrolled: run `outpost-agent enroll --token TOKEN` first".into()))?;
     let conf = config.tpm.as_ref().ok_or_else(|| AgentError::Usage("this needs a [tpm] section with a tcti in the agent config".into()))?;
     let tpm = Tpm::new(&conf.tcti)?;
-    let http = client(config)?;
     let base = format!("{}/api/v1/devices/{}", config.server_url, identity.device_id);
     let url = format!("{base}/nonce");
     // Only this device may ask for its nonces: the request is quoted by its AK.
@@ -309,7 +301,7 @@ pub async fn prepare_checkin(config: &AgentConfig, state: &DeviceState) -> Resul
         .await
         .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
     let req = attest::NonceRequest { request: ask, attest: hex::encode(&q.attest), signature: hex::encode(&q.signature) };
-    let grant: NonceGrant = api("get check-in nonce", http.post(&url).json(&req).send().await.map_err(send_err(&url))?).await?;
+    let grant: NonceGrant = api("get check-in nonce", http.post(&url).timeout(config.http_timeout).json(&req).send().await.map_err(send_err(&url))?).await?;
     let log = load_log(config)?;
     let report = CheckinReport {
         device_id: identity.device_id.clone(),

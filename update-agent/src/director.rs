@@ -125,5 +125,11 @@ pub fn accept(config: &AgentConfig, root: &Envelope<Root>, device_id: &str, text
 /// still holds, so it installs nothing).
 pub fn current(config: &AgentConfig, root: &Envelope<Root>, device_id: &str, now: DateTime<Utc>) -> Result<Option<DirectorView>> {
     let Some(bytes) = stored(config)? else { return Ok(None) };
-    director::verify_targets(root, &bytes, device_id, 0, now).map(Some).map_err(refused)
+    verify(root, &bytes, device_id, now).map(Some)
+}
+
+/// Director targets (already accepted) verified under `root` (which may be newer than
+/// the one they were accepted under) at `now`.
+pub fn verify(root: &Envelope<Root>, bytes: &[u8], device_id: &str, now: DateTime<Utc>) -> Result<DirectorView> {
+    director::verify_targets(root, bytes, device_id, 0, now).map_err(refused)
 }

@@ -119,6 +119,12 @@ impl Fetcher {
         Ok(Fetcher { client, limits })
     }
 
+    /// The one HTTP client of the agent (its connection pool), for the API calls that
+    /// are not metadata or target downloads: check-ins, enrollment, install reports.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     pub fn limits(&self) -> HttpLimits {
         self.limits
     }

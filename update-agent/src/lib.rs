@@ -3,6 +3,7 @@
 //! trial boots, health checks and automatic rollback, journaled against power loss.
 //! TPM-rooted identity, measured boot and attested check-ins. Later: policy enforcement.
 
+pub mod agent;
 pub mod attest;
 pub mod boot;
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod tuf_client;
 pub mod update;
 pub mod updater;
 
+pub use agent::{Agent, Output, Passes};
 pub use error::{AgentError, Result};
 pub use fetch::Fetcher;
 pub use updater::{TargetInfo, Updater};

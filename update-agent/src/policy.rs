@@ -409,13 +409,11 @@ pub fn select(candidates: Vec<TargetInfo>, hardware_class: &str, labels: &std::c
     best
 }
 
-/// Refreshes the image repository, downloads the selected bundle (verified length and
-/// hashes) and offers it. `Err` when the server cannot be reached or the bundle is
-/// refused.
-pub async fn sync(config: &AgentConfig, engine: &SharedEngine) -> Result<Option<SwapReport>> {
+/// Refreshes the image repository (unless `updater` already did this pass), downloads
+/// the selected bundle (verified length and hashes) and offers it. `Err` when the
+/// server cannot be reached or the bundle is refused.
+pub async fn sync(config: &AgentConfig, engine: &SharedEngine, updater: &mut Updater) -> Result<Option<SwapReport>> {
     let labels = config.policy.as_ref().map(|p| p.labels.clone()).unwrap_or_default();
-    let fetcher = crate::fetch::Fetcher::new(config.http_limits())?;
-    let mut updater = Updater::new(&config.metadata_dir(), &format!("{}/metadata/", config.server_url), fetcher, Utc::now())?;
     // Metadata that does not verify is a refusal worth reporting; an unreachable
     // server is not.
     let refuse = |e: AgentError| -> AgentError {
@@ -480,12 +478,16 @@ pub fn read_status(config: &AgentConfig) -> Option<PolicyStatus> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// One daemon step: fetch and offer a newer bundle, fall back if expired, write the
+/// One daemon step: fetch and offer a newer bundle through `updater` (the pass's TUF
+/// client; an error when it could not be opened), fall back if expired, write the
 /// status. Logs what fails; never stops the daemon.
-pub async fn step(config: &AgentConfig, engine: &SharedEngine) {
-    match sync(config, engine).await {
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %outpost_protocol::display_chain(&e), "network policy update check failed"),
+pub async fn step(config: &AgentConfig, engine: &SharedEngine, updater: std::result::Result<&mut Updater, &AgentError>) {
+    let synced = match updater {
+        Ok(updater) => sync(config, engine, updater).await.map(|_| ()),
+        Err(e) => Err(e.to_string()).map_err(|reason| AgentError::Policy(format!("no TUF client this pass: {reason}"))),
+    };
+    if let Err(e) = synced {
+        tracing::warn!(error = %outpost_protocol::display_chain(&e), "network policy update check failed");
     }
     let mut e = lock(engine);
     e.tick(Utc::now());
@@ -505,8 +507,13 @@ pub async fn run_daemon(config: &AgentConfig, once: bool) -> Result<()> {
         serve_metrics(addr, p.metrics_limits, engine.clone()).await?;
     }
     let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Policy(format!("SIGTERM handler: {e}")))?;
+    let fetcher = crate::fetch::Fetcher::new(config.http_limits())?;
+    let one_step = || async {
+        let mut updater = Updater::for_agent(config, fetcher.clone());
+        step(config, &engine, updater.as_mut().map_err(|e| &*e)).await
+    };
     if once {
-        step(config, &engine).await;
+        one_step().await;
         return Ok(());
     }
     let _watch = spawn_expiry_watch(config, engine.clone());
@@ -514,7 +521,7 @@ pub async fn run_daemon(config: &AgentConfig, once: bool) -> Result<()> {
         // A step may wait on a slow server for as long as the retrieval limits allow;
         // SIGTERM ends it there too.
         tokio::select! {
-            _ = step(config, &engine) => {}
+            _ = one_step() => {}
             _ = term.recv() => return Ok(()),
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }

@@ -81,6 +81,11 @@ impl Updater {
         })
     }
 
+    /// The agent's TUF client for its image repository (`server_url/metadata/`).
+    pub fn for_agent(config: &crate::config::AgentConfig, fetcher: Fetcher) -> Result<Self> {
+        Self::new(&config.metadata_dir(), &format!("{}/metadata/", config.server_url), fetcher, Utc::now())
+    }
+
     pub fn trusted(&self) -> &TrustedSet {
         &self.trusted
     }

@@ -62,12 +62,17 @@ pub struct Installer {
     measured: Option<outpost_protocol::attest::MeasurementEvent>,
     /// Why the server quarantined this device, from the last check-in.
     quarantine: Option<String>,
+    /// The director targets this pass's check-in accepted (also kept on disk for
+    /// restarts), handed to the install step in memory.
+    director_targets: Option<String>,
     /// Called with results that would otherwise be lost to a reboot.
     pub announce: Option<Box<dyn Fn(&PassResult) + Send>>,
 }
 
 impl Installer {
-    pub fn open(config: &AgentConfig) -> Result<Self> {
+    /// Opens the installer's journal and boot control. `fetcher` is the agent's shared
+    /// HTTP client.
+    pub fn open(config: &AgentConfig, fetcher: Fetcher) -> Result<Self> {
         let boot: Box<dyn BootControl> = match &config.install.boot_backend {
             BootBackend::File => Box::new(FileBootControl::open(&config.boot_dir())?),
             BootBackend::Grub { env, slot_a, slot_b } => Box::new(GrubBootControl::open(env, slot_a, slot_b)?),
@@ -90,8 +95,7 @@ impl Installer {
             // Enrolled: the TPM-derived id names this device everywhere.
             config.device_id = identity.device_id;
         }
-        let fetcher = Fetcher::new(config.http_limits())?;
-        Ok(Installer { config, boot, journal_file, journal, fetcher, measured: None, quarantine: None, announce: None })
+        Ok(Installer { config, boot, journal_file, journal, fetcher, measured: None, quarantine: None, director_targets: None, announce: None })
     }
 
     pub fn journal(&self) -> &Journal {
@@ -131,7 +135,7 @@ impl Installer {
             health,
             reports: self.journal.pending_reports.clone(),
         };
-        let verdict = crate::attest::checkin(&self.config, &state).await?;
+        let verdict = crate::attest::checkin(&self.config, self.fetcher.client(), &state).await?;
         if !state.reports.is_empty() {
             self.journal.pending_reports.drain(..state.reports.len());
             self.journal_file.store(&self.journal)?;
@@ -143,6 +147,7 @@ impl Installer {
                 Some(a) => tracing::info!(version = %a.custom.version, rollout = %a.custom.rollout_id, wave = a.custom.wave, rollback = a.custom.rollback, director_version = view.version, "director assignment"),
                 None => tracing::info!(director_version = view.version, "director assigns nothing new"),
             }
+            self.director_targets = Some(text.clone());
         }
         Ok(Some(verdict))
     }
@@ -153,8 +158,7 @@ impl Installer {
         if self.journal.pending_reports.is_empty() || self.attesting() {
             return;
         }
-        let http = reqwest::Client::new();
-        let sent = crate::report::send(&http, &self.config.server_url, self.config.http_timeout, &self.journal.pending_reports).await;
+        let sent = crate::report::send(self.fetcher.client(), &self.config.server_url, self.config.http_timeout, &self.journal.pending_reports).await;
         self.journal.pending_reports.drain(..sent);
         if sent > 0 {
             if let Err(e) = self.journal_file.store(&self.journal) {
@@ -174,20 +178,16 @@ impl Installer {
         Err(AgentError::io("re-exec for reboot", "/proc/self/exe", err))
     }
 
-    fn metadata_url(&self) -> String {
-        format!("{}/metadata/", self.config.server_url)
-    }
-
-    /// One update check: refresh, choose, and install when a newer release exists.
-    pub async fn check_and_install(&mut self) -> Result<PassResult> {
+    /// One update check: refresh (unless `updater` already did this pass), choose, and
+    /// install when a newer release exists.
+    pub async fn check_and_install(&mut self, updater: &mut Updater) -> Result<PassResult> {
         if let Some(reason) = &self.quarantine {
             // The server assigns nothing to a quarantined device; it installs nothing.
             tracing::warn!(%reason, "quarantined by the server; not installing");
             return Ok(PassResult::Quarantined { reason: reason.clone() });
         }
-        let mut updater = Updater::new(&self.config.metadata_dir(), &self.metadata_url(), self.fetcher.clone(), chrono::Utc::now())?;
         updater.refresh().await?;
-        let directed = self.directed(&mut updater).await?;
+        let directed = self.directed(updater).await?;
         if matches!(directed, Some(None)) && self.journal.running.is_some() {
             return Ok(self.no_assignment());
         }
@@ -206,7 +206,7 @@ impl Installer {
         let cand = self.candidate(infos.clone(), assignment.as_ref())?;
         let release = release_of(&cand);
         let components = match &cand.sbom {
-            Some(info) => Some(self.verify_sbom(&updater, info, &release).await?),
+            Some(info) => Some(self.verify_sbom(updater, info, &release).await?),
             None => None,
         };
         if self.journal.running.is_none() && assignment.is_some() {
@@ -218,25 +218,30 @@ impl Installer {
             return Ok(settled);
         }
         if let Some(components) = &components {
-            if let Some(refused) = self.deny_list_gate(&mut updater, components, &release).await? {
+            if let Some(refused) = self.deny_list_gate(updater, components, &release).await? {
                 return Ok(refused);
             }
         }
         // Install only from a state the TPM vouches for: PCR = replayed log, and the
         // measured boot = the running release's expected measurement.
         crate::attest::self_check(&self.config, self.journal.running.as_ref().map(|r| r.sha256.as_str())).await?;
-        self.install(&updater, cand, release).await
+        self.install(updater, cand, release).await
     }
 
     /// What the director says for this device: None when it follows no director (not
     /// enrolled), `Some(None)` when the director assigns nothing (yet).
-    async fn directed(&self, updater: &mut Updater) -> Result<Option<Option<outpost_protocol::director::Assignment>>> {
+    async fn directed(&mut self, updater: &mut Updater) -> Result<Option<Option<outpost_protocol::director::Assignment>>> {
         if crate::director::pinned(&self.config)?.is_none() {
             return Ok(None);
         }
         // A newer director root (a rotated director key) is learned here.
         let root = crate::director::sync_root(&self.config, updater).await?;
-        let view = crate::director::current(&self.config, &root, &self.config.device_id, chrono::Utc::now())?;
+        // What this pass's check-in accepted comes in memory; otherwise what an earlier
+        // one kept. Verified again under the root just synced.
+        let view = match self.director_targets.take() {
+            Some(text) => Some(crate::director::verify(&root, text.as_bytes(), &self.config.device_id, chrono::Utc::now())?),
+            None => crate::director::current(&self.config, &root, &self.config.device_id, chrono::Utc::now())?,
+        };
         Ok(Some(view.and_then(|v| v.assignment)))
     }
 
