@@ -56,12 +56,12 @@ impl Identity {
 }
 
 fn tpm_of(config: &AgentConfig) -> Result<Tpm> {
-    let conf = config.tpm.as_ref().ok_or_else(|| AgentError::Usage("this needs a [tpm] section with a tcti in the agent config".into()))?;
+    let conf = config.tpm.as_ref().ok_or_else(|| AgentError::MissingSection { section: "tpm", hint: " with a tcti" })?;
     Tpm::new(&conf.tcti)
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| AgentError::Usage(format!("serialize {}: {e}", path.display())))?;
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| AgentError::Serialize { what: path.display().to_string(), reason: e.to_string() })?;
     outpost_fsio::write_atomic(path, &bytes).map_err(|e| AgentError::io("write", path, e))
 }
 
@@ -115,7 +115,7 @@ pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
         Ok((ek, cert, t.create_ak()?))
     })
     .await
-    .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+    .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
     // One client for the enrollment calls and the director root fetched after them.
     let fetcher = crate::fetch::Fetcher::new(config.http_limits())?;
     let http = fetcher.client();
@@ -133,7 +133,7 @@ pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
     let (t, a) = (tpm.clone(), ak.clone());
     let activated = tokio::task::spawn_blocking(move || t.activate_credential(&a, &blob, &secret))
         .await
-        .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+        .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
     let url = format!("{}/api/v1/enroll/{}", config.server_url, challenge.challenge_id);
     let enrolled: Enrolled =
         api("prove credential", http.post(&url).timeout(config.http_timeout).json(&EnrollProof { secret: hex::encode(activated) }).send().await.map_err(send_err(&url))?).await?;
@@ -185,12 +185,12 @@ pub async fn measure_boot(config: &AgentConfig, slot: &str, slot_path: &Path, le
     let (digest, length) = tokio::task::spawn_blocking(move || -> Result<_> {
         let (hex_digest, length) = outpost_fsio::hash_file(&path, length).map_err(|e| AgentError::io("hash", &path, e))?;
         let mut digest = [0u8; 32];
-        hex::decode_to_slice(&hex_digest, &mut digest).map_err(|e| AgentError::Usage(format!("digest: {e}")))?;
+        hex::decode_to_slice(&hex_digest, &mut digest).map_err(|e| AgentError::Attestation(format!("digest: {e}")))?;
         tpm.measure_boot(pcr, &digest)?;
         Ok((digest, length))
     })
     .await
-    .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+    .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
     let event = MeasurementEvent {
         pcr,
         sha256: hex::encode(digest),
@@ -223,7 +223,7 @@ pub async fn self_check(config: &AgentConfig, expected: Option<&str>) -> Result<
             let a = ak.clone();
             let q = tokio::task::spawn_blocking(move || t.quote(&a, &nonce, &[pcr]))
                 .await
-                .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+                .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
             let ak_pub = TpmPublic::parse(&ak.public, "attestation key").map_err(|e| AgentError::Attestation(e.to_string()))?;
             let quote = Quote::verify(&ak_pub, &q.attest, &q.signature).map_err(|e| AgentError::Attestation(e.to_string()))?;
             if quote.extra_data != nonce {
@@ -232,7 +232,7 @@ pub async fn self_check(config: &AgentConfig, expected: Option<&str>) -> Result<
             quote.pcr_digest
         }
         None => {
-            let value = tokio::task::spawn_blocking(move || tpm.read_pcr(pcr)).await.map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+            let value = tokio::task::spawn_blocking(move || tpm.read_pcr(pcr)).await.map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
             let mut h = <sha2::Sha256 as sha2::Digest>::new();
             sha2::Digest::update(&mut h, value);
             sha2::Digest::finalize(h).to_vec()
@@ -287,19 +287,19 @@ pub async fn send_checkin(config: &AgentConfig, http: &reqwest::Client, url: &st
 /// The first half of a check-in: a nonce from the server and the TPM's quote over the
 /// report. Returns the check-in URL and body.
 pub async fn prepare_checkin(config: &AgentConfig, http: &reqwest::Client, state: &DeviceState) -> Result<(String, Checkin)> {
-    let identity = Identity::load(config)?.ok_or_else(|| AgentError::Usage("not enrolled: run `outpost-agent enroll --token TOKEN` first".into()))?;
-    let conf = config.tpm.as_ref().ok_or_else(|| AgentError::Usage("this needs a [tpm] section with a tcti in the agent config".into()))?;
+    let identity = Identity::load(config)?.ok_or_else(|| AgentError::NotEnrolled { hint: ": run `outpost-agent enroll --token TOKEN` first" })?;
+    let conf = config.tpm.as_ref().ok_or_else(|| AgentError::MissingSection { section: "tpm", hint: " with a tcti" })?;
     let tpm = Tpm::new(&conf.tcti)?;
     let base = format!("{}/api/v1/devices/{}", config.server_url, identity.device_id);
     let url = format!("{base}/nonce");
     // Only this device may ask for its nonces: the request is quoted by its AK.
     let ask = serde_json::to_value(attest::NonceAsk { device_id: identity.device_id.clone(), at: chrono::Utc::now().to_rfc3339() })
-        .map_err(|e| AgentError::Usage(format!("serialize nonce request: {e}")))?;
+        .map_err(|e| AgentError::Serialize { what: "nonce request".into(), reason: e.to_string() })?;
     let qualifying = attest::nonce_request_qualifying_data(&ask).map_err(|e| AgentError::tuf("nonce request", e))?;
     let (t, ak, pcr) = (tpm.clone(), identity.ak()?, conf.pcr);
     let q = tokio::task::spawn_blocking(move || t.quote(&ak, &qualifying, &[pcr]))
         .await
-        .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+        .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
     let req = attest::NonceRequest { request: ask, attest: hex::encode(&q.attest), signature: hex::encode(&q.signature) };
     let grant: NonceGrant = api("get check-in nonce", http.post(&url).timeout(config.http_timeout).json(&req).send().await.map_err(send_err(&url))?).await?;
     let log = load_log(config)?;
@@ -317,13 +317,13 @@ pub async fn prepare_checkin(config: &AgentConfig, http: &reqwest::Client, state
         policy: crate::policy::read_status(config),
         at: chrono::Utc::now().to_rfc3339(),
     };
-    let report = serde_json::to_value(&report).map_err(|e| AgentError::Usage(format!("serialize report: {e}")))?;
+    let report = serde_json::to_value(&report).map_err(|e| AgentError::Serialize { what: "report".into(), reason: e.to_string() })?;
     let qualifying = attest::qualifying_data(&report).map_err(|e| AgentError::tuf("check-in report", e))?;
     let ak = identity.ak()?;
     let pcr = conf.pcr;
     let q = tokio::task::spawn_blocking(move || tpm.quote(&ak, &qualifying, &[pcr]))
         .await
-        .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+        .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
     let body = Checkin { report, attest: hex::encode(&q.attest), signature: hex::encode(&q.signature) };
     Ok((format!("{base}/checkin"), body))
 }

@@ -156,7 +156,7 @@ fn policy_status(config: &AgentConfig) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
             Ok(())
         }
-        None => Err(AgentError::Usage("no network policy is enforced (no [policy] section, or no bundle applied yet)".into())),
+        None => Err(AgentError::NoPolicyEnforced),
     }
 }
 
@@ -189,7 +189,7 @@ async fn checkin(config: &AgentConfig, json: bool) -> Result<()> {
             Printer { json }.verdict(&v);
             Ok(())
         }
-        None => Err(AgentError::Usage("not enrolled (or no [tpm] section): nothing to check in with".into())),
+        None => Err(AgentError::NotEnrolled { hint: " (or no [tpm] section): nothing to check in with" }),
     }
 }
 

@@ -208,7 +208,7 @@ impl Fetcher {
         url: &str,
         tmp: &Path,
         length: u64,
-        mut hasher: MultiHasher,
+        hasher: MultiHasher,
         hashes: &BTreeMap<String, String>,
         what: &str,
         durability: Durability,
@@ -227,35 +227,8 @@ impl Fetcher {
         }
         let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<PoolBuffer>(POOL_BUFFERS);
         let (write_tx, write_rx) = std::sync::mpsc::sync_channel::<PoolBuffer>(POOL_BUFFERS);
-        let hasher_task = tokio::task::spawn_blocking(move || {
-            for buf in hash_rx {
-                hasher.update(buf.filled());
-                if write_tx.send(buf).is_err() {
-                    break;
-                }
-            }
-            hasher
-        });
-        let writer = tokio::task::spawn_blocking(move || -> Result<()> {
-            let mut out = file;
-            let mut since_flush: u64 = 0;
-            for mut buf in write_rx {
-                out.write(buf.filled())?;
-                since_flush += buf.filled().len() as u64;
-                if durability == Durability::Fsync && since_flush >= WRITEBACK_EVERY {
-                    // Push what the disk cache holds out while the download goes on,
-                    // so the final fsync waits for the tail only.
-                    out.sync_data()?;
-                    since_flush = 0;
-                }
-                buf.clear();
-                let _ = free_tx.blocking_send(buf);
-            }
-            if durability == Durability::Fsync {
-                out.sync_all()?;
-            }
-            Ok(())
-        });
+        let hasher_task = spawn_hasher(hasher, hash_rx, write_tx);
+        let writer = spawn_writer(file, write_rx, free_tx, durability);
         let mut received: u64 = 0;
         let mut failure = None;
         let mut cur: Option<PoolBuffer> = None;
@@ -313,6 +286,54 @@ impl Fetcher {
         }
         hasher.verify(hashes, what).map_err(|e| AgentError::tuf(format!("verify {what}"), e))
     }
+}
+
+/// The hashing stage of [`Fetcher::stream_to`]: hashes each full buffer, then passes it
+/// to the writer. Returns the hasher when the stream ends.
+fn spawn_hasher(
+    mut hasher: MultiHasher,
+    hash_rx: std::sync::mpsc::Receiver<PoolBuffer>,
+    write_tx: std::sync::mpsc::SyncSender<PoolBuffer>,
+) -> tokio::task::JoinHandle<MultiHasher> {
+    tokio::task::spawn_blocking(move || {
+        for buf in hash_rx {
+            hasher.update(buf.filled());
+            if write_tx.send(buf).is_err() {
+                break;
+            }
+        }
+        hasher
+    })
+}
+
+/// The writing stage of [`Fetcher::stream_to`]: writes each buffer to the file and
+/// returns it to the pool (with [`Durability::Fsync`], flushing as it goes and fsyncing
+/// at the end).
+fn spawn_writer(
+    mut out: TargetFile,
+    write_rx: std::sync::mpsc::Receiver<PoolBuffer>,
+    free_tx: tokio::sync::mpsc::Sender<PoolBuffer>,
+    durability: Durability,
+) -> tokio::task::JoinHandle<Result<()>> {
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut since_flush: u64 = 0;
+        for mut buf in write_rx {
+            out.write(buf.filled())?;
+            since_flush += buf.filled().len() as u64;
+            if durability == Durability::Fsync && since_flush >= WRITEBACK_EVERY {
+                // Push what the disk cache holds out while the download goes on,
+                // so the final fsync waits for the tail only.
+                out.sync_data()?;
+                since_flush = 0;
+            }
+            buf.clear();
+            let _ = free_tx.blocking_send(buf);
+        }
+        if durability == Durability::Fsync {
+            out.sync_all()?;
+        }
+        Ok(())
+    })
 }
 
 const POOL_BUFFERS: usize = 8;

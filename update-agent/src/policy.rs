@@ -336,7 +336,7 @@ fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
 /// the engine cannot start, the status file says so (check-ins carry it), so a device
 /// never goes on reporting the enforcement it had before.
 fn start_engine(config: &AgentConfig) -> Result<SharedEngine> {
-    let p = config.policy.as_ref().ok_or_else(|| AgentError::Usage("the agent config has no [policy] section".into()))?;
+    let p = config.policy.as_ref().ok_or_else(|| AgentError::MissingSection { section: "policy", hint: "" })?;
     let started = p
         .cgroup_root
         .clone()
@@ -499,7 +499,7 @@ pub async fn step(config: &AgentConfig, engine: &SharedEngine, updater: std::res
 /// `outpost-agent policy run`: the policy part of the daemon alone.
 pub async fn run_daemon(config: &AgentConfig, once: bool) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let p = config.policy.as_ref().ok_or_else(|| AgentError::Usage("the agent config has no [policy] section".into()))?;
+    let p = config.policy.as_ref().ok_or_else(|| AgentError::MissingSection { section: "policy", hint: "" })?;
     config.prepare_state()?;
     let engine = start_engine(config)?;
     write_status(config, &engine);

@@ -62,10 +62,10 @@ pub async fn run(args: TufClientArgs) -> Result<()> {
             updater.refresh().await
         }
         TufOp::Download => {
-            let base = args.target_base_url.as_deref().ok_or_else(|| AgentError::Usage("download needs --target-base-url".into()))?;
-            let dir = args.target_dir.as_deref().ok_or_else(|| AgentError::Usage("download needs --target-dir".into()))?;
+            let base = args.target_base_url.as_deref().ok_or_else(|| AgentError::MissingArgument { command: "download", flag: "--target-base-url" })?;
+            let dir = args.target_dir.as_deref().ok_or_else(|| AgentError::MissingArgument { command: "download", flag: "--target-dir" })?;
             if args.target_names.is_empty() {
-                return Err(AgentError::Usage("download needs at least one --target-name".into()));
+                return Err(AgentError::MissingArgument { command: "download", flag: "at least one --target-name" });
             }
             std::fs::create_dir_all(dir).map_err(|e| AgentError::io("create", dir, e))?;
             let mut updater = updater(&args)?;
@@ -84,7 +84,7 @@ pub async fn run(args: TufClientArgs) -> Result<()> {
 }
 
 fn updater(args: &TufClientArgs) -> Result<Updater> {
-    let url = args.metadata_url.as_deref().ok_or_else(|| AgentError::Usage("--metadata-url is required".into()))?;
+    let url = args.metadata_url.as_deref().ok_or_else(|| AgentError::MissingArgument { command: "tuf-client", flag: "--metadata-url" })?;
     let fetcher = Fetcher::new(HttpLimits::new(Duration::from_secs(args.timeout), args.min_bytes_per_sec))?;
     Updater::new(&args.metadata_dir, url, fetcher, chrono::Utc::now())
 }

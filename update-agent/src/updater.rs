@@ -162,7 +162,7 @@ impl Updater {
                 Err(e) => tracing::debug!(error = %e, "local snapshot not valid as final"),
             }
         }
-        let ts = self.trusted.timestamp().ok_or_else(|| AgentError::Usage("timestamp not loaded".into()))?;
+        let ts = self.trusted.timestamp().ok_or_else(|| AgentError::NotLoaded { role: "timestamp".into() })?;
         let meta = ts.snapshot_meta();
         let limit = meta.length.unwrap_or(self.limits.snapshot_max_length);
         let version = self.trusted.root().consistent_snapshot.then_some(meta.version);
@@ -189,7 +189,7 @@ impl Updater {
                 None => false,
             };
             if !local_ok {
-                let snapshot = self.trusted.snapshot().ok_or_else(|| AgentError::Usage("snapshot not loaded".into()))?;
+                let snapshot = self.trusted.snapshot().ok_or_else(|| AgentError::NotLoaded { role: "snapshot".into() })?;
                 let meta = snapshot.meta.get(&format!("{role}.json")).ok_or_else(|| {
                     AgentError::tuf(
                         format!("load {role}"),
@@ -206,7 +206,7 @@ impl Updater {
                 self.persist(role, &data)?;
             }
         }
-        self.trusted.targets(role).ok_or_else(|| AgentError::Usage(format!("{role} not loaded")))
+        self.trusted.targets(role).ok_or_else(|| AgentError::NotLoaded { role: role.to_owned() })
     }
 
     /// Finds `target_path` by a pre-order depth-first walk of the delegation graph,
@@ -292,7 +292,7 @@ impl Updater {
             if let Some(bins) = &delegations.succinct_roles {
                 // Hash bins: any bin may hold a path under the prefix; the snapshot
                 // lists the bins that exist.
-                let snapshot = self.trusted.snapshot().ok_or_else(|| AgentError::Usage("snapshot not loaded".into()))?;
+                let snapshot = self.trusted.snapshot().ok_or_else(|| AgentError::NotLoaded { role: "snapshot".into() })?;
                 for name in snapshot.meta.keys().filter_map(|f| f.strip_suffix(".json")) {
                     if bins.is_delegated_role(name) {
                         children.push((name.to_owned(), role.clone()));

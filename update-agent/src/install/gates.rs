@@ -23,7 +23,7 @@ impl Installer {
             .map_err(|e| AgentError::tuf(format!("verify {target}"), e))?;
         outpost_sbom::denylist::DenyList::parse(&bytes)
             .map(Some)
-            .map_err(|e| AgentError::Usage(format!("{target} (signed by {}): {e}; not installing past a deny-list that cannot be read", info.role)))
+            .map_err(|e| AgentError::DenyListUnreadable { list: format!("{target} (signed by {})", info.role), reason: e.to_string() })
     }
 
     /// Defense in depth: the release is refused (`RefusedVulnerable`) when the signed
@@ -33,7 +33,7 @@ impl Installer {
         // A component whose version cannot be placed against an entry's range is a
         // finding too (fail closed); its advisory says why.
         let findings = list.findings(components).map_err(|e| {
-            AgentError::Usage(format!("{}: {e}; not installing past a deny-list that cannot be read", outpost_sbom::denylist::DENYLIST_TARGET))
+            AgentError::DenyListUnreadable { list: outpost_sbom::denylist::DENYLIST_TARGET.to_owned(), reason: e.to_string() }
         })?;
         if findings.is_empty() {
             return Ok(None);

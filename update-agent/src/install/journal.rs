@@ -124,7 +124,7 @@ impl JournalFile {
     }
 
     pub fn store(&self, journal: &Journal) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(journal).map_err(|e| AgentError::Usage(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(journal).map_err(|e| AgentError::Serialize { what: "install journal".into(), reason: e.to_string() })?;
         outpost_fsio::write_atomic(&self.path, &bytes).map_err(|e| AgentError::io("write journal", &self.path, e))
     }
 }
