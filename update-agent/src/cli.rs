@@ -124,7 +124,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Policy(PolicyCommand::Run { once }) => crate::policy::run_daemon(&AgentConfig::load(&cli.config)?, once).await,
         Command::Policy(PolicyCommand::Enforce { file, cgroup_root, metrics_listen, pin_dir }) => {
             let pin_dir = pin_dir.unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PIN_DIR));
-            crate::policy::enforce_local(&file, cgroup_root, metrics_listen, &pin_dir, json).await
+            crate::policy::enforce_local(&file, crate::danger::UnsignedPolicy, cgroup_root, metrics_listen, &pin_dir, json).await
         }
         Command::Policy(PolicyCommand::Detach { pin_dir }) => policy_detach(pin_dir, &cli.config, json),
         Command::TufClient(args) => crate::tuf_client::run(args).await,

@@ -21,7 +21,8 @@ pub enum Durability {
     Fsync,
     /// Atomic rename only; the OS writes the bytes back in its own time (tools and
     /// tests that re-verify on the next run anyway, such as the conformance client).
-    OsBuffered,
+    /// Dangerous for device state: see [`crate::danger::OsBuffered`].
+    OsBuffered(crate::danger::OsBuffered),
 }
 
 /// How slowly an answer may arrive (`[http]` in agent.toml).

@@ -8,6 +8,7 @@ pub mod attest;
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod danger;
 pub mod director;
 pub mod error;
 pub mod fetch;

@@ -66,6 +66,26 @@ pub struct PolicyEngine {
     deny_events: u64,
 }
 
+/// Who vouches for a bundle offered to the engine.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// A target of the image repository signed by the `policy` role, with the name and
+    /// version its signed metadata gives (the content must match them).
+    Signed { target: &'a str, custom: &'a PolicyTargetCustom },
+    /// A local file no signature vouches for (`policy enforce FILE`).
+    Unsigned(crate::danger::UnsignedPolicy),
+}
+
+impl Source<'_> {
+    /// The signed target's path, for signed bundles.
+    pub fn target(&self) -> Option<&str> {
+        match self {
+            Source::Signed { target, .. } => Some(target),
+            Source::Unsigned(_) => None,
+        }
+    }
+}
+
 pub type SharedEngine = Arc<Mutex<PolicyEngine>>;
 
 fn lock(engine: &SharedEngine) -> std::sync::MutexGuard<'_, PolicyEngine> {
@@ -131,12 +151,12 @@ impl PolicyEngine {
         self.active.as_ref().map(|a| (a.bundle.name.as_str(), a.bundle.version, a.applied))
     }
 
-    /// Offers a bundle: a signed target (`target` and the name and version its signed
-    /// metadata gives, which the content must match), or a local file (both `None`).
-    /// `Ok(None)`: it is the one enforced already.
-    pub fn offer(&mut self, bytes: &[u8], target: Option<(&str, &PolicyTargetCustom)>, now: DateTime<Utc>) -> Result<Option<SwapReport>> {
-        let what = target.map(|(t, _)| t.to_string()).unwrap_or_else(|| "bundle".into());
-        let result = self.try_offer(bytes, target, now);
+    /// Offers a bundle from `source` (a signed target, whose signed name and version
+    /// the content must match, or an unsigned local file). `Ok(None)`: it is the one
+    /// enforced already.
+    pub fn offer(&mut self, bytes: &[u8], source: Source<'_>, now: DateTime<Utc>) -> Result<Option<SwapReport>> {
+        let what = source.target().unwrap_or("bundle").to_owned();
+        let result = self.try_offer(bytes, source, now);
         match &result {
             Err(e) => {
                 self.refused = Some(format!("{what}: {e}"));
@@ -151,9 +171,9 @@ impl PolicyEngine {
         result
     }
 
-    fn try_offer(&mut self, bytes: &[u8], target: Option<(&str, &PolicyTargetCustom)>, now: DateTime<Utc>) -> Result<Option<SwapReport>> {
+    fn try_offer(&mut self, bytes: &[u8], source: Source<'_>, now: DateTime<Utc>) -> Result<Option<SwapReport>> {
         let bundle = PolicyBundle::parse(bytes).map_err(|e| AgentError::Policy(e.to_string()))?;
-        if let Some((_, signed)) = target {
+        if let Source::Signed { custom: signed, .. } = source {
             if bundle.name != signed.name || bundle.version != signed.version {
                 return Err(AgentError::Policy(format!(
                     "the bundle is {} v{} but its signed metadata says {} v{}",
@@ -188,7 +208,7 @@ impl PolicyEngine {
             let path = dir.join("active.yaml");
             outpost_fsio::write_atomic(&path, bytes).map_err(|e| AgentError::io("write", &path, e))?;
         }
-        self.active = Some(Active { bundle, target: target.map(|(t, _)| t.to_string()), applied: Applied::Bundle, fell_back_at: None });
+        self.active = Some(Active { bundle, target: source.target().map(str::to_owned), applied: Applied::Bundle, fell_back_at: None });
         self.persist();
         Ok(Some(report))
     }
@@ -443,7 +463,7 @@ pub async fn sync(config: &AgentConfig, engine: &SharedEngine, updater: &mut Upd
     };
     let bytes = std::fs::read(&path).map_err(|e| AgentError::io("read", &path, e))?;
     let _ = std::fs::remove_file(&path);
-    lock(engine).offer(&bytes, Some((&info.path, &custom)), Utc::now())
+    lock(engine).offer(&bytes, Source::Signed { target: &info.path, custom: &custom }, Utc::now())
 }
 
 /// Writes the status for check-ins (`STATE/policy/status.json`).
@@ -576,7 +596,7 @@ pub async fn serve_metrics(addr: std::net::SocketAddr, limits: crate::metrics::L
 /// `outpost-agent policy enforce FILE`: enforce a local bundle in the foreground (for
 /// trying a bundle on a device; the daemon enforces only signed bundles). SIGHUP
 /// re-reads FILE; SIGINT/SIGTERM detach everything and exit.
-pub async fn enforce_local(file: &Path, cgroup_root: Option<PathBuf>, metrics: Option<std::net::SocketAddr>, pin_dir: &Path, json: bool) -> Result<()> {
+pub async fn enforce_local(file: &Path, unsigned: crate::danger::UnsignedPolicy, cgroup_root: Option<PathBuf>, metrics: Option<std::net::SocketAddr>, pin_dir: &Path, json: bool) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let root = cgroup_root.or_else(cgroup2_mount).ok_or_else(|| AgentError::Policy("no cgroup v2 mount found; pass --cgroup-root".into()))?;
     // Handlers first: a SIGHUP sent as soon as the bundle is announced is a re-read,
@@ -605,7 +625,7 @@ pub async fn enforce_local(file: &Path, cgroup_root: Option<PathBuf>, metrics: O
     {
         let bytes = read(file)?;
         let mut e = lock(&engine);
-        let r = e.offer(&bytes, None, Utc::now())?;
+        let r = e.offer(&bytes, Source::Unsigned(unsigned), Utc::now())?;
         emit("applied", r.as_ref(), &mut e);
     }
     if let Some(addr) = metrics {
@@ -616,7 +636,7 @@ pub async fn enforce_local(file: &Path, cgroup_root: Option<PathBuf>, metrics: O
         tokio::select! {
             _ = hup.recv() => {
                 let mut e = lock(&engine);
-                match read(file).and_then(|b| e.offer(&b, None, Utc::now())) {
+                match read(file).and_then(|b| e.offer(&b, Source::Unsigned(unsigned), Utc::now())) {
                     Ok(Some(r)) => emit("applied", Some(&r), &mut e),
                     Ok(None) => emit("unchanged", None, &mut e),
                     Err(_) => emit("refused", None, &mut e),

@@ -75,7 +75,7 @@ pub async fn run(args: TufClientArgs) -> Result<()> {
                     tracing::info!(target = %name, "already downloaded and verified");
                     continue;
                 }
-                let path = updater.download_target(&info, base, dir, crate::fetch::Durability::OsBuffered).await?;
+                let path = updater.download_target(&info, base, dir, crate::fetch::Durability::OsBuffered(crate::danger::OsBuffered)).await?;
                 tracing::info!(target = %name, path = %path.display(), "downloaded and verified");
             }
             Ok(())
