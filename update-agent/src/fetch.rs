@@ -273,10 +273,26 @@ impl Fetcher {
             }
         }
         drop(hash_tx);
-        let hasher = hasher_task
+        let stages = Stages { hasher: hasher_task, writer };
+        stages.join(url, failure, received, length, hashes, what).await
+    }
+}
+
+/// The hashing and writing stages of one [`Fetcher::stream_to`].
+struct Stages {
+    hasher: tokio::task::JoinHandle<MultiHasher>,
+    writer: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Stages {
+    /// Waits for both stages (the stream has ended), then judges the whole answer: the
+    /// receiving side's `failure` first, then its length, then its signed hashes.
+    async fn join(self, url: &str, failure: Option<AgentError>, received: u64, length: u64, hashes: &BTreeMap<String, String>, what: &str) -> Result<()> {
+        let hasher = self
+            .hasher
             .await
             .map_err(|e| AgentError::Fetch { url: url.to_owned(), reason: format!("hasher task: {e}") })?;
-        writer
+        self.writer
             .await
             .map_err(|e| AgentError::Fetch { url: url.to_owned(), reason: format!("writer task: {e}") })??;
         if let Some(e) = failure {

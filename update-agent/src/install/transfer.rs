@@ -331,13 +331,7 @@ fn sink_worker(
     for msg in rx {
         match msg {
             Msg::Chunk(chunk) => {
-                partial.write_all(&chunk).map_err(|e| AgentError::io("write", &spec.partial, e))?;
-                if let Some((hasher, decode)) = streaming.as_mut() {
-                    hasher.update(&chunk);
-                    if let Some(d) = decode.as_mut() {
-                        d.feed(&chunk).map_err(|e| decode_error(&spec, e))?;
-                    }
-                }
+                append(&spec, &mut partial, streaming.as_mut(), &chunk)?;
                 written += chunk.len() as u64;
                 if written - last_sync >= checkpoint_every {
                     partial.sync_data().map_err(|e| AgentError::io("fsync", &spec.partial, e))?;
@@ -370,12 +364,20 @@ fn sink_worker(
             (hasher, decode)
         }
     };
-    if let Err(e) = hasher.verify(&spec.hashes, &what) {
-        let _ = std::fs::remove_file(&spec.partial);
-        let _ = acks.send(Ack::Durable(0));
-        return Err(AgentError::tuf(format!("verify {}", spec.url), e));
+    stage_image(&spec, partial, hasher, decode, &acks, &what)
+}
+
+/// Appends a received chunk to the partial file, hashing and decoding it when the
+/// transfer streams (started from byte 0).
+fn append<W: Write>(spec: &TransferSpec, partial: &mut std::fs::File, streaming: Option<&mut (MultiHasher, Option<Decode<'_, W>>)>, chunk: &[u8]) -> Result<()> {
+    partial.write_all(chunk).map_err(|e| AgentError::io("write", &spec.partial, e))?;
+    if let Some((hasher, decode)) = streaming {
+        hasher.update(chunk);
+        if let Some(d) = decode.as_mut() {
+            d.feed(chunk).map_err(|e| decode_error(spec, e))?;
+        }
     }
-    stage_image(&spec, partial, decode)
+    Ok(())
 }
 
 /// Opens the partial file, cut back to what is known durable; returns it positioned
@@ -411,10 +413,23 @@ fn replay<W: Write>(spec: &TransferSpec, partial: &mut std::fs::File, hasher: &m
     }
 }
 
-/// The verified transfer becomes the staged image: renamed into place when it is the
+/// Verifies the complete transfer against its signed hashes (bytes that do not verify
+/// are removed), then makes it the staged image: renamed into place when it is the
 /// image as-is, else the decoder's output made durable and checked against the signed
 /// image digest.
-fn stage_image(spec: &TransferSpec, partial: std::fs::File, decode: Option<Decode<'_, std::io::BufWriter<std::fs::File>>>) -> Result<()> {
+fn stage_image(
+    spec: &TransferSpec,
+    partial: std::fs::File,
+    hasher: MultiHasher,
+    decode: Option<Decode<'_, std::io::BufWriter<std::fs::File>>>,
+    acks: &mpsc::Sender<Ack>,
+    what: &str,
+) -> Result<()> {
+    if let Err(e) = hasher.verify(&spec.hashes, what) {
+        let _ = std::fs::remove_file(&spec.partial);
+        let _ = acks.send(Ack::Durable(0));
+        return Err(AgentError::tuf(format!("verify {}", spec.url), e));
+    }
     let Some(decode) = decode else {
         // Verified against the signed sha256, which is the image's: the bytes are the image.
         drop(partial);
