@@ -38,6 +38,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     assert!(args.len() == 6, "usage: attest_bench CONFIG SERVER_PID LATENCY_N BATCH_K VERIFY_SECS");
     let config = AgentConfig::load(std::path::Path::new(&args[1])).expect("agent config");
+    let fetcher = outpost_agent::Fetcher::new(config.http_limits()).expect("HTTP client");
+    let http = fetcher.client().clone();
     let pid: u32 = args[2].parse().expect("server pid");
     let n: usize = args[3].parse().expect("latency count");
     let k: usize = args[4].parse().expect("batch size");
@@ -50,7 +52,7 @@ fn main() {
     let mut verdicts = std::collections::BTreeMap::<String, usize>::new();
     for _ in 0..n {
         let t0 = Instant::now();
-        let v = rt.block_on(attest::checkin(&config, &state)).expect("check-in");
+        let v = rt.block_on(attest::checkin(&config, &http, &state)).expect("check-in");
         lat.push(t0.elapsed().as_secs_f64() * 1000.0);
         *verdicts.entry(v.verdict.to_string()).or_default() += 1;
     }
@@ -68,13 +70,13 @@ fn main() {
         let n = BATCH.min(k - prepared.len());
         let c0 = cpu_seconds(pid);
         let t = Instant::now();
-        let batch: Vec<_> = (0..n).map(|_| rt.block_on(attest::prepare_checkin(&config, &state)).expect("prepare check-in")).collect();
+        let batch: Vec<_> = (0..n).map(|_| rt.block_on(attest::prepare_checkin(&config, &http, &state)).expect("prepare check-in")).collect();
         prep_s += t.elapsed().as_secs_f64();
         // While preparing, the server only issued nonces (the quotes come from swtpm).
         nonce_cpu += cpu_seconds(pid) - c0;
         let t = Instant::now();
         for (url, body) in &batch {
-            let v = rt.block_on(attest::send_checkin(&config, url, body)).expect("send check-in");
+            let v = rt.block_on(attest::send_checkin(&config, &http, url, body)).expect("send check-in");
             *verdicts.entry(v.verdict.to_string()).or_default() += 1;
         }
         wall += t.elapsed().as_secs_f64();

@@ -56,13 +56,13 @@ impl Identity {
 }
 
 fn tpm_of(config: &AgentConfig) -> Result<Tpm> {
-    let conf = config.tpm.as_ref().ok_or_else(|| AgentError::Usage("this needs a [tpm] section with a tcti in the agent config".into()))?;
+    let conf = config.tpm.as_ref().ok_or_else(|| AgentError::MissingSection { section: "tpm", hint: " with a tcti" })?;
     Tpm::new(&conf.tcti)
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| AgentError::Usage(format!("serialize {}: {e}", path.display())))?;
-    crate::updater::write_atomic(path, &bytes)
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| AgentError::Serialize { what: path.display().to_string(), reason: e.to_string() })?;
+    outpost_fsio::write_atomic(path, &bytes).map_err(|e| AgentError::io("write", path, e))
 }
 
 /// The most the agent reads of an enrollment, nonce or check-in answer. They are a few
@@ -101,13 +101,6 @@ async fn api<T: serde::de::DeserializeOwned>(step: &'static str, mut resp: reqwe
     serde_json::from_slice(&body).map_err(|e| AgentError::Api { step, status: status.as_u16(), message: format!("unexpected answer: {e}") })
 }
 
-fn client(config: &AgentConfig) -> Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .timeout(config.http_timeout)
-        .build()
-        .map_err(|e| AgentError::Fetch { url: config.server_url.clone(), reason: e.to_string() })
-}
-
 fn send_err(url: &str) -> impl FnOnce(reqwest::Error) -> AgentError + '_ {
     move |e| AgentError::Fetch { url: url.to_owned(), reason: outpost_protocol::display_chain(&e) }
 }
@@ -122,8 +115,10 @@ pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
         Ok((ek, cert, t.create_ak()?))
     })
     .await
-    .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
-    let http = client(config)?;
+    .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
+    // One client for the enrollment calls and the director root fetched after them.
+    let fetcher = crate::fetch::Fetcher::new(config.http_limits())?;
+    let http = fetcher.client();
     let url = format!("{}/api/v1/enroll", config.server_url);
     let req = EnrollRequest {
         token: token.to_owned(),
@@ -132,16 +127,16 @@ pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
         ek_certificate: ek_cert.as_ref().map(hex::encode),
         ak_public: hex::encode(&ak.public),
     };
-    let challenge: EnrollChallenge = api("enroll", http.post(&url).json(&req).send().await.map_err(send_err(&url))?).await?;
+    let challenge: EnrollChallenge = api("enroll", http.post(&url).timeout(config.http_timeout).json(&req).send().await.map_err(send_err(&url))?).await?;
     let blob = attest::unhex("credential_blob", &challenge.credential_blob, 1024).map_err(|e| AgentError::tuf("enrollment challenge", e))?;
     let secret = attest::unhex("encrypted_secret", &challenge.encrypted_secret, 1024).map_err(|e| AgentError::tuf("enrollment challenge", e))?;
     let (t, a) = (tpm.clone(), ak.clone());
     let activated = tokio::task::spawn_blocking(move || t.activate_credential(&a, &blob, &secret))
         .await
-        .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+        .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
     let url = format!("{}/api/v1/enroll/{}", config.server_url, challenge.challenge_id);
     let enrolled: Enrolled =
-        api("prove credential", http.post(&url).json(&EnrollProof { secret: hex::encode(activated) }).send().await.map_err(send_err(&url))?).await?;
+        api("prove credential", http.post(&url).timeout(config.http_timeout).json(&EnrollProof { secret: hex::encode(activated) }).send().await.map_err(send_err(&url))?).await?;
     if enrolled.device_id != attest::device_id(&ek_public) {
         return Err(AgentError::Api { step: "enroll", status: 200, message: format!("server named the device {}, not its EK-derived id", enrolled.device_id) });
     }
@@ -155,9 +150,8 @@ pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
     };
     // Whom the director is comes from the image repository's offline keys, not from
     // this (possibly intercepted) answer.
-    crate::update::prepare_state(config)?;
-    let fetcher = crate::fetch::Fetcher::new(config.http_limits())?;
-    let mut updater = crate::updater::Updater::new(&config.metadata_dir(), &format!("{}/metadata/", config.server_url), fetcher, chrono::Utc::now())?;
+    config.prepare_state()?;
+    let mut updater = crate::updater::Updater::for_agent(config, fetcher)?;
     let root = crate::director::sync_root(config, &mut updater).await?;
     let _ = std::fs::remove_file(crate::director::targets_path(config));
     tracing::info!(director_root_version = root.signed.version, "director trusted through the image repository");
@@ -189,14 +183,14 @@ pub async fn measure_boot(config: &AgentConfig, slot: &str, slot_path: &Path, le
     let pcr = conf.pcr;
     let path = slot_path.to_owned();
     let (digest, length) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let (hex_digest, length) = crate::install::hash_slot(&path, length)?;
+        let (hex_digest, length) = outpost_fsio::hash_file(&path, length).map_err(|e| AgentError::io("hash", &path, e))?;
         let mut digest = [0u8; 32];
-        hex::decode_to_slice(&hex_digest, &mut digest).map_err(|e| AgentError::Usage(format!("digest: {e}")))?;
+        hex::decode_to_slice(&hex_digest, &mut digest).map_err(|e| AgentError::Attestation(format!("digest: {e}")))?;
         tpm.measure_boot(pcr, &digest)?;
         Ok((digest, length))
     })
     .await
-    .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+    .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
     let event = MeasurementEvent {
         pcr,
         sha256: hex::encode(digest),
@@ -229,7 +223,7 @@ pub async fn self_check(config: &AgentConfig, expected: Option<&str>) -> Result<
             let a = ak.clone();
             let q = tokio::task::spawn_blocking(move || t.quote(&a, &nonce, &[pcr]))
                 .await
-                .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+                .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
             let ak_pub = TpmPublic::parse(&ak.public, "attestation key").map_err(|e| AgentError::Attestation(e.to_string()))?;
             let quote = Quote::verify(&ak_pub, &q.attest, &q.signature).map_err(|e| AgentError::Attestation(e.to_string()))?;
             if quote.extra_data != nonce {
@@ -238,7 +232,7 @@ pub async fn self_check(config: &AgentConfig, expected: Option<&str>) -> Result<
             quote.pcr_digest
         }
         None => {
-            let value = tokio::task::spawn_blocking(move || tpm.read_pcr(pcr)).await.map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+            let value = tokio::task::spawn_blocking(move || tpm.read_pcr(pcr)).await.map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
             let mut h = <sha2::Sha256 as sha2::Digest>::new();
             sha2::Digest::update(&mut h, value);
             sha2::Digest::finalize(h).to_vec()
@@ -278,38 +272,36 @@ pub struct DeviceState {
 
 /// One attested check-in: a fresh nonce from the server, a quote over the measurement
 /// PCR bound to the whole report, and the server's verdict.
-pub async fn checkin(config: &AgentConfig, state: &DeviceState) -> Result<CheckinVerdict> {
-    let (url, body) = prepare_checkin(config, state).await?;
-    send_checkin(config, &url, &body).await
+pub async fn checkin(config: &AgentConfig, http: &reqwest::Client, state: &DeviceState) -> Result<CheckinVerdict> {
+    let (url, body) = prepare_checkin(config, http, state).await?;
+    send_checkin(config, http, &url, &body).await
 }
 
 /// Sends a prepared check-in and returns the server's verdict.
-pub async fn send_checkin(config: &AgentConfig, url: &str, body: &Checkin) -> Result<CheckinVerdict> {
-    let http = client(config)?;
-    let verdict: CheckinVerdict = api("check in", http.post(url).json(body).send().await.map_err(send_err(url))?).await?;
+pub async fn send_checkin(config: &AgentConfig, http: &reqwest::Client, url: &str, body: &Checkin) -> Result<CheckinVerdict> {
+    let verdict: CheckinVerdict = api("check in", http.post(url).timeout(config.http_timeout).json(body).send().await.map_err(send_err(url))?).await?;
     tracing::info!(verdict = %verdict.verdict, reason = verdict.reason.as_deref().unwrap_or(""), quarantined = verdict.quarantined, "checked in");
     Ok(verdict)
 }
 
 /// The first half of a check-in: a nonce from the server and the TPM's quote over the
 /// report. Returns the check-in URL and body.
-pub async fn prepare_checkin(config: &AgentConfig, state: &DeviceState) -> Result<(String, Checkin)> {
-    let identity = Identity::load(config)?.ok_or_else(|| AgentError::Usage("not enrolled: run `outpost-agent enroll --token TOKEN` first".into()))?;
-    let conf = config.tpm.as_ref().ok_or_else(|| AgentError::Usage("this needs a [tpm] section with a tcti in the agent config".into()))?;
+pub async fn prepare_checkin(config: &AgentConfig, http: &reqwest::Client, state: &DeviceState) -> Result<(String, Checkin)> {
+    let identity = Identity::load(config)?.ok_or_else(|| AgentError::NotEnrolled { hint: ": run `outpost-agent enroll --token TOKEN` first" })?;
+    let conf = config.tpm.as_ref().ok_or_else(|| AgentError::MissingSection { section: "tpm", hint: " with a tcti" })?;
     let tpm = Tpm::new(&conf.tcti)?;
-    let http = client(config)?;
     let base = format!("{}/api/v1/devices/{}", config.server_url, identity.device_id);
     let url = format!("{base}/nonce");
     // Only this device may ask for its nonces: the request is quoted by its AK.
     let ask = serde_json::to_value(attest::NonceAsk { device_id: identity.device_id.clone(), at: chrono::Utc::now().to_rfc3339() })
-        .map_err(|e| AgentError::Usage(format!("serialize nonce request: {e}")))?;
+        .map_err(|e| AgentError::Serialize { what: "nonce request".into(), reason: e.to_string() })?;
     let qualifying = attest::nonce_request_qualifying_data(&ask).map_err(|e| AgentError::tuf("nonce request", e))?;
     let (t, ak, pcr) = (tpm.clone(), identity.ak()?, conf.pcr);
     let q = tokio::task::spawn_blocking(move || t.quote(&ak, &qualifying, &[pcr]))
         .await
-        .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+        .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
     let req = attest::NonceRequest { request: ask, attest: hex::encode(&q.attest), signature: hex::encode(&q.signature) };
-    let grant: NonceGrant = api("get check-in nonce", http.post(&url).json(&req).send().await.map_err(send_err(&url))?).await?;
+    let grant: NonceGrant = api("get check-in nonce", http.post(&url).timeout(config.http_timeout).json(&req).send().await.map_err(send_err(&url))?).await?;
     let log = load_log(config)?;
     let report = CheckinReport {
         device_id: identity.device_id.clone(),
@@ -325,13 +317,13 @@ pub async fn prepare_checkin(config: &AgentConfig, state: &DeviceState) -> Resul
         policy: crate::policy::read_status(config),
         at: chrono::Utc::now().to_rfc3339(),
     };
-    let report = serde_json::to_value(&report).map_err(|e| AgentError::Usage(format!("serialize report: {e}")))?;
+    let report = serde_json::to_value(&report).map_err(|e| AgentError::Serialize { what: "report".into(), reason: e.to_string() })?;
     let qualifying = attest::qualifying_data(&report).map_err(|e| AgentError::tuf("check-in report", e))?;
     let ak = identity.ak()?;
     let pcr = conf.pcr;
     let q = tokio::task::spawn_blocking(move || tpm.quote(&ak, &qualifying, &[pcr]))
         .await
-        .map_err(|e| AgentError::Usage(format!("TPM task: {e}")))??;
+        .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
     let body = Checkin { report, attest: hex::encode(&q.attest), signature: hex::encode(&q.signature) };
     Ok((format!("{base}/checkin"), body))
 }

@@ -1,11 +1,14 @@
 //! Command-line interface of `outpost-agent`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
+use crate::agent::{Agent, Output, Passes};
 use crate::config::AgentConfig;
-use crate::error::Result;
+use crate::error::{AgentError, Result};
+use crate::fetch::Fetcher;
+use crate::install::PassResult;
 use crate::tuf_client::TufClientArgs;
 
 #[derive(Debug, Parser)]
@@ -114,139 +117,114 @@ pub enum PolicyCommand {
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
+    let json = cli.json;
     match cli.command {
-        Command::Policy(PolicyCommand::Check { file }) => {
-            let bytes = std::fs::read(&file).map_err(|e| crate::error::AgentError::io("read", &file, e))?;
-            let b = outpost_protocol::policy::PolicyBundle::parse(&bytes)
-                .map_err(|e| crate::error::AgentError::Policy(format!("{}: {e}", file.display())))?;
-            if cli.json {
-                println!("{}", serde_json::json!({"valid": true, "name": b.name, "version": b.version, "rules": b.profile.rule_count(), "essential_rules": b.essential.rule_count()}));
-            } else {
-                println!("{}: valid; {} v{}, {} rule(s), essential profile {} rule(s)", file.display(), b.name, b.version, b.profile.rule_count(), b.essential.rule_count());
-            }
-            Ok(())
-        }
-        Command::Policy(PolicyCommand::Status) => {
-            let config = AgentConfig::load(&cli.config)?;
-            match crate::policy::read_status(&config) {
-                Some(s) => {
-                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
-                    Ok(())
-                }
-                None => Err(crate::error::AgentError::Usage("no network policy is enforced (no [policy] section, or no bundle applied yet)".into())),
-            }
-        }
-        Command::Policy(PolicyCommand::Run { once }) => {
-            let config = AgentConfig::load(&cli.config)?;
-            crate::policy::run_daemon(&config, once).await
-        }
+        Command::Policy(PolicyCommand::Check { file }) => policy_check(&file, json),
+        Command::Policy(PolicyCommand::Status) => policy_status(&AgentConfig::load(&cli.config)?),
+        Command::Policy(PolicyCommand::Run { once }) => crate::policy::run_daemon(&AgentConfig::load(&cli.config)?, once).await,
         Command::Policy(PolicyCommand::Enforce { file, cgroup_root, metrics_listen, pin_dir }) => {
             let pin_dir = pin_dir.unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PIN_DIR));
-            crate::policy::enforce_local(&file, cgroup_root, metrics_listen, &pin_dir, cli.json).await
+            crate::policy::enforce_local(&file, crate::danger::UnsignedPolicy, cgroup_root, metrics_listen, &pin_dir, json).await
         }
-        Command::Policy(PolicyCommand::Detach { pin_dir }) => {
-            let pin_dir = match pin_dir {
-                Some(d) => d,
-                // A config that exists must load: detaching the default directory
-                // instead of the configured one would leave enforcement in place.
-                None if cli.config.exists() => {
-                    AgentConfig::load(&cli.config)?.policy.map(|p| p.pin_dir).unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PIN_DIR))
-                }
-                None => PathBuf::from(crate::config::DEFAULT_PIN_DIR),
-            };
-            crate::policy::detach(&pin_dir, cli.json)
-        }
+        Command::Policy(PolicyCommand::Detach { pin_dir }) => policy_detach(pin_dir, &cli.config, json),
         Command::TufClient(args) => crate::tuf_client::run(args).await,
         Command::Run { once } => {
             let config = AgentConfig::load(&cli.config)?;
-            crate::update::prepare_state(&config)?;
-            let policy = crate::policy::start_for(&config);
-            if let (Some(engine), Some(p)) = (&policy, config.policy.as_ref()) {
-                if let Some(addr) = p.metrics_listen {
-                    crate::policy::serve_metrics(addr, p.metrics_limits, engine.clone()).await?;
-                }
-            }
-            // The policy's expiry fallback runs on its own task: a check-in, policy
-            // fetch or download that hangs never delays it.
-            let _watch = policy.as_ref().map(|engine| crate::policy::spawn_expiry_watch(&config, engine.clone()));
-            let mut installer = crate::install::Installer::open(&config)?;
-            let json = cli.json;
-            installer.announce = Some(Box::new(move |r| emit(json, r)));
-            if let Some(result) = installer.boot().await? {
-                emit(cli.json, &result);
-            }
-            loop {
-                if let Some(engine) = &policy {
-                    crate::policy::step(&config, engine).await;
-                }
-                installer.flush_reports().await;
-                match installer.checkin().await {
-                    Ok(Some(v)) => emit_verdict(cli.json, &v),
-                    Ok(None) => {}
-                    Err(e) => tracing::error!(error = %outpost_protocol::display_chain(&e), "attested check-in failed"),
-                }
-                match installer.check_and_install().await {
-                    Ok(result) => emit(cli.json, &result),
-                    Err(e) if once => return Err(e),
-                    Err(e) => tracing::error!(error = %outpost_protocol::display_chain(&e), "update check failed"),
-                }
-                installer.flush_reports().await;
-                if once {
-                    return Ok(());
-                }
-                tokio::time::sleep(config.install.check_interval).await;
-            }
+            let passes = if once { Passes::Once } else { Passes::Forever };
+            Agent::start(config, Printer { json }).await?.run(passes).await
         }
-        Command::Enroll { token } => {
-            let config = AgentConfig::load(&cli.config)?;
-            std::fs::create_dir_all(&config.state_dir).map_err(|e| crate::error::AgentError::io("create", &config.state_dir, e))?;
-            let enrolled = crate::attest::enroll(&config, &token).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string(&enrolled).unwrap_or_default());
-            } else {
-                println!("enrolled as {} (hardware class {})", enrolled.device_id, enrolled.hardware_class);
-            }
-            Ok(())
-        }
-        Command::Checkin => {
-            let config = AgentConfig::load(&cli.config)?;
-            let mut installer = crate::install::Installer::open(&config)?;
-            match installer.checkin().await? {
-                Some(v) => {
-                    emit_verdict(cli.json, &v);
-                    Ok(())
-                }
-                None => Err(crate::error::AgentError::Usage("not enrolled (or no [tpm] section): nothing to check in with".into())),
-            }
-        }
-        Command::Update => {
-            let config = AgentConfig::load(&cli.config)?;
-            let report = crate::update::run(&config).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
-            } else {
-                println!(
-                    "verified metadata: root v{}, timestamp v{}, snapshot v{}",
-                    report.root_version, report.timestamp_version, report.snapshot_version
-                );
-                println!(
-                    "firmware {} for {} (signed by role {}): {} bytes, sha256 {}",
-                    report.version, report.hardware_class, report.signed_by_role, report.length, report.sha256
-                );
-                println!("expected measurement: sha256 {}", report.expected_measurement);
-                println!(
-                    "{} {}",
-                    if report.already_present { "already present and verified:" } else { "downloaded and verified:" },
-                    report.path.display()
-                );
-            }
-            Ok(())
-        }
+        Command::Enroll { token } => enroll(&AgentConfig::load(&cli.config)?, &token, json).await,
+        Command::Checkin => checkin(&AgentConfig::load(&cli.config)?, json).await,
+        Command::Update => update(&AgentConfig::load(&cli.config)?, json).await,
     }
 }
 
-fn emit(json: bool, result: &crate::install::PassResult) {
-    use crate::install::PassResult;
+fn policy_check(file: &Path, json: bool) -> Result<()> {
+    let bytes = std::fs::read(file).map_err(|e| AgentError::io("read", file, e))?;
+    let b = outpost_protocol::policy::PolicyBundle::parse(&bytes).map_err(|e| AgentError::Policy(format!("{}: {e}", file.display())))?;
+    if json {
+        println!("{}", serde_json::json!({"valid": true, "name": b.name, "version": b.version, "rules": b.profile.rule_count(), "essential_rules": b.essential.rule_count()}));
+    } else {
+        println!("{}: valid; {} v{}, {} rule(s), essential profile {} rule(s)", file.display(), b.name, b.version, b.profile.rule_count(), b.essential.rule_count());
+    }
+    Ok(())
+}
+
+fn policy_status(config: &AgentConfig) -> Result<()> {
+    match crate::policy::read_status(config) {
+        Some(s) => {
+            println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+            Ok(())
+        }
+        None => Err(AgentError::NoPolicyEnforced),
+    }
+}
+
+fn policy_detach(pin_dir: Option<PathBuf>, config: &Path, json: bool) -> Result<()> {
+    let pin_dir = match pin_dir {
+        Some(d) => d,
+        // A config that exists must load: detaching the default directory
+        // instead of the configured one would leave enforcement in place.
+        None if config.exists() => AgentConfig::load(config)?.policy.map(|p| p.pin_dir).unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PIN_DIR)),
+        None => PathBuf::from(crate::config::DEFAULT_PIN_DIR),
+    };
+    crate::policy::detach(&pin_dir, json)
+}
+
+async fn enroll(config: &AgentConfig, token: &str, json: bool) -> Result<()> {
+    std::fs::create_dir_all(&config.state_dir).map_err(|e| AgentError::io("create", &config.state_dir, e))?;
+    let enrolled = crate::attest::enroll(config, token).await?;
+    if json {
+        println!("{}", serde_json::to_string(&enrolled).unwrap_or_default());
+    } else {
+        println!("enrolled as {} (hardware class {})", enrolled.device_id, enrolled.hardware_class);
+    }
+    Ok(())
+}
+
+async fn checkin(config: &AgentConfig, json: bool) -> Result<()> {
+    let mut installer = crate::install::Installer::open(config, Fetcher::new(config.http_limits())?)?;
+    match installer.checkin().await? {
+        Some(v) => {
+            Printer { json }.verdict(&v);
+            Ok(())
+        }
+        None => Err(AgentError::NotEnrolled { hint: " (or no [tpm] section): nothing to check in with" }),
+    }
+}
+
+async fn update(config: &AgentConfig, json: bool) -> Result<()> {
+    let report = crate::update::run(config).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        return Ok(());
+    }
+    println!("verified metadata: root v{}, timestamp v{}, snapshot v{}", report.root_version, report.timestamp_version, report.snapshot_version);
+    println!(
+        "firmware {} for {} (signed by role {}): {} bytes, sha256 {}",
+        report.version, report.hardware_class, report.signed_by_role, report.length, report.sha256
+    );
+    println!("expected measurement: sha256 {}", report.expected_measurement);
+    println!("{} {}", if report.already_present { "already present and verified:" } else { "downloaded and verified:" }, report.path.display());
+    Ok(())
+}
+
+/// The daemon's results on stdout: text, or one JSON object a line with `--json`.
+struct Printer {
+    json: bool,
+}
+
+impl Output for Printer {
+    fn pass(&self, result: &PassResult) {
+        emit(self.json, result)
+    }
+
+    fn verdict(&self, verdict: &outpost_protocol::attest::CheckinVerdict) {
+        emit_verdict(self.json, verdict)
+    }
+}
+
+fn emit(json: bool, result: &PassResult) {
     if json {
         println!("{}", serde_json::to_string(result).unwrap_or_default());
         return;

@@ -155,104 +155,19 @@ impl AgentConfig {
         if !(raw.server_url.starts_with("http://") || raw.server_url.starts_with("https://")) {
             return Err(err(format!("server_url {:?} must start with http:// or https://", raw.server_url)));
         }
-        let http_timeout = match raw.http.timeout {
-            Some(t) => humantime::parse_duration(&t).map_err(|e| err(format!("http.timeout {t:?}: {e}")))?,
-            None => Duration::from_secs(30),
-        };
-        if http_timeout.is_zero() {
-            return Err(err("http.timeout must be more than 0s".into()));
-        }
-        let http_min_rate = raw.http.min_bytes_per_sec.unwrap_or(crate::fetch::DEFAULT_MIN_RATE);
-        if http_min_rate == 0 {
-            return Err(err("http.min_bytes_per_sec must be at least 1: it is the slow-retrieval defence, and 0 would let one byte a day hold a fetch for ever".into()));
-        }
-        if let Some(cap) = raw.install.bandwidth_limit_bytes_per_sec {
-            if cap < http_min_rate {
-                return Err(err(format!(
-                    "install.bandwidth_limit_bytes_per_sec ({cap}) is below http.min_bytes_per_sec ({http_min_rate}): every download would be cut off as a slow retrieval; lower http.min_bytes_per_sec or raise the cap"
-                )));
-            }
-        }
+        let (http_timeout, http_min_rate) = http_settings(&raw.http, &raw.install, &err)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let dur = |name: &str, v: &Option<String>, default: Duration| -> Result<Duration> {
-            match v {
-                None => Ok(default),
-                Some(s) => humantime::parse_duration(s).map_err(|e| err(format!("install.{name} {s:?}: {e}"))),
-            }
-        };
         let state_dir = base.join(&raw.state_dir);
-        let boot_backend = match raw.install.boot_backend.as_deref().unwrap_or("file") {
-            "file" => BootBackend::File,
-            "grub" => match (&raw.install.grub_env, &raw.install.slot_a, &raw.install.slot_b) {
-                (Some(env), Some(a), Some(b)) => BootBackend::Grub { env: base.join(env), slot_a: base.join(a), slot_b: base.join(b) },
-                _ => return Err(err("install.boot_backend = \"grub\" needs install.grub_env, install.slot_a and install.slot_b".into())),
-            },
-            other => return Err(err(format!("install.boot_backend {other:?} is not one of \"file\", \"grub\""))),
-        };
-        let install = InstallConfig {
-            boot_backend,
-            boot_dir: raw.install.boot_dir.map(|p| base.join(p)).unwrap_or_else(|| state_dir.join("boot")),
-            trial_attempts: raw.install.trial_attempts.unwrap_or(2).max(1),
-            trial_deadline: dur("trial_deadline", &raw.install.trial_deadline, Duration::from_secs(300))?,
-            retries: raw.install.retries.unwrap_or(5),
-            bandwidth_limit: raw.install.bandwidth_limit_bytes_per_sec,
-            check_interval: dur("check_interval", &raw.install.check_interval, Duration::from_secs(300))?,
-        };
+        let install = install_config(&raw.install, base, &state_dir, &err)?;
         let device_id = raw.device_id.unwrap_or_else(|| {
             std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "device".into())
         });
         if device_id.is_empty() || device_id.len() > 128 {
             return Err(err("device_id must be 1-128 characters".into()));
         }
-        let tpm = match raw.tpm {
-            None => None,
-            Some(t) => {
-                let pcr = t.pcr.unwrap_or(outpost_protocol::attest::DEFAULT_PCR);
-                if pcr != 16 && pcr != 23 {
-                    return Err(err(format!("tpm.pcr {pcr}: the boot step measures into PCR 16 or 23 (the PCRs locality 0 can reset)")));
-                }
-                if !(t.tcti.starts_with("device:") || t.tcti.starts_with("swtpm:") || t.tcti.starts_with("mssim:") || t.tcti.starts_with("tabrmd")) {
-                    return Err(err(format!("tpm.tcti {:?} is not a device:, swtpm:, mssim: or tabrmd TCTI", t.tcti)));
-                }
-                Some(TpmConfig { tcti: t.tcti, pcr })
-            }
-        };
+        let tpm = raw.tpm.map(|t| tpm_config(t, &err)).transpose()?;
         let policy = match raw.policy {
-            Some(p) if p.enabled.unwrap_or(true) => {
-                let metrics_listen = match &p.metrics_listen {
-                    None => None,
-                    Some(a) => Some(a.parse().map_err(|e| err(format!("policy.metrics_listen {a:?}: {e}")))?),
-                };
-                let defaults = crate::metrics::ListenerLimits::default();
-                let positive = |name: &str, v: Option<usize>, default: usize| -> Result<usize> {
-                    match v {
-                        Some(0) => Err(err(format!("policy.{name} must be at least 1"))),
-                        Some(n) => Ok(n),
-                        None => Ok(default),
-                    }
-                };
-                let timeout = |name: &str, v: &Option<String>, default: Duration| -> Result<Duration> {
-                    let d = match v {
-                        None => return Ok(default),
-                        Some(s) => humantime::parse_duration(s).map_err(|e| err(format!("policy.{name} {s:?}: {e}")))?,
-                    };
-                    if d.is_zero() {
-                        return Err(err(format!("policy.{name} must be more than 0s")));
-                    }
-                    Ok(d)
-                };
-                let metrics_limits = crate::metrics::ListenerLimits {
-                    max_connections: positive("metrics_max_connections", p.metrics_max_connections, defaults.max_connections)?,
-                    max_connections_per_peer: positive("metrics_max_connections_per_peer", p.metrics_max_connections_per_peer, defaults.max_connections_per_peer)?,
-                    header_timeout: timeout("metrics_header_timeout", &p.metrics_header_timeout, defaults.header_timeout)?,
-                    request_timeout: timeout("metrics_request_timeout", &p.metrics_request_timeout, defaults.request_timeout)?,
-                };
-                let pin_dir = p.pin_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
-                if !pin_dir.is_absolute() {
-                    return Err(err(format!("policy.pin_dir {:?} must be an absolute path on a BPF file system", pin_dir.display())));
-                }
-                Some(PolicyConfig { cgroup_root: p.cgroup_root.map(|c| base.join(c)), labels: p.labels, metrics_listen, metrics_limits, pin_dir })
-            }
+            Some(p) if p.enabled.unwrap_or(true) => Some(policy_config(p, base, &err)?),
             _ => None,
         };
         Ok(AgentConfig {
@@ -289,6 +204,126 @@ impl AgentConfig {
 
     pub fn boot_dir(&self) -> PathBuf {
         self.install.boot_dir.clone()
+    }
+}
+
+/// Builds the `Config` error for the file being loaded.
+type ConfigErr<'a> = &'a dyn Fn(String) -> AgentError;
+
+/// `[http]`: the request timeout and the minimum average rate (checked against the
+/// install bandwidth cap).
+fn http_settings(http: &RawHttp, install: &RawInstall, err: ConfigErr<'_>) -> Result<(Duration, u64)> {
+    let http_timeout = match &http.timeout {
+        Some(t) => humantime::parse_duration(&t).map_err(|e| err(format!("http.timeout {t:?}: {e}")))?,
+        None => Duration::from_secs(30),
+    };
+    if http_timeout.is_zero() {
+        return Err(err("http.timeout must be more than 0s".into()));
+    }
+    let http_min_rate = http.min_bytes_per_sec.unwrap_or(crate::fetch::DEFAULT_MIN_RATE);
+    if http_min_rate == 0 {
+        return Err(err("http.min_bytes_per_sec must be at least 1: it is the slow-retrieval defence, and 0 would let one byte a day hold a fetch for ever".into()));
+    }
+    if let Some(cap) = install.bandwidth_limit_bytes_per_sec {
+        if cap < http_min_rate {
+            return Err(err(format!(
+                "install.bandwidth_limit_bytes_per_sec ({cap}) is below http.min_bytes_per_sec ({http_min_rate}): every download would be cut off as a slow retrieval; lower http.min_bytes_per_sec or raise the cap"
+            )));
+        }
+    }
+    Ok((http_timeout, http_min_rate))
+}
+
+/// `[install]`, with paths relative to the config file's directory.
+fn install_config(raw: &RawInstall, base: &Path, state_dir: &Path, err: ConfigErr<'_>) -> Result<InstallConfig> {
+    let dur = |name: &str, v: &Option<String>, default: Duration| -> Result<Duration> {
+        match v {
+            None => Ok(default),
+            Some(s) => humantime::parse_duration(s).map_err(|e| err(format!("install.{name} {s:?}: {e}"))),
+        }
+    };
+    let boot_backend = match raw.boot_backend.as_deref().unwrap_or("file") {
+        "file" => BootBackend::File,
+        "grub" => match (&raw.grub_env, &raw.slot_a, &raw.slot_b) {
+            (Some(env), Some(a), Some(b)) => BootBackend::Grub { env: base.join(env), slot_a: base.join(a), slot_b: base.join(b) },
+            _ => return Err(err("install.boot_backend = \"grub\" needs install.grub_env, install.slot_a and install.slot_b".into())),
+        },
+        other => return Err(err(format!("install.boot_backend {other:?} is not one of \"file\", \"grub\""))),
+    };
+    Ok(InstallConfig {
+        boot_backend,
+        boot_dir: raw.boot_dir.as_ref().map(|p| base.join(p)).unwrap_or_else(|| state_dir.join("boot")),
+        trial_attempts: raw.trial_attempts.unwrap_or(2).max(1),
+        trial_deadline: dur("trial_deadline", &raw.trial_deadline, Duration::from_secs(300))?,
+        retries: raw.retries.unwrap_or(5),
+        bandwidth_limit: raw.bandwidth_limit_bytes_per_sec,
+        check_interval: dur("check_interval", &raw.check_interval, Duration::from_secs(300))?,
+    })
+}
+
+/// `[tpm]`: the TCTI and the measurement PCR.
+fn tpm_config(t: RawTpm, err: ConfigErr<'_>) -> Result<TpmConfig> {
+    let pcr = t.pcr.unwrap_or(outpost_protocol::attest::DEFAULT_PCR);
+    if pcr != 16 && pcr != 23 {
+        return Err(err(format!("tpm.pcr {pcr}: the boot step measures into PCR 16 or 23 (the PCRs locality 0 can reset)")));
+    }
+    if !(t.tcti.starts_with("device:") || t.tcti.starts_with("swtpm:") || t.tcti.starts_with("mssim:") || t.tcti.starts_with("tabrmd")) {
+        return Err(err(format!("tpm.tcti {:?} is not a device:, swtpm:, mssim: or tabrmd TCTI", t.tcti)));
+    }
+    Ok(TpmConfig { tcti: t.tcti, pcr })
+}
+
+/// `[policy]` (enabled): labels, the `/metrics` listener and its limits, the pin directory.
+fn policy_config(p: RawPolicy, base: &Path, err: ConfigErr<'_>) -> Result<PolicyConfig> {
+    let metrics_listen = match &p.metrics_listen {
+        None => None,
+        Some(a) => Some(a.parse().map_err(|e| err(format!("policy.metrics_listen {a:?}: {e}")))?),
+    };
+    let defaults = crate::metrics::ListenerLimits::default();
+    let positive = |name: &str, v: Option<usize>, default: usize| -> Result<usize> {
+        match v {
+            Some(0) => Err(err(format!("policy.{name} must be at least 1"))),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        }
+    };
+    let timeout = |name: &str, v: &Option<String>, default: Duration| -> Result<Duration> {
+        let d = match v {
+            None => return Ok(default),
+            Some(s) => humantime::parse_duration(s).map_err(|e| err(format!("policy.{name} {s:?}: {e}")))?,
+        };
+        if d.is_zero() {
+            return Err(err(format!("policy.{name} must be more than 0s")));
+        }
+        Ok(d)
+    };
+    let metrics_limits = crate::metrics::ListenerLimits {
+        max_connections: positive("metrics_max_connections", p.metrics_max_connections, defaults.max_connections)?,
+        max_connections_per_peer: positive("metrics_max_connections_per_peer", p.metrics_max_connections_per_peer, defaults.max_connections_per_peer)?,
+        header_timeout: timeout("metrics_header_timeout", &p.metrics_header_timeout, defaults.header_timeout)?,
+        request_timeout: timeout("metrics_request_timeout", &p.metrics_request_timeout, defaults.request_timeout)?,
+    };
+    let pin_dir = p.pin_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_DIR));
+    if !pin_dir.is_absolute() {
+        return Err(err(format!("policy.pin_dir {:?} must be an absolute path on a BPF file system", pin_dir.display())));
+    }
+    Ok(PolicyConfig { cgroup_root: p.cgroup_root.map(|c| base.join(c)), labels: p.labels, metrics_listen, metrics_limits, pin_dir })
+}
+
+impl AgentConfig {
+    /// Creates the metadata and download directories and, on first use, trusts the
+    /// provisioned root (`trusted_root`) by copying it into the metadata directory.
+    pub fn prepare_state(&self) -> Result<()> {
+        let metadata_dir = self.metadata_dir();
+        for d in [&metadata_dir, &self.download_dir()] {
+            std::fs::create_dir_all(d).map_err(|e| AgentError::io("create", d, e))?;
+        }
+        let root_file = metadata_dir.join("root.json");
+        if !root_file.exists() {
+            let data = std::fs::read(&self.trusted_root).map_err(|e| AgentError::io("read trusted root", &self.trusted_root, e))?;
+            outpost_fsio::write_atomic(&root_file, &data).map_err(|e| AgentError::io("write", &root_file, e))?;
+        }
+        Ok(())
     }
 }
 

@@ -74,7 +74,7 @@ pub async fn sync_root(config: &AgentConfig, updater: &mut Updater) -> Result<En
     })?;
     let env = Envelope::<Root>::parse(&bytes, "director root").map_err(refused)?;
     if pinned_version != Some(env.signed.version) {
-        crate::updater::write_atomic(&path, &bytes)?;
+        outpost_fsio::write_atomic(&path, &bytes).map_err(|e| AgentError::io("write", &path, e))?;
         tracing::info!(version = env.signed.version, "trusting director root from the image repository");
     }
     Ok(env)
@@ -115,7 +115,8 @@ pub fn accept(config: &AgentConfig, root: &Envelope<Root>, device_id: &str, text
         }
     }
     let view = director::verify_targets(root, text.as_bytes(), device_id, min_version, now).map_err(refused)?;
-    crate::updater::write_atomic(&targets_path(config), text.as_bytes())?;
+    let path = targets_path(config);
+    outpost_fsio::write_atomic(&path, text.as_bytes()).map_err(|e| AgentError::io("write", &path, e))?;
     Ok(view)
 }
 
@@ -124,5 +125,11 @@ pub fn accept(config: &AgentConfig, root: &Envelope<Root>, device_id: &str, text
 /// still holds, so it installs nothing).
 pub fn current(config: &AgentConfig, root: &Envelope<Root>, device_id: &str, now: DateTime<Utc>) -> Result<Option<DirectorView>> {
     let Some(bytes) = stored(config)? else { return Ok(None) };
-    director::verify_targets(root, &bytes, device_id, 0, now).map(Some).map_err(refused)
+    verify(root, &bytes, device_id, now).map(Some)
+}
+
+/// Director targets (already accepted) verified under `root` (which may be newer than
+/// the one they were accepted under) at `now`.
+pub fn verify(root: &Envelope<Root>, bytes: &[u8], device_id: &str, now: DateTime<Utc>) -> Result<DirectorView> {
+    director::verify_targets(root, bytes, device_id, 0, now).map_err(refused)
 }

@@ -82,8 +82,43 @@ pub enum AgentError {
     #[error("configuration {path}: {reason}")]
     Config { path: PathBuf, reason: String },
 
-    #[error("{0}")]
-    Usage(String),
+    /// A command-line argument the command needs was not given.
+    #[error("{command} needs {flag}")]
+    MissingArgument { command: &'static str, flag: &'static str },
+
+    /// The agent config lacks the section a command needs.
+    #[error("the agent config has no [{section}] section{hint}")]
+    MissingSection { section: &'static str, hint: &'static str },
+
+    /// The device has no identity to attest with.
+    #[error("not enrolled{hint}")]
+    NotEnrolled { hint: &'static str },
+
+    /// `policy status` while nothing is enforced.
+    #[error("no network policy is enforced (no [policy] section, or no bundle applied yet)")]
+    NoPolicyEnforced,
+
+    /// A state file or request that cannot be serialized.
+    #[error("serialize {what}: {reason}")]
+    Serialize { what: String, reason: String },
+
+    /// A blocking task (TPM call, transfer worker) that panicked, was cancelled or
+    /// ended before it answered.
+    #[error("{task}: {reason}")]
+    Task { task: &'static str, reason: String },
+
+    /// TUF metadata a step relies on was not loaded before it (the workflow's order
+    /// broken: a bug, never the repository's doing).
+    #[error("{role} metadata not loaded")]
+    NotLoaded { role: String },
+
+    /// A boot environment change the boot control refuses to make.
+    #[error("boot control: {0}")]
+    BootControl(String),
+
+    /// The signed deny-list cannot be read or applied: nothing is installed past it.
+    #[error("{list}: {reason}; not installing past a deny-list that cannot be read")]
+    DenyListUnreadable { list: String, reason: String },
 
     /// The TPM refused or failed an operation (or cannot be reached).
     #[error("TPM: {op}: {reason}")]

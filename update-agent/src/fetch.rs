@@ -21,7 +21,8 @@ pub enum Durability {
     Fsync,
     /// Atomic rename only; the OS writes the bytes back in its own time (tools and
     /// tests that re-verify on the next run anyway, such as the conformance client).
-    OsBuffered,
+    /// Dangerous for device state: see [`crate::danger::OsBuffered`].
+    OsBuffered(crate::danger::OsBuffered),
 }
 
 /// How slowly an answer may arrive (`[http]` in agent.toml).
@@ -119,6 +120,12 @@ impl Fetcher {
         Ok(Fetcher { client, limits })
     }
 
+    /// The one HTTP client of the agent (its connection pool), for the API calls that
+    /// are not metadata or target downloads: check-ins, enrollment, install reports.
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     pub fn limits(&self) -> HttpLimits {
         self.limits
     }
@@ -202,7 +209,7 @@ impl Fetcher {
         url: &str,
         tmp: &Path,
         length: u64,
-        mut hasher: MultiHasher,
+        hasher: MultiHasher,
         hashes: &BTreeMap<String, String>,
         what: &str,
         durability: Durability,
@@ -221,35 +228,8 @@ impl Fetcher {
         }
         let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<PoolBuffer>(POOL_BUFFERS);
         let (write_tx, write_rx) = std::sync::mpsc::sync_channel::<PoolBuffer>(POOL_BUFFERS);
-        let hasher_task = tokio::task::spawn_blocking(move || {
-            for buf in hash_rx {
-                hasher.update(buf.filled());
-                if write_tx.send(buf).is_err() {
-                    break;
-                }
-            }
-            hasher
-        });
-        let writer = tokio::task::spawn_blocking(move || -> Result<()> {
-            let mut out = file;
-            let mut since_flush: u64 = 0;
-            for mut buf in write_rx {
-                out.write(buf.filled())?;
-                since_flush += buf.filled().len() as u64;
-                if durability == Durability::Fsync && since_flush >= WRITEBACK_EVERY {
-                    // Push what the disk cache holds out while the download goes on,
-                    // so the final fsync waits for the tail only.
-                    out.sync_data()?;
-                    since_flush = 0;
-                }
-                buf.clear();
-                let _ = free_tx.blocking_send(buf);
-            }
-            if durability == Durability::Fsync {
-                out.sync_all()?;
-            }
-            Ok(())
-        });
+        let hasher_task = spawn_hasher(hasher, hash_rx, write_tx);
+        let writer = spawn_writer(file, write_rx, free_tx, durability);
         let mut received: u64 = 0;
         let mut failure = None;
         let mut cur: Option<PoolBuffer> = None;
@@ -293,10 +273,26 @@ impl Fetcher {
             }
         }
         drop(hash_tx);
-        let hasher = hasher_task
+        let stages = Stages { hasher: hasher_task, writer };
+        stages.join(url, failure, received, length, hashes, what).await
+    }
+}
+
+/// The hashing and writing stages of one [`Fetcher::stream_to`].
+struct Stages {
+    hasher: tokio::task::JoinHandle<MultiHasher>,
+    writer: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Stages {
+    /// Waits for both stages (the stream has ended), then judges the whole answer: the
+    /// receiving side's `failure` first, then its length, then its signed hashes.
+    async fn join(self, url: &str, failure: Option<AgentError>, received: u64, length: u64, hashes: &BTreeMap<String, String>, what: &str) -> Result<()> {
+        let hasher = self
+            .hasher
             .await
             .map_err(|e| AgentError::Fetch { url: url.to_owned(), reason: format!("hasher task: {e}") })?;
-        writer
+        self.writer
             .await
             .map_err(|e| AgentError::Fetch { url: url.to_owned(), reason: format!("writer task: {e}") })??;
         if let Some(e) = failure {
@@ -307,6 +303,54 @@ impl Fetcher {
         }
         hasher.verify(hashes, what).map_err(|e| AgentError::tuf(format!("verify {what}"), e))
     }
+}
+
+/// The hashing stage of [`Fetcher::stream_to`]: hashes each full buffer, then passes it
+/// to the writer. Returns the hasher when the stream ends.
+fn spawn_hasher(
+    mut hasher: MultiHasher,
+    hash_rx: std::sync::mpsc::Receiver<PoolBuffer>,
+    write_tx: std::sync::mpsc::SyncSender<PoolBuffer>,
+) -> tokio::task::JoinHandle<MultiHasher> {
+    tokio::task::spawn_blocking(move || {
+        for buf in hash_rx {
+            hasher.update(buf.filled());
+            if write_tx.send(buf).is_err() {
+                break;
+            }
+        }
+        hasher
+    })
+}
+
+/// The writing stage of [`Fetcher::stream_to`]: writes each buffer to the file and
+/// returns it to the pool (with [`Durability::Fsync`], flushing as it goes and fsyncing
+/// at the end).
+fn spawn_writer(
+    mut out: TargetFile,
+    write_rx: std::sync::mpsc::Receiver<PoolBuffer>,
+    free_tx: tokio::sync::mpsc::Sender<PoolBuffer>,
+    durability: Durability,
+) -> tokio::task::JoinHandle<Result<()>> {
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut since_flush: u64 = 0;
+        for mut buf in write_rx {
+            out.write(buf.filled())?;
+            since_flush += buf.filled().len() as u64;
+            if durability == Durability::Fsync && since_flush >= WRITEBACK_EVERY {
+                // Push what the disk cache holds out while the download goes on,
+                // so the final fsync waits for the tail only.
+                out.sync_data()?;
+                since_flush = 0;
+            }
+            buf.clear();
+            let _ = free_tx.blocking_send(buf);
+        }
+        if durability == Durability::Fsync {
+            out.sync_all()?;
+        }
+        Ok(())
+    })
 }
 
 const POOL_BUFFERS: usize = 8;

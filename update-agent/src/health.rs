@@ -85,6 +85,11 @@ async fn run_one(check: &HealthCheck, facts: &BootFacts, http: &reqwest::Client)
 
 /// Runs every check in order; the first failure, or the deadline, decides.
 pub async fn run_all(checks: &[HealthCheck], facts: &BootFacts, deadline: Duration) -> Result<()> {
+    // Its own client, not the agent's shared one: these checks call services on the
+    // device itself (the release's own health endpoints) under the check's timeout,
+    // not the server under the retrieval limits (connect timeout = stall limit) the
+    // shared client is built with; and they run in the trial boot, before anything
+    // talks to the server.
     let http = reqwest::Client::builder()
         .build()
         .map_err(|e| AgentError::Health { check: "http client".into(), reason: e.to_string() })?;

@@ -252,6 +252,27 @@ async fn accept_loop(listener: tokio::net::TcpListener, limits: ListenerLimits, 
     }
 }
 
+/// The installer's state for node_exporter's textfile collector, written with the
+/// same encoder as the agent's `/metrics` (values from signed metadata escaped):
+/// the install phase, the running release (version, sha256), how many releases were
+/// rolled back, and the current download's durable and total bytes.
+pub fn write_install_textfile(path: &std::path::Path, phase: &str, running: Option<(&str, &str)>, rolled_back: u64, progress: Option<(u64, u64)>) {
+    let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let mut m = Exposition::default();
+    m.gauge("outpost_agent_install_phase", "Current install phase (1 = current).", vec![("phase", phase.to_owned())], 1);
+    if let Some((version, sha256)) = running {
+        m.gauge("outpost_agent_running_release_info", "The release the device runs.", vec![("version", version.to_owned()), ("sha256", sha256.to_owned())], 1);
+    }
+    m.gauge("outpost_agent_rolled_back_releases", "Releases rolled back on this device.", vec![], gauge(rolled_back));
+    if let Some((done, total)) = progress {
+        m.gauge("outpost_agent_download_durable_bytes", "Bytes of the current download kept durably.", vec![], gauge(done));
+        m.gauge("outpost_agent_download_total_bytes", "Length of the current download.", vec![], gauge(total));
+    }
+    if let Err(e) = outpost_fsio::write_atomic(path, m.encode().as_bytes()) {
+        tracing::warn!(error = %e, "cannot write metrics file");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 
 use crate::error::{AgentError, Result};
 use crate::fetch::{Fetcher, HttpLimits};
-use crate::updater::{write_atomic, Updater};
+use crate::updater::Updater;
 
 #[derive(Debug, Args)]
 pub struct TufClientArgs {
@@ -54,17 +54,18 @@ pub async fn run(args: TufClientArgs) -> Result<()> {
         TufOp::Init { trusted_root } => {
             let data = std::fs::read(trusted_root).map_err(|e| AgentError::io("read", trusted_root, e))?;
             std::fs::create_dir_all(&args.metadata_dir).map_err(|e| AgentError::io("create", &args.metadata_dir, e))?;
-            write_atomic(&args.metadata_dir.join("root.json"), &data)
+            let root = args.metadata_dir.join("root.json");
+            outpost_fsio::write_atomic(&root, &data).map_err(|e| AgentError::io("write", &root, e))
         }
         TufOp::Refresh => {
             let mut updater = updater(&args)?;
             updater.refresh().await
         }
         TufOp::Download => {
-            let base = args.target_base_url.as_deref().ok_or_else(|| AgentError::Usage("download needs --target-base-url".into()))?;
-            let dir = args.target_dir.as_deref().ok_or_else(|| AgentError::Usage("download needs --target-dir".into()))?;
+            let base = args.target_base_url.as_deref().ok_or_else(|| AgentError::MissingArgument { command: "download", flag: "--target-base-url" })?;
+            let dir = args.target_dir.as_deref().ok_or_else(|| AgentError::MissingArgument { command: "download", flag: "--target-dir" })?;
             if args.target_names.is_empty() {
-                return Err(AgentError::Usage("download needs at least one --target-name".into()));
+                return Err(AgentError::MissingArgument { command: "download", flag: "at least one --target-name" });
             }
             std::fs::create_dir_all(dir).map_err(|e| AgentError::io("create", dir, e))?;
             let mut updater = updater(&args)?;
@@ -74,7 +75,7 @@ pub async fn run(args: TufClientArgs) -> Result<()> {
                     tracing::info!(target = %name, "already downloaded and verified");
                     continue;
                 }
-                let path = updater.download_target(&info, base, dir, crate::fetch::Durability::OsBuffered).await?;
+                let path = updater.download_target(&info, base, dir, crate::fetch::Durability::OsBuffered(crate::danger::OsBuffered)).await?;
                 tracing::info!(target = %name, path = %path.display(), "downloaded and verified");
             }
             Ok(())
@@ -83,7 +84,7 @@ pub async fn run(args: TufClientArgs) -> Result<()> {
 }
 
 fn updater(args: &TufClientArgs) -> Result<Updater> {
-    let url = args.metadata_url.as_deref().ok_or_else(|| AgentError::Usage("--metadata-url is required".into()))?;
+    let url = args.metadata_url.as_deref().ok_or_else(|| AgentError::MissingArgument { command: "tuf-client", flag: "--metadata-url" })?;
     let fetcher = Fetcher::new(HttpLimits::new(Duration::from_secs(args.timeout), args.min_bytes_per_sec))?;
     Updater::new(&args.metadata_dir, url, fetcher, chrono::Utc::now())
 }

@@ -3,13 +3,13 @@
 
 use std::path::PathBuf;
 
-use outpost_protocol::release::{FirmwareCustom, ReleaseVersion};
 use serde::Serialize;
 
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
 use crate::fetch::Fetcher;
-use crate::updater::{write_atomic, TargetInfo, Updater};
+use crate::install::select::{choose, Pick};
+use crate::updater::Updater;
 
 /// What an update check did, for people and for `--json`.
 #[derive(Debug, Serialize)]
@@ -28,30 +28,18 @@ pub struct UpdateReport {
     pub already_present: bool,
 }
 
-/// Creates the metadata and download directories and, on first use, trusts the
-/// provisioned root (`trusted_root`) by copying it into the metadata directory.
-pub fn prepare_state(config: &AgentConfig) -> Result<()> {
-    let metadata_dir = config.metadata_dir();
-    for d in [&metadata_dir, &config.download_dir()] {
-        std::fs::create_dir_all(d).map_err(|e| AgentError::io("create", d, e))?;
-    }
-    let root_file = metadata_dir.join("root.json");
-    if !root_file.exists() {
-        let data = std::fs::read(&config.trusted_root).map_err(|e| AgentError::io("read trusted root", &config.trusted_root, e))?;
-        write_atomic(&root_file, &data)?;
-    }
-    Ok(())
-}
-
 pub async fn run(config: &AgentConfig) -> Result<UpdateReport> {
-    prepare_state(config)?;
+    config.prepare_state()?;
     let (metadata_dir, download_dir) = (config.metadata_dir(), config.download_dir());
     let fetcher = Fetcher::new(config.http_limits())?;
     let mut updater = Updater::new(&metadata_dir, &format!("{}/metadata/", config.server_url), fetcher, chrono::Utc::now())?;
     updater.refresh().await?;
     let class = config.hardware_class.as_str();
     let candidates = updater.targets_under(&["firmware", class]).await?;
-    let (info, custom) = newest_for_class(candidates, config)?;
+    // The installer's choice (full images only, metadata validated; a target filed
+    // under this class but signed for another is refused, not skipped).
+    let cand = choose(candidates, config, Pick::Newest)?.ok_or_else(|| AgentError::NoFirmware { class: class.to_owned() })?;
+    let (info, custom) = (cand.full, cand.custom);
     let already_present = Updater::is_cached(&download_dir, &info);
     let path = if already_present {
         Updater::local_target_path(&download_dir, &info)
@@ -73,26 +61,4 @@ pub async fn run(config: &AgentConfig) -> Result<UpdateReport> {
         path,
         already_present,
     })
-}
-
-/// The newest firmware whose signed custom metadata names this hardware class. A
-/// target filed under this class whose signed class differs is refused, not skipped.
-fn newest_for_class(candidates: Vec<TargetInfo>, config: &AgentConfig) -> Result<(TargetInfo, FirmwareCustom)> {
-    let mut best: Option<(ReleaseVersion, TargetInfo, FirmwareCustom)> = None;
-    for info in candidates {
-        let custom = FirmwareCustom::from_custom(info.file.custom.as_ref(), &info.path)
-            .map_err(|e| AgentError::tuf(format!("read custom metadata of {}", info.path), e))?;
-        let Some(custom) = custom else { continue };
-        if custom.hardware_class != config.hardware_class {
-            return Err(AgentError::HardwareClassMismatch {
-                target: info.path.clone(),
-                expected: config.hardware_class.to_string(),
-                found: custom.hardware_class.to_string(),
-            });
-        }
-        if best.as_ref().is_none_or(|(v, _, _)| custom.version > *v) {
-            best = Some((custom.version.clone(), info, custom));
-        }
-    }
-    best.map(|(_, i, c)| (i, c)).ok_or_else(|| AgentError::NoFirmware { class: config.hardware_class.to_string() })
 }

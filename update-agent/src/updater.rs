@@ -81,6 +81,11 @@ impl Updater {
         })
     }
 
+    /// The agent's TUF client for its image repository (`server_url/metadata/`).
+    pub fn for_agent(config: &crate::config::AgentConfig, fetcher: Fetcher) -> Result<Self> {
+        Self::new(&config.metadata_dir(), &format!("{}/metadata/", config.server_url), fetcher, Utc::now())
+    }
+
     pub fn trusted(&self) -> &TrustedSet {
         &self.trusted
     }
@@ -108,7 +113,8 @@ impl Updater {
     }
 
     fn persist(&self, role: &str, data: &[u8]) -> Result<()> {
-        write_atomic(&self.local_path(role), data)
+        let path = self.local_path(role);
+        outpost_fsio::write_atomic(&path, data).map_err(|e| AgentError::io("write", &path, e))
     }
 
     fn url(&self, role: &str, version: Option<u64>) -> String {
@@ -156,7 +162,7 @@ impl Updater {
                 Err(e) => tracing::debug!(error = %e, "local snapshot not valid as final"),
             }
         }
-        let ts = self.trusted.timestamp().ok_or_else(|| AgentError::Usage("timestamp not loaded".into()))?;
+        let ts = self.trusted.timestamp().ok_or_else(|| AgentError::NotLoaded { role: "timestamp".into() })?;
         let meta = ts.snapshot_meta();
         let limit = meta.length.unwrap_or(self.limits.snapshot_max_length);
         let version = self.trusted.root().consistent_snapshot.then_some(meta.version);
@@ -183,7 +189,7 @@ impl Updater {
                 None => false,
             };
             if !local_ok {
-                let snapshot = self.trusted.snapshot().ok_or_else(|| AgentError::Usage("snapshot not loaded".into()))?;
+                let snapshot = self.trusted.snapshot().ok_or_else(|| AgentError::NotLoaded { role: "snapshot".into() })?;
                 let meta = snapshot.meta.get(&format!("{role}.json")).ok_or_else(|| {
                     AgentError::tuf(
                         format!("load {role}"),
@@ -200,7 +206,7 @@ impl Updater {
                 self.persist(role, &data)?;
             }
         }
-        self.trusted.targets(role).ok_or_else(|| AgentError::Usage(format!("{role} not loaded")))
+        self.trusted.targets(role).ok_or_else(|| AgentError::NotLoaded { role: role.to_owned() })
     }
 
     /// Finds `target_path` by a pre-order depth-first walk of the delegation graph,
@@ -286,7 +292,7 @@ impl Updater {
             if let Some(bins) = &delegations.succinct_roles {
                 // Hash bins: any bin may hold a path under the prefix; the snapshot
                 // lists the bins that exist.
-                let snapshot = self.trusted.snapshot().ok_or_else(|| AgentError::Usage("snapshot not loaded".into()))?;
+                let snapshot = self.trusted.snapshot().ok_or_else(|| AgentError::NotLoaded { role: "snapshot".into() })?;
                 for name in snapshot.meta.keys().filter_map(|f| f.strip_suffix(".json")) {
                     if bins.is_delegated_role(name) {
                         children.push((name.to_owned(), role.clone()));
@@ -373,7 +379,3 @@ impl Updater {
     }
 }
 
-/// Durable write of trusted metadata (see `outpost_fsio::write_atomic`).
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    outpost_fsio::write_atomic(path, data).map_err(|e| AgentError::io("write", path, e))
-}

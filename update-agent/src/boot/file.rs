@@ -31,7 +31,7 @@ impl FileBootControl {
     }
 
     fn save(&self, state: &BootState) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(state).map_err(|e| AgentError::Usage(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| AgentError::Serialize { what: "boot environment".into(), reason: e.to_string() })?;
         let p = self.dir.join(ENV);
         outpost_fsio::write_atomic(&p, &bytes).map_err(|e| AgentError::io("write boot environment", &p, e))
     }

@@ -48,7 +48,7 @@ impl EnvBlock {
     pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
         let plain = |s: &str| s.bytes().all(|b| b.is_ascii_graphic() && b != b'\\' && b != b'=' && b != b'#');
         if !plain(name) || !(value.is_empty() || plain(value)) {
-            return Err(AgentError::Usage(format!("GRUB variable {name}={value:?} needs escaping; only plain ASCII is written")));
+            return Err(AgentError::BootControl(format!("GRUB variable {name}={value:?} needs escaping; only plain ASCII is written")));
         }
         match self.vars.iter_mut().find(|(k, _)| k == name) {
             Some(slot) => slot.1 = value.to_owned(),
@@ -68,7 +68,7 @@ impl EnvBlock {
             out.extend_from_slice(format!("{k}={v}\n").as_bytes());
         }
         if out.len() > SIZE {
-            return Err(AgentError::Usage(format!("GRUB environment variables need {} bytes; the block holds {SIZE}", out.len())));
+            return Err(AgentError::BootControl(format!("GRUB environment variables need {} bytes; the block holds {SIZE}", out.len())));
         }
         out.resize(SIZE, b'#');
         Ok(out)

@@ -85,7 +85,7 @@ impl BootState {
     /// the same ones; see docs/boot-control.md).
     pub fn with_trial(mut self, slot: Slot, attempts: u32) -> crate::error::Result<Self> {
         if slot == self.active {
-            return Err(crate::error::AgentError::Usage(format!(
+            return Err(crate::error::AgentError::BootControl(format!(
                 "slot {slot} is the active slot; only the inactive slot can go on trial"
             )));
         }

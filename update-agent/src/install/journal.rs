@@ -39,17 +39,8 @@ pub struct Transfer {
     pub length: u64,
 }
 
-/// How fetched bytes become the image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Encoding {
-    /// The bytes are the image.
-    Identity,
-    /// zstd-compressed image.
-    Zstd,
-    /// zstd patch against the image in the booted slot.
-    ZstdPatch,
-}
+/// How fetched bytes become the image: the signed metadata's own type (same JSON).
+pub use outpost_protocol::release::Encoding;
 
 /// Where the install stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,7 +124,7 @@ impl JournalFile {
     }
 
     pub fn store(&self, journal: &Journal) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(journal).map_err(|e| AgentError::Usage(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(journal).map_err(|e| AgentError::Serialize { what: "install journal".into(), reason: e.to_string() })?;
         outpost_fsio::write_atomic(&self.path, &bytes).map_err(|e| AgentError::io("write journal", &self.path, e))
     }
 }

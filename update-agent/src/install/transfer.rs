@@ -107,38 +107,18 @@ pub async fn run(
     opts: &TransferOptions,
     mut checkpoint: impl FnMut(u64) -> Result<()>,
 ) -> Result<TransferStats> {
-    let (tx, rx) = mpsc::sync_channel::<Msg>(32);
-    let (ack_tx, ack_rx) = mpsc::channel::<Ack>();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<u64>>();
-    let url = spec.url.clone();
-    let length = spec.length;
-    let checkpoint_every = opts.checkpoint_every;
-    let worker = tokio::task::spawn_blocking(move || sink_worker(spec, rx, ack_tx, ready_tx, checkpoint_every));
-    let mut received = match ready_rx.await {
-        Ok(Ok(offset)) => offset,
-        Ok(Err(e)) => {
-            drop(tx);
-            let _ = worker.await;
-            return Err(e);
-        }
-        Err(_) => {
-            return Err(match worker.await {
-                Ok(Err(e)) => e,
-                _ => AgentError::Usage("transfer worker stopped before starting".into()),
-            })
-        }
-    };
+    let run = Run { url: spec.url.clone(), length: spec.length, opts, started: Instant::now() };
+    let (sink, mut received) = Sink::start(spec, opts.checkpoint_every).await?;
     let mut stats = TransferStats { resumed_from: received, ..Default::default() };
-    let started = Instant::now();
     let mut failure: Option<AgentError> = None;
-    'attempts: while received < length {
+    while received < run.length {
         stats.attempts += 1;
         if stats.attempts > 1 {
             let delay = backoff(opts, stats.attempts - 1);
-            tracing::warn!(url = %url, attempt = stats.attempts, offset = received, ?delay, "retrying download");
+            tracing::warn!(url = %run.url, attempt = stats.attempts, offset = received, ?delay, "retrying download");
             tokio::time::sleep(delay).await;
         }
-        let mut resp = match fetcher.start_at(&url, received).await {
+        let mut resp = match fetcher.start_at(&run.url, received).await {
             Ok(r) => r,
             Err(e) if retryable(&e) && stats.attempts <= opts.retries => continue,
             Err(e) => {
@@ -147,61 +127,133 @@ pub async fn run(
             }
         };
         if received > 0 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
-            tracing::warn!(url = %url, "server ignored the Range request; starting over");
-            if tx.send(Msg::Restart).is_err() {
+            tracing::warn!(url = %run.url, "server ignored the Range request; starting over");
+            if sink.tx.send(Msg::Restart).is_err() {
                 break;
             }
             received = 0;
         }
+        match run.receive(&mut resp, &sink, &mut received, &mut stats, &mut checkpoint).await? {
+            Attempt::Ended => {}
+            Attempt::Interrupted => continue,
+            Attempt::Stop(f) => {
+                failure = f;
+                break;
+            }
+        }
+        if received < run.length && stats.attempts > opts.retries {
+            failure = Some(AgentError::Truncated { url: run.url.clone(), got: received, expected: run.length });
+            break;
+        }
+    }
+    sink.finish(failure, &mut checkpoint).await?;
+    Ok(stats)
+}
+
+/// What one transfer is about, for its attempts.
+struct Run<'o> {
+    url: String,
+    length: u64,
+    opts: &'o TransferOptions,
+    started: Instant,
+}
+
+/// How one attempt's answer ended.
+enum Attempt {
+    /// The answer ended (complete, or short: the caller decides).
+    Ended,
+    /// The connection broke in a way worth retrying.
+    Interrupted,
+    /// Give up: with the error, or none when the worker failed (its error is the one).
+    Stop(Option<AgentError>),
+}
+
+impl Run<'_> {
+    /// Passes one answer's chunks to the sink (paced to the bandwidth cap) and journals
+    /// the durable offsets the sink reports.
+    async fn receive(
+        &self,
+        resp: &mut crate::fetch::Body,
+        sink: &Sink,
+        received: &mut u64,
+        stats: &mut TransferStats,
+        checkpoint: &mut impl FnMut(u64) -> Result<()>,
+    ) -> Result<Attempt> {
         loop {
-            while let Ok(Ack::Durable(d)) = ack_rx.try_recv() {
+            while let Ok(Ack::Durable(d)) = sink.acks.try_recv() {
                 checkpoint(d)?;
             }
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
-                    received += chunk.len() as u64;
+                    *received += chunk.len() as u64;
                     stats.received += chunk.len() as u64;
-                    if received > length {
-                        failure = Some(AgentError::TooLarge { url: url.clone(), limit: length });
-                        break 'attempts;
+                    if *received > self.length {
+                        return Ok(Attempt::Stop(Some(AgentError::TooLarge { url: self.url.clone(), limit: self.length })));
                     }
-                    if tx.send(Msg::Chunk(chunk)).is_err() {
-                        break 'attempts; // the worker failed; its error is reported below
+                    if sink.tx.send(Msg::Chunk(chunk)).is_err() {
+                        return Ok(Attempt::Stop(None)); // the worker failed; its error is reported
                     }
-                    if let Some(rate) = opts.bandwidth {
+                    if let Some(rate) = self.opts.bandwidth {
                         let due = Duration::from_secs_f64(stats.received as f64 / rate.max(1) as f64);
-                        let spent = started.elapsed();
+                        let spent = self.started.elapsed();
                         if due > spent {
                             tokio::time::sleep(due - spent).await;
                         }
                     }
                 }
-                Ok(None) => break,
-                Err(e) if retryable(&e) && stats.attempts <= opts.retries => {
-                    tracing::warn!(url = %url, error = %e, offset = received, "download interrupted");
-                    continue 'attempts;
+                Ok(None) => return Ok(Attempt::Ended),
+                Err(e) if retryable(&e) && stats.attempts <= self.opts.retries => {
+                    tracing::warn!(url = %self.url, error = %e, offset = *received, "download interrupted");
+                    return Ok(Attempt::Interrupted);
                 }
-                Err(e) => {
-                    failure = Some(e);
-                    break 'attempts;
-                }
+                Err(e) => return Ok(Attempt::Stop(Some(e))),
             }
         }
-        if received < length && stats.attempts > opts.retries {
-            failure = Some(AgentError::Truncated { url: url.clone(), got: received, expected: length });
-            break;
+    }
+}
+
+/// The blocking worker that owns the files (see [`sink_worker`]) and its channels.
+struct Sink {
+    tx: mpsc::SyncSender<Msg>,
+    acks: mpsc::Receiver<Ack>,
+    worker: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Sink {
+    /// Starts the worker; returns it with the offset it resumes from.
+    async fn start(spec: TransferSpec, checkpoint_every: u64) -> Result<(Self, u64)> {
+        let (tx, rx) = mpsc::sync_channel::<Msg>(32);
+        let (ack_tx, acks) = mpsc::channel::<Ack>();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<u64>>();
+        let worker = tokio::task::spawn_blocking(move || sink_worker(spec, rx, ack_tx, ready_tx, checkpoint_every));
+        match ready_rx.await {
+            Ok(Ok(offset)) => Ok((Sink { tx, acks, worker }, offset)),
+            Ok(Err(e)) => {
+                drop(tx);
+                let _ = worker.await;
+                Err(e)
+            }
+            Err(_) => Err(match worker.await {
+                Ok(Err(e)) => e,
+                _ => AgentError::Task { task: "transfer worker", reason: "stopped before starting".into() },
+            }),
         }
     }
-    drop(tx);
-    let result = worker.await.map_err(|e| AgentError::Usage(format!("transfer worker: {e}")))?;
-    while let Ok(Ack::Durable(d)) = ack_rx.try_recv() {
-        checkpoint(d)?;
+
+    /// Ends the stream, waits for the worker's verdict and journals its last durable
+    /// offsets. The receiving side's `failure` comes first, then the worker's error.
+    async fn finish(self, failure: Option<AgentError>, checkpoint: &mut impl FnMut(u64) -> Result<()>) -> Result<()> {
+        let Sink { tx, acks, worker } = self;
+        drop(tx);
+        let result = worker.await.map_err(|e| AgentError::Task { task: "transfer worker", reason: e.to_string() })?;
+        while let Ok(Ack::Durable(d)) = acks.try_recv() {
+            checkpoint(d)?;
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        result
     }
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    result?;
-    Ok(stats)
 }
 
 fn retryable(e: &AgentError) -> bool {
@@ -261,17 +313,7 @@ fn sink_worker(
     // Hashing and decoding while the bytes arrive: from byte 0 only.
     type Streaming<'a> = (MultiHasher, Option<Decode<'a, std::io::BufWriter<std::fs::File>>>);
     let setup = || -> Result<(std::fs::File, Option<Streaming<'_>>, u64)> {
-        let mut partial = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&spec.partial)
-            .map_err(|e| AgentError::io("open", &spec.partial, e))?;
-        let on_disk = partial.metadata().map_err(|e| AgentError::io("stat", &spec.partial, e))?.len();
-        let durable = spec.durable.min(on_disk);
-        partial.set_len(durable).map_err(|e| AgentError::io("truncate", &spec.partial, e))?;
-        partial.seek(SeekFrom::Start(durable)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
+        let (partial, durable) = open_partial(&spec)?;
         let streaming = if durable == 0 { Some((new_hasher()?, start_decode()?)) } else { None };
         Ok((partial, streaming, durable))
     };
@@ -279,7 +321,7 @@ fn sink_worker(
         Ok(v) => v,
         Err(e) => {
             let msg = e.to_string();
-            let _ = ready.send(Err(AgentError::Usage(msg)));
+            let _ = ready.send(Err(AgentError::Task { task: "transfer worker", reason: msg }));
             return Err(e);
         }
     };
@@ -289,13 +331,7 @@ fn sink_worker(
     for msg in rx {
         match msg {
             Msg::Chunk(chunk) => {
-                partial.write_all(&chunk).map_err(|e| AgentError::io("write", &spec.partial, e))?;
-                if let Some((hasher, decode)) = streaming.as_mut() {
-                    hasher.update(&chunk);
-                    if let Some(d) = decode.as_mut() {
-                        d.feed(&chunk).map_err(|e| decode_error(&spec, e))?;
-                    }
-                }
+                append(&spec, &mut partial, streaming.as_mut(), &chunk)?;
                 written += chunk.len() as u64;
                 if written - last_sync >= checkpoint_every {
                     partial.sync_data().map_err(|e| AgentError::io("fsync", &spec.partial, e))?;
@@ -324,22 +360,72 @@ fn sink_worker(
         None => {
             // Resumed: the one pass over the complete file.
             let (mut hasher, mut decode) = (new_hasher()?, start_decode()?);
-            partial.seek(SeekFrom::Start(0)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = partial.read(&mut buf).map_err(|e| AgentError::io("read", &spec.partial, e))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                if let Some(d) = decode.as_mut() {
-                    d.feed(&buf[..n]).map_err(|e| decode_error(&spec, e))?;
-                }
-            }
+            replay(&spec, &mut partial, &mut hasher, decode.as_mut())?;
             (hasher, decode)
         }
     };
-    if let Err(e) = hasher.verify(&spec.hashes, &what) {
+    stage_image(&spec, partial, hasher, decode, &acks, &what)
+}
+
+/// Appends a received chunk to the partial file, hashing and decoding it when the
+/// transfer streams (started from byte 0).
+fn append<W: Write>(spec: &TransferSpec, partial: &mut std::fs::File, streaming: Option<&mut (MultiHasher, Option<Decode<'_, W>>)>, chunk: &[u8]) -> Result<()> {
+    partial.write_all(chunk).map_err(|e| AgentError::io("write", &spec.partial, e))?;
+    if let Some((hasher, decode)) = streaming {
+        hasher.update(chunk);
+        if let Some(d) = decode.as_mut() {
+            d.feed(chunk).map_err(|e| decode_error(spec, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Opens the partial file, cut back to what is known durable; returns it positioned
+/// there, with that offset.
+fn open_partial(spec: &TransferSpec) -> Result<(std::fs::File, u64)> {
+    let mut partial = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&spec.partial)
+        .map_err(|e| AgentError::io("open", &spec.partial, e))?;
+    let on_disk = partial.metadata().map_err(|e| AgentError::io("stat", &spec.partial, e))?.len();
+    let durable = spec.durable.min(on_disk);
+    partial.set_len(durable).map_err(|e| AgentError::io("truncate", &spec.partial, e))?;
+    partial.seek(SeekFrom::Start(durable)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
+    Ok((partial, durable))
+}
+
+/// Hashes and decodes the complete partial file in one pass (a resumed transfer).
+fn replay<W: Write>(spec: &TransferSpec, partial: &mut std::fs::File, hasher: &mut MultiHasher, mut decode: Option<&mut Decode<'_, W>>) -> Result<()> {
+    partial.seek(SeekFrom::Start(0)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = partial.read(&mut buf).map_err(|e| AgentError::io("read", &spec.partial, e))?;
+        if n == 0 {
+            return Ok(());
+        }
+        hasher.update(&buf[..n]);
+        if let Some(d) = decode.as_mut() {
+            d.feed(&buf[..n]).map_err(|e| decode_error(spec, e))?;
+        }
+    }
+}
+
+/// Verifies the complete transfer against its signed hashes (bytes that do not verify
+/// are removed), then makes it the staged image: renamed into place when it is the
+/// image as-is, else the decoder's output made durable and checked against the signed
+/// image digest.
+fn stage_image(
+    spec: &TransferSpec,
+    partial: std::fs::File,
+    hasher: MultiHasher,
+    decode: Option<Decode<'_, std::io::BufWriter<std::fs::File>>>,
+    acks: &mpsc::Sender<Ack>,
+    what: &str,
+) -> Result<()> {
+    if let Err(e) = hasher.verify(&spec.hashes, what) {
         let _ = std::fs::remove_file(&spec.partial);
         let _ = acks.send(Ack::Durable(0));
         return Err(AgentError::tuf(format!("verify {}", spec.url), e));
@@ -353,7 +439,7 @@ fn sink_worker(
         }
         return Ok(());
     };
-    let (out, sha, len) = decode.finish().map_err(|e| decode_error(&spec, e))?;
+    let (out, sha, len) = decode.finish().map_err(|e| decode_error(spec, e))?;
     let file = out.into_inner().map_err(|e| AgentError::io("write", &spec.image, e.into_error()))?;
     file.sync_all().map_err(|e| AgentError::io("fsync", &spec.image, e))?;
     if len != spec.image_length || sha != spec.image_sha256 {

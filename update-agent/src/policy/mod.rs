@@ -20,16 +20,21 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use outpost_ebpf::{Enforcer, SwapReport};
-use outpost_protocol::policy::{Applied, Mode, PolicyBundle, PolicyStatus, PolicyTargetCustom, POLICY_ROLE};
+use outpost_protocol::policy::{Applied, Mode, PolicyBundle, PolicyStatus, PolicyTargetCustom};
 use serde::{Deserialize, Serialize};
 
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
-use crate::updater::{write_atomic, TargetInfo, Updater};
+
+mod daemon;
+mod local;
+
+pub use daemon::{read_status, run_daemon, select, serve_metrics, spawn_expiry_watch, step, sync, write_status, WatchGuard};
+use daemon::store_status;
+pub use local::{detach, enforce_local};
 
 /// The cgroup v2 mount point, from /proc/self/mounts.
 pub fn cgroup2_mount() -> Option<PathBuf> {
@@ -64,6 +69,26 @@ pub struct PolicyEngine {
     /// bundle could not be restored).
     error: Option<String>,
     deny_events: u64,
+}
+
+/// Who vouches for a bundle offered to the engine.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    /// A target of the image repository signed by the `policy` role, with the name and
+    /// version its signed metadata gives (the content must match them).
+    Signed { target: &'a str, custom: &'a PolicyTargetCustom },
+    /// A local file no signature vouches for (`policy enforce FILE`).
+    Unsigned(crate::danger::UnsignedPolicy),
+}
+
+impl Source<'_> {
+    /// The signed target's path, for signed bundles.
+    pub fn target(&self) -> Option<&str> {
+        match self {
+            Source::Signed { target, .. } => Some(target),
+            Source::Unsigned(_) => None,
+        }
+    }
 }
 
 pub type SharedEngine = Arc<Mutex<PolicyEngine>>;
@@ -117,7 +142,10 @@ impl PolicyEngine {
         let meta = Persisted { target: a.target.clone(), fell_back_at: a.fell_back_at };
         let r = std::fs::create_dir_all(dir)
             .map_err(|e| AgentError::io("create", dir, e))
-            .and_then(|_| write_atomic(&dir.join("active.json"), &serde_json::to_vec_pretty(&meta).unwrap_or_default()));
+            .and_then(|_| {
+                let path = dir.join("active.json");
+                outpost_fsio::write_atomic(&path, &serde_json::to_vec_pretty(&meta).unwrap_or_default()).map_err(|e| AgentError::io("write", &path, e))
+            });
         if let Err(e) = r {
             tracing::error!(error = %e, "saving the policy state");
         }
@@ -128,12 +156,12 @@ impl PolicyEngine {
         self.active.as_ref().map(|a| (a.bundle.name.as_str(), a.bundle.version, a.applied))
     }
 
-    /// Offers a bundle: a signed target (`target` and the name and version its signed
-    /// metadata gives, which the content must match), or a local file (both `None`).
-    /// `Ok(None)`: it is the one enforced already.
-    pub fn offer(&mut self, bytes: &[u8], target: Option<(&str, &PolicyTargetCustom)>, now: DateTime<Utc>) -> Result<Option<SwapReport>> {
-        let what = target.map(|(t, _)| t.to_string()).unwrap_or_else(|| "bundle".into());
-        let result = self.try_offer(bytes, target, now);
+    /// Offers a bundle from `source` (a signed target, whose signed name and version
+    /// the content must match, or an unsigned local file). `Ok(None)`: it is the one
+    /// enforced already.
+    pub fn offer(&mut self, bytes: &[u8], source: Source<'_>, now: DateTime<Utc>) -> Result<Option<SwapReport>> {
+        let what = source.target().unwrap_or("bundle").to_owned();
+        let result = self.try_offer(bytes, source, now);
         match &result {
             Err(e) => {
                 self.refused = Some(format!("{what}: {e}"));
@@ -148,9 +176,9 @@ impl PolicyEngine {
         result
     }
 
-    fn try_offer(&mut self, bytes: &[u8], target: Option<(&str, &PolicyTargetCustom)>, now: DateTime<Utc>) -> Result<Option<SwapReport>> {
+    fn try_offer(&mut self, bytes: &[u8], source: Source<'_>, now: DateTime<Utc>) -> Result<Option<SwapReport>> {
         let bundle = PolicyBundle::parse(bytes).map_err(|e| AgentError::Policy(e.to_string()))?;
-        if let Some((_, signed)) = target {
+        if let Source::Signed { custom: signed, .. } = source {
             if bundle.name != signed.name || bundle.version != signed.version {
                 return Err(AgentError::Policy(format!(
                     "the bundle is {} v{} but its signed metadata says {} v{}",
@@ -182,9 +210,10 @@ impl PolicyEngine {
             to_flip_ms = report.to_flip.as_secs_f64() * 1e3, "network policy applied");
         if let Some(dir) = &self.dir {
             std::fs::create_dir_all(dir).map_err(|e| AgentError::io("create", dir, e))?;
-            write_atomic(&dir.join("active.yaml"), bytes)?;
+            let path = dir.join("active.yaml");
+            outpost_fsio::write_atomic(&path, bytes).map_err(|e| AgentError::io("write", &path, e))?;
         }
-        self.active = Some(Active { bundle, target: target.map(|(t, _)| t.to_string()), applied: Applied::Bundle, fell_back_at: None });
+        self.active = Some(Active { bundle, target: source.target().map(str::to_owned), applied: Applied::Bundle, fell_back_at: None });
         self.persist();
         Ok(Some(report))
     }
@@ -332,7 +361,7 @@ fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
 /// the engine cannot start, the status file says so (check-ins carry it), so a device
 /// never goes on reporting the enforcement it had before.
 fn start_engine(config: &AgentConfig) -> Result<SharedEngine> {
-    let p = config.policy.as_ref().ok_or_else(|| AgentError::Usage("the agent config has no [policy] section".into()))?;
+    let p = config.policy.as_ref().ok_or_else(|| AgentError::MissingSection { section: "policy", hint: "" })?;
     let started = p
         .cgroup_root
         .clone()
@@ -361,273 +390,4 @@ pub fn start_for(config: &AgentConfig) -> Option<SharedEngine> {
             None
         }
     }
-}
-
-/// `outpost-agent policy detach`: the explicit end of enforcement.
-pub fn detach(pin_dir: &Path, json: bool) -> Result<()> {
-    let d = outpost_ebpf::detach_pinned(pin_dir).map_err(|e| AgentError::Policy(e.to_string()))?;
-    tracing::warn!(pin_dir = %pin_dir.display(), links = d.links.len(), maps = d.maps, "network policy enforcement removed by policy detach");
-    if json {
-        let links: Vec<String> = d.links.iter().map(|l| l.display().to_string()).collect();
-        println!("{}", serde_json::json!({"event": "detached", "pin_dir": pin_dir.display().to_string(), "links": links, "maps": d.maps}));
-    } else if d.links.is_empty() && d.maps == 0 {
-        println!("nothing pinned under {}: no network policy was enforced from there", pin_dir.display());
-    } else {
-        println!("detached: {} program link(s) and {} map(s) unpinned from {}; nothing filters any more", d.links.len(), d.maps, pin_dir.display());
-    }
-    Ok(())
-}
-
-/// The bundle for this device among the signed targets of the `policy` role: the most
-/// specific selector that matches, then the newest version.
-pub fn select(candidates: Vec<TargetInfo>, hardware_class: &str, labels: &std::collections::BTreeMap<String, String>) -> Option<(TargetInfo, PolicyTargetCustom)> {
-    let mut best: Option<(TargetInfo, PolicyTargetCustom)> = None;
-    for info in candidates {
-        if info.role != POLICY_ROLE {
-            tracing::warn!(target = %info.path, role = %info.role, "policy target not signed by the policy role; ignored");
-            continue;
-        }
-        let Some(custom) = info.file.custom.as_ref().and_then(|c| serde_json::from_value::<PolicyTargetCustom>(c.clone()).ok()) else {
-            tracing::warn!(target = %info.path, "policy target without policy metadata; ignored");
-            continue;
-        };
-        if custom.kind != "policy" || !custom.selector.matches(hardware_class, labels) {
-            continue;
-        }
-        let better = match &best {
-            None => true,
-            Some((_, b)) => (custom.selector.specificity(), custom.version) > (b.selector.specificity(), b.version),
-        };
-        if better {
-            best = Some((info, custom));
-        }
-    }
-    best
-}
-
-/// Refreshes the image repository, downloads the selected bundle (verified length and
-/// hashes) and offers it. `Err` when the server cannot be reached or the bundle is
-/// refused.
-pub async fn sync(config: &AgentConfig, engine: &SharedEngine) -> Result<Option<SwapReport>> {
-    let labels = config.policy.as_ref().map(|p| p.labels.clone()).unwrap_or_default();
-    let fetcher = crate::fetch::Fetcher::new(config.http_limits())?;
-    let mut updater = Updater::new(&config.metadata_dir(), &format!("{}/metadata/", config.server_url), fetcher, Utc::now())?;
-    // Metadata that does not verify is a refusal worth reporting; an unreachable
-    // server is not.
-    let refuse = |e: AgentError| -> AgentError {
-        if matches!(e, AgentError::Tuf { .. }) {
-            lock(engine).refused = Some(format!("signed metadata: {}", outpost_protocol::display_chain(&e)));
-        }
-        e
-    };
-    updater.refresh().await.map_err(refuse)?;
-    let candidates = updater.targets_under(&["policy"]).await.map_err(refuse)?;
-    let Some((info, custom)) = select(candidates, config.hardware_class.as_str(), &labels) else {
-        return Ok(None);
-    };
-    if let Some((name, version, _)) = lock(engine).current() {
-        if name == custom.name && version == custom.version {
-            return Ok(None);
-        }
-    }
-    let dir = config.policy_dir().join("downloads");
-    std::fs::create_dir_all(&dir).map_err(|e| AgentError::io("create", &dir, e))?;
-    let path = match updater.download_target(&info, &format!("{}/targets/", config.server_url), &dir, crate::fetch::Durability::Fsync).await {
-        Ok(p) => p,
-        Err(e) => {
-            lock(engine).refused = Some(format!("{}: {}", info.path, outpost_protocol::display_chain(&e)));
-            return Err(e);
-        }
-    };
-    let bytes = std::fs::read(&path).map_err(|e| AgentError::io("read", &path, e))?;
-    let _ = std::fs::remove_file(&path);
-    lock(engine).offer(&bytes, Some((&info.path, &custom)), Utc::now())
-}
-
-/// Writes the status for check-ins (`STATE/policy/status.json`).
-pub fn write_status(config: &AgentConfig, engine: &SharedEngine) {
-    let status = lock(engine).status();
-    store_status(config, status.as_ref());
-}
-
-/// Stores `status`, or removes a stored one when there is none: a status file never
-/// outlives what it describes.
-fn store_status(config: &AgentConfig, status: Option<&PolicyStatus>) {
-    let dir = config.policy_dir();
-    let file = dir.join("status.json");
-    let r = match status {
-        Some(s) => std::fs::create_dir_all(&dir)
-            .map_err(|e| AgentError::io("create", &dir, e))
-            .and_then(|_| write_atomic(&file, &serde_json::to_vec_pretty(s).unwrap_or_default())),
-        None => match std::fs::remove_file(&file) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(AgentError::io("remove", &file, e)),
-            _ => Ok(()),
-        },
-    };
-    if let Err(e) = r {
-        tracing::error!(error = %e, "writing the policy status");
-    }
-}
-
-/// The status the daemon last wrote, for a check-in.
-pub fn read_status(config: &AgentConfig) -> Option<PolicyStatus> {
-    config.policy.as_ref()?;
-    let bytes = std::fs::read(config.policy_dir().join("status.json")).ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
-/// One daemon step: fetch and offer a newer bundle, fall back if expired, write the
-/// status. Logs what fails; never stops the daemon.
-pub async fn step(config: &AgentConfig, engine: &SharedEngine) {
-    match sync(config, engine).await {
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %outpost_protocol::display_chain(&e), "network policy update check failed"),
-    }
-    let mut e = lock(engine);
-    e.tick(Utc::now());
-    e.log_denies();
-    drop(e);
-    write_status(config, engine);
-}
-
-/// `outpost-agent policy run`: the policy part of the daemon alone.
-pub async fn run_daemon(config: &AgentConfig, once: bool) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let p = config.policy.as_ref().ok_or_else(|| AgentError::Usage("the agent config has no [policy] section".into()))?;
-    crate::update::prepare_state(config)?;
-    let engine = start_engine(config)?;
-    write_status(config, &engine);
-    if let Some(addr) = p.metrics_listen {
-        serve_metrics(addr, p.metrics_limits, engine.clone()).await?;
-    }
-    let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Policy(format!("SIGTERM handler: {e}")))?;
-    if once {
-        step(config, &engine).await;
-        return Ok(());
-    }
-    let _watch = spawn_expiry_watch(config, engine.clone());
-    loop {
-        // A step may wait on a slow server for as long as the retrieval limits allow;
-        // SIGTERM ends it there too.
-        tokio::select! {
-            _ = step(config, &engine) => {}
-            _ = term.recv() => return Ok(()),
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(config.install.check_interval) => {}
-            _ = term.recv() => return Ok(()),
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-        }
-    }
-}
-
-/// Watches the enforced bundle's expiry on its own task: every second it falls back to
-/// the essential profile once `not_after` has passed (writing the status then, for
-/// check-ins) and drains sampled deny events. It shares nothing with the network
-/// work of the daemon but the engine's lock, which no fetch holds, so a fetch that
-/// hangs or an install that takes hours never delays the fail-secure fallback. The
-/// status is not rewritten every second (flash wear); each daemon step writes it.
-pub fn spawn_expiry_watch(config: &AgentConfig, engine: SharedEngine) -> WatchGuard {
-    let config = config.clone();
-    let task = tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(1));
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
-            let fell_back = {
-                let mut e = lock(&engine);
-                e.log_denies();
-                e.tick(Utc::now()).is_some()
-            };
-            if fell_back {
-                write_status(&config, &engine);
-            }
-        }
-    });
-    WatchGuard(task)
-}
-
-/// Stops the expiry watch when dropped.
-pub struct WatchGuard(tokio::task::JoinHandle<()>);
-
-impl Drop for WatchGuard {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Serves `GET /metrics` (the engine's counters) on `addr` until the process ends.
-pub async fn serve_metrics(addr: std::net::SocketAddr, limits: crate::metrics::ListenerLimits, engine: SharedEngine) -> Result<()> {
-    crate::metrics::serve(addr, limits, Arc::new(move || lock(&engine).metrics().encode())).await
-}
-
-/// `outpost-agent policy enforce FILE`: enforce a local bundle in the foreground (for
-/// trying a bundle on a device; the daemon enforces only signed bundles). SIGHUP
-/// re-reads FILE; SIGINT/SIGTERM detach everything and exit.
-pub async fn enforce_local(file: &Path, cgroup_root: Option<PathBuf>, metrics: Option<std::net::SocketAddr>, pin_dir: &Path, json: bool) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let root = cgroup_root.or_else(cgroup2_mount).ok_or_else(|| AgentError::Policy("no cgroup v2 mount found; pass --cgroup-root".into()))?;
-    // Handlers first: a SIGHUP sent as soon as the bundle is announced is a re-read,
-    // never the default action (exit).
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| AgentError::Policy(format!("SIGHUP handler: {e}")))?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Policy(format!("SIGTERM handler: {e}")))?;
-    let engine = Arc::new(Mutex::new(PolicyEngine::start(&root, None, pin_dir)?));
-    let emit = |event: &str, r: Option<&SwapReport>, e: &mut PolicyEngine| {
-        let (name, version, applied) = match e.current() {
-            Some((n, v, a)) => (n.to_string(), v, Some(a)),
-            None => (String::new(), 0, None),
-        };
-        let line = serde_json::json!({
-            "event": event, "name": name, "version": version, "applied": applied,
-            "generation": r.map(|r| r.generation), "rules": r.map(|r| r.rules), "entries": r.map(|r| r.entries),
-            "to_flip_ms": r.map(|r| r.to_flip.as_secs_f64() * 1e3), "total_ms": r.map(|r| r.total.as_secs_f64() * 1e3),
-            "refused": e.refused,
-        });
-        if json {
-            println!("{line}");
-        } else {
-            println!("{event}: {name} v{version} ({}){}", applied.map(|a| format!("{a:?}").to_lowercase()).unwrap_or_default(), r.map(|r| format!(", {} rules in generation {}, applied in {:.2} ms", r.rules, r.generation, r.to_flip.as_secs_f64() * 1e3)).unwrap_or_default());
-        }
-    };
-    let read = |f: &Path| std::fs::read(f).map_err(|e| AgentError::io("read", f, e));
-    {
-        let bytes = read(file)?;
-        let mut e = lock(&engine);
-        let r = e.offer(&bytes, None, Utc::now())?;
-        emit("applied", r.as_ref(), &mut e);
-    }
-    if let Some(addr) = metrics {
-        serve_metrics(addr, crate::metrics::ListenerLimits::default(), engine.clone()).await?;
-    }
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        tokio::select! {
-            _ = hup.recv() => {
-                let mut e = lock(&engine);
-                match read(file).and_then(|b| e.offer(&b, None, Utc::now())) {
-                    Ok(Some(r)) => emit("applied", Some(&r), &mut e),
-                    Ok(None) => emit("unchanged", None, &mut e),
-                    Err(_) => emit("refused", None, &mut e),
-                }
-            }
-            _ = tick.tick() => {
-                let mut e = lock(&engine);
-                if let Some(r) = e.tick(Utc::now()) {
-                    emit("essential", Some(&r), &mut e);
-                }
-                e.log_denies();
-            }
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-        }
-    }
-    // The links and maps are pinned: the policy stays enforced after this process.
-    drop(engine);
-    if json {
-        println!("{}", serde_json::json!({"event": "stopped", "pin_dir": pin_dir.display().to_string()}));
-    } else {
-        println!("stopped: the policy stays enforced (pinned in {}); `outpost-agent policy detach` removes it", pin_dir.display());
-    }
-    Ok(())
 }

@@ -1,0 +1,196 @@
+//! The download stage: a staged image kept across restarts is checked again; else the
+//! release is fetched (by delta when the active slot is the patch's base, else the
+//! full target) through [`super::transfer`], journaling each durable offset. Downloads
+//! no journal entry owns are removed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use outpost_protocol::release::Encoding;
+use outpost_protocol::tuf::quote_file_name;
+use sha2::{Digest, Sha256};
+
+use super::journal::{JournalFile, Phase, Release, Transfer};
+use super::select::Candidate;
+use super::slot::{check_space, hash_file};
+use super::transfer::{self, TransferOptions, TransferSpec, TransferStats};
+use super::Installer;
+use crate::error::{AgentError, Result};
+use crate::updater::{TargetInfo, Updater};
+
+impl Installer {
+    /// Stages the release's verified image under the download directory and returns its
+    /// path: the one staged before a restart when it still verifies, else downloaded
+    /// (by delta when it can). Journals `Verified`.
+    pub(super) async fn stage(&mut self, updater: &Updater, cand: &Candidate, release: &Release) -> Result<PathBuf> {
+        let downloads = self.config.download_dir();
+        std::fs::create_dir_all(&downloads).map_err(|e| AgentError::io("create", &downloads, e))?;
+        let image_path = downloads.join(format!("{}.image", quote_file_name(&release.target)));
+        self.clean_downloads(&image_path);
+        let resumed = matches!(&self.journal.phase, Phase::Verified { release: r } | Phase::Writing { release: r, .. } if r == release) && image_path.exists();
+        // A staged image verified before a restart is checked again before it is
+        // written: bytes that rotted (or were changed) since are discarded and fetched
+        // again, never written over and over.
+        let resumed = resumed && {
+            let (sha, len) = hash_file(&image_path, None)?;
+            let intact = len == release.length && sha.eq_ignore_ascii_case(&release.sha256);
+            if !intact {
+                tracing::warn!(target = %release.target, "the staged image no longer verifies: discarding it and fetching it again");
+                std::fs::remove_file(&image_path).map_err(|e| AgentError::io("remove", &image_path, e))?;
+            }
+            intact
+        };
+        if !resumed {
+            if self.staged_before_power_cut(release, &image_path)? {
+                tracing::info!(target = %release.target, "the staged image from before the restart verifies: not downloading it again");
+            } else {
+                self.download(updater, cand, release, &image_path).await?;
+            }
+            self.set_phase(Phase::Verified { release: release.clone() })?;
+        }
+        Ok(image_path)
+    }
+
+    /// Removes what no journal entry owns from the download directory: staged images and
+    /// partial transfers of releases given up on (a crash, a newer assignment) would
+    /// otherwise stay forever. `keep` is the staged image of the release at hand.
+    fn clean_downloads(&self, keep: &Path) {
+        let dir = self.config.download_dir();
+        let mut owned: Vec<PathBuf> = vec![keep.to_owned()];
+        if let Phase::Downloading { transfer, .. } = &self.journal.phase {
+            owned.push(self.partial_path(transfer));
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else { return };
+        for path in entries.flatten().map(|e| e.path()) {
+            let ours = path.extension().is_some_and(|x| x == "image" || x == "partial");
+            if ours && !owned.contains(&path) {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => tracing::info!(file = %path.display(), "removed a download no install needs any more"),
+                    Err(e) => tracing::warn!(file = %path.display(), error = %e, "cannot remove a stale download"),
+                }
+            }
+        }
+    }
+
+    /// Where the received bytes of `transfer` are kept (for resuming).
+    fn partial_path(&self, transfer: &Transfer) -> PathBuf {
+        self.config.download_dir().join(format!("{}.partial", quote_file_name(&transfer.target)))
+    }
+
+    /// Whether a power cut fell after the transfer of `release` finished (its partial
+    /// file renamed to, or decoded into, the staged image and then removed) and before
+    /// the journal said `Verified`: the journal still says `Downloading`, the partial
+    /// file is gone and the staged image is there. The image's own length and SHA-256
+    /// decide; anything else is downloaded again.
+    fn staged_before_power_cut(&self, release: &Release, image_path: &Path) -> Result<bool> {
+        let Phase::Downloading { release: r, transfer, .. } = &self.journal.phase else { return Ok(false) };
+        let partial = self.partial_path(transfer);
+        if r != release || partial.exists() || !image_path.exists() {
+            return Ok(false);
+        }
+        let (sha256, length) = hash_file(image_path, None)?;
+        Ok(length == release.length && sha256.eq_ignore_ascii_case(&release.sha256))
+    }
+
+    /// Fetches the release into `image_path`: by delta when the active slot is the
+    /// patch's base, falling back to the full target.
+    async fn download(&mut self, updater: &Updater, cand: &Candidate, release: &Release, image_path: &Path) -> Result<TransferStats> {
+        let active_slot = self.boot.slot_path(self.boot.state()?.active);
+        for (delta, custom) in &cand.deltas {
+            let Some(base) = &custom.delta_base else { continue };
+            let reference = match read_if_digest(&active_slot, &base.sha256)? {
+                Some(r) => Arc::new(r),
+                None => continue,
+            };
+            let transfer = Transfer { target: delta.path.clone(), encoding: Encoding::ZstdPatch, length: delta.file.length };
+            match self.fetch(updater, release, &transfer, &delta.file.hashes, Some(reference), image_path).await {
+                Ok(stats) => return Ok(stats),
+                Err(e) => tracing::warn!(error = %e, delta = %delta.path, "delta update failed; falling back to the full image"),
+            }
+        }
+        let encoding = match cand.custom.encoding {
+            Encoding::Zstd => Encoding::Zstd,
+            _ => Encoding::Identity,
+        };
+        let transfer = Transfer { target: cand.full.path.clone(), encoding, length: cand.full.file.length };
+        self.fetch(updater, release, &transfer, &cand.full.file.hashes, None, image_path).await
+    }
+
+    async fn fetch(
+        &mut self,
+        updater: &Updater,
+        release: &Release,
+        transfer: &Transfer,
+        hashes: &BTreeMap<String, String>,
+        reference: Option<Arc<Vec<u8>>>,
+        image_path: &Path,
+    ) -> Result<TransferStats> {
+        let downloads = self.config.download_dir();
+        let partial = self.partial_path(transfer);
+        let durable = match &self.journal.phase {
+            Phase::Downloading { release: r, transfer: t, durable } if r == release && t == transfer => *durable,
+            _ => 0,
+        };
+        let info = TargetInfo { path: transfer.target.clone(), file: outpost_protocol::tuf::TargetFile {
+            length: transfer.length, hashes: hashes.clone(), custom: None, extra: Default::default() }, role: String::new() };
+        let url = updater.target_url(&info, &format!("{}/targets/", self.config.server_url))?;
+        let spec = TransferSpec {
+            url,
+            length: transfer.length,
+            hashes: hashes.clone(),
+            encoding: transfer.encoding,
+            reference,
+            image_sha256: release.sha256.clone(),
+            image_length: release.length,
+            partial: partial.clone(),
+            image: image_path.to_owned(),
+            durable,
+        };
+        // What is still to come, plus the decoded image beside it unless the target
+        // is the image as-is (then the received file is renamed into place).
+        let to_receive = transfer.length - durable.min(transfer.length);
+        check_space(&downloads, if spec.is_as_is() { to_receive } else { to_receive + release.length })?;
+        self.set_phase(Phase::Downloading { release: release.clone(), transfer: transfer.clone(), durable })?;
+        let opts = TransferOptions { retries: self.config.install.retries, bandwidth: self.config.install.bandwidth_limit, ..Default::default() };
+        let journal_file = JournalFile::new(self.journal_file.path());
+        let mut journal = self.journal.clone();
+        let metrics = self.config.state_dir.join("metrics.prom");
+        let total = transfer.length;
+        let result = transfer::run(&self.fetcher, spec, &opts, |d| {
+            if let Phase::Downloading { durable, .. } = &mut journal.phase {
+                *durable = d;
+            }
+            tracing::info!(received = d, total, "download progress (durable)");
+            super::write_metrics_file(&metrics, &journal, Some((d, total)));
+            journal_file.store(&journal)
+        })
+        .await;
+        self.journal = journal;
+        match result {
+            Ok(stats) => {
+                tracing::info!(target = %transfer.target, resumed_from = stats.resumed_from, received = stats.received, attempts = stats.attempts, "download verified");
+                let _ = std::fs::remove_file(&partial);
+                Ok(stats)
+            }
+            Err(e) => {
+                if matches!(e, AgentError::Tuf { .. } | AgentError::ImageMismatch { .. } | AgentError::TooLarge { .. }) {
+                    // The bytes can never verify: nothing of them is kept.
+                    let _ = std::fs::remove_file(&partial);
+                    let _ = std::fs::remove_file(image_path);
+                    if let Phase::Downloading { durable, .. } = &mut self.journal.phase {
+                        *durable = 0;
+                        self.journal_file.store(&self.journal)?;
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The file's bytes if its sha256 is `want` (the delta reference).
+fn read_if_digest(path: &Path, want: &str) -> Result<Option<Vec<u8>>> {
+    let bytes = std::fs::read(path).map_err(|e| AgentError::io("read", path, e))?;
+    Ok((hex::encode(Sha256::digest(&bytes)) == want).then_some(bytes))
+}
