@@ -70,15 +70,6 @@ fn or_dash(v: Option<&str>) -> &str {
     v.unwrap_or("-")
 }
 
-fn health_name(h: DeviceHealth) -> &'static str {
-    match h {
-        DeviceHealth::Healthy => "healthy",
-        DeviceHealth::Updating => "updating",
-        DeviceHealth::Trial => "trial",
-        DeviceHealth::RolledBack => "rolled_back",
-    }
-}
-
 /// The device table of `device list`.
 fn device_table(list: &DeviceList) -> String {
     let mut lines = vec![format!("{:<36} {:<12} {:<10} {:<5} {:<10} {:<9} reason", "device", "class", "version", "slot", "health", "verdict")];
@@ -93,7 +84,7 @@ fn device_table(list: &DeviceList) -> String {
             d.hardware_class,
             or_dash(d.version.as_deref()),
             or_dash(d.slot.as_deref()),
-            or_dash(d.health.map(health_name)),
+            or_dash(d.health.map(DeviceHealth::as_str)),
             verdict,
             d.attestation_reason.as_deref().unwrap_or("")
         ));

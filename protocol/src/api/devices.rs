@@ -7,33 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::api::reports::ReportRow;
 use crate::attest::DeviceHealth;
 
-/// A device's attestation state: nothing checked yet, its latest check-in attested, or
-/// its latest attestation failed (the device is quarantined).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AttestationState {
-    Pending,
-    Attested,
-    Failed,
-}
-
-impl AttestationState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AttestationState::Pending => "pending",
-            AttestationState::Attested => "attested",
-            AttestationState::Failed => "failed",
-        }
-    }
-}
-
-/// One attested check-in's verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Verdict {
-    Attested,
-    Failed,
-}
+pub use crate::attest::{AttestationState, Verdict};
 
 /// A device's record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

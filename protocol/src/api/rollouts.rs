@@ -93,29 +93,7 @@ pub struct RolloutEvent {
     pub cause: Cause,
 }
 
-/// An assignment's status; it only moves forward, except that a healthy device that
-/// later fails attestation counts as failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AssignmentStatus {
-    Assigned,
-    Installing,
-    Healthy,
-    RolledBack,
-    AttestationFailed,
-}
-
-impl AssignmentStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AssignmentStatus::Assigned => "assigned",
-            AssignmentStatus::Installing => "installing",
-            AssignmentStatus::Healthy => "healthy",
-            AssignmentStatus::RolledBack => "rolled_back",
-            AssignmentStatus::AttestationFailed => "attestation_failed",
-        }
-    }
-}
+pub use crate::rollout::AssignmentStatus;
 
 /// One device assigned by a rollout (with `?devices=true`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
