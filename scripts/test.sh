@@ -7,7 +7,7 @@
 # 2. cargo build --all-targets (the default members: every host crate; ebpf/programs
 #    is built for the BPF target by ebpf/loader's build script)
 # 3. a throwaway PostgreSQL server (scripts/postgres.sh) for the store suite
-# 4. cargo test
+# 4. scripts/layering.py (the shape rules of docs/architecture.md), then cargo test
 # 5. scripts/fuzz.sh: every cargo-fuzz target for OUTPOST_FUZZ_SECONDS (default 20) each
 # 6. pytest on tests/ (black-box tests against the built binaries)
 set -euo pipefail
@@ -37,6 +37,9 @@ trap 'bash scripts/postgres.sh stop "$PG_DIR"; rm -rf "$PG_DIR"' EXIT
 OUTPOST_TEST_POSTGRES="$(bash scripts/postgres.sh start "$PG_DIR" "${OUTPOST_TEST_POSTGRES_PORT:-55433}")"
 export OUTPOST_TEST_POSTGRES
 echo "PostgreSQL at $OUTPOST_TEST_POSTGRES"
+
+step "layering (scripts/layering.py: no module circles, layer rules, file and function sizes, no state compared as text)"
+python3 scripts/layering.py
 
 step "cargo test"
 cargo test
