@@ -35,7 +35,6 @@ LAYERS = {
         "director": {"api"},
         "fleet": {"api"},
         "repository": {"api"},
-        "db": {"api", "storage", "director", "fleet", "repository"},
         # Nothing imports the API layer.
         "http": {"api"},
         "config": {"api"},
@@ -48,6 +47,10 @@ LAYERS = {
         "boot": {"agent", "cli", "install"},
         "attest": {"agent", "cli", "install"},
         "policy": {"agent", "cli", "install"},
+        "director": {"agent", "cli", "install"},
+        "updater": {"agent", "cli", "install"},
+        "fetch": {"agent", "cli", "install"},
+        "health": {"agent", "cli", "install"},
     },
 }
 
