@@ -368,4 +368,14 @@ mod tests {
         let e = load("[policy]\nmetrics_request_timeout = \"0s\"\n").expect_err("no deadline");
         assert!(e.to_string().contains("policy.metrics_request_timeout must be more than 0s"), "{e}");
     }
+
+    #[test]
+    fn the_policy_interval_defaults_to_the_install_interval() {
+        let c = load("[install]\ncheck_interval = \"7s\"\n[policy]\n").expect("default");
+        assert_eq!(c.policy.expect("policy").check_interval, Duration::from_secs(7));
+        let c = load("[policy]\ncheck_interval = \"1m\"\n").expect("set");
+        assert_eq!((c.install.check_interval, c.policy.expect("policy").check_interval), (Duration::from_secs(300), Duration::from_secs(60)));
+        let e = load("[policy]\ncheck_interval = \"0s\"\n").expect_err("no interval");
+        assert!(e.to_string().contains("policy.check_interval must be more than 0s"), "{e}");
+    }
 }
