@@ -60,6 +60,10 @@ ONLY = {
         # The bottom layer: protocol and fsio (other crates), its own db, the error type.
         "storage": {"storage", "error"},
     },
+    "update-agent": {
+        # How commands run and print (Passes, Format): below the agent, policy and CLI.
+        "mode": {"mode"},
+    },
 }
 
 

@@ -92,10 +92,7 @@ async fn api<T: serde::de::DeserializeOwned>(step: &'static str, mut resp: reqwe
         body.extend_from_slice(&chunk);
     }
     if !status.is_success() {
-        let message = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).chars().take(300).collect());
+        let message = outpost_protocol::api::ErrorBody::message_or(&body, |raw| String::from_utf8_lossy(raw).chars().take(300).collect());
         return Err(AgentError::Api { step, status: status.as_u16(), message });
     }
     serde_json::from_slice(&body).map_err(|e| AgentError::Api { step, status: status.as_u16(), message: format!("unexpected answer: {e}") })

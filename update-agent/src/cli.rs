@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use crate::agent::{Agent, Output, Passes};
+use crate::agent::{Agent, Output};
+use crate::mode::{Format, Passes};
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
 use crate::fetch::Fetcher;
@@ -80,7 +81,7 @@ pub enum PolicyCommand {
     /// What the daemon enforces (its last status: version, profile, counters).
     Status,
     /// Only the policy part of the daemon: fetch signed bundles through TUF every
-    /// install.check_interval, enforce them, fall back to the essential profile when
+    /// policy.check_interval, enforce them, fall back to the essential profile when
     /// they expire, serve /metrics. For devices whose images another tool updates.
     Run {
         /// One fetch-and-enforce step, then exit (enforcement stays pinned).
@@ -117,32 +118,31 @@ pub enum PolicyCommand {
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
-    let json = cli.json;
+    let format = Format::from_json_flag(cli.json);
     match cli.command {
-        Command::Policy(PolicyCommand::Check { file }) => policy_check(&file, json),
+        Command::Policy(PolicyCommand::Check { file }) => policy_check(&file, format),
         Command::Policy(PolicyCommand::Status) => policy_status(&AgentConfig::load(&cli.config)?),
-        Command::Policy(PolicyCommand::Run { once }) => crate::policy::run_daemon(&AgentConfig::load(&cli.config)?, once).await,
+        Command::Policy(PolicyCommand::Run { once }) => crate::policy::run_daemon(&AgentConfig::load(&cli.config)?, Passes::from_once_flag(once)).await,
         Command::Policy(PolicyCommand::Enforce { file, cgroup_root, metrics_listen, pin_dir }) => {
             let pin_dir = pin_dir.unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PIN_DIR));
-            crate::policy::enforce_local(&file, crate::danger::UnsignedPolicy, cgroup_root, metrics_listen, &pin_dir, json).await
+            crate::policy::enforce_local(&file, crate::danger::UnsignedPolicy, cgroup_root, metrics_listen, &pin_dir, format).await
         }
-        Command::Policy(PolicyCommand::Detach { pin_dir }) => policy_detach(pin_dir, &cli.config, json),
+        Command::Policy(PolicyCommand::Detach { pin_dir }) => policy_detach(pin_dir, &cli.config, format),
         Command::TufClient(args) => crate::tuf_client::run(args).await,
         Command::Run { once } => {
             let config = AgentConfig::load(&cli.config)?;
-            let passes = if once { Passes::Once } else { Passes::Forever };
-            Agent::start(config, Printer { json }).await?.run(passes).await
+            Agent::start(config, Printer { format }).await?.run(Passes::from_once_flag(once)).await
         }
-        Command::Enroll { token } => enroll(&AgentConfig::load(&cli.config)?, &token, json).await,
-        Command::Checkin => checkin(&AgentConfig::load(&cli.config)?, json).await,
-        Command::Update => update(&AgentConfig::load(&cli.config)?, json).await,
+        Command::Enroll { token } => enroll(&AgentConfig::load(&cli.config)?, &token, format).await,
+        Command::Checkin => checkin(&AgentConfig::load(&cli.config)?, format).await,
+        Command::Update => update(&AgentConfig::load(&cli.config)?, format).await,
     }
 }
 
-fn policy_check(file: &Path, json: bool) -> Result<()> {
+fn policy_check(file: &Path, format: Format) -> Result<()> {
     let bytes = std::fs::read(file).map_err(|e| AgentError::io("read", file, e))?;
     let b = outpost_protocol::policy::PolicyBundle::parse(&bytes).map_err(|e| AgentError::Policy(format!("{}: {e}", file.display())))?;
-    if json {
+    if format == Format::Json {
         println!("{}", serde_json::json!({"valid": true, "name": b.name, "version": b.version, "rules": b.profile.rule_count(), "essential_rules": b.essential.rule_count()}));
     } else {
         println!("{}: valid; {} v{}, {} rule(s), essential profile {} rule(s)", file.display(), b.name, b.version, b.profile.rule_count(), b.essential.rule_count());
@@ -160,7 +160,7 @@ fn policy_status(config: &AgentConfig) -> Result<()> {
     }
 }
 
-fn policy_detach(pin_dir: Option<PathBuf>, config: &Path, json: bool) -> Result<()> {
+fn policy_detach(pin_dir: Option<PathBuf>, config: &Path, format: Format) -> Result<()> {
     let pin_dir = match pin_dir {
         Some(d) => d,
         // A config that exists must load: detaching the default directory
@@ -168,13 +168,13 @@ fn policy_detach(pin_dir: Option<PathBuf>, config: &Path, json: bool) -> Result<
         None if config.exists() => AgentConfig::load(config)?.policy.map(|p| p.pin_dir).unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PIN_DIR)),
         None => PathBuf::from(crate::config::DEFAULT_PIN_DIR),
     };
-    crate::policy::detach(&pin_dir, json)
+    crate::policy::detach(&pin_dir, format)
 }
 
-async fn enroll(config: &AgentConfig, token: &str, json: bool) -> Result<()> {
+async fn enroll(config: &AgentConfig, token: &str, format: Format) -> Result<()> {
     std::fs::create_dir_all(&config.state_dir).map_err(|e| AgentError::io("create", &config.state_dir, e))?;
     let enrolled = crate::attest::enroll(config, token).await?;
-    if json {
+    if format == Format::Json {
         println!("{}", serde_json::to_string(&enrolled).unwrap_or_default());
     } else {
         println!("enrolled as {} (hardware class {})", enrolled.device_id, enrolled.hardware_class);
@@ -182,20 +182,21 @@ async fn enroll(config: &AgentConfig, token: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn checkin(config: &AgentConfig, json: bool) -> Result<()> {
-    let mut installer = crate::install::Installer::open(config, Fetcher::new(config.http_limits())?)?;
-    match installer.checkin().await? {
+async fn checkin(config: &AgentConfig, format: Format) -> Result<()> {
+    let fetcher = Fetcher::new(config.http_limits())?;
+    let mut installer = crate::install::Installer::open(config, fetcher.clone())?;
+    match crate::agent::checkin::checkin(&mut installer, &fetcher).await? {
         Some(v) => {
-            Printer { json }.verdict(&v);
+            Printer { format }.verdict(&v);
             Ok(())
         }
         None => Err(AgentError::NotEnrolled { hint: " (or no [tpm] section): nothing to check in with" }),
     }
 }
 
-async fn update(config: &AgentConfig, json: bool) -> Result<()> {
+async fn update(config: &AgentConfig, format: Format) -> Result<()> {
     let report = crate::update::run(config).await?;
-    if json {
+    if format == Format::Json {
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
         return Ok(());
     }
@@ -211,21 +212,21 @@ async fn update(config: &AgentConfig, json: bool) -> Result<()> {
 
 /// The daemon's results on stdout: text, or one JSON object a line with `--json`.
 struct Printer {
-    json: bool,
+    format: Format,
 }
 
 impl Output for Printer {
     fn pass(&self, result: &PassResult) {
-        emit(self.json, result)
+        emit(self.format, result)
     }
 
     fn verdict(&self, verdict: &outpost_protocol::attest::CheckinVerdict) {
-        emit_verdict(self.json, verdict)
+        emit_verdict(self.format, verdict)
     }
 }
 
-fn emit(json: bool, result: &PassResult) {
-    if json {
+fn emit(format: Format, result: &PassResult) {
+    if format == Format::Json {
         println!("{}", serde_json::to_string(result).unwrap_or_default());
         return;
     }
@@ -244,8 +245,8 @@ fn emit(json: bool, result: &PassResult) {
     }
 }
 
-fn emit_verdict(json: bool, v: &outpost_protocol::attest::CheckinVerdict) {
-    if json {
+fn emit_verdict(format: Format, v: &outpost_protocol::attest::CheckinVerdict) {
+    if format == Format::Json {
         println!("{}", serde_json::to_string(v).unwrap_or_default());
     } else if v.verdict == outpost_protocol::attest::Verdict::Attested {
         println!("check-in attested ({})", v.device_id);

@@ -39,6 +39,7 @@ struct RawPolicy {
     metrics_header_timeout: Option<String>,
     metrics_request_timeout: Option<String>,
     pin_dir: Option<PathBuf>,
+    check_interval: Option<String>,
 }
 
 /// Network policy enforcement (`[policy]`): signed bundles of the `policy` delegation,
@@ -56,6 +57,8 @@ pub struct PolicyConfig {
     /// Where programs, maps and links are pinned in bpffs, so enforcement outlives the
     /// agent process (default [`DEFAULT_PIN_DIR`]).
     pub pin_dir: PathBuf,
+    /// How often the daemon fetches signed bundles (default: `install.check_interval`).
+    pub check_interval: Duration,
 }
 
 /// The default pin directory of the network-policy programs.
@@ -167,7 +170,7 @@ impl AgentConfig {
         }
         let tpm = raw.tpm.map(|t| tpm_config(t, &err)).transpose()?;
         let policy = match raw.policy {
-            Some(p) if p.enabled.unwrap_or(true) => Some(policy_config(p, base, &err)?),
+            Some(p) if p.enabled.unwrap_or(true) => Some(policy_config(p, base, install.check_interval, &err)?),
             _ => None,
         };
         Ok(AgentConfig {
@@ -273,8 +276,9 @@ fn tpm_config(t: RawTpm, err: ConfigErr<'_>) -> Result<TpmConfig> {
     Ok(TpmConfig { tcti: t.tcti, pcr })
 }
 
-/// `[policy]` (enabled): labels, the `/metrics` listener and its limits, the pin directory.
-fn policy_config(p: RawPolicy, base: &Path, err: ConfigErr<'_>) -> Result<PolicyConfig> {
+/// `[policy]` (enabled): labels, the `/metrics` listener and its limits, the pin
+/// directory, the fetch interval.
+fn policy_config(p: RawPolicy, base: &Path, default_interval: Duration, err: ConfigErr<'_>) -> Result<PolicyConfig> {
     let metrics_listen = match &p.metrics_listen {
         None => None,
         Some(a) => Some(a.parse().map_err(|e| err(format!("policy.metrics_listen {a:?}: {e}")))?),
@@ -307,7 +311,8 @@ fn policy_config(p: RawPolicy, base: &Path, err: ConfigErr<'_>) -> Result<Policy
     if !pin_dir.is_absolute() {
         return Err(err(format!("policy.pin_dir {:?} must be an absolute path on a BPF file system", pin_dir.display())));
     }
-    Ok(PolicyConfig { cgroup_root: p.cgroup_root.map(|c| base.join(c)), labels: p.labels, metrics_listen, metrics_limits, pin_dir })
+    let check_interval = timeout("check_interval", &p.check_interval, default_interval)?;
+    Ok(PolicyConfig { cgroup_root: p.cgroup_root.map(|c| base.join(c)), labels: p.labels, metrics_listen, metrics_limits, pin_dir, check_interval })
 }
 
 impl AgentConfig {
@@ -362,5 +367,15 @@ mod tests {
         assert!(e.to_string().contains("policy.metrics_max_connections_per_peer must be at least 1"), "{e}");
         let e = load("[policy]\nmetrics_request_timeout = \"0s\"\n").expect_err("no deadline");
         assert!(e.to_string().contains("policy.metrics_request_timeout must be more than 0s"), "{e}");
+    }
+
+    #[test]
+    fn the_policy_interval_defaults_to_the_install_interval() {
+        let c = load("[install]\ncheck_interval = \"7s\"\n[policy]\n").expect("default");
+        assert_eq!(c.policy.expect("policy").check_interval, Duration::from_secs(7));
+        let c = load("[policy]\ncheck_interval = \"1m\"\n").expect("set");
+        assert_eq!((c.install.check_interval, c.policy.expect("policy").check_interval), (Duration::from_secs(300), Duration::from_secs(60)));
+        let e = load("[policy]\ncheck_interval = \"0s\"\n").expect_err("no interval");
+        assert!(e.to_string().contains("policy.check_interval must be more than 0s"), "{e}");
     }
 }

@@ -15,6 +15,7 @@ pub mod fetch;
 pub mod health;
 pub mod install;
 pub mod metrics;
+pub mod mode;
 pub mod policy;
 pub mod report;
 pub mod tpm;
@@ -22,7 +23,8 @@ pub mod tuf_client;
 pub mod update;
 pub mod updater;
 
-pub use agent::{Agent, Output, Passes};
+pub use agent::{Agent, Output};
+pub use mode::{Format, Passes};
 pub use error::{AgentError, Result};
 pub use fetch::Fetcher;
 pub use updater::{TargetInfo, Updater};

@@ -115,41 +115,37 @@ impl Installer {
         self.config.tpm.is_some() && crate::attest::Identity::path(&self.config).exists()
     }
 
-    /// An attested check-in with the device's state and queued install reports (which
-    /// the quote then vouches for). Returns None when the device is not enrolled.
-    pub async fn checkin(&mut self) -> Result<Option<outpost_protocol::attest::CheckinVerdict>> {
-        if !self.attesting() {
-            return Ok(None);
-        }
-        use outpost_protocol::attest::DeviceHealth;
-        let health = match &self.journal.phase {
-            Phase::Idle | Phase::Committed { .. } => DeviceHealth::Healthy,
-            Phase::Downloading { .. } | Phase::Verified { .. } | Phase::Writing { .. } | Phase::Installed { .. } => DeviceHealth::Updating,
-            Phase::TrialBoot { .. } => DeviceHealth::Trial,
-            Phase::RolledBack { .. } => DeviceHealth::RolledBack,
-        };
-        let state = crate::attest::DeviceState {
-            slot: self.boot.state()?.active.to_string(),
-            version: self.journal.running.as_ref().map(|r| r.version.clone()),
-            sbom_sha256: self.journal.running.as_ref().and_then(|r| r.sbom_sha256.clone()),
-            health,
-            reports: self.journal.pending_reports.clone(),
-        };
-        let verdict = crate::attest::checkin(&self.config, self.fetcher.client(), &state).await?;
-        if !state.reports.is_empty() {
-            self.journal.pending_reports.drain(..state.reports.len());
+    /// The installer's configuration (the device id is the TPM-derived one once
+    /// enrolled).
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// The slot the device booted from.
+    pub fn active_slot(&self) -> Result<Slot> {
+        Ok(self.boot.state()?.active)
+    }
+
+    /// The first `sent` queued reports reached the server (in a check-in): they leave
+    /// the journal's queue.
+    pub fn reports_sent(&mut self, sent: usize) -> Result<()> {
+        if sent > 0 {
+            self.journal.pending_reports.drain(..sent);
             self.journal_file.store(&self.journal)?;
         }
-        self.quarantine = verdict.quarantined.then(|| verdict.reason.clone().unwrap_or_else(|| "attestation failed".into()));
-        if let (Some(text), Some(root)) = (&verdict.director_targets, crate::director::pinned(&self.config)?) {
-            let view = crate::director::accept(&self.config, &root, &self.config.device_id, text, chrono::Utc::now())?;
-            match &view.assignment {
-                Some(a) => tracing::info!(version = %a.custom.version, rollout = %a.custom.rollout_id, wave = a.custom.wave, rollback = a.custom.rollback, director_version = view.version, "director assignment"),
-                None => tracing::info!(director_version = view.version, "director assigns nothing new"),
-            }
-            self.director_targets = Some(text.clone());
-        }
-        Ok(Some(verdict))
+        Ok(())
+    }
+
+    /// The last attested check-in's quarantine (None: not quarantined): while set, the
+    /// install step installs nothing.
+    pub fn set_quarantine(&mut self, reason: Option<String>) {
+        self.quarantine = reason;
+    }
+
+    /// The director targets an attested check-in just accepted, for the next install
+    /// step (which verifies them again under the director root it syncs).
+    pub fn hand_director_targets(&mut self, text: String) {
+        self.director_targets = Some(text);
     }
 
     /// Sends queued reports; they stay queued while the server is unreachable.

@@ -12,6 +12,7 @@ use outpost_protocol::policy::{PolicyStatus, PolicyTargetCustom, POLICY_ROLE};
 use super::{lock, start_engine, SharedEngine, Source};
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
+use crate::mode::Passes;
 use crate::updater::{TargetInfo, Updater};
 
 /// The bundle for this device among the signed targets of the `policy` role: the most
@@ -129,7 +130,7 @@ pub async fn step(config: &AgentConfig, engine: &SharedEngine, updater: std::res
 }
 
 /// `outpost-agent policy run`: the policy part of the daemon alone.
-pub async fn run_daemon(config: &AgentConfig, once: bool) -> Result<()> {
+pub async fn run_daemon(config: &AgentConfig, passes: Passes) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let p = config.policy.as_ref().ok_or_else(|| AgentError::MissingSection { section: "policy", hint: "" })?;
     config.prepare_state()?;
@@ -144,7 +145,7 @@ pub async fn run_daemon(config: &AgentConfig, once: bool) -> Result<()> {
         let mut updater = Updater::for_agent(config, fetcher.clone());
         step(config, &engine, updater.as_mut().map_err(|e| &*e)).await
     };
-    if once {
+    if passes == Passes::Once {
         one_step().await;
         return Ok(());
     }
@@ -158,7 +159,7 @@ pub async fn run_daemon(config: &AgentConfig, once: bool) -> Result<()> {
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
         tokio::select! {
-            _ = tokio::time::sleep(config.install.check_interval) => {}
+            _ = tokio::time::sleep(p.check_interval) => {}
             _ = term.recv() => return Ok(()),
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }

@@ -10,12 +10,13 @@ use outpost_ebpf::SwapReport;
 
 use super::{cgroup2_mount, lock, serve_metrics, PolicyEngine, Source};
 use crate::error::{AgentError, Result};
+use crate::mode::Format;
 
 /// `outpost-agent policy detach`: the explicit end of enforcement.
-pub fn detach(pin_dir: &Path, json: bool) -> Result<()> {
+pub fn detach(pin_dir: &Path, format: Format) -> Result<()> {
     let d = outpost_ebpf::detach_pinned(pin_dir).map_err(|e| AgentError::Policy(e.to_string()))?;
     tracing::warn!(pin_dir = %pin_dir.display(), links = d.links.len(), maps = d.maps, "network policy enforcement removed by policy detach");
-    if json {
+    if format == Format::Json {
         let links: Vec<String> = d.links.iter().map(|l| l.display().to_string()).collect();
         println!("{}", serde_json::json!({"event": "detached", "pin_dir": pin_dir.display().to_string(), "links": links, "maps": d.maps}));
     } else if d.links.is_empty() && d.maps == 0 {
@@ -29,7 +30,7 @@ pub fn detach(pin_dir: &Path, json: bool) -> Result<()> {
 /// `outpost-agent policy enforce FILE`: enforce a local bundle in the foreground (for
 /// trying a bundle on a device; the daemon enforces only signed bundles). SIGHUP
 /// re-reads FILE; SIGINT/SIGTERM detach everything and exit.
-pub async fn enforce_local(file: &Path, unsigned: crate::danger::UnsignedPolicy, cgroup_root: Option<PathBuf>, metrics: Option<std::net::SocketAddr>, pin_dir: &Path, json: bool) -> Result<()> {
+pub async fn enforce_local(file: &Path, unsigned: crate::danger::UnsignedPolicy, cgroup_root: Option<PathBuf>, metrics: Option<std::net::SocketAddr>, pin_dir: &Path, format: Format) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let root = cgroup_root.or_else(cgroup2_mount).ok_or_else(|| AgentError::Policy("no cgroup v2 mount found; pass --cgroup-root".into()))?;
     // Handlers first: a SIGHUP sent as soon as the bundle is announced is a re-read,
@@ -48,7 +49,7 @@ pub async fn enforce_local(file: &Path, unsigned: crate::danger::UnsignedPolicy,
             "to_flip_ms": r.map(|r| r.to_flip.as_secs_f64() * 1e3), "total_ms": r.map(|r| r.total.as_secs_f64() * 1e3),
             "refused": e.refused,
         });
-        if json {
+        if format == Format::Json {
             println!("{line}");
         } else {
             println!("{event}: {name} v{version} ({}){}", applied.map(|a| format!("{a:?}").to_lowercase()).unwrap_or_default(), r.map(|r| format!(", {} rules in generation {}, applied in {:.2} ms", r.rules, r.generation, r.to_flip.as_secs_f64() * 1e3)).unwrap_or_default());
@@ -88,7 +89,7 @@ pub async fn enforce_local(file: &Path, unsigned: crate::danger::UnsignedPolicy,
     }
     // The links and maps are pinned: the policy stays enforced after this process.
     drop(engine);
-    if json {
+    if format == Format::Json {
         println!("{}", serde_json::json!({"event": "stopped", "pin_dir": pin_dir.display().to_string()}));
     } else {
         println!("stopped: the policy stays enforced (pinned in {}); `outpost-agent policy detach` removes it", pin_dir.display());

@@ -1,0 +1,144 @@
+//! The device daemon (`outpost-agent run`): the [`Agent`] owns the agent's one HTTP
+//! client, the installer and the policy engine, and runs each concern on its own timer.
+//!
+//! At start: the bootloader step (finish or undo an install in progress), the policy
+//! engine with its `/metrics` listener and its expiry watch (its own task with its own
+//! one-second timer, so nothing the daemon waits on delays the fail-secure fallback).
+//! Then one select loop with one deadline per concern ([`schedule`]):
+//!
+//! - policy, every `policy.check_interval`: fetch and offer a newer signed bundle;
+//! - check-in, every `install.check_interval`: the attested check-in ([`checkin`]),
+//!   whose verdict (quarantine) and director assignment are handed to the install in
+//!   memory, and which wakes the install;
+//! - install, right after each check-in: director root, choice, gates, download,
+//!   slot, trial reboot — on the verdict and the assignment of the check-in just made.
+//!
+//! Concerns due at the same time run in one round, in that order, on one TUF refresh
+//! of the image repository (the intervals default to the same value, so by default
+//! every round is policy, check-in, install on one refresh). SIGTERM or SIGINT stops
+//! the loop wherever it waits; the policy enforcement stays pinned.
+
+pub mod checkin;
+pub mod schedule;
+
+use std::time::Instant;
+
+use crate::config::AgentConfig;
+use crate::error::{AgentError, Result};
+use crate::fetch::Fetcher;
+use crate::install::{Installer, PassResult};
+use crate::mode::Passes;
+use crate::policy::{self, SharedEngine};
+use crate::updater::Updater;
+use schedule::{Due, Schedule};
+
+/// Where the daemon's results go (the CLI prints them, as text or JSON lines).
+pub trait Output: Send + Sync + 'static {
+    /// The outcome of a boot, of an install, or of a rollback about to reboot.
+    fn pass(&self, result: &PassResult);
+    /// The server's answer to an attested check-in.
+    fn verdict(&self, verdict: &outpost_protocol::attest::CheckinVerdict);
+}
+
+pub struct Agent {
+    config: AgentConfig,
+    /// The one HTTP client (metadata, targets, check-ins, reports).
+    fetcher: Fetcher,
+    installer: Installer,
+    policy: Option<SharedEngine>,
+    output: std::sync::Arc<dyn Output>,
+}
+
+impl Agent {
+    /// Prepares the state directory, starts the policy engine (and its `/metrics`
+    /// listener) when `[policy]` is set, and opens the installer.
+    pub async fn start(config: AgentConfig, output: impl Output) -> Result<Self> {
+        config.prepare_state()?;
+        let policy = policy::start_for(&config);
+        if let (Some(engine), Some(p)) = (&policy, config.policy.as_ref()) {
+            if let Some(addr) = p.metrics_listen {
+                policy::serve_metrics(addr, p.metrics_limits, engine.clone()).await?;
+            }
+        }
+        let fetcher = Fetcher::new(config.http_limits())?;
+        let mut installer = Installer::open(&config, fetcher.clone())?;
+        let output: std::sync::Arc<dyn Output> = std::sync::Arc::new(output);
+        let announce = output.clone();
+        installer.announce = Some(Box::new(move |r| announce.pass(r)));
+        Ok(Agent { config, fetcher, installer, policy, output })
+    }
+
+    /// The bootloader step, then rounds until stopped (or one, see [`Passes`]).
+    pub async fn run(mut self, passes: Passes) -> Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        // The policy's expiry fallback runs on its own task: a check-in, policy
+        // fetch or download that hangs never delays it.
+        let _watch = self.policy.as_ref().map(|engine| policy::spawn_expiry_watch(&self.config, engine.clone()));
+        if let Some(result) = self.installer.boot().await? {
+            self.output.pass(&result);
+        }
+        let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Task { task: "SIGTERM handler", reason: e.to_string() })?;
+        let policy_every = self.config.policy.as_ref().filter(|_| self.policy.is_some()).map(|p| p.check_interval);
+        let mut schedule = Schedule::new(Instant::now(), policy_every, self.config.install.check_interval);
+        loop {
+            let due = schedule.due(Instant::now());
+            if due.any() {
+                tokio::select! {
+                    r = self.round(due, passes) => r?,
+                    _ = term.recv() => return Ok(()),
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+                if passes == Passes::Once {
+                    return Ok(());
+                }
+                schedule.ran(due, Instant::now());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(schedule.next().into()) => {}
+                _ = term.recv() => return Ok(()),
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+        }
+    }
+
+    /// The concerns `due` now, in order, on one TUF refresh (see the module header).
+    async fn round(&mut self, due: Due, passes: Passes) -> Result<()> {
+        // The first step that needs the metadata refreshes it; the others reuse it.
+        let mut updater = Updater::for_agent(&self.config, self.fetcher.clone());
+        if let (true, Some(engine)) = (due.policy, &self.policy) {
+            policy::step(&self.config, engine, updater.as_mut().map_err(|e| &*e)).await;
+        }
+        if due.checkin {
+            self.installer.flush_reports().await;
+            self.checkin().await;
+            self.install(updater, passes).await?;
+            self.installer.flush_reports().await;
+        }
+        Ok(())
+    }
+
+    /// The attested check-in (enrolled devices only); a failure is logged, the install
+    /// it wakes acts on the last verdict the installer holds.
+    async fn checkin(&mut self) {
+        match checkin::checkin(&mut self.installer, &self.fetcher).await {
+            Ok(Some(v)) => self.output.verdict(&v),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %outpost_protocol::display_chain(&e), "attested check-in failed"),
+        }
+    }
+
+    /// The install step on the round's TUF client; with [`Passes::Once`] its error is
+    /// the daemon's, otherwise it is logged.
+    async fn install(&mut self, updater: Result<Updater>, passes: Passes) -> Result<()> {
+        let installed = match updater {
+            Ok(mut updater) => self.installer.check_and_install(&mut updater).await,
+            Err(e) => Err(e),
+        };
+        match installed {
+            Ok(result) => self.output.pass(&result),
+            Err(e) if passes == Passes::Once => return Err(e),
+            Err(e) => tracing::error!(error = %outpost_protocol::display_chain(&e), "update check failed"),
+        }
+        Ok(())
+    }
+}
