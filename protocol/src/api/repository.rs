@@ -16,6 +16,12 @@ pub struct RepositoryStatus {
     pub timestamp_expires: Option<String>,
 }
 
+/// `GET /healthz`: `{"status": "ok"}` while the server serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+}
+
 /// A target file received into staging (published once signed metadata names it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StagedTarget {

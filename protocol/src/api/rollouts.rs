@@ -50,17 +50,8 @@ pub struct ActionRequest {
     pub roll_back: Option<bool>,
 }
 
-/// The signed full-image release a rollout assigns.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RolloutRelease {
-    pub path: String,
-    pub length: u64,
-    pub sha256: String,
-    pub version: String,
-    /// The image digest the device's TPM records when it boots this release.
-    pub measurement: String,
-    pub sbom_sha256: Option<String>,
-}
+/// The release a rollout assigns.
+pub use crate::director::FirmwareRelease;
 
 /// One wave: its plan and its cumulative counters (wave k counts waves 0..=k).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -114,7 +105,7 @@ pub struct RolloutView {
     pub name: String,
     pub hardware_class: String,
     pub labels: BTreeMap<String, String>,
-    pub release: RolloutRelease,
+    pub release: FirmwareRelease,
     pub gate: Gate,
     pub state: State,
     /// [`State::name`] of `state`.

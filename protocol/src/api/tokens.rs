@@ -26,6 +26,14 @@ pub struct EnrollmentToken {
     pub expires_at: String,
 }
 
+/// `GET /api/v1/whoami`: the caller's token name and role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Whoami {
+    pub name: String,
+    /// "operator", "viewer" or "pipeline".
+    pub role: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,5 +48,7 @@ mod tests {
         let r: TokenRequest = crate::api::round_trip(json!({"hardware_class": "gw", "ttl": "15m", "labels": {}}));
         assert_eq!(r.ttl.as_deref(), Some("15m"));
         assert!(serde_json::from_value::<TokenRequest>(json!({"hardware_class": "gw", "tll": "1h"})).is_err());
+        let w: Whoami = crate::api::round_trip(json!({"name": "ops", "role": "operator"}));
+        assert_eq!(w.role, "operator");
     }
 }

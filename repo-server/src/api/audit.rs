@@ -3,8 +3,8 @@
 use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
+use outpost_protocol::api::reports::AuditLog;
 use serde::Deserialize;
-use serde_json::{json, Value};
 
 use super::{ApiError, AppState, Auth};
 use crate::storage::TokenRole;
@@ -18,12 +18,12 @@ struct AuditQuery {
     limit: Option<u32>,
 }
 
-async fn audit(State(s): State<AppState>, auth: Auth, Query(q): Query<AuditQuery>) -> Result<Json<Value>, ApiError> {
+async fn audit(State(s): State<AppState>, auth: Auth, Query(q): Query<AuditQuery>) -> Result<Json<AuditLog>, ApiError> {
     auth.require_reader()?;
-    Ok(Json(json!({"entries": s.store.recent_log(q.limit.unwrap_or(200).min(5000)).await?})))
+    Ok(Json(AuditLog { entries: s.store.recent_log(q.limit.unwrap_or(200).min(5000)).await? }))
 }
 
-async fn log(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+async fn log(State(s): State<AppState>, auth: Auth) -> Result<Json<AuditLog>, ApiError> {
     auth.require_any(&[TokenRole::Operator, TokenRole::Viewer, TokenRole::Pipeline])?;
-    Ok(Json(json!({"entries": s.store.recent_log(100).await?})))
+    Ok(Json(AuditLog { entries: s.store.recent_log(100).await? }))
 }

@@ -6,7 +6,7 @@ use axum::http::header::{self, HeaderValue};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use outpost_protocol::api::tokens::Whoami;
 
 use super::ApiError;
 use super::{AppState, Auth};
@@ -39,6 +39,6 @@ fn page(content_type: &'static str, body: &'static str) -> Response {
 }
 
 /// The token's name and role (the dashboard shows operator actions only to operators).
-async fn whoami(State(_s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({"name": auth.0.name, "role": auth.0.role.as_str()})))
+async fn whoami(State(_s): State<AppState>, auth: Auth) -> Result<Json<Whoami>, ApiError> {
+    Ok(Json(Whoami { name: auth.0.name, role: auth.0.role.as_str().to_owned() }))
 }

@@ -2,15 +2,13 @@
 //! activation, nonces and attested check-ins (see `fleet`), and the admin view of
 //! devices and verdicts.
 
-use std::collections::BTreeMap;
-
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use outpost_protocol::attest::{Checkin, CheckinVerdict, EnrollChallenge, EnrollProof, EnrollRequest, Enrolled, NonceGrant, NonceRequest};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use outpost_protocol::api::devices::{DeviceDetail, DeviceLabels, DeviceList, LabelsRequest, ListedDevice};
+use outpost_protocol::api::tokens::{EnrollmentToken, TokenRequest};
 
 use super::{ApiError, ApiJson, AppState, Auth};
 use crate::fleet::checkin::CheckinContext;
@@ -33,18 +31,7 @@ fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TokenBody {
-    hardware_class: String,
-    /// Lifetime, e.g. "24h" (default) or "15m".
-    ttl: Option<String>,
-    /// Labels the enrolled device gets (rollout selectors match them).
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-}
-
-async fn create_token(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<TokenBody>) -> Result<Json<Value>, ApiError> {
+async fn create_token(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<TokenRequest>) -> Result<Json<EnrollmentToken>, ApiError> {
     auth.require(TokenRole::Operator)?;
     let class: outpost_protocol::release::HardwareClass =
         body.hardware_class.parse().map_err(|e: outpost_protocol::Error| ApiError::unprocessable("invalid_hardware_class", e.to_string()))?;
@@ -69,48 +56,44 @@ async fn prove(State(s): State<AppState>, Path(challenge): Path<String>, ApiJson
 }
 
 /// Devices, each flagged with the deny-list entries affecting the release it runs.
-async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<DeviceList>, ApiError> {
     auth.require_reader()?;
-    let vulnerable = crate::fleet::sbom::vulnerable_devices(&s.repo, &s.store).await?;
-    let devices: Vec<Value> = s
+    let mut vulnerable = crate::fleet::sbom::vulnerable_devices(&s.repo, &s.store).await?;
+    let devices = s
         .store
-        .devices().await?
+        .devices()
+        .await?
         .into_iter()
-        .map(|d| {
-            let ids = vulnerable.get(&d.device_id).cloned().unwrap_or_default();
-            let mut v = serde_json::to_value(&d).unwrap_or(Value::Null);
-            v["vulnerable"] = json!(ids);
-            v
-        })
+        .map(|device| ListedDevice { vulnerable: vulnerable.remove(&device.device_id).unwrap_or_default(), device })
         .collect();
-    Ok(Json(json!({"devices": devices})))
+    Ok(Json(DeviceList { devices }))
 }
 
-async fn show(State(s): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn show(State(s): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<Json<DeviceDetail>, ApiError> {
     auth.require_reader()?;
-    let device = s.store.device(&id).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id:?}")))?;
-    let history = s.store.attestations(&id, 50).await?;
+    let record = s.store.device(&id).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id:?}")))?;
+    let attestations = s.store.attestations(&id, 50).await?;
     // Only what the device itself said, in attested check-ins.
     let reports = s.store.recent_reports(Some(&id), 50, true).await?;
     let vulnerable = crate::fleet::sbom::vulnerable_devices(&s.repo, &s.store).await?.remove(&id).unwrap_or_default();
-    Ok(Json(json!({"device": device, "vulnerable": vulnerable, "attestations": history, "reports": reports})))
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LabelsBody {
-    labels: BTreeMap<String, String>,
+    Ok(Json(DeviceDetail { device: record.device, vulnerable, attestations, reports }))
 }
 
 /// Replaces a device's labels (operators).
-async fn set_labels(State(s): State<AppState>, auth: Auth, Path(id): Path<String>, ApiJson(body): ApiJson<LabelsBody>) -> Result<Json<Value>, ApiError> {
+async fn set_labels(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<LabelsRequest>,
+) -> Result<Json<DeviceLabels>, ApiError> {
     auth.require(TokenRole::Operator)?;
     crate::fleet::check_labels(&body.labels).map_err(|m| ApiError::unprocessable("invalid_labels", m))?;
     if !s.store.set_device_labels(&id, &body.labels).await? {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id:?}")));
     }
-    s.store.log(&auth.0.name, "device_labels", &json!({"device_id": id, "labels": body.labels})).await?;
-    Ok(Json(json!({"device_id": id, "labels": body.labels})))
+    let answer = DeviceLabels { device_id: id, labels: body.labels };
+    s.store.log(&auth.0.name, "device_labels", &answer).await?;
+    Ok(Json(answer))
 }
 
 async fn nonce(State(s): State<AppState>, Path(id): Path<String>, ApiJson(req): ApiJson<NonceRequest>) -> Result<Json<NonceGrant>, ApiError> {

@@ -5,6 +5,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use outpost_protocol::api::ErrorBody;
 
 use crate::error::ServerError;
 use crate::fleet::Refusal;
@@ -50,7 +51,7 @@ impl From<ServerError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(serde_json::json!({"code": self.code, "message": self.message}))).into_response()
+        (self.status, Json(ErrorBody { code: self.code.to_owned(), message: self.message })).into_response()
     }
 }
 

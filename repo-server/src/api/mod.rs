@@ -8,7 +8,6 @@ use std::sync::Arc;
 use axum::extract::FromRef;
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{json, Value};
 
 use crate::repository::Repository;
 use crate::storage::Store;
@@ -64,6 +63,6 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+async fn healthz() -> Json<outpost_protocol::api::repository::Health> {
+    Json(outpost_protocol::api::repository::Health { status: "ok".to_owned() })
 }

@@ -4,8 +4,8 @@
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::routing::post;
 use axum::{Json, Router};
+use outpost_protocol::api::reports::{Recorded, ReportList};
 use serde::Deserialize;
-use serde_json::{json, Value};
 
 use super::{ApiError, ApiJson, AppState, Auth};
 
@@ -19,7 +19,7 @@ pub fn routes() -> Router<AppState> {
 /// Install outcomes of devices that follow no director (no identity, so nobody can
 /// tell who sent them): recorded as unattested and bounded. An enrolled device's
 /// outcomes come only inside its attested check-ins.
-async fn add_report(State(s): State<AppState>, ApiJson(report): ApiJson<crate::storage::InstallReport>) -> Result<Json<Value>, ApiError> {
+async fn add_report(State(s): State<AppState>, ApiJson(report): ApiJson<crate::storage::InstallReport>) -> Result<Json<Recorded>, ApiError> {
     report.validate().map_err(|m| ApiError::unprocessable("invalid_report", m))?;
     if !s.store.add_unattested_report(&report).await? {
         return Err(ApiError::new(
@@ -29,7 +29,7 @@ async fn add_report(State(s): State<AppState>, ApiJson(report): ApiJson<crate::s
         ));
     }
     tracing::info!(device = %report.device_id, version = %report.version, outcome = report.outcome.as_str(), reason = report.reason.as_deref().unwrap_or(""), "install report");
-    Ok(Json(json!({"recorded": true})))
+    Ok(Json(Recorded { recorded: true }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -37,7 +37,7 @@ struct ReportQuery {
     device: Option<String>,
 }
 
-async fn list_reports(State(s): State<AppState>, auth: Auth, Query(q): Query<ReportQuery>) -> Result<Json<Value>, ApiError> {
+async fn list_reports(State(s): State<AppState>, auth: Auth, Query(q): Query<ReportQuery>) -> Result<Json<ReportList>, ApiError> {
     auth.require_reader()?;
-    Ok(Json(json!({"reports": s.store.recent_reports(q.device.as_deref(), 200, false).await?})))
+    Ok(Json(ReportList { reports: s.store.recent_reports(q.device.as_deref(), 200, false).await? }))
 }

@@ -1,15 +1,13 @@
 //! The pipeline's repository API: status, target uploads into staging, and publishing
 //! offline-signed metadata.
 
-use std::collections::BTreeMap;
-
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
+use outpost_protocol::api::repository::{PublishOutcome, PublishRequest, RepositoryStatus, StagedTarget};
 use serde::Deserialize;
-use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
@@ -25,8 +23,8 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/publish", post(publish).layer(DefaultBodyLimit::max(256 << 20)))
 }
 
-async fn status(State(s): State<AppState>, _auth: Auth) -> Json<Value> {
-    Json(serde_json::to_value(s.repo.status().await).unwrap_or(Value::Null))
+async fn status(State(s): State<AppState>, _auth: Auth) -> Json<RepositoryStatus> {
+    Json(s.repo.status().await)
 }
 
 #[derive(Debug, Deserialize)]
@@ -41,7 +39,7 @@ async fn upload_target(
     auth: Auth,
     Query(q): Query<UploadQuery>,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<StagedTarget>, ApiError> {
     auth.require(TokenRole::Pipeline)?;
     let dir = s.repo.staging_dir().to_owned();
     let mut rnd = [0u8; 8];
@@ -77,7 +75,7 @@ async fn upload_target(
     match result {
         Ok((sha256, length)) => {
             tracing::info!(path = q.path.as_deref().unwrap_or(""), %sha256, length, by = %auth.0.name, "target uploaded to staging");
-            Ok(Json(json!({"sha256": sha256, "length": length})))
+            Ok(Json(StagedTarget { sha256, length }))
         }
         Err(e) => {
             let _ = tokio::fs::remove_file(&tmp).await;
@@ -86,24 +84,14 @@ async fn upload_target(
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PublishBody {
-    #[serde(default)]
-    roots: Vec<Value>,
-    #[serde(default)]
-    roles: BTreeMap<String, Value>,
-}
-
-async fn publish(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<PublishBody>) -> Result<Json<Value>, ApiError> {
+async fn publish(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<PublishRequest>) -> Result<Json<PublishOutcome>, ApiError> {
     auth.require(TokenRole::Pipeline)?;
     match s.repo.publish(&body.roots, &body.roles, chrono::Utc::now()).await {
         Ok(outcome) => {
-            let v = serde_json::to_value(&outcome).unwrap_or(Value::Null);
-            s.store.log(&auth.0.name, "publish", &v).await?;
+            s.store.log(&auth.0.name, "publish", &outcome).await?;
             crate::fleet::sbom::index_release_sboms(&s.repo, &s.store).await;
             tracing::info!(by = %auth.0.name, roles = ?outcome.roles, snapshot = outcome.snapshot_version, "published");
-            Ok(Json(v))
+            Ok(Json(outcome))
         }
         Err(PublishError::Refused { code, message }) => {
             tracing::warn!(by = %auth.0.name, code, %message, "publish refused");

@@ -7,9 +7,10 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use outpost_protocol::rollout::{validate_waves, Event, Gate, State as RolloutState, WaveSpec};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use outpost_protocol::api::rollouts::{CreateRollout, RolloutList, RolloutView, WaveRequest, WaveView};
+use outpost_protocol::rollout::{validate_waves, Event, State as RolloutState, Transition, WaveSpec};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::ApiError;
 use super::{ApiJson, AppState, Auth};
@@ -23,39 +24,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/rollouts/{id}/{action}", post(act))
 }
 
-/// One wave as the API takes it (signed numbers, so negative values get a message
-/// naming the field rather than a parse error).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WaveBody {
-    percent: f64,
-    success_threshold: f64,
-    failure_threshold: f64,
-    #[serde(default)]
-    min_devices: i64,
-    #[serde(default)]
-    soak_secs: i64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateBody {
-    name: Option<String>,
-    /// The release version to roll out (a signed firmware target of the class).
-    version: String,
-    hardware_class: String,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-    waves: Vec<WaveBody>,
-    #[serde(default = "auto")]
-    gate: Gate,
-}
-
-fn auto() -> Gate {
-    Gate::Auto
-}
-
-fn waves_of(body: &[WaveBody]) -> Result<Vec<WaveSpec>, String> {
+fn waves_of(body: &[WaveRequest]) -> Result<Vec<WaveSpec>, String> {
     let mut out = Vec::new();
     for (i, w) in body.iter().enumerate() {
         if w.soak_secs < 0 {
@@ -79,8 +48,6 @@ fn waves_of(body: &[WaveBody]) -> Result<Vec<WaveSpec>, String> {
     Ok(out)
 }
 
-
-
 /// Refuses to expose a release the signed deny-list affects.
 async fn vulnerability_gate(s: &AppState, release_path: &str) -> Result<(), ApiError> {
     let hits = crate::fleet::sbom::denied(&s.repo, &s.store, release_path).await?;
@@ -94,7 +61,7 @@ async fn vulnerability_gate(s: &AppState, release_path: &str) -> Result<(), ApiE
     }
 }
 
-async fn create(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<CreateBody>) -> Result<(StatusCode, Json<Value>), ApiError> {
+async fn create(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<CreateRollout>) -> Result<(StatusCode, Json<RolloutView>), ApiError> {
     auth.require(TokenRole::Operator)?;
     let class: outpost_protocol::release::HardwareClass =
         body.hardware_class.parse().map_err(|e: outpost_protocol::Error| ApiError::unprocessable("invalid_hardware_class", format!("hardware_class: {e}")))?;
@@ -123,13 +90,24 @@ async fn create(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<Cr
         created_at: chrono::Utc::now().to_rfc3339(),
     };
     s.store.create_rollout(&record).await?;
-    s.store.log(&auth.0.name, "rollout_create", &json!({"rollout": id, "release": record.release.path, "version": record.release.version, "waves": record.waves, "labels": record.labels})).await?;
+    let detail = RolloutCreated { rollout: &id, release: &record.release.path, version: &record.release.version, waves: &record.waves, labels: &record.labels };
+    s.store.log(&auth.0.name, "rollout_create", &detail).await?;
     tracing::info!(rollout = %id, release = %record.release.path, by = %auth.0.name, "rollout created");
     Ok((StatusCode::CREATED, Json(view(&s, &record, false).await?)))
 }
 
+/// The audit log's detail of a new rollout.
+#[derive(Serialize)]
+struct RolloutCreated<'a> {
+    rollout: &'a str,
+    release: &'a str,
+    version: &'a str,
+    waves: &'a [WaveSpec],
+    labels: &'a BTreeMap<String, String>,
+}
+
 /// A rollout with its waves' counters and transition history.
-async fn view(s: &AppState, r: &RolloutRecord, with_devices: bool) -> Result<Value, ApiError> {
+async fn view(s: &AppState, r: &RolloutRecord, with_devices: bool) -> Result<RolloutView, ApiError> {
     view_with(s, r, with_devices, false).await
 }
 
@@ -148,50 +126,60 @@ async fn plan(s: &AppState, r: &RolloutRecord) -> Result<Vec<u32>, ApiError> {
     Ok(per_wave)
 }
 
-async fn view_with(s: &AppState, r: &RolloutRecord, with_devices: bool, with_plan: bool) -> Result<Value, ApiError> {
+async fn view_with(s: &AppState, r: &RolloutRecord, with_devices: bool, with_plan: bool) -> Result<RolloutView, ApiError> {
     let (counters, events) = s.store.rollout_progress(&r.id).await?;
     let current = match &r.state {
         RolloutState::Running { wave, .. } | RolloutState::AwaitingApproval { wave, .. } | RolloutState::Paused { wave, .. } => Some(*wave),
         _ => None,
     };
-    let waves: Vec<Value> = r
+    let planned = if with_plan { Some(plan(s, r).await?) } else { None };
+    let waves = r
         .waves
         .iter()
         .zip(&counters)
         .enumerate()
-        .map(|(i, (w, c))| {
-            json!({
-                "wave": i, "percent": w.percent, "success_threshold": w.success_threshold, "failure_threshold": w.failure_threshold,
-                "min_devices": w.min_devices, "soak_secs": w.soak_secs, "current": current == Some(i),
-                "assigned": c.assigned, "installing": c.installing, "healthy": c.healthy,
-                "rolled_back": c.rolled_back, "attestation_failed": c.attestation_failed,
-            })
+        .map(|(i, (w, c))| WaveView {
+            wave: i,
+            percent: w.percent,
+            success_threshold: w.success_threshold,
+            failure_threshold: w.failure_threshold,
+            min_devices: w.min_devices,
+            soak_secs: w.soak_secs,
+            current: current == Some(i),
+            assigned: c.assigned,
+            installing: c.installing,
+            healthy: c.healthy,
+            rolled_back: c.rolled_back,
+            attestation_failed: c.attestation_failed,
+            planned: planned.as_ref().and_then(|p| p.get(i).copied()),
         })
         .collect();
-    let mut v = json!({
-        "id": r.id, "name": r.name, "hardware_class": r.hardware_class, "labels": r.labels,
-        "release": r.release, "gate": r.gate, "state": r.state, "state_name": r.state.name(),
-        "created_by": r.created_by, "created_at": r.created_at, "waves": waves, "events": events,
-    });
-    if with_devices {
-        v["devices"] = json!(s.store.rollout_assignments(&r.id).await?);
-    }
-    if with_plan {
-        for (w, n) in plan(s, r).await?.into_iter().enumerate() {
-            v["waves"][w]["planned"] = json!(n);
-        }
-    }
-    Ok(v)
+    let devices = if with_devices { Some(s.store.rollout_assignments(&r.id).await?) } else { None };
+    Ok(RolloutView {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        hardware_class: r.hardware_class.clone(),
+        labels: r.labels.clone(),
+        release: r.release.clone(),
+        gate: r.gate,
+        state: r.state.clone(),
+        state_name: r.state.name().to_owned(),
+        created_by: r.created_by.clone(),
+        created_at: r.created_at.clone(),
+        waves,
+        events,
+        devices,
+    })
 }
 
-async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<Value>, ApiError> {
+async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<RolloutList>, ApiError> {
     auth.require_reader()?;
     let all = s.store.rollouts().await?;
-    let mut views = Vec::with_capacity(all.len());
+    let mut rollouts = Vec::with_capacity(all.len());
     for r in &all {
-        views.push(view(&s, r, false).await?);
+        rollouts.push(view(&s, r, false).await?);
     }
-    Ok(Json(json!({"rollouts": views})))
+    Ok(Json(RolloutList { rollouts }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -208,7 +196,7 @@ fn not_found(id: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "unknown_rollout", format!("no rollout {id:?}"))
 }
 
-async fn show(State(s): State<AppState>, auth: Auth, UrlPath(id): UrlPath<String>, Query(q): Query<ShowQuery>) -> Result<Json<Value>, ApiError> {
+async fn show(State(s): State<AppState>, auth: Auth, UrlPath(id): UrlPath<String>, Query(q): Query<ShowQuery>) -> Result<Json<RolloutView>, ApiError> {
     auth.require_reader()?;
     let r = s.store.rollout(&id).await?.ok_or_else(|| not_found(&id))?;
     Ok(Json(view_with(&s, &r, q.devices, q.plan).await?))
@@ -238,12 +226,20 @@ fn act_body(bytes: &[u8]) -> Result<ActBody, String> {
     Ok(out)
 }
 
+/// The audit log's detail of a rollout action.
+#[derive(Serialize)]
+struct RolloutActed<'a> {
+    rollout: &'a str,
+    roll_back: bool,
+    transition: &'a Option<Transition>,
+}
+
 async fn act(
     State(s): State<AppState>,
     auth: Auth,
     UrlPath((id, action)): UrlPath<(String, String)>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RolloutView>, ApiError> {
     auth.require(TokenRole::Operator)?;
     let body = act_body(&body).map_err(|m| ApiError::unprocessable("invalid_body", m))?;
     let by = auth.0.name.clone();
@@ -270,12 +266,10 @@ async fn act(
         ActionOutcome::NotFound => Err(not_found(&id)),
         ActionOutcome::Refused(why) => Err(ApiError::conflict("invalid_transition", why)),
         ActionOutcome::Done(record, t) => {
-            s.store.log(&by, &format!("rollout_{action}"), &json!({"rollout": id, "roll_back": body.roll_back, "transition": t})).await?;
+            s.store.log(&by, &format!("rollout_{action}"), &RolloutActed { rollout: &id, roll_back: body.roll_back, transition: &t }).await?;
             tracing::info!(rollout = %id, %action, by = %by, state = record.state.name(), "rollout action");
             Ok(Json(view(&s, &record, false).await?))
         }
     }
 }
-
-
 

@@ -75,6 +75,10 @@ mod tests {
     use crate::storage::{ActionOutcome, InstallReport, ReportOutcome, RolloutRecord, Store};
     use super::decide::tests::release;
 
+    /// The API's JSON of stored rows, as the checks below read them.
+    fn as_json<T: serde::Serialize>(rows: &[T]) -> Vec<serde_json::Value> {
+        rows.iter().map(|r| serde_json::to_value(r).unwrap_or_else(|e| panic!("{e}"))).collect()
+    }
 
     use crate::storage::testing::{add_devices, on_both_backends};
     use crate::storage::Backend;
@@ -166,9 +170,10 @@ mod tests {
         let in_wave0 = ids.iter().filter(|id| rollout::wave_of(&r.waves, "r-bad", id) == Some(0)).count();
         assert!(in_wave0 > 50 && in_wave0 < 150, "{in_wave0}");
         assert!(assigned.len() <= in_wave0 && failed as f64 >= 0.1 * total as f64, "{failed} of {total}");
-        let rows = s.rollout_assignments("r-bad").await.unwrap_or_default();
+        let rows = as_json(&s.rollout_assignments("r-bad").await.unwrap_or_default());
         assert!(rows.iter().all(|a| a["wave"] == 0), "nothing outside wave 0 was ever assigned");
         let (_, events) = s.rollout_progress("r-bad").await.unwrap_or_default();
+        let events = as_json(&events);
         assert_eq!(events.last().map(|e| e["cause"]["kind"].clone()), Some(serde_json::json!("failure_threshold")));
     }
 
@@ -275,13 +280,14 @@ mod tests {
         }
         let r = stores[0].rollout("r").await.unwrap_or_else(|e| ok(e)).unwrap_or_else(|| panic!("rollout"));
         assert!(matches!(r.state, State::Paused { wave: 0, .. }), "{:?}", r.state);
-        let rows = stores[1].rollout_assignments("r").await.unwrap_or_else(|e| ok(e));
+        let rows = as_json(&stores[1].rollout_assignments("r").await.unwrap_or_else(|e| ok(e)));
         let devices: std::collections::BTreeSet<&str> = rows.iter().filter_map(|a| a["device_id"].as_str()).collect();
         assert_eq!(devices.len(), rows.len(), "no device assigned twice");
         let told = assigned.lock().unwrap_or_else(|p| p.into_inner()).clone();
         assert_eq!(told.len(), rows.len(), "every device told of an assignment has exactly one");
         assert!(rows.iter().all(|a| a["wave"] == 0) && told.values().all(|w| *w == 0), "nothing outside wave 0");
         let (counters, events) = stores[1].rollout_progress("r").await.unwrap_or_else(|e| ok(e));
+        let events = as_json(&events);
         let count = |s: &str| rows.iter().filter(|a| a["status"] == s).count() as u32;
         assert_eq!(
             (counters[0].assigned, counters[0].healthy, counters[0].rolled_back),

@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use outpost_protocol::attest::{self, EnrollChallenge, EnrollProof, EnrollRequest, Enrolled, NonceGrant, TpmPublic};
+use outpost_protocol::api::tokens::EnrollmentToken;
 use outpost_protocol::release::HardwareClass;
+use serde::Serialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -22,6 +24,14 @@ pub struct EnrollPolicy<'a> {
     pub challenge_lifetime: Duration,
 }
 
+/// The audit log's detail of a new enrollment token: all but the token.
+#[derive(Serialize)]
+struct TokenCreated<'a> {
+    hardware_class: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    expires_at: &'a str,
+}
+
 /// A new enrollment token (its answer: token, class, labels, expiry), recorded in the
 /// audit log as made by `by`.
 pub async fn create_token(
@@ -31,11 +41,14 @@ pub async fn create_token(
     ttl: Duration,
     by: &str,
     now: i64,
-) -> Result<serde_json::Value, ServerError> {
+) -> Result<EnrollmentToken, ServerError> {
     let expires = now + ttl.as_secs().max(1) as i64;
     let token = store.create_enrollment_token(class.as_str(), labels, by, expires).await?;
-    store.log(by, "device_token_create", &json!({"hardware_class": class.as_str(), "labels": labels, "expires_at": rfc3339(expires)})).await?;
-    Ok(json!({"token": token, "hardware_class": class.as_str(), "labels": labels, "expires_at": rfc3339(expires)}))
+    let answer = EnrollmentToken { token, hardware_class: class.as_str().to_owned(), labels: labels.clone(), expires_at: rfc3339(expires) };
+    // The audit log records everything but the secret.
+    let detail = TokenCreated { hardware_class: &answer.hardware_class, labels: &answer.labels, expires_at: &answer.expires_at };
+    store.log(by, "device_token_create", &detail).await?;
+    Ok(answer)
 }
 
 fn tpm_bad(code: &'static str) -> impl FnOnce(outpost_protocol::Error) -> Refusal {

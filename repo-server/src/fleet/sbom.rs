@@ -3,6 +3,8 @@
 //! releases contain a component and which devices (by attested image digest) run them;
 //! and the signed deny-list's view of the fleet.
 
+use outpost_protocol::api::sbom::{AffectedAnswer, AffectedEntry, DenylistEntry, DenylistRef, DenylistStatus};
+
 use super::Refusal;
 use crate::error::ServerError;
 use crate::repository::Repository;
@@ -96,4 +98,26 @@ pub async fn search(repo: &Repository, store: &Store, query: &outpost_sbom::quer
 pub async fn denied(repo: &Repository, store: &Store, release_path: &str) -> Result<Vec<String>, Refusal> {
     let Some((_, entries)) = affected_entries(repo, store).await? else { return Ok(Vec::new()) };
     Ok(entries.iter().filter(|(_, found)| found.releases.iter().any(|r| r.target == release_path)).map(|(e, _)| e.id.clone()).collect())
+}
+
+/// A deny-list entry as the API shows it.
+pub fn entry_view(e: outpost_sbom::denylist::Entry) -> DenylistEntry {
+    use outpost_sbom::denylist::Status;
+    let status = match e.status {
+        Status::Affected => DenylistStatus::Affected,
+        Status::NotAffected => DenylistStatus::NotAffected,
+        Status::Fixed => DenylistStatus::Fixed,
+        Status::UnderInvestigation => DenylistStatus::UnderInvestigation,
+    };
+    DenylistEntry { id: e.id, component: e.component, purl: e.purl, affected: e.affected, status, detail: e.detail }
+}
+
+/// `GET /api/v1/sbom/affected`: the signed deny-list's `affected` entries, each with the
+/// releases that carry the component and the devices running them.
+pub async fn affected_answer(repo: &Repository, store: &Store) -> Result<AffectedAnswer, Refusal> {
+    let Some((sha, found)) = affected_entries(repo, store).await? else {
+        return Ok(AffectedAnswer { denylist: None, entries: Vec::new() });
+    };
+    let entries = found.into_iter().map(|(e, f)| AffectedEntry { entry: entry_view(e), releases: f.releases, devices: f.devices }).collect();
+    Ok(AffectedAnswer { denylist: Some(DenylistRef { target: outpost_sbom::denylist::DENYLIST_TARGET.to_owned(), sha256: sha }), entries })
 }

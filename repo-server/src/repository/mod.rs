@@ -31,7 +31,8 @@ use std::time::Duration;
 
 use outpost_protocol::keys::SigningKey;
 use outpost_protocol::tuf::{consistent_name, quote_role, verify_threshold, Envelope, Root, Snapshot, Targets, Timestamp};
-use serde::Serialize;
+// What a publish did and what is published now, as the API answers them.
+pub use outpost_protocol::api::repository::{PublishOutcome, RepositoryStatus};
 use serde_json::Value;
 
 use crate::error::ServerError;
@@ -55,51 +56,6 @@ fn refuse(code: &'static str, message: impl Into<String>) -> PublishError {
     PublishError::Refused { code, message: message.into() }
 }
 
-#[derive(Debug, Serialize)]
-pub struct PublishOutcome {
-    pub root_version: u64,
-    /// The roles this publish changed, with their new versions.
-    pub roles: BTreeMap<String, u64>,
-    /// Roles no delegation reaches any more, dropped from the snapshot.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub removed_roles: Vec<String>,
-    pub snapshot_version: u64,
-    pub timestamp_version: u64,
-    /// True when everything uploaded was already published byte for byte (a retry):
-    /// nothing changed.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub unchanged: bool,
-}
-
-impl PublishOutcome {
-    /// A publish that changed `roles` (to these versions) and dropped `removed_roles`.
-    fn applied(st: &State, roles: BTreeMap<String, u64>, removed_roles: Vec<String>) -> Self {
-        PublishOutcome { roles, removed_roles, unchanged: false, ..Self::already_published(st) }
-    }
-
-    /// A retry: everything uploaded was already published; the state as it is.
-    fn already_published(st: &State) -> Self {
-        PublishOutcome {
-            root_version: st.root.signed.version,
-            roles: BTreeMap::new(),
-            removed_roles: Vec::new(),
-            snapshot_version: st.snapshot.as_ref().map(|s| s.signed.version).unwrap_or(0),
-            timestamp_version: st.timestamp.as_ref().map(|t| t.signed.version).unwrap_or(0),
-            unchanged: true,
-        }
-    }
-}
-
-#[derive(Debug, Serialize)]
-pub struct RepositoryStatus {
-    pub root_version: u64,
-    pub root_expires: String,
-    pub roles: BTreeMap<String, u64>,
-    pub snapshot_version: Option<u64>,
-    pub timestamp_version: Option<u64>,
-    pub timestamp_expires: Option<String>,
-}
-
 #[derive(Clone)]
 struct State {
     root: Envelope<Root>,
@@ -109,6 +65,23 @@ struct State {
 }
 
 impl State {
+    /// A publish that changed `roles` (to these versions) and dropped `removed_roles`.
+    fn applied(&self, roles: BTreeMap<String, u64>, removed_roles: Vec<String>) -> PublishOutcome {
+        PublishOutcome { roles, removed_roles, unchanged: false, ..self.already_published() }
+    }
+
+    /// A retry: everything uploaded was already published; the state as it is.
+    fn already_published(&self) -> PublishOutcome {
+        PublishOutcome {
+            root_version: self.root.signed.version,
+            roles: BTreeMap::new(),
+            removed_roles: Vec::new(),
+            snapshot_version: self.snapshot.as_ref().map(|s| s.signed.version).unwrap_or(0),
+            timestamp_version: self.timestamp.as_ref().map(|t| t.signed.version).unwrap_or(0),
+            unchanged: true,
+        }
+    }
+
     /// What `metadata/` serves: root.json, and the roles the timestamp's snapshot lists.
     fn load(metadata_dir: &Path) -> Result<Self, ServerError> {
         let root_path = metadata_dir.join("root.json");

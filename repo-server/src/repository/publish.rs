@@ -16,7 +16,9 @@ use serde_json::Value;
 
 use super::journal::{PlacedTarget, Transaction};
 use super::online::{check_online_keys, transaction_files};
-use super::{index, pretty, read_if_exists, refuse, PublishError, PublishOutcome, Repository, SbomPolicy, State};
+use outpost_protocol::api::repository::PublishOutcome;
+
+use super::{index, pretty, read_if_exists, refuse, PublishError, Repository, SbomPolicy, State};
 use crate::error::ServerError;
 
 /// Every targets role after the upload, and the uploaded bytes of those it changes.
@@ -55,7 +57,7 @@ impl Repository {
         verify_top_targets(&root, &uploaded)?;
         let removed = verify_delegations(&mut uploaded)?;
         if new_roots.is_empty() && uploaded.changed.is_empty() && removed.is_empty() {
-            return Ok(PublishOutcome::already_published(&st));
+            return Ok(st.already_published());
         }
         let placed = self.check_targets(&st, &uploaded)?;
         self.commit(&mut st, Verified { root, new_roots, roles: uploaded, removed, placed }, now)
@@ -274,7 +276,7 @@ impl Repository {
             tracing::warn!(roles = ?removed, "roles no delegation reaches any more were dropped from the snapshot");
         }
         let versions = changed.keys().map(|k| (k.clone(), st.roles[k].signed.version)).collect();
-        Ok(PublishOutcome::applied(st, versions, removed))
+        Ok(st.applied(versions, removed))
     }
 }
 

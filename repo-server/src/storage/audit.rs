@@ -1,27 +1,33 @@
 //! The append-only audit log of publishes, re-signs and admin actions.
 
+use outpost_protocol::api::reports::AuditEntry;
+
 use super::Store;
 use crate::args;
 use crate::error::ServerError;
 
 impl Store {
-    pub async fn log(&self, actor: &str, action: &str, detail: &serde_json::Value) -> Result<(), ServerError> {
+    /// Appends `actor`'s `action` with its `detail` (any value that serializes to JSON).
+    pub async fn log<D: serde::Serialize + Sync + ?Sized>(&self, actor: &str, action: &str, detail: &D) -> Result<(), ServerError> {
+        let detail = serde_json::to_string(detail).map_err(|e| ServerError::State(format!("audit detail of {action}: {e}")))?;
         self.execute(
             "INSERT INTO repository_log (at, actor, action, detail) VALUES (?1, ?2, ?3, ?4)",
-            args![chrono::Utc::now().to_rfc3339(), actor, action, detail.to_string()],
+            args![chrono::Utc::now().to_rfc3339(), actor, action, detail],
         )
         .await?;
         Ok(())
     }
 
-    pub async fn recent_log(&self, limit: u32) -> Result<Vec<serde_json::Value>, ServerError> {
+    pub async fn recent_log(&self, limit: u32) -> Result<Vec<AuditEntry>, ServerError> {
         let rows = self.query("SELECT at, actor, action, detail FROM repository_log ORDER BY id DESC LIMIT ?1", args![limit]).await?;
         rows.iter()
             .map(|r| {
-                Ok(serde_json::json!({
-                    "at": r.text(0)?, "actor": r.text(1)?, "action": r.text(2)?,
-                    "detail": serde_json::from_str::<serde_json::Value>(&r.text(3)?).unwrap_or(serde_json::Value::Null),
-                }))
+                Ok(AuditEntry {
+                    at: r.text(0)?,
+                    actor: r.text(1)?,
+                    action: r.text(2)?,
+                    detail: serde_json::from_str::<serde_json::Value>(&r.text(3)?).unwrap_or(serde_json::Value::Null),
+                })
             })
             .collect()
     }

@@ -1,6 +1,7 @@
 //! Check-ins: the nonce used up, the verdict and device state recorded, the install
 //! reports the device signed, and the director's decision, in one transaction.
 
+use outpost_protocol::api::devices::Attestation;
 use outpost_protocol::attest::{AttestationState, DeviceHealth, Verdict};
 
 use super::assignments::{director_tx, Decided, DirectorView};
@@ -76,7 +77,7 @@ impl Store {
         Ok(Ok(decision))
     }
 
-    pub async fn attestations(&self, device_id: &str, limit: u32) -> Result<Vec<serde_json::Value>, ServerError> {
+    pub async fn attestations(&self, device_id: &str, limit: u32) -> Result<Vec<Attestation>, ServerError> {
         let rows = self
             .query(
                 "SELECT at, verdict, reason, slot, version, image_sha256 FROM attestations WHERE device_id = ?1 ORDER BY id DESC LIMIT ?2",
@@ -85,10 +86,14 @@ impl Store {
             .await?;
         rows.iter()
             .map(|r| {
-                Ok(serde_json::json!({
-                    "at": r.text(0)?, "verdict": r.text(1)?, "reason": r.opt_text(2)?,
-                    "slot": r.opt_text(3)?, "version": r.opt_text(4)?, "image_sha256": r.opt_text(5)?,
-                }))
+                Ok(Attestation {
+                    at: r.text(0)?,
+                    verdict: Verdict::from_sql("attestations.verdict", &r.text(1)?)?,
+                    reason: r.opt_text(2)?,
+                    slot: r.opt_text(3)?,
+                    version: r.opt_text(4)?,
+                    image_sha256: r.opt_text(5)?,
+                })
             })
             .collect()
     }

@@ -3,6 +3,7 @@
 //! default that would let a corrupt row pass as a state).
 
 use outpost_protocol::attest::{AttestationState, DeviceHealth, Verdict};
+use outpost_protocol::report::ReportOutcome;
 use outpost_protocol::rollout::{AssignmentStatus, Gate};
 
 use crate::error::ServerError;
@@ -62,6 +63,7 @@ sql_enum! {
     AttestationState => [AttestationState::Pending, AttestationState::Attested, AttestationState::Failed] via AttestationState::as_str;
     DeviceHealth => [DeviceHealth::Healthy, DeviceHealth::Updating, DeviceHealth::Trial, DeviceHealth::RolledBack] via DeviceHealth::as_str;
     Gate => [Gate::Auto, Gate::Manual] via Gate::as_str;
+    ReportOutcome => [ReportOutcome::Committed, ReportOutcome::RolledBack] via ReportOutcome::as_str;
     AssignmentStatus => [
         AssignmentStatus::Assigned,
         AssignmentStatus::Installing,
@@ -88,6 +90,7 @@ mod tests {
         round_trips::<AttestationState>();
         round_trips::<DeviceHealth>();
         round_trips::<Gate>();
+        round_trips::<ReportOutcome>();
         round_trips::<AssignmentStatus>();
         let err = AssignmentStatus::from_sql("assignments.status", "asigned").err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("assignments.status") && err.contains("\"asigned\""), "{err}");

@@ -33,14 +33,14 @@ pub mod tokens;
 
 pub use assignments::{AssignmentView, Decided, DirectorChanges, DirectorView, NewAssignment, StatusChange, WaveCounts};
 pub use checkins::CheckinRecord;
-pub use devices::Device;
+pub use devices::DeviceRecord;
 pub use enrollment::{EnrollRefusal, NewChallenge};
 pub use enums::{ChallengeState, SqlEnum};
 pub use nonces::{NonceIssue, NonceRefusal, MAX_OPEN_NONCES};
 pub use outpost_protocol::report::{InstallReport, ReportOutcome};
 pub use reports::{MAX_UNATTESTED_REPORTS, MAX_UNATTESTED_REPORTS_PER_DEVICE};
 pub use rollouts::{ActionOutcome, RolloutRecord};
-pub use sbom::{SbomDevice, SbomHit, SbomRelease, SbomSearch};
+pub use sbom::{SbomRelease, SbomSearch};
 pub use tokens::{Principal, TokenRole};
 
 fn json<T: Serialize>(v: &T) -> String {
@@ -261,7 +261,7 @@ mod tests {
         assert_eq!(ok(s.complete_challenge("c2", "good", now).await).ok(), Some(("dev-1".to_owned(), "rpi4".to_owned())));
         assert!(matches!(ok(s.check_enrollment_token(&token, "rpi4", now).await), Err(EnrollRefusal::TokenUsed)));
         let d = ok(s.device("dev-1").await).unwrap_or_else(|| panic!("enrolled"));
-        assert_eq!((d.attestation.as_str(), d.labels, d.ak_public, d.has_ek_certificate), ("pending", labels, b"ak".to_vec(), false));
+        assert_eq!((d.attestation.as_str(), d.labels.clone(), d.ak_public.clone(), d.has_ek_certificate), ("pending", labels, b"ak".to_vec(), false));
     }
 
     async fn reopening_migrates_once_and_keeps_everything(b: Backend) {

@@ -1,6 +1,8 @@
 //! Install reports: attested ones (inside check-ins) and bounded unattested ones.
 
-use super::{InstallReport, Store};
+use outpost_protocol::api::reports::ReportRow;
+
+use super::{InstallReport, ReportOutcome, SqlEnum, Store};
 use crate::storage::db::{Mode, Value};
 use crate::args;
 use crate::error::ServerError;
@@ -45,7 +47,7 @@ impl Store {
     }
 
     /// Install reports, newest first; `attested_only` leaves out the ones no device signed.
-    pub async fn recent_reports(&self, device: Option<&str>, limit: u32, attested_only: bool) -> Result<Vec<serde_json::Value>, ServerError> {
+    pub async fn recent_reports(&self, device: Option<&str>, limit: u32, attested_only: bool) -> Result<Vec<ReportRow>, ServerError> {
         let rows = self
             .query(
                 "SELECT received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at, attested
@@ -55,11 +57,18 @@ impl Store {
             .await?;
         rows.iter()
             .map(|r| {
-                Ok(serde_json::json!({
-                    "received_at": r.text(0)?, "device_id": r.text(1)?, "hardware_class": r.text(2)?, "target": r.text(3)?,
-                    "version": r.text(4)?, "outcome": r.text(5)?, "reason": r.opt_text(6)?, "slot": r.text(7)?, "at": r.text(8)?,
-                    "attested": r.int(9)? == 1,
-                }))
+                Ok(ReportRow {
+                    received_at: r.text(0)?,
+                    device_id: r.text(1)?,
+                    hardware_class: r.text(2)?,
+                    target: r.text(3)?,
+                    version: r.text(4)?,
+                    outcome: ReportOutcome::from_sql("install_reports.outcome", &r.text(5)?)?,
+                    reason: r.opt_text(6)?,
+                    slot: r.text(7)?,
+                    at: r.text(8)?,
+                    attested: r.int(9)? == 1,
+                })
             })
             .collect()
     }

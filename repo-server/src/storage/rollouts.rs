@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+use outpost_protocol::api::rollouts::{AssignmentView, RolloutEvent};
 use outpost_protocol::director::FirmwareRelease;
 use outpost_protocol::rollout::{AssignmentStatus as Status, Counters, Event, Gate, Rollout, State, Transition, WaveSpec};
 use serde::{Deserialize, Serialize};
@@ -185,7 +186,7 @@ impl Store {
     }
 
     /// Per-wave counters (cumulative) and the transition history of a rollout.
-    pub async fn rollout_progress(&self, id: &str) -> Result<(Vec<Counters>, Vec<serde_json::Value>), ServerError> {
+    pub async fn rollout_progress(&self, id: &str) -> Result<(Vec<Counters>, Vec<RolloutEvent>), ServerError> {
         let mut tx = self.tx(Mode::Shared).await?;
         let Some(record) = load(tx.as_mut(), id).await? else { return Ok((Vec::new(), Vec::new())) };
         let mut per_wave = Vec::with_capacity(record.waves.len());
@@ -196,17 +197,14 @@ impl Store {
         let events = rows
             .iter()
             .map(|r| {
-                Ok(serde_json::json!({
-                    "at": r.text(0)?, "from": r.text(1)?, "to": r.text(2)?,
-                    "cause": serde_json::from_str::<serde_json::Value>(&r.text(3)?).unwrap_or_default(),
-                }))
+                Ok(RolloutEvent { at: r.text(0)?, from: r.text(1)?, to: r.text(2)?, cause: parse("rollout_events.cause", &r.text(3)?)? })
             })
             .collect::<Result<Vec<_>, ServerError>>()?;
         Ok((per_wave, events))
     }
 
     /// Assignments of a rollout (device, wave, status, reason).
-    pub async fn rollout_assignments(&self, id: &str) -> Result<Vec<serde_json::Value>, ServerError> {
+    pub async fn rollout_assignments(&self, id: &str) -> Result<Vec<AssignmentView>, ServerError> {
         let mut tx = self.tx(Mode::Autocommit).await?;
         let rows = tx
             .query(
@@ -216,10 +214,14 @@ impl Store {
             .await?;
         rows.iter()
             .map(|r| {
-                Ok(serde_json::json!({
-                    "device_id": r.text(0)?, "wave": r.int(1)?, "status": r.text(2)?,
-                    "reason": r.opt_text(3)?, "assigned_at": r.text(4)?, "updated_at": r.text(5)?,
-                }))
+                Ok(AssignmentView {
+                    device_id: r.text(0)?,
+                    wave: r.int(1)?,
+                    status: Status::from_sql("assignments.status", &r.text(2)?)?,
+                    reason: r.opt_text(3)?,
+                    assigned_at: r.text(4)?,
+                    updated_at: r.text(5)?,
+                })
             })
             .collect()
     }

@@ -1,7 +1,7 @@
 //! The SBOM index: components of every signed release, searched by name or purl.
 
 use outpost_protocol::attest::AttestationState;
-use serde::Serialize;
+use outpost_protocol::api::sbom::{SbomDevice, SbomHit};
 
 use super::{SqlEnum, Store};
 use crate::storage::db::Mode;
@@ -17,35 +17,8 @@ pub struct SbomRelease {
     pub image_sha256: String,
 }
 
-/// One release containing a matching component.
-#[derive(Debug, Clone, Serialize)]
-pub struct SbomHit {
-    pub component: String,
-    pub component_version: Option<String>,
-    pub purl: Option<String>,
-    pub sbom_sha256: String,
-    pub target: String,
-    pub hardware_class: String,
-    pub version: String,
-    pub image_sha256: String,
-    /// Set when the component may match but its version cannot be placed against the
-    /// query's range (the reason); it is listed, and counted as affected by the
-    /// deny-list views, rather than left out.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub undecided: Option<String>,
-}
-
-/// A device whose attested image is an affected release.
-#[derive(Debug, Clone, Serialize)]
-pub struct SbomDevice {
-    pub device_id: String,
-    pub hardware_class: String,
-    pub version: Option<String>,
-    pub quarantined: bool,
-    pub release: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
+/// What [`Store::sbom_search`] found: releases and the devices running them.
+#[derive(Debug, Clone)]
 pub struct SbomSearch {
     pub releases: Vec<SbomHit>,
     pub devices: Vec<SbomDevice>,
