@@ -139,10 +139,9 @@ async fn sign_file(key: &SigningKey, file: &Path, expected_sha256: Option<&str>)
         .map_err(|e| SignerError::Usage(format!("signing task: {e}")))?
 }
 
-/// SHA-256 and length of a file, streamed.
+/// SHA-256 and length of a file, streamed (see [`outpost_fsio::hash_file`]).
 fn hash_file(path: &Path) -> Result<(u64, String)> {
-    let f = std::fs::File::open(path).map_err(|e| SignerError::io("open", path, e))?;
-    let (sha, len) = outpost_protocol::hashing::sha256_reader(f).map_err(|e| SignerError::io("read", path, e))?;
+    let (sha, len) = outpost_fsio::hash_file(path, None).map_err(|e| SignerError::io("hash", path, e))?;
     Ok((len, sha))
 }
 
@@ -240,10 +239,10 @@ async fn sbom_bytes(a: &PublishArgs, image: &Image) -> Result<Option<Vec<u8>>> {
 
 /// The SBOM target beside the image (checked to describe this image), and the
 /// reference to it the image's metadata carries; None without an SBOM, unless the
-/// repository requires one.
-async fn sbom_artifact(a: &PublishArgs, image: &Image, require_sbom: bool, staging: &Path) -> Result<Option<(Artifact, SbomRef)>> {
+/// repository's settings require one.
+async fn sbom_artifact(a: &PublishArgs, image: &Image, settings: &crate::localrepo::Settings, staging: &Path) -> Result<Option<(Artifact, SbomRef)>> {
     let Some(bytes) = sbom_bytes(a, image).await? else {
-        if require_sbom {
+        if settings.require_sbom {
             return Err(SignerError::Usage(
                 "this repository's policy requires an SBOM for every release: pass --sbom FILE, --sbom-rootfs DIR or --sbom-cargo-lock FILE".into(),
             ));
@@ -363,7 +362,7 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
     let mut full = full_artifact(&a, &image, &base, &staging).await?;
     let full_path = full.path.clone();
     // The SBOM: a target beside the image, named with its hash in the image's metadata.
-    let sbom = sbom_artifact(&a, &image, s.repo.settings.require_sbom, &staging).await?;
+    let sbom = sbom_artifact(&a, &image, &s.repo.settings, &staging).await?;
     base.sbom = sbom.as_ref().map(|(_, sref)| sref.clone());
     if let Some(c) = full.custom.as_mut() {
         c.sbom = base.sbom.clone();

@@ -66,11 +66,13 @@ pub fn counter_index(gen: u32, rule: u32) -> u32 {
     gen * MAX_RULES + rule
 }
 
-fn proto_number(p: Protocol, v4: bool) -> u8 {
+/// The IP protocol number of a rule for a destination in `addr`'s family (ICMP has
+/// one number per family).
+fn proto_number(p: Protocol, addr: IpAddr) -> u8 {
     match p {
         Protocol::Tcp => PROTO_TCP,
         Protocol::Udp => PROTO_UDP,
-        Protocol::Icmp if v4 => PROTO_ICMP,
+        Protocol::Icmp if addr.is_ipv4() => PROTO_ICMP,
         Protocol::Icmp => PROTO_ICMPV6,
     }
 }
@@ -105,12 +107,11 @@ pub fn plan(profile: &Profile, gen: u32, resolved: &[Resolved]) -> Result<GenPla
                 Direction::Ingress => DIR_INGRESS,
                 Direction::Egress => DIR_EGRESS,
             };
-            let v4 = r.cidr.is_v4();
-            let family = if v4 { FAMILY_V4 } else { FAMILY_V6 };
+            let family = if r.cidr.is_v4() { FAMILY_V4 } else { FAMILY_V6 };
             let (lo, hi) = if r.protocol == Protocol::Icmp { (0, u16::MAX) } else { r.ports };
             groups.entry((dir, family)).or_default().entry((r.cidr.addr, r.cidr.prefix)).or_default().push(FlatRule {
                 counter: counter_index(gen, rule_no),
-                proto: proto_number(r.protocol, v4),
+                proto: proto_number(r.protocol, r.cidr.addr),
                 lo,
                 hi,
                 at: (scope_no as usize - 1, rule_in_scope),
