@@ -13,7 +13,7 @@ use outpost_protocol::api::tokens::{EnrollmentToken, TokenRequest};
 use super::{ApiError, ApiJson, AppState, Auth};
 use crate::fleet::checkin::CheckinContext;
 use crate::fleet::enroll::{self, EnrollPolicy};
-use crate::storage::TokenRole;
+use crate::storage::{ReportFilter, TokenRole};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -74,7 +74,7 @@ async fn show(State(s): State<AppState>, auth: Auth, Path(id): Path<String>) -> 
     let record = s.store.device(&id).await?.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id:?}")))?;
     let attestations = s.store.attestations(&id, 50).await?;
     // Only what the device itself said, in attested check-ins.
-    let reports = s.store.recent_reports(Some(&id), 50, true).await?;
+    let reports = s.store.recent_reports(Some(&id), 50, ReportFilter::AttestedOnly).await?;
     let vulnerable = crate::fleet::sbom::vulnerable_devices(&s.repo, &s.store).await?.remove(&id).unwrap_or_default();
     Ok(Json(DeviceDetail { device: record.device, vulnerable, attestations, reports }))
 }

@@ -8,6 +8,7 @@ use outpost_protocol::api::reports::{Recorded, ReportList};
 use serde::Deserialize;
 
 use super::{ApiError, ApiJson, AppState, Auth};
+use crate::storage::ReportFilter;
 
 pub fn routes() -> Router<AppState> {
     Router::new().route("/api/v1/reports", post(add_report).get(list_reports).layer(DefaultBodyLimit::max(64 << 10)))
@@ -39,5 +40,5 @@ struct ReportQuery {
 
 async fn list_reports(State(s): State<AppState>, auth: Auth, Query(q): Query<ReportQuery>) -> Result<Json<ReportList>, ApiError> {
     auth.require_reader()?;
-    Ok(Json(ReportList { reports: s.store.recent_reports(q.device.as_deref(), 200, false).await? }))
+    Ok(Json(ReportList { reports: s.store.recent_reports(q.device.as_deref(), 200, ReportFilter::All).await? }))
 }

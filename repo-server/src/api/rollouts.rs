@@ -93,7 +93,7 @@ async fn create(State(s): State<AppState>, auth: Auth, ApiJson(body): ApiJson<Cr
     let detail = RolloutCreated { rollout: &id, release: &record.release.path, version: &record.release.version, waves: &record.waves, labels: &record.labels };
     s.store.log(&auth.0.name, "rollout_create", &detail).await?;
     tracing::info!(rollout = %id, release = %record.release.path, by = %auth.0.name, "rollout created");
-    Ok((StatusCode::CREATED, Json(view(&s, &record, false).await?)))
+    Ok((StatusCode::CREATED, Json(view(&s, &record, ViewDetail::default()).await?)))
 }
 
 /// The audit log's detail of a new rollout.
@@ -104,11 +104,6 @@ struct RolloutCreated<'a> {
     version: &'a str,
     waves: &'a [WaveSpec],
     labels: &'a BTreeMap<String, String>,
-}
-
-/// A rollout with its waves' counters and transition history.
-async fn view(s: &AppState, r: &RolloutRecord, with_devices: bool) -> Result<RolloutView, ApiError> {
-    view_with(s, r, with_devices, false).await
 }
 
 /// How many of the enrolled devices the rollout selects (class, labels, not
@@ -126,13 +121,15 @@ async fn plan(s: &AppState, r: &RolloutRecord) -> Result<Vec<u32>, ApiError> {
     Ok(per_wave)
 }
 
-async fn view_with(s: &AppState, r: &RolloutRecord, with_devices: bool, with_plan: bool) -> Result<RolloutView, ApiError> {
+/// A rollout with its waves' counters and transition history, and what `detail` asks
+/// for besides.
+async fn view(s: &AppState, r: &RolloutRecord, detail: ViewDetail) -> Result<RolloutView, ApiError> {
     let (counters, events) = s.store.rollout_progress(&r.id).await?;
     let current = match &r.state {
         RolloutState::Running { wave, .. } | RolloutState::AwaitingApproval { wave, .. } | RolloutState::Paused { wave, .. } => Some(*wave),
         _ => None,
     };
-    let planned = if with_plan { Some(plan(s, r).await?) } else { None };
+    let planned = if detail.plan { Some(plan(s, r).await?) } else { None };
     let waves = r
         .waves
         .iter()
@@ -154,7 +151,7 @@ async fn view_with(s: &AppState, r: &RolloutRecord, with_devices: bool, with_pla
             planned: planned.as_ref().and_then(|p| p.get(i).copied()),
         })
         .collect();
-    let devices = if with_devices { Some(s.store.rollout_assignments(&r.id).await?) } else { None };
+    let devices = if detail.devices { Some(s.store.rollout_assignments(&r.id).await?) } else { None };
     Ok(RolloutView {
         id: r.id.clone(),
         name: r.name.clone(),
@@ -177,13 +174,14 @@ async fn list(State(s): State<AppState>, auth: Auth) -> Result<Json<RolloutList>
     let all = s.store.rollouts().await?;
     let mut rollouts = Vec::with_capacity(all.len());
     for r in &all {
-        rollouts.push(view(&s, r, false).await?);
+        rollouts.push(view(&s, r, ViewDetail::default()).await?);
     }
     Ok(Json(RolloutList { rollouts }))
 }
 
-#[derive(Debug, Deserialize)]
-struct ShowQuery {
+/// What a rollout's view shows besides its waves and events (`?devices=&plan=`).
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+struct ViewDetail {
     /// Also list the assigned devices.
     #[serde(default)]
     devices: bool,
@@ -196,10 +194,10 @@ fn not_found(id: &str) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "unknown_rollout", format!("no rollout {id:?}"))
 }
 
-async fn show(State(s): State<AppState>, auth: Auth, UrlPath(id): UrlPath<String>, Query(q): Query<ShowQuery>) -> Result<Json<RolloutView>, ApiError> {
+async fn show(State(s): State<AppState>, auth: Auth, UrlPath(id): UrlPath<String>, Query(detail): Query<ViewDetail>) -> Result<Json<RolloutView>, ApiError> {
     auth.require_reader()?;
     let r = s.store.rollout(&id).await?.ok_or_else(|| not_found(&id))?;
-    Ok(Json(view_with(&s, &r, q.devices, q.plan).await?))
+    Ok(Json(view(&s, &r, detail).await?))
 }
 
 #[derive(Debug, Default)]
@@ -268,7 +266,7 @@ async fn act(
         ActionOutcome::Done(record, t) => {
             s.store.log(&by, &format!("rollout_{action}"), &RolloutActed { rollout: &id, roll_back: body.roll_back, transition: &t }).await?;
             tracing::info!(rollout = %id, %action, by = %by, state = record.state.name(), "rollout action");
-            Ok(Json(view(&s, &record, false).await?))
+            Ok(Json(view(&s, &record, ViewDetail::default()).await?))
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use outpost_protocol::attest::DeviceHealth;
+use outpost_protocol::attest::{DeviceHealth, Verdict};
 use outpost_protocol::director::{Assignment, AssignmentCustom, FirmwareRelease};
 use outpost_protocol::release::ReleaseVersion;
 use outpost_protocol::report::{InstallReport, ReportOutcome};
@@ -25,6 +25,24 @@ pub struct DeviceFacts<'a> {
     pub version: Option<&'a str>,
     pub health: DeviceHealth,
     pub reports: &'a [InstallReport],
+}
+
+impl DeviceFacts<'_> {
+    /// The check-in's verdict these facts come with.
+    pub fn verdict(&self) -> Verdict {
+        if self.attested {
+            Verdict::Attested
+        } else {
+            Verdict::Failed
+        }
+    }
+}
+
+/// Whether an assignment takes the device back to the release it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Forward,
+    RollBack,
 }
 
 /// The decision: what to write, and the assignment to sign for the device.
@@ -125,7 +143,7 @@ fn next_status(old: Status, f: &DeviceFacts<'_>, release: &FirmwareRelease) -> (
     (old, None)
 }
 
-fn assignment_of(release: &FirmwareRelease, record: &RolloutRecord, device_id: &str, wave: u32, rollback: bool) -> Assignment {
+fn assignment_of(release: &FirmwareRelease, record: &RolloutRecord, device_id: &str, wave: u32, direction: Direction) -> Assignment {
     Assignment {
         path: release.path.clone(),
         length: release.length,
@@ -136,7 +154,7 @@ fn assignment_of(release: &FirmwareRelease, record: &RolloutRecord, device_id: &
             wave,
             hardware_class: record.hardware_class.clone(),
             version: release.version.clone(),
-            rollback,
+            rollback: direction == Direction::RollBack,
         },
     }
 }
@@ -157,12 +175,12 @@ fn assign(
         // Abort stops new assignments; with roll back, devices the rollout reached are
         // sent back to the release they ran before (an explicit, signed rollback).
         let Some((wave, from)) = existing.filter(|_| roll_back).and_then(|a| Some((a.wave, a.from_release.as_ref()?))) else { return (None, None) };
-        return (Some(assignment_of(from, record, f.device_id, wave, true)), None);
+        return (Some(assignment_of(from, record, f.device_id, wave, Direction::RollBack)), None);
     }
     if let Some(a) = existing {
         // Assigned once, assigned for the rollout's life (a device that rolled back
         // keeps it too: its agent does not retry a release it rolled back).
-        return (Some(assignment_of(&record.release, record, f.device_id, a.wave, false)), None);
+        return (Some(assignment_of(&record.release, record, f.device_id, a.wave, Direction::Forward)), None);
     }
     let Some(open) = record.state.assignable_wave(record.waves.len()) else { return (None, None) };
     let Some(wave) = rollout::wave_of(&record.waves, &record.id, f.device_id) else { return (None, None) };
@@ -179,7 +197,7 @@ fn assign(
     let from = f.image_sha256.and_then(|m| releases.iter().find(|r| r.measurement == m)).cloned();
     let status = if f.image_sha256 == Some(record.release.measurement.as_str()) { Status::Healthy } else { Status::Assigned };
     let new = NewAssignment { rollout_id: record.id.clone(), wave, status, from_release: from };
-    (Some(assignment_of(&record.release, record, f.device_id, wave, false)), Some(new))
+    (Some(assignment_of(&record.release, record, f.device_id, wave, Direction::Forward)), Some(new))
 }
 
 #[cfg(test)]

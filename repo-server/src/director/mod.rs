@@ -49,7 +49,7 @@ impl Outcome {
 /// to, then decide what the device should run and bump its director version.
 /// `releases` are the signed full-image releases of the device's class.
 pub async fn director_checkin(store: &Store, f: &DeviceFacts<'_>, releases: &[FirmwareRelease], now: i64) -> Result<Outcome, ServerError> {
-    store.director_checkin(f.device_id, f.hardware_class, f.attested, decider(f, releases, now), now).await.map(Outcome::new)
+    store.director_checkin(f.device_id, f.hardware_class, f.verdict(), decider(f, releases, now), now).await.map(Outcome::new)
 }
 
 /// Records transitions the engine caused (thresholds, soak) in the audit log.

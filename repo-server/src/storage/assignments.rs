@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 
+use outpost_protocol::attest::Verdict;
 use outpost_protocol::director::FirmwareRelease;
 use outpost_protocol::rollout::{AssignmentStatus, Counters, State, Transition};
 
@@ -125,7 +126,7 @@ impl DirectorChanges {
 pub type Decided<T> = Result<(DirectorChanges, T), ServerError>;
 
 /// Reads what the director needs about `device_id` (of `hardware_class`).
-async fn read_view(tx: &mut dyn Tx, device_id: &str, hardware_class: &str, attested: bool) -> Result<DirectorView, ServerError> {
+async fn read_view(tx: &mut dyn Tx, device_id: &str, hardware_class: &str, verdict: Verdict) -> Result<DirectorView, ServerError> {
     // The device's labels and its assignments, in one query.
     let rows = tx
         .query(
@@ -146,7 +147,7 @@ async fn read_view(tx: &mut dyn Tx, device_id: &str, hardware_class: &str, attes
             });
         }
     }
-    if attested || !view.assignments.is_empty() {
+    if verdict == Verdict::Attested || !view.assignments.is_empty() {
         let sql = format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE hardware_class = ?1 ORDER BY seq DESC");
         view.rollouts = tx.query(&sql, args![hardware_class]).await?.iter().map(rollout_from_row).collect::<Result<_, _>>()?;
     }
@@ -207,7 +208,7 @@ pub(super) async fn director_tx<T, F>(
     tx: &mut dyn Tx,
     device_id: &str,
     hardware_class: &str,
-    attested: bool,
+    verdict: Verdict,
     decide: &mut F,
     now: i64,
 ) -> Result<(T, u64), ServerError>
@@ -215,7 +216,7 @@ where
     F: FnMut(&DirectorView) -> Decided<T>,
 {
     loop {
-        let view = read_view(tx, device_id, hardware_class, attested).await?;
+        let view = read_view(tx, device_id, hardware_class, verdict).await?;
         let (changes, out) = decide(&view)?;
         if !changes.is_empty() && !tx.serialized() {
             tx.serialize().await?;
@@ -231,13 +232,13 @@ where
 impl Store {
     /// The director's part of a check-in on its own, in one write transaction (a
     /// check-in proper goes through [`Store::checkin`], with its nonce and verdict).
-    pub async fn director_checkin<T, F>(&self, device_id: &str, hardware_class: &str, attested: bool, mut decide: F, now: i64) -> Result<(T, u64), ServerError>
+    pub async fn director_checkin<T, F>(&self, device_id: &str, hardware_class: &str, verdict: Verdict, mut decide: F, now: i64) -> Result<(T, u64), ServerError>
     where
         F: FnMut(&DirectorView) -> Decided<T> + Send,
         T: Send,
     {
         let mut tx = self.tx(Mode::Write).await?;
-        let out = director_tx(tx.as_mut(), device_id, hardware_class, attested, &mut decide, now).await?;
+        let out = director_tx(tx.as_mut(), device_id, hardware_class, verdict, &mut decide, now).await?;
         tx.commit().await?;
         Ok(out)
     }

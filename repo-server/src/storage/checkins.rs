@@ -6,7 +6,7 @@ use outpost_protocol::attest::{AttestationState, DeviceHealth, Verdict};
 
 use super::assignments::{director_tx, Decided, DirectorView};
 use super::nonces::{consume_nonce_tx, NonceRefusal};
-use super::reports::{report_args, INSERT_REPORT};
+use super::reports::{report_args, ReportSource, INSERT_REPORT};
 use super::{rfc3339_ms, InstallReport, SqlEnum, Store};
 use crate::args;
 use crate::error::ServerError;
@@ -41,7 +41,7 @@ async fn record_checkin_tx(tx: &mut dyn Tx, c: &CheckinRecord<'_>, now_ms: i64) 
     )
     .await?;
     for r in c.reports {
-        tx.execute(INSERT_REPORT, report_args(&now, r, true)).await?;
+        tx.execute(INSERT_REPORT, report_args(&now, r, ReportSource::AttestedCheckin)).await?;
     }
     Ok(())
 }
@@ -67,8 +67,7 @@ impl Store {
         let mut tx = self.tx(Mode::Write).await?;
         // The director first: it may have to wait for other servers' decisions, and a
         // transaction that waits must hold no rows they may need.
-        let attested = c.verdict == Verdict::Attested;
-        let decision = director_tx(tx.as_mut(), c.device_id, hardware_class, attested, &mut decide, now_ms.div_euclid(1000)).await?;
+        let decision = director_tx(tx.as_mut(), c.device_id, hardware_class, c.verdict, &mut decide, now_ms.div_euclid(1000)).await?;
         if let Err(r) = consume_nonce_tx(tx.as_mut(), nonce, c.device_id, now_ms).await? {
             return Ok(Err(r));
         }

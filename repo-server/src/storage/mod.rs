@@ -38,7 +38,7 @@ pub use enrollment::{EnrollRefusal, NewChallenge};
 pub use enums::{ChallengeState, SqlEnum};
 pub use nonces::{NonceIssue, NonceRefusal, MAX_OPEN_NONCES};
 pub use outpost_protocol::report::{InstallReport, ReportOutcome};
-pub use reports::{MAX_UNATTESTED_REPORTS, MAX_UNATTESTED_REPORTS_PER_DEVICE};
+pub use reports::{ReportFilter, ReportSource, MAX_UNATTESTED_REPORTS, MAX_UNATTESTED_REPORTS_PER_DEVICE};
 pub use rollouts::{ActionOutcome, RolloutRecord};
 pub use sbom::{SbomRelease, SbomSearch};
 pub use tokens::{Principal, TokenRole};

@@ -16,8 +16,26 @@ pub(super) const INSERT_REPORT: &str = "INSERT INTO install_reports (received_at
 pub const MAX_UNATTESTED_REPORTS: i64 = 10_000;
 pub const MAX_UNATTESTED_REPORTS_PER_DEVICE: i64 = 100;
 
-pub(super) fn report_args(received_at: &str, r: &InstallReport, attested: bool) -> Vec<Value> {
-    args![received_at, &r.device_id, &r.hardware_class, &r.target, &r.version, r.outcome.as_str(), r.reason.as_deref(), &r.slot, &r.at, i64::from(attested)]
+/// Where an install report came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportSource {
+    /// Inside a check-in the device's TPM quote vouches for.
+    AttestedCheckin,
+    /// Sent on its own, signed by nobody.
+    Unattested,
+}
+
+/// Which install reports a listing shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportFilter {
+    All,
+    /// Only those from attested check-ins.
+    AttestedOnly,
+}
+
+pub(super) fn report_args(received_at: &str, r: &InstallReport, source: ReportSource) -> Vec<Value> {
+    let attested = i64::from(source == ReportSource::AttestedCheckin);
+    args![received_at, &r.device_id, &r.hardware_class, &r.target, &r.version, r.outcome.as_str(), r.reason.as_deref(), &r.slot, &r.at, attested]
 }
 
 impl Store {
@@ -29,7 +47,7 @@ impl Store {
         if tx.opt("SELECT 1 FROM devices WHERE device_id = ?1", args![&r.device_id]).await?.is_some() {
             return Ok(false);
         }
-        tx.execute(INSERT_REPORT, report_args(&chrono::Utc::now().to_rfc3339(), r, false)).await?;
+        tx.execute(INSERT_REPORT, report_args(&chrono::Utc::now().to_rfc3339(), r, ReportSource::Unattested)).await?;
         tx.execute(
             "DELETE FROM install_reports WHERE attested = 0 AND device_id = ?1 AND id <=
                (SELECT id FROM install_reports WHERE attested = 0 AND device_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
@@ -46,13 +64,14 @@ impl Store {
         Ok(true)
     }
 
-    /// Install reports, newest first; `attested_only` leaves out the ones no device signed.
-    pub async fn recent_reports(&self, device: Option<&str>, limit: u32, attested_only: bool) -> Result<Vec<ReportRow>, ServerError> {
+    /// Install reports, newest first, of one device or all; `filter` may leave out the
+    /// ones no device signed.
+    pub async fn recent_reports(&self, device: Option<&str>, limit: u32, filter: ReportFilter) -> Result<Vec<ReportRow>, ServerError> {
         let rows = self
             .query(
                 "SELECT received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at, attested
                  FROM install_reports WHERE (?1 IS NULL OR device_id = ?1) AND (?3 = 0 OR attested = 1) ORDER BY id DESC LIMIT ?2",
-                args![device, limit, i64::from(attested_only)],
+                args![device, limit, i64::from(filter == ReportFilter::AttestedOnly)],
             )
             .await?;
         rows.iter()
