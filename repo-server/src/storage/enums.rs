@@ -37,9 +37,9 @@ pub enum ChallengeState {
 }
 
 macro_rules! sql_enum {
-    ($($t:ty => [$($v:expr),+ $(,)?] via $as_str:path;)+) => {$(
+    ($($t:ty => $all:expr, via $as_str:path;)+) => {$(
         impl SqlEnum for $t {
-            const ALL: &'static [Self] = &[$($v),+];
+            const ALL: &'static [Self] = $all;
             fn as_sql(self) -> &'static str {
                 $as_str(self)
             }
@@ -58,19 +58,14 @@ impl ChallengeState {
 }
 
 sql_enum! {
-    ChallengeState => [ChallengeState::Open, ChallengeState::Completed, ChallengeState::Failed] via ChallengeState::as_str;
-    Verdict => [Verdict::Attested, Verdict::Failed] via Verdict::as_str;
-    AttestationState => [AttestationState::Pending, AttestationState::Attested, AttestationState::Failed] via AttestationState::as_str;
-    DeviceHealth => [DeviceHealth::Healthy, DeviceHealth::Updating, DeviceHealth::Trial, DeviceHealth::RolledBack] via DeviceHealth::as_str;
-    Gate => [Gate::Auto, Gate::Manual] via Gate::as_str;
-    ReportOutcome => [ReportOutcome::Committed, ReportOutcome::RolledBack] via ReportOutcome::as_str;
-    AssignmentStatus => [
-        AssignmentStatus::Assigned,
-        AssignmentStatus::Installing,
-        AssignmentStatus::Healthy,
-        AssignmentStatus::RolledBack,
-        AssignmentStatus::AttestationFailed,
-    ] via AssignmentStatus::as_str;
+    ChallengeState => &[ChallengeState::Open, ChallengeState::Completed, ChallengeState::Failed], via ChallengeState::as_str;
+    ReportOutcome => &[ReportOutcome::Committed, ReportOutcome::RolledBack], via ReportOutcome::as_str;
+    // The protocol's own lists of every value.
+    Verdict => &Verdict::ALL, via Verdict::as_str;
+    AttestationState => &AttestationState::ALL, via AttestationState::as_str;
+    DeviceHealth => &DeviceHealth::ALL, via DeviceHealth::as_str;
+    Gate => &Gate::ALL, via Gate::as_str;
+    AssignmentStatus => &AssignmentStatus::ALL, via AssignmentStatus::as_str;
 }
 
 #[cfg(test)]
