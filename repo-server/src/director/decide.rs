@@ -15,19 +15,20 @@ use outpost_protocol::rollout::{self, AssignmentStatus as Status, Event, State};
 use crate::storage::{AssignmentView, DirectorChanges, DirectorView, NewAssignment, RolloutRecord, StatusChange, WaveCounts};
 
 /// What a check-in says about a device, for the rollout engine.
-#[derive(Debug, Clone, Copy)]
-pub struct DeviceFacts<'a> {
-    pub device_id: &'a str,
-    pub hardware_class: &'a str,
+/// Owned: the decision runs inside the store's transaction, on the store's thread.
+#[derive(Debug, Clone)]
+pub struct DeviceFacts {
+    pub device_id: String,
+    pub hardware_class: String,
     pub attested: bool,
     /// The measured image digest of the booted slot.
-    pub image_sha256: Option<&'a str>,
-    pub version: Option<&'a str>,
+    pub image_sha256: Option<String>,
+    pub version: Option<String>,
     pub health: DeviceHealth,
-    pub reports: &'a [InstallReport],
+    pub reports: Vec<InstallReport>,
 }
 
-impl DeviceFacts<'_> {
+impl DeviceFacts {
     /// The check-in's verdict these facts come with.
     pub fn verdict(&self) -> Verdict {
         if self.attested {
@@ -68,7 +69,7 @@ pub struct DecideError {
 /// 2. The newest started rollout selecting the device (class and labels) assigns it,
 ///    when the device is attested and its wave is open; the rollout is fed again
 ///    (a new assignment, or a soak that has passed, may call for a transition).
-pub fn decide(view: &DirectorView, f: &DeviceFacts<'_>, releases: &[FirmwareRelease], now: i64) -> Result<Decision, DecideError> {
+pub fn decide(view: &DirectorView, f: &DeviceFacts, releases: &[FirmwareRelease], now: i64) -> Result<Decision, DecideError> {
     let mut rollouts = view.rollouts.clone();
     let mut others = view.other_rollouts.clone();
     let mut counts = view.counts.clone();
@@ -121,7 +122,7 @@ fn feedback(record: &mut RolloutRecord, counts: &BTreeMap<String, WaveCounts>, n
 }
 
 /// Where a device's assignment stands after a check-in.
-fn next_status(old: Status, f: &DeviceFacts<'_>, release: &FirmwareRelease) -> (Status, Option<String>) {
+fn next_status(old: Status, f: &DeviceFacts, release: &FirmwareRelease) -> (Status, Option<String>) {
     if !f.attested {
         return if old == Status::AttestationFailed { (old, None) } else { (Status::AttestationFailed, Some("attestation failed".into())) };
     }
@@ -134,7 +135,7 @@ fn next_status(old: Status, f: &DeviceFacts<'_>, release: &FirmwareRelease) -> (
             ReportOutcome::Committed => (Status::Healthy, None),
         };
     }
-    if f.image_sha256 == Some(release.measurement.as_str()) && f.health == DeviceHealth::Healthy {
+    if f.image_sha256.as_deref() == Some(release.measurement.as_str()) && f.health == DeviceHealth::Healthy {
         return (Status::Healthy, None);
     }
     if old == Status::Assigned && matches!(f.health, DeviceHealth::Updating | DeviceHealth::Trial) {
@@ -168,36 +169,36 @@ fn version_of(s: &str) -> Option<ReleaseVersion> {
 fn assign(
     record: &RolloutRecord,
     existing: Option<&AssignmentView>,
-    f: &DeviceFacts<'_>,
+    f: &DeviceFacts,
     releases: &[FirmwareRelease],
 ) -> (Option<Assignment>, Option<NewAssignment>) {
     if let State::Aborted { roll_back, .. } = record.state {
         // Abort stops new assignments; with roll back, devices the rollout reached are
         // sent back to the release they ran before (an explicit, signed rollback).
         let Some((wave, from)) = existing.filter(|_| roll_back).and_then(|a| Some((a.wave, a.from_release.as_ref()?))) else { return (None, None) };
-        return (Some(assignment_of(from, record, f.device_id, wave, Direction::RollBack)), None);
+        return (Some(assignment_of(from, record, &f.device_id, wave, Direction::RollBack)), None);
     }
     if let Some(a) = existing {
         // Assigned once, assigned for the rollout's life (a device that rolled back
         // keeps it too: its agent does not retry a release it rolled back).
-        return (Some(assignment_of(&record.release, record, f.device_id, a.wave, Direction::Forward)), None);
+        return (Some(assignment_of(&record.release, record, &f.device_id, a.wave, Direction::Forward)), None);
     }
     let Some(open) = record.state.assignable_wave(record.waves.len()) else { return (None, None) };
-    let Some(wave) = rollout::wave_of(&record.waves, &record.id, f.device_id) else { return (None, None) };
+    let Some(wave) = rollout::wave_of(&record.waves, &record.id, &f.device_id) else { return (None, None) };
     if wave > open {
         return (None, None);
     }
     // Never downgrade by rollout: a device already ahead stays where it is.
-    if let (Some(running), Some(target)) = (f.version.and_then(version_of), version_of(&record.release.version)) {
+    if let (Some(running), Some(target)) = (f.version.as_deref().and_then(version_of), version_of(&record.release.version)) {
         if running > target {
             return (None, None);
         }
     }
     let wave = wave as u32;
-    let from = f.image_sha256.and_then(|m| releases.iter().find(|r| r.measurement == m)).cloned();
-    let status = if f.image_sha256 == Some(record.release.measurement.as_str()) { Status::Healthy } else { Status::Assigned };
+    let from = f.image_sha256.as_deref().and_then(|m| releases.iter().find(|r| r.measurement == m)).cloned();
+    let status = if f.image_sha256.as_deref() == Some(record.release.measurement.as_str()) { Status::Healthy } else { Status::Assigned };
     let new = NewAssignment { rollout_id: record.id.clone(), wave, status, from_release: from };
-    (Some(assignment_of(&record.release, record, f.device_id, wave, Direction::Forward)), Some(new))
+    (Some(assignment_of(&record.release, record, &f.device_id, wave, Direction::Forward)), Some(new))
 }
 
 #[cfg(test)]
@@ -242,15 +243,15 @@ pub(super) mod tests {
         State::Running { wave, wave_started_at: 0 }
     }
 
-    fn facts<'a>(device: &'a str, image: &'a str, reports: &'a [InstallReport]) -> DeviceFacts<'a> {
+    fn facts(device: &str, image: &str, reports: &[InstallReport]) -> DeviceFacts {
         DeviceFacts {
-            device_id: device,
-            hardware_class: "rpi4",
+            device_id: device.to_owned(),
+            hardware_class: "rpi4".to_owned(),
             attested: true,
-            image_sha256: Some(image),
+            image_sha256: Some(image.to_owned()),
             version: None,
             health: DeviceHealth::Healthy,
-            reports,
+            reports: reports.to_vec(),
         }
     }
 

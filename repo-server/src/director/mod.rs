@@ -9,6 +9,7 @@ pub mod sign;
 use outpost_protocol::director::{Assignment, FirmwareRelease};
 use outpost_protocol::rollout::Transition;
 use serde_json::json;
+use std::sync::Arc;
 
 pub use decide::{decide, DeviceFacts};
 pub use sign::Director;
@@ -30,9 +31,9 @@ pub struct Outcome {
 pub type Chosen = (Option<Assignment>, Vec<(String, Transition)>);
 
 /// The decision as the store's check-in transaction runs it on what it read.
-pub fn decider<'a>(f: &'a DeviceFacts<'a>, releases: &'a [FirmwareRelease], now: i64) -> impl FnMut(&DirectorView) -> Decided<Chosen> + Send + 'a {
+pub fn decider(f: DeviceFacts, releases: Arc<Vec<FirmwareRelease>>, now: i64) -> impl FnMut(&DirectorView) -> Decided<Chosen> + Send + 'static {
     move |view| {
-        let d = decide(view, f, releases, now).map_err(|e| ServerError::State(e.to_string()))?;
+        let d = decide(view, &f, &releases, now).map_err(|e| ServerError::State(e.to_string()))?;
         let transitions = d.changes.transitions.iter().map(|(id, _, t)| (id.clone(), t.clone())).collect();
         Ok((d.changes, (d.assignment, transitions)))
     }
@@ -48,8 +49,9 @@ impl Outcome {
 /// device's assignment statuses from what it reported, feed the rollouts they belong
 /// to, then decide what the device should run and bump its director version.
 /// `releases` are the signed full-image releases of the device's class.
-pub async fn director_checkin(store: &Store, f: &DeviceFacts<'_>, releases: &[FirmwareRelease], now: i64) -> Result<Outcome, ServerError> {
-    store.director_checkin(f.device_id, f.hardware_class, f.verdict(), decider(f, releases, now), now).await.map(Outcome::new)
+pub async fn director_checkin(store: &Store, f: &DeviceFacts, releases: &[FirmwareRelease], now: i64) -> Result<Outcome, ServerError> {
+    let decide = decider(f.clone(), Arc::new(releases.to_vec()), now);
+    store.director_checkin(&f.device_id, &f.hardware_class, f.verdict(), decide, now).await.map(Outcome::new)
 }
 
 /// Records transitions the engine caused (thresholds, soak) in the audit log.
@@ -128,8 +130,16 @@ mod tests {
         }
     }
 
-    fn facts<'a>(device: &'a str, image: &'a str, version: &'a str, health: DeviceHealth, reports: &'a [InstallReport]) -> DeviceFacts<'a> {
-        DeviceFacts { device_id: device, hardware_class: "rpi4", attested: true, image_sha256: Some(image), version: Some(version), health, reports }
+    fn facts(device: &str, image: &str, version: &str, health: DeviceHealth, reports: &[InstallReport]) -> DeviceFacts {
+        DeviceFacts {
+            device_id: device.to_owned(),
+            hardware_class: "rpi4".to_owned(),
+            attested: true,
+            image_sha256: Some(image.to_owned()),
+            version: Some(version.to_owned()),
+            health,
+            reports: reports.to_vec(),
+        }
     }
 
     fn fails(device: &str) -> bool {

@@ -86,29 +86,29 @@ pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chr
     };
     let releases = cx.repo.firmware_releases(class).await;
     let record = CheckinRecord {
-        device_id: id,
+        device_id: id.to_owned(),
         verdict,
-        reason,
-        slot: &report.slot,
-        version: report.version.as_deref(),
-        image_sha256: report.image_sha256.as_deref(),
-        sbom_sha256: report.sbom_sha256.as_deref(),
+        reason: reason.map(str::to_owned),
+        slot: report.slot.clone(),
+        version: report.version.clone(),
+        image_sha256: report.image_sha256.clone(),
+        sbom_sha256: report.sbom_sha256.clone(),
         health: report.health,
-        reports: &report.reports,
+        reports: report.reports.clone(),
         policy: report.policy.as_ref().and_then(|p| serde_json::to_string(p).ok()),
     };
     let facts = DeviceFacts {
-        device_id: id,
-        hardware_class: class,
+        device_id: id.to_owned(),
+        hardware_class: class.to_owned(),
         attested: verdict == Verdict::Attested,
-        image_sha256: report.image_sha256.as_deref(),
-        version: report.version.as_deref(),
+        image_sha256: report.image_sha256.clone(),
+        version: report.version.clone(),
         health: report.health,
-        reports: &report.reports,
+        reports: report.reports.clone(),
     };
     let now_ms = now.timestamp_millis();
-    let decide = director::decider(&facts, &releases, now_ms.div_euclid(1000));
-    let decision = match cx.store.checkin(&report.nonce, &record, class, decide, now_ms).await? {
+    let decide = director::decider(facts, releases, now_ms.div_euclid(1000));
+    let decision = match cx.store.checkin(&report.nonce, record, class, decide, now_ms).await? {
         Ok(d) => Outcome::new(d),
         Err(r) => {
             tracing::warn!(device = %id, refusal = ?r, "check-in nonce refused");

@@ -234,13 +234,16 @@ impl Store {
     /// check-in proper goes through [`Store::checkin`], with its nonce and verdict).
     pub async fn director_checkin<T, F>(&self, device_id: &str, hardware_class: &str, verdict: Verdict, mut decide: F, now: i64) -> Result<(T, u64), ServerError>
     where
-        F: FnMut(&DirectorView) -> Decided<T> + Send,
-        T: Send,
+        F: FnMut(&DirectorView) -> Decided<T> + Send + 'static,
+        T: Send + 'static,
     {
-        let mut tx = self.tx(Mode::Write).await?;
-        let out = director_tx(tx.as_mut(), device_id, hardware_class, verdict, &mut decide, now).await?;
-        tx.commit().await?;
-        Ok(out)
+        let (device_id, hardware_class) = (device_id.to_owned(), hardware_class.to_owned());
+        self.transaction(Mode::Write, move |mut tx| async move {
+            let out = director_tx(tx.as_mut(), &device_id, &hardware_class, verdict, &mut decide, now).await?;
+            tx.commit().await?;
+            Ok(out)
+        })
+        .await
     }
 }
 

@@ -64,7 +64,10 @@ impl Store {
 
     /// Sets a device's labels (rollout selectors match them).
     pub async fn set_device_labels(&self, device_id: &str, labels: &BTreeMap<String, String>) -> Result<bool, ServerError> {
-        let mut tx = self.tx(Mode::Autocommit).await?;
-        Ok(tx.execute("UPDATE devices SET labels = ?1 WHERE device_id = ?2", args![json(labels), device_id]).await? == 1)
+        let update = args![json(labels), device_id];
+        self.transaction(Mode::Autocommit, move |mut tx| async move {
+            Ok(tx.execute("UPDATE devices SET labels = ?1 WHERE device_id = ?2", update).await? == 1)
+        })
+        .await
     }
 }

@@ -71,28 +71,35 @@ impl Store {
     /// Whether an enrollment token may be used now for `hardware_class` (checked before
     /// any expensive work; `open_challenge` checks again).
     pub async fn check_enrollment_token(&self, token: &str, hardware_class: &str, now: i64) -> Result<Result<(), EnrollRefusal>, ServerError> {
-        let mut tx = self.tx(Mode::Autocommit).await?;
-        Ok(match Self::enrollment_token_refusal(tx.as_mut(), token, hardware_class, now).await? {
-            Some(r) => Err(r),
-            None => Ok(()),
+        let (token, hardware_class) = (token.to_owned(), hardware_class.to_owned());
+        self.transaction(Mode::Read, move |mut tx| async move {
+            Ok(match Self::enrollment_token_refusal(tx.as_mut(), &token, &hardware_class, now).await? {
+                Some(r) => Err(r),
+                None => Ok(()),
+            })
         })
+        .await
     }
 
     /// Checks an enrollment token (unused, unexpired, for this class) and records the
     /// challenge made for it. The token is consumed only when the device proves itself.
     pub async fn open_challenge(&self, c: &NewChallenge<'_>, now: i64) -> Result<Result<(), EnrollRefusal>, ServerError> {
-        let mut tx = self.tx(Mode::Shared).await?;
-        if let Some(r) = Self::enrollment_token_refusal(tx.as_mut(), c.token, c.hardware_class, now).await? {
-            return Ok(Err(r));
-        }
-        tx.execute(
-            "INSERT INTO enrollment_challenges (id, token_sha256, device_id, hardware_class, ek_public, ek_certificate, ak_public, secret_sha256, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            args![c.id, hash_token(c.token), c.device_id, c.hardware_class, c.ek_public, c.ek_certificate, c.ak_public, c.secret_sha256, c.expires_at],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(Ok(()))
+        let (token, hardware_class) = (c.token.to_owned(), c.hardware_class.to_owned());
+        let insert = args![c.id, hash_token(c.token), c.device_id, c.hardware_class, c.ek_public, c.ek_certificate, c.ak_public, c.secret_sha256, c.expires_at];
+        self.transaction(Mode::Shared, move |mut tx| async move {
+            if let Some(r) = Self::enrollment_token_refusal(tx.as_mut(), &token, &hardware_class, now).await? {
+                return Ok(Err(r));
+            }
+            tx.execute(
+                "INSERT INTO enrollment_challenges (id, token_sha256, device_id, hardware_class, ek_public, ek_certificate, ak_public, secret_sha256, expires_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                insert,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Ok(()))
+        })
+        .await
     }
 
     /// Completes a challenge with the secret the device's TPM recovered: in one
@@ -100,49 +107,53 @@ impl Store {
     /// recorded (a re-enrolled device gets its new AK and starts over as pending).
     /// A wrong secret closes the challenge for good.
     pub async fn complete_challenge(&self, id: &str, secret_sha256: &str, now: i64) -> Result<Result<(String, String), EnrollRefusal>, ServerError> {
-        let mut tx = self.tx(Mode::Shared).await?;
-        let row = tx
-            .opt(
-                "SELECT token_sha256, device_id, hardware_class, ek_public, ek_certificate, ak_public, secret_sha256, expires_at, state
-                 FROM enrollment_challenges WHERE id = ?1",
-                args![id],
+        let (id, secret_sha256) = (id.to_owned(), secret_sha256.to_owned());
+        self.transaction(Mode::Shared, move |mut tx| async move {
+            let id = id.as_str();
+            let row = tx
+                .opt(
+                    "SELECT token_sha256, device_id, hardware_class, ek_public, ek_certificate, ak_public, secret_sha256, expires_at, state
+                     FROM enrollment_challenges WHERE id = ?1",
+                    args![id],
+                )
+                .await?;
+            let Some(r) = row else { return Ok(Err(EnrollRefusal::UnknownChallenge)) };
+            let (token, device_id, class) = (r.text(0)?, r.text(1)?, r.text(2)?);
+            let (ek, ek_cert, ak, want, expires) = (r.blob(3)?, r.opt_blob(4)?, r.blob(5)?, r.text(6)?, r.int(7)?);
+            let state = ChallengeState::from_sql("enrollment_challenges.state", &r.text(8)?)?;
+            if state != ChallengeState::Open {
+                return Ok(Err(EnrollRefusal::ChallengeClosed(state)));
+            }
+            if expires <= now {
+                return Ok(Err(EnrollRefusal::ChallengeExpired));
+            }
+            if want != secret_sha256 {
+                tx.execute("UPDATE enrollment_challenges SET state = 'failed' WHERE id = ?1", args![id]).await?;
+                tx.commit().await?;
+                return Ok(Err(EnrollRefusal::WrongSecret));
+            }
+            let consumed = tx
+                .execute(
+                    "UPDATE enrollment_tokens SET used_at = ?1, used_by = ?2 WHERE token_sha256 = ?3 AND used_at IS NULL",
+                    args![rfc3339(now), &device_id, &token],
+                )
+                .await?;
+            if consumed != 1 {
+                return Ok(Err(EnrollRefusal::TokenUsed));
+            }
+            tx.execute("UPDATE enrollment_challenges SET state = 'completed' WHERE id = ?1", args![id]).await?;
+            let labels = tx.one("SELECT labels FROM enrollment_tokens WHERE token_sha256 = ?1", args![&token]).await?.text(0)?;
+            tx.execute(
+                "INSERT INTO devices (device_id, hardware_class, ek_public, ek_certificate, ak_public, enrolled_at, labels) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (device_id) DO UPDATE SET hardware_class = excluded.hardware_class, ek_certificate = excluded.ek_certificate,
+                   ak_public = excluded.ak_public, enrolled_at = excluded.enrolled_at, attestation = 'pending', attestation_reason = NULL,
+                   labels = excluded.labels",
+                args![&device_id, &class, &ek, ek_cert.as_ref(), &ak, rfc3339(now), labels],
             )
             .await?;
-        let Some(r) = row else { return Ok(Err(EnrollRefusal::UnknownChallenge)) };
-        let (token, device_id, class) = (r.text(0)?, r.text(1)?, r.text(2)?);
-        let (ek, ek_cert, ak, want, expires) = (r.blob(3)?, r.opt_blob(4)?, r.blob(5)?, r.text(6)?, r.int(7)?);
-        let state = ChallengeState::from_sql("enrollment_challenges.state", &r.text(8)?)?;
-        if state != ChallengeState::Open {
-            return Ok(Err(EnrollRefusal::ChallengeClosed(state)));
-        }
-        if expires <= now {
-            return Ok(Err(EnrollRefusal::ChallengeExpired));
-        }
-        if want != secret_sha256 {
-            tx.execute("UPDATE enrollment_challenges SET state = 'failed' WHERE id = ?1", args![id]).await?;
             tx.commit().await?;
-            return Ok(Err(EnrollRefusal::WrongSecret));
-        }
-        let consumed = tx
-            .execute(
-                "UPDATE enrollment_tokens SET used_at = ?1, used_by = ?2 WHERE token_sha256 = ?3 AND used_at IS NULL",
-                args![rfc3339(now), &device_id, &token],
-            )
-            .await?;
-        if consumed != 1 {
-            return Ok(Err(EnrollRefusal::TokenUsed));
-        }
-        tx.execute("UPDATE enrollment_challenges SET state = 'completed' WHERE id = ?1", args![id]).await?;
-        let labels = tx.one("SELECT labels FROM enrollment_tokens WHERE token_sha256 = ?1", args![&token]).await?.text(0)?;
-        tx.execute(
-            "INSERT INTO devices (device_id, hardware_class, ek_public, ek_certificate, ak_public, enrolled_at, labels) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (device_id) DO UPDATE SET hardware_class = excluded.hardware_class, ek_certificate = excluded.ek_certificate,
-               ak_public = excluded.ak_public, enrolled_at = excluded.enrolled_at, attestation = 'pending', attestation_reason = NULL,
-               labels = excluded.labels",
-            args![&device_id, &class, &ek, ek_cert.as_ref(), &ak, rfc3339(now), labels],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(Ok((device_id, class)))
+            Ok(Ok((device_id, class)))
+        })
+        .await
     }
 }

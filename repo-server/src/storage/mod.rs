@@ -108,7 +108,7 @@ impl Store {
             }
             Backend::Postgres { url, max_connections } => Box::new(Postgres::connect(url, *max_connections).await?),
         };
-        db::migrate(db.as_ref(), &schema::base_schema(db.dialect()), &schema::ALTERATIONS).await?;
+        db::migrate(db.as_ref(), schema::base_schema(db.dialect()), &schema::ALTERATIONS).await?;
         Ok(Store { db })
     }
 
@@ -122,18 +122,26 @@ impl Store {
         self.db.dialect().name()
     }
 
-    pub(crate) async fn tx(&self, mode: Mode) -> Result<Box<dyn Tx>, ServerError> {
-        self.db.begin(mode).await
+    /// Runs `work` in one transaction of `mode` (see [`db::transaction`]).
+    pub(crate) async fn transaction<R, F, Fut>(&self, mode: Mode, work: F) -> Result<R, ServerError>
+    where
+        R: Send + 'static,
+        F: FnOnce(Box<dyn Tx>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<R, ServerError>> + Send + 'static,
+    {
+        db::transaction(self.db.as_ref(), mode, work).await
     }
 
     /// One statement on its own.
     pub(super) async fn execute(&self, sql: &str, args: Vec<Value>) -> Result<u64, ServerError> {
-        self.tx(Mode::Autocommit).await?.execute(sql, args).await
+        let sql = sql.to_owned();
+        self.transaction(Mode::Autocommit, move |mut tx| async move { tx.execute(&sql, args).await }).await
     }
 
-    /// One query on its own.
+    /// One query on its own, that only reads.
     pub(super) async fn query(&self, sql: &str, args: Vec<Value>) -> Result<Vec<Row>, ServerError> {
-        self.tx(Mode::Autocommit).await?.query(sql, args).await
+        let sql = sql.to_owned();
+        self.transaction(Mode::Read, move |mut tx| async move { tx.query(&sql, args).await }).await
     }
 }
 
@@ -276,17 +284,66 @@ mod tests {
             Backend::Sqlite(_) => "PRAGMA user_version",
             Backend::Postgres { .. } => "SELECT version FROM outpost_schema",
         };
-        let mut tx = ok(second.tx(Mode::Autocommit).await);
-        assert_eq!(ok(ok(tx.one(version, args![]).await).int(0)), ALTERATIONS.len() as i64);
+        let have = ok(second.transaction(Mode::Autocommit, move |mut tx| async move { tx.one(version, args![]).await?.int(0) }).await);
+        assert_eq!(have, ALTERATIONS.len() as i64);
         // A database a newer server migrated is refused, not run with a schema this
         // server does not know.
         let newer = ALTERATIONS.len() + 1;
-        match &b {
-            Backend::Sqlite(_) => ok(tx.batch(&format!("PRAGMA user_version = {newer}")).await),
-            Backend::Postgres { .. } => drop(ok(tx.execute("UPDATE outpost_schema SET version = ?1", args![newer as i64]).await)),
-        }
-        drop(tx);
+        let sqlite = matches!(b, Backend::Sqlite(_));
+        let made_newer = second
+            .transaction(Mode::Autocommit, move |mut tx| async move {
+                if sqlite {
+                    tx.batch(&format!("PRAGMA user_version = {newer}")).await
+                } else {
+                    tx.execute("UPDATE outpost_schema SET version = ?1", args![newer as i64]).await.map(drop)
+                }
+            })
+            .await;
+        ok(made_newer);
         let refused = Store::open(&b).await.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(refused.contains(&format!("schema is version {newer}, newer than this server's")), "{refused}");
     }
+
+    async fn sqlite_store() -> (tempfile::TempDir, Store) {
+        let dir = ok(tempfile::tempdir());
+        let s = ok(Store::open(&Backend::Sqlite(dir.path().join("t.db"))).await);
+        (dir, s)
+    }
+
+    /// Lookups go to SQLite's read-only connections: they see each commit at once, and
+    /// a write sent there is refused, not run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_readers_see_every_commit_and_refuse_writes() {
+        let (_dir, s) = sqlite_store().await;
+        for n in 0..20 {
+            add_devices(&s, std::iter::once(format!("d{n}"))).await;
+            assert!(ok(s.device(&format!("d{n}")).await).is_some(), "d{n} committed, then looked up");
+        }
+        let refused = s.transaction(Mode::Read, move |mut tx| async move { tx.execute("DELETE FROM devices", args![]).await }).await;
+        let why = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(why.contains("readonly"), "{why}");
+        assert_eq!(ok(s.devices().await).len(), 20);
+    }
+
+    /// A transaction that panics half-way on the store's thread is rolled back and fails
+    /// its caller only: the next transaction runs on the same connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transaction_that_panics_half_way_is_rolled_back_and_the_next_runs() {
+        let (_dir, s) = sqlite_store().await;
+        let failed = s
+            .transaction(Mode::Write, move |mut tx| async move {
+                tx.execute("INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES ('half', 'rpi4', x'00', x'00', 'now')", args![])
+                    .await?;
+                if tx.serialized() {
+                    panic!("a bug half-way through a transaction");
+                }
+                tx.commit().await
+            })
+            .await;
+        assert!(failed.is_err());
+        assert!(ok(s.device("half").await).is_none(), "the half-done insert was rolled back");
+        add_devices(&s, std::iter::once("after".to_owned())).await;
+        assert!(ok(s.device("after").await).is_some());
+    }
+
 }

@@ -59,23 +59,27 @@ impl Store {
         // An issued nonce lost to a power cut costs the device one retry, so this commit
         // does not wait for the disk; the check-in that uses it (and every commit after
         // it) is synced in full, which makes this one durable too.
-        let mut tx = self.tx(Mode::Lazy).await?;
-        let r = tx
-            .one(
-                "SELECT (SELECT count(*) FROM devices WHERE device_id = ?1),
-                        (SELECT count(*) FROM nonces WHERE device_id = ?1 AND used = 0 AND expires_at > ?2)",
-                args![device_id, now],
-            )
-            .await?;
-        if r.int(0)? == 0 {
-            return Ok(NonceIssue::UnknownDevice);
-        }
-        if r.int(1)? >= MAX_OPEN_NONCES {
-            return Ok(NonceIssue::TooMany);
-        }
-        tx.execute("INSERT INTO nonces (nonce, device_id, expires_at) VALUES (?1, ?2, ?3)", args![&nonce, device_id, expires_at]).await?;
-        tx.commit().await?;
-        Ok(NonceIssue::Issued(nonce))
+        let device_id = device_id.to_owned();
+        self.transaction(Mode::Lazy, move |mut tx| async move {
+            let device_id = device_id.as_str();
+            let r = tx
+                .one(
+                    "SELECT (SELECT count(*) FROM devices WHERE device_id = ?1),
+                            (SELECT count(*) FROM nonces WHERE device_id = ?1 AND used = 0 AND expires_at > ?2)",
+                    args![device_id, now],
+                )
+                .await?;
+            if r.int(0)? == 0 {
+                return Ok(NonceIssue::UnknownDevice);
+            }
+            if r.int(1)? >= MAX_OPEN_NONCES {
+                return Ok(NonceIssue::TooMany);
+            }
+            tx.execute("INSERT INTO nonces (nonce, device_id, expires_at) VALUES (?1, ?2, ?3)", args![&nonce, device_id, expires_at]).await?;
+            tx.commit().await?;
+            Ok(NonceIssue::Issued(nonce))
+        })
+        .await
     }
 
     /// Removes nonces expired for an hour (the server's ticker calls it); the number
@@ -86,11 +90,14 @@ impl Store {
 
     /// Uses a nonce up: it must have been issued to `device_id`, be unused and unexpired.
     pub async fn consume_nonce(&self, nonce: &str, device_id: &str, now: i64) -> Result<Result<(), NonceRefusal>, ServerError> {
-        let mut tx = self.tx(Mode::Exclusive).await?;
-        let r = consume_nonce_tx(tx.as_mut(), nonce, device_id, now).await?;
-        if r.is_ok() {
-            tx.commit().await?;
-        }
-        Ok(r)
+        let (nonce, device_id) = (nonce.to_owned(), device_id.to_owned());
+        self.transaction(Mode::Exclusive, move |mut tx| async move {
+            let r = consume_nonce_tx(tx.as_mut(), &nonce, &device_id, now).await?;
+            if r.is_ok() {
+                tx.commit().await?;
+            }
+            Ok(r)
+        })
+        .await
     }
 }

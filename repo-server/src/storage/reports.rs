@@ -43,25 +43,29 @@ impl Store {
     /// (`false`: the id is enrolled, whose reports come only in attested check-ins),
     /// and drops the oldest unattested reports beyond the bounds.
     pub async fn add_unattested_report(&self, r: &InstallReport) -> Result<bool, ServerError> {
-        let mut tx = self.tx(Mode::Shared).await?;
-        if tx.opt("SELECT 1 FROM devices WHERE device_id = ?1", args![&r.device_id]).await?.is_some() {
-            return Ok(false);
-        }
-        tx.execute(INSERT_REPORT, report_args(&chrono::Utc::now().to_rfc3339(), r, ReportSource::Unattested)).await?;
-        tx.execute(
-            "DELETE FROM install_reports WHERE attested = 0 AND device_id = ?1 AND id <=
-               (SELECT id FROM install_reports WHERE attested = 0 AND device_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-            args![&r.device_id, MAX_UNATTESTED_REPORTS_PER_DEVICE],
-        )
-        .await?;
-        tx.execute(
-            "DELETE FROM install_reports WHERE attested = 0 AND id <=
-               (SELECT id FROM install_reports WHERE attested = 0 ORDER BY id DESC LIMIT 1 OFFSET ?1)",
-            args![MAX_UNATTESTED_REPORTS],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(true)
+        let r = r.clone();
+        self.transaction(Mode::Shared, move |mut tx| async move {
+            let r = &r;
+            if tx.opt("SELECT 1 FROM devices WHERE device_id = ?1", args![&r.device_id]).await?.is_some() {
+                return Ok(false);
+            }
+            tx.execute(INSERT_REPORT, report_args(&chrono::Utc::now().to_rfc3339(), r, ReportSource::Unattested)).await?;
+            tx.execute(
+                "DELETE FROM install_reports WHERE attested = 0 AND device_id = ?1 AND id <=
+                   (SELECT id FROM install_reports WHERE attested = 0 AND device_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+                args![&r.device_id, MAX_UNATTESTED_REPORTS_PER_DEVICE],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM install_reports WHERE attested = 0 AND id <=
+                   (SELECT id FROM install_reports WHERE attested = 0 ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+                args![MAX_UNATTESTED_REPORTS],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+        .await
     }
 
     /// Install reports, newest first, of one device or all; `filter` may leave out the

@@ -124,106 +124,129 @@ pub enum ActionOutcome {
 
 impl Store {
     pub async fn create_rollout(&self, r: &RolloutRecord) -> Result<(), ServerError> {
-        let mut tx = self.tx(Mode::Exclusive).await?;
-        let seq = tx.one("SELECT coalesce(max(seq), 0) + 1 FROM rollouts", args![]).await?.int(0)?;
-        tx.execute(
-            &format!("INSERT INTO rollouts ({ROLLOUT_COLUMNS}, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
-            args![
-                &r.id,
-                &r.name,
-                &r.hardware_class,
-                json(&r.labels),
-                json(&r.release),
-                json(&r.waves),
-                r.gate.as_sql(),
-                json(&r.state),
-                &r.created_by,
-                &r.created_at,
-                seq
-            ],
-        )
-        .await?;
-        tx.commit().await
+        let r = r.clone();
+        self.transaction(Mode::Exclusive, move |mut tx| async move {
+            let seq = tx.one("SELECT coalesce(max(seq), 0) + 1 FROM rollouts", args![]).await?.int(0)?;
+            tx.execute(
+                &format!("INSERT INTO rollouts ({ROLLOUT_COLUMNS}, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+                args![
+                    &r.id,
+                    &r.name,
+                    &r.hardware_class,
+                    json(&r.labels),
+                    json(&r.release),
+                    json(&r.waves),
+                    r.gate.as_sql(),
+                    json(&r.state),
+                    &r.created_by,
+                    &r.created_at,
+                    seq
+                ],
+            )
+            .await?;
+            tx.commit().await
+        })
+        .await
     }
 
     pub async fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, ServerError> {
-        let mut tx = self.tx(Mode::Autocommit).await?;
-        load(tx.as_mut(), id).await
+        let id = id.to_owned();
+        self.transaction(Mode::Read, move |mut tx| async move {
+            let id = id.as_str();
+            load(tx.as_mut(), id).await
+        })
+        .await
     }
 
     /// Every rollout, newest first.
     pub async fn rollouts(&self) -> Result<Vec<RolloutRecord>, ServerError> {
-        let mut tx = self.tx(Mode::Autocommit).await?;
-        tx.query(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY seq DESC"), args![]).await?.iter().map(rollout_from_row).collect()
+        self.transaction(Mode::Read, move |mut tx| async move {
+            tx.query(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY seq DESC"), args![]).await?.iter().map(rollout_from_row).collect()
+        })
+        .await
     }
 
     /// An operator's action on a rollout, applied and recorded in one transaction.
     /// Errors with `Refused` when the action does not fit the state.
     pub async fn rollout_action(&self, id: &str, event: Event, now: i64) -> Result<ActionOutcome, ServerError> {
-        let mut tx = self.tx(Mode::Exclusive).await?;
-        let Some(mut record) = load(tx.as_mut(), id).await? else { return Ok(ActionOutcome::NotFound) };
-        let t = match apply(tx.as_mut(), &mut record, event, now).await? {
-            Ok(t) => t,
-            Err(why) => return Ok(ActionOutcome::Refused(why)),
-        };
-        tx.commit().await?;
-        Ok(ActionOutcome::Done(Box::new(record), t))
+        let id = id.to_owned();
+        self.transaction(Mode::Exclusive, move |mut tx| async move {
+            let id = id.as_str();
+            let Some(mut record) = load(tx.as_mut(), id).await? else { return Ok(ActionOutcome::NotFound) };
+            let t = match apply(tx.as_mut(), &mut record, event, now).await? {
+                Ok(t) => t,
+                Err(why) => return Ok(ActionOutcome::Refused(why)),
+            };
+            tx.commit().await?;
+            Ok(ActionOutcome::Done(Box::new(record), t))
+        })
+        .await
     }
 
     /// Re-evaluates every running rollout (soak times pass without check-ins).
     pub async fn rollout_tick(&self, now: i64) -> Result<Vec<(String, Transition)>, ServerError> {
-        let mut tx = self.tx(Mode::Exclusive).await?;
-        let all = tx.query(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY seq"), args![]).await?;
-        let mut out = Vec::new();
-        for row in &all {
-            let mut record = rollout_from_row(row)?;
-            if let Some(t) = feedback(tx.as_mut(), &mut record, now).await? {
-                out.push((record.id, t));
+        self.transaction(Mode::Exclusive, move |mut tx| async move {
+            let all = tx.query(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY seq"), args![]).await?;
+            let mut out = Vec::new();
+            for row in &all {
+                let mut record = rollout_from_row(row)?;
+                if let Some(t) = feedback(tx.as_mut(), &mut record, now).await? {
+                    out.push((record.id, t));
+                }
             }
-        }
-        tx.commit().await?;
-        Ok(out)
+            tx.commit().await?;
+            Ok(out)
+        })
+        .await
     }
 
     /// Per-wave counters (cumulative) and the transition history of a rollout.
     pub async fn rollout_progress(&self, id: &str) -> Result<(Vec<Counters>, Vec<RolloutEvent>), ServerError> {
-        let mut tx = self.tx(Mode::Shared).await?;
-        let Some(record) = load(tx.as_mut(), id).await? else { return Ok((Vec::new(), Vec::new())) };
-        let mut per_wave = Vec::with_capacity(record.waves.len());
-        for w in 0..record.waves.len() {
-            per_wave.push(counters(tx.as_mut(), id, w).await?);
-        }
-        let rows = tx.query("SELECT at, from_state, to_state, cause FROM rollout_events WHERE rollout_id = ?1 ORDER BY id", args![id]).await?;
-        let events = rows
-            .iter()
-            .map(|r| {
-                Ok(RolloutEvent { at: r.text(0)?, from: r.text(1)?, to: r.text(2)?, cause: parse("rollout_events.cause", &r.text(3)?)? })
-            })
-            .collect::<Result<Vec<_>, ServerError>>()?;
-        Ok((per_wave, events))
+        let id = id.to_owned();
+        self.transaction(Mode::Shared, move |mut tx| async move {
+            let id = id.as_str();
+            let Some(record) = load(tx.as_mut(), id).await? else { return Ok((Vec::new(), Vec::new())) };
+            let mut per_wave = Vec::with_capacity(record.waves.len());
+            for w in 0..record.waves.len() {
+                per_wave.push(counters(tx.as_mut(), id, w).await?);
+            }
+            let rows = tx.query("SELECT at, from_state, to_state, cause FROM rollout_events WHERE rollout_id = ?1 ORDER BY id", args![id]).await?;
+            let events = rows
+                .iter()
+                .map(|r| {
+                    Ok(RolloutEvent { at: r.text(0)?, from: r.text(1)?, to: r.text(2)?, cause: parse("rollout_events.cause", &r.text(3)?)? })
+                })
+                .collect::<Result<Vec<_>, ServerError>>()?;
+            Ok((per_wave, events))
+        })
+        .await
     }
 
     /// Assignments of a rollout (device, wave, status, reason).
     pub async fn rollout_assignments(&self, id: &str) -> Result<Vec<AssignmentView>, ServerError> {
-        let mut tx = self.tx(Mode::Autocommit).await?;
-        let rows = tx
-            .query(
-                "SELECT device_id, wave, status, reason, assigned_at, updated_at FROM assignments WHERE rollout_id = ?1 ORDER BY wave, device_id",
-                args![id],
-            )
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(AssignmentView {
-                    device_id: r.text(0)?,
-                    wave: r.int(1)?,
-                    status: Status::from_sql("assignments.status", &r.text(2)?)?,
-                    reason: r.opt_text(3)?,
-                    assigned_at: r.text(4)?,
-                    updated_at: r.text(5)?,
+        let id = id.to_owned();
+        self.transaction(Mode::Read, move |mut tx| async move {
+            let id = id.as_str();
+            let rows = tx
+                .query(
+                    "SELECT device_id, wave, status, reason, assigned_at, updated_at FROM assignments WHERE rollout_id = ?1 ORDER BY wave, device_id",
+                    args![id],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(AssignmentView {
+                        device_id: r.text(0)?,
+                        wave: r.int(1)?,
+                        status: Status::from_sql("assignments.status", &r.text(2)?)?,
+                        reason: r.opt_text(3)?,
+                        assigned_at: r.text(4)?,
+                        updated_at: r.text(5)?,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
+        .await
     }
 
 

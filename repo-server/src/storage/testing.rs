@@ -19,16 +19,20 @@ pub(crate) async fn postgres_backend() -> Backend {
 
 /// Enrolls `ids` as bare devices of class rpi4.
 pub(crate) async fn add_devices(s: &Store, ids: impl Iterator<Item = String>) {
-    let mut tx = s.tx(Mode::Shared).await.unwrap_or_else(|e| panic!("{e}"));
-    for id in ids {
-        tx.execute(
-            "INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES (?1, 'rpi4', ?2, ?2, 'now')",
-            crate::args![id, &vec![0u8]],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    }
-    tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
+    let ids: Vec<String> = ids.collect();
+    let added = s
+        .transaction(Mode::Shared, move |mut tx| async move {
+            for id in ids {
+                tx.execute(
+                    "INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES (?1, 'rpi4', ?2, ?2, 'now')",
+                    crate::args![id, &vec![0u8]],
+                )
+                .await?;
+            }
+            tx.commit().await
+        })
+        .await;
+    added.unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The store suite: each scenario (an `async fn(Backend)` beside the call) runs on a

@@ -182,6 +182,9 @@ impl Row {
 pub enum Mode {
     /// Each statement commits on its own.
     Autocommit,
+    /// Statements that only read, each on its own (one that writes fails on SQLite).
+    /// On SQLite they run on a read-only connection and never wait for a writer.
+    Read,
     /// One transaction; concurrent writers are kept apart by row locks and constraints.
     Shared,
     /// One transaction, serialised with every other serialised one on the database,
@@ -224,10 +227,39 @@ impl dyn Tx + '_ {
     }
 }
 
+/// A transaction's whole work: handed the transaction, it commits it, or drops it to
+/// roll back. It owns what it uses: a backend may run it on a thread of its own.
+pub type Work = Box<dyn FnOnce(Box<dyn Tx>) -> BoxFuture<'static, Result<(), ServerError>> + Send>;
+
 /// A state-store database.
 pub trait Database: Send + Sync {
     fn dialect(&self) -> Dialect;
-    fn begin(&self, mode: Mode) -> BoxFuture<'_, Result<Box<dyn Tx>, ServerError>>;
+    /// Runs `work` on a connection, in a transaction unless `mode` is
+    /// [`Mode::Autocommit`] or [`Mode::Read`], where this backend's statements may
+    /// block (SQLite's on its own threads).
+    fn run(&self, mode: Mode, work: Work) -> BoxFuture<'_, Result<(), ServerError>>;
+}
+
+/// Runs `work` in one transaction of `mode` on `db` and returns what it came to (see
+/// [`Database::run`]). `work` commits; a transaction it drops rolls back.
+pub async fn transaction<R, F, Fut>(db: &dyn Database, mode: Mode, work: F) -> Result<R, ServerError>
+where
+    R: Send + 'static,
+    F: FnOnce(Box<dyn Tx>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<R, ServerError>> + Send + 'static,
+{
+    let (out, mut result) = tokio::sync::oneshot::channel();
+    db.run(
+        mode,
+        Box::new(move |tx| {
+            Box::pin(async move {
+                let _ = out.send(work(tx).await?);
+                Ok(())
+            })
+        }),
+    )
+    .await?;
+    result.try_recv().map_err(|_| ServerError::Db("a transaction's work ended without its result".into()))
 }
 
 /// A database URL without its password, for messages.

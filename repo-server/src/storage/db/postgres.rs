@@ -3,7 +3,7 @@
 use futures_util::future::BoxFuture;
 use sqlx::{Column as _, Row as _, TypeInfo as _, ValueRef as _};
 
-use super::{redact, Database, Dialect, Kind, Mode, Row, Tx, Value};
+use super::{redact, Database, Dialect, Kind, Mode, Row, Tx, Value, Work};
 use crate::error::ServerError;
 
 
@@ -153,17 +153,21 @@ impl Database for Postgres {
     fn dialect(&self) -> Dialect {
         Dialect::Postgres
     }
-    fn begin(&self, mode: Mode) -> BoxFuture<'_, Result<Box<dyn Tx>, ServerError>> {
-        Box::pin(async move {
-            // What a transaction needs at its start goes with its BEGIN, in one round trip.
-            let conn = match mode {
-                Mode::Autocommit => PgConn::Single(self.pool.acquire().await?),
-                Mode::Shared | Mode::Write => PgConn::Tx(self.pool.begin().await?),
-                Mode::Exclusive => PgConn::Tx(self.pool.begin_with(BEGIN_SERIALIZED).await?),
-                Mode::Lazy => PgConn::Tx(self.pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?),
-            };
-            Ok(Box::new(PgTx { conn, locked: mode == Mode::Exclusive }) as Box<dyn Tx>)
-        })
+    fn run(&self, mode: Mode, work: Work) -> BoxFuture<'_, Result<(), ServerError>> {
+        Box::pin(async move { work(self.begin(mode).await?).await })
+    }
+}
+
+impl Postgres {
+    async fn begin(&self, mode: Mode) -> Result<Box<dyn Tx>, ServerError> {
+        // What a transaction needs at its start goes with its BEGIN, in one round trip.
+        let conn = match mode {
+            Mode::Autocommit | Mode::Read => PgConn::Single(self.pool.acquire().await?),
+            Mode::Shared | Mode::Write => PgConn::Tx(self.pool.begin().await?),
+            Mode::Exclusive => PgConn::Tx(self.pool.begin_with(BEGIN_SERIALIZED).await?),
+            Mode::Lazy => PgConn::Tx(self.pool.begin_with("BEGIN; SET LOCAL synchronous_commit = off").await?),
+        };
+        Ok(Box::new(PgTx { conn, locked: mode == Mode::Exclusive }))
     }
 }
 

@@ -1,20 +1,68 @@
-//! SQLite embedded. Every statement (and each BEGIN, COMMIT and ROLLBACK, which may
-//! wait for another process's lock or for the disk) runs off the async workers (see
-//! [`blocking`]), never blocking a worker that has other tasks to run.
+//! SQLite embedded, on threads of its own. Each connection lives on one thread, which
+//! runs whole transactions one after another, from BEGIN (which may wait for another
+//! process's lock) to COMMIT or ROLLBACK (which wait for the disk): no async worker
+//! ever blocks on SQLite, and a transaction holds its connection only while it runs.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::future::BoxFuture;
 
-use super::{Database, Dialect, Kind, Mode, Row, Tx, Value};
+use super::{Database, Dialect, Kind, Mode, Row, Tx, Value, Work};
 use crate::error::ServerError;
 
 
-/// SQLite embedded: one connection (WAL, fully synced commits) shared by the server.
-/// Several servers may share the file on one host; each waits for the other's write
-/// lock.
+/// How many read-only connections serve [`Mode::Read`] beside the one that writes.
+const READERS: usize = 2;
+
+/// A connection's thread; jobs run in the order they were sent.
+struct Connection {
+    jobs: std::sync::mpsc::Sender<Job>,
+    /// Jobs sent and not finished.
+    queued: Arc<AtomicUsize>,
+}
+
+type Job = Box<dyn FnOnce(&Arc<Mutex<rusqlite::Connection>>) + Send>;
+
+impl Connection {
+    fn start(name: String, conn: rusqlite::Connection) -> Result<Self, ServerError> {
+        let (jobs, next) = std::sync::mpsc::channel::<Job>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let done = queued.clone();
+        let conn = Arc::new(Mutex::new(conn));
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                // Ends when the store is dropped (its senders with it).
+                for job in next {
+                    // A panic in one transaction (rolled back as it unwinds) fails
+                    // that transaction's caller, not the ones after it.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&conn)));
+                    done.fetch_sub(1, Ordering::Relaxed);
+                }
+            })
+            .map_err(|e| ServerError::Db(format!("starting a SQLite thread: {e}").into()))?;
+        Ok(Connection { jobs, queued })
+    }
+
+    fn send(&self, job: Job) -> Result<(), ServerError> {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.jobs.send(job).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            ServerError::Db("the SQLite thread has stopped".into())
+        })
+    }
+}
+
+/// SQLite embedded (WAL, fully synced commits): one connection for everything that
+/// may write, and [`READERS`] read-only ones, so lookups never queue behind a commit
+/// waiting for the disk (a WAL reader sees the last commit and takes no lock a writer
+/// waits for). Several servers may share the file on one host; each waits for the
+/// other's write lock.
 pub struct Sqlite {
-    conn: Arc<tokio::sync::Mutex<rusqlite::Connection>>,
+    writer: Connection,
+    readers: Vec<Connection>,
+    next_reader: AtomicUsize,
 }
 
 impl Sqlite {
@@ -22,11 +70,32 @@ impl Sqlite {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| ServerError::io("create", dir, e))?;
         }
-        let conn = rusqlite::Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        Ok(Sqlite { conn: Arc::new(tokio::sync::Mutex::new(conn)) })
+        let writer = rusqlite::Connection::open(path)?;
+        writer.pragma_update(None, "journal_mode", "WAL")?;
+        writer.pragma_update(None, "synchronous", "FULL")?;
+        writer.busy_timeout(std::time::Duration::from_secs(10))?;
+        let mut readers = Vec::with_capacity(READERS);
+        for n in 0..READERS {
+            let reader = rusqlite::Connection::open(path)?;
+            // A statement that would write on a reader fails instead.
+            reader.pragma_update(None, "query_only", true)?;
+            reader.busy_timeout(std::time::Duration::from_secs(10))?;
+            readers.push(Connection::start(format!("sqlite-reader-{n}"), reader)?);
+        }
+        Ok(Sqlite { writer: Connection::start("sqlite-writer".into(), writer)?, readers, next_reader: AtomicUsize::new(0) })
+    }
+
+    /// The connection for a transaction of `mode`: a reader with the fewest jobs
+    /// waiting, or the writer.
+    fn connection(&self, mode: Mode) -> &Connection {
+        if mode != Mode::Read {
+            return &self.writer;
+        }
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        (0..self.readers.len())
+            .map(|i| &self.readers[(start + i) % self.readers.len()])
+            .min_by_key(|r| r.queued.load(Ordering::Relaxed))
+            .unwrap_or(&self.writer)
     }
 }
 
@@ -42,25 +111,54 @@ impl rusqlite::ToSql for Value {
     }
 }
 
-/// The connection, held for one transaction; dropped anywhere (after a commit, or in a
-/// task whose future was cancelled mid-statement), it ends what it began first.
-struct Held {
-    conn: tokio::sync::OwnedMutexGuard<rusqlite::Connection>,
+/// A transaction on a connection's own thread (its statements run in place there).
+/// Dropped without a commit (an error or a panic in the transaction's work), it rolls
+/// back what it began.
+struct SqliteTx {
+    conn: Arc<Mutex<rusqlite::Connection>>,
     /// In a transaction that has not ended yet.
     open: bool,
+    /// Began with `BEGIN IMMEDIATE`: holds the file's write lock.
+    immediate: bool,
     /// Commits do not wait for the disk until this transaction ends.
     lazy: bool,
 }
 
-impl Held {
-    fn execute(&mut self, sql: &str, args: &[Value]) -> Result<u64, ServerError> {
-        let mut stmt = self.conn.prepare_cached(sql)?;
+impl SqliteTx {
+    fn begin(conn: Arc<Mutex<rusqlite::Connection>>, mode: Mode) -> Result<Self, ServerError> {
+        let begin = match mode {
+            Mode::Autocommit | Mode::Read => None,
+            Mode::Shared => Some("BEGIN"),
+            Mode::Exclusive | Mode::Write | Mode::Lazy => Some("BEGIN IMMEDIATE"),
+        };
+        let mut tx = SqliteTx { conn, open: false, immediate: begin == Some("BEGIN IMMEDIATE"), lazy: false };
+        if mode == Mode::Lazy {
+            tx.lazy = true;
+            tx.conn().pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        if let Some(sql) = begin {
+            tx.conn().execute_batch(sql)?;
+            tx.open = true;
+        }
+        Ok(tx)
+    }
+
+    /// Only this connection's thread runs transactions on it, one at a time: the lock
+    /// is never contended.
+    fn conn(&self) -> std::sync::MutexGuard<'_, rusqlite::Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn execute_now(&mut self, sql: &str, args: &[Value]) -> Result<u64, ServerError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(sql)?;
         Ok(stmt.execute(rusqlite::params_from_iter(args.iter()))? as u64)
     }
 
-    fn query(&mut self, sql: &str, args: &[Value]) -> Result<Vec<Row>, ServerError> {
+    fn query_now(&mut self, sql: &str, args: &[Value]) -> Result<Vec<Row>, ServerError> {
         use rusqlite::types::ValueRef;
-        let mut stmt = self.conn.prepare_cached(sql)?;
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(sql)?;
         let columns = stmt.column_count();
         let mut rows = stmt.query(rusqlite::params_from_iter(args.iter()))?;
         let mut out = Vec::new();
@@ -83,17 +181,17 @@ impl Held {
     fn end(&mut self, sql: &str) -> Result<(), ServerError> {
         if self.open {
             self.open = false;
-            self.conn.execute_batch(sql)?;
+            self.conn().execute_batch(sql)?;
         }
         if self.lazy {
             self.lazy = false;
-            self.conn.pragma_update(None, "synchronous", "FULL")?;
+            self.conn().pragma_update(None, "synchronous", "FULL")?;
         }
         Ok(())
     }
 }
 
-impl Drop for Held {
+impl Drop for SqliteTx {
     fn drop(&mut self) {
         if let Err(e) = self.end("ROLLBACK") {
             tracing::error!(error = %e, "rolling back a SQLite transaction failed");
@@ -101,87 +199,29 @@ impl Drop for Held {
     }
 }
 
-/// Runs `f` on the connection off the async workers and hands the connection back
-/// with what `f` came to (a failed statement leaves the transaction to its owner).
-///
-/// On the server's multi-threaded runtime this is `block_in_place`: the worker hands
-/// its other tasks to another thread and this one runs the statement, so the
-/// transaction's next statement follows without waiting to be scheduled again while it
-/// holds the connection. (`spawn_blocking` per statement did the same work, but each
-/// statement then queued for a worker to resume the transaction, with the one
-/// connection held: check-ins halved under load, see docs/benchmarks.md.) On a
-/// current-thread runtime (unit tests) there is no worker to hand over, so the
-/// statement goes to the blocking pool.
-async fn blocking<T: Send + 'static>(
-    mut held: Held,
-    f: impl FnOnce(&mut Held) -> Result<T, ServerError> + Send + 'static,
-) -> Result<(Held, Result<T, ServerError>), ServerError> {
-    if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
-        return Ok(tokio::task::block_in_place(move || {
-            let r = f(&mut held);
-            (held, r)
-        }));
-    }
-    tokio::task::spawn_blocking(move || {
-        let r = f(&mut held);
-        (held, r)
-    })
-    .await
-    .map_err(|e| ServerError::Db(format!("a SQLite statement's task failed: {e}").into()))
-}
-
-struct SqliteTx {
-    /// None only while a statement runs, or after one failed to come back.
-    held: Option<Held>,
-    /// Began with `BEGIN IMMEDIATE`: holds the file's write lock.
-    immediate: bool,
-}
-
-impl SqliteTx {
-    async fn run<T: Send + 'static>(&mut self, f: impl FnOnce(&mut Held) -> Result<T, ServerError> + Send + 'static) -> Result<T, ServerError> {
-        let held = self.held.take().ok_or_else(|| ServerError::Db("a SQLite transaction used after its connection was lost".into()))?;
-        let (held, out) = blocking(held, f).await?;
-        self.held = Some(held);
-        out
-    }
-}
-
-impl Drop for SqliteTx {
-    fn drop(&mut self) {
-        // The rollback may wait for the disk: off the async workers when there are any.
-        if let (Some(held), Ok(rt)) = (self.held.take(), tokio::runtime::Handle::try_current()) {
-            rt.spawn_blocking(move || drop(held));
-        }
-    }
-}
-
 impl Tx for SqliteTx {
     fn execute<'a>(&'a mut self, sql: &'a str, args: Vec<Value>) -> BoxFuture<'a, Result<u64, ServerError>> {
-        let sql = sql.to_owned();
-        Box::pin(async move { self.run(move |h| h.execute(&sql, &args)).await })
+        Box::pin(std::future::ready(self.execute_now(sql, &args)))
     }
     fn query<'a>(&'a mut self, sql: &'a str, args: Vec<Value>) -> BoxFuture<'a, Result<Vec<Row>, ServerError>> {
-        let sql = sql.to_owned();
-        Box::pin(async move { self.run(move |h| h.query(&sql, &args)).await })
+        Box::pin(std::future::ready(self.query_now(sql, &args)))
     }
     fn batch<'a>(&'a mut self, sql: &'a str) -> BoxFuture<'a, Result<(), ServerError>> {
-        let sql = sql.to_owned();
-        Box::pin(async move { self.run(move |h| Ok(h.conn.execute_batch(&sql)?)).await })
+        Box::pin(std::future::ready(self.conn().execute_batch(sql).map_err(ServerError::from)))
     }
     fn serialized(&self) -> bool {
-        self.immediate && self.held.as_ref().is_some_and(|h| h.open)
+        self.immediate && self.open
     }
     fn serialize(&mut self) -> BoxFuture<'_, Result<(), ServerError>> {
-        Box::pin(async move {
-            if self.serialized() {
-                Ok(())
-            } else {
-                Err(ServerError::State("a SQLite transaction is serialised only when it begins immediate".into()))
-            }
-        })
+        let r = if self.serialized() {
+            Ok(())
+        } else {
+            Err(ServerError::State("a SQLite transaction is serialised only when it begins immediate".into()))
+        };
+        Box::pin(std::future::ready(r))
     }
     fn commit(mut self: Box<Self>) -> BoxFuture<'static, Result<(), ServerError>> {
-        Box::pin(async move { self.run(|h| h.end("COMMIT")).await })
+        Box::pin(std::future::ready(self.end("COMMIT")))
     }
 }
 
@@ -189,30 +229,23 @@ impl Database for Sqlite {
     fn dialect(&self) -> Dialect {
         Dialect::Sqlite
     }
-    fn begin(&self, mode: Mode) -> BoxFuture<'_, Result<Box<dyn Tx>, ServerError>> {
+    /// Sends the whole transaction to its connection's thread and waits for it there
+    /// without blocking: one hop per transaction, not per statement. A caller that
+    /// stops waiting does not stop the transaction: it ends, committed or rolled back,
+    /// as its work says.
+    fn run(&self, mode: Mode, work: Work) -> BoxFuture<'_, Result<(), ServerError>> {
+        let rt = tokio::runtime::Handle::current();
+        let (done, finished) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            // The statements' futures are ready at once; nothing here waits for the
+            // runtime's timers or sockets.
+            let r = SqliteTx::begin(conn.clone(), mode).and_then(|tx| rt.block_on(work(Box::new(tx))));
+            let _ = done.send(r);
+        });
+        let sent = self.connection(mode).send(job);
         Box::pin(async move {
-            let conn = self.conn.clone().lock_owned().await;
-            let begin = match mode {
-                Mode::Autocommit => None,
-                Mode::Shared => Some("BEGIN"),
-                Mode::Exclusive | Mode::Write | Mode::Lazy => Some("BEGIN IMMEDIATE"),
-            };
-            let held = Held { conn, open: false, lazy: false };
-            let (held, began) = blocking(held, move |h| {
-                if mode == Mode::Lazy {
-                    h.conn.pragma_update(None, "synchronous", "NORMAL")?;
-                    h.lazy = true;
-                }
-                if let Some(sql) = begin {
-                    h.conn.execute_batch(sql)?;
-                    h.open = true;
-                }
-                Ok(())
-            })
-            .await?;
-            let tx = SqliteTx { held: Some(held), immediate: begin == Some("BEGIN IMMEDIATE") };
-            began?;
-            Ok(Box::new(tx) as Box<dyn Tx>)
+            sent?;
+            finished.await.map_err(|_| ServerError::Db("a SQLite transaction panicked on its thread".into()))?
         })
     }
 }
