@@ -15,6 +15,7 @@ pub mod policy;
 pub mod release;
 pub mod report;
 pub mod rollout;
+pub mod slot;
 pub mod tuf;
 
 pub use error::{display_chain, Error, Result};

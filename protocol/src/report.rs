@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::slot::Slot;
+
 /// What a device reports after an install ends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -14,8 +16,8 @@ pub struct InstallReport {
     pub outcome: ReportOutcome,
     /// Why, for a rollback.
     pub reason: Option<String>,
-    /// The slot the release was installed into ("A" or "B").
-    pub slot: String,
+    /// The slot the release was installed into.
+    pub slot: Slot,
     /// When the device decided (RFC 3339).
     pub at: String,
 }
@@ -44,7 +46,6 @@ impl InstallReport {
             ("hardware_class", &self.hardware_class, 64),
             ("target", &self.target, 1024),
             ("version", &self.version, 64),
-            ("slot", &self.slot, 8),
             ("at", &self.at, 64),
         ] {
             if value.is_empty() || value.len() > max {

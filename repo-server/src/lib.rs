@@ -1,16 +1,16 @@
 //! `outpost-server`: serves the TUF image repository, takes offline-signed uploads
 //! from pipelines, and keeps snapshot and timestamp fresh with its online keys.
 
-pub mod api;
+mod api;
 pub mod config;
 pub mod director;
-pub mod ekcert;
-pub mod error;
-pub mod fleet;
-pub mod http;
+mod ekcert;
+mod error;
+mod fleet;
+mod http;
 pub mod repository;
 pub mod storage;
-pub mod targetfiles;
+mod targetfiles;
 
 use std::sync::Arc;
 

@@ -83,7 +83,7 @@ fn device_table(list: &DeviceList) -> String {
             d.device_id,
             d.hardware_class,
             or_dash(d.version.as_deref()),
-            or_dash(d.slot.as_deref()),
+            or_dash(d.slot.map(outpost_protocol::slot::Slot::as_str)),
             or_dash(d.health.map(DeviceHealth::as_str)),
             verdict,
             d.attestation_reason.as_deref().unwrap_or("")

@@ -2,20 +2,20 @@
 //! releases, and upload to `outpost-server`.
 
 pub mod cli;
-pub mod device_cmd;
-pub mod director_cmd;
-pub mod error;
-pub mod keyfile;
-pub mod keys_cmd;
-pub mod localrepo;
-pub mod output;
-pub mod policy_cmd;
-pub mod release_cmd;
-pub mod repo_cmd;
-pub mod role_edit;
-pub mod rollout_cmd;
-pub mod sbom_cmd;
-pub mod sigstore_out;
-pub mod upload;
+mod device_cmd;
+mod director_cmd;
+mod error;
+mod keyfile;
+mod keys_cmd;
+mod localrepo;
+mod output;
+mod policy_cmd;
+mod release_cmd;
+mod repo_cmd;
+mod role_edit;
+mod rollout_cmd;
+mod sbom_cmd;
+mod sigstore_out;
+mod upload;
 
 pub use error::{Result, SignerError};

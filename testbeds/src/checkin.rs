@@ -94,7 +94,7 @@ async fn attested_checkin(http: &reqwest::Client, nonce_server: &str, report_ser
             pcr: PCR,
             sha256: d.image_sha256.clone(),
             event: EventKind::SlotBoot,
-            slot: d.slot.clone(),
+            slot: d.slot,
             length: 0,
             at: chrono::Utc::now().to_rfc3339(),
         }],
@@ -103,7 +103,7 @@ async fn attested_checkin(http: &reqwest::Client, nonce_server: &str, report_ser
     let report = CheckinReport {
         device_id: d.device_id.clone(),
         nonce: grant.nonce,
-        slot: d.slot.clone(),
+        slot: d.slot,
         version: d.version.clone(),
         image_sha256: Some(d.image_sha256.clone()),
         sbom_sha256: None,
@@ -134,7 +134,7 @@ fn simulate_install(d: &mut SimDevice, path: &str, target: &Value, fail: &BTreeM
         return;
     }
     t.assigned += 1;
-    let other = if d.slot == "A" { "B" } else { "A" };
+    let other = d.slot.other();
     let failing = fails(fail.get(&version).copied().unwrap_or(0.0), &version, &d.device_id);
     let outcome = if failing { ReportOutcome::RolledBack } else { ReportOutcome::Committed };
     d.pending.push(InstallReport {
@@ -144,7 +144,7 @@ fn simulate_install(d: &mut SimDevice, path: &str, target: &Value, fail: &BTreeM
         version: version.clone(),
         outcome,
         reason: failing.then(|| "simulated health check failure".to_owned()),
-        slot: other.to_owned(),
+        slot: other,
         at: chrono::Utc::now().to_rfc3339(),
     });
     if failing {
@@ -154,6 +154,6 @@ fn simulate_install(d: &mut SimDevice, path: &str, target: &Value, fail: &BTreeM
         t.committed += 1;
         d.image_sha256 = sha;
         d.version = Some(version);
-        d.slot = other.to_owned();
+        d.slot = other;
     }
 }

@@ -147,7 +147,7 @@ async fn enroll_one(http: &reqwest::Client, who: &Enrollment, ek: &rsa::RsaPriva
         ak: hex::encode(ak.to_bytes()),
         image_sha256: String::new(),
         version: None,
-        slot: "A".into(),
+        slot: outpost_protocol::slot::Slot::A,
         pending: Vec::new(),
         failed: Vec::new(),
     })

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use outpost_protocol::report::InstallReport;
+use outpost_protocol::slot::Slot;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{encode_err, SimError};
@@ -16,7 +17,7 @@ pub struct SimDevice {
     pub ak: String,
     pub image_sha256: String,
     pub version: Option<String>,
-    pub slot: String,
+    pub slot: Slot,
     #[serde(default)]
     pub pending: Vec<InstallReport>,
     /// Versions this device rolled back (not installed again, like the agent).

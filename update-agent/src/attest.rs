@@ -13,6 +13,7 @@ use outpost_protocol::attest::{
     EventLog, MeasurementEvent, NonceGrant, Quote, TpmPublic,
 };
 use outpost_protocol::report::InstallReport;
+use outpost_protocol::slot::Slot;
 use serde::{Deserialize, Serialize};
 
 use crate::config::AgentConfig;
@@ -174,7 +175,7 @@ pub fn load_log(config: &AgentConfig) -> Result<EventLog> {
 /// The boot step (what the bootloader does on hardware): hashes the booted slot's image,
 /// resets the measurement PCR as a platform reset would, extends the digest into it and
 /// starts a new event log with that one event. Returns the event.
-pub async fn measure_boot(config: &AgentConfig, slot: &str, slot_path: &Path, length: Option<u64>) -> Result<Option<MeasurementEvent>> {
+pub async fn measure_boot(config: &AgentConfig, slot: Slot, slot_path: &Path, length: Option<u64>) -> Result<Option<MeasurementEvent>> {
     let Some(conf) = &config.tpm else { return Ok(None) };
     let tpm = Tpm::new(&conf.tcti)?;
     let pcr = conf.pcr;
@@ -192,7 +193,7 @@ pub async fn measure_boot(config: &AgentConfig, slot: &str, slot_path: &Path, le
         pcr,
         sha256: hex::encode(digest),
         event: EventKind::SlotBoot,
-        slot: slot.to_owned(),
+        slot,
         length,
         at: chrono::Utc::now().to_rfc3339(),
     };
@@ -259,7 +260,7 @@ pub async fn self_check(config: &AgentConfig, expected: Option<&str>) -> Result<
 /// What the device says in a check-in besides its measurements.
 #[derive(Debug, Clone)]
 pub struct DeviceState {
-    pub slot: String,
+    pub slot: Slot,
     pub version: Option<String>,
     /// SHA-256 of the running release's verified SBOM.
     pub sbom_sha256: Option<String>,
@@ -303,7 +304,7 @@ pub async fn prepare_checkin(config: &AgentConfig, http: &reqwest::Client, state
     let report = CheckinReport {
         device_id: identity.device_id.clone(),
         nonce: grant.nonce,
-        slot: state.slot.clone(),
+        slot: state.slot,
         version: state.version.clone(),
         image_sha256: log.booted().map(|e| e.sha256.clone()),
         sbom_sha256: state.sbom_sha256.clone(),

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use outpost_protocol::release::HealthCheck;
+use outpost_protocol::slot::Slot;
 use tokio::process::Command;
 
 use crate::error::{AgentError, Result};
@@ -13,7 +14,7 @@ use crate::error::{AgentError, Result};
 /// (`OUTPOST_SLOT`, `OUTPOST_SLOT_PATH`, `OUTPOST_VERSION`, `OUTPOST_TARGET`).
 #[derive(Debug, Clone)]
 pub struct BootFacts {
-    pub slot: String,
+    pub slot: Slot,
     pub slot_path: String,
     pub version: String,
     pub target: String,
@@ -31,7 +32,7 @@ fn command(run: &str, facts: &BootFacts) -> Command {
     let mut c = Command::new("sh");
     c.arg("-c")
         .arg(run)
-        .env("OUTPOST_SLOT", &facts.slot)
+        .env("OUTPOST_SLOT", facts.slot.as_str())
         .env("OUTPOST_SLOT_PATH", &facts.slot_path)
         .env("OUTPOST_VERSION", &facts.version)
         .env("OUTPOST_TARGET", &facts.target)
@@ -111,7 +112,7 @@ mod tests {
     use super::*;
 
     fn facts() -> BootFacts {
-        BootFacts { slot: "B".into(), slot_path: "/nonexistent".into(), version: "2.0.0".into(), target: "t".into() }
+        BootFacts { slot: Slot::B, slot_path: "/nonexistent".into(), version: "2.0.0".into(), target: "t".into() }
     }
 
     #[tokio::test]

@@ -3,25 +3,25 @@
 //! trial boots, health checks and automatic rollback, journaled against power loss.
 //! TPM-rooted identity, measured boot and attested check-ins. Later: policy enforcement.
 
-pub mod agent;
+mod agent;
 pub mod attest;
 pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod danger;
-pub mod director;
-pub mod error;
-pub mod fetch;
-pub mod health;
-pub mod install;
-pub mod metrics;
-pub mod mode;
-pub mod policy;
-pub mod report;
+mod director;
+mod error;
+mod fetch;
+mod health;
+mod install;
+mod metrics;
+mod mode;
+mod policy;
+mod report;
 pub mod tpm;
-pub mod tuf_client;
-pub mod update;
-pub mod updater;
+mod tuf_client;
+mod update;
+mod updater;
 
 pub use agent::{Agent, Output};
 pub use mode::{Format, Passes};

@@ -108,7 +108,7 @@ fn quotes_verify_under_their_own_ak_and_replay_the_measured_boot() {
             pcr: 23,
             sha256: hex::encode(image),
             event: EventKind::SlotBoot,
-            slot: "A".into(),
+            slot: outpost_protocol::slot::Slot::A,
             length: 10,
             at: "2026-11-23T00:00:00Z".into(),
         }],

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::reports::ReportRow;
 use crate::attest::DeviceHealth;
+use crate::slot::Slot;
 
 pub use crate::attest::{AttestationState, Verdict};
 
@@ -18,7 +19,7 @@ pub struct Device {
     pub enrolled_at: String,
     pub last_checkin_at: Option<String>,
     /// The active slot at the last attested check-in.
-    pub slot: Option<String>,
+    pub slot: Option<Slot>,
     pub version: Option<String>,
     pub image_sha256: Option<String>,
     pub sbom_sha256: Option<String>,
@@ -54,7 +55,7 @@ pub struct Attestation {
     pub at: String,
     pub verdict: Verdict,
     pub reason: Option<String>,
-    pub slot: Option<String>,
+    pub slot: Option<Slot>,
     pub version: Option<String>,
     pub image_sha256: Option<String>,
 }

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::report::ReportOutcome;
+use crate::slot::Slot;
 
 /// An install report as the server stored it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,7 +15,7 @@ pub struct ReportRow {
     pub version: String,
     pub outcome: ReportOutcome,
     pub reason: Option<String>,
-    pub slot: String,
+    pub slot: Slot,
     /// When the device decided.
     pub at: String,
     /// Sent inside an attested check-in (else by a device without identity).

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::report::InstallReport;
+use crate::slot::Slot;
 pub use tpm::{Quote, TpmPublic};
 
 /// The PCR the testbeds' boot step measures slot images into (resettable from
@@ -137,7 +138,7 @@ pub struct MeasurementEvent {
     /// The digest extended into the PCR: the booted slot image's SHA-256, hex.
     pub sha256: String,
     pub event: EventKind,
-    pub slot: String,
+    pub slot: Slot,
     /// Bytes of the slot image that were hashed.
     pub length: u64,
     pub at: String,
@@ -364,7 +365,7 @@ pub struct CheckinReport {
     /// The nonce the server issued, hex.
     pub nonce: String,
     /// The active slot.
-    pub slot: String,
+    pub slot: Slot,
     /// The release version the device runs, when it knows one.
     pub version: Option<String>,
     /// The image digest of the booted slot, as measured (never anything else).
@@ -493,7 +494,7 @@ mod tests {
     }
 
     fn event(sha: &str) -> MeasurementEvent {
-        MeasurementEvent { pcr: 23, sha256: sha.into(), event: EventKind::SlotBoot, slot: "A".into(), length: 1, at: "t".into() }
+        MeasurementEvent { pcr: 23, sha256: sha.into(), event: EventKind::SlotBoot, slot: Slot::A, length: 1, at: "t".into() }
     }
 
     #[test]
@@ -507,7 +508,7 @@ mod tests {
         let mut report = CheckinReport {
             device_id: "d".into(),
             nonce: "n".into(),
-            slot: "A".into(),
+            slot: Slot::A,
             version: None,
             image_sha256: None,
             sbom_sha256: None,

@@ -206,6 +206,7 @@ pub(super) mod tests {
     use std::collections::BTreeMap;
 
     use outpost_protocol::rollout::{Cause, Gate, PauseReason, Transition, WaveSpec};
+    use outpost_protocol::slot::Slot;
 
     use super::*;
 
@@ -278,7 +279,7 @@ pub(super) mod tests {
             version: rel.version.clone(),
             outcome,
             reason: None,
-            slot: "B".into(),
+            slot: Slot::B,
             at: "2026-11-23T00:00:00Z".into(),
         }
     }

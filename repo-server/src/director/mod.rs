@@ -71,6 +71,7 @@ mod tests {
     use outpost_protocol::attest::DeviceHealth;
     use outpost_protocol::director::FirmwareRelease;
     use outpost_protocol::rollout::{self, Event, Gate, State, WaveSpec};
+    use outpost_protocol::slot::Slot;
 
     use super::*;
     use crate::error::ServerError;
@@ -125,7 +126,7 @@ mod tests {
             version: rel.version.clone(),
             outcome,
             reason: (outcome == ReportOutcome::RolledBack).then(|| "health check failed".into()),
-            slot: "B".into(),
+            slot: Slot::B,
             at: "2026-11-23T00:00:00Z".into(),
         }
     }

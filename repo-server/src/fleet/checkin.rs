@@ -89,7 +89,7 @@ pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chr
         device_id: id.to_owned(),
         verdict,
         reason: reason.map(str::to_owned),
-        slot: report.slot.clone(),
+        slot: report.slot,
         version: report.version.clone(),
         image_sha256: report.image_sha256.clone(),
         sbom_sha256: report.sbom_sha256.clone(),

@@ -3,6 +3,7 @@
 
 use outpost_protocol::api::devices::Attestation;
 use outpost_protocol::attest::{AttestationState, DeviceHealth, Verdict};
+use outpost_protocol::slot::Slot;
 
 use super::assignments::{director_tx, Decided, DirectorView};
 use super::nonces::{consume_nonce_tx, NonceRefusal};
@@ -17,7 +18,7 @@ pub struct CheckinRecord {
     pub device_id: String,
     pub verdict: Verdict,
     pub reason: Option<String>,
-    pub slot: String,
+    pub slot: Slot,
     pub version: Option<String>,
     pub image_sha256: Option<String>,
     pub sbom_sha256: Option<String>,
@@ -31,13 +32,13 @@ async fn record_checkin_tx(tx: &mut dyn Tx, c: &CheckinRecord, now_ms: i64) -> R
     let now = rfc3339_ms(now_ms);
     tx.execute(
         "INSERT INTO attestations (device_id, at, verdict, reason, slot, version, image_sha256) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        args![&c.device_id, &now, c.verdict.as_sql(), c.reason.as_deref(), &c.slot, c.version.as_deref(), c.image_sha256.as_deref()],
+        args![&c.device_id, &now, c.verdict.as_sql(), c.reason.as_deref(), c.slot.as_sql(), c.version.as_deref(), c.image_sha256.as_deref()],
     )
     .await?;
     tx.execute(
         "UPDATE devices SET last_checkin_at = ?1, slot = ?2, version = ?3, image_sha256 = ?4, health = ?5,
            attestation = ?6, attestation_reason = ?7, attested_at = ?1, sbom_sha256 = ?9, policy = ?10 WHERE device_id = ?8",
-        args![&now, &c.slot, c.version.as_deref(), c.image_sha256.as_deref(), c.health.as_sql(), AttestationState::from(c.verdict).as_sql(), c.reason.as_deref(), &c.device_id, c.sbom_sha256.as_deref(), c.policy.as_deref()],
+        args![&now, c.slot.as_sql(), c.version.as_deref(), c.image_sha256.as_deref(), c.health.as_sql(), AttestationState::from(c.verdict).as_sql(), c.reason.as_deref(), &c.device_id, c.sbom_sha256.as_deref(), c.policy.as_deref()],
     )
     .await?;
     for r in &c.reports {
@@ -92,7 +93,7 @@ impl Store {
                     at: r.text(0)?,
                     verdict: Verdict::from_sql("attestations.verdict", &r.text(1)?)?,
                     reason: r.opt_text(2)?,
-                    slot: r.opt_text(3)?,
+                    slot: r.opt_text(3)?.map(|s| Slot::from_sql("attestations.slot", &s)).transpose()?,
                     version: r.opt_text(4)?,
                     image_sha256: r.opt_text(5)?,
                 })

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use outpost_protocol::api::devices::Device;
 use outpost_protocol::attest::{AttestationState, DeviceHealth};
+use outpost_protocol::slot::Slot;
 
 use super::{json, SqlEnum, Store};
 use crate::storage::db::{Mode, Row};
@@ -34,7 +35,7 @@ impl Store {
             has_ek_certificate: r.opt_blob(3)?.is_some(),
             enrolled_at: r.text(4)?,
             last_checkin_at: r.opt_text(5)?,
-            slot: r.opt_text(6)?,
+            slot: r.opt_text(6)?.map(|s| Slot::from_sql("devices.slot", &s)).transpose()?,
             version: r.opt_text(7)?,
             image_sha256: r.opt_text(8)?,
             quarantined: attestation == AttestationState::Failed,

@@ -5,6 +5,7 @@
 use outpost_protocol::attest::{AttestationState, DeviceHealth, Verdict};
 use outpost_protocol::report::ReportOutcome;
 use outpost_protocol::rollout::{AssignmentStatus, Gate};
+use outpost_protocol::slot::Slot;
 
 use crate::error::ServerError;
 
@@ -66,6 +67,7 @@ sql_enum! {
     DeviceHealth => &DeviceHealth::ALL, via DeviceHealth::as_str;
     Gate => &Gate::ALL, via Gate::as_str;
     AssignmentStatus => &AssignmentStatus::ALL, via AssignmentStatus::as_str;
+    Slot => &Slot::ALL, via Slot::as_str;
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Install reports: attested ones (inside check-ins) and bounded unattested ones.
 
 use outpost_protocol::api::reports::ReportRow;
+use outpost_protocol::slot::Slot;
 
 use super::{InstallReport, ReportOutcome, SqlEnum, Store};
 use crate::storage::db::{Mode, Value};
@@ -35,7 +36,7 @@ pub enum ReportFilter {
 
 pub(super) fn report_args(received_at: &str, r: &InstallReport, source: ReportSource) -> Vec<Value> {
     let attested = i64::from(source == ReportSource::AttestedCheckin);
-    args![received_at, &r.device_id, &r.hardware_class, &r.target, &r.version, r.outcome.as_str(), r.reason.as_deref(), &r.slot, &r.at, attested]
+    args![received_at, &r.device_id, &r.hardware_class, &r.target, &r.version, r.outcome.as_str(), r.reason.as_deref(), r.slot.as_sql(), &r.at, attested]
 }
 
 impl Store {
@@ -88,7 +89,7 @@ impl Store {
                     version: r.text(4)?,
                     outcome: ReportOutcome::from_sql("install_reports.outcome", &r.text(5)?)?,
                     reason: r.opt_text(6)?,
-                    slot: r.text(7)?,
+                    slot: Slot::from_sql("install_reports.slot", &r.text(7)?)?,
                     at: r.text(8)?,
                     attested: r.int(9)? == 1,
                 })

@@ -22,7 +22,7 @@ pub fn device_state(journal: &Journal, active: Slot) -> DeviceState {
         Phase::RolledBack { .. } => DeviceHealth::RolledBack,
     };
     DeviceState {
-        slot: active.to_string(),
+        slot: active,
         version: journal.running.as_ref().map(|r| r.version.clone()),
         sbom_sha256: journal.running.as_ref().and_then(|r| r.sbom_sha256.clone()),
         health,
@@ -61,6 +61,6 @@ mod tests {
     #[test]
     fn the_device_state_names_the_journal_phase_as_health() {
         let idle = device_state(&Journal::default(), Slot::B);
-        assert_eq!((idle.slot.as_str(), idle.health, idle.version, idle.reports.len()), ("B", DeviceHealth::Healthy, None, 0));
+        assert_eq!((idle.slot, idle.health, idle.version, idle.reports.len()), (Slot::B, DeviceHealth::Healthy, None, 0));
     }
 }

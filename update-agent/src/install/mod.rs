@@ -327,6 +327,3 @@ fn write_metrics_file(path: &Path, journal: &Journal, progress: Option<(u64, u64
     crate::metrics::write_install_textfile(path, journal.phase.name(), running, journal.failed.len() as u64, progress);
 }
 
-pub fn state_paths(config: &AgentConfig) -> Vec<PathBuf> {
-    vec![config.state_dir.join("journal.json"), config.boot_dir()]
-}

@@ -34,7 +34,7 @@ impl Installer {
             Phase::Installed { release, slot } | Phase::TrialBoot { release, slot } if *slot == booted => Some(release.length),
             _ => self.journal.running.as_ref().map(|r| r.length),
         };
-        self.measured = crate::attest::measure_boot(&self.config, &booted.to_string(), &self.boot.slot_path(booted), expected_length).await?;
+        self.measured = crate::attest::measure_boot(&self.config, booted, &self.boot.slot_path(booted), expected_length).await?;
         let phase = self.journal.phase.clone();
         match (phase, outcome) {
             (Phase::Installed { release, slot } | Phase::TrialBoot { release, slot }, BootOutcome::Trial { slot: booted, .. })
@@ -73,7 +73,7 @@ impl Installer {
         let slot_path = self.boot.slot_path(slot);
         // What booted must be what was signed, byte for byte. With a TPM, the digest
         // is the one the boot step measured into it.
-        let measured = self.measured.as_ref().filter(|e| e.slot == slot.to_string()).map(|e| (e.sha256.clone(), e.length));
+        let measured = self.measured.as_ref().filter(|e| e.slot == slot).map(|e| (e.sha256.clone(), e.length));
         let (sha, len) = match &measured {
             Some(m) => m.clone(),
             None => hash_file(&slot_path, Some(release.length))?,
@@ -93,7 +93,7 @@ impl Installer {
             None => self.config.install.trial_deadline,
         };
         let facts = BootFacts {
-            slot: slot.to_string(),
+            slot,
             slot_path: slot_path.display().to_string(),
             version: release.version.clone(),
             target: release.target.clone(),
@@ -142,7 +142,7 @@ impl Installer {
             version: release.version.clone(),
             outcome,
             reason,
-            slot: slot.to_string(),
+            slot,
             at: chrono::Utc::now().to_rfc3339(),
         });
     }

@@ -32,7 +32,7 @@ use crate::error::{AgentError, Result};
 mod daemon;
 mod local;
 
-pub use daemon::{read_status, run_daemon, select, serve_metrics, spawn_expiry_watch, step, sync, write_status, WatchGuard};
+pub use daemon::{read_status, run_daemon, serve_metrics, spawn_expiry_watch, step};
 use daemon::store_status;
 pub use local::{detach, enforce_local};
 
@@ -239,11 +239,6 @@ impl PolicyEngine {
                 None
             }
         }
-    }
-
-    /// When [`tick`](Self::tick) next has something to do.
-    pub fn next_deadline(&self) -> Option<DateTime<Utc>> {
-        self.active.as_ref().filter(|a| a.applied == Applied::Bundle).map(|a| a.bundle.not_after)
     }
 
     /// What the engine enforces; `None` only when it has nothing and nothing is wrong.
