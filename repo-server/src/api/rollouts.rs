@@ -7,10 +7,9 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use outpost_protocol::api::rollouts::{CreateRollout, RolloutList, RolloutView, WaveRequest, WaveView};
+use outpost_protocol::api::rollouts::{ActionRequest, CreateRollout, RolloutList, RolloutView, WaveRequest, WaveView};
 use outpost_protocol::rollout::{validate_waves, Event, State as RolloutState, Transition, WaveSpec};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::ApiError;
 use super::{ApiJson, AppState, Auth};
@@ -200,28 +199,12 @@ async fn show(State(s): State<AppState>, auth: Auth, UrlPath(id): UrlPath<String
     Ok(Json(view(&s, &r, detail).await?))
 }
 
-#[derive(Debug, Default)]
-struct ActBody {
-    /// With abort: assign devices the rollout reached their previous release back.
-    roll_back: bool,
-}
-
-/// An action's optional body: empty, or `{"roll_back": bool}`.
-fn act_body(bytes: &[u8]) -> Result<ActBody, String> {
+/// An action's optional body: empty, or the protocol's [`ActionRequest`].
+fn act_body(bytes: &[u8]) -> Result<ActionRequest, String> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(ActBody::default());
+        return Ok(ActionRequest::default());
     }
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("body is not JSON: {e}"))?;
-    let obj = v.as_object().ok_or("body must be a JSON object")?;
-    let mut out = ActBody::default();
-    for (k, v) in obj {
-        match (k.as_str(), v) {
-            ("roll_back", Value::Bool(b)) => out.roll_back = *b,
-            ("roll_back", other) => return Err(format!("roll_back must be true or false, not {other}")),
-            (other, _) => return Err(format!("unknown field {other:?} (expected roll_back)")),
-        }
-    }
-    Ok(out)
+    serde_json::from_slice(bytes).map_err(|e| format!("the body must be empty or {{\"roll_back\": true|false}}: {e}"))
 }
 
 /// The audit log's detail of a rollout action.
@@ -239,14 +222,14 @@ async fn act(
     body: axum::body::Bytes,
 ) -> Result<Json<RolloutView>, ApiError> {
     auth.require(TokenRole::Operator)?;
-    let body = act_body(&body).map_err(|m| ApiError::unprocessable("invalid_body", m))?;
+    let roll_back = act_body(&body).map_err(|m| ApiError::unprocessable("invalid_body", m))?.roll_back.unwrap_or(false);
     let by = auth.0.name.clone();
     let event = match action.as_str() {
         "start" => Event::Start { by: by.clone() },
         "pause" => Event::Pause { by: by.clone() },
         "resume" => Event::Resume { by: by.clone() },
         "advance" => Event::Advance { by: by.clone() },
-        "abort" => Event::Abort { by: by.clone(), roll_back: body.roll_back },
+        "abort" => Event::Abort { by: by.clone(), roll_back },
         other => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -264,7 +247,7 @@ async fn act(
         ActionOutcome::NotFound => Err(not_found(&id)),
         ActionOutcome::Refused(why) => Err(ApiError::conflict("invalid_transition", why)),
         ActionOutcome::Done(record, t) => {
-            s.store.log(&by, &format!("rollout_{action}"), &RolloutActed { rollout: &id, roll_back: body.roll_back, transition: &t }).await?;
+            s.store.log(&by, &format!("rollout_{action}"), &RolloutActed { rollout: &id, roll_back, transition: &t }).await?;
             tracing::info!(rollout = %id, %action, by = %by, state = record.state.name(), "rollout action");
             Ok(Json(view(&s, &record, ViewDetail::default()).await?))
         }

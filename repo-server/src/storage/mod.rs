@@ -164,6 +164,7 @@ mod tests {
         nonces_are_single_use_for_their_device_and_bounded;
         enrollment_uses_a_token_once_and_a_wrong_secret_closes_the_challenge;
         reopening_migrates_once_and_keeps_everything;
+        slots_no_agent_sends_are_forgotten_by_the_migration_not_fatal_to_lookups;
         sbom_search_orders_versions_by_each_ecosystem_and_keeps_the_undecided;
     }
 
@@ -342,6 +343,87 @@ mod tests {
             .await;
         assert!(failed.is_err());
         assert!(ok(s.device("half").await).is_none(), "the half-done insert was rolled back");
+        add_devices(&s, std::iter::once("after".to_owned())).await;
+        assert!(ok(s.device("after").await).is_some());
+    }
+
+
+    /// Servers before schema 5 stored any 1-8 character slot. Such a row must not stop
+    /// the device's lookups (and so its check-ins) or the report listing once slots
+    /// are typed.
+    async fn slots_no_agent_sends_are_forgotten_by_the_migration_not_fatal_to_lookups(b: Backend) {
+        let s = ok(Store::open(&b).await);
+        add_devices(&s, ["dev-z".to_owned(), "dev-a".to_owned()].into_iter()).await;
+        ok(s.execute("UPDATE devices SET slot = 'Z' WHERE device_id = 'dev-z'", args![]).await);
+        ok(s.execute("UPDATE devices SET slot = 'A' WHERE device_id = 'dev-a'", args![]).await);
+        for (device, slot) in [("junk", "Q"), ("junk", "B")] {
+            ok(s.execute(
+                "INSERT INTO install_reports (received_at, device_id, hardware_class, target, version, outcome, reason, slot, reported_at, attested)
+                 VALUES ('now', ?1, 'rpi4', 't', '1.0.0', 'committed', NULL, ?2, 'now', 0)",
+                args![device, slot],
+            )
+            .await);
+        }
+        let broken = s.device("dev-z").await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(broken.contains("devices.slot"), "a stored slot no agent sends is an error naming the column: {broken}");
+        let back_to_4 = if matches!(b, Backend::Sqlite(_)) { "PRAGMA user_version = 4" } else { "UPDATE outpost_schema SET version = 4" };
+        ok(s.execute(back_to_4, args![]).await);
+        drop(s);
+        let s = ok(Store::open(&b).await);
+        assert_eq!(ok(s.device("dev-z").await).map(|d| d.device.slot), Some(None));
+        assert_eq!(ok(s.device("dev-a").await).map(|d| d.device.slot), Some(Some(outpost_protocol::slot::Slot::A)));
+        let reports = ok(s.recent_reports(None, 10, reports::ReportFilter::All).await);
+        assert_eq!(reports.iter().map(|r| r.slot).collect::<Vec<_>>(), vec![outpost_protocol::slot::Slot::B]);
+    }
+
+    /// A COMMIT that fails and leaves SQLite's transaction open (a deferred constraint;
+    /// a full disk does the same) must not leave the writer inside it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_that_fails_leaves_no_transaction_open() {
+        let (_dir, s) = sqlite_store().await;
+        let setup = "PRAGMA foreign_keys = ON;
+                     CREATE TABLE parent (id INTEGER PRIMARY KEY);
+                     CREATE TABLE child (parent INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);";
+        ok(s.transaction(Mode::Autocommit, move |mut tx| async move { tx.batch(setup).await }).await);
+        let failed = s
+            .transaction(Mode::Write, move |mut tx| async move {
+                tx.execute("INSERT INTO child (parent) VALUES (7)", args![]).await?;
+                tx.commit().await
+            })
+            .await;
+        let why = failed.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(why.contains("FOREIGN KEY"), "{why}");
+        add_devices(&s, std::iter::once("after".to_owned())).await;
+        assert!(ok(s.device("after").await).is_some());
+        let left = ok(s.transaction(Mode::Read, move |mut tx| async move { tx.one("SELECT count(*) FROM child", args![]).await?.int(0) }).await);
+        assert_eq!(left, 0, "the failed transaction's row was rolled back");
+    }
+
+    /// Work that awaits anything but its statements cannot finish on the store's
+    /// thread: it fails at once, rolled back, instead of hanging the writer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transaction_that_awaits_something_else_fails_and_rolls_back() {
+        let (_dir, s) = sqlite_store().await;
+        let failed = s
+            .transaction(Mode::Write, move |mut tx| async move {
+                tx.execute("INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES ('waits', 'rpi4', x'00', x'00', 'now')", args![])
+                    .await?;
+                let mut first = true;
+                futures_util::future::poll_fn(move |cx| {
+                    if std::mem::take(&mut first) {
+                        cx.waker().wake_by_ref();
+                        std::task::Poll::Pending
+                    } else {
+                        std::task::Poll::Ready(())
+                    }
+                })
+                .await;
+                tx.commit().await
+            })
+            .await;
+        let why = failed.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(why.contains("awaited something other than its statements"), "{why}");
+        assert!(ok(s.device("waits").await).is_none());
         add_devices(&s, std::iter::once("after".to_owned())).await;
         assert!(ok(s.device("after").await).is_some());
     }

@@ -174,7 +174,7 @@ pub(super) fn base_schema(dialect: Dialect) -> String {
 
 /// Schema changes to tables that already exist, numbered from 1 (SQLite keeps the
 /// number in `PRAGMA user_version`, PostgreSQL in `outpost_schema`).
-pub(super) const ALTERATIONS: [&str; 4] = [
+pub(super) const ALTERATIONS: [&str; 5] = [
     // 1: device labels (rollout selectors) and the per-device director version;
     // labels given to enrollment tokens.
     "ALTER TABLE devices ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
@@ -190,4 +190,12 @@ pub(super) const ALTERATIONS: [&str; 4] = [
     // 4: whether a device signed the report (inside an attested check-in). Rows from
     // before cannot tell, so they count as unattested.
     "ALTER TABLE install_reports ADD COLUMN attested INTEGER NOT NULL DEFAULT 0;",
+    // 5: slots are typed ("A" or "B"). Servers before took any 1-8 characters, which
+    // no agent ever sent: such a slot is forgotten (a device's and an attestation's
+    // are unknown until the next check-in), and an install report that names one
+    // (unsigned, or from a broken agent) is dropped, so no row stops a device's
+    // check-ins or a listing.
+    "UPDATE devices SET slot = NULL WHERE slot NOT IN ('A', 'B');
+     UPDATE attestations SET slot = NULL WHERE slot NOT IN ('A', 'B');
+     DELETE FROM install_reports WHERE slot NOT IN ('A', 'B');",
 ];

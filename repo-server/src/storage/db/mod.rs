@@ -199,8 +199,8 @@ pub enum Mode {
     Lazy,
 }
 
-/// A connection, in a transaction unless the mode is [`Mode::Autocommit`]. Dropped
-/// without [`Tx::commit`], the transaction rolls back.
+/// A connection, in a transaction unless the mode is [`Mode::Autocommit`] or
+/// [`Mode::Read`]. Dropped without [`Tx::commit`], the transaction rolls back.
 pub trait Tx: Send {
     /// Runs a statement; the number of rows it changed.
     fn execute<'a>(&'a mut self, sql: &'a str, args: Vec<Value>) -> BoxFuture<'a, Result<u64, ServerError>>;
@@ -234,9 +234,11 @@ pub type Work = Box<dyn FnOnce(Box<dyn Tx>) -> BoxFuture<'static, Result<(), Ser
 /// A state-store database.
 pub trait Database: Send + Sync {
     fn dialect(&self) -> Dialect;
-    /// Runs `work` on a connection, in a transaction unless `mode` is
-    /// [`Mode::Autocommit`] or [`Mode::Read`], where this backend's statements may
-    /// block (SQLite's on its own threads).
+    /// Runs `work` on a connection: in one transaction, except in [`Mode::Autocommit`]
+    /// and [`Mode::Read`], where each statement stands alone. SQLite runs it on the
+    /// connection's own thread; there, work whose caller stopped waiting before it
+    /// began does not run, and work that began runs to its end. On PostgreSQL a caller
+    /// that stops waiting ends its transaction (rolled back).
     fn run(&self, mode: Mode, work: Work) -> BoxFuture<'_, Result<(), ServerError>>;
 }
 

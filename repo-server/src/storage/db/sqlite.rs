@@ -111,6 +111,17 @@ impl rusqlite::ToSql for Value {
     }
 }
 
+/// Runs a transaction's work, whose only awaits are its statements (ready at once on
+/// this thread), in a single poll. Work that awaits anything else would wait for a
+/// wake-up this thread cannot give: it is an error, and its transaction rolls back.
+fn in_one_go(mut work: BoxFuture<'static, Result<(), ServerError>>) -> Result<(), ServerError> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match work.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => Err(ServerError::Db("a SQLite transaction awaited something other than its statements".into())),
+    }
+}
+
 /// A transaction on a connection's own thread (its statements run in place there).
 /// Dropped without a commit (an error or a panic in the transaction's work), it rolls
 /// back what it began.
@@ -193,6 +204,10 @@ impl SqliteTx {
 
 impl Drop for SqliteTx {
     fn drop(&mut self) {
+        // Also after a COMMIT that failed and left the transaction open (a deferred
+        // constraint, a full disk): the connection must not stay inside it.
+        let in_transaction = !self.conn().is_autocommit();
+        self.open = in_transaction;
         if let Err(e) = self.end("ROLLBACK") {
             tracing::error!(error = %e, "rolling back a SQLite transaction failed");
         }
@@ -230,16 +245,16 @@ impl Database for Sqlite {
         Dialect::Sqlite
     }
     /// Sends the whole transaction to its connection's thread and waits for it there
-    /// without blocking: one hop per transaction, not per statement. A caller that
-    /// stops waiting does not stop the transaction: it ends, committed or rolled back,
-    /// as its work says.
+    /// without blocking: one hop per transaction, not per statement. Work whose caller
+    /// stopped waiting before it began is skipped; work that began ends, committed or
+    /// rolled back, as it says.
     fn run(&self, mode: Mode, work: Work) -> BoxFuture<'_, Result<(), ServerError>> {
-        let rt = tokio::runtime::Handle::current();
         let (done, finished) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |conn| {
-            // The statements' futures are ready at once; nothing here waits for the
-            // runtime's timers or sockets.
-            let r = SqliteTx::begin(conn.clone(), mode).and_then(|tx| rt.block_on(work(Box::new(tx))));
+            if done.is_closed() {
+                return;
+            }
+            let r = SqliteTx::begin(conn.clone(), mode).and_then(|tx| in_one_go(work(Box::new(tx))));
             let _ = done.send(r);
         });
         let sent = self.connection(mode).send(job);
