@@ -24,8 +24,8 @@ use crate::error::{Result, SignerError};
 
 const BUNDLE_MEDIA_TYPE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
 
-fn sig_err(what: &str) -> impl FnOnce(sigstore::errors::SigstoreError) -> SignerError + '_ {
-    move |e| SignerError::Usage(format!("sigstore: {what}: {e}"))
+fn sig_err(op: &'static str) -> impl FnOnce(sigstore::errors::SigstoreError) -> SignerError {
+    move |e| SignerError::Sigstore { op, source: Box::new(e) }
 }
 
 fn keys_of(key: &SigningKey) -> Result<Ed25519Keys> {
@@ -73,10 +73,10 @@ pub fn sign_file(key: &SigningKey, file: &Path, expected_sha256: Option<&str>) -
     })?;
     let signed = Signed { signature: signed.signature, sha256: signed.sha256, length: signed.length };
     if let Some(expected) = expected_sha256.filter(|e| *e != signed.sha256_hex()) {
-        return Err(SignerError::Usage(format!(
-            "{what}: changed since it was hashed for the release metadata (sha256 {expected} then, {} now); nothing signed",
-            signed.sha256_hex()
-        )));
+        return Err(SignerError::verify(
+            what,
+            format!("changed since it was hashed for the release metadata (sha256 {expected} then, {} now); nothing signed", signed.sha256_hex()),
+        ));
     }
     Ok(signed)
 }
@@ -101,7 +101,7 @@ pub fn write_signature(key: &SigningKey, signed: &Signed, out: &Path) -> Result<
     let sig_path = PathBuf::from(format!("{}.sig", out.display()));
     let bundle_path = PathBuf::from(format!("{}.sigstore.json", out.display()));
     crate::localrepo::write_atomic(&sig_path, sig_b64.as_bytes())?;
-    let text = serde_json::to_vec_pretty(&bundle).map_err(|e| SignerError::Usage(format!("bundle: {e}")))?;
+    let text = serde_json::to_vec_pretty(&bundle).map_err(SignerError::encode("Sigstore bundle"))?;
     crate::localrepo::write_atomic(&bundle_path, &text)?;
     Ok(Written { signature: sig_path, bundle: bundle_path })
 }
@@ -111,25 +111,25 @@ fn decode_signature(text: &[u8], origin: &Path) -> Result<ed25519_dalek::Signatu
     let trimmed: Vec<u8> = text.iter().copied().filter(|c| !c.is_ascii_whitespace()).collect();
     let raw = base64::engine::general_purpose::STANDARD
         .decode(&trimmed)
-        .map_err(|e| SignerError::Usage(format!("{}: the signature is not base64: {e}", origin.display())))?;
+        .map_err(|e| SignerError::input(origin.display(), format!("the signature is not base64: {e}")))?;
     ed25519_dalek::Signature::from_slice(&raw)
-        .map_err(|_| SignerError::Usage(format!("{}: the signature is {} bytes, an ed25519 signature is 64", origin.display(), raw.len())))
+        .map_err(|_| SignerError::input(origin.display(), format!("the signature is {} bytes, an ed25519 signature is 64", raw.len())))
 }
 
 /// A Sigstore bundle's message digest (base64 SHA-256) and signature.
 fn read_bundle(b: &Path) -> Result<(String, ed25519_dalek::Signature)> {
     let text = std::fs::read(b).map_err(|e| SignerError::io("read", b, e))?;
-    let doc: serde_json::Value = serde_json::from_slice(&text).map_err(|e| SignerError::Usage(format!("{}: not JSON: {e}", b.display())))?;
+    let doc: serde_json::Value = serde_json::from_slice(&text).map_err(|e| SignerError::input(b.display(), format!("not JSON: {e}")))?;
     if doc["mediaType"].as_str() != Some(BUNDLE_MEDIA_TYPE) {
-        return Err(SignerError::Usage(format!("{}: mediaType is not {BUNDLE_MEDIA_TYPE}", b.display())));
+        return Err(SignerError::input(b.display(), format!("mediaType is not {BUNDLE_MEDIA_TYPE}")));
     }
     let digest = doc["messageSignature"]["messageDigest"]["digest"]
         .as_str()
-        .ok_or_else(|| SignerError::Usage(format!("{}: no messageSignature.messageDigest.digest", b.display())))?
+        .ok_or_else(|| SignerError::input(b.display(), "no messageSignature.messageDigest.digest"))?
         .to_owned();
     let sig = doc["messageSignature"]["signature"]
         .as_str()
-        .ok_or_else(|| SignerError::Usage(format!("{}: no messageSignature.signature", b.display())))?;
+        .ok_or_else(|| SignerError::input(b.display(), "no messageSignature.signature"))?;
     Ok((digest, decode_signature(sig.as_bytes(), b)?))
 }
 
@@ -144,9 +144,9 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
     let key = std::str::from_utf8(public_pem)
         .ok()
         .and_then(|pem| ed25519_dalek::VerifyingKey::from_public_key_pem(pem).ok())
-        .ok_or_else(|| SignerError::Usage("the public key is not an ed25519 PEM public key (SubjectPublicKeyInfo)".into()))?;
+        .ok_or_else(|| SignerError::input("the public key", "not an ed25519 PEM public key (SubjectPublicKeyInfo)"))?;
     let not_verified =
-        |origin: &Path, e: ed25519_dalek::SignatureError| SignerError::Usage(format!("{}: signature does not verify for {}: {e}", origin.display(), file.display()));
+        |origin: &Path, e: ed25519_dalek::SignatureError| SignerError::verify(origin.display(), format!("signature does not verify for {}: {e}", file.display()));
     let verifier = |sig: &ed25519_dalek::Signature, origin: &Path| -> Result<ed25519_dalek::StreamVerifier> {
         key.verify_stream(sig).map_err(|e| not_verified(origin, e))
     };
@@ -188,7 +188,7 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
     }
     if let Some((b, digest, _)) = bundle_signature {
         if Some(digest) != sha256.map(|h| base64::engine::general_purpose::STANDARD.encode(h.finalize())) {
-            return Err(SignerError::Usage(format!("{}: the bundle's digest is not the SHA-256 of {}", b.display(), file.display())));
+            return Err(SignerError::verify(b.display(), format!("the bundle's digest is not the SHA-256 of {}", file.display())));
         }
     }
     if let Some((b, v)) = bundle_check {
