@@ -134,9 +134,9 @@ fn read_bundle(b: &Path) -> Result<(String, ed25519_dalek::Signature)> {
 }
 
 /// Checks `file` against a cosign `sign-blob` signature and/or a Sigstore bundle with
-/// the PEM public key, reading the file once in chunks (never whole into memory).
-/// Errors say which check failed.
-pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bundle: Option<&Path>) -> Result<()> {
+/// the PEM public key (read from `key_file`, which errors name), reading the file once
+/// in chunks (never whole into memory). Errors say which check failed.
+pub fn verify_file(public_pem: &[u8], key_file: &Path, file: &Path, signature: Option<&Path>, bundle: Option<&Path>) -> Result<()> {
     use ed25519_dalek::pkcs8::DecodePublicKey;
     if signature.is_none() && bundle.is_none() {
         return Err(SignerError::Usage("pass --signature FILE.sig and/or --bundle FILE.sigstore.json".into()));
@@ -144,7 +144,7 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
     let key = std::str::from_utf8(public_pem)
         .ok()
         .and_then(|pem| ed25519_dalek::VerifyingKey::from_public_key_pem(pem).ok())
-        .ok_or_else(|| SignerError::input("the public key", "not an ed25519 PEM public key (SubjectPublicKeyInfo)"))?;
+        .ok_or_else(|| SignerError::input(key_file.display(), "not an ed25519 PEM public key (SubjectPublicKeyInfo)"))?;
     let not_verified =
         |origin: &Path, e: ed25519_dalek::SignatureError| SignerError::verify(origin.display(), format!("signature does not verify for {}: {e}", file.display()));
     let verifier = |sig: &ed25519_dalek::Signature, origin: &Path| -> Result<ed25519_dalek::StreamVerifier> {
@@ -215,7 +215,7 @@ pub struct VerifyBlobArgs {
 
 pub fn run(a: VerifyBlobArgs, out: &crate::output::Output) -> Result<()> {
     let pem = std::fs::read(&a.key).map_err(|e| SignerError::io("read", &a.key, e))?;
-    verify_file(&pem, &a.file, a.signature.as_deref(), a.bundle.as_deref())?;
+    verify_file(&pem, &a.key, &a.file, a.signature.as_deref(), a.bundle.as_deref())?;
     out.emit(&json!({"verified": true, "file": a.file}), &format!("verified {}", a.file.display()));
     Ok(())
 }
@@ -223,6 +223,9 @@ pub fn run(a: VerifyBlobArgs, out: &crate::output::Output) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where the tests' PEM keys would have been read from, for error messages.
+    const KEY_PEM: &str = "key.pub.pem";
 
     fn sha_hex(bytes: &[u8]) -> String {
         hex::encode(Sha256::digest(bytes))
@@ -243,18 +246,18 @@ mod tests {
         let sig_text = std::fs::read_to_string(&written.signature).unwrap();
         assert_eq!(hex::encode(b64.decode(&sig_text).unwrap()), key.sign_hex(&image));
         let pem = public_pem(&key).unwrap();
-        verify_file(pem.as_bytes(), &file, Some(&written.signature), Some(&written.bundle)).unwrap();
+        verify_file(pem.as_bytes(), Path::new(KEY_PEM), &file, Some(&written.signature), Some(&written.bundle)).unwrap();
 
         let mut tampered = image.clone();
         tampered[2 << 20] ^= 1;
         let bad = dir.path().join("tampered.img");
         std::fs::write(&bad, &tampered).unwrap();
-        let err = verify_file(pem.as_bytes(), &bad, Some(&written.signature), None).unwrap_err().to_string();
+        let err = verify_file(pem.as_bytes(), Path::new(KEY_PEM), &bad, Some(&written.signature), None).unwrap_err().to_string();
         assert!(err.contains("signature does not verify for"), "{err}");
-        let err = verify_file(pem.as_bytes(), &bad, None, Some(&written.bundle)).unwrap_err().to_string();
+        let err = verify_file(pem.as_bytes(), Path::new(KEY_PEM), &bad, None, Some(&written.bundle)).unwrap_err().to_string();
         assert!(err.contains("the bundle's digest is not the SHA-256 of"), "{err}");
         let other = SigningKey::generate().unwrap();
-        let err = verify_file(public_pem(&other).unwrap().as_bytes(), &file, Some(&written.signature), None).unwrap_err().to_string();
+        let err = verify_file(public_pem(&other).unwrap().as_bytes(), Path::new(KEY_PEM), &file, Some(&written.signature), None).unwrap_err().to_string();
         assert!(err.contains("signature does not verify for"), "{err}");
     }
 
@@ -279,14 +282,15 @@ mod tests {
         std::fs::write(&file, b"image").unwrap();
         let sig = dir.path().join("fw.img.sig");
         std::fs::write(&sig, "not base64!").unwrap();
-        let err = verify_file(pem.as_bytes(), &file, Some(&sig), None).unwrap_err().to_string();
+        let err = verify_file(pem.as_bytes(), Path::new(KEY_PEM), &file, Some(&sig), None).unwrap_err().to_string();
         assert!(err.contains("the signature is not base64"), "{err}");
         std::fs::write(&sig, base64::engine::general_purpose::STANDARD.encode([7u8; 10])).unwrap();
-        let err = verify_file(pem.as_bytes(), &file, Some(&sig), None).unwrap_err().to_string();
+        let err = verify_file(pem.as_bytes(), Path::new(KEY_PEM), &file, Some(&sig), None).unwrap_err().to_string();
         assert!(err.contains("the signature is 10 bytes, an ed25519 signature is 64"), "{err}");
-        let err = verify_file(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", &file, Some(&sig), None)
+        let err = verify_file(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", Path::new(KEY_PEM), &file, Some(&sig), None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("not an ed25519 PEM public key"), "{err}");
+        assert!(err.starts_with(KEY_PEM), "the error names the key file: {err}");
     }
 }
