@@ -96,7 +96,7 @@ fn public_of(path: &std::path::Path) -> Result<PublicKey> {
 
 /// The director roots the repository's targets role lists, by version.
 fn published(repo: &LocalRepo) -> Result<Vec<(u64, PathBuf)>> {
-    let (env, _) = repo.role("targets")?.ok_or_else(|| SignerError::Usage("the repository has no targets metadata".into()))?;
+    let (env, _) = repo.role("targets")?.ok_or_else(|| SignerError::repo(&repo.dir, "no targets metadata"))?;
     let mut out = Vec::new();
     for (path, file) in &env.signed.targets {
         if let Some(v) = path.strip_prefix("director/").and_then(|p| p.strip_suffix(".root.json")).and_then(|v| v.parse::<u64>().ok()) {
@@ -111,7 +111,7 @@ fn published(repo: &LocalRepo) -> Result<Vec<(u64, PathBuf)>> {
 async fn init(a: InitArgs, out: &Output) -> Result<()> {
     let repo = LocalRepo::open(&a.target.repo)?;
     if !published(&repo)?.is_empty() {
-        return Err(SignerError::Usage("this repository already has a director root; `outpost director rotate` makes the next version".into()));
+        return Err(SignerError::repo(&repo.dir, "already has a director root; `outpost director rotate` makes the next version"));
     }
     let root_signers = keyfile::load_all_signing(&a.root_keys)?;
     let root_public: Vec<PublicKey> = root_signers.iter().map(|k| k.public().clone()).collect();
@@ -127,7 +127,7 @@ async fn rotate(a: RotateArgs, out: &Output) -> Result<()> {
     let repo = LocalRepo::open(&a.target.repo)?;
     let (version, file) = published(&repo)?
         .pop()
-        .ok_or_else(|| SignerError::Usage("this repository has no director root yet: `outpost director init` makes version 1".into()))?;
+        .ok_or_else(|| SignerError::repo(&repo.dir, "no director root yet: `outpost director init` makes version 1"))?;
     let prev_bytes = std::fs::read(&file).map_err(|e| SignerError::io("read director root", &file, e))?;
     let prev = Envelope::<Root>::parse(&prev_bytes, "director root").map_err(|e| SignerError::proto("director root", e))?;
     let prev_root = prev.signed.role("root").map_err(|e| SignerError::proto("director root", e))?;
@@ -141,7 +141,7 @@ async fn rotate(a: RotateArgs, out: &Output) -> Result<()> {
         Some(p) => public_of(p)?,
         None => {
             let t = prev.signed.role("targets").map_err(|e| SignerError::proto("director root", e))?;
-            t.keyids.first().and_then(|id| prev.signed.keys.get(id).cloned()).ok_or_else(|| SignerError::Usage("the current director root names no director key".into()))?
+            t.keyids.first().and_then(|id| prev.signed.keys.get(id).cloned()).ok_or_else(|| SignerError::input(file.display(), "the current director root names no director key"))?
         }
     };
     let mut signer_keys = keyfile::load_all_signing(&a.root_keys)?;
@@ -162,7 +162,7 @@ async fn rotate(a: RotateArgs, out: &Output) -> Result<()> {
 async fn commit(repo: &LocalRepo, version: u64, bytes: &[u8], target: &TargetsSignArgs, out: &Output) -> Result<()> {
     let server = target.server.optional()?;
     let keys = keyfile::load_all_signing(&target.sign_keys)?;
-    let (env, _) = repo.role("targets")?.ok_or_else(|| SignerError::Usage("the repository has no targets metadata".into()))?;
+    let (env, _) = repo.role("targets")?.ok_or_else(|| SignerError::repo(&repo.dir, "no targets metadata"))?;
     let mut body = env.signed;
     let path = director::root_target_path(version);
     let sha = hex::encode(Sha256::digest(bytes));

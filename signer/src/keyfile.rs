@@ -16,10 +16,7 @@ pub fn load(path: &Path) -> Result<LoadedKey> {
 pub fn load_signing(path: &Path) -> Result<SigningKey> {
     match load(path)? {
         LoadedKey::Private(k) => Ok(k),
-        LoadedKey::Public(_) => Err(SignerError::Usage(format!(
-            "{} is a public key file; signing needs the private key file",
-            path.display()
-        ))),
+        LoadedKey::Public(_) => Err(SignerError::input(path.display(), "a public key file; signing needs the private key file")),
     }
 }
 
@@ -42,9 +39,9 @@ pub fn generate(path: &Path) -> Result<SigningKey> {
     let key = SigningKey::generate().map_err(|e| SignerError::proto("generate key", e))?;
     let private = key.to_key_file();
     let public = KeyFile { keyval: outpost_protocol::keys::KeyFileVal { private: None, ..private.keyval.clone() }, ..private.clone() };
-    let mut priv_bytes = serde_json::to_vec_pretty(&private).map_err(|e| SignerError::Usage(e.to_string()))?;
+    let mut priv_bytes = serde_json::to_vec_pretty(&private).map_err(SignerError::encode("the private key file"))?;
     priv_bytes.push(b'\n');
-    let mut pub_bytes = serde_json::to_vec_pretty(&public).map_err(|e| SignerError::Usage(e.to_string()))?;
+    let mut pub_bytes = serde_json::to_vec_pretty(&public).map_err(SignerError::encode("the public key file"))?;
     pub_bytes.push(b'\n');
     let public_path = pub_path(path);
     if public_path.exists() {

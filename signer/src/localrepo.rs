@@ -69,7 +69,7 @@ impl LocalRepo {
     }
 
     pub fn save_settings(&self) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(&self.settings).map_err(|e| SignerError::Usage(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(&self.settings).map_err(SignerError::encode("repository settings"))?;
         write_atomic(&self.dir.join(SETTINGS), &bytes)
     }
 

@@ -2,7 +2,7 @@
 //! target of the `policy` delegation (its own keys, distinct from firmware keys).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
 use outpost_protocol::policy::{PolicyBundle, PolicyTargetCustom, Selector, POLICY_ROLE};
@@ -52,9 +52,9 @@ pub async fn run(cmd: PolicyCommand, out: &Output) -> Result<()> {
     }
 }
 
-fn read(file: &std::path::Path) -> Result<(Vec<u8>, PolicyBundle)> {
+fn read(file: &Path) -> Result<(Vec<u8>, PolicyBundle)> {
     let bytes = std::fs::read(file).map_err(|e| SignerError::io("read", file, e))?;
-    let bundle = PolicyBundle::parse(&bytes).map_err(|e| SignerError::Usage(format!("{}: {e}", file.display())))?;
+    let bundle = PolicyBundle::parse(&bytes).map_err(|e| SignerError::input(file.display(), e))?;
     Ok((bytes, bundle))
 }
 
@@ -62,21 +62,24 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
     let s = a.sign.open()?;
     let (bytes, bundle) = read(&a.file)?;
     if bundle.not_after <= chrono::Utc::now() {
-        return Err(SignerError::Usage(format!("{}: not_after {} has passed; devices would fall back to its essential profile at once", a.file.display(), bundle.not_after)));
+        return Err(SignerError::input(
+            a.file.display(),
+            format!("not_after {} has passed; devices would fall back to its essential profile at once", bundle.not_after),
+        ));
     }
     let selector = Selector { hardware_classes: a.hardware_classes.clone(), labels: a.labels.iter().cloned().collect::<BTreeMap<_, _>>() };
     let custom = PolicyTargetCustom::from_bundle(&bundle, selector);
     let path = custom.target_path();
     let role = role_for_path(&s.repo, &path)?;
     if role != POLICY_ROLE {
-        return Err(SignerError::Usage(format!(
+        return Err(SignerError::repo(&s.repo.dir, format!(
             "{path} is not delegated to a `{POLICY_ROLE}` role in this repository (found {role}); create it with `outpost repo delegate --role {POLICY_ROLE} --paths 'policy/*/*' --delegate-key KEY ...` using keys that are not the firmware keys"
         )));
     }
     let mut body = s.role_body(&role)?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
-    check_new_version(&body, &bundle, &path, &sha256)?;
-    let custom_json = serde_json::to_value(&custom).map_err(|e| SignerError::Usage(format!("policy custom metadata: {e}")))?;
+    check_new_version(&s.repo.dir, &body, &bundle, &path, &sha256)?;
+    let custom_json = serde_json::to_value(&custom).map_err(SignerError::encode("policy custom metadata"))?;
     body.targets.insert(path.clone(), target_file(bytes.len() as u64, &sha256, Some(custom_json)));
     let fresh = [(path.as_str(), a.file.as_path(), sha256.as_str())];
     let pushed = s.commit(&role, &mut body, &fresh, out).await?;
@@ -88,18 +91,19 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
     Ok(())
 }
 
-/// A bundle name's versions only go up, and a published path never changes content.
-fn check_new_version(body: &Targets, bundle: &PolicyBundle, path: &str, sha256: &str) -> Result<()> {
+/// A bundle name's versions only go up, and a published path never changes content
+/// (refusals name the repository `dir`).
+fn check_new_version(dir: &Path, body: &Targets, bundle: &PolicyBundle, path: &str, sha256: &str) -> Result<()> {
     for (p, t) in &body.targets {
         if let Some(c) = t.custom.as_ref().and_then(|c| serde_json::from_value::<PolicyTargetCustom>(c.clone()).ok()) {
             if c.name == bundle.name && c.version >= bundle.version && p != path {
-                return Err(SignerError::Usage(format!("policy {} version {} is already published ({p}); bump `version`", c.name, c.version)));
+                return Err(SignerError::repo(dir, format!("policy {} version {} is already published ({p}); bump `version`", c.name, c.version)));
             }
         }
     }
     if let Some(existing) = body.targets.get(path) {
         if existing.hashes.get("sha256").map(String::as_str) != Some(sha256) {
-            return Err(SignerError::Usage(format!("{path} is already published with different content; bump `version`")));
+            return Err(SignerError::repo(dir, format!("{path} is already published with different content; bump `version`")));
         }
     }
     Ok(())

@@ -117,11 +117,11 @@ async fn allow_rollback(a: AllowRollbackArgs, out: &Output) -> Result<()> {
     }
     if changed.is_empty() {
         let listed = body.targets.keys().any(|p| p.starts_with(&prefix));
-        return Err(SignerError::Usage(if listed {
-            format!("release {} for {} already allows rollback (role {role})", a.version, a.hardware_class)
+        return Err(if listed {
+            SignerError::repo(&s.repo.dir, format!("release {} for {} already allows rollback (role {role})", a.version, a.hardware_class))
         } else {
-            format!("no release {} for hardware class {} is signed by role {role}", a.version, a.hardware_class)
-        }));
+            SignerError::Usage(format!("no release {} for hardware class {} is signed by role {role}", a.version, a.hardware_class))
+        });
     }
     let pushed = s.commit(&role, &mut body, &[], out).await?;
     out.emit(
@@ -136,7 +136,7 @@ async fn sign_file(key: &SigningKey, file: &Path, expected_sha256: Option<&str>)
     let (key, file, expected) = (key.clone(), file.to_owned(), expected_sha256.map(str::to_owned));
     tokio::task::spawn_blocking(move || crate::sigstore_out::sign_file(&key, &file, expected.as_deref()))
         .await
-        .map_err(|e| SignerError::Usage(format!("signing task: {e}")))?
+        .map_err(SignerError::task("signing task"))?
 }
 
 /// SHA-256 and length of a file, streamed (see [`outpost_fsio::hash_file`]).
@@ -206,7 +206,7 @@ async fn full_artifact(a: &PublishArgs, image: &Image, base: &FirmwareCustom, st
     }
     let tmp = staging.join(format!("{}.zst", image.sha256));
     let (src, dst) = (image.file.clone(), tmp.clone());
-    tokio::task::spawn_blocking(move || compress(&src, &dst)).await.map_err(|e| SignerError::Usage(format!("compression task: {e}")))??;
+    tokio::task::spawn_blocking(move || compress(&src, &dst)).await.map_err(SignerError::task("compression task"))??;
     let (length, sha256) = hash_file(&tmp)?;
     Ok(Artifact { path: format!("{}.zst", image.path), file: tmp, length, sha256, custom: Some(image.encoded(base, Encoding::Zstd)), temporary: true })
 }
@@ -234,7 +234,7 @@ async fn sbom_bytes(a: &PublishArgs, image: &Image) -> Result<Option<Vec<u8>>> {
     } else {
         return Ok(None);
     };
-    Ok(Some(make_sbom(&source, &subject, |e| SignerError::Usage(format!("SBOM: {e}"))).await?))
+    Ok(Some(make_sbom(&source, &subject).await?))
 }
 
 /// The SBOM target beside the image (checked to describe this image), and the
@@ -249,12 +249,16 @@ async fn sbom_artifact(a: &PublishArgs, image: &Image, settings: &crate::localre
         }
         return Ok(None);
     };
-    let summary = outpost_sbom::validate(&bytes).map_err(|e| SignerError::Usage(format!("{}: {e}", a.sbom.as_deref().unwrap_or(Path::new("generated SBOM")).display())))?;
+    let sbom_name = a.sbom.as_deref().unwrap_or(Path::new("generated SBOM")).display();
+    let summary = outpost_sbom::validate(&bytes).map_err(|e| SignerError::input(&sbom_name, e))?;
     if summary.subject_sha256.as_deref() != Some(image.sha256.as_str()) {
-        return Err(SignerError::Usage(format!(
-            "the SBOM describes an image with sha256 {:?} (metadata.component.hashes), not this image ({})",
-            summary.subject_sha256, image.sha256
-        )));
+        return Err(SignerError::verify(
+            &sbom_name,
+            format!(
+                "the SBOM describes an image with sha256 {:?} (metadata.component.hashes), not this image ({})",
+                summary.subject_sha256, image.sha256
+            ),
+        ));
     }
     let sha256 = hex::encode(Sha256::digest(&bytes));
     let path = format!("{}.cdx.json", image.path);
@@ -276,20 +280,19 @@ async fn delta_artifact(a: &PublishArgs, image: &Image, base: &FirmwareCustom, r
         .ok_or_else(|| SignerError::Usage(format!("--delta-from {from}: no {} release {from} in role {role}", a.hardware_class)))?;
     let (_, base_sha) = hash_file(base_file)?;
     if base_sha != signed_base.expected_measurement.sha256 {
-        return Err(SignerError::Usage(format!(
-            "--delta-base {}: sha256 {base_sha} is not the signed image of release {from} ({})",
-            base_file.display(),
-            signed_base.expected_measurement.sha256
-        )));
+        return Err(SignerError::verify(
+            format!("--delta-base {}", base_file.display()),
+            format!("sha256 {base_sha} is not the signed image of release {from} ({})", signed_base.expected_measurement.sha256),
+        ));
     }
     let (old, new) = (base_file.clone(), image.file.clone());
     let patch = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
-        let old = std::fs::read(&old).map_err(|e| SignerError::io("read", &old, e))?;
-        let new = std::fs::read(&new).map_err(|e| SignerError::io("read", &new, e))?;
-        outpost_protocol::codec::make_patch(&old, &new, 19).map_err(|e| SignerError::Usage(format!("making the zstd patch: {e}")))
+        let old_bytes = std::fs::read(&old).map_err(|e| SignerError::io("read", &old, e))?;
+        let new_bytes = std::fs::read(&new).map_err(|e| SignerError::io("read", &new, e))?;
+        outpost_protocol::codec::make_patch(&old_bytes, &new_bytes, 19).map_err(|e| SignerError::io("make a zstd patch for", &new, e))
     })
     .await
-    .map_err(|e| SignerError::Usage(format!("patch task: {e}")))??;
+    .map_err(SignerError::task("patch task"))??;
     let tmp = staging.join(format!("{}.from-{from}.zst-patch", image.sha256));
     crate::localrepo::write_atomic(&tmp, &patch)?;
     let mut custom = image.encoded(base, Encoding::ZstdPatch);
@@ -301,15 +304,15 @@ async fn delta_artifact(a: &PublishArgs, image: &Image, base: &FirmwareCustom, r
 }
 
 /// Lists the artifacts in `body`; a path already listed must have the same content
-/// (a release version is immutable).
-fn list_artifacts(body: &mut Targets, artifacts: &[Artifact]) -> Result<()> {
+/// (a release version is immutable; the refusal names the repository `dir`).
+fn list_artifacts(dir: &Path, body: &mut Targets, artifacts: &[Artifact]) -> Result<()> {
     for art in artifacts {
         if let Some(c) = &art.custom {
             c.validate(&art.path).map_err(|e| SignerError::proto("release metadata", e))?;
         }
         if let Some(existing) = body.targets.get(&art.path) {
             if existing.hashes.get("sha256") != Some(&art.sha256) || existing.length != art.length {
-                return Err(SignerError::Usage(format!(
+                return Err(SignerError::repo(dir, format!(
                     "{} is already published with different content; a release version is immutable, publish a new version",
                     art.path
                 )));
@@ -370,7 +373,7 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
     let mut artifacts = vec![full];
     artifacts.extend(sbom.map(|(art, _)| art));
     artifacts.extend(delta_artifact(&a, &image, &base, &role, &body, &full_path, &staging).await?);
-    list_artifacts(&mut body, &artifacts)?;
+    list_artifacts(&s.repo.dir, &mut body, &artifacts)?;
     // The SBOM's Sigstore signature, made before anything is stored or uploaded, so a
     // file that changed since it was hashed stops the release here.
     let mut signed = vec![(image.path.clone(), image.signed.clone())];

@@ -281,7 +281,7 @@ fn rotate(a: RotateArgs, out: &Output) -> Result<()> {
             }
         }
     }
-    let root_role = new.roles.get("root").cloned().ok_or_else(|| SignerError::Usage("root has no root role".into()))?;
+    let root_role = new.roles.get("root").cloned().ok_or_else(|| SignerError::repo(&repo.dir, "metadata/root.json has no root role"))?;
     if root_role.threshold < 1 || root_role.threshold as usize > root_role.keyids.len() {
         return Err(SignerError::Usage(format!(
             "new root threshold {} must be between 1 and its number of keys ({})",
@@ -412,10 +412,10 @@ fn undelegate(a: UndelegateArgs, out: &Output) -> Result<()> {
     let not_delegated = || SignerError::Usage(format!("--role {}: {} does not delegate to it (see metadata/{}.json)", a.role, a.parent, tuf::quote_role(&a.parent)));
     let delegations = parent.delegations.as_mut().ok_or_else(not_delegated)?;
     if delegations.succinct_roles.is_some() {
-        return Err(SignerError::Usage(format!(
-            "{} delegates to hash bins (succinct_roles); one bin cannot be removed, re-sign the bin instead",
-            a.parent
-        )));
+        return Err(SignerError::repo(
+            &repo.dir,
+            format!("{} delegates to hash bins (succinct_roles); one bin cannot be removed, re-sign the bin instead", a.parent),
+        ));
     }
     let roles = delegations.roles.get_or_insert_with(Vec::new);
     let before = roles.len();

@@ -145,7 +145,7 @@ impl Signing {
         let (env, _) = self
             .repo
             .role(role)?
-            .ok_or_else(|| SignerError::Usage(format!("role {role} has no metadata yet in {}", self.repo.dir.display())))?;
+            .ok_or_else(|| SignerError::repo(&self.repo.dir, format!("role {role} has no metadata yet")))?;
         Ok(env.signed)
     }
 

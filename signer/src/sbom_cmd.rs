@@ -64,8 +64,8 @@ pub enum SbomCommand {
     },
 }
 
-fn sbom_err(e: outpost_sbom::SbomError) -> SignerError {
-    SignerError::Usage(e.to_string())
+fn sbom_err(op: &'static str) -> impl FnOnce(outpost_sbom::SbomError) -> SignerError {
+    move |source| SignerError::Sbom { op, source }
 }
 
 pub async fn run(cmd: SbomCommand, out: &Output) -> Result<()> {
@@ -92,7 +92,7 @@ pub async fn run(cmd: SbomCommand, out: &Output) -> Result<()> {
         }
         SbomCommand::Validate { file } => {
             let bytes = std::fs::read(&file).map_err(|e| SignerError::io("read", &file, e))?;
-            let summary = outpost_sbom::validate(&bytes).map_err(|e| SignerError::Usage(format!("{}: {e}", file.display())))?;
+            let summary = outpost_sbom::validate(&bytes).map_err(|e| SignerError::input(file.display(), e))?;
             out.emit(
                 &summary,
                 &format!(
@@ -119,19 +119,19 @@ pub enum SbomSource {
 }
 
 /// Makes the CycloneDX 1.5 JSON of `subject` from `source` (a root filesystem is
-/// walked on the blocking pool). `sbom_err` names what failed.
-pub(crate) async fn make_sbom(source: &SbomSource, subject: &outpost_sbom::Subject, sbom_err: fn(outpost_sbom::SbomError) -> SignerError) -> Result<Vec<u8>> {
+/// walked on the blocking pool).
+pub(crate) async fn make_sbom(source: &SbomSource, subject: &outpost_sbom::Subject) -> Result<Vec<u8>> {
     let bom = match source {
         SbomSource::Rootfs { root, files } => {
             let (root, subject, files) = (root.clone(), subject.clone(), *files);
             tokio::task::spawn_blocking(move || outpost_sbom::from_rootfs(&root, &subject, files))
                 .await
-                .map_err(|e| SignerError::Usage(format!("SBOM task: {e}")))?
-                .map_err(sbom_err)?
+                .map_err(SignerError::task("SBOM task"))?
+                .map_err(sbom_err("make the SBOM"))?
         }
-        SbomSource::CargoLock(lock) => outpost_sbom::from_cargo_lock(lock, subject).map_err(sbom_err)?,
+        SbomSource::CargoLock(lock) => outpost_sbom::from_cargo_lock(lock, subject).map_err(sbom_err("make the SBOM"))?,
     };
-    outpost_sbom::to_json(&bom).map_err(sbom_err)
+    outpost_sbom::to_json(&bom).map_err(sbom_err("encode the SBOM"))
 }
 
 async fn generate(image: &std::path::Path, version: String, source: SbomSource, dest: &std::path::Path, out: &Output) -> Result<()> {
@@ -142,8 +142,8 @@ async fn generate(image: &std::path::Path, version: String, source: SbomSource, 
     let bytes = std::fs::read(image).map_err(|e| SignerError::io("read", image, e))?;
     let subject = outpost_sbom::Subject { name, version, image_sha256: outpost_protocol::hashing::sha256_hex(&bytes) };
     let started = std::time::Instant::now();
-    let json_bytes = make_sbom(&source, &subject, sbom_err).await?;
-    let summary = outpost_sbom::validate(&json_bytes).map_err(sbom_err)?;
+    let json_bytes = make_sbom(&source, &subject).await?;
+    let summary = outpost_sbom::validate(&json_bytes).map_err(sbom_err("check the generated SBOM"))?;
     crate::localrepo::write_atomic(dest, &json_bytes)?;
     out.emit(
         &json!({"out": dest, "components": summary.components, "packages": summary.packages.len(), "bytes": json_bytes.len(),
@@ -227,7 +227,7 @@ async fn publish_denylist(
         expires: None,
     };
     let bytes = std::fs::read(file).map_err(|e| SignerError::io("read", file, e))?;
-    let list = DenyList::parse(&bytes).map_err(|e| SignerError::Usage(format!("{}: {e}", file.display())))?;
+    let list = DenyList::parse(&bytes).map_err(|e| SignerError::input(file.display(), e))?;
     let role = match role {
         Some(r) => r,
         None => crate::role_edit::role_for_path(&s.repo, DENYLIST_TARGET)?,

@@ -24,8 +24,8 @@ use crate::error::{Result, SignerError};
 
 const BUNDLE_MEDIA_TYPE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
 
-fn sig_err(what: &str) -> impl FnOnce(sigstore::errors::SigstoreError) -> SignerError + '_ {
-    move |e| SignerError::Usage(format!("sigstore: {what}: {e}"))
+fn sig_err(op: &'static str) -> impl FnOnce(sigstore::errors::SigstoreError) -> SignerError {
+    move |e| SignerError::Sigstore { op, source: Box::new(e) }
 }
 
 fn keys_of(key: &SigningKey) -> Result<Ed25519Keys> {
@@ -73,10 +73,10 @@ pub fn sign_file(key: &SigningKey, file: &Path, expected_sha256: Option<&str>) -
     })?;
     let signed = Signed { signature: signed.signature, sha256: signed.sha256, length: signed.length };
     if let Some(expected) = expected_sha256.filter(|e| *e != signed.sha256_hex()) {
-        return Err(SignerError::Usage(format!(
-            "{what}: changed since it was hashed for the release metadata (sha256 {expected} then, {} now); nothing signed",
-            signed.sha256_hex()
-        )));
+        return Err(SignerError::verify(
+            what,
+            format!("changed since it was hashed for the release metadata (sha256 {expected} then, {} now); nothing signed", signed.sha256_hex()),
+        ));
     }
     Ok(signed)
 }
@@ -101,7 +101,7 @@ pub fn write_signature(key: &SigningKey, signed: &Signed, out: &Path) -> Result<
     let sig_path = PathBuf::from(format!("{}.sig", out.display()));
     let bundle_path = PathBuf::from(format!("{}.sigstore.json", out.display()));
     crate::localrepo::write_atomic(&sig_path, sig_b64.as_bytes())?;
-    let text = serde_json::to_vec_pretty(&bundle).map_err(|e| SignerError::Usage(format!("bundle: {e}")))?;
+    let text = serde_json::to_vec_pretty(&bundle).map_err(SignerError::encode("Sigstore bundle"))?;
     crate::localrepo::write_atomic(&bundle_path, &text)?;
     Ok(Written { signature: sig_path, bundle: bundle_path })
 }
@@ -111,32 +111,32 @@ fn decode_signature(text: &[u8], origin: &Path) -> Result<ed25519_dalek::Signatu
     let trimmed: Vec<u8> = text.iter().copied().filter(|c| !c.is_ascii_whitespace()).collect();
     let raw = base64::engine::general_purpose::STANDARD
         .decode(&trimmed)
-        .map_err(|e| SignerError::Usage(format!("{}: the signature is not base64: {e}", origin.display())))?;
+        .map_err(|e| SignerError::input(origin.display(), format!("the signature is not base64: {e}")))?;
     ed25519_dalek::Signature::from_slice(&raw)
-        .map_err(|_| SignerError::Usage(format!("{}: the signature is {} bytes, an ed25519 signature is 64", origin.display(), raw.len())))
+        .map_err(|_| SignerError::input(origin.display(), format!("the signature is {} bytes, an ed25519 signature is 64", raw.len())))
 }
 
 /// A Sigstore bundle's message digest (base64 SHA-256) and signature.
 fn read_bundle(b: &Path) -> Result<(String, ed25519_dalek::Signature)> {
     let text = std::fs::read(b).map_err(|e| SignerError::io("read", b, e))?;
-    let doc: serde_json::Value = serde_json::from_slice(&text).map_err(|e| SignerError::Usage(format!("{}: not JSON: {e}", b.display())))?;
+    let doc: serde_json::Value = serde_json::from_slice(&text).map_err(|e| SignerError::input(b.display(), format!("not JSON: {e}")))?;
     if doc["mediaType"].as_str() != Some(BUNDLE_MEDIA_TYPE) {
-        return Err(SignerError::Usage(format!("{}: mediaType is not {BUNDLE_MEDIA_TYPE}", b.display())));
+        return Err(SignerError::input(b.display(), format!("mediaType is not {BUNDLE_MEDIA_TYPE}")));
     }
     let digest = doc["messageSignature"]["messageDigest"]["digest"]
         .as_str()
-        .ok_or_else(|| SignerError::Usage(format!("{}: no messageSignature.messageDigest.digest", b.display())))?
+        .ok_or_else(|| SignerError::input(b.display(), "no messageSignature.messageDigest.digest"))?
         .to_owned();
     let sig = doc["messageSignature"]["signature"]
         .as_str()
-        .ok_or_else(|| SignerError::Usage(format!("{}: no messageSignature.signature", b.display())))?;
+        .ok_or_else(|| SignerError::input(b.display(), "no messageSignature.signature"))?;
     Ok((digest, decode_signature(sig.as_bytes(), b)?))
 }
 
 /// Checks `file` against a cosign `sign-blob` signature and/or a Sigstore bundle with
-/// the PEM public key, reading the file once in chunks (never whole into memory).
-/// Errors say which check failed.
-pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bundle: Option<&Path>) -> Result<()> {
+/// the PEM public key (read from `key_file`, which errors name), reading the file once
+/// in chunks (never whole into memory). Errors say which check failed.
+pub fn verify_file(public_pem: &[u8], key_file: &Path, file: &Path, signature: Option<&Path>, bundle: Option<&Path>) -> Result<()> {
     use ed25519_dalek::pkcs8::DecodePublicKey;
     if signature.is_none() && bundle.is_none() {
         return Err(SignerError::Usage("pass --signature FILE.sig and/or --bundle FILE.sigstore.json".into()));
@@ -144,9 +144,9 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
     let key = std::str::from_utf8(public_pem)
         .ok()
         .and_then(|pem| ed25519_dalek::VerifyingKey::from_public_key_pem(pem).ok())
-        .ok_or_else(|| SignerError::Usage("the public key is not an ed25519 PEM public key (SubjectPublicKeyInfo)".into()))?;
+        .ok_or_else(|| SignerError::input(key_file.display(), "not an ed25519 PEM public key (SubjectPublicKeyInfo)"))?;
     let not_verified =
-        |origin: &Path, e: ed25519_dalek::SignatureError| SignerError::Usage(format!("{}: signature does not verify for {}: {e}", origin.display(), file.display()));
+        |origin: &Path, e: ed25519_dalek::SignatureError| SignerError::verify(origin.display(), format!("signature does not verify for {}: {e}", file.display()));
     let verifier = |sig: &ed25519_dalek::Signature, origin: &Path| -> Result<ed25519_dalek::StreamVerifier> {
         key.verify_stream(sig).map_err(|e| not_verified(origin, e))
     };
@@ -188,7 +188,7 @@ pub fn verify_file(public_pem: &[u8], file: &Path, signature: Option<&Path>, bun
     }
     if let Some((b, digest, _)) = bundle_signature {
         if Some(digest) != sha256.map(|h| base64::engine::general_purpose::STANDARD.encode(h.finalize())) {
-            return Err(SignerError::Usage(format!("{}: the bundle's digest is not the SHA-256 of {}", b.display(), file.display())));
+            return Err(SignerError::verify(b.display(), format!("the bundle's digest is not the SHA-256 of {}", file.display())));
         }
     }
     if let Some((b, v)) = bundle_check {
@@ -215,7 +215,7 @@ pub struct VerifyBlobArgs {
 
 pub fn run(a: VerifyBlobArgs, out: &crate::output::Output) -> Result<()> {
     let pem = std::fs::read(&a.key).map_err(|e| SignerError::io("read", &a.key, e))?;
-    verify_file(&pem, &a.file, a.signature.as_deref(), a.bundle.as_deref())?;
+    verify_file(&pem, &a.key, &a.file, a.signature.as_deref(), a.bundle.as_deref())?;
     out.emit(&json!({"verified": true, "file": a.file}), &format!("verified {}", a.file.display()));
     Ok(())
 }
@@ -223,6 +223,9 @@ pub fn run(a: VerifyBlobArgs, out: &crate::output::Output) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where the tests' PEM keys would have been read from, for error messages.
+    const KEY_PEM: &str = "key.pub.pem";
 
     fn sha_hex(bytes: &[u8]) -> String {
         hex::encode(Sha256::digest(bytes))
@@ -243,18 +246,18 @@ mod tests {
         let sig_text = std::fs::read_to_string(&written.signature).unwrap();
         assert_eq!(hex::encode(b64.decode(&sig_text).unwrap()), key.sign_hex(&image));
         let pem = public_pem(&key).unwrap();
-        verify_file(pem.as_bytes(), &file, Some(&written.signature), Some(&written.bundle)).unwrap();
+        verify_file(pem.as_bytes(), Path::new(KEY_PEM), &file, Some(&written.signature), Some(&written.bundle)).unwrap();
 
         let mut tampered = image.clone();
         tampered[2 << 20] ^= 1;
         let bad = dir.path().join("tampered.img");
         std::fs::write(&bad, &tampered).unwrap();
-        let err = verify_file(pem.as_bytes(), &bad, Some(&written.signature), None).unwrap_err().to_string();
+        let err = verify_file(pem.as_bytes(), Path::new(KEY_PEM), &bad, Some(&written.signature), None).unwrap_err().to_string();
         assert!(err.contains("signature does not verify for"), "{err}");
-        let err = verify_file(pem.as_bytes(), &bad, None, Some(&written.bundle)).unwrap_err().to_string();
+        let err = verify_file(pem.as_bytes(), Path::new(KEY_PEM), &bad, None, Some(&written.bundle)).unwrap_err().to_string();
         assert!(err.contains("the bundle's digest is not the SHA-256 of"), "{err}");
         let other = SigningKey::generate().unwrap();
-        let err = verify_file(public_pem(&other).unwrap().as_bytes(), &file, Some(&written.signature), None).unwrap_err().to_string();
+        let err = verify_file(public_pem(&other).unwrap().as_bytes(), Path::new(KEY_PEM), &file, Some(&written.signature), None).unwrap_err().to_string();
         assert!(err.contains("signature does not verify for"), "{err}");
     }
 
@@ -279,14 +282,15 @@ mod tests {
         std::fs::write(&file, b"image").unwrap();
         let sig = dir.path().join("fw.img.sig");
         std::fs::write(&sig, "not base64!").unwrap();
-        let err = verify_file(pem.as_bytes(), &file, Some(&sig), None).unwrap_err().to_string();
+        let err = verify_file(pem.as_bytes(), Path::new(KEY_PEM), &file, Some(&sig), None).unwrap_err().to_string();
         assert!(err.contains("the signature is not base64"), "{err}");
         std::fs::write(&sig, base64::engine::general_purpose::STANDARD.encode([7u8; 10])).unwrap();
-        let err = verify_file(pem.as_bytes(), &file, Some(&sig), None).unwrap_err().to_string();
+        let err = verify_file(pem.as_bytes(), Path::new(KEY_PEM), &file, Some(&sig), None).unwrap_err().to_string();
         assert!(err.contains("the signature is 10 bytes, an ed25519 signature is 64"), "{err}");
-        let err = verify_file(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", &file, Some(&sig), None)
+        let err = verify_file(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", Path::new(KEY_PEM), &file, Some(&sig), None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("not an ed25519 PEM public key"), "{err}");
+        assert!(err.starts_with(KEY_PEM), "the error names the key file: {err}");
     }
 }

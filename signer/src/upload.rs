@@ -181,11 +181,14 @@ pub async fn push(repo: &LocalRepo, server: &Server, fresh: &[(&str, &Path)], ou
     let (root, _) = repo.root()?;
     let mut roots = Vec::new();
     if status.root_version == 0 {
-        return Err(SignerError::Usage(format!("{} has no trusted root; configure [repository].trusted_root on the server", server.url)));
+        return Err(SignerError::ServerState {
+            url: server.url.clone(),
+            reason: "has no trusted root; configure [repository].trusted_root on the server".into(),
+        });
     }
     for v in status.root_version + 1..=root.signed.version {
         let bytes = repo.root_version_bytes(v)?;
-        roots.push(serde_json::from_slice::<Value>(&bytes).map_err(|e| SignerError::Usage(format!("{v}.root.json: {e}")))?);
+        roots.push(serde_json::from_slice::<Value>(&bytes).map_err(|e| SignerError::input(repo.metadata_path(&format!("{v}.root.json")).display(), e))?);
     }
     let mut roles = std::collections::BTreeMap::new();
     let mut uploaded = Vec::new();
@@ -194,7 +197,7 @@ pub async fn push(repo: &LocalRepo, server: &Server, fresh: &[(&str, &Path)], ou
         let theirs = status.roles.get(&name).copied().unwrap_or(0);
         let has_fresh = fresh.iter().any(|(p, _)| env.signed.targets.contains_key(*p));
         if env.signed.version < theirs || (env.signed.version == theirs && has_fresh) {
-            return Err(SignerError::Usage(format!(
+            return Err(SignerError::repo(&repo.dir, format!(
                 "local {name} v{} is not newer than the server's v{theirs}: this repository directory is stale. \
                  Sync it with the pipeline's current copy before publishing",
                 env.signed.version
@@ -204,7 +207,8 @@ pub async fn push(repo: &LocalRepo, server: &Server, fresh: &[(&str, &Path)], ou
             continue;
         }
         upload_targets(repo, server, &env.signed, fresh, Progress::for_output(out), &mut uploaded).await?;
-        roles.insert(name, serde_json::from_slice(&bytes).map_err(|e| SignerError::Usage(e.to_string()))?);
+        let value = serde_json::from_slice(&bytes).map_err(|e| SignerError::input(format!("{name} metadata"), e))?;
+        roles.insert(name, value);
     }
     let role_names: Vec<String> = roles.keys().cloned().collect();
     let root_count = roots.len();
@@ -239,7 +243,7 @@ async fn upload_targets(
 ) -> Result<()> {
     for (path, t) in &role.targets {
         let Some(sha) = t.hashes.get("sha256") else {
-            return Err(SignerError::Usage(format!("target {path} has no sha256; Outpost servers name targets by sha256")));
+            return Err(SignerError::repo(&repo.dir, format!("target {path} has no sha256; Outpost servers name targets by sha256")));
         };
         let served = consistent_name(path, sha);
         if server.has_target(&served).await? {
@@ -250,7 +254,7 @@ async fn upload_targets(
             None => {
                 let local = repo.target_file_path(path, sha);
                 if !local.exists() {
-                    return Err(SignerError::Usage(format!("target {path} is neither on the server nor in {}", local.display())));
+                    return Err(SignerError::repo(&repo.dir, format!("target {path} is neither on the server nor in {}", local.display())));
                 }
                 local
             }
