@@ -288,4 +288,16 @@ mod tests {
         let err = verify_targets(&root, text.as_bytes(), "dev-a", 0, now).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("threshold"), "{err}");
     }
+
+    #[test]
+    fn trusted_metadata_that_expires_during_an_update_is_reported() {
+        let now = Utc::now();
+        let offline = key();
+        let bytes = root(&[offline.public().clone()], 1, key().public(), 1, now + chrono::Duration::minutes(10), &[&offline]).unwrap_or_default();
+        let set = crate::tuf::TrustedSet::new(&bytes, now).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(set.expired_at(now), None);
+        let (role, _) = set.expired_at(now + chrono::Duration::minutes(11)).unwrap_or_default();
+        assert_eq!(role, "root");
+    }
+
 }

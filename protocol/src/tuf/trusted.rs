@@ -49,6 +49,24 @@ impl TrustedSet {
         self.now
     }
 
+    /// The first trusted role (root, timestamp, snapshot, then the loaded targets
+    /// roles) already expired at `at`, with its expiry. The set checks expiry against
+    /// the time its update began (the client workflow's fixed time); an update that
+    /// runs long asks this before it acts on what it loaded.
+    pub fn expired_at(&self, at: DateTime<Utc>) -> Option<(String, String)> {
+        let expired = |role: &str, expires: &str| Some((role.to_owned(), expires.to_owned()));
+        if self.root.is_expired(at) {
+            return expired("root", &self.root.signed.expires);
+        }
+        if let Some(t) = self.timestamp.as_ref().filter(|t| t.is_expired(at)) {
+            return expired("timestamp", &t.signed.expires);
+        }
+        if let Some(s) = self.snapshot.as_ref().filter(|s| s.is_expired(at)) {
+            return expired("snapshot", &s.signed.expires);
+        }
+        self.targets.iter().find(|(_, t)| t.is_expired(at)).and_then(|(role, t)| expired(role, &t.signed.expires))
+    }
+
     pub fn root(&self) -> &Root {
         &self.root.signed
     }

@@ -61,8 +61,67 @@ pub fn app(state: AppState) -> Router {
         .merge(dashboard::routes())
         .merge(crate::http::routes())
         .with_state(state)
+        .layer(axum::middleware::from_fn(run_to_the_end))
+}
+
+/// Runs each request as a task of its own, which the connection waits for. hyper drops
+/// a request's future when its client goes away; a handler dropped between a commit
+/// and what goes with it (the audit entry, the SBOM index of a publish) would leave
+/// the change unrecorded. A request the server began now runs to its end.
+async fn run_to_the_end(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::spawn(next.run(req)).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::error!(error = %e, "a request's task failed");
+            ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request failed on the server").into_response()
+        }
+    }
 }
 
 async fn healthz() -> Json<outpost_protocol::api::repository::Health> {
     Json(outpost_protocol::api::repository::Health { status: "ok".to_owned() })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use axum::routing::post;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// A client that goes away once its request has begun does not cut the handler
+    /// short (without the layer, dropping the request's future drops the handler).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_runs_to_its_end_when_the_client_goes_away() {
+        let finished = Arc::new(AtomicBool::new(false));
+        let (began, began_rx) = tokio::sync::oneshot::channel::<()>();
+        let began = Arc::new(std::sync::Mutex::new(Some(began)));
+        let done = finished.clone();
+        let handler = move || async move {
+            if let Some(b) = began.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = b.send(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            done.store(true, Ordering::SeqCst);
+        };
+        let app = Router::new().route("/change", post(handler)).layer(axum::middleware::from_fn(run_to_the_end));
+        let request = axum::http::Request::post("/change").body(axum::body::Body::empty()).unwrap_or_else(|e| panic!("{e}"));
+        let answer = app.oneshot(request);
+        tokio::select! {
+            _ = answer => panic!("the handler answered before it began"),
+            _ = began_rx => {}
+        }
+        // The request's future is dropped here, as hyper drops it for a closed connection.
+        for _ in 0..50 {
+            if finished.load(Ordering::SeqCst) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("the handler was cut short when its client went away");
+    }
 }

@@ -127,12 +127,25 @@ impl Agent {
         }
     }
 
+    /// The round's TUF client, or a new one (which refreshes again) when metadata it
+    /// loaded at the start of the round has expired since: a slow policy download or
+    /// check-in must not stretch how long expired metadata is acted on.
+    fn still_fresh(&self, updater: Updater) -> Result<Updater> {
+        match updater.trusted().expired_at(chrono::Utc::now()) {
+            None => Ok(updater),
+            Some((role, expires)) => {
+                tracing::warn!(%role, %expires, "metadata loaded at the start of this round has expired since: refreshing again");
+                Updater::for_agent(&self.config, self.fetcher.clone())
+            }
+        }
+    }
+
     /// The install step on the round's TUF client; with [`Passes::Once`] its error is
     /// the daemon's, otherwise it is logged.
     async fn install(&mut self, updater: Result<Updater>, passes: Passes) -> Result<()> {
-        let installed = match updater {
-            Ok(mut updater) => self.installer.check_and_install(&mut updater).await,
-            Err(e) => Err(e),
+        let installed = match updater.map(|u| self.still_fresh(u)) {
+            Ok(Ok(mut updater)) => self.installer.check_and_install(&mut updater).await,
+            Ok(Err(e)) | Err(e) => Err(e),
         };
         match installed {
             Ok(result) => self.output.pass(&result),
