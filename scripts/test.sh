@@ -44,6 +44,9 @@ python3 scripts/layering.py
 step "cargo test"
 cargo test
 
+step "the agent without eBPF (--no-default-features, stable toolchain only; its own target dir)"
+RUSTUP_TOOLCHAIN=stable cargo build -p outpost-agent --no-default-features --target-dir target/no-ebpf
+
 step "fuzz (scripts/fuzz.sh, ${OUTPOST_FUZZ_SECONDS:-20} s per target)"
 bash scripts/fuzz.sh "${OUTPOST_FUZZ_SECONDS:-20}"
 

@@ -48,11 +48,25 @@ pub use status::{Counters, Denied, VERDICT_NAMES};
 
 const _: () = assert!(outpost_protocol::policy::MAX_RULES == MAX_RULES as usize);
 
-/// The compiled programs, built by build.rs.
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/outpost-ebpf-programs"));
+/// The compiled programs, built by build.rs (feature `programs`, on by default).
+#[cfg(feature = "programs")]
+fn programs() -> Result<&'static [u8], Error> {
+    static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/outpost-ebpf-programs"));
+    Ok(PROGRAMS)
+}
+
+/// Built without the `programs` feature (no nightly toolchain or bpf-linker needed):
+/// there is nothing to load, and enforcement says so.
+#[cfg(not(feature = "programs"))]
+fn programs() -> Result<&'static [u8], Error> {
+    Err(Error::NotBuiltIn)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// This build carries no eBPF programs.
+    #[error("policy enforcement is not built into this agent: it was built without the `ebpf` feature (which needs the nightly toolchain and bpf-linker)")]
+    NotBuiltIn,
     /// The kernel refused to load BPF programs: not root, no CAP_BPF, or no BPF.
     #[error("eBPF enforcement is not available on this device: {0}")]
     Unsupported(String),

@@ -18,7 +18,7 @@ use outpost_protocol::display_chain;
 use outpost_protocol::policy::{Profile, ScopeKind};
 
 use crate::pins::prepare_pins;
-use crate::{ifindex, map_err, prog, ActiveGen, Enforcer, Error, Resolved, PROGRAMS};
+use crate::{ifindex, map_err, prog, programs, ActiveGen, Enforcer, Error, Resolved};
 
 /// Every map of the programs; all of them are pinned, so pinned programs and a
 /// restarted agent share them.
@@ -59,6 +59,8 @@ impl Enforcer {
     /// ([`Self::adopted`]); bpffs is mounted at [`BPFFS_MOUNT`] when the root is
     /// under it and nothing is mounted there.
     pub fn load(cgroup_root: &Path, pin_root: Option<&Path>) -> Result<Self, Error> {
+        // Before anything is created or mounted: a build without programs stops here.
+        let objects = programs()?;
         let pins = pin_root.map(prepare_pins).transpose()?;
         let adopted = pins.as_ref().is_some_and(|p| p.maps().join("CONFIG").exists());
         let mut loader = EbpfLoader::new();
@@ -69,7 +71,7 @@ impl Enforcer {
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(PROGRAMS).map_err(|e| load_error(display_chain(&e)))?;
+        let mut ebpf = loader.load(objects).map_err(|e| load_error(display_chain(&e)))?;
         for name in ["outpost_cg_egress", "outpost_cg_ingress"] {
             let p: &mut CgroupSkb = prog(&mut ebpf, name)?.try_into().map_err(|e| Error::Load(format!("{name}: {e}")))?;
             p.load().map_err(|e| load_error(format!("{name}: {}", verifier_tail(&e.to_string()))))?;

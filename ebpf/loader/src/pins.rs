@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use outpost_protocol::policy::ScopeKind;
 
-use crate::{ifindex, Enforcer, Error, PROGRAMS};
+use crate::{ifindex, programs, Enforcer, Error};
 
 /// The statfs magic of a BPF file system.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -100,7 +100,7 @@ pub(crate) fn prepare_pins(root: &Path) -> Result<Pins, Error> {
     if !is_bpffs(root) {
         return Err(err(root, format!("not on a BPF file system (mount one: mount -t bpf bpf {BPFFS_MOUNT})")));
     }
-    let dir = root.join(programs_tag());
+    let dir = root.join(programs_tag()?);
     for d in [dir.join("maps"), dir.join("links")] {
         private().create(&d).map_err(|e| io_err(&d, "creating", e))?;
     }
@@ -132,10 +132,10 @@ pub(crate) fn prepare_pins(root: &Path) -> Result<Pins, Error> {
 }
 
 /// Names this build of the programs: the first 16 hex digits of their SHA-256.
-fn programs_tag() -> String {
+fn programs_tag() -> Result<String, Error> {
     use sha2::Digest as _;
-    let digest = sha2::Sha256::digest(PROGRAMS);
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    let digest = sha2::Sha256::digest(programs()?);
+    Ok(digest.iter().take(8).map(|b| format!("{b:02x}")).collect())
 }
 
 /// Root, or the effective capabilities CAP_BPF (39) or CAP_SYS_ADMIN (21).
