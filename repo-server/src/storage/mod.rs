@@ -158,7 +158,7 @@ mod tests {
         r.unwrap_or_else(|e| panic!("{e}"))
     }
 
-    use crate::storage::testing::{add_devices, on_both_backends};
+    use crate::storage::testing::{add_devices, on_both_backends, INSERT_BARE_DEVICE};
 
     on_both_backends! {
         nonces_are_single_use_for_their_device_and_bounded;
@@ -333,8 +333,7 @@ mod tests {
         let (_dir, s) = sqlite_store().await;
         let failed = s
             .transaction(Mode::Write, move |mut tx| async move {
-                tx.execute("INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES ('half', 'rpi4', x'00', x'00', 'now')", args![])
-                    .await?;
+                tx.execute(INSERT_BARE_DEVICE, args!["half", &vec![0u8]]).await?;
                 if tx.serialized() {
                     panic!("a bug half-way through a transaction");
                 }
@@ -406,8 +405,7 @@ mod tests {
         let (_dir, s) = sqlite_store().await;
         let failed = s
             .transaction(Mode::Write, move |mut tx| async move {
-                tx.execute("INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES ('waits', 'rpi4', x'00', x'00', 'now')", args![])
-                    .await?;
+                tx.execute(INSERT_BARE_DEVICE, args!["waits", &vec![0u8]]).await?;
                 let mut first = true;
                 futures_util::future::poll_fn(move |cx| {
                     if std::mem::take(&mut first) {

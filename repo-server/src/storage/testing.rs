@@ -17,17 +17,18 @@ pub(crate) async fn postgres_backend() -> Backend {
     Backend::Postgres { url: format!("{base}/{name}"), max_connections: 4 }
 }
 
+/// A bare device of class rpi4 (`?1`: its id, `?2`: a placeholder key, both EK and
+/// AK), as the store suite enrolls them.
+pub(crate) const INSERT_BARE_DEVICE: &str =
+    "INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES (?1, 'rpi4', ?2, ?2, 'now')";
+
 /// Enrolls `ids` as bare devices of class rpi4.
 pub(crate) async fn add_devices(s: &Store, ids: impl Iterator<Item = String>) {
     let ids: Vec<String> = ids.collect();
     let added = s
         .transaction(Mode::Shared, move |mut tx| async move {
             for id in ids {
-                tx.execute(
-                    "INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES (?1, 'rpi4', ?2, ?2, 'now')",
-                    crate::args![id, &vec![0u8]],
-                )
-                .await?;
+                tx.execute(INSERT_BARE_DEVICE, crate::args![id, &vec![0u8]]).await?;
             }
             tx.commit().await
         })
