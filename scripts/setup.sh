@@ -33,6 +33,17 @@ APT_PACKAGES=(
   xdelta3       # delta benchmark baseline
   swtpm         # software TPM 2.0: one per device in tests, testbeds and the main job
   swtpm-tools   # swtpm_setup: manufactures a TPM's state (EK, EK certificate)
+  # The virtual device (testbeds/vm, tests/test_vm.py): QEMU with UEFI firmware, its
+  # root filesystems from Debian packages, GRUB for EFI, partitions without mounting.
+  qemu-system-x86     # qemu-system-x86_64 (TCG: KVM guests die on this machine kind)
+  ovmf                # UEFI firmware for QEMU (OVMF_CODE_4M.fd measures into the TPM)
+  debootstrap         # the device's root filesystem from Debian packages
+  grub-efi-amd64-bin  # GRUB's EFI modules (tpm, loadenv, linuxefi) for grub-mkimage
+  mtools              # writes the ESP's FAT image without mounting it
+  dosfstools          # mkfs.vfat for the ESP
+  fdisk               # sfdisk: the GPT of the device's disk
+  e2fsprogs           # mke2fs -d: slot and data filesystems from a directory
+  socat               # forwards the VM's one allowed connection to the server on loopback
   libtss2-dev   # TPM2 Software Stack that tss-esapi links (Debian 12: 3.2)
   tpm2-tools    # tpm2_* commands used by tests to inspect a device's TPM independently
   chromium      # headless browser: the dashboard test drives it over the DevTools pipe

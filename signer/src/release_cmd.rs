@@ -58,6 +58,10 @@ pub struct PublishArgs {
     /// Store the image zstd-compressed (devices decompress while downloading).
     #[arg(long)]
     pub zstd: bool,
+    /// zstd level for --zstd (1-22): 19 packs tightest for devices on slow links; a
+    /// low level compresses a large root filesystem in seconds instead of minutes.
+    #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22), requires = "zstd")]
+    pub zstd_level: i32,
     /// Also publish a zstd patch from this earlier release (needs --delta-base).
     #[arg(long, requires = "delta_base")]
     pub delta_from: Option<ReleaseVersion>,
@@ -206,16 +210,17 @@ async fn full_artifact(a: &PublishArgs, image: &Image, base: &FirmwareCustom, st
     }
     let tmp = staging.join(format!("{}.zst", image.sha256));
     let (src, dst) = (image.file.clone(), tmp.clone());
-    tokio::task::spawn_blocking(move || compress(&src, &dst)).await.map_err(SignerError::task("compression task"))??;
+    let level = a.zstd_level;
+    tokio::task::spawn_blocking(move || compress(&src, &dst, level)).await.map_err(SignerError::task("compression task"))??;
     let (length, sha256) = hash_file(&tmp)?;
     Ok(Artifact { path: format!("{}.zst", image.path), file: tmp, length, sha256, custom: Some(image.encoded(base, Encoding::Zstd)), temporary: true })
 }
 
-/// zstd level 19 with long-distance matching and a checksum, fsynced.
-fn compress(src: &Path, dst: &Path) -> Result<()> {
+/// zstd at `level` with long-distance matching and a checksum, fsynced.
+fn compress(src: &Path, dst: &Path, level: i32) -> Result<()> {
     let input = std::fs::File::open(src).map_err(|e| SignerError::io("open", src, e))?;
     let output = std::fs::File::create(dst).map_err(|e| SignerError::io("create", dst, e))?;
-    let mut enc = zstd::stream::write::Encoder::new(output, 19).map_err(|e| SignerError::io("compress", dst, e))?;
+    let mut enc = zstd::stream::write::Encoder::new(output, level).map_err(|e| SignerError::io("compress", dst, e))?;
     enc.long_distance_matching(true).map_err(|e| SignerError::io("compress", dst, e))?;
     enc.include_checksum(true).map_err(|e| SignerError::io("compress", dst, e))?;
     std::io::copy(&mut std::io::BufReader::new(input), &mut enc).map_err(|e| SignerError::io("compress", src, e))?;

@@ -27,10 +27,10 @@ die() { printf '[vm-image] ERROR: %s\n' "$*" >&2; exit 1; }
 # grub.cfg can name the roots; a board's layout is the same with its own sizes.
 ESP_MIB=32
 ROOT_MIB=320
-DATA_MIB=64
+DATA_MIB=512   # until installs stream into the partition, the image is staged here whole
 PARTUUID_A=8d0a1c2e-0a5a-4f61-9e0b-6f7574706f41
 PARTUUID_B=8d0a1c2e-0a5a-4f61-9e0b-6f7574706f42
-SLOT_MIB=300   # the slot image (root filesystem) written into a root partition
+SLOT_MIB=256   # the slot image (root filesystem) written into a root partition
 
 # Packages of the device's root filesystem: systemd as init, the cloud kernel (virtio,
 # TPM CRB built in), what the agent links (TSS2, OpenSSL), networking by systemd-networkd.
@@ -142,7 +142,10 @@ build_esp() {
 }
 
 # A slot image: the base root with this agent, its unit and a release marker, as an
-# ext4 filesystem built reproducibly (fixed UUID, hash seed and timestamps).
+# ext4 filesystem built reproducibly (fixed UUID, hash seed and timestamps). No
+# journal: the root is only ever mounted read-only, and a journal is the one thing a
+# read-only mount still changes (jbd2 rewrites its superblock in memory), which would
+# make the running slot differ from the signed image when read through its device.
 build_slot() {
   local out="$1" version="$2" agent="$3" kind="${4:-good}"
   [[ -x "$agent" ]] || die "agent binary $agent is not an executable file"
@@ -164,7 +167,7 @@ build_slot() {
   find "$r" -exec touch -h -d @1700000000 {} +
   rm -f "$out"
   E2FSPROGS_FAKE_TIME=1700000000 mke2fs -q -t ext4 -L outpost-root -U 5e1f0000-0000-4000-8000-00000000a0a0 \
-    -E hash_seed=5e1f0000-0000-4000-8000-000000000000,root_owner=0:0 -O ^metadata_csum_seed -I 256 -m 0 \
+    -E hash_seed=5e1f0000-0000-4000-8000-000000000000,root_owner=0:0 -O ^has_journal,^metadata_csum_seed -I 256 -m 0 \
     -N 16384 -d "$r" "$out" "${SLOT_MIB}M" || die "mke2fs of the slot image failed"
 }
 
