@@ -11,6 +11,11 @@
 //! vouches for every field of the report, the nonce included.
 
 pub mod credential;
+pub mod eventlog;
+pub mod golden;
+pub mod replay;
+#[cfg(test)]
+pub(crate) mod testlog;
 pub mod tpm;
 
 use serde::{Deserialize, Serialize};
