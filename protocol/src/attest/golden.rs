@@ -254,6 +254,46 @@ impl GoldenValues {
     }
 }
 
+/// A named file's bytes.
+pub type Artifact<'a> = (&'a str, &'a [u8]);
+
+/// The build artifacts a golden boot is computed from: what the pipeline ships.
+pub struct BootArtifacts<'a> {
+    /// EFI applications the firmware starts (shim, GRUB), as PE/COFF images.
+    pub bootloaders: Vec<Artifact<'a>>,
+    pub kernel: Artifact<'a>,
+    pub initrd: Artifact<'a>,
+    /// The kernel command line as written after `linux` in grub.cfg, kernel path first.
+    pub kernel_cmdline: &'a str,
+    /// grub.cfg, modules, fonts: every other file GRUB loads.
+    pub boot_files: Vec<Artifact<'a>>,
+}
+
+impl GoldenValues {
+    /// The golden values of a boot of these artifacts: Authenticode digests of the EFI
+    /// applications (what firmware measures), SHA-256 of the files GRUB loads, and the
+    /// command line. Fails on an image that is not PE/COFF or a command line GRUB
+    /// would not measure as written.
+    pub fn compute(a: &BootArtifacts<'_>) -> Result<Self> {
+        let file = |(name, bytes): &Artifact<'_>| GoldenFile { name: (*name).to_owned(), sha256: hex::encode(Sha256::digest(bytes)) };
+        let mut bootloaders = Vec::new();
+        for (name, image) in &a.bootloaders {
+            let digest = crate::attest::authenticode::authenticode_sha256(image)
+                .map_err(|e| Error::Build(format!("bootloader {name}: {e}")))?;
+            bootloaders.push(GoldenFile { name: (*name).to_owned(), sha256: hex::encode(digest) });
+        }
+        let golden = GoldenValues {
+            bootloaders,
+            kernel: file(&a.kernel),
+            initrd: file(&a.initrd),
+            kernel_cmdline: a.kernel_cmdline.to_owned(),
+            boot_files: a.boot_files.iter().map(file).collect(),
+        };
+        golden.validate()?;
+        Ok(golden)
+    }
+}
+
 fn matched(e: &Event, role: Role) -> Matched {
     Matched { record: e.record, pcr: e.pcr, event_type: e.event_type, text: e.text().map(str::to_owned), sha256: hex::encode(e.sha256), role }
 }
@@ -482,6 +522,39 @@ mod tests {
         let quoted = QuotedLog::check(&log, &l.quote(&[0, 4, 9])).unwrap_or_else(|e| panic!("{e}"));
         let e = golden().check(&quoted).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("not PCR 8"), "{e}");
+    }
+
+    /// Golden values computed from the artifacts match a boot of those artifacts,
+    /// with the bootloader's digest the Authenticode digest firmware extends.
+    #[test]
+    fn golden_values_computed_from_artifacts_match_their_boot() {
+        let efi: &[u8] = include_bytes!("testdata/small-pe32plus.efi");
+        let artifacts = BootArtifacts {
+            bootloaders: vec![("grubx64.efi", efi)],
+            kernel: ("/boot/vmlinuz", b"kernel"),
+            initrd: ("/boot/initrd.img", b"initrd"),
+            kernel_cmdline: CMDLINE,
+            boot_files: vec![("/EFI/debian/grub.cfg", b"grub.cfg")],
+        };
+        let computed = GoldenValues::compute(&artifacts).unwrap_or_else(|e| panic!("{e}"));
+        let want = include_str!("testdata/small-pe32plus.efi.authenticode-sha256").trim().to_owned();
+        assert_eq!(computed.bootloaders[0].sha256, want);
+        let mut l = LogBuilder::new();
+        l.self_measured(4, EventType::EfiAction, b"Calling EFI Application from Boot Option");
+        let authenticode: [u8; 32] = hex::decode(&want).ok().and_then(|d| d.try_into().ok()).unwrap_or([0; 32]);
+        l.extend(4, EventType::EfiBootServicesApplication, b"dp", authenticode);
+        l.grub_file("/EFI/debian/grub.cfg", b"grub.cfg");
+        l.grub_string("grub_cmd: ", &format!("linux {CMDLINE}"));
+        l.grub_file("/boot/vmlinuz", b"kernel");
+        l.grub_string("kernel_cmdline: ", CMDLINE);
+        l.grub_file("/boot/initrd.img", b"initrd");
+        let log = EventLog::parse(&l.bytes()).unwrap_or_else(|e| panic!("{e}"));
+        let quoted = QuotedLog::check(&log, &l.quote(&QUOTED)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(computed.check(&quoted).is_ok(), "{:?}", computed.check(&quoted));
+        // A plain SHA-256 of the EFI file is not what firmware measures.
+        assert_ne!(computed.bootloaders[0].sha256, hex::encode(Sha256::digest(efi)));
+        let not_pe = BootArtifacts { bootloaders: vec![("grubx64.efi", b"not a PE image")], ..artifacts };
+        assert!(GoldenValues::compute(&not_pe).is_err());
     }
 
     #[test]
