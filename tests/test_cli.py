@@ -231,12 +231,14 @@ def test_release_publish_signs_golden_boot_values_computed_from_the_boot_files(o
     # A command line GRUB would not measure as written is refused, and nothing is signed.
     before = tree_files(outpost_repo.dir)
     res = outpost_repo.publish(b"image", "1.0.0", check=False, extra=(*flags, "--boot-cmdline", '/vmlinuz a="b c"'))
-    assert_fails(res, "kernel_cmdline")
+    assert_fails(res, "kernel_cmdlines")
     assert tree_files(outpost_repo.dir) == before, "a refused publish changed the repository"
     # Half of the flags is a usage error (clap's exit code 2).
     res = outpost_repo.publish(b"image", "1.0.0", check=False, extra=("--boot-kernel", boot / "vmlinuz"))
     assert res.returncode == 2 and "--boot-cmdline" in res.stderr, res.describe()
-    doc = json_out(outpost_repo.publish(b"image", "1.0.0", extra=(*flags, "--boot-cmdline", cmdline, "--json")))
+    cmdline_b = cmdline.replace("/vmlinuz", "(hd0,gpt3)/vmlinuz")
+    doc = json_out(outpost_repo.publish(b"image", "1.0.0", extra=(*flags, "--boot-cmdline", cmdline,
+                                                                "--boot-cmdline", cmdline_b, "--json")))
     signed = json.loads((outpost_repo.dir / "metadata" / "firmware.json").read_text())["signed"]["targets"]
     golden = signed["firmware/rpi4/1.0.0/fw.img"]["custom"]["outpost"]["golden"]
     assert golden == doc["golden"]
@@ -246,6 +248,6 @@ def test_release_publish_signs_golden_boot_values_computed_from_the_boot_files(o
         "bootloaders": [{"name": "small-pe32plus.efi", "sha256": authenticode}],
         "kernel": {"name": "vmlinuz", "sha256": sha("vmlinuz")},
         "initrd": {"name": "initrd.img", "sha256": sha("initrd.img")},
-        "kernel_cmdline": cmdline,
+        "kernel_cmdlines": [cmdline, cmdline_b],
         "boot_files": [{"name": "grub.cfg", "sha256": sha("grub.cfg")}],
     }

@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
         bootloaders: vec![file("grubx64.efi")],
         kernel: file("vmlinuz"),
         initrd: file("initrd.img"),
-        kernel_cmdline: "/vmlinuz ro".into(),
+        kernel_cmdlines: vec!["/vmlinuz ro".into()],
         boot_files: vec![],
     };
     if let Err(Error::Golden(m)) = golden.check(&quoted) {

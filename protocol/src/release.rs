@@ -365,14 +365,14 @@ mod tests {
             bootloaders: vec![file("grubx64.efi")],
             kernel: file("vmlinuz"),
             initrd: file("initrd.img"),
-            kernel_cmdline: "/vmlinuz root=/dev/vda2 ro".into(),
+            kernel_cmdlines: vec!["/vmlinuz root=/dev/vda2 ro".into()],
             boot_files: vec![],
         });
         let value = c.to_custom().unwrap();
         assert_eq!(FirmwareCustom::from_custom(Some(&value), "t").unwrap(), Some(c.clone()));
         assert!(c.validate("t").is_ok());
         if let Some(g) = c.golden.as_mut() {
-            g.kernel_cmdline = "root=\"a b\"".into();
+            g.kernel_cmdlines.push("root=\"a b\"".into());
         }
         assert!(c.validate("t").unwrap_err().to_string().contains("golden"));
     }

@@ -15,18 +15,19 @@ pub struct BootArgs {
     /// Measured boot: an EFI application the firmware starts (shim, GRUB; repeatable).
     /// Its Authenticode digest is golden for PCR 4. Golden values need --boot-efi,
     /// --boot-kernel, --boot-initrd and --boot-cmdline together.
-    #[arg(long = "boot-efi", requires_all = ["boot_kernel", "boot_initrd", "boot_cmdline"])]
+    #[arg(long = "boot-efi", requires_all = ["boot_kernel", "boot_initrd", "boot_cmdlines"])]
     pub boot_efi: Vec<PathBuf>,
     /// The kernel GRUB loads (golden for PCR 9).
-    #[arg(long, requires_all = ["boot_efi", "boot_initrd", "boot_cmdline"])]
+    #[arg(long, requires_all = ["boot_efi", "boot_initrd", "boot_cmdlines"])]
     pub boot_kernel: Option<PathBuf>,
     /// The initrd GRUB loads (golden for PCR 9).
-    #[arg(long, requires_all = ["boot_efi", "boot_kernel", "boot_cmdline"])]
+    #[arg(long, requires_all = ["boot_efi", "boot_kernel", "boot_cmdlines"])]
     pub boot_initrd: Option<PathBuf>,
-    /// The kernel command line exactly as grub.cfg's `linux` command passes it, kernel
-    /// path first (`/vmlinuz root=/dev/mapper/root ro ...`; golden for PCR 8).
-    #[arg(long, requires_all = ["boot_efi", "boot_kernel", "boot_initrd"])]
-    pub boot_cmdline: Option<String>,
+    /// A kernel command line exactly as grub.cfg's `linux` command passes it after
+    /// GRUB expands variables, kernel path first (`(hd0,gpt2)/boot/vmlinuz root=...
+    /// ro`; golden for PCR 8). Repeatable: one per slot the release boots from.
+    #[arg(long = "boot-cmdline", requires_all = ["boot_efi", "boot_kernel", "boot_initrd"])]
+    pub boot_cmdlines: Vec<String>,
     /// Another file GRUB loads and measures: grub.cfg, a module, a font (repeatable;
     /// golden for PCR 9).
     #[arg(long = "boot-file", requires = "boot_kernel")]
@@ -50,7 +51,7 @@ fn borrow(file: &(String, Vec<u8>)) -> (&str, &[u8]) {
 impl BootArgs {
     /// The golden values these flags describe, or None when no --boot-* flag was given.
     pub fn golden(&self) -> Result<Option<GoldenValues>> {
-        let (Some(kernel), Some(initrd), Some(cmdline)) = (&self.boot_kernel, &self.boot_initrd, &self.boot_cmdline) else {
+        let (Some(kernel), Some(initrd)) = (&self.boot_kernel, &self.boot_initrd) else {
             return Ok(None);
         };
         let efis = self.boot_efi.iter().map(|p| read("--boot-efi", p)).collect::<Result<Vec<_>>>()?;
@@ -60,7 +61,7 @@ impl BootArgs {
             bootloaders: efis.iter().map(borrow).collect(),
             kernel: borrow(&kernel),
             initrd: borrow(&initrd),
-            kernel_cmdline: cmdline,
+            kernel_cmdlines: self.boot_cmdlines.iter().map(String::as_str).collect(),
             boot_files: files.iter().map(borrow).collect(),
         };
         GoldenValues::compute(&artifacts).map(Some).map_err(|e| SignerError::proto("--boot-* golden values", e))
@@ -98,7 +99,7 @@ mod tests {
         assert_eq!((golden.kernel.name.as_str(), golden.kernel.sha256.clone()), ("vmlinuz", hex::encode(Sha256::digest(b"kernel"))));
         assert_eq!(golden.initrd.sha256, hex::encode(Sha256::digest(b"initrd")));
         assert_eq!(golden.boot_files[0].name, "grub.cfg");
-        assert_eq!(golden.kernel_cmdline, "/vmlinuz root=/dev/vda2 ro");
+        assert_eq!(golden.kernel_cmdlines, ["/vmlinuz root=/dev/vda2 ro"]);
         // Part of the set is refused by the parser, none of it is no golden values.
         assert!(Cli::try_parse_from(["t", "--boot-kernel", &kernel]).is_err());
         assert!(Cli::try_parse_from(["t"]).map(|c| c.boot.golden().ok().flatten().is_none()).unwrap_or(false));

@@ -24,10 +24,10 @@
 //!   EV_SEPARATOR whose digest is the SHA-256 of its own data (so an unknown EFI
 //!   application relabelled as an action does not pass); a golden bootloader appears.
 //! - PCR 8: every event is one of GRUB's strings, with a digest that is the SHA-256 of
-//!   its text after the prefix. Every "kernel_cmdline" is the golden command line, and
+//!   its text after the prefix. Every "kernel_cmdline" is a golden command line, and
 //!   one appears. "grub_cmd" events are allowed (the grubenv and the try-once logic
 //!   make them vary from boot to boot), except that a `linux`/`linuxefi`/`linux16`
-//!   command's arguments must be the golden command line: otherwise root could boot a
+//!   command's arguments must be a golden command line: otherwise root could boot a
 //!   changed command line, relabel its "kernel_cmdline" event as a "grub_cmd" (same
 //!   digest) and extend a golden one after boot. "module_cmdline" events are refused
 //!   (Outpost's boot loads no multiboot modules).
@@ -76,10 +76,11 @@ pub struct GoldenValues {
     pub kernel: GoldenFile,
     /// The initrd file (PCR 9).
     pub initrd: GoldenFile,
-    /// The kernel command line as GRUB measures it (PCR 8): the `linux` command's
-    /// arguments joined by single spaces, the kernel path first; without the
-    /// "kernel_cmdline: " prefix and the NUL.
-    pub kernel_cmdline: String,
+    /// The kernel command lines a good boot may have, as GRUB measures them (PCR 8):
+    /// the `linux` command's arguments joined by single spaces, the kernel path first,
+    /// without the "kernel_cmdline: " prefix and the NUL. One per slot the release can
+    /// boot from, since the command line names the slot and its root partition.
+    pub kernel_cmdlines: Vec<String>,
     /// Other files GRUB may load (grub.cfg, modules, fonts) (PCR 9).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub boot_files: Vec<GoldenFile>,
@@ -150,12 +151,16 @@ impl GoldenValues {
                 return bad(format!("{field}: a digest without a name ({})", f.sha256));
             }
         }
-        let c = &self.kernel_cmdline;
-        let printable = c.bytes().all(|b| (0x21..0x7f).contains(&b) || b == b' ') && !c.contains(['"', '\'', '\\']);
-        if c.is_empty() || !printable || c.starts_with(' ') || c.ends_with(' ') || c.contains("  ") {
-            return bad(format!(
-                "kernel_cmdline {c:?} must be printable ASCII without quotes or backslashes, arguments separated by single spaces"
-            ));
+        if self.kernel_cmdlines.is_empty() {
+            return bad("kernel_cmdlines is empty: name the command line(s) GRUB passes to the kernel".into());
+        }
+        for c in &self.kernel_cmdlines {
+            let printable = c.bytes().all(|b| (0x21..0x7f).contains(&b) || b == b' ') && !c.contains(['"', '\'', '\\']);
+            if c.is_empty() || !printable || c.starts_with(' ') || c.ends_with(' ') || c.contains("  ") {
+                return bad(format!(
+                    "kernel_cmdlines {c:?} must be printable ASCII without quotes or backslashes, arguments separated by single spaces"
+                ));
+            }
         }
         Ok(())
     }
@@ -196,7 +201,8 @@ impl GoldenValues {
 
     fn check_strings(&self, log: &QuotedLog<'_>) -> Result<Vec<Matched>> {
         let mut out = Vec::new();
-        let golden = || vec![format!("{:?}", self.kernel_cmdline)];
+        let golden = || self.kernel_cmdlines.iter().map(|c| format!("{c:?}")).collect();
+        let is_golden = |c: &str| self.kernel_cmdlines.iter().any(|g| g == c);
         for e in log.events(GRUB_STRING_PCR).filter(|e| e.event_type != EventType::NoAction) {
             let text = e.text().unwrap_or_default();
             let split = [KERNEL_CMDLINE, GRUB_CMD, MODULE_CMDLINE].into_iter().find_map(|p| text.strip_prefix(p).map(|s| (p, s)));
@@ -208,10 +214,10 @@ impl GoldenValues {
                 return Err(mismatch(e, "the digest is not the SHA-256 of the event's text: the text was changed", vec![want]));
             }
             let role = match prefix {
-                KERNEL_CMDLINE if measured == self.kernel_cmdline => Role::KernelCmdline,
+                KERNEL_CMDLINE if is_golden(measured) => Role::KernelCmdline,
                 KERNEL_CMDLINE => return Err(mismatch(e, "the kernel command line is not the golden one", golden())),
                 GRUB_CMD => match measured.split_once(' ') {
-                    Some((cmd, args)) if LINUX_COMMANDS.contains(&cmd) && args != self.kernel_cmdline => {
+                    Some((cmd, args)) if LINUX_COMMANDS.contains(&cmd) && !is_golden(args) => {
                         return Err(mismatch(e, format!("GRUB's {cmd} command loaded a kernel with a command line that is not the golden one"), golden()))
                     }
                     None if LINUX_COMMANDS.contains(&measured) => {
@@ -263,8 +269,9 @@ pub struct BootArtifacts<'a> {
     pub bootloaders: Vec<Artifact<'a>>,
     pub kernel: Artifact<'a>,
     pub initrd: Artifact<'a>,
-    /// The kernel command line as written after `linux` in grub.cfg, kernel path first.
-    pub kernel_cmdline: &'a str,
+    /// The kernel command line(s) as written after `linux` in grub.cfg (after GRUB
+    /// expands variables), kernel path first: one per slot.
+    pub kernel_cmdlines: Vec<&'a str>,
     /// grub.cfg, modules, fonts: every other file GRUB loads.
     pub boot_files: Vec<Artifact<'a>>,
 }
@@ -286,7 +293,7 @@ impl GoldenValues {
             bootloaders,
             kernel: file(&a.kernel),
             initrd: file(&a.initrd),
-            kernel_cmdline: a.kernel_cmdline.to_owned(),
+            kernel_cmdlines: a.kernel_cmdlines.iter().map(|c| (*c).to_owned()).collect(),
             boot_files: a.boot_files.iter().map(file).collect(),
         };
         golden.validate()?;
@@ -316,7 +323,7 @@ mod tests {
             bootloaders: vec![file("grubx64.efi", b"grub")],
             kernel: file("/boot/vmlinuz", b"kernel"),
             initrd: file("/boot/initrd.img", b"initrd"),
-            kernel_cmdline: CMDLINE.into(),
+            kernel_cmdlines: vec![CMDLINE.into(), CMDLINE.replace("root=/dev/mapper/root", "root=/dev/mapper/root-b")],
             boot_files: vec![file("/EFI/debian/grub.cfg", b"grub.cfg")],
         }
     }
@@ -397,7 +404,7 @@ mod tests {
         let m = refused(&l, &l);
         assert_eq!((m.pcr, m.event_type.as_deref()), (8, Some("EV_IPL")));
         assert!(m.record.is_some() && m.text.as_deref().is_some_and(|t| t.contains("verity.roothash=evil")), "{m}");
-        assert_eq!(m.expected, vec![format!("{CMDLINE:?}")]);
+        assert_eq!(m.expected[0], format!("{CMDLINE:?}"));
         // Without the linux command's own event the kernel_cmdline event is named.
         let mut l = LogBuilder::new();
         firmware_and_grub(&mut l);
@@ -533,7 +540,7 @@ mod tests {
             bootloaders: vec![("grubx64.efi", efi)],
             kernel: ("/boot/vmlinuz", b"kernel"),
             initrd: ("/boot/initrd.img", b"initrd"),
-            kernel_cmdline: CMDLINE,
+            kernel_cmdlines: vec![CMDLINE],
             boot_files: vec![("/EFI/debian/grub.cfg", b"grub.cfg")],
         };
         let computed = GoldenValues::compute(&artifacts).unwrap_or_else(|e| panic!("{e}"));
@@ -557,6 +564,98 @@ mod tests {
         assert!(GoldenValues::compute(&not_pe).is_err());
     }
 
+    /// A real boot of the virtual device: OVMF (OVMF_CODE_4M.fd) with a swtpm
+    /// `tpm-crb`, Debian GRUB 2.06 with its tpm module (linuxefi), a Debian 6.1 cloud
+    /// kernel. The log is the kernel's `binary_bios_measurements`, the PCRs were read
+    /// from `/sys/class/tpm/tpm0/pcr-sha256/N` in the same boot (0-20 recorded).
+    const REAL_LOG: &[u8] = include_bytes!("testdata/ovmf-grub-debian.binary_bios_measurements");
+    const REAL_PCRS: &str = include_str!("testdata/ovmf-grub-debian.pcrs-sha256.txt");
+    const REAL_CMDLINE: &str = "(hd0,gpt2)/boot/vmlinuz root=PARTUUID=8d0a1c2e-0a5a-4f61-9e0b-6f7574706f41 ro console=ttyS0,115200 panic=5 loglevel=4 outpost.slot=A";
+
+    fn recorded_pcrs() -> Vec<(u32, [u8; 32])> {
+        REAL_PCRS
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter_map(|(i, v)| Some((i.parse().ok()?, hex::decode(v).ok()?.try_into().ok()?)))
+            .collect()
+    }
+
+    fn real_golden(log: &EventLog) -> GoldenValues {
+        let digest = |text: &str| log.pcr_events(9).find(|e| e.text() == Some(text)).map(|e| hex::encode(e.sha256)).unwrap_or_default();
+        let named = |name: &str| GoldenFile { name: name.into(), sha256: digest(name) };
+        GoldenValues {
+            // The Authenticode digest of the BOOTX64.EFI this boot ran: what
+            // `authenticode_sha256` computes for that file (checked by hand; the 745 KB
+            // binary is not in the repository), and what osslsigncode calculates.
+            bootloaders: vec![GoldenFile { name: "BOOTX64.EFI".into(), sha256: "4698fc89336335ba8c5fe657709b6df0ba0917f3c5628fa1110a1be346020e88".into() }],
+            kernel: named("(hd0,gpt2)/boot/vmlinuz"),
+            initrd: named("(hd0,gpt2)/boot/initrd.img"),
+            kernel_cmdlines: vec![REAL_CMDLINE.into(), REAL_CMDLINE.replace("gpt2", "gpt3").replace("slot=A", "slot=B")],
+            // This image's GRUB still read the grubenv through the verifiers (later
+            // images use load_env --skip-sig, and the grubenv is not measured).
+            boot_files: vec![named("(hd0,gpt1)/EFI/outpost/grub.cfg"), named("(hd0,gpt1)/EFI/outpost/grubenv")],
+        }
+    }
+
+    #[test]
+    fn a_real_ovmf_grub_boot_replays_to_its_pcrs() {
+        let log = EventLog::parse(REAL_LOG).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(log.events.len(), 62);
+        let replayed = log.replay_sha256().unwrap_or_else(|e| panic!("{e}"));
+        let recorded = recorded_pcrs();
+        assert_eq!(recorded.len(), 21);
+        let mut values = crate::attest::replay::reset_values();
+        for (pcr, value) in &recorded {
+            values[*pcr as usize] = *value;
+            // PCR 10 is IMA's, extended after the firmware log ends.
+            if *pcr != 10 {
+                assert_eq!(hex::encode(replayed[*pcr as usize]), hex::encode(value), "PCR {pcr}");
+            }
+        }
+        // The quote of what the TPM held (the recorded values, not the replay).
+        let quote = crate::attest::testlog::quote_of(&values, &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert!(QuotedLog::check(&log, &quote).is_ok());
+        assert!(QuotedLog::check(&log, &crate::attest::testlog::quote_of(&values, &[9, 10])).is_err(), "IMA's PCR 10 is not in this log");
+    }
+
+    #[test]
+    fn a_real_grub_boot_has_the_events_the_rules_expect_and_matches_its_golden_values() {
+        let log = EventLog::parse(REAL_LOG).unwrap_or_else(|e| panic!("{e}"));
+        let values = log.replay_sha256().unwrap_or_else(|e| panic!("{e}"));
+        // GRUB's kernel command line: data is the prefixed text and a NUL, the digest is
+        // the SHA-256 of the command line alone.
+        let cmdline = log.pcr_events(8).find(|e| e.text().is_some_and(|t| t.starts_with("kernel_cmdline: "))).unwrap_or_else(|| panic!("no cmdline"));
+        assert_eq!((cmdline.record, cmdline.event_type), (57, EventType::Ipl));
+        assert_eq!(cmdline.data, format!("kernel_cmdline: {REAL_CMDLINE}\0").into_bytes());
+        assert_eq!(cmdline.sha256[..], Sha256::digest(REAL_CMDLINE.as_bytes())[..]);
+        // Every PCR 8 event is a GRUB string whose digest hashes its text after the prefix.
+        for e in log.pcr_events(8) {
+            let text = e.text().unwrap_or_default();
+            let measured = text.split_once(": ").map(|(_, m)| m).unwrap_or_default();
+            assert_eq!(e.sha256[..], Sha256::digest(measured.as_bytes())[..], "record {}: {text:?}", e.record);
+        }
+        let quote = crate::attest::testlog::quote_of(&values, &QUOTED);
+        let quoted = QuotedLog::check(&log, &quote).unwrap_or_else(|e| panic!("{e}"));
+        let golden = real_golden(&log);
+        let matched = golden.check(&quoted).unwrap_or_else(|e| panic!("{e}"));
+        let role = |r: usize| matched.iter().find(|m| m.record == r).map(|m| m.role.clone());
+        assert_eq!(role(29), Some(Role::Bootloader("BOOTX64.EFI".into())));
+        assert_eq!((role(56), role(59), role(57)), (Some(Role::Kernel), Some(Role::Initrd), Some(Role::KernelCmdline)));
+        assert_eq!(role(55), Some(Role::GrubCommand), "linuxefi with a golden command line");
+        // Golden values for slot B only: the linuxefi command that booted slot A is named.
+        let slot_b = GoldenValues { kernel_cmdlines: vec![golden.kernel_cmdlines[1].clone()], ..golden.clone() };
+        let m = match slot_b.check(&quoted) {
+            Err(Error::Golden(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((m.record, m.pcr), (Some(55), 8), "{m}");
+        assert!(m.text.as_deref().is_some_and(|t| t.starts_with("grub_cmd: linuxefi ")), "{m}");
+        // Another kernel build: the kernel event is named, with its path.
+        let other_kernel = GoldenValues { kernel: GoldenFile { name: "vmlinuz".into(), sha256: "00".repeat(32) }, ..golden };
+        let e = other_kernel.check(&quoted).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("record 56") && e.contains("(hd0,gpt2)/boot/vmlinuz"), "{e}");
+    }
+
     #[test]
     fn golden_values_are_validated_and_round_trip() {
         let g = golden();
@@ -566,12 +665,14 @@ mod tests {
         extra["pcr23"] = serde_json::json!(1);
         assert!(serde_json::from_value::<GoldenValues>(extra).is_err());
         for cmdline in ["", " a", "a  b", "a \"b c\"", "a\\b", "a\tb"] {
-            let g = GoldenValues { kernel_cmdline: cmdline.into(), ..golden() };
+            let g = GoldenValues { kernel_cmdlines: vec![CMDLINE.into(), cmdline.into()], ..golden() };
             assert!(g.validate().is_err(), "{cmdline:?} accepted");
         }
         let g = GoldenValues { kernel: GoldenFile { name: "k".into(), sha256: "AB".repeat(32) }, ..golden() };
         assert!(g.validate().is_err());
         let g = GoldenValues { bootloaders: vec![], ..golden() };
+        assert!(g.validate().is_err());
+        let g = GoldenValues { kernel_cmdlines: vec![], ..golden() };
         assert!(g.validate().is_err());
     }
 }
