@@ -588,11 +588,13 @@ mod tests {
             // `authenticode_sha256` computes for that file (checked by hand; the 745 KB
             // binary is not in the repository), and what osslsigncode calculates.
             bootloaders: vec![GoldenFile { name: "BOOTX64.EFI".into(), sha256: "4698fc89336335ba8c5fe657709b6df0ba0917f3c5628fa1110a1be346020e88".into() }],
-            kernel: named("(hd0,gpt2)/boot/vmlinuz"),
-            initrd: named("(hd0,gpt2)/boot/initrd.img"),
+            // `sha256sum` of the image's /boot/vmlinuz and /boot/initrd.img (checked by
+            // hand against the VM build's files): GRUB measures the files' bytes.
+            kernel: GoldenFile { name: "vmlinuz".into(), sha256: "3d616aa853fe11b1c0ea99a1cdb4fb6ddc9010ba7c4562de700ad94264989654".into() },
+            initrd: GoldenFile { name: "initrd.img".into(), sha256: "3c272a2923491756af5af0f2de7b2386fe9622db6650593b2e3038c43023c25c".into() },
             kernel_cmdlines: vec![REAL_CMDLINE.into(), REAL_CMDLINE.replace("gpt2", "gpt3").replace("slot=A", "slot=B")],
-            // This image's GRUB still read the grubenv through the verifiers (later
-            // images use load_env --skip-sig, and the grubenv is not measured).
+            // Taken from the log. This image's GRUB still read the grubenv through the
+            // verifiers (later images use load_env --skip-sig: the grubenv is not measured).
             boot_files: vec![named("(hd0,gpt1)/EFI/outpost/grub.cfg"), named("(hd0,gpt1)/EFI/outpost/grubenv")],
         }
     }
