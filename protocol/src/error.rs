@@ -88,7 +88,7 @@ pub enum Error {
 }
 
 /// The first event of a boot that is not golden, or what a golden boot lacks.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BootMismatch {
     /// The event's record number in the log; None when something is missing.
     pub record: Option<usize>,

@@ -87,7 +87,8 @@ pub struct GoldenValues {
 }
 
 /// What an event of a golden boot was matched to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "name", rename_all = "snake_case")]
 pub enum Role {
     Bootloader(String),
     Kernel,
@@ -101,7 +102,7 @@ pub enum Role {
 
 /// One event of PCRs 4, 8 and 9 and the golden value it matched: the measured boot
 /// shown beside the golden values.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Matched {
     pub record: usize,
     pub pcr: u32,
@@ -644,6 +645,10 @@ mod tests {
         assert_eq!(role(29), Some(Role::Bootloader("BOOTX64.EFI".into())));
         assert_eq!((role(56), role(59), role(57)), (Some(Role::Kernel), Some(Role::Initrd), Some(Role::KernelCmdline)));
         assert_eq!(role(55), Some(Role::GrubCommand), "linuxefi with a golden command line");
+        // The matched events as JSON, for showing beside the golden values.
+        let kernel = matched.iter().find(|m| m.record == 56).map(serde_json::to_value);
+        let kernel = kernel.and_then(|v| v.ok()).unwrap_or_default();
+        assert_eq!((kernel["event_type"].as_str(), kernel["role"]["kind"].as_str()), (Some("EV_IPL"), Some("kernel")));
         // Golden values for slot B only: the linuxefi command that booted slot A is named.
         let slot_b = GoldenValues { kernel_cmdlines: vec![golden.kernel_cmdlines[1].clone()], ..golden.clone() };
         let m = match slot_b.check(&quoted) {
