@@ -155,16 +155,11 @@ pub struct Event {
 }
 
 impl Event {
-    /// The event data as text when it is printable ASCII (a trailing NUL dropped), as
-    /// GRUB's and the firmware's string events are.
+    /// The event data as text when it is UTF-8 without control characters (a trailing
+    /// NUL dropped), as GRUB's and the firmware's string events are.
     pub fn text(&self) -> Option<&str> {
         let data = self.data.strip_suffix(&[0]).unwrap_or(&self.data);
-        let printable = data.iter().all(|b| (0x20..0x7f).contains(b) || *b == b'\t');
-        if printable {
-            std::str::from_utf8(data).ok()
-        } else {
-            None
-        }
+        std::str::from_utf8(data).ok().filter(|t| t.chars().all(|c| !c.is_control() || c == '\t'))
     }
 
     /// Does the SHA-256 digest hash this event's own data (EV_SEPARATOR, EV_EFI_ACTION)?
@@ -401,6 +396,7 @@ mod tests {
         assert_eq!(file.text(), Some("/boot/vmlinuz"));
         assert_eq!(file.sha256[..], Sha256::digest(b"kernel")[..]);
         assert_eq!(log.events[2].text(), Some("kernel_cmdline: /boot/vmlinuz root=/dev/vda2 ro"));
+        assert_eq!(log.events[0].text(), None, "binary data is not text");
         assert_eq!(EventType::from_code(0x8000_00E0), EventType::EfiVariableAuthority);
         assert_eq!(EventType::from_code(0x8000_00E0).to_string(), "EV_EFI_VARIABLE_AUTHORITY");
         assert_eq!(EventType::from_code(0x1234).to_string(), "event type 0x00001234");

@@ -495,6 +495,10 @@ mod tests {
         let mut tag = log_of(&good());
         tag.measure(8, EventType::EventTag, b"whatever", b"whatever");
         assert!(refused(&tag, &tag).reason.contains("not a string GRUB measures"));
+        // A GRUB command with UTF-8 text is a GRUB string like any other.
+        let mut utf8 = log_of(&good());
+        utf8.grub_string("grub_cmd: ", "echo démarrage");
+        assert!(verdict(&utf8, &utf8).is_ok());
         // Appending a golden file again changes nothing golden.
         let mut again = log_of(&good());
         again.grub_file("/boot/vmlinuz", b"kernel");
