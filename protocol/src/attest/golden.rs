@@ -261,6 +261,15 @@ impl GoldenValues {
     }
 }
 
+/// What the server checks of a boot-chain measured check-in once the quote's signature
+/// and nonce verified: the log parses, replays to the quoted PCRs, and its events are
+/// these golden values. An error is a parse error (`Error::EventLog`), a log that is
+/// not this boot's (`Error::Replay`) or a named non-golden event (`Error::Golden`).
+pub fn check_boot(log: &[u8], quote: &crate::attest::tpm::Quote, golden: &GoldenValues) -> Result<Vec<Matched>> {
+    let log = crate::attest::eventlog::EventLog::parse(log)?;
+    golden.check(&QuotedLog::check(&log, quote)?)
+}
+
 /// A named file's bytes.
 pub type Artifact<'a> = (&'a str, &'a [u8]);
 
@@ -653,6 +662,12 @@ mod tests {
         let kernel = matched.iter().find(|m| m.record == 56).map(serde_json::to_value);
         let kernel = kernel.and_then(|v| v.ok()).unwrap_or_default();
         assert_eq!((kernel["event_type"].as_str(), kernel["role"]["kind"].as_str()), (Some("EV_IPL"), Some("kernel")));
+        // The same in one call, from the bytes; and each kind of failure as its own error.
+        assert_eq!(check_boot(REAL_LOG, &quote, &golden).ok(), Some(matched.clone()));
+        assert!(matches!(check_boot(&REAL_LOG[..100], &quote, &golden), Err(Error::EventLog { .. })));
+        let mut other = quote.clone();
+        other.pcr_digest[0] ^= 1;
+        assert!(matches!(check_boot(REAL_LOG, &other, &golden), Err(Error::Replay(_))));
         // Golden values for slot B only: the linuxefi command that booted slot A is named.
         let slot_b = GoldenValues { kernel_cmdlines: vec![golden.kernel_cmdlines[1].clone()], ..golden.clone() };
         let m = match slot_b.check(&quoted) {
