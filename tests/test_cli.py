@@ -213,3 +213,41 @@ def test_release_publish_same_version_other_content_is_refused(outpost_repo):
     res = outpost_repo.publish(b"second, different build", "1.0.0", check=False)
     assert_fails(res, "immutable")
     assert tree_files(outpost_repo.dir) == before, "a refused publish changed the repository"
+
+
+# ------------------------------------------------- release publish: measured boot
+EFI_IMAGE = Path(__file__).resolve().parent.parent / "protocol/src/attest/testdata/small-pe32plus.efi"
+
+
+def test_release_publish_signs_golden_boot_values_computed_from_the_boot_files(outpost_repo, tmp_path):
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    files = {"vmlinuz": b"kernel bytes", "initrd.img": b"initrd bytes", "grub.cfg": b"menuentry {}"}
+    for name, data in files.items():
+        (boot / name).write_bytes(data)
+    cmdline = "/vmlinuz root=/dev/mapper/root ro verity.roothash=" + "ab" * 32
+    flags = ("--boot-efi", EFI_IMAGE, "--boot-kernel", boot / "vmlinuz", "--boot-initrd", boot / "initrd.img",
+             "--boot-file", boot / "grub.cfg")
+    # A command line GRUB would not measure as written is refused, and nothing is signed.
+    before = tree_files(outpost_repo.dir)
+    res = outpost_repo.publish(b"image", "1.0.0", check=False, extra=(*flags, "--boot-cmdline", '/vmlinuz a="b c"'))
+    assert_fails(res, "kernel_cmdlines")
+    assert tree_files(outpost_repo.dir) == before, "a refused publish changed the repository"
+    # Half of the flags is a usage error (clap's exit code 2).
+    res = outpost_repo.publish(b"image", "1.0.0", check=False, extra=("--boot-kernel", boot / "vmlinuz"))
+    assert res.returncode == 2 and "--boot-cmdline" in res.stderr, res.describe()
+    cmdline_b = cmdline.replace("/vmlinuz", "(hd0,gpt3)/vmlinuz")
+    doc = json_out(outpost_repo.publish(b"image", "1.0.0", extra=(*flags, "--boot-cmdline", cmdline,
+                                                                "--boot-cmdline", cmdline_b, "--json")))
+    signed = json.loads((outpost_repo.dir / "metadata" / "firmware.json").read_text())["signed"]["targets"]
+    golden = signed["firmware/rpi4/1.0.0/fw.img"]["custom"]["outpost"]["golden"]
+    assert golden == doc["golden"]
+    authenticode = (EFI_IMAGE.parent / "small-pe32plus.efi.authenticode-sha256").read_text().strip()
+    sha = lambda name: hashlib.sha256(files[name]).hexdigest()
+    assert golden == {
+        "bootloaders": [{"name": "small-pe32plus.efi", "sha256": authenticode}],
+        "kernel": {"name": "vmlinuz", "sha256": sha("vmlinuz")},
+        "initrd": {"name": "initrd.img", "sha256": sha("initrd.img")},
+        "kernel_cmdlines": [cmdline, cmdline_b],
+        "boot_files": [{"name": "grub.cfg", "sha256": sha("grub.cfg")}],
+    }

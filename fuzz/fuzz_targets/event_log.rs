@@ -1,7 +1,7 @@
 //! The measurement event log a device sends with each check-in (protocol/src/attest
-//! `EventLog`: JSON events, replayed into the PCR value the quote must show). Outpost
-//! has no binary TCG event log parser: the log is this JSON document, and the server
-//! replays it. Input: the log, then (after `\n---\n`) a JSON array of PCR indices.
+//! `EventLog`: JSON events, replayed into the PCR value the quote must show): the
+//! testbeds' agent-made PCR 23 log. The TCG binary log of a boot-chain measurement is
+//! fuzzed by `tcg_event_log.rs`. Input: the log, then (after `\n---\n`) a JSON array of PCR indices.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

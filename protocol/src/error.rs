@@ -50,6 +50,20 @@ pub enum Error {
     #[error("TPM {what}: {reason}")]
     Tpm { what: String, reason: String },
 
+    /// A TCG event log that cannot be parsed: the record (0 is the Spec ID header), the
+    /// byte offset where that record starts, and the field that is wrong.
+    #[error("TCG event log record {record} (at byte {offset}), {field}: {reason}")]
+    EventLog { record: usize, offset: usize, field: &'static str, reason: String },
+
+    /// An event log that does not replay to the PCRs the TPM quoted: the log is not
+    /// the one of this boot (forged, truncated or reordered).
+    #[error("event log does not replay to the quote: {0}")]
+    Replay(String),
+
+    /// A boot whose measurements are not the release's golden values; names the event.
+    #[error("measured boot is not the golden boot: {0}")]
+    Golden(Box<BootMismatch>),
+
     /// A network-policy bundle that is malformed; the text names the scope, rule and field.
     #[error("policy {0}")]
     Policy(String),
@@ -71,6 +85,49 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The first event of a boot that is not golden, or what a golden boot lacks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BootMismatch {
+    /// The event's record number in the log; None when something is missing.
+    pub record: Option<usize>,
+    pub pcr: u32,
+    /// The event type's name (`EV_IPL`).
+    pub event_type: Option<String>,
+    /// The event data when it is text (a file name, GRUB's measured string).
+    pub text: Option<String>,
+    /// The event's SHA-256 digest, hex.
+    pub found: Option<String>,
+    /// What would have matched.
+    pub expected: Vec<String>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for BootMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.record {
+            Some(r) => write!(f, "record {r} (PCR {}", self.pcr)?,
+            None => write!(f, "PCR {}", self.pcr)?,
+        }
+        if let Some(t) = &self.event_type {
+            write!(f, ", {t}")?;
+        }
+        if let Some(text) = &self.text {
+            write!(f, ", {text:?}")?;
+        }
+        if self.record.is_some() {
+            f.write_str(")")?;
+        }
+        write!(f, ": {}", self.reason)?;
+        if let Some(found) = &self.found {
+            write!(f, "; found sha256 {found}")?;
+        }
+        if !self.expected.is_empty() {
+            write!(f, "; expected {}", self.expected.join(" or "))?;
+        }
+        Ok(())
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -7,6 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::attest::golden::GoldenValues;
 use crate::error::{Error, Result};
 
 /// The key under a target's `custom` object that holds Outpost's fields, so that
@@ -97,6 +98,11 @@ pub struct FirmwareCustom {
     /// director's online key alone can never order a downgrade.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rollback_allowed: bool,
+    /// The events a good boot of this release produces on its hardware class
+    /// (bootloader, kernel, initrd, command line: PCRs 4, 8, 9), which the server
+    /// holds a device's quoted TCG event log against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub golden: Option<GoldenValues>,
 }
 
 /// Where a release's SBOM is and what it must hash to.
@@ -128,6 +134,7 @@ impl FirmwareCustom {
             trial_deadline_secs: None,
             sbom: None,
             rollback_allowed: false,
+            golden: None,
         }
     }
 
@@ -146,6 +153,9 @@ impl FirmwareCustom {
         }
         if self.encoding == Encoding::ZstdPatch && (self.delta_base.is_none() || self.full_target.is_none()) {
             return bad("a patch must name delta_base and full_target");
+        }
+        if let Some(golden) = &self.golden {
+            golden.validate().map_err(|e| Error::schema(target, format!("custom.{CUSTOM_KEY}.golden: {e}")))?;
         }
         Ok(())
     }
@@ -342,5 +352,28 @@ mod tests {
         let mut patch = c.clone();
         patch.encoding = Encoding::ZstdPatch;
         assert!(patch.validate("t").is_err(), "a patch without base must be refused");
+    }
+
+    #[test]
+    fn golden_values_travel_in_the_custom_metadata_and_are_validated() {
+        use crate::attest::golden::GoldenFile;
+        let file = |name: &str| GoldenFile { name: name.into(), sha256: "cd".repeat(32) };
+        let mut c = FirmwareCustom::image(v("2.0.0"), "vm-x86".parse().unwrap(), "ab".repeat(32));
+        // Without golden values the metadata is what it was (older readers see no change).
+        assert!(c.to_custom().unwrap()["outpost"].get("golden").is_none());
+        c.golden = Some(GoldenValues {
+            bootloaders: vec![file("grubx64.efi")],
+            kernel: file("vmlinuz"),
+            initrd: file("initrd.img"),
+            kernel_cmdlines: vec!["/vmlinuz root=/dev/vda2 ro".into()],
+            boot_files: vec![],
+        });
+        let value = c.to_custom().unwrap();
+        assert_eq!(FirmwareCustom::from_custom(Some(&value), "t").unwrap(), Some(c.clone()));
+        assert!(c.validate("t").is_ok());
+        if let Some(g) = c.golden.as_mut() {
+            g.kernel_cmdlines.push("root=\"a b\"".into());
+        }
+        assert!(c.validate("t").unwrap_err().to_string().contains("golden"));
     }
 }

@@ -11,6 +11,7 @@ mod localrepo;
 mod output;
 mod policy_cmd;
 mod release_cmd;
+mod release_golden;
 mod repo_cmd;
 mod role_edit;
 mod rollout_cmd;

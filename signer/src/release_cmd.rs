@@ -20,7 +20,7 @@ use crate::sbom_cmd::{make_sbom, SbomSource};
 #[derive(Debug, Subcommand)]
 pub enum ReleaseCommand {
     /// Add a firmware image as a signed target (offline), then upload it when --server is given.
-    Publish(PublishArgs),
+    Publish(Box<PublishArgs>),
     /// Allow devices on newer releases to be sent back to this one: re-signs the
     /// release's targets (image and deltas) with `rollback_allowed`, offline, with the
     /// keys of the role that signs it. Without this, the director cannot order a
@@ -91,11 +91,13 @@ pub struct PublishArgs {
     /// `.sigstore.json`) of the image and the SBOM, and the key's PEM [REPO/sigstore].
     #[arg(long)]
     pub sigstore_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub boot: crate::release_golden::BootArgs,
 }
 
 pub async fn run(cmd: ReleaseCommand, out: &Output) -> Result<()> {
     match cmd {
-        ReleaseCommand::Publish(a) => publish(a, out).await,
+        ReleaseCommand::Publish(a) => publish(*a, out).await,
         ReleaseCommand::AllowRollback(a) => allow_rollback(a, out).await,
     }
 }
@@ -365,6 +367,7 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
     };
     let mut body = s.role_body(&role)?;
     let mut base = base_custom(&a, &image.sha256);
+    base.golden = a.boot.golden()?;
     let staging = staging_dir(&s.repo)?;
 
     let mut full = full_artifact(&a, &image, &base, &staging).await?;
@@ -398,7 +401,7 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
     let (image_len, image_sha) = (image.length, &image.sha256);
     out.emit(
         &json!({"target": full_path, "targets": listed, "role": role, "role_version": body.version, "length": image_len, "sha256": image_sha,
-                "hardware_class": a.hardware_class, "version": a.version, "pushed": pushed, "sigstore": sigstore}),
+                "hardware_class": a.hardware_class, "version": a.version, "pushed": pushed, "sigstore": sigstore, "golden": base.golden}),
         &format!(
             "signed {} ({image_len} byte image, sha256 {image_sha}) into {role} v{}{}",
             artifacts.iter().map(|a| format!("{} [{} bytes]", a.path, a.length)).collect::<Vec<_>>().join(", "),

@@ -10,7 +10,13 @@
 //! `SHA-256("outpost-checkin-v1\0" || canonical JSON of the report)`, so the quote
 //! vouches for every field of the report, the nonce included.
 
+pub mod authenticode;
 pub mod credential;
+pub mod eventlog;
+pub mod golden;
+pub mod replay;
+#[cfg(test)]
+pub(crate) mod testlog;
 pub mod tpm;
 
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,114 @@
+//! `outpost release publish --boot-*`: the golden values of a measured boot, computed
+//! from the artifacts the pipeline ships (the EFI bootloader, kernel, initrd, command
+//! line, other files GRUB loads) and signed into the release's metadata, so the server
+//! can hold a device's quoted event log against them.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use outpost_protocol::attest::golden::{BootArtifacts, GoldenValues};
+
+use crate::error::{Result, SignerError};
+
+#[derive(Debug, Default, Args)]
+pub struct BootArgs {
+    /// Measured boot: an EFI application the firmware starts (shim, GRUB; repeatable).
+    /// Its Authenticode digest is golden for PCR 4. Golden values need --boot-efi,
+    /// --boot-kernel, --boot-initrd and --boot-cmdline together.
+    #[arg(long = "boot-efi", requires_all = ["boot_kernel", "boot_initrd", "boot_cmdlines"])]
+    pub boot_efi: Vec<PathBuf>,
+    /// The kernel GRUB loads (golden for PCR 9).
+    #[arg(long, requires_all = ["boot_efi", "boot_initrd", "boot_cmdlines"])]
+    pub boot_kernel: Option<PathBuf>,
+    /// The initrd GRUB loads (golden for PCR 9).
+    #[arg(long, requires_all = ["boot_efi", "boot_kernel", "boot_cmdlines"])]
+    pub boot_initrd: Option<PathBuf>,
+    /// A kernel command line exactly as grub.cfg's `linux` command passes it after
+    /// GRUB expands variables, kernel path first (`(hd0,gpt2)/boot/vmlinuz root=...
+    /// ro`; golden for PCR 8). Repeatable: one per slot the release boots from.
+    #[arg(long = "boot-cmdline", requires_all = ["boot_efi", "boot_kernel", "boot_initrd"])]
+    pub boot_cmdlines: Vec<String>,
+    /// Another file GRUB loads and measures: grub.cfg, a module, a font (repeatable;
+    /// golden for PCR 9).
+    #[arg(long = "boot-file", requires = "boot_kernel")]
+    pub boot_files: Vec<PathBuf>,
+}
+
+/// A file's name (for people reading the golden values) and bytes.
+fn read(flag: &str, path: &Path) -> Result<(String, Vec<u8>)> {
+    let bytes = std::fs::read(path).map_err(|e| SignerError::io("read", path, e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .ok_or_else(|| SignerError::Usage(format!("{flag} {}: needs a file name", path.display())))?;
+    Ok((name, bytes))
+}
+
+fn borrow(file: &(String, Vec<u8>)) -> (&str, &[u8]) {
+    (file.0.as_str(), file.1.as_slice())
+}
+
+impl BootArgs {
+    /// The golden values these flags describe, or None when no --boot-* flag was given.
+    pub fn golden(&self) -> Result<Option<GoldenValues>> {
+        let (Some(kernel), Some(initrd)) = (&self.boot_kernel, &self.boot_initrd) else {
+            return Ok(None);
+        };
+        let efis = self.boot_efi.iter().map(|p| read("--boot-efi", p)).collect::<Result<Vec<_>>>()?;
+        let files = self.boot_files.iter().map(|p| read("--boot-file", p)).collect::<Result<Vec<_>>>()?;
+        let (kernel, initrd) = (read("--boot-kernel", kernel)?, read("--boot-initrd", initrd)?);
+        let artifacts = BootArtifacts {
+            bootloaders: efis.iter().map(borrow).collect(),
+            kernel: borrow(&kernel),
+            initrd: borrow(&initrd),
+            kernel_cmdlines: self.boot_cmdlines.iter().map(String::as_str).collect(),
+            boot_files: files.iter().map(borrow).collect(),
+        };
+        GoldenValues::compute(&artifacts).map(Some).map_err(|e| SignerError::proto("--boot-* golden values", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use sha2::{Digest, Sha256};
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        boot: BootArgs,
+    }
+
+    const EFI: &[u8] = include_bytes!("../../protocol/src/attest/testdata/small-pe32plus.efi");
+    const EFI_AUTHENTICODE: &str = include_str!("../../protocol/src/attest/testdata/small-pe32plus.efi.authenticode-sha256");
+
+    #[test]
+    fn golden_values_are_computed_from_the_files() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let write = |name: &str, bytes: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap_or_else(|e| panic!("{e}"));
+            p.to_string_lossy().into_owned()
+        };
+        let (efi, kernel, initrd, cfg) = (write("grubx64.efi", EFI), write("vmlinuz", b"kernel"), write("initrd.img", b"initrd"), write("grub.cfg", b"cfg"));
+        let args = ["t", "--boot-efi", &efi, "--boot-kernel", &kernel, "--boot-initrd", &initrd, "--boot-cmdline", "/vmlinuz root=/dev/vda2 ro", "--boot-file", &cfg];
+        let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{e}"));
+        let golden = cli.boot.golden().unwrap_or_else(|e| panic!("{e}")).unwrap_or_else(|| panic!("no golden values"));
+        assert_eq!(golden.bootloaders[0].sha256, EFI_AUTHENTICODE.trim());
+        assert_eq!((golden.kernel.name.as_str(), golden.kernel.sha256.clone()), ("vmlinuz", hex::encode(Sha256::digest(b"kernel"))));
+        assert_eq!(golden.initrd.sha256, hex::encode(Sha256::digest(b"initrd")));
+        assert_eq!(golden.boot_files[0].name, "grub.cfg");
+        assert_eq!(golden.kernel_cmdlines, ["/vmlinuz root=/dev/vda2 ro"]);
+        // Part of the set is refused by the parser, none of it is no golden values.
+        assert!(Cli::try_parse_from(["t", "--boot-kernel", &kernel]).is_err());
+        assert!(Cli::try_parse_from(["t"]).map(|c| c.boot.golden().ok().flatten().is_none()).unwrap_or(false));
+        // A kernel given as the EFI application is not a PE image, a quoted command
+        // line is not measured as written: both refused with the reason.
+        let bad = Cli::try_parse_from(["t", "--boot-efi", &kernel, "--boot-kernel", &kernel, "--boot-initrd", &initrd, "--boot-cmdline", "/vmlinuz"]).unwrap_or_else(|e| panic!("{e}"));
+        let e = bad.boot.golden().err().map(|e| outpost_protocol::display_chain(&e)).unwrap_or_default();
+        assert!(e.contains("bootloader vmlinuz") && e.contains("MZ"), "{e}");
+        let quoted = Cli::try_parse_from(["t", "--boot-efi", &efi, "--boot-kernel", &kernel, "--boot-initrd", &initrd, "--boot-cmdline", "/vmlinuz a=\"b c\""]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(quoted.boot.golden().is_err());
+    }
+}
