@@ -81,6 +81,16 @@ impl Notifier {
         Ok(Notifier { target, watchdog })
     }
 
+    /// [`Self::from_env`], or, when the environment is unusable, a notifier that
+    /// sends nothing after `report` was told why (a daemon logs it and carries on:
+    /// systemd's start timeout then says the rest).
+    pub fn from_env_or_report(report: impl FnOnce(NotifyError)) -> Self {
+        Notifier::from_env().unwrap_or_else(|e| {
+            report(e);
+            Notifier { target: None, watchdog: None }
+        })
+    }
+
     /// Whether notices go anywhere.
     pub fn is_enabled(&self) -> bool {
         self.target.is_some()
@@ -101,13 +111,21 @@ impl Notifier {
         Ok(())
     }
 
+    /// Sends `notice`; a failure is handed to `report` (a daemon logs it and carries
+    /// on serving).
+    pub fn notify_or_report(&self, notice: Notice, report: impl FnOnce(NotifyError)) {
+        if let Err(e) = self.notify(notice) {
+            report(e);
+        }
+    }
+
     /// Sends [`Notice::Watchdog`] every [`Self::watchdog_interval`] from a task of the
-    /// current tokio runtime, for as long as the runtime runs it; `None` (no task)
-    /// without a watchdog. Abort the handle, or let the runtime end, to stop.
-    pub fn spawn_watchdog(self: &std::sync::Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+    /// current tokio runtime, for as long as the runtime runs it (and the returned
+    /// guard lives); `None` (no task) without a watchdog.
+    pub fn spawn_watchdog(self: &std::sync::Arc<Self>) -> Option<WatchdogTask> {
         let every = self.watchdog?;
         let me = self.clone();
-        Some(tokio::spawn(async move {
+        Some(WatchdogTask(tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -116,7 +134,17 @@ impl Notifier {
                 // this process, is the one to act on it.
                 let _ = me.notify(Notice::Watchdog);
             }
-        }))
+        })))
+    }
+}
+
+/// The watchdog's ping task; dropping this ends it.
+#[derive(Debug)]
+pub struct WatchdogTask(tokio::task::JoinHandle<()>);
+
+impl Drop for WatchdogTask {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -217,6 +245,7 @@ mod tests {
         sock.set_nonblocking(true).unwrap();
         let n = std::sync::Arc::new(Notifier::from_values(os(&format!("@{name}")), os("40000"), None, 1).unwrap());
         let task = n.spawn_watchdog().expect("a watchdog is configured");
+
         let mut pings = Vec::new();
         let mut buf = [0u8; 64];
         let collect = async {
@@ -228,8 +257,13 @@ mod tests {
             }
         };
         tokio::time::timeout(Duration::from_secs(10), collect).await.expect("three pings (every 20 ms) within 10 s");
-        task.abort();
         assert!(pings.iter().all(|p| p == "WATCHDOG=1"), "{pings:?}");
+        drop(task);
+        // Dropping the guard ends the pings.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while sock.recv(&mut buf).is_ok() {}
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(sock.recv(&mut buf).is_err(), "no ping after the guard is dropped");
         let none = Notifier::from_values(os(&format!("@{name}")), None, None, 1).unwrap();
         assert!(std::sync::Arc::new(none).spawn_watchdog().is_none(), "no WATCHDOG_USEC, no task");
     }
