@@ -299,3 +299,36 @@ def test_units_pass_systemd_analyze_verify(chroot):
     c.path("/etc/systemd/system/outpost-broken.service").write_text(unit.replace("Type=notify", "Type=notifyy"))
     res = run(["systemd-analyze", "verify", f"--root={c.root}", "outpost-broken.service"])
     assert "notifyy" in res.stderr, res.describe()
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def test_units_are_notify_services_sandboxed_as_each_allows(tmp_path):
+    for name in SERVICES:
+        assert_ok(run(["dpkg-deb", "-x", deb(name), tmp_path / name]))
+    agent = unit_settings((tmp_path / "outpost-agent/usr/lib/systemd/system/outpost-agent.service").read_text())
+    server = unit_settings((tmp_path / "outpost-server/usr/lib/systemd/system/outpost-server.service").read_text())
+    for unit in (agent, server):
+        assert unit["Type"] == ["notify"] and unit["Restart"] == ["on-failure"], unit
+        assert unit["WatchdogSec"] and unit["NoNewPrivileges"] == ["yes"] and unit["ProtectHome"] == ["yes"], unit
+        assert unit["PrivateTmp"] == ["yes"], unit
+    # The server: its own user, a read-only system but for its state, no devices, no
+    # capabilities.
+    assert server["User"] == ["outpost"] and server["ProtectSystem"] == ["strict"], server
+    assert server["StateDirectory"] == ["outpost/server"] and server["PrivateDevices"] == ["yes"], server
+    assert server["CapabilityBoundingSet"] == [""], server
+    # The agent: root with every device (TPM, slots), writable bpffs and cgroups, the
+    # ESP writable under ProtectSystem=full.
+    assert "User" not in agent and agent["ProtectSystem"] == ["full"], agent
+    for key in ("PrivateDevices", "DeviceAllow", "DevicePolicy", "ProtectClock", "ProtectKernelTunables",
+                "ProtectControlGroups", "CapabilityBoundingSet", "SystemCallFilter"):
+        assert key not in agent, f"{key} would take from the agent what it needs"
+    assert "-/boot/efi" in agent["ReadWritePaths"][0].split(), agent
+
