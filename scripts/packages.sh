@@ -11,7 +11,9 @@
 # (--profile dev), which costs seconds instead of a second, optimised build of the
 # workspace. Release packages: `cargo build --release -p outpost-agent -p
 # outpost-server -p outpost-signer`, then `bash scripts/packages.sh --profile release`.
-# cargo-deb warns that dev-profile packages are for testing; they are.
+# cargo-deb 3.8.0 (pinned in setup.sh) packages the dev profile with a warning that
+# later versions may refuse it: these packages are for the tests only. The release
+# path (--dbgsym below) has been tried on the debug binaries, not on a release build.
 # OUT_DIR defaults to $CARGO_TARGET_DIR/debian. --deb-revision sets the Debian
 # revision (default 1), e.g. a higher one to test upgrades. cargo-deb deletes earlier
 # .debs of each package from $CARGO_TARGET_DIR/debian whatever OUT_DIR is: build a
@@ -23,7 +25,6 @@ cd "$REPO_ROOT"
 [[ -d "$HOME/.cargo/bin" ]] && export PATH="$HOME/.cargo/bin:$PATH"
 
 profile=release
-fast=""
 revision=1
 out=""
 while (($#)); do
@@ -37,8 +38,10 @@ done
 target_dir="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
 out="${out:-$target_dir/debian}"
 case "$profile" in
-  dev) bin_dir="$target_dir/debug"; fast=1 ;;
-  release) bin_dir="$target_dir/release" ;;
+  # Test packages: compressed --fast. Release packages: [profile.release] keeps some
+  # debug info; --dbgsym strips it from the binaries into outpost-*-dbgsym .ddebs.
+  dev) bin_dir="$target_dir/debug"; options=(--fast) ;;
+  release) bin_dir="$target_dir/release"; options=(--dbgsym) ;;
   *) echo "packages.sh: --profile is dev or release, not $profile" >&2; exit 2 ;;
 esac
 
@@ -49,8 +52,7 @@ done
 
 mkdir -p "$out"
 for crate in outpost-agent outpost-server outpost-signer; do
-  # --no-build: the binaries above; -q keeps the dev-profile warning out of CI logs;
-  # dev-profile packages are compressed --fast (they are for tests, not for shipping).
-  cargo deb -q --no-build ${fast:+--fast} --profile "$profile" --deb-revision "$revision" -p "$crate" --output "$out" >/dev/null
+  # --no-build: the binaries above; -q keeps the dev-profile warning out of CI logs.
+  cargo deb -q --no-build "${options[@]}" --profile "$profile" --deb-revision "$revision" -p "$crate" --output "$out" >/dev/null
 done
 ls -1 "$out"/*.deb
