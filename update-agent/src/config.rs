@@ -85,6 +85,7 @@ pub struct TpmConfig {
 struct RawInstall {
     boot_backend: Option<String>,
     grub_env: Option<PathBuf>,
+    kernel_cmdline: Option<PathBuf>,
     slot_a: Option<PathBuf>,
     slot_b: Option<PathBuf>,
     boot_dir: Option<PathBuf>,
@@ -100,8 +101,9 @@ struct RawInstall {
 pub enum BootBackend {
     /// Slots and environment as files in `boot_dir` (testbeds).
     File,
-    /// A GRUB environment block and two slot paths (devices or files).
-    Grub { env: PathBuf, slot_a: PathBuf, slot_b: PathBuf },
+    /// A GRUB environment block and two slot paths (devices or files); the kernel
+    /// command line (`/proc/cmdline`) names the slot GRUB booted.
+    Grub { env: PathBuf, slot_a: PathBuf, slot_b: PathBuf, cmdline: PathBuf },
 }
 
 /// Install settings.
@@ -248,7 +250,14 @@ fn install_config(raw: &RawInstall, base: &Path, state_dir: &Path, err: ConfigEr
     let boot_backend = match raw.boot_backend.as_deref().unwrap_or("file") {
         "file" => BootBackend::File,
         "grub" => match (&raw.grub_env, &raw.slot_a, &raw.slot_b) {
-            (Some(env), Some(a), Some(b)) => BootBackend::Grub { env: base.join(env), slot_a: base.join(a), slot_b: base.join(b) },
+            (Some(env), Some(a), Some(b)) => {
+                // testbeds/vm/grub.cfg counts trial attempts down from at most 9.
+                if raw.trial_attempts.is_some_and(|n| n > 9) {
+                    return Err(err("install.trial_attempts: GRUB's boot counting (grub.cfg) counts at most 9 attempts".into()));
+                }
+                let cmdline = raw.kernel_cmdline.as_ref().map(|p| base.join(p)).unwrap_or_else(|| PathBuf::from("/proc/cmdline"));
+                BootBackend::Grub { env: base.join(env), slot_a: base.join(a), slot_b: base.join(b), cmdline }
+            }
             _ => return Err(err("install.boot_backend = \"grub\" needs install.grub_env, install.slot_a and install.slot_b".into())),
         },
         other => return Err(err(format!("install.boot_backend {other:?} is not one of \"file\", \"grub\""))),

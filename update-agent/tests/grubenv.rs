@@ -22,7 +22,7 @@ fn grub_editenv_reads_ours_and_we_read_grub_editenvs() {
     // GRUB's tool creates the block and sets an unrelated variable.
     editenv(&[env_s, "create"]);
     editenv(&[env_s, "set", "saved_entry=debian"]);
-    let mut boot = GrubBootControl::open(&env, &dir.path().join("slot-a"), &dir.path().join("slot-b")).unwrap();
+    let mut boot = GrubBootControl::open(&env, &dir.path().join("slot-a"), &dir.path().join("slot-b"), &dir.path().join("cmdline")).unwrap();
     boot.set_trial(Slot::B, 3).unwrap();
     let listed = editenv(&[env_s, "list"]);
     for line in ["saved_entry=debian", "outpost_active=A", "outpost_trial=B", "outpost_trial_left=3"] {

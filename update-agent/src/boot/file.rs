@@ -71,6 +71,10 @@ impl BootControl for FileBootControl {
         self.save(&s)?;
         Ok(outcome)
     }
+
+    fn reboot_kind(&self) -> super::Reboot {
+        super::Reboot::ReExec
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,12 @@
 //! Variables: `outpost_active`, `outpost_trial`, `outpost_trial_left`,
 //! `outpost_booted`, `outpost_boot` (`normal` | `trial` | `exhausted`),
 //! `outpost_failed`. Other variables in the block are preserved.
+//!
+//! GRUB owns the boot: `testbeds/vm/grub.cfg` spends a trial attempt, falls back when
+//! they are gone, records what it chose and names the slot on the kernel command line
+//! (`outpost.slot=A|B`). The agent only arms, confirms and cancels trials; at power-on
+//! it reads GRUB's record and checks it against the kernel command line, which says
+//! which root actually booted. It never applies the transition itself.
 
 use std::path::{Path, PathBuf};
 
@@ -78,6 +84,29 @@ impl EnvBlock {
 pub struct GrubBootControl {
     env: PathBuf,
     slots: [PathBuf; 2],
+    /// The running kernel's command line (`/proc/cmdline`).
+    cmdline: PathBuf,
+}
+
+/// The slot the kernel command line says booted (`outpost.slot=A|B`, put there by
+/// the grub.cfg that chose it).
+pub fn booted_slot(cmdline: &Path) -> Result<Slot> {
+    let text = std::fs::read_to_string(cmdline).map_err(|e| AgentError::io("read kernel command line", cmdline, e))?;
+    let mut found = None;
+    for word in text.split_ascii_whitespace() {
+        if let Some(v) = word.strip_prefix("outpost.slot=") {
+            if found.is_some() {
+                return Err(AgentError::BootControl(format!("the kernel command line ({}) names outpost.slot more than once: {text:?}", cmdline.display())));
+            }
+            found = Some(parse_slot(Some(v), "outpost.slot", cmdline)?.ok_or_else(|| AgentError::BootControl(format!("outpost.slot is empty on the kernel command line ({})", cmdline.display())))?);
+        }
+    }
+    found.ok_or_else(|| {
+        AgentError::BootControl(format!(
+            "the kernel command line ({}) does not say which slot booted (no outpost.slot=A|B): this boot did not come from Outpost's grub.cfg",
+            cmdline.display()
+        ))
+    })
 }
 
 fn slot_name(s: Slot) -> &'static str {
@@ -97,9 +126,10 @@ fn parse_slot(v: Option<&str>, name: &str, path: &Path) -> Result<Option<Slot>> 
 }
 
 impl GrubBootControl {
-    /// Opens (creating with slot A active, if absent) the environment block at `env`.
-    pub fn open(env: &Path, slot_a: &Path, slot_b: &Path) -> Result<Self> {
-        let me = GrubBootControl { env: env.to_owned(), slots: [slot_a.to_owned(), slot_b.to_owned()] };
+    /// Opens (creating with slot A active, if absent) the environment block at `env`;
+    /// `cmdline` is the running kernel's command line (`/proc/cmdline`).
+    pub fn open(env: &Path, slot_a: &Path, slot_b: &Path, cmdline: &Path) -> Result<Self> {
+        let me = GrubBootControl { env: env.to_owned(), slots: [slot_a.to_owned(), slot_b.to_owned()], cmdline: cmdline.to_owned() };
         if !env.exists() {
             me.save(&BootState::fresh(), EnvBlock::default())?;
         }
@@ -191,20 +221,54 @@ impl BootControl for GrubBootControl {
         self.save(&s.without_trial(), block)
     }
 
-    /// On a GRUB machine the `grub.cfg` fragment has already chosen and recorded
-    /// the slot (`outpost_booted`, `outpost_boot`); in testbeds nothing ran before
-    /// the agent, so the same transition is applied here.
+    /// GRUB has already chosen, spent the attempt and recorded it; this reads the
+    /// record and checks it against the slot the kernel command line names. The agent
+    /// may start more than once per boot: a trial confirmed since is the committed slot
+    /// running, a trial cancelled since (a rollback waiting for its reboot) is still
+    /// the trial. A record that does not describe this boot (a hand-picked entry,
+    /// another grub.cfg, an edited block) is an error: guessing could commit a slot
+    /// that never passed.
     fn boot(&mut self) -> Result<BootOutcome> {
-        let (s, block) = self.load()?;
-        let (next, outcome) = s.booted();
-        self.save(&next, block)?;
-        Ok(outcome)
+        let slot = booted_slot(&self.cmdline)?;
+        let (s, _) = self.load()?;
+        match s.last_boot {
+            Some(BootOutcome::Trial { slot: t, .. }) if t == slot && s.active == slot => Ok(BootOutcome::Normal { slot }),
+            Some(outcome @ BootOutcome::Trial { slot: t, .. }) if t == slot => Ok(outcome),
+            Some(outcome @ BootOutcome::Normal { slot: n }) if n == slot && s.active == slot => Ok(outcome),
+            Some(outcome @ BootOutcome::TrialExhausted { slot: n, failed }) if n == slot && s.active == slot && failed != slot => Ok(outcome),
+            record => Err(AgentError::BootControl(format!(
+                "the kernel command line says slot {slot} booted, but GRUB's record in {} says {record:?} (active {}, trial {:?}): \
+                 this boot was not chosen by Outpost's grub.cfg (see docs/devices.md, recovering a device)",
+                self.env.display(),
+                s.active,
+                s.trial
+            ))),
+        }
+    }
+
+    fn reboot_kind(&self) -> super::Reboot {
+        super::Reboot::Machine
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What testbeds/vm/grub.cfg does at power-on (the VM tests run the real one):
+    /// spend an attempt or fall back, record the choice, name the slot on the command line.
+    fn grub_boots(env: &Path, cmdline: &Path) -> BootOutcome {
+        let b = GrubBootControl { env: env.to_owned(), slots: [PathBuf::new(), PathBuf::new()], cmdline: cmdline.to_owned() };
+        let (s, block) = b.load().unwrap();
+        let (next, outcome) = s.booted();
+        b.save(&next, block).unwrap();
+        std::fs::write(cmdline, format!("BOOT_IMAGE=/boot/vmlinuz ro outpost.slot={}\n", outcome.booted())).unwrap();
+        outcome
+    }
+
+    fn open(dir: &Path) -> GrubBootControl {
+        GrubBootControl::open(&dir.join("grubenv"), &dir.join("a"), &dir.join("b"), &dir.join("cmdline")).unwrap()
+    }
 
     #[test]
     fn block_is_1024_bytes_and_preserves_foreign_variables() {
@@ -213,16 +277,92 @@ mod tests {
         let mut block = EnvBlock::default();
         block.set("saved_entry", "debian").unwrap();
         std::fs::write(&env, block.to_bytes().unwrap()).unwrap();
-        let mut b = GrubBootControl::open(&env, &dir.path().join("a"), &dir.path().join("b")).unwrap();
+        let mut b = open(dir.path());
         b.set_trial(Slot::B, 2).unwrap();
         let bytes = std::fs::read(&env).unwrap();
         assert_eq!(bytes.len(), 1024);
         let parsed = EnvBlock::parse(&bytes, &env).unwrap();
         assert_eq!(parsed.get("saved_entry"), Some("debian"));
         assert_eq!(parsed.get("outpost_trial"), Some("B"));
+    }
+
+    #[test]
+    fn the_agent_reads_what_grub_chose_and_never_spends_an_attempt_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let (env, cmdline) = (dir.path().join("grubenv"), dir.path().join("cmdline"));
+        let mut b = open(dir.path());
+        grub_boots(&env, &cmdline);
+        assert_eq!(b.boot().unwrap(), BootOutcome::Normal { slot: Slot::A });
+        b.set_trial(Slot::B, 2).unwrap();
+        assert_eq!(grub_boots(&env, &cmdline), BootOutcome::Trial { slot: Slot::B, attempts_left: 1 });
+        let before = std::fs::read(&env).unwrap();
+        // However often the agent starts on this boot, the record and the count stay.
         assert_eq!(b.boot().unwrap(), BootOutcome::Trial { slot: Slot::B, attempts_left: 1 });
+        assert_eq!(b.boot().unwrap(), BootOutcome::Trial { slot: Slot::B, attempts_left: 1 });
+        assert_eq!(std::fs::read(&env).unwrap(), before);
         b.mark_good(Slot::B).unwrap();
+        // Restarted on the same boot after confirming: the committed slot runs.
         assert_eq!(b.boot().unwrap(), BootOutcome::Normal { slot: Slot::B });
+        assert_eq!(grub_boots(&env, &cmdline), BootOutcome::Normal { slot: Slot::B });
+        assert_eq!(b.boot().unwrap(), BootOutcome::Normal { slot: Slot::B });
+        // A trial cancelled on its own boot (a rollback before its reboot) stays a trial.
+        b.set_trial(Slot::A, 2).unwrap();
+        grub_boots(&env, &cmdline);
+        b.cancel_trial().unwrap();
+        assert_eq!(b.boot().unwrap(), BootOutcome::Trial { slot: Slot::A, attempts_left: 0 });
+    }
+
+    #[test]
+    fn an_unconfirmed_trial_falls_back_when_grub_runs_out_of_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (env, cmdline) = (dir.path().join("grubenv"), dir.path().join("cmdline"));
+        let mut b = open(dir.path());
+        b.set_trial(Slot::B, 1).unwrap();
+        assert_eq!(grub_boots(&env, &cmdline), BootOutcome::Trial { slot: Slot::B, attempts_left: 0 });
+        // The trial boot never confirmed (it hung, panicked, or the agent never ran).
+        assert_eq!(grub_boots(&env, &cmdline), BootOutcome::TrialExhausted { failed: Slot::B, slot: Slot::A });
+        assert_eq!(b.boot().unwrap(), BootOutcome::TrialExhausted { failed: Slot::B, slot: Slot::A });
+        assert_eq!(b.state().unwrap().trial, None);
+    }
+
+    #[test]
+    fn a_record_that_does_not_describe_this_boot_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (env, cmdline) = (dir.path().join("grubenv"), dir.path().join("cmdline"));
+        let mut b = open(dir.path());
+        // No record at all: GRUB did not run Outpost's grub.cfg.
+        std::fs::write(&cmdline, "ro outpost.slot=A").unwrap();
+        let err = b.boot().unwrap_err().to_string();
+        assert!(err.contains("record") && err.contains("slot A"), "{err}");
+        // Root edits the block so a normal boot of B looks like the committed slot's,
+        // while A is committed: the agent must not take B for committed.
+        grub_boots(&env, &cmdline);
+        std::fs::write(&cmdline, "ro outpost.slot=B").unwrap();
+        let err = b.boot().unwrap_err().to_string();
+        assert!(err.contains("slot B booted") && err.contains("active A"), "{err}");
+        // A trial record for B while A booted (a hand-picked GRUB entry).
+        b.set_trial(Slot::B, 2).unwrap();
+        grub_boots(&env, &cmdline);
+        std::fs::write(&cmdline, "ro outpost.slot=A").unwrap();
+        assert!(b.boot().is_err());
+    }
+
+    #[test]
+    fn the_command_line_must_name_one_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let cmdline = dir.path().join("cmdline");
+        for (text, want) in [
+            ("root=/dev/vda2 ro", "does not say which slot"),
+            ("outpost.slot=C", "not A or B"),
+            ("outpost.slot=A outpost.slot=B", "more than once"),
+            ("outpost.slot=", "empty"),
+        ] {
+            std::fs::write(&cmdline, text).unwrap();
+            let err = booted_slot(&cmdline).unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        std::fs::write(&cmdline, "BOOT_IMAGE=(hd0,gpt3)/boot/vmlinuz outpost.slot=B quiet\n").unwrap();
+        assert_eq!(booted_slot(&cmdline).unwrap(), Slot::B);
     }
 
     #[test]
@@ -230,7 +370,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let env = dir.path().join("grubenv");
         std::fs::write(&env, b"# GRUB Environment Block\noutpost_active=C\n").unwrap();
-        let b = GrubBootControl { env: env.clone(), slots: [dir.path().join("a"), dir.path().join("b")] };
+        let b = GrubBootControl { env: env.clone(), slots: [dir.path().join("a"), dir.path().join("b")], cmdline: dir.path().join("cmdline") };
         let err = b.state().unwrap_err().to_string();
         assert!(err.contains("grubenv") && err.contains("1024"), "{err}");
     }

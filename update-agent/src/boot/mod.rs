@@ -1,10 +1,12 @@
 //! Boot control: which A/B slot is active, which one is on trial, and what the
 //! bootloader does at the next boot. One trait, several backends: the file backend
-//! here (testbeds and tests: slots are files, "reboot" restarts the agent), and on
-//! hardware U-Boot env, GRUB env or RAUC (see docs/boot-control.md).
+//! (testbeds and tests: slots are files, "reboot" restarts the agent) and GRUB (slots
+//! are partitions, GRUB chooses what boots, the machine reboots); U-Boot and RAUC map
+//! onto the same operations (see docs/boot-control.md and docs/devices.md).
 
 pub mod file;
 pub mod grub;
+pub mod reboot;
 
 use std::path::PathBuf;
 
@@ -99,6 +101,16 @@ impl BootState {
     }
 }
 
+/// What "reboot" means for a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reboot {
+    /// The agent restarts itself in place (the file backend's loopback testbed: no
+    /// bootloader runs; the next start runs the boot step).
+    ReExec,
+    /// The machine reboots and the bootloader chooses the slot.
+    Machine,
+}
+
 /// The operations an A/B updater needs from a bootloader. Every mutation is atomic:
 /// after a power cut the state is the old one or the new one.
 pub trait BootControl: Send {
@@ -112,7 +124,10 @@ pub trait BootControl: Send {
     fn mark_good(&mut self, slot: Slot) -> Result<()>;
     /// Abandon a pending or running trial: the active slot boots next.
     fn cancel_trial(&mut self) -> Result<()>;
-    /// What the bootloader does at power-on: choose a slot (spending one trial
-    /// attempt) and record the choice.
+    /// What the bootloader did at power-on: the slot it chose, and whether that was a
+    /// trial (one attempt spent) or a fallback. Backends whose bootloader runs only
+    /// read its record; the file backend plays the bootloader's part.
     fn boot(&mut self) -> Result<BootOutcome>;
+    /// How this backend reboots into the slot the bootloader chooses.
+    fn reboot_kind(&self) -> Reboot;
 }

@@ -75,7 +75,7 @@ impl Installer {
     pub fn open(config: &AgentConfig, fetcher: Fetcher) -> Result<Self> {
         let boot: Box<dyn BootControl> = match &config.install.boot_backend {
             BootBackend::File => Box::new(FileBootControl::open(&config.boot_dir())?),
-            BootBackend::Grub { env, slot_a, slot_b } => Box::new(GrubBootControl::open(env, slot_a, slot_b)?),
+            BootBackend::Grub { env, slot_a, slot_b, cmdline } => Box::new(GrubBootControl::open(env, slot_a, slot_b, cmdline)?),
         };
         let journal_file = JournalFile::new(&config.state_dir.join("journal.json"));
         let journal = match journal_file.load() {
@@ -163,11 +163,15 @@ impl Installer {
         }
     }
 
-    /// "Reboot" for the file backend: the agent restarts itself in place (same PID,
-    /// fresh process image) and the next start runs the bootloader step.
+    /// Reboots into the slot the bootloader chooses. With the file backend the agent
+    /// restarts itself in place (same PID, fresh process image) and the next start
+    /// runs the bootloader step; with a real bootloader the machine reboots.
     fn reboot<T>(&self) -> Result<T> {
         use std::os::unix::process::CommandExt;
         tracing::info!("rebooting");
+        if self.boot.reboot_kind() == crate::boot::Reboot::Machine {
+            return Err(crate::boot::reboot::machine());
+        }
         let exe = std::env::current_exe().map_err(|e| AgentError::io("find own executable", "/proc/self/exe", e))?;
         let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
         let err = std::process::Command::new(exe).args(args).exec();

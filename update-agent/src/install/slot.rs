@@ -17,15 +17,26 @@ impl Installer {
         let slot = active.other();
         self.set_phase(Phase::Writing { release: release.clone(), slot })?;
         let slot_path = self.boot.slot_path(slot);
-        let current = std::fs::metadata(&slot_path).map(|m| m.len()).unwrap_or(0);
-        if let Some(dir) = slot_path.parent() {
-            check_space(dir, release.length.saturating_sub(current))?;
+        let kind = SlotKind::of(&slot_path)?;
+        match kind {
+            SlotKind::Partition { size } if size < release.length => {
+                return Err(AgentError::NoSpace { path: slot_path, needed: release.length, available: size });
+            }
+            SlotKind::Partition { .. } => {}
+            SlotKind::File => {
+                let current = std::fs::metadata(&slot_path).map(|m| m.len()).unwrap_or(0);
+                if let Some(dir) = slot_path.parent() {
+                    check_space(dir, release.length.saturating_sub(current))?;
+                }
+            }
         }
-        if let Err(e) = write_slot(image_path, &slot_path) {
-            // The inactive slot holds nothing worth keeping now; give its space back so
-            // the boot environment can still be written.
-            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&slot_path) {
-                let _ = f.set_len(0);
+        if let Err(e) = write_slot(image_path, &slot_path, kind) {
+            // The inactive slot holds nothing worth keeping now; a file slot gives its
+            // space back so the boot environment can still be written.
+            if kind == SlotKind::File {
+                if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&slot_path) {
+                    let _ = f.set_len(0);
+                }
             }
             return Err(e);
         }
@@ -48,10 +59,38 @@ pub(super) fn hash_file(path: &Path, length: Option<u64>) -> Result<(String, u64
     outpost_fsio::hash_file(path, length).map_err(|e| AgentError::io("hash", path, e))
 }
 
-/// Copies the verified image into the (inactive) slot and makes it durable.
-fn write_slot(image: &Path, slot: &Path) -> Result<()> {
+/// Where a slot's image goes: a file (testbeds), or a partition whose size bounds the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SlotKind {
+    File,
+    Partition { size: u64 },
+}
+
+impl SlotKind {
+    pub(super) fn of(path: &Path) -> Result<Self> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::metadata(path) {
+            Ok(m) if m.file_type().is_block_device() => {
+                let mut dev = std::fs::File::open(path).map_err(|e| AgentError::io("open slot", path, e))?;
+                let size = dev.seek(SeekFrom::End(0)).map_err(|e| AgentError::io("size of slot partition", path, e))?;
+                Ok(SlotKind::Partition { size })
+            }
+            Ok(m) if !m.is_file() => Err(AgentError::BootControl(format!("slot {} is neither a regular file nor a block device", path.display()))),
+            _ => Ok(SlotKind::File),
+        }
+    }
+}
+
+/// Copies the verified image into the (inactive) slot and makes it durable. A
+/// partition is written in place (never truncated: it is the device).
+fn write_slot(image: &Path, slot: &Path, kind: SlotKind) -> Result<()> {
     let mut src = std::fs::File::open(image).map_err(|e| AgentError::io("open", image, e))?;
-    let dst = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(slot).map_err(|e| AgentError::io("open slot", slot, e))?;
+    let dst = match kind {
+        SlotKind::File => std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(slot),
+        SlotKind::Partition { .. } => std::fs::OpenOptions::new().write(true).open(slot),
+    }
+    .map_err(|e| AgentError::io("open slot", slot, e))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, dst);
     std::io::copy(&mut src, &mut out).map_err(|e| AgentError::io("write slot", slot, e))?;
     out.flush().map_err(|e| AgentError::io("write slot", slot, e))?;

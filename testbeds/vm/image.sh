@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# The virtual device's images, built from Debian packages without mounting anything
+# (no loop devices): a root filesystem per slot (mke2fs -d), an EFI system partition
+# with GRUB (grub-mkimage, mtools) and a GPT disk assembled from them (sfdisk, dd).
+#
+#   image.sh base                 -> prints the cached base root directory
+#   image.sh esp                  -> prints the cached ESP image (GRUB + grub.cfg + grubenv)
+#   image.sh slot OUT VERSION AGENT [KIND]
+#                                 -> OUT: an ext4 slot image with the agent installed;
+#                                    KIND: good (default) | panic (no init: the kernel panics)
+#   image.sh disk OUT SLOT_A DATA -> OUT: a GPT disk (ESP, root A = SLOT_A, root B empty,
+#                                    data = DATA, an ext4 image made by the caller)
+#
+# Base and ESP are built once and cached under $OUTPOST_VM_CACHE (default
+# /var/cache/outpost-vm), keyed by a hash of this directory's files: a change to any
+# input builds anew, an unchanged one is reused. Everything needs root (chroot).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CACHE="${OUTPOST_VM_CACHE:-/var/cache/outpost-vm}"
+MIRROR="${OUTPOST_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+SUITE=bookworm
+log() { printf '[vm-image] %s\n' "$*" >&2; }
+die() { printf '[vm-image] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# Partition layout (MiB). The partition UUIDs are fixed so the kernel command line in
+# grub.cfg can name the roots; a board's layout is the same with its own sizes.
+ESP_MIB=32
+ROOT_MIB=320
+DATA_MIB=64
+PARTUUID_A=8d0a1c2e-0a5a-4f61-9e0b-6f7574706f41
+PARTUUID_B=8d0a1c2e-0a5a-4f61-9e0b-6f7574706f42
+SLOT_MIB=300   # the slot image (root filesystem) written into a root partition
+
+# Packages of the device's root filesystem: systemd as init, the cloud kernel (virtio,
+# TPM CRB built in), what the agent links (TSS2, OpenSSL), networking by systemd-networkd.
+PACKAGES=systemd-sysv,udev,linux-image-cloud-amd64,kmod,iproute2,libssl3,libtss2-esys-3.0.2-0,libtss2-tctildr0,libtss2-tcti-device0,libtss2-mu0,libtss2-sys1
+# Modules the initramfs needs to find and mount the root (virtio disk, ext4, dm-verity).
+INITRD_MODULES=(virtio_pci virtio_blk ext4 dm_mod dm_verity)
+
+# Cache keys: the base root depends on this script; the ESP also on grub.cfg.
+key() { cat "$HERE"/image.sh "$@" | sha256sum | cut -c1-16; }
+
+in_root() { chroot "$1" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive "${@:2}"; }
+
+build_base() {
+  local dir="$CACHE/base-$(key)"
+  if [[ -f "$dir/done" ]]; then echo "$dir/root"; return; fi
+  rm -rf "$dir"; mkdir -p "$dir" "$CACHE/debs"
+  log "debootstrap $SUITE ($PACKAGES) into $dir/root"
+  debootstrap --variant=minbase --cache-dir="$CACHE/debs" --include="$PACKAGES" \
+    "$SUITE" "$dir/root" "$MIRROR" >"$dir/debootstrap.log" 2>&1 \
+    || die "debootstrap failed: see $dir/debootstrap.log"
+  local r="$dir/root"
+  echo outpost-device >"$r/etc/hostname"
+  : >"$r/etc/machine-id"   # systemd makes a transient one on the read-only root
+  # The root is read-only (it is a slot: its bytes are the signed image). What must be
+  # writable is tmpfs, the agent's state is on the data partition, grubenv on the ESP.
+  cat >"$r/etc/fstab" <<'EOF'
+# <file system>          <mount point>       <type> <options>                   <dump> <pass>
+PARTLABEL=outpost-data   /var/lib/outpost    ext4   defaults,nofail             0      2
+PARTLABEL=outpost-esp    /boot/efi           vfat   umask=0077,nofail           0      2
+tmpfs                    /tmp                tmpfs  mode=1777                   0      0
+tmpfs                    /var/tmp            tmpfs  mode=1777                   0      0
+tmpfs                    /var/log            tmpfs  mode=0755                   0      0
+tmpfs                    /var/lib/systemd    tmpfs  mode=0755                   0      0
+EOF
+  mkdir -p "$r/var/lib/outpost" "$r/boot/efi"
+  mkdir -p "$r/etc/systemd/network"
+  cat >"$r/etc/systemd/network/20-wired.network" <<'EOF'
+[Match]
+Name=en* eth*
+
+[Network]
+DHCP=ipv4
+EOF
+  in_root "$r" systemctl enable systemd-networkd.service >/dev/null 2>&1
+  # The test harness talks to the device on a second console (virtio, /dev/hvc0) with
+  # a root shell; the first serial port carries the kernel and boot log.
+  mkdir -p "$r/etc/systemd/system/serial-getty@hvc0.service.d"
+  cat >"$r/etc/systemd/system/serial-getty@hvc0.service.d/autologin.conf" <<'EOF'
+[Service]
+ExecStart=
+ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200 %I linux
+EOF
+  in_root "$r" systemctl enable serial-getty@hvc0.service >/dev/null 2>&1
+  # Units that want a writable root or a network time source have nothing to do here.
+  for unit in systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer; do
+    in_root "$r" systemctl mask "$unit" >/dev/null 2>&1 || true
+  done
+  # A small initramfs: only the modules that find the root.
+  printf '%s\n' "${INITRD_MODULES[@]}" >"$r/etc/initramfs-tools/modules"
+  sed -i 's/^MODULES=.*/MODULES=list/' "$r/etc/initramfs-tools/initramfs.conf"
+  local kver; kver="$(basename "$(ls -d "$r"/lib/modules/*)")"
+  in_root "$r" update-initramfs -u -k "$kver" >"$dir/initramfs.log" 2>&1 || die "update-initramfs failed: see $dir/initramfs.log"
+  # Stable names for GRUB (what it loads is measured by name and content).
+  cp "$r/boot/vmlinuz-$kver" "$r/boot/vmlinuz"
+  cp "$r/boot/initrd.img-$kver" "$r/boot/initrd.img"
+  # Tens of MiB, not hundreds: no package lists, caches, docs, locales or manuals.
+  rm -rf "$r"/var/cache/apt/* "$r"/var/lib/apt/lists/* "$r"/usr/share/doc/* "$r"/usr/share/man/* \
+         "$r"/usr/share/info/* "$r"/var/log/* "$r/boot/initrd.img-$kver" "$r/boot/vmlinuz-$kver"
+  find "$r/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name 'locale.alias' -exec rm -rf {} +
+  # Only the kernel modules the board uses: virtio, block and device-mapper, consoles,
+  # the watchdog, FAT for the ESP, and the network stack.
+  local mods="$r/lib/modules/$kver/kernel" d
+  for d in "$mods"/drivers/*; do
+    case "${d##*/}" in virtio|block|char|md|watchdog|tty|net) ;; *) rm -rf "$d" ;; esac
+  done
+  find "$mods/drivers/net" -mindepth 1 -maxdepth 1 ! -name virtio_net.ko ! -name net_failover.ko -exec rm -rf {} +
+  for d in "$mods"/fs/*; do
+    case "${d##*/}" in fat|nls|ext4|jbd2|mbcache.ko|fscache|netfs) ;; *) rm -rf "$d" ;; esac
+  done
+  rm -rf "$mods"/sound "$mods"/net/{wireless,bluetooth,mac80211}
+  in_root "$r" depmod "$kver"
+  touch "$dir/done"
+  echo "$r"
+}
+
+build_esp() {
+  local dir="$CACHE/esp-$(key "$HERE/grub.cfg")"
+  if [[ -f "$dir/done" ]]; then echo "$dir/esp.img"; return; fi
+  rm -rf "$dir"; mkdir -p "$dir"
+  # GRUB as one EFI binary with the modules it needs built in; `tpm` makes GRUB measure
+  # every file it loads (PCR 9) and every command and kernel command line (PCR 8).
+  grub-mkimage -O x86_64-efi -p /EFI/outpost -o "$dir/BOOTX64.EFI" \
+    part_gpt fat ext2 normal configfile loadenv test echo linux tpm search search_label regexp linuxefi \
+    reboot sleep serial terminal halt gzio 2>"$dir/grub-mkimage.log" \
+    || die "grub-mkimage failed: see $dir/grub-mkimage.log"
+  # An empty environment block: the agent fills it in (boot control, boot/grub.rs).
+  grub-editenv "$dir/grubenv" create
+  grub-editenv "$dir/grubenv" set outpost_active=A
+  truncate -s "${ESP_MIB}M" "$dir/esp.img.tmp"
+  mkfs.vfat -n OUTPOST-ESP -i 0ae5f00d "$dir/esp.img.tmp" >/dev/null
+  export MTOOLS_SKIP_CHECK=1
+  mmd -i "$dir/esp.img.tmp" ::/EFI ::/EFI/BOOT ::/EFI/outpost
+  mcopy -i "$dir/esp.img.tmp" "$dir/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+  mcopy -i "$dir/esp.img.tmp" "$HERE/grub.cfg" ::/EFI/outpost/grub.cfg
+  mcopy -i "$dir/esp.img.tmp" "$dir/grubenv" ::/EFI/outpost/grubenv
+  mv "$dir/esp.img.tmp" "$dir/esp.img"
+  touch "$dir/done"
+  echo "$dir/esp.img"
+}
+
+# A slot image: the base root with this agent, its unit and a release marker, as an
+# ext4 filesystem built reproducibly (fixed UUID, hash seed and timestamps).
+build_slot() {
+  local out="$1" version="$2" agent="$3" kind="${4:-good}"
+  [[ -x "$agent" ]] || die "agent binary $agent is not an executable file"
+  [[ "$version" =~ ^[A-Za-z0-9._+-]+$ ]] || die "version $version: letters, digits and ._+- only"
+  local base; base="$(build_base)"
+  local work; work="$(mktemp -d "${TMPDIR:-/tmp}/outpost-slot.XXXXXX")"
+  trap 'rm -rf "$work"' RETURN
+  cp -a "$base" "$work/root"
+  local r="$work/root"
+  install -s -m 0755 "$agent" "$r/usr/bin/outpost-agent"   # stripped: 15 MiB, not 130
+  install -m 0644 "$HERE/files/outpost-agent.service" "$r/etc/systemd/system/outpost-agent.service"
+  in_root "$r" systemctl enable outpost-agent.service >/dev/null 2>&1
+  printf 'OUTPOST_RELEASE=%s\n' "$version" >"$r/etc/outpost-release"
+  case "$kind" in
+    good) ;;
+    panic) rm -f "$r/sbin/init" "$r/lib/systemd/systemd" ;;   # no init: the kernel panics
+    *) die "slot kind $kind: good or panic" ;;
+  esac
+  find "$r" -exec touch -h -d @1700000000 {} +
+  rm -f "$out"
+  E2FSPROGS_FAKE_TIME=1700000000 mke2fs -q -t ext4 -L outpost-root -U 5e1f0000-0000-4000-8000-00000000a0a0 \
+    -E hash_seed=5e1f0000-0000-4000-8000-000000000000,root_owner=0:0 -O ^metadata_csum_seed -I 256 -m 0 \
+    -N 16384 -d "$r" "$out" "${SLOT_MIB}M" || die "mke2fs of the slot image failed"
+}
+
+build_disk() {
+  local out="$1" slot_a="$2" data="$3"
+  local esp; esp="$(build_esp)"
+  local total=$((1 + ESP_MIB + 2 * ROOT_MIB + DATA_MIB + 1))
+  rm -f "$out"; truncate -s "${total}M" "$out"
+  sfdisk -q "$out" <<EOF
+label: gpt
+label-id: 5E1F0000-0000-4000-8000-0000000D15C0
+unit: sectors
+first-lba: 2048
+start=2048, size=$((ESP_MIB * 2048)), type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=outpost-esp
+size=$((ROOT_MIB * 2048)), type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, uuid=$PARTUUID_A, name=outpost-root-a
+size=$((ROOT_MIB * 2048)), type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, uuid=$PARTUUID_B, name=outpost-root-b
+size=$((DATA_MIB * 2048)), type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=outpost-data
+EOF
+  dd if="$esp" of="$out" bs=1M seek=1 conv=notrunc,sparse status=none
+  dd if="$slot_a" of="$out" bs=1M seek=$((1 + ESP_MIB)) conv=notrunc,sparse status=none
+  dd if="$data" of="$out" bs=1M seek=$((1 + ESP_MIB + 2 * ROOT_MIB)) conv=notrunc,sparse status=none
+}
+
+[[ $(id -u) -eq 0 ]] || die "run as root (debootstrap and chroot)"
+case "${1:-}" in
+  base) build_base ;;
+  esp) build_esp ;;
+  slot) [[ $# -ge 4 ]] || die "usage: image.sh slot OUT VERSION AGENT [good|panic]"; build_slot "$2" "$3" "$4" "${5:-good}" ;;
+  disk) [[ $# -eq 4 ]] || die "usage: image.sh disk OUT SLOT_A DATA"; build_disk "$2" "$3" "$4" ;;
+  key) key ;;
+  *) die "usage: image.sh base|esp|slot|disk|key ..." ;;
+esac
