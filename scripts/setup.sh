@@ -5,7 +5,7 @@
 #   bash scripts/setup.sh
 #
 # Steps: Debian packages (only those missing), check the Rust toolchain (and install
-# bpf-linker and cargo-fuzz), create the Python venv at <repo>/.venv with
+# bpf-linker, cargo-fuzz and cargo-deb), create the Python venv at <repo>/.venv with
 # tests/requirements.txt installed.
 set -euo pipefail
 
@@ -54,6 +54,10 @@ APT_PACKAGES=(
   postgresql    # the scale-out state store: tests and the benchmark start their own server
   strace        # the publish crash test holds and counts the server's file-system steps
   g++           # libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets
+  dpkg-dev      # dpkg-shlibdeps: cargo-deb computes the packages' Depends with it
+  liblzma-dev   # cargo-deb's xz compression links liblzma
+  debootstrap   # tests/test_packages.py installs the .debs into a Debian 12 chroot
+  systemd       # systemd-analyze verify checks the packages' units
 )
 # ---------------------------------------------------------------------------
 
@@ -117,6 +121,16 @@ if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
   cargo install --quiet --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION" >/dev/null
 fi
 log "fuzzing: $(cargo fuzz --version 2>/dev/null)"
+
+# Debian packages of the binaries (scripts/packages.sh): cargo-deb. Pinned: 3.8.0
+# builds with the machine's stable toolchain (it needs rustc 1.85 or later); about
+# 45 s to build on 2 cores.
+CARGO_DEB_VERSION=3.8.0
+if ! cargo deb --version 2>/dev/null | grep -q "$CARGO_DEB_VERSION"; then
+  log "installing cargo-deb $CARGO_DEB_VERSION (about a minute)"
+  cargo install --quiet --locked cargo-deb --version "$CARGO_DEB_VERSION" >/dev/null
+fi
+log "packaging: $(cargo deb --version 2>/dev/null)"
 
 # ---------------------------------------------------------------------------
 # 3. Python venv for the test suite and the bench

@@ -8,8 +8,9 @@
 #    is built for the BPF target by ebpf/loader's build script)
 # 3. a throwaway PostgreSQL server (scripts/postgres.sh) for the store suite
 # 4. scripts/layering.py (the shape rules of docs/architecture.md), then cargo test
-# 5. scripts/fuzz.sh: every cargo-fuzz target for OUTPOST_FUZZ_SECONDS (default 20) each
-# 6. pytest on tests/ (black-box tests against the built binaries)
+# 5. the Debian packages (scripts/packages.sh) into target/debian, for tests/test_packages.py
+# 6. scripts/fuzz.sh: every cargo-fuzz target for OUTPOST_FUZZ_SECONDS (default 20) each
+# 7. pytest on tests/ (black-box tests against the built binaries and packages)
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,6 +47,14 @@ cargo test
 
 step "the agent without eBPF (--no-default-features, stable toolchain only; its own target dir)"
 RUSTUP_TOOLCHAIN=stable cargo build -p outpost-agent --no-default-features --target-dir target/no-ebpf
+
+# cargo deb --no-build from the debug build above (seconds; a release build of the
+# workspace would add many minutes). The revision-2 set is the upgrade that
+# tests/test_packages.py installs over the first; built first, because cargo-deb
+# deletes earlier .debs of a package from target/debian.
+step "Debian packages (scripts/packages.sh: cargo deb --no-build of the debug build into target/debian)"
+bash scripts/packages.sh --profile dev --deb-revision 2 "${CARGO_TARGET_DIR:-target}/debian/revision-2" >/dev/null
+bash scripts/packages.sh --profile dev
 
 step "fuzz (scripts/fuzz.sh, ${OUTPOST_FUZZ_SECONDS:-20} s per target)"
 bash scripts/fuzz.sh "${OUTPOST_FUZZ_SECONDS:-20}"

@@ -3,6 +3,9 @@
 //! Durable file writes: a reader sees the old file or the new one, never a torn one,
 //! and after `write_atomic` returns the new file survives a power cut. File and slot
 //! hashing: `hash_file` streams a file (or a slot's first bytes) through SHA-256.
+//! [`sdnotify`]: readiness, watchdog and stopping notices to systemd, for both daemons.
+
+pub mod sdnotify;
 
 use std::io::{Read, Write};
 use std::path::Path;

@@ -14,6 +14,8 @@ mod targetfiles;
 
 use std::sync::Arc;
 
+use outpost_fsio::sdnotify::{Notice, Notifier};
+
 pub use config::ServerConfig;
 pub use api::{app, ApiError, AppState};
 pub use error::ServerError;
@@ -49,6 +51,11 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
         .map_err(|e| ServerError::io("listen on", config.listen.to_string(), e))?;
     let addr = listener.local_addr().map_err(|e| ServerError::io("listen on", config.listen.to_string(), e))?;
     tracing::info!(%addr, "outpost-server listening");
+    // systemd (Type=notify): ready once the listener is bound; watchdog pings from a
+    // task of this runtime; STOPPING=1 when the shutdown signal arrives.
+    let systemd = Arc::new(Notifier::from_env_or_report(|e| tracing::warn!(error = %e, "not notifying systemd")));
+    let watchdog = systemd.spawn_watchdog();
+    systemd.notify_or_report(Notice::Ready, report_notify);
     let interval = config.resign_interval;
     let resigner = tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
@@ -83,6 +90,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let stop_rx = stop.clone();
     let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
         shutdown_signal().await;
+        systemd.notify_or_report(Notice::Stopping, report_notify);
         stop.notify_one();
     });
     // In-flight requests get a grace period; a stalled client cannot hold the
@@ -99,6 +107,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     };
     resigner.abort();
     ticker.abort();
+    drop(watchdog);
     repo.remove_partial_uploads();
     tracing::info!("outpost-server stopped");
     result.map_err(|e| ServerError::io("serve", addr.to_string(), e))
@@ -127,6 +136,11 @@ fn warn_about_trust(config: &ServerConfig) {
     if config.measurement.is_empty() {
         tracing::warn!("no attestation.classes: no hardware class has a measurement policy, so no device can attest");
     }
+}
+
+/// A notice systemd did not get: logged; the server keeps serving.
+fn report_notify(e: outpost_fsio::sdnotify::NotifyError) {
+    tracing::warn!(error = %e, "notifying systemd failed");
 }
 
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);

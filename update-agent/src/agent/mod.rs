@@ -21,7 +21,10 @@
 pub mod checkin;
 pub mod schedule;
 
+use std::sync::Arc;
 use std::time::Instant;
+
+use outpost_fsio::sdnotify::{Notice, Notifier};
 
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
@@ -74,6 +77,16 @@ impl Agent {
         // The policy's expiry fallback runs on its own task: a check-in, policy
         // fetch or download that hangs never delays it.
         let _watch = self.policy.as_ref().map(|engine| policy::spawn_expiry_watch(&self.config, engine.clone()));
+        // systemd (Type=notify): configuration and state are loaded (Agent::start), so
+        // ready; watchdog pings from a task of this runtime; STOPPING=1 on SIGTERM/SIGINT.
+        let systemd = Arc::new(Notifier::from_env_or_report(|e| tracing::warn!(error = %e, "not notifying systemd")));
+        let _watchdog = systemd.spawn_watchdog();
+        let report = |e: outpost_fsio::sdnotify::NotifyError| tracing::warn!(error = %e, "notifying systemd failed");
+        systemd.notify_or_report(Notice::Ready, report);
+        let stopping = || {
+            systemd.notify_or_report(Notice::Stopping, report);
+            Ok(())
+        };
         if let Some(result) = self.installer.boot().await? {
             self.output.pass(&result);
         }
@@ -85,8 +98,8 @@ impl Agent {
             if due.any() {
                 tokio::select! {
                     r = self.round(due, passes) => r?,
-                    _ = term.recv() => return Ok(()),
-                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    _ = term.recv() => return stopping(),
+                    _ = tokio::signal::ctrl_c() => return stopping(),
                 }
                 if passes == Passes::Once {
                     return Ok(());
@@ -95,8 +108,8 @@ impl Agent {
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(schedule.next().into()) => {}
-                _ = term.recv() => return Ok(()),
-                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = term.recv() => return stopping(),
+                _ = tokio::signal::ctrl_c() => return stopping(),
             }
         }
     }
