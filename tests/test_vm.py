@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import binary, list_reports
+from conftest import BIN_DIR, list_reports
 import vm
 
 HARDWARE_CLASS = "qemu-x86_64"
@@ -20,10 +20,10 @@ HARDWARE_CLASS = "qemu-x86_64"
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
-    """Slot images (ext4 root filesystems with this build's agent): the factory image
-    1.0.0, the update 2.0.0, and 3.0.0 whose kernel panics (no init)."""
+    """Slot images (ext4 root filesystems with this build's agent package): the
+    factory image 1.0.0, the update 2.0.0, and 3.0.0 whose kernel panics (no init)."""
     d = tmp_path_factory.mktemp("vm-images")
-    agent = binary("outpost-agent")
+    agent = agent_deb()
     try:
         vm.image_sh("base", timeout=1200)
         vm.image_sh("esp")
@@ -34,6 +34,15 @@ def images(tmp_path_factory) -> dict[str, Path]:
         }
     except vm.VmError as e:
         pytest.fail(str(e), pytrace=False)
+
+
+def agent_deb() -> Path:
+    """The agent's package that scripts/test.sh built (scripts/packages.sh)."""
+    debs = sorted((BIN_DIR.parent / "debian").glob("outpost-agent_*_amd64.deb"))
+    if len(debs) != 1:
+        pytest.fail(f"expected one outpost-agent .deb in target/debian, found {debs}: run bash scripts/packages.sh --profile dev (scripts/test.sh does)",
+                    pytrace=False)
+    return debs[0]
 
 
 @pytest.fixture
@@ -92,6 +101,10 @@ def test_update_across_a_real_reboot_then_grub_falls_back_from_a_kernel_panic(vm
         env = dev.grubenv()
         assert env.get("outpost_active") == "B" and env.get("outpost_trial", "") == "", env
         assert dev.boots() == [("A", "normal"), ("B", "trial")], dev.boots()
+        # The agent is the packaged one, a Type=notify service that said it was ready.
+        _, unit = dev.sh("dpkg-query -W -f='${Status}\\n' outpost-agent; systemctl show -p Type -p ActiveState outpost-agent")
+        for want in ("install ok installed", "Type=notify", "ActiveState=active"):
+            assert want in unit, unit
 
         # 3.0.0's kernel finds no init and panics: nothing on the device can confirm
         # it. GRUB's count runs out and it boots the committed slot B again.

@@ -71,7 +71,7 @@ def agent_toml(hardware_class: str, device_id: str, *, extra: str = "") -> str:
     """The agent's config on the data partition: GRUB boot control, partition slots."""
     return (f'server_url = "http://{SERVER_FROM_GUEST}"\n'
             f'hardware_class = "{hardware_class}"\n'
-            'state_dir = "state"\n'
+            'state_dir = "agent"\n'  # the unit's StateDirectory (outpost/agent)
             'trusted_root = "root.json"\n'
             f'device_id = "{device_id}"\n'
             '\n[http]\ntimeout = "30s"\n'

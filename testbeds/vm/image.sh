@@ -5,8 +5,9 @@
 #
 #   image.sh base                 -> prints the cached base root directory
 #   image.sh esp                  -> prints the cached ESP image (GRUB + grub.cfg + grubenv)
-#   image.sh slot OUT VERSION AGENT [KIND]
-#                                 -> OUT: an ext4 slot image with the agent installed;
+#   image.sh slot OUT VERSION AGENT_DEB [KIND]
+#                                 -> OUT: an ext4 slot image with the agent's package
+#                                    (scripts/packages.sh) installed and enabled;
 #                                    KIND: good (default) | panic (no init: the kernel panics)
 #   image.sh disk OUT SLOT_A DATA -> OUT: a GPT disk (ESP, root A = SLOT_A, root B empty,
 #                                    data = DATA, an ext4 image made by the caller)
@@ -141,23 +142,28 @@ build_esp() {
   echo "$dir/esp.img"
 }
 
-# A slot image: the base root with this agent, its unit and a release marker, as an
+# A slot image: the base root with the agent's package installed, the image's drop-in
+# for its unit (the device's configuration and state are on the data partition: the
+# root is read-only) and a release marker, as an
 # ext4 filesystem built reproducibly (fixed UUID, hash seed and timestamps). No
 # journal: the root is only ever mounted read-only, and a journal is the one thing a
 # read-only mount still changes (jbd2 rewrites its superblock in memory), which would
 # make the running slot differ from the signed image when read through its device.
 build_slot() {
-  local out="$1" version="$2" agent="$3" kind="${4:-good}"
-  [[ -x "$agent" ]] || die "agent binary $agent is not an executable file"
+  local out="$1" version="$2" deb="$3" kind="${4:-good}"
+  [[ -f "$deb" && "$deb" == *.deb ]] || die "agent package $deb is not a .deb file (bash scripts/packages.sh builds it)"
   [[ "$version" =~ ^[A-Za-z0-9._+-]+$ ]] || die "version $version: letters, digits and ._+- only"
   local base; base="$(build_base)"
   local work; work="$(mktemp -d "${TMPDIR:-/tmp}/outpost-slot.XXXXXX")"
   trap 'rm -rf "$work"' RETURN
   cp -a "$base" "$work/root"
   local r="$work/root"
-  install -s -m 0755 "$agent" "$r/usr/bin/outpost-agent"   # stripped: 15 MiB, not 130
-  install -m 0644 "$HERE/files/outpost-agent.service" "$r/etc/systemd/system/outpost-agent.service"
-  in_root "$r" systemctl enable outpost-agent.service >/dev/null 2>&1
+  cp "$deb" "$r/tmp/outpost-agent.deb"
+  in_root "$r" dpkg -i /tmp/outpost-agent.deb >"$work/dpkg.log" 2>&1 || die "dpkg -i of $deb in the image failed: $(tail -5 "$work/dpkg.log")"
+  rm -f "$r/tmp/outpost-agent.deb"
+  in_root "$r" systemctl is-enabled outpost-agent.service >/dev/null || die "the package did not enable outpost-agent.service"
+  mkdir -p "$r/etc/systemd/system/outpost-agent.service.d"
+  install -m 0644 "$HERE/files/outpost-agent-image.conf" "$r/etc/systemd/system/outpost-agent.service.d/image.conf"
   printf 'OUTPOST_RELEASE=%s\n' "$version" >"$r/etc/outpost-release"
   case "$kind" in
     good) ;;
