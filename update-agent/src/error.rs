@@ -57,6 +57,10 @@ pub enum AgentError {
     #[error("not enough free space in {path}: need {needed} bytes, {available} available")]
     NoSpace { path: PathBuf, needed: u64, available: u64 },
 
+    /// The slot's partition is smaller than the image (refused before writing).
+    #[error("the slot partition {path} holds {size} bytes: too small for the {needed}-byte image")]
+    SlotTooSmall { path: PathBuf, needed: u64, size: u64 },
+
     /// A health check failed (the trial boot is rolled back).
     #[error("health check {check} failed: {reason}")]
     Health { check: String, reason: String },

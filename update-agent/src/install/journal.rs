@@ -49,7 +49,17 @@ pub enum Phase {
     /// Nothing in progress.
     Idle,
     /// Receiving `transfer`; `durable` bytes of it are fsynced in the partial file.
-    Downloading { release: Release, transfer: Transfer, durable: u64 },
+    /// With `into`, the image goes straight into that (inactive) slot's partition while
+    /// it arrives: then a target sent as-is is kept on the partition itself, and
+    /// `durable` counts bytes fsynced there. The boot environment is untouched until
+    /// the slot reads back as the signed image.
+    Downloading {
+        release: Release,
+        transfer: Transfer,
+        durable: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        into: Option<Slot>,
+    },
     /// The image is staged and both the transfer and the image digest verified.
     Verified { release: Release },
     /// Copying the verified image into the inactive slot.

@@ -8,6 +8,7 @@
 //!
 //! Rooms: [`select`] (which release), [`gates`] (SBOM and deny-list), [`download`]
 //! (staging the image, over [`transfer`]), [`slot`] (writing the inactive slot),
+//! [`stream`] (a partition slot: the image streamed into it, no staged copy),
 //! [`trial`] (boot reconciliation, trial, commit, rollback), [`journal`] (where an
 //! install stands). This module holds the installer and the pass that ties them.
 
@@ -15,7 +16,9 @@ mod download;
 mod gates;
 pub mod journal;
 pub mod select;
+mod partial;
 mod slot;
+mod stream;
 pub mod transfer;
 mod trial;
 
@@ -309,12 +312,25 @@ impl Installer {
         Ok(None)
     }
 
-    /// Stages the image, writes it into the inactive slot, arms the trial and reboots.
+    /// Puts the image into the inactive slot (a partition: streamed into it while it
+    /// downloads; a file: staged, then copied), arms the trial and reboots.
     async fn install(&mut self, updater: &Updater, cand: Candidate, release: Release) -> Result<PassResult> {
-        let image_path = self.stage(updater, &cand, &release).await?;
-        let slot = self.write_inactive_slot(&release, &image_path)?;
-        self.set_phase(Phase::Installed { release: release.clone(), slot })?;
-        let _ = std::fs::remove_file(&image_path);
+        let slot = self.boot.state()?.active.other();
+        let slot_path = self.boot.slot_path(slot);
+        let slot = match slot::SlotKind::of(&slot_path)? {
+            slot::SlotKind::Partition { size } => {
+                self.stream_into_partition(updater, &cand, &release, slot, &slot_path, size).await?;
+                self.set_phase(Phase::Installed { release: release.clone(), slot })?;
+                slot
+            }
+            slot::SlotKind::File => {
+                let image_path = self.stage(updater, &cand, &release).await?;
+                let slot = self.write_inactive_slot(&release, &image_path)?;
+                self.set_phase(Phase::Installed { release: release.clone(), slot })?;
+                let _ = std::fs::remove_file(&image_path);
+                slot
+            }
+        };
         self.boot.set_trial(slot, self.config.install.trial_attempts)?;
         self.reboot()
     }

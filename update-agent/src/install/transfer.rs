@@ -9,11 +9,8 @@
 //! hashes and decodes the whole file once, when it is complete (see [`sink_worker`]). A target sent as-is, whose signed SHA-256 is the image's, is
 //! written and hashed once: once verified, the partial file becomes the staged image.
 
-use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
+use std::io::{Seek, SeekFrom, Write};
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,39 +18,10 @@ use outpost_protocol::hashing::MultiHasher;
 
 use outpost_protocol::codec::{Decode, ImageSink};
 use super::journal::Encoding;
+use super::partial::{decode_error, open_output, open_partial, partial_is_partition, replay};
+pub use super::partial::{Output, TransferSpec};
 use crate::error::{AgentError, Result};
 use crate::fetch::Fetcher;
-
-/// What to fetch and what it must turn into.
-pub struct TransferSpec {
-    pub url: String,
-    /// Signed length and hashes of the fetched target.
-    pub length: u64,
-    pub hashes: BTreeMap<String, String>,
-    pub encoding: Encoding,
-    /// For patches: the reference image (the booted slot's content).
-    pub reference: Option<Arc<Vec<u8>>>,
-    /// The image the bytes must decode to.
-    pub image_sha256: String,
-    pub image_length: u64,
-    /// Received bytes (kept for resuming).
-    pub partial: PathBuf,
-    /// The decoded image being staged.
-    pub image: PathBuf,
-    /// Bytes of `partial` known durable (from the journal).
-    pub durable: u64,
-}
-
-impl TransferSpec {
-    /// Whether the target is the image itself (sent as-is, with the image's length and
-    /// SHA-256): then the received file becomes the staged image by rename, and no
-    /// second copy is ever on disk.
-    pub fn is_as_is(&self) -> bool {
-        self.encoding == Encoding::Identity
-            && self.length == self.image_length
-            && self.hashes.get("sha256").is_some_and(|h| h.eq_ignore_ascii_case(&self.image_sha256))
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct TransferOptions {
@@ -304,7 +272,7 @@ fn sink_worker(
         if as_is {
             return Ok(None);
         }
-        let image = std::fs::File::create(&spec.image).map_err(|e| AgentError::io("create", &spec.image, e))?;
+        let image = open_output(&spec.image, spec.output)?;
         let sink = ImageSink::new(std::io::BufWriter::with_capacity(1 << 20, image), spec.image_length);
         new_decode(spec.encoding, sink, reference.as_deref().map(|v| v.as_slice()))
             .map(Some)
@@ -340,7 +308,9 @@ fn sink_worker(
                 }
             }
             Msg::Restart => {
-                partial.set_len(0).map_err(|e| AgentError::io("truncate", &spec.partial, e))?;
+                if !partial_is_partition(&spec) {
+                    partial.set_len(0).map_err(|e| AgentError::io("truncate", &spec.partial, e))?;
+                }
                 partial.seek(SeekFrom::Start(0)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
                 streaming = Some((new_hasher()?, start_decode()?));
                 written = 0;
@@ -380,39 +350,6 @@ fn append<W: Write>(spec: &TransferSpec, partial: &mut std::fs::File, streaming:
     Ok(())
 }
 
-/// Opens the partial file, cut back to what is known durable; returns it positioned
-/// there, with that offset.
-fn open_partial(spec: &TransferSpec) -> Result<(std::fs::File, u64)> {
-    let mut partial = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&spec.partial)
-        .map_err(|e| AgentError::io("open", &spec.partial, e))?;
-    let on_disk = partial.metadata().map_err(|e| AgentError::io("stat", &spec.partial, e))?.len();
-    let durable = spec.durable.min(on_disk);
-    partial.set_len(durable).map_err(|e| AgentError::io("truncate", &spec.partial, e))?;
-    partial.seek(SeekFrom::Start(durable)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
-    Ok((partial, durable))
-}
-
-/// Hashes and decodes the complete partial file in one pass (a resumed transfer).
-fn replay<W: Write>(spec: &TransferSpec, partial: &mut std::fs::File, hasher: &mut MultiHasher, mut decode: Option<&mut Decode<'_, W>>) -> Result<()> {
-    partial.seek(SeekFrom::Start(0)).map_err(|e| AgentError::io("seek", &spec.partial, e))?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = partial.read(&mut buf).map_err(|e| AgentError::io("read", &spec.partial, e))?;
-        if n == 0 {
-            return Ok(());
-        }
-        hasher.update(&buf[..n]);
-        if let Some(d) = decode.as_mut() {
-            d.feed(&buf[..n]).map_err(|e| decode_error(spec, e))?;
-        }
-    }
-}
-
 /// Verifies the complete transfer against its signed hashes (bytes that do not verify
 /// are removed), then makes it the staged image: renamed into place when it is the
 /// image as-is, else the decoder's output made durable and checked against the signed
@@ -426,12 +363,19 @@ fn stage_image(
     what: &str,
 ) -> Result<()> {
     if let Err(e) = hasher.verify(&spec.hashes, what) {
-        let _ = std::fs::remove_file(&spec.partial);
+        if !partial_is_partition(spec) {
+            let _ = std::fs::remove_file(&spec.partial);
+        }
         let _ = acks.send(Ack::Durable(0));
         return Err(AgentError::tuf(format!("verify {}", spec.url), e));
     }
     let Some(decode) = decode else {
         // Verified against the signed sha256, which is the image's: the bytes are the image.
+        if partial_is_partition(spec) {
+            // Already in place on the partition: flush the device (the caller reads
+            // it back against the signed digest before arming the trial).
+            return partial.sync_all().map_err(|e| AgentError::io("fsync", &spec.image, e));
+        }
         drop(partial);
         std::fs::rename(&spec.partial, &spec.image).map_err(|e| AgentError::io("rename to the staged image", &spec.partial, e))?;
         if let Some(dir) = spec.image.parent() {
@@ -462,13 +406,10 @@ fn new_decode<'p, W: Write>(encoding: Encoding, sink: ImageSink<W>, reference: O
     }
 }
 
-fn decode_error(spec: &TransferSpec, e: std::io::Error) -> AgentError {
-    AgentError::ImageMismatch { url: spec.url.clone(), reason: format!("cannot decode ({:?}): {e}", spec.encoding) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use outpost_protocol::hashing::sha256_hex;
 
     /// Runs the sink worker over `chunks` (the bytes on the wire) as a transfer signed as
@@ -486,6 +427,7 @@ mod tests {
             image_length: sent.len() as u64,
             partial: dir.path().join("fw.img.partial"),
             image: dir.path().join("fw.img.image"),
+            output: Output::Staged,
             durable: 0,
         };
         let (tx, rx) = mpsc::sync_channel(chunks.len() + 1);
@@ -547,6 +489,7 @@ mod tests {
             image_length: image.len() as u64,
             partial: dir.join("fw.img.zst.partial"),
             image: dir.join("fw.img.image"),
+            output: Output::Staged,
             durable: kept as u64,
         };
         std::fs::write(&spec().partial, &sent[..kept]).unwrap();
