@@ -29,6 +29,7 @@ import pytest
 from conftest import HASH_WORDS, Device, assert_fails, run, sha256_hex
 from test_install import (
     MiB,
+    changed,
     compressible,
     image,
     new_device,
@@ -281,3 +282,47 @@ def test_an_image_longer_than_the_partition_is_refused_before_writing(
     assert target_gets(proxy, "/1.0.0/") == [], "the image was fetched although it cannot fit"
     env = dev.bootenv()
     assert env["active"] == "A" and env["trial"] is None, res.describe()
+
+
+# ================================================ (f) a delta with bounded memory
+def peak_rss_while(agent) -> int:
+    """The largest VmHWM (KiB) seen while `agent` runs (polled: a re-exec "reboot"
+    starts a new count, so the maximum over the samples is taken)."""
+    peak = 0
+    while agent.alive():
+        try:
+            status = Path(f"/proc/{agent.pid}/status").read_text()
+        except OSError:
+            break
+        m = re.search(r"^VmHWM:\s+(\d+) kB", status, re.M)
+        if m:
+            peak = max(peak, int(m.group(1)))
+        time.sleep(0.005)
+    return peak
+
+
+def test_a_delta_into_a_partition_reads_its_base_from_the_active_partition(
+        fleet, tmp_path, loop_disks, proxy_factory):
+    repo, server, token = fleet
+    proxy = proxy_factory(server.url)
+    size = 64 * MiB
+    dev, disks = partition_device(fleet, tmp_path, loop_disks, size=72 * MiB, server_url=proxy.url)
+    v1 = publish(fleet, image("v1", size), "1.0.0")
+    expect_committed_on(dev, disks, dev.run_once(timeout=120), v1, "B")
+    data2 = changed(v1["file"].read_bytes(), "v2", edits=32)
+    v2 = publish(fleet, data2, "2.0.0", "--delta-from", "1.0.0", "--delta-base", v1["file"],
+                 "--delta-level", "3")
+    proxy.clear()
+    agent = dev.start(tag="delta")
+    peak_kib = peak_rss_while(agent)
+    res = agent.wait(120)
+    expect_committed_on(dev, disks, res, v2, "A")
+    gets = target_gets(proxy, "/2.0.0/")
+    assert [r for r in gets if "patch" in r.path], f"no delta was fetched: {[r.path for r in gets]}"
+    assert not [r for r in gets if r.path.endswith(".fw.img")], "the full image was fetched"
+    assert list(dev.downloads.iterdir()) in ([],) or all(
+        p.suffix == ".partial" for p in dev.downloads.iterdir())
+    print(f"delta install into a partition: peak RSS {peak_kib} KiB")
+    # The base is never held in memory: the peak stays far below the image (the
+    # single-frame format held the base and a window as large: over twice the image).
+    assert 0 < peak_kib < 40 * 1024, f"peak RSS {peak_kib} KiB while applying a delta of a {size}-byte image"

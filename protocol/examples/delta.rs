@@ -1,5 +1,6 @@
-//! Make or apply an Outpost delta (zstd patch) from the command line, with timings;
-//! used by bench/delta.sh.
+//! Make or apply an Outpost delta (a windowed zstd patch, protocol/src/wpatch.rs) from
+//! the command line, with timings; used by bench/delta.sh. The base is read by
+//! positional reads while applying, as the agent does.
 //!
 //!   delta make  OLD NEW PATCH [LEVEL]
 //!   delta apply OLD PATCH OUT
@@ -7,7 +8,8 @@
 use std::io::Write;
 use std::time::Instant;
 
-use outpost_protocol::codec::{make_patch, Decode, ImageSink};
+use outpost_protocol::codec::{Decode, ImageSink};
+use outpost_protocol::wpatch::{make, FileBase};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -17,17 +19,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let new = std::fs::read(&args[3])?;
             let level = args.get(5).map(|l| l.parse()).transpose()?.unwrap_or(19);
             let t = Instant::now();
-            let patch = make_patch(&old, &new, level)?;
+            let patch = make(&old, &new, level)?;
             let secs = t.elapsed().as_secs_f64();
             std::fs::write(&args[4], &patch)?;
             println!("{{\"op\":\"make\",\"seconds\":{secs:.4},\"patch_bytes\":{},\"level\":{level}}}", patch.len());
         }
         Some("apply") if args.len() == 5 => {
-            let old = std::fs::read(&args[2])?;
+            let file = std::fs::File::open(&args[2])?;
+            let old = FileBase { len: file.metadata()?.len(), file };
             let patch = std::fs::read(&args[3])?;
             let out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&args[4])?);
             let t = Instant::now();
-            let mut d = Decode::zstd(ImageSink::new(out, u64::MAX), Some(&old))?;
+            let mut d = Decode::windowed(ImageSink::new(out, u64::MAX), &old);
             for chunk in patch.chunks(1 << 16) {
                 d.feed(chunk)?;
             }

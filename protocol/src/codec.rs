@@ -29,6 +29,11 @@ impl<W: Write> ImageSink<W> {
         ImageSink { out, hasher: Sha256::new(), written: 0, limit }
     }
 
+    /// The signed image length: the most this sink accepts.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
     fn put(&mut self, data: &[u8]) -> io::Result<()> {
         self.written += data.len() as u64;
         if self.written > self.limit {
@@ -57,6 +62,8 @@ enum Mode<'p> {
         header: Option<Vec<u8>>,
         window_log_limit: u32,
     },
+    /// A windowed patch ([`crate::wpatch`]) against a base read by positional reads.
+    Windowed(crate::wpatch::Windowed<'p>),
 }
 
 /// The smallest window-log limit: 2^27 bytes (128 MiB), the window zstd's
@@ -163,9 +170,19 @@ impl<'p, W: Write> Decode<'p, W> {
         })
     }
 
+    /// A windowed patch ([`crate::wpatch`]) against `base`: bounded memory, whatever
+    /// the image size.
+    pub fn windowed(sink: ImageSink<W>, base: &'p dyn crate::wpatch::Base) -> Self {
+        Decode { mode: Mode::Windowed(crate::wpatch::Windowed::new(base)), sink }
+    }
+
     pub fn feed(&mut self, input: &[u8]) -> io::Result<()> {
         match &mut self.mode {
             Mode::Identity => self.sink.put(input),
+            Mode::Windowed(w) => {
+                let (limit, sink) = (self.sink.limit, &mut self.sink);
+                w.feed(input, limit, &mut |d: &[u8]| sink.put(d))
+            }
             Mode::Zstd { dec, buf, frame_done, header, window_log_limit } => {
                 let Some(pending) = header else {
                     return run_zstd(dec, buf, frame_done, &mut self.sink, input);
@@ -201,6 +218,11 @@ impl<'p, W: Write> Decode<'p, W> {
     pub fn finish(self) -> io::Result<(W, String, u64)> {
         if let Mode::Zstd { frame_done: false, .. } = self.mode {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "zstd stream is truncated (frame not complete)"));
+        }
+        if let Mode::Windowed(w) = &self.mode {
+            if !w.complete() {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "windowed patch is truncated (image not complete)"));
+            }
         }
         self.sink.finish()
     }

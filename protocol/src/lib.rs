@@ -17,5 +17,6 @@ pub mod report;
 pub mod rollout;
 pub mod slot;
 pub mod tuf;
+pub mod wpatch;
 
 pub use error::{display_chain, Error, Result};

@@ -62,6 +62,10 @@ pub struct PublishArgs {
     /// low level compresses a large root filesystem in seconds instead of minutes.
     #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22), requires = "zstd")]
     pub zstd_level: i32,
+    /// zstd level of the delta's regions (1-22): 19 makes the smallest patches; a low
+    /// level makes them in a fraction of the time.
+    #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22), requires = "delta_from")]
+    pub delta_level: i32,
     /// Also publish a zstd patch from this earlier release (needs --delta-base).
     #[arg(long, requires = "delta_base")]
     pub delta_from: Option<ReleaseVersion>,
@@ -218,16 +222,23 @@ async fn full_artifact(a: &PublishArgs, image: &Image, base: &FirmwareCustom, st
     Ok(Artifact { path: format!("{}.zst", image.path), file: tmp, length, sha256, custom: Some(image.encoded(base, Encoding::Zstd)), temporary: true })
 }
 
-/// zstd at `level` with long-distance matching and a checksum, fsynced.
+/// zstd at `level` with long-distance matching and a checksum, fsynced. The window
+/// is 8 MiB ([`FULL_WINDOW_LOG`]): the device's decoder keeps a window that large
+/// while it streams the image into the slot (long-distance matching would otherwise
+/// ask for 128 MiB of the device's memory).
 fn compress(src: &Path, dst: &Path, level: i32) -> Result<()> {
     let input = std::fs::File::open(src).map_err(|e| SignerError::io("open", src, e))?;
     let output = std::fs::File::create(dst).map_err(|e| SignerError::io("create", dst, e))?;
     let mut enc = zstd::stream::write::Encoder::new(output, level).map_err(|e| SignerError::io("compress", dst, e))?;
     enc.long_distance_matching(true).map_err(|e| SignerError::io("compress", dst, e))?;
+    enc.window_log(FULL_WINDOW_LOG).map_err(|e| SignerError::io("compress", dst, e))?;
     enc.include_checksum(true).map_err(|e| SignerError::io("compress", dst, e))?;
     std::io::copy(&mut std::io::BufReader::new(input), &mut enc).map_err(|e| SignerError::io("compress", src, e))?;
     enc.finish().map_err(|e| SignerError::io("compress", dst, e))?.sync_all().map_err(|e| SignerError::io("fsync", dst, e))
 }
+
+/// The window of a full zstd target (2^23 bytes = 8 MiB).
+const FULL_WINDOW_LOG: u32 = 23;
 
 /// The SBOM bytes the release carries: the pipeline's file or one generated here.
 async fn sbom_bytes(a: &PublishArgs, image: &Image) -> Result<Option<Vec<u8>>> {
@@ -292,11 +303,11 @@ async fn delta_artifact(a: &PublishArgs, image: &Image, base: &FirmwareCustom, r
             format!("sha256 {base_sha} is not the signed image of release {from} ({})", signed_base.expected_measurement.sha256),
         ));
     }
-    let (old, new) = (base_file.clone(), image.file.clone());
+    let (old, new, level) = (base_file.clone(), image.file.clone(), a.delta_level);
     let patch = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
         let old_bytes = std::fs::read(&old).map_err(|e| SignerError::io("read", &old, e))?;
         let new_bytes = std::fs::read(&new).map_err(|e| SignerError::io("read", &new, e))?;
-        outpost_protocol::codec::make_patch(&old_bytes, &new_bytes, 19).map_err(|e| SignerError::io("make a zstd patch for", &new, e))
+        outpost_protocol::wpatch::make(&old_bytes, &new_bytes, level).map_err(|e| SignerError::io("make a windowed zstd patch for", &new, e))
     })
     .await
     .map_err(SignerError::task("patch task"))??;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use outpost_protocol::release::Encoding;
 use outpost_protocol::tuf::quote_file_name;
-use sha2::{Digest, Sha256};
+use outpost_protocol::wpatch::{Base, FileBase};
 
 use super::journal::{JournalFile, Phase, Release, Transfer};
 use super::select::Candidate;
@@ -101,7 +101,7 @@ impl Installer {
         let active_slot = self.boot.slot_path(self.boot.state()?.active);
         for (delta, custom) in &cand.deltas {
             let Some(base) = &custom.delta_base else { continue };
-            let reference = match self.reference_if_digest(&active_slot, &base.sha256)? {
+            let reference: Arc<dyn Base> = match self.reference_if_digest(&active_slot, &base.sha256)? {
                 Some(r) => Arc::new(r),
                 None => continue,
             };
@@ -119,10 +119,11 @@ impl Installer {
         self.fetch(updater, release, &transfer, &cand.full.file.hashes, None, dest).await
     }
 
-    /// The active slot's image if its sha256 is `want` (the delta reference). A
-    /// partition is longer than its image: its first bytes are read, as many as the
-    /// running release (which the journal says it holds) is long.
-    fn reference_if_digest(&self, active: &Path, want: &str) -> Result<Option<Vec<u8>>> {
+    /// The active slot as the delta reference, if its image's sha256 is `want`: read
+    /// by positional reads while the patch is applied, never into memory. A partition
+    /// is longer than its image: its first bytes are the image, as many as the running
+    /// release (which the journal says it holds) is long.
+    fn reference_if_digest(&self, active: &Path, want: &str) -> Result<Option<FileBase>> {
         let length = match SlotKind::of(active)? {
             SlotKind::File => None,
             SlotKind::Partition { .. } => match &self.journal.running {
@@ -143,7 +144,7 @@ impl Installer {
         release: &Release,
         transfer: &Transfer,
         hashes: &BTreeMap<String, String>,
-        reference: Option<Arc<Vec<u8>>>,
+        reference: Option<Arc<dyn Base>>,
         dest: &Dest,
         durable: u64,
     ) -> Result<TransferSpec> {
@@ -179,7 +180,7 @@ impl Installer {
         release: &Release,
         transfer: &Transfer,
         hashes: &BTreeMap<String, String>,
-        reference: Option<Arc<Vec<u8>>>,
+        reference: Option<Arc<dyn Base>>,
         dest: &Dest,
     ) -> Result<TransferStats> {
         let downloads = self.config.download_dir();
@@ -258,11 +259,13 @@ pub(super) enum Dest {
     Partition { slot: Slot, path: PathBuf },
 }
 
-/// The file's bytes (its first `length`, when given) if their sha256 is `want`.
-fn read_if_digest(path: &Path, length: Option<u64>, want: &str) -> Result<Option<Vec<u8>>> {
-    use std::io::Read;
+/// The file (its first `length` bytes, when given) as a patch base if their sha256 is
+/// `want`: hashed in a streaming pass, then opened for positional reads.
+fn read_if_digest(path: &Path, length: Option<u64>, want: &str) -> Result<Option<FileBase>> {
+    let (sha, len) = hash_file(path, length)?;
+    if !sha.eq_ignore_ascii_case(want) || length.is_some_and(|l| l != len) {
+        return Ok(None);
+    }
     let file = std::fs::File::open(path).map_err(|e| AgentError::io("open", path, e))?;
-    let mut bytes = Vec::new();
-    file.take(length.unwrap_or(u64::MAX)).read_to_end(&mut bytes).map_err(|e| AgentError::io("read", path, e))?;
-    Ok((hex::encode(Sha256::digest(&bytes)) == want).then_some(bytes))
+    Ok(Some(FileBase { file, len }))
 }

@@ -22,7 +22,7 @@ pub struct TransferSpec {
     pub hashes: BTreeMap<String, String>,
     pub encoding: Encoding,
     /// For patches: the reference image (the booted slot's content).
-    pub reference: Option<Arc<Vec<u8>>>,
+    pub reference: Option<Arc<dyn outpost_protocol::wpatch::Base>>,
     /// The image the bytes must decode to.
     pub image_sha256: String,
     pub image_length: u64,

@@ -274,7 +274,7 @@ fn sink_worker(
         }
         let image = open_output(&spec.image, spec.output)?;
         let sink = ImageSink::new(std::io::BufWriter::with_capacity(1 << 20, image), spec.image_length);
-        new_decode(spec.encoding, sink, reference.as_deref().map(|v| v.as_slice()))
+        new_decode(spec.encoding, sink, reference.as_deref())
             .map(Some)
             .map_err(|e| AgentError::io("start decoder for", &spec.image, e))
     };
@@ -395,12 +395,12 @@ fn stage_image(
     Ok(())
 }
 
-fn new_decode<'p, W: Write>(encoding: Encoding, sink: ImageSink<W>, reference: Option<&'p [u8]>) -> std::io::Result<Decode<'p, W>> {
+fn new_decode<'p, W: Write>(encoding: Encoding, sink: ImageSink<W>, reference: Option<&'p dyn outpost_protocol::wpatch::Base>) -> std::io::Result<Decode<'p, W>> {
     match encoding {
         Encoding::Identity => Ok(Decode::identity(sink)),
         Encoding::Zstd => Decode::zstd(sink, None),
         Encoding::ZstdPatch => match reference {
-            Some(r) => Decode::zstd(sink, Some(r)),
+            Some(r) => Ok(Decode::windowed(sink, r)),
             None => Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "a patch needs its reference image")),
         },
     }
