@@ -6,7 +6,9 @@
 # (a) publish a 1 GiB random firmware image through a running outpost-server (release
 #     build), then time `outpost-agent tuf-client download` of it over loopback; compare
 #     its throughput with `openssl dgst -sha256` on the same file; agent peak RSS;
-#     `curl -o` of the same URL (no verification) as the transport + page-cache-write reference.
+#     `curl -o` of the same URL (no verification) as the transport + page-cache-write reference;
+#     `dd oflag=direct conv=fsync` of the image onto the same disk (the disk limit): the
+#     download is also reported against the lower of the two limits (hashing, disk).
 # (b) a TUF repository with 10,000 targets (written with python-tuf's Metadata API,
 #     served by `python3 -m http.server` on loopback): a fresh agent
 #     `tuf-client init` + `refresh` versus python-tuf's `Updater(...).refresh()`.
@@ -153,6 +155,12 @@ for ((i = 0; i <= DOWNLOAD_RUNS; i++)); do
   warm "$IMAGE"
   "${MEASURE[@]}" time --record "$rec" --label openssl_sha256 --run "$i" --log "$LOG" -- \
     openssl dgst -sha256 "$IMAGE"
+  echo "  dd $round (the disk limit: the same bytes written to the download disk, direct and fsynced)" >&2
+  sync
+  warm "$IMAGE"
+  "${MEASURE[@]}" time --record "$rec" --label dd_direct --run "$i" --log "$LOG" -- \
+    dd if="$IMAGE" of="$WORK/dd-limit.img" bs=4M oflag=direct conv=fsync status=none
+  rm -f "$WORK/dd-limit.img"
 done
 rm -rf "$DL"
 fleet_stop_server

@@ -125,6 +125,17 @@ def cmd_report(args: argparse.Namespace) -> int:
             f"`openssl dgst -sha256` on the same file: {ossl_mibs:.0f} MiB/s ({fmt_s(ossl_t)})",
             f"**{dl_mibs / ossl_mibs:.2f}** (agent ÷ openssl throughput; higher is better, 1.0 = hashing speed)",
         ))
+        dd = data.get("dd_direct")
+        if dd:
+            dd_mibs = image_bytes / MIB / med(dd)
+            lower, which = min((ossl_mibs, "hashing"), (dd_mibs, "disk"))
+            rows.append((
+                "same download against the lower of the two limits measured in this run",
+                f"agent: {dl_mibs:.0f} MiB/s",
+                f"`dd oflag=direct conv=fsync` of the same bytes to the same disk: {dd_mibs:.0f} MiB/s; lower limit: {which}, {lower:.0f} MiB/s",
+                f"**{dl_mibs / lower:.2f}** (agent ÷ lower limit)",
+            ))
+            details.append("dd runs (s): " + ", ".join(f"{r['wall_s']:.2f}" for r in dd))
         if curl:
             curl_t = med(curl)
             curl_mibs = image_bytes / MIB / curl_t
