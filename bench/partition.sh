@@ -103,7 +103,7 @@ dd if=/dev/zero of="$PART_B" bs=1M count=16 conv=fsync status=none
 fleet_log "agent: full install into partition B"
 sync
 cat "$V1" >/dev/null
-read -r FULL_S FULL_KIB < <(timed "$OUTPOST_BIN/outpost-agent" --config "$AGENT/agent.toml" --json run --once)
+read -r FULL_S FULL_KIB < <(timed "$OUTPOST_BIN/outpost-agent" --config "$AGENT/agent.toml" --log-level info --json run --once)
 grep -q '"committed"' "$LOG" || fleet_die "the full install did not commit (see $LOG)"
 [[ "$(head -c $((MIB * 1024 * 1024)) "$PART_B" | openssl dgst -sha256 -r | cut -d' ' -f1)" == \
    "$(openssl dgst -sha256 -r "$V1" | cut -d' ' -f1)" ]] || fleet_die "partition B is not the image"
@@ -119,7 +119,7 @@ read -r MAKE_S _ < <(timed "$OUTPOST_BIN/outpost" release publish --repo "$WORK/
   --delta-from 1.0.0 --delta-base "$V1" --delta-level "$DELTA_LEVEL")
 PATCH_BYTES="$(find "$WORK/server-data" -name '*.zst-patch' -printf '%s\n' | head -1)"
 sync
-read -r DELTA_S DELTA_KIB < <(timed "$OUTPOST_BIN/outpost-agent" --config "$AGENT/agent.toml" --json run --once)
+read -r DELTA_S DELTA_KIB < <(timed "$OUTPOST_BIN/outpost-agent" --config "$AGENT/agent.toml" --log-level info --json run --once)
 [[ "$(grep -c '"committed"' "$LOG")" -ge 2 ]] || fleet_die "the delta install did not commit (see $LOG)"
 read -r XMAKE_S _ < <(timed xdelta3 -9 -e -f -s "$V1" "$V2" "$WORK/x.xd")
 sync

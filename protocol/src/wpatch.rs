@@ -16,6 +16,9 @@
 //!   window_start: u64  window_len: u64  region_len: u64  frame_len: u64  frame
 //! ```
 //!
+//! A region with `frame_len` 0 is a copy: its bytes are the window's (then as long as
+//! the region).
+//!
 //! A region header only says where the window is: an encoder may choose it by any rule
 //! (a better matcher can place windows where the region's content moved), the decoder
 //! does not change.
@@ -100,6 +103,14 @@ fn encode_regions(base: &[u8], new: &[u8], regions: &[(usize, usize)], level: i3
     for &(s, e) in regions {
         let ws = s.saturating_sub(MARGIN as usize).min(base.len());
         let we = (e + MARGIN as usize).min(base.len());
+        if base.get(s..e) == Some(&new[s..e]) {
+            // Unchanged at the same offset: a copy, no frame (a frame costs a few bytes
+            // per 128 KiB block even when it only refers back).
+            for v in [s as u64, (e - s) as u64, (e - s) as u64, 0] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            continue;
+        }
         let window = &base[ws..we];
         let frame = encode_region(window, &new[s..e], level)?;
         for v in [ws as u64, window.len() as u64, (e - s) as u64, frame.len() as u64] {
@@ -210,9 +221,17 @@ impl<'b> Windowed<'b> {
             Want::RegionHeader => {
                 let (window_start, window_len, region_len, frame_len) = (u(0), u(1), u(2), u(3));
                 self.check_region(window_start, window_len, region_len, frame_len)?;
-                self.want = Want::Frame { window_start, window_len, region_len, frame_len };
                 if frame_len == 0 {
-                    return Err(bad("a region with an empty frame".into()));
+                    // A copy: the region is the window's bytes as they are.
+                    if window_len != region_len {
+                        return Err(bad(format!("region at {}: a copy of {window_len} bytes for a {region_len}-byte region", self.decoded)));
+                    }
+                    self.window.resize(window_len as usize, 0);
+                    self.base.read_at(&mut self.window, window_start)?;
+                    put(&self.window)?;
+                    self.decoded += region_len;
+                } else {
+                    self.want = Want::Frame { window_start, window_len, region_len, frame_len };
                 }
             }
             Want::Frame { window_start, window_len, region_len, .. } => {
@@ -297,6 +316,21 @@ mod tests {
         let (out, sha) = apply(&base, &patch, new.len() as u64, 7777).unwrap();
         assert!(out == new);
         assert_eq!(sha, hex::encode(Sha256::digest(&new)));
+    }
+
+    #[test]
+    fn unchanged_regions_are_copies() {
+        let base = image(6, 8 << 20);
+        let mut new = base.clone();
+        new[5 << 20] ^= 1;
+        let patch = make(&base, &new, 3).unwrap();
+        // Three copies (32-byte headers) and one frame for the changed region.
+        assert!(patch.len() < 2000, "patch is {} bytes", patch.len());
+        assert!(apply(&base, &patch, new.len() as u64, 100).unwrap().0 == new);
+        // A copy whose length disagrees with its region is refused.
+        let mut bad_copy = patch.clone();
+        bad_copy[HEADER + 8..HEADER + 16].copy_from_slice(&5u64.to_le_bytes());
+        assert!(apply(&base, &bad_copy, new.len() as u64, 100).is_err());
     }
 
     #[test]

@@ -190,7 +190,9 @@ struct Sink {
 impl Sink {
     /// Starts the worker; returns it with the offset it resumes from.
     async fn start(spec: TransferSpec, checkpoint_every: u64) -> Result<(Self, u64)> {
-        let (tx, rx) = mpsc::sync_channel::<Msg>(32);
+        // Chunks from hyper reach ~400 KiB on a fast link: a short queue bounds the
+        // bytes in flight (32 of them could hold ~13 MiB).
+        let (tx, rx) = mpsc::sync_channel::<Msg>(4);
         let (ack_tx, acks) = mpsc::channel::<Ack>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<u64>>();
         let worker = tokio::task::spawn_blocking(move || sink_worker(spec, rx, ack_tx, ready_tx, checkpoint_every));
