@@ -5,7 +5,8 @@
 //! needs much memory; what it must not do is allocate beyond what the signed length
 //! and the reference justify.
 //!
-//! Input: a mode byte (bits 0-1: identity, zstd, patch; bits 2-7: chunk size), a
+//! Input: a mode byte (bits 0-1: identity, zstd, single-frame patch, windowed patch
+//! (protocol/src/wpatch.rs, the reference as its base); bits 2-7: chunk size), a
 //! 16-bit limit, a 16-bit reference length, the reference, then the stream.
 #![no_main]
 
@@ -24,10 +25,12 @@ fuzz_target!(|data: &[u8]| {
     let stream = &data[5 + ref_len..];
     let chunk = usize::from(m >> 2) * 61 + 1;
     let sink = ImageSink::new(Vec::new(), limit);
+    let base = reference.to_vec();
     let decoder = match m & 3 {
         0 => Ok(Decode::identity(sink)),
         1 => Decode::zstd(sink, None),
-        _ => Decode::zstd(sink, Some(reference)),
+        2 => Decode::zstd(sink, Some(reference)),
+        _ => Ok(Decode::windowed(sink, &base)),
     };
     let Ok(mut d) = decoder else { return };
     for c in stream.chunks(chunk) {
