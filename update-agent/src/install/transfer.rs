@@ -505,6 +505,52 @@ mod tests {
         (sink_worker(spec(), rx, acks, ready, 1 << 20), spec())
     }
 
+    /// As-is into a partition (a regular file stands in: the worker never looks at the
+    /// type): received bytes land on the "partition" at the durable offset, bytes past
+    /// the image stay, and bytes that do not verify never remove or truncate it.
+    #[test]
+    fn as_is_into_a_partition_writes_in_place_and_never_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("partition");
+        let image = text(3_000_000);
+        std::fs::write(&part, vec![0xeeu8; 4_000_000]).unwrap();
+        let run = |chunks: &[&[u8]], durable: u64, signed: &[u8]| {
+            let spec = TransferSpec {
+                url: "http://127.0.0.1/targets/fw.img".into(),
+                length: signed.len() as u64,
+                hashes: BTreeMap::from([("sha256".to_owned(), sha256_hex(signed))]),
+                encoding: Encoding::Identity,
+                reference: None,
+                image_sha256: sha256_hex(signed),
+                image_length: signed.len() as u64,
+                partial: part.clone(),
+                image: part.clone(),
+                output: Output::Partition,
+                durable,
+            };
+            let (tx, rx) = mpsc::sync_channel(chunks.len() + 1);
+            for c in chunks {
+                tx.send(Msg::Chunk(Bytes::copy_from_slice(c))).unwrap();
+            }
+            drop(tx);
+            let (acks, _acks_rx) = mpsc::channel();
+            let (ready, _ready_rx) = tokio::sync::oneshot::channel();
+            sink_worker(spec, rx, acks, ready, 1 << 20)
+        };
+        // A first run cut short, then a resume from 1,000,000.
+        run(&[&image[..1_000_000]], 0, &image).unwrap();
+        run(&[&image[1_000_000..]], 1_000_000, &image).unwrap();
+        let on_disk = std::fs::read(&part).unwrap();
+        assert_eq!(on_disk.len(), 4_000_000, "the partition was truncated");
+        assert!(on_disk[..image.len()] == image[..] && on_disk[image.len()..].iter().all(|&b| b == 0xee));
+        // Wrong bytes: refused, and the partition is still there, whole.
+        let mut wrong = image.clone();
+        wrong[10] ^= 1;
+        let err = run(&[&wrong], 0, &image).unwrap_err();
+        assert!(matches!(err, AgentError::Tuf { .. }), "{err}");
+        assert_eq!(std::fs::metadata(&part).unwrap().len(), 4_000_000);
+    }
+
     fn text(len: usize) -> Vec<u8> {
         (0..len).map(|i| b"outpost firmware "[i % 17]).collect()
     }
