@@ -6,7 +6,7 @@ Every boot runs under TCG (no KVM on this machine kind): about a minute each, so
 scenarios share boots where the story allows."""
 from __future__ import annotations
 
-import re
+import json
 import time
 from pathlib import Path
 
@@ -21,7 +21,7 @@ HARDWARE_CLASS = "qemu-x86_64"
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
     """Slot images (ext4 root filesystems with this build's agent package): the
-    factory image 1.0.0, the update 2.0.0, and 3.0.0 whose kernel panics (no init)."""
+    factory image 1.0.0, the update 2.0.0, and 3.0.0 whose init exits at once (the kernel panics)."""
     d = tmp_path_factory.mktemp("vm-images")
     agent = agent_deb()
     try:
@@ -106,7 +106,7 @@ def test_update_across_a_real_reboot_then_grub_falls_back_from_a_kernel_panic(vm
         for want in ("install ok installed", "Type=notify", "ActiveState=active"):
             assert want in unit, unit
 
-        # 3.0.0's kernel finds no init and panics: nothing on the device can confirm
+        # 3.0.0.s init exits and the kernel panics: nothing on the device can confirm
         # it. GRUB's count runs out and it boots the committed slot B again.
         publish_slot(vm_fleet, images["3.0.0"], "3.0.0")
         mark = len(dev.serial())
@@ -123,3 +123,82 @@ def test_update_across_a_real_reboot_then_grub_falls_back_from_a_kernel_panic(vm
         assert dev.boots()[-1] == ("B", "exhausted"), dev.boots()
     finally:
         dev.stop()
+
+
+# ============================================================ measured boot
+ATTESTED_CLASS = f'\n[attestation.classes."{HARDWARE_CLASS}"]\nboot_event_log = true\n'
+EVENT_LOG = "/sys/kernel/security/tpm0/binary_bios_measurements"
+
+
+@pytest.fixture
+def attested_fleet(outpost_repo, tmp_path):
+    """A server that judges this class by its boot chain: the firmware's event log
+    against the golden values signed into its releases."""
+    from conftest import OutpostServer
+    outpost_repo.delegate_firmware(role="x86-firmware", paths=f"firmware/{HARDWARE_CLASS}/*/*")
+    server = OutpostServer(tmp_path, outpost_repo, measurement=ATTESTED_CLASS)
+    token = server.token()
+    server.start()
+    outpost_repo.cli("repo", "push", "--repo", outpost_repo.dir, "--server", server.url, "--token", token)
+    yield outpost_repo, server, token
+    server.stop()
+
+
+def test_attested_by_the_boot_chain_and_quarantined_when_root_changes_the_kernel_command_line(attested_fleet, images, tmp_path):
+    from test_attestation import Ops
+    repo, server, token = attested_fleet
+    ops = Ops(attested_fleet)
+    golden = vm.image_sh("golden-args").splitlines()
+
+    def publish(version: str) -> None:
+        repo.cli("release", "publish", "--repo", repo.dir, "--firmware", images[version], "--hardware-class", HARDWARE_CLASS,
+                 "--version", version, "--key", repo.key("x86-firmware"), "--zstd", "--zstd-level", "3", *golden,
+                 "--server", server.url, "--token", token, timeout=300)
+    publish("1.0.0")
+    tpm = '\n[tpm]\ntcti = "device:/dev/tpmrm0"\n' f'boot_event_log = "{EVENT_LOG}"\n'
+    data = vm.data_partition(tmp_path / "data.ext4", {
+        "agent.toml": vm.agent_toml(HARDWARE_CLASS, "vm-attested", extra=tpm).encode(),
+        "root.json": repo.root1,
+    })
+    disk = tmp_path / "disk.raw"
+    vm.image_sh("disk", str(disk), str(images["1.0.0"]), str(data))
+    dev = vm.VirtualDevice(tmp_path / "vm", disk, server.port)
+    dev.start()
+    try:
+        dev.wait_up()
+        token_ = ops.enrollment_token(hardware_class=HARDWARE_CLASS)
+        _, out = dev.sh(f"outpost-agent --config /var/lib/outpost/agent.toml --json enroll --token {token_}", timeout=120)
+        device_id = next(json.loads(l) for l in out.splitlines() if l.startswith("{"))["device_id"]
+        # The running agent checks in attested: the firmware's and GRUB's events
+        # replay to its quote and match 1.0.0's golden values.
+        shown = wait_for_device(ops, device_id, lambda d: d["device"]["attestation"] == "attested", 300)
+        assert shown["device"]["version"] == "1.0.0" and not shown["device"]["quarantined"], shown["device"]
+
+        # Root on the device changes a kernel argument in grub.cfg on the ESP, reboots.
+        dev.sh("sed -i 's/loglevel=4/loglevel=5/' /boot/efi/EFI/outpost/grub.cfg && systemctl reboot", check=False)
+        dev.wait_serial(r"outpost: booting slot A \(normal\)", timeout=300, after=len(dev.serial()) - 200)
+        shown = wait_for_device(ops, device_id, lambda d: d["device"]["attestation"] == "failed", 600)
+        reason = shown["attestations"][0]["reason"] or ""
+        # The server names the event that differs (grub.cfg in PCR 9 or the command
+        # line in PCR 8), and the device is quarantined.
+        assert "record" in reason and ("grub.cfg" in reason or "kernel_cmdline" in reason), reason
+        assert shown["device"]["quarantined"], shown["device"]
+        # A quarantined device gets no assignment.
+        publish("2.0.0")
+        ops.rollout("2.0.0", hardware_class=HARDWARE_CLASS)
+        time.sleep(30)
+        assert not any(r["version"] == "2.0.0" for r in list_reports(server, device_id))
+        assert dev.boots()[-1] == ("A", "normal"), dev.boots()
+    finally:
+        dev.stop()
+
+
+def wait_for_device(ops, device_id: str, pred, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        shown = ops.device(device_id)
+        if pred(shown):
+            return shown
+        if time.monotonic() > deadline:
+            raise AssertionError(f"device {device_id} did not get there within {timeout:.0f} s: {shown}")
+        time.sleep(3)

@@ -11,6 +11,7 @@
 //! vouches for every field of the report, the nonce included.
 
 pub mod authenticode;
+pub mod boot;
 pub mod credential;
 pub mod eventlog;
 pub mod golden;
@@ -177,6 +178,10 @@ pub enum Platform {
     BootChain,
     /// A testbed, where a forgeable measurement (resettable PCRs) is accepted knowingly.
     Testbed,
+    /// Firmware and bootloader measure (PCRs 4, 8, 9) before the device's software
+    /// runs; the device sends their TCG event log, which must replay to its quote and
+    /// match the golden values signed into a release (see [`golden`]).
+    EventLog,
 }
 
 /// Which PCRs and event types prove the booted slot for one hardware class.
@@ -213,6 +218,16 @@ impl MeasurementPolicy {
         Ok(MeasurementPolicy { pcrs, event_types, platform })
     }
 
+    /// A class measured by its boot chain: the quote covers [`golden::GOLDEN_PCRS`]
+    /// and the check-in carries the firmware's event log.
+    pub fn event_log() -> Self {
+        MeasurementPolicy { pcrs: golden::GOLDEN_PCRS.into_iter().collect(), event_types: Default::default(), platform: Platform::EventLog }
+    }
+
+    pub fn platform(&self) -> Platform {
+        self.platform
+    }
+
     pub fn testbed(&self) -> bool {
         self.platform == Platform::Testbed
     }
@@ -223,6 +238,18 @@ impl MeasurementPolicy {
 
     /// Does the report's measurement come from PCRs and events this policy trusts?
     pub fn check(&self, report: &CheckinReport) -> std::result::Result<(), String> {
+        if self.platform == Platform::EventLog {
+            if report.boot_log.is_none() {
+                return Err("this class is measured by its boot chain, and the check-in carries no boot event log (agent: [tpm] boot_event_log)".into());
+            }
+            if !report.event_log.events.is_empty() {
+                return Err("the check-in carries the agent's own measurements, which this class, measured by its boot chain, does not accept".into());
+            }
+            return Ok(());
+        }
+        if report.boot_log.is_some() {
+            return Err("the check-in carries a boot event log, and this class is not configured to judge one (attestation.classes: boot_event_log = true)".into());
+        }
         if !self.pcrs.contains(&report.pcr) {
             let why = if RESETTABLE_PCRS.contains(&report.pcr) { " (software can reset it)" } else { "" };
             return Err(format!("the measurement is in PCR {}{why}, which does not prove the booted image for this hardware class (accepted: {:?})", report.pcr, self.pcrs));
@@ -382,6 +409,10 @@ pub struct CheckinReport {
     pub health: DeviceHealth,
     pub pcr: u32,
     pub event_log: EventLog,
+    /// The firmware's TCG event log (`binary_bios_measurements`), base64: sent by
+    /// devices whose boot chain measures (firmware, GRUB), instead of `event_log`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_log: Option<String>,
     /// Install outcomes not yet delivered.
     #[serde(default)]
     pub reports: Vec<InstallReport>,
@@ -521,6 +552,7 @@ mod tests {
             health: DeviceHealth::Healthy,
             pcr: 16,
             event_log: EventLog { events: vec![event("aa")] },
+            boot_log: None,
             reports: vec![],
             policy: None,
             at: "t".into(),
