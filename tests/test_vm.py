@@ -21,7 +21,8 @@ HARDWARE_CLASS = "qemu-x86_64"
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
     """Slot images (ext4 root filesystems with this build's agent package): the
-    factory image 1.0.0, the update 2.0.0, and 3.0.0 whose init exits at once (the kernel panics)."""
+    factory image 1.0.0, the updates 2.0.0 and 3.0.0 (published with a health check
+    that fails), and 4.0.0 whose init exits at once (the kernel panics)."""
     d = tmp_path_factory.mktemp("vm-images")
     agent = agent_deb()
     try:
@@ -30,7 +31,8 @@ def images(tmp_path_factory) -> dict[str, Path]:
         return {
             "1.0.0": vm.slot_image(d / "1.0.0.ext4", "1.0.0", agent),
             "2.0.0": vm.slot_image(d / "2.0.0.ext4", "2.0.0", agent),
-            "3.0.0": vm.slot_image(d / "3.0.0.ext4", "3.0.0", agent, kind="panic"),
+            "3.0.0": vm.slot_image(d / "3.0.0.ext4", "3.0.0", agent),
+            "4.0.0": vm.slot_image(d / "4.0.0.ext4", "4.0.0", agent, kind="panic"),
         }
     except vm.VmError as e:
         pytest.fail(str(e), pytrace=False)
@@ -54,10 +56,10 @@ def vm_fleet(outpost_repo, server_factory):
     return outpost_repo, server, token
 
 
-def publish_slot(fleet, image: Path, version: str) -> None:
+def publish_slot(fleet, image: Path, version: str, *extra: str) -> None:
     repo, server, token = fleet
     repo.cli("release", "publish", "--repo", repo.dir, "--firmware", image, "--hardware-class", HARDWARE_CLASS,
-             "--version", version, "--key", repo.key("x86-firmware"), "--zstd", "--zstd-level", "3",
+             "--version", version, "--key", repo.key("x86-firmware"), "--zstd", "--zstd-level", "3", *extra,
              "--server", server.url, "--token", token, timeout=300)
 
 
@@ -84,7 +86,7 @@ def wait_report(server, device_id: str, version: str, outcome: str, timeout: flo
         time.sleep(2)
 
 
-def test_update_across_a_real_reboot_then_grub_falls_back_from_a_kernel_panic(vm_fleet, images, tmp_path):
+def test_update_across_a_real_reboot_then_rollbacks_from_a_failed_health_check_and_a_kernel_panic(vm_fleet, images, tmp_path):
     _, server, _ = vm_fleet
     publish_slot(vm_fleet, images["2.0.0"], "2.0.0")
     dev = device(vm_fleet, images, tmp_path)
@@ -106,14 +108,23 @@ def test_update_across_a_real_reboot_then_grub_falls_back_from_a_kernel_panic(vm
         for want in ("install ok installed", "Type=notify", "ActiveState=active"):
             assert want in unit, unit
 
-        # 3.0.0.s init exits and the kernel panics: nothing on the device can confirm
+        # 3.0.0 boots, and its signed health check fails: the agent cancels the trial
+        # and reboots; GRUB boots the committed slot B.
+        publish_slot(vm_fleet, images["3.0.0"], "3.0.0", "--health-command", "test -e /etc/outpost-healthy")
+        mark = len(dev.serial())
+        dev.wait_serial(r"outpost: booting slot A \(trial\)", timeout=900, after=mark)
+        dev.wait_serial(r"outpost: booting slot B \(normal\)", timeout=600, after=mark)
+        rolled = wait_report(server, "vm-1", "3.0.0", "rolled_back", timeout=600)
+        assert "/etc/outpost-healthy" in (rolled.get("reason") or ""), rolled
+
+        # 4.0.0's init exits and the kernel panics: nothing on the device can confirm
         # it. GRUB's count runs out and it boots the committed slot B again.
-        publish_slot(vm_fleet, images["3.0.0"], "3.0.0")
+        publish_slot(vm_fleet, images["4.0.0"], "4.0.0")
         mark = len(dev.serial())
         dev.wait_serial(r"outpost: booting slot A \(trial\)", timeout=900, after=mark)
         dev.wait_serial(r"Kernel panic", timeout=300, after=mark)
         dev.wait_serial(r"outpost: booting slot B \(exhausted\)", timeout=300, after=mark)
-        rolled = wait_report(server, "vm-1", "3.0.0", "rolled_back", timeout=600)
+        rolled = wait_report(server, "vm-1", "4.0.0", "rolled_back", timeout=600)
         assert "attempts ran out" in (rolled.get("reason") or ""), rolled
         assert dev.cmdline_slot() == "B"
         _, release = dev.sh("cat /etc/outpost-release")
