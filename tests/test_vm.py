@@ -129,8 +129,13 @@ def test_update_across_a_real_reboot_then_rollbacks_from_a_failed_health_check_a
         assert dev.cmdline_slot() == "B"
         _, release = dev.sh("cat /etc/outpost-release")
         assert "OUTPOST_RELEASE=2.0.0" in release
-        # The failed release is not tried again.
+        # The failed release is not tried again: the agent's journal keeps it as failed,
+        # and no trial is armed however many checks pass.
         time.sleep(20)
+        _, journal = dev.sh("cat /var/lib/outpost/agent/journal.json")
+        failed = [r["version"] for r in json.loads(journal)["failed"]]
+        assert "4.0.0" in failed and "3.0.0" in failed, journal
+        assert dev.grubenv().get("outpost_trial", "") == "", dev.grubenv()
         assert dev.boots()[-1] == ("B", "exhausted"), dev.boots()
     finally:
         dev.stop()
@@ -194,10 +199,13 @@ def test_attested_by_the_boot_chain_and_quarantined_when_root_changes_the_kernel
         # in PCR 8, with the changed argument), and the device is quarantined.
         assert "record" in reason and "PCR 8" in reason and "loglevel=5" in reason, reason
         assert shown["device"]["quarantined"], shown["device"]
-        # A quarantined device gets no assignment.
+        # A quarantined device gets no assignment: the agent says so and installs nothing.
         publish("2.0.0")
         ops.rollout("2.0.0", hardware_class=HARDWARE_CLASS)
         time.sleep(30)
+        _, log = dev.sh("journalctl -u outpost-agent --no-pager -o cat | grep -c 'quarantined by the server; not installing'", check=False)
+        assert int(log.strip().splitlines()[-1]) >= 1, log
+        assert dev.grubenv().get("outpost_trial", "") == "", dev.grubenv()
         assert not any(r["version"] == "2.0.0" for r in list_reports(server, device_id))
         assert dev.boots()[-1] == ("A", "normal"), dev.boots()
     finally:

@@ -1,7 +1,10 @@
 //! Judging a check-in of a class measured by its boot chain: the firmware's event log
 //! the device sent must replay to its quote and match the golden values signed into
 //! one of the class's releases. The release it matches is what the device runs, by
-//! measurement: never the version or digest the device claims.
+//! measurement. Releases whose golden values are the same (the same kernel, initrd
+//! and command lines: without a root hash on the command line the root filesystem is
+//! not measured) cannot be told apart by the boot: among those, the device's claim
+//! decides (docs/devices.md, "Not there yet").
 
 use base64::Engine;
 
