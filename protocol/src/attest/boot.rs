@@ -8,7 +8,9 @@
 
 use base64::Engine;
 
-use super::golden::{check_boot, GoldenValues, Matched};
+use super::eventlog::EventLog;
+use super::golden::{GoldenValues, Matched};
+use super::replay::QuotedLog;
 use super::tpm::Quote;
 use crate::error::Error;
 
@@ -45,14 +47,16 @@ pub fn judge_boot_log(log: &[u8], quote: &Quote, candidates: &[Candidate<'_>], c
     if candidates.is_empty() {
         return Err("no signed release of this hardware class carries golden boot values (release publish --boot-*): nothing to match the boot against".into());
     }
+    // Parsed and replayed against the quote once: a log that fails either fails the
+    // same against every release.
+    let parsed = EventLog::parse(log).map_err(|e| format!("boot event log: {e}"))?;
+    let quoted = QuotedLog::check(&parsed, quote).map_err(|e| format!("boot event log: {e}"))?;
     let mut order: Vec<usize> = (0..candidates.len()).collect();
     order.sort_by_key(|i| Some(candidates[*i].version) != claimed);
     let mut first: Option<(usize, Error)> = None;
     for i in order {
-        match check_boot(log, quote, candidates[i].golden) {
+        match candidates[i].golden.check(&quoted) {
             Ok(events) => return Ok(BootMatch { release: i, events }),
-            // A log that does not parse or replay fails the same against every release.
-            Err(e @ (Error::EventLog { .. } | Error::Replay(_))) => return Err(format!("boot event log: {e}")),
             Err(e) => {
                 first.get_or_insert((i, e));
             }
