@@ -6,7 +6,7 @@ Every boot runs under TCG (no KVM on this machine kind): about a minute each, so
 scenarios share boots where the story allows."""
 from __future__ import annotations
 
-import re
+import json
 import time
 from pathlib import Path
 
@@ -21,7 +21,8 @@ HARDWARE_CLASS = "qemu-x86_64"
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
     """Slot images (ext4 root filesystems with this build's agent package): the
-    factory image 1.0.0, the update 2.0.0, and 3.0.0 whose kernel panics (no init)."""
+    factory image 1.0.0, the updates 2.0.0 and 3.0.0 (published with a health check
+    that fails), and 4.0.0 whose init exits at once (the kernel panics)."""
     d = tmp_path_factory.mktemp("vm-images")
     agent = agent_deb()
     try:
@@ -30,7 +31,8 @@ def images(tmp_path_factory) -> dict[str, Path]:
         return {
             "1.0.0": vm.slot_image(d / "1.0.0.ext4", "1.0.0", agent),
             "2.0.0": vm.slot_image(d / "2.0.0.ext4", "2.0.0", agent),
-            "3.0.0": vm.slot_image(d / "3.0.0.ext4", "3.0.0", agent, kind="panic"),
+            "3.0.0": vm.slot_image(d / "3.0.0.ext4", "3.0.0", agent),
+            "4.0.0": vm.slot_image(d / "4.0.0.ext4", "4.0.0", agent, kind="panic"),
         }
     except vm.VmError as e:
         pytest.fail(str(e), pytrace=False)
@@ -54,10 +56,10 @@ def vm_fleet(outpost_repo, server_factory):
     return outpost_repo, server, token
 
 
-def publish_slot(fleet, image: Path, version: str) -> None:
+def publish_slot(fleet, image: Path, version: str, *extra: str) -> None:
     repo, server, token = fleet
     repo.cli("release", "publish", "--repo", repo.dir, "--firmware", image, "--hardware-class", HARDWARE_CLASS,
-             "--version", version, "--key", repo.key("x86-firmware"), "--zstd", "--zstd-level", "3",
+             "--version", version, "--key", repo.key("x86-firmware"), "--zstd", "--zstd-level", "3", *extra,
              "--server", server.url, "--token", token, timeout=300)
 
 
@@ -84,7 +86,7 @@ def wait_report(server, device_id: str, version: str, outcome: str, timeout: flo
         time.sleep(2)
 
 
-def test_update_across_a_real_reboot_then_grub_falls_back_from_a_kernel_panic(vm_fleet, images, tmp_path):
+def test_update_across_a_real_reboot_then_rollbacks_from_a_failed_health_check_and_a_kernel_panic(vm_fleet, images, tmp_path):
     _, server, _ = vm_fleet
     publish_slot(vm_fleet, images["2.0.0"], "2.0.0")
     dev = device(vm_fleet, images, tmp_path)
@@ -106,20 +108,116 @@ def test_update_across_a_real_reboot_then_grub_falls_back_from_a_kernel_panic(vm
         for want in ("install ok installed", "Type=notify", "ActiveState=active"):
             assert want in unit, unit
 
-        # 3.0.0's kernel finds no init and panics: nothing on the device can confirm
+        # 3.0.0 boots, and its signed health check fails: the agent cancels the trial
+        # and reboots; GRUB boots the committed slot B.
+        publish_slot(vm_fleet, images["3.0.0"], "3.0.0", "--health-command", "test -e /etc/outpost-healthy")
+        mark = len(dev.serial())
+        dev.wait_serial(r"outpost: booting slot A \(trial\)", timeout=900, after=mark)
+        dev.wait_serial(r"outpost: booting slot B \(normal\)", timeout=600, after=mark)
+        rolled = wait_report(server, "vm-1", "3.0.0", "rolled_back", timeout=600)
+        assert "/etc/outpost-healthy" in (rolled.get("reason") or ""), rolled
+
+        # 4.0.0's init exits and the kernel panics: nothing on the device can confirm
         # it. GRUB's count runs out and it boots the committed slot B again.
-        publish_slot(vm_fleet, images["3.0.0"], "3.0.0")
+        publish_slot(vm_fleet, images["4.0.0"], "4.0.0")
         mark = len(dev.serial())
         dev.wait_serial(r"outpost: booting slot A \(trial\)", timeout=900, after=mark)
         dev.wait_serial(r"Kernel panic", timeout=300, after=mark)
         dev.wait_serial(r"outpost: booting slot B \(exhausted\)", timeout=300, after=mark)
-        rolled = wait_report(server, "vm-1", "3.0.0", "rolled_back", timeout=600)
+        rolled = wait_report(server, "vm-1", "4.0.0", "rolled_back", timeout=600)
         assert "attempts ran out" in (rolled.get("reason") or ""), rolled
         assert dev.cmdline_slot() == "B"
         _, release = dev.sh("cat /etc/outpost-release")
         assert "OUTPOST_RELEASE=2.0.0" in release
-        # The failed release is not tried again.
+        # The failed release is not tried again: the agent's journal keeps it as failed,
+        # and no trial is armed however many checks pass.
         time.sleep(20)
+        _, journal = dev.sh("cat /var/lib/outpost/agent/journal.json")
+        failed = [r["version"] for r in json.loads(journal)["failed"]]
+        assert "4.0.0" in failed and "3.0.0" in failed, journal
+        assert dev.grubenv().get("outpost_trial", "") == "", dev.grubenv()
         assert dev.boots()[-1] == ("B", "exhausted"), dev.boots()
     finally:
         dev.stop()
+
+
+# ============================================================ measured boot
+ATTESTED_CLASS = f'\n[attestation.classes."{HARDWARE_CLASS}"]\nboot_event_log = true\n'
+EVENT_LOG = "/sys/kernel/security/tpm0/binary_bios_measurements"
+
+
+@pytest.fixture
+def attested_fleet(outpost_repo, tmp_path):
+    """A server that judges this class by its boot chain: the firmware's event log
+    against the golden values signed into its releases."""
+    from conftest import OutpostServer
+    outpost_repo.delegate_firmware(role="x86-firmware", paths=f"firmware/{HARDWARE_CLASS}/*/*")
+    server = OutpostServer(tmp_path, outpost_repo, measurement=ATTESTED_CLASS)
+    token = server.token()
+    server.start()
+    outpost_repo.cli("repo", "push", "--repo", outpost_repo.dir, "--server", server.url, "--token", token)
+    yield outpost_repo, server, token
+    server.stop()
+
+
+def test_attested_by_the_boot_chain_and_quarantined_when_root_changes_the_kernel_command_line(attested_fleet, images, tmp_path):
+    from test_attestation import Ops
+    repo, server, token = attested_fleet
+    ops = Ops(attested_fleet)
+    golden = vm.image_sh("golden-args").splitlines()
+
+    def publish(version: str) -> None:
+        repo.cli("release", "publish", "--repo", repo.dir, "--firmware", images[version], "--hardware-class", HARDWARE_CLASS,
+                 "--version", version, "--key", repo.key("x86-firmware"), "--zstd", "--zstd-level", "3", *golden,
+                 "--server", server.url, "--token", token, timeout=300)
+    publish("1.0.0")
+    tpm = '\n[tpm]\ntcti = "device:/dev/tpmrm0"\n' f'boot_event_log = "{EVENT_LOG}"\n'
+    data = vm.data_partition(tmp_path / "data.ext4", {
+        "agent.toml": vm.agent_toml(HARDWARE_CLASS, "vm-attested", extra=tpm).encode(),
+        "root.json": repo.root1,
+    })
+    disk = tmp_path / "disk.raw"
+    vm.image_sh("disk", str(disk), str(images["1.0.0"]), str(data))
+    dev = vm.VirtualDevice(tmp_path / "vm", disk, server.port)
+    dev.start()
+    try:
+        dev.wait_up()
+        token_ = ops.enrollment_token(hardware_class=HARDWARE_CLASS)
+        _, out = dev.sh(f"outpost-agent --config /var/lib/outpost/agent.toml --json enroll --token {token_}", timeout=120)
+        device_id = next(json.loads(l) for l in out.splitlines() if l.startswith("{"))["device_id"]
+        # The running agent checks in attested: the firmware's and GRUB's events
+        # replay to its quote and match 1.0.0's golden values.
+        shown = wait_for_device(ops, device_id, lambda d: d["device"]["attestation"] == "attested", 300)
+        assert shown["device"]["version"] == "1.0.0" and not shown["device"]["quarantined"], shown["device"]
+
+        # Root on the device changes a kernel argument in grub.cfg on the ESP, reboots.
+        dev.sh("sed -i 's/loglevel=4/loglevel=5/' /boot/efi/EFI/outpost/grub.cfg && systemctl reboot", check=False)
+        dev.wait_serial(r"outpost: booting slot A \(normal\)", timeout=300, after=len(dev.serial()) - 200)
+        shown = wait_for_device(ops, device_id, lambda d: d["device"]["attestation"] == "failed", 600)
+        reason = shown["attestations"][0]["reason"] or ""
+        # The server names the event that differs (the first: GRUB's linuxefi command
+        # in PCR 8, with the changed argument), and the device is quarantined.
+        assert "record" in reason and "PCR 8" in reason and "loglevel=5" in reason, reason
+        assert shown["device"]["quarantined"], shown["device"]
+        # A quarantined device gets no assignment: the agent says so and installs nothing.
+        publish("2.0.0")
+        ops.rollout("2.0.0", hardware_class=HARDWARE_CLASS)
+        time.sleep(30)
+        _, log = dev.sh("journalctl -u outpost-agent --no-pager -o cat | grep -c 'quarantined by the server; not installing'", check=False)
+        assert int(log.strip().splitlines()[-1]) >= 1, log
+        assert dev.grubenv().get("outpost_trial", "") == "", dev.grubenv()
+        assert not any(r["version"] == "2.0.0" for r in list_reports(server, device_id))
+        assert dev.boots()[-1] == ("A", "normal"), dev.boots()
+    finally:
+        dev.stop()
+
+
+def wait_for_device(ops, device_id: str, pred, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        shown = ops.device(device_id)
+        if pred(shown):
+            return shown
+        if time.monotonic() > deadline:
+            raise AssertionError(f"device {device_id} did not get there within {timeout:.0f} s: {shown}")
+        time.sleep(3)

@@ -195,6 +195,10 @@ pub struct FirmwareRelease {
     /// The image digest the device's TPM records when it boots this release.
     pub measurement: String,
     pub sbom_sha256: Option<String>,
+    /// What a good boot of this release measures (firmware, GRUB), when it was signed
+    /// with golden values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub golden: Option<crate::attest::golden::GoldenValues>,
 }
 
 #[cfg(test)]

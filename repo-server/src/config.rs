@@ -57,11 +57,16 @@ struct RawAttestation {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMeasurement {
-    pcrs: Vec<u32>,
+    #[serde(default)]
+    pcrs: Option<Vec<u32>>,
     #[serde(default = "default_event_types")]
     event_types: Vec<String>,
     #[serde(default)]
     testbed: bool,
+    /// Measured by the boot chain: devices send the firmware's event log, which must
+    /// match the golden values of one of the class's signed releases.
+    #[serde(default)]
+    boot_event_log: bool,
 }
 
 fn default_event_types() -> Vec<String> {
@@ -264,6 +269,17 @@ impl RawAttestation {
             if class != "*" {
                 class.parse::<outpost_protocol::release::HardwareClass>().map_err(|e| cx.err(format!("attestation.classes.{class}: {e}")))?;
             }
+            if m.boot_event_log {
+                if m.pcrs.is_some() || m.testbed {
+                    return Err(cx.err(format!(
+                        "attestation.classes.{class:?}: boot_event_log = true judges PCRs 4, 8 and 9 against the releases' golden values; \
+                         pcrs and testbed belong to the agent-measured scheme"
+                    )));
+                }
+                measurement.insert(class, outpost_protocol::attest::MeasurementPolicy::event_log());
+                continue;
+            }
+            let pcrs = m.pcrs.ok_or_else(|| cx.err(format!("attestation.classes.{class:?}: pcrs is missing (or boot_event_log = true)")))?;
             let kinds = m
                 .event_types
                 .iter()
@@ -271,7 +287,7 @@ impl RawAttestation {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| cx.err(format!("attestation.classes.{class:?}.event_types: {e}")))?;
             let platform = if m.testbed { outpost_protocol::attest::Platform::Testbed } else { outpost_protocol::attest::Platform::BootChain };
-            let policy = outpost_protocol::attest::MeasurementPolicy::new(m.pcrs, kinds, platform)
+            let policy = outpost_protocol::attest::MeasurementPolicy::new(pcrs, kinds, platform)
                 .map_err(|e| cx.err(format!("attestation.classes.{class:?}: {e}")))?;
             measurement.insert(class, policy);
         }

@@ -110,6 +110,7 @@ async fn attested_checkin(http: &reqwest::Client, nonce_server: &str, report_ser
         health: DeviceHealth::Healthy,
         pcr: PCR,
         event_log: log,
+        boot_log: None,
         reports: d.pending.clone(),
         policy: None,
         at: chrono::Utc::now().to_rfc3339(),

@@ -8,9 +8,12 @@
 #   image.sh slot OUT VERSION AGENT_DEB [KIND]
 #                                 -> OUT: an ext4 slot image with the agent's package
 #                                    (scripts/packages.sh) installed and enabled;
-#                                    KIND: good (default) | panic (no init: the kernel panics)
+#                                    KIND: good (default) | panic (init exits: the kernel panics)
 #   image.sh disk OUT SLOT_A DATA -> OUT: a GPT disk (ESP, root A = SLOT_A, root B empty,
 #                                    data = DATA, an ext4 image made by the caller)
+#   image.sh golden-args          -> the `outpost release publish --boot-*` arguments, one
+#                                    per line: the files a boot of these images measures and
+#                                    the kernel command lines as GRUB measures them
 #
 # Base and ESP are built once and cached under $OUTPOST_VM_CACHE (default
 # /var/cache/outpost-vm), keyed by a hash of this directory's files: a change to any
@@ -31,6 +34,8 @@ ROOT_MIB=320
 DATA_MIB=512   # until installs stream into the partition, the image is staged here whole
 PARTUUID_A=8d0a1c2e-0a5a-4f61-9e0b-6f7574706f41
 PARTUUID_B=8d0a1c2e-0a5a-4f61-9e0b-6f7574706f42
+# The kernel's arguments after root= in grub.cfg (checked there when the ESP is built).
+KERNEL_ARGS="ro console=ttyS0,115200 panic=5 loglevel=4"
 SLOT_MIB=256   # the slot image (root filesystem) written into a root partition
 
 # Packages of the device's root filesystem: systemd as init, the cloud kernel (virtio,
@@ -127,6 +132,8 @@ build_esp() {
     part_gpt fat ext2 normal configfile loadenv test echo linux tpm search search_label regexp linuxefi \
     reboot sleep serial terminal halt gzio 2>"$dir/grub-mkimage.log" \
     || die "grub-mkimage failed: see $dir/grub-mkimage.log"
+  grep -qF "root=PARTUUID=\${outpost_partuuid} $KERNEL_ARGS outpost.slot=" "$HERE/grub.cfg" \
+    || die "grub.cfg's linuxefi line does not pass \"$KERNEL_ARGS\": keep it and KERNEL_ARGS in image.sh the same"
   # An empty environment block: the agent fills it in (boot control, boot/grub.rs).
   grub-editenv "$dir/grubenv" create
   grub-editenv "$dir/grubenv" set outpost_active=A
@@ -167,7 +174,8 @@ build_slot() {
   printf 'OUTPOST_RELEASE=%s\n' "$version" >"$r/etc/outpost-release"
   case "$kind" in
     good) ;;
-    panic) rm -f "$r/sbin/init" "$r/lib/systemd/systemd" ;;   # no init: the kernel panics
+    # init exits at once: "Attempted to kill init!", the kernel panics (panic=5 reboots).
+    panic) rm -f "$r/sbin/init"; printf '#!/bin/sh\necho "outpost test image: init exits"\nexit 1\n' >"$r/sbin/init"; chmod 0755 "$r/sbin/init" ;;
     *) die "slot kind $kind: good or panic" ;;
   esac
   find "$r" -exec touch -h -d @1700000000 {} +
@@ -197,12 +205,25 @@ EOF
   dd if="$data" of="$out" bs=1M seek=$((1 + ESP_MIB + 2 * ROOT_MIB)) conv=notrunc,sparse status=none
 }
 
+# What `release publish --boot-*` needs to sign golden values for these images: the
+# bootloader, kernel and initrd files, grub.cfg, and each slot's command line exactly as
+# GRUB's tpm module measures it (the linuxefi arguments, variables expanded).
+golden_args() {
+  local base esp
+  base="$(build_base)"; esp="$(build_esp)"
+  printf '%s\n' --boot-efi "$(dirname "$esp")/BOOTX64.EFI" --boot-kernel "$base/boot/vmlinuz" \
+    --boot-initrd "$base/boot/initrd.img" --boot-file "$HERE/grub.cfg" \
+    --boot-cmdline "(hd0,gpt2)/boot/vmlinuz root=PARTUUID=$PARTUUID_A $KERNEL_ARGS outpost.slot=A" \
+    --boot-cmdline "(hd0,gpt3)/boot/vmlinuz root=PARTUUID=$PARTUUID_B $KERNEL_ARGS outpost.slot=B"
+}
+
 [[ $(id -u) -eq 0 ]] || die "run as root (debootstrap and chroot)"
 case "${1:-}" in
   base) build_base ;;
   esp) build_esp ;;
   slot) [[ $# -ge 4 ]] || die "usage: image.sh slot OUT VERSION AGENT [good|panic]"; build_slot "$2" "$3" "$4" "${5:-good}" ;;
   disk) [[ $# -eq 4 ]] || die "usage: image.sh disk OUT SLOT_A DATA"; build_disk "$2" "$3" "$4" ;;
+  golden-args) golden_args ;;
   key) key ;;
-  *) die "usage: image.sh base|esp|slot|disk|key ..." ;;
+  *) die "usage: image.sh base|esp|slot|disk|golden-args|key ..." ;;
 esac

@@ -177,6 +177,10 @@ pub fn load_log(config: &AgentConfig) -> Result<EventLog> {
 /// starts a new event log with that one event. Returns the event.
 pub async fn measure_boot(config: &AgentConfig, slot: Slot, slot_path: &Path, length: Option<u64>) -> Result<Option<MeasurementEvent>> {
     let Some(conf) = &config.tpm else { return Ok(None) };
+    if conf.boot_event_log.is_some() {
+        // Firmware and bootloader measured this boot before the agent ran.
+        return Ok(None);
+    }
     let tpm = Tpm::new(&conf.tcti)?;
     let pcr = conf.pcr;
     let path = slot_path.to_owned();
@@ -208,6 +212,11 @@ pub async fn measure_boot(config: &AgentConfig, slot: Slot, slot_path: &Path, le
 /// measurement). Without a `[tpm]` section there is nothing to check.
 pub async fn self_check(config: &AgentConfig, expected: Option<&str>) -> Result<()> {
     let Some(conf) = &config.tpm else { return Ok(()) };
+    if conf.boot_event_log.is_some() {
+        // The boot chain's log is judged by the server against the releases' golden
+        // values; the agent holds no golden values to check it against itself.
+        return Ok(());
+    }
     let tpm = Tpm::new(&conf.tcti)?;
     let pcr = conf.pcr;
     let log = load_log(config)?;
@@ -294,13 +303,20 @@ pub async fn prepare_checkin(config: &AgentConfig, http: &reqwest::Client, state
     let ask = serde_json::to_value(attest::NonceAsk { device_id: identity.device_id.clone(), at: chrono::Utc::now().to_rfc3339() })
         .map_err(|e| AgentError::Serialize { what: "nonce request".into(), reason: e.to_string() })?;
     let qualifying = attest::nonce_request_qualifying_data(&ask).map_err(|e| AgentError::tuf("nonce request", e))?;
-    let (t, ak, pcr) = (tpm.clone(), identity.ak()?, conf.pcr);
-    let q = tokio::task::spawn_blocking(move || t.quote(&ak, &qualifying, &[pcr]))
+    let pcrs: Vec<u32> = match &conf.boot_event_log {
+        Some(_) => attest::golden::GOLDEN_PCRS.to_vec(),
+        None => vec![conf.pcr],
+    };
+    let (t, ak, quoted) = (tpm.clone(), identity.ak()?, pcrs.clone());
+    let q = tokio::task::spawn_blocking(move || t.quote(&ak, &qualifying, &quoted))
         .await
         .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
     let req = attest::NonceRequest { request: ask, attest: hex::encode(&q.attest), signature: hex::encode(&q.signature) };
     let grant: NonceGrant = api("get check-in nonce", http.post(&url).timeout(config.http_timeout).json(&req).send().await.map_err(send_err(&url))?).await?;
-    let log = load_log(config)?;
+    let (log, boot_log) = match &conf.boot_event_log {
+        Some(path) => (EventLog::default(), Some(read_boot_log(path)?)),
+        None => (load_log(config)?, None),
+    };
     let report = CheckinReport {
         device_id: identity.device_id.clone(),
         nonce: grant.nonce,
@@ -311,6 +327,7 @@ pub async fn prepare_checkin(config: &AgentConfig, http: &reqwest::Client, state
         health: state.health,
         pcr: conf.pcr,
         event_log: log,
+        boot_log,
         reports: state.reports.clone(),
         policy: crate::policy::read_status(config),
         at: chrono::Utc::now().to_rfc3339(),
@@ -318,10 +335,19 @@ pub async fn prepare_checkin(config: &AgentConfig, http: &reqwest::Client, state
     let report = serde_json::to_value(&report).map_err(|e| AgentError::Serialize { what: "report".into(), reason: e.to_string() })?;
     let qualifying = attest::qualifying_data(&report).map_err(|e| AgentError::tuf("check-in report", e))?;
     let ak = identity.ak()?;
-    let pcr = conf.pcr;
-    let q = tokio::task::spawn_blocking(move || tpm.quote(&ak, &qualifying, &[pcr]))
+    let q = tokio::task::spawn_blocking(move || tpm.quote(&ak, &qualifying, &pcrs))
         .await
         .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
     let body = Checkin { report, attest: hex::encode(&q.attest), signature: hex::encode(&q.signature) };
     Ok((format!("{base}/checkin"), body))
+}
+
+/// The firmware's event log, base64 for the check-in report.
+fn read_boot_log(path: &Path) -> Result<String> {
+    use base64::Engine;
+    let bytes = std::fs::read(path).map_err(|e| AgentError::io("read the firmware's event log", path, e))?;
+    if bytes.len() > attest::boot::MAX_BOOT_LOG {
+        return Err(AgentError::Attestation(format!("the firmware's event log {} is {} bytes, more than the server accepts", path.display(), bytes.len())));
+    }
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
 }

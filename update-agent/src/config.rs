@@ -69,6 +69,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/outpost";
 struct RawTpm {
     tcti: String,
     pcr: Option<u32>,
+    boot_event_log: Option<PathBuf>,
 }
 
 /// The device's TPM: how to reach it and which PCR the boot step measures into.
@@ -78,6 +79,10 @@ pub struct TpmConfig {
     pub tcti: String,
     /// 16 or 23 (resettable from locality 0, as the testbed's boot step needs).
     pub pcr: u32,
+    /// The firmware's TCG event log (`/sys/kernel/security/tpm0/binary_bios_measurements`)
+    /// on a device whose boot chain measures: then the agent measures nothing itself,
+    /// and its check-ins quote PCRs 4, 8 and 9 and carry this log.
+    pub boot_event_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -275,6 +280,9 @@ fn install_config(raw: &RawInstall, base: &Path, state_dir: &Path, err: ConfigEr
 
 /// `[tpm]`: the TCTI and the measurement PCR.
 fn tpm_config(t: RawTpm, err: ConfigErr<'_>) -> Result<TpmConfig> {
+    if t.boot_event_log.is_some() && t.pcr.is_some() {
+        return Err(err("tpm.pcr and tpm.boot_event_log contradict each other: the agent measures into tpm.pcr only when the boot chain does not measure".into()));
+    }
     let pcr = t.pcr.unwrap_or(outpost_protocol::attest::DEFAULT_PCR);
     if pcr != 16 && pcr != 23 {
         return Err(err(format!("tpm.pcr {pcr}: the boot step measures into PCR 16 or 23 (the PCRs locality 0 can reset)")));
@@ -282,7 +290,7 @@ fn tpm_config(t: RawTpm, err: ConfigErr<'_>) -> Result<TpmConfig> {
     if !(t.tcti.starts_with("device:") || t.tcti.starts_with("swtpm:") || t.tcti.starts_with("mssim:") || t.tcti.starts_with("tabrmd")) {
         return Err(err(format!("tpm.tcti {:?} is not a device:, swtpm:, mssim: or tabrmd TCTI", t.tcti)));
     }
-    Ok(TpmConfig { tcti: t.tcti, pcr })
+    Ok(TpmConfig { tcti: t.tcti, pcr, boot_event_log: t.boot_event_log })
 }
 
 /// `[policy]` (enabled): labels, the `/metrics` listener and its limits, the pin
@@ -351,6 +359,22 @@ mod tests {
         let text = format!("server_url = \"http://127.0.0.1:1\"\nhardware_class = \"rpi4\"\nstate_dir = \"s\"\ntrusted_root = \"r.json\"\ndevice_id = \"d\"\n{extra}");
         std::fs::write(&path, text).expect("write");
         AgentConfig::load(&path)
+    }
+
+    #[test]
+    fn the_boot_chain_log_replaces_the_agents_own_pcr() {
+        let c = load("[tpm]\ntcti = \"device:/dev/tpmrm0\"\nboot_event_log = \"/sys/kernel/security/tpm0/binary_bios_measurements\"\n").expect("boot chain");
+        assert!(c.tpm.expect("tpm").boot_event_log.is_some());
+        let err = load("[tpm]\ntcti = \"device:/dev/tpmrm0\"\npcr = 23\nboot_event_log = \"/x\"\n").expect_err("both").to_string();
+        assert!(err.contains("tpm.pcr and tpm.boot_event_log"), "{err}");
+    }
+
+    #[test]
+    fn grub_counts_at_most_nine_trial_attempts() {
+        let grub = "[install]\nboot_backend = \"grub\"\ngrub_env = \"e\"\nslot_a = \"a\"\nslot_b = \"b\"\n";
+        assert!(load(&format!("{grub}trial_attempts = 9\n")).is_ok());
+        let err = load(&format!("{grub}trial_attempts = 10\n")).expect_err("10").to_string();
+        assert!(err.contains("at most 9"), "{err}");
     }
 
     #[test]

@@ -11,9 +11,11 @@
 //! vouches for every field of the report, the nonce included.
 
 pub mod authenticode;
+pub mod boot;
 pub mod credential;
 pub mod eventlog;
 pub mod golden;
+pub mod policy;
 pub mod replay;
 #[cfg(test)]
 pub(crate) mod testlog;
@@ -25,6 +27,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::report::InstallReport;
 use crate::slot::Slot;
+pub use policy::{MeasurementPolicy, Platform, RESETTABLE_PCRS};
 pub use tpm::{Quote, TpmPublic};
 
 /// The PCR the testbeds' boot step measures slot images into (resettable from
@@ -161,76 +164,6 @@ impl std::str::FromStr for EventKind {
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| format!("{s:?} is not an event type (known: slot_boot)"))
-    }
-}
-
-/// PCRs that software can reset without a platform reset: 16 (debug) and 23
-/// (application) from locality 0, 17-22 from the dynamic-launch localities. A value in
-/// one of them proves nothing against root on the device, which can reset it and
-/// extend whatever the server expects.
-pub const RESETTABLE_PCRS: std::ops::RangeInclusive<u32> = 16..=23;
-
-/// What measures a hardware class's boots, and so which PCRs may prove one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Platform {
-    /// A boot chain that extends static PCRs: resettable PCRs prove nothing.
-    BootChain,
-    /// A testbed, where a forgeable measurement (resettable PCRs) is accepted knowingly.
-    Testbed,
-}
-
-/// Which PCRs and event types prove the booted slot for one hardware class.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MeasurementPolicy {
-    pcrs: std::collections::BTreeSet<u32>,
-    event_types: std::collections::BTreeSet<EventKind>,
-    platform: Platform,
-}
-
-impl MeasurementPolicy {
-    /// Refuses an empty policy, PCRs past 23, and resettable PCRs unless the class is
-    /// a [`Platform::Testbed`].
-    pub fn new(pcrs: impl IntoIterator<Item = u32>, event_types: impl IntoIterator<Item = EventKind>, platform: Platform) -> std::result::Result<Self, String> {
-        let pcrs: std::collections::BTreeSet<u32> = pcrs.into_iter().collect();
-        let event_types: std::collections::BTreeSet<EventKind> = event_types.into_iter().collect();
-        if pcrs.is_empty() {
-            return Err("pcrs is empty: name the PCRs that prove which image booted".into());
-        }
-        if event_types.is_empty() {
-            return Err("event_types is empty: name the event types that prove which image booted".into());
-        }
-        if let Some(p) = pcrs.iter().find(|p| **p > 23) {
-            return Err(format!("PCR {p} does not exist (a TPM 2.0 PC Client has PCRs 0-23)"));
-        }
-        if platform == Platform::BootChain {
-            if let Some(p) = pcrs.iter().find(|p| RESETTABLE_PCRS.contains(p)) {
-                return Err(format!(
-                    "PCR {p} can be reset by software on the device (PCRs 16-23), so root there could forge it; \
-                     use PCRs the boot chain extends, or mark the class as a testbed (testbed = true)"
-                ));
-            }
-        }
-        Ok(MeasurementPolicy { pcrs, event_types, platform })
-    }
-
-    pub fn testbed(&self) -> bool {
-        self.platform == Platform::Testbed
-    }
-
-    pub fn pcrs(&self) -> impl Iterator<Item = u32> + '_ {
-        self.pcrs.iter().copied()
-    }
-
-    /// Does the report's measurement come from PCRs and events this policy trusts?
-    pub fn check(&self, report: &CheckinReport) -> std::result::Result<(), String> {
-        if !self.pcrs.contains(&report.pcr) {
-            let why = if RESETTABLE_PCRS.contains(&report.pcr) { " (software can reset it)" } else { "" };
-            return Err(format!("the measurement is in PCR {}{why}, which does not prove the booted image for this hardware class (accepted: {:?})", report.pcr, self.pcrs));
-        }
-        if let Some(e) = report.event_log.events.iter().find(|e| !self.event_types.contains(&e.event)) {
-            return Err(format!("event type {:?} does not prove the booted image for this hardware class", e.event));
-        }
-        Ok(())
     }
 }
 
@@ -382,6 +315,10 @@ pub struct CheckinReport {
     pub health: DeviceHealth,
     pub pcr: u32,
     pub event_log: EventLog,
+    /// The firmware's TCG event log (`binary_bios_measurements`), base64: sent by
+    /// devices whose boot chain measures (firmware, GRUB), instead of `event_log`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_log: Option<String>,
     /// Install outcomes not yet delivered.
     #[serde(default)]
     pub reports: Vec<InstallReport>,
@@ -521,6 +458,7 @@ mod tests {
             health: DeviceHealth::Healthy,
             pcr: 16,
             event_log: EventLog { events: vec![event("aa")] },
+            boot_log: None,
             reports: vec![],
             policy: None,
             at: "t".into(),

@@ -219,6 +219,7 @@ pub(super) mod tests {
             version: version.into(),
             measurement: fill.to_string().repeat(64),
             sbom_sha256: None,
+            golden: None,
         }
     }
 

@@ -9,7 +9,8 @@
 
 use std::collections::BTreeMap;
 
-use outpost_protocol::attest::{self, AttestationState, Checkin, CheckinReport, CheckinVerdict, MeasurementPolicy, TpmPublic, Verdict};
+use outpost_protocol::attest::{self, AttestationState, Checkin, CheckinReport, CheckinVerdict, MeasurementPolicy, Platform, TpmPublic, Verdict};
+use outpost_protocol::director::FirmwareRelease;
 use serde_json::json;
 
 use super::Refusal;
@@ -27,14 +28,34 @@ pub struct CheckinContext<'a> {
     pub measurement: &'a BTreeMap<String, MeasurementPolicy>,
 }
 
+/// The release a boot-chain measurement matched: what the device runs, as measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MeasuredRelease {
+    version: String,
+    image_sha256: String,
+}
+
+/// What a check-in is judged against.
+struct Signed<'a> {
+    /// Image digest → target, for classes the agent measures.
+    expected: &'a BTreeMap<String, String>,
+    /// The class's releases (with their golden values), for classes the boot chain measures.
+    releases: &'a [FirmwareRelease],
+}
+
 /// The pure part of a check-in's verdict given an authentic quote: the class's
 /// measurement policy (which PCRs and events prove the slot), the log, the reported
-/// digest and the signed releases' expected measurements.
-fn judge(quote: &attest::Quote, report: &CheckinReport, policy: Option<&MeasurementPolicy>, expected: &BTreeMap<String, String>, class: &str) -> Result<(), String> {
+/// digest and the signed releases' expected measurements or golden boot values. For a
+/// boot-chain class, returns the release the boot matched.
+fn judge(quote: &attest::Quote, report: &CheckinReport, policy: Option<&MeasurementPolicy>, signed: &Signed<'_>, class: &str) -> Result<Option<MeasuredRelease>, String> {
     let policy = policy.ok_or_else(|| {
         format!("hardware class {class} has no measurement policy (attestation.classes): nothing this device measures proves which image booted")
     })?;
     policy.check(report).map_err(|e| format!("hardware class {class}: {e}"))?;
+    if policy.platform() == Platform::EventLog {
+        return judge_boot_chain(quote, report, signed.releases, class).map(Some);
+    }
+    let expected = signed.expected;
     let measured = attest::evaluate_checkin(quote, report)?;
     for (digest, event) in measured.iter().zip(&report.event_log.events) {
         if !expected.contains_key(digest) {
@@ -44,7 +65,25 @@ fn judge(quote: &attest::Quote, report: &CheckinReport, policy: Option<&Measurem
             ));
         }
     }
-    Ok(())
+    Ok(None)
+}
+
+/// A boot-chain class: the event log replays to the quote and matches one release's
+/// golden values. A digest the device reports must be that release's.
+fn judge_boot_chain(quote: &attest::Quote, report: &CheckinReport, releases: &[FirmwareRelease], class: &str) -> Result<MeasuredRelease, String> {
+    let log = attest::boot::decode_boot_log(report.boot_log.as_deref().unwrap_or_default())?;
+    let candidates: Vec<attest::boot::Candidate<'_>> = releases
+        .iter()
+        .filter_map(|r| r.golden.as_ref().map(|golden| attest::boot::Candidate { version: &r.version, image_sha256: &r.sha256, golden }))
+        .collect();
+    let matched = attest::boot::judge_boot_log(&log, quote, &candidates, report.version.as_deref()).map_err(|e| format!("hardware class {class}: {e}"))?;
+    let release = &candidates[matched.release];
+    if let Some(claimed) = &report.image_sha256 {
+        if claimed != release.image_sha256 {
+            return Err(format!("reported image {claimed} is not the image of release {}, whose boot chain was measured", release.version));
+        }
+    }
+    Ok(MeasuredRelease { version: release.version.to_owned(), image_sha256: release.image_sha256.to_owned() })
 }
 
 /// Checks that the quote is this device's, over exactly this report, and reads the
@@ -78,20 +117,26 @@ pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chr
     let (quote, report) = authentic(&ak, id, body)?;
     let class = device.hardware_class.as_str();
     let expected = cx.repo.expected_measurements(class).await;
-    let policy = cx.measurement.get(class).or_else(|| cx.measurement.get("*"));
-    let outcome = judge(&quote, &report, policy, &expected, class);
-    let (verdict, reason) = match &outcome {
-        Ok(()) => (Verdict::Attested, None),
-        Err(reason) => (Verdict::Failed, Some(reason.as_str())),
-    };
     let releases = cx.repo.firmware_releases(class).await;
+    let policy = cx.measurement.get(class).or_else(|| cx.measurement.get("*"));
+    let outcome = judge(&quote, &report, policy, &Signed { expected: &expected, releases: &releases }, class);
+    let (verdict, reason, measured) = match &outcome {
+        Ok(m) => (Verdict::Attested, None, m.clone()),
+        Err(reason) => (Verdict::Failed, Some(reason.as_str()), None),
+    };
+    // What the device runs: the release its boot chain measured, else what it reports
+    // (which its own measurement vouched for, in a testbed).
+    let (version, image_sha256) = match measured {
+        Some(m) => (Some(m.version), Some(m.image_sha256)),
+        None => (report.version.clone(), report.image_sha256.clone()),
+    };
     let record = CheckinRecord {
         device_id: id.to_owned(),
         verdict,
         reason: reason.map(str::to_owned),
         slot: report.slot,
-        version: report.version.clone(),
-        image_sha256: report.image_sha256.clone(),
+        version: version.clone(),
+        image_sha256: image_sha256.clone(),
         sbom_sha256: report.sbom_sha256.clone(),
         health: report.health,
         reports: report.reports.clone(),
@@ -101,8 +146,8 @@ pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chr
         device_id: id.to_owned(),
         hardware_class: class.to_owned(),
         attested: verdict == Verdict::Attested,
-        image_sha256: report.image_sha256.clone(),
-        version: report.version.clone(),
+        image_sha256,
+        version,
         health: report.health,
         reports: report.reports.clone(),
     };

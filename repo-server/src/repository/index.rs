@@ -119,6 +119,7 @@ impl Index {
                     version: custom.version.to_string(),
                     measurement: custom.expected_measurement.sha256.clone(),
                     sbom_sha256: custom.sbom.as_ref().map(|s| s.sha256.clone()),
+                    golden: custom.golden.clone(),
                 },
             );
         }

@@ -126,14 +126,19 @@ fn parse_slot(v: Option<&str>, name: &str, path: &Path) -> Result<Option<Slot>> 
 }
 
 impl GrubBootControl {
-    /// Opens (creating with slot A active, if absent) the environment block at `env`;
-    /// `cmdline` is the running kernel's command line (`/proc/cmdline`).
+    /// Opens the environment block at `env` (the image ships it; GRUB reads it at every
+    /// boot); `cmdline` is the running kernel's command line (`/proc/cmdline`). A
+    /// missing block is an error, never made anew: a fresh one would say slot A is
+    /// committed, whichever slot runs.
     pub fn open(env: &Path, slot_a: &Path, slot_b: &Path, cmdline: &Path) -> Result<Self> {
-        let me = GrubBootControl { env: env.to_owned(), slots: [slot_a.to_owned(), slot_b.to_owned()], cmdline: cmdline.to_owned() };
         if !env.exists() {
-            me.save(&BootState::fresh(), EnvBlock::default())?;
+            return Err(AgentError::BootControl(format!(
+                "the GRUB environment block {} is missing: the device's image ships it (grub-editenv FILE create, then set outpost_active); \
+                 see docs/devices.md, recovering a device",
+                env.display()
+            )));
         }
-        Ok(me)
+        Ok(GrubBootControl { env: env.to_owned(), slots: [slot_a.to_owned(), slot_b.to_owned()], cmdline: cmdline.to_owned() })
     }
 
     fn load(&self) -> Result<(BootState, EnvBlock)> {
@@ -266,8 +271,24 @@ mod tests {
         outcome
     }
 
+    /// A device as its image ships it: the block with slot A committed.
     fn open(dir: &Path) -> GrubBootControl {
-        GrubBootControl::open(&dir.join("grubenv"), &dir.join("a"), &dir.join("b"), &dir.join("cmdline")).unwrap()
+        let env = dir.join("grubenv");
+        if !env.exists() {
+            let mut block = EnvBlock::default();
+            block.set("outpost_active", "A").unwrap();
+            std::fs::write(&env, block.to_bytes().unwrap()).unwrap();
+        }
+        GrubBootControl::open(&env, &dir.join("a"), &dir.join("b"), &dir.join("cmdline")).unwrap()
+    }
+
+    #[test]
+    fn a_missing_block_is_an_error_not_a_fresh_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = dir.path().join("grubenv");
+        let err = GrubBootControl::open(&env, &dir.path().join("a"), &dir.path().join("b"), &dir.path().join("cmdline")).err().unwrap().to_string();
+        assert!(err.contains("missing"), "{err}");
+        assert!(!env.exists());
     }
 
     #[test]
@@ -276,6 +297,7 @@ mod tests {
         let env = dir.path().join("grubenv");
         let mut block = EnvBlock::default();
         block.set("saved_entry", "debian").unwrap();
+        block.set("outpost_active", "A").unwrap();
         std::fs::write(&env, block.to_bytes().unwrap()).unwrap();
         let mut b = open(dir.path());
         b.set_trial(Slot::B, 2).unwrap();

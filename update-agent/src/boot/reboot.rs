@@ -4,6 +4,9 @@
 
 use crate::error::AgentError;
 
+/// The exit status when systemd has taken over the reboot (EX_TEMPFAIL).
+pub const REBOOTING: i32 = 75;
+
 /// Reboots the machine. Returns only with the error that prevented it.
 pub fn machine() -> AgentError {
     nix::unistd::sync();
@@ -11,9 +14,11 @@ pub fn machine() -> AgentError {
         Ok(status) if status.success() => {
             // The reboot job is queued: systemd stops the services (this one too) and
             // reboots. Everything this process must keep is journaled already, so it
-            // leaves now rather than hold up the shutdown until it is killed.
+            // leaves now rather than hold up the shutdown until it is killed. Not with
+            // success: should the reboot never happen, Restart=on-failure starts the
+            // agent again, and its boot step asks for the reboot again.
             tracing::info!("systemd is rebooting the machine");
-            std::process::exit(0);
+            std::process::exit(REBOOTING);
         }
         Ok(status) => tracing::warn!(%status, "systemctl reboot failed; rebooting directly"),
         Err(e) => tracing::warn!(error = %e, "cannot run systemctl; rebooting directly"),

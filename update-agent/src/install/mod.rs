@@ -65,6 +65,8 @@ pub struct Installer {
     measured: Option<outpost_protocol::attest::MeasurementEvent>,
     /// Why the server quarantined this device, from the last check-in.
     quarantine: Option<String>,
+    /// The slot the running system booted from (set by the boot step).
+    booted: Option<crate::boot::Slot>,
     /// The director targets this pass's check-in accepted (also kept on disk for
     /// restarts), handed to the install step in memory.
     director_targets: Option<String>,
@@ -98,7 +100,7 @@ impl Installer {
             // Enrolled: the TPM-derived id names this device everywhere.
             config.device_id = identity.device_id;
         }
-        Ok(Installer { config, boot, journal_file, journal, fetcher, measured: None, quarantine: None, director_targets: None, announce: None })
+        Ok(Installer { config, boot, journal_file, journal, fetcher, measured: None, quarantine: None, booted: None, director_targets: None, announce: None })
     }
 
     pub fn journal(&self) -> &Journal {

@@ -15,6 +15,13 @@ impl Installer {
     pub(super) fn write_inactive_slot(&mut self, release: &Release, image_path: &Path) -> Result<Slot> {
         let active = self.boot.state()?.active;
         let slot = active.other();
+        if self.booted == Some(slot) {
+            // The boot environment and the running kernel disagree (a lost or edited
+            // environment block): the "inactive" slot is the mounted root.
+            return Err(AgentError::BootControl(format!(
+                "refusing to write slot {slot}: the system runs from it, while the boot environment says slot {active} is committed (docs/devices.md, recovering a device)"
+            )));
+        }
         self.set_phase(Phase::Writing { release: release.clone(), slot })?;
         let slot_path = self.boot.slot_path(slot);
         let kind = SlotKind::of(&slot_path)?;
@@ -88,7 +95,11 @@ fn write_slot(image: &Path, slot: &Path, kind: SlotKind) -> Result<()> {
     let mut src = std::fs::File::open(image).map_err(|e| AgentError::io("open", image, e))?;
     let dst = match kind {
         SlotKind::File => std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(slot),
-        SlotKind::Partition { .. } => std::fs::OpenOptions::new().write(true).open(slot),
+        // O_EXCL on a block device: refused (EBUSY) while it is mounted.
+        SlotKind::Partition { .. } => {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().write(true).custom_flags(nix::libc::O_EXCL).open(slot)
+        }
     }
     .map_err(|e| AgentError::io("open slot", slot, e))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, dst);

@@ -28,6 +28,7 @@ impl Installer {
         let outcome = self.boot.boot()?;
         tracing::info!(?outcome, phase = self.journal.phase.name(), "booted");
         let booted = outcome.booted();
+        self.booted = Some(booted);
         // How much of the slot the image is: the release on trial there, else the one
         // running (a partition is larger than its image); unknown: the whole slot.
         let expected_length = match &self.journal.phase {
