@@ -24,6 +24,12 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 step "setup"
 df -h "$REPO_ROOT" /tmp 2>/dev/null || true
+# A full run needs about 20 GiB (target/ ~15 GiB, VM images, test disks): say so
+# plainly up front rather than let a linker die of SIGBUS on a full disk later.
+free_kib="$(df --output=avail -k "$REPO_ROOT" | tail -1 | tr -d ' ')"
+if [[ "$free_kib" =~ ^[0-9]+$ ]] && (( free_kib < 20 * 1024 * 1024 )); then
+  echo "test.sh: warning: only $(( free_kib / 1024 )) MiB free under $REPO_ROOT; the suite needs about 20 GiB" >&2
+fi
 bash scripts/setup.sh
 [[ -d "$HOME/.cargo/bin" ]] && export PATH="$HOME/.cargo/bin:$PATH"
 

@@ -40,13 +40,29 @@ pub fn decode_boot_log(text: &str) -> Result<Vec<u8>, String> {
     base64::engine::general_purpose::STANDARD.decode(text).map_err(|e| format!("boot event log is not base64: {e}"))
 }
 
+/// What the device says it runs (either may be absent).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Claim<'a> {
+    pub version: Option<&'a str>,
+    pub image_sha256: Option<&'a str>,
+}
+
 /// Which candidate's golden values the boot matches. The release the device says it
-/// runs (`claimed`) is tried first, and its mismatch is the reason given when none
-/// matches (else the first candidate's): that names the event that differs.
-pub fn judge_boot_log(log: &[u8], quote: &Quote, candidates: &[Candidate<'_>], claimed: Option<&str>) -> Result<BootMatch, String> {
-    if candidates.is_empty() {
-        return Err("no signed release of this hardware class carries golden boot values (release publish --boot-*): nothing to match the boot against".into());
+/// runs is tried first, and its mismatch is the reason given when none matches (else
+/// the first candidate's): that names the event that differs. A claimed image digest
+/// must be the matched release's.
+pub fn judge_boot_log(log: &[u8], quote: &Quote, candidates: &[Candidate<'_>], claim: Claim<'_>) -> Result<BootMatch, String> {
+    let found = match_boot(log, quote, candidates, claim.version)?;
+    let release = &candidates[found.release];
+    match claim.image_sha256 {
+        Some(claimed) if claimed != release.image_sha256 => {
+            Err(format!("reported image {claimed} is not the image of release {}, whose boot chain was measured", release.version))
+        }
+        _ => Ok(found),
     }
+}
+
+fn match_boot(log: &[u8], quote: &Quote, candidates: &[Candidate<'_>], claimed: Option<&str>) -> Result<BootMatch, String> {
     // Parsed and replayed against the quote once: a log that fails either fails the
     // same against every release.
     let parsed = EventLog::parse(log).map_err(|e| format!("boot event log: {e}"))?;
@@ -62,8 +78,10 @@ pub fn judge_boot_log(log: &[u8], quote: &Quote, candidates: &[Candidate<'_>], c
             }
         }
     }
-    let (i, e) = first.expect("candidates is not empty");
-    Err(format!("the measured boot is not release {}'s: {e}", candidates[i].version))
+    Err(match first {
+        Some((i, e)) => format!("the measured boot is not release {}'s: {e}", candidates[i].version),
+        None => "no signed release of this hardware class carries golden boot values (release publish --boot-*): nothing to match the boot against".into(),
+    })
 }
 
 #[cfg(test)]
@@ -106,17 +124,26 @@ mod tests {
             Candidate { version: "1.0.0", image_sha256: &"11".repeat(32), golden: &good },
         ];
         // The device claims 2.0.0; its boot is 1.0.0's.
-        let m = judge_boot_log(REAL_LOG, &quote, &candidates, Some("2.0.0")).unwrap_or_else(|e| panic!("{e}"));
+        let m = judge_boot_log(REAL_LOG, &quote, &candidates, Claim { version: Some("2.0.0"), image_sha256: None }).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(m.release, 1);
         assert!(m.events.iter().any(|e| e.text.as_deref().is_some_and(|t| t.starts_with("kernel_cmdline: "))));
         // Only 2.0.0 signed: the reason names the kernel event that differs.
-        let err = judge_boot_log(REAL_LOG, &quote, &candidates[..1], Some("2.0.0")).unwrap_err();
+        let err = judge_boot_log(REAL_LOG, &quote, &candidates[..1], Claim { version: Some("2.0.0"), image_sha256: None }).unwrap_err();
         assert!(err.contains("release 2.0.0") && err.contains("record 56"), "{err}");
         // A log that does not replay to the quote fails whatever the release.
         let stale = crate::attest::testlog::quote_of(&crate::attest::replay::reset_values(), &super::super::golden::GOLDEN_PCRS);
-        let err = judge_boot_log(REAL_LOG, &stale, &candidates, None).unwrap_err();
+        let err = judge_boot_log(REAL_LOG, &stale, &candidates, Claim::default()).unwrap_err();
         assert!(err.starts_with("boot event log:"), "{err}");
-        assert!(judge_boot_log(REAL_LOG, &quote, &[], None).unwrap_err().contains("no signed release"));
+        assert!(judge_boot_log(REAL_LOG, &quote, &[], Claim::default()).unwrap_err().contains("no signed release"));
+        // A device that booted 1.0.0 and reports 2.0.0's image digest (to be counted as
+        // running it) is refused, whichever version it names.
+        for version in [Some("1.0.0"), Some("2.0.0"), None] {
+            let lie = Claim { version, image_sha256: Some(candidates[0].image_sha256) };
+            let err = judge_boot_log(REAL_LOG, &quote, &candidates, lie).unwrap_err();
+            assert!(err.contains("is not the image of release 1.0.0"), "{err}");
+        }
+        let truth = Claim { version: Some("1.0.0"), image_sha256: Some(candidates[1].image_sha256) };
+        assert_eq!(judge_boot_log(REAL_LOG, &quote, &candidates, truth).map(|m| m.release), Ok(1));
     }
 
     #[test]

@@ -469,6 +469,16 @@ mod tests {
         assert!(testbed.check(&report).is_ok());
         let boot_chain = MeasurementPolicy::new([4, 8, 9], [EventKind::SlotBoot], Platform::BootChain).expect("static PCRs");
         assert!(boot_chain.check(&report).expect_err("23 not trusted").contains("software can reset it"));
+        // A class judged by the firmware's event log takes neither the agent's own
+        // (forgeable) measurements nor a check-in without the log.
+        let event_log = MeasurementPolicy::event_log();
+        assert!(event_log.check(&report).expect_err("no log").contains("no boot event log"));
+        report.boot_log = Some("AAAA".into());
+        assert!(event_log.check(&report).expect_err("own events").contains("agent's own measurements"));
+        // And a class the agent measures does not judge a log it was never set up for.
+        assert!(testbed.check(&report).expect_err("log").contains("not configured to judge one"));
+        report.event_log.events.clear();
+        assert!(event_log.check(&report).is_ok());
     }
 
     #[test]
