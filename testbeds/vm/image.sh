@@ -31,7 +31,7 @@ die() { printf '[vm-image] ERROR: %s\n' "$*" >&2; exit 1; }
 # grub.cfg can name the roots; a board's layout is the same with its own sizes.
 ESP_MIB=32
 ROOT_MIB=320
-DATA_MIB=512   # until installs stream into the partition, the image is staged here whole
+DATA_MIB=128   # agent state, logs and a compressed download kept for resuming (the image streams into the slot)
 PARTUUID_A=8d0a1c2e-0a5a-4f61-9e0b-6f7574706f41
 PARTUUID_B=8d0a1c2e-0a5a-4f61-9e0b-6f7574706f42
 # The kernel's arguments after root= in grub.cfg (checked there when the ESP is built).
