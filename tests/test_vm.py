@@ -7,6 +7,7 @@ scenarios share boots where the story allows."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def vm_fleet(outpost_repo, server_factory):
 def publish_slot(fleet, image: Path, version: str, *extra: str) -> None:
     repo, server, token = fleet
     repo.cli("release", "publish", "--repo", repo.dir, "--firmware", image, "--hardware-class", HARDWARE_CLASS,
-             "--version", version, "--key", repo.key("x86-firmware"), "--zstd", "--zstd-level", "3", *extra,
+             "--version", version, "--key", repo.key("x86-firmware"), "--zstd", "--zstd-level", "3", *vm.verity_args(image), *extra,
              "--server", server.url, "--token", token, timeout=300)
 
 
@@ -103,6 +104,15 @@ def test_update_across_a_real_reboot_then_rollbacks_from_a_failed_health_check_a
         env = dev.grubenv()
         assert env.get("outpost_active") == "B" and env.get("outpost_trial", "") == "", env
         assert dev.boots() == [("A", "normal"), ("B", "trial")], dev.boots()
+        # The root is mapped through dm-verity with 2.0.0's signed root hash, which the
+        # agent put in the environment block and GRUB on the kernel command line.
+        verity = Path(f"{images['2.0.0']}.verity").read_text().strip()
+        assert env.get("outpost_verity_B") == verity, env
+        _, cmdline = dev.sh("cat /proc/cmdline")
+        assert f"outpost.verity={verity}" in cmdline, cmdline
+        _, mapped = dev.sh("findmnt -no SOURCE /; dmsetup table outpost-root; dmsetup status outpost-root")
+        assert mapped.splitlines()[0] == "/dev/mapper/outpost-root", mapped
+        assert f" verity 1 " in mapped and verity.split(",")[0] in mapped and "restart_on_corruption" in mapped, mapped
         # The agent is the packaged one, a Type=notify service that said it was ready.
         _, unit = dev.sh("dpkg-query -W -f='${Status}\\n' outpost-agent; systemctl show -p Type -p ActiveState outpost-agent")
         for want in ("install ok installed", "Type=notify", "ActiveState=active"):
@@ -137,8 +147,37 @@ def test_update_across_a_real_reboot_then_rollbacks_from_a_failed_health_check_a
         assert "4.0.0" in failed and "3.0.0" in failed, journal
         assert dev.grubenv().get("outpost_trial", "") == "", dev.grubenv()
         assert dev.boots()[-1] == ("B", "exhausted"), dev.boots()
+
+        # Root changes one byte of the running root filesystem on its block device (a
+        # file nothing reads at boot). The next read of that block fails dm-verity: the
+        # kernel restarts the machine before a program sees the byte, GRUB boots the
+        # committed slot, and the byte is still changed on the disk.
+        block = debugfs_block(images["2.0.0"], "/usr/share/common-licenses/GPL-3")
+        at = block * 4096 + 100
+        _, before = dev.sh(f"dd if=/dev/vda3 bs=1 skip={at} count=1 status=none | od -An -tx1")
+        flipped = int(before.split()[0], 16) ^ 0x20
+        mark = len(dev.serial())
+        dev.sh(f"printf '\\{flipped:03o}' | dd of=/dev/vda3 bs=1 seek={at} count=1 conv=notrunc,fsync status=none"
+               " && echo 3 >/proc/sys/vm/drop_caches && sync")
+        # The reader runs detached: the shell answers before the machine restarts.
+        dev.sh("nohup sh -c 'sleep 1; md5sum /usr/share/common-licenses/GPL-3 >/dev/ttyS0' >/dev/null 2>&1 &")
+        dev.wait_serial(rf"verity: \d+:\d+: data block {block} is corrupted", timeout=120, after=mark)
+        dev.wait_serial(r"outpost: booting slot B \(normal\)", timeout=300, after=mark)
+        dev.wait_up()
+        _, after = dev.sh(f"dd if=/dev/vda3 bs=1 skip={at} count=1 status=none | od -An -tx1")
+        assert int(after.split()[0], 16) == flipped, (before, after)
+        # Nothing printed the file's checksum: the read never returned.
+        assert "GPL-3" not in dev.serial()[mark:], dev.serial()[mark:]
+        assert dev.cmdline_slot() == "B"
     finally:
         dev.stop()
+
+
+def debugfs_block(image: Path, path: str) -> int:
+    """The filesystem block (4096 bytes, from the image's start) that holds the first
+    bytes of `path` in an ext4 slot image."""
+    res = subprocess.run(["debugfs", "-R", f"bmap {path} 0", str(image)], capture_output=True, text=True, check=True)
+    return int(res.stdout.strip())
 
 
 # ============================================================ measured boot
@@ -164,9 +203,11 @@ def test_attested_by_the_boot_chain_and_quarantined_when_root_changes_the_kernel
     from test_attestation import Ops
     repo, server, token = attested_fleet
     ops = Ops(attested_fleet)
-    golden = vm.image_sh("golden-args").splitlines()
 
     def publish(version: str) -> None:
+        # The golden values of this release: its slot's dm-verity root is on the
+        # measured command line, so they differ from release to release.
+        golden = vm.image_sh("golden-args", str(images[version])).splitlines()
         repo.cli("release", "publish", "--repo", repo.dir, "--firmware", images[version], "--hardware-class", HARDWARE_CLASS,
                  "--version", version, "--key", repo.key("x86-firmware"), "--zstd", "--zstd-level", "3", *golden,
                  "--server", server.url, "--token", token, timeout=300)

@@ -44,12 +44,18 @@ def image_sh(*args: str, timeout: float = 900) -> str:
 
 
 def slot_image(out: Path, version: str, agent: Path, kind: str = "good") -> Path:
-    """An ext4 root filesystem for a slot: the cached base, this agent, /etc/outpost-release."""
+    """An ext4 root filesystem for a slot (the cached base, this agent,
+    /etc/outpost-release) followed by its dm-verity hash tree."""
     image_sh("slot", str(out), version, str(agent), kind)
     return out
 
 
-def data_partition(out: Path, files: dict[str, bytes], mib: int = 512) -> Path:
+def verity_args(slot: Path) -> list[str]:
+    """The `release publish` flags that sign a slot image's dm-verity root."""
+    return Path(f"{slot}.verity-args").read_text().split()
+
+
+def data_partition(out: Path, files: dict[str, bytes], mib: int = 128) -> Path:
     """The device's data partition (mounted at /var/lib/outpost): an ext4 image with `files`."""
     tree = out.parent / (out.name + ".d")
     if tree.exists():

@@ -17,6 +17,7 @@ pub mod report;
 pub mod rollout;
 pub mod slot;
 pub mod tuf;
+pub mod verity;
 pub mod wpatch;
 
 pub use error::{display_chain, Error, Result};

@@ -103,6 +103,11 @@ pub struct FirmwareCustom {
     /// holds a device's quoted TCG event log against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub golden: Option<GoldenValues>,
+    /// For a root filesystem under dm-verity: its hash tree's parameters and root
+    /// hash. The agent puts them on the kernel command line for the slot (where the
+    /// boot chain measures them); the image's initrd maps the root through them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<crate::verity::Verity>,
 }
 
 /// Where a release's SBOM is and what it must hash to.
@@ -135,6 +140,7 @@ impl FirmwareCustom {
             sbom: None,
             rollback_allowed: false,
             golden: None,
+            verity: None,
         }
     }
 

@@ -379,6 +379,7 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
     let mut body = s.role_body(&role)?;
     let mut base = base_custom(&a, &image.sha256);
     base.golden = a.boot.golden()?;
+    base.verity = a.boot.verity(&a.firmware, base.golden.as_ref())?;
     let staging = staging_dir(&s.repo)?;
 
     let mut full = full_artifact(&a, &image, &base, &staging).await?;
@@ -412,7 +413,8 @@ async fn publish(a: PublishArgs, out: &Output) -> Result<()> {
     let (image_len, image_sha) = (image.length, &image.sha256);
     out.emit(
         &json!({"target": full_path, "targets": listed, "role": role, "role_version": body.version, "length": image_len, "sha256": image_sha,
-                "hardware_class": a.hardware_class, "version": a.version, "pushed": pushed, "sigstore": sigstore, "golden": base.golden}),
+                "hardware_class": a.hardware_class, "version": a.version, "pushed": pushed, "sigstore": sigstore, "golden": base.golden,
+                "verity": base.verity}),
         &format!(
             "signed {} ({image_len} byte image, sha256 {image_sha}) into {role} v{}{}",
             artifacts.iter().map(|a| format!("{} [{} bytes]", a.path, a.length)).collect::<Vec<_>>().join(", "),

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use outpost_protocol::attest::golden::{BootArtifacts, GoldenValues};
+use outpost_protocol::verity::Verity;
+use std::io::Read;
 
 use crate::error::{Result, SignerError};
 
@@ -32,6 +34,16 @@ pub struct BootArgs {
     /// golden for PCR 9).
     #[arg(long = "boot-file", requires = "boot_kernel")]
     pub boot_files: Vec<PathBuf>,
+    /// The image is a root filesystem under dm-verity: its first N 4096-byte blocks are
+    /// the filesystem, the hash tree follows (`veritysetup format --no-superblock
+    /// --format=1 --hash-offset=N*4096`). The root hash is computed here from the data
+    /// blocks, the image's tree must be the one computed, and every --boot-cmdline
+    /// must carry `outpost.verity=ROOT,SALT,N`.
+    #[arg(long, requires = "verity_salt", value_name = "N")]
+    pub verity_data_blocks: Option<u64>,
+    /// The hex salt the tree was built with (see --verity-data-blocks).
+    #[arg(long, requires = "verity_data_blocks", value_name = "HEX")]
+    pub verity_salt: Option<String>,
 }
 
 /// A file's name (for people reading the golden values) and bytes.
@@ -65,6 +77,44 @@ impl BootArgs {
             boot_files: files.iter().map(borrow).collect(),
         };
         GoldenValues::compute(&artifacts).map(Some).map_err(|e| SignerError::proto("--boot-* golden values", e))
+    }
+
+    /// The dm-verity parameters of `image` (None without --verity-data-blocks): the root
+    /// hash computed from its data blocks, after checking that the tree the image
+    /// carries is that one, that nothing follows it, and that every golden command
+    /// line passes it.
+    pub fn verity(&self, image: &Path, golden: Option<&GoldenValues>) -> Result<Option<Verity>> {
+        let (Some(data_blocks), Some(salt)) = (self.verity_data_blocks, &self.verity_salt) else {
+            return Ok(None);
+        };
+        let usage = |m: String| Err(SignerError::Usage(m));
+        let salt_bytes = match hex::decode(salt) {
+            Ok(b) if salt.bytes().all(|c| !c.is_ascii_uppercase()) => b,
+            _ => return usage(format!("--verity-salt {salt:?}: not lower-case hex")),
+        };
+        let length = std::fs::metadata(image).map_err(|e| SignerError::io("stat", image, e))?.len();
+        let mut file = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(image).map_err(|e| SignerError::io("open", image, e))?);
+        let tree = Verity::compute(&mut file, data_blocks, &salt_bytes).map_err(|e| SignerError::io("read the data blocks of", image, e))?;
+        let verity = Verity { data_blocks, salt: salt.clone(), root_hash: hex::encode(tree.root) };
+        verity.validate(length).map_err(|e| SignerError::proto(format!("--verity-data-blocks {data_blocks} of {}", image.display()), e))?;
+        let mut carried = Vec::with_capacity(tree.blocks.len());
+        file.read_to_end(&mut carried).map_err(|e| SignerError::io("read the hash tree of", image, e))?;
+        if carried != tree.blocks {
+            let at = carried.iter().zip(&tree.blocks).position(|(a, b)| a != b).unwrap_or(0) as u64 + data_blocks * outpost_protocol::verity::BLOCK;
+            return usage(format!(
+                "{}: the hash tree after block {data_blocks} is not the one its data blocks give (root {}); first difference at byte {at}. \
+                 Was it formatted with --salt {salt} and --hash-offset {}?",
+                image.display(),
+                verity.root_hash,
+                data_blocks * outpost_protocol::verity::BLOCK
+            ));
+        }
+        for c in golden.map(|g| g.kernel_cmdlines.as_slice()).unwrap_or_default() {
+            if !outpost_protocol::verity::cmdline_carries(c, &verity) {
+                return usage(format!("--boot-cmdline {c:?} does not pass {}{} (once): the slot would not boot verified", outpost_protocol::verity::KERNEL_ARG, verity.arg_value()));
+            }
+        }
+        Ok(Some(verity))
     }
 }
 

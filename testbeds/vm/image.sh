@@ -11,7 +11,7 @@
 #                                    KIND: good (default) | panic (init exits: the kernel panics)
 #   image.sh disk OUT SLOT_A DATA -> OUT: a GPT disk (ESP, root A = SLOT_A, root B empty,
 #                                    data = DATA, an ext4 image made by the caller)
-#   image.sh golden-args          -> the `outpost release publish --boot-*` arguments, one
+#   image.sh golden-args SLOT     -> the `outpost release publish --boot-*` and --verity-* arguments, one
 #                                    per line: the files a boot of these images measures and
 #                                    the kernel command lines as GRUB measures them
 #
@@ -50,7 +50,7 @@ key() { cat "$HERE"/image.sh "$@" | sha256sum | cut -c1-16; }
 in_root() { chroot "$1" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive "${@:2}"; }
 
 build_base() {
-  local dir="$CACHE/base-$(key)"
+  local dir="$CACHE/base-$(key "$HERE/files/initramfs-verity")"
   if [[ -f "$dir/done" ]]; then echo "$dir/root"; return; fi
   rm -rf "$dir"; mkdir -p "$dir" "$CACHE/debs"
   log "debootstrap $SUITE ($PACKAGES) into $dir/root"
@@ -94,6 +94,9 @@ EOF
   for unit in systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer; do
     in_root "$r" systemctl mask "$unit" >/dev/null 2>&1 || true
   done
+  # The root is mounted through dm-verity (files/initramfs-verity; dmsetup's own hook
+  # puts dmsetup and the device-mapper udev rules into the initramfs).
+  install -m 0755 "$HERE/files/initramfs-verity" "$r/etc/initramfs-tools/scripts/local-top/outpost-verity"
   # A small initramfs: only the modules that find the root.
   printf '%s\n' "${INITRD_MODULES[@]}" >"$r/etc/initramfs-tools/modules"
   sed -i 's/^MODULES=.*/MODULES=list/' "$r/etc/initramfs-tools/initramfs.conf"
@@ -132,9 +135,10 @@ build_esp() {
     part_gpt fat ext2 normal configfile loadenv test echo linux tpm search search_label regexp linuxefi \
     reboot sleep serial terminal halt gzio 2>"$dir/grub-mkimage.log" \
     || die "grub-mkimage failed: see $dir/grub-mkimage.log"
-  grep -qF "root=PARTUUID=\${outpost_partuuid} $KERNEL_ARGS outpost.slot=" "$HERE/grub.cfg" \
+  grep -qF "root=PARTUUID=\${outpost_partuuid} $KERNEL_ARGS outpost.slot=\${outpost_booted} outpost.verity=\${outpost_verity}" "$HERE/grub.cfg" \
     || die "grub.cfg's linuxefi line does not pass \"$KERNEL_ARGS\": keep it and KERNEL_ARGS in image.sh the same"
-  # An empty environment block: the agent fills it in (boot control, boot/grub.rs).
+  # An environment block with slot A committed; build_disk writes the factory one
+  # with slot A's dm-verity root, and the agent fills it in (boot/grub.rs).
   grub-editenv "$dir/grubenv" create
   grub-editenv "$dir/grubenv" set outpost_active=A
   truncate -s "${ESP_MIB}M" "$dir/esp.img.tmp"
@@ -156,6 +160,9 @@ build_esp() {
 # journal: the root is only ever mounted read-only, and a journal is the one thing a
 # read-only mount still changes (jbd2 rewrites its superblock in memory), which would
 # make the running slot differ from the signed image when read through its device.
+# The dm-verity hash tree follows the filesystem in the same image; OUT.verity gets the
+# kernel argument value (ROOTHASH,SALT,BLOCKS) and OUT.verity-args the flags
+# `release publish` checks the tree with.
 build_slot() {
   local out="$1" version="$2" deb="$3" kind="${4:-good}"
   [[ -f "$deb" && "$deb" == *.deb ]] || die "agent package $deb is not a .deb file (bash scripts/packages.sh builds it)"
@@ -183,12 +190,29 @@ build_slot() {
   E2FSPROGS_FAKE_TIME=1700000000 mke2fs -q -t ext4 -L outpost-root -U 5e1f0000-0000-4000-8000-00000000a0a0 \
     -E hash_seed=5e1f0000-0000-4000-8000-000000000000,root_owner=0:0 -O ^has_journal,^metadata_csum_seed -I 256 -m 0 \
     -N 16384 -d "$r" "$out" "${SLOT_MIB}M" || die "mke2fs of the slot image failed"
+  local blocks=$((SLOT_MIB * 256)) salt root
+  salt="$(printf 'outpost-slot %s %s' "$version" "$kind" | sha256sum | cut -c1-64)"
+  veritysetup format --no-superblock --format=1 --hash=sha256 --data-block-size=4096 --hash-block-size=4096 \
+    --data-blocks="$blocks" --hash-offset=$((blocks * 4096)) --salt="$salt" "$out" "$out" >"$work/verity.log" 2>&1 \
+    || die "veritysetup format of the slot image failed: $(tail -3 "$work/verity.log")"
+  root="$(sed -n 's/^Root hash:[[:space:]]*//p' "$work/verity.log")"
+  [[ "$root" =~ ^[0-9a-f]{64}$ ]] || die "veritysetup printed no root hash: $(cat "$work/verity.log")"
+  printf '%s,%s,%s\n' "$root" "$salt" "$blocks" >"$out.verity"
+  printf '%s\n' --verity-data-blocks "$blocks" --verity-salt "$salt" >"$out.verity-args"
+}
+
+# The kernel argument value of a slot image built above.
+verity_of() {
+  [[ -f "$1.verity" ]] || die "$1.verity is missing: build the slot with image.sh slot"
+  cat "$1.verity"
 }
 
 build_disk() {
   local out="$1" slot_a="$2" data="$3"
   local esp; esp="$(build_esp)"
   local total=$((1 + ESP_MIB + 2 * ROOT_MIB + DATA_MIB + 1))
+  (( $(stat -c %s "$slot_a") <= ROOT_MIB * 1048576 )) || die "slot image $slot_a is larger than a root partition (${ROOT_MIB} MiB)"
+  (( $(stat -c %s "$data") <= DATA_MIB * 1048576 )) || die "data image $data is larger than the data partition (${DATA_MIB} MiB)"
   rm -f "$out"; truncate -s "${total}M" "$out"
   sfdisk -q "$out" <<EOF
 label: gpt
@@ -203,18 +227,25 @@ EOF
   dd if="$esp" of="$out" bs=1M seek=1 conv=notrunc,sparse status=none
   dd if="$slot_a" of="$out" bs=1M seek=$((1 + ESP_MIB)) conv=notrunc,sparse status=none
   dd if="$data" of="$out" bs=1M seek=$((1 + ESP_MIB + 2 * ROOT_MIB)) conv=notrunc,sparse status=none
+  # The factory environment block: slot A committed, with its dm-verity root.
+  local work; work="$(mktemp -d "${TMPDIR:-/tmp}/outpost-disk.XXXXXX")"
+  trap 'rm -rf "$work"' RETURN
+  grub-editenv "$work/grubenv" create
+  grub-editenv "$work/grubenv" set outpost_active=A "outpost_verity_A=$(verity_of "$slot_a")"
+  MTOOLS_SKIP_CHECK=1 mcopy -o -i "$out@@1M" "$work/grubenv" ::/EFI/outpost/grubenv
 }
 
 # What `release publish --boot-*` needs to sign golden values for these images: the
 # bootloader, kernel and initrd files, grub.cfg, and each slot's command line exactly as
 # GRUB's tpm module measures it (the linuxefi arguments, variables expanded).
 golden_args() {
-  local base esp
-  base="$(build_base)"; esp="$(build_esp)"
+  local slot="$1" base esp verity
+  base="$(build_base)"; esp="$(build_esp)"; verity="$(verity_of "$slot")"
   printf '%s\n' --boot-efi "$(dirname "$esp")/BOOTX64.EFI" --boot-kernel "$base/boot/vmlinuz" \
     --boot-initrd "$base/boot/initrd.img" --boot-file "$HERE/grub.cfg" \
-    --boot-cmdline "(hd0,gpt2)/boot/vmlinuz root=PARTUUID=$PARTUUID_A $KERNEL_ARGS outpost.slot=A" \
-    --boot-cmdline "(hd0,gpt3)/boot/vmlinuz root=PARTUUID=$PARTUUID_B $KERNEL_ARGS outpost.slot=B"
+    --boot-cmdline "(hd0,gpt2)/boot/vmlinuz root=PARTUUID=$PARTUUID_A $KERNEL_ARGS outpost.slot=A outpost.verity=$verity" \
+    --boot-cmdline "(hd0,gpt3)/boot/vmlinuz root=PARTUUID=$PARTUUID_B $KERNEL_ARGS outpost.slot=B outpost.verity=$verity"
+  cat "$slot.verity-args"
 }
 
 [[ $(id -u) -eq 0 ]] || die "run as root (debootstrap and chroot)"
@@ -223,7 +254,7 @@ case "${1:-}" in
   esp) build_esp ;;
   slot) [[ $# -ge 4 ]] || die "usage: image.sh slot OUT VERSION AGENT [good|panic]"; build_slot "$2" "$3" "$4" "${5:-good}" ;;
   disk) [[ $# -eq 4 ]] || die "usage: image.sh disk OUT SLOT_A DATA"; build_disk "$2" "$3" "$4" ;;
-  golden-args) golden_args ;;
+  golden-args) [[ $# -eq 2 ]] || die "usage: image.sh golden-args SLOT_IMAGE"; golden_args "$2" ;;
   key) key ;;
   *) die "usage: image.sh base|esp|slot|disk|golden-args|key ..." ;;
 esac

@@ -220,6 +220,7 @@ pub(super) mod tests {
             measurement: fill.to_string().repeat(64),
             sbom_sha256: None,
             golden: None,
+            verity: None,
         }
     }
 

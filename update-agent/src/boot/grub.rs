@@ -109,6 +109,13 @@ pub fn booted_slot(cmdline: &Path) -> Result<Slot> {
     })
 }
 
+fn verity_var(s: Slot) -> &'static str {
+    match s {
+        Slot::A => "outpost_verity_A",
+        Slot::B => "outpost_verity_B",
+    }
+}
+
 fn slot_name(s: Slot) -> &'static str {
     match s {
         Slot::A => "A",
@@ -211,6 +218,15 @@ impl BootControl for GrubBootControl {
         }
     }
 
+    /// `outpost_verity_A|B` in the block: grub.cfg passes the booted slot's as
+    /// `outpost.verity=` on the kernel command line (measured into PCR 8), and the
+    /// slot's initrd maps the root through dm-verity with it.
+    fn set_slot_verity(&mut self, slot: Slot, verity: Option<&outpost_protocol::verity::Verity>) -> Result<()> {
+        let (_, mut block) = self.load()?;
+        block.set(verity_var(slot), &verity.map(|v| v.arg_value()).unwrap_or_default())?;
+        outpost_fsio::write_atomic(&self.env, &block.to_bytes()?).map_err(|e| AgentError::io("write GRUB environment", &self.env, e))
+    }
+
     fn set_trial(&mut self, slot: Slot, attempts: u32) -> Result<()> {
         let (s, block) = self.load()?;
         self.save(&s.with_trial(slot, attempts)?, block)
@@ -306,6 +322,24 @@ mod tests {
         let parsed = EnvBlock::parse(&bytes, &env).unwrap();
         assert_eq!(parsed.get("saved_entry"), Some("debian"));
         assert_eq!(parsed.get("outpost_trial"), Some("B"));
+    }
+
+    #[test]
+    fn a_slots_verity_root_goes_into_its_own_variable_and_nowhere_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = dir.path().join("grubenv");
+        let mut b = open(dir.path());
+        let v = outpost_protocol::verity::Verity { data_blocks: 65536, salt: "ab".repeat(32), root_hash: "cd".repeat(32) };
+        b.set_slot_verity(Slot::B, Some(&v)).unwrap();
+        b.set_trial(Slot::B, 2).unwrap();
+        let parsed = EnvBlock::parse(&std::fs::read(&env).unwrap(), &env).unwrap();
+        assert_eq!(parsed.get("outpost_verity_B"), Some(format!("{},{},65536", "cd".repeat(32), "ab".repeat(32)).as_str()));
+        assert_eq!(parsed.get("outpost_verity_A"), None, "the running slot's parameters are not touched");
+        assert_eq!(parsed.get("outpost_trial"), Some("B"));
+        // A release without verity clears what an earlier image of the slot had.
+        b.set_slot_verity(Slot::B, None).unwrap();
+        let parsed = EnvBlock::parse(&std::fs::read(&env).unwrap(), &env).unwrap();
+        assert_eq!(parsed.get("outpost_verity_B"), Some(""));
     }
 
     #[test]

@@ -118,6 +118,13 @@ pub trait BootControl: Send {
     fn state(&self) -> Result<BootState>;
     /// Where the image of `slot` lives (a file, or a block device on hardware).
     fn slot_path(&self, slot: Slot) -> PathBuf;
+    /// The dm-verity parameters `slot`'s kernel is given from its next boot on (None:
+    /// none). Backends whose slots a kernel does not boot (files) have nowhere to put
+    /// them and keep the default.
+    fn set_slot_verity(&mut self, slot: Slot, verity: Option<&outpost_protocol::verity::Verity>) -> Result<()> {
+        let _ = (slot, verity);
+        Ok(())
+    }
     /// Boot `slot` on trial at the next boot(s), at most `attempts` times unconfirmed.
     fn set_trial(&mut self, slot: Slot, attempts: u32) -> Result<()>;
     /// Confirm the booted trial slot: it becomes active, the trial ends.

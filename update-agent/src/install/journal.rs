@@ -27,6 +27,10 @@ pub struct Release {
     /// SHA-256 of the release's SBOM, verified against the signed metadata.
     #[serde(default)]
     pub sbom_sha256: Option<String>,
+    /// The root filesystem's signed dm-verity parameters, which go on the slot's
+    /// kernel command line when the trial is armed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<outpost_protocol::verity::Verity>,
 }
 
 /// What is being downloaded: the signed target and how its bytes become the image.
@@ -152,6 +156,7 @@ mod tests {
             health: Vec::new(),
             trial_deadline_secs: None,
             sbom_sha256: None,
+            verity: None,
         }
     }
 

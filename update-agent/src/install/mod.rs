@@ -333,8 +333,18 @@ impl Installer {
                 slot
             }
         };
-        self.boot.set_trial(slot, self.config.install.trial_attempts)?;
+        self.arm_trial(&release, slot)?;
         self.reboot()
+    }
+
+    /// Arms the trial of `slot`, which holds `release`: first its signed dm-verity
+    /// parameters go where the bootloader passes them to the slot's kernel.
+    fn arm_trial(&mut self, release: &Release, slot: Slot) -> Result<()> {
+        if let Some(v) = &release.verity {
+            v.validate(release.length).map_err(|e| AgentError::BootControl(format!("release {}: signed dm-verity parameters: {e}", release.version)))?;
+        }
+        self.boot.set_slot_verity(slot, release.verity.as_ref())?;
+        self.boot.set_trial(slot, self.config.install.trial_attempts)
     }
 
     fn write_metrics(&self, progress: Option<(u64, u64)>) {

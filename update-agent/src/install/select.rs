@@ -140,6 +140,7 @@ pub(super) fn release_of(cand: &Candidate) -> Release {
         health: cand.custom.health.clone(),
         trial_deadline_secs: cand.custom.trial_deadline_secs,
         sbom_sha256: cand.custom.sbom.as_ref().map(|s| s.sha256.clone()),
+        verity: cand.custom.verity.clone(),
     }
 }
 

@@ -48,9 +48,9 @@ impl Installer {
                 let reason = format!("trial boot of slot {slot} was not confirmed before its boot attempts ran out");
                 Ok(Some(self.roll_back(release, slot, reason, AfterRollback::Stay)?))
             }
-            (Phase::Installed { slot, .. }, BootOutcome::Normal { .. }) => {
+            (Phase::Installed { release, slot }, BootOutcome::Normal { .. }) => {
                 // Power cut between journaling Installed and arming the trial.
-                self.boot.set_trial(slot, self.config.install.trial_attempts)?;
+                self.arm_trial(&release, slot)?;
                 self.reboot()
             }
             (Phase::TrialBoot { release, slot }, BootOutcome::Normal { slot: booted }) if booted == slot => {
