@@ -161,4 +161,82 @@ mod tests {
         let quoted = Cli::try_parse_from(["t", "--boot-efi", &efi, "--boot-kernel", &kernel, "--boot-initrd", &initrd, "--boot-cmdline", "/vmlinuz a=\"b c\""]).unwrap_or_else(|e| panic!("{e}"));
         assert!(quoted.boot.golden().is_err());
     }
+
+    /// A 200-block "filesystem" and the tree `Verity::compute` gives it (the tree
+    /// itself is checked against veritysetup's in protocol::verity).
+    fn verity_image(dir: &Path, salt: &[u8]) -> (PathBuf, Vec<u8>, Verity) {
+        let data: Vec<u8> = (0..200 * 4096u32).map(|i| (i % 253) as u8).collect();
+        let tree = Verity::compute(&mut &data[..], 200, salt).unwrap_or_else(|e| panic!("{e}"));
+        let mut image = data;
+        image.extend_from_slice(&tree.blocks);
+        let path = dir.join("root.img");
+        std::fs::write(&path, &image).unwrap_or_else(|e| panic!("{e}"));
+        (path, image, Verity { data_blocks: 200, salt: hex::encode(salt), root_hash: hex::encode(tree.root) })
+    }
+
+    fn verity_of(path: &Path, extra: &[&str]) -> std::result::Result<Option<Verity>, String> {
+        let mut args = vec!["t", "--verity-data-blocks", "200", "--verity-salt", "0a0b"];
+        args.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+        let golden = cli.boot.golden().map_err(|e| e.to_string())?;
+        cli.boot.verity(path, golden.as_ref()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_verity_root_is_computed_and_the_image_must_carry_its_tree() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (path, image, want) = verity_image(dir.path(), &[0x0a, 0x0b]);
+        assert_eq!(verity_of(&path, &[]), Ok(Some(want.clone())));
+        // A tree block changed (root forges the tree to match a changed filesystem
+        // but keeps the old root): refused, naming where.
+        let mut forged = image.clone();
+        forged[200 * 4096 + 5] ^= 1;
+        std::fs::write(&path, &forged).unwrap_or_else(|e| panic!("{e}"));
+        let e = verity_of(&path, &[]).unwrap_err();
+        assert!(e.contains("first difference at byte 819205"), "{e}");
+        // A changed data block: its tree no longer matches what the image carries.
+        let mut changed = image.clone();
+        changed[4096 * 17] ^= 1;
+        std::fs::write(&path, &changed).unwrap_or_else(|e| panic!("{e}"));
+        assert!(verity_of(&path, &[]).unwrap_err().contains("not the one its data blocks give"));
+        // Bytes after the tree, or another salt, or a tree cut short.
+        let mut trailing = image.clone();
+        trailing.push(0);
+        std::fs::write(&path, &trailing).unwrap_or_else(|e| panic!("{e}"));
+        assert!(verity_of(&path, &[]).unwrap_err().contains("the image is"));
+        std::fs::write(&path, &image[..image.len() - 1]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(verity_of(&path, &[]).is_err());
+        std::fs::write(&path, &image).unwrap_or_else(|e| panic!("{e}"));
+        let other = Cli::try_parse_from(["t", "--verity-data-blocks", "200", "--verity-salt", "0a0c"]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(other.boot.verity(&path, None).is_err());
+        let upper = Cli::try_parse_from(["t", "--verity-data-blocks", "200", "--verity-salt", "0A0B"]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(upper.boot.verity(&path, None).unwrap_err().to_string().contains("lower-case hex"));
+        // Half of the pair is a usage error.
+        assert!(Cli::try_parse_from(["t", "--verity-salt", "0a0b"]).is_err());
+    }
+
+    #[test]
+    fn every_golden_command_line_must_pass_the_verity_root() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (path, _, want) = verity_image(dir.path(), &[0x0a, 0x0b]);
+        let write = |name: &str, bytes: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap_or_else(|e| panic!("{e}"));
+            p.to_string_lossy().into_owned()
+        };
+        let (efi, kernel, initrd) = (write("grubx64.efi", EFI), write("vmlinuz", b"kernel"), write("initrd.img", b"initrd"));
+        let good = format!("/vmlinuz root=/dev/vda2 outpost.verity={}", want.arg_value());
+        let boot = ["--boot-efi", &efi, "--boot-kernel", &kernel, "--boot-initrd", &initrd];
+        let mut args = boot.to_vec();
+        args.extend(["--boot-cmdline", &good]);
+        assert_eq!(verity_of(&path, &args), Ok(Some(want.clone())));
+        // One slot's command line without it (or with another release's) is refused.
+        let stale = format!("/vmlinuz root=/dev/vda3 outpost.verity={}", Verity { root_hash: "00".repeat(32), ..want.clone() }.arg_value());
+        for bad in ["/vmlinuz root=/dev/vda3", stale.as_str()] {
+            let mut args = boot.to_vec();
+            args.extend(["--boot-cmdline", &good, "--boot-cmdline", bad]);
+            let e = verity_of(&path, &args).unwrap_err();
+            assert!(e.contains("would not boot verified"), "{e}");
+        }
+    }
 }

@@ -133,7 +133,7 @@ build_esp() {
   # every file it loads (PCR 9) and every command and kernel command line (PCR 8).
   grub-mkimage -O x86_64-efi -p /EFI/outpost -o "$dir/BOOTX64.EFI" \
     part_gpt fat ext2 normal configfile loadenv test echo linux tpm search search_label regexp linuxefi \
-    reboot sleep serial terminal halt gzio 2>"$dir/grub-mkimage.log" \
+    reboot sleep serial terminal halt gzio true 2>"$dir/grub-mkimage.log" \
     || die "grub-mkimage failed: see $dir/grub-mkimage.log"
   grep -qF "root=PARTUUID=\${outpost_partuuid} $KERNEL_ARGS outpost.slot=\${outpost_booted} outpost.verity=\${outpost_verity}" "$HERE/grub.cfg" \
     || die "grub.cfg's linuxefi line does not pass \"$KERNEL_ARGS\": keep it and KERNEL_ARGS in image.sh the same"
@@ -187,7 +187,9 @@ build_slot() {
   esac
   find "$r" -exec touch -h -d @1700000000 {} +
   rm -f "$out"
-  E2FSPROGS_FAKE_TIME=1700000000 mke2fs -q -t ext4 -L outpost-root -U 5e1f0000-0000-4000-8000-00000000a0a0 \
+  # -b 4096: the root is read through dm-verity, whose device has 4096-byte blocks
+  # (mke2fs would pick 1024-byte blocks for a filesystem this small).
+  E2FSPROGS_FAKE_TIME=1700000000 mke2fs -q -t ext4 -b 4096 -L outpost-root -U 5e1f0000-0000-4000-8000-00000000a0a0 \
     -E hash_seed=5e1f0000-0000-4000-8000-000000000000,root_owner=0:0 -O ^has_journal,^metadata_csum_seed -I 256 -m 0 \
     -N 16384 -d "$r" "$out" "${SLOT_MIB}M" || die "mke2fs of the slot image failed"
   local blocks=$((SLOT_MIB * 256)) salt root

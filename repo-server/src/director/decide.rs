@@ -220,7 +220,6 @@ pub(super) mod tests {
             measurement: fill.to_string().repeat(64),
             sbom_sha256: None,
             golden: None,
-            verity: None,
         }
     }
 

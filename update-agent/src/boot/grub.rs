@@ -222,7 +222,10 @@ impl BootControl for GrubBootControl {
     /// `outpost.verity=` on the kernel command line (measured into PCR 8), and the
     /// slot's initrd maps the root through dm-verity with it.
     fn set_slot_verity(&mut self, slot: Slot, verity: Option<&outpost_protocol::verity::Verity>) -> Result<()> {
-        let (_, mut block) = self.load()?;
+        let (s, mut block) = self.load()?;
+        if slot == s.active {
+            return Err(AgentError::BootControl(format!("slot {slot} is the committed slot: its kernel command line is not changed while it is the one that boots")));
+        }
         block.set(verity_var(slot), &verity.map(|v| v.arg_value()).unwrap_or_default())?;
         outpost_fsio::write_atomic(&self.env, &block.to_bytes()?).map_err(|e| AgentError::io("write GRUB environment", &self.env, e))
     }
@@ -340,6 +343,9 @@ mod tests {
         b.set_slot_verity(Slot::B, None).unwrap();
         let parsed = EnvBlock::parse(&std::fs::read(&env).unwrap(), &env).unwrap();
         assert_eq!(parsed.get("outpost_verity_B"), Some(""));
+        // The committed slot's never changes under it.
+        let err = b.set_slot_verity(Slot::A, Some(&v)).unwrap_err().to_string();
+        assert!(err.contains("committed slot"), "{err}");
     }
 
     #[test]
