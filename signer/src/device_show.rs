@@ -24,7 +24,7 @@ pub(crate) fn golden_label(role: &Role) -> String {
         Role::KernelCmdline => "kernel command line".to_owned(),
         Role::GrubCommand => "grub command".to_owned(),
         // EV_EFI_ACTION or EV_SEPARATOR whose digest hashes its own data.
-        Role::FirmwareString => "firmware action".to_owned(),
+        Role::FirmwareString => "firmware action/separator".to_owned(),
     }
 }
 
@@ -35,7 +35,7 @@ fn short(digest: &str) -> &str {
 /// The events as a table: record, PCR, type, digest (short), golden value, text.
 pub(crate) fn boot_table(boot: &BootEvents) -> String {
     let row = |record: &str, pcr: &str, ty: &str, digest: &str, golden: &str, text: &str| {
-        format!("{record:<7} {pcr:<4} {ty:<33} {digest:<12} {golden:<28} {text}").trim_end().to_owned()
+        format!("{record:<6}  {pcr:<3}  {ty:<32}  {digest:<12}  {golden:<28}  {text}").trim_end().to_owned()
     };
     let mut lines = vec![row("record", "pcr", "type", "digest", "matched golden value", "text")];
     for BootEvent { record, pcr, event_type, text, sha256, golden } in &boot.events {
@@ -143,7 +143,7 @@ mod tests {
             .collect();
         assert_eq!(table[0], ["record", "pcr", "type", "digest", "matched", "golden", "value", "text"]);
         assert_eq!(table[1], ["29", "4", "EV_EFI_BOOT_SERVICES_APPLICATION", "464646464646", "bootloader", "BOOTX64.EFI", "-"]);
-        assert_eq!(table[2][4..], ["firmware", "action", "Calling", "EFI", "Application", "from", "Boot", "Option"]);
+        assert_eq!(table[2][4..], ["firmware", "action/separator", "Calling", "EFI", "Application", "from", "Boot", "Option"]);
         assert_eq!(table[3][4..], ["grub", "command", "grub_cmd:", "linux", "/vmlinuz", "ro"]);
         assert_eq!(table[4][3..], ["3e3e3e3e3e3e", "kernel", "vmlinuz", "/vmlinuz"]);
         assert_eq!(table[5][4..], ["kernel", "command", "line", "kernel_cmdline:", "/vmlinuz", "ro"]);

@@ -71,8 +71,8 @@ pub struct Attestation {
 /// (OVMF + GRUB) has about 35 events of PCRs 4, 8 and 9 in about 8 KiB.
 pub const MAX_BOOT_EVENTS_JSON: usize = 64 << 10;
 
-/// The events of PCRs 4, 8 and 9 of a boot that matched a release's golden values,
-/// in log order.
+/// The events of PCRs 4, 8 and 9 of a boot that matched a release's golden values:
+/// PCR 4's, then 8's, then 9's, each in log order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootEvents {
     pub events: Vec<BootEvent>,
@@ -105,7 +105,7 @@ impl From<&Matched> for BootEvent {
 }
 
 impl BootEvents {
-    /// A matched boot's events in log order, as many as fit in
+    /// A matched boot's events in the matcher's order, as many as fit in
     /// [`MAX_BOOT_EVENTS_JSON`] bytes of JSON; the rest are counted in `omitted`.
     pub fn bounded(matched: &[Matched]) -> Self {
         let mut events = Vec::new();
