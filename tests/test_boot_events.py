@@ -129,6 +129,21 @@ def test_an_attested_boot_is_shown_beside_the_golden_values_and_a_failed_one_kee
         assert rows["6"].split()[4:] == ["kernel", "command", "line", "kernel_cmdline:", *CMDLINE.split()], text
         assert "firmware action/separator" in rows["2"] and "EV_SEPARATOR" in rows["2"], text
 
+        # A log that claims a golden boot the TPM did not record (an event appended to
+        # the file, not extended): it does not replay to the quote; nothing is kept.
+        golden_file = log.bytes
+        forged = BootLog()
+        forged.bytes = golden_file
+        forged.grub_file("/initrd.img", INITRD)
+        log_file.write_bytes(forged.bytes)
+        verdict = json.loads(agent("checkin").stdout.strip().splitlines()[-1])
+        assert verdict["verdict"] == "failed" and "replay" in verdict["reason"], verdict
+        assert json.loads(show("--json").stdout)["attestations"][0]["boot_events"] is None
+        log_file.write_bytes(golden_file)
+        verdict = json.loads(agent("checkin").stdout.strip().splitlines()[-1])
+        assert verdict["verdict"] == "attested", verdict
+        assert json.loads(show("--json").stdout)["attestations"][0]["boot_events"] == attested["boot_events"]
+
         # Root loads another kernel (GRUB measures it into PCR 9 and the log says so):
         # the check-in fails, names the event, and keeps no events; the operator still
         # sees the last attested boot, labelled with its time.
@@ -140,6 +155,7 @@ def test_an_attested_boot_is_shown_beside_the_golden_values_and_a_failed_one_kee
         detail = json.loads(show("--json").stdout)
         assert detail["attestations"][0]["verdict"] == "failed" and detail["attestations"][0]["boot_events"] is None, detail
         text = show().stdout
-        assert f"measured boot of the attested check-in at {attested['at']}" in text and "QUARANTINED" in text, text
+        newest_attested = next(a for a in detail["attestations"] if a["verdict"] == "attested")
+        assert f"measured boot of the attested check-in at {newest_attested['at']}" in text and "QUARANTINED" in text, text
     finally:
         server.stop()
