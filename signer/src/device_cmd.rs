@@ -20,7 +20,9 @@ pub enum DeviceCommand {
         #[command(flatten)]
         server: ServerArgs,
     },
-    /// One device: its record, attestation history and install reports.
+    /// One device: its record, attestation history, the newest attested boot's
+    /// measured events beside the golden values they matched, and install reports
+    /// (--json: everything, every event).
     Show {
         device_id: String,
         #[command(flatten)]
@@ -111,7 +113,7 @@ pub async fn run(cmd: DeviceCommand, out: &Output) -> Result<()> {
         }
         DeviceCommand::Show { device_id, server } => {
             let v: DeviceDetail = server.require()?.get_json("device", &format!("/api/v1/devices/{}", enc(&device_id))).await?;
-            out.emit(&v, &crate::output::pretty(&v));
+            out.emit(&v, &crate::device_show::detail_text(&v));
         }
     }
     Ok(())

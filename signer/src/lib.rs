@@ -3,6 +3,7 @@
 
 pub mod cli;
 mod device_cmd;
+mod device_show;
 mod director_cmd;
 mod error;
 mod keyfile;

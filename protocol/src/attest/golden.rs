@@ -86,13 +86,14 @@ pub struct GoldenValues {
     pub boot_files: Vec<GoldenFile>,
 }
 
-/// What an event of a golden boot was matched to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// What an event of a golden boot was matched to: the golden file's name where the
+/// golden value is a file (`{"kind": "kernel", "name": "/boot/vmlinuz"}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "name", rename_all = "snake_case")]
 pub enum Role {
     Bootloader(String),
-    Kernel,
-    Initrd,
+    Kernel(String),
+    Initrd(String),
     BootFile(String),
     KernelCmdline,
     GrubCommand,
@@ -241,9 +242,9 @@ impl GoldenValues {
         for e in log.events(GRUB_FILE_PCR).filter(|e| e.event_type != EventType::NoAction) {
             let digest = hex::encode(e.sha256);
             let role = if digest == self.kernel.sha256 {
-                Role::Kernel
+                Role::Kernel(self.kernel.name.clone())
             } else if digest == self.initrd.sha256 {
-                Role::Initrd
+                Role::Initrd(self.initrd.name.clone())
             } else if let Some(f) = self.boot_files.iter().find(|f| f.sha256 == digest) {
                 Role::BootFile(f.name.clone())
             } else {
@@ -252,10 +253,11 @@ impl GoldenValues {
             };
             out.push(matched(e, role));
         }
-        for (role, f) in [(Role::Kernel, &self.kernel), (Role::Initrd, &self.initrd)] {
-            if !out.iter().any(|m| m.role == role) {
-                return Err(missing(GRUB_FILE_PCR, format!("the golden {} was not loaded", if role == Role::Kernel { "kernel" } else { "initrd" }), vec![named(f)]));
-            }
+        if !out.iter().any(|m| matches!(m.role, Role::Kernel(_))) {
+            return Err(missing(GRUB_FILE_PCR, "the golden kernel was not loaded", vec![named(&self.kernel)]));
+        }
+        if !out.iter().any(|m| matches!(m.role, Role::Initrd(_))) {
+            return Err(missing(GRUB_FILE_PCR, "the golden initrd was not loaded", vec![named(&self.initrd)]));
         }
         Ok(out)
     }
@@ -393,7 +395,7 @@ mod tests {
         let l = log_of(&good());
         let matched = verdict(&l, &l).unwrap_or_else(|e| panic!("{e}"));
         let roles: Vec<&Role> = matched.iter().map(|m| &m.role).collect();
-        for want in [Role::Bootloader("grubx64.efi".into()), Role::Kernel, Role::Initrd, Role::KernelCmdline, Role::BootFile("/EFI/debian/grub.cfg".into())] {
+        for want in [Role::Bootloader("grubx64.efi".into()), Role::Kernel("/boot/vmlinuz".into()), Role::Initrd("/boot/initrd.img".into()), Role::KernelCmdline, Role::BootFile("/EFI/debian/grub.cfg".into())] {
             assert!(roles.contains(&&want), "{want:?} not in {roles:?}");
         }
         let cmdline = matched.iter().find(|m| m.role == Role::KernelCmdline).map(|m| m.text.clone());
@@ -656,12 +658,13 @@ mod tests {
         let matched = golden.check(&quoted).unwrap_or_else(|e| panic!("{e}"));
         let role = |r: usize| matched.iter().find(|m| m.record == r).map(|m| m.role.clone());
         assert_eq!(role(29), Some(Role::Bootloader("BOOTX64.EFI".into())));
-        assert_eq!((role(56), role(59), role(57)), (Some(Role::Kernel), Some(Role::Initrd), Some(Role::KernelCmdline)));
+        assert_eq!((role(56), role(59), role(57)), (Some(Role::Kernel("vmlinuz".into())), Some(Role::Initrd("initrd.img".into())), Some(Role::KernelCmdline)));
         assert_eq!(role(55), Some(Role::GrubCommand), "linuxefi with a golden command line");
         // The matched events as JSON, for showing beside the golden values.
         let kernel = matched.iter().find(|m| m.record == 56).map(serde_json::to_value);
         let kernel = kernel.and_then(|v| v.ok()).unwrap_or_default();
         assert_eq!((kernel["event_type"].as_str(), kernel["role"]["kind"].as_str()), (Some("EV_IPL"), Some("kernel")));
+        assert_eq!(kernel["role"]["name"].as_str(), Some("vmlinuz"), "the golden file's name");
         // The same in one call, from the bytes; and each kind of failure as its own error.
         assert_eq!(check_boot(REAL_LOG, &quote, &golden).ok(), Some(matched.clone()));
         assert!(matches!(check_boot(&REAL_LOG[..100], &quote, &golden), Err(Error::EventLog { .. })));

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+use outpost_protocol::api::devices::BootEvents;
 use outpost_protocol::attest::{self, AttestationState, Checkin, CheckinReport, CheckinVerdict, MeasurementPolicy, Platform, TpmPublic, Verdict};
 use outpost_protocol::director::FirmwareRelease;
 use serde_json::json;
@@ -17,7 +18,7 @@ use super::Refusal;
 use crate::director::{self, DeviceFacts, Director, Outcome};
 use crate::error::ServerError;
 use crate::repository::Repository;
-use crate::storage::{CheckinRecord, Store};
+use crate::storage::{CheckinRecord, Judged, Store};
 
 /// What a check-in is judged and answered with.
 pub struct CheckinContext<'a> {
@@ -28,11 +29,13 @@ pub struct CheckinContext<'a> {
     pub measurement: &'a BTreeMap<String, MeasurementPolicy>,
 }
 
-/// The release a boot-chain measurement matched: what the device runs, as measured.
+/// The release a boot-chain measurement matched: what the device runs, as measured,
+/// and the boot's events beside the golden values they matched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct MeasuredRelease {
     version: String,
     image_sha256: String,
+    events: BootEvents,
 }
 
 /// What a check-in is judged against.
@@ -79,7 +82,10 @@ fn judge_boot_chain(quote: &attest::Quote, report: &CheckinReport, releases: &[F
     let claim = attest::boot::Claim { version: report.version.as_deref(), image_sha256: report.image_sha256.as_deref() };
     let matched = attest::boot::judge_boot_log(&log, quote, &candidates, claim).map_err(|e| format!("hardware class {class}: {e}"))?;
     let release = &candidates[matched.release];
-    Ok(MeasuredRelease { version: release.version.to_owned(), image_sha256: release.image_sha256.to_owned() })
+    // The events shown are the matcher's, from the log that replayed to this quote:
+    // never anything else the device reported.
+    let events = BootEvents::bounded(&matched.events);
+    Ok(MeasuredRelease { version: release.version.to_owned(), image_sha256: release.image_sha256.to_owned(), events })
 }
 
 /// Checks that the quote is this device's, over exactly this report, and reads the
@@ -116,20 +122,22 @@ pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chr
     let releases = cx.repo.firmware_releases(class).await;
     let policy = cx.measurement.get(class).or_else(|| cx.measurement.get("*"));
     let outcome = judge(&quote, &report, policy, &Signed { expected: &expected, releases: &releases }, class);
-    let (verdict, reason, measured) = match &outcome {
-        Ok(m) => (Verdict::Attested, None, m.clone()),
-        Err(reason) => (Verdict::Failed, Some(reason.as_str()), None),
+    let (judged, measured) = match outcome {
+        Ok(Some(m)) => (Judged::Attested { boot_events: Some(m.events) }, Some((m.version, m.image_sha256))),
+        Ok(None) => (Judged::Attested { boot_events: None }, None),
+        Err(reason) => (Judged::Failed { reason }, None),
     };
+    let verdict = judged.verdict();
+    let reason = judged.reason().map(str::to_owned);
     // What the device runs: the release its boot chain measured, else what it reports
     // (which its own measurement vouched for, in a testbed).
     let (version, image_sha256) = match measured {
-        Some(m) => (Some(m.version), Some(m.image_sha256)),
+        Some((version, image_sha256)) => (Some(version), Some(image_sha256)),
         None => (report.version.clone(), report.image_sha256.clone()),
     };
     let record = CheckinRecord {
         device_id: id.to_owned(),
-        verdict,
-        reason: reason.map(str::to_owned),
+        judged,
         slot: report.slot,
         version: version.clone(),
         image_sha256: image_sha256.clone(),
@@ -163,14 +171,14 @@ pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chr
         let action = if verdict == Verdict::Failed { "device_quarantine" } else { "device_attested" };
         cx.store.log("server", action, &json!({"device_id": id, "reason": reason})).await?;
     }
-    match reason {
+    match reason.as_deref() {
         Some(r) => tracing::warn!(device = %id, reason = r, "attestation failed; device quarantined"),
         None => tracing::info!(device = %id, version = report.version.as_deref().unwrap_or(""), "attested check-in"),
     }
     Ok(CheckinVerdict {
         device_id: id.to_owned(),
         verdict,
-        reason: reason.map(str::to_owned),
+        reason,
         quarantined: verdict == Verdict::Failed,
         at: chrono::Utc::now().to_rfc3339(),
         director_targets: Some(director_targets),

@@ -32,7 +32,7 @@ pub(crate) mod testing;
 pub mod tokens;
 
 pub use assignments::{AssignmentView, Decided, DirectorChanges, DirectorView, NewAssignment, StatusChange, WaveCounts};
-pub use checkins::CheckinRecord;
+pub use checkins::{CheckinRecord, Judged};
 pub use devices::DeviceRecord;
 pub use enrollment::{EnrollRefusal, NewChallenge};
 pub use enums::{ChallengeState, SqlEnum};
@@ -100,6 +100,11 @@ impl std::fmt::Debug for Backend {
 impl Store {
     /// Opens (and migrates) the configured database.
     pub async fn open(backend: &Backend) -> Result<Self, ServerError> {
+        Self::open_migrated(backend, &schema::ALTERATIONS).await
+    }
+
+    /// Opens the database with the schema as of `steps` (tests make old databases).
+    async fn open_migrated(backend: &Backend, steps: &'static [&'static str]) -> Result<Self, ServerError> {
         let db: Box<dyn Database> = match backend {
             Backend::Sqlite(path) => {
                 let path = path.clone();
@@ -108,7 +113,7 @@ impl Store {
             }
             Backend::Postgres { url, max_connections } => Box::new(Postgres::connect(url, *max_connections).await?),
         };
-        db::migrate(db.as_ref(), schema::base_schema(db.dialect()), &schema::ALTERATIONS).await?;
+        db::migrate(db.as_ref(), schema::base_schema(db.dialect()), steps).await?;
         Ok(Store { db })
     }
 
@@ -351,7 +356,8 @@ mod tests {
     /// the device's lookups (and so its check-ins) or the report listing once slots
     /// are typed.
     async fn slots_no_agent_sends_are_forgotten_by_the_migration_not_fatal_to_lookups(b: Backend) {
-        let s = ok(Store::open(&b).await);
+        const BEFORE_TYPED_SLOTS: [&str; 4] = [ALTERATIONS[0], ALTERATIONS[1], ALTERATIONS[2], ALTERATIONS[3]];
+        let s = ok(Store::open_migrated(&b, &BEFORE_TYPED_SLOTS).await);
         add_devices(&s, ["dev-z".to_owned(), "dev-a".to_owned()].into_iter()).await;
         ok(s.execute("UPDATE devices SET slot = 'Z' WHERE device_id = 'dev-z'", args![]).await);
         ok(s.execute("UPDATE devices SET slot = 'A' WHERE device_id = 'dev-a'", args![]).await);
@@ -365,8 +371,6 @@ mod tests {
         }
         let broken = s.device("dev-z").await.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(broken.contains("devices.slot"), "a stored slot no agent sends is an error naming the column: {broken}");
-        let back_to_4 = if matches!(b, Backend::Sqlite(_)) { "PRAGMA user_version = 4" } else { "UPDATE outpost_schema SET version = 4" };
-        ok(s.execute(back_to_4, args![]).await);
         drop(s);
         let s = ok(Store::open(&b).await);
         assert_eq!(ok(s.device("dev-z").await).map(|d| d.device.slot), Some(None));

@@ -174,7 +174,7 @@ pub(super) fn base_schema(dialect: Dialect) -> String {
 
 /// Schema changes to tables that already exist, numbered from 1 (SQLite keeps the
 /// number in `PRAGMA user_version`, PostgreSQL in `outpost_schema`).
-pub(super) const ALTERATIONS: [&str; 5] = [
+pub(super) const ALTERATIONS: [&str; 6] = [
     // 1: device labels (rollout selectors) and the per-device director version;
     // labels given to enrollment tokens.
     "ALTER TABLE devices ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
@@ -198,4 +198,12 @@ pub(super) const ALTERATIONS: [&str; 5] = [
     "UPDATE devices SET slot = NULL WHERE slot NOT IN ('A', 'B');
      UPDATE attestations SET slot = NULL WHERE slot NOT IN ('A', 'B');
      DELETE FROM install_reports WHERE slot NOT IN ('A', 'B');",
+    // 6: an attested boot-chain check-in's measured-boot events beside the golden values
+    // they matched (api::devices::BootEvents as JSON), kept once per distinct boot under
+    // the SHA-256 of that JSON. Rows from before have none.
+    "CREATE TABLE IF NOT EXISTS boot_event_sets (
+         sha256 TEXT PRIMARY KEY,
+         events TEXT NOT NULL
+     );
+     ALTER TABLE attestations ADD COLUMN boot_events_sha256 TEXT;",
 ];

@@ -1,0 +1,161 @@
+"""Measured-boot events beside the golden values (issue 18): a device of a class its
+boot chain measures sends the TCG event log with its quote; the server keeps the
+events the log matched and the operator sees them (`GET /api/v1/devices/{id}`,
+`outpost device show`).
+
+The loopback testbed has no firmware and no GRUB, so the test plays them: it writes
+a crypto-agile event log of a GRUB boot (bootloader in PCR 4, GRUB's command line and
+commands in PCR 8, kernel and initrd in PCR 9) and extends the device's swtpm with
+the same digests, as firmware and GRUB would. The agent is the real one with
+`[tpm] boot_event_log`, the quote is the swtpm's, the golden values are signed by
+`outpost release publish --boot-*`. (The real boot is tests/test_vm.py's.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+from conftest import Device, OutpostServer, assert_ok, run, sha256_hex
+
+REPO = Path(__file__).resolve().parent.parent
+EFI_IMAGE = REPO / "protocol/src/attest/testdata/small-pe32plus.efi"
+EFI_AUTHENTICODE = (REPO / "protocol/src/attest/testdata/small-pe32plus.efi.authenticode-sha256").read_text().split()[0]
+BOOT_EVENT_CLASS = '\n[attestation.classes.rpi4]\nboot_event_log = true\n'
+CMDLINE = "/vmlinuz root=/dev/vda2 ro outpost.slot=A"
+KERNEL, INITRD = b"a kernel " * 100, b"an initrd " * 100
+
+EV_SEPARATOR, EV_IPL, EV_NO_ACTION, EV_EFI_BSA = 0x4, 0xD, 0x3, 0x80000003
+ALG_SHA256 = 0x000B
+
+
+class BootLog:
+    """What firmware and GRUB write to the event log (TCG PC Client crypto-agile
+    format, one SHA-256 bank) while they extend the TPM's PCRs."""
+
+    def __init__(self) -> None:
+        spec = b"Spec ID Event03\0" + struct.pack("<IBBBBI", 0, 0, 2, 0, 2, 1) + struct.pack("<HH", ALG_SHA256, 32) + b"\0"
+        self.bytes = struct.pack("<II20sI", 0, EV_NO_ACTION, bytes(20), len(spec)) + spec
+        self.extends: list[tuple[int, str]] = []
+
+    def event(self, pcr: int, event_type: int, data: bytes, digest: str) -> "BootLog":
+        self.bytes += struct.pack("<III", pcr, event_type, 1) + struct.pack("<H", ALG_SHA256) + bytes.fromhex(digest)
+        self.bytes += struct.pack("<I", len(data)) + data
+        self.extends.append((pcr, digest))
+        return self
+
+    def grub_string(self, prefix: str, text: str) -> "BootLog":
+        return self.event(8, EV_IPL, f"{prefix}{text}\0".encode(), sha256_hex(text.encode()))
+
+    def grub_file(self, name: str, content: bytes) -> "BootLog":
+        return self.event(9, EV_IPL, f"{name}\0".encode(), sha256_hex(content))
+
+    def extend_into(self, tpm) -> None:
+        for pcr, digest in self.extends:
+            assert_ok(tpm.tool("tpm2_pcrextend", f"{pcr}:sha256={digest}"))
+        self.extends = []
+
+
+def golden_boot() -> BootLog:
+    log = BootLog()
+    log.event(4, EV_EFI_BSA, b"\0" * 32, EFI_AUTHENTICODE)
+    log.event(4, EV_SEPARATOR, b"\0\0\0\0", sha256_hex(b"\0\0\0\0"))
+    log.grub_string("grub_cmd: ", "set root=(hd0,gpt2)")
+    log.grub_string("grub_cmd: ", f"linux {CMDLINE}")
+    log.grub_file("/vmlinuz", KERNEL)
+    log.grub_string("kernel_cmdline: ", CMDLINE)
+    log.grub_string("grub_cmd: ", "initrd /initrd.img")
+    log.grub_file("/initrd.img", INITRD)
+    return log
+
+
+def test_an_attested_boot_is_shown_beside_the_golden_values_and_a_failed_one_keeps_nothing(tmp_path, outpost_repo, swtpm_factory):
+    server = OutpostServer(tmp_path, outpost_repo, measurement=BOOT_EVENT_CLASS)
+    token = server.token()
+    server.start()
+    try:
+        outpost_repo.cli("repo", "push", "--repo", outpost_repo.dir, "--server", server.url, "--token", token)
+        boot = tmp_path / "boot"
+        boot.mkdir()
+        (boot / "vmlinuz").write_bytes(KERNEL)
+        (boot / "initrd.img").write_bytes(INITRD)
+        image = hashlib.sha256(b"v1").digest() * 2048
+        outpost_repo.publish(image, "1.0.0", server=server, token=token, extra=(
+            "--boot-efi", EFI_IMAGE, "--boot-kernel", boot / "vmlinuz", "--boot-initrd", boot / "initrd.img",
+            "--boot-cmdline", CMDLINE))
+
+        tpm = swtpm_factory("tpm")
+        log = golden_boot()
+        log.extend_into(tpm)
+        log_file = tmp_path / "binary_bios_measurements"
+        log_file.write_bytes(log.bytes)
+        dev = Device(tmp_path / "device", server.url, outpost_repo.root1, device_id="device",
+                     tpm={"tcti": tpm.tcti, "boot_event_log": str(log_file)})
+        dev.slot_path("A").parent.mkdir(parents=True, exist_ok=True)
+        dev.slot_path("A").write_bytes(image)
+        op_token = server.token("ops", "operator")
+        made = assert_ok(outpost_repo.cli("--json", "device", "token", "create", "--hardware-class", "rpi4",
+                                          "--server", server.url, "--token", op_token))
+        agent = lambda *a: run([dev.exe, "--config", dev.config, "--json", *a], timeout=60)
+        device_id = json.loads(assert_ok(agent("enroll", "--token", json.loads(made.stdout)["token"])).stdout)["device_id"]
+        verdict = json.loads(assert_ok(agent("checkin")).stdout.strip().splitlines()[-1])
+        assert verdict["verdict"] == "attested", verdict
+
+        show = lambda *a: assert_ok(outpost_repo.cli(*a, "device", "show", device_id, "--server", server.url, "--token", op_token))
+        detail = json.loads(show("--json").stdout)
+        attested = detail["attestations"][0]
+        assert attested["verdict"] == "attested" and attested["version"] == "1.0.0", attested
+        events = attested["boot_events"]["events"]
+        assert attested["boot_events"]["omitted"] == 0
+        assert [(e["record"], e["pcr"], e["golden"]) for e in events] == [
+            (1, 4, {"kind": "bootloader", "name": "small-pe32plus.efi"}),
+            (2, 4, {"kind": "firmware_string"}),
+            (3, 8, {"kind": "grub_command"}),
+            (4, 8, {"kind": "grub_command"}),
+            (6, 8, {"kind": "kernel_cmdline"}),
+            (7, 8, {"kind": "grub_command"}),
+            (5, 9, {"kind": "kernel", "name": "vmlinuz"}),
+            (8, 9, {"kind": "initrd", "name": "initrd.img"}),
+        ], events
+        kernel = next(e for e in events if e["golden"]["kind"] == "kernel")
+        assert kernel == {"record": 5, "pcr": 9, "event_type": "EV_IPL", "text": "/vmlinuz", "sha256": sha256_hex(KERNEL),
+                          "golden": {"kind": "kernel", "name": "vmlinuz"}}
+        text = show().stdout
+        rows = {line.split()[0]: line for line in text.splitlines() if line[:1].isdigit()}
+        assert "kernel vmlinuz" in rows["5"] and sha256_hex(KERNEL)[:12] in rows["5"], text
+        assert "bootloader small-pe32plus.efi" in rows["1"] and "EV_EFI_BOOT_SERVICES_APPLICATION" in rows["1"], text
+        assert rows["6"].split()[4:] == ["kernel", "command", "line", "kernel_cmdline:", *CMDLINE.split()], text
+        assert "firmware action/separator" in rows["2"] and "EV_SEPARATOR" in rows["2"], text
+
+        # A log that claims a golden boot the TPM did not record (an event appended to
+        # the file, not extended): it does not replay to the quote; nothing is kept.
+        golden_file = log.bytes
+        forged = BootLog()
+        forged.bytes = golden_file
+        forged.grub_file("/initrd.img", INITRD)
+        log_file.write_bytes(forged.bytes)
+        verdict = json.loads(agent("checkin").stdout.strip().splitlines()[-1])
+        assert verdict["verdict"] == "failed" and "replay" in verdict["reason"], verdict
+        assert json.loads(show("--json").stdout)["attestations"][0]["boot_events"] is None
+        log_file.write_bytes(golden_file)
+        verdict = json.loads(agent("checkin").stdout.strip().splitlines()[-1])
+        assert verdict["verdict"] == "attested", verdict
+        assert json.loads(show("--json").stdout)["attestations"][0]["boot_events"] == attested["boot_events"]
+
+        # Root loads another kernel (GRUB measures it into PCR 9 and the log says so):
+        # the check-in fails, names the event, and keeps no events; the operator still
+        # sees the last attested boot, labelled with its time.
+        log.grub_file("/vmlinuz", b"root's kernel")
+        log.extend_into(tpm)
+        log_file.write_bytes(log.bytes)
+        verdict = json.loads(agent("checkin").stdout.strip().splitlines()[-1])
+        assert verdict["verdict"] == "failed" and "record 9" in verdict["reason"], verdict
+        detail = json.loads(show("--json").stdout)
+        assert detail["attestations"][0]["verdict"] == "failed" and detail["attestations"][0]["boot_events"] is None, detail
+        text = show().stdout
+        newest_attested = next(a for a in detail["attestations"] if a["verdict"] == "attested")
+        assert f"measured boot of the attested check-in at {newest_attested['at']}" in text and "QUARANTINED" in text, text
+    finally:
+        server.stop()
