@@ -43,6 +43,7 @@ APT_PACKAGES=(
   dosfstools          # mkfs.vfat for the ESP
   fdisk               # sfdisk: the GPT of the device's disk
   e2fsprogs           # mke2fs -d: slot and data filesystems from a directory
+  cryptsetup-bin      # veritysetup: the dm-verity hash tree of a slot image
   socat               # forwards the VM's one allowed connection to the server on loopback
   libtss2-dev   # TPM2 Software Stack that tss-esapi links (Debian 12: 3.2)
   tpm2-tools    # tpm2_* commands used by tests to inspect a device's TPM independently
