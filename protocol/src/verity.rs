@@ -118,7 +118,9 @@ impl Verity {
             h.finalize().into()
         };
         let mut buf = vec![0u8; BLOCK as usize];
-        let mut below: Vec<[u8; 32]> = Vec::with_capacity(usize::try_from(data_blocks).unwrap_or(0));
+        // Grown as blocks are read, never sized by the claimed count: a count larger
+        // than the data ends in a read error, not an allocation of 32 bytes per block.
+        let mut below: Vec<[u8; 32]> = Vec::new();
         for _ in 0..data_blocks {
             data.read_exact(&mut buf)?;
             below.push(hash(&buf));
@@ -184,6 +186,13 @@ mod tests {
         }
         let other_salt = Verity::compute(&mut &data[..], 300, b"x").unwrap_or_else(|e| panic!("{e}"));
         assert_ne!(hex::encode(other_salt.root), ROOT);
+    }
+
+    #[test]
+    fn a_block_count_beyond_the_data_is_a_read_error_not_an_allocation() {
+        let data = pattern(3);
+        let err = Verity::compute(&mut &data[..], 1 << 40, b"").err().map(|e| e.kind());
+        assert_eq!(err, Some(std::io::ErrorKind::UnexpectedEof));
     }
 
     #[test]

@@ -151,12 +151,8 @@ mod tests {
 
     use super::*;
     use crate::storage::schema::ALTERATIONS;
-    use crate::storage::testing::{add_devices, on_both_backends};
+    use crate::storage::testing::{add_devices, ok, on_both_backends};
     use crate::storage::{Backend, DirectorChanges, NonceIssue};
-
-    fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
-        r.unwrap_or_else(|e| panic!("{e}"))
-    }
 
     on_both_backends! {
         boot_events_are_kept_once_per_boot_and_only_with_an_attested_check_in;

@@ -159,11 +159,7 @@ mod tests {
     use crate::storage::db::Mode;
     use crate::storage::schema::ALTERATIONS;
 
-    fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
-        r.unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    use crate::storage::testing::{add_devices, on_both_backends, INSERT_BARE_DEVICE};
+    use crate::storage::testing::{add_devices, ok, on_both_backends, INSERT_BARE_DEVICE};
 
     on_both_backends! {
         nonces_are_single_use_for_their_device_and_bounded;

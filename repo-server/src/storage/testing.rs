@@ -19,6 +19,11 @@ pub(crate) async fn postgres_backend() -> Backend {
 
 /// A bare device of class rpi4 (`?1`: its id, `?2`: a placeholder key, both EK and
 /// AK), as the store suite enrolls them.
+/// A test's result, or a panic that prints the error (its Display, not Debug).
+pub(crate) fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+    r.unwrap_or_else(|e| panic!("{e}"))
+}
+
 pub(crate) const INSERT_BARE_DEVICE: &str =
     "INSERT INTO devices (device_id, hardware_class, ek_public, ak_public, enrolled_at) VALUES (?1, 'rpi4', ?2, ?2, 'now')";
 

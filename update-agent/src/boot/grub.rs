@@ -201,8 +201,12 @@ impl GrubBootControl {
             };
             block.set("outpost_boot", kind)?;
         }
-        let bytes = block.to_bytes()?;
-        outpost_fsio::write_atomic(&self.env, &bytes).map_err(|e| AgentError::io("write GRUB environment", &self.env, e))
+        self.write(&block)
+    }
+
+    /// Replaces the environment block in one atomic write.
+    fn write(&self, block: &EnvBlock) -> Result<()> {
+        outpost_fsio::write_atomic(&self.env, &block.to_bytes()?).map_err(|e| AgentError::io("write GRUB environment", &self.env, e))
     }
 }
 
@@ -227,7 +231,7 @@ impl BootControl for GrubBootControl {
             return Err(AgentError::BootControl(format!("slot {slot} is the committed slot: its kernel command line is not changed while it is the one that boots")));
         }
         block.set(verity_var(slot), &verity.map(|v| v.arg_value()).unwrap_or_default())?;
-        outpost_fsio::write_atomic(&self.env, &block.to_bytes()?).map_err(|e| AgentError::io("write GRUB environment", &self.env, e))
+        self.write(&block)
     }
 
     fn set_trial(&mut self, slot: Slot, attempts: u32) -> Result<()> {
