@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import time
 from pathlib import Path
 
-from conftest import Device, OutpostServer, assert_ok, run, sha256_hex
+from conftest import Device, OutpostServer, RunningAgent, assert_ok, run, sha256_hex
 
 REPO = Path(__file__).resolve().parent.parent
 EFI_IMAGE = REPO / "protocol/src/attest/testdata/small-pe32plus.efi"
@@ -159,3 +160,69 @@ def test_an_attested_boot_is_shown_beside_the_golden_values_and_a_failed_one_kee
         assert f"measured boot of the attested check-in at {newest_attested['at']}" in text and "QUARANTINED" in text, text
     finally:
         server.stop()
+
+
+def test_an_enrolled_device_of_a_boot_chain_class_installs_the_zstd_release_a_rollout_assigns(tmp_path, outpost_repo, swtpm_factory):
+    """The path the virtual device's demo takes: a boot-chain device, attested as its
+    factory release, is assigned a newer zstd-encoded release by a rollout; its next
+    round installs it (the file testbed's reboot is a re-exec, so the boot log and the
+    PCRs stay the factory boot's: only the install is checked here)."""
+    server = OutpostServer(tmp_path, outpost_repo, measurement=BOOT_EVENT_CLASS)
+    token = server.token()
+    server.start()
+    try:
+        outpost_repo.cli("repo", "push", "--repo", outpost_repo.dir, "--server", server.url, "--token", token)
+        boot = tmp_path / "boot"
+        boot.mkdir()
+        (boot / "vmlinuz").write_bytes(KERNEL)
+        (boot / "initrd.img").write_bytes(INITRD)
+        golden = ("--boot-efi", EFI_IMAGE, "--boot-kernel", boot / "vmlinuz", "--boot-initrd", boot / "initrd.img",
+                  "--boot-cmdline", CMDLINE, "--zstd")
+        v1 = hashlib.sha256(b"v1").digest() * 2048
+        v2 = hashlib.sha256(b"v2").digest() * 2048
+        outpost_repo.publish(v1, "1.0.0", server=server, token=token, extra=golden)
+
+        tpm = swtpm_factory("tpm")
+        log = golden_boot()
+        log.extend_into(tpm)
+        log_file = tmp_path / "binary_bios_measurements"
+        log_file.write_bytes(log.bytes)
+        dev = Device(tmp_path / "device", server.url, outpost_repo.root1, device_id="device",
+                     tpm={"tcti": tpm.tcti, "boot_event_log": str(log_file)}, install={"check_interval": "1s"})
+        dev.slot_path("A").parent.mkdir(parents=True, exist_ok=True)
+        dev.slot_path("A").write_bytes(v1)
+        op_token = server.token("ops", "operator")
+        made = assert_ok(outpost_repo.cli("--json", "device", "token", "create", "--hardware-class", "rpi4",
+                                          "--server", server.url, "--token", op_token))
+        agent = lambda *a: run([dev.exe, "--config", dev.config, "--json", *a], timeout=60)
+        # The daemon runs from power-on, as on a device; it is enrolled while it runs.
+        daemon = RunningAgent([dev.exe, "--config", dev.config, "--json", "run"], tmp_path / "daemon.out", tmp_path / "daemon.err")
+        try:
+            device_id = json.loads(assert_ok(agent("enroll", "--token", json.loads(made.stdout)["token"])).stdout)["device_id"]
+            until(lambda: '"verdict":"attested"' in (tmp_path / "daemon.out").read_text().replace(" ", ""), 60, "an attested check-in")
+            show = lambda: json.loads(assert_ok(outpost_repo.cli("--json", "device", "show", device_id, "--server", server.url,
+                                                                 "--token", op_token)).stdout)
+            # What it runs is named by the image's digest (as an agent measures it), not
+            # by the digest of the zstd file it was shipped in.
+            assert show()["device"]["image_sha256"] == sha256_hex(v1), show()["device"]
+            outpost_repo.publish(v2, "2.0.0", server=server, token=token, extra=golden)
+            assert_ok(outpost_repo.cli("rollout", "create", "--version", "2.0.0", "--hardware-class", "rpi4", "--waves", "100",
+                                       "--soak", "0s", "--failure-threshold", "0.5", "--success-threshold", "1",
+                                       "--min-devices", "1", "--start", "--server", server.url, "--token", op_token, "--json"))
+            until(lambda: dev.slot_path("B").exists() and dev.slot_path("B").read_bytes()[:len(v2)] == v2, 60,
+                  "2.0.0 in slot B", lambda: (tmp_path / "daemon.err").read_text()[-4000:])
+            # The file testbed commits on its re-exec; the rollout hears of it.
+            until(lambda: (dev.journal() or {}).get("running", {}).get("version") == "2.0.0", 60, "2.0.0 committed",
+                  lambda: (tmp_path / "daemon.err").read_text()[-4000:])
+        finally:
+            daemon.power_cut()
+    finally:
+        server.stop()
+
+
+def until(pred, timeout: float, what: str, detail=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout:.0f} s: {detail()}")
+        time.sleep(0.5)

@@ -35,6 +35,7 @@ pub fn device_state(journal: &Journal, active: Slot) -> DeviceState {
 /// targets (verified under the pinned director root) are handed to `installer` for
 /// its next install step. Returns None when the device is not enrolled.
 pub async fn checkin(installer: &mut Installer, fetcher: &Fetcher) -> Result<Option<CheckinVerdict>> {
+    installer.take_up_enrollment()?;
     if !installer.attesting() {
         return Ok(None);
     }
