@@ -1,6 +1,6 @@
 """Integrity incidents on the server's side (the device's side is tests/test_vm.py's
 byte flip): a device without identity posts a dm-verity corruption it read from the
-kernel's pstore record; the server validates it against the kernel line it carries,
+kernel's pstore record, an enrolled one sends it in its attested check-in; the server validates it against the kernel line it carries,
 stores it once, logs it, and refuses forged, malformed and oversized ones with an
 error naming the field, storing nothing."""
 from __future__ import annotations
@@ -76,3 +76,31 @@ def test_forged_malformed_and_oversized_incidents_are_refused_and_nothing_is_sto
     status, _ = post(server, json.dumps(incident(hardware_class="x" * 8192)).encode())
     assert status == 413, status
     assert list_incidents(server) == []
+
+
+from test_attestation import agent, checkin, enrolled_device, ops  # noqa: E402,F401 (ops: the fixture)
+
+
+def test_an_enrolled_device_s_incidents_come_only_in_its_attested_check_ins(fleet, tmp_path, ops, swtpm_factory):
+    """An enrolled device's queued incident travels in its attested check-in (the quote
+    covers it) and is stored as attested; one whose fields disagree with its kernel line
+    makes the server refuse the check-in, naming the field, and nothing is stored; the
+    unattested route is closed to an enrolled id."""
+    server = fleet[1]
+    dev, device_id, _ = enrolled_device(fleet, tmp_path, ops, swtpm_factory)
+    queue = dev.state_dir / "incidents.json"
+    genuine = incident(device_id=device_id, hardware_class="rpi4")
+    queue.write_text(json.dumps({"pending": [dict(genuine, block=1)]}))
+    res = agent(dev, "checkin")
+    assert res.returncode != 0 and "incidents[0]: block 1 disagrees with the line, which says 50558" in res.stderr + res.stdout, res.stderr
+    assert ops.device(device_id)["incidents"] == []
+    assert len(json.loads(queue.read_text())["pending"]) == 1, "a refused incident stays queued"
+
+    status, answer = post(server, genuine)
+    assert status == 403 and answer["code"] == "device_enrolled", answer
+
+    queue.write_text(json.dumps({"pending": [genuine]}))
+    assert checkin(dev)["verdict"] == "attested"
+    shown = ops.device(device_id)["incidents"]
+    assert [(i["block"], i["dev"], i["attested"]) for i in shown] == [(50558, "254:3", True)], shown
+    assert json.loads(queue.read_text())["pending"] == []
