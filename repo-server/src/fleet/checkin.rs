@@ -110,6 +110,7 @@ fn authentic(ak: &TpmPublic, id: &str, body: &Checkin) -> Result<(attest::Quote,
             return Err(Refusal::invalid("invalid_report", format!("install report names device {:?}, not {id:?}", r.device_id)));
         }
     }
+    outpost_protocol::incident::validate_all(id, &report.incidents).map_err(|m| Refusal::invalid("invalid_incident", m))?;
     Ok((quote, report))
 }
 
@@ -146,6 +147,7 @@ pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chr
         sbom_sha256: report.sbom_sha256.clone(),
         health: report.health,
         reports: report.reports.clone(),
+        incidents: report.incidents.clone(),
         policy: report.policy.as_ref().and_then(|p| serde_json::to_string(p).ok()),
     };
     let facts = DeviceFacts {

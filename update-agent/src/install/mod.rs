@@ -80,7 +80,7 @@ impl Installer {
     pub fn open(config: &AgentConfig, fetcher: Fetcher) -> Result<Self> {
         let boot: Box<dyn BootControl> = match &config.install.boot_backend {
             BootBackend::File => Box::new(FileBootControl::open(&config.boot_dir())?),
-            BootBackend::Grub { env, slot_a, slot_b, cmdline } => Box::new(GrubBootControl::open(env, slot_a, slot_b, cmdline)?),
+            BootBackend::Grub { env, slot_a, slot_b, cmdline, .. } => Box::new(GrubBootControl::open(env, slot_a, slot_b, cmdline)?),
         };
         let journal_file = JournalFile::new(&config.state_dir.join("journal.json"));
         let journal = match journal_file.load() {
