@@ -865,27 +865,26 @@ class RunningAgent:
                 f.close()
 
 
-def list_reports(server: "OutpostServer", device: str | None = None) -> list[dict]:
-    """GET /api/v1/reports (newest first), with a viewer token (pipeline tokens only
+def _list(server: "OutpostServer", what: str, device: str | None) -> list[dict]:
+    """GET /api/v1/<what> (newest first), with a viewer token (pipeline tokens only
     publish)."""
-    url = f"{server.url}/api/v1/reports" + (f"?device={device}" if device else "")
+    url = f"{server.url}/api/v1/{what}" + (f"?device={device}" if device else "")
     viewer = getattr(server, "_viewer_token", None)
     if viewer is None:
         viewer = server._viewer_token = server.token("reports-viewer", role="viewer")
     status, body = http_get(url, token=viewer)
     assert status == 200, f"GET {url} answered {status}: {body[:300]!r}"
-    return json.loads(body)["reports"]
+    return json.loads(body)[what]
+
+
+def list_reports(server: "OutpostServer", device: str | None = None) -> list[dict]:
+    """Install reports."""
+    return _list(server, "reports", device)
 
 
 def list_incidents(server: "OutpostServer", device: str | None = None) -> list[dict]:
-    """GET /api/v1/incidents (integrity incidents, newest first), with a viewer token."""
-    url = f"{server.url}/api/v1/incidents" + (f"?device={device}" if device else "")
-    viewer = getattr(server, "_viewer_token", None)
-    if viewer is None:
-        viewer = server._viewer_token = server.token("reports-viewer", role="viewer")
-    status, body = http_get(url, token=viewer)
-    assert status == 200, f"GET {url} answered {status}: {body[:300]!r}"
-    return json.loads(body)["incidents"]
+    """Integrity incidents."""
+    return _list(server, "incidents", device)
 
 
 # ------------------------------------------------------------ HTTP proxy

@@ -113,7 +113,7 @@ pub enum BootBackend {
     /// A GRUB environment block and two slot paths (devices or files); the kernel
     /// command line (`/proc/cmdline`) names the slot GRUB booted. `pstore` is where the
     /// kernel's records of the boots before are (`/sys/fs/pstore`): the agent reports
-    /// the dm-verity corruptions it finds there (crate::incidents).
+    /// the dm-verity corruptions it finds there.
     Grub { env: PathBuf, slot_a: PathBuf, slot_b: PathBuf, cmdline: PathBuf, pstore: PathBuf },
 }
 

@@ -334,15 +334,24 @@ mod tests {
         AgentConfig::load(&path).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// A device's config (state directory made) and its pstore directory holding
+    /// `records` (name, text).
+    fn device_with_records(dir: &Path, records: &[(&str, &str)]) -> (AgentConfig, PathBuf) {
+        let config = agent_config(dir);
+        let pstore = dir.join("pstore");
+        std::fs::create_dir_all(&pstore).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(&config.state_dir).unwrap_or_else(|e| panic!("{e}"));
+        for (name, text) in records {
+            std::fs::write(pstore.join(name), text).unwrap_or_else(|e| panic!("{e}"));
+        }
+        (config, pstore)
+    }
+
     #[test]
     fn incidents_are_journaled_before_their_records_go_and_queued_once() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let config = agent_config(dir.path());
-        let pstore = dir.path().join("pstore");
-        std::fs::create_dir_all(&pstore).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::create_dir_all(&config.state_dir).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(pstore.join("dmesg-efi-176496120001001"), CAPTURED).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(pstore.join("dmesg-efi-176496120002001"), CAPTURED_PART2).unwrap_or_else(|e| panic!("{e}"));
+        let (config, pstore) =
+            device_with_records(dir.path(), &[("dmesg-efi-176496120001001", CAPTURED), ("dmesg-efi-176496120002001", CAPTURED_PART2)]);
 
         // The queue file cannot be written (a directory stands in its place): nothing
         // is journaled, so no record may be deleted.
@@ -377,11 +386,7 @@ mod tests {
     #[test]
     fn incidents_queued_before_an_enrollment_are_renamed_durably_to_the_enrolled_device() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let config = agent_config(dir.path());
-        let pstore = dir.path().join("pstore");
-        std::fs::create_dir_all(&pstore).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::create_dir_all(&config.state_dir).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(pstore.join("dmesg-efi-176496120001001"), CAPTURED).unwrap_or_else(|e| panic!("{e}"));
+        let (config, _) = device_with_records(dir.path(), &[("dmesg-efi-176496120001001", CAPTURED)]);
         let mut inc = Incidents::open(&config).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(inc.collect(&cx()).unwrap_or_else(|e| panic!("{e}")), 1);
         assert_eq!(inc.name_device("vm-1").unwrap_or_else(|e| panic!("{e}")), 0, "already its name");
