@@ -12,9 +12,16 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-/// Writes `data` to a temporary file beside `path`, fsyncs it, renames it over `path`
-/// and fsyncs the directory. Creates the directory if needed. On error the temporary
-/// file is removed and `path` is untouched.
+/// Writes `data` to a temporary file beside `path`, fsyncs it, renames it over `path`,
+/// fsyncs the file again and then the directory. Creates the directory if needed. On
+/// error the temporary file is removed and `path` is untouched.
+///
+/// The second fsync is for FAT (the EFI system partition, where GRUB's environment
+/// block lives): there a file's first cluster and size are in its directory entry, and
+/// a rename over an existing name writes the renamed file's entry into the target's
+/// slot only when that file's inode is written back. Fsyncing the directory does not
+/// write it, so for up to half a minute a power cut brought back the old contents
+/// under the name. The VM test cuts the power right after a commit to show it holds.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !dir.is_dir() {
@@ -27,6 +34,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
+        f.sync_all()?;
         sync_dir(dir)
     })();
     if result.is_err() {
