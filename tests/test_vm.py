@@ -6,7 +6,9 @@ Every boot runs under TCG (no KVM on this machine kind): about a minute each, so
 scenarios share boots where the story allows."""
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -262,3 +264,136 @@ def wait_for_device(ops, device_id: str, pred, timeout: float) -> dict:
         if time.monotonic() > deadline:
             raise AssertionError(f"device {device_id} did not get there within {timeout:.0f} s: {shown}")
         time.sleep(3)
+
+
+# ============================================================ power cuts
+def verified_boot(dev: vm.VirtualDevice, signed: dict[str, str]) -> tuple[str, str]:
+    """Checks that this boot runs a verified slot: the root is mounted through
+    dm-verity over the booted slot's partition, with the root hash the (measured)
+    command line carries, which is a signed release's. Returns (slot, version)."""
+    _, out = dev.sh("cat /proc/cmdline; findmnt -no SOURCE /; dmsetup table outpost-root; cat /sys/class/block/vda2/dev /sys/class/block/vda3/dev")
+    cmdline, source, table, dev_a, dev_b = out.splitlines()[:5]
+    slot = re.search(r"outpost\.slot=([AB])", cmdline).group(1)
+    word = re.search(r"outpost\.verity=(\S*)", cmdline).group(1)
+    assert source == "/dev/mapper/outpost-root", out
+    version = next((v for v, w in signed.items() if w == word), None)
+    assert version is not None, f"slot {slot} booted with a root hash no release signed: {word!r}"
+    part = dev_a if slot == "A" else dev_b
+    root, salt, blocks = word.split(",")
+    want = f"verity 1 {part} {part} 4096 4096 {blocks} {blocks} sha256 {root} {salt}"
+    assert want in table and "restart_on_corruption" in table, (want, table)
+    # Slot A holds the factory release until something is installed over it; slot B
+    # only ever holds what the agent verified and installed.
+    assert (slot, version) in (("A", "1.0.0"), ("B", "2.0.0")), (slot, version)
+    return slot, version
+
+
+def journal(dev: vm.VirtualDevice) -> dict | None:
+    """The agent's journal; None when the device does not answer (it is rebooting)."""
+    try:
+        rc, out = dev.sh("cat /var/lib/outpost/agent/journal.json 2>/dev/null", timeout=20, check=False)
+    except vm.VmError:
+        return None
+    return json.loads(out) if rc == 0 and out.strip() else {}
+
+
+def cut_through_an_install(name: str, dev: vm.VirtualDevice, signed: dict[str, str], triggers: list, log: list) -> None:
+    """Boots, checks every boot it sees, waits for the next trigger and resets the
+    machine, until the triggers are spent. A trigger is ("after", s): s seconds after
+    the device's shell answers, while the journal says the download is under way (the
+    agent resumes it and decodes into the partition: the durable count alone does not
+    show that progress); or ("serial", regex): the serial console shows it since the
+    last reset (the machine is reset at once)."""
+    dev.start()
+    mark = 0
+    pending = list(triggers)
+
+    def reset(what: str, slot: str, version: str) -> None:
+        nonlocal mark
+        mark = len(dev.serial())
+        dev.reset()
+        log.append((name, slot, version, what))
+        pending.pop(0)
+
+    while pending:
+        kind, arg = pending[0]
+        if kind == "serial":
+            dev.wait_serial(arg, timeout=900, after=mark)
+            reset(f"reset at {arg!r}", "-", "-")
+            continue
+        dev.wait_up(timeout=600)
+        up = time.monotonic()
+        slot, version = verified_boot(dev, signed)
+        deadline = up + 400
+        while True:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name}: trigger {kind} {arg!r} never came")
+            j = journal(dev)
+            if j is None:
+                break  # the machine is rebooting on its own: check the next boot
+            p = j.get("phase") or {}
+            done = (j.get("running") or {}).get("version") == "2.0.0" or any(r.get("version") == "2.0.0" for r in j.get("failed", []))
+            if p.get("phase") not in (None, "idle", "downloading") or done:
+                # Past the download: its triggers cannot fire any more.
+                pending = [t for t in pending if t[0] != "after"]
+                break
+            length = (p.get("transfer") or {}).get("length") or 0
+            if p.get("phase") == "downloading" and time.monotonic() - up >= arg:
+                reset(f"reset {time.monotonic() - up:.1f} s after the shell answered, downloading, "
+                      f"{p.get('durable', 0)}/{length} durable", slot, version)
+                break
+            time.sleep(0.3)
+
+
+def test_power_cuts_spread_over_a_partition_install_leave_every_boot_verified(vm_fleet, images, tmp_path):
+    """Two devices take 2.0.0 into partition B and have the power cut 25 times between
+    them: at growing delays into each resumed download, and during the trial boot. After every cut the
+    device boots a slot whose root dm-verity checks against a signed release's root
+    hash, and each install ends in the journal as committed, or rolled back when the
+    cut spent the trial's one attempt."""
+    from concurrent.futures import ThreadPoolExecutor
+    _, server, _ = vm_fleet
+    signed = {v: Path(f"{images[v]}.verity").read_text().strip() for v in ("1.0.0", "2.0.0")}
+    publish_slot(vm_fleet, images["2.0.0"], "2.0.0")
+    plans = {
+        # Cut 3, 4.5, 6 ... 19.5 s into each boot's share of the install (the agent
+        # resumes what is durable and decodes it into the partition again); then let it
+        # finish and commit.
+        "vm-cut-1": [("after", 3 + 1.5 * k) for k in range(12)],
+        # Cut 3.75, 5.25 ... s in; then once more as the trial boot begins: GRUB has
+        # spent the only attempt, so the next boot falls back and the install is rolled
+        # back.
+        "vm-cut-2": [("after", 3.75 + 1.5 * k) for k in range(12)] + [("serial", r"outpost: booting slot B \(trial\)")],
+    }
+    # The agents' bandwidth cap (1 MB/s) stretches the 74 MB download over the boots, so
+    # the cuts land at offsets spread through it rather than all after it.
+    devs = {name: device(vm_fleet, images, tmp_path / name, name=name, extra="bandwidth_limit_bytes_per_sec = 1000000\n")
+            for name in plans}
+    log: list = []
+    try:
+        with ThreadPoolExecutor(len(devs)) as pool:
+            for f in [pool.submit(cut_through_an_install, n, devs[n], signed, plans[n], log) for n in plans]:
+                f.result()
+        assert len(log) >= 20, log
+        outcomes = {"vm-cut-1": "committed", "vm-cut-2": "rolled_back"}
+        for name, dev in devs.items():
+            report = wait_report(server, name, "2.0.0", outcomes[name], timeout=900)
+            dev.wait_up(timeout=600)
+            slot, version = verified_boot(dev, signed)
+            phase = journal(dev)["phase"]["phase"]
+            if outcomes[name] == "committed":
+                assert (slot, version) == ("B", "2.0.0") and report["slot"] == "B", (slot, version, report)
+                assert phase in ("committed", "idle"), phase
+                # The slot holds exactly the signed image, read through its partition.
+                length = images["2.0.0"].stat().st_size
+                _, digest = dev.sh(f"head -c {length} /dev/vda3 | sha256sum", timeout=300)
+                assert digest.split()[0] == hashlib.sha256(images["2.0.0"].read_bytes()).hexdigest()
+            else:
+                assert (slot, version) == ("A", "1.0.0"), (slot, version)
+                assert phase == "rolled_back" or "attempts ran out" in (report.get("reason") or ""), (phase, report)
+            for kind in dev.boots():
+                assert kind in (("A", "normal"), ("B", "trial"), ("B", "normal"), ("A", "exhausted")), dev.boots()
+    finally:
+        for dev in devs.values():
+            dev.stop()
+        print("power cuts:", *log, sep="\n  ")
