@@ -397,6 +397,10 @@ def cut_through_an_install(name: str, dev: vm.VirtualDevice, signed: dict[str, s
             state = install_stage(dev, slot)
             if state is None:
                 mark = before  # the machine reboots on its own: check the next boot
+                if kind == "armed":
+                    # It reboots on its own only once the trial is armed: that stage is over.
+                    log.append((name, f"skipped {kind} {arg}", f"boot {slot} {version}", "rebooted into the trial"))
+                    pending.pop(0)
                 break
             stage, fraction, what = state
             last = stage
