@@ -580,8 +580,8 @@ def render(recs: list[dict]) -> str:
             xd = s2.get("xdelta3 -9")
             if o and xd:
                 w(f"- {name}: Outpost's apply peaks at {o['rss_mib']:.0f} MiB "
-                  f"({o['rss_mib'] * MIB / o['new_bytes']:.1f}× the image: A is held in memory as the reference "
-                  f"and the decoder keeps a window as large as the image), `xdelta3 -9` at {xd['rss_mib']:.0f} MiB.")
+                  f"({o['rss_mib'] * MIB / o['new_bytes']:.2f}× the image: the windowed format reads A by "
+                  f"positional reads and decodes one region at a time), `xdelta3 -9` at {xd['rss_mib']:.0f} MiB.")
         bs = [(n, s2) for n, s2, _ in goal_rows for k, v in s2.items() if v["family"] == "bsdiff"]
         for name, s2 in bs:
             vb = next(v for v in s2.values() if v["family"] == "bsdiff")

@@ -18,7 +18,10 @@
 #      broken 1.5.0 in waves of 20/60/100 % that pauses itself in its first wave,
 #  10. network policy: a bundle signed under the 'policy' delegation, enforced with eBPF
 #      by rpi4-tpm-1 on a workload in a network namespace: an allowed and a blocked
-#      connection, the counters, and the policy status in its attested check-in (root).
+#      connection, the counters, and the policy status in its attested check-in (root),
+#  11. a virtual device (QEMU, OVMF, GRUB, swtpm; roots under dm-verity): enrolled,
+#      attested by its boot chain, 2.0.0 across a real reboot, and its measured-boot
+#      events beside the golden values (testbeds/vm/demo.py).
 # Exits non-zero if any step fails. Environment:
 #   OUTPOST_SKIP_SETUP=1   do not run scripts/setup.sh first
 #   OUTPOST_SKIP_BUILD=1   use the existing target/release binaries
@@ -75,12 +78,19 @@ fleet_make_keys "$KEYS"
 
 fleet_log "creating the TUF repository (root threshold 2 of 3), the 'firmware' delegation and director root v1"
 fleet_init_repo "$REPO" "$KEYS"
+# The virtual device's class (step 11) has its own delegation for its firmware paths.
+fleet_run "$OUTPOST_BIN/outpost" repo delegate --repo "$REPO" --role vm-firmware \
+  --delegate-key "$KEYS/firmware.key" --threshold 1 --paths 'firmware/qemu-x86_64/*/*' \
+  --sign-key "$KEYS/targets.key" >&2
 
 # --------------------------------------------------------------------------- server
 PORT="$(fleet_free_port)"
 SERVER_URL="http://127.0.0.1:$PORT"
 fleet_log "starting outpost-server on $SERVER_URL"
 fleet_write_server_config "$FLEET/server.toml" "$PORT" "$FLEET/server-data" "$KEYS" "$REPO"
+# The virtual device is judged by its boot chain: the firmware's event log against the
+# golden values signed into its releases (the rpi4 devices keep PCR 23, a testbed).
+printf '\n[attestation.classes."qemu-x86_64"]\nboot_event_log = true\n' >>"$FLEET/server.toml"
 # The CLI reads OUTPOST_TOKEN in place of --token (keeps the token out of the command lines shown).
 OUTPOST_TOKEN="$(fleet_create_token "$FLEET/server.toml" demo-pipeline)"
 export OUTPOST_TOKEN
@@ -419,6 +429,20 @@ echo "  agent killed (SIGKILL): the programs and maps are pinned in $PPIN; telem
 AFTER="$(in_workload curl -s -m 3 -o /dev/null -w '%{http_code}' "http://$PHOST:9000/" || true)"
 echo "  outpost-agent policy detach: enforcement removed explicitly; telemetry -> :9000 now answers HTTP $AFTER" >&2
 
+# --------------------------------------------------------------------------- virtual device
+# One machine that boots for real (testbeds/vm/demo.py): QEMU under TCG with OVMF,
+# GRUB's try-once boot count, A/B root partitions under dm-verity, a swtpm TPM. It is
+# attested by its boot chain, takes 2.0.0 across a real reboot, and its measured-boot
+# events are shown beside the golden values (several minutes under TCG).
+fleet_log "virtual device: QEMU + OVMF + GRUB + swtpm; 2.0.0 across a real reboot, attested by the boot chain"
+bash "$REPO_ROOT/scripts/packages.sh" --profile release >"$FLEET/packages.log" 2>&1 \
+  || fleet_die "building the .deb packages failed (see $FLEET/packages.log)"
+AGENT_DEB="$(ls "$REPO_ROOT"/target/debian/outpost-agent_*_amd64.deb | head -1)"
+VM_SUMMARY="$("$REPO_ROOT/.venv/bin/python" "$REPO_ROOT/testbeds/vm/demo.py" --bin "$OUTPOST_BIN" \
+  --server-url "$SERVER_URL" --server-port "$PORT" --operator-token "$OPERATOR_TOKEN" --pipeline-token "$OUTPOST_TOKEN" \
+  --repo "$REPO" --root "$REPO/metadata/1.root.json" --key "$KEYS/firmware.key" \
+  --agent-deb "$AGENT_DEB" --work "$FLEET/vm")" || fleet_die "the virtual device step failed"
+
 # --------------------------------------------------------------------------- summary
 cat <<EOF
 
@@ -478,4 +502,8 @@ Policy      bundle edge-telemetry v1, signed by the 'policy' key (not the firmwa
   blocked   telemetry -> $PHOST:9000: no answer (dropped; deny by default)
   counters  $(echo "$POLICY_METRICS" | grep -E 'packets_total\{verdict="(allowed|denied|reply)"' | tr '\n' ' ')
   reported  $POLICY_REPORTED
+EOF
+cat <<EOF
+
+$VM_SUMMARY
 EOF

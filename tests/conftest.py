@@ -877,6 +877,17 @@ def list_reports(server: "OutpostServer", device: str | None = None) -> list[dic
     return json.loads(body)["reports"]
 
 
+def list_incidents(server: "OutpostServer", device: str | None = None) -> list[dict]:
+    """GET /api/v1/incidents (integrity incidents, newest first), with a viewer token."""
+    url = f"{server.url}/api/v1/incidents" + (f"?device={device}" if device else "")
+    viewer = getattr(server, "_viewer_token", None)
+    if viewer is None:
+        viewer = server._viewer_token = server.token("reports-viewer", role="viewer")
+    status, body = http_get(url, token=viewer)
+    assert status == 200, f"GET {url} answered {status}: {body[:300]!r}"
+    return json.loads(body)["incidents"]
+
+
 # ------------------------------------------------------------ HTTP proxy
 @dataclasses.dataclass
 class ProxyRequest:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import time
 from pathlib import Path
 
-from conftest import Device, OutpostServer, assert_ok, run, sha256_hex
+from conftest import Device, OutpostServer, RunningAgent, assert_ok, run, sha256_hex
 
 REPO = Path(__file__).resolve().parent.parent
 EFI_IMAGE = REPO / "protocol/src/attest/testdata/small-pe32plus.efi"
@@ -71,39 +72,61 @@ def golden_boot() -> BootLog:
     return log
 
 
-def test_an_attested_boot_is_shown_beside_the_golden_values_and_a_failed_one_keeps_nothing(tmp_path, outpost_repo, swtpm_factory):
-    server = OutpostServer(tmp_path, outpost_repo, measurement=BOOT_EVENT_CLASS)
-    token = server.token()
-    server.start()
-    try:
-        outpost_repo.cli("repo", "push", "--repo", outpost_repo.dir, "--server", server.url, "--token", token)
+
+class BootChainFleet:
+    """A server judging class rpi4 by its boot chain, the repository pushed to it, the
+    boot files the golden values are computed from, and one device with its swtpm
+    extended and its event log written as after a golden boot (slot A holds `image`)."""
+
+    def __init__(self, tmp_path: Path, outpost_repo, swtpm_factory, image: bytes, install: dict | None = None) -> None:
+        self.repo = outpost_repo
+        self.server = OutpostServer(tmp_path, outpost_repo, measurement=BOOT_EVENT_CLASS)
+        self.token = self.server.token()
+        self.server.start()
+        outpost_repo.cli("repo", "push", "--repo", outpost_repo.dir, "--server", self.server.url, "--token", self.token)
         boot = tmp_path / "boot"
         boot.mkdir()
         (boot / "vmlinuz").write_bytes(KERNEL)
         (boot / "initrd.img").write_bytes(INITRD)
-        image = hashlib.sha256(b"v1").digest() * 2048
-        outpost_repo.publish(image, "1.0.0", server=server, token=token, extra=(
-            "--boot-efi", EFI_IMAGE, "--boot-kernel", boot / "vmlinuz", "--boot-initrd", boot / "initrd.img",
-            "--boot-cmdline", CMDLINE))
+        self.golden = ("--boot-efi", EFI_IMAGE, "--boot-kernel", boot / "vmlinuz", "--boot-initrd", boot / "initrd.img",
+                       "--boot-cmdline", CMDLINE)
+        self.tpm = swtpm_factory("tpm")
+        self.log = golden_boot()
+        self.log.extend_into(self.tpm)
+        self.log_file = tmp_path / "binary_bios_measurements"
+        self.log_file.write_bytes(self.log.bytes)
+        self.dev = Device(tmp_path / "device", self.server.url, outpost_repo.root1, device_id="device",
+                          tpm={"tcti": self.tpm.tcti, "boot_event_log": str(self.log_file)}, install=install)
+        self.dev.slot_path("A").parent.mkdir(parents=True, exist_ok=True)
+        self.dev.slot_path("A").write_bytes(image)
+        self.op_token = self.server.token("ops", "operator")
 
-        tpm = swtpm_factory("tpm")
-        log = golden_boot()
-        log.extend_into(tpm)
-        log_file = tmp_path / "binary_bios_measurements"
-        log_file.write_bytes(log.bytes)
-        dev = Device(tmp_path / "device", server.url, outpost_repo.root1, device_id="device",
-                     tpm={"tcti": tpm.tcti, "boot_event_log": str(log_file)})
-        dev.slot_path("A").parent.mkdir(parents=True, exist_ok=True)
-        dev.slot_path("A").write_bytes(image)
-        op_token = server.token("ops", "operator")
-        made = assert_ok(outpost_repo.cli("--json", "device", "token", "create", "--hardware-class", "rpi4",
-                                          "--server", server.url, "--token", op_token))
-        agent = lambda *a: run([dev.exe, "--config", dev.config, "--json", *a], timeout=60)
-        device_id = json.loads(assert_ok(agent("enroll", "--token", json.loads(made.stdout)["token"])).stdout)["device_id"]
+    def publish(self, image: bytes, version: str, *extra: str) -> None:
+        self.repo.publish(image, version, server=self.server, token=self.token, extra=(*self.golden, *extra))
+
+    def agent(self, *args: str):
+        return run([self.dev.exe, "--config", self.dev.config, "--json", *args], timeout=60)
+
+    def enroll(self) -> str:
+        made = assert_ok(self.repo.cli("--json", "device", "token", "create", "--hardware-class", "rpi4",
+                                       "--server", self.server.url, "--token", self.op_token))
+        return json.loads(assert_ok(self.agent("enroll", "--token", json.loads(made.stdout)["token"])).stdout)["device_id"]
+
+    def ops(self, *args: str):
+        return assert_ok(self.repo.cli(*args, "--server", self.server.url, "--token", self.op_token))
+
+
+def test_an_attested_boot_is_shown_beside_the_golden_values_and_a_failed_one_keeps_nothing(tmp_path, outpost_repo, swtpm_factory):
+    image = hashlib.sha256(b"v1").digest() * 2048
+    fleet = BootChainFleet(tmp_path, outpost_repo, swtpm_factory, image)
+    log, log_file, tpm, agent = fleet.log, fleet.log_file, fleet.tpm, fleet.agent
+    try:
+        fleet.publish(image, "1.0.0")
+        device_id = fleet.enroll()
         verdict = json.loads(assert_ok(agent("checkin")).stdout.strip().splitlines()[-1])
         assert verdict["verdict"] == "attested", verdict
 
-        show = lambda *a: assert_ok(outpost_repo.cli(*a, "device", "show", device_id, "--server", server.url, "--token", op_token))
+        show = lambda *a: fleet.ops(*a, "device", "show", device_id)
         detail = json.loads(show("--json").stdout)
         attested = detail["attestations"][0]
         assert attested["verdict"] == "attested" and attested["version"] == "1.0.0", attested
@@ -158,4 +181,50 @@ def test_an_attested_boot_is_shown_beside_the_golden_values_and_a_failed_one_kee
         newest_attested = next(a for a in detail["attestations"] if a["verdict"] == "attested")
         assert f"measured boot of the attested check-in at {newest_attested['at']}" in text and "QUARANTINED" in text, text
     finally:
-        server.stop()
+        fleet.server.stop()
+
+
+def test_an_enrolled_device_of_a_boot_chain_class_installs_the_zstd_release_a_rollout_assigns(tmp_path, outpost_repo, swtpm_factory):
+    """The path the virtual device's demo takes: a boot-chain device, attested as its
+    factory release, is assigned a newer zstd-encoded release by a rollout; its next
+    round installs it (the file testbed's reboot is a re-exec, so the boot log and the
+    PCRs stay the factory boot's: only the install is checked here)."""
+    v1 = hashlib.sha256(b"v1").digest() * 2048
+    v2 = hashlib.sha256(b"v2").digest() * 2048
+    fleet = BootChainFleet(tmp_path, outpost_repo, swtpm_factory, v1, install={"check_interval": "1s"})
+    dev = fleet.dev
+    try:
+        fleet.publish(v1, "1.0.0", "--zstd")
+        # The daemon runs from power-on, as on a device; it is enrolled while it runs.
+        daemon = RunningAgent([dev.exe, "--config", dev.config, "--json", "run"], tmp_path / "daemon.out", tmp_path / "daemon.err")
+        try:
+            device_id = fleet.enroll()
+            until(lambda: '"verdict":"attested"' in (tmp_path / "daemon.out").read_text().replace(" ", ""), 60, "an attested check-in")
+            show = lambda: json.loads(fleet.ops("--json", "device", "show", device_id).stdout)
+            # What it runs is named by the image's digest (as an agent measures it), not
+            # by the digest of the zstd file it was shipped in.
+            assert show()["device"]["image_sha256"] == sha256_hex(v1), show()["device"]
+            fleet.publish(v2, "2.0.0", "--zstd")
+            made = fleet.ops("rollout", "create", "--version", "2.0.0", "--hardware-class", "rpi4", "--waves", "100", "--soak", "0s",
+                             "--failure-threshold", "0.5", "--success-threshold", "1", "--min-devices", "1", "--start", "--json")
+            rollout = lambda: json.loads(fleet.ops("rollout", "status", json.loads(made.stdout)["id"], "--json").stdout)
+            until(lambda: dev.slot_path("B").exists() and dev.slot_path("B").read_bytes()[:len(v2)] == v2, 60,
+                  "2.0.0 in slot B", lambda: (tmp_path / "daemon.err").read_text()[-4000:])
+            # The file testbed commits on its re-exec; the rollout hears of it.
+            until(lambda: (dev.journal() or {}).get("running", {}).get("version") == "2.0.0", 60, "2.0.0 committed",
+                  lambda: (tmp_path / "daemon.err").read_text()[-4000:])
+            # The rollout hears of it in the next attested check-in.
+            until(lambda: rollout()["state_name"] == "completed", 60, "completed rollout", lambda: json.dumps(rollout()))
+            assert (rollout()["waves"][0]["assigned"], rollout()["waves"][0]["healthy"]) == (1, 1), rollout()
+        finally:
+            daemon.power_cut()
+    finally:
+        fleet.server.stop()
+
+
+def until(pred, timeout: float, what: str, detail=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout:.0f} s: {detail()}")
+        time.sleep(0.5)

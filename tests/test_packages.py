@@ -10,7 +10,9 @@ purge inside a Debian 12 chroot.
 The chroot is a copy (cp -a, one per test, deleted after it) of a cached minimal
 Debian 12 made by scripts/deb-chroot.sh (debootstrap --variant=minbase bookworm plus
 the packages' dependencies and systemd, as on a device image; the cache is never
-changed). Nothing is mounted into it. No systemd runs there, as when an image is
+changed); install -> upgrade -> remove -> purge also runs in a copy of the virtual
+device's own image root (testbeds/vm/image.sh base, before its slot images get the
+agent). Nothing is mounted into it. No systemd runs there, as when an image is
 built: the maintainer scripts enable the units (symlinks) and start or restart them
 only where /run/systemd/system exists; there, deb-systemd-invoke asks
 /usr/sbin/policy-rc.d first, which the tests use to record what would have been
@@ -176,20 +178,42 @@ def base_root() -> Path:
     return Path(res.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture
-def chroot(base_root, tmp_path):
+@pytest.fixture(scope="module")
+def device_image_root() -> Path:
+    """The virtual device's root filesystem as testbeds/vm/image.sh builds it before
+    the agent goes in (cached; the VM tests use the same one)."""
+    import vm
+    try:
+        return Path(vm.image_sh("base", timeout=1800))
+    except vm.VmError as e:
+        pytest.fail(f"testbeds/vm/image.sh base could not make the device image's root: {e}", pytrace=False)
+
+
+def copied(base: Path, tmp_path: Path):
     root = tmp_path / "root"
-    assert_ok(run(["cp", "-a", base_root, root], timeout=300))
+    assert_ok(run(["cp", "-a", base, root], timeout=300))
     yield Chroot(root)
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def chroot(base_root, tmp_path):
+    yield from copied(base_root, tmp_path)
+
+
+@pytest.fixture(params=["debian-12", "device-image"])
+def image_chroot(request, tmp_path):
+    """The cached Debian 12 tree, and the virtual device's own image root."""
+    base = request.getfixturevalue("base_root" if request.param == "debian-12" else "device_image_root")
+    yield from copied(base, tmp_path)
 
 
 def read_log(log: Path) -> list[str]:
     return log.read_text().splitlines() if log.exists() else []
 
 
-def test_install_upgrade_remove_purge_in_a_debian_chroot(chroot):
-    c = chroot
+def test_install_upgrade_remove_purge_in_a_debian_chroot_and_in_the_device_image(image_chroot):
+    c = image_chroot
     asked = c.record_policy_rc_d()
     wants = c.path("/etc/systemd/system/multi-user.target.wants")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN_DIR, list_reports
+from conftest import BIN_DIR, list_incidents, list_reports
 import vm
 
 HARDWARE_CLASS = "qemu-x86_64"
@@ -150,29 +150,63 @@ def test_update_across_a_real_reboot_then_rollbacks_from_a_failed_health_check_a
         assert dev.grubenv().get("outpost_trial", "") == "", dev.grubenv()
         assert dev.boots()[-1] == ("B", "exhausted"), dev.boots()
 
-        # Root changes one byte of the running root filesystem on its block device (a
-        # file nothing reads at boot). The next read of that block fails dm-verity: the
-        # kernel restarts the machine before a program sees the byte, GRUB boots the
-        # committed slot, and the byte is still changed on the disk.
-        block = debugfs_block(images["2.0.0"], "/usr/share/common-licenses/GPL-3")
+    finally:
+        dev.stop()
+
+
+def test_a_byte_changed_in_the_running_root_restarts_the_machine_and_is_reported(vm_fleet, images, tmp_path):
+    """Root changes one byte of the running root filesystem on its block device (a file
+    nothing reads at boot). The next read of that block fails dm-verity: the kernel
+    restarts the machine before a program sees the byte, and GRUB boots the committed
+    slot again (the byte is still changed on the disk). The kernel's log went to EFI
+    variables on the way down (efi_pstore): after the restart the agent reads the
+    record, journals the incident, deletes the record and reports it, and the server
+    shows the block the console printed, for the slot whose partition it is."""
+    _, server, _ = vm_fleet
+    dev = device(vm_fleet, images, tmp_path, name="vm-flip")
+    dev.start()
+    try:
+        dev.wait_up()
+        block = debugfs_block(images["1.0.0"], "/usr/share/common-licenses/GPL-3")
         at = block * 4096 + 100
-        _, before = dev.sh(f"dd if=/dev/vda3 bs=1 skip={at} count=1 status=none | od -An -tx1")
+        _, before = dev.sh(f"dd if=/dev/vda2 bs=1 skip={at} count=1 status=none | od -An -tx1")
         flipped = int(before.split()[0], 16) ^ 0x20
         mark = len(dev.serial())
-        dev.sh(f"printf '\\{flipped:03o}' | dd of=/dev/vda3 bs=1 seek={at} count=1 conv=notrunc,fsync status=none"
+        dev.sh(f"printf '\\{flipped:03o}' | dd of=/dev/vda2 bs=1 seek={at} count=1 conv=notrunc,fsync status=none"
                " && echo 3 >/proc/sys/vm/drop_caches && sync")
         # The reader runs detached: the shell answers before the machine restarts.
         dev.sh("nohup sh -c 'sleep 1; md5sum /usr/share/common-licenses/GPL-3 >/dev/ttyS0' >/dev/null 2>&1 &")
-        dev.wait_serial(rf"verity: \d+:\d+: data block {block} is corrupted", timeout=120, after=mark)
-        dev.wait_serial(r"outpost: booting slot B \(normal\)", timeout=300, after=mark)
+        corrupted = dev.wait_serial(rf"verity: (\d+:\d+): data block {block} is corrupted", timeout=120, after=mark)
+        dev.wait_serial(r"outpost: booting slot A \(normal\)", timeout=300, after=mark)
         dev.wait_up()
-        _, after = dev.sh(f"dd if=/dev/vda3 bs=1 skip={at} count=1 status=none | od -An -tx1")
+        incident = wait_incident(server, "vm-flip", block, timeout=300)
+        # The factory image: the agent has installed nothing, so it names no release.
+        assert (incident["dev"], incident["slot"], incident["release"], incident["kind"]) == (corrupted.group(1), "A", None, "verity_data"), incident
+        assert f"data block {block} is corrupted" in incident["line"] and not incident["attested"], incident
+        assert incident["record"].startswith("dmesg-efi-") and incident["hardware_class"] == HARDWARE_CLASS, incident
+        # Journaled, sent and forgotten; the records (this restart's and every orderly
+        # shutdown's) are gone from the EFI variables.
+        _, left = dev.sh("ls /sys/fs/pstore; cat /var/lib/outpost/agent/incidents.json")
+        assert "dmesg-" not in left and '"pending": []' in left, left
+        _, after = dev.sh(f"dd if=/dev/vda2 bs=1 skip={at} count=1 status=none | od -An -tx1")
         assert int(after.split()[0], 16) == flipped, (before, after)
         # Nothing printed the file's checksum: the read never returned.
         assert "GPL-3" not in dev.serial()[mark:], dev.serial()[mark:]
-        assert dev.cmdline_slot() == "B"
+        assert dev.cmdline_slot() == "A"
+        assert dev.boots() == [("A", "normal"), ("A", "normal")], dev.boots()
     finally:
         dev.stop()
+
+
+def wait_incident(server, device_id: str, block: int, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        for i in list_incidents(server, device_id):
+            if i["block"] == block:
+                return i
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no integrity incident for block {block} from {device_id} within {timeout:.0f} s: {list_incidents(server, device_id)}")
+        time.sleep(2)
 
 
 def debugfs_block(image: Path, path: str) -> int:

@@ -9,6 +9,7 @@ pub mod codec;
 pub mod director;
 pub mod error;
 pub mod hashing;
+pub mod incident;
 pub mod keys;
 pub mod pattern;
 pub mod policy;

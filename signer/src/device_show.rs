@@ -1,9 +1,11 @@
-//! `outpost device show` for people: the record, the attestation history, and the
+//! `outpost device show` for people: the record, its integrity incidents (dm-verity
+//! blocks that failed verification, from attested check-ins), the attestation history, and the
 //! newest attested boot's measured events beside the golden values they matched (the
 //! server keeps them only for an attested check-in of a class its boot chain
 //! measures). `--json` prints the whole `DeviceDetail`, every event included.
 
 use outpost_protocol::api::devices::{Attestation, BootEvent, BootEvents, DeviceDetail, Role, Verdict};
+use outpost_protocol::api::reports::IncidentRow;
 use outpost_protocol::attest::DeviceHealth;
 use outpost_protocol::slot::Slot;
 
@@ -59,6 +61,20 @@ fn history_line(a: &Attestation) -> String {
     line.trim_end().to_owned()
 }
 
+fn incident_line(row: &IncidentRow) -> String {
+    let i = &row.incident;
+    format!(
+        "  {} block {} of {} (slot {}, release {}) in the boot of {}: {}",
+        i.kind.as_str(),
+        i.block,
+        i.dev,
+        or_dash(i.slot.map(Slot::as_str)),
+        or_dash(i.release.as_deref()),
+        i.boot_at,
+        i.line
+    )
+}
+
 /// The device as `device show` prints it without `--json`.
 pub(crate) fn detail_text(v: &DeviceDetail) -> String {
     let d = &v.device;
@@ -76,6 +92,10 @@ pub(crate) fn detail_text(v: &DeviceDetail) -> String {
     out.push(format!("attestation {state}{}", d.attestation_reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()));
     if !v.vulnerable.is_empty() {
         out.push(format!("VULNERABLE: {}", v.vulnerable.join(", ")));
+    }
+    if !v.incidents.is_empty() {
+        out.push(format!("\nINTEGRITY INCIDENTS, newest first ({}):", v.incidents.len()));
+        out.extend(v.incidents.iter().map(incident_line));
     }
     out.push(format!("\nattestations, newest first ({}):", v.attestations.len()));
     out.extend(v.attestations.iter().map(history_line));
@@ -125,7 +145,10 @@ mod tests {
                 row("t2", "attested", None, Some("2.0.0"), boot),
                 row("t1", "attested", None, Some("1.0.0"), older),
             ],
-            "reports": []
+            "reports": [],
+            "incidents": [{"received_at": "t4", "attested": true, "device_id": "d1", "hardware_class": "vm", "kind": "verity_data", "dev": "254:3",
+                           "block": 50558, "slot": "B", "release": "2.0.0", "boot_at": "2026-12-05T19:24:00Z", "record": "dmesg-efi-176496264001001",
+                           "line": "<3>[   23.915531] device-mapper: verity: 254:3: data block 50558 is corrupted"}]
         }))
         .unwrap_or_else(|e| panic!("{e}"))
     }
@@ -134,6 +157,7 @@ mod tests {
     fn the_newest_attested_boot_is_shown_beside_its_golden_values() {
         let text = detail_text(&detail());
         assert!(text.contains("attestation QUARANTINED: record 56 (PCR 9) is not golden"), "{text}");
+        assert!(text.contains("INTEGRITY INCIDENTS, newest first (1):\n  verity_data block 50558 of 254:3 (slot B, release 2.0.0) in the boot of 2026-12-05T19:24:00Z: <3>["), "{text}");
         assert!(text.contains("measured boot of the attested check-in at t2 (2.0.0)"), "the failed one keeps none: {text}");
         let table: Vec<Vec<&str>> = text
             .lines()

@@ -112,6 +112,7 @@ async fn attested_checkin(http: &reqwest::Client, nonce_server: &str, report_ser
         event_log: log,
         boot_log: None,
         reports: d.pending.clone(),
+        incidents: vec![],
         policy: None,
         at: chrono::Utc::now().to_rfc3339(),
     };

@@ -41,8 +41,10 @@ SLOT_MIB=256   # the slot image (root filesystem) written into a root partition
 # Packages of the device's root filesystem: systemd as init, the cloud kernel (virtio,
 # TPM CRB built in), what the agent links (TSS2, OpenSSL), networking by systemd-networkd.
 PACKAGES=systemd-sysv,udev,linux-image-cloud-amd64,kmod,iproute2,libssl3,libtss2-esys-3.0.2-0,libtss2-tctildr0,libtss2-tcti-device0,libtss2-mu0,libtss2-sys1
-# Modules the initramfs needs to find and mount the root (virtio disk, ext4, dm-verity).
-INITRD_MODULES=(virtio_pci virtio_blk ext4 dm_mod dm_verity)
+# Modules the initramfs needs to find and mount the root (virtio disk, ext4, dm-verity),
+# and efi_pstore: the kernel's last messages before a dm-verity restart are kept in EFI
+# variables for the next boot's agent (files/initramfs-verity, docs/devices.md).
+INITRD_MODULES=(virtio_pci virtio_blk ext4 dm_mod dm_verity efi_pstore)
 
 # Cache keys: the base root depends on this script; the ESP also on grub.cfg.
 key() { cat "$HERE"/image.sh "$@" | sha256sum | cut -c1-16; }
@@ -91,7 +93,10 @@ ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200 %I linux
 EOF
   in_root "$r" systemctl enable serial-getty@hvc0.service >/dev/null 2>&1
   # Units that want a writable root or a network time source have nothing to do here.
-  for unit in systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer; do
+  # systemd-pstore would move the kernel's pstore records to /var/lib/systemd/pstore
+  # (a tmpfs here: lost at the next boot) and delete them: the agent reads them instead,
+  # journals what it will report, and only then deletes them.
+  for unit in systemd-pstore.service systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer; do
     in_root "$r" systemctl mask "$unit" >/dev/null 2>&1 || true
   done
   # The root is mounted through dm-verity (files/initramfs-verity; dmsetup's own hook
@@ -110,11 +115,12 @@ EOF
          "$r"/usr/share/info/* "$r"/var/log/* "$r/boot/initrd.img-$kver" "$r/boot/vmlinuz-$kver"
   find "$r/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name 'locale.alias' -exec rm -rf {} +
   # Only the kernel modules the board uses: virtio, block and device-mapper, consoles,
-  # the watchdog, FAT for the ESP, and the network stack.
+  # the watchdog, FAT for the ESP, the network stack, and EFI pstore.
   local mods="$r/lib/modules/$kver/kernel" d
   for d in "$mods"/drivers/*; do
-    case "${d##*/}" in virtio|block|char|md|watchdog|tty|net) ;; *) rm -rf "$d" ;; esac
+    case "${d##*/}" in virtio|block|char|md|watchdog|tty|net|firmware) ;; *) rm -rf "$d" ;; esac
   done
+  find "$mods/drivers/firmware" -type f ! -name efi-pstore.ko -delete
   find "$mods/drivers/net" -mindepth 1 -maxdepth 1 ! -name virtio_net.ko ! -name net_failover.ko -exec rm -rf {} +
   for d in "$mods"/fs/*; do
     case "${d##*/}" in fat|nls|ext4|jbd2|mbcache.ko|fscache|netfs) ;; *) rm -rf "$d" ;; esac

@@ -45,7 +45,7 @@ fn main() {
     let k: usize = args[4].parse().expect("batch size");
     let verify_secs: f64 = args[5].parse().expect("verify seconds");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let state = DeviceState { slot: outpost_protocol::slot::Slot::A, version: Some("1.0.0".into()), sbom_sha256: None, health: DeviceHealth::Healthy, reports: vec![] };
+    let state = DeviceState { slot: outpost_protocol::slot::Slot::A, version: Some("1.0.0".into()), sbom_sha256: None, health: DeviceHealth::Healthy, reports: vec![], incidents: vec![] };
 
     // 1. End-to-end latency.
     let mut lat = Vec::with_capacity(n);

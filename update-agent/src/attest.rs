@@ -275,6 +275,8 @@ pub struct DeviceState {
     pub sbom_sha256: Option<String>,
     pub health: DeviceHealth,
     pub reports: Vec<InstallReport>,
+    /// Integrity incidents not yet delivered (crate::incidents).
+    pub incidents: Vec<outpost_protocol::incident::IntegrityIncident>,
 }
 
 /// One attested check-in: a fresh nonce from the server, a quote over the measurement
@@ -329,6 +331,7 @@ pub async fn prepare_checkin(config: &AgentConfig, http: &reqwest::Client, state
         event_log: log,
         boot_log,
         reports: state.reports.clone(),
+        incidents: state.incidents.clone(),
         policy: crate::policy::read_status(config),
         at: chrono::Utc::now().to_rfc3339(),
     };

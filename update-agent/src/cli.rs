@@ -185,7 +185,9 @@ async fn enroll(config: &AgentConfig, token: &str, format: Format) -> Result<()>
 async fn checkin(config: &AgentConfig, format: Format) -> Result<()> {
     let fetcher = Fetcher::new(config.http_limits())?;
     let mut installer = crate::install::Installer::open(config, fetcher.clone())?;
-    match crate::agent::checkin::checkin(&mut installer, &fetcher).await? {
+    // The queued incidents go with it; the pstore records are the daemon's to read.
+    let mut incidents = crate::incidents::Incidents::open(installer.config())?;
+    match crate::agent::checkin::checkin(&mut installer, &mut incidents, &fetcher).await? {
         Some(v) => {
             Printer { format }.verdict(&v);
             Ok(())

@@ -91,6 +91,7 @@ struct RawInstall {
     boot_backend: Option<String>,
     grub_env: Option<PathBuf>,
     kernel_cmdline: Option<PathBuf>,
+    pstore_dir: Option<PathBuf>,
     slot_a: Option<PathBuf>,
     slot_b: Option<PathBuf>,
     boot_dir: Option<PathBuf>,
@@ -101,14 +102,19 @@ struct RawInstall {
     check_interval: Option<String>,
 }
 
+/// Where the kernel shows pstore records (systemd mounts it at boot).
+pub const PSTORE_DIR: &str = "/sys/fs/pstore";
+
 /// Which bootloader holds the A/B state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BootBackend {
     /// Slots and environment as files in `boot_dir` (testbeds).
     File,
     /// A GRUB environment block and two slot paths (devices or files); the kernel
-    /// command line (`/proc/cmdline`) names the slot GRUB booted.
-    Grub { env: PathBuf, slot_a: PathBuf, slot_b: PathBuf, cmdline: PathBuf },
+    /// command line (`/proc/cmdline`) names the slot GRUB booted. `pstore` is where the
+    /// kernel's records of the boots before are (`/sys/fs/pstore`): the agent reports
+    /// the dm-verity corruptions it finds there (crate::incidents).
+    Grub { env: PathBuf, slot_a: PathBuf, slot_b: PathBuf, cmdline: PathBuf, pstore: PathBuf },
 }
 
 /// Install settings.
@@ -261,7 +267,8 @@ fn install_config(raw: &RawInstall, base: &Path, state_dir: &Path, err: ConfigEr
                     return Err(err("install.trial_attempts: GRUB's boot counting (grub.cfg) counts at most 9 attempts".into()));
                 }
                 let cmdline = raw.kernel_cmdline.as_ref().map(|p| base.join(p)).unwrap_or_else(|| PathBuf::from("/proc/cmdline"));
-                BootBackend::Grub { env: base.join(env), slot_a: base.join(a), slot_b: base.join(b), cmdline }
+                let pstore = raw.pstore_dir.as_ref().map(|p| base.join(p)).unwrap_or_else(|| PathBuf::from(PSTORE_DIR));
+                BootBackend::Grub { env: base.join(env), slot_a: base.join(a), slot_b: base.join(b), cmdline, pstore }
             }
             _ => return Err(err("install.boot_backend = \"grub\" needs install.grub_env, install.slot_a and install.slot_b".into())),
         },

@@ -13,6 +13,7 @@ mod director;
 mod error;
 mod fetch;
 mod health;
+mod incidents;
 mod install;
 mod metrics;
 mod mode;

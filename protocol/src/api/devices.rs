@@ -131,6 +131,9 @@ pub struct DeviceDetail {
     pub vulnerable: Vec<String>,
     pub attestations: Vec<Attestation>,
     pub reports: Vec<ReportRow>,
+    /// Integrity incidents from attested check-ins, newest first.
+    #[serde(default)]
+    pub incidents: Vec<crate::api::reports::IncidentRow>,
 }
 
 /// `PUT /api/v1/devices/{id}/labels` body: the device's new labels (replacing all).
@@ -198,8 +201,12 @@ mod tests {
                 {"at": "2026-12-05T06:01:00+00:00", "verdict": "failed", "reason": "record 56 is not golden", "slot": "A", "version": null, "image_sha256": null, "boot_events": null}
             ],
             "reports": [{"received_at": "2026-12-05T06:01:00+00:00", "device_id": "d1", "hardware_class": "gw", "target": "firmware/gw/1.2.0/fw.img",
-                         "version": "1.2.0", "outcome": "rolled_back", "reason": "health check failed", "slot": "B", "at": "2026-12-05T06:00:59+00:00", "attested": true}]
+                         "version": "1.2.0", "outcome": "rolled_back", "reason": "health check failed", "slot": "B", "at": "2026-12-05T06:00:59+00:00", "attested": true}],
+            "incidents": [{"received_at": "2026-12-05T06:03:00+00:00", "attested": true, "device_id": "d1", "hardware_class": "gw", "kind": "verity_data",
+                           "dev": "254:3", "block": 2931, "slot": "B", "release": "1.2.0", "boot_at": "2026-12-05T06:02:30+00:00", "record": "dmesg-efi-176496120001001",
+                           "line": "<3>[   95.123456] device-mapper: verity: 254:3: data block 2931 is corrupted"}]
         }));
+        assert_eq!(detail.incidents[0].incident.block, 2931);
         assert_eq!(detail.attestations[0].verdict, Verdict::Attested);
         let events = detail.attestations[0].boot_events.as_ref().map(|b| b.events.iter().map(|e| e.golden.clone()).collect::<Vec<_>>());
         assert_eq!(events.map(|g| g[3].clone()), Some(Role::Kernel("vmlinuz".into())));

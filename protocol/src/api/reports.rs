@@ -28,7 +28,23 @@ pub struct ReportList {
     pub reports: Vec<ReportRow>,
 }
 
-/// `POST /api/v1/reports`.
+/// An integrity incident as the server stored it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncidentRow {
+    pub received_at: String,
+    /// Sent inside an attested check-in (else by a device without identity).
+    pub attested: bool,
+    #[serde(flatten)]
+    pub incident: crate::incident::IntegrityIncident,
+}
+
+/// `GET /api/v1/incidents`, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncidentList {
+    pub incidents: Vec<IncidentRow>,
+}
+
+/// `POST /api/v1/reports` and `POST /api/v1/incidents`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Recorded {
     pub recorded: bool,

@@ -322,6 +322,10 @@ pub struct CheckinReport {
     /// Install outcomes not yet delivered.
     #[serde(default)]
     pub reports: Vec<InstallReport>,
+    /// Integrity incidents not yet delivered (left out when none, so a report without
+    /// them is quoted as before).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub incidents: Vec<crate::incident::IntegrityIncident>,
     /// The network policy in force, when the device enforces one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<crate::policy::PolicyStatus>,
@@ -460,6 +464,7 @@ mod tests {
             event_log: EventLog { events: vec![event("aa")] },
             boot_log: None,
             reports: vec![],
+            incidents: vec![],
             policy: None,
             at: "t".into(),
         };

@@ -75,8 +75,9 @@ async fn show(State(s): State<AppState>, auth: Auth, Path(id): Path<String>) -> 
     let attestations = s.store.attestations(&id, 50).await?;
     // Only what the device itself said, in attested check-ins.
     let reports = s.store.recent_reports(Some(&id), 50, ReportFilter::AttestedOnly).await?;
+    let incidents = s.store.recent_incidents(Some(&id), 50, ReportFilter::AttestedOnly).await?;
     let vulnerable = crate::fleet::sbom::vulnerable_devices(&s.repo, &s.store).await?.remove(&id).unwrap_or_default();
-    Ok(Json(DeviceDetail { device: record.device, vulnerable, attestations, reports }))
+    Ok(Json(DeviceDetail { device: record.device, vulnerable, attestations, reports, incidents }))
 }
 
 /// Replaces a device's labels (operators).

@@ -17,6 +17,7 @@ pub mod dashboard;
 pub mod devices;
 pub mod error;
 pub mod extract;
+pub mod incidents;
 pub mod reports;
 pub mod repository;
 pub mod rollouts;
@@ -54,6 +55,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .merge(repository::routes())
         .merge(reports::routes())
+        .merge(incidents::routes())
         .merge(audit::routes())
         .merge(devices::routes())
         .merge(sbom::routes())

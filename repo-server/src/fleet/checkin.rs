@@ -73,11 +73,13 @@ fn judge(quote: &attest::Quote, report: &CheckinReport, policy: Option<&Measurem
 
 /// A boot-chain class: the event log replays to the quote and matches one release's
 /// golden values (a digest the device reports must be that release's: attest::boot).
+/// The release's image digest is what its device records (the decoded image's, the
+/// same as an agent measurement), never the digest of an encoded target file.
 fn judge_boot_chain(quote: &attest::Quote, report: &CheckinReport, releases: &[FirmwareRelease], class: &str) -> Result<MeasuredRelease, String> {
     let log = attest::boot::decode_boot_log(report.boot_log.as_deref().unwrap_or_default())?;
     let candidates: Vec<attest::boot::Candidate<'_>> = releases
         .iter()
-        .filter_map(|r| r.golden.as_ref().map(|golden| attest::boot::Candidate { version: &r.version, image_sha256: &r.sha256, golden }))
+        .filter_map(|r| r.golden.as_ref().map(|golden| attest::boot::Candidate { version: &r.version, image_sha256: &r.measurement, golden }))
         .collect();
     let claim = attest::boot::Claim { version: report.version.as_deref(), image_sha256: report.image_sha256.as_deref() };
     let matched = attest::boot::judge_boot_log(&log, quote, &candidates, claim).map_err(|e| format!("hardware class {class}: {e}"))?;
@@ -108,6 +110,7 @@ fn authentic(ak: &TpmPublic, id: &str, body: &Checkin) -> Result<(attest::Quote,
             return Err(Refusal::invalid("invalid_report", format!("install report names device {:?}, not {id:?}", r.device_id)));
         }
     }
+    outpost_protocol::incident::validate_all(id, &report.incidents).map_err(|m| Refusal::invalid("invalid_incident", m))?;
     Ok((quote, report))
 }
 
@@ -144,6 +147,7 @@ pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chr
         sbom_sha256: report.sbom_sha256.clone(),
         health: report.health,
         reports: report.reports.clone(),
+        incidents: report.incidents.clone(),
         policy: report.policy.as_ref().and_then(|p| serde_json::to_string(p).ok()),
     };
     let facts = DeviceFacts {

@@ -49,6 +49,8 @@ pub struct CheckinRecord {
     pub sbom_sha256: Option<String>,
     pub health: DeviceHealth,
     pub reports: Vec<InstallReport>,
+    /// Integrity incidents the device signed (validated), each stored once.
+    pub incidents: Vec<outpost_protocol::incident::IntegrityIncident>,
     /// The policy status (JSON) the device reported.
     pub policy: Option<String>,
 }
@@ -83,6 +85,9 @@ async fn record_checkin_tx(tx: &mut dyn Tx, c: &CheckinRecord, now_ms: i64) -> R
     .await?;
     for r in &c.reports {
         tx.execute(INSERT_REPORT, report_args(&now, r, ReportSource::AttestedCheckin)).await?;
+    }
+    for i in &c.incidents {
+        super::incidents::insert_incident_tx(tx, &now, i, ReportSource::AttestedCheckin).await?;
     }
     Ok(())
 }
@@ -195,6 +200,7 @@ mod tests {
             sbom_sha256: None,
             health: DeviceHealth::Healthy,
             reports: vec![],
+            incidents: vec![],
             policy: None,
         };
         let decided = s.checkin(&nonce, record, "rpi4", |_| Ok((DirectorChanges::default(), ())), NOW).await;

@@ -3,6 +3,7 @@
 //! default that would let a corrupt row pass as a state).
 
 use outpost_protocol::attest::{AttestationState, DeviceHealth, Verdict};
+use outpost_protocol::incident::IncidentKind;
 use outpost_protocol::report::ReportOutcome;
 use outpost_protocol::rollout::{AssignmentStatus, Gate};
 use outpost_protocol::slot::Slot;
@@ -68,6 +69,7 @@ sql_enum! {
     Gate => &Gate::ALL, via Gate::as_str;
     AssignmentStatus => &AssignmentStatus::ALL, via AssignmentStatus::as_str;
     Slot => &Slot::ALL, via Slot::as_str;
+    IncidentKind => &IncidentKind::ALL, via IncidentKind::as_str;
 }
 
 #[cfg(test)]
@@ -89,6 +91,7 @@ mod tests {
         round_trips::<Gate>();
         round_trips::<ReportOutcome>();
         round_trips::<AssignmentStatus>();
+        round_trips::<IncidentKind>();
         let err = AssignmentStatus::from_sql("assignments.status", "asigned").err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("assignments.status") && err.contains("\"asigned\""), "{err}");
         assert!(Gate::from_sql("rollouts.gate", "").is_err(), "no default for empty text");

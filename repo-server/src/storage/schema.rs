@@ -174,7 +174,7 @@ pub(super) fn base_schema(dialect: Dialect) -> String {
 
 /// Schema changes to tables that already exist, numbered from 1 (SQLite keeps the
 /// number in `PRAGMA user_version`, PostgreSQL in `outpost_schema`).
-pub(super) const ALTERATIONS: [&str; 6] = [
+pub(super) const ALTERATIONS: [&str; 7] = [
     // 1: device labels (rollout selectors) and the per-device director version;
     // labels given to enrollment tokens.
     "ALTER TABLE devices ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
@@ -206,4 +206,25 @@ pub(super) const ALTERATIONS: [&str; 6] = [
          events TEXT NOT NULL
      );
      ALTER TABLE attestations ADD COLUMN boot_events_sha256 TEXT;",
+    // 7: integrity incidents (protocol::incident): dm-verity blocks that failed
+    // verification on a device, read from the kernel's pstore record after the restart.
+    // One row per device, record, dev and block, attested or not (an agent may send one
+    // twice). Servers before had none.
+    "CREATE TABLE IF NOT EXISTS integrity_incidents (
+         id INTEGER PRIMARY KEY,
+         received_at TEXT NOT NULL,
+         device_id TEXT NOT NULL,
+         hardware_class TEXT NOT NULL,
+         kind TEXT NOT NULL CHECK (kind IN ('verity_data', 'verity_metadata')),
+         dev TEXT NOT NULL,
+         block_no BIGINT NOT NULL,
+         slot TEXT CHECK (slot IN ('A', 'B')),
+         release TEXT,
+         boot_at TEXT NOT NULL,
+         record TEXT NOT NULL,
+         line TEXT NOT NULL,
+         attested INTEGER NOT NULL,
+         UNIQUE (device_id, record, dev, block_no, attested)
+     );
+     CREATE INDEX IF NOT EXISTS integrity_incidents_device ON integrity_incidents (device_id, id);",
 ];

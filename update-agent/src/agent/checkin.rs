@@ -3,18 +3,21 @@
 //! assignment it carries go back to the installer in memory.
 
 use outpost_protocol::attest::{CheckinVerdict, DeviceHealth};
+use outpost_protocol::incident::IntegrityIncident;
 
 use crate::attest::DeviceState;
 use crate::boot::Slot;
 use crate::error::Result;
+use crate::config::BootBackend;
 use crate::fetch::Fetcher;
+use crate::incidents::{Context, Incidents};
 use crate::install::journal::{Journal, Phase};
 use crate::install::Installer;
 
 /// What the device tells the server about itself: the active slot, the running release
 /// and how the install stands, with the queued install reports (which the quote then
 /// vouches for).
-pub fn device_state(journal: &Journal, active: Slot) -> DeviceState {
+pub fn device_state(journal: &Journal, active: Slot, incidents: Vec<IntegrityIncident>) -> DeviceState {
     let health = match &journal.phase {
         Phase::Idle | Phase::Committed { .. } => DeviceHealth::Healthy,
         Phase::Downloading { .. } | Phase::Verified { .. } | Phase::Writing { .. } | Phase::Installed { .. } => DeviceHealth::Updating,
@@ -27,21 +30,44 @@ pub fn device_state(journal: &Journal, active: Slot) -> DeviceState {
         sbom_sha256: journal.running.as_ref().and_then(|r| r.sbom_sha256.clone()),
         health,
         reports: journal.pending_reports.clone(),
+        incidents,
     }
 }
 
+/// What the agent puts beside a kernel line of an earlier boot: its identity, the
+/// kernel's names of the slot partitions, and the slot and release running now (a
+/// dm-verity restart boots the committed slot again, the one that was running).
+pub fn incident_context(installer: &Installer) -> Context {
+    let config = installer.config();
+    let slots = match &config.install.boot_backend {
+        BootBackend::Grub { slot_a, slot_b, .. } => [(Slot::A, slot_a), (Slot::B, slot_b)]
+            .into_iter()
+            .filter_map(|(s, path)| crate::incidents::dev_name(path).map(|d| (s, d)))
+            .collect(),
+        BootBackend::File => Vec::new(),
+    };
+    let running = match (installer.active_slot(), &installer.journal().running) {
+        (Ok(slot), Some(r)) => Some((slot, r.version.clone())),
+        _ => None,
+    };
+    Context { device_id: config.device_id.clone(), hardware_class: config.hardware_class.to_string(), slots, running }
+}
+
 /// An attested check-in over `fetcher`'s client with the device's state. The reports
-/// it carried leave the journal's queue; the verdict's quarantine and the director
+/// and incidents it carried leave their queues; the verdict's quarantine and the director
 /// targets (verified under the pinned director root) are handed to `installer` for
 /// its next install step. Returns None when the device is not enrolled.
-pub async fn checkin(installer: &mut Installer, fetcher: &Fetcher) -> Result<Option<CheckinVerdict>> {
+pub async fn checkin(installer: &mut Installer, incidents: &mut Incidents, fetcher: &Fetcher) -> Result<Option<CheckinVerdict>> {
+    installer.take_up_enrollment()?;
     if !installer.attesting() {
         return Ok(None);
     }
-    let state = device_state(installer.journal(), installer.active_slot()?);
+    incidents.name_device(&installer.config().device_id)?;
+    let state = device_state(installer.journal(), installer.active_slot()?, incidents.batch());
     let config = installer.config().clone();
     let verdict = crate::attest::checkin(&config, fetcher.client(), &state).await?;
     installer.reports_sent(state.reports.len())?;
+    incidents.sent(state.incidents.len())?;
     installer.set_quarantine(verdict.quarantined.then(|| verdict.reason.clone().unwrap_or_else(|| "attestation failed".into())));
     if let (Some(text), Some(root)) = (&verdict.director_targets, crate::director::pinned(&config)?) {
         let view = crate::director::accept(&config, &root, &config.device_id, text, chrono::Utc::now())?;
@@ -60,7 +86,7 @@ mod tests {
 
     #[test]
     fn the_device_state_names_the_journal_phase_as_health() {
-        let idle = device_state(&Journal::default(), Slot::B);
+        let idle = device_state(&Journal::default(), Slot::B, Vec::new());
         assert_eq!((idle.slot, idle.health, idle.version, idle.reports.len()), (Slot::B, DeviceHealth::Healthy, None, 0));
     }
 }

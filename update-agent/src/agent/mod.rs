@@ -1,13 +1,16 @@
 //! The device daemon (`outpost-agent run`): the [`Agent`] owns the agent's one HTTP
 //! client, the installer and the policy engine, and runs each concern on its own timer.
 //!
-//! At start: the bootloader step (finish or undo an install in progress), the policy
+//! At start: the integrity incidents of earlier boots ([`crate::incidents`]: dm-verity
+//! corruptions the kernel left in pstore, journaled before their records are deleted),
+//! the bootloader step (finish or undo an install in progress), the policy
 //! engine with its `/metrics` listener and its expiry watch (its own task with its own
 //! one-second timer, so nothing the daemon waits on delays the fail-secure fallback).
 //! Then one select loop with one deadline per concern ([`schedule`]):
 //!
 //! - policy, every `policy.check_interval`: fetch and offer a newer signed bundle;
-//! - check-in, every `install.check_interval`: the attested check-in ([`checkin`]),
+//! - check-in, every `install.check_interval`: the attested check-in ([`checkin`],
+//!   which carries the queued incidents; devices that do not attest post them),
 //!   whose verdict (quarantine) and director assignment are handed to the install in
 //!   memory, and which wakes the install;
 //! - install, right after each check-in: director root, choice, gates, download,
@@ -29,6 +32,7 @@ use outpost_fsio::sdnotify::{Notice, Notifier};
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
 use crate::fetch::Fetcher;
+use crate::incidents::Incidents;
 use crate::install::{Installer, PassResult};
 use crate::mode::Passes;
 use crate::policy::{self, SharedEngine};
@@ -48,6 +52,8 @@ pub struct Agent {
     /// The one HTTP client (metadata, targets, check-ins, reports).
     fetcher: Fetcher,
     installer: Installer,
+    /// Integrity incidents of earlier boots not yet delivered.
+    incidents: Incidents,
     policy: Option<SharedEngine>,
     output: std::sync::Arc<dyn Output>,
 }
@@ -68,7 +74,14 @@ impl Agent {
         let output: std::sync::Arc<dyn Output> = std::sync::Arc::new(output);
         let announce = output.clone();
         installer.announce = Some(Box::new(move |r| announce.pass(r)));
-        Ok(Agent { config, fetcher, installer, policy, output })
+        let mut incidents = Incidents::open(installer.config())?;
+        let context = checkin::incident_context(&installer);
+        match incidents.collect(&context) {
+            Ok(n) if n > 0 => tracing::warn!(new = n, queued = incidents.pending().len(), "integrity incidents of earlier boots queued for the server"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %outpost_protocol::display_chain(&e), "reading the kernel's pstore records failed"),
+        }
+        Ok(Agent { config, fetcher, installer, incidents, policy, output })
     }
 
     /// The bootloader step, then rounds until stopped (or one, see [`Passes`]).
@@ -123,6 +136,10 @@ impl Agent {
         }
         if due.checkin {
             self.installer.flush_reports().await;
+            if !self.installer.attesting() {
+                let c = self.installer.config();
+                self.incidents.flush_unattested(self.fetcher.client(), &c.server_url, c.http_timeout).await;
+            }
             self.checkin().await;
             self.install(updater, passes).await?;
             self.installer.flush_reports().await;
@@ -133,7 +150,7 @@ impl Agent {
     /// The attested check-in (enrolled devices only); a failure is logged, the install
     /// it wakes acts on the last verdict the installer holds.
     async fn checkin(&mut self) {
-        match checkin::checkin(&mut self.installer, &self.fetcher).await {
+        match checkin::checkin(&mut self.installer, &mut self.incidents, &self.fetcher).await {
             Ok(Some(v)) => self.output.verdict(&v),
             Ok(None) => {}
             Err(e) => tracing::error!(error = %outpost_protocol::display_chain(&e), "attested check-in failed"),

@@ -80,7 +80,7 @@ impl Installer {
     pub fn open(config: &AgentConfig, fetcher: Fetcher) -> Result<Self> {
         let boot: Box<dyn BootControl> = match &config.install.boot_backend {
             BootBackend::File => Box::new(FileBootControl::open(&config.boot_dir())?),
-            BootBackend::Grub { env, slot_a, slot_b, cmdline } => Box::new(GrubBootControl::open(env, slot_a, slot_b, cmdline)?),
+            BootBackend::Grub { env, slot_a, slot_b, cmdline, .. } => Box::new(GrubBootControl::open(env, slot_a, slot_b, cmdline)?),
         };
         let journal_file = JournalFile::new(&config.state_dir.join("journal.json"));
         let journal = match journal_file.load() {
@@ -118,6 +118,28 @@ impl Installer {
     /// Is this device enrolled and attesting (reports then travel in check-ins)?
     pub fn attesting(&self) -> bool {
         self.config.tpm.is_some() && crate::attest::Identity::path(&self.config).exists()
+    }
+
+    /// Takes up an enrollment made while this installer was open (`outpost-agent
+    /// enroll` beside the running daemon): from then on the TPM-derived id names the
+    /// device — the director signs its targets for that id — and the reports it queued
+    /// under its configured name are this device's under the new one (a check-in
+    /// refuses reports that name another device).
+    pub fn take_up_enrollment(&mut self) -> Result<()> {
+        if self.config.tpm.is_none() {
+            return Ok(());
+        }
+        let Some(identity) = crate::attest::Identity::load(&self.config)? else { return Ok(()) };
+        if identity.device_id == self.config.device_id {
+            return Ok(());
+        }
+        tracing::info!(from = %self.config.device_id, to = %identity.device_id, "enrolled while running: the device is now named by its enrollment");
+        for report in &mut self.journal.pending_reports {
+            report.device_id.clone_from(&identity.device_id);
+        }
+        self.journal_file.store(&self.journal)?;
+        self.config.device_id = identity.device_id;
+        Ok(())
     }
 
     /// The installer's configuration (the device id is the TPM-derived one once
