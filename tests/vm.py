@@ -31,6 +31,11 @@ GRUBENV = "/boot/efi/EFI/outpost/grubenv"
 SLOT_DEVICES = {"A": "/dev/disk/by-partlabel/outpost-root-a", "B": "/dev/disk/by-partlabel/outpost-root-b"}
 
 
+# Sent after ^C ahead of a probe: bash's readline drops what follows a ^C in the same
+# read (one character, measured), so the probe's line starts with blanks it may lose.
+PAD = " " * 8
+
+
 class VmError(Exception):
     pass
 
@@ -73,7 +78,7 @@ def data_partition(out: Path, files: dict[str, bytes], mib: int = 128) -> Path:
     return out
 
 
-def agent_toml(hardware_class: str, device_id: str, *, extra: str = "") -> str:
+def agent_toml(hardware_class: str, device_id: str, *, extra: str = "", trial_attempts: int = 1) -> str:
     """The agent's config on the data partition: GRUB boot control, partition slots."""
     return (f'server_url = "http://{SERVER_FROM_GUEST}"\n'
             f'hardware_class = "{hardware_class}"\n'
@@ -85,7 +90,7 @@ def agent_toml(hardware_class: str, device_id: str, *, extra: str = "") -> str:
             f'grub_env = "{GRUBENV}"\n'
             f'slot_a = "{SLOT_DEVICES["A"]}"\n'
             f'slot_b = "{SLOT_DEVICES["B"]}"\n'
-            'trial_attempts = 1\n'
+            f'trial_attempts = {trial_attempts}\n'
             'check_interval = "5s"\n'
             + extra)
 
@@ -191,8 +196,13 @@ class VirtualDevice:
             return reply["return"]
 
     def reset(self) -> None:
-        """The reset button: the machine restarts at once (what was not on disk is lost)."""
+        """The reset button: the machine restarts at once (what was not on disk is lost).
+        The console's connection stays; what the last boot printed is dropped. Under
+        TCG, OVMF has been seen to spin in its DXE phase after this, printing nothing,
+        through further resets (a cold start of the same disk, variables and TPM state
+        boots): the power-cut test uses power_cut and start."""
         self.qmp("system_reset")
+        self._buf = b""
 
     # ---- observing
     def serial(self) -> str:
@@ -227,32 +237,55 @@ class VirtualDevice:
             self._shell, self._buf = s, b""
         return self._shell
 
+    def _receive(self, s: socket.socket) -> None:
+        """Appends what the console sent within half a second to the buffer (and to
+        hvc0.log, the whole transcript of the console)."""
+        try:
+            chunk = s.recv(65536)
+        except socket.timeout:
+            return
+        if not chunk:
+            self._shell = None
+            return
+        self._buf += chunk
+        with open(self.dir / "hvc0.log", "ab") as f:
+            f.write(chunk)
+
+    def _transcript_tail(self) -> str:
+        p = self.dir / "hvc0.log"
+        return p.read_bytes()[-1500:].decode(errors="replace") if p.exists() else ""
+
     def sh(self, command: str, timeout: float = 60, check: bool = True) -> tuple[int, str]:
         """Runs `command` in the device's root shell; returns (exit status, output).
-        Resends while the shell is not up yet (getty drops what came before login)."""
+
+        Until the shell is known to read what is sent, only a probe goes out: ^C (which
+        also ends any half-received line, say one whose start agetty or login flushed
+        and whose tail opened a quote) and a line without quotes that prints a token.
+        It is sent again every few seconds, since what comes before the login is lost,
+        whole or in part. Once the token comes back the command is sent, once: every
+        earlier probe was before it on the console's byte stream, so none of their ^C
+        can reach the command, and it is never run twice."""
         deadline = time.monotonic() + timeout
         tok = uuid.uuid4().hex[:12]
+        probe = f"\x03{PAD}printf R%sR\\\\n {tok}\n".encode()
+        probe_rx = re.compile(rf"R{tok}R\r?\n".encode())
         line = (f"printf 'S%sS\\n' {tok}; ( {command} ) </dev/null 2>&1; printf 'E%sD%s\\n' {tok} $?\n").encode()
         start_rx = re.compile(rf"S{tok}S\r?\n".encode())
         end_rx = re.compile(rf"E{tok}D(\d+)".encode())
-        resend_at = 0.0
-        started = False
+        probe_at = 0.0
+        sent = False
         while time.monotonic() < deadline:
             s = self._connect()
-            if not started and time.monotonic() >= resend_at:
-                s.sendall(b"\n" + line)
-                resend_at = time.monotonic() + 15
-            try:
-                chunk = s.recv(65536)
-                if not chunk:
-                    self._shell = None
-                    continue
-                self._buf += chunk
-            except socket.timeout:
-                pass
+            if not sent:
+                if probe_rx.search(self._buf):
+                    s.sendall(line)
+                    sent = True
+                elif time.monotonic() >= probe_at:
+                    s.sendall(probe)
+                    probe_at = time.monotonic() + 5
+            self._receive(s)
             m0 = start_rx.search(self._buf)
             if m0:
-                started = True
                 m1 = end_rx.search(self._buf, m0.end())
                 if m1:
                     out = self._buf[m0.end():m1.start()].decode(errors="replace").replace("\r\n", "\n")
@@ -261,7 +294,9 @@ class VirtualDevice:
                     if check and rc != 0:
                         raise VmError(f"device command {command!r} exited {rc}:\n{out}")
                     return rc, out
-        raise VmError(f"device command {command!r} did not finish within {timeout:.0f} s")
+        state = "sent, no end marker" if sent else "the shell never answered a probe"
+        raise VmError(f"device command {command!r} did not finish within {timeout:.0f} s ({state}); "
+                      f"the console's last output:\n{self._transcript_tail()}")
 
     def wait_up(self, timeout: float = 400) -> None:
         """Waits until the device's shell answers (GRUB, kernel, systemd, login)."""
