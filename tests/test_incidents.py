@@ -83,24 +83,48 @@ from test_attestation import agent, checkin, enrolled_device, ops  # noqa: E402,
 
 def test_an_enrolled_device_s_incidents_come_only_in_its_attested_check_ins(fleet, tmp_path, ops, swtpm_factory):
     """An enrolled device's queued incident travels in its attested check-in (the quote
-    covers it) and is stored as attested; one whose fields disagree with its kernel line
-    makes the server refuse the check-in, naming the field, and nothing is stored; the
-    unattested route is closed to an enrolled id."""
+    covers it) and is stored as attested. One whose fields disagree with its kernel
+    line (the queue file edited on the device) is refused by name and not stored, and
+    the rest of that check-in still counts: the valid incident beside it is stored, the
+    device is judged, and the refused one leaves the queue, so it cannot refuse every
+    later check-in (and with them the device's updates). The unattested route is
+    closed to an enrolled id."""
     server = fleet[1]
     dev, device_id, _ = enrolled_device(fleet, tmp_path, ops, swtpm_factory)
     queue = dev.state_dir / "incidents.json"
     genuine = incident(device_id=device_id, hardware_class="rpi4")
-    queue.write_text(json.dumps({"pending": [dict(genuine, block=1)]}))
-    res = agent(dev, "checkin")
-    assert res.returncode != 0 and "incidents[0]: block 1 disagrees with the line, which says 50558" in res.stderr + res.stdout, res.stderr
-    assert ops.device(device_id)["incidents"] == []
-    assert len(json.loads(queue.read_text())["pending"]) == 1, "a refused incident stays queued"
+    queue.write_text(json.dumps({"pending": [dict(genuine, block=1), genuine]}))
+    verdict = checkin(dev)
+    assert verdict["verdict"] == "attested", verdict
+    refused = verdict.get("refused_incidents") or []
+    assert [r["index"] for r in refused] == [0], verdict
+    assert "incidents[0]: block 1 disagrees with the line, which says 50558" in refused[0]["reason"], refused
+    shown = ops.device(device_id)["incidents"]
+    assert [(i["block"], i["dev"], i["attested"]) for i in shown] == [(50558, "254:3", True)], shown
+    assert json.loads(queue.read_text())["pending"] == [], "the refused incident left the queue too"
+    _, audit = server_audit(server)
+    logged = [e for e in json.loads(audit)["entries"] if e["action"] == "integrity_incident_refused"]
+    assert len(logged) == 1 and "block 1 disagrees" in json.dumps(logged[0]), logged
+    # The next check-in is not refused.
+    assert checkin(dev)["verdict"] == "attested"
 
     status, answer = post(server, genuine)
     assert status == 403 and answer["code"] == "device_enrolled", answer
 
-    queue.write_text(json.dumps({"pending": [genuine]}))
-    assert checkin(dev)["verdict"] == "attested"
-    shown = ops.device(device_id)["incidents"]
-    assert [(i["block"], i["dev"], i["attested"]) for i in shown] == [(50558, "254:3", True)], shown
+
+def test_a_device_without_identity_drops_an_incident_the_server_finds_invalid_and_sends_the_rest(fleet, tmp_path):
+    """A device that does not attest posts its queue one by one: one the server refuses
+    as invalid (422: the queue file edited) is dropped with a warning naming why, and
+    the valid one after it still reaches the server; before, the first refusal stopped
+    every later flush, so nothing behind it was ever reported."""
+    from test_install import new_device
+    server = fleet[1]
+    dev = new_device(fleet, tmp_path, name="vm-9")
+    queue = dev.state_dir / "incidents.json"
+    queue.parent.mkdir(parents=True, exist_ok=True)
+    queue.write_text(json.dumps({"pending": [incident(block=1), incident()]}))
+    res = dev.run_once()
+    assert "block 1 disagrees with the line, which says 50558" in res.stdout + res.stderr, res.stderr[-3000:]
+    rows = list_incidents(server, "vm-9")
+    assert [(r["block"], r["attested"]) for r in rows] == [(50558, False)], rows
     assert json.loads(queue.read_text())["pending"] == []

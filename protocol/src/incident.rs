@@ -141,19 +141,40 @@ impl IntegrityIncident {
     }
 }
 
-/// Checks a message's incidents: at most [`MAX_PER_MESSAGE`], each valid, all of the
-/// device that sends them. The message names the incident and field.
-pub fn validate_all(device_id: &str, incidents: &[IntegrityIncident]) -> Result<(), String> {
+/// An incident a check-in carried that the server did not store, and why. The
+/// check-in itself stands: one bad incident (a queue file edited on the device, an
+/// agent older or newer than the server) must not cost the device its check-ins, and
+/// with them its updates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedIncident {
+    /// Its place in the message's `incidents`.
+    pub index: usize,
+    pub reason: String,
+}
+
+/// Sorts a message's incidents: those that are valid and of the device that sends them,
+/// and the refused ones with the reason naming the field. More than
+/// [`MAX_PER_MESSAGE`] is an error for the whole message (no agent sends that many).
+pub fn sort_out(device_id: &str, incidents: &[IntegrityIncident]) -> Result<(Vec<IntegrityIncident>, Vec<RefusedIncident>), String> {
     if incidents.len() > MAX_PER_MESSAGE {
         return Err(format!("incidents: {} in one message, at most {MAX_PER_MESSAGE}", incidents.len()));
     }
-    for (i, incident) in incidents.iter().enumerate() {
-        incident.validate().map_err(|m| format!("incidents[{i}]: {m}"))?;
-        if incident.device_id != device_id {
-            return Err(format!("incidents[{i}]: device_id {} is not the sending device {device_id}", incident.device_id));
+    let mut kept = Vec::new();
+    let mut refused = Vec::new();
+    for (index, incident) in incidents.iter().enumerate() {
+        let check = incident.validate().and_then(|()| {
+            if incident.device_id == device_id {
+                Ok(())
+            } else {
+                Err(format!("device_id {} is not the sending device {device_id}", incident.device_id))
+            }
+        });
+        match check {
+            Ok(()) => kept.push(incident.clone()),
+            Err(m) => refused.push(RefusedIncident { index, reason: format!("incidents[{index}]: {m}") }),
         }
     }
-    Ok(())
+    Ok((kept, refused))
 }
 
 #[cfg(test)]
@@ -216,15 +237,20 @@ mod tests {
     }
 
     #[test]
-    fn a_message_carries_a_bounded_number_of_its_own_device_s_incidents() {
-        assert_eq!(validate_all("vm-1", &[incident()]), Ok(()));
-        let e = validate_all("vm-2", &[incident()]).err().unwrap_or_default();
-        assert_eq!(e, "incidents[0]: device_id vm-1 is not the sending device vm-2");
+    fn a_message_keeps_its_own_device_s_valid_incidents_and_names_the_others() {
+        assert_eq!(sort_out("vm-1", &[incident()]), Ok((vec![incident()], vec![])));
+        let (kept, refused) = sort_out("vm-2", &[incident()]).unwrap_or_default();
+        assert!(kept.is_empty());
+        assert_eq!(refused, [RefusedIncident { index: 0, reason: "incidents[0]: device_id vm-1 is not the sending device vm-2".into() }]);
         let many = vec![incident(); MAX_PER_MESSAGE + 1];
-        assert!(validate_all("vm-1", &many).err().unwrap_or_default().starts_with("incidents: 17 in one message"));
+        assert!(sort_out("vm-1", &many).err().unwrap_or_default().starts_with("incidents: 17 in one message"));
         let mut bad = incident();
         bad.block = 1;
-        assert!(validate_all("vm-1", &[incident(), bad]).err().unwrap_or_default().starts_with("incidents[1]: block 1 disagrees"));
+        let (kept, refused) = sort_out("vm-1", &[bad, incident()]).unwrap_or_default();
+        assert_eq!(kept, [incident()], "the valid one after a refused one is kept");
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].index, 0);
+        assert!(refused[0].reason.starts_with("incidents[0]: block 1 disagrees with the line, which says 2931"), "{refused:?}");
     }
 
     #[test]

@@ -234,7 +234,9 @@ impl Incidents {
     }
 
     /// Sends the queue one by one to `server_url`'s incident route (devices that do not
-    /// attest), in order, stopping at the first refusal or failure.
+    /// attest), in order. One the server finds invalid (422) is dropped with a warning,
+    /// since it would be refused again; any other refusal or failure stops the flush,
+    /// and the rest stays queued.
     pub async fn flush_unattested(&mut self, http: &reqwest::Client, server_url: &str, timeout: Duration) {
         if self.queue.pending.is_empty() {
             return;
@@ -244,6 +246,19 @@ impl Incidents {
         for incident in &self.queue.pending {
             match tokio::time::timeout(timeout, http.post(&url).json(incident).send()).await {
                 Ok(Ok(r)) if r.status().is_success() => sent += 1,
+                Ok(Ok(mut r)) if r.status() == reqwest::StatusCode::UNPROCESSABLE_ENTITY => {
+                    // The reason, read no further than 4 KiB (the answer is the server's).
+                    let mut body = Vec::new();
+                    while let Ok(Ok(Some(chunk))) = tokio::time::timeout(timeout, r.chunk()).await {
+                        body.extend_from_slice(&chunk);
+                        if body.len() > 4096 {
+                            break;
+                        }
+                    }
+                    let reason = outpost_protocol::api::ErrorBody::parse(&body).map(|b| b.message).unwrap_or_else(|| "no reason given".into());
+                    tracing::warn!(record = %incident.record, %reason, "the server refused a queued integrity incident as invalid; dropped from the queue");
+                    sent += 1;
+                }
                 Ok(Ok(r)) => {
                     tracing::warn!(status = %r.status(), "server refused an integrity incident");
                     break;
@@ -393,7 +408,7 @@ mod tests {
         assert_eq!(inc.name_device("dev-0123").unwrap_or_else(|e| panic!("{e}")), 1);
         let reopened = Incidents::open(&config).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(reopened.pending().iter().map(|i| i.device_id.as_str()).collect::<Vec<_>>(), ["dev-0123"]);
-        assert!(outpost_protocol::incident::validate_all("dev-0123", &reopened.batch()).is_ok());
+        assert!(outpost_protocol::incident::sort_out("dev-0123", &reopened.batch()).is_ok_and(|(_, refused)| refused.is_empty()));
     }
 
     #[test]

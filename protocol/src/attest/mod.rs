@@ -356,6 +356,11 @@ pub struct CheckinVerdict {
     /// now, or none. Absent when the server refused to judge the device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub director_targets: Option<String>,
+    /// Incidents the check-in carried that were not stored, each with the reason (the
+    /// rest of the check-in counted). The agent drops them from its queue: sent again,
+    /// they would be refused again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_incidents: Vec<crate::incident::RefusedIncident>,
 }
 
 /// The qualifying data a quote over `report` must carry.

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use outpost_protocol::api::devices::BootEvents;
 use outpost_protocol::attest::{self, AttestationState, Checkin, CheckinReport, CheckinVerdict, MeasurementPolicy, Platform, TpmPublic, Verdict};
 use outpost_protocol::director::FirmwareRelease;
+use outpost_protocol::incident::RefusedIncident;
 use serde_json::json;
 
 use super::Refusal;
@@ -92,7 +93,9 @@ fn judge_boot_chain(quote: &attest::Quote, report: &CheckinReport, releases: &[F
 
 /// Checks that the quote is this device's, over exactly this report, and reads the
 /// report.
-fn authentic(ak: &TpmPublic, id: &str, body: &Checkin) -> Result<(attest::Quote, CheckinReport), Refusal> {
+/// The quote, the report (with only the incidents that are valid and this device's)
+/// and the incidents refused.
+fn authentic(ak: &TpmPublic, id: &str, body: &Checkin) -> Result<(attest::Quote, CheckinReport, Vec<RefusedIncident>), Refusal> {
     let bad_quote = |e: outpost_protocol::Error| Refusal::invalid("invalid_quote", e.to_string());
     let attest_bytes = attest::unhex("attest", &body.attest, 4096).map_err(bad_quote)?;
     let signature = attest::unhex("signature", &body.signature, 1024).map_err(bad_quote)?;
@@ -110,8 +113,12 @@ fn authentic(ak: &TpmPublic, id: &str, body: &Checkin) -> Result<(attest::Quote,
             return Err(Refusal::invalid("invalid_report", format!("install report names device {:?}, not {id:?}", r.device_id)));
         }
     }
-    outpost_protocol::incident::validate_all(id, &report.incidents).map_err(|m| Refusal::invalid("invalid_incident", m))?;
-    Ok((quote, report))
+    let (kept, refused) = outpost_protocol::incident::sort_out(id, &report.incidents).map_err(|m| Refusal::invalid("invalid_incident", m))?;
+    for r in &refused {
+        tracing::warn!(device = %id, reason = %r.reason, "integrity incident refused; the rest of the check-in counts");
+    }
+    let report = CheckinReport { incidents: kept, ..report };
+    Ok((quote, report, refused))
 }
 
 /// One check-in of device `id` at `now`: authenticity, the verdict, the director's
@@ -119,7 +126,7 @@ fn authentic(ak: &TpmPublic, id: &str, body: &Checkin) -> Result<(attest::Quote,
 pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chrono::DateTime<chrono::Utc>) -> Result<CheckinVerdict, Refusal> {
     let device = cx.store.device(id).await?.ok_or_else(|| Refusal::unknown_device(id))?;
     let ak = TpmPublic::parse(&device.ak_public, "attestation key").map_err(|e| ServerError::State(format!("stored AK of {id}: {e}")))?;
-    let (quote, report) = authentic(&ak, id, body)?;
+    let (quote, report, refused_incidents) = authentic(&ak, id, body)?;
     let class = device.hardware_class.as_str();
     let expected = cx.repo.expected_measurements(class).await;
     let releases = cx.repo.firmware_releases(class).await;
@@ -175,6 +182,11 @@ pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chr
         let action = if verdict == Verdict::Failed { "device_quarantine" } else { "device_attested" };
         cx.store.log("server", action, &json!({"device_id": id, "reason": reason})).await?;
     }
+    for r in &refused_incidents {
+        // Not a device's own words about its slot: an edited queue, or an agent this
+        // server does not agree with. Operators see it beside the device's other events.
+        cx.store.log("server", "integrity_incident_refused", &json!({"device_id": id, "reason": r.reason})).await?;
+    }
     match reason.as_deref() {
         Some(r) => tracing::warn!(device = %id, reason = r, "attestation failed; device quarantined"),
         None => tracing::info!(device = %id, version = report.version.as_deref().unwrap_or(""), "attested check-in"),
@@ -186,5 +198,6 @@ pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chr
         quarantined: verdict == Verdict::Failed,
         at: chrono::Utc::now().to_rfc3339(),
         director_targets: Some(director_targets),
+        refused_incidents,
     })
 }

@@ -54,7 +54,8 @@ pub fn incident_context(installer: &Installer) -> Context {
 }
 
 /// An attested check-in over `fetcher`'s client with the device's state. The reports
-/// and incidents it carried leave their queues; the verdict's quarantine and the director
+/// and incidents it carried leave their queues (incidents the server refused too, with
+/// a warning naming why); the verdict's quarantine and the director
 /// targets (verified under the pinned director root) are handed to `installer` for
 /// its next install step. Returns None when the device is not enrolled.
 pub async fn checkin(installer: &mut Installer, incidents: &mut Incidents, fetcher: &Fetcher) -> Result<Option<CheckinVerdict>> {
@@ -68,6 +69,9 @@ pub async fn checkin(installer: &mut Installer, incidents: &mut Incidents, fetch
     let verdict = crate::attest::checkin(&config, fetcher.client(), &state).await?;
     installer.reports_sent(state.reports.len())?;
     incidents.sent(state.incidents.len())?;
+    for r in &verdict.refused_incidents {
+        tracing::warn!(reason = %r.reason, "the server refused a queued integrity incident; dropped from the queue (sent again it would be refused again)");
+    }
     installer.set_quarantine(verdict.quarantined.then(|| verdict.reason.clone().unwrap_or_else(|| "attestation failed".into())));
     if let (Some(text), Some(root)) = (&verdict.director_targets, crate::director::pinned(&config)?) {
         let view = crate::director::accept(&config, &root, &config.device_id, text, chrono::Utc::now())?;
