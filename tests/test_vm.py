@@ -138,6 +138,8 @@ def test_update_across_a_real_reboot_then_rollbacks_from_a_failed_health_check_a
         dev.wait_serial(r"outpost: booting slot B \(exhausted\)", timeout=300, after=mark)
         rolled = wait_report(server, "vm-1", "4.0.0", "rolled_back", timeout=600)
         assert "attempts ran out" in (rolled.get("reason") or ""), rolled
+        # The kernel's dump of the panic survived in EFI pstore, and the reason says it.
+        assert "Kernel panic - not syncing" in rolled["reason"] and "pstore record dmesg-efi-" in rolled["reason"], rolled
         assert dev.cmdline_slot() == "B"
         _, release = dev.sh("cat /etc/outpost-release")
         assert "OUTPOST_RELEASE=2.0.0" in release

@@ -16,6 +16,11 @@
 //! 4. sends the queue, in attested check-ins (enrolled devices) or to the incident
 //!    route (others), and forgets what the server accepted.
 //!
+//! A record without a corruption line but with the kernel's panic line ("Kernel panic -
+//! not syncing: …", a boot that died) is journaled the same way, as a crash note: the
+//! boot step gives the notes to the installer, and a trial whose attempts ran out is
+//! rolled back with them in its reason; they are dropped once that step is journaled.
+//!
 //! A crash between 2 and 3 reads the same records again and queues nothing twice; one
 //! between sending and forgetting sends an incident twice, which the server stores once
 //! (the record name, device and block name it). systemd-pstore.service is masked on
@@ -114,10 +119,39 @@ pub fn read_records(dir: &Path) -> Result<Vec<Record>> {
     Ok(records)
 }
 
-/// The queue of incidents not yet delivered, on disk.
+/// Crash notes kept at most, and characters of each line.
+const MAX_CRASHES: usize = 4;
+const MAX_CRASH_LINE: usize = 300;
+
+/// The queue of incidents not yet delivered, and the crash notes for the next boot
+/// step, on disk.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Queue {
     pub pending: Vec<IntegrityIncident>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crashes: Vec<Crash>,
+}
+
+/// A kernel panic found in a pstore record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Crash {
+    pub record: String,
+    pub line: String,
+}
+
+impl Crash {
+    /// The panic in `record`: its first "Kernel panic - not syncing" line, printable
+    /// characters only, at most [`MAX_CRASH_LINE`] of them.
+    pub fn in_record(record: &Record) -> Option<Crash> {
+        let line = record.text.lines().find(|l| l.contains("Kernel panic - not syncing"))?;
+        let line: String = line.trim().chars().filter(|c| !c.is_control()).take(MAX_CRASH_LINE).collect();
+        Some(Crash { record: record.name.clone(), line })
+    }
+
+    /// One line for a rollback's reason.
+    pub fn describe(&self) -> String {
+        format!("{} (pstore record {})", self.line, self.record)
+    }
 }
 
 fn key(i: &IntegrityIncident) -> (&str, &str, u64) {
@@ -182,11 +216,21 @@ impl Incidents {
         let Some(dir) = self.pstore.clone() else { return Ok(0) };
         let records = read_records(&dir)?;
         let mut found = Vec::new();
+        let mut crashed = 0;
         for record in &records {
             let incidents = incidents_in(record, cx);
             if incidents.is_empty() {
-                let first = record.text.lines().next().unwrap_or("");
-                tracing::info!(record = %record.name, header = first, "pstore record without a dm-verity corruption: deleted");
+                match Crash::in_record(record) {
+                    Some(crash) if !self.queue.crashes.contains(&crash) && self.queue.crashes.len() < MAX_CRASHES => {
+                        tracing::warn!(record = %record.name, line = %crash.line, "the kernel panicked in an earlier boot");
+                        self.queue.crashes.push(crash);
+                        crashed += 1;
+                    }
+                    _ => {
+                        let first = record.text.lines().next().unwrap_or("");
+                        tracing::info!(record = %record.name, header = first, "pstore record without a dm-verity corruption: deleted");
+                    }
+                }
             }
             for i in &incidents {
                 tracing::warn!(record = %i.record, dev = %i.dev, block = i.block, slot = ?i.slot, "dm-verity corruption in an earlier boot: reporting");
@@ -194,7 +238,7 @@ impl Incidents {
             found.extend(incidents);
         }
         let added = self.queue.merge(found);
-        if added > 0 {
+        if added > 0 || crashed > 0 {
             self.store()?;
         }
         for record in &records {
@@ -202,6 +246,20 @@ impl Incidents {
             std::fs::remove_file(&path).map_err(|e| AgentError::io("delete pstore record", &path, e))?;
         }
         Ok(added)
+    }
+
+    /// The kernel panics of earlier boots, for the boot step.
+    pub fn crashes(&self) -> &[Crash] {
+        &self.queue.crashes
+    }
+
+    /// The boot step has journaled what it made of the crash notes: they are dropped.
+    pub fn clear_crashes(&mut self) -> Result<()> {
+        if self.queue.crashes.is_empty() {
+            return Ok(());
+        }
+        self.queue.crashes.clear();
+        self.store()
     }
 
     /// The first `sent` queued incidents reached the server: they leave the queue.
@@ -409,6 +467,34 @@ mod tests {
         let reopened = Incidents::open(&config).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(reopened.pending().iter().map(|i| i.device_id.as_str()).collect::<Vec<_>>(), ["dev-0123"]);
         assert!(outpost_protocol::incident::sort_out("dev-0123", &reopened.batch()).is_ok_and(|(_, refused)| refused.is_empty()));
+    }
+
+    #[test]
+    fn a_kernel_panic_in_a_record_is_journaled_as_a_crash_note_until_the_boot_step_has_used_it() {
+        // What the kernel dumps when a slot's init dies (tests/test_vm.py's 4.0.0).
+        let panic = "Panic#1 Part1\n<6>[    9.12] Run /sbin/init as init process\n\
+                     <0>[    9.50] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100\x07\n<4>[    9.51] CPU: 0 PID: 1\n";
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (config, pstore) =
+            device_with_records(dir.path(), &[("dmesg-efi-176496120003001", panic), ("dmesg-efi-176496120004001", "Oops#1 Part1\nnothing here\n")]);
+        let mut inc = Incidents::open(&config).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(inc.collect(&cx()).unwrap_or_else(|e| panic!("{e}")), 0, "a panic is not an integrity incident");
+        assert!(inc.pending().is_empty());
+        let want = Crash {
+            record: "dmesg-efi-176496120003001".into(),
+            line: "<0>[    9.50] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100".into(),
+        };
+        assert_eq!(inc.crashes(), [want.clone()], "one note, its line without control characters");
+        assert_eq!(std::fs::read_dir(&pstore).map(|d| d.count()).unwrap_or(99), 0, "both records deleted once journaled");
+        // Journaled: a restart before the boot step still has it; the same record read
+        // again (a crash before deleting) is not noted twice.
+        std::fs::write(pstore.join("dmesg-efi-176496120003001"), panic).unwrap_or_else(|e| panic!("{e}"));
+        let mut again = Incidents::open(&config).unwrap_or_else(|e| panic!("{e}"));
+        again.collect(&cx()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(again.crashes(), [want.clone()]);
+        assert!(want.describe().ends_with("exitcode=0x00000100 (pstore record dmesg-efi-176496120003001)"), "{}", want.describe());
+        again.clear_crashes().unwrap_or_else(|e| panic!("{e}"));
+        assert!(Incidents::open(&config).map(|i| i.crashes().is_empty()).unwrap_or(false), "cleared durably");
     }
 
     #[test]

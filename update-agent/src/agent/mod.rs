@@ -100,8 +100,12 @@ impl Agent {
             systemd.notify_or_report(Notice::Stopping, report);
             Ok(())
         };
+        self.installer.note_crashes(self.incidents.crashes().iter().map(|c| c.describe()).collect());
         if let Some(result) = self.installer.boot().await? {
             self.output.pass(&result);
+        }
+        if let Err(e) = self.incidents.clear_crashes() {
+            tracing::error!(error = %outpost_protocol::display_chain(&e), "cannot journal the crash notes as used");
         }
         let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Task { task: "SIGTERM handler", reason: e.to_string() })?;
         let policy_every = self.config.policy.as_ref().filter(|_| self.policy.is_some()).map(|p| p.check_interval);

@@ -72,6 +72,9 @@ pub struct Installer {
     director_targets: Option<String>,
     /// Called with results that would otherwise be lost to a reboot.
     pub announce: Option<Box<dyn Fn(&PassResult) + Send>>,
+    /// Kernel panics recorded since the agent last ran (pstore), for the reason of a
+    /// rollback whose trial boots never came back.
+    crash_notes: Vec<String>,
 }
 
 impl Installer {
@@ -100,7 +103,7 @@ impl Installer {
             // Enrolled: the TPM-derived id names this device everywhere.
             config.device_id = identity.device_id;
         }
-        Ok(Installer { config, boot, journal_file, journal, fetcher, measured: None, quarantine: None, booted: None, director_targets: None, announce: None })
+        Ok(Installer { config, boot, journal_file, journal, fetcher, measured: None, quarantine: None, booted: None, director_targets: None, announce: None, crash_notes: Vec::new() })
     }
 
     pub fn journal(&self) -> &Journal {
@@ -361,6 +364,13 @@ impl Installer {
 
     /// Arms the trial of `slot`, which holds `release`: first its signed dm-verity
     /// parameters go where the bootloader passes them to the slot's kernel.
+    /// Kernel panics the kernel recorded in boots since the agent last ran (one line
+    /// each, naming its record), given before the boot step: a trial whose attempts ran
+    /// out is rolled back with them in its reason.
+    pub fn note_crashes(&mut self, notes: Vec<String>) {
+        self.crash_notes = notes;
+    }
+
     fn arm_trial(&mut self, release: &Release, slot: Slot) -> Result<()> {
         if let Some(v) = &release.verity {
             v.validate(release.length).map_err(|e| AgentError::BootControl(format!("release {}: signed dm-verity parameters: {e}", release.version)))?;

@@ -45,7 +45,10 @@ impl Installer {
                 Ok(Some(self.trial(release, slot).await?))
             }
             (Phase::Installed { release, slot } | Phase::TrialBoot { release, slot }, BootOutcome::TrialExhausted { .. }) => {
-                let reason = format!("trial boot of slot {slot} was not confirmed before its boot attempts ran out");
+                let mut reason = format!("trial boot of slot {slot} was not confirmed before its boot attempts ran out");
+                if !self.crash_notes.is_empty() {
+                    reason.push_str(&format!("; the kernel recorded a panic since: {}", self.crash_notes.join("; ")));
+                }
                 Ok(Some(self.roll_back(release, slot, reason, AfterRollback::Stay)?))
             }
             (Phase::Installed { release, slot }, BootOutcome::Normal { .. }) => {
