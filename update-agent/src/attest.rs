@@ -73,7 +73,7 @@ pub const MAX_API_ANSWER: u64 = 1 << 20;
 
 /// Answers in the API's error format become errors naming the step. At most
 /// [`MAX_API_ANSWER`] bytes are read.
-async fn api<T: serde::de::DeserializeOwned>(step: &'static str, mut resp: reqwest::Response) -> Result<T> {
+pub(crate) async fn api<T: serde::de::DeserializeOwned>(step: &'static str, mut resp: reqwest::Response) -> Result<T> {
     let status = resp.status();
     let too_large = || AgentError::Api {
         step,
@@ -275,7 +275,7 @@ pub struct DeviceState {
     pub sbom_sha256: Option<String>,
     pub health: DeviceHealth,
     pub reports: Vec<InstallReport>,
-    /// Integrity incidents not yet delivered (crate::incidents).
+    /// Integrity incidents not yet delivered (the agent's incident queue).
     pub incidents: Vec<outpost_protocol::incident::IntegrityIncident>,
 }
 

@@ -304,16 +304,13 @@ impl Incidents {
         for incident in &self.queue.pending {
             match tokio::time::timeout(timeout, http.post(&url).json(incident).send()).await {
                 Ok(Ok(r)) if r.status().is_success() => sent += 1,
-                Ok(Ok(mut r)) if r.status() == reqwest::StatusCode::UNPROCESSABLE_ENTITY => {
-                    // The reason, read no further than 4 KiB (the answer is the server's).
-                    let mut body = Vec::new();
-                    while let Ok(Ok(Some(chunk))) = tokio::time::timeout(timeout, r.chunk()).await {
-                        body.extend_from_slice(&chunk);
-                        if body.len() > 4096 {
-                            break;
-                        }
-                    }
-                    let reason = outpost_protocol::api::ErrorBody::parse(&body).map(|b| b.message).unwrap_or_else(|| "no reason given".into());
+                Ok(Ok(r)) if r.status() == reqwest::StatusCode::UNPROCESSABLE_ENTITY => {
+                    // The server's reason, read as every API answer is (bounded).
+                    let answer = tokio::time::timeout(timeout, crate::attest::api::<serde_json::Value>("send an integrity incident", r)).await;
+                    let reason = match answer {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "no reason given".to_owned(),
+                    };
                     tracing::warn!(record = %incident.record, %reason, "the server refused a queued integrity incident as invalid; dropped from the queue");
                     sent += 1;
                 }
@@ -495,6 +492,24 @@ mod tests {
         assert!(want.describe().ends_with("exitcode=0x00000100 (pstore record dmesg-efi-176496120003001)"), "{}", want.describe());
         again.clear_crashes().unwrap_or_else(|e| panic!("{e}"));
         assert!(Incidents::open(&config).map(|i| i.crashes().is_empty()).unwrap_or(false), "cleared durably");
+    }
+
+    #[test]
+    fn a_flood_of_forged_panic_records_keeps_the_notes_bounded() {
+        // Root on the device writes many records whose panic lines are long: the notes
+        // stay few and short, so a rollback reason stays within what a report may carry.
+        let long = format!("<0>[ 1.0] Kernel panic - not syncing: {}\n", "x".repeat(5000));
+        let names: Vec<String> = (0..10).map(|i| format!("dmesg-efi-1764961200{i:05}")).collect();
+        let records: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), long.as_str())).collect();
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (config, pstore) = device_with_records(dir.path(), &records);
+        let mut inc = Incidents::open(&config).unwrap_or_else(|e| panic!("{e}"));
+        inc.collect(&cx()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(inc.crashes().len(), MAX_CRASHES);
+        assert!(inc.crashes().iter().all(|c| c.line.chars().count() == MAX_CRASH_LINE));
+        let reason: String = inc.crashes().iter().map(|c| c.describe()).collect::<Vec<_>>().join("; ");
+        assert!(reason.len() + 200 < 4096, "{} characters", reason.len());
+        assert_eq!(std::fs::read_dir(&pstore).map(|d| d.count()).unwrap_or(99), 0, "every record deleted all the same");
     }
 
     #[test]
