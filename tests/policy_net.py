@@ -210,7 +210,8 @@ class Enforcer:
             stdout=subprocess.PIPE, stderr=self._logf, env=env, text=True)
         self.lines: list[dict] = []
         self._cv = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         first = self.wait_event(0)
         if first is None or first.get("event") != "applied":
             self.proc.kill()
@@ -289,6 +290,9 @@ class Enforcer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        # The process has exited; its last lines (the "stopped" event) may still be on
+        # their way through the pipe to the reader: wait for it to reach the end.
+        self._reader.join(5)
         self._logf.close()
         return self.proc.returncode
 
