@@ -30,6 +30,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from reposim import RepoSim, SimServer, quote_all  # noqa: E402
+from pki import TlsFiles  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BIN_DIR = Path(os.environ.get("OUTPOST_BIN_DIR", REPO_ROOT / "target" / "debug"))
@@ -196,21 +197,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_get(url: str, timeout: float = 5, token: str | None = None) -> tuple[int, bytes]:
-    status, _, body = http_get_full(url, timeout=timeout, token=token)
+def http_get(url: str, timeout: float = 5, token: str | None = None, context=None) -> tuple[int, bytes]:
+    status, _, body = http_get_full(url, timeout=timeout, token=token, context=context)
     return status, body
 
 
 def http_get_full(url: str, timeout: float = 5, token: str | None = None,
-                  headers: dict | None = None) -> tuple[int, dict[str, str], bytes]:
-    """GET -> (status, headers with lower-case names, body)."""
+                  headers: dict | None = None, context=None) -> tuple[int, dict[str, str], bytes]:
+    """GET -> (status, headers with lower-case names, body); `context`: the TLS one
+    (an ssl.SSLContext) for https:// URLs."""
     req = urllib.request.Request(url)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     for k, v in (headers or {}).items():
         req.add_header(k, v)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
@@ -346,16 +348,20 @@ class OutpostServer:
     def __init__(self, base: Path, repo: OutpostRepo, name: str = "server",
                  repository: dict[str, str] | None = None,
                  attestation: dict[str, str] | None = None, extra_toml: str = "",
-                 measurement: str | None = None) -> None:
+                 measurement: str | None = None, tls: "TlsFiles | None" = None) -> None:
         self.exe = binary("outpost-server")
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # Plain HTTP on loopback, said explicitly, unless the test gives the server a
+        # certificate (tests/test_tls.py).
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.config = base / f"{name}.toml"
         self.data_dir = base / f"{name}-data"
         self.data_dir.mkdir()
         cfg = (
             f'listen = "127.0.0.1:{self.port}"\n'
-            f"data_dir = {toml_str(self.data_dir)}\n\n"
+            + ("" if tls else "plain_http = true\n")
+            + f"data_dir = {toml_str(self.data_dir)}\n\n"
             "[repository]\n"
             f'trusted_root = {toml_str(repo.dir / "metadata" / "1.root.json")}\n'
             f'snapshot_key = {toml_str(repo.key("snapshot"))}\n'
@@ -378,6 +384,8 @@ class OutpostServer:
         if "[director]" not in extra_toml:
             cfg += f"\n[director]\nkey = {toml_str(self.director_key)}\n"
         cfg += extra_toml
+        if tls:
+            cfg += f"\n[tls]\ncertificate = {toml_str(tls.chain)}\nkey = {toml_str(tls.key)}\n"
         tomllib.loads(cfg)
         self.config.write_text(cfg)
         self.log = base / f"{name}.log"
@@ -400,9 +408,10 @@ class OutpostServer:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def start(self, allow_exit: bool = False) -> bool:
-        """Start `serve` and wait for GET /healthz. If the process exits first: fail
-        the test, or with allow_exit return False (its exit code in self.proc)."""
+    def start(self, allow_exit: bool = False, until_log: str | None = None) -> bool:
+        """Start `serve` and wait for GET /healthz (or, with until_log, for that text in
+        its log). If the process exits first: fail the test, or with allow_exit return
+        False (its exit code in self.proc)."""
         self._logf = open(self.log, "ab")
         self.proc = subprocess.Popen([str(self.exe), "--config", str(self.config), "serve"],
                                      stdout=self._logf, stderr=subprocess.STDOUT,
@@ -416,8 +425,13 @@ class OutpostServer:
                     return False
                 pytest.fail(f"outpost-server exited with {self.proc.returncode}:\n"
                             f"{self.log_text()[-3000:]}", pytrace=False)
+            if until_log is not None:
+                if until_log in self.log_text():
+                    return True
+                time.sleep(0.1)
+                continue
             try:
-                status, _ = http_get(f"{self.url}/healthz", timeout=1)
+                status, _ = self.get("/healthz", timeout=1)
                 if status == 200:
                     return True
             except OSError:
@@ -425,6 +439,10 @@ class OutpostServer:
             time.sleep(0.1)
         pytest.fail("outpost-server did not answer GET /healthz within 20s:\n"
                     + self.log_text()[-3000:], pytrace=False)
+
+    def get(self, path: str, timeout: float = 5) -> tuple[int, bytes]:
+        """GET over this server's transport (with TLS: verified against the test's CA)."""
+        return http_get(f"{self.url}{path}", timeout=timeout, context=self.tls.client_context() if self.tls else None)
 
     def terminate(self, timeout: float = 10) -> int | None:
         """SIGTERM and wait up to `timeout` s; the exit code, or None if it did not exit

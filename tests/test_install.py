@@ -332,7 +332,14 @@ def test_signed_trial_deadline_is_honoured(fleet, tmp_path):
     assert dev.bootenv()["active"] == "B" and dev.active_sha() == v1["sha256"], ctx
 
 
-def test_config_http_health_check(fleet, tmp_path):
+@pytest.mark.parametrize("ca_store", ["system", "none"])
+def test_config_http_health_check(fleet, tmp_path, ca_store, monkeypatch):
+    """Also on a device without a system CA store (the agent's TLS stack then trusts
+    no server, and still checks plain-HTTP endpoints: it once failed to build its
+    client there, and every trial rolled back)."""
+    if ca_store == "none":
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "no-store.pem"))
+        monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "no-store"))
     repo, server, token = fleet
     dev, v1 = installed_v1(fleet, tmp_path,
                            health=[{"kind": "http", "url": f"{server.url}/healthz",

@@ -9,11 +9,19 @@ use serde::Deserialize;
 
 use crate::error::ServerError;
 use crate::repository::{RepositorySettings, SbomPolicy};
+use crate::tls::TlsSettings;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
     listen: String,
+    /// The listener without TLS: only when set, and on a loopback address unless
+    /// `plain_http_beyond_loopback` is set too.
+    #[serde(default)]
+    plain_http: bool,
+    #[serde(default)]
+    plain_http_beyond_loopback: bool,
+    tls: Option<RawTls>,
     data_dir: PathBuf,
     #[serde(default)]
     database: RawDb,
@@ -24,6 +32,13 @@ struct Raw {
     director: RawDirector,
     #[serde(default)]
     rollouts: RawRollouts,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    certificate: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +113,8 @@ struct RawRepo {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// TLS on the listener, or plain HTTP where the configuration says so.
+    pub transport: Transport,
     pub data_dir: PathBuf,
     /// The state store: SQLite (default) or PostgreSQL.
     pub database: crate::storage::Backend,
@@ -134,7 +151,9 @@ impl ServerConfig {
         let cx = Load { path, base: path.parent().unwrap_or(Path::new(".")) };
         let text = std::fs::read_to_string(path).map_err(|e| cx.err(format!("cannot read: {e}")))?;
         let raw: Raw = toml::from_str(&text).map_err(|e| cx.err(e.to_string()))?;
-        let listen = raw.listen.parse().map_err(|e| cx.err(format!("listen {:?}: {e} (example: 127.0.0.1:8080)", raw.listen)))?;
+        let listen: SocketAddr =
+            raw.listen.parse().map_err(|e| cx.err(format!("listen {:?}: {e} (example: 0.0.0.0:8443)", raw.listen)))?;
+        let transport = Transport::choose(&cx, listen, raw.tls, raw.plain_http, raw.plain_http_beyond_loopback)?;
         let data_dir = cx.base.join(&raw.data_dir);
         let (repository, resign_interval, max_upload_bytes) = raw.repository.validate(&cx, &data_dir)?;
         let nonce_lifetime = cx.positive("attestation.nonce_lifetime", &raw.attestation.nonce_lifetime, Duration::from_secs(60))?;
@@ -146,6 +165,7 @@ impl ServerConfig {
         let director_key = raw.director.key.map(|k| cx.base.join(k)).unwrap_or_else(|| data_dir.join("director-key.json"));
         Ok(ServerConfig {
             listen,
+            transport,
             database,
             data_dir,
             repository,
@@ -161,6 +181,40 @@ impl ServerConfig {
             rollout_tick,
             config_path: path.to_owned(),
         })
+    }
+}
+
+/// What the listener speaks.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    Tls(TlsSettings),
+    /// No TLS (`plain_http = true`): on loopback behind a TLS-terminating proxy, or
+    /// anywhere when `plain_http_beyond_loopback = true` says so as well.
+    Plain,
+}
+
+impl Transport {
+    fn choose(cx: &Load, listen: SocketAddr, tls: Option<RawTls>, plain: bool, beyond_loopback: bool) -> Result<Self, ServerError> {
+        match (tls, plain) {
+            (Some(_), true) => Err(cx.err("both [tls] and plain_http = true are set: choose one".into())),
+            (Some(t), false) => {
+                if beyond_loopback {
+                    return Err(cx.err("plain_http_beyond_loopback is set, but plain_http is not: remove it (the listener is TLS)".into()));
+                }
+                Ok(Transport::Tls(TlsSettings { certificate: cx.base.join(t.certificate), key: cx.base.join(t.key) }))
+            }
+            (None, true) if !listen.ip().is_loopback() && !beyond_loopback => Err(cx.err(format!(
+                "plain_http = true with listen = \"{listen}\", which is not a loopback address: anyone on the way could read \
+                 and change what the server and its devices say. Configure [tls] (certificate, key), or listen on \
+                 127.0.0.1 behind a TLS-terminating proxy, or add plain_http_beyond_loopback = true"
+            ))),
+            (None, true) => Ok(Transport::Plain),
+            (None, false) => Err(cx.err(
+                "no [tls]: set [tls] certificate and key (PEM files) for the listener, or plain_http = true to serve \
+                 without TLS (on a loopback address, behind a TLS-terminating proxy)"
+                    .into(),
+            )),
+        }
     }
 }
 

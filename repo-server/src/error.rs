@@ -30,6 +30,9 @@ pub enum ServerError {
 
     #[error("repository state: {0}")]
     State(String),
+
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl From<rusqlite::Error> for ServerError {

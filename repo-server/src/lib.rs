@@ -11,12 +11,14 @@ mod http;
 pub mod repository;
 pub mod storage;
 mod targetfiles;
+pub mod tls;
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 
 use outpost_fsio::sdnotify::{Notice, Notifier};
 
-pub use config::ServerConfig;
+pub use config::{ServerConfig, Transport};
 pub use api::{app, ApiError, AppState};
 pub use error::ServerError;
 
@@ -46,11 +48,21 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     }
     let resign_repo = repo.clone();
     let state_store = store.clone();
+    // The certificate is read before the port is bound: a server that cannot serve TLS
+    // never says it is ready.
+    let cert = match &config.transport {
+        Transport::Tls(settings) => {
+            let (cert, summary) = tls::ServerCert::load(settings)?;
+            tls::log_loaded("loaded", &summary);
+            Some(cert)
+        }
+        Transport::Plain => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| ServerError::io("listen on", config.listen.to_string(), e))?;
     let addr = listener.local_addr().map_err(|e| ServerError::io("listen on", config.listen.to_string(), e))?;
-    tracing::info!(%addr, "outpost-server listening");
+    tracing::info!(%addr, tls = cert.is_some(), "outpost-server listening");
     // systemd (Type=notify): ready once the listener is bound; watchdog pings from a
     // task of this runtime; STOPPING=1 when the shutdown signal arrives.
     let systemd = Arc::new(Notifier::from_env_or_report(|e| tracing::warn!(error = %e, "not notifying systemd")));
@@ -88,11 +100,20 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     });
     let stop = std::sync::Arc::new(tokio::sync::Notify::new());
     let stop_rx = stop.clone();
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+    let shutdown = async move {
         shutdown_signal().await;
         systemd.notify_or_report(Notice::Stopping, report_notify);
         stop.notify_one();
-    });
+    };
+    let mut reloader = None;
+    let server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match cert {
+        Some(cert) => {
+            reloader = Some(tls::reload_on_sighup(cert.clone())?);
+            let listener = tls::TlsListener::new(listener, &cert)?;
+            Box::pin(axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).into_future())
+        }
+        None => Box::pin(axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).into_future()),
+    };
     // In-flight requests get a grace period; a stalled client cannot hold the
     // server up forever.
     let result = tokio::select! {
@@ -107,6 +128,9 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     };
     resigner.abort();
     ticker.abort();
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     drop(watchdog);
     repo.remove_partial_uploads();
     tracing::info!("outpost-server stopped");
@@ -115,6 +139,13 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
 
 /// Says at start what this server accepts that proves less than it seems.
 fn warn_about_trust(config: &ServerConfig) {
+    if matches!(config.transport, Transport::Plain) {
+        tracing::warn!(
+            listen = %config.listen,
+            "plain_http = true: no TLS on the listener, so what the server and its clients say can be read and changed \
+             on the way; only behind a TLS-terminating proxy, or for tests on loopback"
+        );
+    }
     if config.accept_uncertified_eks {
         tracing::warn!(
             "attestation.accept_uncertified_eks = true: devices enroll without an EK certificate chain, so anyone holding an \

@@ -63,7 +63,7 @@ fn fixture() -> Fixture {
     write_key(dir.path(), "timestamp.key", &ts_key);
     std::fs::write(
         dir.path().join("server.toml"),
-        "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n[repository]\ntrusted_root = \"1.root.json\"\n\
+        "listen = \"127.0.0.1:0\"\nplain_http = true\ndata_dir = \"data\"\n[repository]\ntrusted_root = \"1.root.json\"\n\
          snapshot_key = \"snapshot.key\"\ntimestamp_key = \"timestamp.key\"\nsnapshot_expiry = \"7d\"\ntimestamp_expiry = \"1d\"\n",
     )
     .unwrap();

@@ -84,7 +84,7 @@ async fn start_server(base: &Path, keys: &Path, repo: &Path) -> (ServerProcess, 
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = {:?}\n\n[repository]\ntrusted_root = {:?}\n\
+            "listen = \"127.0.0.1:{port}\"\nplain_http = true\ndata_dir = {:?}\n\n[repository]\ntrusted_root = {:?}\n\
              snapshot_key = {:?}\ntimestamp_key = {:?}\n\n[director]\nkey = {:?}\n",
             base.join("server-data"),
             repo.join("metadata/1.root.json"),

@@ -88,6 +88,8 @@ fleet_write_server_config() {
   cat >"$file" <<EOF
 # outpost-server configuration written by $(basename "$0") (see docs/examples/server.toml)
 listen = "127.0.0.1:$port"
+# The loopback fleet speaks plain HTTP (said explicitly; the server refuses otherwise).
+plain_http = true
 data_dir = "$data_dir"
 
 [database]

@@ -18,9 +18,13 @@ use crate::output::Output;
 
 #[derive(Debug, Args, Clone)]
 pub struct ServerArgs {
-    /// Server base URL, e.g. http://127.0.0.1:8080 (omit to work offline).
+    /// Server base URL, e.g. https://outpost.example.internal:8443 (omit to work offline).
     #[arg(long, env = "OUTPOST_SERVER")]
     pub server: Option<String>,
+    /// PEM file of the CA certificates the server's TLS certificate must chain to
+    /// (only these). Without it: the system's trust store.
+    #[arg(long, env = "OUTPOST_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Pipeline API token (bearer).
     #[arg(long, env = "OUTPOST_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -40,7 +44,7 @@ impl ServerArgs {
             (Some(url), Some(token)) => Ok(Some(Server {
                 url: url.trim_end_matches('/').to_owned(),
                 token: token.clone(),
-                client: reqwest::Client::new(),
+                client: http_client(self.ca_file.as_deref())?,
             })),
         }
     }
@@ -48,6 +52,27 @@ impl ServerArgs {
     pub fn require(&self) -> Result<Server> {
         self.optional()?.ok_or_else(|| SignerError::Usage("--server (or OUTPOST_SERVER) is required".into()))
     }
+}
+
+/// The HTTP client: TLS verified against `ca_file`'s certificates only, or against
+/// the system's trust store.
+/// A system without CA certificates and no `ca_file`: a client that trusts no TLS
+/// server (plain `http://` still works; an `https://` server is refused by name).
+fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client> {
+    let builder = || reqwest::Client::builder().user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
+    let built = match ca_file {
+        Some(path) => {
+            let bad = |why: String| SignerError::Usage(format!("--ca-file {}: {why}", path.display()));
+            let pem = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(format!("not PEM certificates: {e}")))?;
+            if certs.is_empty() {
+                return Err(bad("no certificate in the file (PEM \"BEGIN CERTIFICATE\" blocks)".into()));
+            }
+            builder().tls_certs_only(certs).build()
+        }
+        None => builder().build().or_else(|_| builder().tls_certs_only(Vec::new()).build()),
+    };
+    built.map_err(|e| SignerError::Usage(format!("building the HTTP client: {}", outpost_protocol::display_chain(&e))))
 }
 
 async fn refused(what: &str, resp: reqwest::Response) -> SignerError {

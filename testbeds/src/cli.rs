@@ -11,6 +11,10 @@ use crate::run::{self, RunArgs};
 #[derive(Debug, Parser)]
 #[command(name = "outpost-fleet-sim", about = "Outpost fleet simulator: simulated devices (software keys in place of a TPM) enrolling and checking in")]
 pub struct Cli {
+    /// PEM file of the CA certificates the server's TLS certificate must chain to
+    /// (only these); without it, the system's trust store.
+    #[arg(long, global = true, env = "OUTPOST_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,11 +32,20 @@ enum Command {
 }
 
 pub async fn run(cli: Cli) -> Result<(), SimError> {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(256)
-        .build()
-        .map_err(|e| SimError::Runtime(e.to_string()))?;
+    let builder = || reqwest::Client::builder().timeout(Duration::from_secs(30)).pool_max_idle_per_host(256);
+    let built = match &cli.ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| SimError::Runtime(format!("--ca-file {}: cannot read: {e}", path.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| SimError::Runtime(format!("--ca-file {}: no PEM certificate in the file", path.display())))?;
+            builder().tls_certs_only(certs).build()
+        }
+        // No CA certificates on this system: trust no TLS server (plain http:// works).
+        None => builder().build().or_else(|_| builder().tls_certs_only(Vec::new()).build()),
+    };
+    let http = built.map_err(|e| SimError::Runtime(e.to_string()))?;
     match cli.command {
         Command::Enroll(args) => enroll::run(http, args).await,
         Command::Run(args) => run::run(http, args).await,

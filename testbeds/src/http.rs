@@ -10,9 +10,9 @@ pub async fn post<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: &
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
-    let resp = req.send().await.map_err(|e| err(e.to_string()))?;
+    let resp = req.send().await.map_err(|e| err(outpost_protocol::display_chain(&e)))?;
     let status = resp.status();
-    let text = resp.text().await.map_err(|e| err(e.to_string()))?;
+    let text = resp.text().await.map_err(|e| err(outpost_protocol::display_chain(&e)))?;
     if !status.is_success() {
         return Err(err(format!("{status}: {}", text.chars().take(300).collect::<String>())));
     }

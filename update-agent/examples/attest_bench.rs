@@ -38,7 +38,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     assert!(args.len() == 6, "usage: attest_bench CONFIG SERVER_PID LATENCY_N BATCH_K VERIFY_SECS");
     let config = AgentConfig::load(std::path::Path::new(&args[1])).expect("agent config");
-    let fetcher = outpost_agent::Fetcher::new(config.http_limits()).expect("HTTP client");
+    let fetcher = outpost_agent::Fetcher::new(config.http_limits(), config.http_ca_file.as_deref()).expect("HTTP client");
     let http = fetcher.client().clone();
     let pid: u32 = args[2].parse().expect("server pid");
     let n: usize = args[3].parse().expect("latency count");

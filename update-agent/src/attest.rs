@@ -115,7 +115,7 @@ pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
     .await
     .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
     // One client for the enrollment calls and the director root fetched after them.
-    let fetcher = crate::fetch::Fetcher::new(config.http_limits())?;
+    let fetcher = crate::fetch::Fetcher::new(config.http_limits(), config.http_ca_file.as_deref())?;
     let http = fetcher.client();
     let url = format!("{}/api/v1/enroll", config.server_url);
     let req = EnrollRequest {

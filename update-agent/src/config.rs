@@ -138,6 +138,7 @@ pub struct InstallConfig {
 struct RawHttp {
     timeout: Option<String>,
     min_bytes_per_sec: Option<u64>,
+    ca_certificates: Option<PathBuf>,
 }
 
 /// A loaded, validated agent configuration.
@@ -152,6 +153,9 @@ pub struct AgentConfig {
     /// `[http] min_bytes_per_sec`: the average rate every answer must keep once
     /// `http_timeout` has passed (see [`crate::fetch::HttpLimits`]).
     pub http_min_rate: u64,
+    /// `[http] ca_certificates`: the only CAs the server's TLS certificate may chain
+    /// to (absent: the system's trust store).
+    pub http_ca_file: Option<PathBuf>,
     pub device_id: String,
     pub install: InstallConfig,
     /// Health checks run after every trial boot (the release may add its own).
@@ -198,6 +202,7 @@ impl AgentConfig {
             trusted_root: base.join(raw.trusted_root),
             http_timeout,
             http_min_rate,
+            http_ca_file: raw.http.ca_certificates.as_ref().map(|p| base.join(p)),
         })
     }
 

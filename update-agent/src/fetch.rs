@@ -110,14 +110,16 @@ impl Body {
 }
 
 impl Fetcher {
-    pub fn new(limits: HttpLimits) -> Result<Self> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(limits.stall)
-            .user_agent(concat!("outpost-agent/", env!("CARGO_PKG_VERSION")))
-            .no_gzip()
-            .build()
-            .map_err(|e| AgentError::Fetch { url: String::new(), reason: format!("building HTTP client: {e}") })?;
-        Ok(Fetcher { client, limits })
+    /// `ca_file`: a PEM file of the only CAs the server's TLS certificate may chain to;
+    /// without one, the system's trust store (see [`crate::tls`]).
+    pub fn new(limits: HttpLimits, ca_file: Option<&Path>) -> Result<Self> {
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(limits.stall)
+                .user_agent(concat!("outpost-agent/", env!("CARGO_PKG_VERSION")))
+                .no_gzip()
+        };
+        Ok(Fetcher { client: crate::tls::client(builder, ca_file)?, limits })
     }
 
     /// The one HTTP client of the agent (its connection pool), for the API calls that
@@ -522,7 +524,7 @@ mod tests {
     #[tokio::test]
     async fn a_trickle_below_the_minimum_rate_is_cut_off() {
         let url = trickler(4096, 1, Duration::from_millis(200)).await;
-        let fetcher = Fetcher::new(HttpLimits::new(Duration::from_secs(1), 1024)).expect("fetcher");
+        let fetcher = Fetcher::new(HttpLimits::new(Duration::from_secs(1), 1024), None).expect("fetcher");
         let started = std::time::Instant::now();
         let err = fetcher.fetch_bytes(&url, 4096).await.expect_err("a trickle must fail");
         assert!(matches!(err, AgentError::SlowRetrieval { .. }), "{err}");
@@ -535,7 +537,7 @@ mod tests {
     #[tokio::test]
     async fn a_steady_answer_above_the_floor_completes() {
         let url = trickler(3000, 300, Duration::from_millis(100)).await;
-        let fetcher = Fetcher::new(HttpLimits::new(Duration::from_millis(500), 1024)).expect("fetcher");
+        let fetcher = Fetcher::new(HttpLimits::new(Duration::from_millis(500), 1024), None).expect("fetcher");
         let body = fetcher.fetch_bytes(&url, 3000).await.expect("steady answer");
         assert_eq!(body.len(), 3000);
     }

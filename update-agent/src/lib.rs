@@ -20,6 +20,7 @@ mod mode;
 mod policy;
 mod report;
 pub mod tpm;
+mod tls;
 mod tuf_client;
 mod update;
 mod updater;

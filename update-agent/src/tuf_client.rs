@@ -85,6 +85,6 @@ pub async fn run(args: TufClientArgs) -> Result<()> {
 
 fn updater(args: &TufClientArgs) -> Result<Updater> {
     let url = args.metadata_url.as_deref().ok_or_else(|| AgentError::MissingArgument { command: "tuf-client", flag: "--metadata-url" })?;
-    let fetcher = Fetcher::new(HttpLimits::new(Duration::from_secs(args.timeout), args.min_bytes_per_sec))?;
+    let fetcher = Fetcher::new(HttpLimits::new(Duration::from_secs(args.timeout), args.min_bytes_per_sec), None)?;
     Updater::new(&args.metadata_dir, url, fetcher, chrono::Utc::now())
 }

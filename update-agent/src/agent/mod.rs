@@ -69,7 +69,7 @@ impl Agent {
                 policy::serve_metrics(addr, p.metrics_limits, engine.clone()).await?;
             }
         }
-        let fetcher = Fetcher::new(config.http_limits())?;
+        let fetcher = Fetcher::new(config.http_limits(), config.http_ca_file.as_deref())?;
         let mut installer = Installer::open(&config, fetcher.clone())?;
         let output: std::sync::Arc<dyn Output> = std::sync::Arc::new(output);
         let announce = output.clone();
