@@ -9,7 +9,6 @@ pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod danger;
-pub mod devicecert;
 mod director;
 mod error;
 mod fetch;

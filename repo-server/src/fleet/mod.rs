@@ -2,9 +2,7 @@
 //! index and deny-list views ([`sbom`]). The domain layer between the API handlers and
 //! the store: handlers parse and answer, these decide, the store persists.
 
-pub mod access;
 pub mod checkin;
-pub mod deviceca;
 pub mod enroll;
 pub mod sbom;
 
