@@ -32,6 +32,29 @@ struct Raw {
     director: RawDirector,
     #[serde(default)]
     rollouts: RawRollouts,
+    device_ca: Option<RawDeviceCa>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeviceCa {
+    certificate: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    previous_certificates: Vec<PathBuf>,
+    trust_domain: String,
+    lifetime: Option<String>,
+    #[serde(default = "yes")]
+    require_client_certificate: bool,
+    #[serde(default)]
+    targets_require_client_certificate: bool,
+    /// Lifetimes under 5 minutes, for tests that watch certificates expire.
+    #[serde(default)]
+    testbed_short_lifetime: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,6 +165,8 @@ pub struct ServerConfig {
     pub director_targets_expiry: Duration,
     /// How often running rollouts are re-evaluated (soak times pass without check-ins).
     pub rollout_tick: Duration,
+    /// The device CA (`[device_ca]`): client certificates for attested devices.
+    pub device_ca: Option<crate::fleet::deviceca::DeviceCaSettings>,
     /// The file this was loaded from (named in errors about its settings).
     pub config_path: PathBuf,
 }
@@ -163,6 +188,7 @@ impl ServerConfig {
         let database = raw.database.backend(&cx, &data_dir)?;
         let attestation = raw.attestation.validate(&cx)?;
         let director_key = raw.director.key.map(|k| cx.base.join(k)).unwrap_or_else(|| data_dir.join("director-key.json"));
+        let device_ca = raw.device_ca.map(|d| d.validate(&cx, &transport)).transpose()?;
         Ok(ServerConfig {
             listen,
             transport,
@@ -179,6 +205,7 @@ impl ServerConfig {
             director_key,
             director_targets_expiry,
             rollout_tick,
+            device_ca,
             config_path: path.to_owned(),
         })
     }
@@ -245,6 +272,35 @@ impl Load<'_> {
                 .map_err(|e| self.err(format!("{name} {s:?}: {e}")))
                 .and_then(|d| if d.is_zero() { Err(self.err(format!("{name} must be more than 0s"))) } else { Ok(d) }),
         }
+    }
+}
+
+impl RawDeviceCa {
+    fn validate(self, cx: &Load, transport: &Transport) -> Result<crate::fleet::deviceca::DeviceCaSettings, ServerError> {
+        use crate::fleet::deviceca::{MAX_LIFETIME, MIN_LIFETIME};
+        let lifetime = cx.positive("device_ca.lifetime", &self.lifetime, Duration::from_secs(3600))?;
+        let floor = if self.testbed_short_lifetime { Duration::from_secs(5) } else { MIN_LIFETIME };
+        if lifetime < floor || lifetime > MAX_LIFETIME {
+            return Err(cx.err(format!(
+                "device_ca.lifetime {lifetime:?} must be from {floor:?} to {MAX_LIFETIME:?} (a device's access ends within one lifetime of its quarantine)"
+            )));
+        }
+        let td = &self.trust_domain;
+        if td.is_empty() || !td.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b)) {
+            return Err(cx.err(format!("device_ca.trust_domain {td:?}: lowercase letters, digits, '-', '.' and '_' only (a SPIFFE trust domain)")));
+        }
+        if matches!(transport, Transport::Plain) {
+            return Err(cx.err("[device_ca] needs [tls]: client certificates are presented in the TLS handshake".into()));
+        }
+        Ok(crate::fleet::deviceca::DeviceCaSettings {
+            certificate: cx.base.join(self.certificate),
+            key: cx.base.join(self.key),
+            previous_certificates: self.previous_certificates.into_iter().map(|p| cx.base.join(p)).collect(),
+            trust_domain: self.trust_domain,
+            lifetime,
+            require_client_certificate: self.require_client_certificate,
+            targets_require_client_certificate: self.targets_require_client_certificate,
+        })
     }
 }
 

@@ -21,6 +21,7 @@ use outpost_fsio::sdnotify::{Notice, Notifier};
 pub use config::{ServerConfig, Transport};
 pub use api::{app, ApiError, AppState};
 pub use error::ServerError;
+pub use fleet::deviceca::make_ca as make_device_ca;
 
 /// Opens the repository and store, starts the re-signing task and serves until
 /// SIGINT/SIGTERM.
@@ -30,7 +31,17 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let store = Arc::new(storage::Store::open(&config.database).await?);
     tracing::info!(backend = store.backend(), "state store open");
     let director = Arc::new(director::Director::open(&config.director_key, config.director_targets_expiry)?);
+    let device_ca = match &config.device_ca {
+        Some(settings) => {
+            let ca = fleet::deviceca::DeviceCa::load(settings)?;
+            tracing::info!(trust_domain = %settings.trust_domain, lifetime = ?settings.lifetime,
+                require_client_certificate = settings.require_client_certificate, "device CA loaded");
+            Some(Arc::new(ca))
+        }
+        None => None,
+    };
     let state = AppState {
+        device_ca: device_ca.clone(),
         director,
         repo: repo.clone(),
         store: store.clone(),
@@ -109,8 +120,9 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let server: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> = match cert {
         Some(cert) => {
             reloader = Some(tls::reload_on_sighup(cert.clone())?);
-            let listener = tls::TlsListener::new(listener, &cert)?;
-            Box::pin(axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).into_future())
+            let listener = tls::TlsListener::new(listener, &cert, device_ca)?;
+            let app = app(state).into_make_service_with_connect_info::<tls::Peer>();
+            Box::pin(axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future())
         }
         None => Box::pin(axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).into_future()),
     };
@@ -145,6 +157,14 @@ fn warn_about_trust(config: &ServerConfig) {
             "plain_http = true: no TLS on the listener, so what the server and its clients say can be read and changed \
              on the way; only behind a TLS-terminating proxy, or for tests on loopback"
         );
+    }
+    if let Some(ca) = &config.device_ca {
+        if ca.lifetime < fleet::deviceca::MIN_LIFETIME {
+            tracing::warn!(lifetime = ?ca.lifetime, "device_ca.testbed_short_lifetime: client certificates live less than 5 minutes; for tests only");
+        }
+        if !ca.require_client_certificate {
+            tracing::warn!("device_ca.require_client_certificate = false: device routes serve callers without a device certificate");
+        }
     }
     if config.accept_uncertified_eks {
         tracing::warn!(

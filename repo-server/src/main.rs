@@ -28,6 +28,61 @@ enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The device CA (client certificates for attested devices).
+    #[command(subcommand)]
+    DeviceCa(DeviceCaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCaCommand {
+    /// Make a device CA: a P-256 key (ca.key, mode 0600) and a self-signed CA
+    /// certificate (ca.pem) in a new directory; name them in [device_ca]. Like the
+    /// director key, make it once, on a machine you trust, and keep the key offline
+    /// but for the server.
+    Init {
+        /// The SPIFFE trust domain devices' certificates name (spiffe://DOMAIN/device/ID).
+        #[arg(long)]
+        trust_domain: String,
+        /// A directory that does not exist yet.
+        #[arg(long)]
+        out: PathBuf,
+        /// How long the CA certificate is valid.
+        #[arg(long, default_value = "10y")]
+        validity: String,
+    },
+}
+
+/// `device-ca init`: the pair in a new directory, the key readable by its owner only.
+fn device_ca_init(trust_domain: &str, out: &std::path::Path, validity: &str) -> Result<(), outpost_server::ServerError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let bad = |reason: String| outpost_server::ServerError::Tls(format!("device-ca init: {reason}"));
+    let validity = humantime::parse_duration(validity).map_err(|e| bad(format!("--validity {validity:?}: {e}")))?;
+    if trust_domain.is_empty() || !trust_domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b)) {
+        return Err(bad(format!("--trust-domain {trust_domain:?}: lowercase letters, digits, '-', '.' and '_' only (a SPIFFE trust domain)")));
+    }
+    if out.exists() {
+        return Err(bad(format!("{} exists: give a directory that does not exist yet", out.display())));
+    }
+    let (cert, key) = outpost_server::make_device_ca(trust_domain, validity, chrono::Utc::now())?;
+    // Made whole beside it, then renamed: never a directory with a key and no certificate.
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let partial = out.with_file_name(format!(".{name}.partial"));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir(&partial).map_err(|e| bad(format!("{}: {e}", partial.display())))?;
+    let made = (|| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(partial.join("ca.key"))?;
+        f.write_all(key.as_bytes())?;
+        f.sync_all()?;
+        outpost_fsio::write_atomic(&partial.join("ca.pem"), cert.as_bytes())?;
+        std::fs::rename(&partial, out)
+    })();
+    if let Err(e) = made {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(bad(format!("{}: {e}", out.display())));
+    }
+    println!("{}", out.join("ca.pem").display());
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -52,6 +107,9 @@ fn main() -> ExitCode {
         builder.init();
     }
     let result = (|| -> Result<(), outpost_server::ServerError> {
+        if let Command::DeviceCa(DeviceCaCommand::Init { trust_domain, out, validity }) = &cli.command {
+            return device_ca_init(trust_domain, out, validity);
+        }
         let config = ServerConfig::load(&cli.config)?;
         let rt = tokio::runtime::Runtime::new().map_err(|e| outpost_server::ServerError::io("start runtime", "", e))?;
         match cli.command {
@@ -61,6 +119,7 @@ fn main() -> ExitCode {
                 println!("{}", store.create_token(&name, role).await?);
                 Ok(())
             }),
+            Command::DeviceCa(_) => Ok(()),
         }
     })();
     match result {

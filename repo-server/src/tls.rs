@@ -20,6 +20,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::error::ServerError;
+use crate::fleet::deviceca::{ClientIdentity, DeviceCa};
 
 /// `[tls]` of server.toml: PEM files, paths already resolved against the config file.
 #[derive(Debug, Clone)]
@@ -72,12 +73,29 @@ impl ServerCert {
         Ok(summary)
     }
 
-    fn server_config(self: &Arc<Self>) -> Result<rustls::ServerConfig, ServerError> {
-        let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+    /// The listener's TLS configuration. With a device CA, clients may present a
+    /// certificate it issued (verified in the handshake: chain and expiry); clients
+    /// without one are let in too (operators with tokens, enrolling devices), and the
+    /// device routes decide what each caller may do.
+    fn server_config(self: &Arc<Self>, device_ca: Option<&DeviceCa>) -> Result<rustls::ServerConfig, ServerError> {
+        let builder = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| tls_error(format!("protocol versions: {e}")))?
-            .with_no_client_auth()
-            .with_cert_resolver(self.clone());
+            .map_err(|e| tls_error(format!("protocol versions: {e}")))?;
+        let builder = match device_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for root in ca.roots() {
+                    roots.add(root.clone()).map_err(|e| tls_error(format!("device CA certificate: {e}")))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| tls_error(format!("device CA client verifier: {e}")))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
     }
@@ -170,19 +188,28 @@ pub fn reload_on_sighup(cert: Arc<ServerCert>) -> Result<tokio::task::JoinHandle
     }))
 }
 
+/// A connection's peer: its address, and the device CA certificate it presented
+/// (verified in the handshake; on a resumed session, the one of the session it
+/// resumed, which the device routes check again for expiry and revocation).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub client: Option<Arc<ClientIdentity>>,
+}
+
 /// A listener whose connections have finished their TLS handshake (axum serves it).
 pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, Peer)>,
     local: SocketAddr,
     accepting: tokio::task::JoinHandle<()>,
 }
 
 impl TlsListener {
-    pub fn new(listener: TcpListener, cert: &Arc<ServerCert>) -> Result<Self, ServerError> {
+    pub fn new(listener: TcpListener, cert: &Arc<ServerCert>, device_ca: Option<Arc<DeviceCa>>) -> Result<Self, ServerError> {
         let local = listener.local_addr().map_err(|e| ServerError::io("local address of", "the listener", e))?;
-        let acceptor = TlsAcceptor::from(Arc::new(cert.server_config()?));
+        let acceptor = TlsAcceptor::from(Arc::new(cert.server_config(device_ca.as_deref())?));
         let (tx, ready) = mpsc::channel(64);
-        let accepting = tokio::spawn(accept_loop(listener, acceptor, tx));
+        let accepting = tokio::spawn(accept_loop(listener, acceptor, tx, device_ca));
         Ok(TlsListener { ready, local, accepting })
     }
 }
@@ -193,7 +220,7 @@ impl Drop for TlsListener {
     }
 }
 
-async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>) {
+async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, ready: mpsc::Sender<(TlsStream<TcpStream>, Peer)>, device_ca: Option<Arc<DeviceCa>>) {
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
         let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
@@ -208,12 +235,16 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, ready: mpsc::
                 continue;
             }
         };
-        let (acceptor, ready) = (acceptor.clone(), ready.clone());
+        let (acceptor, ready, device_ca) = (acceptor.clone(), ready.clone(), device_ca.clone());
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
-                    let _ = ready.send((tls, peer)).await;
+                    let client = match (&device_ca, tls.get_ref().1.peer_certificates().and_then(|c| c.first())) {
+                        (Some(ca), Some(leaf)) => ca.identify(leaf).map(Arc::new),
+                        _ => None,
+                    };
+                    let _ = ready.send((tls, Peer { addr: peer, client })).await;
                 }
                 Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::info!(%peer, timeout = ?HANDSHAKE_TIMEOUT, "TLS handshake not finished in time; connection closed"),
@@ -229,7 +260,7 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 
 impl axum::serve::Listener for TlsListener {
     type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
+    type Addr = Peer;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.ready.recv().await {
@@ -240,6 +271,12 @@ impl axum::serve::Listener for TlsListener {
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
+        Ok(Peer { addr: self.local, client: None })
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        stream.remote_addr().clone()
     }
 }

@@ -250,6 +250,7 @@ async fn http_serves_repository_with_ranges_cache_headers_and_auth() {
         ek_cas: Default::default(),
         accept_uncertified_eks: false,
         measurement: Default::default(),
+        device_ca: None,
         director: std::sync::Arc::new(
             outpost_server::director::Director::open(&director_key(&f.config.director_key), std::time::Duration::from_secs(3600)).unwrap(),
         ),

@@ -114,6 +114,7 @@ async fn attested_checkin(http: &reqwest::Client, nonce_server: &str, report_ser
         reports: d.pending.clone(),
         incidents: vec![],
         policy: None,
+        tls_key: None,
         at: chrono::Utc::now().to_rfc3339(),
     };
     let report = serde_json::to_value(&report).map_err(encode_err)?;

@@ -52,7 +52,7 @@ fn main() {
     let mut verdicts = std::collections::BTreeMap::<String, usize>::new();
     for _ in 0..n {
         let t0 = Instant::now();
-        let v = rt.block_on(attest::checkin(&config, &http, &state)).expect("check-in");
+        let v = rt.block_on(attest::checkin(&config, &http, &state, None)).expect("check-in");
         lat.push(t0.elapsed().as_secs_f64() * 1000.0);
         *verdicts.entry(v.verdict.to_string()).or_default() += 1;
     }
@@ -70,7 +70,7 @@ fn main() {
         let n = BATCH.min(k - prepared.len());
         let c0 = cpu_seconds(pid);
         let t = Instant::now();
-        let batch: Vec<_> = (0..n).map(|_| rt.block_on(attest::prepare_checkin(&config, &http, &state)).expect("prepare check-in")).collect();
+        let batch: Vec<_> = (0..n).map(|_| rt.block_on(attest::prepare_checkin(&config, &http, &state, None)).expect("prepare check-in")).collect();
         prep_s += t.elapsed().as_secs_f64();
         // While preparing, the server only issued nonces (the quotes come from swtpm).
         nonce_cpu += cpu_seconds(pid) - c0;

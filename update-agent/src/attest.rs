@@ -16,7 +16,10 @@ use outpost_protocol::report::InstallReport;
 use outpost_protocol::slot::Slot;
 use serde::{Deserialize, Serialize};
 
+use std::sync::Arc;
+
 use crate::config::AgentConfig;
+use crate::devicecert::DeviceIdentity;
 use crate::error::{AgentError, Result};
 use crate::tpm::{AkBlob, Tpm};
 
@@ -115,7 +118,7 @@ pub async fn enroll(config: &AgentConfig, token: &str) -> Result<Enrolled> {
     .await
     .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
     // One client for the enrollment calls and the director root fetched after them.
-    let fetcher = crate::fetch::Fetcher::new(config.http_limits(), config.http_ca_file.as_deref())?;
+    let fetcher = config.device_fetcher()?;
     let http = fetcher.client();
     let url = format!("{}/api/v1/enroll", config.server_url);
     let req = EnrollRequest {
@@ -281,8 +284,8 @@ pub struct DeviceState {
 
 /// One attested check-in: a fresh nonce from the server, a quote over the measurement
 /// PCR bound to the whole report, and the server's verdict.
-pub async fn checkin(config: &AgentConfig, http: &reqwest::Client, state: &DeviceState) -> Result<CheckinVerdict> {
-    let (url, body) = prepare_checkin(config, http, state).await?;
+pub async fn checkin(config: &AgentConfig, http: &reqwest::Client, state: &DeviceState, identity: Option<&Arc<DeviceIdentity>>) -> Result<CheckinVerdict> {
+    let (url, body) = prepare_checkin(config, http, state, identity).await?;
     send_checkin(config, http, &url, &body).await
 }
 
@@ -294,8 +297,9 @@ pub async fn send_checkin(config: &AgentConfig, http: &reqwest::Client, url: &st
 }
 
 /// The first half of a check-in: a nonce from the server and the TPM's quote over the
-/// report. Returns the check-in URL and body.
-pub async fn prepare_checkin(config: &AgentConfig, http: &reqwest::Client, state: &DeviceState) -> Result<(String, Checkin)> {
+/// report, with a request for a client certificate when `tls_identity` wants one.
+/// Returns the check-in URL and body.
+pub async fn prepare_checkin(config: &AgentConfig, http: &reqwest::Client, state: &DeviceState, tls_identity: Option<&Arc<DeviceIdentity>>) -> Result<(String, Checkin)> {
     let identity = Identity::load(config)?.ok_or_else(|| AgentError::NotEnrolled { hint: ": run `outpost-agent enroll --token TOKEN` first" })?;
     let conf = config.tpm.as_ref().ok_or_else(|| AgentError::MissingSection { section: "tpm", hint: " with a tcti" })?;
     let tpm = Tpm::new(&conf.tcti)?;
@@ -315,6 +319,17 @@ pub async fn prepare_checkin(config: &AgentConfig, http: &reqwest::Client, state
         .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
     let req = attest::NonceRequest { request: ask, attest: hex::encode(&q.attest), signature: hex::encode(&q.signature) };
     let grant: NonceGrant = api("get check-in nonce", http.post(&url).timeout(config.http_timeout).json(&req).send().await.map_err(send_err(&url))?).await?;
+    let tls_key = match tls_identity.filter(|i| i.wants_certificate(chrono::Utc::now().timestamp())) {
+        Some(tls_identity) => {
+            let (i, ak, id, nonce) = (tls_identity.clone(), identity.ak()?, identity.device_id.clone(), grant.nonce.clone());
+            Some(
+                tokio::task::spawn_blocking(move || i.proof(&ak, &id, &nonce))
+                    .await
+                    .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??,
+            )
+        }
+        None => None,
+    };
     let (log, boot_log) = match &conf.boot_event_log {
         Some(path) => (EventLog::default(), Some(read_boot_log(path)?)),
         None => (load_log(config)?, None),
@@ -333,6 +348,7 @@ pub async fn prepare_checkin(config: &AgentConfig, http: &reqwest::Client, state
         reports: state.reports.clone(),
         incidents: state.incidents.clone(),
         policy: crate::policy::read_status(config),
+        tls_key,
         at: chrono::Utc::now().to_rfc3339(),
     };
     let report = serde_json::to_value(&report).map_err(|e| AgentError::Serialize { what: "report".into(), reason: e.to_string() })?;

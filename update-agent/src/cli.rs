@@ -8,7 +8,6 @@ use crate::agent::{Agent, Output};
 use crate::mode::{Format, Passes};
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
-use crate::fetch::Fetcher;
 use crate::install::PassResult;
 use crate::tuf_client::TufClientArgs;
 
@@ -183,7 +182,7 @@ async fn enroll(config: &AgentConfig, token: &str, format: Format) -> Result<()>
 }
 
 async fn checkin(config: &AgentConfig, format: Format) -> Result<()> {
-    let fetcher = Fetcher::new(config.http_limits(), config.http_ca_file.as_deref())?;
+    let fetcher = config.device_fetcher()?;
     let mut installer = crate::install::Installer::open(config, fetcher.clone())?;
     // The queued incidents go with it; the pstore records are the daemon's to read.
     let mut incidents = crate::incidents::Incidents::open(installer.config())?;

@@ -167,6 +167,15 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// The device's HTTP client: this configuration's limits and CAs, and its TLS
+    /// client identity (TPM-resident key and certificate) when it has a TPM.
+    pub fn device_fetcher(&self) -> Result<crate::fetch::Fetcher> {
+        let identity = match &self.tpm {
+            Some(tpm) => Some(crate::devicecert::DeviceIdentity::load(&tpm.tcti, &self.state_dir)?),
+            None => None,
+        };
+        crate::fetch::Fetcher::with_identity(self.http_limits(), self.http_ca_file.as_deref(), identity)
+    }
     pub fn load(path: &Path) -> Result<Self> {
         let err = |reason: String| AgentError::Config { path: path.to_owned(), reason };
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;

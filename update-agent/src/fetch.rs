@@ -65,6 +65,8 @@ impl HttpLimits {
 pub struct Fetcher {
     client: reqwest::Client,
     limits: HttpLimits,
+    /// The device's TLS client identity, which check-ins renew.
+    identity: Option<std::sync::Arc<crate::devicecert::DeviceIdentity>>,
 }
 
 /// An answer being received under the [`HttpLimits`]: [`Body::chunk`] fails with
@@ -113,13 +115,22 @@ impl Fetcher {
     /// `ca_file`: a PEM file of the only CAs the server's TLS certificate may chain to;
     /// without one, the system's trust store (see [`crate::tls`]).
     pub fn new(limits: HttpLimits, ca_file: Option<&Path>) -> Result<Self> {
-        let builder = || {
-            reqwest::Client::builder()
-                .connect_timeout(limits.stall)
-                .user_agent(concat!("outpost-agent/", env!("CARGO_PKG_VERSION")))
-                .no_gzip()
-        };
-        Ok(Fetcher { client: crate::tls::client(builder, ca_file)?, limits })
+        Self::with_identity(limits, ca_file, None)
+    }
+
+    /// A client that presents `identity`'s certificate (see
+    /// [`crate::config::AgentConfig::device_fetcher`]).
+    pub(crate) fn with_identity(limits: HttpLimits, ca_file: Option<&Path>, identity: Option<std::sync::Arc<crate::devicecert::DeviceIdentity>>) -> Result<Self> {
+        let builder = reqwest::Client::builder()
+            .connect_timeout(limits.stall)
+            .user_agent(concat!("outpost-agent/", env!("CARGO_PKG_VERSION")))
+            .no_gzip();
+        Ok(Fetcher { client: crate::tls::client(builder, ca_file, identity.clone())?, limits, identity })
+    }
+
+    /// The device's TLS client identity (None without a TPM).
+    pub fn identity(&self) -> Option<&std::sync::Arc<crate::devicecert::DeviceIdentity>> {
+        self.identity.as_ref()
     }
 
     /// The one HTTP client of the agent (its connection pool), for the API calls that

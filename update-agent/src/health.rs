@@ -92,7 +92,7 @@ pub async fn run_all(checks: &[HealthCheck], facts: &BootFacts, deadline: Durati
     // shared client is built with; and they run in the trial boot, before anything
     // talks to the server.
     // The system's trust store (on a device without one, plain-HTTP endpoints only).
-    let http = crate::tls::client(reqwest::Client::builder, None)
+    let http = crate::tls::client(reqwest::Client::builder(), None, None)
         .map_err(|e| AgentError::Health { check: "http client".into(), reason: e.to_string() })?;
     let all = async {
         for check in checks {

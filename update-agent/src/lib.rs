@@ -9,6 +9,7 @@ pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod danger;
+pub mod devicecert;
 mod director;
 mod error;
 mod fetch;

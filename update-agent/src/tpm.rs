@@ -13,10 +13,15 @@
 use std::sync::Mutex;
 
 use tss_esapi::abstraction::ek::{create_ek_object, retrieve_ek_pubcert};
-use tss_esapi::abstraction::{ak, AsymmetricAlgorithmSelection};
-use tss_esapi::attributes::SessionAttributesBuilder;
-use tss_esapi::constants::SessionType;
-use tss_esapi::handles::{AuthHandle, KeyHandle, PcrHandle, SessionHandle};
+use tss_esapi::abstraction::{ak, AsymmetricAlgorithmSelection, KeyCustomization};
+use tss_esapi::attributes::{ObjectAttributesBuilder, SessionAttributesBuilder};
+use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
+use tss_esapi::constants::{CommandCode, SessionType};
+use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::session_handles::AuthSession;
+use tss_esapi::structures::{HashcheckTicket, Signature, SymmetricDefinitionObject};
+use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
+use tss_esapi::handles::{AuthHandle, KeyHandle, ObjectHandle, PcrHandle, SessionHandle};
 use tss_esapi::interface_types::algorithm::{AsymmetricAlgorithm, HashingAlgorithm, SignatureSchemeAlgorithm};
 use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::session_handles::PolicySession;
@@ -185,6 +190,131 @@ impl Tpm {
                     signature: signature.marshall().map_err(tpm_err("marshal signature"))?,
                 })
             })();
+            let _ = ctx.flush_context(ek.into());
+            result
+        })
+    }
+
+    /// Creates the device's TLS client key under the EK: an ECDSA P-256 signing key
+    /// made inside the TPM (`sensitiveDataOrigin`) that can never leave it (`fixedTPM`,
+    /// `fixedParent`), not restricted, so it signs digests the TPM did not make
+    /// (handshakes). Its private area exists only wrapped by the EK.
+    pub fn create_tls_key(&self) -> Result<AkBlob> {
+        /// The AK's template with `restricted` cleared.
+        struct Unrestricted;
+        impl KeyCustomization for Unrestricted {
+            fn attributes(&self, builder: ObjectAttributesBuilder) -> ObjectAttributesBuilder {
+                builder.with_restricted(false)
+            }
+        }
+        self.with(|ctx| {
+            let ek = Self::ek(ctx)?;
+            let created = ak::create_ak_2(
+                ctx,
+                ek,
+                HashingAlgorithm::Sha256,
+                AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+                SignatureSchemeAlgorithm::EcDsa,
+                None,
+                Unrestricted,
+            );
+            let _ = ctx.flush_context(ek.into());
+            let created = created.map_err(tpm_err("create TLS client key"))?;
+            Ok(AkBlob {
+                public: created.out_public.marshall().map_err(tpm_err("marshal TLS key public"))?,
+                private: created.out_private.value().to_vec(),
+            })
+        })
+    }
+
+    /// TPM2_Certify: the AK signs that `key` is loaded in this TPM, with `qualifying`
+    /// as extra data. Returns the marshalled `TPMS_ATTEST` and `TPMT_SIGNATURE`.
+    pub fn certify(&self, ak_blob: &AkBlob, key: &AkBlob, qualifying: &[u8]) -> Result<QuoteBytes> {
+        self.with(|ctx| {
+            let ek = Self::ek(ctx)?;
+            let result = (|| {
+                let ak = Self::load_ak(ctx, ek, ak_blob)?;
+                let out = Self::load_ak(ctx, ek, key).and_then(|k| {
+                    let data = Data::try_from(qualifying.to_vec()).map_err(tpm_err("qualifying data"));
+                    let r = data.and_then(|data| {
+                        ctx.execute_with_sessions((Some(AuthSession::Password), Some(AuthSession::Password), None), |c| {
+                            c.certify(k.into(), ak, data, SignatureScheme::Null)
+                        })
+                        .map_err(tpm_err("certify TLS key"))
+                    });
+                    let _ = ctx.flush_context(k.into());
+                    r
+                });
+                let _ = ctx.flush_context(ak.into());
+                let (attest, signature) = out?;
+                Ok(QuoteBytes {
+                    attest: attest.marshall().map_err(tpm_err("marshal certification"))?,
+                    signature: signature.marshall().map_err(tpm_err("marshal signature"))?,
+                })
+            })();
+            let _ = ctx.flush_context(ek.into());
+            result
+        })
+    }
+
+    /// TPM2_Sign of a SHA-256 `digest` with the TLS key: the ECDSA signature's r and s,
+    /// each 32 bytes.
+    pub fn sign_digest(&self, key: &AkBlob, digest: &[u8; 32]) -> Result<([u8; 32], [u8; 32])> {
+        self.with(|ctx| {
+            let ek = Self::ek(ctx)?;
+            let result = Self::load_ak(ctx, ek, key).and_then(|k| {
+                let r = (|| {
+                    let ticket = TPMT_TK_HASHCHECK { tag: TPM2_ST_HASHCHECK, hierarchy: TPM2_RH_NULL, digest: Default::default() };
+                    let validation = HashcheckTicket::try_from(ticket).map_err(tpm_err("null hash-check ticket"))?;
+                    let digest = Digest::try_from(digest.to_vec()).map_err(tpm_err("digest"))?;
+                    ctx.execute_with_session(Some(AuthSession::Password), |c| c.sign(k, digest, SignatureScheme::Null, validation))
+                        .map_err(tpm_err("sign with TLS key"))
+                })();
+                let _ = ctx.flush_context(k.into());
+                r
+            });
+            let _ = ctx.flush_context(ek.into());
+            match result? {
+                Signature::EcDsa(e) => {
+                    let pad = |v: &[u8]| -> Result<[u8; 32]> {
+                        let mut out = [0u8; 32];
+                        if v.len() > 32 {
+                            return Err(AgentError::Tpm { op: "sign with TLS key", reason: format!("a {}-byte ECDSA component", v.len()) });
+                        }
+                        out[32 - v.len()..].copy_from_slice(v);
+                        Ok(out)
+                    };
+                    Ok((pad(e.signature_r().value())?, pad(e.signature_s().value())?))
+                }
+                other => Err(AgentError::Tpm { op: "sign with TLS key", reason: format!("the TPM made a {:?} signature, not ECDSA", other.algorithm()) }),
+            }
+        })
+    }
+
+    /// TPM2_Duplicate of `key` (unwrapped, to no new parent), under a policy session
+    /// that allows duplication: what exporting the key would take. The TPM refuses a
+    /// key with `fixedTPM` and `fixedParent`; `Err` carries what it said.
+    pub fn try_export(&self, key: &AkBlob) -> Result<()> {
+        self.with(|ctx| {
+            let ek = Self::ek(ctx)?;
+            let result = Self::load_ak(ctx, ek, key).and_then(|k| {
+                let r = (|| {
+                    let policy = ctx
+                        .start_auth_session(None, None, None, SessionType::Policy, SymmetricDefinition::AES_128_CFB, HashingAlgorithm::Sha256)
+                        .map_err(tpm_err("start policy session"))?
+                        .ok_or_else(|| AgentError::Tpm { op: "start policy session", reason: "no session returned".into() })?;
+                    let session = PolicySession::try_from(policy).map_err(tpm_err("policy session"));
+                    let out = session.and_then(|s| {
+                        ctx.policy_command_code(s, CommandCode::Duplicate).map_err(tpm_err("policy command code"))?;
+                        ctx.execute_with_session(Some(policy), |c| c.duplicate(k.into(), ObjectHandle::Null, None, SymmetricDefinitionObject::Null))
+                            .map_err(tpm_err("duplicate TLS key"))
+                    });
+                    let _ = ctx.flush_context(SessionHandle::from(policy).into());
+                    out.map(|_| ())
+                })();
+                let _ = ctx.flush_context(k.into());
+                r
+            });
             let _ = ctx.flush_context(ek.into());
             result
         })

@@ -7,7 +7,6 @@ use serde::Serialize;
 
 use crate::config::AgentConfig;
 use crate::error::{AgentError, Result};
-use crate::fetch::Fetcher;
 use crate::install::select::{choose, Pick};
 use crate::updater::Updater;
 
@@ -31,7 +30,7 @@ pub struct UpdateReport {
 pub async fn run(config: &AgentConfig) -> Result<UpdateReport> {
     config.prepare_state()?;
     let (metadata_dir, download_dir) = (config.metadata_dir(), config.download_dir());
-    let fetcher = Fetcher::new(config.http_limits(), config.http_ca_file.as_deref())?;
+    let fetcher = config.device_fetcher()?;
     let mut updater = Updater::new(&metadata_dir, &format!("{}/metadata/", config.server_url), fetcher, chrono::Utc::now())?;
     updater.refresh().await?;
     let class = config.hardware_class.as_str();

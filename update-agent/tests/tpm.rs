@@ -37,6 +37,16 @@ fn free_port_pair() -> u16 {
     panic!("no two consecutive free ports on 127.0.0.1");
 }
 
+/// One test at a time: libtss2's TCTI sockets are not close-on-exec, so an swtpm
+/// started by one test while another holds a TPM connection inherits that socket, and
+/// the other test's swtpm, which serves one connection at a time, then waits on it
+/// for good (seen: a flush that never returns).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn swtpm() -> Swtpm {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port_pair();
@@ -64,6 +74,7 @@ fn tpm(s: &Swtpm) -> Tpm {
 
 #[test]
 fn credential_opens_only_in_the_tpm_holding_both_keys() {
+    let _serial = one_at_a_time();
     let (s1, s2) = (swtpm(), swtpm());
     let (t1, t2) = (tpm(&s1), tpm(&s2));
     let (ek1, _) = t1.endorsement().expect("EK 1");
@@ -94,6 +105,7 @@ fn credential_opens_only_in_the_tpm_holding_both_keys() {
 
 #[test]
 fn quotes_verify_under_their_own_ak_and_replay_the_measured_boot() {
+    let _serial = one_at_a_time();
     let (s1, s2) = (swtpm(), swtpm());
     let (t1, t2) = (tpm(&s1), tpm(&s2));
     let ak1 = t1.create_ak().expect("AK 1");
@@ -135,4 +147,55 @@ fn quotes_verify_under_their_own_ak_and_replay_the_measured_boot() {
     let last = bad.len() - 1;
     bad[last] ^= 1;
     assert!(Quote::verify(&ak1p, &bad, &q2.signature).is_err());
+}
+
+/// The TLS client key: made in the TPM, certified by the AK of the same TPM for one
+/// device and one check-in, signs digests that verify with its public key, and the
+/// TPM refuses to export it.
+#[test]
+fn the_tls_key_is_certified_by_its_own_tpms_ak_signs_and_cannot_leave() {
+    let _serial = one_at_a_time();
+    use outpost_protocol::attest::tlskey::{certify_qualifying_data, verify_tls_key, TlsKeyProof};
+    let (s1, s2) = (swtpm(), swtpm());
+    let (t1, t2) = (tpm(&s1), tpm(&s2));
+    let ak1 = t1.create_ak().expect("AK 1");
+    let ak2 = t2.create_ak().expect("AK 2");
+    let ak1p = TpmPublic::parse(&ak1.public, "attestation key").expect("parse AK 1");
+    let ak2p = TpmPublic::parse(&ak2.public, "attestation key").expect("parse AK 2");
+    let key = t1.create_tls_key().expect("TLS key");
+    let keyp = TpmPublic::parse(&key.public, "TLS client key").expect("parse TLS key");
+    keyp.check_tls_client_key().expect("a key Outpost certifies");
+
+    let q = t1.certify(&ak1, &key, &certify_qualifying_data("dev-1", "n1")).expect("certify");
+    let proof = TlsKeyProof { public: hex::encode(&key.public), attest: hex::encode(&q.attest), signature: hex::encode(&q.signature) };
+    let resident = verify_tls_key(&ak1p, "dev-1", "n1", &proof).expect("the server accepts it");
+    // Another device's AK, another device id, another check-in's nonce: refused.
+    assert!(verify_tls_key(&ak2p, "dev-1", "n1", &proof).unwrap_err().to_string().contains("does not verify"));
+    assert!(verify_tls_key(&ak1p, "dev-2", "n1", &proof).unwrap_err().to_string().contains("qualifying data"));
+    assert!(verify_tls_key(&ak1p, "dev-1", "n2", &proof).unwrap_err().to_string().contains("qualifying data"));
+    // A certification of one key sent with another key's public area: refused.
+    let other = t1.create_tls_key().expect("a second key");
+    let swapped = TlsKeyProof { public: hex::encode(&other.public), ..proof.clone() };
+    assert!(verify_tls_key(&ak1p, "dev-1", "n1", &swapped).unwrap_err().to_string().contains("another object"));
+    // The key cannot be certified by (loaded into) another TPM: its private area is
+    // wrapped by TPM 1's EK.
+    assert!(t2.certify(&ak2, &key, &certify_qualifying_data("dev-1", "n1")).is_err());
+    // The AK itself is restricted: it is no TLS key.
+    assert!(ak1p.check_tls_client_key().unwrap_err().to_string().contains("restricted"));
+
+    // Signatures of the key verify with the certified public key.
+    let digest: [u8; 32] = Sha256::digest(b"a TLS 1.3 CertificateVerify").into();
+    let (r, s) = t1.sign_digest(&key, &digest).expect("sign");
+    let mut sig = [0u8; 64];
+    sig[..32].copy_from_slice(&r);
+    sig[32..].copy_from_slice(&s);
+    let point = resident.public.ecc_point().expect("point");
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, &point)
+        .verify(b"a TLS 1.3 CertificateVerify", &sig)
+        .expect("the TPM's signature verifies");
+
+    // Exporting it (TPM2_Duplicate) is refused by the TPM.
+    let err = t1.try_export(&key).expect_err("the TPM must refuse to duplicate a fixedTPM/fixedParent key");
+    assert!(err.to_string().contains("duplicate TLS key"), "{err}");
+    eprintln!("TPM2_Duplicate of the TLS key: {err}");
 }

@@ -150,6 +150,22 @@ pub struct DeviceLabels {
     pub labels: BTreeMap<String, String>,
 }
 
+/// `POST /api/v1/devices/{id}/certificates/revoke`: revokes the device's client
+/// certificates and issues it none until `.../certificates/allow`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeCertificates {
+    pub reason: String,
+}
+
+/// The answer to a revocation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificatesRevoked {
+    pub device_id: String,
+    /// Unexpired certificates revoked now.
+    pub revoked: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,7 @@ pub mod policy;
 pub mod replay;
 #[cfg(test)]
 pub(crate) mod testlog;
+pub mod tlskey;
 pub mod tpm;
 
 use serde::{Deserialize, Serialize};
@@ -329,6 +330,11 @@ pub struct CheckinReport {
     /// The network policy in force, when the device enforces one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<crate::policy::PolicyStatus>,
+    /// A request for a client certificate: the device's TPM-resident TLS key and its
+    /// certification by the AK (sent when the device has no certificate or its
+    /// certificate is past half its lifetime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<tlskey::TlsKeyProof>,
     pub at: String,
 }
 
@@ -361,6 +367,13 @@ pub struct CheckinVerdict {
     /// they would be refused again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused_incidents: Vec<crate::incident::RefusedIncident>,
+    /// A client certificate for the device's TPM-resident TLS key: issued only to a
+    /// device that asked for one in this check-in, attested and is not quarantined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<tlskey::DeviceCertificate>,
+    /// Why the certificate the device asked for was not issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_refused: Option<String>,
 }
 
 /// The qualifying data a quote over `report` must carry.
@@ -471,6 +484,7 @@ mod tests {
             reports: vec![],
             incidents: vec![],
             policy: None,
+            tls_key: None,
             at: "t".into(),
         };
         // The device names PCR 16, the class trusts 23 only.

@@ -17,6 +17,7 @@ pub const ALG_CFB: u16 = 0x0043;
 pub const ECC_NIST_P256: u16 = 0x0003;
 const TPM_GENERATED_VALUE: u32 = 0xff54_4347;
 const TPM_ST_ATTEST_QUOTE: u16 = 0x8018;
+const TPM_ST_ATTEST_CERTIFY: u16 = 0x8017;
 
 /// `TPMA_OBJECT` bits.
 pub mod attr {
@@ -105,6 +106,8 @@ pub struct TpmPublic {
     pub bytes: Vec<u8>,
     pub name_alg: u16,
     pub attributes: u32,
+    /// The policy digest that authorizes the object (empty: none).
+    pub auth_policy: Vec<u8>,
     /// `symmetric` of a storage key: (algorithm, key bits, mode), or None for TPM_ALG_NULL.
     pub symmetric: Option<(u16, u16, u16)>,
     /// Signing scheme and its hash, or None for TPM_ALG_NULL.
@@ -119,7 +122,7 @@ impl TpmPublic {
         let kind = r.u16("type")?;
         let name_alg = r.u16("nameAlg")?;
         let attributes = r.u32("objectAttributes")?;
-        let _auth_policy = r.sized("authPolicy")?;
+        let auth_policy = r.sized("authPolicy")?.to_vec();
         let symmetric = match r.u16("parameters.symmetric.algorithm")? {
             ALG_NULL => None,
             alg => {
@@ -151,7 +154,7 @@ impl TpmPublic {
             other => return Err(bad(what, format!("key type 0x{other:04x} is neither RSA nor ECC"))),
         };
         r.end()?;
-        Ok(TpmPublic { bytes: bytes.to_vec(), name_alg, attributes, symmetric, scheme, key })
+        Ok(TpmPublic { bytes: bytes.to_vec(), name_alg, attributes, auth_policy, symmetric, scheme, key })
     }
 
     /// The TPM Name: nameAlg followed by the nameAlg digest of the marshalled public area.
@@ -159,6 +162,23 @@ impl TpmPublic {
         let mut n = ALG_SHA256.to_be_bytes().to_vec();
         n.extend_from_slice(&Sha256::digest(&self.bytes));
         n
+    }
+
+    /// A P-256 key with SHA-256 names that signs with ECDSA-SHA256; `rsa_hint` says
+    /// what Outpost uses instead of an RSA key.
+    fn require_p256_ecdsa(&self, what: &str, rsa_hint: &str) -> Result<()> {
+        if self.name_alg != ALG_SHA256 {
+            return Err(bad(what, format!("name algorithm 0x{:04x} is not SHA-256", self.name_alg)));
+        }
+        match &self.key {
+            PublicKey::Ecc { curve: ECC_NIST_P256, x, y } if x.len() <= 32 && y.len() <= 32 => {}
+            PublicKey::Ecc { curve, .. } => return Err(bad(what, format!("curve 0x{curve:04x} is not NIST P-256"))),
+            PublicKey::Rsa { .. } => return Err(bad(what, format!("is an RSA key; {rsa_hint}"))),
+        }
+        if self.scheme != Some((ALG_ECDSA, ALG_SHA256)) {
+            return Err(bad(what, format!("signing scheme {:?} is not ECDSA with SHA-256", self.scheme)));
+        }
+        Ok(())
     }
 
     fn require_attrs(&self, what: &str, set: &[(u32, &str)], clear: &[(u32, &str)]) -> Result<()> {
@@ -179,17 +199,7 @@ impl TpmPublic {
     /// that was created inside the TPM and can never leave it.
     pub fn check_attestation_key(&self) -> Result<()> {
         const W: &str = "attestation key";
-        if self.name_alg != ALG_SHA256 {
-            return Err(bad(W, format!("name algorithm 0x{:04x} is not SHA-256", self.name_alg)));
-        }
-        match &self.key {
-            PublicKey::Ecc { curve: ECC_NIST_P256, x, y } if x.len() <= 32 && y.len() <= 32 => {}
-            PublicKey::Ecc { curve, .. } => return Err(bad(W, format!("curve 0x{curve:04x} is not NIST P-256"))),
-            PublicKey::Rsa { .. } => return Err(bad(W, "is an RSA key; Outpost uses ECC P-256 attestation keys")),
-        }
-        if self.scheme != Some((ALG_ECDSA, ALG_SHA256)) {
-            return Err(bad(W, format!("signing scheme {:?} is not ECDSA with SHA-256", self.scheme)));
-        }
+        self.require_p256_ecdsa(W, "Outpost uses ECC P-256 attestation keys")?;
         self.require_attrs(
             W,
             &[
@@ -200,6 +210,33 @@ impl TpmPublic {
                 (attr::SIGN, "sign"),
             ],
             &[(attr::DECRYPT, "decrypt")],
+        )
+    }
+
+    /// A TLS client key Outpost issues certificates for: an ECDSA-SHA256 P-256 signing
+    /// key created inside the TPM that can never leave it (`fixedTPM`, `fixedParent`,
+    /// `sensitiveDataOrigin`), not restricted (it signs handshakes, which the TPM did
+    /// not hash itself) nor a decryption key, and usable with its auth value only: no
+    /// authorization policy and `adminWithPolicy` clear. (A public area loaded on its
+    /// own with TPM2_LoadExternal may claim any attributes, but has no auth value: with
+    /// no policy either, TPM2_Certify cannot be authorized for it, so a certification
+    /// of such a key comes only from a key the TPM made.)
+    pub fn check_tls_client_key(&self) -> Result<()> {
+        const W: &str = "TLS client key";
+        self.require_p256_ecdsa(W, "Outpost issues certificates for ECC P-256 keys")?;
+        if !self.auth_policy.is_empty() {
+            return Err(bad(W, format!("has an authorization policy ({} bytes); Outpost certifies keys without one", self.auth_policy.len())));
+        }
+        self.require_attrs(
+            W,
+            &[
+                (attr::FIXED_TPM, "fixedTPM"),
+                (attr::FIXED_PARENT, "fixedParent"),
+                (attr::SENSITIVE_DATA_ORIGIN, "sensitiveDataOrigin"),
+                (attr::USER_WITH_AUTH, "userWithAuth"),
+                (attr::SIGN, "sign"),
+            ],
+            &[(attr::RESTRICTED, "restricted"), (attr::DECRYPT, "decrypt"), (attr::ADMIN_WITH_POLICY, "adminWithPolicy")],
         )
     }
 
@@ -318,22 +355,7 @@ impl Quote {
     /// Checks `signature` (a marshalled `TPMT_SIGNATURE`) over `attest` with the
     /// attestation key, then parses the quote.
     pub fn verify(ak: &TpmPublic, attest: &[u8], signature: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(signature, "quote signature");
-        let alg = r.u16("sigAlg")?;
-        let hash = r.u16("hash")?;
-        if (alg, hash) != (ALG_ECDSA, ALG_SHA256) {
-            return Err(bad("quote signature", format!("scheme 0x{alg:04x}/0x{hash:04x} is not ECDSA with SHA-256")));
-        }
-        let sr = pad32(r.sized("signatureR")?).ok_or_else(|| bad("quote signature", "r is longer than 32 bytes"))?;
-        let ss = pad32(r.sized("signatureS")?).ok_or_else(|| bad("quote signature", "s is longer than 32 bytes"))?;
-        r.end()?;
-        let point = ak.ecc_point().ok_or_else(|| bad("attestation key", "is not an ECC key"))?;
-        let mut sig = [0u8; 64];
-        sig[..32].copy_from_slice(&sr);
-        sig[32..].copy_from_slice(&ss);
-        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, &point)
-            .verify(attest, &sig)
-            .map_err(|_| bad("quote signature", "does not verify with this device's attestation key"))?;
+        verify_signature(ak, "quote signature", attest, signature)?;
         Quote::parse(attest)
     }
 
@@ -343,6 +365,66 @@ impl Quote {
             [PcrBank { hash: ALG_SHA256, pcrs }] if !pcrs.is_empty() => Ok(pcrs),
             other => Err(bad("quote", format!("PCR selection {other:?} is not one SHA-256 bank"))),
         }
+    }
+}
+
+/// Checks `signature` (a marshalled ECDSA-SHA256 `TPMT_SIGNATURE`) over `attest` with
+/// the attestation key `ak`. `what` names the signature in errors.
+fn verify_signature(ak: &TpmPublic, what: &'static str, attest: &[u8], signature: &[u8]) -> Result<()> {
+    let mut r = Reader::new(signature, what);
+    let alg = r.u16("sigAlg")?;
+    let hash = r.u16("hash")?;
+    if (alg, hash) != (ALG_ECDSA, ALG_SHA256) {
+        return Err(bad(what, format!("scheme 0x{alg:04x}/0x{hash:04x} is not ECDSA with SHA-256")));
+    }
+    let sr = pad32(r.sized("signatureR")?).ok_or_else(|| bad(what, "r is longer than 32 bytes"))?;
+    let ss = pad32(r.sized("signatureS")?).ok_or_else(|| bad(what, "s is longer than 32 bytes"))?;
+    r.end()?;
+    let point = ak.ecc_point().ok_or_else(|| bad("attestation key", "is not an ECC key"))?;
+    let mut sig = [0u8; 64];
+    sig[..32].copy_from_slice(&sr);
+    sig[32..].copy_from_slice(&ss);
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, &point)
+        .verify(attest, &sig)
+        .map_err(|_| bad(what, "does not verify with this device's attestation key"))
+}
+
+/// What a verified TPM2_Certify says: the TPM that holds the attestation key had the
+/// object named `name` loaded when it signed (so an object with `fixedTPM` lives in
+/// that same TPM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Certification {
+    pub extra_data: Vec<u8>,
+    /// The certified object's Name (nameAlg, then the digest of its public area).
+    pub name: Vec<u8>,
+}
+
+impl Certification {
+    /// Parses a marshalled `TPMS_ATTEST` that must be a certification.
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
+        const W: &str = "key certification";
+        let mut r = Reader::new(bytes, W);
+        if r.u32("magic")? != TPM_GENERATED_VALUE {
+            return Err(bad(W, "magic is not TPM_GENERATED_VALUE: not produced by a TPM"));
+        }
+        let kind = r.u16("type")?;
+        if kind != TPM_ST_ATTEST_CERTIFY {
+            return Err(bad(W, format!("attestation type 0x{kind:04x} is not a certification (TPM2_Certify)")));
+        }
+        let _signer = r.sized("qualifiedSigner")?;
+        let extra_data = r.sized("extraData")?.to_vec();
+        r.take(17, "clockInfo")?;
+        r.u64("firmwareVersion")?;
+        let name = r.sized("attested.certify.name")?.to_vec();
+        let _qualified = r.sized("attested.certify.qualifiedName")?;
+        r.end()?;
+        Ok(Certification { extra_data, name })
+    }
+
+    /// Checks `signature` over `attest` with the attestation key, then parses it.
+    pub fn verify(ak: &TpmPublic, attest: &[u8], signature: &[u8]) -> Result<Self> {
+        verify_signature(ak, "key certification signature", attest, signature)?;
+        Certification::parse(attest)
     }
 }
 

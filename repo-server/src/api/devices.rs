@@ -7,10 +7,11 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use outpost_protocol::attest::{Checkin, CheckinVerdict, EnrollChallenge, EnrollProof, EnrollRequest, Enrolled, NonceGrant, NonceRequest};
-use outpost_protocol::api::devices::{DeviceDetail, DeviceLabels, DeviceList, LabelsRequest, ListedDevice};
+use outpost_protocol::api::devices::{CertificatesRevoked, DeviceDetail, DeviceLabels, DeviceList, LabelsRequest, ListedDevice, RevokeCertificates};
 use outpost_protocol::api::tokens::{EnrollmentToken, TokenRequest};
 
-use super::{ApiError, ApiJson, AppState, Auth};
+use super::{ApiError, ApiJson, AppState, Auth, ClientCert};
+use crate::fleet::access::{self, DeviceRoute};
 use crate::fleet::checkin::CheckinContext;
 use crate::fleet::enroll::{self, EnrollPolicy};
 use crate::storage::{ReportFilter, TokenRole};
@@ -25,6 +26,59 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/devices/{id}/labels", axum::routing::put(set_labels))
         .route("/api/v1/devices/{id}/nonce", post(nonce))
         .route("/api/v1/devices/{id}/checkin", post(checkin))
+        .route("/api/v1/devices/{id}/certificates/revoke", post(revoke_certificates))
+        .route("/api/v1/devices/{id}/certificates/allow", post(allow_certificates))
+        .route("/api/v1/device-ca/crl", get(crl))
+}
+
+fn device_ca(s: &AppState) -> Result<&crate::fleet::deviceca::DeviceCa, ApiError> {
+    s.device_ca.as_deref().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "no_device_ca", "this server has no device CA ([device_ca])"))
+}
+
+/// Revokes a device's client certificates and blocks new ones (operators): its access
+/// ends now, not at expiry.
+async fn revoke_certificates(
+    State(s): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<RevokeCertificates>,
+) -> Result<Json<CertificatesRevoked>, ApiError> {
+    auth.require(TokenRole::Operator)?;
+    device_ca(&s)?;
+    if body.reason.trim().is_empty() || body.reason.len() > 500 {
+        return Err(ApiError::unprocessable("invalid_reason", "reason: 1 to 500 characters"));
+    }
+    if s.store.device(&id).await?.is_none() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_device", format!("no device {id:?}")));
+    }
+    let revoked = s.store.revoke_certificates(&id, &auth.0.name, &body.reason, now()).await?;
+    let answer = CertificatesRevoked { device_id: id, revoked };
+    s.store.log(&auth.0.name, "device_certificates_revoked", &serde_json::json!({"device_id": answer.device_id, "revoked": revoked, "reason": body.reason})).await?;
+    Ok(Json(answer))
+}
+
+/// Lets a revoked device get certificates again (operators).
+async fn allow_certificates(State(s): State<AppState>, auth: Auth, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    auth.require(TokenRole::Operator)?;
+    device_ca(&s)?;
+    if !s.store.allow_certificates(&id).await? {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_revoked", format!("device {id:?} is not revoked")));
+    }
+    s.store.log(&auth.0.name, "device_certificates_allowed", &serde_json::json!({"device_id": id})).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The device CA's signed revocation list (DER): the unexpired certificates it
+/// revoked, valid for one certificate lifetime. Public: it is signed.
+async fn crl(State(s): State<AppState>) -> Result<([(axum::http::header::HeaderName, &'static str); 1], Vec<u8>), ApiError> {
+    let ca = device_ca(&s)?;
+    let at = chrono::Utc::now();
+    let revoked = s.store.revoked_certificates(at.timestamp()).await?;
+    let next = at + chrono::Duration::from_std(ca.settings.lifetime).unwrap_or(chrono::Duration::hours(1));
+    // The CRL number grows with time: a later list has a larger one.
+    let number = u64::try_from(at.timestamp_millis()).unwrap_or(0);
+    let der = ca.crl(&revoked, number, at, next)?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/pkix-crl")], der))
 }
 
 fn now() -> i64 {
@@ -97,11 +151,15 @@ async fn set_labels(
     Ok(Json(answer))
 }
 
-async fn nonce(State(s): State<AppState>, Path(id): Path<String>, ApiJson(req): ApiJson<NonceRequest>) -> Result<Json<NonceGrant>, ApiError> {
+async fn nonce(State(s): State<AppState>, caller: ClientCert, Path(id): Path<String>, ApiJson(req): ApiJson<NonceRequest>) -> Result<Json<NonceGrant>, ApiError> {
+    access::check(s.device_ca.as_deref(), &s.store, caller.0.as_deref(), &id, DeviceRoute::Nonce, now()).await?;
     Ok(Json(enroll::nonce(&s.store, &id, &req, s.nonce_lifetime, chrono::Utc::now()).await?))
 }
 
-async fn checkin(State(s): State<AppState>, Path(id): Path<String>, ApiJson(body): ApiJson<Checkin>) -> Result<Json<CheckinVerdict>, ApiError> {
-    let cx = CheckinContext { store: &s.store, repo: &s.repo, director: &s.director, measurement: &s.measurement };
-    Ok(Json(crate::fleet::checkin::checkin(&cx, &id, &body, chrono::Utc::now()).await?))
+async fn checkin(State(s): State<AppState>, caller: ClientCert, Path(id): Path<String>, ApiJson(body): ApiJson<Checkin>) -> Result<Json<CheckinVerdict>, ApiError> {
+    let route = DeviceRoute::Checkin { asks_for_certificate: body.report.get("tls_key").is_some_and(|k| !k.is_null()) };
+    access::check(s.device_ca.as_deref(), &s.store, caller.0.as_deref(), &id, route, now()).await?;
+    let bootstrap = caller.0.is_none() && s.device_ca.as_deref().is_some_and(|ca| ca.settings.require_client_certificate);
+    let cx = CheckinContext { store: &s.store, repo: &s.repo, director: &s.director, measurement: &s.measurement, device_ca: s.device_ca.as_deref() };
+    Ok(Json(crate::fleet::checkin::checkin(&cx, &id, &body, chrono::Utc::now(), bootstrap).await?))
 }

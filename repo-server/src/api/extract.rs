@@ -53,6 +53,19 @@ impl Auth {
     }
 }
 
+/// The device CA certificate the caller's TLS connection presented, if any (None on a
+/// plain listener, or in tests that drive the router without a socket).
+pub struct ClientCert(pub Option<std::sync::Arc<crate::fleet::deviceca::ClientIdentity>>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientCert {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let peer = parts.extensions.get::<axum::extract::ConnectInfo<crate::tls::Peer>>();
+        Ok(ClientCert(peer.and_then(|p| p.0.client.clone())))
+    }
+}
+
 /// JSON body extractor that answers malformed bodies in the API's error format.
 pub struct ApiJson<T>(pub T);
 

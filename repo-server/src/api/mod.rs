@@ -24,7 +24,7 @@ pub mod rollouts;
 pub mod sbom;
 
 pub use error::ApiError;
-pub use extract::{ApiJson, Auth};
+pub use extract::{ApiJson, Auth, ClientCert};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -41,6 +41,8 @@ pub struct AppState {
     pub measurement: Arc<std::collections::BTreeMap<String, outpost_protocol::attest::MeasurementPolicy>>,
     /// The director key and root.
     pub director: Arc<crate::director::Director>,
+    /// The device CA, when `[device_ca]` is configured.
+    pub device_ca: Option<Arc<crate::fleet::deviceca::DeviceCa>>,
 }
 
 impl FromRef<AppState> for Arc<Repository> {
@@ -61,7 +63,7 @@ pub fn app(state: AppState) -> Router {
         .merge(sbom::routes())
         .merge(rollouts::routes())
         .merge(dashboard::routes())
-        .merge(crate::http::routes())
+        .merge(crate::http::routes().route_layer(axum::middleware::from_fn_with_state(state.clone(), targets_access)))
         .with_state(state)
         .layer(axum::middleware::from_fn(run_to_the_end))
 }
@@ -79,6 +81,37 @@ async fn run_to_the_end(req: axum::extract::Request, next: axum::middleware::Nex
             ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request failed on the server").into_response()
         }
     }
+}
+
+/// The repository's target files for devices with a certificate, or callers with an
+/// API token, when the device CA says so (`targets_require_client_certificate`).
+async fn targets_access(
+    axum::extract::State(s): axum::extract::State<AppState>,
+    caller: ClientCert,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let Some(ca) = s.device_ca.as_deref().filter(|ca| ca.settings.targets_require_client_certificate) else {
+        return next.run(req).await;
+    };
+    // Metadata and the director's root (a target signed by the image repository)
+    // stay public: an enrolling device, without a certificate yet, refreshes them.
+    // Release files are what this closes.
+    let path = req.uri().path();
+    let director_root = path.strip_prefix("/targets/director/").is_some_and(|f| !f.contains('/') && f.ends_with(".root.json"));
+    if !path.starts_with("/targets/") || director_root {
+        return next.run(req).await;
+    }
+    let (mut parts, body) = req.into_parts();
+    let token = <Auth as axum::extract::FromRequestParts<AppState>>::from_request_parts(&mut parts, &s).await;
+    if token.is_err() {
+        let now = chrono::Utc::now().timestamp();
+        if let Err(refusal) = crate::fleet::access::check_target_access(ca, &s.store, caller.0.as_deref(), now).await {
+            return ApiError::from(refusal).into_response();
+        }
+    }
+    next.run(axum::extract::Request::from_parts(parts, body)).await
 }
 
 async fn healthz() -> Json<outpost_protocol::api::repository::Health> {

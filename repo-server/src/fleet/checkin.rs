@@ -28,6 +28,8 @@ pub struct CheckinContext<'a> {
     pub director: &'a Director,
     /// Measurement policy per hardware class ("*": every other class).
     pub measurement: &'a BTreeMap<String, MeasurementPolicy>,
+    /// The device CA, which certifies the TLS keys attested devices ask it to.
+    pub device_ca: Option<&'a super::deviceca::DeviceCa>,
 }
 
 /// The release a boot-chain measurement matched: what the device runs, as measured,
@@ -123,13 +125,15 @@ fn authentic(ak: &TpmPublic, id: &str, body: &Checkin) -> Result<(attest::Quote,
 
 /// One check-in of device `id` at `now`: authenticity, the verdict, the director's
 /// decision and the signed director targets.
-pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chrono::DateTime<chrono::Utc>) -> Result<CheckinVerdict, Refusal> {
+/// `bootstrap`: the caller presented no client certificate where the device CA
+/// requires one (see [`bootstrap`]).
+pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chrono::DateTime<chrono::Utc>, bootstrap: bool) -> Result<CheckinVerdict, Refusal> {
     let device = cx.store.device(id).await?.ok_or_else(|| Refusal::unknown_device(id))?;
     let ak = TpmPublic::parse(&device.ak_public, "attestation key").map_err(|e| ServerError::State(format!("stored AK of {id}: {e}")))?;
     let (quote, report, refused_incidents) = authentic(&ak, id, body)?;
+    if bootstrap { self::bootstrap(cx, &ak, id, &report).await?; }
     let class = device.hardware_class.as_str();
-    let expected = cx.repo.expected_measurements(class).await;
-    let releases = cx.repo.firmware_releases(class).await;
+    let (expected, releases) = (cx.repo.expected_measurements(class).await, cx.repo.firmware_releases(class).await);
     let policy = cx.measurement.get(class).or_else(|| cx.measurement.get("*"));
     let outcome = judge(&quote, &report, policy, &Signed { expected: &expected, releases: &releases }, class);
     let (judged, measured) = match outcome {
@@ -137,8 +141,7 @@ pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chr
         Ok(None) => (Judged::Attested { boot_events: None }, None),
         Err(reason) => (Judged::Failed { reason }, None),
     };
-    let verdict = judged.verdict();
-    let reason = judged.reason().map(str::to_owned);
+    let (verdict, reason) = (judged.verdict(), judged.reason().map(str::to_owned));
     // What the device runs: the release its boot chain measured, else what it reports
     // (which its own measurement vouched for, in a testbed).
     let (version, image_sha256) = match measured {
@@ -191,7 +194,10 @@ pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chr
         Some(r) => tracing::warn!(device = %id, reason = r, "attestation failed; device quarantined"),
         None => tracing::info!(device = %id, version = report.version.as_deref().unwrap_or(""), "attested check-in"),
     }
+    let (client_certificate, certificate_refused) = certificate(cx, &ak, id, &report, verdict, now).await?;
     Ok(CheckinVerdict {
+        client_certificate,
+        certificate_refused,
         device_id: id.to_owned(),
         verdict,
         reason,
@@ -200,4 +206,55 @@ pub async fn checkin(cx: &CheckinContext<'_>, id: &str, body: &Checkin, now: chr
         director_targets: Some(director_targets),
         refused_incidents,
     })
+}
+
+/// The client certificate a check-in asked for, or why it is not issued (neither when
+/// it asked for none): issued only to an attested device, for a key the device's TPM
+/// certified with its AK for this check-in.
+async fn certificate(
+    cx: &CheckinContext<'_>,
+    ak: &TpmPublic,
+    id: &str,
+    report: &CheckinReport,
+    verdict: Verdict,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(Option<outpost_protocol::attest::tlskey::DeviceCertificate>, Option<String>), ServerError> {
+    let refuse = |why: String| {
+        tracing::warn!(device = %id, reason = %why, "client certificate not issued");
+        Ok((None, Some(why)))
+    };
+    let Some(proof) = &report.tls_key else { return Ok((None, None)) };
+    let Some(ca) = cx.device_ca else { return refuse("this server issues no client certificates (no [device_ca])".into()) };
+    if verdict != Verdict::Attested {
+        return refuse("not issued: the device is quarantined (its attestation failed)".into());
+    }
+    if let Some(why) = cx.store.certificates_blocked(id).await? {
+        return refuse(format!("not issued: {why}"));
+    }
+    let key = match attest::tlskey::verify_tls_key(ak, id, &report.nonce, proof) {
+        Ok(k) => k,
+        Err(e) => return refuse(format!("not issued: {e}")),
+    };
+    let point = key.public.ecc_point().ok_or_else(|| ServerError::State("a checked TLS key without an ECC point".into()))?;
+    let issued = ca.issue(id, &point, now)?;
+    cx.store.record_certificate(&issued.answer.serial, id, &now.to_rfc3339(), issued.not_after).await?;
+    tracing::info!(device = %id, serial = %issued.answer.serial, not_after = %issued.answer.not_after, "client certificate issued");
+    Ok((Some(issued.answer), None))
+}
+
+/// A check-in without the client certificate the device CA requires is let in only to
+/// get one: before anything is recorded, its TLS key's certification must verify (so
+/// it is this device's TPM asking, for this check-in), and the device must not be one
+/// an operator revoked (whose access ends at once, check-ins included).
+async fn bootstrap(cx: &CheckinContext<'_>, ak: &TpmPublic, id: &str, report: &CheckinReport) -> Result<(), Refusal> {
+    let proof = report.tls_key.as_ref().ok_or_else(|| {
+        Refusal::unauthenticated("client_certificate_required", format!("device {id:?}: a check-in without a client certificate must ask for one"))
+    })?;
+    attest::tlskey::verify_tls_key(ak, id, &report.nonce, proof).map_err(|e| {
+        Refusal::unauthenticated("invalid_tls_key", format!("a check-in without a client certificate must carry its TLS key's certification: {e}"))
+    })?;
+    match cx.store.certificates_blocked(id).await? {
+        Some(why) => Err(Refusal::forbidden("certificate_revoked", why)),
+        None => Ok(()),
+    }
 }

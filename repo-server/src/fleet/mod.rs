@@ -2,7 +2,9 @@
 //! index and deny-list views ([`sbom`]). The domain layer between the API handlers and
 //! the store: handlers parse and answer, these decide, the store persists.
 
+pub mod access;
 pub mod checkin;
+pub mod deviceca;
 pub mod enroll;
 pub mod sbom;
 

@@ -17,6 +17,7 @@ use db::{Database, Mode, Postgres, Row, Sqlite, Tx, Value};
 
 pub mod assignments;
 pub mod audit;
+pub mod certificates;
 pub mod checkins;
 pub mod db;
 pub mod devices;

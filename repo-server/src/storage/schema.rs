@@ -174,7 +174,7 @@ pub(super) fn base_schema(dialect: Dialect) -> String {
 
 /// Schema changes to tables that already exist, numbered from 1 (SQLite keeps the
 /// number in `PRAGMA user_version`, PostgreSQL in `outpost_schema`).
-pub(super) const ALTERATIONS: [&str; 7] = [
+pub(super) const ALTERATIONS: [&str; 8] = [
     // 1: device labels (rollout selectors) and the per-device director version;
     // labels given to enrollment tokens.
     "ALTER TABLE devices ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
@@ -227,4 +227,23 @@ pub(super) const ALTERATIONS: [&str; 7] = [
          UNIQUE (device_id, record, dev, block_no, attested)
      );
      CREATE INDEX IF NOT EXISTS integrity_incidents_device ON integrity_incidents (device_id, id);",
+    // 8: client certificates the device CA issued (serial hex, lowercase), and their
+    // revocation; devices an operator revoked, which get no new certificate until
+    // allowed again. Servers before issued none.
+    "CREATE TABLE IF NOT EXISTS device_certificates (
+         serial TEXT PRIMARY KEY,
+         device_id TEXT NOT NULL,
+         issued_at TEXT NOT NULL,
+         not_after BIGINT NOT NULL,
+         revoked_at BIGINT,
+         revoked_reason TEXT
+     );
+     CREATE INDEX IF NOT EXISTS device_certificates_device ON device_certificates (device_id);
+     CREATE INDEX IF NOT EXISTS device_certificates_revoked ON device_certificates (revoked_at);
+     CREATE TABLE IF NOT EXISTS device_certificate_blocks (
+         device_id TEXT PRIMARY KEY,
+         blocked_at BIGINT NOT NULL,
+         blocked_by TEXT NOT NULL,
+         reason TEXT NOT NULL
+     );",
 ];

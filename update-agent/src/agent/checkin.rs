@@ -7,7 +7,7 @@ use outpost_protocol::incident::IntegrityIncident;
 
 use crate::attest::DeviceState;
 use crate::boot::Slot;
-use crate::error::Result;
+use crate::error::{AgentError, Result};
 use crate::config::BootBackend;
 use crate::fetch::Fetcher;
 use crate::incidents::{Context, Incidents};
@@ -66,7 +66,23 @@ pub async fn checkin(installer: &mut Installer, incidents: &mut Incidents, fetch
     incidents.name_device(&installer.config().device_id)?;
     let state = device_state(installer.journal(), installer.active_slot()?, incidents.batch());
     let config = installer.config().clone();
-    let verdict = crate::attest::checkin(&config, fetcher.client(), &state).await?;
+    let verdict = match crate::attest::checkin(&config, fetcher.client(), &state, fetcher.identity()).await {
+        Ok(v) => v,
+        Err(e) => {
+            // The server refuses the certificate this device presented (revoked, not
+            // this device's, expired by the server's clock): drop it, so the next
+            // check-in goes the TPM-proven way and asks for a new one.
+            if let (AgentError::Api { status: 401 | 403, message, .. }, Some(identity)) = (&e, fetcher.identity()) {
+                // (The server's certificate refusals name the certificate they refuse.)
+                if message.starts_with("the client certificate (serial") && identity.usable(chrono::Utc::now().timestamp()) {
+                    tracing::warn!(reason = %message, "the server refuses this device's client certificate; dropping it");
+                    identity.drop_certificate()?;
+                }
+            }
+            return Err(e);
+        }
+    };
+    renew(fetcher, &verdict);
     installer.reports_sent(state.reports.len())?;
     incidents.sent(state.incidents.len())?;
     for r in &verdict.refused_incidents {
@@ -82,6 +98,21 @@ pub async fn checkin(installer: &mut Installer, incidents: &mut Incidents, fetch
         installer.hand_director_targets(text.clone());
     }
     Ok(Some(verdict))
+}
+
+/// Puts the client certificate a check-in brought in force (later handshakes present
+/// it), or says why the server issued none.
+fn renew(fetcher: &Fetcher, verdict: &CheckinVerdict) {
+    let Some(identity) = fetcher.identity() else { return };
+    if let Some(cert) = &verdict.client_certificate {
+        match identity.install(cert) {
+            Ok(()) => tracing::info!(serial = %cert.serial, spiffe_id = %cert.spiffe_id, not_after = %cert.not_after, "client certificate renewed"),
+            Err(e) => tracing::error!(error = %e, "the server's client certificate is not usable"),
+        }
+    }
+    if let Some(why) = &verdict.certificate_refused {
+        tracing::warn!(reason = %why, "the server issued no client certificate");
+    }
 }
 
 #[cfg(test)]

@@ -69,7 +69,7 @@ impl Agent {
                 policy::serve_metrics(addr, p.metrics_limits, engine.clone()).await?;
             }
         }
-        let fetcher = Fetcher::new(config.http_limits(), config.http_ca_file.as_deref())?;
+        let fetcher = config.device_fetcher()?;
         let mut installer = Installer::open(&config, fetcher.clone())?;
         let output: std::sync::Arc<dyn Output> = std::sync::Arc::new(output);
         let announce = output.clone();
@@ -133,6 +133,15 @@ impl Agent {
 
     /// The concerns `due` now, in order, on one TUF refresh (see the module header).
     async fn round(&mut self, due: Due, passes: Passes) -> Result<()> {
+        // A device whose client certificate expired (offline past its lifetime) checks
+        // in first: the check-in renews it, and a server that serves target files to
+        // certificate holders only would refuse the policy bundle or release otherwise.
+        let now = chrono::Utc::now().timestamp();
+        let renew_first = due.checkin && self.installer.attesting() && self.fetcher.identity().is_some_and(|i| i.expired(now));
+        if renew_first {
+            self.installer.flush_reports().await;
+            self.checkin().await;
+        }
         // The first step that needs the metadata refreshes it; the others reuse it.
         let mut updater = Updater::for_agent(&self.config, self.fetcher.clone());
         if let (true, Some(engine)) = (due.policy, &self.policy) {
@@ -144,7 +153,9 @@ impl Agent {
                 let c = self.installer.config();
                 self.incidents.flush_unattested(self.fetcher.client(), &c.server_url, c.http_timeout).await;
             }
-            self.checkin().await;
+            if !renew_first {
+                self.checkin().await;
+            }
             self.install(updater, passes).await?;
             self.installer.flush_reports().await;
         }

@@ -140,7 +140,7 @@ pub async fn run_daemon(config: &AgentConfig, passes: Passes) -> Result<()> {
         serve_metrics(addr, p.metrics_limits, engine.clone()).await?;
     }
     let mut term = signal(SignalKind::terminate()).map_err(|e| AgentError::Policy(format!("SIGTERM handler: {e}")))?;
-    let fetcher = crate::fetch::Fetcher::new(config.http_limits(), config.http_ca_file.as_deref())?;
+    let fetcher = config.device_fetcher()?;
     let one_step = || async {
         let mut updater = Updater::for_agent(config, fetcher.clone());
         step(config, &engine, updater.as_mut().map_err(|e| &*e)).await
