@@ -79,3 +79,20 @@ def issue_server(ca: Ca, directory: Path, name: str = "server", serial: int | No
     key_file = directory / f"{name}.key"
     key_file.write_bytes(_pem_key(key))
     return TlsFiles(chain, key_file, ca.pem, serial)
+
+
+def issue_client(ca: Ca, directory: Path, name: str = "operator") -> tuple[Path, Path]:
+    """A client certificate (clientAuth) signed by `ca`: (certificate file, key file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca.key, hashes.SHA256()))
+    cert_file, key_file = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(_pem_key(key))
+    return cert_file, key_file

@@ -203,6 +203,10 @@ def test_enrollment_and_attested_checkins_through_an_update(fleet, tmp_path, ops
     # The operator CLI lists it.
     listing = ops.repo.cli("device", "list", "--server", ops.server.url, "--token", ops.token).stdout
     assert device_id in listing and "attested" in listing
+    # This server has no device CA and its nonces say so: the agent made no TLS key
+    # and asked for no client certificate (no TPM2_Certify spent on every check-in).
+    assert not (dev.state_dir / "tls-key.json").exists()
+    assert "client certificate not issued" not in fleet[1].log_text(), fleet[1].log_text()[-2000:]
 
 
 def test_enrollment_token_works_once_and_expires(fleet, tmp_path, ops, swtpm_factory):

@@ -339,6 +339,109 @@ def test_the_fleet_simulator_enrolls_and_checks_in_over_tls_with_its_ca_file(tmp
         server.stop()
 
 
+class MtlsProxy:
+    """A TLS-terminating proxy in front of a plain-HTTP server, as a load balancer that
+    requires client certificates: the handshake needs a certificate from `client_ca`;
+    the bytes then go to the server on loopback. Records the subjects it let in."""
+
+    def __init__(self, files, client_ca: Path, upstream_port: int) -> None:
+        import threading
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(files.chain), str(files.key))
+        self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.ctx.load_verify_locations(cafile=str(client_ca))
+        self.upstream = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.admitted: list[str] = []
+        self.refused: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(raw,), daemon=True).start()
+
+    def _one(self, raw: socket.socket) -> None:
+        import threading
+        raw.settimeout(10)
+        try:
+            tls = self.ctx.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            self.refused.append(str(e))
+            raw.close()
+            return
+        self.admitted.append(dict(x[0] for x in tls.getpeercert()["subject"])["commonName"])
+        up = socket.create_connection(("127.0.0.1", self.upstream), timeout=10)
+
+        def pump(a, b) -> None:
+            try:
+                while chunk := a.recv(65536):
+                    b.sendall(chunk)
+            except OSError:
+                pass
+            finally:
+                for sock in (a, b):
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+        threading.Thread(target=pump, args=(up, tls), daemon=True).start()
+        pump(tls, up)
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+def test_the_cli_presents_its_client_certificate_to_a_proxy_that_requires_one(tmp_path, outpost_repo, pki):
+    """Operator tooling behind a load balancer that terminates TLS and requires client
+    certificates: `outpost --client-certificate/--client-key` (or OUTPOST_CLIENT_*)
+    is let in; without one, with another CA's, or with files that are not a certificate
+    or key, the CLI stops and says what is wrong."""
+    from pki import issue_client
+    _, files = pki
+    server = OutpostServer(tmp_path, outpost_repo)  # plain HTTP on loopback behind the proxy
+    token = server.token()
+    server.start()
+    operators = make_ca(tmp_path / "operators", name="operators-ca")
+    cert, key = issue_client(operators, tmp_path / "operators", name="alice")
+    proxy = MtlsProxy(files, operators.pem, server.port)
+    try:
+        url = f"https://127.0.0.1:{proxy.port}"
+        push = ["repo", "push", "--repo", outpost_repo.dir, "--server", url, "--token", token, "--ca-file", files.ca]
+        # No client certificate: the proxy refuses the handshake; the CLI says so.
+        res = outpost_repo.cli(*push, check=False)
+        assert res.returncode != 0 and url in res.stderr, res.describe()
+        assert proxy.admitted == [] and proxy.refused, proxy.refused
+        # A certificate of another CA: refused too.
+        rogue = make_ca(tmp_path / "rogue", name="rogue-ca")
+        rogue_cert, rogue_key = issue_client(rogue, tmp_path / "rogue", name="mallory")
+        res = outpost_repo.cli(*push, "--client-certificate", rogue_cert, "--client-key", rogue_key, check=False)
+        assert res.returncode != 0 and proxy.admitted == [], res.describe()
+        # Half an identity, or files that are not what they claim, are named.
+        res = outpost_repo.cli(*push, "--client-certificate", cert, check=False)
+        assert res.returncode != 0 and "--client-key" in res.stderr, res.describe()
+        res = outpost_repo.cli(*push, "--client-certificate", cert, "--client-key", cert, check=False)
+        assert res.returncode != 0 and "--client-key" in res.stderr and str(cert) in res.stderr and "private key" in res.stderr, res.describe()
+        res = outpost_repo.cli(*push, "--client-certificate", key, "--client-key", key, check=False)
+        assert res.returncode != 0 and "--client-certificate" in res.stderr and "no certificate" in res.stderr, res.describe()
+        # The operator's own certificate: let in, and the push reaches the server.
+        assert proxy.admitted == []
+        outpost_repo.cli(*push, "--client-certificate", cert, "--client-key", key)
+        assert proxy.admitted and set(proxy.admitted) == {"alice"}, proxy.admitted
+        # The same from the environment.
+        before = len(proxy.admitted)
+        outpost_repo.cli(*push, env={**os.environ, "OUTPOST_CLIENT_CERTIFICATE": str(cert), "OUTPOST_CLIENT_KEY": str(key)})
+        assert len(proxy.admitted) > before, proxy.admitted
+    finally:
+        proxy.stop()
+        server.stop()
+
+
 def test_a_device_without_a_ca_store_still_updates_over_plain_http_and_trusts_no_tls_server(tmp_path, published, pki):
     """Many devices have no system CA store (no ca-certificates package; the virtual
     device has none). The agent then trusts no TLS server, says so, and refuses one

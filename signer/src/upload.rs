@@ -25,6 +25,14 @@ pub struct ServerArgs {
     /// (only these). Without it: the system's trust store.
     #[arg(long, env = "OUTPOST_CA_FILE")]
     pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate (leaf first) to present in TLS handshakes, for a proxy or
+    /// load balancer in front of the server that requires one (the server itself
+    /// authorizes by --token). Needs --client-key.
+    #[arg(long, env = "OUTPOST_CLIENT_CERTIFICATE", requires = "client_key")]
+    pub client_certificate: Option<std::path::PathBuf>,
+    /// PEM private key of --client-certificate.
+    #[arg(long, env = "OUTPOST_CLIENT_KEY", requires = "client_certificate", hide_env_values = true)]
+    pub client_key: Option<std::path::PathBuf>,
     /// Pipeline API token (bearer).
     #[arg(long, env = "OUTPOST_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -44,7 +52,7 @@ impl ServerArgs {
             (Some(url), Some(token)) => Ok(Some(Server {
                 url: url.trim_end_matches('/').to_owned(),
                 token: token.clone(),
-                client: http_client(self.ca_file.as_deref())?,
+                client: self.http_client()?,
             })),
         }
     }
@@ -52,27 +60,19 @@ impl ServerArgs {
     pub fn require(&self) -> Result<Server> {
         self.optional()?.ok_or_else(|| SignerError::Usage("--server (or OUTPOST_SERVER) is required".into()))
     }
-}
 
-/// The HTTP client: TLS verified against `ca_file`'s certificates only, or against
-/// the system's trust store.
-/// A system without CA certificates and no `ca_file`: a client that trusts no TLS
-/// server (plain `http://` still works; an `https://` server is refused by name).
-fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client> {
-    let builder = || reqwest::Client::builder().user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
-    let built = match ca_file {
-        Some(path) => {
-            let bad = |why: String| SignerError::Usage(format!("--ca-file {}: {why}", path.display()));
-            let pem = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(format!("not PEM certificates: {e}")))?;
-            if certs.is_empty() {
-                return Err(bad("no certificate in the file (PEM \"BEGIN CERTIFICATE\" blocks)".into()));
-            }
-            builder().tls_certs_only(certs).build()
-        }
-        None => builder().build().or_else(|_| builder().tls_certs_only(Vec::new()).build()),
-    };
-    built.map_err(|e| SignerError::Usage(format!("building the HTTP client: {}", outpost_protocol::display_chain(&e))))
+    /// The HTTP client: TLS verified against --ca-file's certificates only, or against
+    /// the system's trust store (`outpost_httpclient`, as every Outpost client),
+    /// presenting --client-certificate when given.
+    fn http_client(&self) -> Result<reqwest::Client> {
+        let usage = |e: outpost_httpclient::Error| SignerError::Usage(e.to_string());
+        let identity = match (&self.client_certificate, &self.client_key) {
+            (Some(cert), Some(key)) => Some(outpost_httpclient::Identity::load((cert, "--client-certificate"), (key, "--client-key")).map_err(usage)?),
+            _ => None,
+        };
+        let builder = reqwest::Client::builder().user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")));
+        outpost_httpclient::client(builder, self.ca_file.as_deref(), "--ca-file", identity).map_err(usage)
+    }
 }
 
 async fn refused(what: &str, resp: reqwest::Response) -> SignerError {

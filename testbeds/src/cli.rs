@@ -32,20 +32,8 @@ enum Command {
 }
 
 pub async fn run(cli: Cli) -> Result<(), SimError> {
-    let builder = || reqwest::Client::builder().timeout(Duration::from_secs(30)).pool_max_idle_per_host(256);
-    let built = match &cli.ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| SimError::Runtime(format!("--ca-file {}: cannot read: {e}", path.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .ok()
-                .filter(|c| !c.is_empty())
-                .ok_or_else(|| SimError::Runtime(format!("--ca-file {}: no PEM certificate in the file", path.display())))?;
-            builder().tls_certs_only(certs).build()
-        }
-        // No CA certificates on this system: trust no TLS server (plain http:// works).
-        None => builder().build().or_else(|_| builder().tls_certs_only(Vec::new()).build()),
-    };
-    let http = built.map_err(|e| SimError::Runtime(e.to_string()))?;
+    let builder = reqwest::Client::builder().timeout(Duration::from_secs(30)).pool_max_idle_per_host(256);
+    let http = outpost_httpclient::client(builder, cli.ca_file.as_deref(), "--ca-file", None).map_err(|e| SimError::Runtime(e.to_string()))?;
     match cli.command {
         Command::Enroll(args) => enroll::run(http, args).await,
         Command::Run(args) => run::run(http, args).await,

@@ -319,7 +319,9 @@ pub async fn prepare_checkin(config: &AgentConfig, http: &reqwest::Client, state
         .map_err(|e| AgentError::Task { task: "TPM task", reason: e.to_string() })??;
     let req = attest::NonceRequest { request: ask, attest: hex::encode(&q.attest), signature: hex::encode(&q.signature) };
     let grant: NonceGrant = api("get check-in nonce", http.post(&url).timeout(config.http_timeout).json(&req).send().await.map_err(send_err(&url))?).await?;
-    let tls_key = match tls_identity.filter(|i| i.wants_certificate(chrono::Utc::now().timestamp())) {
+    // Only a server with a device CA is asked for a certificate (a TPM2_Certify each).
+    let asks = |i: &&Arc<DeviceIdentity>| grant.issues_client_certificates && i.wants_certificate(chrono::Utc::now().timestamp());
+    let tls_key = match tls_identity.filter(asks) {
         Some(tls_identity) => {
             let (i, ak, id, nonce) = (tls_identity.clone(), identity.ak()?, identity.device_id.clone(), grant.nonce.clone());
             Some(

@@ -127,7 +127,14 @@ impl DeviceIdentity {
     pub fn proof(&self, ak: &AkBlob, device_id: &str, nonce: &str) -> Result<TlsKeyProof> {
         let key = self.key_or_create()?;
         let q = self.tpm.certify(ak, &key.blob, &tlskey::certify_qualifying_data(device_id, nonce))?;
-        Ok(TlsKeyProof { public: hex::encode(&key.blob.public), attest: hex::encode(&q.attest), signature: hex::encode(&q.signature) })
+        // The key's parent, so the server can check the certification's qualified name.
+        let (ek_public, _) = self.tpm.endorsement()?;
+        Ok(TlsKeyProof {
+            public: hex::encode(&key.blob.public),
+            attest: hex::encode(&q.attest),
+            signature: hex::encode(&q.signature),
+            ek_public: hex::encode(ek_public),
+        })
     }
 
     /// Puts a certificate from the server in force (and stores it): it must be for this

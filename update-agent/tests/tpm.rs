@@ -166,17 +166,28 @@ fn the_tls_key_is_certified_by_its_own_tpms_ak_signs_and_cannot_leave() {
     let keyp = TpmPublic::parse(&key.public, "TLS client key").expect("parse TLS key");
     keyp.check_tls_client_key().expect("a key Outpost certifies");
 
-    let q = t1.certify(&ak1, &key, &certify_qualifying_data("dev-1", "n1")).expect("certify");
-    let proof = TlsKeyProof { public: hex::encode(&key.public), attest: hex::encode(&q.attest), signature: hex::encode(&q.signature) };
-    let resident = verify_tls_key(&ak1p, "dev-1", "n1", &proof).expect("the server accepts it");
+    let (ek1, _) = t1.endorsement().expect("EK 1");
+    let dev1 = outpost_protocol::attest::device_id(&ek1);
+    let q = t1.certify(&ak1, &key, &certify_qualifying_data(&dev1, "n1")).expect("certify");
+    let proof = TlsKeyProof {
+        public: hex::encode(&key.public),
+        attest: hex::encode(&q.attest),
+        signature: hex::encode(&q.signature),
+        ek_public: hex::encode(&ek1),
+    };
+    let resident = verify_tls_key(&ak1p, &dev1, "n1", &proof).expect("the server accepts it");
     // Another device's AK, another device id, another check-in's nonce: refused.
-    assert!(verify_tls_key(&ak2p, "dev-1", "n1", &proof).unwrap_err().to_string().contains("does not verify"));
+    assert!(verify_tls_key(&ak2p, &dev1, "n1", &proof).unwrap_err().to_string().contains("does not verify"));
     assert!(verify_tls_key(&ak1p, "dev-2", "n1", &proof).unwrap_err().to_string().contains("qualifying data"));
-    assert!(verify_tls_key(&ak1p, "dev-1", "n2", &proof).unwrap_err().to_string().contains("qualifying data"));
+    assert!(verify_tls_key(&ak1p, &dev1, "n2", &proof).unwrap_err().to_string().contains("qualifying data"));
     // A certification of one key sent with another key's public area: refused.
     let other = t1.create_tls_key().expect("a second key");
     let swapped = TlsKeyProof { public: hex::encode(&other.public), ..proof.clone() };
-    assert!(verify_tls_key(&ak1p, "dev-1", "n1", &swapped).unwrap_err().to_string().contains("another object"));
+    assert!(verify_tls_key(&ak1p, &dev1, "n1", &swapped).unwrap_err().to_string().contains("another object"));
+    // Another TPM's EK sent along (its digest is another device): refused.
+    let (ek2, _) = t2.endorsement().expect("EK 2");
+    let foreign_ek = TlsKeyProof { ek_public: hex::encode(&ek2), ..proof.clone() };
+    assert!(verify_tls_key(&ak1p, &dev1, "n1", &foreign_ek).unwrap_err().to_string().contains("not this device's"));
     // The key cannot be certified by (loaded into) another TPM: its private area is
     // wrapped by TPM 1's EK.
     assert!(t2.certify(&ak2, &key, &certify_qualifying_data("dev-1", "n1")).is_err());
@@ -198,4 +209,77 @@ fn the_tls_key_is_certified_by_its_own_tpms_ak_signs_and_cannot_leave() {
     let err = t1.try_export(&key).expect_err("the TPM must refuse to duplicate a fixedTPM/fixedParent key");
     assert!(err.to_string().contains("duplicate TLS key"), "{err}");
     eprintln!("TPM2_Duplicate of the TLS key: {err}");
+}
+
+/// Root on the device, with the device's own AK, tries to get a key certified that is
+/// not the agent's TLS key under the EK:
+/// - an object loaded from outside (TPM2_LoadExternal of a public area whose
+///   attributes say "made here, never leaves"; with a software key's public area, a
+///   certificate for it would be an exportable device credential): the TPM itself
+///   refuses to certify it (no authValue: TPM_RC_AUTH_UNAVAILABLE);
+/// - a key the TPM made with the same attributes but elsewhere (a primary key of the
+///   endorsement hierarchy): the certification verifies under the real AK with the
+///   right qualifying data, and only its qualified name gives it away; the server
+///   refuses it.
+#[test]
+fn keys_loaded_from_outside_or_made_outside_the_ek_are_not_certified_even_by_the_real_ak() {
+    let _serial = one_at_a_time();
+    use outpost_protocol::attest::tlskey::{certify_qualifying_data, verify_tls_key, TlsKeyProof};
+    use tss_esapi::abstraction::{ak, ek};
+    use tss_esapi::handles::KeyHandle;
+    use tss_esapi::interface_types::algorithm::AsymmetricAlgorithm;
+    use tss_esapi::interface_types::resource_handles::Hierarchy;
+    use tss_esapi::interface_types::session_handles::AuthSession;
+    use tss_esapi::structures::{Data, Private, Public, SignatureScheme};
+    use tss_esapi::traits::{Marshall, UnMarshall};
+    let s = swtpm();
+    let t = tpm(&s);
+    let ak_blob = t.create_ak().expect("AK");
+    let akp = TpmPublic::parse(&ak_blob.public, "attestation key").expect("parse AK");
+    let real = t.create_tls_key().expect("TLS key");
+    let (ek_public, _) = t.endorsement().expect("EK");
+    let id = outpost_protocol::attest::device_id(&ek_public);
+    let qualifying = certify_qualifying_data(&id, "n1");
+
+    let mut ctx = tss_esapi::Context::new(t.tcti().parse().expect("TCTI")).expect("context");
+    let ek_handle = ctx.execute_with_nullauth_session(|c| ek::create_ek_object(c, AsymmetricAlgorithm::Rsa, None)).expect("EK");
+    let ak_public = Public::unmarshall(&ak_blob.public).expect("AK public");
+    let ak_handle = ak::load_ak(&mut ctx, ek_handle, None, Private::try_from(ak_blob.private.clone()).expect("AK private"), ak_public)
+        .expect("load AK");
+    let certify = |ctx: &mut tss_esapi::Context, object: KeyHandle| {
+        ctx.execute_with_sessions((Some(AuthSession::Password), Some(AuthSession::Password), None), |c| {
+            c.certify(object.into(), ak_handle, Data::try_from(qualifying.to_vec()).expect("data"), SignatureScheme::Null)
+        })
+    };
+
+    let outside = ctx
+        .execute_without_session(|c| c.load_external_public(Public::unmarshall(&real.public).expect("public"), Hierarchy::Owner))
+        .expect("TPM2_LoadExternal of a public area");
+    let refused = certify(&mut ctx, outside).expect_err("the TPM must not certify an object it has no authValue for");
+    eprintln!("TPM2_Certify of a TPM2_LoadExternal object: {refused}");
+    ctx.flush_context(outside.into()).expect("flush"); // the TPM holds three objects at a time
+
+    let primary = ctx
+        .execute_with_session(Some(AuthSession::Password), |c| {
+            c.create_primary(Hierarchy::Endorsement, Public::unmarshall(&real.public).expect("template"), None, None, None, None)
+        })
+        .expect("a primary key with the TLS key's attributes");
+    let (attest, signature) = certify(&mut ctx, primary.key_handle).expect("the AK certifies the primary key");
+    let elsewhere = TlsKeyProof {
+        public: hex::encode(primary.out_public.marshall().expect("public")),
+        attest: hex::encode(attest.marshall().expect("attest")),
+        signature: hex::encode(signature.marshall().expect("signature")),
+        ek_public: hex::encode(&ek_public),
+    };
+    let err = verify_tls_key(&akp, &id, "n1", &elsewhere).expect_err("a key not under the EK must be refused");
+    assert!(err.to_string().contains("not a child of this device's endorsement key"), "{err}");
+
+    for handle in [primary.key_handle, ak_handle, ek_handle] {
+        ctx.flush_context(handle.into()).expect("flush");
+    }
+    drop(ctx);
+    // The agent's key, certified as loaded under the EK, passes.
+    let q = t.certify(&ak_blob, &real, &qualifying).expect("certify");
+    let proof = TlsKeyProof { public: hex::encode(&real.public), attest: hex::encode(&q.attest), signature: hex::encode(&q.signature), ..elsewhere };
+    verify_tls_key(&akp, &id, "n1", &proof).expect("the real key under the EK is accepted");
 }

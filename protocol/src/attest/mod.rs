@@ -128,11 +128,18 @@ pub fn verify_nonce_request(ak: &TpmPublic, req: &NonceRequest) -> Result<NonceA
     serde_json::from_value(req.request.clone()).map_err(|e| Error::Tpm { what: "nonce request".into(), reason: e.to_string() })
 }
 
+/// The answer to a nonce request. Unknown fields are ignored: later servers may say
+/// more, and an agent must not stop checking in because they do.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct NonceGrant {
     pub nonce: String,
     pub expires_at: String,
+    /// The server's device CA issues client certificates: the check-in this nonce is
+    /// for may ask for one (with its TLS key's certification). Absent from servers
+    /// without a device CA, and from servers older than certificates (which refuse a
+    /// report that asks): the agent then makes no TLS key and spends no TPM2_Certify.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub issues_client_certificates: bool,
 }
 
 /// The device id: derived from the endorsement key, so it names the TPM.

@@ -7,8 +7,13 @@
 //! the attestation key, whose qualifying data is
 //! `SHA-256("outpost-tls-key-v1\0" || device id || "\0" || the check-in's nonce)`: fresh
 //! for this check-in, and this device's. A certification can only be made by the TPM
-//! that holds the attestation key, for an object loaded in it; with `fixedTPM` set on
-//! the key (checked here), that object was made by that TPM and cannot leave it.
+//! that holds the attestation key, for an object loaded in it (the TPM refuses to
+//! certify a public area loaded from outside with TPM2_LoadExternal: it has no
+//! authValue for it). Its qualified name must be that of a child of the device's EK
+//! (the EK's public area travels with the proof; its digest is the device id), so the
+//! key is the one the agent made under the enrolled EK, not another object of that
+//! TPM; with `fixedTPM` and `sensitiveDataOrigin` set on it (checked here), the TPM
+//! made it and it cannot leave.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -18,6 +23,29 @@ use crate::error::{Error, Result};
 
 /// Domain separation for the certification's qualifying data.
 const TLS_KEY_DOMAIN: &[u8] = b"outpost-tls-key-v1\0";
+
+/// TPM_RH_ENDORSEMENT, the EK's hierarchy: a permanent handle's Name (and qualified
+/// name) is the handle itself.
+const TPM_RH_ENDORSEMENT: u32 = 0x4000_000B;
+
+/// The qualified name of `child` made under the endorsement hierarchy's primary key
+/// `ek` (TPM 2.0 Part 1, "Qualified Name"): QN(EK) = nameAlg || H(TPM_RH_ENDORSEMENT ||
+/// Name(EK)), QN(child) = nameAlg || H(QN(EK) || Name(child)), H = SHA-256 (the name
+/// algorithm of both, checked).
+pub fn qualified_name_under_ek(ek: &TpmPublic, child: &TpmPublic) -> Result<Vec<u8>> {
+    for (what, key) in [("endorsement key", ek), ("TLS client key", child)] {
+        if key.name_alg != super::tpm::ALG_SHA256 {
+            return Err(Error::Tpm { what: what.into(), reason: format!("name algorithm 0x{:04x} is not SHA-256", key.name_alg) });
+        }
+    }
+    let chain = |parent: &[u8], name: &[u8]| {
+        let mut qn = super::tpm::ALG_SHA256.to_be_bytes().to_vec();
+        qn.extend_from_slice(&Sha256::new().chain_update(parent).chain_update(name).finalize());
+        qn
+    };
+    let ek_qn = chain(&TPM_RH_ENDORSEMENT.to_be_bytes(), &ek.name());
+    Ok(chain(&ek_qn, &child.name()))
+}
 
 /// The device's request for a client certificate, in its check-in report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +57,9 @@ pub struct TlsKeyProof {
     pub attest: String,
     /// Marshalled `TPMT_SIGNATURE` of that certification, hex.
     pub signature: String,
+    /// The EK's marshalled `TPMT_PUBLIC`, hex: the key's parent. Its digest is the
+    /// device id ([`super::device_id`]).
+    pub ek_public: String,
 }
 
 /// A client certificate the server's device CA issued, in a check-in answer.
@@ -79,8 +110,9 @@ pub struct ResidentKey {
 
 /// Checks a device's proof that its TLS client key lives in the TPM that holds `ak`:
 /// the certification is signed by `ak`, made for this device's check-in with `nonce`,
-/// names exactly this public area, and the key is one Outpost certifies (a
-/// non-exportable ECDSA P-256 signing key, [`TpmPublic::check_tls_client_key`]).
+/// names exactly this public area made under this device's EK, and the key is one
+/// Outpost certifies (a non-exportable ECDSA P-256 signing key,
+/// [`TpmPublic::check_tls_client_key`]).
 pub fn verify_tls_key(ak: &TpmPublic, device_id: &str, nonce: &str, proof: &TlsKeyProof) -> Result<ResidentKey> {
     let public_bytes = super::unhex("tls_key.public", &proof.public, 1024)?;
     let attest = super::unhex("tls_key.attest", &proof.attest, 4096)?;
@@ -98,6 +130,17 @@ pub fn verify_tls_key(ak: &TpmPublic, device_id: &str, nonce: &str, proof: &TlsK
         return Err(Error::Tpm {
             what: "key certification".into(),
             reason: "certifies another object than the TLS client key sent with it".into(),
+        });
+    }
+    let ek_bytes = super::unhex("tls_key.ek_public", &proof.ek_public, 2048)?;
+    if super::device_id(&ek_bytes) != device_id {
+        return Err(Error::Tpm { what: "TLS client key".into(), reason: "the endorsement key sent with it is not this device's (its digest names another device)".into() });
+    }
+    let ek = TpmPublic::parse(&ek_bytes, "endorsement key")?;
+    if certification.qualified_name != qualified_name_under_ek(&ek, &public)? {
+        return Err(Error::Tpm {
+            what: "key certification".into(),
+            reason: "the key is not a child of this device's endorsement key (its qualified name differs): a key loaded from outside the TPM, or made under another parent, is not certified".into(),
         });
     }
     let point = public.ecc_point().ok_or_else(|| Error::Tpm { what: "TLS client key".into(), reason: "is not an ECC key".into() })?;

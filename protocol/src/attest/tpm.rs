@@ -397,6 +397,9 @@ pub struct Certification {
     pub extra_data: Vec<u8>,
     /// The certified object's Name (nameAlg, then the digest of its public area).
     pub name: Vec<u8>,
+    /// Its qualified name: the digest chain of the Names of its ancestors down to the
+    /// hierarchy it was made (or loaded) in.
+    pub qualified_name: Vec<u8>,
 }
 
 impl Certification {
@@ -416,9 +419,9 @@ impl Certification {
         r.take(17, "clockInfo")?;
         r.u64("firmwareVersion")?;
         let name = r.sized("attested.certify.name")?.to_vec();
-        let _qualified = r.sized("attested.certify.qualifiedName")?;
+        let qualified_name = r.sized("attested.certify.qualifiedName")?.to_vec();
         r.end()?;
-        Ok(Certification { extra_data, name })
+        Ok(Certification { extra_data, name, qualified_name })
     }
 
     /// Checks `signature` over `attest` with the attestation key, then parses it.

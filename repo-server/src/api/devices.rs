@@ -153,7 +153,9 @@ async fn set_labels(
 
 async fn nonce(State(s): State<AppState>, caller: ClientCert, Path(id): Path<String>, ApiJson(req): ApiJson<NonceRequest>) -> Result<Json<NonceGrant>, ApiError> {
     access::check(s.device_ca.as_deref(), &s.store, caller.0.as_deref(), &id, DeviceRoute::Nonce, now()).await?;
-    Ok(Json(enroll::nonce(&s.store, &id, &req, s.nonce_lifetime, chrono::Utc::now()).await?))
+    let mut grant = enroll::nonce(&s.store, &id, &req, s.nonce_lifetime, chrono::Utc::now()).await?;
+    grant.issues_client_certificates = s.device_ca.is_some();
+    Ok(Json(grant))
 }
 
 async fn checkin(State(s): State<AppState>, caller: ClientCert, Path(id): Path<String>, ApiJson(body): ApiJson<Checkin>) -> Result<Json<CheckinVerdict>, ApiError> {

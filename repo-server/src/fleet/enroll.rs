@@ -168,7 +168,7 @@ pub async fn nonce(store: &Store, id: &str, req: &attest::NonceRequest, lifetime
     let issued = now.timestamp_millis();
     let expires = issued + lifetime.as_millis().max(1) as i64;
     match store.issue_nonce(id, expires, issued).await? {
-        NonceIssue::Issued(nonce) => Ok(NonceGrant { nonce, expires_at: rfc3339_ms(expires) }),
+        NonceIssue::Issued(nonce) => Ok(NonceGrant { nonce, expires_at: rfc3339_ms(expires), issues_client_certificates: false }),
         NonceIssue::UnknownDevice => Err(Refusal::unknown_device(id)),
         NonceIssue::TooMany => Err(Refusal::TooMany {
             code: "too_many_nonces",
