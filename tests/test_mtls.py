@@ -272,11 +272,27 @@ def test_a_quarantined_device_is_not_renewed_and_loses_access_within_one_lifetim
     assert after["serial"] != before
 
 
+def peer_check(dev, pem: Path) -> tuple[int, dict]:
+    res = agent(dev, "peer", "check", "--certificate", str(pem))
+    return res.returncode, json.loads(res.stdout.splitlines()[0]) if res.stdout.strip() else {"stderr": res.stderr}
+
+
 def test_an_operator_revokes_a_device_at_once_and_the_signed_list_names_it(tmp_path, outpost_repo, mtls, swtpm_factory):
+    """Revocation ends access at once; the signed list names the serial, and another
+    device that cached it while online refuses the revoked certificate with no server."""
     m = mtls()
-    dev, device_id, _ = enrolled_device(m.fleet, tmp_path, m.ops, swtpm_factory)
-    serial = json.loads((dev.state_dir / "client-certificate.json").read_text())["serial"]
+    dev, device_id, v1 = enrolled_device(m.fleet, tmp_path, m.ops, swtpm_factory)
+    peer, peer_id, _ = enrolled_device(m.fleet, tmp_path, m.ops, swtpm_factory, name="peer", v1=v1)
+    issued = json.loads((dev.state_dir / "client-certificate.json").read_text())
+    serial = issued["serial"]
+    revoked_pem = tmp_path / "revoked.pem"
+    revoked_pem.write_text(issued["certificate"])
     ca = x509.load_pem_x509_certificate((m.device_ca / "ca.pem").read_bytes())
+    # The peer cached the device CA's list with its certificate: before the revocation
+    # it trusts the device's certificate and names the device.
+    assert (peer.state_dir / "device-ca.crl").exists()
+    code, verdict = peer_check(peer, revoked_pem)
+    assert code == 0 and verdict["trusted"] and verdict["device_id"] == device_id, verdict
 
     def crl() -> x509.CertificateRevocationList:
         ctx = m.files.client_context()
@@ -306,3 +322,29 @@ def test_an_operator_revokes_a_device_at_once_and_the_signed_list_names_it(tmp_p
     assert status == 204
     assert checkin(dev)["verdict"] == "attested"
     assert json.loads((dev.state_dir / "client-certificate.json").read_text())["serial"] != serial
+
+    # The peer's next check-in refreshes its list; then, with the server gone, it
+    # refuses the revoked certificate and still trusts the device's new one.
+    assert checkin(peer)["verdict"] == "attested"
+    renewed_pem = tmp_path / "renewed.pem"
+    renewed_pem.write_text(json.loads((dev.state_dir / "client-certificate.json").read_text())["certificate"])
+    m.server.stop()
+    code, verdict = peer_check(peer, revoked_pem)
+    assert code != 0 and not verdict["trusted"] and "revoked" in verdict["reason"], verdict
+    assert verdict["serial"].lstrip("0") == serial.lstrip("0") and verdict["revocation_list"]["stale"] is False, verdict
+    code, verdict = peer_check(peer, renewed_pem)
+    assert code == 0 and verdict["trusted"] and verdict["device_id"] == device_id, verdict
+    # A certificate of another CA, and a tampered cached list, are refused by name.
+    rogue = make_ca(tmp_path / "rogue", name="rogue-ca")
+    forged = m.forge(tmp_path, "forged", device_id=peer_id, signer=(rogue.cert, rogue.key))[0]
+    code, verdict = peer_check(peer, forged)
+    assert code != 0 and not verdict["trusted"] and "UnknownIssuer" in verdict["reason"], verdict
+    expired = m.forge(tmp_path, "expired", device_id=device_id, valid_from=datetime.timedelta(hours=-3))[0]
+    code, verdict = peer_check(peer, expired)
+    assert code != 0 and not verdict["trusted"] and "Expired" in verdict["reason"], verdict
+    crl_file = peer.state_dir / "device-ca.crl"
+    data = bytearray(crl_file.read_bytes())
+    data[-10] ^= 0x01  # inside the signature
+    crl_file.write_bytes(bytes(data))
+    res = agent(peer, "peer", "check", "--certificate", str(renewed_pem))
+    assert res.returncode != 0 and str(crl_file) in res.stderr and "signature" in res.stderr, res.describe()

@@ -71,6 +71,20 @@ pub enum Command {
     /// local bundle in the foreground.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Other devices' client certificates, checked with no server: against the device
+    /// CA of this device's own certificate and the revocation list it cached online.
+    #[command(subcommand)]
+    Peer(PeerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PeerCommand {
+    /// Whether a peer's certificate (PEM) is one the device CA issued, unexpired, not
+    /// revoked as of the cached list, and which device it names. Exit status 1 if not.
+    Check {
+        #[arg(long)]
+        certificate: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,7 +149,23 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Enroll { token } => enroll(&AgentConfig::load(&cli.config)?, &token, format).await,
         Command::Checkin => checkin(&AgentConfig::load(&cli.config)?, format).await,
         Command::Update => update(&AgentConfig::load(&cli.config)?, format).await,
+        Command::Peer(PeerCommand::Check { certificate }) => peer_check(&AgentConfig::load(&cli.config)?, &certificate, format),
     }
+}
+
+fn peer_check(config: &AgentConfig, certificate: &Path, format: Format) -> Result<()> {
+    let v = crate::peers::check(&config.state_dir, certificate)?;
+    if format == Format::Json {
+        println!("{}", serde_json::to_string(&v).unwrap_or_default());
+    } else {
+        let who = v.device_id.as_deref().unwrap_or("(no device)");
+        let list = v.revocation_list.as_ref().map(|l| format!("revocation list of {}{}", l.this_update, if l.stale { " (stale: past its next update)" } else { "" }));
+        match &v.reason {
+            None => println!("trusted: device {who}, serial {}; {}", v.serial, list.unwrap_or_default()),
+            Some(why) => println!("not trusted: {why}; device {who}, serial {}; {}", v.serial, list.unwrap_or_default()),
+        }
+    }
+    if v.trusted { Ok(()) } else { Err(AgentError::Attestation(format!("peer certificate {}: {}", certificate.display(), v.reason.unwrap_or_default()))) }
 }
 
 fn policy_check(file: &Path, format: Format) -> Result<()> {

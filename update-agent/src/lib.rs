@@ -18,6 +18,7 @@ mod incidents;
 mod install;
 mod metrics;
 mod mode;
+pub mod peers;
 mod policy;
 mod report;
 pub mod tpm;

@@ -83,6 +83,12 @@ pub async fn checkin(installer: &mut Installer, incidents: &mut Incidents, fetch
         }
     };
     renew(fetcher, &verdict);
+    if fetcher.identity().is_some() {
+        // While online: the device CA's revocation list, for offline checks of peers.
+        if let Err(e) = crate::peers::refresh(fetcher, &config.server_url, &config.state_dir).await {
+            tracing::warn!(error = %outpost_protocol::display_chain(&e), "could not refresh the device CA's revocation list; the cached one stays");
+        }
+    }
     installer.reports_sent(state.reports.len())?;
     incidents.sent(state.incidents.len())?;
     for r in &verdict.refused_incidents {

@@ -1,0 +1,151 @@
+//! Offline checks of peers' device certificates. While online, the agent keeps the
+//! device CA's signed revocation list in its state directory (`device-ca.crl`, fetched
+//! from `GET /api/v1/device-ca/crl` at each attested check-in, and kept only when its
+//! signature verifies under the device CA). With no
+//! server, `outpost-agent peer check --certificate FILE` then tells whether another
+//! device's client certificate is one the device CA issued, unexpired, for client
+//! authentication, and not revoked as of the cached list — and which device it names.
+//!
+//! The device CA is the one in the agent's own certificate (`client-certificate.json`),
+//! so a device that never had a certificate checks no peers.
+
+use std::path::{Path, PathBuf};
+
+use outpost_protocol::attest::tlskey::{self, DeviceCertificate};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use serde::Serialize;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::revocation_list::CertificateRevocationList;
+
+use crate::error::{AgentError, Result};
+use crate::fetch::Fetcher;
+
+/// The cached list, in the state directory.
+pub const CRL_FILE: &str = "device-ca.crl";
+/// The agent's certificate (written by [`crate::devicecert`]).
+const CERT_FILE: &str = "client-certificate.json";
+/// A revocation list larger than this is refused.
+const CRL_LIMIT: u64 = 4 << 20;
+
+/// What `peer check` found.
+#[derive(Debug, Serialize)]
+pub struct PeerVerdict {
+    pub trusted: bool,
+    /// Why not, when not trusted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub serial: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<String>,
+    /// The cached list's thisUpdate and nextUpdate (RFC 3339), and whether it is past
+    /// its nextUpdate (revocations since then are unknown here).
+    pub revocation_list: Option<ListTimes>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ListTimes {
+    pub this_update: String,
+    pub next_update: Option<String>,
+    pub stale: bool,
+}
+
+/// The device CA (DER) and trust domain of the agent's own certificate.
+fn own_ca(state_dir: &Path) -> Result<(CertificateDer<'static>, String)> {
+    let path = state_dir.join(CERT_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| AgentError::io("read the device certificate (none: this device checks no peers)", &path, e))?;
+    let cert: DeviceCertificate = serde_json::from_slice(&bytes).map_err(|e| AgentError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+    let ca = CertificateDer::from_pem_slice(cert.ca_certificate.as_bytes())
+        .map_err(|e| AgentError::Corrupt { path: path.clone(), reason: format!("ca_certificate: {e:?}") })?;
+    let domain = cert.spiffe_id.strip_prefix("spiffe://").and_then(|r| r.split('/').next()).unwrap_or_default().to_owned();
+    Ok((ca, domain))
+}
+
+/// Checks that `der` is a revocation list the CA `ca` signed; its times.
+fn verify_list(ca: &CertificateDer<'_>, der: &[u8], now: i64) -> std::result::Result<ListTimes, String> {
+    let (_, ca) = X509Certificate::from_der(ca.as_ref()).map_err(|e| format!("the device CA certificate: {e}"))?;
+    let (rest, crl) = CertificateRevocationList::from_der(der).map_err(|e| format!("not a DER revocation list: {e}"))?;
+    if !rest.is_empty() {
+        return Err("bytes after the revocation list".into());
+    }
+    if crl.issuer() != ca.subject() {
+        return Err(format!("issued by {}, not the device CA {}", crl.issuer(), ca.subject()));
+    }
+    crl.verify_signature(ca.public_key()).map_err(|e| format!("its signature does not verify under the device CA: {e}"))?;
+    let next = crl.next_update().map(|t| t.timestamp());
+    Ok(ListTimes {
+        this_update: rfc3339(crl.last_update().timestamp()),
+        next_update: next.map(rfc3339),
+        stale: next.is_some_and(|n| n < now),
+    })
+}
+
+fn rfc3339(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0).map(|t| t.to_rfc3339()).unwrap_or_default()
+}
+
+/// Fetches the device CA's revocation list (at each attested check-in of a device
+/// with a certificate: a small signed file) and keeps it if it verifies; a list that
+/// does not is refused with the reason and the cached one stays.
+pub async fn refresh(fetcher: &Fetcher, server_url: &str, state_dir: &Path) -> Result<()> {
+    let Ok((ca, _)) = own_ca(state_dir) else { return Ok(()) };
+    let now = chrono::Utc::now().timestamp();
+    let url = format!("{server_url}/api/v1/device-ca/crl");
+    let der = fetcher.fetch_bytes(&url, CRL_LIMIT).await?;
+    let times = verify_list(&ca, &der, now).map_err(|reason| AgentError::Fetch { url: url.clone(), reason: format!("revocation list refused: {reason}") })?;
+    let path = state_dir.join(CRL_FILE);
+    outpost_fsio::write_atomic(&path, &der).map_err(|e| AgentError::io("write", &path, e))?;
+    tracing::info!(this_update = %times.this_update, next_update = ?times.next_update, "device CA revocation list cached");
+    Ok(())
+}
+
+/// Checks the peer certificate in `pem` against the device CA and the cached list,
+/// with no server.
+pub fn check(state_dir: &Path, pem: &Path) -> Result<PeerVerdict> {
+    let (ca, domain) = own_ca(state_dir)?;
+    let bad = |reason: String| AgentError::Corrupt { path: pem.to_owned(), reason };
+    let peer = CertificateDer::from_pem_file(pem).map_err(|e| bad(format!("no PEM certificate: {e:?}")))?;
+    let (_, parsed) = X509Certificate::from_der(peer.as_ref()).map_err(|e| bad(format!("not an X.509 certificate: {e}")))?;
+    let serial = hex::encode(parsed.raw_serial());
+    let spiffe_id = spiffe_uri(&parsed);
+    let device_id = spiffe_id.as_deref().and_then(|u| tlskey::device_of_spiffe_id(&domain, u)).map(str::to_owned);
+    let crl_path: PathBuf = state_dir.join(CRL_FILE);
+    let now = chrono::Utc::now().timestamp();
+    let list = std::fs::read(&crl_path).map_err(|e| AgentError::io("read the cached revocation list (fetched while online)", &crl_path, e))?;
+    let times = verify_list(&ca, &list, now).map_err(|reason| AgentError::Corrupt { path: crl_path.clone(), reason })?;
+    let verdict = verify_peer(&ca, &peer, &list).err().or_else(|| device_id.is_none().then(|| format!("names no device of trust domain {domain}")));
+    Ok(PeerVerdict { trusted: verdict.is_none(), reason: verdict, serial, spiffe_id, device_id, revocation_list: Some(times) })
+}
+
+/// The chain (device CA → peer), validity now, client authentication, and the list.
+fn verify_peer(ca: &CertificateDer<'_>, peer: &CertificateDer<'_>, list: &[u8]) -> std::result::Result<(), String> {
+    let anchor = webpki::anchor_from_trusted_cert(ca).map_err(|e| format!("the device CA: {e}"))?;
+    let end = webpki::EndEntityCert::try_from(peer).map_err(|e| format!("the certificate: {e}"))?;
+    let crl = webpki::CertRevocationList::from(webpki::OwnedCertRevocationList::from_der(list).map_err(|e| format!("the revocation list: {e}"))?);
+    let crls = [&crl];
+    let revocation = webpki::RevocationOptionsBuilder::new(&crls)
+        .map_err(|e| format!("{e:?}"))?
+        .with_depth(webpki::RevocationCheckDepth::EndEntity)
+        .with_status_policy(webpki::UnknownStatusPolicy::Deny)
+        // A list past its nextUpdate still says what it says: the verdict reports it as stale.
+        .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
+        .build();
+    let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms.all;
+    end.verify_for_usage(algorithms, &[anchor], &[], UnixTime::now(), webpki::KeyUsage::client_auth(), Some(revocation), None)
+        .map(|_| ())
+        .map_err(|e| match e {
+            webpki::Error::CertRevoked => "revoked (the device CA's revocation list names its serial)".to_owned(),
+            other => format!("{other}"),
+        })
+}
+
+/// The certificate's first URI subject alternative name.
+fn spiffe_uri(cert: &X509Certificate<'_>) -> Option<String> {
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => Some((*u).to_owned()),
+        _ => None,
+    })
+}
