@@ -102,6 +102,32 @@ def test_clients_that_do_not_trust_the_servers_ca_or_speak_plain_http_get_nothin
         server.stop()
 
 
+def test_a_session_resumes_after_many_other_clients_have_connected(tmp_path, outpost_repo, pki):
+    """Resumption is what spares a device's TPM a signature per connection: a client's
+    TLS session must outlive the connections of many other clients (rustls' default
+    store forgot it after about 130; the server now issues stateless tickets)."""
+    _, files = pki
+    server = tls_server(tmp_path, outpost_repo, files)
+    try:
+        def connect(ctx: ssl.SSLContext, session=None) -> tuple[ssl.SSLSession, bool]:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls:
+                tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                while tls.recv(65536):  # the answer; TLS 1.3 tickets come with it
+                    pass
+                return tls.session, tls.session_reused
+
+        device = files.client_context()
+        session, reused = connect(device)
+        assert not reused and session is not None
+        for _ in range(400):  # other clients, each a full handshake with its own context
+            connect(files.client_context())
+        _, reused = connect(device, session)
+        assert reused, "the first client's session was forgotten after 400 other connections"
+    finally:
+        server.stop()
+
+
 def test_a_stalled_handshake_holds_no_one_else_up_and_is_dropped(tmp_path, outpost_repo, pki):
     """Clients that connect and send nothing (or half a hello) do not stop others
     from being served, and the server drops them after its handshake time limit."""

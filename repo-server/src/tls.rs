@@ -37,6 +37,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once; further connections wait in the kernel's backlog.
 const MAX_HANDSHAKES: usize = 512;
 
+/// Sessions the server remembers for TLS 1.2 resumption.
+const SESSION_STORE: usize = 16_384;
+
 /// What a loaded certificate says about itself, for the log.
 #[derive(Debug)]
 pub struct CertSummary {
@@ -97,6 +100,14 @@ impl ServerCert {
         };
         let mut config = builder.with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // A resumed handshake costs a device no TPM signature. Stateless TLS 1.3
+        // tickets (rustls rotates their keys every 6 h) resume any number of devices;
+        // rustls' default in-memory store held 256 sessions, which a fleet of a few
+        // dozen devices checking in outgrew (docs/benchmarks.md). The store stays, larger,
+        // for TLS 1.2 clients. Device routes check the certificate of a resumed session
+        // on every request (expiry, revocation), as for a full handshake.
+        config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| tls_error(format!("session tickets: {e}")))?;
+        config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_STORE);
         Ok(config)
     }
 }
@@ -235,6 +246,9 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, ready: mpsc::
                 continue;
             }
         };
+        // TLS writes small records back to back (session tickets, then the answer):
+        // with Nagle's algorithm the second waits for the client's delayed ACK, 40 ms.
+        let _ = tcp.set_nodelay(true);
         let (acceptor, ready, device_ca) = (acceptor.clone(), ready.clone(), device_ca.clone());
         tokio::spawn(async move {
             let _permit = permit;
