@@ -6,7 +6,9 @@
 # Builds the release binaries, then, under <repo>/.fleet (wiped first):
 #   1. generates offline keys (3 root, targets, firmware) and online keys (snapshot, timestamp),
 #   2. creates a TUF repository (root 2-of-3) with a 'firmware' delegation for rpi4,
-#   3. starts outpost-server on a free loopback port with a pipeline token,
+#   3. makes a private CA, the server's TLS certificate and the device CA, and starts
+#      outpost-server with TLS on a free loopback port with a pipeline token (every
+#      client below trusts only that CA; attested devices get client certificates),
 #   4. publishes an 8 MiB firmware image as a signed release,
 #   5. runs `outpost-agent update` for an rpi4 device, which verifies and downloads it,
 #   6. prints what happened and checks the agent's file against the published digest,
@@ -83,9 +85,19 @@ fleet_run "$OUTPOST_BIN/outpost" repo delegate --repo "$REPO" --role vm-firmware
   --delegate-key "$KEYS/firmware.key" --threshold 1 --paths 'firmware/qemu-x86_64/*/*' \
   --sign-key "$KEYS/targets.key" >&2
 
+# --------------------------------------------------------------------------- TLS
+# Everything below speaks TLS: the server's certificate comes from the fleet's private
+# CA, which the CLI (OUTPOST_CA_FILE), the agents ([http] ca_certificates) and curl
+# (CURL_CA_BUNDLE) trust alone; the device CA issues attested devices' client
+# certificates for their TPM-resident keys.
+fleet_log "PKI: a private CA, the server's TLS certificate, the device CA"
+FLEET_PKI="$FLEET/pki"
+fleet_make_pki "$FLEET_PKI"
+export OUTPOST_CA_FILE="$FLEET_PKI/ca.pem" CURL_CA_BUNDLE="$FLEET_PKI/ca.pem"
+
 # --------------------------------------------------------------------------- server
 PORT="$(fleet_free_port)"
-SERVER_URL="http://127.0.0.1:$PORT"
+SERVER_URL="https://127.0.0.1:$PORT"
 fleet_log "starting outpost-server on $SERVER_URL"
 fleet_write_server_config "$FLEET/server.toml" "$PORT" "$FLEET/server-data" "$KEYS" "$REPO"
 # The virtual device is judged by its boot chain: the firmware's event log against the
@@ -162,7 +174,8 @@ printf '%s\n' \
   'device_id = "rpi4-ab-1"' \
   '[install]' \
   'trial_attempts = 2' \
-  'trial_deadline = "30s"' >"$AB/agent.toml"
+  'trial_deadline = "30s"' \
+  '[http]' "ca_certificates = \"$FLEET_PKI/ca.pem\"" >"$AB/agent.toml"
 ab_run() { # run the device agent once; print its JSON results, keep its log
   "$OUTPOST_BIN/outpost-agent" --config "$AB/agent.toml" --log-level info --json run --once 2>>"$AB/agent.log"
 }
@@ -228,7 +241,8 @@ for name in "${DEVICES[@]}"; do
     "trusted_root = \"$REPO/metadata/1.root.json\"" \
     '[tpm]' \
     "tcti = \"swtpm:host=127.0.0.1,port=$port\"" \
-    'pcr = 23' >"$d/agent.toml"
+    'pcr = 23' \
+    '[http]' "ca_certificates = \"$FLEET_PKI/ca.pem\"" >"$d/agent.toml"
   token="$("$OUTPOST_BIN/outpost" device token create --hardware-class "$HW_CLASS" --ttl 15m \
     --server "$SERVER_URL" --token "$OPERATOR_TOKEN" --json | jq -r .token)"
   enrolled="$("$OUTPOST_BIN/outpost-agent" --config "$d/agent.toml" --json enroll --token "$token" 2>>"$d/agent.log")" \
@@ -259,6 +273,18 @@ for name in "${DEVICES[@]}"; do [[ "$name" != "$TAMPERED" ]] && HEALTHY+=("$name
 for name in "${HEALTHY[@]}"; do
   out="$(att_run "$name")"
   [[ "$(echo "$out" | jq -sr 'map(select(.verdict))[0].verdict')" == attested ]] || fleet_die "$name lost its attestation: $out"
+done
+
+fleet_log "channels: each attested device holds a short-lived client certificate for a key in its TPM"
+CERTS=()
+for name in "${HEALTHY[@]}"; do
+  cert="$ATT/$name/state/client-certificate.json"
+  [[ -s "$cert" ]] || fleet_die "$name has no client certificate after its attested check-ins (see $ATT/$name/agent.log)"
+  spiffe="$(jq -r .spiffe_id "$cert")"
+  [[ "$spiffe" == "spiffe://fleet.outpost.test/device/${DEVICE_ID[$name]}" ]] || fleet_die "$name's certificate names $spiffe"
+  [[ -s "$ATT/$name/state/tls-key.json" ]] || fleet_die "$name has no TPM key blob"
+  CERTS+=("$name: $spiffe, serial $(jq -r .serial "$cert"), until $(jq -r .not_after "$cert")")
+  echo "  ${CERTS[-1]}" >&2
 done
 DEVICE_LIST="$("$OUTPOST_BIN/outpost" device list --server "$SERVER_URL" --token "$OPERATOR_TOKEN")"
 echo "$DEVICE_LIST" | sed 's/^/    /' >&2
@@ -439,7 +465,7 @@ bash "$REPO_ROOT/scripts/packages.sh" --profile release >"$FLEET/packages.log" 2
   || fleet_die "building the .deb packages failed (see $FLEET/packages.log)"
 AGENT_DEB="$(ls "$REPO_ROOT"/target/debian/outpost-agent_*_amd64.deb | head -1)"
 VM_SUMMARY="$("$REPO_ROOT/.venv/bin/python" "$REPO_ROOT/testbeds/vm/demo.py" --bin "$OUTPOST_BIN" \
-  --server-url "$SERVER_URL" --server-port "$PORT" --operator-token "$OPERATOR_TOKEN" --pipeline-token "$OUTPOST_TOKEN" \
+  --server-url "$SERVER_URL" --server-port "$PORT" --ca-file "$FLEET_PKI/ca.pem" --operator-token "$OPERATOR_TOKEN" --pipeline-token "$OUTPOST_TOKEN" \
   --repo "$REPO" --root "$REPO/metadata/1.root.json" --key "$KEYS/firmware.key" \
   --agent-deb "$AGENT_DEB" --work "$FLEET/vm")" || fleet_die "the virtual device step failed"
 
@@ -448,6 +474,8 @@ cat <<EOF
 
 ================================================================== demo summary
 Server      $SERVER_URL  (outpost-server; SQLite + files in $FLEET/server-data)
+  TLS       certificate $FLEET_PKI/server.pem from the fleet's CA $FLEET_PKI/ca.pem, which the
+            CLI, the agents and curl trust alone; plain HTTP is off
 Repository  $REPO
             root: 2 of 3 offline keys; targets delegates firmware/rpi4/*/* to role 'firmware'
 Published   version $VERSION for hardware class $HW_CLASS
@@ -483,6 +511,9 @@ Attestation six rpi4 devices, one swtpm each, enrolled with one-time tokens
             reason: $QUARANTINE_REASON
   devices   (outpost device list)
 $(echo "$DEVICE_LIST" | sed 's/^/            /')
+  mTLS      client certificates from the device CA, issued in the answers to attested check-ins
+            for ECDSA keys made in each device's TPM (proven by TPM2_Certify with its AK):
+$(printf '%s\n' "${CERTS[@]}" | sed 's/^/            /')
 EOF
 cat <<EOF
 

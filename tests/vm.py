@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -34,6 +35,13 @@ SLOT_DEVICES = {"A": "/dev/disk/by-partlabel/outpost-root-a", "B": "/dev/disk/by
 # Sent after ^C ahead of a probe: bash's readline drops what follows a ^C in the same
 # read (one character, measured), so the probe's line starts with blanks it may lose.
 PAD = " " * 8
+# Under TCG, OVMF has been seen to spin in its DXE phase after the guest's own warm
+# restart, printing nothing ever after (twice in one CI run: "reboot: Restarting
+# system", then silence); a cold start of the same disk, variables and TPM state boots.
+# A machine silent this long after a restart is power-cycled, as a board's supervisor
+# would, said on stderr and counted in VirtualDevice.firmware_hangs. A warm restart
+# reaches GRUB in 6-16 s.
+FIRMWARE_SILENCE = 150.0
 
 
 class VmError(Exception):
@@ -78,14 +86,18 @@ def data_partition(out: Path, files: dict[str, bytes], mib: int = 128) -> Path:
     return out
 
 
-def agent_toml(hardware_class: str, device_id: str, *, extra: str = "", trial_attempts: int = 1) -> str:
-    """The agent's config on the data partition: GRUB boot control, partition slots."""
-    return (f'server_url = "http://{SERVER_FROM_GUEST}"\n'
+def agent_toml(hardware_class: str, device_id: str, *, extra: str = "", trial_attempts: int = 1,
+               ca_certificates: str | None = None) -> str:
+    """The agent's config on the data partition: GRUB boot control, partition slots;
+    with `ca_certificates` (a file beside it), the server over TLS, trusted by that CA."""
+    scheme = "https" if ca_certificates else "http"
+    return (f'server_url = "{scheme}://{SERVER_FROM_GUEST}"\n'
             f'hardware_class = "{hardware_class}"\n'
             'state_dir = "agent"\n'  # the unit's StateDirectory (outpost/agent)
             'trusted_root = "root.json"\n'
             f'device_id = "{device_id}"\n'
             '\n[http]\ntimeout = "30s"\n'
+            + (f'ca_certificates = "{ca_certificates}"\n' if ca_certificates else '') +
             '\n[install]\nboot_backend = "grub"\n'
             f'grub_env = "{GRUBENV}"\n'
             f'slot_a = "{SLOT_DEVICES["A"]}"\n'
@@ -125,6 +137,8 @@ class VirtualDevice:
         self.swtpm: subprocess.Popen | None = None
         self._shell: socket.socket | None = None
         self._buf = b""
+        self.firmware_hangs = 0
+        self._serial_seen = (-1, time.monotonic())
         if not self.tpm_dir.exists():
             self.tpm_dir.mkdir()
             # Manufactured like a real TPM: EK and EK certificate from swtpm's local CA.
@@ -213,6 +227,29 @@ class VirtualDevice:
     def serial(self) -> str:
         return self.serial_log.read_text(errors="replace") if self.serial_log.exists() else ""
 
+    def _watch_firmware(self) -> None:
+        """Power-cycles a machine whose firmware hung after a warm restart (see
+        FIRMWARE_SILENCE); called while waiting on the machine."""
+        size = self.serial_log.stat().st_size if self.serial_log.exists() else 0
+        now = time.monotonic()
+        if size != self._serial_seen[0]:
+            self._serial_seen = (size, now)
+            return
+        if now - self._serial_seen[1] < FIRMWARE_SILENCE or self.qemu is None:
+            return
+        with open(self.serial_log, "rb") as f:
+            f.seek(max(0, size - 600))
+            tail = f.read()
+        restarted = tail.rfind(b"reboot: Restarting system")
+        if restarted < 0 or max(tail.rfind(b"BdsDxe"), tail.rfind(b"outpost: booting")) > restarted:
+            return
+        self.firmware_hangs += 1
+        print(f"vm {self.dir}: no firmware output {FIRMWARE_SILENCE:.0f} s after the guest restarted "
+              f"(OVMF's hang after a warm reset under TCG): power-cycling (hang {self.firmware_hangs})", file=sys.stderr)
+        self._kill()
+        self.start()
+        self._serial_seen = (size, time.monotonic())
+
     def wait_serial(self, pattern: str, timeout: float, after: int = 0) -> re.Match:
         """Waits for `pattern` (a regex) in the serial log past offset `after`."""
         rx = re.compile(pattern)
@@ -225,6 +262,8 @@ class VirtualDevice:
             m = rx.search(self.serial(), after)
             if m:
                 found.append(m)
+            else:
+                self._watch_firmware()
             return bool(m)
         wait_until(seen, timeout, f"{pattern!r} on the serial console (log: {self.serial_log})", poll=0.5)
         return found[0]
@@ -280,6 +319,8 @@ class VirtualDevice:
         probe_at = 0.0
         sent = False
         while time.monotonic() < deadline:
+            if not sent:
+                self._watch_firmware()
             s = self._connect()
             if not sent:
                 if probe_rx.search(self._buf):

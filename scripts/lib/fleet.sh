@@ -13,15 +13,21 @@
 #   fleet_make_keys DIR               ed25519 keys: root1..3, targets, snapshot, timestamp, firmware
 #   fleet_init_repo REPO KEYS         repo init 2-of-3 root (snapshot/timestamp as .pub: server-held)
 #                                     + delegation 'firmware' for firmware/rpi4/*/*
+#   fleet_make_pki DIR                a private CA, the server's TLS certificate from it and
+#                                     the device CA (openssl; outpost-server device-ca init)
 #   fleet_write_server_config FILE PORT DATA_DIR KEYS REPO
 #                                     (the state store is SQLite, or PostgreSQL at
-#                                     $FLEET_POSTGRES_URL when that is set)
+#                                     $FLEET_POSTGRES_URL when that is set; TLS with the
+#                                     device CA when $FLEET_PKI names fleet_make_pki's DIR,
+#                                     else plain HTTP on loopback)
 #   fleet_create_token CONFIG NAME    print a pipeline token
 #   fleet_start_server CONFIG LOG     start `outpost-server serve` in the background; sets
 #                                     FLEET_SERVER_PID. Callers: `trap fleet_stop_server EXIT` first
 #   fleet_stop_server                 stop it (TERM, then KILL after 5 s); safe to call twice
 #   fleet_wait_healthy URL [SECS]     wait for GET URL/healthz
 #   fleet_write_agent_config FILE SERVER_URL STATE_DIR TRUSTED_ROOT HWCLASS
+#                                     ($FLEET_PKI set: trusts only its CA)
+#   fleet_scheme                      https with $FLEET_PKI, else http
 
 FLEET_SERVER_PID=""
 FLEET_SERVER_LOG=""
@@ -82,15 +88,54 @@ fleet_init_repo() {
     --sign-key "$keys/targets.key" >&2
 }
 
+fleet_make_pki() { # DIR: the fleet's private CA (ca.pem), the server's TLS certificate
+  # from it (server.pem, server.key; for 127.0.0.1, localhost and 10.0.2.100, where the
+  # virtual device reaches the server) and the device CA (device-ca/ca.pem, ca.key).
+  local dir="$1"
+  command -v openssl >/dev/null || fleet_die "openssl not found: run 'bash scripts/setup.sh'"
+  mkdir -p "$dir"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj "/CN=Outpost fleet CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>"$dir/openssl.log" || fleet_die "openssl: the CA (see $dir/openssl.log)"
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=outpost-server" \
+    -keyout "$dir/server.key" -out "$dir/server.csr" 2>>"$dir/openssl.log" || fleet_die "openssl: the server key (see $dir/openssl.log)"
+  printf '%s\n' 'subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.2.100' 'extendedKeyUsage=serverAuth' \
+    'basicConstraints=critical,CA:FALSE' >"$dir/server.ext"
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial -days 30 \
+    -extfile "$dir/server.ext" -out "$dir/server.pem" 2>>"$dir/openssl.log" || fleet_die "openssl: the server certificate (see $dir/openssl.log)"
+  chmod 600 "$dir/ca.key" "$dir/server.key"
+  "$OUTPOST_BIN/outpost-server" device-ca init --trust-domain fleet.outpost.test --out "$dir/device-ca" >/dev/null \
+    || fleet_die "outpost-server device-ca init failed"
+  printf '  CA %s; server certificate %s; device CA %s\n' "$dir/ca.pem" "$dir/server.pem" "$dir/device-ca/ca.pem" >&2
+}
+
+fleet_scheme() { if [[ -n "${FLEET_PKI:-}" ]]; then echo https; else echo http; fi; }
+
+fleet_server_tls() { # server.toml's TLS and device CA from $FLEET_PKI (fleet_make_pki)
+  cat <<EOF
+[tls]
+certificate = "$FLEET_PKI/server.pem"
+key = "$FLEET_PKI/server.key"
+
+# Attested devices get short-lived client certificates for their TPM-resident keys and
+# present them. Devices without a TPM (simulated or file-slot devices) still check in
+# without one, so device routes do not require certificates here.
+[device_ca]
+certificate = "$FLEET_PKI/device-ca/ca.pem"
+key = "$FLEET_PKI/device-ca/ca.key"
+trust_domain = "fleet.outpost.test"
+require_client_certificate = false
+EOF
+}
+
 fleet_write_server_config() {
   local file="$1" port="$2" data_dir="$3" keys="$4" repo="$5"
   mkdir -p "$data_dir"
   cat >"$file" <<EOF
 # outpost-server configuration written by $(basename "$0") (see docs/examples/server.toml)
 listen = "127.0.0.1:$port"
-# The loopback fleet speaks plain HTTP (said explicitly; the server refuses otherwise).
-plain_http = true
 data_dir = "$data_dir"
+$([[ -n "${FLEET_PKI:-}" ]] || echo 'plain_http = true  # the loopback fleet without TLS, said explicitly')
 
 [database]
 $(if [[ -n "${FLEET_POSTGRES_URL:-}" ]]; then printf 'postgres = "%s"\n' "$FLEET_POSTGRES_URL"; else printf 'sqlite = "outpost.db"\n'; fi)
@@ -112,6 +157,8 @@ $(if [[ "${FLEET_EK_TRUST:-localca}" == uncertified ]]; then
 [director]
 # The online director key director root v1 names (made offline by fleet_make_keys).
 key = "$keys/director.key"
+
+$([[ -z "${FLEET_PKI:-}" ]] || fleet_server_tls)
 
 # The agent measures its slot into PCR 23, which software can reset: a testbed.
 [attestation.classes."*"]
@@ -197,6 +244,7 @@ trusted_root = "$trusted_root"
 
 [http]
 timeout = "30s"
+$([[ -z "${FLEET_PKI:-}" ]] || printf 'ca_certificates = "%s"' "$FLEET_PKI/ca.pem")
 EOF
 }
 
@@ -257,7 +305,7 @@ fleet_bench_server() { # WORK: keys, repository, a running server on loopback wi
   fleet_make_keys "$work/keys"
   fleet_init_repo "$work/repo" "$work/keys"
   port="$(fleet_free_port)"
-  SERVER_URL="http://127.0.0.1:$port"
+  SERVER_URL="$(fleet_scheme)://127.0.0.1:$port"
   fleet_write_server_config "$work/server.toml" "$port" "$work/server-data" "$work/keys" "$work/repo"
   OUTPOST_TOKEN="$(fleet_create_token "$work/server.toml" bench-pipeline)"
   export OUTPOST_TOKEN

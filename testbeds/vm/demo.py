@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -40,7 +41,8 @@ class Demo:
     def cli(self, *args: str, operator: bool = True, timeout: float = 600) -> str:
         token = self.a.operator_token if operator else self.a.pipeline_token
         argv = [str(self.cli_bin), *args, "--server", self.a.server_url, "--token", token]
-        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        env = {**os.environ, **({"OUTPOST_CA_FILE": self.a.ca_file} if self.a.ca_file else {})}
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
         if res.returncode != 0:
             raise SystemExit(f"ERROR: outpost {' '.join(args[:3])} failed ({res.returncode}): {res.stderr.strip()}")
         return res.stdout
@@ -72,10 +74,14 @@ class Demo:
         self.publish(slots["1.0.0"], "1.0.0")
         log(f"published 1.0.0 for {HARDWARE_CLASS}: root filesystem + dm-verity tree, golden boot values signed")
         tpm = '\n[tpm]\ntcti = "device:/dev/tpmrm0"\n' f'boot_event_log = "{EVENT_LOG}"\n'
-        data = vm.data_partition(self.work / "data.ext4", {
-            "agent.toml": vm.agent_toml(HARDWARE_CLASS, "vm-demo", extra=tpm).encode(),
-            "root.json": Path(self.a.root).read_bytes(),
-        })
+        files = {"root.json": Path(self.a.root).read_bytes()}
+        if self.a.ca_file:
+            # The server over TLS (its certificate names 10.0.2.100, where the guest
+            # reaches it), trusted by the fleet's CA alone.
+            files["ca.pem"] = Path(self.a.ca_file).read_bytes()
+        files["agent.toml"] = vm.agent_toml(HARDWARE_CLASS, "vm-demo", extra=tpm,
+                                            ca_certificates="ca.pem" if self.a.ca_file else None).encode()
+        data = vm.data_partition(self.work / "data.ext4", files)
         disk = self.work / "disk.raw"
         vm.image_sh("disk", str(disk), str(slots["1.0.0"]), str(data))
         dev = vm.VirtualDevice(self.work / "machine", disk, self.a.server_port)
@@ -144,6 +150,8 @@ def main() -> None:
     p.add_argument("--bin", required=True, help="directory with the outpost CLI")
     p.add_argument("--server-url", required=True)
     p.add_argument("--server-port", type=int, required=True)
+    p.add_argument("--ca-file", help="the CA of the server's TLS certificate (the device then speaks https); "
+                                     "the CLI reads OUTPOST_CA_FILE")
     p.add_argument("--operator-token", required=True)
     p.add_argument("--pipeline-token", required=True)
     p.add_argument("--repo", required=True)
