@@ -178,8 +178,9 @@ ev = res["eviction"]
 kept = max([e["other_connections"] for e in ev if e["tpm_signs"] == 0], default=0)
 lost = min([e["other_connections"] for e in ev if e["tpm_signs"] > 0], default="none of the probes")
 probes = ", ".join(f"{e['other_connections']} → {e['tpm_signs']}" for e in ev)
-head = (f"The resumed modes did {modes['tls_resumed']['full_handshakes']} full handshakes (TLS) and {modes['mtls_resumed']['tpm_signs']} "
-        f"TPM signatures (mutual TLS) in {res['rounds']} rounds")
+plural = lambda n, word: f"{n} {word}" + ("" if n == 1 else "s")
+head = (f"The resumed modes did {plural(modes['tls_resumed']['full_handshakes'], 'full handshake')} (TLS) and "
+        f"{plural(modes['mtls_resumed']['tpm_signs'], 'TPM signature')} (mutual TLS) in {res['rounds']} rounds")
 if lost == "none of the probes":
     resumption = (head + ": the server issues stateless TLS 1.3 session tickets (and keeps 16,384 sessions for TLS 1.2), so a device's session "
                   f"does not depend on how many others connect. Measured: after up to {kept:,} other clients' connections the agent's next connection still "
