@@ -64,25 +64,10 @@ for tool in swtpm swtpm_setup openssl jq python3 curl; do
   command -v "$tool" >/dev/null || fleet_die "$tool not found: run 'bash scripts/setup.sh'"
 done
 
-start_server() { # DIR: keys, repository, server (TLS with $FLEET_PKI), release 1.0.0 of
-  # $WORK/fw.img; sets SERVER_URL, OPERATOR, FLEET_SERVER_PID. Like fleet_bench_server,
-  # but a TLS server's device routes require the device's client certificate.
-  local dir="$1" port
-  fleet_make_keys "$dir/keys"
-  fleet_init_repo "$dir/repo" "$dir/keys"
-  port="$(fleet_free_port)"
-  SERVER_URL="$(fleet_scheme)://127.0.0.1:$port"
-  fleet_write_server_config "$dir/server.toml" "$port" "$dir/server-data" "$dir/keys" "$dir/repo"
-  if [[ -n "${FLEET_PKI:-}" ]]; then
-    sed -i 's/^require_client_certificate = false$/require_client_certificate = true/' "$dir/server.toml"
-    grep -q '^require_client_certificate = true$' "$dir/server.toml" || fleet_die "could not require client certificates in $dir/server.toml"
-  fi
-  OUTPOST_TOKEN="$(fleet_create_token "$dir/server.toml" bench-pipeline)"
-  export OUTPOST_TOKEN
-  OPERATOR="$(fleet_create_token "$dir/server.toml" bench-operator operator)"
-  fleet_start_server "$dir/server.toml" "$dir/server.log"
-  fleet_wait_healthy "$SERVER_URL" 30
-  "$OUTPOST_BIN/outpost" repo push --repo "$dir/repo" --server "$SERVER_URL" >/dev/null
+start_server() { # DIR: fleet_bench_server in DIR (with $FLEET_PKI: TLS, and device routes
+  # that require the device's client certificate), then release 1.0.0 of $WORK/fw.img.
+  local dir="$1"
+  FLEET_REQUIRE_CLIENT_CERTIFICATE=true fleet_bench_server "$dir"
   "$OUTPOST_BIN/outpost" release publish --repo "$dir/repo" --firmware "$WORK/fw.img" --hardware-class rpi4 \
     --version 1.0.0 --key "$dir/keys/firmware.key" --server "$SERVER_URL" >/dev/null
 }

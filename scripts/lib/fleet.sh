@@ -119,12 +119,13 @@ key = "$FLEET_PKI/server.key"
 
 # Attested devices get short-lived client certificates for their TPM-resident keys and
 # present them. Devices without a TPM (simulated or file-slot devices) still check in
-# without one, so device routes do not require certificates here.
+# without one, so device routes require certificates only with
+# FLEET_REQUIRE_CLIENT_CERTIFICATE=true (bench/tls.sh).
 [device_ca]
 certificate = "$FLEET_PKI/device-ca/ca.pem"
 key = "$FLEET_PKI/device-ca/ca.key"
 trust_domain = "fleet.outpost.test"
-require_client_certificate = false
+require_client_certificate = ${FLEET_REQUIRE_CLIENT_CERTIFICATE:-false}
 EOF
 }
 

@@ -49,6 +49,9 @@ pub struct DeviceIdentity {
     current: RwLock<Option<(Arc<CertifiedKey>, DeviceCertificate, i64)>>,
     /// The HTTP client's TLS sessions, emptied when the certificate changes.
     sessions: Arc<Sessions>,
+    /// The EK's public area, sent with each certificate request (read from the TPM
+    /// once: re-deriving the EK costs tens of milliseconds).
+    ek_public: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl DeviceIdentity {
@@ -63,6 +66,7 @@ impl DeviceIdentity {
             key: RwLock::new(None),
             current: RwLock::new(None),
             sessions: Arc::new(Sessions::new()),
+            ek_public: std::sync::Mutex::new(None),
         };
         let key = id.read_key().unwrap_or_else(|e| {
             // A key file that does not load is set aside: the next certificate request
@@ -128,7 +132,13 @@ impl DeviceIdentity {
         let key = self.key_or_create()?;
         let q = self.tpm.certify(ak, &key.blob, &tlskey::certify_qualifying_data(device_id, nonce))?;
         // The key's parent, so the server can check the certification's qualified name.
-        let (ek_public, _) = self.tpm.endorsement()?;
+        let ek_public = {
+            let mut cached = self.ek_public.lock().unwrap_or_else(|p| p.into_inner());
+            match &*cached {
+                Some(ek) => ek.clone(),
+                None => cached.insert(self.tpm.endorsement()?.0).clone(),
+            }
+        };
         Ok(TlsKeyProof {
             public: hex::encode(&key.blob.public),
             attest: hex::encode(&q.attest),

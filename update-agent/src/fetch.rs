@@ -118,8 +118,8 @@ impl Fetcher {
         Self::with_identity(limits, ca_file, None)
     }
 
-    /// A client that presents `identity`'s certificate (see
-    /// [`crate::config::AgentConfig::device_fetcher`]).
+    /// A client that presents `identity`'s certificate (the agent config's
+    /// `device_fetcher` makes it).
     pub(crate) fn with_identity(limits: HttpLimits, ca_file: Option<&Path>, identity: Option<std::sync::Arc<crate::devicecert::DeviceIdentity>>) -> Result<Self> {
         let builder = reqwest::Client::builder()
             .connect_timeout(limits.stall)
