@@ -126,7 +126,9 @@ impl Notifier {
         let every = self.watchdog?;
         let me = self.clone();
         Some(WatchdogTask(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
+            // The first ping one interval from now, not at once: the service has just
+            // said READY=1 and a ping in the same instant tells systemd nothing.
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
@@ -236,6 +238,22 @@ mod tests {
             let e = Notifier::from_values(os("@x"), os(bad), None, 7).unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }
+    }
+
+    // The race CI met: on a multi-threaded runtime the task ran on another worker before
+    // the caller's READY=1, and the manager heard WATCHDOG=1 first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_ping_waits_one_interval() {
+        let name = format!("outpost-sdnotify-first-{}", std::process::id());
+        let sock = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+        sock.set_nonblocking(true).unwrap();
+        // A ping every second (WATCHDOG_USEC of 2 s).
+        let n = std::sync::Arc::new(Notifier::from_values(os(&format!("@{name}")), os("2000000"), None, 1).unwrap());
+        let task = n.spawn_watchdog().expect("a watchdog is configured");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut buf = [0u8; 64];
+        assert!(sock.recv(&mut buf).is_err(), "a ping came before one interval had passed");
+        drop(task);
     }
 
     #[tokio::test(flavor = "current_thread")]

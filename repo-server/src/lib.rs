@@ -77,8 +77,11 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     // systemd (Type=notify): ready once the listener is bound; watchdog pings from a
     // task of this runtime; STOPPING=1 when the shutdown signal arrives.
     let systemd = Arc::new(Notifier::from_env_or_report(|e| tracing::warn!(error = %e, "not notifying systemd")));
-    let watchdog = systemd.spawn_watchdog();
+    // READY=1 goes first: the watchdog task, once spawned, may run on another worker
+    // at once, and a manager (or a test) that hears WATCHDOG=1 before READY=1 sees a
+    // service pinging before it said it serves.
     systemd.notify_or_report(Notice::Ready, report_notify);
+    let watchdog = systemd.spawn_watchdog();
     let interval = config.resign_interval;
     let resigner = tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);

@@ -93,9 +93,10 @@ impl Agent {
         // systemd (Type=notify): configuration and state are loaded (Agent::start), so
         // ready; watchdog pings from a task of this runtime; STOPPING=1 on SIGTERM/SIGINT.
         let systemd = Arc::new(Notifier::from_env_or_report(|e| tracing::warn!(error = %e, "not notifying systemd")));
-        let _watchdog = systemd.spawn_watchdog();
         let report = |e: outpost_fsio::sdnotify::NotifyError| tracing::warn!(error = %e, "notifying systemd failed");
+        // READY=1 before the watchdog task exists, so it is the first notice.
         systemd.notify_or_report(Notice::Ready, report);
+        let _watchdog = systemd.spawn_watchdog();
         let stopping = || {
             systemd.notify_or_report(Notice::Stopping, report);
             Ok(())
