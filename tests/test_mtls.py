@@ -94,6 +94,22 @@ class MtlsFleet:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
 
+    def read(self, path: str, token: str | None) -> tuple[int, str, str]:
+        """GET `path` with a bearer token: status, content type, body."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        req = urllib.request.Request(f"{self.server.url}{path}", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10, context=self.files.client_context()) as r:
+                return r.status, r.headers["Content-Type"], r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers["Content-Type"], e.read().decode()
+
+    def metrics(self) -> dict[str, int]:
+        """GET /metrics (operator token): each sample line as name{labels} -> value."""
+        status, kind, body = self.read("/metrics", self.ops.token)
+        assert status == 200 and kind.startswith("text/plain; version=0.0.4"), (status, kind, body)
+        return {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line and not line.startswith("#")}
+
     def get(self, path: str, cert: tuple[Path, Path] | None = None) -> int:
         ctx = self.files.client_context()
         if cert:
@@ -327,11 +343,53 @@ def test_an_operator_revokes_a_device_at_once_and_the_signed_list_names_it(tmp_p
     # refuses the revoked certificate and still trusts the device's new one.
     assert checkin(peer)["verdict"] == "attested"
     renewed_pem = tmp_path / "renewed.pem"
-    renewed_pem.write_text(json.loads((dev.state_dir / "client-certificate.json").read_text())["certificate"])
+    renewed = json.loads((dev.state_dir / "client-certificate.json").read_text())
+    renewed_pem.write_text(renewed["certificate"])
+
+    # A replayed older list does not replace a newer one. Mirrored here: the peer's
+    # cache holds a list the device CA signed with a number from the future, so the
+    # server's current list is the older one; the check-in says so and keeps the cache.
+    ca_key = serialization.load_pem_private_key((m.device_ca / "ca.key").read_bytes(), None)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    future_number = 10 ** 15
+    revoked_entry = x509.RevokedCertificateBuilder().serial_number(int(serial, 16)).revocation_date(now).build()
+    ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    future = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject).last_update(now)
+              .next_update(now + datetime.timedelta(hours=1)).add_revoked_certificate(revoked_entry)
+              .add_extension(x509.CRLNumber(future_number), critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+              .sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+    crl_file = peer.state_dir / "device-ca.crl"
+    crl_file.write_bytes(future)
+    res = agent(peer, "checkin")
+    assert res.returncode == 0, res.describe()
+    assert "revocation list refused" in res.stderr and f"than the one cached (number {future_number}" in res.stderr, res.describe()
+    assert crl_file.read_bytes() == future, "the newer cached list stays"
+
+    # Operators see the horizons: the device CA's own expiry, each device's newest
+    # unrevoked certificate's, the revoked count; /metrics is not public.
+    status, _, body = m.read("/metrics", None)
+    assert status == 401, body
+    samples = m.metrics()
+    not_after = lambda pem: int(x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc.timestamp())
+    assert samples["outpost_device_ca_certificate_expiry_timestamp_seconds"] == int(ca.not_valid_after_utc.timestamp())
+    assert samples[f'outpost_device_client_certificate_expiry_timestamp_seconds{{device_id="{device_id}"}}'] == not_after(renewed["certificate"])
+    peer_cert = json.loads((peer.state_dir / "client-certificate.json").read_text())["certificate"]
+    assert samples[f'outpost_device_client_certificate_expiry_timestamp_seconds{{device_id="{peer_id}"}}'] == not_after(peer_cert)
+    assert samples["outpost_device_certificates_revoked"] == 1
+    assert samples["outpost_device_certificate_lifetime_seconds"] == 3600
+    # And `device show` lists the device's certificates, the revoked one with why.
+    show = lambda *a: outpost_repo.cli(*a, "device", "show", device_id, "--server", m.server.url, "--token", m.ops.token)
+    shown = json.loads(show("--json").stdout)["certificates"]
+    assert [c["serial"] for c in shown] == [renewed["serial"], serial], shown
+    assert shown[1]["revoked_reason"] == "stolen" and shown[0]["revoked_at"] is None, shown
+    text = show().stdout
+    assert f"{serial} issued" in text and "REVOKED" in text and "stolen" in text, text
     m.server.stop()
     code, verdict = peer_check(peer, revoked_pem)
     assert code != 0 and not verdict["trusted"] and "revoked" in verdict["reason"], verdict
     assert verdict["serial"].lstrip("0") == serial.lstrip("0") and verdict["revocation_list"]["stale"] is False, verdict
+    assert int(verdict["revocation_list"]["number"]) == future_number, verdict
     code, verdict = peer_check(peer, renewed_pem)
     assert code == 0 and verdict["trusted"] and verdict["device_id"] == device_id, verdict
     # A certificate of another CA, and a tampered cached list, are refused by name.
@@ -342,7 +400,6 @@ def test_an_operator_revokes_a_device_at_once_and_the_signed_list_names_it(tmp_p
     expired = m.forge(tmp_path, "expired", device_id=device_id, valid_from=datetime.timedelta(hours=-3))[0]
     code, verdict = peer_check(peer, expired)
     assert code != 0 and not verdict["trusted"] and "Expired" in verdict["reason"], verdict
-    crl_file = peer.state_dir / "device-ca.crl"
     data = bytearray(crl_file.read_bytes())
     data[-10] ^= 0x01  # inside the signature
     crl_file.write_bytes(bytes(data))

@@ -4,7 +4,7 @@
 //! server keeps them only for an attested check-in of a class its boot chain
 //! measures). `--json` prints the whole `DeviceDetail`, every event included.
 
-use outpost_protocol::api::devices::{Attestation, BootEvent, BootEvents, DeviceDetail, Role, Verdict};
+use outpost_protocol::api::devices::{Attestation, BootEvent, BootEvents, DeviceDetail, IssuedCertificate, Role, Verdict};
 use outpost_protocol::api::reports::IncidentRow;
 use outpost_protocol::attest::DeviceHealth;
 use outpost_protocol::slot::Slot;
@@ -75,6 +75,14 @@ fn incident_line(row: &IncidentRow) -> String {
     )
 }
 
+fn certificate_line(c: &IssuedCertificate) -> String {
+    let state = match (&c.revoked_at, &c.revoked_reason) {
+        (Some(at), reason) => format!("REVOKED {at}{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()),
+        (None, _) => String::new(),
+    };
+    format!("  {} issued {} expires {} {state}", c.serial, c.issued_at, c.not_after).trim_end().to_owned()
+}
+
 /// The device as `device show` prints it without `--json`.
 pub(crate) fn detail_text(v: &DeviceDetail) -> String {
     let d = &v.device;
@@ -109,6 +117,10 @@ pub(crate) fn detail_text(v: &DeviceDetail) -> String {
             out.push(boot_table(boot));
         }
         None => out.push("\nno measured-boot events (none kept: the class is not measured by its boot chain, or no check-in attested)".to_owned()),
+    }
+    if !v.certificates.is_empty() {
+        out.push(format!("\nclient certificates, latest expiry first ({}):", v.certificates.len()));
+        out.extend(v.certificates.iter().map(certificate_line));
     }
     out.push(format!("\ninstall reports from attested check-ins: {} (--json shows them)", v.reports.len()));
     out.join("\n")
@@ -148,7 +160,11 @@ mod tests {
             "reports": [],
             "incidents": [{"received_at": "t4", "attested": true, "device_id": "d1", "hardware_class": "vm", "kind": "verity_data", "dev": "254:3",
                            "block": 50558, "slot": "B", "release": "2.0.0", "boot_at": "2026-12-05T19:24:00Z", "record": "dmesg-efi-176496264001001",
-                           "line": "<3>[   23.915531] device-mapper: verity: 254:3: data block 50558 is corrupted"}]
+                           "line": "<3>[   23.915531] device-mapper: verity: 254:3: data block 50558 is corrupted"}],
+            "certificates": [
+                {"serial": "5a01", "issued_at": "t3", "not_after": "t3+1h"},
+                {"serial": "5a00", "issued_at": "t2", "not_after": "t2+1h", "revoked_at": "t2+5m", "revoked_reason": "lost"}
+            ]
         }))
         .unwrap_or_else(|e| panic!("{e}"))
     }
@@ -159,6 +175,10 @@ mod tests {
         assert!(text.contains("attestation QUARANTINED: record 56 (PCR 9) is not golden"), "{text}");
         assert!(text.contains("INTEGRITY INCIDENTS, newest first (1):\n  verity_data block 50558 of 254:3 (slot B, release 2.0.0) in the boot of 2026-12-05T19:24:00Z: <3>["), "{text}");
         assert!(text.contains("measured boot of the attested check-in at t2 (2.0.0)"), "the failed one keeps none: {text}");
+        assert!(
+            text.contains("client certificates, latest expiry first (2):\n  5a01 issued t3 expires t3+1h\n  5a00 issued t2 expires t2+1h REVOKED t2+5m: lost\n"),
+            "{text}"
+        );
         let table: Vec<Vec<&str>> = text
             .lines()
             .skip_while(|l| !l.starts_with("record"))

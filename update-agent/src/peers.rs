@@ -1,7 +1,8 @@
 //! Offline checks of peers' device certificates. While online, the agent keeps the
 //! device CA's signed revocation list in its state directory (`device-ca.crl`, fetched
 //! from `GET /api/v1/device-ca/crl` at each attested check-in, and kept only when its
-//! signature verifies under the device CA). With no
+//! signature verifies under the device CA and it is not older than the list already
+//! cached: a replayed older list would un-revoke what was revoked since). With no
 //! server, `outpost-agent peer check --certificate FILE` then tells whether another
 //! device's client certificate is one the device CA issued, unexpired, for client
 //! authentication, and not revoked as of the cached list — and which device it names.
@@ -15,6 +16,7 @@ use outpost_protocol::attest::tlskey::{self, DeviceCertificate};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use serde::Serialize;
+use x509_parser::num_bigint::BigUint;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
@@ -47,9 +49,20 @@ pub struct PeerVerdict {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ListTimes {
+    /// The list's CRL number (decimal), when it carries one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub number: Option<String>,
     pub this_update: String,
     pub next_update: Option<String>,
     pub stale: bool,
+}
+
+/// A list that verified under the device CA, and where it stands in the CA's sequence
+/// of lists: its CRL number, then its thisUpdate.
+struct VerifiedList {
+    times: ListTimes,
+    number: Option<BigUint>,
+    this_update: i64,
 }
 
 /// The device CA (DER) and trust domain of the agent's own certificate.
@@ -63,8 +76,8 @@ fn own_ca(state_dir: &Path) -> Result<(CertificateDer<'static>, String)> {
     Ok((ca, domain))
 }
 
-/// Checks that `der` is a revocation list the CA `ca` signed; its times.
-fn verify_list(ca: &CertificateDer<'_>, der: &[u8], now: i64) -> std::result::Result<ListTimes, String> {
+/// Checks that `der` is a revocation list the CA `ca` signed; its times and number.
+fn verify_list(ca: &CertificateDer<'_>, der: &[u8], now: i64) -> std::result::Result<VerifiedList, String> {
     let (_, ca) = X509Certificate::from_der(ca.as_ref()).map_err(|e| format!("the device CA certificate: {e}"))?;
     let (rest, crl) = CertificateRevocationList::from_der(der).map_err(|e| format!("not a DER revocation list: {e}"))?;
     if !rest.is_empty() {
@@ -75,11 +88,42 @@ fn verify_list(ca: &CertificateDer<'_>, der: &[u8], now: i64) -> std::result::Re
     }
     crl.verify_signature(ca.public_key()).map_err(|e| format!("its signature does not verify under the device CA: {e}"))?;
     let next = crl.next_update().map(|t| t.timestamp());
-    Ok(ListTimes {
-        this_update: rfc3339(crl.last_update().timestamp()),
-        next_update: next.map(rfc3339),
-        stale: next.is_some_and(|n| n < now),
+    let this_update = crl.last_update().timestamp();
+    let number = crl.crl_number().cloned();
+    Ok(VerifiedList {
+        times: ListTimes {
+            number: number.as_ref().map(|n| n.to_string()),
+            this_update: rfc3339(this_update),
+            next_update: next.map(rfc3339),
+            stale: next.is_some_and(|n| n < now),
+        },
+        number,
+        this_update,
     })
+}
+
+/// Whether the fetched list `new` may replace the `cached` one: it must verify under
+/// the device CA, and must not be older than a cached list of the same CA (a larger
+/// CRL number wins; without numbers on both, the later thisUpdate). A cached list the
+/// CA does not verify (the CA was rotated, the file was damaged) is simply replaced.
+fn accept_list(ca: &CertificateDer<'_>, cached: Option<&[u8]>, new: &[u8], now: i64) -> std::result::Result<ListTimes, String> {
+    let fresh = verify_list(ca, new, now)?;
+    let Some(old) = cached.and_then(|old| verify_list(ca, old, now).ok()) else { return Ok(fresh.times) };
+    let older = match (&fresh.number, &old.number) {
+        (Some(new_n), Some(old_n)) => new_n < old_n,
+        _ => fresh.this_update < old.this_update,
+    };
+    if older {
+        return Err(format!(
+            "older (number {}, thisUpdate {}) than the one cached (number {}, thisUpdate {}): \
+             an older list would un-revoke certificates revoked since, so the cached one stays",
+            fresh.times.number.as_deref().unwrap_or("none"),
+            fresh.times.this_update,
+            old.times.number.as_deref().unwrap_or("none"),
+            old.times.this_update
+        ));
+    }
+    Ok(fresh.times)
 }
 
 fn rfc3339(t: i64) -> String {
@@ -94,10 +138,16 @@ pub async fn refresh(fetcher: &Fetcher, server_url: &str, state_dir: &Path) -> R
     let now = chrono::Utc::now().timestamp();
     let url = format!("{server_url}/api/v1/device-ca/crl");
     let der = fetcher.fetch_bytes(&url, CRL_LIMIT).await?;
-    let times = verify_list(&ca, &der, now).map_err(|reason| AgentError::Fetch { url: url.clone(), reason: format!("revocation list refused: {reason}") })?;
     let path = state_dir.join(CRL_FILE);
+    let cached = match std::fs::read(&path) {
+        Ok(bytes) => Some(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(AgentError::io("read the cached revocation list", &path, e)),
+    };
+    let times = accept_list(&ca, cached.as_deref(), &der, now)
+        .map_err(|reason| AgentError::Fetch { url: url.clone(), reason: format!("revocation list refused: {reason}") })?;
     outpost_fsio::write_atomic(&path, &der).map_err(|e| AgentError::io("write", &path, e))?;
-    tracing::info!(this_update = %times.this_update, next_update = ?times.next_update, "device CA revocation list cached");
+    tracing::info!(number = ?times.number, this_update = %times.this_update, next_update = ?times.next_update, "device CA revocation list cached");
     Ok(())
 }
 
@@ -114,7 +164,7 @@ pub fn check(state_dir: &Path, pem: &Path) -> Result<PeerVerdict> {
     let crl_path: PathBuf = state_dir.join(CRL_FILE);
     let now = chrono::Utc::now().timestamp();
     let list = std::fs::read(&crl_path).map_err(|e| AgentError::io("read the cached revocation list (fetched while online)", &crl_path, e))?;
-    let times = verify_list(&ca, &list, now).map_err(|reason| AgentError::Corrupt { path: crl_path.clone(), reason })?;
+    let times = verify_list(&ca, &list, now).map_err(|reason| AgentError::Corrupt { path: crl_path.clone(), reason })?.times;
     let verdict = verify_peer(&ca, &peer, &list).err().or_else(|| device_id.is_none().then(|| format!("names no device of trust domain {domain}")));
     Ok(PeerVerdict { trusted: verdict.is_none(), reason: verdict, serial, spiffe_id, device_id, revocation_list: Some(times) })
 }
@@ -148,4 +198,97 @@ fn spiffe_uri(cert: &X509Certificate<'_>) -> Option<String> {
         GeneralName::URI(u) => Some((*u).to_owned()),
         _ => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, SerialNumber,
+    };
+
+    /// A device CA named `name` with a fresh key: its certificate (DER) and issuer.
+    fn ca(name: &str) -> (CertificateDer<'static>, Issuer<'static, KeyPair>) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.key_identifier_method = KeyIdMethod::PreSpecified(vec![7; 20]);
+        let cert = p.self_signed(&key).unwrap();
+        (cert.der().clone(), Issuer::new(p, key))
+    }
+
+    /// A list signed by `issuer` with CRL number `number`, issued `age` seconds ago.
+    fn list(issuer: &Issuer<'static, KeyPair>, number: u64, age: i64) -> Vec<u8> {
+        let at = ::time::OffsetDateTime::now_utc() - ::time::Duration::seconds(age);
+        let params = CertificateRevocationListParams {
+            this_update: at,
+            next_update: at + ::time::Duration::hours(1),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: KeyIdMethod::PreSpecified(vec![7; 20]),
+        };
+        params.signed_by(issuer).unwrap().der().to_vec()
+    }
+
+    fn now() -> i64 {
+        chrono::Utc::now().timestamp()
+    }
+
+    #[test]
+    fn a_list_signed_by_another_key_under_the_same_name_is_refused() {
+        let (real, _) = ca("Outpost device CA for fleet.example");
+        let (_, forger) = ca("Outpost device CA for fleet.example");
+        let e = accept_list(&real, None, &list(&forger, 5, 0), now()).unwrap_err();
+        assert!(e.contains("signature does not verify under the device CA"), "{e}");
+    }
+
+    #[test]
+    fn a_list_of_another_ca_is_refused_by_name() {
+        let (real, _) = ca("Outpost device CA for fleet.example");
+        let (_, other) = ca("Someone else's CA");
+        let e = accept_list(&real, None, &list(&other, 5, 0), now()).unwrap_err();
+        assert!(e.contains("not the device CA"), "{e}");
+    }
+
+    #[test]
+    fn an_older_list_does_not_replace_a_newer_one() {
+        // The replay: a list from before a revocation, validly signed, served again.
+        let (der, issuer) = ca("Outpost device CA for fleet.example");
+        let newer = list(&issuer, 20, 0);
+        let older = list(&issuer, 10, 600);
+        let e = accept_list(&der, Some(&newer), &older, now()).unwrap_err();
+        assert!(e.contains("older (number 10") && e.contains("than the one cached (number 20"), "{e}");
+        // A smaller number is older even with a later thisUpdate (a CA's clock set back).
+        let e = accept_list(&der, Some(&newer), &list(&issuer, 19, -60), now()).unwrap_err();
+        assert!(e.contains("older (number 19"), "{e}");
+    }
+
+    #[test]
+    fn newer_and_identical_lists_are_accepted() {
+        let (der, issuer) = ca("Outpost device CA for fleet.example");
+        let cached = list(&issuer, 10, 600);
+        let times = accept_list(&der, Some(&cached), &list(&issuer, 11, 0), now()).unwrap();
+        assert_eq!(times.number.as_deref(), Some("11"));
+        assert!(!times.stale);
+        accept_list(&der, Some(&cached), &cached, now()).expect("the same list again");
+    }
+
+    #[test]
+    fn a_cached_list_of_a_rotated_ca_or_a_damaged_one_is_replaced() {
+        let (_, old_issuer) = ca("Outpost device CA for fleet.example (old)");
+        let (der, issuer) = ca("Outpost device CA for fleet.example");
+        let from_old_ca = list(&old_issuer, 99, 0);
+        accept_list(&der, Some(&from_old_ca), &list(&issuer, 1, 0), now()).expect("the old CA's list says nothing about the new CA's");
+        accept_list(&der, Some(b"not a list"), &list(&issuer, 1, 0), now()).expect("a damaged cache is replaced");
+    }
+
+    #[test]
+    fn a_list_past_its_next_update_is_marked_stale() {
+        let (der, issuer) = ca("Outpost device CA for fleet.example");
+        let times = accept_list(&der, None, &list(&issuer, 3, 7200), now()).unwrap();
+        assert!(times.stale, "{times:?}");
+    }
 }

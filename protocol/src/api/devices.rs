@@ -134,6 +134,26 @@ pub struct DeviceDetail {
     /// Integrity incidents from attested check-ins, newest first.
     #[serde(default)]
     pub incidents: Vec<crate::api::reports::IncidentRow>,
+    /// Client certificates the device CA issued the device, latest expiry first (the
+    /// newest few). Servers before device certificates sent none.
+    #[serde(default)]
+    pub certificates: Vec<IssuedCertificate>,
+}
+
+/// A client certificate the device CA issued, as `GET /api/v1/devices/{id}` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedCertificate {
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// RFC 3339.
+    pub issued_at: String,
+    /// RFC 3339.
+    pub not_after: String,
+    /// RFC 3339, when an operator revoked it.
+    #[serde(default)]
+    pub revoked_at: Option<String>,
+    #[serde(default)]
+    pub revoked_reason: Option<String>,
 }
 
 /// `PUT /api/v1/devices/{id}/labels` body: the device's new labels (replacing all).
@@ -220,9 +240,12 @@ mod tests {
                          "version": "1.2.0", "outcome": "rolled_back", "reason": "health check failed", "slot": "B", "at": "2026-12-05T06:00:59+00:00", "attested": true}],
             "incidents": [{"received_at": "2026-12-05T06:03:00+00:00", "attested": true, "device_id": "d1", "hardware_class": "gw", "kind": "verity_data",
                            "dev": "254:3", "block": 2931, "slot": "B", "release": "1.2.0", "boot_at": "2026-12-05T06:02:30+00:00", "record": "dmesg-efi-176496120001001",
-                           "line": "<3>[   95.123456] device-mapper: verity: 254:3: data block 2931 is corrupted"}]
+                           "line": "<3>[   95.123456] device-mapper: verity: 254:3: data block 2931 is corrupted"}],
+            "certificates": [{"serial": "5a01", "issued_at": "2026-12-05T06:01:00+00:00", "not_after": "2026-12-05T07:01:00+00:00",
+                              "revoked_at": "2026-12-05T06:30:00+00:00", "revoked_reason": "lost"}]
         }));
         assert_eq!(detail.incidents[0].incident.block, 2931);
+        assert_eq!(detail.certificates[0].revoked_reason.as_deref(), Some("lost"));
         assert_eq!(detail.attestations[0].verdict, Verdict::Attested);
         let events = detail.attestations[0].boot_events.as_ref().map(|b| b.events.iter().map(|e| e.golden.clone()).collect::<Vec<_>>());
         assert_eq!(events.map(|g| g[3].clone()), Some(Role::Kernel("vmlinuz".into())));

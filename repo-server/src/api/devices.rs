@@ -131,7 +131,8 @@ async fn show(State(s): State<AppState>, auth: Auth, Path(id): Path<String>) -> 
     let reports = s.store.recent_reports(Some(&id), 50, ReportFilter::AttestedOnly).await?;
     let incidents = s.store.recent_incidents(Some(&id), 50, ReportFilter::AttestedOnly).await?;
     let vulnerable = crate::fleet::sbom::vulnerable_devices(&s.repo, &s.store).await?.remove(&id).unwrap_or_default();
-    Ok(Json(DeviceDetail { device: record.device, vulnerable, attestations, reports, incidents }))
+    let certificates = s.store.device_certificates(&id, 10).await?;
+    Ok(Json(DeviceDetail { device: record.device, vulnerable, attestations, reports, incidents, certificates }))
 }
 
 /// Replaces a device's labels (operators).

@@ -18,6 +18,7 @@ pub mod devices;
 pub mod error;
 pub mod extract;
 pub mod incidents;
+pub mod metrics;
 pub mod reports;
 pub mod repository;
 pub mod rollouts;
@@ -63,6 +64,7 @@ pub fn app(state: AppState) -> Router {
         .merge(sbom::routes())
         .merge(rollouts::routes())
         .merge(dashboard::routes())
+        .merge(metrics::routes())
         .merge(crate::http::routes().route_layer(axum::middleware::from_fn_with_state(state.clone(), targets_access)))
         .with_state(state)
         .layer(axum::middleware::from_fn(run_to_the_end))

@@ -9,7 +9,7 @@
 //! after being offline past its certificate's expiry.
 
 use super::deviceca::{ClientIdentity, DeviceCa};
-use super::Refusal;
+use super::{rfc3339, Refusal};
 use crate::storage::Store;
 
 /// The device route being asked for.
@@ -59,10 +59,6 @@ pub async fn check(ca: Option<&DeviceCa>, store: &Store, caller: Option<&ClientI
             )),
         },
     }
-}
-
-fn rfc3339(t: i64) -> String {
-    chrono::DateTime::from_timestamp(t, 0).map(|d| d.to_rfc3339()).unwrap_or_else(|| t.to_string())
 }
 
 /// The repository's target files when `[device_ca]

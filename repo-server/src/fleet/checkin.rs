@@ -236,7 +236,11 @@ async fn certificate(
         Err(e) => return refuse(format!("not issued: {e}")),
     };
     let point = key.public.ecc_point().ok_or_else(|| ServerError::State("a checked TLS key without an ECC point".into()))?;
-    let issued = ca.issue(id, &point, now)?;
+    // A device CA past its certificate's end issues nothing; the check-in stands.
+    let issued = match ca.issue(id, &point, now) {
+        Ok(issued) => issued,
+        Err(e) => return refuse(format!("not issued: {e}")),
+    };
     cx.store.record_certificate(&issued.answer.serial, id, &now.to_rfc3339(), issued.not_after).await?;
     tracing::info!(device = %id, serial = %issued.answer.serial, not_after = %issued.answer.not_after, "client certificate issued");
     Ok((Some(issued.answer), None))

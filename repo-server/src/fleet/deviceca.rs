@@ -20,6 +20,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use x509_parser::prelude::*;
 
+use super::rfc3339;
 use crate::error::ServerError;
 use crate::storage::certificates::Revoked;
 
@@ -66,8 +67,14 @@ pub struct DeviceCa {
     ca_pem: String,
     /// The current CA certificate first, then the previous ones.
     roots: Vec<CertificateDer<'static>>,
+    /// When the current CA certificate expires (Unix seconds): no certificate it issues
+    /// outlives it, and every one it issued stops chaining then.
+    ca_not_after: i64,
     pub settings: DeviceCaSettings,
 }
+
+/// A device CA certificate that expires sooner than this is warned of at start.
+const CA_EXPIRY_WARNING: chrono::Duration = chrono::Duration::days(30);
 
 impl std::fmt::Debug for DeviceCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -113,6 +120,20 @@ impl DeviceCa {
             return Err(ca_err(format!("device_ca.key {}: not a P-256 key (Outpost's device CA signs with ECDSA P-256)", settings.key.display())));
         }
         let (issuer, key_id) = issuer_for(&ca_der, key).map_err(|r| ca_err(format!("device_ca.certificate {}: {r}", settings.certificate.display())))?;
+        let ca_not_after = parse_x509_certificate(ca_der.as_ref())
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .map_err(|e| ca_err(format!("device_ca.certificate {}: does not parse: {e}", settings.certificate.display())))?;
+        let now = chrono::Utc::now();
+        let expires = rfc3339(ca_not_after);
+        if ca_not_after <= now.timestamp() {
+            return Err(ca_err(format!(
+                "device_ca.certificate {}: expired at {expires}; devices cannot chain a certificate to it (make a new CA and name this one in previous_certificates)",
+                settings.certificate.display()
+            )));
+        }
+        if ca_not_after <= (now + CA_EXPIRY_WARNING).timestamp() {
+            tracing::warn!(certificate = %settings.certificate.display(), expires = %expires, "the device CA's certificate expires within 30 days: rotate it before then, or every device certificate stops chaining");
+        }
         let mut roots = vec![ca_der.clone()];
         for p in &settings.previous_certificates {
             let pem = read(p, "device_ca.previous_certificates")?;
@@ -123,7 +144,7 @@ impl DeviceCa {
         }
         // What devices are sent is the certificate alone, written again from its DER
         // (never the file's text: a file holding the key too must not reach them).
-        let ca = DeviceCa { issuer, key_id, ca_pem: pem_certificate(&ca_der), roots, settings: settings.clone() };
+        let ca = DeviceCa { issuer, key_id, ca_pem: pem_certificate(&ca_der), roots, ca_not_after, settings: settings.clone() };
         // Issue one for the CA's own key and check it chains: the key is the
         // certificate's and the issuer name is written as the CA's subject.
         let point = ca.issuer_point();
@@ -137,17 +158,31 @@ impl DeviceCa {
         self.issuer.key().der_bytes().to_vec()
     }
 
+    /// When the current CA certificate expires (Unix seconds).
+    pub fn ca_not_after(&self) -> i64 {
+        self.ca_not_after
+    }
+
     /// The CA certificates client certificates may chain to (current first).
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
     }
 
     /// A client certificate for `device_id`'s key (an uncompressed P-256 point the
-    /// caller has checked is TPM-resident), valid from a minute ago for the lifetime.
+    /// caller has checked is TPM-resident), valid from a minute ago for the lifetime,
+    /// or until the CA certificate expires when that is sooner (a certificate that
+    /// outlives its CA's would not chain for its last part).
     pub fn issue(&self, device_id: &str, point: &[u8], now: chrono::DateTime<chrono::Utc>) -> Result<Issued, ServerError> {
         let spiffe_id = tlskey::spiffe_id(&self.settings.trust_domain, device_id);
         let not_before = now - chrono::Duration::seconds(60);
-        let not_after = now + chrono::Duration::from_std(self.settings.lifetime).map_err(|e| ca_err(format!("lifetime: {e}")))?;
+        let full = now + chrono::Duration::from_std(self.settings.lifetime).map_err(|e| ca_err(format!("lifetime: {e}")))?;
+        if self.ca_not_after <= now.timestamp() {
+            return Err(ca_err(format!("its certificate expired at {}: no certificate issued (rotate the device CA)", rfc3339(self.ca_not_after))));
+        }
+        let not_after = match chrono::DateTime::from_timestamp(self.ca_not_after, 0) {
+            Some(ca_end) if ca_end < full => ca_end,
+            _ => full,
+        };
         let mut serial = outpost_protocol::attest::credential::random_bytes::<16>();
         serial[0] &= 0x7f; // a positive INTEGER of 16 bytes
         serial[0] |= 0x01;
@@ -322,7 +357,12 @@ mod tests {
     use super::*;
 
     fn ca_in(dir: &std::path::Path, lifetime: Duration) -> DeviceCa {
-        let (cert, key) = make_ca("fleet.test", Duration::from_secs(86400), chrono::Utc::now()).unwrap();
+        ca_valid_for(dir, lifetime, Duration::from_secs(86400), chrono::Utc::now()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A CA made at `made` valid for `validity`, issuing for `lifetime`.
+    fn ca_valid_for(dir: &std::path::Path, lifetime: Duration, validity: Duration, made: chrono::DateTime<chrono::Utc>) -> Result<DeviceCa, ServerError> {
+        let (cert, key) = make_ca("fleet.test", validity, made).unwrap();
         std::fs::write(dir.join("ca.pem"), cert).unwrap();
         std::fs::write(dir.join("ca.key"), key).unwrap();
         DeviceCa::load(&DeviceCaSettings {
@@ -334,7 +374,27 @@ mod tests {
             require_client_certificate: true,
             targets_require_client_certificate: false,
         })
-        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn no_certificate_outlives_the_ca_and_an_expired_ca_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // The CA has 10 minutes left; certificates would get an hour.
+        let ca = ca_valid_for(dir.path(), Duration::from_secs(3600), Duration::from_secs(600), chrono::Utc::now()).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let now = chrono::Utc::now();
+        let issued = ca.issue("dev-1", key.der_bytes(), now).unwrap();
+        assert_eq!(issued.not_after, ca.ca_not_after());
+        assert!(issued.not_after <= now.timestamp() + 600, "{} vs {}", issued.not_after, now.timestamp());
+        // Past the CA's end the server issues nothing.
+        let e = ca.issue("dev-1", key.der_bytes(), now + chrono::Duration::seconds(700)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("expired at"), "{e}");
+        // And a CA that has expired is refused at load, naming the file.
+        let e = ca_valid_for(dir.path(), Duration::from_secs(600), Duration::from_secs(60), chrono::Utc::now() - chrono::Duration::days(1))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("ca.pem") && e.contains("expired at"), "{e}");
     }
 
     #[test]

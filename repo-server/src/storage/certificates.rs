@@ -2,7 +2,9 @@
 //! device routes check a presented certificate against (a revoked one is refused even
 //! before it expires) and what the signed revocation list names.
 
-use super::Store;
+use outpost_protocol::api::devices::IssuedCertificate;
+
+use super::{rfc3339, Store};
 use crate::args;
 use crate::storage::db::Mode;
 use crate::error::ServerError;
@@ -79,6 +81,41 @@ impl Store {
         }
     }
 
+    /// The certificates issued to `device_id`, latest expiry first, at most `limit`.
+    pub async fn device_certificates(&self, device_id: &str, limit: u32) -> Result<Vec<IssuedCertificate>, ServerError> {
+        let rows = self
+            .query(
+                "SELECT serial, issued_at, not_after, revoked_at, revoked_reason FROM device_certificates WHERE device_id = ?1 \
+                 ORDER BY not_after DESC, serial LIMIT ?2",
+                args![device_id, i64::from(limit)],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(IssuedCertificate {
+                    serial: r.text(0)?,
+                    issued_at: r.text(1)?,
+                    not_after: rfc3339(r.int(2)?),
+                    revoked_at: r.opt_int(3)?.map(rfc3339),
+                    revoked_reason: r.opt_text(4)?,
+                })
+            })
+            .collect()
+    }
+
+    /// For each enrolled device that was ever issued a certificate, when its latest
+    /// unrevoked one expires (Unix seconds; in the past when it lapsed), by device id.
+    pub async fn certificate_horizons(&self) -> Result<Vec<(String, i64)>, ServerError> {
+        let rows = self
+            .query(
+                "SELECT c.device_id, MAX(c.not_after) FROM device_certificates c JOIN devices d ON d.device_id = c.device_id \
+                 WHERE c.revoked_at IS NULL GROUP BY c.device_id ORDER BY c.device_id",
+                args![],
+            )
+            .await?;
+        rows.iter().map(|r| Ok((r.text(0)?, r.int(1)?))).collect()
+    }
+
     /// Revoked certificates that have not expired at `now`, oldest revocation first.
     pub async fn revoked_certificates(&self, now: i64) -> Result<Vec<Revoked>, ServerError> {
         let rows = self
@@ -88,5 +125,44 @@ impl Store {
             )
             .await?;
         rows.iter().map(|r| Ok(Revoked { serial: r.text(0)?, device_id: r.text(1)?, revoked_at: r.int(2)? })).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::testing::{add_devices, ok, on_both_backends};
+    use crate::storage::Backend;
+
+    const NOW: i64 = 1_796_000_000;
+
+    on_both_backends! {
+        horizons_are_each_devices_latest_unrevoked_certificate;
+    }
+
+    /// What the metrics and `device show` read: a device's newest unrevoked expiry
+    /// (a lapsed one stays, in the past, so an alert can fire on it), nothing for a
+    /// device whose every certificate was revoked, and the history newest first.
+    async fn horizons_are_each_devices_latest_unrevoked_certificate(b: Backend) {
+        let s = ok(Store::open(&b).await);
+        add_devices(&s, ["dev-a", "dev-b", "dev-c"].map(str::to_owned).into_iter()).await;
+        ok(s.record_certificate("0a01", "dev-a", "2026-12-06T10:00:00+00:00", NOW + 600).await);
+        ok(s.record_certificate("0a02", "dev-a", "2026-12-06T10:05:00+00:00", NOW + 900).await);
+        ok(s.record_certificate("0b01", "dev-b", "2026-12-06T09:00:00+00:00", NOW - 3600).await);
+        ok(s.record_certificate("0c01", "dev-c", "2026-12-06T10:00:00+00:00", NOW + 600).await);
+        // A certificate naming a device that is not enrolled (any more) is no horizon.
+        ok(s.record_certificate("0d01", "gone", "2026-12-06T10:00:00+00:00", NOW + 600).await);
+        assert_eq!(ok(s.revoke_certificates("dev-c", "ops", "stolen", NOW).await), 1);
+
+        let horizons = ok(s.certificate_horizons().await);
+        assert_eq!(horizons, [("dev-a".to_owned(), NOW + 900), ("dev-b".to_owned(), NOW - 3600)]);
+
+        let listed = ok(s.device_certificates("dev-a", 10).await);
+        assert_eq!(listed.iter().map(|c| c.serial.as_str()).collect::<Vec<_>>(), ["0a02", "0a01"]);
+        assert_eq!(listed[0].not_after, rfc3339(NOW + 900));
+        assert_eq!(ok(s.device_certificates("dev-a", 1).await).len(), 1);
+        let revoked = ok(s.device_certificates("dev-c", 10).await);
+        assert_eq!(revoked[0].revoked_at.as_deref(), Some(rfc3339(NOW).as_str()));
+        assert_eq!(revoked[0].revoked_reason.as_deref(), Some("stolen"));
     }
 }

@@ -151,6 +151,12 @@ impl Row {
             v => Err(column_error(i, "an integer", v)),
         }
     }
+    pub fn opt_int(&self, i: usize) -> Result<Option<i64>, ServerError> {
+        match self.at(i)? {
+            Value::Null(_) => Ok(None),
+            _ => self.int(i).map(Some),
+        }
+    }
     pub fn text(&self, i: usize) -> Result<String, ServerError> {
         match self.at(i)? {
             Value::Text(v) => Ok(v.clone()),
