@@ -127,7 +127,7 @@ impl DeviceCa {
         let expires = rfc3339(ca_not_after);
         if ca_not_after <= now.timestamp() {
             return Err(ca_err(format!(
-                "device_ca.certificate {}: expired at {expires}; devices cannot chain a certificate to it (make a new CA and name this one in previous_certificates)",
+                "device_ca.certificate {}: expired at {expires}; no device certificate chains to it any more (make a new CA with `outpost-server device-ca init` and name it in [device_ca])",
                 settings.certificate.display()
             )));
         }
