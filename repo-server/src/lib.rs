@@ -101,6 +101,7 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
     let tick_every = config.rollout_tick;
     let ticker = tokio::spawn(async move {
         let mut tick = tokio::time::interval(tick_every);
+        let mut certificates_purged: Option<std::time::Instant> = None;
         loop {
             tick.tick().await;
             match tick_store.rollout_tick(chrono::Utc::now().timestamp()).await {
@@ -109,6 +110,17 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServerError> {
             }
             if let Err(e) = tick_store.purge_nonces(chrono::Utc::now().timestamp_millis()).await {
                 tracing::error!(error = %e, "removing expired nonces failed");
+            }
+            // Hourly: certificates expired for longer than CERTIFICATE_RETENTION (each
+            // device's latest stays).
+            if certificates_purged.is_none_or(|at| at.elapsed() >= CERTIFICATE_PURGE_EVERY) {
+                certificates_purged = Some(std::time::Instant::now());
+                let before = chrono::Utc::now().timestamp() - CERTIFICATE_RETENTION.as_secs() as i64;
+                match tick_store.purge_certificates(before).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "removed client certificates expired for over a week"),
+                    Err(e) => tracing::error!(error = %e, "removing expired client certificates failed"),
+                }
             }
         }
     });
@@ -198,6 +210,11 @@ fn report_notify(e: outpost_fsio::sdnotify::NotifyError) {
 }
 
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the store keeps an expired client certificate (a device's latest is kept
+/// regardless): long enough for `device show` to tell what a device last held.
+const CERTIFICATE_RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
+/// How often the ticker purges them.
+const CERTIFICATE_PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 async fn shutdown_signal() {
     let ctrl_c = async {

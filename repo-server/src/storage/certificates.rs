@@ -116,6 +116,19 @@ impl Store {
         rows.iter().map(|r| Ok((r.text(0)?, r.int(1)?))).collect()
     }
 
+    /// Removes certificates that expired before `before` (Unix seconds), but for each
+    /// device's latest one: a device renews every half lifetime, so without this the
+    /// table grows by a row per device per renewal for ever; the latest stays so a
+    /// lapsed device still shows (in `device show` and the metrics). The number removed.
+    pub async fn purge_certificates(&self, before: i64) -> Result<u64, ServerError> {
+        self.execute(
+            "DELETE FROM device_certificates WHERE not_after < ?1 \
+             AND not_after < (SELECT MAX(c.not_after) FROM device_certificates c WHERE c.device_id = device_certificates.device_id)",
+            args![before],
+        )
+        .await
+    }
+
     /// Revoked certificates that have not expired at `now`, oldest revocation first.
     pub async fn revoked_certificates(&self, now: i64) -> Result<Vec<Revoked>, ServerError> {
         let rows = self
@@ -138,6 +151,29 @@ mod tests {
 
     on_both_backends! {
         horizons_are_each_devices_latest_unrevoked_certificate;
+        expired_certificates_are_purged_but_each_devices_latest;
+    }
+
+    /// A week of hourly renewals leaves one row per device after the purge, and a
+    /// device that stopped renewing keeps its last certificate on record.
+    async fn expired_certificates_are_purged_but_each_devices_latest(b: Backend) {
+        let s = ok(Store::open(&b).await);
+        add_devices(&s, ["dev-a", "dev-b"].map(str::to_owned).into_iter()).await;
+        for h in 0..168 {
+            let serial = format!("0a{h:04x}");
+            ok(s.record_certificate(&serial, "dev-a", "2026-12-01T00:00:00+00:00", NOW - 7 * 86_400 + h * 3600 + 3600).await);
+        }
+        ok(s.record_certificate("0b01", "dev-b", "2026-11-01T00:00:00+00:00", NOW - 30 * 86_400).await);
+        ok(s.record_certificate("0b00", "dev-b", "2026-10-31T00:00:00+00:00", NOW - 31 * 86_400).await);
+        // Kept: what expired less than a day ago, and each device's latest.
+        let removed = ok(s.purge_certificates(NOW - 86_400).await);
+        assert_eq!(removed, 143 + 1);
+        let a = ok(s.device_certificates("dev-a", 1000).await);
+        assert_eq!(a.len(), 25, "those that expired at the cutoff or since");
+        assert_eq!(a[0].serial, "0a00a7");
+        assert_eq!(ok(s.device_certificates("dev-b", 10).await).iter().map(|c| c.serial.as_str()).collect::<Vec<_>>(), ["0b01"]);
+        assert_eq!(ok(s.certificate_horizons().await), [("dev-a".to_owned(), NOW), ("dev-b".to_owned(), NOW - 30 * 86_400)]);
+        assert_eq!(ok(s.purge_certificates(NOW - 86_400).await), 0, "nothing more to remove");
     }
 
     /// What the metrics and `device show` read: a device's newest unrevoked expiry

@@ -174,7 +174,7 @@ pub(super) fn base_schema(dialect: Dialect) -> String {
 
 /// Schema changes to tables that already exist, numbered from 1 (SQLite keeps the
 /// number in `PRAGMA user_version`, PostgreSQL in `outpost_schema`).
-pub(super) const ALTERATIONS: [&str; 8] = [
+pub(super) const ALTERATIONS: [&str; 9] = [
     // 1: device labels (rollout selectors) and the per-device director version;
     // labels given to enrollment tokens.
     "ALTER TABLE devices ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
@@ -246,4 +246,6 @@ pub(super) const ALTERATIONS: [&str; 8] = [
          blocked_by TEXT NOT NULL,
          reason TEXT NOT NULL
      );",
+    // 9: expired certificates are purged by expiry (see Store::purge_certificates).
+    "CREATE INDEX IF NOT EXISTS device_certificates_expiry ON device_certificates (not_after);",
 ];
