@@ -169,7 +169,17 @@ mod tests {
         Some(OsStr::new(s))
     }
 
+    /// A manager's socket in the abstract namespace, non-blocking, and its
+    /// `$NOTIFY_SOCKET` value.
+    fn manager(tag: &str) -> (UnixDatagram, String) {
+        let name = format!("outpost-sdnotify-{tag}-{}", std::process::id());
+        let sock = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+        sock.set_nonblocking(true).unwrap();
+        (sock, format!("@{name}"))
+    }
+
     fn receive(sock: &UnixDatagram) -> String {
+        sock.set_nonblocking(false).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut buf = [0u8; 256];
         let n = sock.recv(&mut buf).expect("a notice arrives");
@@ -194,9 +204,8 @@ mod tests {
 
     #[test]
     fn notices_reach_an_abstract_socket() {
-        let name = format!("outpost-sdnotify-test-{}", std::process::id());
-        let sock = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
-        let n = Notifier::from_values(os(&format!("@{name}")), None, None, 1).unwrap();
+        let (sock, address) = manager("test");
+        let n = Notifier::from_values(os(&address), None, None, 1).unwrap();
         n.notify(Notice::Ready).unwrap();
         assert_eq!(receive(&sock), "READY=1");
     }
@@ -244,11 +253,9 @@ mod tests {
     // the caller's READY=1, and the manager heard WATCHDOG=1 first.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_first_ping_waits_one_interval() {
-        let name = format!("outpost-sdnotify-first-{}", std::process::id());
-        let sock = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
-        sock.set_nonblocking(true).unwrap();
+        let (sock, address) = manager("first");
         // A ping every second (WATCHDOG_USEC of 2 s).
-        let n = std::sync::Arc::new(Notifier::from_values(os(&format!("@{name}")), os("2000000"), None, 1).unwrap());
+        let n = std::sync::Arc::new(Notifier::from_values(os(&address), os("2000000"), None, 1).unwrap());
         let task = n.spawn_watchdog().expect("a watchdog is configured");
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut buf = [0u8; 64];
@@ -258,10 +265,8 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn the_watchdog_task_keeps_pinging() {
-        let name = format!("outpost-sdnotify-watchdog-{}", std::process::id());
-        let sock = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
-        sock.set_nonblocking(true).unwrap();
-        let n = std::sync::Arc::new(Notifier::from_values(os(&format!("@{name}")), os("40000"), None, 1).unwrap());
+        let (sock, address) = manager("watchdog");
+        let n = std::sync::Arc::new(Notifier::from_values(os(&address), os("40000"), None, 1).unwrap());
         let task = n.spawn_watchdog().expect("a watchdog is configured");
 
         let mut pings = Vec::new();
@@ -282,7 +287,7 @@ mod tests {
         while sock.recv(&mut buf).is_ok() {}
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(sock.recv(&mut buf).is_err(), "no ping after the guard is dropped");
-        let none = Notifier::from_values(os(&format!("@{name}")), None, None, 1).unwrap();
+        let none = Notifier::from_values(os(&address), None, None, 1).unwrap();
         assert!(std::sync::Arc::new(none).spawn_watchdog().is_none(), "no WATCHDOG_USEC, no task");
     }
 }

@@ -76,10 +76,8 @@ fn incident_line(row: &IncidentRow) -> String {
 }
 
 fn certificate_line(c: &IssuedCertificate) -> String {
-    let state = match (&c.revoked_at, &c.revoked_reason) {
-        (Some(at), reason) => format!("REVOKED {at}{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()),
-        (None, _) => String::new(),
-    };
+    let reason = c.revoked_reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default();
+    let state = c.revoked_at.as_deref().map(|at| format!("REVOKED {at}{reason}")).unwrap_or_default();
     format!("  {} issued {} expires {} {state}", c.serial, c.issued_at, c.not_after).trim_end().to_owned()
 }
 

@@ -57,12 +57,32 @@ pub struct ListTimes {
     pub stale: bool,
 }
 
-/// A list that verified under the device CA, and where it stands in the CA's sequence
-/// of lists: its CRL number, then its thisUpdate.
+/// A list that verified under the device CA: where it stands in the CA's sequence of
+/// lists (its CRL number, then its thisUpdate) and until when it holds (Unix seconds).
 struct VerifiedList {
-    times: ListTimes,
     number: Option<BigUint>,
     this_update: i64,
+    next_update: Option<i64>,
+}
+
+impl VerifiedList {
+    /// Whether it comes before `other` in the CA's sequence: a smaller CRL number, or
+    /// without numbers on both, an earlier thisUpdate.
+    fn older_than(&self, other: &VerifiedList) -> bool {
+        match (&self.number, &other.number) {
+            (Some(mine), Some(theirs)) => mine < theirs,
+            _ => self.this_update < other.this_update,
+        }
+    }
+
+    fn times(&self, now: i64) -> ListTimes {
+        ListTimes {
+            number: self.number.as_ref().map(ToString::to_string),
+            this_update: rfc3339(self.this_update),
+            next_update: self.next_update.map(rfc3339),
+            stale: self.next_update.is_some_and(|n| n < now),
+        }
+    }
 }
 
 /// The device CA (DER) and trust domain of the agent's own certificate.
@@ -76,8 +96,8 @@ fn own_ca(state_dir: &Path) -> Result<(CertificateDer<'static>, String)> {
     Ok((ca, domain))
 }
 
-/// Checks that `der` is a revocation list the CA `ca` signed; its times and number.
-fn verify_list(ca: &CertificateDer<'_>, der: &[u8], now: i64) -> std::result::Result<VerifiedList, String> {
+/// Checks that `der` is a revocation list the CA `ca` signed; its number and times.
+fn verify_list(ca: &CertificateDer<'_>, der: &[u8]) -> std::result::Result<VerifiedList, String> {
     let (_, ca) = X509Certificate::from_der(ca.as_ref()).map_err(|e| format!("the device CA certificate: {e}"))?;
     let (rest, crl) = CertificateRevocationList::from_der(der).map_err(|e| format!("not a DER revocation list: {e}"))?;
     if !rest.is_empty() {
@@ -87,18 +107,10 @@ fn verify_list(ca: &CertificateDer<'_>, der: &[u8], now: i64) -> std::result::Re
         return Err(format!("issued by {}, not the device CA {}", crl.issuer(), ca.subject()));
     }
     crl.verify_signature(ca.public_key()).map_err(|e| format!("its signature does not verify under the device CA: {e}"))?;
-    let next = crl.next_update().map(|t| t.timestamp());
-    let this_update = crl.last_update().timestamp();
-    let number = crl.crl_number().cloned();
     Ok(VerifiedList {
-        times: ListTimes {
-            number: number.as_ref().map(|n| n.to_string()),
-            this_update: rfc3339(this_update),
-            next_update: next.map(rfc3339),
-            stale: next.is_some_and(|n| n < now),
-        },
-        number,
-        this_update,
+        number: crl.crl_number().cloned(),
+        this_update: crl.last_update().timestamp(),
+        next_update: crl.next_update().map(|t| t.timestamp()),
     })
 }
 
@@ -107,23 +119,20 @@ fn verify_list(ca: &CertificateDer<'_>, der: &[u8], now: i64) -> std::result::Re
 /// CRL number wins; without numbers on both, the later thisUpdate). A cached list the
 /// CA does not verify (the CA was rotated, the file was damaged) is simply replaced.
 fn accept_list(ca: &CertificateDer<'_>, cached: Option<&[u8]>, new: &[u8], now: i64) -> std::result::Result<ListTimes, String> {
-    let fresh = verify_list(ca, new, now)?;
-    let Some(old) = cached.and_then(|old| verify_list(ca, old, now).ok()) else { return Ok(fresh.times) };
-    let older = match (&fresh.number, &old.number) {
-        (Some(new_n), Some(old_n)) => new_n < old_n,
-        _ => fresh.this_update < old.this_update,
-    };
-    if older {
+    let fresh = verify_list(ca, new)?;
+    let Some(old) = cached.and_then(|old| verify_list(ca, old).ok()) else { return Ok(fresh.times(now)) };
+    if fresh.older_than(&old) {
+        let (fresh, old) = (fresh.times(now), old.times(now));
         return Err(format!(
             "older (number {}, thisUpdate {}) than the one cached (number {}, thisUpdate {}): \
              an older list would un-revoke certificates revoked since, so the cached one stays",
-            fresh.times.number.as_deref().unwrap_or("none"),
-            fresh.times.this_update,
-            old.times.number.as_deref().unwrap_or("none"),
-            old.times.this_update
+            fresh.number.as_deref().unwrap_or("none"),
+            fresh.this_update,
+            old.number.as_deref().unwrap_or("none"),
+            old.this_update
         ));
     }
-    Ok(fresh.times)
+    Ok(fresh.times(now))
 }
 
 fn rfc3339(t: i64) -> String {
@@ -164,7 +173,7 @@ pub fn check(state_dir: &Path, pem: &Path) -> Result<PeerVerdict> {
     let crl_path: PathBuf = state_dir.join(CRL_FILE);
     let now = chrono::Utc::now().timestamp();
     let list = std::fs::read(&crl_path).map_err(|e| AgentError::io("read the cached revocation list (fetched while online)", &crl_path, e))?;
-    let times = verify_list(&ca, &list, now).map_err(|reason| AgentError::Corrupt { path: crl_path.clone(), reason })?.times;
+    let times = verify_list(&ca, &list).map_err(|reason| AgentError::Corrupt { path: crl_path.clone(), reason })?.times(now);
     let verdict = verify_peer(&ca, &peer, &list).err().or_else(|| device_id.is_none().then(|| format!("names no device of trust domain {domain}")));
     Ok(PeerVerdict { trusted: verdict.is_none(), reason: verdict, serial, spiffe_id, device_id, revocation_list: Some(times) })
 }
@@ -238,19 +247,15 @@ mod tests {
     }
 
     #[test]
-    fn a_list_signed_by_another_key_under_the_same_name_is_refused() {
+    fn lists_the_device_ca_did_not_sign_are_refused() {
         let (real, _) = ca("Outpost device CA for fleet.example");
-        let (_, forger) = ca("Outpost device CA for fleet.example");
-        let e = accept_list(&real, None, &list(&forger, 5, 0), now()).unwrap_err();
-        assert!(e.contains("signature does not verify under the device CA"), "{e}");
-    }
-
-    #[test]
-    fn a_list_of_another_ca_is_refused_by_name() {
-        let (real, _) = ca("Outpost device CA for fleet.example");
-        let (_, other) = ca("Someone else's CA");
-        let e = accept_list(&real, None, &list(&other, 5, 0), now()).unwrap_err();
-        assert!(e.contains("not the device CA"), "{e}");
+        // Another key under the device CA's exact name (the signature gives it away),
+        // and another CA (its name does).
+        for (signer, says) in [("Outpost device CA for fleet.example", "signature does not verify under the device CA"), ("Someone else's CA", "not the device CA")] {
+            let (_, forger) = ca(signer);
+            let e = accept_list(&real, None, &list(&forger, 5, 0), now()).unwrap_err();
+            assert!(e.contains(says), "{signer}: {e}");
+        }
     }
 
     #[test]

@@ -119,10 +119,8 @@ impl DeviceCa {
         if key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
             return Err(ca_err(format!("device_ca.key {}: not a P-256 key (Outpost's device CA signs with ECDSA P-256)", settings.key.display())));
         }
-        let (issuer, key_id) = issuer_for(&ca_der, key).map_err(|r| ca_err(format!("device_ca.certificate {}: {r}", settings.certificate.display())))?;
-        let ca_not_after = parse_x509_certificate(ca_der.as_ref())
-            .map(|(_, c)| c.validity().not_after.timestamp())
-            .map_err(|e| ca_err(format!("device_ca.certificate {}: does not parse: {e}", settings.certificate.display())))?;
+        let (issuer, key_id, ca_not_after) =
+            issuer_for(&ca_der, key).map_err(|r| ca_err(format!("device_ca.certificate {}: {r}", settings.certificate.display())))?;
         let now = chrono::Utc::now();
         let expires = rfc3339(ca_not_after);
         if ca_not_after <= now.timestamp() {
@@ -175,14 +173,11 @@ impl DeviceCa {
     pub fn issue(&self, device_id: &str, point: &[u8], now: chrono::DateTime<chrono::Utc>) -> Result<Issued, ServerError> {
         let spiffe_id = tlskey::spiffe_id(&self.settings.trust_domain, device_id);
         let not_before = now - chrono::Duration::seconds(60);
-        let full = now + chrono::Duration::from_std(self.settings.lifetime).map_err(|e| ca_err(format!("lifetime: {e}")))?;
         if self.ca_not_after <= now.timestamp() {
             return Err(ca_err(format!("its certificate expired at {}: no certificate issued (rotate the device CA)", rfc3339(self.ca_not_after))));
         }
-        let not_after = match chrono::DateTime::from_timestamp(self.ca_not_after, 0) {
-            Some(ca_end) if ca_end < full => ca_end,
-            _ => full,
-        };
+        let full = now + chrono::Duration::from_std(self.settings.lifetime).map_err(|e| ca_err(format!("lifetime: {e}")))?;
+        let not_after = chrono::DateTime::from_timestamp(self.ca_not_after, 0).map_or(full, |ca_end| full.min(ca_end));
         let mut serial = outpost_protocol::attest::credential::random_bytes::<16>();
         serial[0] &= 0x7f; // a positive INTEGER of 16 bytes
         serial[0] |= 0x01;
@@ -258,8 +253,9 @@ fn to_time(t: chrono::DateTime<chrono::Utc>) -> Result<::time::OffsetDateTime, S
 }
 
 /// An rcgen issuer with the CA certificate's subject (each attribute in the string type
-/// it has there), key usages and subject key identifier.
-fn issuer_for(ca_der: &CertificateDer<'_>, key: KeyPair) -> Result<(Issuer<'static, KeyPair>, KeyIdMethod), String> {
+/// it has there), key usages and subject key identifier; and the certificate's notAfter
+/// (Unix seconds).
+fn issuer_for(ca_der: &CertificateDer<'_>, key: KeyPair) -> Result<(Issuer<'static, KeyPair>, KeyIdMethod, i64), String> {
     let (_, ca) = parse_x509_certificate(ca_der.as_ref()).map_err(|e| format!("does not parse: {e}"))?;
     match ca.basic_constraints() {
         Ok(Some(bc)) if bc.value.ca => {}
@@ -305,7 +301,7 @@ fn issuer_for(ca_der: &CertificateDer<'_>, key: KeyPair) -> Result<(Issuer<'stat
         }
     }
     let key_id = params.key_identifier_method.clone();
-    Ok((Issuer::new(params, key), key_id))
+    Ok((Issuer::new(params, key), key_id, ca.validity().not_after.timestamp()))
 }
 
 /// A certificate as PEM.
